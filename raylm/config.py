@@ -1,0 +1,376 @@
+"""Configuration: one small frozen dataclass per concern, YAML files, dotted overrides.
+
+A run is described by `Config`, which nests the per-concern configs. It loads from YAML
+(`load_config`) and takes command-line overrides such as `train.lr=3e-4` or
+`model.preset=gpt2-124m`. Unknown keys and values of the wrong type are errors that name
+the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is wrong; the message names it."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the Llama-style decoder. Derived sizes are properties, not fields."""
+
+    # 0 means "the tokenizer's vocabulary, rounded up to a multiple of 64": the embedding
+    # must cover every id the tokenizer emits, and 64-multiples keep matmuls aligned.
+    vocab_size: int = 0
+    dim: int = 256  # residual width
+    n_layers: int = 4
+    n_heads: int = 4
+    # None means n_heads (plain multi-head attention); fewer KV heads (GQA) shrink the KV cache.
+    n_kv_heads: int | None = None
+    # None derives Llama's SwiGLU width: 8/3 * dim rounded up to `ffn_multiple_of`, which
+    # keeps the parameter count of a 4*dim GELU MLP.
+    ffn_dim: int | None = None
+    ffn_multiple_of: int = 64
+    max_seq_len: int = 256  # RoPE tables are built for this many positions
+    rope_theta: float = 10000.0  # Llama 2's base; raise it for long contexts
+    norm_eps: float = 1e-5
+    # Tying input and output embeddings saves vocab*dim parameters, which dominate small models.
+    tie_embeddings: bool = True
+    # Normalising queries and keys per head bounds attention logits; large runs that diverge
+    # without it turn it on (issue: stability options). Off matches plain Llama.
+    qk_norm: bool = False
+    init_std: float = 0.02  # GPT-2 / Llama init for embeddings and input projections
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        m = self.ffn_multiple_of
+        return m * ((int(8 * self.dim / 3) + m - 1) // m)
+
+    def validate(self) -> None:
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim {self.head_dim} (model.dim / model.n_heads) must be even for RoPE")
+
+    def with_vocab(self, tokenizer_vocab: int) -> "ModelConfig":
+        """Resolve vocab_size=0 against the tokenizer; refuse a vocabulary that is too small."""
+        if self.vocab_size == 0:
+            return replace(self, vocab_size=64 * ((tokenizer_vocab + 63) // 64))
+        if self.vocab_size < tokenizer_vocab:
+            raise ConfigError(
+                f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids"
+            )
+        return self
+
+
+# Presets are plain entries. `tiny` is tuned for the 2-core CPU quality benchmark (see README);
+# the others follow published shapes so FLOP and memory figures compare with peers.
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=3, max_seq_len=256),
+    "gpt2-124m": ModelConfig(
+        vocab_size=50304, dim=768, n_layers=12, n_heads=12, max_seq_len=1024, ffn_dim=3072
+    ),
+    "350m": ModelConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, max_seq_len=2048),
+    "1b": ModelConfig(
+        vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+        max_seq_len=2048, tie_embeddings=False, rope_theta=500000.0,
+    ),
+    "3b": ModelConfig(
+        vocab_size=32000, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192,
+        max_seq_len=4096, tie_embeddings=False, rope_theta=500000.0,
+    ),
+    "7b": ModelConfig(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+        max_seq_len=4096, tie_embeddings=False, rope_theta=500000.0,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- storage
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach S3-compatible object storage. Credentials never live here: they come
+    from the standard AWS chain (environment, profile, instance role)."""
+
+    endpoint_url: str = ""  # empty: AWS itself, or $AWS_ENDPOINT_URL (MinIO, SeaweedFS, R2, ...)
+    region: str = ""  # empty: $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1
+    max_attempts: int = 8  # retries with backoff on throttling and 5xx before giving up
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    # Empty: train one into the run directory. Set: load this tokenizer directory instead.
+    path: str = ""
+    # 4096 won the CPU quality sweep: smaller vocabularies waste the tiny model's context,
+    # larger ones leave rare tokens under-trained in a few minutes of training.
+    vocab_size: int = 4096
+    # SentencePiece trains in memory; a 20 MB sample gives stable merges in seconds.
+    sample_bytes: int = 20_000_000
+    character_coverage: float = 0.9995  # byte fallback covers the rest
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Corpus: a file, directory or glob, local or s3://. Empty: the built-in offline corpus.
+    path: str = ""
+    text_field: str = "text"  # column holding the document in jsonl/parquet
+    seq_len: int = 256  # tokens per training sequence; blocks hold seq_len + 1
+    # Documents are held out for validation by a stable hash of their text, so the split
+    # does not depend on file order or cluster size.
+    val_fraction: float = 0.02
+    val_path: str = ""  # an explicit held-out corpus instead of val_fraction
+    min_chars: int = 1  # shorter documents are dropped as noise
+    max_chars: int = 10_000_000  # longer ones are almost always dumps, not prose
+    # Packed blocks pass through a seeded shuffle buffer of this many blocks: neighbouring
+    # blocks of one document rarely share a batch, and the order stays a function of the seed.
+    shuffle_window: int = 1024
+    blocks_per_shard: int = 4096  # rows per prepared parquet shard (1 to 8 MB at seq 256-1024)
+    tokenizer_actors: int = 0  # 0: one per CPU Ray has left beside the training workers
+    max_bad_records: int = 0  # 0: the first bad record is an error
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    micro_batch_size: int = 16  # sequences per worker per forward/backward
+    # Sequences per optimizer step across all workers. Kept fixed when the worker count
+    # changes, so a resumed run on other hardware follows the same optimisation.
+    global_batch_size: int = 32
+    max_steps: int = 600
+    lr: float = 3e-3  # small models tolerate high rates; the CPU sweep picked this one
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
+    beta1: float = 0.9
+    beta2: float = 0.95  # LLM practice: faster second-moment adaptation than 0.999
+    grad_clip: float = 1.0
+    # "auto": bf16 on GPU, fp32 on CPU (bf16 matmuls are ~24x slower on CPUs without AMX).
+    precision: str = "auto"
+    compile: bool = False  # torch.compile each block; pays off on GPU, costs minutes on CPU
+    activation_checkpointing: bool = False  # trade recompute for memory on large models
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8  # micro-batches per worker for each validation pass
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2  # the newest complete checkpoint is never deleted
+    z_loss: float = 0.0  # PaLM's log(Z)^2 penalty; 1e-4 helps very large runs stay stable
+    max_nonfinite_steps: int = 3  # consecutive NaN/inf steps skipped before the run stops
+    timeout_s: float = 0.0  # 0: no limit; otherwise a run that exceeds it fails loudly
+
+    def validate(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision={self.precision!r}: expected auto, bf16 or fp32")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size*num_workers={per_step}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[str, ...] = ("The ", "def ", "In Python, ")
+    max_new_tokens: int = 80
+    temperature: float = 0.8
+    top_k: int = 50
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "quickstart"  # run name: outputs go to <storage>/<name>
+    storage: str = "./runs"  # local directory or s3://bucket/prefix
+    seed: int = 1337
+    model: ModelConfig = field(default_factory=lambda: MODEL_PRESETS["tiny"])
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    s3: S3Config = field(default_factory=S3Config)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.train.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name={self.name!r}: a run name is one non-empty path segment")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return self.storage.rstrip("/") + "/" + self.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` coerced to annotation `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `name=123` on the command line means the string "123"
+    if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> Any:
+    """Build dataclass `cls` from a mapping, starting from `base` (or defaults)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    data = dict(data)
+    if cls is ModelConfig and "preset" in data:
+        preset = data.pop("preset")
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"{prefix}preset={preset!r}: unknown; choose from {sorted(MODEL_PRESETS)}")
+        base = MODEL_PRESETS[preset]
+    base = base if base is not None else cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    changes = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys: {sorted(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            changes[key] = _build(tp, value, f"{prefix}{key}.", getattr(base, key))
+        else:
+            changes[key] = _check_type(prefix + key, value, tp)
+    return replace(base, **changes)
+
+
+def _nest(overrides: list[str]) -> dict[str, Any]:
+    """['train.lr=3e-4', 'model.preset=tiny'] -> {'train': {'lr': 0.0003}, ...}"""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults <- `base` mapping <- YAML file <- dotted overrides, validated."""
+    data: dict[str, Any] = dict(base or {})
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        data = _merge(data, loaded)
+    data = _merge(data, _nest(list(overrides)))
+    return _build(Config, data, "").validate()
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON records."""
+    d = dataclasses.asdict(cfg)
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [fix(v) for v in x]
+        return x
+
+    return fix(d)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "").validate()
