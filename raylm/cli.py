@@ -1,0 +1,185 @@
+"""`raylm` command line: parse, build a config, call the library.
+
+    raylm quickstart                         # everything on built-in defaults, local Ray
+    raylm tokenizer train --data corpus/ --out tok/
+    raylm data prepare --data 's3://bucket/corpus/*.jsonl.gz' --out s3://bucket/prepared
+    raylm pretrain --config run.yaml train.lr=1e-3 model.preset=350m
+    raylm pretrain --resume name=myrun       # continue from the newest complete checkpoint
+    raylm pretrain --from-record runs/quickstart/record.json
+    raylm generate runs/quickstart --prompt "The "
+
+Every subcommand takes `--config FILE.yaml` and dotted overrides (`section.key=value`);
+unknown keys and wrong types are errors naming the key. See README.md for the config keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from raylm.config import ConfigError, load_config, to_dict
+
+EPILOG = "Overrides are dotted keys, e.g. train.lr=3e-4 data.seq_len=512 model.preset=gpt2-124m name=run1"
+
+
+def _config(args, base: dict | None = None):
+    if getattr(args, "from_record", None):
+        from raylm.record import load_record
+
+        _, cfg = load_record(args.from_record)
+        base = _merge_dicts(to_dict(cfg), base or {})
+    overrides = list(args.overrides)
+    if getattr(args, "data", None):
+        overrides.append(f"data.path={args.data}")
+    return load_config(args.config, overrides, base=base)
+
+
+def _merge_dicts(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def cmd_quickstart(args) -> None:
+    from raylm.pipeline import pretrain
+
+    summary = pretrain(_config(args), resume="auto")
+    print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=1))
+
+
+def cmd_pretrain(args) -> None:
+    from raylm.pipeline import pretrain
+
+    summary = pretrain(_config(args), resume="must" if args.resume else "auto", max_failures=args.max_failures,
+                       samples=not args.no_samples)
+    print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=1))
+
+
+def cmd_tokenizer_train(args) -> None:
+    from raylm.pipeline import ensure_corpus, train_tokenizer_from
+
+    cfg = ensure_corpus(_config(args))
+    train_tokenizer_from(cfg, args.out)
+
+
+def cmd_data_prepare(args) -> None:
+    from raylm.data import prepare
+    from raylm.generate import load_tokenizer
+    from raylm.pipeline import init_ray, log
+
+    cfg = _config(args)
+    if not cfg.data.path:
+        raise ConfigError("data prepare needs --data (or data.path)")
+    tok_path = args.tokenizer or cfg.tokenizer.path
+    if not tok_path:
+        raise ConfigError("data prepare needs --tokenizer DIR (or tokenizer.path); train one with `raylm tokenizer train`")
+    tok = load_tokenizer(tok_path, cfg.s3)
+    init_ray(cfg)
+    manifest = prepare(cfg.data, tok, args.out, cfg.seed, cfg.s3, log=log)
+    print(json.dumps({"out": args.out, "train_blocks": manifest["train"]["blocks"],
+                      "val_blocks": manifest["val"]["blocks"]}, indent=1))
+
+
+def cmd_generate(args) -> None:
+    from raylm.config import S3Config
+    from raylm.generate import complete, load_for_inference
+
+    model, tok, _ = load_for_inference(args.checkpoint, S3Config())
+    for text in complete(model, tok, args.prompt or ["The "], args.max_new_tokens, args.temperature, args.top_k,
+                         args.seed):
+        print(text)
+        print("---")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raylm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help, parent=sub, record=True):
+        sp = parent.add_parser(name, help=help, description=help, epilog=EPILOG)
+        sp.add_argument("--config", metavar="FILE.yaml", help="YAML config; overrides apply on top")
+        if record:
+            sp.add_argument("--from-record", metavar="RECORD.json",
+                            help="rerun with the settings of an earlier run's record.json")
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+        sp.set_defaults(func=func)
+        return sp
+
+    add("quickstart", cmd_quickstart,
+        "Train a tokenizer and a tiny model on a built-in offline corpus with 2 local Ray workers "
+        "(a few minutes on a laptop CPU), then print validation perplexity and samples.")
+
+    sp = add("pretrain", cmd_pretrain,
+             "Pre-train on Ray Train: corpus -> tokenizer -> packed blocks -> FSDP2 workers. Resumes "
+             "automatically from the newest complete checkpoint of the same run name.")
+    sp.add_argument("--data", help="corpus path/glob (local or s3://) or a prepared dataset directory")
+    sp.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
+    sp.add_argument("--max-failures", type=int, default=0,
+                    help="restart the worker group this many times after a worker dies")
+    sp.add_argument("--no-samples", action="store_true", help="skip sampling after training")
+
+    tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="sub", required=True)
+    sp = add("train", cmd_tokenizer_train, "Train a SentencePiece BPE tokenizer on a corpus sample.", tok)
+    sp.add_argument("--data", help="corpus path/glob (default: the built-in corpus)")
+    sp.add_argument("--out", required=True, help="output directory (local or s3://)")
+
+    dat = sub.add_parser("data", help="data commands").add_subparsers(dest="sub", required=True)
+    sp = add("prepare", cmd_data_prepare,
+             "Read, clean, tokenize and pack a corpus into parquet shards with a manifest.", dat)
+    sp.add_argument("--data", help="corpus path/glob (local or s3://)")
+    sp.add_argument("--out", required=True, help="output directory (local or s3://)")
+    sp.add_argument("--tokenizer", help="tokenizer directory (default: tokenizer.path)")
+
+    sp = sub.add_parser("generate", help="Sample continuations from a checkpoint or run directory.",
+                        description="Sample continuations from a checkpoint or run directory.")
+    sp.add_argument("checkpoint", help="checkpoint directory, or a run directory (newest complete checkpoint)")
+    sp.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    sp.add_argument("--max-new-tokens", type=int, default=100)
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--top-k", type=int, default=50)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_generate)
+    return p
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """Unwrap Ray's task/training wrappers down to the error a user can act on."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        failures = getattr(e, "worker_failures", None)
+        if failures:
+            e = next(iter(failures.values()))
+            continue
+        inner = getattr(e, "cause", None) or getattr(e, "controller_failure", None) or e.__cause__
+        if isinstance(inner, BaseException):
+            e = inner
+            continue
+        break
+    return e
+
+
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, OSError, FloatingPointError, TimeoutError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("raylm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for errors a user can fix; a traceback for bugs
+        cause = _root_cause(e)
+        if isinstance(cause, USER_ERRORS):
+            msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            print(f"raylm: error: {msg}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Throughput arithmetic (FLOPs per token, MFU) and the run's metrics log.
+
+FLOPs per trained token = 6 N + 12 L d T  (PaLM appendix B; Chinchilla's 6N plus attention):
+  N  non-embedding parameters plus the LM head (the head is a real matmul per token; the
+     input embedding is a lookup),
+  L  layers, d  model width, T  sequence length: 2*L*T*d for the QK^T and AV matmuls
+     forward, times 3 for forward + backward, times 2 FLOPs per multiply-add.
+MFU = achieved FLOP/s / (devices * dense bf16 peak of one device).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from raylm import storage
+from raylm.config import ModelConfig, S3Config
+from raylm.model import count_params
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
+# Matched by substring of torch.cuda.get_device_name(), most specific first.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("A6000", 155e12),
+]
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    n = count_params(cfg, non_embedding=True) + cfg.vocab_size * cfg.dim
+    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def peak_flops(device_name: str) -> float | None:
+    """bf16 dense peak of one device, or None when unknown (CPUs: MFU is not reported)."""
+    for key, value in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, device_name: str, n_devices: int = 1) -> float | None:
+    peak = peak_flops(device_name)
+    if peak is None:
+        return None
+    return tokens_per_s * flops_per_token(cfg, seq_len) / (peak * n_devices)
+
+
+class MetricsLog:
+    """`metrics.jsonl` in the run directory. Local files are appended line by line; object
+    storage has no append, so the file is rewritten whole at `flush` (eval, checkpoint, end)."""
+
+    def __init__(self, run_dir: str, s3: S3Config | None = None):
+        self.uri, self.s3, self.rows = storage.join(run_dir, "metrics.jsonl"), s3, []
+        if storage.exists(self.uri, s3):  # a resumed run keeps its history
+            self.rows = [json.loads(x) for x in storage.read_text(self.uri, s3).splitlines() if x.strip()]
+
+    def log(self, row: dict) -> None:
+        self.rows.append({"time": round(time.time(), 3), **row})
+        if not storage.is_s3(self.uri):
+            self.flush()
+
+    def truncate(self, step: int) -> None:
+        """On resume from `step`, drop rows after it: the resumed run redoes those steps."""
+        self.rows = [r for r in self.rows if r.get("step", 0) <= step]
+        self.flush()
+
+    def flush(self) -> None:
+        storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in self.rows), self.s3)
+
+
+def plot_loss_curve(rows: list[dict], uri: str, s3: S3Config | None = None) -> None:
+    """Training and validation loss against step, as a PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    storage.write_bytes(uri, buf.getvalue(), s3)

@@ -1,0 +1,105 @@
+"""Parallelism applied from outside the model: activation checkpointing, compile, FSDP2.
+
+This is the only module that knows about meshes and mixed precision. The order is fixed
+(as in torchtitan's `parallelize_llama`): checkpoint-wrap each block, compile each block,
+then `fully_shard` each block and finally the root, all on a model still on the meta
+device. `materialize` then allocates the local shards and runs the model's own init.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raylm.config import ModelConfig
+from raylm.model import Transformer
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bf16 on CUDA and fp32 elsewhere: CPUs without AMX run bf16 matmuls ~24x slower."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def mixed_precision_policy(precision: str):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    # Master weights and optimizer state stay fp32 (the sharded parameters); bf16 is only the
+    # dtype of the all-gathered compute copies. Gradients are reduced in fp32 so that small
+    # per-rank contributions are not rounded away.
+    return MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if precision == "bf16" else None,
+        reduce_dtype=torch.float32,
+    )
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: Transformer) -> None:
+    # Per-block compile: blocks share one graph, so compile time does not grow with depth,
+    # and FSDP's hooks stay outside the compiled region.
+    for i, block in enumerate(model.layers):
+        model.layers[i] = torch.compile(block, fullgraph=True)
+
+
+def shard_model(model: Transformer, precision: str, reshard_after_forward: bool = True) -> None:
+    """FSDP2 over the default process group: each block is one all-gather unit, the root
+    (embeddings, final norm, head) another."""
+    from torch.distributed.fsdp import fully_shard
+
+    mp = mixed_precision_policy(precision)
+    n = len(model.layers)
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    model.to_empty(device=device)
+    # Every rank seeds identically; sharded (DTensor) init draws consistent values per shard.
+    torch.manual_seed(seed)
+    model.init_weights()
+
+
+def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str, seed: int,
+                         compile: bool = False, activation_checkpointing: bool = False) -> Transformer:
+    """Meta-device model -> checkpointing -> compile -> FSDP2 (if distributed) -> materialised.
+
+    Without an initialised process group the model stays plain and runs in fp32; use
+    `init_local_process_group` to get the sharded path (and bf16) in one process.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if dist.is_available() and dist.is_initialized():
+        shard_model(model, precision)
+    elif precision != "fp32":
+        raise ValueError(f"precision={precision!r} needs a process group: call init_local_process_group first")
+    materialize(model, device, seed)
+    return model
+
+
+def init_local_process_group(device: torch.device) -> None:
+    """A one-process group, so that a single process (benchmarks, tests, debugging without
+    Ray) runs the same FSDP2 code path, mixed precision included, as a Ray Train worker."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

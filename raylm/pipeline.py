@@ -1,0 +1,192 @@
+"""The stages chained: corpus -> tokenizer -> prepared blocks -> pre-training -> report.
+
+Each `ensure_*` step reuses what the run directory already holds (so a resumed run does
+not retrain its tokenizer or re-tokenize its corpus) and otherwise produces it. The CLI's
+subcommands call these one at a time; `pretrain` and `quickstart` chain them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+
+from raylm import storage
+from raylm.config import Config
+from raylm.corpus import write_builtin_corpus
+from raylm.data import DataError, list_corpus, parse_documents, clean_text, prepare, read_manifest
+from raylm.generate import complete, load_for_inference, load_tokenizer
+from raylm.record import write_record
+from raylm.tokenizer import Tokenizer, train_tokenizer
+
+
+def log(msg: str) -> None:
+    print(f"[raylm] {msg}", flush=True)
+
+
+# Worker output is the run's progress log: print it once, plainly (Ray Train otherwise routes
+# print() through its logger, which shows every line twice on a local cluster).
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local one sized for the run.
+
+    Logical CPUs are set above the core count on purpose: training workers hold theirs for
+    the whole run, and Ray Data's read and tokenize tasks need slots of their own or the
+    stream starves (seen as a silent hang with 2 workers on 2 cores)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+        return
+    cpus = max(2 * (os.cpu_count() or 2), math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 4)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+             runtime_env={"env_vars": WORKER_ENV})
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def ensure_corpus(cfg: Config) -> Config:
+    """An empty data.path means the built-in offline corpus, written into the run directory."""
+    if cfg.data.path:
+        return cfg
+    target = storage.join(cfg.run_dir, "corpus")
+    if storage.is_s3(target):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_builtin_corpus(tmp)
+            storage.upload_dir(tmp, target, cfg.s3)
+    else:
+        write_builtin_corpus(target)
+    log(f"corpus: built-in offline corpus at {target}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=target))
+
+
+def sample_documents(cfg: Config, limit_bytes: int):
+    """Cleaned documents from the corpus, in order, until `limit_bytes` (tokenizer training)."""
+    used = 0
+    for f in list_corpus(cfg.data.path, cfg.s3):
+        for _, doc in parse_documents(f.uri, storage.read_bytes(f.uri, cfg.s3), cfg.data.text_field):
+            if isinstance(doc, DataError):
+                raise doc
+            text = clean_text(doc)
+            if len(text) < cfg.data.min_chars:
+                continue
+            yield text
+            used += len(text.encode())
+            if used >= limit_bytes:
+                return
+
+
+def ensure_tokenizer(cfg: Config) -> tuple[Config, Tokenizer]:
+    """tokenizer.path if set; else the run's own tokenizer, trained now if absent."""
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
+        log(f"tokenizer: {cfg.tokenizer.path} (vocab {tok.vocab_size}, sha {tok.sha256[:12]})")
+    else:
+        target = storage.join(cfg.run_dir, "tokenizer")
+        if storage.exists(storage.join(target, "tokenizer.json"), cfg.s3):
+            tok = load_tokenizer(target, cfg.s3)
+            log(f"tokenizer: reusing {target} (vocab {tok.vocab_size})")
+        else:
+            tok = train_tokenizer_from(cfg, target)
+        cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=target))
+    return dataclasses.replace(cfg, model=cfg.model.with_vocab(tok.vocab_size)), tok
+
+
+def train_tokenizer_from(cfg: Config, target: str) -> Tokenizer:
+    t0 = time.time()
+    texts = sample_documents(cfg, cfg.tokenizer.sample_bytes)
+    kwargs = dict(source=cfg.data.path, sample_bytes=cfg.tokenizer.sample_bytes,
+                  character_coverage=cfg.tokenizer.character_coverage, seed=cfg.seed)
+    if storage.is_s3(target):
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = train_tokenizer(texts, os.path.join(tmp, "tok"), cfg.tokenizer.vocab_size, **kwargs)
+            storage.upload_dir(os.path.join(tmp, "tok"), target, cfg.s3)
+    else:
+        tok = train_tokenizer(texts, target, cfg.tokenizer.vocab_size, **kwargs)
+    tok.path = target
+    log(f"tokenizer: trained BPE vocab {tok.vocab_size} on {tok.meta.get('sample_bytes', 0) / 1e6:.1f} MB "
+        f"in {time.time() - t0:.1f}s -> {target}")
+    return tok
+
+
+def ensure_data(cfg: Config, tok: Tokenizer) -> tuple[str, dict]:
+    """A prepared dataset: data.path itself if it is one, else prepared into the run directory."""
+    manifest = read_manifest(cfg.data.path, cfg.s3) if not cfg.data.path.endswith(
+        (".txt", ".jsonl", ".gz", ".parquet")) and "*" not in cfg.data.path else None
+    if manifest is not None:
+        out = cfg.data.path
+        log(f"data: prepared dataset {out} ({manifest['train']['blocks']} train blocks)")
+    else:
+        out = storage.join(cfg.run_dir, "data")
+        manifest = prepare(cfg.data, tok, out, cfg.seed, cfg.s3, log=log)
+    if manifest["tokenizer_sha256"] != tok.sha256:
+        raise DataError(f"{out}: prepared with tokenizer {manifest['tokenizer_sha256'][:12]}, "
+                        f"but this run uses {tok.sha256[:12]}; re-run `raylm data prepare` or set tokenizer.path")
+    if manifest["seq_len"] != cfg.data.seq_len:
+        raise DataError(f"{out}: prepared for data.seq_len={manifest['seq_len']}, not {cfg.data.seq_len}")
+    return out, manifest
+
+
+# --------------------------------------------------------------------------- pre-training
+
+
+def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: bool = True) -> dict:
+    """Every stage up to a trained model, then validation perplexity, samples and a loss plot."""
+    from raylm.train import run_ray_training
+
+    t0 = time.time()
+    init_ray(cfg)
+    cfg = ensure_corpus(cfg)
+    cfg, tok = ensure_tokenizer(cfg)
+    data_dir, manifest = ensure_data(cfg, tok)
+    record = write_record(cfg, "pretrain", tok, manifest)
+    log(f"pretrain: {cfg.train.num_workers} workers, model {_model_summary(cfg)}, run record {record}")
+    result = run_ray_training(cfg, data_dir, manifest, resume=resume, max_failures=max_failures)
+    if result.error:
+        raise result.error
+    summary = finish_report(cfg, samples)
+    summary["seconds"] = round(time.time() - t0, 1)
+    storage.write_text(storage.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=1), cfg.s3)
+    return summary
+
+
+def _model_summary(cfg: Config) -> str:
+    from raylm.model import count_params
+
+    return f"{count_params(cfg.model) / 1e6:.2f}M params ({cfg.model.n_layers}x{cfg.model.dim})"
+
+
+def finish_report(cfg: Config, samples: bool = True) -> dict:
+    """Final validation loss/perplexity from the metrics log, samples, and the loss plot."""
+    from raylm.metrics import plot_loss_curve
+
+    rows = [json.loads(x) for x in storage.read_text(storage.join(cfg.run_dir, "metrics.jsonl"), cfg.s3).splitlines()
+            if x.strip()]
+    val = [r for r in rows if r.get("kind") == "val"]
+    summary = {"run_dir": cfg.run_dir, "steps": max((r["step"] for r in rows), default=0)}
+    if val:
+        summary.update(val_loss=val[-1]["val_loss"], val_ppl=val[-1]["val_ppl"])
+        log(f"done: step {summary['steps']}, val loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.2f}")
+    png = storage.join(cfg.run_dir, "loss.png")
+    plot_loss_curve(rows, png, cfg.s3)
+    summary["loss_plot"] = png
+    if samples:
+        model, tok, _ = load_for_inference(cfg.run_dir, cfg.s3)
+        sc = cfg.sample
+        texts = complete(model, tok, list(sc.prompts), sc.max_new_tokens, sc.temperature, sc.top_k, cfg.seed)
+        body = "\n\n".join(f"--- prompt {p!r}\n{t}" for p, t in zip(sc.prompts, texts))
+        storage.write_text(storage.join(cfg.run_dir, "samples.txt"), body + "\n", cfg.s3)
+        log("samples:\n" + body)
+        summary["samples"] = texts
+    return summary

@@ -1,0 +1,84 @@
+"""Run records: everything needed to rerun a stage with the same settings.
+
+`<run_dir>/record.json` holds the resolved config, the raylm version and git commit, the
+tokenizer hash, the data manifest's identity (sources with sizes and ETags), the seed, and
+the hardware and library versions. `raylm <stage> --from-record record.json` reruns it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+
+import raylm
+from raylm import storage
+from raylm.config import Config, from_dict, to_dict
+
+RECORD = "record.json"
+
+
+def git_commit() -> str:
+    """The commit of the raylm checkout, with '-dirty' for local changes; '' outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        if not sha:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "gpu_count": torch.cuda.device_count()}
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        info["ray"] = None
+    return info
+
+
+def write_record(cfg: Config, stage: str, tokenizer=None, manifest: dict | None = None,
+                 extra: dict | None = None) -> str:
+    record = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "raylm_version": raylm.__version__,
+        "git_commit": git_commit(),
+        "seed": cfg.seed,
+        "config": to_dict(cfg),
+        "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
+        if tokenizer is not None else None,
+        "data": {"key": manifest["key"], "sources": manifest["sources"], "val_sources": manifest["val_sources"],
+                 "train_blocks": manifest["train"]["blocks"], "val_blocks": manifest["val"]["blocks"]}
+        if manifest else None,
+        "hardware": hardware(),
+        **(extra or {}),
+    }
+    uri = storage.join(cfg.run_dir, RECORD)
+    storage.write_text(uri, json.dumps(record, indent=1), cfg.s3)
+    return uri
+
+
+def load_record(uri: str) -> tuple[str, Config]:
+    """(stage, config) from a record file; the config is validated as any other."""
+    try:
+        record = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri}: not a JSON run record ({e.msg})") from None
+    if "config" not in record or "stage" not in record:
+        raise ValueError(f"{uri}: not a raylm run record (no 'config' or 'stage')")
+    return record["stage"], from_dict(record["config"])

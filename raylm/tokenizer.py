@@ -1,0 +1,339 @@
+"""SentencePiece BPE tokenizer with byte fallback and chat special tokens.
+
+Why these choices:
+
+* BPE with `byte_fallback`: every string is encodable without `<unk>`; characters outside
+  the learned vocabulary (emoji, CJK on an English corpus) become their UTF-8 bytes, so
+  `decode(encode(s)) == s` for any text.
+* Identity normalisation, no extra-whitespace removal, no dummy prefix: the model must see
+  code exactly as written (indentation, runs of spaces, tabs, newlines), and exact round
+  trips make the tokenizer's behaviour easy to test and reason about.
+* `split_digits`: numbers are tokenised digit by digit, so arithmetic is not at the mercy of
+  which digit groups happened to be frequent.
+* The trained model is stored next to a JSON sidecar holding its sha256. Every artefact that
+  depends on token ids (tokenized shards, checkpoints) records that hash, so mixing data
+  from two different tokenizers is detected rather than silently training on garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+MODEL_FILE = "tokenizer.model"
+META_FILE = "tokenizer.json"
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+UNK = "<unk>"
+CHAT_ROLES = ("system", "user", "assistant")
+END = "<|end|>"
+ROLE_TOKENS = {role: f"<|{role}|>" for role in CHAT_ROLES}
+
+# bos/eos/pad use SentencePiece's own *control* slots: they are never matched from raw
+# text, so a document that happens to contain the string "<|eos|>" cannot inject an
+# end-of-sequence id; the pipeline adds them explicitly by id.
+# The chat markers are *user-defined* symbols: they ARE matched from raw text, because the
+# chat template is rendered as text and must encode each marker as a single id. (The flip
+# side: user content containing a literal "<|user|>" also becomes a marker; callers that
+# care must escape untrusted content.)
+SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, *ROLE_TOKENS.values(), END)
+
+# "\n" is also a user-defined symbol (not a "special token": it is ordinary text). Being
+# atomic, it never merges with its neighbours, so every line break of the chat template is
+# a hard token boundary. That makes encoding the template piece by piece give exactly the
+# same ids as encoding the whole rendered text, which is what lets `encode_chat` build an
+# exact assistant-token mask and keeps SFT tokenisation identical to inference-time
+# tokenisation of the same prompt.
+_NEWLINE = "\n"
+
+_UNK_ID, _BOS_ID, _EOS_ID, _PAD_ID = 0, 1, 2, 3
+
+# SentencePiece silently skips sentences longer than `max_sentence_length` bytes, so
+# documents are cut into chunks of at most this many bytes (at line breaks where possible).
+_CHUNK_BYTES = 4096
+
+
+def _utf8_prefix(data: bytes, limit: int) -> int:
+    """Largest cut <= limit that does not split a UTF-8 character."""
+    if limit >= len(data):
+        return len(data)
+    cut = limit
+    while cut > 0 and (data[cut] & 0xC0) == 0x80:  # continuation byte: back off
+        cut -= 1
+    return cut
+
+
+def _chunks(text: str, limit: int = _CHUNK_BYTES) -> Iterator[str]:
+    """Split a document into pieces of <= limit UTF-8 bytes, preferring line boundaries."""
+    buf: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8"))
+        if size + n > limit and buf:
+            yield "".join(buf)
+            buf, size = [], 0
+        if n > limit:  # one very long line: hard-split it at character boundaries
+            data = line.encode("utf-8")
+            while len(data) > limit:
+                cut = _utf8_prefix(data, limit)
+                yield data[:cut].decode("utf-8")
+                data = data[cut:]
+            line, n = data.decode("utf-8"), len(data)
+        buf.append(line)
+        size += n
+    if buf:
+        yield "".join(buf)
+
+
+def _take_sample(texts: Iterable[str], sample_bytes: int) -> tuple[list[str], int]:
+    """Documents in order until `sample_bytes` UTF-8 bytes; the last one is truncated."""
+    docs: list[str] = []
+    total = 0
+    for text in texts:
+        data = text.encode("utf-8")
+        if total + len(data) > sample_bytes:
+            cut = _utf8_prefix(data, sample_bytes - total)
+            if cut:
+                docs.append(data[:cut].decode("utf-8"))
+                total += cut
+            break
+        if data:
+            docs.append(text)
+            total += len(data)
+    return docs, total
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the complete `tmp` into place; an existing `out` is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / "d")
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_dir: str,
+    vocab_size: int,
+    *,
+    source: str = "",
+    sample_bytes: int = 20_000_000,
+    character_coverage: float = 0.9995,
+    seed: int = 0,
+) -> Tokenizer:
+    """Train a BPE tokenizer on at most `sample_bytes` of `texts`; write it to `out_dir`."""
+    docs, used = _take_sample(texts, sample_bytes)
+    if used == 0:
+        raise ValueError(f"tokenizer training corpus is empty (source: {source or '?'})")
+
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            # Fed from memory: no temp text file. Chunks keep every sentence under
+            # max_sentence_length, so nothing is silently dropped.
+            sentence_iterator=(c for d in docs for c in _chunks(d)),
+            max_sentence_length=_CHUNK_BYTES,
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,  # else "x" and " x" decode alike and pieces shift
+            normalization_rule_name="identity",
+            unk_id=_UNK_ID,
+            bos_id=_BOS_ID,
+            eos_id=_EOS_ID,
+            pad_id=_PAD_ID,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            pad_piece=PAD,
+            user_defined_symbols=[*ROLE_TOKENS.values(), END, _NEWLINE],
+            num_threads=os.cpu_count() or 1,
+            train_extremely_large_corpus=False,
+            minloglevel=2,  # errors only; the trainer is very chatty at INFO
+        )
+    except RuntimeError as e:
+        msg = str(e)
+        m = re.search(r"Vocabulary size too high .*? <= (\d+)", msg)
+        if m:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too large for the {used}-byte tokenizer corpus "
+                f"(source: {source or '?'}); use vocab_size <= {m.group(1)} or more text"
+            ) from None
+        if "smaller than required_chars" in msg:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small to hold the specials, 256 byte pieces "
+                f"and the corpus characters; use a larger vocab_size or lower "
+                f"character_coverage"
+            ) from None
+        if "all_chars_count" in msg or "sentences_.empty()" in msg:
+            raise ValueError(
+                f"tokenizer training corpus is empty (source: {source or '?'})"
+            ) from None
+        raise
+
+    model_bytes = model.getvalue()
+    tok = Tokenizer(model_bytes, {}, out_dir)
+    meta = {
+        "vocab_size": tok.vocab_size,
+        "special_ids": tok.special_ids,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "source": source,
+        "sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "sample_bytes": used,
+        "sentencepiece_version": spm.__version__,
+        "model_type": "bpe",
+    }
+    tok = Tokenizer(model_bytes, meta, out_dir)
+
+    # Write into a sibling temp dir and rename it into place: a reader (or a crash) never
+    # sees a model without its sidecar, or a sidecar describing a different model.
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / MODEL_FILE).write_bytes(model_bytes)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is a normal directory
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tok
+
+
+class Tokenizer:
+    """A trained SentencePiece model plus its metadata. Picklable, for Ray actors."""
+
+    def __init__(self, model_bytes: bytes, meta: dict, path: str = "") -> None:
+        self._model_bytes = model_bytes
+        self.meta = dict(meta)
+        self.path = str(path)
+        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.vocab_size: int = self._sp.get_piece_size()
+        self.bos_id: int = self._sp.bos_id()
+        self.eos_id: int = self._sp.eos_id()
+        self.pad_id: int = self._sp.pad_id()
+        self.special_ids: dict[str, int] = {t: self._sp.piece_to_id(t) for t in SPECIAL_TOKENS}
+        # piece_to_id returns unk for unknown pieces: a model without our symbols is unusable.
+        unk = self._sp.unk_id()
+        missing = [t for t in (*SPECIAL_TOKENS, _NEWLINE) if self._sp.piece_to_id(t) == unk]
+        if missing:
+            raise ValueError(f"tokenizer model {self.path or '?'} lacks special tokens {missing}")
+
+    # ------------------------------------------------------------------ loading / pickling
+
+    @classmethod
+    def load(cls, dir: str) -> Tokenizer:
+        d = Path(dir)
+        model_path, meta_path = d / MODEL_FILE, d / META_FILE
+        for p in (model_path, meta_path):
+            if not p.is_file():
+                raise ValueError(f"tokenizer file not found: {p}")
+        model_bytes = model_path.read_bytes()
+        meta = json.loads(meta_path.read_text())
+        digest = hashlib.sha256(model_bytes).hexdigest()
+        if meta.get("sha256") != digest:
+            raise ValueError(
+                f"tokenizer model {model_path} has sha256 {digest[:12]}..., but {meta_path} "
+                f"records {str(meta.get('sha256'))[:12]}...; the files do not belong together"
+            )
+        return cls(model_bytes, meta, str(d))
+
+    def __getstate__(self) -> dict:
+        # The C++ processor cannot be pickled; the model bytes rebuild it exactly.
+        return {"model_bytes": self._model_bytes, "meta": self.meta, "path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_bytes"], state["meta"], state["path"])
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, "
+            f"sha256={self.sha256[:12]})"
+        )
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no bos/eos is added (the caller decides document framing)."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # One thread: parallelism comes from many Ray actors, each pinned to a CPU;
+        # SentencePiece's own thread pool would oversubscribe the cores.
+        return self._sp.encode(list(texts), num_threads=1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; control ids (bos/eos/pad) decode to the empty string."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    # ------------------------------------------------------------------ chat
+
+    def _chat_segments(
+        self, messages: Sequence[dict], add_generation_prompt: bool
+    ) -> list[tuple[str, bool]]:
+        """The template as (text, is_assistant_target) pieces, each boundary at a symbol."""
+        segs: list[tuple[str, bool]] = []
+        for i, msg in enumerate(messages):
+            role, content = msg.get("role"), msg.get("content")
+            if role not in ROLE_TOKENS:
+                raise ValueError(
+                    f"chat message {i} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}"
+                )
+            if not isinstance(content, str):
+                raise ValueError(
+                    f"chat message {i} content must be a str, got {type(content).__name__}"
+                )
+            target = role == "assistant"
+            segs += [(ROLE_TOKENS[role] + "\n", False), (content + END, target), ("\n", False)]
+        if add_generation_prompt:
+            segs.append((ROLE_TOKENS["assistant"] + "\n", False))
+        return segs
+
+    def apply_chat_template(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False
+    ) -> str:
+        """`<|role|>\\n{content}<|end|>\\n` per message, then `<|assistant|>\\n` if asked."""
+        return "".join(t for t, _ in self._chat_segments(messages, add_generation_prompt))
+
+    def encode_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """Ids of the rendered chat and a mask that is True on assistant reply tokens.
+
+        The mask covers each assistant message's content and its closing `<|end|>` (the
+        model must learn to stop), not role markers or the other turns: SFT computes the
+        loss only there. Each segment starts and ends at an atomic symbol (a role marker,
+        `<|end|>` or "\\n"), so the concatenated ids equal `encode(apply_chat_template(...))`.
+        """
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, target in self._chat_segments(messages, add_generation_prompt):
+            piece = self._sp.encode(text)
+            ids += piece
+            mask += [target] * len(piece)
+        return ids, mask

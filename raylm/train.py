@@ -1,0 +1,483 @@
+"""The training loop shared by pre-training, SFT and DPO; the objective is a parameter.
+
+Three layers, each usable without the next:
+  train_step   one optimizer step over micro-batches (plain torch; benchmarks call it)
+  fit          the loop: schedule, logging, evaluation, checkpoints, resume, guards
+  train_worker the Ray Train entry: wires fit to Ray Data shards and ray.train.report
+
+Determinism: every rank seeds its RNG from (seed, step, rank) at each step, and the data
+position is a count of consumed blocks, so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raylm import checkpoint, storage
+from raylm.config import Config, TrainConfig, from_dict, to_dict
+from raylm.metrics import MetricsLog, flops_per_token, mfu
+from raylm.parallel import build_parallel_model, is_sharded, resolve_precision
+
+# --------------------------------------------------------------------------- objectives
+
+
+class Objective(Protocol):
+    """What a training stage optimises. `count` is the number of units (tokens, pairs) a
+    batch contributes; `loss_sum` is the summed loss over them, so that accumulation over
+    micro-batches and ranks can normalise by the global count exactly."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class NextTokenObjective:
+    """Causal LM loss on packed blocks; targets of -100 (SFT prompt tokens) are ignored."""
+
+    z_loss: float = 0.0
+
+    def count(self, batch):
+        return int((self._targets(batch) != -100).sum())
+
+    @staticmethod
+    def _targets(batch):
+        return batch["targets"] if "targets" in batch else batch["tokens"][:, 1:]
+
+    def loss_sum(self, model, batch):
+        targets = self._targets(batch)
+        logits, _ = model(batch["tokens"][:, :-1] if "targets" not in batch else batch["tokens"])
+        logits = logits.float().flatten(0, 1)
+        flat = targets.flatten()
+        loss = F.cross_entropy(logits, flat, ignore_index=-100, reduction="sum")
+        if self.z_loss:
+            # PaLM's z-loss keeps log(sum(exp(logits))) near 0, so logits cannot drift upward.
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = loss + self.z_loss * (lse.square() * (flat != -100)).sum()
+        return loss
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices: weights, embeddings
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms (and biases, if any)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"  # one kernel for all parameters; CPU uses foreach
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             fused=fused, foreach=None if fused else True)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps.
+    A pure function of the step, so the schedule needs no state in checkpoints."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float
+    grad_norm: float
+    skipped: bool  # non-finite loss or gradient: the optimizer step was not taken
+    count: int  # global number of loss units (tokens) in the step
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def train_step(model, optimizer, micro_batches: list[dict], objective: Objective, lr: float,
+               grad_clip: float) -> StepStats:
+    """Forward/backward over this rank's micro-batches, clip, and step, unless the loss or
+    the gradient norm is not finite; then parameters and optimizer state stay untouched."""
+    device = next(model.parameters()).device
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    local = sum(objective.count(mb) for mb in micro_batches)
+    count = _all_reduce_sum(torch.tensor(float(local), device=device))
+    # FSDP averages gradients over ranks, so scaling each rank's sum by world/count gives the
+    # mean over every unit in the global batch, however units are spread across ranks.
+    scale = world / count.clamp(min=1)
+    total = torch.zeros((), device=device)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sharded = is_sharded(model)
+    for i, mb in enumerate(micro_batches):
+        if sharded:  # reduce-scatter once per step, not once per micro-batch
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        loss = objective.loss_sum(model, mb)
+        (loss * scale).backward()
+        total += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    loss = _all_reduce_sum(total) / count.clamp(min=1)
+    ok = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss=float(loss), grad_norm=float(grad_norm), skipped=not ok, count=int(count))
+
+
+@torch.no_grad()
+def evaluate(model, objective: Objective, batches: Iterable[dict]) -> tuple[float, int]:
+    """Mean loss over the batches across all ranks, and the number of units it covers."""
+    device = next(model.parameters()).device
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for mb in batches:
+        total[0] += objective.loss_sum(model, mb).double()
+        total[1] += objective.count(mb)
+    _all_reduce_sum(total)
+    return float(total[0] / total[1].clamp(min=1)), int(total[1])
+
+
+# --------------------------------------------------------------------------- data position
+
+
+class RankBatches:
+    """This rank's micro-batches for each optimizer step, cut from a stream of global batches.
+
+    The stream yields (global_batch, seq_len + 1) token tensors in a fixed order; a step uses
+    one global batch, and micro-step a of rank r takes rows [(a * world + r) * micro, ...).
+    Because the global batch is fixed and the position is a count of blocks, a run resumed
+    on a different number of workers continues at the same global token offset."""
+
+    def __init__(self, epoch_stream: Callable[[int], Iterator[torch.Tensor]], global_batch: int,
+                 micro: int, rank: int, world: int, blocks_per_epoch: int, consumed: int, device):
+        self.stream, self.G, self.micro, self.rank, self.world = epoch_stream, global_batch, micro, rank, world
+        self.steps_per_epoch = blocks_per_epoch // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {blocks_per_epoch} training blocks, fewer than one global "
+                             f"batch of {global_batch}: lower train.global_batch_size or add data")
+        self.consumed, self.device, self.wait_s = consumed, device, 0.0
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed // (self.G * self.steps_per_epoch)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        while True:
+            epoch = self.epoch
+            skip = (self.consumed // self.G) % self.steps_per_epoch
+            it = self.stream(epoch)
+            t0 = time.perf_counter()
+            for i, batch in enumerate(it):
+                if i < skip:
+                    continue
+                if i >= self.steps_per_epoch:
+                    break
+                self.wait_s += time.perf_counter() - t0
+                batch = batch.to(self.device, dtype=torch.long, non_blocking=True)
+                micro = [batch[(a * self.world + self.rank) * self.micro:(a * self.world + self.rank + 1) * self.micro]
+                         for a in range(self.G // (self.micro * self.world))]
+                self.consumed += self.G
+                yield [{"tokens": m} for m in micro]
+                t0 = time.perf_counter()
+
+
+def rank_val_batches(blocks: torch.Tensor, tc: TrainConfig, rank: int, world: int, device) -> list[dict]:
+    """Split the first validation blocks evenly over ranks: every rank must run the same
+    number of forward passes, or FSDP's collectives deadlock."""
+    per_rank = min(tc.micro_batch_size, len(blocks) // world)
+    if per_rank == 0:
+        raise ValueError(f"{len(blocks)} validation blocks cannot be split over {world} workers; "
+                         f"raise data.val_fraction")
+    n = min(tc.eval_batches, len(blocks) // (per_rank * world))
+    out = []
+    for i in range(n):
+        start = (i * world + rank) * per_rank
+        out.append({"tokens": blocks[start:start + per_rank].to(device, dtype=torch.long)})
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Hooks:
+    """What differs between running under Ray Train and in a plain process."""
+
+    report: Callable[[dict], None]  # every rank calls it with the same metrics
+    publish_checkpoint: Callable[[str, str, dict], None]  # (local_dir, name, metrics), every rank
+    val_batches: Callable[[], Iterable[dict]]  # this rank's validation micro-batches
+    checkpoint_meta: dict  # static facts every checkpoint records (tokenizer path and hash)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast(obj):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatches, hooks: Hooks,
+        start_step: int, device_name: str, log=print) -> dict:
+    """Train from `start_step` to cfg.train.max_steps; returns the last metrics."""
+    tc = cfg.train
+    rank, world = _rank_world()
+    metrics_log = MetricsLog(cfg.run_dir, cfg.s3) if rank == 0 else None
+    if metrics_log is not None and start_step:
+        metrics_log.truncate(start_step)
+    tokens_per_step = tc.global_batch_size * cfg.data.seq_len
+    t_start, t_last, nonfinite_run, skipped_total = time.time(), time.perf_counter(), 0, 0
+    last: dict = {}
+    step = start_step
+    it = iter(batches)
+    while step < tc.max_steps:
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
+        lr = lr_at(step, tc)
+        stats = train_step(model, optimizer, next(it), objective, lr, tc.grad_clip)
+        step += 1
+        if stats.skipped:
+            nonfinite_run, skipped_total = nonfinite_run + 1, skipped_total + 1
+            log(f"step {step}: non-finite loss {stats.loss} or grad norm {stats.grad_norm}; optimizer step skipped")
+            if nonfinite_run > tc.max_nonfinite_steps:
+                raise FloatingPointError(f"step {step}: {nonfinite_run} non-finite steps in a row "
+                                         f"(train.max_nonfinite_steps={tc.max_nonfinite_steps})")
+        else:
+            nonfinite_run = 0
+        if tc.timeout_s and time.time() - t_start > tc.timeout_s:
+            raise TimeoutError(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
+        row = None
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            now = time.perf_counter()
+            n_steps = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
+            tok_s = tokens_per_step * n_steps / (now - t_last)
+            t_last = now
+            row = {"kind": "train", "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                   "tokens_per_s": tok_s, "mfu": mfu(tok_s, cfg.model, cfg.data.seq_len, device_name, world),
+                   "epoch": batches.epoch, "consumed_blocks": batches.consumed,
+                   "skipped_steps": skipped_total, "data_wait_s": round(batches.wait_s, 3)}
+            if rank == 0:
+                log(f"step {step}/{tc.max_steps} | loss {stats.loss:.4f} | lr {lr:.2e} | "
+                    f"grad {stats.grad_norm:.2f} | {tok_s:,.0f} tok/s"
+                    + (f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""))
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            val_loss, n = evaluate(model, objective, hooks.val_batches())
+            vrow = {"kind": "val", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                    "val_tokens": n}
+            if rank == 0:
+                log(f"step {step}: val loss {val_loss:.4f} | ppl {vrow['val_ppl']:.2f} ({n} tokens)")
+                metrics_log.log(vrow)
+            row = {**(row or {"step": step}), **{k: v for k, v in vrow.items() if k != "kind"}}
+        if row is not None:
+            if rank == 0 and row.get("kind") == "train":
+                metrics_log.log({k: v for k, v in row.items() if not k.startswith("val")})
+            last = row
+            hooks.report(row)
+        if step % tc.ckpt_every == 0 or step == tc.max_steps:
+            save_checkpoint(cfg, model, optimizer, step, batches.consumed, hooks, last, log)
+            if metrics_log is not None:
+                metrics_log.flush()
+    return last
+
+
+def save_checkpoint(cfg: Config, model, optimizer, step: int, consumed: int, hooks: Hooks, metrics: dict,
+                    log=print) -> None:
+    rank, world = _rank_world()
+    meta = {"step": step, "consumed_blocks": consumed, "world_size": world, "config": to_dict(cfg),
+            "global_batch_size": cfg.train.global_batch_size, "metrics": metrics, **hooks.checkpoint_meta}
+    name = checkpoint.checkpoint_name(step)
+    local = tempfile.mkdtemp(prefix=f"raylm-{name}-r{rank}-")
+    try:
+        t0 = time.perf_counter()
+        checkpoint.write_local(model, optimizer, meta, local)
+        hooks.publish_checkpoint(local, name, metrics)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's shards are in storage before the marker
+        uri = storage.join(cfg.run_dir, name)
+        if rank == 0:
+            checkpoint.commit(uri, meta, cfg.s3)
+            deleted = checkpoint.apply_retention(cfg.run_dir, cfg.train.keep_checkpoints, cfg.s3)
+            log(f"step {step}: checkpoint {uri} ({time.perf_counter() - t0:.1f}s"
+                + (f"; removed {len(deleted)} old" if deleted else "") + ")")
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def resume_point(cfg: Config, resume: str) -> str | None:
+    """The checkpoint to start from: 'auto' takes the newest complete one if any, 'must'
+    requires one, 'never' ignores them."""
+    if resume == "never":
+        return None
+    found = checkpoint.latest_complete(cfg.run_dir, cfg.s3)
+    if found is None and resume == "must":
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {cfg.run_dir}")
+    return found
+
+
+def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
+    """Model + optimizer, restored from the newest complete checkpoint when resuming.
+    Returns (model, optimizer, start_step, consumed_blocks)."""
+    precision = resolve_precision(cfg.train.precision, device)
+    model = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
+                                 activation_checkpointing=cfg.train.activation_checkpointing)
+    optimizer = make_optimizer(model, cfg.train, device)
+    rank, _ = _rank_world()
+    ckpt = _broadcast(resume_point(cfg, resume) if rank == 0 else None)
+    if ckpt is None:
+        return model, optimizer, 0, 0
+    meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
+    if meta["global_batch_size"] != cfg.train.global_batch_size:
+        raise ValueError(f"{ckpt}: written with train.global_batch_size={meta['global_batch_size']}, "
+                         f"now {cfg.train.global_batch_size}; resuming needs the same global batch")
+    if rank == 0:
+        log(f"resumed from {ckpt} (step {meta['step']}, {meta['consumed_blocks']} blocks consumed, "
+            f"written by {meta['world_size']} workers)")
+    return model, optimizer, meta["step"], meta["consumed_blocks"]
+
+
+def checkpoint_facts(cfg: Config, manifest: dict | None) -> dict:
+    """What export and serving need besides the weights: which tokenizer, which data."""
+    manifest = manifest or {}
+    return {"tokenizer": cfg.tokenizer.path, "tokenizer_sha256": manifest.get("tokenizer_sha256", ""),
+            "data_key": manifest.get("key", "")}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+
+def train_worker(config: dict) -> None:
+    """Per-worker entry for TorchTrainer. `config` carries the resolved Config as a dict,
+    the prepared dataset's manifest, and the resume mode."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config["cfg"])
+    manifest, resume = config["manifest"], config["resume"]
+    rank, world = _rank_world()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    log = print if rank == 0 else (lambda *_: None)
+    model, optimizer, start_step, consumed = setup_model(cfg, device, resume, log)
+    tc = cfg.train
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    def epoch_stream(epoch: int):
+        for b in train_shard.iter_torch_batches(batch_size=tc.global_batch_size, drop_last=True,
+                                                prefetch_batches=2):
+            yield b["tokens"]
+
+    val_cache: list[torch.Tensor] = []
+
+    def val_batches():
+        # The validation blocks are read once and kept: re-running a Ray Data execution for
+        # every evaluation costs far more than the evaluation itself.
+        if not val_cache:
+            want = tc.eval_batches * tc.micro_batch_size * world
+            for b in val_shard.iter_torch_batches(batch_size=min(want, 1024)):
+                val_cache.append(b["tokens"])
+                if sum(len(x) for x in val_cache) >= want:
+                    break
+        return rank_val_batches(torch.cat(val_cache), tc, rank, world, device)
+
+    def publish(local_dir: str, name: str, metrics: dict) -> None:
+        ray.train.report({**metrics, "checkpoint": name},
+                         checkpoint=ray.train.Checkpoint.from_directory(local_dir),
+                         checkpoint_dir_name=name)
+
+    batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
+                          manifest["train"]["blocks"], consumed, device)
+    hooks = Hooks(report=lambda m: ray.train.report(m), publish_checkpoint=publish, val_batches=val_batches,
+                  checkpoint_meta=checkpoint_facts(cfg, manifest))
+    fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss), batches, hooks, start_step,
+        device_name(device), log)
+
+
+def run_ray_training(cfg: Config, data_dir: str, manifest: dict, resume: str = "auto", max_failures: int = 0):
+    """Launch `train_worker` on cfg.train.num_workers Ray Train workers; returns the Result."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from raylm.data import training_dataset
+
+    datasets = {"train": training_dataset(data_dir, manifest, "train", cfg.s3),
+                "val": training_dataset(data_dir, manifest, "val", cfg.s3)}
+    fs, root = storage.filesystem(cfg.storage, cfg.s3)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": to_dict(cfg), "manifest": manifest, "resume": resume},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=root, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets=datasets,
+        # Every worker reads the whole ordered stream and keeps its own rows (RankBatches):
+        # block order and ownership stay a function of the data position, not of timing.
+        # Token blocks are small next to the compute they feed, so reading them N times is cheap.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    return trainer.fit()
+
+
+# --------------------------------------------------------------------------- without Ray
+
+
+def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: str = "cpu", log=print,
+                manifest: dict | None = None) -> dict:
+    """The same loop in this process (no Ray): blocks are (n, seq_len + 1) arrays in order."""
+    dev = torch.device(device)
+    model, optimizer, start_step, consumed = setup_model(cfg, dev, resume, log)
+    tc = cfg.train
+    rank, world = _rank_world()
+    blocks_t = torch.as_tensor(blocks)
+    val_t = torch.as_tensor(val_blocks)
+
+    def epoch_stream(epoch: int):
+        for i in range(0, len(blocks_t) - tc.global_batch_size + 1, tc.global_batch_size):
+            yield blocks_t[i:i + tc.global_batch_size]
+
+    def val_batches():
+        return rank_val_batches(val_t, tc, rank, world, dev)
+
+    def publish(local_dir: str, name: str, metrics: dict) -> None:
+        storage.makedirs(storage.join(cfg.run_dir, name))
+        storage.upload_dir(local_dir, storage.join(cfg.run_dir, name), cfg.s3)
+
+    batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
+                          len(blocks_t), consumed, dev)
+    hooks = Hooks(report=lambda m: None, publish_checkpoint=publish, val_batches=val_batches,
+                  checkpoint_meta=checkpoint_facts(cfg, manifest))
+    return fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss), batches, hooks, start_step,
+               device_name(dev), log)

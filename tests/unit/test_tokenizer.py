@@ -1,0 +1,254 @@
+"""SentencePiece BPE tokenizer: round trips, specials, chat masks, integrity, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+
+import pytest
+
+import raylm.tokenizer as tokenizer_mod
+from raylm.corpus import write_builtin_corpus
+from raylm.tokenizer import (
+    META_FILE,
+    MODEL_FILE,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    _chunks,
+    train_tokenizer,
+)
+
+VOCAB = 1000
+
+
+def _corpus_texts(paths):
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    # Past the pydoc topics into stdlib docstrings, so the sample has code-like prose.
+    return write_builtin_corpus(str(tmp_path_factory.mktemp("corpus") / "c"), min_bytes=600_000)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(_corpus_texts(corpus), str(out), VOCAB, source="builtin")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return Tokenizer.load(str(tok_dir))
+
+
+ROUND_TRIP = [
+    "The quick brown fox jumps over the lazy dog. It's 3:14 p.m., isn't it?",
+    "def f(x, y):\n    if x:\n\treturn  x   +  y  # two  spaces\n\n\n    return None\n",
+    "   leading spaces and trailing ones   ",
+    "\t\ttabs\tand\r\nCRLF\r\n",
+    "0123456789 3.14159 -42 1e10 2024-01-01",
+    "naïve café résumé — “quotes” ünïcödé",
+    "emoji 🎉🚀👍🏽 and CJK 日本語のテキスト 中文 한국어",
+    "",
+    " ",
+    "\n",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert 0 not in ids  # byte fallback: nothing ever becomes <unk>
+
+
+def test_digits_are_split(tok):
+    assert len(tok.encode("1234567890")) == 10
+    # The stdlib corpus is full of numbers, yet no learned piece holds two digits.
+    pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    pieces = [p for p in pieces if not re.fullmatch(r"<0x[0-9A-F]{2}>", p)]  # byte fallback
+    assert not [p for p in pieces if sum(c.isdigit() for c in p) > 1]
+
+
+def test_metadata(tok, tok_dir):
+    meta = json.loads((tok_dir / META_FILE).read_text())
+    assert meta["vocab_size"] == tok.vocab_size == VOCAB
+    assert meta["special_ids"] == tok.special_ids
+    assert (meta["bos_id"], meta["eos_id"], meta["pad_id"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert meta["source"] == "builtin" and meta["model_type"] == "bpe"
+    assert 0 < meta["sample_bytes"] <= 20_000_000
+    assert meta["sha256"] == tok.sha256 and len(tok.sha256) == 64
+    assert meta["sentencepiece_version"]
+    assert tok.path == str(tok_dir)
+
+
+def test_special_tokens(tok):
+    ids = tok.special_ids
+    assert set(ids) == set(SPECIAL_TOKENS)
+    assert len(set(ids.values())) == len(SPECIAL_TOKENS)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ids["<|bos|>"], ids["<|eos|>"], ids["<|pad|>"])
+    for name in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"):
+        # Chat markers are matched from raw text as single ids, even mid-word.
+        assert tok.encode(name) == [ids[name]]
+        assert ids[name] in tok.encode(f"abc{name}def")
+    for name in ("<|bos|>", "<|eos|>", "<|pad|>"):
+        # Control tokens are never produced from text, so documents cannot inject them.
+        assert ids[name] not in tok.encode(f"text {name} text")
+    # "\n" is an atomic symbol: never merged with neighbours, so chat template line breaks
+    # are hard token boundaries (what makes encode_chat's segment-wise ids exact).
+    (nl,) = tok.encode("\n")
+    assert tok.id_to_piece(nl) == "\n"
+    assert [p for p in map(tok.id_to_piece, range(tok.vocab_size)) if "\n" in p] == ["\n"]
+    assert tok.encode("a.\nThe") == tok.encode("a.") + [nl] + tok.encode("The")
+    # Decoding control ids must not crash; they contribute nothing to the text.
+    assert tok.decode([tok.bos_id, *tok.encode("hi"), tok.eos_id, tok.pad_id]) == "hi"
+
+
+def test_encode_batch(tok):
+    texts = ROUND_TRIP[:5]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?\nShow  work."},
+    {"role": "assistant", "content": "2 + 2 = 4.\n    Done 🎉"},
+    {"role": "user", "content": "Thanks <|end|> bye"},
+    {"role": "assistant", "content": ""},
+]
+
+
+def test_chat_template_text(tok):
+    text = tok.apply_chat_template(MESSAGES[:3])
+    assert text == (
+        "<|system|>\nYou are terse.<|end|>\n"
+        "<|user|>\nWhat is 2+2?\nShow  work.<|end|>\n"
+        "<|assistant|>\n2 + 2 = 4.\n    Done 🎉<|end|>\n"
+    )
+    assert tok.apply_chat_template(MESSAGES[:2], add_generation_prompt=True).endswith(
+        "<|end|>\n<|assistant|>\n"
+    )
+
+
+@pytest.mark.parametrize("gen", [False, True])
+def test_encode_chat_mask(tok, gen):
+    msgs = MESSAGES if not gen else MESSAGES[:4]
+    ids, mask = tok.encode_chat(msgs, add_generation_prompt=gen)
+    assert len(ids) == len(mask)
+    # Same ids as encoding the rendered template: SFT sees what inference will feed.
+    assert ids == tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=gen))
+    for role in ("system", "user", "assistant"):
+        marker = tok.special_ids[f"<|{role}|>"]
+        expected = sum(m["role"] == role for m in msgs) + (gen and role == "assistant")
+        assert ids.count(marker) == expected
+    # Contiguous masked runs are exactly each assistant reply plus its closing <|end|>.
+    runs, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    expected = [m["content"] + "<|end|>" for m in msgs if m["role"] == "assistant"]
+    assert [tok.decode(r) for r in runs] == expected
+    assert all(r[-1] == tok.special_ids["<|end|>"] for r in runs)
+    if gen:
+        assert not any(mask[-3:])
+
+
+def test_chat_bad_role(tok):
+    with pytest.raises(ValueError, match="tool"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="tool"):
+        tok.encode_chat([{"role": "tool", "content": "x"}])
+
+
+def test_pickle_round_trip(tok):
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.sha256 == tok.sha256 and clone.special_ids == tok.special_ids
+    assert clone.path == tok.path and clone.vocab_size == tok.vocab_size
+    for text in ROUND_TRIP:
+        assert clone.encode(text) == tok.encode(text)
+    assert clone.encode_chat(MESSAGES) == tok.encode_chat(MESSAGES)
+
+
+def test_tampered_model_is_rejected(tok_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tok_dir, bad)
+    model = bad / MODEL_FILE
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match=str(model)):
+        Tokenizer.load(str(bad))
+
+
+def test_missing_files(tok_dir, tmp_path):
+    with pytest.raises(ValueError, match=str(tmp_path / "nope")):
+        Tokenizer.load(str(tmp_path / "nope"))
+    partial = tmp_path / "partial"
+    shutil.copytree(tok_dir, partial)
+    os.remove(partial / META_FILE)
+    with pytest.raises(ValueError, match=META_FILE):
+        Tokenizer.load(str(partial))
+
+
+@pytest.mark.parametrize("texts", [[], [""], ["", ""]])
+def test_empty_corpus(tmp_path, texts):
+    with pytest.raises(ValueError, match=r"corpus is empty \(source: unit-test\)"):
+        train_tokenizer(texts, str(tmp_path / "t"), 300, source="unit-test")
+    assert not (tmp_path / "t").exists()
+
+
+def test_vocab_too_large(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=5000") as err:
+        train_tokenizer(["hello world, a tiny corpus"] * 10, str(tmp_path / "t"), 5000)
+    assert "<=" in str(err.value) and "\n" not in str(err.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_write_and_retrain(tmp_path, corpus):
+    out = tmp_path / "tok"
+    texts = list(_corpus_texts(corpus))[:40]
+    first = train_tokenizer(texts, str(out), 400, sample_bytes=200_000)
+    assert sorted(os.listdir(tmp_path)) == ["tok"]
+    assert sorted(os.listdir(out)) == sorted([MODEL_FILE, META_FILE])
+    # Same data and seed: byte-identical model. Retraining replaces the dir in one step.
+    second = train_tokenizer(texts, str(out), 400, sample_bytes=200_000)
+    assert second.sha256 == first.sha256
+    assert sorted(os.listdir(tmp_path)) == ["tok"]
+    assert Tokenizer.load(str(out)).sha256 == first.sha256
+    assert json.loads((out / META_FILE).read_text())["sample_bytes"] <= 200_000
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def boom(tmp, out):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tokenizer_mod, "_replace_dir", boom)
+    with pytest.raises(OSError, match="disk full"):
+        train_tokenizer(["some text for a tiny tokenizer"] * 50, str(tmp_path / "t"), 290)
+    assert os.listdir(tmp_path) == []
+
+
+def test_long_lines_are_not_dropped(tmp_path):
+    # One 50 kB line, far over SentencePiece's max_sentence_length: must still be trained on.
+    words = ["zq" + "".join(chr(97 + (i * k) % 26) for k in (3, 5, 7)) for i in range(200)]
+    line = " ".join(f"{words[i % 200]} ünï{i % 10}" for i in range(5000))
+    pieces = list(_chunks(line, 4096))
+    assert "".join(pieces) == line and all(len(p.encode()) <= 4096 for p in pieces)
+    doc = "short line\n" * 500 + line
+    assert "".join(_chunks(doc, 4096)) == doc
+    # Were the line dropped, the trainer would see no text at all and fail.
+    tok = train_tokenizer([line], str(tmp_path / "t"), 320)
+    assert tok.meta["sample_bytes"] == len(line.encode())
+    pieces = {tok.id_to_piece(i) for i in range(tok.vocab_size)}
+    assert "▁zq" in pieces or "zq" in pieces
