@@ -1,0 +1,505 @@
+"""One place that turns a local path or an `s3://bucket/prefix` URI into storage operations.
+
+Everything that persists data (datasets, checkpoints, Ray Train results, small metadata
+files) goes through here, so a run moves from a laptop directory to S3 by changing a
+path, and every failure reads the same way: one line naming the URI, what is wrong and
+what would fix it (`StorageError`).
+
+Two clients, each for what it does best:
+- pyarrow's `S3FileSystem` (`filesystem()`) for bulk data: Ray Data, Ray Train, parquet,
+  directory copies. It streams and parallelises multipart transfers.
+- boto3 (`boto3_client()`) for small objects and listings: a single PUT is atomic, a
+  listing returns ETags, and errors carry machine-readable codes.
+
+Credentials are never read here: both clients use the AWS default chain (environment,
+profile, instance role). Endpoint and region come from `S3Config`, else the standard
+AWS environment variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import boto3
+import botocore.config
+import pyarrow.fs as pafs
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+from raylm.config import S3Config
+
+__all__ = [
+    "StorageError",
+    "FileInfo",
+    "is_s3",
+    "join",
+    "filesystem",
+    "boto3_client",
+    "clear_cache",
+    "exists",
+    "read_bytes",
+    "read_text",
+    "write_bytes",
+    "write_text",
+    "list_files",
+    "delete",
+    "makedirs",
+    "upload_dir",
+    "download_dir",
+]
+
+_DEFAULT_REGION = "us-east-1"
+# Suffix of the temp files behind atomic local writes; listings skip them, so a reader
+# never sees a half-written file even while a writer is busy.
+_TMP_SUFFIX = ".raylm-tmp"
+_DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per request
+_ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
+                 "ExpiredToken", "InvalidToken"}
+_ACCESS_FIX = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile"
+
+
+class StorageError(OSError):
+    """A storage operation failed. The message is one line: `<uri>: <what is wrong> (<fix>)`."""
+
+    def __init__(self, uri: str, problem: str) -> None:
+        super().__init__(f"{uri}: {problem}".replace("\n", " "))
+        self.uri = uri
+        self.problem = problem
+
+    def __reduce__(self):  # Ray pickles task exceptions; OSError's default would lose `problem`
+        return type(self), (self.uri, self.problem)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    uri: str  # s3://bucket/key, or an absolute local path
+    size: int
+    etag_or_mtime: str  # S3 ETag, or the local mtime in nanoseconds: changes when content does
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts with '/'. Slashes around parts are dropped, so a part never
+    restarts the path at the root the way it does in os.path.join."""
+    clean = [p.strip("/") for p in parts if p.strip("/")]
+    if is_s3(uri):
+        return "/".join([uri.rstrip("/"), *clean])
+    return os.path.join(uri, *clean)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ("bucket", "a/b")."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(uri, "no bucket in URI (expected s3://bucket/key)")
+    return bucket, key.strip("/")
+
+
+def _local(uri: str) -> str:
+    """Absolute local path; refuses URIs of schemes this module does not speak."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise StorageError(uri, "unsupported scheme (use s3://bucket/key or a local path)")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def _endpoint(s3: S3Config | None) -> str:
+    # The S3-specific variable beats the generic one, as in the AWS SDKs and CLI.
+    env = os.environ
+    url = (s3.endpoint_url if s3 else "") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    url = (url or "").rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        raise StorageError(url, "S3 endpoint must start with http:// or https:// "
+                                "(fix s3.endpoint_url or AWS_ENDPOINT_URL)")
+    return url
+
+
+def _region(s3: S3Config | None) -> str:
+    return (
+        (s3.region if s3 else "")
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or _DEFAULT_REGION
+    )
+
+
+def _attempts(s3: S3Config | None) -> int:
+    return (s3 or S3Config()).max_attempts
+
+
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem, except that pickling keeps the retry policy.
+
+    pyarrow pickles its constructor options but not `retry_strategy`, so a filesystem
+    shipped to Ray workers would silently fall back to 3 attempts. This one pickles as
+    a call to the cached factory below instead (on the worker: same endpoint, region,
+    retries; credentials from the worker's own default chain)."""
+
+    def __reduce__(self):
+        return _s3_filesystem, self._raylm_args
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_filesystem(endpoint: str, region: str, max_attempts: int) -> _S3FileSystem:
+    # endpoint_override wants host[:port]; the scheme is a separate option.
+    scheme, _, host = endpoint.partition("://") if endpoint else ("https", "", "")
+    fs = _S3FileSystem(
+        endpoint_override=host or None,
+        scheme=scheme,
+        region=region,
+        # Throttling and 5xx happen on long runs; retry with backoff, but boundedly, so a
+        # dead endpoint fails in seconds rather than hanging a training job.
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+    )
+    fs._raylm_args = (endpoint, region, max_attempts)
+    return fs
+
+
+@functools.lru_cache(maxsize=None)
+def _boto3_client(endpoint: str, region: str, max_attempts: int):
+    config = botocore.config.Config(
+        region_name=region,
+        # total_max_attempts counts the first try, like pyarrow's max_attempts; botocore's
+        # `max_attempts` key would mean that many retries on top.
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        # Custom endpoints (MinIO, SeaweedFS, an IP) rarely resolve bucket subdomains.
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    # A private session: boto3's default session is not thread-safe to create clients from.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
+
+
+def filesystem(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for `uri`: `bucket/prefix` on S3, an absolute
+    path locally. Pass both to Ray Data (`filesystem=`), Ray Train (`storage_filesystem=`)
+    or pyarrow.parquet. S3 filesystems are cached per endpoint/region/retries."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        fs = _s3_filesystem(_endpoint(s3), _region(s3), _attempts(s3))
+        return fs, f"{bucket}/{key}" if key else bucket
+    return pafs.LocalFileSystem(), _local(uri)
+
+
+def boto3_client(s3: S3Config | None = None):
+    """A cached boto3 S3 client for the same endpoint/region as `filesystem()`."""
+    return _boto3_client(_endpoint(s3), _region(s3), _attempts(s3))
+
+
+def clear_cache() -> None:
+    """Forget cached clients, e.g. after changing AWS_* variables in os.environ: boto3
+    resolves credentials once per client."""
+    _s3_filesystem.cache_clear()
+    _boto3_client.cache_clear()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _problem(e: BaseException, s3: S3Config | None) -> str:
+    """What went wrong and how to fix it, from a boto3 or pyarrow/OS error. Never echoes
+    request details: messages may reach logs, and signatures are derived from secrets."""
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        if code == "NoSuchBucket":
+            return "bucket does not exist (create it or fix the URI)"
+        if code in _ACCESS_CODES:
+            return f"access denied ({_ACCESS_FIX})"
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return "no such file or directory"
+        return f"{code}: {err.get('Message', '') or 'S3 request failed'}"
+    if isinstance(e, NoCredentialsError):
+        return ("no AWS credentials found "
+                "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)")
+    if isinstance(e, EndpointConnectionError):
+        return _unreachable(s3)
+    if isinstance(e, BotoCoreError):
+        return str(e)
+    # pyarrow raises OSError with the AWS SDK's error name in the text.
+    text = str(e)
+    if "NO_SUCH_BUCKET" in text:
+        return "bucket does not exist (create it or fix the URI)"
+    if any(s in text for s in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")):
+        return f"access denied ({_ACCESS_FIX})"
+    if "NETWORK_CONNECTION" in text:
+        return _unreachable(s3)
+    if isinstance(e, FileNotFoundError) or "NO_SUCH_KEY" in text or "Path does not exist" in text:
+        return "no such file or directory"
+    if isinstance(e, PermissionError):
+        return "permission denied (check the file's and its directory's permissions)"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not a file"
+    if isinstance(e, NotADirectoryError):
+        return "a parent of this path is a file, not a directory"
+    return getattr(e, "strerror", None) or text or type(e).__name__
+
+
+def _unreachable(s3: S3Config | None) -> str:
+    endpoint = _endpoint(s3) or "of AWS"
+    return f"cannot reach the S3 endpoint {endpoint} (check s3.endpoint_url / AWS_ENDPOINT_URL)"
+
+
+@contextlib.contextmanager
+def _errors(uri: str, s3: S3Config | None = None) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, ClientError, BotoCoreError) as e:
+        raise StorageError(uri, _problem(e, s3)) from e
+
+
+def _code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+# --------------------------------------------------------------------------- small files
+
+
+def exists(uri: str, s3: S3Config | None = None) -> bool:
+    """True if `uri` is a file, or a directory/prefix with something in it (S3) or at all
+    (local). A missing S3 bucket is an error, not False: it means misconfiguration."""
+    if not is_s3(uri):
+        return os.path.exists(_local(uri))
+    bucket, key = _split_s3(uri)
+    client = boto3_client(s3)
+    with _errors(uri, s3):
+        if not key:
+            try:
+                client.head_bucket(Bucket=bucket)
+                return True
+            except ClientError as e:
+                if _code(e) in ("404", "NoSuchBucket", "NotFound"):
+                    return False
+                raise
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if _code(e) not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        # Not an object: maybe a prefix. Listing also turns a missing bucket into NoSuchBucket
+        # (HEAD answers a bare 404 for both).
+        return client.list_objects_v2(Bucket=bucket, Prefix=key + "/", MaxKeys=1).get("KeyCount", 0) > 0
+
+
+def read_bytes(uri: str, s3: S3Config | None = None) -> bytes:
+    """Whole content of a (small) file."""
+    with _errors(uri, s3):
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            if not key:
+                raise StorageError(uri, "is a bucket, not an object (add a key: s3://bucket/key)")
+            return boto3_client(s3).get_object(Bucket=bucket, Key=key)["Body"].read()
+        with open(_local(uri), "rb") as f:
+            return f.read()
+
+
+def read_text(uri: str, s3: S3Config | None = None, encoding: str = "utf-8") -> str:
+    return read_bytes(uri, s3).decode(encoding)
+
+
+def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
+    """Write a whole (small, < 5 GiB) file atomically: readers see the old content or the
+    new, never a partial file. Local parent directories are created as needed."""
+    with _errors(uri, s3):
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            if not key:
+                raise StorageError(uri, "is a bucket, not an object (add a key: s3://bucket/key)")
+            # One PUT is atomic on S3; pyarrow's output stream would start a multipart upload.
+            boto3_client(s3).put_object(Bucket=bucket, Key=key, Body=bytes(data))
+            return
+        path = _local(uri)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        # Same directory, so os.replace is a rename within one filesystem (atomic on POSIX).
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+        try:
+            with open(tmp, "xb") as f:  # 'x': never clobber; mode honours the umask
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # content on disk before the rename makes it visible
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def write_text(uri: str, text: str, s3: S3Config | None = None, encoding: str = "utf-8") -> None:
+    write_bytes(uri, text.encode(encoding), s3)
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """Glob -> regex: `*` and `?` stay within one path segment, `**` crosses segments,
+    and `**/` also matches zero directories (`a/**/b` matches `a/b`)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def _glob_base(path: str) -> str | None:
+    """The segments before the first one with a wildcard, or None if `path` has none."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if "*" in part or "?" in part:
+            return "/".join(parts[:i])
+    return None
+
+
+def list_files(uri_or_glob: str, s3: S3Config | None = None) -> list[FileInfo]:
+    """Files at a path: the file itself, every file under a directory/prefix (recursive),
+    or those matching a glob (`*`, `?` within a segment, `**` across). Sorted by URI;
+    empty if nothing matches."""
+    with _errors(uri_or_glob, s3):
+        if is_s3(uri_or_glob):
+            return sorted(_list_s3(uri_or_glob, s3), key=lambda f: f.uri)
+        return sorted(_list_local(uri_or_glob), key=lambda f: f.uri)
+
+
+def _s3_objects(client, bucket: str, prefix: str) -> Iterator[dict]:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+def _list_s3(uri: str, s3: S3Config | None) -> Iterator[FileInfo]:
+    bucket, key = _split_s3(uri)
+    client = boto3_client(s3)
+    base = _glob_base(key)
+    if base is not None:
+        prefix, match = (base + "/" if base else ""), _glob_regex(key).match
+    elif key:
+        prefix, match = key, lambda k: k == key or k.startswith(key + "/")
+    else:
+        prefix, match = "", lambda k: True
+    for obj in _s3_objects(client, bucket, prefix):
+        k = obj["Key"]
+        # Keys ending in '/' are directory markers (pyarrow creates them), not files.
+        if not k.endswith("/") and match(k):
+            yield FileInfo(f"s3://{bucket}/{k}", obj["Size"], obj.get("ETag", "").strip('"'))
+
+
+def _list_local(uri: str) -> Iterator[FileInfo]:
+    path = _local(uri)
+    base = _glob_base(path)
+    if base is None:
+        if os.path.isfile(path):
+            yield _local_info(path)
+            return
+        base, match = path, lambda p: True
+    else:
+        match = _glob_regex(path).match
+    for root, _, names in os.walk(base or "/"):
+        for name in names:
+            p = os.path.join(root, name)
+            if not name.endswith(_TMP_SUFFIX) and match(p) and os.path.isfile(p):
+                yield _local_info(p)
+
+
+def _local_info(path: str) -> FileInfo:
+    st = os.stat(path)
+    return FileInfo(path, st.st_size, str(st.st_mtime_ns))
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def delete(uri: str, s3: S3Config | None = None) -> None:
+    """Delete a file, or a directory/prefix with everything under it. Missing is fine."""
+    with _errors(uri, s3):
+        if not is_s3(uri):
+            path = _local(uri)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+            return
+        bucket, key = _split_s3(uri)
+        if not key:
+            raise StorageError(uri, "refusing to empty a whole bucket (name a prefix: s3://bucket/prefix)")
+        client = boto3_client(s3)
+        client.delete_object(Bucket=bucket, Key=key)  # S3 answers success for a missing key
+        batch: list[dict] = []
+        for obj in _s3_objects(client, bucket, key + "/"):  # markers included: delete them too
+            batch.append({"Key": obj["Key"]})
+            if len(batch) == _DELETE_BATCH:
+                _delete_batch(client, bucket, uri, batch)
+                batch = []
+        if batch:
+            _delete_batch(client, bucket, uri, batch)
+
+
+def _delete_batch(client, bucket: str, uri: str, batch: list[dict]) -> None:
+    reply = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    if errors := reply.get("Errors", []):
+        e = errors[0]
+        raise StorageError(uri, f"could not delete {len(errors)} objects, e.g. {e.get('Key')}: "
+                                f"{e.get('Code')} {e.get('Message', '')}".rstrip())
+
+
+def makedirs(uri: str) -> None:
+    """Create a local directory (and parents). No-op on S3, where prefixes need no creating."""
+    if not is_s3(uri):
+        with _errors(uri):
+            os.makedirs(_local(uri), exist_ok=True)
+
+
+def upload_dir(local_dir: str, uri: str, s3: S3Config | None = None) -> None:
+    """Copy a local directory tree to `uri` (S3 or local); existing files are overwritten."""
+    src = _local(local_dir)
+    if not os.path.isdir(src):
+        raise StorageError(local_dir, "no such directory")
+    dst_fs, dst = filesystem(uri, s3)
+    with _errors(uri, s3):
+        pafs.copy_files(src, dst, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=dst_fs)
+
+
+def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:
+    """Copy the tree under `uri` (S3 or local) into `local_dir`, creating it."""
+    # pyarrow reports a missing bucket as a missing path; exists() tells them apart.
+    if not exists(uri, s3):
+        raise StorageError(uri, "no such file or directory")
+    src_fs, src = filesystem(uri, s3)
+    dst = _local(local_dir)
+    with _errors(local_dir):
+        # copy_files makes the subdirectories it sees, but not the destination root.
+        os.makedirs(dst, exist_ok=True)
+    with _errors(uri, s3):
+        pafs.copy_files(src, dst, source_filesystem=src_fs,
+                        destination_filesystem=pafs.LocalFileSystem())

@@ -1,0 +1,30 @@
+"""Shared fixtures. S3: one SeaweedFS server per test session (see tests/s3server.py)."""
+
+import uuid
+
+import pytest
+
+from tests.s3server import S3Server, WeedNotFound, patched_environ, weed_binary
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A running S3 server; the AWS_* variables point at it for the whole session."""
+    try:
+        weed_binary()
+    except WeedNotFound as e:
+        pytest.skip(str(e))
+    from raylm import storage
+
+    with S3Server() as server, patched_environ(server.env()):
+        storage.clear_cache()  # clients cached earlier know neither endpoint nor credentials
+        yield server
+    storage.clear_cache()
+
+
+@pytest.fixture
+def s3_prefix(s3_server):
+    """A fresh, empty `s3://bucket/test-<uuid>`, deleted after the test."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield f"s3://{s3_server.bucket}/{prefix}"
+    s3_server.delete_prefix(prefix + "/")
