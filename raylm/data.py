@@ -16,6 +16,7 @@ Data (`training_dataset`), which makes resume a matter of counting blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -357,9 +358,11 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     packers = {s: BlockPacker(block_len, tokenizer.eos_id) for s in ("train", "val")}
     shuffle = ShuffleBuffer(cfg.shuffle_window, seed)
     t0 = last = time.time()
-    streams = [(files, False)] + ([(val_files, True)] if val_files else [])
-    for group, force_val in streams:
-        for batch in _document_stream(group, cfg, tokenizer, s3, force_val, actors).iter_batches(
+    # With an explicit validation corpus, no training document is diverted into validation.
+    train_cfg = dataclasses.replace(cfg, val_fraction=0.0) if val_files else cfg
+    streams = [(files, train_cfg, False)] + ([(val_files, cfg, True)] if val_files else [])
+    for group, group_cfg, force_val in streams:
+        for batch in _document_stream(group, group_cfg, tokenizer, s3, force_val, actors).iter_batches(
                 batch_format="pyarrow", batch_size=None):
             _account(batch, stats, cfg.max_bad_records)
             keep = pa.compute.and_(pa.compute.equal(batch.column("error"), ""),

@@ -146,9 +146,9 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
     from raylm.train import run_ray_training
 
     t0 = time.time()
-    init_ray(cfg)
     cfg = ensure_corpus(cfg)
     cfg, tok = ensure_tokenizer(cfg)
+    init_ray(cfg)
     data_dir, manifest = ensure_data(cfg, tok)
     record = write_record(cfg, "pretrain", tok, manifest)
     log(f"pretrain: {cfg.train.num_workers} workers, model {_model_summary(cfg)}, run record {record}")

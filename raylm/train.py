@@ -11,6 +11,7 @@ position is a count of consumed blocks, so a resumed run repeats the uninterrupt
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -369,6 +370,8 @@ def device_name(device: torch.device) -> str:
 
 # --------------------------------------------------------------------------- Ray Train
 
+SMALL_DATASET_BYTES = 256 * 2**20
+
 
 def train_worker(config: dict) -> None:
     """Per-worker entry for TorchTrainer. `config` carries the resolved Config as a dict,
@@ -376,6 +379,7 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one progress line per step, not per rank
     cfg = from_dict(config["cfg"])
     manifest, resume = config["manifest"], config["resume"]
     rank, world = _rank_world()
@@ -389,10 +393,24 @@ def train_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
+    # A training set this small is kept in memory after its first pass: every later epoch
+    # would otherwise re-run Ray Data's read tasks, seconds of process start-up each on a
+    # busy node, which dominates small multi-epoch runs. Large sets stream every epoch.
+    small = manifest["train"]["blocks"] * (manifest["seq_len"] + 1) * 4 < SMALL_DATASET_BYTES
+    epoch_cache: list[torch.Tensor] = []
+
     def epoch_stream(epoch: int):
+        if small and epoch_cache and epoch_cache[-1] is None:
+            yield from epoch_cache[:-1]
+            return
+        epoch_cache.clear()
         for b in train_shard.iter_torch_batches(batch_size=tc.global_batch_size, drop_last=True,
                                                 prefetch_batches=2):
+            if small:
+                epoch_cache.append(b["tokens"])
             yield b["tokens"]
+        if small:
+            epoch_cache.append(None)  # marks a complete pass
 
     val_cache: list[torch.Tensor] = []
 
@@ -428,8 +446,7 @@ def run_ray_training(cfg: Config, data_dir: str, manifest: dict, resume: str = "
 
     from raylm.data import training_dataset
 
-    datasets = {"train": training_dataset(data_dir, manifest, "train", cfg.s3),
-                "val": training_dataset(data_dir, manifest, "val", cfg.s3)}
+    datasets = {split: training_dataset(data_dir, manifest, split, cfg.s3) for split in ("train", "val")}
     fs, root = storage.filesystem(cfg.storage, cfg.s3)
     trainer = TorchTrainer(
         train_worker,

@@ -28,3 +28,28 @@ def s3_prefix(s3_server):
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     yield f"s3://{s3_server.bucket}/{prefix}"
     s3_server.delete_prefix(prefix + "/")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the session, started the way `raylm` starts one."""
+    import ray
+
+    from raylm.config import Config
+    from raylm.pipeline import init_ray
+
+    init_ray(Config())
+    yield
+    ray.shutdown()
+
+
+SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tinyshakespeare():
+    """The shared public-domain corpus; absent in a user's clone, where the test is skipped."""
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (the shared test corpus lives beside the repository in CI)")
+    return path
