@@ -1,4 +1,4 @@
-"""`raylm` command line: parse, build a config, call the library.
+"""raylm: build a language model from scratch on Ray.
 
     raylm quickstart                         # everything on built-in defaults, local Ray
     raylm tokenizer train --data corpus/ --out tok/
@@ -19,6 +19,8 @@ import json
 import sys
 
 from raylm.config import ConfigError, load_config, to_dict
+
+# The subcommands are thin: parse, build a config, call the library.
 
 EPILOG = "Overrides are dotted keys, e.g. train.lr=3e-4 data.seq_len=512 model.preset=gpt2-124m name=run1"
 
@@ -94,7 +96,8 @@ def cmd_generate(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raylm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="raylm", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help, parent=sub, record=True):
@@ -165,7 +168,14 @@ USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, OSError, FloatingPoin
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may sit anywhere on the line (`pretrain --data x train.lr=1e-3 --resume`).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
     except KeyboardInterrupt:

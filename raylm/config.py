@@ -91,9 +91,8 @@ class ModelConfig:
 # the others follow published shapes so FLOP and memory figures compare with peers.
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=3, max_seq_len=256),
-    "gpt2-124m": ModelConfig(
-        vocab_size=50304, dim=768, n_layers=12, n_heads=12, max_seq_len=1024, ffn_dim=3072
-    ),
+    # GPT-2 small's shape with SwiGLU at 8/3 width (2048), which keeps its 124M parameters.
+    "gpt2-124m": ModelConfig(vocab_size=50304, dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "350m": ModelConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, max_seq_len=2048),
     "1b": ModelConfig(
         vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,

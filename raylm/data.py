@@ -25,6 +25,7 @@ import re
 import time
 import unicodedata
 import uuid
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +76,7 @@ def parse_documents(path: str, raw: bytes, text_field: str):
     if path.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             yield 0, DataError(f"{path}: truncated or corrupt gzip ({e})")
             return
     if name.endswith(".txt"):
@@ -126,7 +127,7 @@ def parse_documents(path: str, raw: bytes, text_field: str):
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
-_TRAILING = re.compile(r"[ \t]+\n")
+_TRAILING = re.compile(r"[ \t]+(?=\n|\Z)")
 _MANY_BLANK = re.compile(r"\n{3,}")
 
 
@@ -136,7 +137,7 @@ def clean_text(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
     text = _ODD_SPACES.sub(" ", text)
-    text = _TRAILING.sub("\n", text)
+    text = _TRAILING.sub("", text)
     text = _MANY_BLANK.sub("\n\n", text)
     return text.strip("\n")
 

@@ -165,6 +165,9 @@ class RankBatches:
 
     def __init__(self, epoch_stream: Callable[[int], Iterator[torch.Tensor]], global_batch: int,
                  micro: int, rank: int, world: int, blocks_per_epoch: int, consumed: int, device):
+        if global_batch % (micro * world):
+            raise ValueError(f"train.global_batch_size={global_batch} is not divisible by "
+                             f"train.micro_batch_size * workers = {micro} * {world}")
         self.stream, self.G, self.micro, self.rank, self.world = epoch_stream, global_batch, micro, rank, world
         self.steps_per_epoch = blocks_per_epoch // global_batch
         if self.steps_per_epoch == 0:
@@ -182,7 +185,9 @@ class RankBatches:
             skip = (self.consumed // self.G) % self.steps_per_epoch
             it = self.stream(epoch)
             t0 = time.perf_counter()
+            seen = 0
             for i, batch in enumerate(it):
+                seen = i + 1
                 if i < skip:
                     continue
                 if i >= self.steps_per_epoch:
@@ -194,6 +199,9 @@ class RankBatches:
                 self.consumed += self.G
                 yield [{"tokens": m} for m in micro]
                 t0 = time.perf_counter()
+            if seen < self.steps_per_epoch:  # the shards hold fewer blocks than the manifest says
+                raise ValueError(f"epoch {epoch} ended after {seen} global batches; the manifest promised "
+                                 f"{self.steps_per_epoch}: the prepared dataset is damaged, prepare it again")
 
 
 def rank_val_batches(blocks: torch.Tensor, tc: TrainConfig, rank: int, world: int, device) -> list[dict]:

@@ -1,0 +1,293 @@
+"""Config: defaults, YAML + dotted overrides, type checks, derived sizes, validation, presets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from raylm.config import (
+    MODEL_PRESETS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    to_dict,
+)
+from raylm.model import count_params
+
+
+def _write(tmp_path, text: str, name: str = "run.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+# --------------------------------------------------------------------------- defaults / loading
+
+
+def test_defaults_validate():
+    cfg = Config()
+    assert cfg.validate() is cfg
+    assert load_config() == cfg
+    assert cfg.model == MODEL_PRESETS["tiny"]
+
+
+def test_yaml_then_overrides_precedence(tmp_path):
+    path = _write(tmp_path, "name: fromyaml\nseed: 7\ntrain:\n  lr: 0.01\n  max_steps: 50\n")
+    cfg = load_config(path, ["train.lr=0.02", "seed=9"])
+    assert cfg.name == "fromyaml"  # yaml beats default
+    assert cfg.train.max_steps == 50  # yaml beats default
+    assert cfg.train.lr == 0.02  # override beats yaml
+    assert cfg.seed == 9  # override beats yaml
+    assert cfg.train.warmup_steps == TrainConfig().warmup_steps  # untouched default
+
+
+def test_base_mapping_is_below_yaml(tmp_path):
+    path = _write(tmp_path, "seed: 5\n")
+    cfg = load_config(path, [], base={"seed": 3, "name": "base"})
+    assert cfg.seed == 5 and cfg.name == "base"
+
+
+def test_preset_override_then_other_overrides_on_top():
+    cfg = load_config(None, ["model.preset=gpt2-124m", "model.n_layers=2", "data.seq_len=128"])
+    expected = replace(MODEL_PRESETS["gpt2-124m"], n_layers=2)
+    assert cfg.model == expected
+    assert cfg.data.seq_len == 128
+
+
+def test_preset_in_yaml_with_field_override(tmp_path):
+    path = _write(tmp_path, "model:\n  preset: '1b'\n")
+    cfg = load_config(path, ["model.dim=1024"])
+    assert cfg.model == replace(MODEL_PRESETS["1b"], dim=1024)
+
+
+def test_unknown_preset_names_key():
+    with pytest.raises(ConfigError, match=r"model\.preset='nope'"):
+        load_config(None, ["model.preset=nope"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("bogus=1", "'bogus'"),
+    ("train.lrr=0.1", "'train.lrr'"),
+    ("model.dims=64", "'model.dims'"),
+    ("data.txt_field=x", "'data.txt_field'"),
+    ("s3.endpoint=x", "'s3.endpoint'"),
+])
+def test_unknown_keys_raise_naming_dotted_key(override, key):
+    with pytest.raises(ConfigError, match="unknown config key " + key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = _write(tmp_path, "train:\n  micro_batch: 4\n")
+    with pytest.raises(ConfigError, match=r"'train\.micro_batch'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.max_steps=abc", "train.max_steps"),  # str for int
+    ("train.max_steps=10.0", "train.max_steps"),  # float for int
+    ("train.max_steps=10.5", "train.max_steps"),
+    ("train.max_steps=true", "train.max_steps"),  # bool for int
+    ("seed=false", "seed"),
+    ("train.lr=true", "train.lr"),  # bool for float
+    ("train.use_gpu=1", "train.use_gpu"),  # int for bool
+    ("train.lr=fast", "train.lr"),  # unparsable float
+    ("model.n_kv_heads=two", "model.n_kv_heads"),  # int | None
+    ("seed=[1, 2]", "seed"),
+    ("model=3", "model"),  # a section given a scalar
+])
+def test_wrong_types_raise_naming_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value) and "expected" in str(e.value)  # a type error, not a later check
+
+
+def test_float_parsing_and_int_widening():
+    cfg = load_config(None, ["train.lr=3e-4", "train.min_lr_ratio=1", "name=123"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.min_lr_ratio == 1.0 and isinstance(cfg.train.min_lr_ratio, float)
+    assert cfg.name == "123"
+
+
+def test_yaml_file_float_without_dot(tmp_path):
+    # YAML 1.1 reads 3e-4 (no dot) as a string; it must still become a float.
+    cfg = load_config(_write(tmp_path, "train:\n  lr: 3e-4\n"))
+    assert cfg.train.lr == pytest.approx(3e-4)
+
+
+def test_optional_field_accepts_null_and_int():
+    assert load_config(None, ["model.n_kv_heads=null"]).model.n_kv_heads is None
+    assert load_config(None, ["model.n_kv_heads=2"]).model.n_kv_heads == 2
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr"])
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    path = _write(tmp_path, "train: [unclosed\n", "broken.yaml")
+    with pytest.raises(ConfigError, match="broken.yaml.*not valid YAML"):
+        load_config(path)
+
+
+def test_missing_file_names_file(tmp_path):
+    path = str(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="absent.yaml.*not found"):
+        load_config(path)
+
+
+def test_non_mapping_top_level_names_file(tmp_path):
+    path = _write(tmp_path, "- a\n- b\n", "list.yaml")
+    with pytest.raises(ConfigError, match="list.yaml.*mapping"):
+        load_config(path)
+
+
+def test_empty_yaml_is_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "")) == Config()
+
+
+# --------------------------------------------------------------------------- derived values
+
+
+def test_head_dim_and_kv_heads():
+    m = ModelConfig(vocab_size=64, dim=96, n_heads=6)
+    assert m.head_dim == 16 and m.kv_heads == 6
+    assert replace(m, n_kv_heads=2).kv_heads == 2
+
+
+@pytest.mark.parametrize("dim,multiple,expected", [
+    (256, 64, 704),  # 8/3*256 = 682.7 -> 704
+    (768, 64, 2048),  # exactly 2048
+    (192, 64, 512),
+    (100, 32, 288),  # 266.7 -> 288
+])
+def test_hidden_dim_rounds_up_to_multiple(dim, multiple, expected):
+    m = ModelConfig(dim=dim, n_heads=2 if dim % 4 else 4, ffn_multiple_of=multiple)
+    assert m.hidden_dim == expected
+    assert m.hidden_dim % multiple == 0
+
+
+def test_explicit_ffn_dim_wins():
+    assert ModelConfig(dim=256, ffn_dim=1000).hidden_dim == 1000
+
+
+def test_with_vocab_rounds_to_64():
+    m = ModelConfig()
+    assert m.with_vocab(4096).vocab_size == 4096
+    assert m.with_vocab(4097).vocab_size == 4160
+    assert m.with_vocab(1).vocab_size == 64
+    assert m.vocab_size == 0  # frozen: a new config is returned
+
+
+def test_with_vocab_keeps_large_enough_explicit_vocab():
+    m = ModelConfig(vocab_size=5000)
+    assert m.with_vocab(4096) is m
+    assert m.with_vocab(5000).vocab_size == 5000
+
+
+def test_with_vocab_rejects_too_small():
+    with pytest.raises(ConfigError, match="vocab_size=1000.*4096"):
+        ModelConfig(vocab_size=1000).with_vocab(4096)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_dim_not_divisible_by_heads():
+    with pytest.raises(ConfigError, match=r"model\.dim=100.*model\.n_heads=3"):
+        load_config(None, ["model.dim=100", "model.n_heads=3", "model.n_kv_heads=null"])
+
+
+def test_heads_not_divisible_by_kv_heads():
+    with pytest.raises(ConfigError, match=r"n_heads=6.*n_kv_heads=4"):
+        load_config(None, ["model.n_kv_heads=4"])  # tiny has 6 heads
+
+
+def test_odd_head_dim_rejected():
+    with pytest.raises(ConfigError, match="even"):
+        ModelConfig(dim=18, n_heads=2).validate()
+
+
+def test_seq_len_exceeds_max_seq_len():
+    with pytest.raises(ConfigError, match=r"data\.seq_len=512.*max_seq_len=256"):
+        load_config(None, ["data.seq_len=512"])
+    assert load_config(None, ["data.seq_len=512", "model.max_seq_len=512"]).data.seq_len == 512
+
+
+def test_global_batch_not_multiple_of_micro_batch():
+    with pytest.raises(ConfigError, match=r"global_batch_size=30.*micro_batch_size=16"):
+        load_config(None, ["train.global_batch_size=30"])
+
+
+def test_bad_precision_and_name():
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(None, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="name"):
+        load_config(None, ["name=a/b"])
+
+
+def test_grad_accum_steps():
+    tc = TrainConfig(micro_batch_size=4, global_batch_size=32)
+    assert tc.grad_accum_steps(1) == 8
+    assert tc.grad_accum_steps(2) == 4
+    with pytest.raises(ConfigError, match="micro_batch_size\\*num_workers=12"):
+        tc.grad_accum_steps(3)
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_to_dict_from_dict_round_trip():
+    cfg = load_config(None, ["model.preset=gpt2-124m", "train.lr=1e-3", "sample.prompts=[a, b]",
+                             "model.n_kv_heads=4", "data.seq_len=512"])
+    d = to_dict(cfg)
+    assert d["sample"]["prompts"] == ["a", "b"]  # tuples become lists for YAML/JSON
+    assert isinstance(d["model"], dict)
+    back = from_dict(d)
+    assert back == cfg
+    assert isinstance(back.sample.prompts, tuple)
+
+
+def test_from_dict_rejects_unknown_key():
+    d = to_dict(Config())
+    d["train"]["nonsense"] = 1
+    with pytest.raises(ConfigError, match=r"'train\.nonsense'"):
+        from_dict(d)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_every_preset_validates(name):
+    m = MODEL_PRESETS[name]
+    m.validate()
+    resolved = m.with_vocab(4096)
+    assert resolved.vocab_size >= 4096
+    assert count_params(resolved) > count_params(resolved, non_embedding=True) > 0
+    cfg = load_config(None, [f"model.preset={name}"])
+    assert cfg.model == m
+
+
+def test_gpt2_124m_param_count():
+    m = MODEL_PRESETS["gpt2-124m"]
+    assert count_params(m) == pytest.approx(124e6, rel=0.02)
+    assert count_params(m, non_embedding=True) == pytest.approx(85e6, rel=0.02)
+
+
+def test_gpt2_124m_shape_with_llama_mlp_width_is_124m():
+    # The published GPT-2 small size, reached with the SwiGLU width that keeps a 4*dim MLP's count.
+    m = replace(MODEL_PRESETS["gpt2-124m"], ffn_dim=None)
+    assert m.hidden_dim == 2048
+    assert count_params(m) == pytest.approx(124e6, rel=0.01)
+    assert count_params(m, non_embedding=True) == pytest.approx(85e6, rel=0.01)
+
+
+def test_7b_param_count():
+    n = count_params(MODEL_PRESETS["7b"])
+    assert 6.7e9 <= n <= 7.3e9
