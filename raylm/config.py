@@ -90,7 +90,7 @@ class ModelConfig:
 # Presets are plain entries. `tiny` is tuned for the 2-core CPU quality benchmark (see README);
 # the others follow published shapes so FLOP and memory figures compare with peers.
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=3, max_seq_len=256),
+    "tiny": ModelConfig(dim=128, n_layers=4, n_heads=4, max_seq_len=256),
     # GPT-2 small's shape with SwiGLU at 8/3 width (2048), which keeps its 124M parameters.
     "gpt2-124m": ModelConfig(vocab_size=50304, dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "350m": ModelConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, max_seq_len=2048),
@@ -129,9 +129,9 @@ class S3Config:
 class TokenizerConfig:
     # Empty: train one into the run directory. Set: load this tokenizer directory instead.
     path: str = ""
-    # 4096 won the CPU quality sweep: smaller vocabularies waste the tiny model's context,
-    # larger ones leave rare tokens under-trained in a few minutes of training.
-    vocab_size: int = 4096
+    # 2048 won the CPU quality sweep (benchmarks/quality_cpu.py): a 4096 head costs the tiny
+    # model half its speed, and a few minutes of training cannot use the extra ids.
+    vocab_size: int = 2048
     # SentencePiece trains in memory; a 20 MB sample gives stable merges in seconds.
     sample_bytes: int = 20_000_000
     character_coverage: float = 0.9995  # byte fallback covers the rest
@@ -168,10 +168,11 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    micro_batch_size: int = 16  # sequences per worker per forward/backward
+    micro_batch_size: int = 8  # sequences per worker per forward/backward
     # Sequences per optimizer step across all workers. Kept fixed when the worker count
-    # changes, so a resumed run on other hardware follows the same optimisation.
-    global_batch_size: int = 32
+    # changes, so a resumed run on other hardware follows the same optimisation. Small
+    # batches and more steps won the CPU sweep: 16 x 256 tokens beat 32 x 256 at equal time.
+    global_batch_size: int = 16
     max_steps: int = 600
     lr: float = 3e-3  # small models tolerate high rates; the CPU sweep picked this one
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

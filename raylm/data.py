@@ -147,12 +147,13 @@ def stable_fraction(text: str) -> float:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
 
 
-def parse_and_clean(batch: dict, cfg: DataConfig, force_val: bool = False) -> dict:
+def parse_and_clean(batch: dict, cfg: DataConfig, val_files: frozenset = frozenset()) -> dict:
     """Ray Data stage (stateless tasks, fused with the read): file bytes -> cleaned documents
     with their split, origin, and the reason if one is bad or dropped."""
     out = {"text": [], "val": [], "source": [], "line": [], "error": [], "dropped": []}
     for path, raw in zip(batch["path"], batch["bytes"]):
         n = 0
+        force_val = path in val_files
         for line, doc in parse_documents(path, raw, cfg.text_field):
             n += 1
             text, err, dropped = "", "", ""
@@ -164,7 +165,8 @@ def parse_and_clean(batch: dict, cfg: DataConfig, force_val: bool = False) -> di
                     dropped, text = "too_short", ""
                 elif len(text) > cfg.max_chars:
                     dropped, text = "too_long", ""
-            val = force_val or (bool(text) and stable_fraction(text) < cfg.val_fraction)
+            # With an explicit validation corpus (val_files), no training document is diverted.
+            val = force_val or (not val_files and bool(text) and stable_fraction(text) < cfg.val_fraction)
             for k, v in (("text", text), ("val", val), ("source", path), ("line", line),
                          ("error", err), ("dropped", dropped)):
                 out[k].append(v)
@@ -311,11 +313,12 @@ def read_manifest(out: str, s3: S3Config | None = None) -> dict | None:
     return json.loads(storage.read_text(uri, s3))
 
 
-def _document_stream(files: list[storage.FileInfo], cfg: DataConfig, tokenizer, s3, force_val: bool,
-                     tokenizer_actors: int):
+def _document_stream(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig,
+                     tokenizer, s3, tokenizer_actors: int):
     """Ray Dataset of tokenized documents, in corpus order."""
     import ray
 
+    files = files + val_files  # one Ray Data execution for both splits
     fs, _ = storage.filesystem(files[0].uri, s3)
     paths = [storage.filesystem(f.uri, s3)[1] for f in files]
     ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
@@ -323,7 +326,8 @@ def _document_stream(files: list[storage.FileInfo], cfg: DataConfig, tokenizer, 
     # the file in errors.
     uri_of = {p: f.uri for p, f in zip(paths, files)}
     ds = ds.map_batches(_with_uris, fn_kwargs={"uri_of": uri_of}, batch_size=1)
-    ds = ds.map_batches(parse_and_clean, fn_kwargs={"cfg": cfg, "force_val": force_val}, batch_size=1)
+    ds = ds.map_batches(parse_and_clean, batch_size=1,
+                        fn_kwargs={"cfg": cfg, "val_files": frozenset(f.uri for f in val_files)})
     return ds.map_batches(TokenizeDocuments, fn_constructor_args=(tokenizer,), batch_format="pyarrow",
                           batch_size=256, concurrency=tokenizer_actors)
 
@@ -359,33 +363,29 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     packers = {s: BlockPacker(block_len, tokenizer.eos_id) for s in ("train", "val")}
     shuffle = ShuffleBuffer(cfg.shuffle_window, seed)
     t0 = last = time.time()
-    # With an explicit validation corpus, no training document is diverted into validation.
-    train_cfg = dataclasses.replace(cfg, val_fraction=0.0) if val_files else cfg
-    streams = [(files, train_cfg, False)] + ([(val_files, cfg, True)] if val_files else [])
-    for group, group_cfg, force_val in streams:
-        for batch in _document_stream(group, group_cfg, tokenizer, s3, force_val, actors).iter_batches(
-                batch_format="pyarrow", batch_size=None):
-            _account(batch, stats, cfg.max_bad_records)
-            keep = pa.compute.and_(pa.compute.equal(batch.column("error"), ""),
-                                   pa.compute.equal(batch.column("dropped"), ""))
-            for split, mask in (("train", pa.compute.and_(keep, pa.compute.invert(batch.column("val")))),
-                                ("val", pa.compute.and_(keep, batch.column("val")))):
-                ids = batch.column("ids").filter(mask).combine_chunks()
-                if len(ids) == 0:
-                    continue
-                blocks = packers[split].add(ids.values.to_numpy(zero_copy_only=False),
-                                            ids.offsets.to_numpy(zero_copy_only=False))
-                stats.tokens += len(ids.values)
-                if split == "train":
-                    for b in shuffle.push(blocks):
-                        writers["train"].add(b)
-                else:
-                    for b in blocks:
-                        writers["val"].add(b)
-            if time.time() - last > 5:
-                last = time.time()
-                log(f"data: {stats.documents} docs, {stats.tokens / 1e6:.2f}M tokens, "
-                    f"{stats.bytes_read / 1e6 / max(time.time() - t0, 1e-9):.1f} MB/s overall")
+    for batch in _document_stream(files, val_files, cfg, tokenizer, s3, actors).iter_batches(
+            batch_format="pyarrow", batch_size=None):
+        _account(batch, stats, cfg.max_bad_records)
+        keep = pa.compute.and_(pa.compute.equal(batch.column("error"), ""),
+                               pa.compute.equal(batch.column("dropped"), ""))
+        for split, mask in (("train", pa.compute.and_(keep, pa.compute.invert(batch.column("val")))),
+                            ("val", pa.compute.and_(keep, batch.column("val")))):
+            ids = batch.column("ids").filter(mask).combine_chunks()
+            if len(ids) == 0:
+                continue
+            blocks = packers[split].add(ids.values.to_numpy(zero_copy_only=False),
+                                        ids.offsets.to_numpy(zero_copy_only=False))
+            stats.tokens += len(ids.values)
+            if split == "train":
+                for b in shuffle.push(blocks):
+                    writers["train"].add(b)
+            else:
+                for b in blocks:
+                    writers["val"].add(b)
+        if time.time() - last > 5:
+            last = time.time()
+            log(f"data: {stats.documents} docs, {stats.tokens / 1e6:.2f}M tokens, "
+                f"{stats.tokens / 1e3 / max(time.time() - t0, 1e-9):.0f}k tokens/s")
     for b in shuffle.drain():
         writers["train"].add(b)
     for w in writers.values():
@@ -447,10 +447,21 @@ def shard_uris(out: str, manifest: dict, split: str) -> list[str]:
     return [storage.join(out, s["path"]) for s in manifest[split]["shards"]]
 
 
+# Below this size a split is loaded once by the driver and handed to Ray as in-memory blocks.
+IN_MEMORY_BYTES = 256 * 2**20
+
+
 def training_dataset(out: str, manifest: dict, split: str, s3: S3Config | None = None):
-    """Ray Dataset of packed blocks (column `tokens`, int32 [seq_len + 1]) in manifest order."""
+    """Ray Dataset of packed blocks (column `tokens`, int32 [seq_len + 1]) in manifest order.
+
+    Large splits stream from storage through read tasks. Small ones are read here once and
+    put in the object store: each worker iterates the dataset once per epoch, and on a busy
+    node every read task's process start costs seconds, which would dominate a small run."""
     import ray
 
+    if manifest[split]["blocks"] * (manifest["seq_len"] + 1) * 4 < IN_MEMORY_BYTES:
+        return ray.data.from_arrow([pq.read_table(io.BytesIO(storage.read_bytes(u, s3)))
+                                    for u in shard_uris(out, manifest, split)])
     uris = shard_uris(out, manifest, split)
     fs, _ = storage.filesystem(uris[0], s3)
     return ray.data.read_parquet([storage.filesystem(u, s3)[1] for u in uris], filesystem=fs,

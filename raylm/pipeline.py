@@ -23,8 +23,11 @@ from raylm.record import write_record
 from raylm.tokenizer import Tokenizer, train_tokenizer
 
 
+_START = time.time()
+
+
 def log(msg: str) -> None:
-    print(f"[raylm] {msg}", flush=True)
+    print(f"[raylm {time.time() - _START:6.1f}s] {msg}", flush=True)
 
 
 # Worker output is the run's progress log: print it once, plainly (Ray Train otherwise routes

@@ -246,6 +246,25 @@ def _broadcast(obj):
     return obj
 
 
+def maybe_inject_failure(cfg: Config, step: int, rank: int) -> None:
+    """Testing hook for failure recovery: RAYLM_INJECT_FAILURE="step=K,rank=R,kind=raise|sigkill"
+    fails rank R once, right after step K (a marker in the run directory keeps the restarted
+    run from failing again). Unset, it costs one dict lookup per step."""
+    spec = os.environ.get("RAYLM_INJECT_FAILURE")
+    if not spec:
+        return
+    plan = dict(part.split("=", 1) for part in spec.split(","))
+    if step != int(plan["step"]) or rank != int(plan.get("rank", 0)):
+        return
+    marker = storage.join(cfg.run_dir, f"injected-failure-{step}")
+    if storage.exists(marker, cfg.s3):
+        return
+    storage.write_text(marker, spec, cfg.s3)
+    if plan.get("kind", "raise") == "sigkill":
+        os.kill(os.getpid(), 9)
+    raise RuntimeError(f"injected failure at step {step} on rank {rank}")
+
+
 def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatches, hooks: Hooks,
         start_step: int, device_name: str, log=print) -> dict:
     """Train from `start_step` to cfg.train.max_steps; returns the last metrics."""
@@ -305,6 +324,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             save_checkpoint(cfg, model, optimizer, step, batches.consumed, hooks, last, log)
             if metrics_log is not None:
                 metrics_log.flush()
+        maybe_inject_failure(cfg, step, rank)
     return last
 
 
@@ -378,8 +398,6 @@ def device_name(device: torch.device) -> str:
 
 # --------------------------------------------------------------------------- Ray Train
 
-SMALL_DATASET_BYTES = 256 * 2**20
-
 
 def train_worker(config: dict) -> None:
     """Per-worker entry for TorchTrainer. `config` carries the resolved Config as a dict,
@@ -401,24 +419,10 @@ def train_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
-    # A training set this small is kept in memory after its first pass: every later epoch
-    # would otherwise re-run Ray Data's read tasks, seconds of process start-up each on a
-    # busy node, which dominates small multi-epoch runs. Large sets stream every epoch.
-    small = manifest["train"]["blocks"] * (manifest["seq_len"] + 1) * 4 < SMALL_DATASET_BYTES
-    epoch_cache: list[torch.Tensor] = []
-
     def epoch_stream(epoch: int):
-        if small and epoch_cache and epoch_cache[-1] is None:
-            yield from epoch_cache[:-1]
-            return
-        epoch_cache.clear()
         for b in train_shard.iter_torch_batches(batch_size=tc.global_batch_size, drop_last=True,
                                                 prefetch_batches=2):
-            if small:
-                epoch_cache.append(b["tokens"])
             yield b["tokens"]
-        if small:
-            epoch_cache.append(None)  # marks a complete pass
 
     val_cache: list[torch.Tensor] = []
 
@@ -465,6 +469,8 @@ def run_ray_training(cfg: Config, data_dir: str, manifest: dict, resume: str = "
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=root, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            # RAYLM_* settings of the driver (such as the failure-injection hook) reach the workers.
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("RAYLM_")}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         # Every worker reads the whole ordered stream and keeps its own rows (RankBatches):

@@ -205,7 +205,7 @@ def test_dim_not_divisible_by_heads():
 
 def test_heads_not_divisible_by_kv_heads():
     with pytest.raises(ConfigError, match=r"n_heads=6.*n_kv_heads=4"):
-        load_config(None, ["model.n_kv_heads=4"])  # tiny has 6 heads
+        load_config(None, ["model.n_heads=6", "model.dim=192", "model.n_kv_heads=4"])
 
 
 def test_odd_head_dim_rejected():
@@ -220,7 +220,7 @@ def test_seq_len_exceeds_max_seq_len():
 
 
 def test_global_batch_not_multiple_of_micro_batch():
-    with pytest.raises(ConfigError, match=r"global_batch_size=30.*micro_batch_size=16"):
+    with pytest.raises(ConfigError, match=r"global_batch_size=30.*micro_batch_size=8"):
         load_config(None, ["train.global_batch_size=30"])
 
 

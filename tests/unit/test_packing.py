@@ -300,7 +300,7 @@ def test_parse_and_clean_val_split_is_by_text_hash():
     out = parse_and_clean(_batch(("a.jsonl", raw)), cfg)
     assert list(out["val"]) == [stable_fraction(d) < 0.3 for d in docs]
     assert 0 < out["val"].sum() < 200
-    forced = parse_and_clean(_batch(("a.jsonl", raw)), cfg, force_val=True)
+    forced = parse_and_clean(_batch(("a.jsonl", raw)), cfg, val_files=frozenset({"a.jsonl"}))
     assert forced["val"].all()
 
 

@@ -1,0 +1,16 @@
+# raylm on the official Ray image: the same Ray version as pyproject.toml pins.
+#   docker build -t raylm .                                   # GPU image (CUDA torch)
+#   docker build --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu -t raylm:cpu .
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
+FROM ${RAY_IMAGE}
+
+WORKDIR /home/ray/raylm
+# Dependencies first, so code changes do not reinstall torch.
+COPY --chown=ray:users pyproject.toml README.md ./
+RUN mkdir raylm && touch raylm/__init__.py && pip install --no-cache-dir . && pip uninstall -y raylm
+COPY --chown=ray:users raylm ./raylm
+COPY --chown=ray:users jobs ./jobs
+RUN pip install --no-cache-dir --no-deps .
+
+# Ray's own entrypoint stays in charge (ray start for cluster nodes, or a job's command).
+CMD ["raylm", "--help"]
