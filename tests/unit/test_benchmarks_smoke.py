@@ -1,0 +1,110 @@
+"""The GPU benchmarks run end to end on CPU at tiny size, and their parity checks hold.
+
+No timing is asserted: these shapes on a shared CPU say nothing about speed. What is
+asserted is that each benchmark runs, prints its JSON, and, for training, that raylm and the
+transformers peer started from the same weights agree on the first step (loss and every
+parameter's gradient), which is what makes their throughput comparable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raylm.config import ModelConfig, TrainConfig
+from raylm.model import build_model
+from raylm.train import NextTokenObjective, make_optimizer, train_step
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+# One thread: on a busy machine OpenMP threads contending for cores make tiny models ~100x slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _run(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)  # stdout holds the JSON object and nothing else
+
+
+def _load_train_benchmark():
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_throughput_cpu_smoke_and_parity():
+    has_peer = importlib.util.find_spec("transformers") is not None
+    # The smoke command, plus the chunked loss the GPU default uses (a chunk that does not
+    # divide the 2 x 64 rows), so FSDP2 + hidden_states + chunked CE is checked against the peer.
+    out = _run("train_throughput.py", "--device", "cpu", "--preset", "tiny", "--seq-len", "64",
+               "--micro-batch", "2", "--warmup", "1", "--steps", "2", "--dtype", "fp32",
+               "--chunked-ce", "--ce-chunk", "48", *([] if has_peer else ["--skip-peer"]))
+    for key in ("device", "torch", "settings", "model", "flops_per_token", "raylm", "peer"):
+        assert key in out, key
+    assert out["settings"]["precision"] == "fp32" and out["settings"]["chunked_ce"] is True
+    if not has_peer:
+        pytest.skip("transformers is not installed: the peer and the parity check did not run")
+    for key in ("transformers", "ratio_tokens_per_s", "first_loss_raylm", "first_loss_peer", "parity_ok"):
+        assert key in out, key
+    for side in ("raylm", "peer"):
+        r = out[side]
+        assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0
+        assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
+        assert r["mfu"] is None  # no peak FLOP/s for a CPU: no invented MFU
+    assert out["raylm"]["skipped_steps"] == 0
+    # Same initial weights, same batch, fp32: the same computation up to rounding.
+    assert out["first_loss_raylm"] == pytest.approx(out["first_loss_peer"], rel=1e-4)
+    assert out["grad_rel_diff_max"] < 1e-3, out["grad_rel_diff_worst_param"]
+    assert out["params_compared"] == 2 + 9 * out["model"]["n_layers"]  # embedding, final norm, 9 per block
+    assert out["parity_ok"] is True
+
+
+def test_decode_throughput_cpu_smoke():
+    out = _run("decode_throughput.py", "--device", "cpu", "--preset", "tiny", "--new-tokens", "8")
+    assert [r["batch"] for r in out["results"]] == [1, 32]
+    for r in out["results"]:
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_step"] > 0
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_objective_equals_plain_in_train_step(one_thread, tied):
+    """The benchmark's ChunkedNextTokenObjective is a drop-in for NextTokenObjective in train_step:
+    same loss and gradient norm (plain model, fp32). (Parameters after the step are not compared:
+    Adam's first update is ~lr * sign(grad), so rounding in near-zero gradients flips it.)"""
+    bench = _load_train_benchmark()
+    cfg = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                      ffn_multiple_of=16, tie_embeddings=tied)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
+    tokens[0, 3:7] = tokens[0, 3]  # repeated tokens: targets that recur within a chunk
+    batches = [{"tokens": tokens[:2]}, {"tokens": tokens[2:]}]  # two micro-batches
+    results = []
+    for objective in (NextTokenObjective(z_loss=1e-3), bench.ChunkedNextTokenObjective(chunk_size=10, z_loss=1e-3)):
+        model = build_model(cfg, seed=0)
+        opt = make_optimizer(model, TrainConfig(lr=1e-2), torch.device("cpu"))
+        stats = train_step(model, opt, batches, objective, lr=1e-2, grad_clip=1.0)
+        results.append(stats)
+    plain, chunked = results
+    assert chunked.count == plain.count == 4 * 16
+    assert chunked.loss == pytest.approx(plain.loss, rel=1e-5)
+    assert chunked.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+    assert not plain.skipped and not chunked.skipped
