@@ -78,7 +78,8 @@ def main() -> int:
     train, val = split_corpus(data, work)
     cfg = load_config(overrides=[
         "name=quality-cpu", f"storage={work / 'runs'}", f"data.path={train}", f"data.val_path={val}",
-        "sample.max_new_tokens=0", *args.overrides])
+        "train.eval_every=1000",  # one evaluation, at the end: the benchmark scores it itself
+        *args.overrides])
     summary = pretrain(cfg, resume="never", samples=False)
     result = bits_per_byte(cfg.run_dir, val.read_text(encoding="utf-8"), cfg.data.seq_len)
     wall = time.time() - t0

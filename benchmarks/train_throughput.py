@@ -46,14 +46,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from raylm.config import MODEL_PRESETS, ModelConfig, TrainConfig
 from raylm.hf import to_hf_state_dict
-from raylm.losses import chunked_lm_loss
 from raylm.metrics import flops_per_token, mfu, peak_flops
 from raylm.model import count_params
 from raylm.parallel import build_parallel_model, init_local_process_group, resolve_precision
@@ -61,19 +59,6 @@ from raylm.train import NextTokenObjective, device_name, make_optimizer, train_s
 
 LR, GRAD_CLIP = 3e-4, 1.0
 N_BATCHES = 4  # distinct batches, cycled through the steps
-
-
-@dataclass(frozen=True)
-class ChunkedNextTokenObjective(NextTokenObjective):
-    """NextTokenObjective with the loss from `raylm.losses.chunked_lm_loss`: the same value,
-    without the full logits tensor. (A `chunk_size` on NextTokenObjective itself, set from
-    TrainConfig, would give Ray Train runs the same saving.)"""
-
-    chunk_size: int = 2048
-
-    def loss_sum(self, model, batch):
-        tokens = batch["tokens"] if "targets" in batch else batch["tokens"][:, :-1]
-        return chunked_lm_loss(model, tokens, self._targets(batch), self.chunk_size, self.z_loss)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -182,7 +167,7 @@ def run_raylm(cfg, args, device, precision, batches, dev_name, tokens_per_step):
         # Before any update: the peer starts from these weights (fp32 masters, CPU copy).
         initial = {k: v.clone() for k, v in full_model_state(model).items()}
     optimizer = make_optimizer(model, TrainConfig(lr=LR, grad_clip=GRAD_CLIP), device)
-    objective = ChunkedNextTokenObjective(chunk_size=args.ce_chunk) if args.chunked_ce else NextTokenObjective()
+    objective = NextTokenObjective(chunk_size=args.ce_chunk) if args.chunked_ce else NextTokenObjective()
     grads = None
     if peer_wanted(args):  # the parity probe: mean loss of the first micro-batch, backward, keep grads
         mb = batches[0][0]

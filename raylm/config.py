@@ -185,12 +185,18 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False  # torch.compile each block; pays off on GPU, costs minutes on CPU
     activation_checkpointing: bool = False  # trade recompute for memory on large models
+    # False keeps each block's gathered parameters from forward to backward: one all-gather
+    # fewer per block and step, for the memory of unsharded blocks. Worth it for small models.
+    reshard_after_forward: bool = True
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8  # micro-batches per worker for each validation pass
     ckpt_every: int = 200
     keep_checkpoints: int = 2  # the newest complete checkpoint is never deleted
     z_loss: float = 0.0  # PaLM's log(Z)^2 penalty; 1e-4 helps very large runs stay stable
+    # >0: compute the LM head and loss this many tokens at a time, never holding the full
+    # logits; pays off on GPUs with large vocabularies. 0 keeps the plain path (fastest on CPU).
+    loss_chunk_size: int = 0
     max_nonfinite_steps: int = 3  # consecutive NaN/inf steps skipped before the run stops
     timeout_s: float = 0.0  # 0: no limit; otherwise a run that exceeds it fails loudly
 

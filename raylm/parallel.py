@@ -70,7 +70,8 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 
 
 def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str, seed: int,
-                         compile: bool = False, activation_checkpointing: bool = False) -> Transformer:
+                         compile: bool = False, activation_checkpointing: bool = False,
+                         reshard_after_forward: bool = True) -> Transformer:
     """Meta-device model -> checkpointing -> compile -> FSDP2 (if distributed) -> materialised.
 
     Without an initialised process group the model stays plain and runs in fp32; use
@@ -83,7 +84,7 @@ def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str,
     if compile:
         apply_compile(model)
     if dist.is_available() and dist.is_initialized():
-        shard_model(model, precision)
+        shard_model(model, precision, reshard_after_forward)
     elif precision != "fp32":
         raise ValueError(f"precision={precision!r} needs a process group: call init_local_process_group first")
     materialize(model, device, seed)

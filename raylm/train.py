@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
+from raylm.losses import chunked_lm_loss
 from raylm.metrics import MetricsLog, flops_per_token, mfu
 from raylm.parallel import build_parallel_model, is_sharded, resolve_precision
 
@@ -44,9 +45,14 @@ class Objective(Protocol):
 
 @dataclass(frozen=True)
 class NextTokenObjective:
-    """Causal LM loss on packed blocks; targets of -100 (SFT prompt tokens) are ignored."""
+    """Causal LM loss on packed blocks; targets of -100 (SFT prompt tokens) are ignored.
+
+    chunk_size > 0 computes the head and the loss over that many rows at a time
+    (raylm.losses), never holding the full (tokens x vocab) logits: the same value with far
+    less memory when the vocabulary is large."""
 
     z_loss: float = 0.0
+    chunk_size: int = 0
 
     def count(self, batch):
         return int((self._targets(batch) != -100).sum())
@@ -57,7 +63,10 @@ class NextTokenObjective:
 
     def loss_sum(self, model, batch):
         targets = self._targets(batch)
-        logits, _ = model(batch["tokens"][:, :-1] if "targets" not in batch else batch["tokens"])
+        tokens = batch["tokens"][:, :-1] if "targets" not in batch else batch["tokens"]
+        if self.chunk_size:
+            return chunked_lm_loss(model, tokens, targets, self.chunk_size, self.z_loss)
+        logits, _ = model(tokens)
         logits = logits.float().flatten(0, 1)
         flat = targets.flatten()
         loss = F.cross_entropy(logits, flat, ignore_index=-100, reduction="sum")
@@ -265,6 +274,17 @@ def maybe_inject_failure(cfg: Config, step: int, rank: int) -> None:
     raise RuntimeError(f"injected failure at step {step} on rank {rank}")
 
 
+def _guard_nonfinite(stats: StepStats, step: int, run: int, limit: int, log) -> int:
+    """Count consecutive skipped (non-finite) steps; too many in a row stop the run."""
+    if not stats.skipped:
+        return 0
+    log(f"step {step}: non-finite loss {stats.loss} or grad norm {stats.grad_norm}; optimizer step skipped")
+    if run + 1 > limit:
+        raise FloatingPointError(f"step {step}: {run + 1} non-finite steps in a row "
+                                 f"(train.max_nonfinite_steps={limit})")
+    return run + 1
+
+
 def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatches, hooks: Hooks,
         start_step: int, device_name: str, log=print) -> dict:
     """Train from `start_step` to cfg.train.max_steps; returns the last metrics."""
@@ -283,14 +303,8 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
         lr = lr_at(step, tc)
         stats = train_step(model, optimizer, next(it), objective, lr, tc.grad_clip)
         step += 1
-        if stats.skipped:
-            nonfinite_run, skipped_total = nonfinite_run + 1, skipped_total + 1
-            log(f"step {step}: non-finite loss {stats.loss} or grad norm {stats.grad_norm}; optimizer step skipped")
-            if nonfinite_run > tc.max_nonfinite_steps:
-                raise FloatingPointError(f"step {step}: {nonfinite_run} non-finite steps in a row "
-                                         f"(train.max_nonfinite_steps={tc.max_nonfinite_steps})")
-        else:
-            nonfinite_run = 0
+        nonfinite_run = _guard_nonfinite(stats, step, nonfinite_run, tc.max_nonfinite_steps, log)
+        skipped_total += stats.skipped
         if tc.timeout_s and time.time() - t_start > tc.timeout_s:
             raise TimeoutError(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
         row = None
@@ -369,7 +383,8 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     Returns (model, optimizer, start_step, consumed_blocks)."""
     precision = resolve_precision(cfg.train.precision, device)
     model = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
-                                 activation_checkpointing=cfg.train.activation_checkpointing)
+                                 activation_checkpointing=cfg.train.activation_checkpointing,
+                                 reshard_after_forward=cfg.train.reshard_after_forward)
     optimizer = make_optimizer(model, cfg.train, device)
     rank, _ = _rank_world()
     ckpt = _broadcast(resume_point(cfg, resume) if rank == 0 else None)
@@ -399,13 +414,20 @@ def device_name(device: torch.device) -> str:
 # --------------------------------------------------------------------------- Ray Train
 
 
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report at INFO on every rank; the run's own progress line says it once."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("ray.train")]
+    for name in ["ray.train", *names]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict) -> None:
     """Per-worker entry for TorchTrainer. `config` carries the resolved Config as a dict,
     the prepared dataset's manifest, and the resume mode."""
     import ray.train
     import ray.train.torch
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one progress line per step, not per rank
+    _quiet_ray_train_logs()
     cfg = from_dict(config["cfg"])
     manifest, resume = config["manifest"], config["resume"]
     rank, world = _rank_world()
@@ -446,7 +468,7 @@ def train_worker(config: dict) -> None:
                           manifest["train"]["blocks"], consumed, device)
     hooks = Hooks(report=lambda m: ray.train.report(m), publish_checkpoint=publish, val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
-    fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss), batches, hooks, start_step,
+    fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start_step,
         device_name(device), log)
 
 
@@ -510,5 +532,5 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
                           len(blocks_t), consumed, dev)
     hooks = Hooks(report=lambda m: None, publish_checkpoint=publish, val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
-    return fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss), batches, hooks, start_step,
+    return fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start_step,
                device_name(dev), log)

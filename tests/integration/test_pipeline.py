@@ -4,6 +4,8 @@ blocks -> 2 FSDP2 workers over gloo -> checkpoints -> resume -> samples."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,25 @@ def test_resume_continues_from_latest_checkpoint(quickstart_run, capfd):
     assert Path(cfg.run_dir, "ckpt-00000040", "COMMITTED").is_file()
     # retention keeps the newest train.keep_checkpoints=2 complete checkpoints
     assert sorted(p.name for p in Path(cfg.run_dir).glob("ckpt-*")) == ["ckpt-00000030", "ckpt-00000040"]
+
+
+def test_generate_from_the_run_directory(quickstart_run):
+    cfg, _ = quickstart_run
+    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "generate", cfg.run_dir, "--prompt", "The ",
+                           "--max-new-tokens", "12"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("The ") and len(proc.stdout.split("---")[0].strip()) > len("The")
+
+
+def test_from_record_reproduces_the_recorded_config(quickstart_run):
+    from raylm.cli import build_parser, _config
+    from raylm.record import load_record
+
+    cfg, _ = quickstart_run
+    record = str(Path(cfg.run_dir, "record.json"))
+    stage, recorded = load_record(record)
+    assert stage == "pretrain"
+    args, _ = build_parser().parse_known_args(["pretrain", "--from-record", record])
+    assert _config(args) == recorded
+    args, _ = build_parser().parse_known_args(["pretrain", "--from-record", record, "train.max_steps=99"])
+    assert _config(args).train.max_steps == 99 and _config(args).model == recorded.model

@@ -88,7 +88,7 @@ def one_thread():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_chunked_objective_equals_plain_in_train_step(one_thread, tied):
-    """The benchmark's ChunkedNextTokenObjective is a drop-in for NextTokenObjective in train_step:
+    """NextTokenObjective with chunk_size is a drop-in for the plain objective in train_step:
     same loss and gradient norm (plain model, fp32). (Parameters after the step are not compared:
     Adam's first update is ~lr * sign(grad), so rounding in near-zero gradients flips it.)"""
     bench = _load_train_benchmark()
@@ -98,7 +98,7 @@ def test_chunked_objective_equals_plain_in_train_step(one_thread, tied):
     tokens[0, 3:7] = tokens[0, 3]  # repeated tokens: targets that recur within a chunk
     batches = [{"tokens": tokens[:2]}, {"tokens": tokens[2:]}]  # two micro-batches
     results = []
-    for objective in (NextTokenObjective(z_loss=1e-3), bench.ChunkedNextTokenObjective(chunk_size=10, z_loss=1e-3)):
+    for objective in (NextTokenObjective(z_loss=1e-3), NextTokenObjective(z_loss=1e-3, chunk_size=10)):
         model = build_model(cfg, seed=0)
         opt = make_optimizer(model, TrainConfig(lr=1e-2), torch.device("cpu"))
         stats = train_step(model, opt, batches, objective, lr=1e-2, grad_clip=1.0)

@@ -392,3 +392,19 @@ def test_rank_val_batches_too_few_blocks():
     blocks = torch.zeros(3, 5, dtype=torch.int32)
     with pytest.raises(ValueError, match="3 validation blocks cannot be split over 4 workers"):
         rank_val_batches(blocks, TC, 0, 4, CPU)
+
+
+def test_nonfinite_guard_counts_and_stops_naming_the_step():
+    from raylm.train import StepStats, _guard_nonfinite
+
+    bad = StepStats(loss=float("nan"), grad_norm=float("nan"), skipped=True, count=1)
+    good = StepStats(loss=1.0, grad_norm=1.0, skipped=False, count=1)
+    run = 0
+    for step in (1, 2, 3):
+        run = _guard_nonfinite(bad, step, run, 3, lambda *_: None)
+    assert run == 3
+    assert _guard_nonfinite(good, 4, run, 3, lambda *_: None) == 0
+    with pytest.raises(FloatingPointError, match="step 7: 4 non-finite steps in a row"):
+        run = 0
+        for step in (4, 5, 6, 7):
+            run = _guard_nonfinite(bad, step, run, 3, lambda *_: None)

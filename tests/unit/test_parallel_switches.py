@@ -1,0 +1,50 @@
+"""Each speed or memory switch computes the same training step as the plain path."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from raylm.config import ModelConfig, TrainConfig
+from raylm.parallel import build_parallel_model, init_local_process_group
+from raylm.train import NextTokenObjective, make_optimizer, train_step
+
+CFG = ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+TC = TrainConfig()
+
+
+def one_step(**switches):
+    model = build_parallel_model(CFG, torch.device("cpu"), switches.pop("precision", "fp32"), seed=0, **switches)
+    opt = make_optimizer(model, TC, torch.device("cpu"))
+    batch = torch.randint(0, CFG.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
+    stats = train_step(model, opt, [{"tokens": batch}], NextTokenObjective(), 1e-3, 1.0)
+    return stats, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_activation_checkpointing_matches_plain():
+    plain, w_plain = one_step()
+    ckpt, w_ckpt = one_step(activation_checkpointing=True)
+    assert ckpt.loss == pytest.approx(plain.loss, rel=1e-6)
+    assert ckpt.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+    for k, v in w_plain.items():
+        key = k if k in w_ckpt else next(x for x in w_ckpt if x.replace("_checkpoint_wrapped_module.", "") == k)
+        torch.testing.assert_close(w_ckpt[key], v)
+
+
+def test_bf16_needs_a_process_group():
+    with pytest.raises(ValueError, match="process group"):
+        build_parallel_model(CFG, torch.device("cpu"), "bf16", seed=0)
+
+
+def test_bf16_mixed_precision_runs_through_fsdp2_in_one_process():
+    plain, _ = one_step()
+    init_local_process_group(torch.device("cpu"))
+    try:
+        bf16, weights = one_step(precision="bf16")
+        fp32_sharded, _ = one_step()
+        kept_gathered, _ = one_step(reshard_after_forward=False)
+    finally:
+        dist.destroy_process_group()
+    assert fp32_sharded.loss == pytest.approx(plain.loss, rel=1e-5)  # FSDP2 on one rank = plain
+    assert kept_gathered.loss == fp32_sharded.loss and kept_gathered.grad_norm == fp32_sharded.grad_norm
+    assert bf16.loss == pytest.approx(plain.loss, rel=2e-2)  # bf16 compute, fp32 master weights
+    assert all(v.dtype == torch.float32 for v in weights.values())
