@@ -19,10 +19,7 @@ Prints one JSON object on stdout (progress and compiler warnings go to stderr).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
-import os
 import sys
 import time
 
@@ -143,11 +140,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
-        result = main()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if result["settings"]["out"]:
-        os.makedirs(os.path.dirname(os.path.abspath(result["settings"]["out"])), exist_ok=True)
-        with open(result["settings"]["out"], "w") as f:
-            f.write(text + "\n")
+    from emit import run_and_emit
+
+    run_and_emit(main)

@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import gc
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -335,11 +334,6 @@ def parity(raylm: dict, peer: dict, raylm_grads: dict, peer_grads: dict, cfg: Mo
 
 
 if __name__ == "__main__":
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
-        result = main()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if result["settings"]["out"]:
-        os.makedirs(os.path.dirname(os.path.abspath(result["settings"]["out"])), exist_ok=True)
-        with open(result["settings"]["out"], "w") as f:
-            f.write(text + "\n")
+    from emit import run_and_emit
+
+    run_and_emit(main)

@@ -16,7 +16,6 @@ Data (`training_dataset`), which makes resume a matter of counting blocks.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import io

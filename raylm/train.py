@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
 from raylm.losses import chunked_lm_loss
-from raylm.metrics import MetricsLog, flops_per_token, mfu
+from raylm.metrics import MetricsLog, mfu
 from raylm.parallel import build_parallel_model, is_sharded, resolve_precision
 
 # --------------------------------------------------------------------------- objectives

@@ -31,13 +31,22 @@ def s3_prefix(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray cluster for the session, started the way `raylm` starts one."""
+def ray_local(request):
+    """One local Ray cluster for the session, started the way `raylm` starts one.
+
+    The S3 test server comes up first when it can: Ray's worker processes inherit the
+    environment at start-up, and that is how they get its endpoint and credentials (as
+    cluster nodes get theirs from their environment or instance role)."""
     import ray
 
     from raylm.config import Config
     from raylm.pipeline import init_ray
 
+    try:
+        weed_binary()
+        request.getfixturevalue("s3_server")
+    except WeedNotFound:
+        pass
     init_ray(Config())
     yield
     ray.shutdown()

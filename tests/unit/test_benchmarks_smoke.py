@@ -91,7 +91,6 @@ def test_chunked_objective_equals_plain_in_train_step(one_thread, tied):
     """NextTokenObjective with chunk_size is a drop-in for the plain objective in train_step:
     same loss and gradient norm (plain model, fp32). (Parameters after the step are not compared:
     Adam's first update is ~lr * sign(grad), so rounding in near-zero gradients flips it.)"""
-    bench = _load_train_benchmark()
     cfg = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
                       ffn_multiple_of=16, tie_embeddings=tied)
     tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))

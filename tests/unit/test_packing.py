@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import zlib
 
 import numpy as np
 import pyarrow as pa
