@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -85,6 +88,64 @@ def read_meta(ckpt_uri: str, s3: S3Config | None = None) -> dict:
     return json.loads(storage.read_text(storage.join(ckpt_uri, META), s3))
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file asks to unpickle something other than checkpoint metadata."""
+
+
+# What DCP's `.metadata` pickle legitimately names: its own dataclasses, torch's dtype/size
+# types, paths and plain containers. Anything else (os.system, subprocess, eval, ...) is refused.
+_SAFE_TORCH = {"Size", "dtype", "layout", "memory_format", "device", *[
+    n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)]}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f, path: str):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        ok = (module.startswith("torch.distributed.checkpoint.")
+              or (module == "torch" and name in _SAFE_TORCH)
+              or (module == "torch.serialization" and name == "_get_layout")
+              or (module == "collections" and name == "OrderedDict")
+              or (module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath",
+                                                   "PureWindowsPath"))
+              or (module == "builtins" and name in ("set", "frozenset", "slice", "complex")))
+        if not ok:
+            raise UnsafeCheckpointError(f"{self.path}: refuses to unpickle {module}.{name}; "
+                                        f"checkpoint metadata never needs it (a tampered file?)")
+        return super().find_class(module, name)
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's reader, with its metadata unpickled through an allowlist."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f, str(path)).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """Non-tensor entries (optimizer hyper-parameters) load with `weights_only=True`:
+    primitives, containers and tensors only."""
+
+    def load_bytes(self, read_item, value) -> None:
+        try:
+            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(f"checkpoint entry {read_item.dest_index.fqn}: {str(e).splitlines()[0]}") from None
+
+
+def _dcp_load(state: dict, local_dir: str) -> None:
+    SafeReader(local_dir).read_metadata()  # refuse a tampered index with its own message
+    dcp.load(state, storage_reader=SafeReader(local_dir), planner=SafePlanner(), no_dist=not dist.is_initialized())
+
+
 def load(model, optimizer, ckpt_uri: str, s3: S3Config | None = None) -> dict:
     """Load shards into a (possibly sharded) model and optimizer; returns meta.json.
 
@@ -93,7 +154,7 @@ def load(model, optimizer, ckpt_uri: str, s3: S3Config | None = None) -> dict:
     with _local_copy(ckpt_uri, s3) as local:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=local, no_dist=not dist.is_initialized())
+        _dcp_load(state, local)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         with open(os.path.join(local, META)) as f:
             return json.load(f)
@@ -104,7 +165,7 @@ def load_model_weights(model, ckpt_uri: str, s3: S3Config | None = None) -> dict
     export and serving."""
     with _local_copy(ckpt_uri, s3) as local:
         sd = {"model": model.state_dict()}
-        dcp.load(sd, checkpoint_id=local, no_dist=True)
+        _dcp_load(sd, local)
         model.load_state_dict(sd["model"])
         with open(os.path.join(local, META)) as f:
             return json.load(f)

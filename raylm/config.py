@@ -198,9 +198,16 @@ class TrainConfig:
     # logits; pays off on GPUs with large vocabularies. 0 keeps the plain path (fastest on CPU).
     loss_chunk_size: int = 0
     max_nonfinite_steps: int = 3  # consecutive NaN/inf steps skipped before the run stops
+    # A loss above spike_factor x the median of the last spike_window losses is a spike:
+    # "log" records it, "stop" ends the run naming the step (resume then decides what to do).
+    spike_factor: float = 3.0
+    spike_window: int = 50
+    on_spike: str = "log"
     timeout_s: float = 0.0  # 0: no limit; otherwise a run that exceeds it fails loudly
 
     def validate(self) -> None:
+        if self.on_spike not in ("log", "stop"):
+            raise ConfigError(f"train.on_spike={self.on_spike!r}: expected log or stop")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision={self.precision!r}: expected auto, bf16 or fp32")
         if self.global_batch_size % self.micro_batch_size:

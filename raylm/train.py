@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
+from raylm.data import IN_MEMORY_BYTES
 from raylm.losses import chunked_lm_loss
 from raylm.metrics import MetricsLog, mfu
 from raylm.parallel import build_parallel_model, is_sharded, resolve_precision
@@ -285,6 +287,23 @@ def _guard_nonfinite(stats: StepStats, step: int, run: int, limit: int, log) -> 
     return run + 1
 
 
+class SpikeDetector:
+    """Flags a loss above `factor` x the median of the previous `window` normal losses.
+    The median ignores earlier spikes, and nothing is flagged until half a window is seen,
+    so the steep start of training is not a spike."""
+
+    def __init__(self, window: int, factor: float):
+        self.window, self.factor, self.history = window, factor, []
+
+    def is_spike(self, loss: float) -> bool:
+        if self.factor <= 0 or not math.isfinite(loss):
+            return False
+        spike = len(self.history) >= max(1, self.window // 2) and loss > self.factor * statistics.median(self.history)
+        if not spike:
+            self.history = (self.history + [loss])[-self.window:]
+        return spike
+
+
 def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatches, hooks: Hooks,
         start_step: int, device_name: str, log=print) -> dict:
     """Train from `start_step` to cfg.train.max_steps; returns the last metrics."""
@@ -296,6 +315,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     tokens_per_step = tc.global_batch_size * cfg.data.seq_len
     t_start, t_last, nonfinite_run, skipped_total = time.time(), time.perf_counter(), 0, 0
     last: dict = {}
+    spikes, spike_total = SpikeDetector(tc.spike_window, tc.spike_factor), 0
     step = start_step
     it = iter(batches)
     while step < tc.max_steps:
@@ -305,6 +325,11 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
         step += 1
         nonfinite_run = _guard_nonfinite(stats, step, nonfinite_run, tc.max_nonfinite_steps, log)
         skipped_total += stats.skipped
+        if spikes.is_spike(stats.loss):
+            spike_total += 1
+            log(f"step {step}: loss spike {stats.loss:.4f} (> {tc.spike_factor} x recent median)")
+            if tc.on_spike == "stop":
+                raise FloatingPointError(f"step {step}: loss spike {stats.loss:.4f} and train.on_spike=stop")
         if tc.timeout_s and time.time() - t_start > tc.timeout_s:
             raise TimeoutError(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
         row = None
@@ -316,7 +341,8 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             row = {"kind": "train", "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                    "tokens_per_s": tok_s, "mfu": mfu(tok_s, cfg.model, cfg.data.seq_len, device_name, world),
                    "epoch": batches.epoch, "consumed_blocks": batches.consumed,
-                   "skipped_steps": skipped_total, "data_wait_s": round(batches.wait_s, 3)}
+                   "skipped_steps": skipped_total, "loss_spikes": spike_total,
+                   "data_wait_s": round(batches.wait_s, 3)}
             if rank == 0:
                 log(f"step {step}/{tc.max_steps} | loss {stats.loss:.4f} | lr {lr:.2e} | "
                     f"grad {stats.grad_norm:.2f} | {tok_s:,.0f} tok/s"
@@ -441,10 +467,23 @@ def train_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
+    # A small training set is kept after its first pass: each later epoch would otherwise
+    # start a new Ray Data execution in this process, whose threads compete with training.
+    keep = manifest["train"]["blocks"] * (manifest["seq_len"] + 1) * 4 < IN_MEMORY_BYTES
+    first_pass: list[torch.Tensor] = []
+
     def epoch_stream(epoch: int):
+        if first_pass and first_pass[-1] is None:
+            yield from first_pass[:-1]
+            return
+        first_pass.clear()
         for b in train_shard.iter_torch_batches(batch_size=tc.global_batch_size, drop_last=True,
                                                 prefetch_batches=2):
+            if keep:
+                first_pass.append(b["tokens"])
             yield b["tokens"]
+        if keep:
+            first_pass.append(None)  # marks the pass complete
 
     val_cache: list[torch.Tensor] = []
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import ray.train
 
 from raylm.config import load_config
 from raylm.pipeline import ensure_corpus, ensure_data, ensure_tokenizer
@@ -72,3 +73,32 @@ def test_worker_failure_resumes_bit_exact(prepared, uninterrupted, kind, capfd):
     assert key(rows) == key(uninterrupted), "losses after recovery differ from the uninterrupted run"
     assert "resumed from" in out and "ckpt-00000004" in out
     assert Path(prepared[0].storage, f"fail-{kind}", "injected-failure-6").is_file()
+
+
+def test_resume_on_a_different_number_of_workers(prepared, uninterrupted, capfd):
+    """2 workers checkpoint at step 4 and then fail for good; 1 worker resumes. DCP reshards
+    model and optimizer, the global batch stays 8 (1 worker accumulates 2 micro-batches), and
+    the data stream continues at the same block. Losses after the resume match the 2-worker
+    run to round-off, not bit for bit: the reduction order differs."""
+    base, data_dir, manifest = prepared
+    common = [f"storage={base.storage}", "name=reshard", f"data.path={base.data.path}",
+              f"tokenizer.path={base.tokenizer.path}", *SMALL]
+    cfg = dataclasses.replace(load_config(overrides=common), model=base.model)
+    os.environ["RAYLM_INJECT_FAILURE"] = "step=6,rank=0,kind=raise"
+    try:
+        with pytest.raises(ray.train.TrainingFailedError):
+            run_ray_training(cfg, data_dir, manifest, resume="auto")
+    finally:
+        os.environ.pop("RAYLM_INJECT_FAILURE")
+    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1, cpus_per_worker=2))
+    capfd.readouterr()
+    assert run_ray_training(one, data_dir, manifest, resume="must").error is None
+    out = capfd.readouterr().out
+    assert "ckpt-00000004" in out and "written by 2 workers" in out
+    lines = Path(cfg.run_dir, "metrics.jsonl").read_text().splitlines()
+    rows = [r for r in map(json.loads, lines) if r.get("kind") == "train"]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["consumed_blocks"] for r in rows] == [r["consumed_blocks"] for r in uninterrupted]
+    assert key(rows[:4]) == key(uninterrupted[:4])
+    for got, want in zip(rows[4:], uninterrupted[4:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), got["step"]

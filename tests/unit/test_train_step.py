@@ -408,3 +408,15 @@ def test_nonfinite_guard_counts_and_stops_naming_the_step():
         run = 0
         for step in (4, 5, 6, 7):
             run = _guard_nonfinite(bad, step, run, 3, lambda *_: None)
+
+
+def test_spike_detector_flags_jumps_after_warmup_and_ignores_spikes_in_its_baseline():
+    from raylm.train import SpikeDetector
+
+    d = SpikeDetector(window=10, factor=3.0)
+    assert not d.is_spike(100.0)  # too early to judge: the start of training is steep
+    d = SpikeDetector(window=10, factor=3.0)
+    assert [d.is_spike(x) for x in [2.0] * 5] == [False] * 5
+    assert d.is_spike(7.0) and d.is_spike(6.5)  # spikes do not enter the baseline
+    assert not d.is_spike(5.9) and not d.is_spike(float("nan"))
+    assert not SpikeDetector(window=10, factor=0.0).is_spike(1e9)  # factor 0 disables it
