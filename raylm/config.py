@@ -216,15 +216,6 @@ class TrainConfig:
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
 
-    def grad_accum_steps(self, world_size: int) -> int:
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size={self.global_batch_size} is not divisible by "
-                f"micro_batch_size*num_workers={per_step}"
-            )
-        return self.global_batch_size // per_step
-
 
 @dataclass(frozen=True)
 class SampleConfig:

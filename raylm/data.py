@@ -466,12 +466,3 @@ def training_dataset(out: str, manifest: dict, split: str, s3: S3Config | None =
     return ray.data.read_parquet([storage.filesystem(u, s3)[1] for u in uris], filesystem=fs,
                                  columns=["tokens"])
 
-
-def read_blocks(out: str, manifest: dict, split: str, s3: S3Config | None = None) -> np.ndarray:
-    """All blocks of a split as one array, without Ray: for evaluation, tests and benchmarks."""
-    parts = []
-    for uri in shard_uris(out, manifest, split):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri, s3)))
-        col = table.column("tokens").combine_chunks()
-        parts.append(col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1))
-    return np.concatenate(parts)

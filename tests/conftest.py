@@ -51,14 +51,3 @@ def ray_local(request):
     yield
     ray.shutdown()
 
-
-SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def tinyshakespeare():
-    """The shared public-domain corpus; absent in a user's clone, where the test is skipped."""
-    path = SHARED_DATA / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (the shared test corpus lives beside the repository in CI)")
-    return path

@@ -231,17 +231,6 @@ def test_bad_precision_and_name():
         load_config(None, ["name=a/b"])
 
 
-def test_grad_accum_steps():
-    tc = TrainConfig(micro_batch_size=4, global_batch_size=32)
-    assert tc.grad_accum_steps(1) == 8
-    assert tc.grad_accum_steps(2) == 4
-    with pytest.raises(ConfigError, match="micro_batch_size\\*num_workers=12"):
-        tc.grad_accum_steps(3)
-
-
-# --------------------------------------------------------------------------- round trip
-
-
 def test_to_dict_from_dict_round_trip():
     cfg = load_config(None, ["model.preset=gpt2-124m", "train.lr=1e-3", "sample.prompts=[a, b]",
                              "model.n_kv_heads=4", "data.seq_len=512"])
