@@ -144,12 +144,24 @@ def ensure_data(cfg: Config, tok: Tokenizer) -> tuple[str, dict]:
 # --------------------------------------------------------------------------- pre-training
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute on the driver: Ray workers run in another directory, where
+    `./runs` would name a different place."""
+    def fix(p: str) -> str:
+        return p if not p or storage.is_s3(p) else os.path.abspath(p)
+
+    return dataclasses.replace(
+        cfg, storage=fix(cfg.storage),
+        data=dataclasses.replace(cfg.data, path=fix(cfg.data.path), val_path=fix(cfg.data.val_path)),
+        tokenizer=dataclasses.replace(cfg.tokenizer, path=fix(cfg.tokenizer.path)))
+
+
 def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: bool = True) -> dict:
     """Every stage up to a trained model, then validation perplexity, samples and a loss plot."""
     from raylm.train import run_ray_training
 
     t0 = time.time()
-    cfg = ensure_corpus(cfg)
+    cfg = ensure_corpus(absolute_paths(cfg))
     cfg, tok = ensure_tokenizer(cfg)
     init_ray(cfg)
     data_dir, manifest = ensure_data(cfg, tok)

@@ -517,6 +517,9 @@ def run_ray_training(cfg: Config, data_dir: str, manifest: dict, resume: str = "
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
+    from raylm.pipeline import absolute_paths
+
+    cfg = absolute_paths(cfg)  # workers do not share the driver's working directory
     from raylm.data import training_dataset
 
     datasets = {split: training_dataset(data_dir, manifest, split, cfg.s3) for split in ("train", "val")}

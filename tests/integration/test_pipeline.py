@@ -4,6 +4,7 @@ blocks -> 2 FSDP2 workers over gloo -> checkpoints -> resume -> samples."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,14 @@ def rows(run_dir: str, kind: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def quickstart_run(ray_local, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(overrides=[f"storage={storage}", "name=qs", "train.max_steps=30", *SMALL])
-    summary = pretrain(cfg)
+    # A relative storage path, as in the default `./runs`: workers do not share our directory.
+    home, cwd = tmp_path_factory.mktemp("home"), os.getcwd()
+    os.chdir(home)
+    try:
+        summary = pretrain(load_config(overrides=["storage=runs", "name=qs", "train.max_steps=30", *SMALL]))
+    finally:
+        os.chdir(cwd)
+    cfg = load_config(overrides=[f"storage={home / 'runs'}", "name=qs", "train.max_steps=30", *SMALL])
     return cfg, summary
 
 
