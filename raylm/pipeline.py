@@ -52,7 +52,9 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
         return
     cpus = max(2 * (os.cpu_count() or 2), math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 4)
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+    # The dashboard stays on: Ray Train's placement-group cleaner polls its state API and
+    # floods the log with failures without it.
+    ray.init(num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
              runtime_env={"env_vars": WORKER_ENV})
 
 

@@ -442,7 +442,8 @@ def device_name(device: torch.device) -> str:
 
 def _quiet_ray_train_logs() -> None:
     """Ray Train logs every report at INFO on every rank; the run's own progress line says it once."""
-    names = [n for n in logging.root.manager.loggerDict if n.startswith("ray.train")]
+    # Some Ray Train modules name their logger by file path rather than module name.
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("ray.train") or "/ray/train/" in n]
     for name in ["ray.train", *names]:
         logging.getLogger(name).setLevel(logging.WARNING)
 
