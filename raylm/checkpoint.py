@@ -48,13 +48,24 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def write_local(model, optimizer, meta: dict, local_dir: str) -> None:
-    """Every rank writes its own shards into its own `local_dir`; rank 0 adds the index and meta."""
+def write_local(model, optimizer, meta: dict, local_dir: str, async_group=None, use_async: bool = False):
+    """Every rank writes its own shards into its own `local_dir`; rank 0 adds the index and meta.
+
+    With `use_async`, DCP copies the state to host memory now (the only part that blocks
+    training) and writes the files in a background thread; the returned future completes when
+    they are on disk. The background thread's collectives go through `async_group`, a group
+    of its own, so they never interleave with training's collectives."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local_dir, no_dist=not dist.is_initialized())
+    os.makedirs(local_dir, exist_ok=True)
     if _rank() == 0:
         with open(os.path.join(local_dir, META), "w") as f:
             json.dump(meta, f, indent=1)
+    state = {"model": model_sd, "optim": optim_sd}
+    if use_async:
+        return dcp.async_save(state, checkpoint_id=local_dir, process_group=async_group,
+                              no_dist=not dist.is_initialized())
+    dcp.save(state, checkpoint_id=local_dir, no_dist=not dist.is_initialized())
+    return None
 
 
 def commit(ckpt_uri: str, meta: dict, s3: S3Config | None = None) -> None:

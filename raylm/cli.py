@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 
+from raylm import storage
 from raylm.config import ConfigError, load_config, to_dict
 
 # The subcommands are thin: parse, build a config, call the library.
@@ -80,8 +81,12 @@ def cmd_data_prepare(args) -> None:
     tok = load_tokenizer(tok_path, cfg.s3)
     init_ray(cfg)
     manifest = prepare(cfg.data, tok, args.out, cfg.seed, cfg.s3, log=log)
+    st = manifest["stats"]
     print(json.dumps({"out": args.out, "train_blocks": manifest["train"]["blocks"],
-                      "val_blocks": manifest["val"]["blocks"]}, indent=1))
+                      "val_blocks": manifest["val"]["blocks"], "documents_read": st["documents_read"],
+                      "documents_kept": st["documents"], "dropped": st["dropped"],
+                      "bad_records": len(st["bad_records"]), "pii_replaced": st["pii"], "tokens": st["tokens"],
+                      "datacard": storage.join(args.out, "DATACARD.md")}, indent=1))
 
 
 def cmd_generate(args) -> None:
@@ -130,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dat = sub.add_parser("data", help="data commands").add_subparsers(dest="sub", required=True)
     sp = add("prepare", cmd_data_prepare,
-             "Read, clean, tokenize and pack a corpus into parquet shards with a manifest.", dat)
+             "Read, clean, de-duplicate (exact and MinHash near-duplicates), redact PII, tokenize and "
+             "pack a corpus into parquet shards, with a manifest (provenance per shard) and a data card.", dat)
     sp.add_argument("--data", help="corpus path/glob (local or s3://)")
     sp.add_argument("--out", required=True, help="output directory (local or s3://)")
     sp.add_argument("--tokenizer", help="tokenizer directory (default: tokenizer.path)")

@@ -158,6 +158,28 @@ class DataConfig:
     blocks_per_shard: int = 4096  # rows per prepared parquet shard (1 to 8 MB at seq 256-1024)
     tokenizer_actors: int = 0  # 0: one per CPU Ray has left beside the training workers
     max_bad_records: int = 0  # 0: the first bad record is an error
+    # Duplicates waste compute and teach memorisation. "exact": same text after cleaning;
+    # "near": also MinHash/LSH near-duplicates (an extra pass over the corpus); "none": off.
+    # The first occurrence in corpus order is kept.
+    dedup: str = "near"
+    # Estimated Jaccard similarity of 5-word shingles above which two documents count as
+    # near-duplicates; 0.8 is the usual choice for web text (boilerplate variants, mirrors).
+    near_dup_threshold: float = 0.8
+    minhash_perm: int = 128  # signature length: estimates within ~0.05 of true similarity
+    # PII replaced by typed placeholders (<EMAIL>, ...) before tokenizing; on by default,
+    # because a model memorises what it sees. An empty list turns redaction off.
+    redact_pii: tuple[str, ...] = ("email", "phone", "ip", "card")
+
+    def validate(self) -> None:
+        if self.dedup not in ("none", "exact", "near"):
+            raise ConfigError(f"data.dedup={self.dedup!r}: expected none, exact or near")
+        if not 0.0 < self.near_dup_threshold < 1.0:
+            raise ConfigError(f"data.near_dup_threshold={self.near_dup_threshold}: expected a value in (0, 1)")
+        from raylm.pii import PII_TYPES  # stdlib only; keeps one list of the types
+
+        bad = [t for t in self.redact_pii if t not in PII_TYPES]
+        if bad:
+            raise ConfigError(f"data.redact_pii: unknown type {bad[0]!r}; expected some of {', '.join(PII_TYPES)}")
 
 
 # --------------------------------------------------------------------------- training
@@ -199,15 +221,20 @@ class TrainConfig:
     loss_chunk_size: int = 0
     max_nonfinite_steps: int = 3  # consecutive NaN/inf steps skipped before the run stops
     # A loss above spike_factor x the median of the last spike_window losses is a spike:
-    # "log" records it, "stop" ends the run naming the step (resume then decides what to do).
+    # "log" records it, "stop" ends the run naming the step, "rollback" restores the newest
+    # complete checkpoint and goes on with the data after the spike (at most max_rollbacks times).
     spike_factor: float = 3.0
     spike_window: int = 50
     on_spike: str = "log"
+    max_rollbacks: int = 3
+    # Checkpoint writes and uploads run behind training; it waits only for the copy of the
+    # state to host memory. The commit marker still comes last. False: save synchronously.
+    async_checkpoint: bool = True
     timeout_s: float = 0.0  # 0: no limit; otherwise a run that exceeds it fails loudly
 
     def validate(self) -> None:
-        if self.on_spike not in ("log", "stop"):
-            raise ConfigError(f"train.on_spike={self.on_spike!r}: expected log or stop")
+        if self.on_spike not in ("log", "stop", "rollback"):
+            raise ConfigError(f"train.on_spike={self.on_spike!r}: expected log, stop or rollback")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision={self.precision!r}: expected auto, bf16 or fp32")
         if self.global_batch_size % self.micro_batch_size:
@@ -242,6 +269,7 @@ class Config:
 
     def validate(self) -> "Config":
         self.model.validate()
+        self.data.validate()
         self.train.validate()
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(

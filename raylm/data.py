@@ -3,19 +3,27 @@
     read (any of .txt .jsonl .jsonl.gz .parquet, local or s3://)
       -> parse into documents (file and line kept for errors)
       -> clean (NFC, control characters, whitespace, length filters) and split train/val
+      -> de-duplicate: exact (content hash) and near (MinHash + LSH), across all files
+      -> redact PII (typed placeholders)
       -> tokenize (an actor pool; each actor loads the tokenizer once)
       -> pack into blocks of seq_len + 1 tokens, EOS between documents       (driver, in order)
-      -> seeded shuffle buffer -> parquet shards + manifest.json (written last)
+      -> seeded shuffle buffer -> parquet shards + DATACARD.md + manifest.json (written last)
+
+De-duplication is a first pass over the corpus (`find_duplicates`): hashes and signatures
+are computed in parallel and grouped by a Ray Data groupby, so duplicates are found across
+every file, not only within one. The second pass drops them while it streams the rest.
 
 Ray Data runs with `preserve_order`, so the documents reach the packer in corpus order and
 the block sequence is a pure function of (corpus, config, tokenizer, seed), whatever the
 cluster size. Packing is a cheap sequential step on the driver; the expensive parts (parsing,
-cleaning, tokenizing) run in parallel. Training streams the prepared shards back through Ray
-Data (`training_dataset`), which makes resume a matter of counting blocks.
+cleaning, hashing, tokenizing) run in parallel. Training streams the prepared shards back
+through Ray Data (`training_dataset`), which makes resume a matter of counting blocks.
+Each shard records the corpus files its tokens came from (provenance).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -33,10 +41,13 @@ import pyarrow.parquet as pq
 
 from raylm import storage
 from raylm.config import DataConfig, S3Config
+from raylm.dedup import MinHasher, UnionFind, band_keys, content_hash, lsh_params
+from raylm.pii import redact as redact_pii
 
 SUFFIXES = (".jsonl.gz", ".jsonl", ".txt", ".parquet")
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+DATACARD = "DATACARD.md"
+FORMAT_VERSION = 2
 
 
 class DataError(ValueError):
@@ -146,33 +157,51 @@ def stable_fraction(text: str) -> float:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
 
 
-def parse_and_clean(batch: dict, cfg: DataConfig, val_files: frozenset = frozenset()) -> dict:
+COLUMNS = ("text", "val", "source", "file", "line", "chars", "error", "dropped")
+
+
+def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val_files: frozenset = frozenset(),
+                    drop: dict | None = None, redact: tuple[str, ...] = ()) -> dict:
     """Ray Data stage (stateless tasks, fused with the read): file bytes -> cleaned documents
-    with their split, origin, and the reason if one is bad or dropped."""
-    out = {"text": [], "val": [], "source": [], "line": [], "error": [], "dropped": []}
+    with their split, origin (file index in corpus order, line), and the reason if one is bad
+    or dropped. `drop` maps (file, line) to a de-duplication verdict; `redact` names the PII
+    types to replace, counted per document in `pii_<type>` columns."""
+    out = {k: [] for k in (*COLUMNS, *(f"pii_{t}" for t in redact))}
+
+    def emit(**row):
+        for k, v in row.items():
+            out[k].append(v)
+
     for path, raw in zip(batch["path"], batch["bytes"]):
-        n = 0
+        n, file = 0, (order or {}).get(path, 0)
         force_val = path in val_files
         for line, doc in parse_documents(path, raw, cfg.text_field):
             n += 1
-            text, err, dropped = "", "", ""
+            text, err, dropped, chars, found = "", "", "", 0, {}
             if isinstance(doc, DataError):
                 err = str(doc)
             else:
                 text = clean_text(doc)
-                if len(text) < cfg.min_chars:
-                    dropped, text = "too_short", ""
-                elif len(text) > cfg.max_chars:
-                    dropped, text = "too_long", ""
+                chars = len(text)
+                if chars < cfg.min_chars:
+                    dropped = "too_short"
+                elif chars > cfg.max_chars:
+                    dropped = "too_long"
+                elif drop and (file, line) in drop:
+                    dropped = drop[(file, line)]
             # With an explicit validation corpus (val_files), no training document is diverted.
-            val = force_val or (not val_files and bool(text) and stable_fraction(text) < cfg.val_fraction)
-            for k, v in (("text", text), ("val", val), ("source", path), ("line", line),
-                         ("error", err), ("dropped", dropped)):
-                out[k].append(v)
+            # The split is decided on the text before redaction, so PII settings do not move it.
+            val = force_val or (not val_files and not dropped and bool(text)
+                                and stable_fraction(text) < cfg.val_fraction)
+            if dropped:
+                text = ""
+            elif text and redact:
+                text, found = redact_pii(text, redact)
+            emit(text=text, val=val, source=path, file=file, line=line, chars=chars, error=err,
+                 dropped=dropped, **{f"pii_{t}": found.get(t, 0) for t in redact})
         if n == 0:  # an empty shard is almost always a broken export, never silently fine
-            for k, v in (("text", ""), ("val", False), ("source", path), ("line", 0),
-                         ("error", f"{path}: empty shard (no documents)"), ("dropped", "")):
-                out[k].append(v)
+            emit(text="", val=False, source=path, file=file, line=0, chars=0,
+                 error=f"{path}: empty shard (no documents)", dropped="", **{f"pii_{t}": 0 for t in redact})
     return {k: np.array(v, dtype=object if k in ("text", "source", "error", "dropped") else None)
             for k, v in out.items()}
 
@@ -198,14 +227,20 @@ class TokenizeDocuments:
 
 
 class BlockPacker:
-    """Concatenate documents (each followed by EOS) and cut blocks of `block_len` tokens."""
+    """Concatenate documents (each followed by EOS) and cut blocks of `block_len` tokens.
+
+    Provenance rides along: each token remembers the corpus file it came from, and
+    `last_sources` holds, for the blocks the latest `add` returned, the files each drew on."""
 
     def __init__(self, block_len: int, eos_id: int):
         self.block_len, self.eos_id = block_len, eos_id
         self.buf = np.empty(0, dtype=np.int32)
+        self.src = np.empty(0, dtype=np.int32)
+        self.last_sources: list[np.ndarray] = []
 
-    def add(self, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Add documents given as flat ids + offsets; return the completed blocks (n, block_len)."""
+    def add(self, flat: np.ndarray, offsets: np.ndarray, files: np.ndarray | None = None) -> np.ndarray:
+        """Add documents given as flat ids + offsets (and their file indices); return the
+        completed blocks (n, block_len)."""
         n_docs = len(offsets) - 1
         with_eos = np.empty(len(flat) + n_docs, dtype=np.int32)
         ends = offsets[1:] + np.arange(1, n_docs + 1)  # position of each EOS after shifting
@@ -213,10 +248,16 @@ class BlockPacker:
         keep[ends - 1] = False
         with_eos[keep] = flat
         with_eos[ends - 1] = self.eos_id
+        files = np.zeros(n_docs, dtype=np.int32) if files is None else np.asarray(files, dtype=np.int32)
+        src = np.repeat(files, np.diff(offsets) + 1)
         self.buf = np.concatenate([self.buf, with_eos])
+        self.src = np.concatenate([self.src, src])
         n = len(self.buf) // self.block_len
-        blocks = self.buf[: n * self.block_len].reshape(n, self.block_len)
-        self.buf = self.buf[n * self.block_len:]
+        cut = n * self.block_len
+        blocks = self.buf[:cut].reshape(n, self.block_len)
+        block_src = self.src[:cut].reshape(n, self.block_len)
+        self.last_sources = [np.unique(row) for row in block_src]
+        self.buf, self.src = self.buf[cut:], self.src[cut:]
         return blocks
 
 
@@ -249,17 +290,21 @@ def blocks_table(blocks: list[np.ndarray], block_len: int) -> pa.Table:
 
 
 class ShardWriter:
-    """Buffers blocks and writes fixed-size parquet shards under an attempt prefix."""
+    """Buffers blocks and writes fixed-size parquet shards under an attempt prefix. Each
+    shard's entry names the corpus files (indices into the manifest's `files`) it holds
+    tokens of: its provenance."""
 
     def __init__(self, prefix: str, split: str, block_len: int, blocks_per_shard: int, s3: S3Config | None):
         self.prefix, self.split, self.block_len = prefix, split, block_len
         self.per_shard, self.s3 = blocks_per_shard, s3
         self.pending: list[np.ndarray] = []
+        self.sources: set[int] = set()
         self.shards: list[dict] = []
         self.blocks = 0
 
-    def add(self, block: np.ndarray) -> None:
+    def add(self, block: np.ndarray, sources=()) -> None:
         self.pending.append(block)
+        self.sources.update(int(i) for i in sources)
         if len(self.pending) >= self.per_shard:
             self.flush()
 
@@ -271,9 +316,10 @@ class ShardWriter:
         data = sink.getvalue()
         name = f"{self.split}/shard-{len(self.shards):05d}.parquet"
         storage.write_bytes(storage.join(self.prefix, name), data, self.s3)
-        self.shards.append({"path": name, "rows": len(self.pending), "sha256": hashlib.sha256(data).hexdigest()})
+        self.shards.append({"path": name, "rows": len(self.pending), "sha256": hashlib.sha256(data).hexdigest(),
+                            "source_files": sorted(self.sources)})
         self.blocks += len(self.pending)
-        self.pending = []
+        self.pending, self.sources = [], set()
 
 
 # --------------------------------------------------------------------------- prepare
@@ -283,21 +329,60 @@ class ShardWriter:
 class PrepareStats:
     files: int = 0
     bytes_read: int = 0
-    documents: int = 0
+    documents_read: int = 0  # every record parsed, good or bad
+    documents: int = 0  # kept: they reach the tokenizer
     val_documents: int = 0
-    dropped: dict = field(default_factory=dict)
+    dropped: dict = field(default_factory=dict)  # reason -> count (filters and duplicates)
     bad_records: list = field(default_factory=list)
+    pii: dict = field(default_factory=dict)  # type -> replacements
+    chars: "Histogram" = field(default_factory=lambda: Histogram())  # kept documents
+    doc_tokens: "Histogram" = field(default_factory=lambda: Histogram())
     tokens: int = 0
     train_blocks: int = 0
     val_blocks: int = 0
+    dedup_seconds: float = 0.0
     seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Histogram) else v for k, v in self.__dict__.items()}
+
+
+class Histogram:
+    """Lengths in power-of-two bins: percentiles to within a factor of 2, in constant
+    memory however many documents pass."""
+
+    def __init__(self):
+        self.bins = np.zeros(64, dtype=np.int64)
+        self.n = self.total = self.max = 0
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.int64)
+        if not len(values):
+            return
+        np.add.at(self.bins, np.floor(np.log2(np.maximum(values, 1))).astype(np.int64), 1)
+        self.n += len(values)
+        self.total += int(values.sum())
+        self.max = max(self.max, int(values.max()))
+
+    def percentile(self, q: float) -> int:
+        """Upper edge of the bin holding the q-th percentile."""
+        if not self.n:
+            return 0
+        i = int(np.searchsorted(np.cumsum(self.bins), q / 100 * self.n))
+        return min(2 ** (i + 1), self.max)
+
+    def to_dict(self) -> dict:
+        return {"count": self.n, "total": self.total, "mean": round(self.total / max(self.n, 1), 1),
+                "p50": self.percentile(50), "p90": self.percentile(90), "p99": self.percentile(99),
+                "max": self.max}
 
 
 def dataset_key(sources: list[storage.FileInfo], val_sources: list[storage.FileInfo], cfg: DataConfig,
                 tokenizer_sha: str, seed: int) -> str:
     """Identity of a prepared dataset: same key, same blocks in the same order."""
     relevant = {k: getattr(cfg, k) for k in ("text_field", "seq_len", "val_fraction", "min_chars",
-                                             "max_chars", "shuffle_window", "blocks_per_shard")}
+                                             "max_chars", "shuffle_window", "blocks_per_shard", "dedup",
+                                             "near_dup_threshold", "minhash_perm", "redact_pii")}
     blob = json.dumps({"sources": [[f.uri, f.size, f.etag_or_mtime] for f in sources],
                        "val_sources": [[f.uri, f.size, f.etag_or_mtime] for f in val_sources],
                        "cfg": relevant, "tokenizer": tokenizer_sha, "seed": seed,
@@ -312,12 +397,12 @@ def read_manifest(out: str, s3: S3Config | None = None) -> dict | None:
     return json.loads(storage.read_text(uri, s3))
 
 
-def _document_stream(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig,
-                     tokenizer, s3, tokenizer_actors: int):
-    """Ray Dataset of tokenized documents, in corpus order."""
+def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig, s3,
+                       drop: dict | None = None, redact: tuple[str, ...] = ()):
+    """Ray Dataset of cleaned documents from both splits' files (one execution), in corpus order."""
     import ray
 
-    files = files + val_files  # one Ray Data execution for both splits
+    files = files + val_files
     fs, _ = storage.filesystem(files[0].uri, s3)
     paths = [storage.filesystem(f.uri, s3)[1] for f in files]
     ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
@@ -325,10 +410,9 @@ def _document_stream(files: list[storage.FileInfo], val_files: list[storage.File
     # the file in errors.
     uri_of = {p: f.uri for p, f in zip(paths, files)}
     ds = ds.map_batches(_with_uris, fn_kwargs={"uri_of": uri_of}, batch_size=1)
-    ds = ds.map_batches(parse_and_clean, batch_size=1,
-                        fn_kwargs={"cfg": cfg, "val_files": frozenset(f.uri for f in val_files)})
-    return ds.map_batches(TokenizeDocuments, fn_constructor_args=(tokenizer,), batch_format="pyarrow",
-                          batch_size=256, concurrency=tokenizer_actors)
+    return ds.map_batches(parse_and_clean, batch_size=1, fn_kwargs={
+        "cfg": cfg, "order": {f.uri: i for i, f in enumerate(files)},
+        "val_files": frozenset(f.uri for f in val_files), "drop": drop, "redact": tuple(redact)})
 
 
 def _with_uris(batch: dict, uri_of: dict) -> dict:
@@ -336,12 +420,99 @@ def _with_uris(batch: dict, uri_of: dict) -> dict:
     return batch
 
 
+# --------------------------------------------------------------------------- de-duplication
+
+
+@functools.lru_cache(maxsize=4)
+def _near_dup_hashing(num_perm: int, threshold: float):
+    # A fixed seed: which documents count as duplicates must not change with the run's seed.
+    return MinHasher(num_perm=num_perm, seed=0), *lsh_params(threshold, num_perm)
+
+
+def bucket_keys(batch: dict, mode: str, num_perm: int, threshold: float) -> dict:
+    """Ray Data stage: one row per (document, bucket). Documents sharing a bucket are
+    duplicates: the exact bucket is the content hash, and with mode "near" each band of the
+    MinHash signature is one more (LSH: similar documents collide in some band)."""
+    hasher, bands, rows = _near_dup_hashing(num_perm, threshold) if mode == "near" else (None, 0, 0)
+    keys, files, lines, exact = [], [], [], []
+    for text, file, line in zip(batch["text"], batch["file"], batch["line"]):
+        if not text:  # bad, filtered or empty: nothing to compare
+            continue
+        doc_keys = [b"exact:" + content_hash(text)]
+        if hasher:
+            doc_keys += band_keys(hasher.signature(text), bands, rows)
+        keys += doc_keys
+        files += [file] * len(doc_keys)
+        lines += [line] * len(doc_keys)
+        exact += [True] + [False] * (len(doc_keys) - 1)
+    return {"key": np.array(keys, dtype=object), "file": np.array(files, dtype=np.int64),
+            "line": np.array(lines, dtype=np.int64), "exact": np.array(exact, dtype=bool)}
+
+
+def bucket_edges(group: dict) -> dict:
+    """Ray Data stage (per bucket): every member joins the bucket's first member in corpus
+    order, so the union of all buckets' edges connects each duplicate cluster."""
+    members = sorted(set(zip(group["file"].tolist(), group["line"].tolist())))
+    first, rest = members[0], members[1:]
+    exact = bool(group["exact"][0]) if len(group["exact"]) else False
+    return {"a_file": np.array([first[0]] * len(rest), dtype=np.int64),
+            "a_line": np.array([first[1]] * len(rest), dtype=np.int64),
+            "b_file": np.array([m[0] for m in rest], dtype=np.int64),
+            "b_line": np.array([m[1] for m in rest], dtype=np.int64),
+            "exact": np.array([exact] * len(rest), dtype=bool)}
+
+
+def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig,
+                    s3=None) -> dict[tuple[int, int], str]:
+    """First pass over the corpus: (file index, line) -> "exact_duplicate" or
+    "near_duplicate" for every document that repeats an earlier one (corpus order: training
+    files, then validation files, so a validation copy of training text is the one dropped).
+
+    Hashing and MinHash run in parallel tasks; buckets are formed by a Ray Data groupby over
+    the whole corpus (across all shards); only the edges between duplicates reach the driver,
+    which joins them into clusters (union-find) and keeps each cluster's first document."""
+    import ray
+
+    docs = _cleaned_documents(files, val_files, cfg, s3)
+    keys = docs.map_batches(bucket_keys, fn_kwargs={"mode": cfg.dedup, "num_perm": cfg.minhash_perm,
+                                                    "threshold": cfg.near_dup_threshold})
+    # One partition per CPU: Ray Data's default (200) is sized for clusters, not for a laptop.
+    partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    edges = keys.groupby("key", num_partitions=partitions).map_groups(bucket_edges, batch_format="numpy")
+    clusters, exact = UnionFind(), set()
+    for b in edges.iter_batches(batch_format="numpy", batch_size=None):
+        for af, al, bf, bl, ex in zip(b["a_file"].tolist(), b["a_line"].tolist(), b["b_file"].tolist(),
+                                      b["b_line"].tolist(), b["exact"].tolist()):
+            clusters.union((af, al), (bf, bl))
+            if ex:
+                exact.add((bf, bl))
+    drop = {}
+    for members in clusters.groups():
+        first = min(members)
+        for m in members:
+            if m != first:
+                drop[m] = "exact_duplicate" if m in exact else "near_duplicate"
+    return drop
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _document_stream(files, val_files, cfg: DataConfig, tokenizer, s3, tokenizer_actors: int, drop: dict):
+    """Ray Dataset of cleaned, de-duplicated, redacted and tokenized documents, in corpus order."""
+    ds = _cleaned_documents(files, val_files, cfg, s3, drop=drop, redact=cfg.redact_pii)
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(TokenizeDocuments, fn_constructor_args=(tokenizer,), batch_format="pyarrow",
+                          batch_size=256, compute=ActorPoolStrategy(size=tokenizer_actors))
+
+
 def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None = None,
             log=print) -> dict:
     """Run the whole pipeline into `out` and return its manifest. Reuses a complete identical
     dataset already at `out`. Shards go under a fresh attempt prefix and count only once
     `manifest.json`, written last, names them; an interrupted prepare leaves nothing a later
-    run would read."""
+    run would read. A Markdown data card (DATACARD.md) goes beside the manifest."""
     import ray
 
     files = list_corpus(cfg.path, s3)
@@ -358,13 +529,20 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     block_len = cfg.seq_len + 1
     stats = PrepareStats(files=len(files) + len(val_files), bytes_read=sum(f.size for f in files + val_files))
+    t0 = time.time()
+    drop = {}
+    if cfg.dedup != "none":
+        log(f"data: finding {cfg.dedup} duplicates across {stats.files} files")
+        drop = find_duplicates(files, val_files, cfg, s3)
+        stats.dedup_seconds = round(time.time() - t0, 2)
+        log(f"data: {len(drop)} duplicate documents found in {stats.dedup_seconds:.1f}s")
     writers = {s: ShardWriter(attempt, s, block_len, cfg.blocks_per_shard, s3) for s in ("train", "val")}
     packers = {s: BlockPacker(block_len, tokenizer.eos_id) for s in ("train", "val")}
     shuffle = ShuffleBuffer(cfg.shuffle_window, seed)
-    t0 = last = time.time()
-    for batch in _document_stream(files, val_files, cfg, tokenizer, s3, actors).iter_batches(
+    last = time.time()
+    for batch in _document_stream(files, val_files, cfg, tokenizer, s3, actors, drop).iter_batches(
             batch_format="pyarrow", batch_size=None):
-        _account(batch, stats, cfg.max_bad_records)
+        _account(batch, stats, cfg)
         keep = pa.compute.and_(pa.compute.equal(batch.column("error"), ""),
                                pa.compute.equal(batch.column("dropped"), ""))
         for split, mask in (("train", pa.compute.and_(keep, pa.compute.invert(batch.column("val")))),
@@ -372,25 +550,28 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
             ids = batch.column("ids").filter(mask).combine_chunks()
             if len(ids) == 0:
                 continue
-            blocks = packers[split].add(ids.values.to_numpy(zero_copy_only=False),
-                                        ids.offsets.to_numpy(zero_copy_only=False))
+            offsets = ids.offsets.to_numpy(zero_copy_only=False)
+            stats.doc_tokens.add(np.diff(offsets))
+            packer = packers[split]
+            blocks = packer.add(ids.values.to_numpy(zero_copy_only=False), offsets,
+                                batch.column("file").filter(mask).to_numpy(zero_copy_only=False))
             stats.tokens += len(ids.values)
             if split == "train":
-                for b in shuffle.push(blocks):
-                    writers["train"].add(b)
+                for b, src in shuffle.push(list(zip(blocks, packer.last_sources))):
+                    writers["train"].add(b, src)
             else:
-                for b in blocks:
-                    writers["val"].add(b)
+                for b, src in zip(blocks, packer.last_sources):
+                    writers["val"].add(b, src)
         if time.time() - last > 5:
             last = time.time()
             log(f"data: {stats.documents} docs, {stats.tokens / 1e6:.2f}M tokens, "
                 f"{stats.tokens / 1e3 / max(time.time() - t0, 1e-9):.0f}k tokens/s")
-    for b in shuffle.drain():
-        writers["train"].add(b)
+    for b, src in shuffle.drain():
+        writers["train"].add(b, src)
     for w in writers.values():
         w.flush()
     stats.train_blocks, stats.val_blocks = writers["train"].blocks, writers["val"].blocks
-    stats.seconds = time.time() - t0
+    stats.seconds = round(time.time() - t0, 2)
     if stats.train_blocks == 0:
         raise DataError(f"{cfg.path}: corpus yields no training blocks of {block_len} tokens "
                         f"({stats.documents} documents, {stats.tokens} tokens); add text or lower data.seq_len")
@@ -403,33 +584,113 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
         "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
         "sources": [{"uri": f.uri, "size": f.size, "etag": f.etag_or_mtime} for f in files],
         "val_sources": [{"uri": f.uri, "size": f.size, "etag": f.etag_or_mtime} for f in val_files],
+        # Shards name their source files by index into this list (training files, then validation files).
+        "files": [f.uri for f in files + val_files],
         "train": {"blocks": stats.train_blocks,
                   "shards": [dict(s, path=f"{rel}/{s['path']}") for s in writers["train"].shards]},
         "val": {"blocks": stats.val_blocks,
                 "shards": [dict(s, path=f"{rel}/{s['path']}") for s in writers["val"].shards]},
-        "stats": {k: v for k, v in stats.__dict__.items()},
+        "config": {k: getattr(cfg, k) for k in ("text_field", "min_chars", "max_chars", "dedup",
+                                               "near_dup_threshold", "minhash_perm", "redact_pii",
+                                               "max_bad_records")},
+        "stats": stats.to_dict(),
     }
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), s3)
+    storage.write_text(storage.join(out, DATACARD), datacard(manifest), s3)
     _remove_stale_attempts(out, rel, s3)
-    log(f"data: {stats.documents} docs ({stats.val_documents} val), {stats.tokens / 1e6:.2f}M tokens -> "
-        f"{stats.train_blocks} train + {stats.val_blocks} val blocks in {stats.seconds:.1f}s "
-        f"({stats.bytes_read / 1e6 / max(stats.seconds, 1e-9):.1f} MB/s); dropped {stats.dropped or 'none'}; "
-        f"bad records {len(stats.bad_records)}")
+    log(summary_line(stats))
+    for bad in stats.bad_records[:10]:
+        log(f"data: skipped bad record: {bad}")
+    if len(stats.bad_records) > 10:
+        log(f"data: ... and {len(stats.bad_records) - 10} more bad records (listed in {MANIFEST})")
     return manifest
 
 
-def _account(batch: pa.Table, stats: PrepareStats, max_bad: int) -> None:
+def summary_line(stats: PrepareStats) -> str:
+    dups = sum(v for k, v in stats.dropped.items() if k.endswith("_duplicate"))
+    filtered = sum(v for k, v in stats.dropped.items() if not k.endswith("_duplicate"))
+    return (f"data: read {stats.documents_read} documents ({stats.bytes_read / 1e6:.1f} MB from {stats.files} files); "
+            f"kept {stats.documents} ({stats.val_documents} val), dropped {filtered} by filters, "
+            f"{dups} as duplicates, {len(stats.bad_records)} bad records; "
+            f"PII replaced {sum(stats.pii.values())}; {stats.tokens / 1e6:.2f}M tokens -> "
+            f"{stats.train_blocks} train + {stats.val_blocks} val blocks in {stats.seconds:.1f}s "
+            f"({stats.bytes_read / 1e6 / max(stats.seconds, 1e-9):.1f} MB/s)")
+
+
+def _account(batch: pa.Table, stats: PrepareStats, cfg: DataConfig) -> None:
     errors = [e for e in batch.column("error").to_pylist() if e]
     stats.bad_records.extend(errors)
-    if len(stats.bad_records) > max_bad:
-        extra = f" ({len(stats.bad_records)} bad records > data.max_bad_records={max_bad})" if max_bad else ""
-        raise DataError(stats.bad_records[max_bad] + extra)
+    if len(stats.bad_records) > cfg.max_bad_records:
+        budget = cfg.max_bad_records
+        extra = f" ({len(stats.bad_records)} bad records > data.max_bad_records={budget})" if budget else ""
+        raise DataError(stats.bad_records[budget] + extra)
+    stats.documents_read += batch.num_rows
     for reason in batch.column("dropped").to_pylist():
         if reason:
             stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
     ok = pa.compute.and_(pa.compute.equal(batch.column("error"), ""), pa.compute.equal(batch.column("dropped"), ""))
     stats.documents += pa.compute.sum(ok.cast(pa.int64())).as_py() or 0
     stats.val_documents += pa.compute.sum(pa.compute.and_(ok, batch.column("val")).cast(pa.int64())).as_py() or 0
+    stats.chars.add(batch.column("chars").filter(ok).to_numpy(zero_copy_only=False))
+    for t in cfg.redact_pii:
+        stats.pii[t] = stats.pii.get(t, 0) + (pa.compute.sum(batch.column(f"pii_{t}")).as_py() or 0)
+
+
+def datacard(manifest: dict) -> str:
+    """The Markdown data card: what went in, what was removed and why, what came out."""
+    st, c = manifest["stats"], manifest["config"]
+    read = max(st["documents_read"], 1)
+
+    def rate(n: int) -> str:
+        return f"{n} ({100 * n / read:.2f}%)"
+
+    lines = [
+        "# Data card", "",
+        f"Prepared dataset `{manifest['key'][:16]}`: {manifest['train']['blocks']} training and "
+        f"{manifest['val']['blocks']} validation blocks of {manifest['seq_len'] + 1} tokens, "
+        f"tokenizer `{manifest['tokenizer_sha256'][:12]}` (vocabulary {manifest['vocab_size']}), seed {manifest['seed']}.",
+        "", "## Sources", "",
+        f"{st['files']} files, {st['bytes_read'] / 1e6:.2f} MB, {st['documents_read']} records read.", "",
+        "| file | bytes | checksum / ETag |", "|---|---:|---|",
+        *[f"| `{s['uri']}` | {s['size']} | `{s['etag']}` |" for s in manifest["sources"][:50]],
+        *[f"| `{s['uri']}` (validation) | {s['size']} | `{s['etag']}` |" for s in manifest["val_sources"][:50]],
+    ]
+    if len(manifest["sources"]) + len(manifest["val_sources"]) > 100:
+        lines.append(f"| ... | | (all {len(manifest['files'])} files are listed in {MANIFEST}) |")
+    drops = st["dropped"]
+    lines += [
+        "", "## Filters and de-duplication", "",
+        f"Cleaning: Unicode NFC, control characters removed, whitespace normalised; documents "
+        f"shorter than {c['min_chars']} or longer than {c['max_chars']} characters dropped. "
+        f"De-duplication: `{c['dedup']}`"
+        + (f" (MinHash with {c['minhash_perm']} permutations over 5-word shingles, LSH at Jaccard "
+           f"{c['near_dup_threshold']})" if c["dedup"] == "near" else "") + "; the first occurrence is kept.",
+        "", "| removed | documents (share of records read) |", "|---|---:|",
+        f"| too short | {rate(drops.get('too_short', 0))} |",
+        f"| too long | {rate(drops.get('too_long', 0))} |",
+        f"| exact duplicate | {rate(drops.get('exact_duplicate', 0))} |",
+        f"| near duplicate | {rate(drops.get('near_duplicate', 0))} |",
+        f"| bad record (error budget {c['max_bad_records']}) | {rate(len(st['bad_records']))} |",
+        f"| **kept** | {rate(st['documents'])} |",
+        "", "## PII", "",
+        ("Redacted types: " + ", ".join(c["redact_pii"]) + ". Replacements:" if c["redact_pii"]
+         else "PII redaction was off."), "",
+    ]
+    if c["redact_pii"]:
+        lines += ["| type | replaced |", "|---|---:|", *[f"| {t} | {n} |" for t, n in st["pii"].items()], ""]
+    ch, tk = st["chars"], st["doc_tokens"]
+    lines += [
+        "## Documents and tokens", "",
+        "| per kept document | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|",
+        f"| characters | {ch['mean']} | {ch['p50']} | {ch['p90']} | {ch['p99']} | {ch['max']} |",
+        f"| tokens | {tk['mean']} | {tk['p50']} | {tk['p90']} | {tk['p99']} | {tk['max']} |", "",
+        "Percentiles are upper bounds of power-of-two bins.", "",
+        f"Tokens: {st['tokens']} in total ({st['val_documents']} validation documents); "
+        f"{st['train_blocks']} training blocks, {st['val_blocks']} validation blocks.", "",
+    ]
+    if st["bad_records"]:
+        lines += ["## Bad records skipped", "", *[f"- {b}" for b in st["bad_records"][:100]], ""]
+    return "\n".join(lines)
 
 
 def _remove_stale_attempts(out: str, keep: str, s3) -> None:

@@ -19,6 +19,7 @@ from raylm.config import Config
 from raylm.corpus import write_builtin_corpus
 from raylm.data import DataError, list_corpus, parse_documents, clean_text, prepare, read_manifest
 from raylm.generate import complete, load_for_inference, load_tokenizer
+from raylm.pii import redact as redact_pii
 from raylm.record import write_record
 from raylm.tokenizer import Tokenizer, train_tokenizer
 
@@ -86,6 +87,8 @@ def sample_documents(cfg: Config, limit_bytes: int):
             text = clean_text(doc)
             if len(text) < cfg.data.min_chars:
                 continue
+            if cfg.data.redact_pii:  # the vocabulary must not learn what training never sees
+                text, _ = redact_pii(text, cfg.data.redact_pii)
             yield text
             used += len(text.encode())
             if used >= limit_bytes:

@@ -17,9 +17,10 @@ import os
 import statistics
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -238,7 +239,10 @@ class Hooks:
     """What differs between running under Ray Train and in a plain process."""
 
     report: Callable[[dict], None]  # every rank calls it with the same metrics
-    publish_checkpoint: Callable[[str, str, dict], None]  # (local_dir, name, metrics), every rank
+    # (local_dir, name, metrics, written, on_uploaded), every rank. `written` is None or a
+    # future to wait for before reading local_dir. on_uploaded None: upload before returning;
+    # else upload in the background, delete local_dir, then call it.
+    publish_checkpoint: Callable[[str, str, dict, Any, Callable[[], None] | None], None]
     val_batches: Callable[[], Iterable[dict]]  # this rank's validation micro-batches
     checkpoint_meta: dict  # static facts every checkpoint records (tokenizer path and hash)
 
@@ -257,23 +261,56 @@ def _broadcast(obj):
     return obj
 
 
-def maybe_inject_failure(cfg: Config, step: int, rank: int) -> None:
-    """Testing hook for failure recovery: RAYLM_INJECT_FAILURE="step=K,rank=R,kind=raise|sigkill"
-    fails rank R once, right after step K (a marker in the run directory keeps the restarted
-    run from failing again). Unset, it costs one dict lookup per step."""
+def _injection(step: int, rank: int) -> str | None:
+    """Testing hook for failure recovery: RAYLM_INJECT_FAILURE="step=K,rank=R,kind=KIND" names
+    a failure for rank R at step K; this returns KIND (raise, sigkill, nan or spike) when it applies.
+    Unset, it costs one dict lookup per step."""
     spec = os.environ.get("RAYLM_INJECT_FAILURE")
     if not spec:
-        return
+        return None
     plan = dict(part.split("=", 1) for part in spec.split(","))
     if step != int(plan["step"]) or rank != int(plan.get("rank", 0)):
+        return None
+    return plan.get("kind", "raise")
+
+
+def maybe_inject_failure(cfg: Config, step: int, rank: int) -> None:
+    """kind=raise|sigkill fails rank R once, right after step K (a marker in the run
+    directory keeps the restarted run from failing again)."""
+    kind = _injection(step, rank)
+    if kind not in ("raise", "sigkill") or not _first_time(cfg, f"injected-failure-{step}"):
         return
-    marker = storage.join(cfg.run_dir, f"injected-failure-{step}")
-    if storage.exists(marker, cfg.s3):
-        return
-    storage.write_text(marker, spec, cfg.s3)
-    if plan.get("kind", "raise") == "sigkill":
+    if kind == "sigkill":
         os.kill(os.getpid(), 9)
     raise RuntimeError(f"injected failure at step {step} on rank {rank}")
+
+
+def _first_time(cfg: Config, marker: str) -> bool:
+    """True once per run: a marker in the run directory remembers across restarts."""
+    uri = storage.join(cfg.run_dir, marker)
+    if storage.exists(uri, cfg.s3):
+        return False
+    storage.write_text(uri, os.environ.get("RAYLM_INJECT_FAILURE", ""), cfg.s3)
+    return True
+
+
+@dataclass(frozen=True)
+class PoisonedObjective:
+    """kind=nan: rank R's loss at step K is NaN, as a numerical blow-up would make it; the NaN
+    spreads through the gradient reduction to every rank, and the step must be skipped.
+    kind=spike: the loss (and so the update) is 100x larger: a loss spike."""
+
+    inner: Objective
+    factor: float = float("nan")
+
+    def count(self, batch):
+        return self.inner.count(batch)
+
+    def loss_sum(self, model, batch):
+        return self.inner.loss_sum(model, batch) * self.factor
+
+
+INJECTED_FACTOR = {"nan": float("nan"), "spike": 100.0}
 
 
 def _guard_nonfinite(stats: StepStats, step: int, run: int, limit: int, log) -> int:
@@ -312,16 +349,25 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     metrics_log = MetricsLog(cfg.run_dir, cfg.s3) if rank == 0 else None
     if metrics_log is not None and start_step:
         metrics_log.truncate(start_step)
+    saver = CheckpointSaver(cfg, hooks, log)
     tokens_per_step = tc.global_batch_size * cfg.data.seq_len
     t_start, t_last, nonfinite_run, skipped_total = time.time(), time.perf_counter(), 0, 0
     last: dict = {}
-    spikes, spike_total = SpikeDetector(tc.spike_window, tc.spike_factor), 0
+    spikes, spike_total, rollbacks = SpikeDetector(tc.spike_window, tc.spike_factor), 0, 0
     step = start_step
     it = iter(batches)
     while step < tc.max_steps:
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
         lr = lr_at(step, tc)
-        stats = train_step(model, optimizer, next(it), objective, lr, tc.grad_clip)
+        # Injected NaNs repeat on every run through the step (a resumed run matches the
+        # uninterrupted one); an injected spike fires once, as data-driven spikes do not
+        # recur once the data has moved on.
+        injected = _injection(step + 1, rank)
+        if injected == "spike" and not _first_time(cfg, f"injected-spike-{step + 1}"):
+            injected = None
+        step_objective = PoisonedObjective(objective, INJECTED_FACTOR[injected]) \
+            if injected in INJECTED_FACTOR else objective
+        stats = train_step(model, optimizer, next(it), step_objective, lr, tc.grad_clip)
         step += 1
         nonfinite_run = _guard_nonfinite(stats, step, nonfinite_run, tc.max_nonfinite_steps, log)
         skipped_total += stats.skipped
@@ -330,10 +376,15 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             log(f"step {step}: loss spike {stats.loss:.4f} (> {tc.spike_factor} x recent median)")
             if tc.on_spike == "stop":
                 raise FloatingPointError(f"step {step}: loss spike {stats.loss:.4f} and train.on_spike=stop")
+            if tc.on_spike == "rollback":
+                rollbacks += 1
+                step = rollback(cfg, model, optimizer, saver, step, rollbacks, metrics_log, log)
+                continue
         if tc.timeout_s and time.time() - t_start > tc.timeout_s:
             raise TimeoutError(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
         row = None
         if step % tc.log_every == 0 or step == tc.max_steps:
+            saver.poll()
             now = time.perf_counter()
             n_steps = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
             tok_s = tokens_per_step * n_steps / (now - t_last)
@@ -341,8 +392,8 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             row = {"kind": "train", "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                    "tokens_per_s": tok_s, "mfu": mfu(tok_s, cfg.model, cfg.data.seq_len, device_name, world),
                    "epoch": batches.epoch, "consumed_blocks": batches.consumed,
-                   "skipped_steps": skipped_total, "loss_spikes": spike_total,
-                   "data_wait_s": round(batches.wait_s, 3)}
+                   "skipped_steps": skipped_total, "loss_spikes": spike_total, "rollbacks": rollbacks,
+                   "data_wait_s": round(batches.wait_s, 3), "checkpoint_blocking_s": round(saver.blocking_s, 3)}
             if rank == 0:
                 log(f"step {step}/{tc.max_steps} | loss {stats.loss:.4f} | lr {lr:.2e} | "
                     f"grad {stats.grad_norm:.2f} | {tok_s:,.0f} tok/s"
@@ -361,36 +412,135 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             last = row
             hooks.report(row)
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
-            save_checkpoint(cfg, model, optimizer, step, batches.consumed, hooks, last, log)
+            saver.save(model, optimizer, step, batches.consumed, last)
+            if step == tc.max_steps:
+                saver.finish()
             if metrics_log is not None:
                 metrics_log.flush()
         maybe_inject_failure(cfg, step, rank)
+    saver.finish()
     return last
 
 
-def save_checkpoint(cfg: Config, model, optimizer, step: int, consumed: int, hooks: Hooks, metrics: dict,
-                    log=print) -> None:
-    rank, world = _rank_world()
-    meta = {"step": step, "consumed_blocks": consumed, "world_size": world, "config": to_dict(cfg),
-            "global_batch_size": cfg.train.global_batch_size, "metrics": metrics, **hooks.checkpoint_meta}
-    name = checkpoint.checkpoint_name(step)
-    local = tempfile.mkdtemp(prefix=f"raylm-{name}-r{rank}-")
-    try:
+def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int, rollbacks: int,
+             metrics_log: MetricsLog | None, log) -> int:
+    """train.on_spike=rollback: restore model and optimizer from the newest complete
+    checkpoint and go on from its step, with the data stream where it is now. The batches
+    that led to the spike are skipped rather than replayed (PaLM's remedy): replaying them
+    would reproduce the spike exactly. Returns the step to continue from."""
+    if rollbacks > cfg.train.max_rollbacks:
+        raise FloatingPointError(f"step {step}: loss spike after {rollbacks - 1} rollbacks "
+                                 f"(train.max_rollbacks={cfg.train.max_rollbacks})")
+    saver.finish()
+    rank, _ = _rank_world()
+    ckpt = _broadcast(checkpoint.latest_complete(cfg.run_dir, cfg.s3) if rank == 0 else None)
+    if ckpt is None:
+        raise FloatingPointError(f"step {step}: loss spike and train.on_spike=rollback, "
+                                 f"but no complete checkpoint to roll back to yet")
+    meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
+    if metrics_log is not None:
+        metrics_log.truncate(meta["step"])
+        metrics_log.log({"kind": "rollback", "step": meta["step"], "spike_step": step, "checkpoint": ckpt})
+    log(f"step {step}: rolled back to {ckpt} (step {meta['step']}); the data stream skips ahead")
+    return meta["step"]
+
+
+class _Upload:
+    """A background upload's outcome; its error, if any, is raised in the training thread."""
+
+    def __init__(self):
+        self.event, self.error = threading.Event(), None
+
+    def __call__(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.event.set()
+
+    def done(self) -> bool:
+        if self.event.is_set() and self.error is not None:
+            raise self.error
+        return self.event.is_set()
+
+    def wait(self) -> None:
+        self.event.wait()
+        self.done()
+
+
+class CheckpointSaver:
+    """Writes checkpoints and commits them once every rank's files are in storage.
+
+    Sync: write, upload and commit before training goes on. Async (`train.async_checkpoint`):
+    training waits only while the state is copied to host memory; DCP writes the files and
+    the upload runs in the background. `poll`, called at every logging step, commits the
+    checkpoint once all ranks report their upload done, so the marker still comes last.
+    One save is in flight at a time: the next one first waits for it."""
+
+    def __init__(self, cfg: Config, hooks: Hooks, log=print):
+        self.cfg, self.hooks, self.log = cfg, hooks, log
+        self.use_async = cfg.train.async_checkpoint
+        # DCP's background thread synchronises ranks too; on the training group its
+        # collectives could interleave with the step's (a hang), so it gets a gloo group.
+        self.group = dist.new_group(backend="gloo") if self.use_async and dist.is_initialized() else None
+        self.pending: tuple | None = None  # (uri, meta, uploaded event, t0)
+        self.blocking_s = 0.0  # time training spent waiting on checkpoints
+
+    def save(self, model, optimizer, step: int, consumed: int, metrics: dict) -> None:
         t0 = time.perf_counter()
-        checkpoint.write_local(model, optimizer, meta, local)
-        hooks.publish_checkpoint(local, name, metrics)
+        self.finish()
+        rank, world = _rank_world()
+        meta = {"step": step, "consumed_blocks": consumed, "world_size": world, "config": to_dict(self.cfg),
+                "global_batch_size": self.cfg.train.global_batch_size, "metrics": metrics,
+                **self.hooks.checkpoint_meta}
+        name = checkpoint.checkpoint_name(step)
+        uri = storage.join(self.cfg.run_dir, name)
+        local = tempfile.mkdtemp(prefix=f"raylm-{name}-r{rank}-")
+        try:
+            written = checkpoint.write_local(model, optimizer, meta, local, self.group, self.use_async)
+            if self.use_async:
+                uploaded = _Upload()
+                self.hooks.publish_checkpoint(local, name, metrics, written, uploaded)
+                self.pending = (uri, meta, uploaded, t0)
+                local = None  # the upload removes it
+            else:
+                self.hooks.publish_checkpoint(local, name, metrics, None, None)
+                self.pending = (uri, meta, None, t0)
+                self._commit()
+        finally:
+            if local:
+                shutil.rmtree(local, ignore_errors=True)
+            self.blocking_s += time.perf_counter() - t0
+
+    def poll(self) -> None:
+        """Commit the in-flight checkpoint if every rank has uploaded its part (never waits)."""
+        if self.pending is None:
+            return
+        done = torch.tensor(float(self.pending[2].done()))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item() == 1.0:
+            self._commit()
+
+    def finish(self) -> None:
+        """Wait for the in-flight checkpoint, then commit it."""
+        if self.pending is None:
+            return
+        upload = self.pending[2]
+        if upload is not None:
+            upload.wait()
+        self._commit()
+
+    def _commit(self) -> None:
+        uri, meta, _, t0 = self.pending
+        self.pending = None
         if dist.is_initialized():
             dist.barrier()  # every rank's shards are in storage before the marker
-        uri = storage.join(cfg.run_dir, name)
-        if rank == 0:
-            checkpoint.commit(uri, meta, cfg.s3)
-            deleted = checkpoint.apply_retention(cfg.run_dir, cfg.train.keep_checkpoints, cfg.s3)
-            log(f"step {step}: checkpoint {uri} ({time.perf_counter() - t0:.1f}s"
-                + (f"; removed {len(deleted)} old" if deleted else "") + ")")
+        if _rank_world()[0] == 0:
+            checkpoint.commit(uri, meta, self.cfg.s3)
+            deleted = checkpoint.apply_retention(self.cfg.run_dir, self.cfg.train.keep_checkpoints, self.cfg.s3)
+            self.log(f"step {meta['step']}: checkpoint {uri} ({time.perf_counter() - t0:.1f}s"
+                     + (", async" if self.use_async else "")
+                     + (f"; removed {len(deleted)} old" if deleted else "") + ")")
         if dist.is_initialized():
             dist.barrier()
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
 
 
 def resume_point(cfg: Config, resume: str) -> str | None:
@@ -499,10 +649,30 @@ def train_worker(config: dict) -> None:
                     break
         return rank_val_batches(torch.cat(val_cache), tc, rank, world, device)
 
-    def publish(local_dir: str, name: str, metrics: dict) -> None:
-        ray.train.report({**metrics, "checkpoint": name},
-                         checkpoint=ray.train.Checkpoint.from_directory(local_dir),
-                         checkpoint_dir_name=name)
+    def publish(local_dir: str, name: str, metrics: dict, written, on_uploaded) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(local_dir)
+        if on_uploaded is None:
+            ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name)
+            return
+
+        def upload(ckpt, dir_name: str):  # runs in Ray Train's upload thread
+            try:
+                if written is not None:
+                    written.result()  # DCP's background write has finished
+                persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
+            except BaseException as e:
+                on_uploaded(e)
+                raise
+            finally:
+                shutil.rmtree(local_dir, ignore_errors=True)
+            on_uploaded()
+            return persisted
+
+        # A failed background upload fails this worker (Ray raises it in the training thread),
+        # and the uncommitted checkpoint is never loaded.
+        ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=upload)
 
     batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
                           manifest["train"]["blocks"], consumed, device)
@@ -550,6 +720,36 @@ def run_ray_training(cfg: Config, data_dir: str, manifest: dict, resume: str = "
 # --------------------------------------------------------------------------- without Ray
 
 
+def storage_publisher(cfg: Config):
+    """publish_checkpoint without Ray: copy the local checkpoint into the run's storage,
+    now or in a background thread."""
+
+    def publish(local_dir: str, name: str, metrics: dict, written, on_uploaded) -> None:
+        def upload():
+            if written is not None:
+                written.result()
+            storage.makedirs(storage.join(cfg.run_dir, name))
+            storage.upload_dir(local_dir, storage.join(cfg.run_dir, name), cfg.s3)
+
+        if on_uploaded is None:
+            upload()
+            return
+
+        def background():
+            try:
+                upload()
+            except BaseException as e:
+                on_uploaded(e)
+                return
+            finally:
+                shutil.rmtree(local_dir, ignore_errors=True)
+            on_uploaded()
+
+        threading.Thread(target=background, name=f"upload-{name}", daemon=True).start()
+
+    return publish
+
+
 def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: str = "cpu", log=print,
                 manifest: dict | None = None) -> dict:
     """The same loop in this process (no Ray): blocks are (n, seq_len + 1) arrays in order."""
@@ -567,13 +767,9 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
     def val_batches():
         return rank_val_batches(val_t, tc, rank, world, dev)
 
-    def publish(local_dir: str, name: str, metrics: dict) -> None:
-        storage.makedirs(storage.join(cfg.run_dir, name))
-        storage.upload_dir(local_dir, storage.join(cfg.run_dir, name), cfg.s3)
-
     batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
                           len(blocks_t), consumed, dev)
-    hooks = Hooks(report=lambda m: None, publish_checkpoint=publish, val_batches=val_batches,
+    hooks = Hooks(report=lambda m: None, publish_checkpoint=storage_publisher(cfg), val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
     return fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start_step,
                device_name(dev), log)

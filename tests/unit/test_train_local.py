@@ -36,3 +36,78 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     train_local(cfg["part"], train, val, resume="must", log=lambda *_: None)  # from ckpt-3
     assert losses(tmp_path / "part") == losses(tmp_path / "whole")  # ==, not isclose
     assert [s for s, _, _ in losses(tmp_path / "part")] == list(range(1, 9))
+
+
+def checkpoint_tensors(uri: str) -> dict:
+    """Every tensor of a DCP checkpoint (model and optimizer), flattened by key."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = Path(uri) / "flat.pt"
+    dcp_to_torch_save(uri, out)
+    state = torch.load(out, weights_only=True)
+    flat = {}
+
+    def walk(prefix, x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}.{k}", v)
+        elif hasattr(x, "dtype"):
+            flat[prefix] = x
+
+    walk("", state)
+    return flat
+
+
+def test_async_and_sync_checkpoints_hold_the_same_state(tmp_path):
+    """The async path (host copy now, write and upload in the background, marker last) saves
+    exactly what the synchronous one saves, and training is unaffected by it."""
+    import torch
+
+    from raylm import checkpoint
+
+    train, val = blocks(40, 0), blocks(8, 1)
+    runs = {}
+    for mode in ("true", "false"):
+        cfg = load_config(overrides=[f"storage={tmp_path}", f"name=async-{mode}", "train.max_steps=6",
+                                     f"train.async_checkpoint={mode}", *OVERRIDES])
+        train_local(cfg, train, val, log=lambda *_: None)
+        done = [s for s, _, ok in checkpoint.list_checkpoints(cfg.run_dir) if ok]
+        assert done == [3, 6], (mode, done)
+        runs[mode] = (losses(tmp_path / f"async-{mode}"),
+                      checkpoint_tensors(str(tmp_path / f"async-{mode}" / "ckpt-00000003")))
+    assert runs["true"][0] == runs["false"][0]
+    a, b = runs["true"][1], runs["false"][1]
+    assert a.keys() == b.keys() and len(a) > 10
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_the_data(tmp_path, monkeypatch):
+    train, val = blocks(80, 0), blocks(8, 1)
+    common = [f"storage={tmp_path}", "train.max_steps=8", "train.spike_window=4", "train.ckpt_every=4",
+              *[o for o in OVERRIDES if not o.startswith("train.ckpt_every")]]
+    clean = load_config(overrides=["name=clean", *common])
+    train_local(clean, train, val, log=lambda *_: None)
+    cfg = load_config(overrides=["name=spiky", "train.on_spike=rollback", *common])
+    monkeypatch.setenv("RAYLM_INJECT_FAILURE", "step=6,rank=0,kind=spike")
+    said = []
+    train_local(cfg, train, val, log=said.append)
+    rows = [json.loads(x) for x in (tmp_path / "spiky" / "metrics.jsonl").read_text().splitlines()]
+    back = [r for r in rows if r["kind"] == "rollback"]
+    assert back and back[0]["step"] == 4 and back[0]["spike_step"] == 6, rows
+    assert any("rolled back to" in m and "ckpt-00000004" in m for m in said), said
+    got, want = losses(tmp_path / "spiky"), losses(tmp_path / "clean")
+    assert got[:4] == want[:4]  # the same run up to the checkpoint
+    assert [s for s, _, _ in got] == list(range(1, 9))  # steps 5.. redone after the rollback
+    # Steps 5 and 6 (the spike) are not replayed: the stream goes on after them.
+    assert got[4][2] == want[4][2] + 2 * 8
+    assert got[-1][2] == want[-1][2] + 2 * 8
+    assert got[-1][1] < 10  # the spike did not survive into the weights
+
+
+def test_rollback_without_a_checkpoint_stops_naming_the_step(tmp_path, monkeypatch):
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=early", "train.max_steps=8", "train.spike_window=4",
+                                 "train.on_spike=rollback", *OVERRIDES])
+    monkeypatch.setenv("RAYLM_INJECT_FAILURE", "step=3,rank=0,kind=spike")
+    with pytest.raises(FloatingPointError, match="step 3: loss spike .* no complete checkpoint"):
+        train_local(cfg, blocks(40, 0), blocks(8, 1), log=lambda *_: None)

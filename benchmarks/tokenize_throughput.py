@@ -1,0 +1,153 @@
+"""Data-pipeline throughput: Ray Data read -> clean -> tokenize -> pack, against one process.
+
+    python benchmarks/tokenize_throughput.py                      # 50 MB corpus, this machine
+    python benchmarks/tokenize_throughput.py --mb 200 --out benchmarks/results/cpu-tokenize.json
+    python benchmarks/tokenize_throughput.py --mb 2 --no-dedup-run  # smoke test
+
+The corpus is tinyshakespeare repeated with variation until it reaches --mb megabytes: each
+copy shuffles the paragraphs and rewrites a tenth of the words (case, swaps), so the copies
+are new text for the tokenizer. It is written as jsonl shards of a few KB per document.
+
+One invocation measures, on the same corpus and tokenizer:
+* single process: SentencePiece's own `encode` on one thread over every document (the raw
+  rate a pipeline must beat with its parallelism);
+* raylm's `data.prepare` (Ray Data: read, parse, clean, PII redaction, tokenize in an actor
+  pool, pack and write shards), with de-duplication off, which is the chain the goal is about;
+* the same with near-duplicate detection on (`data.dedup=near`), reported separately: its
+  extra pass over the corpus is the price of MinHash.
+
+Ray's start-up is outside the clock; everything from listing the corpus to the manifest is in.
+Prints one JSON object on stdout (progress on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from emit import run_and_emit  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def varied_copy(paragraphs: list[str], rng: random.Random) -> list[str]:
+    """One pass over the text, paragraphs shuffled and about a tenth of the words rewritten."""
+    order = paragraphs[:]
+    rng.shuffle(order)
+    out = []
+    for p in order:
+        words = p.split(" ")
+        for i in range(len(words)):
+            r = rng.random()
+            if r < 0.04:
+                words[i] = words[i].upper()
+            elif r < 0.07:
+                words[i] = words[i][::-1]
+            elif r < 0.10 and i:
+                words[i], words[i - 1] = words[i - 1], words[i]
+        out.append(" ".join(words))
+    return out
+
+
+def build_corpus(source: Path, out: Path, megabytes: float, shards: int, seed: int = 0) -> tuple[list[str], int]:
+    """jsonl shards under `out` totalling >= megabytes; returns (documents, bytes)."""
+    text = source.read_text(encoding="utf-8")
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    rng = random.Random(seed)
+    docs, size = [], 0
+    while size < megabytes * 1e6:
+        copy = varied_copy(paragraphs, rng)
+        for i in range(0, len(copy), 8):  # documents of ~8 paragraphs, a few KB each
+            doc = "\n\n".join(copy[i:i + 8])
+            docs.append(doc)
+            size += len(doc.encode())
+    out.mkdir(parents=True, exist_ok=True)
+    per = -(-len(docs) // shards)
+    for s in range(shards):
+        with open(out / f"part-{s:04d}.jsonl", "w", encoding="utf-8") as f:
+            for d in docs[s * per:(s + 1) * per]:
+                f.write(json.dumps({"text": d}) + "\n")
+    return docs, size
+
+
+def single_process_encode(tok, docs: list[str]) -> dict:
+    t0 = time.perf_counter()
+    ids = tok._sp.encode(docs, num_threads=1)  # raw SentencePiece, one thread
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(x) for x in ids)
+    size = sum(len(d.encode()) for d in docs)
+    return {"seconds": round(seconds, 2), "mb_per_s": round(size / 1e6 / seconds, 2),
+            "tokens_per_s": round(tokens / seconds), "tokens": tokens}
+
+
+def pipeline(cfg, tok, out: str, size: int, log) -> dict:
+    from raylm.data import prepare
+
+    t0 = time.perf_counter()
+    manifest = prepare(cfg.data, tok, out, cfg.seed, cfg.s3, log=log)
+    seconds = time.perf_counter() - t0
+    st = manifest["stats"]
+    return {"seconds": round(seconds, 2), "mb_per_s": round(size / 1e6 / seconds, 2),
+            "tokens_per_s": round(st["tokens"] / seconds), "tokens": st["tokens"],
+            "documents_kept": st["documents"], "dropped": st["dropped"],
+            "dedup_seconds": st["dedup_seconds"], "blocks": manifest["train"]["blocks"] + manifest["val"]["blocks"]}
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="tinyshakespeare.txt")
+    parser.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (the goal is stated at >= 50)")
+    parser.add_argument("--shards", type=int, default=16, help="jsonl files the corpus is split into")
+    parser.add_argument("--no-dedup-run", action="store_true", help="skip the run with near-duplicate detection")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the pipeline runs")
+    args = parser.parse_args()
+    source = Path(args.data)
+    if not source.is_file():
+        raise SystemExit(f"tokenize_throughput: {source} not found; pass --data PATH to tinyshakespeare.txt")
+
+    from raylm.config import load_config
+    from raylm.pipeline import init_ray, log, train_tokenizer_from
+
+    work = Path(tempfile.mkdtemp(prefix="raylm-tokbench-"))
+    log(f"building a {args.mb:.0f} MB corpus in {work}")
+    docs, size = build_corpus(source, work / "corpus", args.mb, args.shards)
+    cfg = load_config(overrides=[f"data.path={work / 'corpus'}", f"storage={work / 'runs'}", "name=bench",
+                                 "tokenizer.sample_bytes=5000000", *args.overrides])
+    tok = train_tokenizer_from(cfg, str(work / "tokenizer"))
+
+    log("single-process SentencePiece encode")
+    single = single_process_encode(tok, docs)
+    log(f"single process: {single['mb_per_s']} MB/s")
+    init_ray(cfg)
+    import dataclasses
+
+    plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dedup="none"))
+    ray_run = pipeline(plain, tok, str(work / "prepared-plain"), size, log)
+    result = {
+        "benchmark": "tokenize_throughput", "corpus_mb": round(size / 1e6, 1), "documents": len(docs),
+        "files": args.shards, "cpu_count": os.cpu_count(), "vocab_size": tok.vocab_size,
+        "single_process_sentencepiece": single,
+        "raylm_pipeline": ray_run,
+        "ratio_vs_single_process": round(ray_run["mb_per_s"] / single["mb_per_s"], 2),
+        "goal_ratio": 1.5,
+        "pipeline_stages": "read, parse, clean, PII redaction, tokenize (actor pool), pack, write shards",
+        "settings": {"out": args.out, "overrides": args.overrides, "redact_pii": list(cfg.data.redact_pii),
+                     "tokenizer_actors": cfg.data.tokenizer_actors or "auto"},
+    }
+    if not args.no_dedup_run:
+        near = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dedup="near"))
+        result["raylm_pipeline_with_near_dedup"] = pipeline(near, tok, str(work / "prepared-near"), size, log)
+    return result
+
+
+if __name__ == "__main__":
+    run_and_emit(main)
