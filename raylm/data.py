@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from raylm import storage
 from raylm.config import DataConfig, S3Config
-from raylm.dedup import MinHasher, UnionFind, band_keys, content_hash, lsh_params
+from raylm.dedup import MinHasher, UnionFind, band_keys, content_hash, is_empty_signature, lsh_params
 from raylm.pii import redact as redact_pii
 
 SUFFIXES = (".jsonl.gz", ".jsonl", ".txt", ".parquet")
@@ -405,7 +405,9 @@ def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.Fi
     files = files + val_files
     fs, _ = storage.filesystem(files[0].uri, s3)
     paths = [storage.filesystem(f.uri, s3)[1] for f in files]
-    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
+    # One read task per file: small files would otherwise share a block, and files are the
+    # unit of parallelism (and of ordered error reporting) for the stages after the read.
+    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, override_num_blocks=len(paths))
     # Parsing yields many documents per file; the uri (not the bucket-relative path) names
     # the file in errors.
     uri_of = {p: f.uri for p, f in zip(paths, files)}
@@ -440,7 +442,9 @@ def bucket_keys(batch: dict, mode: str, num_perm: int, threshold: float) -> dict
             continue
         doc_keys = [b"exact:" + content_hash(text)]
         if hasher:
-            doc_keys += band_keys(hasher.signature(text), bands, rows)
+            sig = hasher.signature(text)
+            if not is_empty_signature(sig):  # no words (only punctuation): exact match only
+                doc_keys += band_keys(sig, bands, rows)
         keys += doc_keys
         files += [file] * len(doc_keys)
         lines += [line] * len(doc_keys)
@@ -504,7 +508,7 @@ def _document_stream(files, val_files, cfg: DataConfig, tokenizer, s3, tokenizer
     from ray.data import ActorPoolStrategy
 
     return ds.map_batches(TokenizeDocuments, fn_constructor_args=(tokenizer,), batch_format="pyarrow",
-                          batch_size=256, compute=ActorPoolStrategy(size=tokenizer_actors))
+                          batch_size=None, compute=ActorPoolStrategy(size=tokenizer_actors))
 
 
 def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None = None,

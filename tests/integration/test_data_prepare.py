@@ -166,7 +166,7 @@ def test_failed_prepare_leaves_nothing_that_looks_complete(ray_local, s3_prefix,
     """Shards are written before the bad record is reached (64 blocks per shard, small
     blocks), yet no manifest appears; a later good run commits and clears the debris."""
     p, _ = planted
-    many = [f"{x} (copy {i})" for i in range(6) for x in p[:30]]
+    many = [f"{x} (copy {i})" for i in range(20) for x in p[:30]]  # several tokenizer batches of 256
     upload(f"{s3_prefix}/corpus", {"a.jsonl": jsonl(*many), "z.jsonl": b'{"text": oops\n'})
     upload(f"{s3_prefix}/val", {"v.jsonl": jsonl(*p[34:40])})
     out = f"{s3_prefix}/prepared"
