@@ -466,6 +466,25 @@ def bucket_edges(group: dict) -> dict:
             "exact": np.array([exact] * len(rest), dtype=bool)}
 
 
+# Below this corpus size the buckets are formed on the driver from the streamed keys: the
+# keys of a few hundred MB of text fit in memory, and a distributed groupby's start-up
+# (shuffle actors) would cost more than the grouping itself.
+SMALL_CORPUS_BYTES = 256 * 2**20
+
+
+def _edges_on_driver(keys):
+    buckets: dict[bytes, dict] = {}
+    for b in keys.iter_batches(batch_format="numpy", batch_size=None):
+        for key, file, line, exact in zip(b["key"], b["file"].tolist(), b["line"].tolist(), b["exact"].tolist()):
+            g = buckets.setdefault(key, {"file": [], "line": [], "exact": exact})
+            g["file"].append(file)
+            g["line"].append(line)
+    for g in buckets.values():
+        if len(g["file"]) > 1:
+            yield bucket_edges({"file": np.array(g["file"]), "line": np.array(g["line"]),
+                                "exact": np.array([g["exact"]])})
+
+
 def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig,
                     s3=None) -> dict[tuple[int, int], str]:
     """First pass over the corpus: (file index, line) -> "exact_duplicate" or
@@ -473,18 +492,23 @@ def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileI
     files, then validation files, so a validation copy of training text is the one dropped).
 
     Hashing and MinHash run in parallel tasks; buckets are formed by a Ray Data groupby over
-    the whole corpus (across all shards); only the edges between duplicates reach the driver,
-    which joins them into clusters (union-find) and keeps each cluster's first document."""
+    the whole corpus (across all shards), or on the driver for small corpora; only the edges
+    between duplicates reach the union-find, which joins them into clusters and keeps each
+    cluster's first document."""
     import ray
 
     docs = _cleaned_documents(files, val_files, cfg, s3)
     keys = docs.map_batches(bucket_keys, fn_kwargs={"mode": cfg.dedup, "num_perm": cfg.minhash_perm,
                                                     "threshold": cfg.near_dup_threshold})
-    # One partition per CPU: Ray Data's default (200) is sized for clusters, not for a laptop.
-    partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    edges = keys.groupby("key", num_partitions=partitions).map_groups(bucket_edges, batch_format="numpy")
+    if sum(f.size for f in files + val_files) < SMALL_CORPUS_BYTES:
+        edges = _edges_on_driver(keys)
+    else:
+        # One partition per CPU: Ray Data's default (200) is sized for clusters, not a laptop.
+        partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        edges = keys.groupby("key", num_partitions=partitions).map_groups(
+            bucket_edges, batch_format="numpy").iter_batches(batch_format="numpy", batch_size=None)
     clusters, exact = UnionFind(), set()
-    for b in edges.iter_batches(batch_format="numpy", batch_size=None):
+    for b in edges:
         for af, al, bf, bl, ex in zip(b["a_file"].tolist(), b["a_line"].tolist(), b["b_file"].tolist(),
                                       b["b_line"].tolist(), b["exact"].tolist()):
             clusters.union((af, al), (bf, bl))

@@ -217,3 +217,19 @@ def test_cli_wrong_credentials_are_named_without_the_secret(s3_server, s3_prefix
     line = one_error_line(code, err)
     assert s3_prefix in line and "access denied" in line and "wrong-secret" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_groupby_and_driver_bucketing_find_the_same_duplicates(ray_local, s3_prefix, planted, monkeypatch):
+    """Large corpora form buckets with a distributed Ray Data groupby, small ones on the
+    driver; both must give the same verdicts."""
+    from raylm import data
+    from raylm.data import find_duplicates, list_corpus
+
+    upload(f"{s3_prefix}/corpus", planted[1])
+    cfg = data_cfg(f"{s3_prefix}/corpus", "")
+    files = list_corpus(cfg.path)
+    on_driver = find_duplicates(files, [], cfg)
+    monkeypatch.setattr(data, "SMALL_CORPUS_BYTES", 0)
+    distributed = find_duplicates(files, [], cfg)
+    # a.jsonl line 2 has a near copy at b.jsonl line 1; a.jsonl line 1 an exact one at c.jsonl line 1.
+    assert on_driver == distributed == {(1, 1): "near_duplicate", (2, 1): "exact_duplicate"}
