@@ -1,4 +1,11 @@
-"""Sampling from a checkpoint: load weights into a plain model, decode with a KV cache."""
+"""Sampling from a checkpoint: load weights into a plain model, decode with a static KV cache.
+
+Decoding is one prefill of the prompt, then one token per step through `last_logits` with the
+position as a 0-d device tensor (`start=pos`), so every step has the same shapes and no
+Python value that changes: `torch.compile(last_logits, mode="reduce-overhead")` captures it
+once as a CUDA graph (benchmarks/decode_throughput.py --compile), and the same function
+runs eagerly for `raylm generate`.
+"""
 
 from __future__ import annotations
 
@@ -51,25 +58,61 @@ def load_for_inference(uri: str, s3: S3Config | None = None, device: str = "cpu"
     return model, tok, meta
 
 
+def last_logits(model: Transformer, tokens: torch.Tensor, caches, start: int | torch.Tensor) -> torch.Tensor:
+    """Logits (B, vocab) for the last position of `tokens` (B, T), which continue the cached
+    sequence at `start`. The head runs on that position only: a prefill never builds the
+    (B, T, vocab) logits it would throw away.
+
+    `start` an int: the prefill (causal attention over the slice written so far). `start` a
+    0-d long tensor on the model's device: a fixed-shape decode step (see raylm.model.KVCache).
+    Nothing checks the length limit on the tensor path (reading the value would sync with the
+    device): callers keep start + T <= model.cfg.max_seq_len and <= the caches' length."""
+    h = model.hidden_states(tokens, caches, start)
+    return model.logits(h[:, -1])
+
+
+@torch.no_grad()
+def greedy_decode(model: Transformer, prompt: torch.Tensor, new_tokens: int, step=last_logits) -> torch.Tensor:
+    """(B, new_tokens) greedy continuations of `prompt` (B, P): one prefill, then fixed-shape
+    steps. `step` is `last_logits` or a compiled version of it."""
+    B, P = prompt.shape
+    if P + new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt of {P} + {new_tokens} new tokens exceeds model.max_seq_len={model.cfg.max_seq_len}")
+    caches = model.make_caches(B, P + new_tokens)
+    pos = torch.tensor(P, device=prompt.device)
+    nxt = step(model, prompt, caches, 0).argmax(-1, keepdim=True)
+    out = [nxt]
+    for _ in range(new_tokens - 1):
+        nxt = step(model, nxt, caches, pos).argmax(-1, keepdim=True)
+        pos += 1
+        out.append(nxt)
+    return torch.cat(out, dim=1)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
-             top_k: int = 50, eos_id: int | None = None, seed: int = 0) -> list[int]:
-    """Autoregressive sampling with a preallocated KV cache: one prefill, then one token a step."""
+             top_k: int = 50, eos_id: int | None = None, seed: int = 0, step=last_logits) -> list[int]:
+    """Autoregressive sampling with a preallocated KV cache: one prefill, then one token a step
+    through the fixed-shape path (`step`: `last_logits` or a compiled version of it)."""
     device = model.tok_embeddings.weight.device
     limit = model.cfg.max_seq_len
     prompt = prompt[-(limit - 1):] or [eos_id or 0]
     max_new_tokens = min(max_new_tokens, limit - len(prompt))
     gen = torch.Generator(device=device).manual_seed(seed)
     caches = model.make_caches(1, len(prompt) + max_new_tokens)
-    x = torch.tensor([prompt], device=device)
-    logits, _ = model(x, caches=caches, start=0)
-    out, pos = [], len(prompt)
-    for _ in range(max_new_tokens):
-        nxt = sample_token(logits[0, -1], temperature, top_k, gen)
+    logits = step(model, torch.tensor([prompt], device=device), caches, 0)
+    pos = torch.tensor(len(prompt), device=device)  # advanced in place: the step's inputs keep their shapes
+    x = torch.zeros((1, 1), dtype=torch.long, device=device)
+    out = []
+    for i in range(max_new_tokens):
+        nxt = sample_token(logits[0], temperature, top_k, gen)
         if eos_id is not None and nxt == eos_id:
             break
         out.append(nxt)
-        logits, _ = model(torch.tensor([[nxt]], device=device), caches=caches, start=pos)
+        if i == max_new_tokens - 1:
+            break  # the token is chosen; its logits would go unused
+        x.fill_(nxt)
+        logits = step(model, x, caches, pos)
         pos += 1
     return out
 
@@ -89,3 +132,11 @@ def complete(model: Transformer, tok: Tokenizer, prompts, max_new_tokens: int, t
     return [prompt + tok.decode(generate(model, tok.encode(prompt), max_new_tokens, temperature, top_k,
                                          tok.eos_id, seed + i))
             for i, prompt in enumerate(prompts)]
+
+
+def compile_decode_step(mode: str = "reduce-overhead"):
+    """`last_logits` under torch.compile: one graph for the prefill, one for every decode step
+    (fixed shapes, dynamic=False), each a CUDA graph on GPUs with mode="reduce-overhead"
+    (on CPU that mode is plain inductor). Call `torch.compiler.cudagraph_mark_step_begin()`
+    before each step when the previous step's outputs are no longer needed."""
+    return torch.compile(last_logits, mode=mode, fullgraph=True, dynamic=False)

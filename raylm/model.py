@@ -59,19 +59,46 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for incremental decoding: static shapes suit CUDA graphs."""
+    """Preallocated keys/values for incremental decoding, one per layer.
+
+    Two ways to write into it; `Attention` picks by the type of the position it is given:
+      update(start: int)       returns the keys/values up to the last written position, a
+                               slice whose length grows with the position: right for a
+                               prefill of any length (causal attention, flash kernels).
+      write(positions: tensor) scatters in place at a (T,) long tensor of positions on the
+                               device and returns the whole buffer: every decode step has
+                               the same shapes and no Python value that changes, which is
+                               what torch.compile captures once and CUDA graphs replay.
+                               `visible` masks the slots after each query's position, which
+                               hold zeros or stale keys from an earlier sequence.
+    """
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+        # Fixed addresses: CUDA graphs may then update the buffers in place instead of
+        # copying them in and out of the graph on every replay.
+        for t in (self.k, self.v, self.slots):
+            torch._dynamo.mark_static_address(t)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static-shape update: k/v (B, H, T, D) go to `positions` (T,); the full buffers return."""
+        self.k.index_copy_(2, positions, k.to(self.k.dtype))
+        self.v.index_copy_(2, positions, v.to(self.v.dtype))
+        return self.k, self.v
+
+    def visible(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T, max_len) boolean mask: query at position p sees slots 0..p and nothing later."""
+        return self.slots[None, :] <= positions[:, None]
 
 
 class Attention(nn.Module):
@@ -85,7 +112,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int | torch.Tensor = 0):
+        """`start`: the first query's position (int), or every query's position as a (T,)
+        long tensor for fixed-shape decoding into `cache` (see KVCache)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -94,7 +123,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):  # static shapes (see KVCache)
+            mask, causal = cache.visible(start), False
+            k, v = cache.write(start, k, v)
+        elif cache is not None:
             k, v = cache.update(start, k, v)
             if start > 0:  # queries at start..start+T-1 see every key up to their own position
                 causal = False
@@ -130,7 +162,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int | torch.Tensor = 0):
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, start)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -177,11 +209,21 @@ class Transformer(nn.Module):
         if not cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=cfg.dim ** -0.5)
 
-    def hidden_states(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0):
+    def hidden_states(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
+                      start: int | torch.Tensor = 0):
         T = tokens.shape[1]
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if isinstance(start, torch.Tensor):
+            # Static decoding: the first position as a 0-d long tensor on the device, so a
+            # compiled step is one graph for every position. Nothing here reads its value
+            # (that would sync with the device), so the caller checks the length limit.
+            if caches is None:
+                raise ValueError("a tensor `start` is for decoding into KV caches; pass caches=")
+            start = start.reshape(()) + torch.arange(T, device=tokens.device)
+            cos, sin = self.rope_cos[start], self.rope_sin[start]
+        else:
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, caches[i] if caches is not None else None, start)
@@ -191,10 +233,12 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, start: int = 0):
+                caches: list[KVCache] | None = None, start: int | torch.Tensor = 0):
         """Logits (B, T, vocab), and the mean next-token loss when `targets` is given.
 
-        Targets equal to -100 are ignored, which is how SFT masks prompt tokens."""
+        Targets equal to -100 are ignored, which is how SFT masks prompt tokens. With
+        `caches`, `tokens` continue the cached sequence at position `start`: an int, or a
+        0-d long tensor for fixed-shape decoding (see KVCache)."""
         logits = self.logits(self.hidden_states(tokens, caches, start))
         if targets is None:
             return logits, None

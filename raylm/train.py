@@ -663,8 +663,6 @@ def train_worker(config: dict) -> None:
             except BaseException as e:
                 on_uploaded(e)
                 raise
-            finally:
-                shutil.rmtree(local_dir, ignore_errors=True)
             on_uploaded()
             return persisted
 
@@ -672,7 +670,7 @@ def train_worker(config: dict) -> None:
         # and the uncommitted checkpoint is never loaded.
         ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         checkpoint_upload_fn=upload)
+                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
 
     batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
                           manifest["train"]["blocks"], consumed, device)

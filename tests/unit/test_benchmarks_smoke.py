@@ -78,6 +78,19 @@ def test_decode_throughput_cpu_smoke():
         assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_step"] > 0
 
 
+def test_decode_throughput_compiled_cpu_smoke():
+    """--compile (inductor on CPU; CUDA graphs need a GPU): two graphs, the prefill and one
+    decode step for every position, and the compiled step computes what the eager one does.
+    One batch size: each compiles in about a minute on a busy 2-core machine."""
+    out = _run("decode_throughput.py", "--device", "cpu", "--preset", "tiny", "--new-tokens", "6",
+               "--prompt-len", "8", "--batch-sizes", "3", "--compile")
+    assert [r["batch"] for r in out["results"]] == [3]
+    assert out["graphs_per_batch_size"] == 2, out["compile_stats"]
+    for r in out["results"]:
+        assert r["decode_tokens_per_s"] > 0
+        assert r["parity"]["max_abs_logit_diff"] < 1e-4 * max(1.0, r["parity"]["max_abs_logit"]), r["parity"]
+
+
 @pytest.fixture
 def one_thread():
     n = torch.get_num_threads()

@@ -1,0 +1,126 @@
+"""Decoding with the static KV cache: fixed shapes per step, correct masking, and the compiled
+step (what benchmarks/decode_throughput.py --compile runs) gives the tokens of the plain path."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from raylm.config import ModelConfig
+from raylm.generate import compile_decode_step, generate, greedy_decode, last_logits, sample_token
+from raylm.model import build_model
+
+CFG = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, ffn_multiple_of=16)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tokens(B, T, seed):
+    return torch.randint(0, CFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """No cache at all: the whole sequence through the model for every new token."""
+    seq = prompt
+    for _ in range(new_tokens):
+        logits, _ = model(seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@torch.no_grad()
+def test_static_steps_match_full_forward_whatever_the_unwritten_slots_hold(qk_norm):
+    """Teacher-forced: the logits of each fixed-shape step equal the full forward's. The slots
+    after the current position are filled with large garbage first (what a reused cache holds):
+    a mask that let a query see them would change every step."""
+    model = build_model(replace(CFG, qk_norm=qk_norm), seed=3).eval()
+    tokens = _tokens(2, 14, seed=4)
+    full, _ = model(tokens)
+    caches = model.make_caches(2, max_len=20)
+    g = torch.Generator().manual_seed(5)
+    for c in caches:
+        c.k.copy_(100 * torch.randn(c.k.shape, generator=g))
+        c.v.copy_(100 * torch.randn(c.v.shape, generator=g))
+    got = [last_logits(model, tokens[:, :5], caches, 0)]  # prefill: int start
+    pos = torch.tensor(5)
+    for t in range(5, 14):
+        got.append(last_logits(model, tokens[:, t:t + 1], caches, pos))
+        pos += 1
+    torch.testing.assert_close(torch.stack(got, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_static_prefill_and_multi_token_chunks_match_full_forward():
+    """The tensor path also takes several tokens at once (a prefill with start=tensor(0), then a
+    chunk): causal masking inside the chunk, and past the chunk."""
+    model = build_model(CFG, seed=6).eval()
+    tokens = _tokens(2, 12, seed=7)
+    full, _ = model(tokens)
+    caches = model.make_caches(2, max_len=16)
+    a, _ = model(tokens[:, :6], caches=caches, start=torch.tensor(0))
+    b, _ = model(tokens[:, 6:10], caches=caches, start=torch.tensor(6))
+    c, _ = model(tokens[:, 10:12], caches=caches, start=torch.tensor(10))
+    torch.testing.assert_close(torch.cat([a, b, c], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_start_without_caches_is_refused():
+    model = build_model(CFG, seed=0)
+    with pytest.raises(ValueError, match="caches"):
+        model(_tokens(1, 3, 0), start=torch.tensor(0))
+
+
+def test_greedy_decode_equals_recomputing_the_whole_sequence():
+    model = build_model(CFG, seed=8).eval()
+    prompt = _tokens(3, 7, seed=9)
+    got = greedy_decode(model, prompt, 12)
+    assert got.shape == (3, 12)
+    assert torch.equal(got, reference_greedy(model, prompt, 12))
+
+
+def test_compiled_decode_gives_the_plain_tokens_with_one_graph_for_all_steps(one_thread):
+    """The benchmark's compiled step: same greedy tokens as eager, and compiled exactly twice
+    (the prefill and the decode step) however many tokens follow. A position that reached the
+    graph as a Python int would recompile at every step (or go dynamic), which CUDA graphs
+    cannot capture once."""
+    from torch._dynamo.utils import counters
+
+    model = build_model(CFG, seed=10).eval()
+    prompt = _tokens(2, 5, seed=11)
+    eager = greedy_decode(model, prompt, 9)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = greedy_decode(model, prompt, 9, step=compile_decode_step())
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def reference_sample(model, prompt: list[int], n: int, temperature: float, top_k: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    seq = list(prompt)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([seq]))
+        seq.append(sample_token(logits[0, -1], temperature, top_k, gen))
+    return seq[len(prompt):]
+
+
+@torch.no_grad()
+def test_generate_samples_what_the_uncached_model_would():
+    model = build_model(CFG, seed=12).eval()
+    prompt = [5, 17, 3, 40]
+    greedy = reference_greedy(model, torch.tensor([prompt]), 10)[0].tolist()
+    assert generate(model, prompt, 10, temperature=0.0) == greedy
+    sampled = reference_sample(model, prompt, 10, 0.9, 20, 3)
+    assert generate(model, prompt, 10, temperature=0.9, top_k=20, seed=3) == sampled
+    # Clamped to the model's context; an EOS ends it early.
+    assert len(generate(model, prompt, 100, temperature=0.0)) == CFG.max_seq_len - len(prompt)
+    first = generate(model, prompt, 1, temperature=0.0)[0]
+    assert generate(model, prompt, 10, temperature=0.0, eos_id=first) == []
