@@ -237,10 +237,10 @@ class TrainConfig:
             raise ConfigError(f"train.on_spike={self.on_spike!r}: expected log, stop or rollback")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision={self.precision!r}: expected auto, bf16 or fp32")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.global_batch_size % (self.micro_batch_size * self.num_workers):
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.micro_batch_size}"
+                f"train.micro_batch_size * train.num_workers = {self.micro_batch_size} * {self.num_workers}"
             )
 
 

@@ -129,8 +129,20 @@ def parse_documents(path: str, raw: bytes, text_field: str):
             yield i, DataError(f"{where}: no field {text_field!r} (found: {keys}); set data.text_field")
         elif not isinstance(record[text_field], str):
             yield i, DataError(f"{where}: field {text_field!r} is {type(record[text_field]).__name__}, not a string")
+        elif not _encodable(record[text_field]):
+            yield i, DataError(f"{where}: field {text_field!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                               f"not text")
         else:
             yield i, record[text_field]
+
+
+def _encodable(text: str) -> bool:
+    """JSON may escape lone surrogates ("\\ud800"), which no UTF-8 consumer downstream accepts."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 # --------------------------------------------------------------------------- cleaning
@@ -173,7 +185,7 @@ def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val
             out[k].append(v)
 
     for path, raw in zip(batch["path"], batch["bytes"]):
-        n, file = 0, (order or {}).get(path, 0)
+        n, file = 0, order[path] if order is not None else 0
         force_val = path in val_files
         for line, doc in parse_documents(path, raw, cfg.text_field):
             n += 1
@@ -418,7 +430,10 @@ def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.Fi
 
 
 def _with_uris(batch: dict, uri_of: dict) -> dict:
-    batch["path"] = np.array([uri_of.get(p, p) for p in batch["path"]], dtype=object)
+    unknown = [p for p in batch["path"] if p not in uri_of]
+    if unknown:  # file indices key the duplicate verdicts: a guess would corrupt them
+        raise DataError(f"{unknown[0]}: Ray Data read a path that the corpus listing did not name")
+    batch["path"] = np.array([uri_of[p] for p in batch["path"]], dtype=object)
     return batch
 
 
@@ -545,6 +560,9 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
 
     files = list_corpus(cfg.path, s3)
     val_files = list_corpus(cfg.val_path, s3) if cfg.val_path else []
+    both = {f.uri for f in files} & {f.uri for f in val_files}
+    if both:
+        raise DataError(f"{sorted(both)[0]}: in both data.path and data.val_path; validation text must be held out")
     key = dataset_key(files, val_files, cfg, tokenizer.sha256, seed)
     existing = read_manifest(out, s3)
     if existing and existing.get("key") == key:
@@ -623,8 +641,8 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
                                                "max_bad_records")},
         "stats": stats.to_dict(),
     }
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), s3)
     storage.write_text(storage.join(out, DATACARD), datacard(manifest), s3)
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), s3)  # last: the commit
     _remove_stale_attempts(out, rel, s3)
     log(summary_line(stats))
     for bad in stats.bad_records[:10]:
@@ -683,7 +701,7 @@ def datacard(manifest: dict) -> str:
         *[f"| `{s['uri']}` | {s['size']} | `{s['etag']}` |" for s in manifest["sources"][:50]],
         *[f"| `{s['uri']}` (validation) | {s['size']} | `{s['etag']}` |" for s in manifest["val_sources"][:50]],
     ]
-    if len(manifest["sources"]) + len(manifest["val_sources"]) > 100:
+    if len(manifest["sources"]) > 50 or len(manifest["val_sources"]) > 50:
         lines.append(f"| ... | | (all {len(manifest['files'])} files are listed in {MANIFEST}) |")
     drops = st["dropped"]
     lines += [

@@ -11,6 +11,7 @@ position is a count of consumed blocks, so a resumed run repeats the uninterrupt
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -378,7 +379,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 raise FloatingPointError(f"step {step}: loss spike {stats.loss:.4f} and train.on_spike=stop")
             if tc.on_spike == "rollback":
                 rollbacks += 1
-                step = rollback(cfg, model, optimizer, saver, step, rollbacks, metrics_log, log)
+                step = rollback(cfg, model, optimizer, saver, step, batches.consumed, rollbacks, metrics_log, log)
                 continue
         if tc.timeout_s and time.time() - t_start > tc.timeout_s:
             raise TimeoutError(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
@@ -422,7 +423,10 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     return last
 
 
-def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int, rollbacks: int,
+ROLLBACK = "rollback.json"
+
+
+def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int, consumed: int, rollbacks: int,
              metrics_log: MetricsLog | None, log) -> int:
     """train.on_spike=rollback: restore model and optimizer from the newest complete
     checkpoint and go on from its step, with the data stream where it is now. The batches
@@ -438,6 +442,11 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
         raise FloatingPointError(f"step {step}: loss spike and train.on_spike=rollback, "
                                  f"but no complete checkpoint to roll back to yet")
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
+    if rank == 0:
+        # A restart before the next checkpoint must not replay the batches that caused the
+        # spike: resuming from this checkpoint takes the data position from here.
+        storage.write_text(storage.join(cfg.run_dir, ROLLBACK), json.dumps(
+            {"checkpoint": checkpoint.checkpoint_name(meta["step"]), "consumed_blocks": consumed}), cfg.s3)
     if metrics_log is not None:
         metrics_log.truncate(meta["step"])
         metrics_log.log({"kind": "rollback", "step": meta["step"], "spike_step": step, "checkpoint": ckpt})
@@ -446,7 +455,7 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
 
 
 class _Upload:
-    """A background upload's outcome; its error, if any, is raised in the training thread."""
+    """A background upload's outcome: 0 pending, 1 done, -1 failed (with its error)."""
 
     def __init__(self):
         self.event, self.error = threading.Event(), None
@@ -455,14 +464,10 @@ class _Upload:
         self.error = error
         self.event.set()
 
-    def done(self) -> bool:
-        if self.event.is_set() and self.error is not None:
-            raise self.error
-        return self.event.is_set()
-
-    def wait(self) -> None:
-        self.event.wait()
-        self.done()
+    def status(self) -> int:
+        if not self.event.is_set():
+            return 0
+        return -1 if self.error is not None else 1
 
 
 class CheckpointSaver:
@@ -480,7 +485,8 @@ class CheckpointSaver:
         # DCP's background thread synchronises ranks too; on the training group its
         # collectives could interleave with the step's (a hang), so it gets a gloo group.
         self.group = dist.new_group(backend="gloo") if self.use_async and dist.is_initialized() else None
-        self.pending: tuple | None = None  # (uri, meta, uploaded event, t0)
+        self.pending: tuple | None = None  # (uri, meta, _Upload or None, t0)
+        self.device = torch.device("cpu")
         self.blocking_s = 0.0  # time training spent waiting on checkpoints
 
     def save(self, model, optimizer, step: int, consumed: int, metrics: dict) -> None:
@@ -492,6 +498,7 @@ class CheckpointSaver:
                 **self.hooks.checkpoint_meta}
         name = checkpoint.checkpoint_name(step)
         uri = storage.join(self.cfg.run_dir, name)
+        self.device = next(model.parameters()).device
         local = tempfile.mkdtemp(prefix=f"raylm-{name}-r{rank}-")
         try:
             written = checkpoint.write_local(model, optimizer, meta, local, self.group, self.use_async)
@@ -509,14 +516,19 @@ class CheckpointSaver:
                 shutil.rmtree(local, ignore_errors=True)
             self.blocking_s += time.perf_counter() - t0
 
+    def _all_status(self, upload: _Upload) -> int:
+        """The lowest upload status over ranks, so that every rank acts alike: all commit,
+        all wait, or all raise. The flag lives on the training device (NCCL has no CPU path)."""
+        status = torch.tensor(float(upload.status()), device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(status, op=dist.ReduceOp.MIN)
+        if status.item() < 0:
+            raise RuntimeError(f"checkpoint upload failed: {upload.error or 'on another rank'}")
+        return int(status.item())
+
     def poll(self) -> None:
         """Commit the in-flight checkpoint if every rank has uploaded its part (never waits)."""
-        if self.pending is None:
-            return
-        done = torch.tensor(float(self.pending[2].done()))
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        if done.item() == 1.0:
+        if self.pending is not None and self.pending[2] is not None and self._all_status(self.pending[2]) == 1:
             self._commit()
 
     def finish(self) -> None:
@@ -525,7 +537,8 @@ class CheckpointSaver:
             return
         upload = self.pending[2]
         if upload is not None:
-            upload.wait()
+            upload.event.wait()
+            self._all_status(upload)
         self._commit()
 
     def _commit(self) -> None:
@@ -570,10 +583,18 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     if meta["global_batch_size"] != cfg.train.global_batch_size:
         raise ValueError(f"{ckpt}: written with train.global_batch_size={meta['global_batch_size']}, "
                          f"now {cfg.train.global_batch_size}; resuming needs the same global batch")
+    consumed = meta["consumed_blocks"]
+    marker = _broadcast(_read_json(storage.join(cfg.run_dir, ROLLBACK), cfg.s3) if rank == 0 else None)
+    if marker and marker["checkpoint"] == checkpoint.checkpoint_name(meta["step"]):
+        consumed = marker["consumed_blocks"]  # a spike rollback had moved the data on
     if rank == 0:
-        log(f"resumed from {ckpt} (step {meta['step']}, {meta['consumed_blocks']} blocks consumed, "
+        log(f"resumed from {ckpt} (step {meta['step']}, {consumed} blocks consumed, "
             f"written by {meta['world_size']} workers)")
-    return model, optimizer, meta["step"], meta["consumed_blocks"]
+    return model, optimizer, meta["step"], consumed
+
+
+def _read_json(uri: str, s3) -> dict | None:
+    return json.loads(storage.read_text(uri, s3)) if storage.exists(uri, s3) else None
 
 
 def checkpoint_facts(cfg: Config, manifest: dict | None) -> dict:
@@ -656,25 +677,27 @@ def train_worker(config: dict) -> None:
             return
 
         def upload(ckpt, dir_name: str):  # runs in Ray Train's upload thread
-            try:
-                if written is not None:
-                    written.result()  # DCP's background write has finished
-                persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
-            except BaseException as e:
-                on_uploaded(e)
-                raise
+            if written is not None:
+                written.result()  # DCP's background write has finished
+            persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
             on_uploaded()
             return persisted
 
-        # A failed background upload fails this worker (Ray raises it in the training thread),
-        # and the uncommitted checkpoint is never loaded.
+        # Ray retries a failed upload and, after the last attempt, fails this worker (the
+        # worker group restarts or the run ends); the uncommitted checkpoint is never loaded.
         ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                          checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
 
     batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
                           manifest["train"]["blocks"], consumed, device)
-    hooks = Hooks(report=lambda m: ray.train.report(m), publish_checkpoint=publish, val_batches=val_batches,
+    def report(metrics: dict) -> None:
+        # Ray delivers reports in order: a synchronous one would wait for an async
+        # checkpoint upload still in flight, stalling training after all.
+        mode = ray.train.CheckpointUploadMode.ASYNC if tc.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint_upload_mode=mode)
+
+    hooks = Hooks(report=report, publish_checkpoint=publish, val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
     fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start_step,
         device_name(device), log)

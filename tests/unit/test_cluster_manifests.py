@@ -1,0 +1,445 @@
+"""cluster/: the launcher config and KubeRay manifests are valid, runnable and on the pinned Ray.
+
+What would otherwise fail only on a real cluster, checked without one:
+
+- each KubeRay manifest validates against the operator's CRD schema (the served `v1`
+  version, from ../shared/kuberay-crds), strictly: an unknown field is an error, as under
+  `kubectl apply --validate=strict`, instead of being dropped. The CEL rules
+  (`x-kubernetes-validations`) are not evaluated;
+- the cluster-launcher config validates against Ray's own schema (what `ray up` checks first);
+- one Ray version everywhere: pyproject.toml pins it (`ray[...]==2.60.*`), and the Dockerfile's
+  base image, every `rayVersion`, every image tag and every version in a comment agree;
+- every job command (a RayJob's entrypoint, and the commands written in comments) runs a file
+  in jobs/, parses with raylm's own CLI parser, loads as a raylm config, and fits its cluster:
+  shared storage, a global batch divisible by micro-batch x workers, GPUs for every worker;
+- head and workers get the same S3 settings, and no credential is written into any file.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib.util
+import io
+import json
+import re
+import shlex
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from raylm.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+LAUNCHER = CLUSTER / "aws-gpu.yaml"
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+ALL_FILES = sorted(CLUSTER.rglob("*.yaml"))
+CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+
+# GPUs of the instance types the launcher config uses or suggests; the autoscaler reads them
+# from AWS, so the test needs its own copy to check that a job's workers fit.
+GPUS_PER_INSTANCE = {"g5.12xlarge": 4, "g5.48xlarge": 8, "p4d.24xlarge": 8, "p5.48xlarge": 8}
+
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def _docs(path: Path) -> list[dict]:
+    docs = [d for d in yaml.load_all(path.read_text(), Loader=Loader) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs), f"{_rel(path)}: expected YAML mappings"
+    return docs
+
+
+def _walk(node, path=()):
+    """Yield (path, mapping) for every mapping in a parsed YAML document."""
+    if isinstance(node, dict):
+        yield path, node
+        for k, v in node.items():
+            yield from _walk(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, (*path, i))
+
+
+def _ids(paths):
+    return [_rel(p) for p in paths]
+
+
+def test_cluster_layout():
+    """The files the README names exist, so the parametrized checks below cannot pass empty."""
+    assert LAUNCHER.is_file()
+    kinds = {d["kind"] for p in KUBERAY for d in _docs(p)}
+    assert {"RayCluster", "RayJob"} <= kinds, kinds
+    # One purpose per file: one resource each.
+    for p in KUBERAY:
+        assert len(_docs(p)) == 1, f"{_rel(p)}: one resource per file"
+
+
+# --------------------------------------------------------------------------- the Ray version
+
+
+def _ray_pin():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [Requirement(d) for d in deps if Requirement(d).name == "ray"]
+    assert len(pins) == 1, f"pyproject.toml: expected one ray requirement, found {deps}"
+    spec = pins[0].specifier
+    assert len(spec) == 1 and next(iter(spec)).operator == "==", f"pyproject.toml: pin ray with ==, not {spec}"
+    return spec
+
+
+def _ray_version() -> str:
+    """The Ray release the images run: the Dockerfile's base image, inside the pyproject pin."""
+    spec = _ray_pin()
+    found = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", (REPO / "Dockerfile").read_text()))
+    assert len(found) == 1, f"Dockerfile: expected one rayproject/ray version, found {sorted(found)}"
+    (version,) = found
+    assert spec.contains(version), f"Dockerfile: rayproject/ray:{version} is outside pyproject's ray{spec}"
+    return version
+
+
+def test_dockerfile_and_readme_follow_the_pyproject_pin():
+    version = _ray_version()
+    readme = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", (REPO / "README.md").read_text()))
+    assert readme <= {version}, f"README.md names rayproject/ray:{sorted(readme)}, the Dockerfile {version}"
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=_ids(ALL_FILES))
+def test_manifest_runs_the_pinned_ray(path):
+    version, spec = _ray_version(), _ray_pin()
+    pinned = str(next(iter(spec)).version)  # e.g. "2.60.*"
+    bad = []
+    for doc in _docs(path):
+        for where, node in _walk(doc):
+            if "rayVersion" in node and node["rayVersion"] != version:
+                bad.append(f"{'.'.join(map(str, where))}.rayVersion={node['rayVersion']!r}")
+            for key in ("image", "head_image", "worker_image"):
+                image = node.get(key)
+                if not isinstance(image, str):
+                    continue
+                name, _, tag = image.rpartition(":")
+                if not name or "/" in tag:
+                    bad.append(f"{key} {image!r} has no tag; tag it with the Ray version {version}")
+                elif tag != version and not tag.startswith(version + "-"):
+                    bad.append(f"{key} {image!r}: the tag must be {version} or start with {version}-")
+    text = path.read_text()  # comments too: the build and install commands in the headers
+    for tag in re.findall(r"(?:/raylm|rayproject/ray):([\w.\-]+)", text):
+        if tag != version and not tag.startswith(version + "-"):
+            bad.append(f"image tag {tag!r} in the text")
+    for pin in re.findall(r"\bray(?:\[[\w,]*\])?==([\w.*]+)", text):
+        if pin != pinned and (pin.endswith("*") or not spec.contains(pin)):
+            bad.append(f"ray=={pin} in the text, pyproject pins ray{spec}")
+    for cluster in _ray_clusters(path):
+        if cluster and "rayVersion" not in cluster:
+            bad.append("a Ray cluster spec without rayVersion")
+    assert not bad, f"{_rel(path)} is not on Ray {version} (pyproject.toml: ray{spec}):\n  " + "\n  ".join(bad)
+
+
+# --------------------------------------------------------------------------- KubeRay CRD schemas
+
+
+def _strict(schema: dict) -> dict:
+    """A copy of an OpenAPI v3 schema in which objects with declared fields refuse others.
+
+    The API server prunes unknown fields silently (a misspelt `shutdownAfterJobFinish` would
+    just vanish); this makes them errors, as `kubectl apply --validate=strict` does. Maps
+    (`additionalProperties`) and `x-kubernetes-preserve-unknown-fields` objects stay open."""
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {k: _strict(v) for k, v in out["properties"].items()}
+        if "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = _strict(out[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [_strict(s) for s in out[key]]
+    return out
+
+
+def _int_format(bits: int):
+    def check(value) -> bool:
+        return not isinstance(value, int) or -(2 ** (bits - 1)) <= value < 2 ** (bits - 1)
+    return check
+
+
+@lru_cache(maxsize=None)
+def _crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    path = CRD_DIR / f"ray.io_{kind.lower()}s.yaml"
+    assert path.is_file(), f"no CRD for kind {kind!r} in {CRD_DIR}"
+    crd = yaml.load(path.read_text(), Loader=Loader)
+    assert crd["spec"]["names"]["kind"] == kind
+    served = [v for v in crd["spec"]["versions"] if v["name"] == "v1" and v.get("served")]
+    assert served, f"{path.name}: no served v1 version"
+    # Formats: only the integer widths are checked; others (int-or-string quantities are
+    # `anyOf` integer/string, date-time, ...) are left alone, as jsonschema does by default.
+    formats = jsonschema.FormatChecker(formats=())
+    formats.checks("int32")(_int_format(32))
+    formats.checks("int64")(_int_format(64))
+    return jsonschema.Draft4Validator(_strict(served[0]["schema"]["openAPIV3Schema"]), format_checker=formats)
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=_ids(KUBERAY))
+def test_kuberay_manifest_matches_crd_schema(path):
+    if not CRD_DIR.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (ray.io_rayclusters.yaml, ray.io_rayjobs.yaml, ...)")
+    for doc in _docs(path):
+        assert doc.get("apiVersion") == "ray.io/v1", f"{_rel(path)}: apiVersion must be ray.io/v1"
+        errors = sorted(_crd_validator(doc["kind"]).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+        msgs = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}" for e in errors]
+        assert not msgs, f"{_rel(path)} ({doc['kind']}) does not match the CRD:\n  " + "\n  ".join(msgs[:10])
+        # ObjectMeta is not in the CRD schema; the API server wants a DNS-1123 name, and
+        # KubeRay derives service names from it.
+        name = doc.get("metadata", {}).get("name", "")
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,46}[a-z0-9])?", name), f"{_rel(path)}: metadata.name {name!r}"
+
+
+# --------------------------------------------------------------------------- cluster shape
+
+
+def _ray_clusters(path: Path) -> list[dict]:
+    """The RayCluster specs a KubeRay file defines (a RayCluster's spec, a RayJob's rayClusterSpec)."""
+    out = []
+    for doc in _docs(path):
+        if doc.get("kind") == "RayCluster":
+            out.append(doc["spec"])
+        elif doc.get("kind") in ("RayJob", "RayService"):
+            out.append(doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig"))
+    return out
+
+
+def _ray_containers(cluster: dict) -> list[tuple[str, dict]]:
+    """(group, container) for the Ray container of the head and of each worker group: KubeRay
+    runs Ray in the first container of each pod template."""
+    out = [("head", cluster["headGroupSpec"]["template"]["spec"]["containers"][0])]
+    for group in cluster.get("workerGroupSpecs", []):
+        out.append((group["groupName"], group["template"]["spec"]["containers"][0]))
+    return out
+
+
+def _gpu_capacity(cluster: dict) -> int:
+    """GPUs the cluster can offer a job: replicas, or maxReplicas when the autoscaler runs."""
+    total = 0
+    for group in cluster.get("workerGroupSpecs", []):
+        pods = group["maxReplicas"] if cluster.get("enableInTreeAutoscaling") else group.get("replicas", 0)
+        limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        total += pods * int(limits.get("nvidia.com/gpu", 0))
+    return total
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=_ids(KUBERAY))
+def test_kuberay_cluster_shape(path):
+    """What the operator checks on creation, and the S3 settings every Ray pod needs."""
+    for cluster in _ray_clusters(path):
+        groups = [g["groupName"] for g in cluster.get("workerGroupSpecs", [])]
+        assert len(groups) == len(set(groups)), f"{_rel(path)}: worker group names repeat: {groups}"
+        for g in cluster.get("workerGroupSpecs", []):
+            lo, n, hi = g["minReplicas"], g.get("replicas", g["minReplicas"]), g["maxReplicas"]
+            assert lo <= n <= hi, f"{_rel(path)}: group {g['groupName']}: need minReplicas <= replicas <= maxReplicas"
+        # Head and workers all talk to S3 (the driver reads the corpus, workers write checkpoint
+        # shards): one missing credential or endpoint shows up only mid-run.
+        s3_env = {group: [e for e in c.get("env", []) if e["name"].startswith("AWS_")]
+                  for group, c in _ray_containers(cluster)}
+        assert s3_env["head"], f"{_rel(path)}: the head has no AWS_* settings"
+        for group, env in s3_env.items():
+            assert env == s3_env["head"], f"{_rel(path)}: group {group}'s AWS_* env differs from the head's"
+
+
+def test_rayjob_ends_and_cleans_up():
+    """A RayJob on its own cluster that is deleted afterwards, with a deadline and a retry budget."""
+    jobs = [(p, d) for p in KUBERAY for d in _docs(p) if d["kind"] == "RayJob"]
+    assert jobs
+    for path, job in jobs:
+        spec = job["spec"]
+        assert "rayClusterSpec" in spec and "clusterSelector" not in spec, f"{_rel(path)}: needs its own cluster"
+        assert spec.get("shutdownAfterJobFinishes") is True, f"{_rel(path)}: GPUs would outlive the job"
+        assert spec.get("activeDeadlineSeconds", 0) > 0, f"{_rel(path)}: no activeDeadlineSeconds"
+        assert "backoffLimit" in spec and "backoffLimit" in spec.get("submitterConfig", {}), _rel(path)
+
+
+def test_launcher_config_matches_ray_schema():
+    """What `ray up` validates before touching AWS."""
+    config = yaml.safe_load(LAUNCHER.read_text())
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"):
+        assert key in config, f"{_rel(LAUNCHER)}: missing {key}"
+    ray_dir = Path(importlib.util.find_spec("ray").origin).parent  # without importing ray
+    schema = json.loads((ray_dir / "autoscaler" / "ray-schema.json").read_text())
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+              for e in jsonschema.Draft7Validator(schema).iter_errors(config)]
+    assert not errors, f"{_rel(LAUNCHER)} does not match Ray's cluster schema:\n  " + "\n  ".join(errors)
+    # The further checks of ray.autoscaler._private.util.validate_config.
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types, f"{_rel(LAUNCHER)}: head_node_type is not a node type"
+    assert sum(t.get("min_workers", 0) for t in types.values()) <= config["max_workers"]
+    assert config["provider"]["type"] == "aws"
+    # raylm's S3 client needs the region inside the container; it must be the cluster's own.
+    region = [o for o in config["docker"]["run_options"] if "AWS_REGION=" in o]
+    assert region == [f"--env AWS_REGION={config['provider']['region']}"], (
+        f"{_rel(LAUNCHER)}: docker.run_options must set AWS_REGION to provider.region, found {region}")
+
+
+def _launcher_gpu_capacity(config: dict) -> int:
+    total = 0
+    for name, t in config["available_node_types"].items():
+        if name == config["head_node_type"]:
+            continue
+        itype = t["node_config"]["InstanceType"]
+        gpus = t.get("resources", {}).get("GPU", GPUS_PER_INSTANCE.get(itype))
+        assert gpus is not None, f"{_rel(LAUNCHER)}: add {itype}'s GPU count to GPUS_PER_INSTANCE"
+        total += min(t.get("max_workers", config["max_workers"]), config["max_workers"]) * gpus
+    return total
+
+
+# --------------------------------------------------------------------------- job commands
+
+
+def _comment_commands(text: str) -> list[str]:
+    """Commands written in comments that run a job: `python ... jobs/*.py`, continuation
+    lines joined."""
+    lines, cur = [], ""
+    for raw in text.splitlines():
+        s = raw.strip()
+        if not s.startswith("#"):
+            cur = ""
+            continue
+        s = s.lstrip("#").strip()
+        cur += s
+        if cur.endswith("\\"):
+            cur = cur[:-1] + " "
+            continue
+        lines.append(cur)
+        cur = ""
+    return [ln for ln in lines if re.search(r"\bpython[\d.]*\s+\S*jobs/\S+\.py", ln)]
+
+
+def _job_commands(path: Path) -> list[tuple[str, str]]:
+    """(where, command) for each job a file would run: entrypoints and commands in comments."""
+    out = [(f"comment in {_rel(path)}", c) for c in _comment_commands(path.read_text())]
+    for doc in _docs(path):
+        if "entrypoint" in doc.get("spec", {}):
+            out.append((f"{_rel(path)} spec.entrypoint", doc["spec"]["entrypoint"]))
+    return out
+
+
+def _job_subcommand(job: Path) -> list[str]:
+    """The subcommand a jobs/*.py file hands to raylm.cli.main, read from its source."""
+    for node in ast.walk(ast.parse(job.read_text())):
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "main" and node.args
+                and isinstance(node.args[0], ast.List)):
+            return [e.value for e in node.args[0].elts if isinstance(e, ast.Constant)]
+    raise AssertionError(f"{_rel(job)}: no main([...]) call to read the subcommand from")
+
+
+def _dockerfile_paths() -> tuple[str, str]:
+    text = (REPO / "Dockerfile").read_text()
+    workdir = re.findall(r"^WORKDIR\s+(\S+)", text, re.M)[-1]
+    return workdir.rstrip("/"), text
+
+
+def _resolve_job(where: str, command: str) -> tuple[Path, Config]:
+    """The repository file a job command runs and the config it would run with; fails the
+    test with the command when the script is missing or the arguments do not parse."""
+    from raylm.cli import build_parser
+
+    argv = shlex.split(command, comments=True)
+    if "--" in argv:  # `ray job submit ... -- python ...`
+        argv = argv[argv.index("--") + 1:]
+    assert argv and re.fullmatch(r"python[\d.]*", argv[0]), f"{where}: expected `python jobs/...`: {command}"
+    script = argv[1]
+    if script.startswith("/"):
+        # A path inside the image: it must be where the Dockerfile puts the repository.
+        workdir, dockerfile = _dockerfile_paths()
+        assert script.startswith(workdir + "/"), f"{where}: {script} is not under the image's WORKDIR {workdir}"
+        script = script[len(workdir) + 1:]
+        top = script.split("/")[0]
+        assert re.search(rf"^COPY\b.*\s{top}/?\s+(\./)?{top}/?\s*$", dockerfile, re.M), (
+            f"{where}: the Dockerfile does not copy {top}/ into {workdir}")
+    job = REPO / script
+    assert script.startswith("jobs/") and job.is_file(), f"{where}: {script} is not a file in jobs/"
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args([*_job_subcommand(job), *argv[2:]])
+    except SystemExit:
+        pytest.fail(f"{where}: raylm's CLI refuses the arguments: {err.getvalue().strip().splitlines()[-1]}")
+    overrides = list(args.overrides)
+    if getattr(args, "data", None):
+        overrides.append(f"data.path={args.data}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        pytest.fail(f"{where}: {e}")
+    return job, cfg
+
+
+def _check_fits(where: str, cfg: Config, gpus: int) -> None:
+    """What the config's own validation leaves to the run: checks that would fail it on the
+    cluster, minutes or hours in."""
+    tc = cfg.train
+    assert cfg.storage.startswith("s3://"), (
+        f"{where}: storage={cfg.storage!r}; every node writes checkpoint shards, so it must be s3://")
+    assert not cfg.data.path or cfg.data.path.startswith("s3://"), (
+        f"{where}: data.path={cfg.data.path!r} exists only on the machine that submits the job")
+    assert tc.global_batch_size % (tc.micro_batch_size * tc.num_workers) == 0, (
+        f"{where}: train.global_batch_size={tc.global_batch_size} is not a multiple of "
+        f"train.micro_batch_size * train.num_workers = {tc.micro_batch_size} * {tc.num_workers}")
+    if not cfg.tokenizer.path:  # the run trains a tokenizer of exactly tokenizer.vocab_size ids
+        try:
+            cfg.model.with_vocab(cfg.tokenizer.vocab_size)
+        except ConfigError as e:
+            pytest.fail(f"{where}: {e}")
+    if gpus:
+        assert tc.use_gpu, f"{where}: the cluster has {gpus} GPUs but train.use_gpu is false"
+    if tc.use_gpu:
+        assert tc.num_workers <= gpus, f"{where}: train.num_workers={tc.num_workers} needs more GPUs than the {gpus} here"
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=_ids(ALL_FILES))
+def test_job_commands_run_real_jobs_that_fit(path):
+    commands = _job_commands(path)
+    assert commands, f"{_rel(path)}: no job command (an entrypoint, or a `python jobs/...` line in the header)"
+    if path == LAUNCHER:
+        gpus = _launcher_gpu_capacity(yaml.safe_load(path.read_text()))
+    else:
+        (cluster,) = _ray_clusters(path)
+        gpus = _gpu_capacity(cluster)
+    for where, command in commands:
+        _, cfg = _resolve_job(where, command)
+        _check_fits(where, cfg, gpus)
+
+
+# --------------------------------------------------------------------------- secrets
+
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
+# A literal after an AWS credential variable (not a $reference), or an AWS access key id.
+_SECRET_TEXT = re.compile(
+    r"(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|AWS_SESSION_TOKEN)\s*[=:]\s*[\"']?[^\s\"'$]"
+    r"|\b(AKIA|ASIA)[0-9A-Z]{16}\b"
+)
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=_ids(ALL_FILES))
+def test_no_inline_secrets(path):
+    """Credentials come from a Kubernetes Secret or an instance role, never from these files."""
+    bad = []
+    for doc in _docs(path):
+        for where, node in _walk(doc):
+            name = node.get("name")
+            if isinstance(name, str) and _SECRET_NAME.search(name) and "value" in node:
+                bad.append(f"{'.'.join(map(str, where))}: {name} has a literal value; use valueFrom.secretKeyRef")
+            if isinstance(name, str) and name.startswith("AWS_") and "valueFrom" in node:
+                ref = node["valueFrom"].get("secretKeyRef")
+                if _SECRET_NAME.search(name) and not ref:
+                    bad.append(f"{'.'.join(map(str, where))}: {name} must come from a secretKeyRef")
+    for m in _SECRET_TEXT.finditer(path.read_text()):
+        bad.append(f"literal credential in the text: {m.group(0)[:40]!r}")
+    assert not bad, f"{_rel(path)}:\n  " + "\n  ".join(bad)
