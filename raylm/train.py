@@ -454,14 +454,24 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
     return meta["step"]
 
 
+def local_files(local_dir: str) -> dict[str, int]:
+    """{relative path: size} of a rank's checkpoint files: what storage must hold before commit."""
+    out = {}
+    for root, _, names in os.walk(local_dir):
+        for n in names:
+            path = os.path.join(root, n)
+            out[os.path.relpath(path, local_dir)] = os.path.getsize(path)
+    return out
+
+
 class _Upload:
     """A background upload's outcome: 0 pending, 1 done, -1 failed (with its error)."""
 
     def __init__(self):
-        self.event, self.error = threading.Event(), None
+        self.event, self.error, self.files = threading.Event(), None, {}
 
-    def __call__(self, error: BaseException | None = None) -> None:
-        self.error = error
+    def __call__(self, error: BaseException | None = None, files: dict | None = None) -> None:
+        self.error, self.files = error, files or {}
         self.event.set()
 
     def status(self) -> int:
@@ -508,9 +518,10 @@ class CheckpointSaver:
                 self.pending = (uri, meta, uploaded, t0)
                 local = None  # the upload removes it
             else:
+                files = local_files(local)
                 self.hooks.publish_checkpoint(local, name, metrics, None, None)
                 self.pending = (uri, meta, None, t0)
-                self._commit()
+                self._commit(files)
         finally:
             if local:
                 shutil.rmtree(local, ignore_errors=True)
@@ -529,7 +540,7 @@ class CheckpointSaver:
     def poll(self) -> None:
         """Commit the in-flight checkpoint if every rank has uploaded its part (never waits)."""
         if self.pending is not None and self.pending[2] is not None and self._all_status(self.pending[2]) == 1:
-            self._commit()
+            self._commit(self.pending[2].files)
 
     def finish(self) -> None:
         """Wait for the in-flight checkpoint, then commit it."""
@@ -539,13 +550,27 @@ class CheckpointSaver:
         if upload is not None:
             upload.event.wait()
             self._all_status(upload)
-        self._commit()
+        self._commit(upload.files if upload is not None else {})
 
-    def _commit(self) -> None:
+    def _commit(self, files: dict) -> None:
+        """Write the marker once storage holds every file every rank wrote, at full size.
+        Uploads can report success with a file missing (a connection cut mid-copy has been
+        seen to do it), so the marker trusts the listing, not the uploaders."""
         uri, meta, _, t0 = self.pending
         self.pending = None
-        if dist.is_initialized():
-            dist.barrier()  # every rank's shards are in storage before the marker
+        expected = dict(files)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, files)  # also the barrier: every upload is done
+            expected = {k: v for d in everyone for k, v in d.items()}
+        missing = None
+        if _rank_world()[0] == 0:
+            stored = {f.uri[len(uri.rstrip("/")) + 1:]: f.size for f in storage.list_files(uri, self.cfg.s3)}
+            missing = next((f"{n} ({size} bytes; stored: {stored.get(n)})" for n, size in sorted(expected.items())
+                            if stored.get(n) != size), None)
+        missing = _broadcast(missing)
+        if missing:
+            raise RuntimeError(f"{uri}: upload incomplete, not committed: {missing}")
         if _rank_world()[0] == 0:
             checkpoint.commit(uri, meta, self.cfg.s3)
             deleted = checkpoint.apply_retention(self.cfg.run_dir, self.cfg.train.keep_checkpoints, self.cfg.s3)
@@ -680,7 +705,7 @@ def train_worker(config: dict) -> None:
             if written is not None:
                 written.result()  # DCP's background write has finished
             persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
-            on_uploaded()
+            on_uploaded(files=local_files(local_dir))
             return persisted
 
         # Ray retries a failed upload and, after the last attempt, fails this worker (the
@@ -759,12 +784,13 @@ def storage_publisher(cfg: Config):
         def background():
             try:
                 upload()
+                files = local_files(local_dir)
             except BaseException as e:
                 on_uploaded(e)
                 return
             finally:
                 shutil.rmtree(local_dir, ignore_errors=True)
-            on_uploaded()
+            on_uploaded(files=files)
 
         threading.Thread(target=background, name=f"upload-{name}", daemon=True).start()
 
