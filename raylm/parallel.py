@@ -64,9 +64,18 @@ def shard_model(model: Transformer, precision: str, reshard_after_forward: bool 
 
 def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     model.to_empty(device=device)
-    # Every rank seeds identically; sharded (DTensor) init draws consistent values per shard.
     torch.manual_seed(seed)
     model.init_weights()
+    if is_sharded(model) and device.type == "cpu":
+        # DTensor keeps sharded random init consistent only on CUDA meshes; on CPU every rank
+        # draws its shard from the same seed (the shards repeat, and the weights depend on the
+        # worker count). Initialise a full copy and keep this rank's shard of it.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from raylm.model import build_model
+
+        full = build_model(model.cfg, "cpu", seed)
+        set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
 
 
 def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str, seed: int,

@@ -486,8 +486,22 @@ def upload_dir(local_dir: str, uri: str, s3: S3Config | None = None) -> None:
         raise StorageError(local_dir, "no such directory")
     dst_fs, dst = filesystem(uri, s3)
     with _errors(uri, s3):
-        pafs.copy_files(src, dst, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=dst_fs)
+        upload_tree(src, dst_fs, dst)
+
+
+def upload_tree(src: str, fs: pafs.FileSystem, dst: str) -> None:
+    """Copy the local tree `src` to `dst` in `fs`, file by file through explicit output
+    streams. Not pyarrow.fs.copy_files: when an S3 part upload fails it returns success (the
+    error only reaches the stream's destructor, and the object is never created); close()
+    raises it."""
+    for root, _, names in os.walk(src):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            target = dst.rstrip("/") + "/" + os.path.relpath(path, src).replace(os.sep, "/")
+            if isinstance(fs, pafs.LocalFileSystem):
+                fs.create_dir(os.path.dirname(target), recursive=True)
+            with open(path, "rb") as f, fs.open_output_stream(target) as out:
+                shutil.copyfileobj(f, out, 8 << 20)
 
 
 def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:

@@ -164,12 +164,6 @@ def test_resume_on_a_different_number_of_workers(prepared, uninterrupted, before
     if before == 2:
         assert key(rows[:4]) == key(uninterrupted[:4])
     differ = [g["step"] for g, w in zip(rows, uninterrupted) if g["loss"] != pytest.approx(w["loss"], rel=1e-4)]
-    if before == 1 and differ:
-        # Known bug, not yet fixed: on CPU meshes FSDP2 initialises sharded parameters through
-        # DTensor random ops whose streams depend on the sharding, so a 1-worker run starts
-        # from other weights than a 2-worker run with the same seed (step 1 already differs).
-        # The resume itself (checkpoint, data position) is asserted above.
-        pytest.xfail(f"initial weights depend on the worker count; losses differ at steps {differ}")
     assert not differ, differ
 
 
