@@ -51,3 +51,15 @@ def ray_local(request):
     yield
     ray.shutdown()
 
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: OpenMP threads fighting over a busy machine's cores
+    make tiny models (and compiled kernels) many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

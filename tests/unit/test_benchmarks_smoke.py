@@ -91,14 +91,6 @@ def test_decode_throughput_compiled_cpu_smoke():
         assert r["parity"]["max_abs_logit_diff"] < 1e-4 * max(1.0, r["parity"]["max_abs_logit"]), r["parity"]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_chunked_objective_equals_plain_in_train_step(one_thread, tied):
     """NextTokenObjective with chunk_size is a drop-in for the plain objective in train_step:

@@ -22,14 +22,6 @@ TC = TrainConfig(lr=1e-2)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def batches(n_steps: int = 2) -> list[list[dict]]:
     """n_steps optimizer steps of two micro-batches each (gradient accumulation included)."""
     g = torch.Generator().manual_seed(0)

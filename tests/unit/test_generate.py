@@ -15,14 +15,6 @@ from raylm.model import build_model
 CFG = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, ffn_multiple_of=16)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tokens(B, T, seed):
     return torch.randint(0, CFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
