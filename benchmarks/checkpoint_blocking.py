@@ -44,7 +44,7 @@ def measure(mode: bool, args, storage: str) -> dict:
                                  f"name={'async' if mode else 'sync'}", f"train.async_checkpoint={str(mode).lower()}",
                                  f"data.seq_len={args.seq_len}", "train.keep_checkpoints=1", "train.precision=fp32"])
     device = torch.device("cpu")
-    model, _, _, _ = setup_model(cfg, device, "never", log=lambda *_: None)
+    model, _, _ = setup_model(cfg, device, "never", log=lambda *_: None)
     optimizer = make_optimizer(model, cfg.train, device)
     hooks = Hooks(report=lambda m: None, publish_checkpoint=storage_publisher(cfg), val_batches=lambda: [],
                   checkpoint_meta={})

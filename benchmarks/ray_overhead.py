@@ -265,7 +265,8 @@ def run_ray(cfg: Config, data_dir: str, manifest: dict, args, dev_name: str) -> 
         raylm.data.IN_MEMORY_BYTES = 0
     try:
         t0 = time.perf_counter()
-        result = run_ray_training(cfg, data_dir, manifest, resume="never")
+        result = run_ray_training(cfg, raylm.data.prepared_datasets(data_dir, manifest, cfg.s3), manifest,
+                                  resume="never")
         wall_s = time.perf_counter() - t0
     finally:
         raylm.data.IN_MEMORY_BYTES = saved

@@ -169,8 +169,15 @@ class DataConfig:
     # PII replaced by typed placeholders (<EMAIL>, ...) before tokenizing; on by default,
     # because a model memorises what it sees. An empty list turns redaction off.
     redact_pii: tuple[str, ...] = ("email", "phone", "ip", "card")
+    # "prepare": write token shards (and a data card) first, then train from them; shards are
+    # reused by later runs and read by any number of workers for free. "stream": train
+    # straight from the raw corpus, each worker running read->tokenize->pack itself as it
+    # trains, with no shards written; the same blocks in the same order.
+    mode: str = "prepare"
 
     def validate(self) -> None:
+        if self.mode not in ("prepare", "stream"):
+            raise ConfigError(f"data.mode={self.mode!r}: expected prepare or stream")
         if self.dedup not in ("none", "exact", "near"):
             raise ConfigError(f"data.dedup={self.dedup!r}: expected none, exact or near")
         if not 0.0 < self.near_dup_threshold < 1.0:
@@ -233,8 +240,17 @@ class TrainConfig:
     # state to host memory. The commit marker still comes last. False: save synchronously.
     async_checkpoint: bool = True
     timeout_s: float = 0.0  # 0: no limit; otherwise a run that exceeds it fails loudly
+    # 0: the run is max_steps long. Otherwise it also ends, with its final evaluation and
+    # checkpoint, once its training loop has run this many seconds (summed over resumes), and
+    # the LR decay follows the elapsed share of this budget when that is ahead of the steps',
+    # so the schedule completes whatever the machine's speed: fixed-time proxy runs and
+    # benchmarks ("the best model in 4 minutes").
+    time_budget_s: float = 0.0
 
     def validate(self) -> None:
+        if self.time_budget_s < 0 or self.timeout_s < 0:
+            key = "time_budget_s" if self.time_budget_s < 0 else "timeout_s"
+            raise ConfigError(f"train.{key}={getattr(self, key)}: expected seconds >= 0 (0: no limit)")
         if self.on_spike not in ("log", "stop", "rollback"):
             raise ConfigError(f"train.on_spike={self.on_spike!r}: expected log, stop or rollback")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -19,6 +19,10 @@ cluster size. Packing is a cheap sequential step on the driver; the expensive pa
 cleaning, hashing, tokenizing) run in parallel. Training streams the prepared shards back
 through Ray Data (`training_dataset`), which makes resume a matter of counting blocks.
 Each shard records the corpus files its tokens came from (provenance).
+
+data.mode=stream skips the shards: `stream_datasets` hands training the tokenized document
+stream, and each worker packs and shuffles it with the same `packed_blocks` that `prepare`
+writes through, so both modes train on the same blocks in the same order.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 import unicodedata
 import uuid
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -410,11 +415,14 @@ def read_manifest(out: str, s3: S3Config | None = None) -> dict | None:
 
 
 def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig, s3,
-                       drop: dict | None = None, redact: tuple[str, ...] = ()):
-    """Ray Dataset of cleaned documents from both splits' files (one execution), in corpus order."""
+                       drop: dict | None = None, redact: tuple[str, ...] = (),
+                       read: list[storage.FileInfo] | None = None):
+    """Ray Dataset of cleaned documents from both splits' files (one execution), in corpus
+    order; `read` limits it to some of them, with file indices and splits unchanged."""
     import ray
 
-    files = files + val_files
+    order = {f.uri: i for i, f in enumerate(files + val_files)}
+    files = files + val_files if read is None else read
     fs, _ = storage.filesystem(files[0].uri, s3)
     paths = [storage.filesystem(f.uri, s3)[1] for f in files]
     # One read task per file: small files would otherwise share a block, and files are the
@@ -425,7 +433,7 @@ def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.Fi
     uri_of = {p: f.uri for p, f in zip(paths, files)}
     ds = ds.map_batches(_with_uris, fn_kwargs={"uri_of": uri_of}, batch_size=1)
     return ds.map_batches(parse_and_clean, batch_size=1, fn_kwargs={
-        "cfg": cfg, "order": {f.uri: i for i, f in enumerate(files)},
+        "cfg": cfg, "order": order,
         "val_files": frozenset(f.uri for f in val_files), "drop": drop, "redact": tuple(redact)})
 
 
@@ -541,13 +549,99 @@ def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileI
 # --------------------------------------------------------------------------- prepare
 
 
-def _document_stream(files, val_files, cfg: DataConfig, tokenizer, s3, tokenizer_actors: int, drop: dict):
+def _document_stream(files, val_files, cfg: DataConfig, tokenizer, s3, tokenizer_actors: int, drop: dict,
+                     read=None):
     """Ray Dataset of cleaned, de-duplicated, redacted and tokenized documents, in corpus order."""
-    ds = _cleaned_documents(files, val_files, cfg, s3, drop=drop, redact=cfg.redact_pii)
+    ds = _cleaned_documents(files, val_files, cfg, s3, drop=drop, redact=cfg.redact_pii, read=read)
     from ray.data import ActorPoolStrategy
 
     return ds.map_batches(TokenizeDocuments, fn_constructor_args=(tokenizer,), batch_format="pyarrow",
                           batch_size=None, compute=ActorPoolStrategy(size=tokenizer_actors))
+
+
+def packed_blocks(batches: Iterable[pa.Table], cfg: DataConfig, eos_id: int, seed: int,
+                  stats: PrepareStats | None = None, splits: tuple[str, ...] = ("train", "val")):
+    """(split, block, source file indices) from tokenized document batches, in the order
+    `prepare` writes them: each split's documents packed in corpus order, training blocks
+    through the seeded shuffle window. The one definition of the block stream, shared by
+    `prepare` (into shards) and data.mode=stream (straight into training). Bad records
+    count against data.max_bad_records either way."""
+    stats = stats if stats is not None else PrepareStats()
+    block_len = cfg.seq_len + 1
+    packers = {s: BlockPacker(block_len, eos_id) for s in splits}
+    shuffle = ShuffleBuffer(cfg.shuffle_window, seed)
+    for batch in batches:
+        _account(batch, stats, cfg)
+        keep = pa.compute.and_(pa.compute.equal(batch.column("error"), ""),
+                               pa.compute.equal(batch.column("dropped"), ""))
+        for split, mask in (("train", pa.compute.and_(keep, pa.compute.invert(batch.column("val")))),
+                            ("val", pa.compute.and_(keep, batch.column("val")))):
+            if split not in packers:
+                continue
+            ids = batch.column("ids").filter(mask).combine_chunks()
+            if len(ids) == 0:
+                continue
+            offsets = ids.offsets.to_numpy(zero_copy_only=False)
+            stats.doc_tokens.add(np.diff(offsets))
+            stats.tokens += len(ids.values)
+            packer = packers[split]
+            blocks = packer.add(ids.values.to_numpy(zero_copy_only=False), offsets,
+                                batch.column("file").filter(mask).to_numpy(zero_copy_only=False))
+            pairs = list(zip(blocks, packer.last_sources))
+            for b, src in (shuffle.push(pairs) if split == "train" else pairs):
+                yield split, b, src
+    if "train" in packers:
+        for b, src in shuffle.drain():
+            yield "train", b, src
+
+
+def corpus_files(cfg: DataConfig, s3) -> tuple[list[storage.FileInfo], list[storage.FileInfo]]:
+    files = list_corpus(cfg.path, s3)
+    val_files = list_corpus(cfg.val_path, s3) if cfg.val_path else []
+    both = {f.uri for f in files} & {f.uri for f in val_files}
+    if both:
+        raise DataError(f"{sorted(both)[0]}: in both data.path and data.val_path; validation text must be held out")
+    return files, val_files
+
+
+def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log) -> dict:
+    """The first pass: (file, line) -> verdict for every document de-duplication drops."""
+    if cfg.dedup == "none":
+        return {}
+    t0 = time.time()
+    log(f"data: finding {cfg.dedup} duplicates across {len(files) + len(val_files)} files")
+    drop = find_duplicates(files, val_files, cfg, s3)
+    stats.dedup_seconds = round(time.time() - t0, 2)
+    log(f"data: {len(drop)} duplicate documents found in {stats.dedup_seconds:.1f}s")
+    return drop
+
+
+def _sources(files) -> list[dict]:
+    return [{"uri": f.uri, "size": f.size, "etag": f.etag_or_mtime} for f in files]
+
+
+def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None = None, readers: int = 1,
+                    log=print) -> tuple[dict, dict]:
+    """data.mode=stream: Ray Datasets of tokenized documents for training to pack itself
+    (`packed_blocks`), one per split, and a manifest naming what they read. No shards are
+    written; de-duplication still makes its first pass here. Each training worker runs its
+    own execution of the stream (and `readers` tokenizer actors), so that the blocks a
+    worker gets never depend on timing. The validation stream reads data.val_path, or the
+    corpus until enough held-out documents have come by."""
+    files, val_files = corpus_files(cfg, s3)
+    drop = _duplicates(files, val_files, cfg, s3, PrepareStats(), log)
+    datasets = {"train": _document_stream(files, val_files, cfg, tokenizer, s3, readers, drop, read=files),
+                "val": _document_stream(files, val_files, cfg, tokenizer, s3, readers, drop,
+                                        read=val_files or files)}
+    manifest = {
+        "format_version": FORMAT_VERSION, "mode": "stream", "key": dataset_key(files, val_files, cfg, tokenizer.sha256, seed),
+        "seed": seed, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+        "sources": _sources(files), "val_sources": _sources(val_files), "files": [f.uri for f in files + val_files],
+        "duplicates_dropped": len(drop),
+    }
+    log(f"data: streaming {len(files) + len(val_files)} files straight into training (data.mode=stream)")
+    return datasets, manifest
 
 
 def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None = None,
@@ -558,11 +652,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     run would read. A Markdown data card (DATACARD.md) goes beside the manifest."""
     import ray
 
-    files = list_corpus(cfg.path, s3)
-    val_files = list_corpus(cfg.val_path, s3) if cfg.val_path else []
-    both = {f.uri for f in files} & {f.uri for f in val_files}
-    if both:
-        raise DataError(f"{sorted(both)[0]}: in both data.path and data.val_path; validation text must be held out")
+    files, val_files = corpus_files(cfg, s3)
     key = dataset_key(files, val_files, cfg, tokenizer.sha256, seed)
     existing = read_manifest(out, s3)
     if existing and existing.get("key") == key:
@@ -576,44 +666,17 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     block_len = cfg.seq_len + 1
     stats = PrepareStats(files=len(files) + len(val_files), bytes_read=sum(f.size for f in files + val_files))
     t0 = time.time()
-    drop = {}
-    if cfg.dedup != "none":
-        log(f"data: finding {cfg.dedup} duplicates across {stats.files} files")
-        drop = find_duplicates(files, val_files, cfg, s3)
-        stats.dedup_seconds = round(time.time() - t0, 2)
-        log(f"data: {len(drop)} duplicate documents found in {stats.dedup_seconds:.1f}s")
+    drop = _duplicates(files, val_files, cfg, s3, stats, log)
     writers = {s: ShardWriter(attempt, s, block_len, cfg.blocks_per_shard, s3) for s in ("train", "val")}
-    packers = {s: BlockPacker(block_len, tokenizer.eos_id) for s in ("train", "val")}
-    shuffle = ShuffleBuffer(cfg.shuffle_window, seed)
     last = time.time()
-    for batch in _document_stream(files, val_files, cfg, tokenizer, s3, actors, drop).iter_batches(
-            batch_format="pyarrow", batch_size=None):
-        _account(batch, stats, cfg)
-        keep = pa.compute.and_(pa.compute.equal(batch.column("error"), ""),
-                               pa.compute.equal(batch.column("dropped"), ""))
-        for split, mask in (("train", pa.compute.and_(keep, pa.compute.invert(batch.column("val")))),
-                            ("val", pa.compute.and_(keep, batch.column("val")))):
-            ids = batch.column("ids").filter(mask).combine_chunks()
-            if len(ids) == 0:
-                continue
-            offsets = ids.offsets.to_numpy(zero_copy_only=False)
-            stats.doc_tokens.add(np.diff(offsets))
-            packer = packers[split]
-            blocks = packer.add(ids.values.to_numpy(zero_copy_only=False), offsets,
-                                batch.column("file").filter(mask).to_numpy(zero_copy_only=False))
-            stats.tokens += len(ids.values)
-            if split == "train":
-                for b, src in shuffle.push(list(zip(blocks, packer.last_sources))):
-                    writers["train"].add(b, src)
-            else:
-                for b, src in zip(blocks, packer.last_sources):
-                    writers["val"].add(b, src)
+    batches = _document_stream(files, val_files, cfg, tokenizer, s3, actors, drop).iter_batches(
+        batch_format="pyarrow", batch_size=None)
+    for split, block, sources in packed_blocks(batches, cfg, tokenizer.eos_id, seed, stats):
+        writers[split].add(block, sources)
         if time.time() - last > 5:
             last = time.time()
             log(f"data: {stats.documents} docs, {stats.tokens / 1e6:.2f}M tokens, "
                 f"{stats.tokens / 1e3 / max(time.time() - t0, 1e-9):.0f}k tokens/s")
-    for b, src in shuffle.drain():
-        writers["train"].add(b, src)
     for w in writers.values():
         w.flush()
     stats.train_blocks, stats.val_blocks = writers["train"].blocks, writers["val"].blocks
@@ -628,8 +691,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     manifest = {
         "format_version": FORMAT_VERSION, "key": key, "seed": seed, "seq_len": cfg.seq_len,
         "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-        "sources": [{"uri": f.uri, "size": f.size, "etag": f.etag_or_mtime} for f in files],
-        "val_sources": [{"uri": f.uri, "size": f.size, "etag": f.etag_or_mtime} for f in val_files],
+        "sources": _sources(files), "val_sources": _sources(val_files),
         # Shards name their source files by index into this list (training files, then validation files).
         "files": [f.uri for f in files + val_files],
         "train": {"blocks": stats.train_blocks,
@@ -755,6 +817,11 @@ def shard_uris(out: str, manifest: dict, split: str) -> list[str]:
 
 # Below this size a split is loaded once by the driver and handed to Ray as in-memory blocks.
 IN_MEMORY_BYTES = 256 * 2**20
+
+
+def prepared_datasets(out: str, manifest: dict, s3: S3Config | None = None) -> dict:
+    """The "train" and "val" Ray Datasets of a prepared dataset, for `run_ray_training`."""
+    return {split: training_dataset(out, manifest, split, s3) for split in ("train", "val")}
 
 
 def training_dataset(out: str, manifest: dict, split: str, s3: S3Config | None = None):

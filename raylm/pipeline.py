@@ -17,7 +17,8 @@ import time
 from raylm import storage
 from raylm.config import Config
 from raylm.corpus import write_builtin_corpus
-from raylm.data import DataError, list_corpus, parse_documents, clean_text, prepare, read_manifest
+from raylm.data import (DataError, clean_text, list_corpus, parse_documents, prepare, prepared_datasets, read_manifest,
+                        stream_datasets)
 from raylm.generate import complete, load_for_inference, load_tokenizer
 from raylm.pii import redact as redact_pii
 from raylm.record import write_record
@@ -146,6 +147,25 @@ def ensure_data(cfg: Config, tok: Tokenizer) -> tuple[str, dict]:
     return out, manifest
 
 
+def training_inputs(cfg: Config, tok: Tokenizer) -> tuple[dict, dict]:
+    """Ray Datasets for training and their manifest: prepared shards (data.mode=prepare), or
+    the raw corpus streamed through the pipeline by each worker (data.mode=stream)."""
+    import ray
+
+    if cfg.data.mode == "stream":
+        if read_manifest(cfg.data.path, cfg.s3) is not None:
+            raise DataError(f"{cfg.data.path}: a prepared dataset; data.mode=stream trains from raw text "
+                            f"(point data.path at the corpus, or use data.mode=prepare)")
+        tc = cfg.train
+        # Every worker runs its own stream; leave each a share of the CPUs beside training
+        # for its tokenizer actors (and as many for read tasks), or the stream starves.
+        spare = ray.cluster_resources().get("CPU", 2) - tc.num_workers * tc.cpus_per_worker
+        readers = cfg.data.tokenizer_actors or max(1, int(spare // (2 * tc.num_workers)))
+        return stream_datasets(cfg.data, tok, cfg.seed, cfg.s3, readers, log=log)
+    data_dir, manifest = ensure_data(cfg, tok)
+    return prepared_datasets(data_dir, manifest, cfg.s3), manifest
+
+
 # --------------------------------------------------------------------------- pre-training
 
 
@@ -169,10 +189,10 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
     cfg = ensure_corpus(absolute_paths(cfg))
     cfg, tok = ensure_tokenizer(cfg)
     init_ray(cfg)
-    data_dir, manifest = ensure_data(cfg, tok)
+    datasets, manifest = training_inputs(cfg, tok)
     record = write_record(cfg, "pretrain", tok, manifest)
     log(f"pretrain: {cfg.train.num_workers} workers, model {_model_summary(cfg)}, run record {record}")
-    result = run_ray_training(cfg, data_dir, manifest, resume=resume, max_failures=max_failures)
+    result = run_ray_training(cfg, datasets, manifest, resume=resume, max_failures=max_failures)
     if result.error:
         raise result.error
     summary = finish_report(cfg, samples)

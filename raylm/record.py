@@ -62,8 +62,11 @@ def write_record(cfg: Config, stage: str, tokenizer=None, manifest: dict | None 
         "config": to_dict(cfg),
         "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
         if tokenizer is not None else None,
-        "data": {"key": manifest["key"], "sources": manifest["sources"], "val_sources": manifest["val_sources"],
-                 "train_blocks": manifest["train"]["blocks"], "val_blocks": manifest["val"]["blocks"]}
+        "data": {"mode": manifest.get("mode", "prepare"), "key": manifest["key"], "sources": manifest["sources"],
+                 "val_sources": manifest["val_sources"],
+                 # A stream's block counts are known only once it has been read through.
+                 "train_blocks": manifest.get("train", {}).get("blocks"),
+                 "val_blocks": manifest.get("val", {}).get("blocks")}
         if manifest else None,
         "hardware": hardware(),
         **(extra or {}),

@@ -23,13 +23,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
-from raylm.data import IN_MEMORY_BYTES
+from raylm.data import IN_MEMORY_BYTES, packed_blocks
 from raylm.losses import chunked_lm_loss
 from raylm.metrics import MetricsLog, mfu
 from raylm.parallel import build_parallel_model, is_sharded, resolve_precision
@@ -94,17 +95,28 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
                              fused=fused, foreach=None if fused else True)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
     """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps.
-    A pure function of the step, so the schedule needs no state in checkpoints."""
+    A pure function of the step, so the schedule needs no state in checkpoints; under
+    train.time_budget_s the decay is as far along as the steps or the spent share of the
+    budget (`time_progress`), whichever is further."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, max(time_progress, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # --------------------------------------------------------------------------- one step
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run (re)starts: its step, data position and training seconds already spent."""
+
+    step: int = 0
+    consumed: int = 0  # blocks of the training stream already used
+    train_seconds: float = 0.0  # counted against train.time_budget_s
 
 
 @dataclass(frozen=True)
@@ -174,28 +186,33 @@ class RankBatches:
     The stream yields (global_batch, seq_len + 1) token tensors in a fixed order; a step uses
     one global batch, and micro-step a of rank r takes rows [(a * world + r) * micro, ...).
     Because the global batch is fixed and the position is a count of blocks, a run resumed
-    on a different number of workers continues at the same global token offset."""
+    on a different number of workers continues at the same global token offset.
+    blocks_per_epoch=None (a raw-text stream) learns the epoch's length at the end of the
+    first full pass; a resumed run that is past it skips through that pass first."""
 
     def __init__(self, epoch_stream: Callable[[int], Iterator[torch.Tensor]], global_batch: int,
-                 micro: int, rank: int, world: int, blocks_per_epoch: int, consumed: int, device):
+                 micro: int, rank: int, world: int, blocks_per_epoch: int | None, consumed: int, device):
         if global_batch % (micro * world):
             raise ValueError(f"train.global_batch_size={global_batch} is not divisible by "
                              f"train.micro_batch_size * workers = {micro} * {world}")
         self.stream, self.G, self.micro, self.rank, self.world = epoch_stream, global_batch, micro, rank, world
-        self.steps_per_epoch = blocks_per_epoch // global_batch
+        self.steps_per_epoch = None if blocks_per_epoch is None else blocks_per_epoch // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {blocks_per_epoch} training blocks, fewer than one global "
-                             f"batch of {global_batch}: lower train.global_batch_size or add data")
+            self._too_small(blocks_per_epoch)
         self.consumed, self.device, self.wait_s = consumed, device, 0.0
+
+    def _too_small(self, blocks: int):
+        raise ValueError(f"the dataset has {blocks} training blocks, fewer than one global "
+                         f"batch of {self.G}: lower train.global_batch_size or add data")
 
     @property
     def epoch(self) -> int:
-        return self.consumed // (self.G * self.steps_per_epoch)
+        return self.consumed // (self.G * self.steps_per_epoch) if self.steps_per_epoch else 0
 
     def __iter__(self) -> Iterator[list[dict]]:
         while True:
-            epoch = self.epoch
-            skip = (self.consumed // self.G) % self.steps_per_epoch
+            epoch, steps = self.epoch, self.steps_per_epoch
+            skip = self.consumed // self.G if steps is None else (self.consumed // self.G) % steps
             it = self.stream(epoch)
             t0 = time.perf_counter()
             seen = 0
@@ -203,7 +220,7 @@ class RankBatches:
                 seen = i + 1
                 if i < skip:
                     continue
-                if i >= self.steps_per_epoch:
+                if steps is not None and i >= steps:
                     break
                 self.wait_s += time.perf_counter() - t0
                 batch = batch.to(self.device, dtype=torch.long, non_blocking=True)
@@ -212,7 +229,11 @@ class RankBatches:
                 self.consumed += self.G
                 yield [{"tokens": m} for m in micro]
                 t0 = time.perf_counter()
-            if seen < self.steps_per_epoch:  # the shards hold fewer blocks than the manifest says
+            if steps is None:  # the end of the first full pass: now the length is known
+                if seen == 0:
+                    self._too_small(0)
+                self.steps_per_epoch = seen
+            elif seen < steps:  # the shards hold fewer blocks than the manifest says
                 raise ValueError(f"epoch {epoch} ended after {seen} global batches; the manifest promised "
                                  f"{self.steps_per_epoch}: the prepared dataset is damaged, prepare it again")
 
@@ -342,24 +363,50 @@ class SpikeDetector:
         return spike
 
 
+class TrainClock:
+    """Training seconds spent, as rank 0 sees them, so that every rank stops at the same step
+    and uses the same learning rate under train.time_budget_s (one tiny collective a step)."""
+
+    def __init__(self, spent: float, budget: float, device: torch.device):
+        self.t0, self.spent, self.budget, self.device = time.perf_counter() - spent, spent, budget, device
+
+    def tick(self) -> float:
+        self.spent = time.perf_counter() - self.t0
+        if self.budget and dist.is_initialized() and dist.get_world_size() > 1:
+            spent = torch.tensor(self.spent, device=self.device, dtype=torch.float64)
+            dist.broadcast(spent, src=0)
+            self.spent = float(spent)
+        return self.spent
+
+    @property
+    def progress(self) -> float:
+        return self.spent / self.budget if self.budget else 0.0
+
+    @property
+    def over(self) -> bool:
+        return bool(self.budget) and self.spent >= self.budget
+
+
 def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatches, hooks: Hooks,
-        start_step: int, device_name: str, log=print) -> dict:
-    """Train from `start_step` to cfg.train.max_steps; returns the last metrics."""
+        start: Start, device_name: str, log=print) -> dict:
+    """Train from `start` to cfg.train.max_steps (or to the end of train.time_budget_s);
+    returns the last metrics."""
     tc = cfg.train
     rank, world = _rank_world()
     metrics_log = MetricsLog(cfg.run_dir, cfg.s3) if rank == 0 else None
-    if metrics_log is not None and start_step:
-        metrics_log.truncate(start_step)
+    if metrics_log is not None:  # rows past the start are redone (a restart with no checkpoint: all)
+        metrics_log.truncate(start.step)
     saver = CheckpointSaver(cfg, hooks, log)
     tokens_per_step = tc.global_batch_size * cfg.data.seq_len
     t_start, t_last, nonfinite_run, skipped_total = time.time(), time.perf_counter(), 0, 0
     last: dict = {}
     spikes, spike_total, rollbacks = SpikeDetector(tc.spike_window, tc.spike_factor), 0, 0
-    step = start_step
+    step = start.step
+    clock = TrainClock(start.train_seconds, tc.time_budget_s, next(model.parameters()).device)
     it = iter(batches)
-    while step < tc.max_steps:
+    while step < tc.max_steps and not clock.over:
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
-        lr = lr_at(step, tc)
+        lr = lr_at(step, tc, clock.progress)
         # Injected NaNs repeat on every run through the step (a resumed run matches the
         # uninterrupted one); an injected spike fires once, as data-driven spikes do not
         # recur once the data has moved on.
@@ -370,6 +417,8 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             if injected in INJECTED_FACTOR else objective
         stats = train_step(model, optimizer, next(it), step_objective, lr, tc.grad_clip)
         step += 1
+        clock.tick()
+        final = step >= tc.max_steps or clock.over
         nonfinite_run = _guard_nonfinite(stats, step, nonfinite_run, tc.max_nonfinite_steps, log)
         skipped_total += stats.skipped
         if spikes.is_spike(stats.loss):
@@ -384,7 +433,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
         if tc.timeout_s and time.time() - t_start > tc.timeout_s:
             raise TimeoutError(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
         row = None
-        if step % tc.log_every == 0 or step == tc.max_steps:
+        if step % tc.log_every == 0 or final:
             saver.poll()
             now = time.perf_counter()
             n_steps = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
@@ -396,10 +445,11 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                    "skipped_steps": skipped_total, "loss_spikes": spike_total, "rollbacks": rollbacks,
                    "data_wait_s": round(batches.wait_s, 3), "checkpoint_blocking_s": round(saver.blocking_s, 3)}
             if rank == 0:
-                log(f"step {step}/{tc.max_steps} | loss {stats.loss:.4f} | lr {lr:.2e} | "
+                where = f" ({clock.spent:.0f}/{tc.time_budget_s:.0f}s)" if tc.time_budget_s else f"/{tc.max_steps}"
+                log(f"step {step}{where} | loss {stats.loss:.4f} | lr {lr:.2e} | "
                     f"grad {stats.grad_norm:.2f} | {tok_s:,.0f} tok/s"
                     + (f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""))
-        if step % tc.eval_every == 0 or step == tc.max_steps:
+        if step % tc.eval_every == 0 or final:
             val_loss, n = evaluate(model, objective, hooks.val_batches())
             vrow = {"kind": "val", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                     "val_tokens": n}
@@ -412,9 +462,9 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 metrics_log.log({k: v for k, v in row.items() if not k.startswith("val")})
             last = row
             hooks.report(row)
-        if step % tc.ckpt_every == 0 or step == tc.max_steps:
-            saver.save(model, optimizer, step, batches.consumed, last)
-            if step == tc.max_steps:
+        if step % tc.ckpt_every == 0 or final:
+            saver.save(model, optimizer, step, batches.consumed, last, clock.spent)
+            if final:
                 saver.finish()
             if metrics_log is not None:
                 metrics_log.flush()
@@ -499,11 +549,12 @@ class CheckpointSaver:
         self.device = torch.device("cpu")
         self.blocking_s = 0.0  # time training spent waiting on checkpoints
 
-    def save(self, model, optimizer, step: int, consumed: int, metrics: dict) -> None:
+    def save(self, model, optimizer, step: int, consumed: int, metrics: dict, train_seconds: float = 0.0) -> None:
         t0 = time.perf_counter()
         self.finish()
         rank, world = _rank_world()
-        meta = {"step": step, "consumed_blocks": consumed, "world_size": world, "config": to_dict(self.cfg),
+        meta = {"step": step, "consumed_blocks": consumed, "train_seconds": round(train_seconds, 3),
+                "world_size": world, "config": to_dict(self.cfg),
                 "global_batch_size": self.cfg.train.global_batch_size, "metrics": metrics,
                 **self.hooks.checkpoint_meta}
         name = checkpoint.checkpoint_name(step)
@@ -594,7 +645,7 @@ def resume_point(cfg: Config, resume: str) -> str | None:
 
 def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     """Model + optimizer, restored from the newest complete checkpoint when resuming.
-    Returns (model, optimizer, start_step, consumed_blocks)."""
+    Returns (model, optimizer, Start)."""
     precision = resolve_precision(cfg.train.precision, device)
     model = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
                                  activation_checkpointing=cfg.train.activation_checkpointing,
@@ -603,7 +654,7 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     rank, _ = _rank_world()
     ckpt = _broadcast(resume_point(cfg, resume) if rank == 0 else None)
     if ckpt is None:
-        return model, optimizer, 0, 0
+        return model, optimizer, Start()
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
     if meta["global_batch_size"] != cfg.train.global_batch_size:
         raise ValueError(f"{ckpt}: written with train.global_batch_size={meta['global_batch_size']}, "
@@ -615,7 +666,7 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     if rank == 0:
         log(f"resumed from {ckpt} (step {meta['step']}, {consumed} blocks consumed, "
             f"written by {meta['world_size']} workers)")
-    return model, optimizer, meta["step"], consumed
+    return model, optimizer, Start(meta["step"], consumed, meta.get("train_seconds", 0.0))
 
 
 def _read_json(uri: str, s3) -> dict | None:
@@ -659,28 +710,50 @@ def train_worker(config: dict) -> None:
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     log = print if rank == 0 else (lambda *_: None)
-    model, optimizer, start_step, consumed = setup_model(cfg, device, resume, log)
+    model, optimizer, start = setup_model(cfg, device, resume, log)
     tc = cfg.train
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
+    streaming = manifest.get("mode") == "stream"
+
+    def blocks_from(shard, split: str, batch: int) -> Iterator[torch.Tensor]:
+        """(batch, seq_len + 1) token tensors of a split, from prepared shards or, under
+        data.mode=stream, packed here from the tokenized documents (`packed_blocks`, the code
+        that writes prepared shards, so both modes give the same blocks)."""
+        if not streaming:
+            for b in shard.iter_torch_batches(batch_size=batch, drop_last=split == "train", prefetch_batches=2):
+                yield b["tokens"]
+            return
+        docs = shard.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
+        rows: list[np.ndarray] = []
+        for _, block, _ in packed_blocks(docs, cfg.data, manifest["eos_id"], manifest["seed"], splits=(split,)):
+            rows.append(block)
+            if len(rows) == batch:
+                yield torch.from_numpy(np.stack(rows))
+                rows = []
+        if rows and split != "train":
+            yield torch.from_numpy(np.stack(rows))
+
     # A small training set is kept after its first pass: each later epoch would otherwise
     # start a new Ray Data execution in this process, whose threads compete with training.
-    keep = manifest["train"]["blocks"] * (manifest["seq_len"] + 1) * 4 < IN_MEMORY_BYTES
-    first_pass: list[torch.Tensor] = []
+    first_pass: list[torch.Tensor | None] = []
 
     def epoch_stream(epoch: int):
         if first_pass and first_pass[-1] is None:
             yield from first_pass[:-1]
             return
         first_pass.clear()
-        for b in train_shard.iter_torch_batches(batch_size=tc.global_batch_size, drop_last=True,
-                                                prefetch_batches=2):
-            if keep:
-                first_pass.append(b["tokens"])
-            yield b["tokens"]
-        if keep:
+        kept = 0
+        for tokens in blocks_from(train_shard, "train", tc.global_batch_size):
+            kept += tokens.numel() * tokens.element_size()
+            if kept < IN_MEMORY_BYTES:
+                first_pass.append(tokens)
+            yield tokens
+        if kept < IN_MEMORY_BYTES:
             first_pass.append(None)  # marks the pass complete
+        else:
+            first_pass.clear()
 
     val_cache: list[torch.Tensor] = []
 
@@ -689,8 +762,8 @@ def train_worker(config: dict) -> None:
         # every evaluation costs far more than the evaluation itself.
         if not val_cache:
             want = tc.eval_batches * tc.micro_batch_size * world
-            for b in val_shard.iter_torch_batches(batch_size=min(want, 1024)):
-                val_cache.append(b["tokens"])
+            for b in blocks_from(val_shard, "val", min(want, 1024)):
+                val_cache.append(b)
                 if sum(len(x) for x in val_cache) >= want:
                     break
         return rank_val_batches(torch.cat(val_cache), tc, rank, world, device)
@@ -714,8 +787,9 @@ def train_worker(config: dict) -> None:
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                          checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
 
+    # A stream's length is learnt at the end of its first pass; prepared shards state theirs.
     batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
-                          manifest["train"]["blocks"], consumed, device)
+                          None if streaming else manifest["train"]["blocks"], start.consumed, device)
     def report(metrics: dict) -> None:
         # Ray delivers reports in order: a synchronous one would wait for an async
         # checkpoint upload still in flight, stalling training after all.
@@ -724,12 +798,14 @@ def train_worker(config: dict) -> None:
 
     hooks = Hooks(report=report, publish_checkpoint=publish, val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
-    fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start_step,
+    fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start,
         device_name(device), log)
 
 
-def run_ray_training(cfg: Config, data_dir: str, manifest: dict, resume: str = "auto", max_failures: int = 0):
-    """Launch `train_worker` on cfg.train.num_workers Ray Train workers; returns the Result."""
+def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = "auto", max_failures: int = 0):
+    """Launch `train_worker` on cfg.train.num_workers Ray Train workers; returns the Result.
+    `datasets` ("train", "val") and `manifest` come from `raylm.data.prepared_datasets` or
+    `raylm.data.stream_datasets`."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -737,9 +813,6 @@ def run_ray_training(cfg: Config, data_dir: str, manifest: dict, resume: str = "
     from raylm.pipeline import absolute_paths
 
     cfg = absolute_paths(cfg)  # workers do not share the driver's working directory
-    from raylm.data import training_dataset
-
-    datasets = {split: training_dataset(data_dir, manifest, split, cfg.s3) for split in ("train", "val")}
     fs, root = storage.filesystem(cfg.storage, cfg.s3)
     trainer = TorchTrainer(
         train_worker,
@@ -801,7 +874,7 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
                 manifest: dict | None = None) -> dict:
     """The same loop in this process (no Ray): blocks are (n, seq_len + 1) arrays in order."""
     dev = torch.device(device)
-    model, optimizer, start_step, consumed = setup_model(cfg, dev, resume, log)
+    model, optimizer, start = setup_model(cfg, dev, resume, log)
     tc = cfg.train
     rank, world = _rank_world()
     blocks_t = torch.as_tensor(blocks)
@@ -815,8 +888,8 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
         return rank_val_batches(val_t, tc, rank, world, dev)
 
     batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
-                          len(blocks_t), consumed, dev)
+                          len(blocks_t), start.consumed, dev)
     hooks = Hooks(report=lambda m: None, publish_checkpoint=storage_publisher(cfg), val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
-    return fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start_step,
+    return fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start,
                device_name(dev), log)

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from
 
 from raylm import checkpoint, storage
 from raylm.config import load_config
+from raylm.data import prepared_datasets
 from raylm.train import run_ray_training
 from tests.small import SMALL, prepare_small
 from tests.tcpproxy import TcpProxy
@@ -83,7 +84,7 @@ def train(prepared, cfg, failure: str | None = None, resume: str = "auto", max_f
     _, data_dir, manifest = prepared
     with injected(failure):
         try:
-            result = run_ray_training(cfg, data_dir, manifest, resume=resume, max_failures=max_failures)
+            result = run_ray_training(cfg, prepared_datasets(data_dir, manifest, cfg.s3), manifest, resume=resume, max_failures=max_failures)
         except ray.train.TrainingFailedError as e:
             return e
     return result.error

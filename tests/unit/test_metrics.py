@@ -127,3 +127,13 @@ def test_no_warmup():
     tc = replace(TC, warmup_steps=0)
     assert lr_at(0, tc) == pytest.approx(tc.lr)
     assert lr_at(tc.max_steps, tc) == pytest.approx(tc.lr * tc.min_lr_ratio)
+
+
+def test_time_progress_drives_the_decay_when_ahead_of_the_steps():
+    floor = TC.lr * TC.min_lr_ratio
+    early = TC.warmup_steps + 5  # 5% of the way by steps
+    assert lr_at(early, TC, time_progress=0.5) == pytest.approx(floor + (TC.lr - floor) / 2)
+    assert lr_at(early, TC, time_progress=1.0) == pytest.approx(floor)
+    assert lr_at(early, TC, time_progress=3.0) == pytest.approx(floor)  # past the budget: the floor
+    assert lr_at(early, TC, time_progress=0.01) == lr_at(early, TC)  # behind the steps: the steps decide
+    assert lr_at(2, TC, time_progress=0.9) == lr_at(2, TC)  # warmup counts steps only

@@ -111,3 +111,40 @@ def test_rollback_without_a_checkpoint_stops_naming_the_step(tmp_path, monkeypat
     monkeypatch.setenv("RAYLM_INJECT_FAILURE", "step=3,rank=0,kind=spike")
     with pytest.raises(FloatingPointError, match="step 3: loss spike .* no complete checkpoint"):
         train_local(cfg, blocks(40, 0), blocks(8, 1), log=lambda *_: None)
+
+
+def test_time_budget_ends_the_run_and_completes_the_decay(tmp_path):
+    from raylm import checkpoint
+
+    train, val = blocks(40, 0), blocks(8, 1)
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=timed", "train.max_steps=1000000",
+                                 "train.time_budget_s=1.5", "train.min_lr_ratio=0.1", *OVERRIDES])
+    last = train_local(cfg, train, val, log=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    step = train_rows[-1]["step"]
+    assert 3 < step < cfg.train.max_steps
+    assert last["step"] == step and "val_loss" in last  # the final evaluation ran
+    lrs = [r["lr"] for r in train_rows]
+    floor = cfg.train.lr * cfg.train.min_lr_ratio
+    assert lrs[-1] < floor + 0.2 * (cfg.train.lr - floor)  # decayed most of the way by the time it ended
+    assert all(b <= a for a, b in zip(lrs[2:], lrs[3:]))  # and only downward after warmup
+    final = checkpoint.latest_complete(str(tmp_path / "timed"))
+    meta = checkpoint.read_meta(final)
+    assert meta["step"] == step and meta["train_seconds"] >= 1.5
+    # A resumed run has no budget left: it stops at once, where it was.
+    again = train_local(cfg, train, val, resume="must", log=lambda *_: None)
+    assert checkpoint.read_meta(checkpoint.latest_complete(str(tmp_path / "timed")))["step"] == step
+    assert again == {}
+
+
+def test_restart_before_the_first_checkpoint_starts_a_clean_metrics_log(tmp_path, monkeypatch):
+    train, val = blocks(40, 0), blocks(8, 1)
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=early", "train.max_steps=5", *OVERRIDES])
+    monkeypatch.setenv("RAYLM_INJECT_FAILURE", "step=2,rank=0,kind=raise")
+    with pytest.raises(RuntimeError, match="injected failure at step 2"):
+        train_local(cfg, train, val, log=lambda *_: None)
+    monkeypatch.delenv("RAYLM_INJECT_FAILURE")
+    assert [s for s, _, _ in losses(tmp_path / "early")] == [1, 2]
+    train_local(cfg, train, val, log=lambda *_: None)  # no checkpoint yet: from step 0
+    assert [s for s, _, _ in losses(tmp_path / "early")] == [1, 2, 3, 4, 5]

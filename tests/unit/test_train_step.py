@@ -273,9 +273,9 @@ def _rows(micro_batches) -> list[int]:
     return [int(r) for mb in micro_batches for r in mb["tokens"][:, 0]]
 
 
-def _global_batches(n_steps, world=2, micro=2, consumed=0):
+def _global_batches(n_steps, world=2, micro=2, consumed=0, blocks_per_epoch=N_BLOCKS):
     """n_steps global batches, each the rows of all ranks (rank-major within each micro-step)."""
-    its = [iter(RankBatches(_stream_factory(), G, micro, r, world, N_BLOCKS, consumed, CPU))
+    its = [iter(RankBatches(_stream_factory(), G, micro, r, world, blocks_per_epoch, consumed, CPU))
            for r in range(world)]
     out = []
     for _ in range(n_steps):
@@ -420,3 +420,27 @@ def test_spike_detector_flags_jumps_after_warmup_and_ignores_spikes_in_its_basel
     assert d.is_spike(7.0) and d.is_spike(6.5)  # spikes do not enter the baseline
     assert not d.is_spike(5.9) and not d.is_spike(float("nan"))
     assert not SpikeDetector(window=10, factor=0.0).is_spike(1e9)  # factor 0 disables it
+
+
+# A raw-text stream (data.mode=stream) does not know its length until its first pass ends.
+
+
+def test_stream_of_unknown_length_gives_the_same_batches():
+    known = _global_batches(12, world=1, micro=4)
+    rb = RankBatches(_stream_factory(), G, 4, 0, 1, None, 0, CPU)
+    it = iter(rb)
+    assert [_rows(next(it)) for _ in range(12)] == known
+    assert rb.steps_per_epoch == N_BLOCKS // G and rb.epoch == 2
+
+
+@pytest.mark.parametrize("k", [2, 5, 8, 11])
+def test_unknown_length_resume_continues_with_the_next_unseen_block(k):
+    """k=8 and 11 resume past the first epoch, before its length is known."""
+    known = _global_batches(14, world=2, micro=2)
+    assert _global_batches(14 - k, world=2, micro=2, consumed=k * G, blocks_per_epoch=None) == known[k:]
+
+
+def test_empty_stream_of_unknown_length_is_an_error():
+    rb = RankBatches(lambda epoch: iter(()), G, 4, 0, 1, None, 0, CPU)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        next(iter(rb))
