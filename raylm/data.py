@@ -159,13 +159,20 @@ _MANY_BLANK = re.compile(r"\n{3,}")
 
 
 def clean_text(text: str) -> str:
-    """NFC, control characters out, whitespace normalised; indentation is kept (code matters)."""
-    text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    """NFC, control characters out, whitespace normalised; indentation is kept (code matters).
+
+    Each rewrite runs only where a substring test (memchr speed) says it can match: most
+    text needs none of them, and the regex scans were most of the cost of cleaning."""
+    text = unicodedata.normalize("NFC", text)  # itself a fast no-op on ASCII
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
-    text = _ODD_SPACES.sub(" ", text)
-    text = _TRAILING.sub("", text)
-    text = _MANY_BLANK.sub("\n\n", text)
+    if not text.isascii():
+        text = _ODD_SPACES.sub(" ", text)
+    if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
+        text = _TRAILING.sub("", text)
+    if "\n\n\n" in text:
+        text = _MANY_BLANK.sub("\n\n", text)
     return text.strip("\n")
 
 

@@ -1,4 +1,5 @@
-"""benchmarks/ray_overhead.py end to end on CPU at tiny size, on the session's local Ray cluster.
+"""benchmarks/ray_overhead.py and benchmarks/quality_cpu.py end to end on CPU at tiny size, on
+the session's local Ray cluster.
 
 No timing is asserted (tiny shapes on a shared CPU say nothing about speed). What is asserted:
 the three runs (bare step, loop without Ray, Ray Train with Ray Data streaming the prepared
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.integration
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def load_benchmark():
+def load_benchmark(name: str = "ray_overhead"):
     sys.path.insert(0, str(BENCH))  # the script imports its sibling `emit` only when run as a script
-    spec = importlib.util.spec_from_file_location("ray_overhead", BENCH / "ray_overhead.py")
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -57,3 +58,20 @@ def test_ray_overhead_cpu_smoke(ray_local, tmp_path):
         check = out["same_training"][run]
         assert check["ok"] and check["last_loss_rel_diff"] < 1e-5, (run, check)
     assert (tmp_path / "data" / "manifest.json").is_file() and (tmp_path / "runs" / "ray" / "metrics.jsonl").is_file()
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} not found (the benchmark's corpus)")
+def test_quality_benchmark_trains_for_its_time_budget_and_scores(ray_local):
+    from tests.small import SMALL
+
+    bench = load_benchmark("quality_cpu")
+    out = bench.main(["--data", str(SHAKESPEARE), *SMALL, "train.time_budget_s=3"])
+    assert out["config"]["time_budget_s"] == 3 and out["config"]["max_steps"] == 100000
+    assert 0 < out["step"] < 100000  # the clock, not the step cap, ended training
+    assert 0 < out["val_bpb"] < 8 and out["val_tokens_scored"] > 0
+    assert out["within_budget"] in (True, False) and out["goal_met"] is False  # 3 s of training: far off
+    assert out["overrides"][-1] == "train.time_budget_s=3"
