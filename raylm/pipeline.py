@@ -56,7 +56,9 @@ def init_ray(cfg: Config) -> None:
     cpus = max(2 * (os.cpu_count() or 2), math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 4)
     # The dashboard stays on: Ray Train's placement-group cleaner polls its state API and
     # floods the log with failures without it.
-    ray.init(num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
+    # address="local": always a cluster of our own, never one a `ray start` left running on
+    # this machine (ray.init() alone would join that, and refuse num_cpus).
+    ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
              runtime_env={"env_vars": WORKER_ENV})
 
 
