@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
-from raylm.data import IN_MEMORY_BYTES, packed_blocks
+from raylm.data import IN_MEMORY_BYTES, DataError, packed_blocks
 from raylm.losses import chunked_lm_loss
 from raylm.metrics import MetricsLog, mfu
 from raylm.parallel import build_parallel_model, is_sharded, resolve_precision
@@ -404,7 +404,10 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     step = start.step
     clock = TrainClock(start.train_seconds, tc.time_budget_s, next(model.parameters()).device)
     it = iter(batches)
-    while step < tc.max_steps and not clock.over:
+    # A run ends after its final step has been evaluated and saved: a rollback on what would
+    # have been the last step goes on to take another one, budget spent or not.
+    finished = clock.over  # a resumed run whose budget was already spent
+    while step < tc.max_steps and not finished:
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
         lr = lr_at(step, tc, clock.progress)
         # Injected NaNs repeat on every run through the step (a resumed run matches the
@@ -469,6 +472,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             if metrics_log is not None:
                 metrics_log.flush()
         maybe_inject_failure(cfg, step, rank)
+        finished = final
     saver.finish()
     return last
 
@@ -737,7 +741,9 @@ def train_worker(config: dict) -> None:
 
     # A small training set is kept after its first pass: each later epoch would otherwise
     # start a new Ray Data execution in this process, whose threads compete with training.
+    # Prepared shards state their size; a stream finds out, and stops keeping once it is over.
     first_pass: list[torch.Tensor | None] = []
+    small = [streaming or manifest["train"]["blocks"] * (manifest["seq_len"] + 1) * 4 < IN_MEMORY_BYTES]
 
     def epoch_stream(epoch: int):
         if first_pass and first_pass[-1] is None:
@@ -746,14 +752,16 @@ def train_worker(config: dict) -> None:
         first_pass.clear()
         kept = 0
         for tokens in blocks_from(train_shard, "train", tc.global_batch_size):
-            kept += tokens.numel() * tokens.element_size()
-            if kept < IN_MEMORY_BYTES:
-                first_pass.append(tokens)
+            if small[0]:
+                kept += tokens.numel() * tokens.element_size()
+                if kept < IN_MEMORY_BYTES:
+                    first_pass.append(tokens)
+                else:
+                    small[0] = False
+                    first_pass.clear()
             yield tokens
-        if kept < IN_MEMORY_BYTES:
+        if small[0]:
             first_pass.append(None)  # marks the pass complete
-        else:
-            first_pass.clear()
 
     val_cache: list[torch.Tensor] = []
 
@@ -766,6 +774,9 @@ def train_worker(config: dict) -> None:
                 val_cache.append(b)
                 if sum(len(x) for x in val_cache) >= want:
                     break
+            if not val_cache:
+                raise DataError(f"{cfg.data.val_path or cfg.data.path}: validation split is empty; raise "
+                                f"data.val_fraction (now {cfg.data.val_fraction}) or set data.val_path")
         return rank_val_batches(torch.cat(val_cache), tc, rank, world, device)
 
     def publish(local_dir: str, name: str, metrics: dict, written, on_uploaded) -> None:
@@ -796,6 +807,10 @@ def train_worker(config: dict) -> None:
         mode = ray.train.CheckpointUploadMode.ASYNC if tc.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint_upload_mode=mode)
 
+    # Validation blocks are read before training starts: a stream's validation execution
+    # would otherwise start beside the training one, and together their tokenizer actors can
+    # hold every CPU Ray has left for read tasks.
+    val_batches()
     hooks = Hooks(report=report, publish_checkpoint=publish, val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
     fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start,

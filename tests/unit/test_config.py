@@ -220,10 +220,10 @@ def test_seq_len_exceeds_max_seq_len():
 
 
 def test_global_batch_not_multiple_of_micro_batch():
-    with pytest.raises(ConfigError, match=r"global_batch_size=30.*micro_batch_size \* train.num_workers = 8 \* 2"):
+    with pytest.raises(ConfigError, match=r"global_batch_size=30.*micro_batch_size \* train.num_workers = 16 \* 2"):
         load_config(None, ["train.global_batch_size=30"])
-    # Divisible by the micro-batch but not by micro-batch x workers: 8 workers cannot share 16.
-    with pytest.raises(ConfigError, match=r"global_batch_size=16.*= 8 \* 8"):
+    # Divisible by the micro-batch but not by micro-batch x workers: 8 workers cannot share 32.
+    with pytest.raises(ConfigError, match=r"global_batch_size=32.*= 16 \* 8"):
         load_config(None, ["train.num_workers=8"])
 
 

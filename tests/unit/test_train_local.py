@@ -148,3 +148,28 @@ def test_restart_before_the_first_checkpoint_starts_a_clean_metrics_log(tmp_path
     assert [s for s, _, _ in losses(tmp_path / "early")] == [1, 2]
     train_local(cfg, train, val, log=lambda *_: None)  # no checkpoint yet: from step 0
     assert [s for s, _, _ in losses(tmp_path / "early")] == [1, 2, 3, 4, 5]
+
+
+def test_rollback_as_the_time_budget_runs_out_still_ends_with_a_final_step(tmp_path, monkeypatch):
+    """The budget is spent at the step that spikes: the rollback must not end the run on
+    discarded weights; one more step follows, evaluated and checkpointed."""
+    from raylm import checkpoint
+    from raylm.train import TrainClock
+
+    ticks = []
+
+    def tick(self):  # the clock says the budget is spent at the 6th step, whatever the machine
+        ticks.append(1)
+        self.spent = self.budget if len(ticks) >= 6 else 0.0
+        return self.spent
+
+    monkeypatch.setattr(TrainClock, "tick", tick)
+    monkeypatch.setenv("RAYLM_INJECT_FAILURE", "step=6,rank=0,kind=spike")
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=budget", "train.max_steps=100", "train.time_budget_s=60",
+                                 "train.spike_window=4", "train.on_spike=rollback", "train.ckpt_every=4",
+                                 *[o for o in OVERRIDES if not o.startswith("train.ckpt_every")]])
+    last = train_local(cfg, blocks(80, 0), blocks(8, 1), log=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "rollback"] == [4]
+    assert last["step"] == 5 and "val_loss" in last  # one step after the rollback, then the end
+    assert checkpoint.read_meta(checkpoint.latest_complete(str(tmp_path / "budget")))["step"] == 5
