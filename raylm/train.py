@@ -180,6 +180,18 @@ def evaluate(model, objective: Objective, batches: Iterable[dict]) -> tuple[floa
 # --------------------------------------------------------------------------- data position
 
 
+def reshuffled(batches: list[torch.Tensor], seed: int, epoch: int) -> list[torch.Tensor]:
+    """An in-memory training set's global batches for `epoch`: epoch 0 in the prepared order,
+    each later epoch in a permutation of all its blocks seeded by (seed, epoch). Repeating one
+    order every epoch teaches the model where each block sits in it: on a 1 MB corpus trained
+    for 6 epochs, validation loss swung by 0.06 nats with where in the epoch the run stopped."""
+    if epoch == 0 or not batches:
+        return list(batches)
+    blocks = torch.cat(batches)
+    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return list(blocks[perm].split(len(batches[0])))
+
+
 class RankBatches:
     """This rank's micro-batches for each optimizer step, cut from a stream of global batches.
 
@@ -742,13 +754,12 @@ def train_worker(config: dict) -> None:
     # A small training set is kept after its first pass: each later epoch would otherwise
     # start a new Ray Data execution in this process, whose threads compete with training.
     # Prepared shards state their size; a stream finds out, and stops keeping once it is over.
+    # Kept epochs after the first come in a fresh order (`reshuffled`); a run resumed in one
+    # reads the whole pass first, so that it sees that epoch's order too.
     first_pass: list[torch.Tensor | None] = []
     small = [streaming or manifest["train"]["blocks"] * (manifest["seq_len"] + 1) * 4 < IN_MEMORY_BYTES]
 
-    def epoch_stream(epoch: int):
-        if first_pass and first_pass[-1] is None:
-            yield from first_pass[:-1]
-            return
+    def read_pass():
         first_pass.clear()
         kept = 0
         for tokens in blocks_from(train_shard, "train", tc.global_batch_size):
@@ -762,6 +773,15 @@ def train_worker(config: dict) -> None:
             yield tokens
         if small[0]:
             first_pass.append(None)  # marks the pass complete
+
+    def epoch_stream(epoch: int):
+        if epoch > 0 and small[0] and not (first_pass and first_pass[-1] is None):
+            for _ in read_pass():
+                pass
+        if first_pass and first_pass[-1] is None:
+            yield from reshuffled(first_pass[:-1], cfg.seed, epoch)
+            return
+        yield from read_pass()
 
     val_cache: list[torch.Tensor] = []
 
@@ -895,9 +915,11 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
     blocks_t = torch.as_tensor(blocks)
     val_t = torch.as_tensor(val_blocks)
 
+    passes = [blocks_t[i:i + tc.global_batch_size]
+              for i in range(0, len(blocks_t) - tc.global_batch_size + 1, tc.global_batch_size)]
+
     def epoch_stream(epoch: int):
-        for i in range(0, len(blocks_t) - tc.global_batch_size + 1, tc.global_batch_size):
-            yield blocks_t[i:i + tc.global_batch_size]
+        yield from reshuffled(passes, cfg.seed, epoch)  # in memory: what Ray workers do with small data
 
     def val_batches():
         return rank_val_batches(val_t, tc, rank, world, dev)

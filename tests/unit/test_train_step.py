@@ -444,3 +444,18 @@ def test_empty_stream_of_unknown_length_is_an_error():
     rb = RankBatches(lambda epoch: iter(()), G, 4, 0, 1, None, 0, CPU)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         next(iter(rb))
+
+
+def test_later_epochs_of_an_in_memory_set_are_fresh_permutations():
+    from raylm.train import reshuffled
+
+    batches = list(_blocks().split(G))
+    assert all(torch.equal(a, b) for a, b in zip(reshuffled(batches, 7, 0), batches))  # epoch 0: as prepared
+    e1, e2 = reshuffled(batches, 7, 1), reshuffled(batches, 7, 2)
+    for e in (e1, e2):
+        assert [len(b) for b in e] == [G] * len(batches)
+        assert sorted(torch.cat(e)[:, 0].tolist()) == list(range(N_BLOCKS))  # every block once
+    rows = lambda e: torch.cat(e)[:, 0].tolist()  # noqa: E731
+    assert rows(e1) != rows(batches) and rows(e1) != rows(e2)
+    assert rows(reshuffled(batches, 7, 1)) == rows(e1)  # a function of (seed, epoch)
+    assert rows(reshuffled(batches, 8, 1)) != rows(e1)
