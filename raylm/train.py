@@ -757,25 +757,26 @@ def train_worker(config: dict) -> None:
     # Kept epochs after the first come in a fresh order (`reshuffled`); a run resumed in one
     # reads the whole pass first, so that it sees that epoch's order too.
     first_pass: list[torch.Tensor | None] = []
-    small = [streaming or manifest["train"]["blocks"] * (manifest["seq_len"] + 1) * 4 < IN_MEMORY_BYTES]
+    small = streaming or manifest["train"]["blocks"] * (manifest["seq_len"] + 1) * 4 < IN_MEMORY_BYTES
 
     def read_pass():
+        nonlocal small
         first_pass.clear()
         kept = 0
         for tokens in blocks_from(train_shard, "train", tc.global_batch_size):
-            if small[0]:
+            if small:
                 kept += tokens.numel() * tokens.element_size()
                 if kept < IN_MEMORY_BYTES:
                     first_pass.append(tokens)
                 else:
-                    small[0] = False
+                    small = False
                     first_pass.clear()
             yield tokens
-        if small[0]:
+        if small:
             first_pass.append(None)  # marks the pass complete
 
     def epoch_stream(epoch: int):
-        if epoch > 0 and small[0] and not (first_pass and first_pass[-1] is None):
+        if epoch > 0 and small and not (first_pass and first_pass[-1] is None):
             for _ in read_pass():
                 pass
         if first_pass and first_pass[-1] is None:

@@ -30,6 +30,17 @@ def s3_prefix(s3_server):
     s3_server.delete_prefix(prefix + "/")
 
 
+@pytest.fixture(scope="module")
+def prepared(request, ray_local, s3_server):
+    """The small corpus, tokenizer and prepared blocks (tests.small.prepare_small) under this
+    test module's own prefix in the bucket, made once per module and removed afterwards."""
+    from tests.small import prepare_small
+
+    prefix = f"{request.module.__name__.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:8]}"
+    yield prepare_small(f"s3://{s3_server.bucket}/{prefix}")
+    s3_server.delete_prefix(prefix + "/")
+
+
 @pytest.fixture(scope="session")
 def ray_local(request):
     """One local Ray cluster for the session, started the way `raylm` starts one.

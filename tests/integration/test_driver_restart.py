@@ -18,14 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
 from raylm import checkpoint, storage
-from tests.small import SMALL, prepare_small
+from tests.small import SMALL
 
 pytestmark = pytest.mark.integration
 
@@ -33,19 +32,6 @@ STEPS = 12
 SCHEDULE = [f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100", "train.ckpt_every=4",
             "train.keep_checkpoints=5", "train.timeout_s=300"]
 RUN_TIMEOUT_S = 420  # one CLI run takes 30-60 s on 2 cores (Python, Ray start-up, 12 steps)
-
-
-@pytest.fixture(scope="module")
-def root(s3_server):
-    prefix = f"driver-restart-{uuid.uuid4().hex[:8]}"
-    yield f"s3://{s3_server.bucket}/{prefix}"
-    s3_server.delete_prefix(prefix + "/")
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_local, root):
-    """Tokenizer and blocks prepared once in S3, so the CLI runs skip straight to training."""
-    return prepare_small(root)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from raylm import checkpoint, storage
 from raylm.config import load_config
 from raylm.data import prepared_datasets
 from raylm.train import run_ray_training
-from tests.small import SMALL, prepare_small
+from tests.small import SMALL
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -45,20 +45,6 @@ STEPS = 10
 SCHEDULE = [f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100", "train.ckpt_every=4",
             "train.keep_checkpoints=5", "train.timeout_s=300"]
 BLOCKS_PER_STEP = 8  # train.global_batch_size in SMALL
-
-
-@pytest.fixture(scope="module")
-def root(s3_server):
-    """This module's own prefix in the bucket, removed afterwards."""
-    prefix = f"recovery-{uuid.uuid4().hex[:8]}"
-    yield f"s3://{s3_server.bucket}/{prefix}"
-    s3_server.delete_prefix(prefix + "/")
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_local, root):
-    """Tokenizer and prepared blocks in S3, shared by every run here."""
-    return prepare_small(root)
 
 
 def config(prepared, name: str, *overrides: str):

@@ -15,18 +15,9 @@ from raylm import storage
 from raylm.config import load_config
 from raylm.data import packed_blocks, stream_datasets, training_dataset
 from raylm.generate import load_tokenizer
-from tests.small import SMALL, prepare_small
+from tests.small import SMALL
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_local, s3_server):
-    import uuid
-
-    prefix = f"stream-{uuid.uuid4().hex[:8]}"
-    yield prepare_small(f"s3://{s3_server.bucket}/{prefix}")
-    s3_server.delete_prefix(prefix + "/")
 
 
 def prepared_blocks(data_dir, manifest, split, s3) -> np.ndarray:
