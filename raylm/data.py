@@ -32,6 +32,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import time
 import unicodedata
@@ -52,7 +53,7 @@ from raylm.pii import redact as redact_pii
 SUFFIXES = (".jsonl.gz", ".jsonl", ".txt", ".parquet")
 MANIFEST = "manifest.json"
 DATACARD = "DATACARD.md"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: shuffle picks drawn in bulk (a different, equally seeded order)
 
 
 class DataError(ValueError):
@@ -231,20 +232,16 @@ def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val
 
 
 class TokenizeDocuments:
-    """Ray Data stage (actor pool): each actor loads the tokenizer once and encodes batches."""
+    """Ray Data stage (actor pool): each actor loads the tokenizer once, and its segment
+    cache (`Tokenizer.encode_flat`) warms up over the batches it encodes."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        ids = self.tok.encode_batch(texts)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-        offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+        ids, offsets = self.tok.encode_flat(batch.column("text"))
         return batch.drop_columns(["text"]).append_column(
-            "ids", pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)))
+            "ids", pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids)))
 
 
 # --------------------------------------------------------------------------- packing
@@ -260,7 +257,7 @@ class BlockPacker:
         self.block_len, self.eos_id = block_len, eos_id
         self.buf = np.empty(0, dtype=np.int32)
         self.src = np.empty(0, dtype=np.int32)
-        self.last_sources: list[np.ndarray] = []
+        self.last_sources: list[tuple[int, ...]] = []
 
     def add(self, flat: np.ndarray, offsets: np.ndarray, files: np.ndarray | None = None) -> np.ndarray:
         """Add documents given as flat ids + offsets (and their file indices); return the
@@ -279,31 +276,45 @@ class BlockPacker:
         n = len(self.buf) // self.block_len
         cut = n * self.block_len
         blocks = self.buf[:cut].reshape(n, self.block_len)
-        block_src = self.src[:cut].reshape(n, self.block_len)
-        self.last_sources = [np.unique(row) for row in block_src]
+        self.last_sources = _row_sets(self.src[:cut].reshape(n, self.block_len))
         self.buf, self.src = self.buf[cut:], self.src[cut:]
         return blocks
 
 
+def _row_sets(rows: np.ndarray) -> list[tuple[int, ...]]:
+    """The distinct values of each row, sorted. Vectorised for the common case (a block's
+    tokens all come from one file); a per-row np.unique was the packer's main cost."""
+    rows = np.sort(rows, axis=1)
+    mixed = (rows[:, 1:] != rows[:, :-1]).any(axis=1)
+    out = [(v,) for v in rows[:, 0].tolist()]
+    for i in np.flatnonzero(mixed).tolist():
+        out[i] = tuple(np.unique(rows[i]).tolist())
+    return out
+
+
 class ShuffleBuffer:
     """Seeded reservoir-style shuffle over a window: the output order depends only on the
-    input order and the seed."""
+    input order and the seed (not on how the input is chunked)."""
+
+    DRAWS = 4096  # random picks drawn at once while the window is full (one numpy call, not one per block)
 
     def __init__(self, window: int, seed: int):
         self.window, self.rng, self.items = max(1, window), np.random.default_rng(seed), []
+        self.picks: list[int] = []
 
-    def push(self, blocks: np.ndarray):
+    def push(self, blocks):
         for b in blocks:
             self.items.append(b)
             if len(self.items) >= self.window:
-                yield self._pop()
+                if not self.picks:
+                    self.picks = self.rng.integers(self.window, size=self.DRAWS).tolist()[::-1]
+                yield self._pop(self.picks.pop())
 
     def drain(self):
         while self.items:
-            yield self._pop()
+            yield self._pop(int(self.rng.integers(len(self.items))))
 
-    def _pop(self):
-        i = int(self.rng.integers(len(self.items)))
+    def _pop(self, i: int):
         self.items[i], self.items[-1] = self.items[-1], self.items[i]
         return self.items.pop()
 
@@ -328,7 +339,7 @@ class ShardWriter:
 
     def add(self, block: np.ndarray, sources=()) -> None:
         self.pending.append(block)
-        self.sources.update(int(i) for i in sources)
+        self.sources.update(sources)
         if len(self.pending) >= self.per_shard:
             self.flush()
 
@@ -627,6 +638,19 @@ def _sources(files) -> list[dict]:
     return [{"uri": f.uri, "size": f.size, "etag": f.etag_or_mtime} for f in files]
 
 
+def cluster_cores() -> int:
+    """Cores the cluster has, which is what a CPU-bound actor pool should be sized to. A
+    single-node cluster is this machine: `init_ray` gives it more logical CPUs than cores
+    (so streaming tasks are never starved), and one tokenizer actor per logical CPU would
+    only add process start-ups on the same cores. Elsewhere, logical CPUs are cores."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
+        cpus = min(cpus, os.cpu_count() or cpus)
+    return max(1, cpus)
+
+
 def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None = None, readers: int = 1,
                     log=print) -> tuple[dict, dict]:
     """data.mode=stream: Ray Datasets of tokenized documents for training to pack itself
@@ -668,7 +692,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # determinism: blocks are a function of the corpus
-    actors = cfg.tokenizer_actors or max(1, int(ray.available_resources().get("CPU", 2)) // 2)
+    actors = cfg.tokenizer_actors or cluster_cores()
     attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     block_len = cfg.seq_len + 1
     stats = PrepareStats(files=len(files) + len(val_files), bytes_read=sum(f.size for f in files + val_files))

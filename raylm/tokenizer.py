@@ -27,6 +27,9 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import sentencepiece as spm
 
 MODEL_FILE = "tokenizer.model"
@@ -235,6 +238,7 @@ class Tokenizer:
         self.eos_id: int = self._sp.eos_id()
         self.pad_id: int = self._sp.pad_id()
         self.special_ids: dict[str, int] = {t: self._sp.piece_to_id(t) for t in SPECIAL_TOKENS}
+        self._segments: SegmentCache | None = None  # built on first encode_flat, per process
         # piece_to_id returns unk for unknown pieces: a model without our symbols is unusable.
         unk = self._sp.unk_id()
         missing = [t for t in (*SPECIAL_TOKENS, _NEWLINE) if self._sp.piece_to_id(t) == unk]
@@ -283,6 +287,14 @@ class Tokenizer:
         # One thread: parallelism comes from many Ray actors, each pinned to a CPU;
         # SentencePiece's own thread pool would oversubscribe the cores.
         return self._sp.encode(list(texts), num_threads=1)
+
+    def encode_flat(self, texts: pa.Array | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of many documents at once: one int32 array and offsets (len(texts) + 1), so
+        document i is ids[offsets[i]:offsets[i + 1]]. The same ids as `encode_batch`, faster
+        on bulk text: see `SegmentCache`."""
+        if self._segments is None:
+            self._segments = SegmentCache(self._sp)
+        return self._segments.encode(texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string()))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control ids (bos/eos/pad) decode to the empty string."""
@@ -337,3 +349,98 @@ class Tokenizer:
             ids += piece
             mask += [target] * len(piece)
         return ids, mask
+
+
+# --------------------------------------------------------------------------- bulk encoding
+
+
+_SPACE = "\u2581"  # how SentencePiece writes " " inside pieces
+
+
+def segment_split(pieces: Iterable[str]) -> str | None:
+    """Where text can be cut into independently encodable segments under this vocabulary.
+
+    BPE only ever merges adjacent symbols into a vocabulary piece, so a cut that no piece
+    can span never changes the result: encode(a + b) == encode(a) + encode(b). With
+    SentencePiece's whitespace pre-splitting, pieces carry a space only at their start, or
+    are runs of spaces (allow_whitespace_only_pieces). Hence:
+      * "every-space": no piece holds a space after its first character, so every space
+        starts a segment;
+      * "space-runs": no piece holds a space right after a non-space character, so a
+        segment starts at each space that follows a non-space (runs stay whole);
+      * None: some piece spans a space boundary; no cut is provably safe.
+    User-defined symbols (the chat markers) hold no spaces and are matched greedily from
+    left to right, which a cut before a space cannot change either."""
+    pieces = list(pieces)
+    if not any(_SPACE in p[1:] for p in pieces):
+        return "every-space"
+    if not any(re.search(f"[^{_SPACE}]{_SPACE}", p) for p in pieces):
+        return "space-runs"
+    return None
+
+
+class SegmentCache:
+    """SentencePiece encoding through a cache of text segments (a space and a word, mostly).
+
+    Natural text repeats its words: after a few MB nearly every segment has been seen, and
+    looking it up (a hash in Arrow, then a numpy gather) costs a fraction of running BPE
+    again. Only the misses go to SentencePiece, in one call. `segment_split` proves the
+    cut exact for the vocabulary; where it cannot, or where a text holds the NUL used to
+    mark the cuts, encoding falls back to SentencePiece on whole documents. The cache is
+    cleared when it outgrows `max_segments`, so memory stays bounded on any corpus."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor, max_segments: int = 1 << 20):
+        self.sp, self.max_segments = sp, max_segments
+        self.split = segment_split(sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+        self._clear()
+
+    def _clear(self) -> None:
+        self.slot: dict[str, int] = {}  # segment -> i, its ids being ids[start[i]:start[i] + length[i]]
+        self.start = np.zeros(0, dtype=np.int64)
+        self.length = np.zeros(0, dtype=np.int64)
+        self.ids = np.zeros(0, dtype=np.int32)
+
+    def encode(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(texts, pa.ChunkedArray):
+            texts = texts.combine_chunks()
+        texts = texts.cast(pa.large_string()) if texts.type != pa.large_string() else texts
+        if self.split is None or (len(texts) and pc.any(pc.match_substring(texts, "\x00")).as_py()):
+            return self._plain(texts.to_pylist())
+        if self.split == "every-space":
+            marked = pc.replace_substring(texts, " ", "\x00 ")
+        else:
+            marked = pc.replace_substring_regex(texts, r"([^ ]) ", "\\1\x00 ")
+        segments = pc.split_pattern(marked, "\x00")  # list<string>, one list per document
+        coded = pc.dictionary_encode(pc.list_flatten(segments))
+        if len(self.slot) + len(coded.dictionary) > self.max_segments:
+            self._clear()
+        slots = self._slots(coded.dictionary.to_pylist())[coded.indices.to_numpy(zero_copy_only=False)]
+        # Gather: token j of the output is ids[start[slot] + (j - first output token of its segment)].
+        lengths = self.length[slots]
+        seg_offsets = np.zeros(len(slots) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=seg_offsets[1:])
+        positions = np.arange(seg_offsets[-1], dtype=np.int64) + np.repeat(self.start[slots] - seg_offsets[:-1], lengths)
+        doc_offsets = seg_offsets[segments.offsets.to_numpy(zero_copy_only=False)]
+        return self.ids[positions], doc_offsets
+
+    def _slots(self, unique: list[str]) -> np.ndarray:
+        """Cache rows of the `unique` segments, encoding the ones not seen yet with
+        SentencePiece in one call."""
+        get = self.slot.get
+        missing = [u for u in unique if get(u) is None]
+        if missing:
+            encoded = self.sp.encode(missing, num_threads=1)
+            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+            starts = len(self.ids) + np.cumsum(lengths) - lengths
+            self.ids = np.concatenate([self.ids, np.fromiter((t for e in encoded for t in e), dtype=np.int32,
+                                                             count=int(lengths.sum()))])
+            self.start = np.concatenate([self.start, starts])
+            self.length = np.concatenate([self.length, lengths])
+            self.slot.update(zip(missing, range(len(self.slot), len(self.slot) + len(missing))))
+        return np.fromiter(map(self.slot.__getitem__, unique), dtype=np.int64, count=len(unique))
+
+    def _plain(self, texts: list) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self.sp.encode([t or "" for t in texts], num_threads=1)
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+        return np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(offsets[-1])), offsets

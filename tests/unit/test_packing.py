@@ -16,6 +16,7 @@ from raylm.data import (
     BlockPacker,
     DataError,
     ShuffleBuffer,
+    _row_sets,
     clean_text,
     parse_and_clean,
     parse_documents,
@@ -73,6 +74,21 @@ def test_packer_carries_remainder_and_concatenation_equals_docs_joined():
     assert sum(len(b) for b in emitted) == len(expected) // block_len
 
 
+def test_packer_sources_per_block():
+    p = BlockPacker(block_len=4, eos_id=EOS)
+    p.add(*_flat([[1, 2, 3], [4], [5, 6, 7, 8, 9]]), files=np.array([0, 2, 2]))
+    # 1 2 3 E | 4 E 5 6 | 7 8 9 E
+    assert p.last_sources == [(0,), (2,), (2,)]
+    p.add(*_flat([[1], [2, 3, 4, 5, 6, 7]]), files=np.array([3, 5]))
+    assert p.last_sources == [(3, 5), (5,)]  # 1 E 2 3 | 4 5 6 7
+
+
+def test_row_sets_equal_unique_per_row():
+    rows = np.random.default_rng(0).integers(0, 4, size=(300, 9))
+    rows[::3] = 7  # many single-valued rows, the common case
+    assert _row_sets(rows) == [tuple(np.unique(r).tolist()) for r in rows]
+
+
 # --------------------------------------------------------------------------- ShuffleBuffer
 
 
@@ -98,6 +114,12 @@ def test_shuffle_is_deterministic_per_seed_and_differs_across_seeds():
     assert a != c
     # The order depends on input order and seed only, not on how the input is chunked.
     assert _shuffle(items, 8, 3, chunk=1) == a
+
+
+def test_shuffle_is_independent_of_chunking_past_many_bulk_draws():
+    items = np.arange(3 * ShuffleBuffer.DRAWS).reshape(-1, 1)
+    a = _shuffle(items, 16, 5, chunk=7)
+    assert a == _shuffle(items, 16, 5, chunk=1000) and sorted(a) == list(range(len(items)))
 
 
 def test_shuffle_window_one_keeps_order():

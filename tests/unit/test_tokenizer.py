@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 import raylm.tokenizer as tokenizer_mod
@@ -16,8 +19,10 @@ from raylm.tokenizer import (
     META_FILE,
     MODEL_FILE,
     SPECIAL_TOKENS,
+    SegmentCache,
     Tokenizer,
     _chunks,
+    segment_split,
     train_tokenizer,
 )
 
@@ -115,6 +120,84 @@ def test_special_tokens(tok):
 def test_encode_batch(tok):
     texts = ROUND_TRIP[:5]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+# --------------------------------------------------------------------------- bulk encoding
+
+_PARTS = ["the", "The", " ", "  ", "    ", "\t", "\n", "\n    ", ".", ",", "def", "return", "x", "(", ")", ":",
+          "42", "3.14", "é", "café", "日本", "🎉", "<|user|>", "<|end|>", "<|eos|>", "  \n", "a b", "ab"]
+
+
+def _random_texts(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_PARTS) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+def _docs(ids, offsets) -> list[list[int]]:
+    return [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def test_segment_split_rule():
+    s = "\u2581"
+    assert segment_split(["a", f"{s}b", s, "<|end|>"]) == "every-space"
+    assert segment_split(["a", f"{s}{s}", f"{s}{s}b"]) == "space-runs"
+    assert segment_split(["a", f"a{s}"]) is None  # a piece that would span a cut before a space
+    assert segment_split(["a", f"{s}a{s}b"]) is None
+
+
+def test_encode_flat_equals_encode(tok):
+    """The segment cache gives SentencePiece's ids exactly: cold, warm, and as Arrow input."""
+    assert tok.encode_flat(["x"])[1].tolist() == [0, len(tok.encode("x"))]
+    assert tok._segments.split == "space-runs"  # this vocabulary has runs of spaces as pieces
+    texts = ROUND_TRIP + _random_texts(0, 3000)
+    expected = tok.encode_batch(texts)
+    for _ in range(2):  # the second pass is served from the cache
+        ids, offsets = tok.encode_flat(texts)
+        assert ids.dtype == np.int32 and len(offsets) == len(texts) + 1
+        assert _docs(ids, offsets) == expected
+    chunked = pa.chunked_array([pa.array(texts[:100]), pa.array(texts[100:])])
+    assert _docs(*tok.encode_flat(chunked)) == expected
+    assert _docs(*tok.encode_flat([])) == []
+
+
+def test_encode_flat_cut_rule_is_what_makes_it_exact(tok):
+    """Cutting before every space would be wrong for this vocabulary (it has "▁▁" pieces),
+    which shows the equality test above can fail."""
+    texts = ["def f():\n        return  x", "a    b"]
+    wrong = SegmentCache(tok._sp)
+    wrong.split = "every-space"
+    assert _docs(*wrong.encode(pa.array(texts))) != tok.encode_batch(texts)
+
+
+def test_encode_flat_every_space_vocabulary(tmp_path):
+    prose = [" ".join(random.Random(i).choice(["alpha", "beta", "gamma", "delta", "x.", "Yes,", "no"])
+                      for _ in range(200)) for i in range(300)]
+    small = train_tokenizer(prose, str(tmp_path / "t"), 320)
+    texts = prose[:50] + _random_texts(1, 500)
+    assert _docs(*small.encode_flat(texts)) == small.encode_batch(texts)
+    assert small._segments.split == "every-space"
+
+
+def test_encode_flat_falls_back_on_nul_and_unsafe_vocabularies(tok):
+    texts = ["a\x00b c", "plain text", ""]
+    assert _docs(*tok.encode_flat(texts)) == tok.encode_batch(texts)
+    unsafe = SegmentCache(tok._sp)
+    unsafe.split = None
+    assert _docs(*unsafe.encode(pa.array(ROUND_TRIP))) == tok.encode_batch(ROUND_TRIP)
+    assert not unsafe.slot  # whole documents went to SentencePiece
+
+
+def test_encode_flat_cache_is_bounded(tok):
+    bounded, unbounded = SegmentCache(tok._sp, max_segments=200), SegmentCache(tok._sp)
+    for seed in range(5):
+        texts = pa.array(_random_texts(10 + seed, 200))
+        assert _docs(*bounded.encode(texts)) == tok.encode_batch(texts.to_pylist())
+        unbounded.encode(texts)
+        fresh = SegmentCache(tok._sp)
+        fresh.encode(texts)
+        # At most the limit, or one batch's own segments when a single batch exceeds it.
+        assert len(bounded.slot) <= max(200, len(fresh.slot))
+    assert len(bounded.slot) < len(unbounded.slot)
 
 
 MESSAGES = [
