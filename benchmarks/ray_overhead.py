@@ -180,7 +180,7 @@ def run_bare(cfg: Config, blocks: np.ndarray, args, device, dev_name: str) -> di
     precision = resolve_precision(tc.precision, device)
     model = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=tc.compile,
                                  activation_checkpointing=tc.activation_checkpointing,
-                                 reshard_after_forward=tc.reshard_after_forward)
+                                 reshard_after_forward=tc.reshard_after_forward, float8=tc.float8)
     optimizer = make_optimizer(model, tc, device)
     objective = NextTokenObjective(tc.z_loss, tc.loss_chunk_size)
     G, m = tc.global_batch_size, tc.micro_batch_size

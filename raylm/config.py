@@ -220,6 +220,9 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False  # torch.compile each block; pays off on GPU, costs minutes on CPU
     activation_checkpointing: bool = False  # trade recompute for memory on large models
+    # float8 matmuls (torchao) in the blocks' linear layers: for H100-class GPUs at ~1B and
+    # up, where matmuls dominate; off by default because elsewhere the casts cost more.
+    float8: bool = False
     # False keeps each block's gathered parameters from forward to backward: one all-gather
     # fewer per block and step, for the memory of unsharded blocks. Worth it for small models.
     reshard_after_forward: bool = True

@@ -1,9 +1,9 @@
-"""Parallelism applied from outside the model: activation checkpointing, compile, FSDP2.
+"""Parallelism applied from outside the model: float8, activation checkpointing, compile, FSDP2.
 
 This is the only module that knows about meshes and mixed precision. The order is fixed
-(as in torchtitan's `parallelize_llama`): checkpoint-wrap each block, compile each block,
-then `fully_shard` each block and finally the root, all on a model still on the meta
-device. `materialize` then allocates the local shards and runs the model's own init.
+(as in torchtitan's `parallelize_llama`): swap in float8 linears, checkpoint-wrap each block,
+compile each block, then `fully_shard` each block and finally the root, all on a model still
+on the meta device. `materialize` then allocates the local shards and runs the model's own init.
 """
 
 from __future__ import annotations
@@ -33,6 +33,34 @@ def mixed_precision_policy(precision: str):
         param_dtype=torch.bfloat16 if precision == "bf16" else None,
         reduce_dtype=torch.float32,
     )
+
+
+def apply_float8(model: Transformer) -> int:
+    """float8 training (torchao) for every block's linear layers; returns how many.
+
+    Their inputs and weights are cast to e4m3 with dynamic per-tensor scales and their
+    output gradients to e5m2, for float8 tensor-core matmuls (H100 and later); master weights
+    stay fp32 and checkpoints keep the same keys and dtypes. The embeddings and the LM head
+    are left alone (the logits are where low precision hurts most), as are layers whose
+    sizes are not multiples of 16, which float8 matmul kernels need. It pays off at widths
+    where matmuls dominate (~1B and up); elsewhere the casts cost more than they save, and
+    without float8 hardware they are emulated (slow, but the same numerics, which is how
+    the CPU tests check it)."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise ValueError("train.float8=true needs torchao: pip install 'raylm[float8]'") from None
+
+    def eligible(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    converted = sum(1 for block in model.layers for m in block.modules() if eligible(m, ""))
+    if converted == 0:
+        raise ValueError(f"train.float8=true: no linear layer in the blocks has sizes divisible by 16 "
+                         f"(model.dim={model.cfg.dim}); use a wider model or float8=false")
+    for block in model.layers:
+        convert_to_float8_training(block, config=Float8LinearConfig(), module_filter_fn=eligible)
+    return converted
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:
@@ -80,14 +108,16 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 
 def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str, seed: int,
                          compile: bool = False, activation_checkpointing: bool = False,
-                         reshard_after_forward: bool = True) -> Transformer:
-    """Meta-device model -> checkpointing -> compile -> FSDP2 (if distributed) -> materialised.
+                         reshard_after_forward: bool = True, float8: bool = False) -> Transformer:
+    """Meta-device model -> float8 -> checkpointing -> compile -> FSDP2 (if distributed) -> materialised.
 
     Without an initialised process group the model stays plain and runs in fp32; use
     `init_local_process_group` to get the sharded path (and bf16) in one process.
     """
     with torch.device("meta"):
         model = Transformer(cfg)
+    if float8:
+        apply_float8(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:

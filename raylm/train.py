@@ -665,7 +665,7 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     precision = resolve_precision(cfg.train.precision, device)
     model = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
                                  activation_checkpointing=cfg.train.activation_checkpointing,
-                                 reshard_after_forward=cfg.train.reshard_after_forward)
+                                 reshard_after_forward=cfg.train.reshard_after_forward, float8=cfg.train.float8)
     optimizer = make_optimizer(model, cfg.train, device)
     rank, _ = _rank_world()
     ckpt = _broadcast(resume_point(cfg, resume) if rank == 0 else None)

@@ -48,3 +48,42 @@ def test_bf16_mixed_precision_runs_through_fsdp2_in_one_process():
     assert kept_gathered.loss == fp32_sharded.loss and kept_gathered.grad_norm == fp32_sharded.grad_norm
     assert bf16.loss == pytest.approx(plain.loss, rel=2e-2)  # bf16 compute, fp32 master weights
     assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+def test_float8_matches_plain_to_float8_precision():
+    pytest.importorskip("torchao.float8", reason="torchao is not installed (pip install 'raylm[float8]')")
+    from torchao.float8.float8_linear import Float8Linear
+
+    model = build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0, float8=True)
+    converted = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
+    assert len(converted) == CFG.n_layers * 7  # q, k, v, o and the three SwiGLU projections
+    assert all(n.startswith("layers.") for n in converted)  # never the LM head or embeddings
+    plain_keys = set(build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0).state_dict())
+    assert set(model.state_dict()) == plain_keys  # checkpoints and export see the same model
+
+    plain, w_plain = one_step()
+    f8, w_f8 = one_step(float8=True)
+    # e4m3 keeps 3 mantissa bits: the same computation to that precision, not bit-equal.
+    assert f8.loss == pytest.approx(plain.loss, rel=1e-2)
+    assert f8.grad_norm == pytest.approx(plain.grad_norm, rel=0.1)
+    assert f8.loss != plain.loss  # the casts really happen
+    assert all(v.dtype == torch.float32 for v in w_f8.values())  # fp32 master weights
+
+    # The GPU combination: float8 linears inside FSDP2 with the bf16 MixedPrecisionPolicy.
+    init_local_process_group(torch.device("cpu"))
+    try:
+        f8_bf16, _ = one_step(precision="bf16", float8=True)
+    finally:
+        dist.destroy_process_group()
+    assert f8_bf16.loss == pytest.approx(plain.loss, rel=2e-2)
+    assert f8_bf16.grad_norm == pytest.approx(plain.grad_norm, rel=0.15)
+
+
+def test_float8_errors_name_the_problem(monkeypatch):
+    pytest.importorskip("torchao.float8", reason="torchao is not installed")
+    narrow = ModelConfig(vocab_size=128, dim=24, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        build_parallel_model(narrow, torch.device("cpu"), "fp32", seed=0, float8=True)
+    monkeypatch.setitem(__import__("sys").modules, "torchao.float8", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"needs torchao: pip install 'raylm\[float8\]'"):
+        build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0, float8=True)
