@@ -123,3 +123,35 @@ def test_chunked_objective_equals_plain_in_train_step(one_thread, tied):
     assert chunked.loss == pytest.approx(plain.loss, rel=1e-5)
     assert chunked.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
     assert not plain.skipped and not chunked.skipped
+
+
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_commands_are_valid_for_their_benchmarks(tmp_path):
+    """Every command the one-command GPU suite runs parses with its benchmark's own parser."""
+    suite = _load("gpu_suite.py")
+    assert set(suite.SUITE) >= {"train-124m", "train-1b", "ray-overhead-124m", "decode-eager", "decode-compiled"}
+    for name in suite.SUITE:
+        cmd = suite.command(name, tmp_path / f"x-{name}.json")
+        script = Path(cmd[1]).name
+        args = _load(script).parse_args(cmd[2:])
+        assert args.out == str(tmp_path / f"x-{name}.json")
+
+
+def test_gpu_suite_table_from_benchmark_json():
+    suite = _load("gpu_suite.py")
+    train = _run("train_throughput.py", "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
+                 "--micro-batch", "2", "--warmup", "1", "--steps", "1", "--dtype", "fp32", "--skip-peer")
+    decode = _run("decode_throughput.py", "--device", "cpu", "--preset", "tiny", "--new-tokens", "4")
+    text = suite.table({"train-124m": train, "decode-compiled": decode})
+    assert text.startswith("Device: ")
+    assert f"{train['raylm']['tokens_per_s']:,.0f} tok/s" in text and "not run" in text
+    for r in decode["results"]:
+        assert f"batch {r['batch']}: {r['decode_tokens_per_s']:,.0f} tok/s" in text
+    assert "train-1b" not in text  # benchmarks that did not run are left out, not invented
