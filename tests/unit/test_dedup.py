@@ -22,6 +22,8 @@ from raylm.dedup import (
     MinHasher,
     UnionFind,
     band_keys,
+    compact_jaccard,
+    compact_signature,
     content_hash,
     estimated_jaccard,
     is_empty_signature,
@@ -289,3 +291,41 @@ def test_union_find_matches_connected_components_in_any_order():
         groups = uf.groups()
         assert groups == expected_groups
         assert all(uf.find(x) == g[0] == min(g) for g in groups for x in g)
+
+
+def test_compact_signatures_estimate_like_full_ones():
+    hasher = MinHasher()
+    a = " ".join(_passage(0))
+    for k in (0, 5, 20, 60, 400):
+        b = " ".join(_edited(_passage(0), k, seed=k)) if k < 400 else " ".join(_passage(1))
+        sa, sb = hasher.signature(a), hasher.signature(b)
+        assert len(compact_signature(sa)) == 2 * hasher.num_perm
+        assert abs(compact_jaccard(compact_signature(sa), compact_signature(sb)) - estimated_jaccard(sa, sb)) <= 0.01
+
+
+def test_lsh_candidates_are_verified_before_they_join():
+    """A band bucket can hold a pair below the threshold (the S-curve lets some in); only
+    members whose estimated Jaccard reaches it are joined."""
+    from raylm.data import bucket_edges
+
+    hasher = MinHasher()
+    words = _passage(0)
+    near, far = " ".join(_edited(words, 2, seed=1)), " ".join(_edited(words, 25, seed=2))
+    assert true_jaccard(" ".join(words), near) > 0.9 and 0.4 < true_jaccard(" ".join(words), far) < 0.75
+    sig = {name: compact_signature(hasher.signature(t)) for name, t in
+           (("a", " ".join(words)), ("near", near), ("far", far))}
+    group = {"file": np.array([0, 0, 1]), "line": np.array([1, 2, 1]), "exact": np.array([False] * 3),
+             "sig": [sig["a"], sig["far"], sig["near"]]}
+
+    def pairs(edges):
+        return sorted(zip(zip(edges["a_file"].tolist(), edges["a_line"].tolist()),
+                          zip(edges["b_file"].tolist(), edges["b_line"].tolist())))
+
+    assert pairs(bucket_edges(group, threshold=0.8)) == [((0, 1), (1, 1))]  # far stays out
+    assert pairs(bucket_edges(group, threshold=0.0)) == [((0, 1), (0, 2)), ((0, 1), (1, 1))]  # unverified
+    exact = dict(group, exact=np.array([True] * 3))  # copies of one text need no check
+    assert len(pairs(bucket_edges(exact, threshold=0.8))) == 2
+    # A member that misses the first but matches a later head joins that one.
+    chain = {"file": np.array([0, 1, 2]), "line": np.array([1, 1, 1]), "exact": np.array([False] * 3),
+             "sig": [sig["far"], sig["a"], sig["near"]]}
+    assert pairs(bucket_edges(chain, threshold=0.8)) == [((1, 1), (2, 1))]
