@@ -479,9 +479,17 @@ def bucket_keys(batch: dict, mode: str, num_perm: int, threshold: float) -> dict
     MinHash signature is one more (LSH: similar documents collide in some band). Band rows
     carry the document's compact signature, so the candidates can be verified."""
     hasher, bands, rows = _near_dup_hashing(num_perm, threshold) if mode == "near" else (None, 0, 0)
-    keys, files, lines, exact, sigs = [], [], [], [], []
-    for text, file, line in zip(batch["text"], batch["file"], batch["line"]):
-        if not text:  # bad, filtered or empty: nothing to compare
+    keys, files, lines, exact, sigs, errors = [], [], [], [], [], []
+    for text, file, line, error in zip(batch["text"], batch["file"], batch["line"], batch["error"]):
+        if error:  # reported to the driver, which applies the error budget before the second pass
+            keys.append(ERROR_KEY)
+            files.append(file)
+            lines.append(line)
+            exact.append(False)
+            sigs.append(b"")
+            errors.append(error)
+            continue
+        if not text:  # filtered or empty: nothing to compare
             continue
         doc_keys, compact = [b"exact:" + content_hash(text)], b""
         if hasher:
@@ -494,9 +502,14 @@ def bucket_keys(batch: dict, mode: str, num_perm: int, threshold: float) -> dict
         lines += [line] * len(doc_keys)
         exact += [True] + [False] * (len(doc_keys) - 1)
         sigs += [b""] + [compact] * (len(doc_keys) - 1)
+        errors += [""] * len(doc_keys)
     return {"key": np.array(keys, dtype=object), "file": np.array(files, dtype=np.int64),
             "line": np.array(lines, dtype=np.int64), "exact": np.array(exact, dtype=bool),
-            "sig": np.array(sigs, dtype=object)}
+            "sig": np.array(sigs, dtype=object), "error": np.array(errors, dtype=object)}
+
+
+# The bucket of bad records: no content hash ("exact:" + 16 bytes) or band key (12 bytes) can equal it.
+ERROR_KEY = b"error"
 
 
 def bucket_edges(group: dict, threshold: float = 0.0) -> dict:
@@ -508,6 +521,8 @@ def bucket_edges(group: dict, threshold: float = 0.0) -> dict:
     (at 0.8 with 9 bands of 13 rows, about 8% of pairs at Jaccard 0.7), so they are verified:
     in corpus order, each member joins the first earlier member whose estimated Jaccard with
     it reaches `threshold`, or else starts a cluster of its own. `threshold` 0 skips the check."""
+    if "key" in group and len(group["key"]) and group["key"][0] == ERROR_KEY:
+        return _error_rows(group)
     sigs = group.get("sig")
     members: dict[tuple[int, int], bytes] = {}
     for i, key in enumerate(zip(group["file"].tolist(), group["line"].tolist())):
@@ -529,7 +544,15 @@ def bucket_edges(group: dict, threshold: float = 0.0) -> dict:
             "a_line": np.array([a[1] for a, _ in pairs], dtype=np.int64),
             "b_file": np.array([b[0] for _, b in pairs], dtype=np.int64),
             "b_line": np.array([b[1] for _, b in pairs], dtype=np.int64),
-            "exact": np.array([exact] * len(pairs), dtype=bool)}
+            "exact": np.array([exact] * len(pairs), dtype=bool), "error": np.array([""] * len(pairs), dtype=object)}
+
+
+def _error_rows(group: dict) -> dict:
+    """The bad records of the first pass, in the edge schema (error set, no second member)."""
+    n = len(group["error"])
+    return {"a_file": np.asarray(group["file"], dtype=np.int64), "a_line": np.asarray(group["line"], dtype=np.int64),
+            "b_file": np.full(n, -1, dtype=np.int64), "b_line": np.full(n, -1, dtype=np.int64),
+            "exact": np.zeros(n, dtype=bool), "error": np.asarray(group["error"], dtype=object)}
 
 
 # Below this corpus size the buckets are formed on the driver from the streamed keys: the
@@ -541,9 +564,14 @@ SMALL_CORPUS_BYTES = 256 * 2**20
 def _edges_on_driver(keys, threshold: float):
     buckets: dict[bytes, dict] = {}
     compact: dict[tuple[int, int], bytes] = {}  # one signature per document, not one per band
+    bad = {"file": [], "line": [], "error": []}
     for b in keys.iter_batches(batch_format="numpy", batch_size=None):
-        for key, file, line, exact, sig in zip(b["key"], b["file"].tolist(), b["line"].tolist(),
-                                               b["exact"].tolist(), b["sig"]):
+        for key, file, line, exact, sig, error in zip(b["key"], b["file"].tolist(), b["line"].tolist(),
+                                                      b["exact"].tolist(), b["sig"], b["error"]):
+            if key == ERROR_KEY:
+                for k, v in (("file", file), ("line", line), ("error", error)):
+                    bad[k].append(v)
+                continue
             g = buckets.setdefault(key, {"file": [], "line": [], "exact": exact})
             g["file"].append(file)
             g["line"].append(line)
@@ -554,13 +582,16 @@ def _edges_on_driver(keys, threshold: float):
             sigs = None if g["exact"] else [compact[m] for m in zip(g["file"], g["line"])]
             yield bucket_edges({"file": np.array(g["file"]), "line": np.array(g["line"]),
                                 "exact": np.array([g["exact"]]), "sig": sigs}, threshold)
+    if bad["error"]:
+        yield _error_rows(bad)
 
 
 def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig,
-                    s3=None) -> dict[tuple[int, int], str]:
+                    s3=None) -> tuple[dict[tuple[int, int], str], list[str]]:
     """First pass over the corpus: (file index, line) -> "exact_duplicate" or
     "near_duplicate" for every document that repeats an earlier one (corpus order: training
-    files, then validation files, so a validation copy of training text is the one dropped).
+    files, then validation files, so a validation copy of training text is the one dropped),
+    and the bad records it met, in corpus order.
 
     Hashing and MinHash run in parallel tasks; buckets are formed by a Ray Data groupby over
     the whole corpus (across all shards), or on the driver for small corpora; only the edges
@@ -579,10 +610,13 @@ def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileI
         edges = keys.groupby("key", num_partitions=partitions).map_groups(
             bucket_edges, batch_format="numpy", fn_kwargs={"threshold": cfg.near_dup_threshold}
         ).iter_batches(batch_format="numpy", batch_size=None)
-    clusters, exact = UnionFind(), set()
+    clusters, exact, bad = UnionFind(), set(), []
     for b in edges:
-        for af, al, bf, bl, ex in zip(b["a_file"].tolist(), b["a_line"].tolist(), b["b_file"].tolist(),
-                                      b["b_line"].tolist(), b["exact"].tolist()):
+        for af, al, bf, bl, ex, err in zip(b["a_file"].tolist(), b["a_line"].tolist(), b["b_file"].tolist(),
+                                           b["b_line"].tolist(), b["exact"].tolist(), b["error"]):
+            if err:
+                bad.append((af, al, err))
+                continue
             clusters.union((af, al), (bf, bl))
             if ex:
                 exact.add((bf, bl))
@@ -592,7 +626,7 @@ def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileI
         for m in members:
             if m != first:
                 drop[m] = "exact_duplicate" if m in exact else "near_duplicate"
-    return drop
+    return drop, [err for _, _, err in sorted(bad)]
 
 
 # --------------------------------------------------------------------------- prepare
@@ -654,12 +688,15 @@ def corpus_files(cfg: DataConfig, s3) -> tuple[list[storage.FileInfo], list[stor
 
 
 def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log) -> dict:
-    """The first pass: (file, line) -> verdict for every document de-duplication drops."""
+    """The first pass: (file, line) -> verdict for every document de-duplication drops.
+    It reads every record, so bad ones past data.max_bad_records stop the run here, before
+    any tokenizing (and, with data.mode=stream, before training starts)."""
     if cfg.dedup == "none":
         return {}
     t0 = time.time()
     log(f"data: finding {cfg.dedup} duplicates across {len(files) + len(val_files)} files")
-    drop = find_duplicates(files, val_files, cfg, s3)
+    drop, bad = find_duplicates(files, val_files, cfg, s3)
+    _check_error_budget(bad, cfg)
     stats.dedup_seconds = round(time.time() - t0, 2)
     log(f"data: {len(drop)} duplicate documents found in {stats.dedup_seconds:.1f}s")
     return drop
@@ -787,13 +824,18 @@ def summary_line(stats: PrepareStats) -> str:
             f"({stats.bytes_read / 1e6 / max(stats.seconds, 1e-9):.1f} MB/s)")
 
 
+def _check_error_budget(bad_records: list[str], cfg: DataConfig) -> None:
+    """The first bad record past data.max_bad_records, as the error (records come in corpus order)."""
+    if len(bad_records) > cfg.max_bad_records:
+        budget = cfg.max_bad_records
+        extra = f" ({len(bad_records)} bad records > data.max_bad_records={budget})" if budget else ""
+        raise DataError(bad_records[budget] + extra)
+
+
 def _account(batch: pa.Table, stats: PrepareStats, cfg: DataConfig) -> None:
     errors = [e for e in batch.column("error").to_pylist() if e]
     stats.bad_records.extend(errors)
-    if len(stats.bad_records) > cfg.max_bad_records:
-        budget = cfg.max_bad_records
-        extra = f" ({len(stats.bad_records)} bad records > data.max_bad_records={budget})" if budget else ""
-        raise DataError(stats.bad_records[budget] + extra)
+    _check_error_budget(stats.bad_records, cfg)
     stats.documents_read += batch.num_rows
     for reason in batch.column("dropped").to_pylist():
         if reason:

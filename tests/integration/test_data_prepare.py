@@ -227,9 +227,29 @@ def test_groupby_and_driver_bucketing_find_the_same_duplicates(ray_local, s3_pre
 
     upload(f"{s3_prefix}/corpus", planted[1])
     cfg = data_cfg(f"{s3_prefix}/corpus", "")
+    bad = jsonl("fine text here") + b'{"text": broken\n'
+    upload(f"{s3_prefix}/corpus", {"z.jsonl": bad})
     files = list_corpus(cfg.path)
     on_driver = find_duplicates(files, [], cfg)
     monkeypatch.setattr(data, "SMALL_CORPUS_BYTES", 0)
     distributed = find_duplicates(files, [], cfg)
     # a.jsonl line 2 has a near copy at b.jsonl line 1; a.jsonl line 1 an exact one at c.jsonl line 1.
-    assert on_driver == distributed == {(1, 1): "near_duplicate", (2, 1): "exact_duplicate"}
+    assert on_driver[0] == distributed[0] == {(1, 1): "near_duplicate", (2, 1): "exact_duplicate"}
+    # The first pass also brings back the bad records it read, in corpus order, either way.
+    assert on_driver[1] == distributed[1] and len(on_driver[1]) == 1
+    assert on_driver[1][0].startswith(f"{s3_prefix}/corpus/z.jsonl:2: malformed JSON")
+
+
+def test_stream_mode_stops_on_bad_records_before_training(ray_local, s3_prefix, tokenizer, planted):
+    """data.mode=stream: the driver's de-duplication pass reads every record, so a bad one
+    past the budget ends the run there, with its file and line, before any worker starts."""
+    from raylm.data import stream_datasets
+
+    p, _ = planted
+    upload(f"{s3_prefix}/corpus", {"a.jsonl": jsonl(*p[:20]), "b.jsonl": jsonl(*p[20:30]) + b'{"text": oops\n'})
+    cfg = data_cfg(f"{s3_prefix}/corpus", "", "data.mode=stream", "data.val_fraction=0.2")
+    with pytest.raises(DataError, match=rf"^{s3_prefix}/corpus/b\.jsonl:11: malformed JSON"):
+        stream_datasets(cfg, tokenizer, 0, log=lambda *_: None)
+    datasets, manifest = stream_datasets(dataclasses.replace(cfg, max_bad_records=1), tokenizer, 0,
+                                         log=lambda *_: None)
+    assert set(datasets) == {"train", "val"} and manifest["mode"] == "stream"
