@@ -29,8 +29,9 @@ HERE = Path(__file__).resolve().parent
 SUITE = {
     "train-124m": ("train_throughput.py", ["--preset", "gpt2-124m", "--seq-len", "1024", "--micro-batch", "16"]),
     "train-1b": ("train_throughput.py", ["--preset", "1b", "--seq-len", "2048", "--micro-batch", "4"]),
+    # The peer runs again here so that float8's parity check against it also runs on the GPU.
     "train-1b-float8": ("train_throughput.py", ["--preset", "1b", "--seq-len", "2048", "--micro-batch", "4",
-                                                "--float8", "--skip-peer"]),
+                                                "--float8"]),
     "ray-overhead-124m": ("ray_overhead.py", ["--preset", "gpt2-124m", "--seq-len", "1024", "--micro-batch", "16",
                                               "--global-batch", "16"]),
     "decode-eager": ("decode_throughput.py", ["--preset", "gpt2-124m"]),
@@ -102,6 +103,8 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
     args = p.parse_args()
     names = args.only or list(SUITE)
+    if args.table_only and not args.device_name:
+        p.error("--table-only needs --device-name (the prefix of the JSON files, e.g. h100)")
     slug = args.device_name or ("gpu" if args.dry_run else device_slug())
     out_dir = Path(args.out_dir)
     failed = []

@@ -31,7 +31,7 @@ The issue's goal: on one GPU, ray tokens/s >= 0.97 x bare tokens/s (`ratio_ray_t
 On one H100:
 
     python benchmarks/ray_overhead.py --preset gpt2-124m --seq-len 1024 --micro-batch 16 \\
-        --global-batch 16 --out benchmarks/results/h100-ray-overhead-gpt2-124m.json
+        --global-batch 16 --out benchmarks/results/h100-ray-overhead-124m.json
     python benchmarks/ray_overhead.py --preset 1b --seq-len 2048 --micro-batch 4 \\
         --global-batch 4 --out benchmarks/results/h100-ray-overhead-1b.json
 

@@ -22,16 +22,16 @@ On one H100 (the two goal shapes; add --profile DIR for a trace of raylm's step)
 gpt2-124m >= 46% MFU and >= 1.35x the peer's tokens/s; 1b >= 52% MFU and >= 1.15x:
 
     python benchmarks/train_throughput.py --preset gpt2-124m --seq-len 1024 --micro-batch 16 \\
-        --out benchmarks/results/h100-gpt2-124m.json
+        --out benchmarks/results/h100-train-124m.json
     python benchmarks/train_throughput.py --preset 1b --seq-len 2048 --micro-batch 4 \\
-        --out benchmarks/results/h100-1b.json
+        --out benchmarks/results/h100-train-1b.json
 
 The issue's other figures come from two sibling benchmarks: the same step through Ray Train
 with Ray Data (benchmarks/ray_overhead.py, goal >= 0.97x the bare step) and generation speed
 (benchmarks/decode_throughput.py, goal >= 1,500 tokens/s at batch 1):
 
     python benchmarks/ray_overhead.py --preset gpt2-124m --seq-len 1024 --micro-batch 16 \\
-        --global-batch 16 --out benchmarks/results/h100-ray-overhead-gpt2-124m.json
+        --global-batch 16 --out benchmarks/results/h100-ray-overhead-124m.json
     python benchmarks/decode_throughput.py --preset gpt2-124m --out benchmarks/results/h100-decode-eager.json
     python benchmarks/decode_throughput.py --preset gpt2-124m --compile \\
         --out benchmarks/results/h100-decode-compiled.json
@@ -39,7 +39,7 @@ with Ray Data (benchmarks/ray_overhead.py, goal >= 0.97x the bare step) and gene
 float8 (torchao) is a switch, measured separately at the shape where it can pay off:
 
     python benchmarks/train_throughput.py --preset 1b --seq-len 2048 --micro-batch 4 --float8 \\
-        --out benchmarks/results/h100-1b-float8.json
+        --out benchmarks/results/h100-train-1b-float8.json
 
 CPU smoke test (tiny shapes; the numbers mean nothing, the parity check does):
 

@@ -159,7 +159,7 @@ class DataConfig:
     # blocks of one document rarely share a batch, and the order stays a function of the seed.
     shuffle_window: int = 1024
     blocks_per_shard: int = 4096  # rows per prepared parquet shard (1 to 8 MB at seq 256-1024)
-    tokenizer_actors: int = 0  # 0: auto (prepare: one per core; stream: each worker's share of the spare CPUs)
+    tokenizer_actors: int = 0  # 0: auto (prepare: one per core, CPUs left for reads; stream: a share per worker)
     max_bad_records: int = 0  # 0: the first bad record is an error
     # Duplicates waste compute and teach memorisation. "exact": same text after cleaning;
     # "near": also MinHash/LSH near-duplicates (an extra pass over the corpus); "none": off.

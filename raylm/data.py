@@ -241,8 +241,8 @@ class TokenizeDocuments:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, offsets = self.tok.encode_flat(batch.column("text"))
-        return batch.drop_columns(["text"]).append_column(
-            "ids", pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids)))
+        return batch.drop_columns(["text"]).append_column(  # 64-bit offsets: no limit on tokens per batch
+            "ids", pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids)))
 
 
 # --------------------------------------------------------------------------- packing
@@ -519,8 +519,11 @@ def bucket_edges(group: dict, threshold: float = 0.0) -> dict:
     An exact bucket holds copies of one text: every member joins the first in corpus order.
     A band bucket holds LSH candidates, which the S-curve lets in below the threshold too
     (at 0.8 with 9 bands of 13 rows, about 8% of pairs at Jaccard 0.7), so they are verified:
-    in corpus order, each member joins the first earlier member whose estimated Jaccard with
-    it reaches `threshold`, or else starts a cluster of its own. `threshold` 0 skips the check."""
+    in corpus order, each member joins the first earlier head (a member that started a
+    cluster) whose estimated Jaccard with it reaches `threshold`, or else becomes a head
+    itself. Comparing with heads only keeps a bucket linear in its size for one cluster; a
+    member similar only to a non-head is joined through another band it shares with it.
+    `threshold` 0 skips the check."""
     if "key" in group and len(group["key"]) and group["key"][0] == ERROR_KEY:
         return _error_rows(group)
     sigs = group.get("sig")
@@ -706,17 +709,21 @@ def _sources(files) -> list[dict]:
     return [{"uri": f.uri, "size": f.size, "etag": f.etag_or_mtime} for f in files]
 
 
-def cluster_cores() -> int:
-    """Cores the cluster has, which is what a CPU-bound actor pool should be sized to. A
-    single-node cluster is this machine: `init_ray` gives it more logical CPUs than cores
-    (so streaming tasks are never starved), and one tokenizer actor per logical CPU would
-    only add process start-ups on the same cores. Elsewhere, logical CPUs are cores."""
+def tokenizer_pool_size() -> int:
+    """Tokenizer actors for `prepare`: one per core, leaving a quarter of the logical CPUs
+    (at least one) to the read tasks that feed them. Each actor holds a whole logical CPU,
+    so a pool as large as the cluster would leave the reads no slot, and the pipeline would
+    hang. On a one-node cluster running on this machine, cores are counted as well:
+    `init_ray` gives it more logical CPUs than cores (so streaming tasks never starve), and
+    more actors than cores would only add process start-ups on the same cores."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
-        cpus = min(cpus, os.cpu_count() or cpus)
-    return max(1, cpus)
+    actors = cpus - max(1, cpus // 4)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address():
+        actors = min(actors, os.cpu_count() or actors)
+    return max(1, actors)
 
 
 def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None = None, readers: int = 1,
@@ -760,7 +767,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # determinism: blocks are a function of the corpus
-    actors = cfg.tokenizer_actors or cluster_cores()
+    actors = cfg.tokenizer_actors or tokenizer_pool_size()
     attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     block_len = cfg.seq_len + 1
     stats = PrepareStats(files=len(files) + len(val_files), bytes_read=sum(f.size for f in files + val_files))

@@ -58,8 +58,12 @@ def apply_float8(model: Transformer) -> int:
     if converted == 0:
         raise ValueError(f"train.float8=true: no linear layer in the blocks has sizes divisible by 16 "
                          f"(model.dim={model.cfg.dim}); use a wider model or float8=false")
+    # pad_inner_dim: float8 GPU matmuls also need the token count (micro-batch x sequence,
+    # the inner dimension of the weight-gradient matmul) to be a multiple of 16; padding
+    # makes any batch shape work, at a negligible cost when it already is one.
+    config = Float8LinearConfig(pad_inner_dim=True)
     for block in model.layers:
-        convert_to_float8_training(block, config=Float8LinearConfig(), module_filter_fn=eligible)
+        convert_to_float8_training(block, config=config, module_filter_fn=eligible)
     return converted
 
 

@@ -288,13 +288,15 @@ class Tokenizer:
         # SentencePiece's own thread pool would oversubscribe the cores.
         return self._sp.encode(list(texts), num_threads=1)
 
-    def encode_flat(self, texts: pa.Array | list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Ids of many documents at once: one int32 array and offsets (len(texts) + 1), so
-        document i is ids[offsets[i]:offsets[i + 1]]. The same ids as `encode_batch`, faster
-        on bulk text: see `SegmentCache`."""
+    def encode_flat(self, texts: pa.Array | pa.ChunkedArray | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of many documents at once: one int32 array and int64 offsets (len(texts) + 1),
+        so document i is ids[offsets[i]:offsets[i + 1]]. The same ids as `encode_batch`,
+        faster on bulk text: see `SegmentCache`."""
         if self._segments is None:
             self._segments = SegmentCache(self._sp)
-        return self._segments.encode(texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string()))
+        if not isinstance(texts, (pa.Array, pa.ChunkedArray)):
+            texts = pa.array(texts, pa.large_string())
+        return self._segments.encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control ids (bos/eos/pad) decode to the empty string."""
@@ -357,20 +359,39 @@ class Tokenizer:
 _SPACE = "\u2581"  # how SentencePiece writes " " inside pieces
 
 
-def segment_split(pieces: Iterable[str]) -> str | None:
-    """Where text can be cut into independently encodable segments under this vocabulary.
+def segment_split(sp: spm.SentencePieceProcessor) -> str | None:
+    """Where text can be cut into independently encodable segments under this model.
 
     BPE only ever merges adjacent symbols into a vocabulary piece, so a cut that no piece
-    can span never changes the result: encode(a + b) == encode(a) + encode(b). With
-    SentencePiece's whitespace pre-splitting, pieces carry a space only at their start, or
-    are runs of spaces (allow_whitespace_only_pieces). Hence:
-      * "every-space": no piece holds a space after its first character, so every space
-        starts a segment;
-      * "space-runs": no piece holds a space right after a non-space character, so a
-        segment starts at each space that follows a non-space (runs stay whole);
-      * None: some piece spans a space boundary; no cut is provably safe.
+    can span never changes the result: encode(a + b) == encode(a) + encode(b). SentencePiece
+    writes a space as U+2581 ("▁", and a literal "▁" in the text reads the same), and with
+    its whitespace pre-splitting pieces carry "▁" only at their start, or are runs of it
+    (allow_whitespace_only_pieces). Hence:
+      * "every-space": no piece holds "▁" after its first character, so every space starts
+        a segment;
+      * "space-runs": no piece holds "▁" right after another character, so a segment starts
+        at each space that follows a character other than a space or "▁" (runs stay whole);
+      * None: some piece spans such a cut, or the model is not one this reasoning covers
+        (not BPE; a normaliser that is not the identity, adds a dummy prefix, collapses
+        spaces or moves whitespace to the end of pieces, any of which acts across a cut).
     User-defined symbols (the chat markers) hold no spaces and are matched greedily from
     left to right, which a cut before a space cannot change either."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # needs protobuf; without it, no cut is assumed safe
+        return None
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(sp.serialized_model_proto())
+    norm, trainer = model.normalizer_spec, model.trainer_spec
+    if (trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE or norm.name != "identity"
+            or norm.add_dummy_prefix or norm.remove_extra_whitespaces or not norm.escape_whitespaces
+            or trainer.treat_whitespace_as_suffix):
+        return None
+    return split_rule(sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+
+
+def split_rule(pieces: Iterable[str]) -> str | None:
+    """The vocabulary half of `segment_split`."""
     pieces = list(pieces)
     if not any(_SPACE in p[1:] for p in pieces):
         return "every-space"
@@ -385,13 +406,17 @@ class SegmentCache:
     Natural text repeats its words: after a few MB nearly every segment has been seen, and
     looking it up (a hash in Arrow, then a numpy gather) costs a fraction of running BPE
     again. Only the misses go to SentencePiece, in one call. `segment_split` proves the
-    cut exact for the vocabulary; where it cannot, or where a text holds the NUL used to
-    mark the cuts, encoding falls back to SentencePiece on whole documents. The cache is
-    cleared when it outgrows `max_segments`, so memory stays bounded on any corpus."""
+    cut exact for the model; where it cannot, or where a text holds the NUL used to mark
+    the cuts, encoding falls back to SentencePiece on whole documents.
 
-    def __init__(self, sp: spm.SentencePieceProcessor, max_segments: int = 1 << 20):
-        self.sp, self.max_segments = sp, max_segments
-        self.split = segment_split(sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+    Memory is bounded whatever the corpus: segments longer than `max_chars` (text without
+    spaces: CJK, minified code, base64) are encoded for their batch only, never kept, and
+    the cache is cleared when it would pass `max_segments` entries or `max_ids` ids."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor, max_segments: int = 1 << 19, max_ids: int = 1 << 23,
+                 max_chars: int = 64):
+        self.sp, self.max_segments, self.max_ids, self.max_chars = sp, max_segments, max_ids, max_chars
+        self.split = segment_split(sp)
         self._clear()
 
     def _clear(self) -> None:
@@ -400,44 +425,59 @@ class SegmentCache:
         self.length = np.zeros(0, dtype=np.int64)
         self.ids = np.zeros(0, dtype=np.int32)
 
-    def encode(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        # large_string before combining: a batch over 2 GiB would overflow 32-bit offsets.
+        texts = texts.cast(pa.large_string())
         if isinstance(texts, pa.ChunkedArray):
             texts = texts.combine_chunks()
-        texts = texts.cast(pa.large_string()) if texts.type != pa.large_string() else texts
         if self.split is None or (len(texts) and pc.any(pc.match_substring(texts, "\x00")).as_py()):
             return self._plain(texts.to_pylist())
         if self.split == "every-space":
             marked = pc.replace_substring(texts, " ", "\x00 ")
         else:
-            marked = pc.replace_substring_regex(texts, r"([^ ]) ", "\\1\x00 ")
+            marked = pc.replace_substring_regex(texts, f"([^ {_SPACE}]) ", "\\1\x00 ")
         segments = pc.split_pattern(marked, "\x00")  # list<string>, one list per document
         coded = pc.dictionary_encode(pc.list_flatten(segments))
-        if len(self.slot) + len(coded.dictionary) > self.max_segments:
+        unique = coded.dictionary
+        if len(self.slot) + len(unique) > self.max_segments or len(self.ids) > self.max_ids:
             self._clear()
-        slots = self._slots(coded.dictionary.to_pylist())[coded.indices.to_numpy(zero_copy_only=False)]
+        long = pc.greater(pc.utf8_length(unique), self.max_chars).to_numpy(zero_copy_only=False)
+        rows, keep = self._slots(unique.to_pylist(), long)
+        slots = rows[coded.indices.to_numpy(zero_copy_only=False)]
         # Gather: token j of the output is ids[start[slot] + (j - first output token of its segment)].
         lengths = self.length[slots]
         seg_offsets = np.zeros(len(slots) + 1, dtype=np.int64)
         np.cumsum(lengths, out=seg_offsets[1:])
         positions = np.arange(seg_offsets[-1], dtype=np.int64) + np.repeat(self.start[slots] - seg_offsets[:-1], lengths)
         doc_offsets = seg_offsets[segments.offsets.to_numpy(zero_copy_only=False)]
-        return self.ids[positions], doc_offsets
+        ids = self.ids[positions]
+        # The long segments were this batch's only: cut the tables back to the cached rows.
+        self.ids, self.start, self.length = self.ids[:keep[0]], self.start[:keep[1]], self.length[:keep[1]]
+        return ids, doc_offsets
 
-    def _slots(self, unique: list[str]) -> np.ndarray:
-        """Cache rows of the `unique` segments, encoding the ones not seen yet with
-        SentencePiece in one call."""
+    def _slots(self, unique: list[str], long: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """Table rows of the `unique` segments, and the (ids, rows) the cache keeps. New
+        short segments are encoded and cached; long ones are encoded into rows after them,
+        for this batch only."""
         get = self.slot.get
-        missing = [u for u in unique if get(u) is None]
-        if missing:
-            encoded = self.sp.encode(missing, num_threads=1)
+        missing = [u for u, is_long in zip(unique, long.tolist()) if not is_long and get(u) is None]
+        once = [u for u, is_long in zip(unique, long.tolist()) if is_long]
+        rows_once: dict[str, int] = {}
+        keep = len(self.ids), len(self.start)
+        if missing or once:
+            encoded = self.sp.encode(missing + once, num_threads=1)
             lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
             starts = len(self.ids) + np.cumsum(lengths) - lengths
             self.ids = np.concatenate([self.ids, np.fromiter((t for e in encoded for t in e), dtype=np.int32,
                                                              count=int(lengths.sum()))])
             self.start = np.concatenate([self.start, starts])
             self.length = np.concatenate([self.length, lengths])
-            self.slot.update(zip(missing, range(len(self.slot), len(self.slot) + len(missing))))
-        return np.fromiter(map(self.slot.__getitem__, unique), dtype=np.int64, count=len(unique))
+            first = len(self.slot)
+            self.slot.update(zip(missing, range(first, first + len(missing))))
+            rows_once = dict(zip(once, range(first + len(missing), first + len(missing) + len(once))))
+            keep = keep[0] + int(lengths[:len(missing)].sum()), first + len(missing)
+        row = self.slot.__getitem__ if not rows_once else (lambda u: rows_once[u] if u in rows_once else self.slot[u])
+        return np.fromiter(map(row, unique), dtype=np.int64, count=len(unique)), keep
 
     def _plain(self, texts: list) -> tuple[np.ndarray, np.ndarray]:
         encoded = self.sp.encode([t or "" for t in texts], num_threads=1)

@@ -61,7 +61,7 @@ def test_float8_matches_plain_to_float8_precision():
     plain_keys = set(build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0).state_dict())
     assert set(model.state_dict()) == plain_keys  # checkpoints and export see the same model
 
-    plain, w_plain = one_step()
+    plain, _ = one_step()
     f8, w_f8 = one_step(float8=True)
     # e4m3 keeps 3 mantissa bits: the same computation to that precision, not bit-equal.
     assert f8.loss == pytest.approx(plain.loss, rel=1e-2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import io
 import pickle
 import random
 import re
@@ -23,6 +24,7 @@ from raylm.tokenizer import (
     Tokenizer,
     _chunks,
     segment_split,
+    split_rule,
     train_tokenizer,
 )
 
@@ -125,7 +127,8 @@ def test_encode_batch(tok):
 # --------------------------------------------------------------------------- bulk encoding
 
 _PARTS = ["the", "The", " ", "  ", "    ", "\t", "\n", "\n    ", ".", ",", "def", "return", "x", "(", ")", ":",
-          "42", "3.14", "é", "café", "日本", "🎉", "<|user|>", "<|end|>", "<|eos|>", "  \n", "a b", "ab"]
+          "42", "3.14", "é", "café", "日本", "🎉", "<|user|>", "<|end|>", "<|eos|>", "  \n", "a b", "ab",
+          "\u2581", "\u2581 ", " \u2581", "x\u2581", "日本語のテキストです" * 10]  # "▁" reads as a space to SentencePiece
 
 
 def _random_texts(seed: int, n: int) -> list[str]:
@@ -137,18 +140,36 @@ def _docs(ids, offsets) -> list[list[int]]:
     return [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-def test_segment_split_rule():
+def test_split_rule_from_the_vocabulary():
     s = "\u2581"
-    assert segment_split(["a", f"{s}b", s, "<|end|>"]) == "every-space"
-    assert segment_split(["a", f"{s}{s}", f"{s}{s}b"]) == "space-runs"
-    assert segment_split(["a", f"a{s}"]) is None  # a piece that would span a cut before a space
-    assert segment_split(["a", f"{s}a{s}b"]) is None
+    assert split_rule(["a", f"{s}b", s, "<|end|>"]) == "every-space"
+    assert split_rule(["a", f"{s}{s}", f"{s}{s}b"]) == "space-runs"
+    assert split_rule(["a", f"a{s}"]) is None  # a piece that would span a cut before a space
+    assert split_rule(["a", f"{s}a{s}b"]) is None
+
+
+def test_segment_split_refuses_normalisers_that_act_across_cuts(tmp_path):
+    """A dummy prefix (or collapsing spaces) changes what a cut segment encodes to, so such
+    models fall back to whole documents, and still encode exactly."""
+    import sentencepiece as spm
+
+    texts = [" ".join(random.Random(i).choice(["alpha", "beta", "gamma"]) for _ in range(50)) for i in range(200)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, model_type="bpe",
+                                   vocab_size=40, add_dummy_prefix=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    assert split_rule(sp.id_to_piece(i) for i in range(sp.get_piece_size())) is not None  # the vocabulary alone passes
+    cache = SegmentCache(sp)
+    assert cache.split is None
+    probe = ["a b", "alpha beta  gamma", " x"]
+    assert _docs(*cache.encode(pa.array(probe))) == sp.encode(probe)
 
 
 def test_encode_flat_equals_encode(tok):
     """The segment cache gives SentencePiece's ids exactly: cold, warm, and as Arrow input."""
     assert tok.encode_flat(["x"])[1].tolist() == [0, len(tok.encode("x"))]
     assert tok._segments.split == "space-runs"  # this vocabulary has runs of spaces as pieces
+    assert segment_split(tok._sp) == "space-runs"
     texts = ROUND_TRIP + _random_texts(0, 3000)
     expected = tok.encode_batch(texts)
     for _ in range(2):  # the second pass is served from the cache
@@ -157,6 +178,7 @@ def test_encode_flat_equals_encode(tok):
         assert _docs(ids, offsets) == expected
     chunked = pa.chunked_array([pa.array(texts[:100]), pa.array(texts[100:])])
     assert _docs(*tok.encode_flat(chunked)) == expected
+    assert _docs(*tok.encode_flat(chunked.cast(pa.large_string()))) == expected  # Arrow's other string type
     assert _docs(*tok.encode_flat([])) == []
 
 
@@ -197,7 +219,21 @@ def test_encode_flat_cache_is_bounded(tok):
         fresh.encode(texts)
         # At most the limit, or one batch's own segments when a single batch exceeds it.
         assert len(bounded.slot) <= max(200, len(fresh.slot))
+        assert len(bounded.start) == len(bounded.slot)  # no rows beyond the cached segments
     assert len(bounded.slot) < len(unbounded.slot)
+
+
+def test_long_segments_are_encoded_but_never_cached(tok):
+    """Text without spaces (CJK, minified code) is one segment per document: caching those
+    would hold every document. They pass through, exactly, and leave nothing behind."""
+    cache = SegmentCache(tok._sp, max_chars=16)
+    rng = random.Random(3)
+    for _ in range(3):
+        texts = ["".join(rng.choice("日本語テキスト中文abc") for _ in range(rng.randint(1, 60))) + " tail x"
+                 for _ in range(50)]
+        assert _docs(*cache.encode(pa.array(texts))) == tok.encode_batch(texts)
+        assert all(len(k) <= 16 for k in cache.slot) and len(cache.start) == len(cache.slot)
+        assert len(cache.ids) == int(cache.length.sum())
 
 
 MESSAGES = [
