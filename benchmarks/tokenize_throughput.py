@@ -100,16 +100,17 @@ def single_process_encode(tok, docs: list[str]) -> dict:
 def single_process_flat(tok, corpus: Path, text_field: str = "text") -> dict:
     """raylm's bulk encoder, one file at a time, in a fresh tokenizer (a cold cache)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from raylm.tokenizer import Tokenizer
 
-    fresh = Tokenizer(tok._model_bytes, tok.meta, tok.path)
+    fresh = Tokenizer.load(tok.path)
     texts = [pa.array([json.loads(line)[text_field] for line in p.open(encoding="utf-8")], pa.string())
              for p in sorted(corpus.glob("*.jsonl"))]
     t0 = time.perf_counter()
     tokens = sum(len(fresh.encode_flat(t)[0]) for t in texts)
     seconds = time.perf_counter() - t0
-    size = sum(pa.compute.sum(pa.compute.binary_length(t)).as_py() for t in texts)
+    size = sum(pc.sum(pc.binary_length(t)).as_py() for t in texts)
     return {"seconds": round(seconds, 2), "mb_per_s": round(size / 1e6 / seconds, 2),
             "tokens_per_s": round(tokens / seconds), "tokens": tokens}
 

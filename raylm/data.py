@@ -482,27 +482,22 @@ def bucket_keys(batch: dict, mode: str, num_perm: int, threshold: float) -> dict
     keys, files, lines, exact, sigs, errors = [], [], [], [], [], []
     for text, file, line, error in zip(batch["text"], batch["file"], batch["line"], batch["error"]):
         if error:  # reported to the driver, which applies the error budget before the second pass
-            keys.append(ERROR_KEY)
-            files.append(file)
-            lines.append(line)
-            exact.append(False)
-            sigs.append(b"")
-            errors.append(error)
+            doc_keys, compact = [ERROR_KEY], b""
+        elif not text:  # filtered or empty: nothing to compare
             continue
-        if not text:  # filtered or empty: nothing to compare
-            continue
-        doc_keys, compact = [b"exact:" + content_hash(text)], b""
-        if hasher:
-            sig = hasher.signature(text)
-            if not is_empty_signature(sig):  # no words (only punctuation): exact match only
-                doc_keys += band_keys(sig, bands, rows)
-                compact = compact_signature(sig)
+        else:
+            doc_keys, compact = [b"exact:" + content_hash(text)], b""
+            if hasher:
+                sig = hasher.signature(text)
+                if not is_empty_signature(sig):  # no words (only punctuation): exact match only
+                    doc_keys += band_keys(sig, bands, rows)
+                    compact = compact_signature(sig)
         keys += doc_keys
         files += [file] * len(doc_keys)
         lines += [line] * len(doc_keys)
-        exact += [True] + [False] * (len(doc_keys) - 1)
+        exact += [not error] + [False] * (len(doc_keys) - 1)
         sigs += [b""] + [compact] * (len(doc_keys) - 1)
-        errors += [""] * len(doc_keys)
+        errors += [error] + [""] * (len(doc_keys) - 1)
     return {"key": np.array(keys, dtype=object), "file": np.array(files, dtype=np.int64),
             "line": np.array(lines, dtype=np.int64), "exact": np.array(exact, dtype=bool),
             "sig": np.array(sigs, dtype=object), "error": np.array(errors, dtype=object)}
@@ -572,8 +567,9 @@ def _edges_on_driver(keys, threshold: float):
         for key, file, line, exact, sig, error in zip(b["key"], b["file"].tolist(), b["line"].tolist(),
                                                       b["exact"].tolist(), b["sig"], b["error"]):
             if key == ERROR_KEY:
-                for k, v in (("file", file), ("line", line), ("error", error)):
-                    bad[k].append(v)
+                bad["file"].append(file)
+                bad["line"].append(line)
+                bad["error"].append(error)
                 continue
             g = buckets.setdefault(key, {"file": [], "line": [], "exact": exact})
             g["file"].append(file)

@@ -35,27 +35,25 @@ def mixed_precision_policy(precision: str):
     )
 
 
-def apply_float8(model: Transformer) -> int:
-    """float8 training (torchao) for every block's linear layers; returns how many.
+def apply_float8(model: Transformer) -> None:
+    """float8 training (torchao) for every block's linear layers.
 
     Their inputs and weights are cast to e4m3 with dynamic per-tensor scales and their
     output gradients to e5m2, for float8 tensor-core matmuls (H100 and later); master weights
     stay fp32 and checkpoints keep the same keys and dtypes. The embeddings and the LM head
     are left alone (the logits are where low precision hurts most), as are layers whose
     sizes are not multiples of 16, which float8 matmul kernels need. It pays off at widths
-    where matmuls dominate (~1B and up); elsewhere the casts cost more than they save, and
-    without float8 hardware they are emulated (slow, but the same numerics, which is how
-    the CPU tests check it)."""
+    where matmuls dominate (~1B and up); elsewhere the casts cost more than they save. On
+    CPU, torch's own float8 matmul runs it (slowly), which is how the tests check it."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
-        raise ValueError("train.float8=true needs torchao: pip install 'raylm[float8]'") from None
+        raise ValueError("train.float8=true needs torchao: pip install -e '.[float8]' (or torchao)") from None
 
-    def eligible(module: nn.Module, fqn: str) -> bool:
+    def eligible(module: nn.Module, fqn: str = "") -> bool:
         return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
-    converted = sum(1 for block in model.layers for m in block.modules() if eligible(m, ""))
-    if converted == 0:
+    if not any(eligible(m) for block in model.layers for m in block.modules()):
         raise ValueError(f"train.float8=true: no linear layer in the blocks has sizes divisible by 16 "
                          f"(model.dim={model.cfg.dim}); use a wider model or float8=false")
     # pad_inner_dim: float8 GPU matmuls also need the token count (micro-batch x sequence,
@@ -64,7 +62,6 @@ def apply_float8(model: Transformer) -> int:
     config = Float8LinearConfig(pad_inner_dim=True)
     for block in model.layers:
         convert_to_float8_training(block, config=config, module_filter_fn=eligible)
-    return converted
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:

@@ -420,9 +420,8 @@ class SegmentCache:
         self._clear()
 
     def _clear(self) -> None:
-        self.slot: dict[str, int] = {}  # segment -> i, its ids being ids[start[i]:start[i] + length[i]]
-        self.start = np.zeros(0, dtype=np.int64)
-        self.length = np.zeros(0, dtype=np.int64)
+        self.slot: dict[str, int] = {}  # segment -> row i, its ids being ids[bounds[i]:bounds[i + 1]]
+        self.bounds = np.zeros(1, dtype=np.int64)
         self.ids = np.zeros(0, dtype=np.int32)
 
     def encode(self, texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -431,7 +430,7 @@ class SegmentCache:
         if isinstance(texts, pa.ChunkedArray):
             texts = texts.combine_chunks()
         if self.split is None or (len(texts) and pc.any(pc.match_substring(texts, "\x00")).as_py()):
-            return self._plain(texts.to_pylist())
+            return _flatten(self.sp.encode([t or "" for t in texts.to_pylist()], num_threads=1))
         if self.split == "every-space":
             marked = pc.replace_substring(texts, " ", "\x00 ")
         else:
@@ -442,45 +441,40 @@ class SegmentCache:
         if len(self.slot) + len(unique) > self.max_segments or len(self.ids) > self.max_ids:
             self._clear()
         long = pc.greater(pc.utf8_length(unique), self.max_chars).to_numpy(zero_copy_only=False)
-        rows, keep = self._slots(unique.to_pylist(), long)
-        slots = rows[coded.indices.to_numpy(zero_copy_only=False)]
-        # Gather: token j of the output is ids[start[slot] + (j - first output token of its segment)].
-        lengths = self.length[slots]
+        slots = self._rows(unique.to_pylist(), long)[coded.indices.to_numpy(zero_copy_only=False)]
+        # Gather: token j of the output is ids[bounds[slot] + (j - first output token of its segment)].
+        starts = self.bounds[slots]
+        lengths = self.bounds[slots + 1] - starts
         seg_offsets = np.zeros(len(slots) + 1, dtype=np.int64)
         np.cumsum(lengths, out=seg_offsets[1:])
-        positions = np.arange(seg_offsets[-1], dtype=np.int64) + np.repeat(self.start[slots] - seg_offsets[:-1], lengths)
-        doc_offsets = seg_offsets[segments.offsets.to_numpy(zero_copy_only=False)]
+        positions = np.arange(seg_offsets[-1], dtype=np.int64) + np.repeat(starts - seg_offsets[:-1], lengths)
         ids = self.ids[positions]
-        # The long segments were this batch's only: cut the tables back to the cached rows.
-        self.ids, self.start, self.length = self.ids[:keep[0]], self.start[:keep[1]], self.length[:keep[1]]
-        return ids, doc_offsets
+        # Long segments sit after the cached rows, for this batch only: cut them off.
+        self.bounds = self.bounds[:len(self.slot) + 1]
+        self.ids = self.ids[:self.bounds[-1]]
+        return ids, seg_offsets[segments.offsets.to_numpy(zero_copy_only=False)]
 
-    def _slots(self, unique: list[str], long: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """Table rows of the `unique` segments, and the (ids, rows) the cache keeps. New
-        short segments are encoded and cached; long ones are encoded into rows after them,
-        for this batch only."""
+    def _rows(self, unique: list[str], long: np.ndarray) -> np.ndarray:
+        """Table rows of the `unique` segments. New short segments are encoded and cached;
+        long ones are encoded into rows after them, for this batch only."""
         get = self.slot.get
         missing = [u for u, is_long in zip(unique, long.tolist()) if not is_long and get(u) is None]
         once = [u for u, is_long in zip(unique, long.tolist()) if is_long]
-        rows_once: dict[str, int] = {}
-        keep = len(self.ids), len(self.start)
         if missing or once:
-            encoded = self.sp.encode(missing + once, num_threads=1)
-            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-            starts = len(self.ids) + np.cumsum(lengths) - lengths
-            self.ids = np.concatenate([self.ids, np.fromiter((t for e in encoded for t in e), dtype=np.int32,
-                                                             count=int(lengths.sum()))])
-            self.start = np.concatenate([self.start, starts])
-            self.length = np.concatenate([self.length, lengths])
+            ids, offsets = _flatten(self.sp.encode(missing + once, num_threads=1))
             first = len(self.slot)
+            self.ids = np.concatenate([self.ids, ids])
+            self.bounds = np.concatenate([self.bounds, self.bounds[-1] + offsets[1:]])
             self.slot.update(zip(missing, range(first, first + len(missing))))
-            rows_once = dict(zip(once, range(first + len(missing), first + len(missing) + len(once))))
-            keep = keep[0] + int(lengths[:len(missing)].sum()), first + len(missing)
-        row = self.slot.__getitem__ if not rows_once else (lambda u: rows_once[u] if u in rows_once else self.slot[u])
-        return np.fromiter(map(row, unique), dtype=np.int64, count=len(unique)), keep
+        row = self.slot.__getitem__
+        if once:
+            rows_once = dict(zip(once, range(len(self.slot), len(self.slot) + len(once))))
+            row = lambda u: rows_once[u] if u in rows_once else self.slot[u]  # noqa: E731
+        return np.fromiter(map(row, unique), dtype=np.int64, count=len(unique))
 
-    def _plain(self, texts: list) -> tuple[np.ndarray, np.ndarray]:
-        encoded = self.sp.encode([t or "" for t in texts], num_threads=1)
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-        return np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(offsets[-1])), offsets
+
+def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """SentencePiece's lists of ids as one int32 array and int64 offsets."""
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    return np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(offsets[-1])), offsets

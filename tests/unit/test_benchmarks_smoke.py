@@ -38,7 +38,7 @@ def _run(script: str, *args: str) -> dict:
 
 def test_train_throughput_float8_switch_cpu_smoke():
     """--float8 runs (emulated on CPU) and still computes the peer's step to float8 precision."""
-    pytest.importorskip("torchao.float8", reason="torchao is not installed (pip install 'raylm[float8]')")
+    pytest.importorskip("torchao.float8", reason="torchao is not installed (pip install -e '.[float8]')")
     pytest.importorskip("transformers", reason="transformers is not installed: no peer to compare with")
     out = _run("train_throughput.py", "--device", "cpu", "--preset", "tiny", "--seq-len", "64",
                "--micro-batch", "2", "--warmup", "1", "--steps", "1", "--dtype", "fp32", "--float8")

@@ -51,7 +51,7 @@ def test_bf16_mixed_precision_runs_through_fsdp2_in_one_process():
 
 
 def test_float8_matches_plain_to_float8_precision():
-    pytest.importorskip("torchao.float8", reason="torchao is not installed (pip install 'raylm[float8]')")
+    pytest.importorskip("torchao.float8", reason="torchao is not installed (pip install -e '.[float8]')")
     from torchao.float8.float8_linear import Float8Linear
 
     model = build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0, float8=True)
@@ -85,5 +85,5 @@ def test_float8_errors_name_the_problem(monkeypatch):
     with pytest.raises(ValueError, match="divisible by 16"):
         build_parallel_model(narrow, torch.device("cpu"), "fp32", seed=0, float8=True)
     monkeypatch.setitem(__import__("sys").modules, "torchao.float8", None)  # as if not installed
-    with pytest.raises(ValueError, match=r"needs torchao: pip install 'raylm\[float8\]'"):
+    with pytest.raises(ValueError, match=r"needs torchao: pip install -e '\.\[float8\]'"):
         build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0, float8=True)

@@ -219,7 +219,7 @@ def test_encode_flat_cache_is_bounded(tok):
         fresh.encode(texts)
         # At most the limit, or one batch's own segments when a single batch exceeds it.
         assert len(bounded.slot) <= max(200, len(fresh.slot))
-        assert len(bounded.start) == len(bounded.slot)  # no rows beyond the cached segments
+        assert len(bounded.bounds) == len(bounded.slot) + 1  # no rows beyond the cached segments
     assert len(bounded.slot) < len(unbounded.slot)
 
 
@@ -232,8 +232,8 @@ def test_long_segments_are_encoded_but_never_cached(tok):
         texts = ["".join(rng.choice("日本語テキスト中文abc") for _ in range(rng.randint(1, 60))) + " tail x"
                  for _ in range(50)]
         assert _docs(*cache.encode(pa.array(texts))) == tok.encode_batch(texts)
-        assert all(len(k) <= 16 for k in cache.slot) and len(cache.start) == len(cache.slot)
-        assert len(cache.ids) == int(cache.length.sum())
+        assert all(len(k) <= 16 for k in cache.slot) and len(cache.bounds) == len(cache.slot) + 1
+        assert len(cache.ids) == cache.bounds[-1]
 
 
 MESSAGES = [
