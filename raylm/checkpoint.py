@@ -13,8 +13,11 @@ not by rank, so a checkpoint written by N workers loads into M.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import pathlib
 import pickle
 import re
 import shutil
@@ -23,8 +26,10 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.futures import Future
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -68,9 +73,12 @@ def write_local(model, optimizer, meta: dict, local_dir: str, async_group=None, 
     return None
 
 
-def commit(ckpt_uri: str, meta: dict, s3: S3Config | None = None) -> None:
-    """Mark a checkpoint complete. Call on one rank, after every rank's files are in storage."""
-    storage.write_text(storage.join(ckpt_uri, COMMIT_MARKER), json.dumps({"step": meta["step"]}), s3)
+def commit(ckpt_uri: str, meta: dict, s3: S3Config | None = None, files: dict | None = None) -> None:
+    """Mark a checkpoint complete. Call on one rank, after every rank's files are in storage.
+    `files` ({name: [size, sha256]}, from `file_digests` on every rank) is recorded in the
+    marker, and loads check each file they read against it."""
+    body = {"step": meta["step"], **({"files": dict(sorted(files.items()))} if files else {})}
+    storage.write_text(storage.join(ckpt_uri, COMMIT_MARKER), json.dumps(body, indent=0), s3)
 
 
 def list_checkpoints(run_dir: str, s3: S3Config | None = None) -> list[tuple[int, str, bool]]:
@@ -96,49 +104,206 @@ def latest_complete(run_dir: str, s3: S3Config | None = None) -> str | None:
 
 
 def read_meta(ckpt_uri: str, s3: S3Config | None = None) -> dict:
-    return json.loads(storage.read_text(storage.join(ckpt_uri, META), s3))
+    uri = storage.join(ckpt_uri, META)
+    return _parse_meta(storage.read_text(uri, s3), uri)
 
 
-class UnsafeCheckpointError(ValueError):
+def _parse_meta(text: str, where: str) -> dict:
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{where}: not a raylm checkpoint's meta.json (no 'step')")
+    return meta
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, corrupt or not a raylm checkpoint; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file asks to unpickle something other than checkpoint metadata."""
 
 
-# What DCP's `.metadata` pickle legitimately names: its own dataclasses, torch's dtype/size
-# types, paths and plain containers. Anything else (os.system, subprocess, eval, ...) is refused.
-_SAFE_TORCH = {"Size", "dtype", "layout", "memory_format", "device", *[
-    n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)]}
+def _metadata_globals() -> dict[tuple[str, str], object]:
+    """Exactly the (module, name) pairs that DCP's `.metadata` pickle names: its own
+    dataclasses, torch's dtypes and sizes, the layout and path helpers. Names are compared
+    whole, so a dotted name (`torch.distributed.checkpoint.filesystem` / `os.system`, which
+    pickle protocol 4 would resolve through that module's `import os`) is refused."""
+    from torch.distributed.checkpoint import filesystem as dcp_fs
+    from torch.distributed.checkpoint import metadata as dcp_md
+
+    found = {("torch.distributed.checkpoint.metadata", n): getattr(dcp_md, n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
+    found[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = dcp_fs._StorageInfo
+    found[("torch", "Size")] = torch.Size
+    found[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    found[("pathlib", "PosixPath")] = pathlib.PosixPath  # StorageMeta.checkpoint_id
+    found.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
+    return found
 
 
 class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves globals only from `_metadata_globals()`, so every REDUCE, NEWOBJ or BUILD can
+    only ever call one of those classes; persistent ids are refused by pickle itself."""
+
     def __init__(self, f, path: str):
         super().__init__(f)
         self.path = path
+        self.allowed = _metadata_globals()
 
     def find_class(self, module: str, name: str):
-        ok = (module.startswith("torch.distributed.checkpoint.")
-              or (module == "torch" and name in _SAFE_TORCH)
-              or (module == "torch.serialization" and name == "_get_layout")
-              or (module == "collections" and name == "OrderedDict")
-              or (module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath",
-                                                   "PureWindowsPath"))
-              or (module == "builtins" and name in ("set", "frozenset", "slice", "complex")))
-        if not ok:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
             raise UnsafeCheckpointError(f"{self.path}: refuses to unpickle {module}.{name}; "
-                                        f"checkpoint metadata never needs it (a tampered file?)")
-        return super().find_class(module, name)
+                                        f"checkpoint metadata never needs it (a tampered file?)") from None
+
+
+def _load_metadata(path: str, sizes: dict[str, int]):
+    """DCP's index from `path`, refused unless it is plain checkpoint metadata whose entries all
+    lie inside the checkpoint's own files (`sizes`: file name -> bytes on disk)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f, path).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # truncated or garbled: any of a dozen exception types
+        raise CheckpointError(f"{path}: not readable checkpoint metadata ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'truncated'})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{path}: not DCP checkpoint metadata (found {type(metadata).__name__})")
+    for index, info in metadata.storage_data.items():
+        if not isinstance(info, _StorageInfo):
+            raise CheckpointError(f"{path}: entry {getattr(index, 'fqn', index)!r} is not a file range")
+        name = info.relative_path
+        if not isinstance(name, str) or name not in sizes:
+            # Also what keeps an index from pointing at ../../elsewhere or /etc/passwd.
+            raise CheckpointError(f"{path}: entry {index.fqn!r} names {name!r}, which is not a file of this checkpoint")
+        if info.transform_descriptors:
+            raise CheckpointError(f"{path}: entry {index.fqn!r} asks for stream transforms "
+                                  f"{list(info.transform_descriptors)}; raylm never writes them")
+        if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
+                and info.length >= 0):
+            raise CheckpointError(f"{path}: entry {index.fqn!r} has a bad range ({info.offset}, {info.length})")
+        if info.offset + info.length > sizes[name]:
+            raise CheckpointError(f"{os.path.join(os.path.dirname(path), name)}: truncated "
+                                  f"({sizes[name]} bytes; the index needs {info.offset + info.length})")
+    return metadata
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def file_digests(local_dir: str) -> dict[str, list]:
+    """{relative path: [size, sha256]} of one rank's checkpoint files: what storage must hold
+    before commit, and what the commit marker records so that a load can tell a shard that
+    was cut short or altered in storage from a good one."""
+    out = {}
+    for root, _, names in os.walk(local_dir):
+        for n in names:
+            path = os.path.join(root, n)
+            out[os.path.relpath(path, local_dir)] = [os.path.getsize(path), _sha256(path)]
+    return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _committed_files(local_dir: str) -> dict[str, list]:
+    """What the commit marker records ({} for checkpoints committed before it recorded files)."""
+    path = os.path.join(local_dir, COMMIT_MARKER)
+    try:
+        with open(path) as f:
+            files = json.load(f).get("files", {})
+    except FileNotFoundError:
+        raise CheckpointError(f"{local_dir}: no {COMMIT_MARKER} marker; an incomplete checkpoint is never loaded") from None
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{path}: not a commit marker (expected JSON with the step and files)") from None
+    if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
+        raise CheckpointError(f"{path}: malformed file list")
+    return files
 
 
 class SafeReader(dcp.FileSystemReader):
-    """DCP's reader, with its metadata unpickled through an allowlist."""
+    """DCP's reader for a local checkpoint directory, hardened:
+    - the index (`.metadata`) unpickles through an exact allowlist and must only name byte
+      ranges inside the checkpoint's own files;
+    - every file this rank reads is checked against the size and sha256 that the commit
+      marker recorded, before a byte of it is deserialised;
+    - any failure is one `CheckpointError` naming the file."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.local_dir = str(path)
+        self.committed = _committed_files(self.local_dir)
+        self.sizes = {n: os.path.getsize(os.path.join(self.local_dir, n)) for n in os.listdir(self.local_dir)
+                      if os.path.isfile(os.path.join(self.local_dir, n))}
+        self.verified: set[str] = set()
+
+    def _verify(self, name: str) -> None:
+        if name in self.verified:
+            return
+        path = os.path.join(self.local_dir, name)
+        if name not in self.sizes:
+            raise CheckpointError(f"{path}: missing")
+        expected = self.committed.get(name)
+        if expected is not None:
+            size, digest = expected
+            if self.sizes[name] != size:
+                raise CheckpointError(f"{path}: {self.sizes[name]} bytes, but {size} were committed (truncated "
+                                      f"or replaced; load an earlier checkpoint)")
+            if _sha256(path) != digest:
+                raise CheckpointError(f"{path}: content differs from the sha256 recorded at commit (corrupt or "
+                                      f"altered; load an earlier checkpoint)")
+        self.verified.add(name)
 
     def read_metadata(self, *args, **kwargs):
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(f, str(path)).load()
+        path = str(self._get_metadata_path(kwargs.get("rank")))
+        self._verify(os.path.basename(path))
+        metadata = _load_metadata(path, self.sizes)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan, planner):
+        per_file: dict[str, list] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for name, items in per_file.items():
+            self._verify(name)
+            path = os.path.join(self.local_dir, name)
+            try:
+                super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+            except UnsafeCheckpointError as e:  # from SafePlanner: name the file too
+                raise UnsafeCheckpointError(f"{path}: {e}") from None
+            except pickle.UnpicklingError as e:  # DCP's own weights_only load of a tensor entry
+                raise UnsafeCheckpointError(f"{path}: a tensor entry {_refusal(e)}") from None
+            except Exception as e:
+                raise CheckpointError(f"{path}: unreadable shard ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only refusal that says what was refused (its first line
+    advises turning weights_only off, which is exactly what must not happen here)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    what = next((x for x in lines if x.startswith(("Unsupported", "Trying to", "Can only"))), lines[-1] if lines else "")
+    return f"refuses to unpickle ({what.split('. Please use')[0]})"
 
 
 class SafePlanner(DefaultLoadPlanner):
@@ -149,12 +314,22 @@ class SafePlanner(DefaultLoadPlanner):
         try:
             self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(f"checkpoint entry {read_item.dest_index.fqn}: {str(e).splitlines()[0]}") from None
+            raise UnsafeCheckpointError(f"entry {read_item.dest_index.fqn} {_refusal(e)}") from None
 
 
-def _dcp_load(state: dict, local_dir: str) -> None:
-    SafeReader(local_dir).read_metadata()  # refuse a tampered index with its own message
-    dcp.load(state, storage_reader=SafeReader(local_dir), planner=SafePlanner(), no_dist=not dist.is_initialized())
+def _dcp_load(state: dict, local_dir: str) -> dict:
+    """Load `state` from a local checkpoint directory; returns its verified meta.json."""
+    reader = SafeReader(local_dir)
+    reader.read_metadata()  # refuse a tampered or damaged index with its own message
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # DCP wraps each rank's error, with its traceback, in the text
+        errors = [exc for exc, _ in e.failures.values()]
+        raise next((x for x in errors if isinstance(x, CheckpointError)), errors[0] if errors else e) from None
+    reader._verify(META)
+    path = os.path.join(local_dir, META)
+    with open(path) as f:
+        return _parse_meta(f.read(), path)
 
 
 def load(model, optimizer, ckpt_uri: str, s3: S3Config | None = None) -> dict:
@@ -165,10 +340,9 @@ def load(model, optimizer, ckpt_uri: str, s3: S3Config | None = None) -> dict:
     with _local_copy(ckpt_uri, s3) as local:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        _dcp_load(state, local)
+        meta = _dcp_load(state, local)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        with open(os.path.join(local, META)) as f:
-            return json.load(f)
+        return meta
 
 
 def load_model_weights(model, ckpt_uri: str, s3: S3Config | None = None) -> dict:
@@ -176,10 +350,9 @@ def load_model_weights(model, ckpt_uri: str, s3: S3Config | None = None) -> dict
     export and serving."""
     with _local_copy(ckpt_uri, s3) as local:
         sd = {"model": model.state_dict()}
-        _dcp_load(sd, local)
+        meta = _dcp_load(sd, local)
         model.load_state_dict(sd["model"])
-        with open(os.path.join(local, META)) as f:
-            return json.load(f)
+        return meta
 
 
 class _local_copy:

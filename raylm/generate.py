@@ -44,6 +44,8 @@ def load_for_inference(uri: str, s3: S3Config | None = None, device: str = "cpu"
     """(model, tokenizer, meta) from a checkpoint or run directory, weights only."""
     ckpt = resolve_checkpoint(uri, s3)
     meta = checkpoint.read_meta(ckpt, s3)
+    if not isinstance(meta.get("config"), dict):
+        raise checkpoint.CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: no 'config'; not written by raylm")
     cfg = from_dict(meta["config"])
     with torch.device("meta"):
         model = Transformer(cfg.model)

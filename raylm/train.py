@@ -520,16 +520,6 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
     return meta["step"]
 
 
-def local_files(local_dir: str) -> dict[str, int]:
-    """{relative path: size} of a rank's checkpoint files: what storage must hold before commit."""
-    out = {}
-    for root, _, names in os.walk(local_dir):
-        for n in names:
-            path = os.path.join(root, n)
-            out[os.path.relpath(path, local_dir)] = os.path.getsize(path)
-    return out
-
-
 class _Upload:
     """A background upload's outcome: 0 pending, 1 done, -1 failed (with its error)."""
 
@@ -585,7 +575,7 @@ class CheckpointSaver:
                 self.pending = (uri, meta, uploaded, t0)
                 local = None  # the upload removes it
             else:
-                files = local_files(local)
+                files = checkpoint.file_digests(local)
                 self.hooks.publish_checkpoint(local, name, metrics, None, None)
                 self.pending = (uri, meta, None, t0)
                 self._commit(files)
@@ -633,13 +623,13 @@ class CheckpointSaver:
         missing = None
         if _rank_world()[0] == 0:
             stored = {f.uri[len(uri.rstrip("/")) + 1:]: f.size for f in storage.list_files(uri, self.cfg.s3)}
-            missing = next((f"{n} ({size} bytes; stored: {stored.get(n)})" for n, size in sorted(expected.items())
+            missing = next((f"{n} ({size} bytes; stored: {stored.get(n)})" for n, (size, _) in sorted(expected.items())
                             if stored.get(n) != size), None)
         missing = _broadcast(missing)
         if missing:
             raise RuntimeError(f"{uri}: upload incomplete, not committed: {missing}")
         if _rank_world()[0] == 0:
-            checkpoint.commit(uri, meta, self.cfg.s3)
+            checkpoint.commit(uri, meta, self.cfg.s3, expected)
             deleted = checkpoint.apply_retention(self.cfg.run_dir, self.cfg.train.keep_checkpoints, self.cfg.s3)
             self.log(f"step {meta['step']}: checkpoint {uri} ({time.perf_counter() - t0:.1f}s"
                      + (", async" if self.use_async else "")
@@ -810,7 +800,7 @@ def train_worker(config: dict) -> None:
             if written is not None:
                 written.result()  # DCP's background write has finished
             persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
-            on_uploaded(files=local_files(local_dir))
+            on_uploaded(files=checkpoint.file_digests(local_dir))
             return persisted
 
         # Ray retries a failed upload and, after the last attempt, fails this worker (the
@@ -893,7 +883,7 @@ def storage_publisher(cfg: Config):
         def background():
             try:
                 upload()
-                files = local_files(local_dir)
+                files = checkpoint.file_digests(local_dir)
             except BaseException as e:
                 on_uploaded(e)
                 return
