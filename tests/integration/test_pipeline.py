@@ -100,3 +100,33 @@ def test_from_record_reproduces_the_recorded_config(quickstart_run):
     assert _config(args) == recorded
     args, _ = build_parser().parse_known_args(["pretrain", "--from-record", record, "train.max_steps=99"])
     assert _config(args).train.max_steps == 99 and _config(args).model == recorded.model
+
+
+def test_resume_from_a_hostile_checkpoint_is_refused_on_the_worker(quickstart_run, tmp_path):
+    """A copy of the run whose newest checkpoint carries a crafted index (and a marker that
+    agrees with it): the Ray Train workers refuse it in one line naming the file, and the
+    payload never runs."""
+    import shutil
+
+    from raylm import checkpoint
+    from raylm.cli import _root_cause
+    from tests.unit.test_checkpoint_security import stack_global
+
+    cfg, _ = quickstart_run
+    marker = tmp_path / "pwned"
+    run = tmp_path / "runs" / "hostile"
+    newest = Path(checkpoint.latest_complete(cfg.run_dir))
+    shutil.copytree(newest, run / newest.name)
+    index = run / newest.name / ".metadata"
+    index.write_bytes(stack_global("torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"))
+    checkpoint.commit(str(run / newest.name), {"step": 1}, files=checkpoint.file_digests(str(run / newest.name)))
+    hostile = load_config(overrides=[f"storage={tmp_path / 'runs'}", "name=hostile", "train.max_steps=50",
+                                     f"data.path={cfg.run_dir}/data", f"tokenizer.path={cfg.run_dir}/tokenizer",
+                                     *SMALL])
+    with pytest.raises(BaseException) as info:
+        pretrain(hostile, resume="must", samples=False)
+    cause = _root_cause(info.value)
+    assert isinstance(cause, checkpoint.UnsafeCheckpointError), repr(cause)
+    assert f"{index}: refuses to unpickle torch.distributed.checkpoint.filesystem.os.system" in str(cause)
+    assert "\n" not in str(cause)
+    assert not marker.exists()
