@@ -2,24 +2,80 @@
 
 A run is described by `Config`, which nests the per-concern configs. It loads from YAML
 (`load_config`) and takes command-line overrides such as `train.lr=3e-4` or
-`model.preset=gpt2-124m`. Unknown keys and values of the wrong type are errors that name
-the key, so a typo never silently falls back to a default.
+`model.preset=gpt2-124m`. Unknown keys, values of the wrong type and numbers out of range
+are errors that name the key, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Sequence
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config key, value or file is wrong; the message names it."""
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field allows: `lo` and `hi` (None: unbounded), each inclusive
+    unless marked open, plus `off`, a value outside them that switches the feature off.
+    Every int and float field of a config class has one in its RANGES table, checked by
+    `validate`, so a nonsensical value fails when the config loads and not minutes into a run."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    off: float | None = None
+    note: str = ""  # what a special value means, appended to the error
+
+    def check(self, key: str, value: int | float | None) -> None:
+        if value is None or value == self.off:  # None: optional fields' own default meaning
+            return
+        finite = math.isfinite(value)
+        lo_ok = self.lo is None or value > self.lo or (value == self.lo and not self.lo_open)
+        hi_ok = self.hi is None or value < self.hi or (value == self.hi and not self.hi_open)
+        if finite and lo_ok and hi_ok:
+            return
+        kind = "an integer" if isinstance(value, int) else "a number" if finite else "a finite number"
+        if self.lo is not None and self.hi is not None:
+            bounds = f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            bounds = f"{'>' if self.lo_open else '>='} {self.lo}"
+        else:
+            bounds = f"{'<' if self.hi_open else '<='} {self.hi}"
+        off = f"{self.off} (off) or " if self.off is not None else ""
+        note = f" ({self.note})" if self.note else ""
+        raise ConfigError(f"{key}={value!r}: expected {off}{kind} {bounds}{note}")
+
+
+def at_least(lo: float, note: str = "") -> Range:
+    return Range(lo=lo, note=note)
+
+
+def above(lo: float, note: str = "", off: float | None = None) -> Range:
+    return Range(lo=lo, lo_open=True, note=note, off=off)
+
+
+def within(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, note: str = "") -> Range:
+    return Range(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, note=note)
+
+
+def _check_ranges(obj: Any, prefix: str) -> None:
+    for name, rng in obj.RANGES.items():
+        rng.check(prefix + name, getattr(obj, name))
 
 
 # --------------------------------------------------------------------------- model
@@ -51,6 +107,24 @@ class ModelConfig:
     qk_norm: bool = False
     init_std: float = 0.02  # GPT-2 / Llama init for embeddings and input projections
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "vocab_size": at_least(0, "0: the tokenizer's"),
+        "dim": at_least(1),
+        "n_layers": at_least(1),
+        "n_heads": at_least(1),
+        "n_kv_heads": at_least(1, "null: model.n_heads"),
+        "ffn_dim": at_least(1, "null: derived from model.dim"),
+        "ffn_multiple_of": at_least(1),
+        "max_seq_len": at_least(1),
+        # RoPE's frequencies are rope_theta ** (-i / d): a base of 1 or less makes them all equal
+        # or growing, so positions stop being told apart.
+        "rope_theta": above(1),
+        # RMSNorm divides by sqrt(mean(x^2) + eps): 0 gives NaN for a zero vector, and an eps of
+        # 1 or more swamps the activations (usually 1e5 typed for 1e-5).
+        "norm_eps": within(0, 1, lo_open=True, hi_open=True),
+        "init_std": above(0),  # 0 would start every weight equal: nothing breaks the symmetry
+    }
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -67,6 +141,7 @@ class ModelConfig:
         return m * ((int(8 * self.dim / 3) + m - 1) // m)
 
     def validate(self) -> None:
+        _check_ranges(self, "model.")  # first: the checks below divide by these
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -121,8 +196,18 @@ class S3Config:
     region: str = ""  # empty: $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1
     max_attempts: int = 8  # retries with backoff on throttling and 5xx before giving up
 
+    RANGES: ClassVar[dict[str, Range]] = {"max_attempts": at_least(1, "the first try counts")}
+
+    def validate(self) -> None:
+        _check_ranges(self, "s3.")
+
 
 # --------------------------------------------------------------------------- tokenizer
+
+# The smallest vocabulary SentencePiece can train with raylm's settings (raylm.tokenizer):
+# 4 control ids (unk, bos, eos, pad), 5 user-defined symbols (3 chat roles, end, newline),
+# 256 byte-fallback pieces, and at least one corpus character. Real corpora need more.
+MIN_TOKENIZER_VOCAB = 4 + 5 + 256 + 1
 
 
 @dataclass(frozen=True)
@@ -135,6 +220,16 @@ class TokenizerConfig:
     # SentencePiece trains in memory; a 20 MB sample gives stable merges in seconds.
     sample_bytes: int = 20_000_000
     character_coverage: float = 0.9995  # byte fallback covers the rest
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "vocab_size": at_least(
+            MIN_TOKENIZER_VOCAB, "room for the specials, 256 byte pieces and one character"),
+        "sample_bytes": at_least(1),
+        "character_coverage": within(0.98, 1.0, note="SentencePiece's own limits"),
+    }
+
+    def validate(self) -> None:
+        _check_ranges(self, "tokenizer.")
 
 
 # --------------------------------------------------------------------------- data
@@ -178,13 +273,30 @@ class DataConfig:
     # trains, with no shards written; the same blocks in the same order.
     mode: str = "prepare"
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "seq_len": at_least(1),
+        # 1 would send every document to validation and leave nothing to train on.
+        "val_fraction": within(0, 1, hi_open=True),
+        "min_chars": at_least(0),
+        "max_chars": at_least(1),
+        "shuffle_window": at_least(1, "1: no shuffle"),
+        "blocks_per_shard": at_least(1),
+        "tokenizer_actors": at_least(0, "0: auto"),
+        "max_bad_records": at_least(0),
+        # Both ends are degenerate: 0 calls every pair a duplicate, 1 only identical shingle sets.
+        "near_dup_threshold": within(0, 1, lo_open=True, hi_open=True),
+        "minhash_perm": at_least(1),
+    }
+
     def validate(self) -> None:
+        _check_ranges(self, "data.")
+        if self.min_chars > self.max_chars:
+            raise ConfigError(f"data.min_chars={self.min_chars} exceeds data.max_chars={self.max_chars}: "
+                              f"every document would be dropped")
         if self.mode not in ("prepare", "stream"):
             raise ConfigError(f"data.mode={self.mode!r}: expected prepare or stream")
         if self.dedup not in ("none", "exact", "near"):
             raise ConfigError(f"data.dedup={self.dedup!r}: expected none, exact or near")
-        if not 0.0 < self.near_dup_threshold < 1.0:
-            raise ConfigError(f"data.near_dup_threshold={self.near_dup_threshold}: expected a value in (0, 1)")
         from raylm.pii import PII_TYPES  # stdlib only; keeps one list of the types
 
         bad = [t for t in self.redact_pii if t not in PII_TYPES]
@@ -254,10 +366,39 @@ class TrainConfig:
     # benchmarks ("the best model in 4 minutes").
     time_budget_s: float = 0.0
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_workers": at_least(1),
+        # Ray reserves this many CPUs per worker; 0 would pack any number of workers on one core.
+        "cpus_per_worker": above(0),
+        "micro_batch_size": at_least(1),
+        "global_batch_size": at_least(1),
+        "max_steps": at_least(1),
+        "lr": above(0),
+        "min_lr_ratio": within(0, 1),  # the cosine floor, as a share of train.lr
+        "warmup_steps": at_least(0),
+        "weight_decay": at_least(0),
+        "beta1": within(0, 1, hi_open=True),  # Adam's moment averages never update at 1
+        "beta2": within(0, 1, hi_open=True),
+        "grad_clip": at_least(0, "0: no clipping"),
+        "log_every": at_least(1),  # the step counters are taken modulo these
+        "eval_every": at_least(1),
+        "ckpt_every": at_least(1),
+        "eval_batches": at_least(1),
+        # Retention never deletes the newest complete checkpoint, so 0 would silently act as 1.
+        "keep_checkpoints": at_least(1),
+        "z_loss": at_least(0, "0: off"),
+        "loss_chunk_size": at_least(0, "0: unchunked"),
+        "max_nonfinite_steps": at_least(0, "0: the first one stops the run"),
+        # At 1 or less, half the steps or more would count as spikes.
+        "spike_factor": above(1, off=0),
+        "spike_window": at_least(1),
+        "max_rollbacks": at_least(0),
+        "timeout_s": at_least(0, "seconds; 0: no limit"),
+        "time_budget_s": at_least(0, "seconds; 0: no limit"),
+    }
+
     def validate(self) -> None:
-        if self.time_budget_s < 0 or self.timeout_s < 0:
-            key = "time_budget_s" if self.time_budget_s < 0 else "timeout_s"
-            raise ConfigError(f"train.{key}={getattr(self, key)}: expected seconds >= 0 (0: no limit)")
+        _check_ranges(self, "train.")  # first: the batch check below divides by these
         if self.on_spike not in ("log", "stop", "rollback"):
             raise ConfigError(f"train.on_spike={self.on_spike!r}: expected log, stop or rollback")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -276,6 +417,15 @@ class SampleConfig:
     temperature: float = 0.8
     top_k: int = 50
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_new_tokens": at_least(0),
+        "temperature": at_least(0, "0: greedy"),
+        "top_k": at_least(0, "0: no cut-off"),
+    }
+
+    def validate(self) -> None:
+        _check_ranges(self, "sample.")
+
 
 # --------------------------------------------------------------------------- run
 
@@ -292,10 +442,13 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     s3: S3Config = field(default_factory=S3Config)
 
+    # SentencePiece takes a 32-bit unsigned seed, and numpy's generators refuse negative ones.
+    RANGES: ClassVar[dict[str, Range]] = {"seed": within(0, 2**32 - 1)}
+
     def validate(self) -> "Config":
-        self.model.validate()
-        self.data.validate()
-        self.train.validate()
+        _check_ranges(self, "")
+        for section in (self.model, self.tokenizer, self.data, self.train, self.sample, self.s3):
+            section.validate()
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
@@ -310,6 +463,13 @@ class Config:
 
 
 # --------------------------------------------------------------------------- loading
+
+# Values echoed in errors are cut short: YAML aliases let a few hundred bytes of file expand
+# into a value whose full repr takes gigabytes.
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxlist, _short.maxtuple, _short.maxdict = 3, 6, 6, 6
+_short.maxstring = _short.maxother = 200
+_show = _short.repr
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
@@ -326,10 +486,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
                 return _check_type(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}={value!r}: expected {tp}")
+        raise ConfigError(f"{key}={_show(value)}: expected {tp}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list")
+            raise ConfigError(f"{key}={_show(value)}: expected a list")
         (item_tp, _) = typing.get_args(tp)
         return tuple(_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -342,19 +502,19 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `name=123` on the command line means the string "123"
     if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
+        raise ConfigError(f"{key}={_show(value)}: expected {tp.__name__}, got {type(value).__name__}")
     return value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> Any:
     """Build dataclass `cls` from a mapping, starting from `base` (or defaults)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(data)}")
     data = dict(data)
     if cls is ModelConfig and "preset" in data:
         preset = data.pop("preset")
-        if preset not in MODEL_PRESETS:
-            raise ConfigError(f"{prefix}preset={preset!r}: unknown; choose from {sorted(MODEL_PRESETS)}")
+        if not isinstance(preset, str) or preset not in MODEL_PRESETS:  # a list is not even hashable
+            raise ConfigError(f"{prefix}preset={_show(preset)}: unknown; choose from {sorted(MODEL_PRESETS)}")
         base = MODEL_PRESETS[preset]
     base = base if base is not None else cls()
     hints = typing.get_type_hints(cls)
@@ -371,14 +531,41 @@ def _build(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> An
     return replace(base, **changes)
 
 
-def _nest(overrides: list[str]) -> dict[str, Any]:
-    """['train.lr=3e-4', 'model.preset=tiny'] -> {'train': {'lr': 0.0003}, ...}"""
+def _has_tag(text: str) -> bool:
+    try:
+        return any(isinstance(token, yaml.TagToken) for token in yaml.scan(text))
+    except yaml.YAMLError:  # not YAML: read literally, where a "!" is just a character
+        return False
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """The value of `key=raw`: YAML (`3e-4`, `[a, b]`, `null`), or the literal text when it is
+    not YAML, so globs such as `*.jsonl` need no quoting. A wrong type then fails the type
+    check naming the key. Tags are refused: a config holds plain data, and `!!python/...`
+    on a command line is a mistake or an attack."""
+    if not raw.strip():
+        return ""
+    if raw.lstrip().startswith("!") or _has_tag(raw):
+        raise ConfigError(f"{key}={raw}: YAML tags are not accepted (quote the value to mean the text)")
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _nest(overrides: Sequence[str | tuple[str, Any]]) -> dict[str, Any]:
+    """['train.lr=3e-4', 'model.preset=tiny'] -> {'train': {'lr': 0.0003}, ...}. An item may
+    also be a (key, value) pair, whose value is taken as it is, never parsed: for values such
+    as a path from its own command-line option."""
     out: dict[str, Any] = {}
     for item in overrides:
-        if "=" not in item:
+        if isinstance(item, tuple):
+            key, value = item
+        elif "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        else:
+            key, raw = item.split("=", 1)
+            value = _override_value(key.strip(), raw)
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -396,18 +583,30 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line 3: found undefined alias ...': where and what, on one line."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"line {mark.line + 1}: {problem}" if mark else problem
+
+
+def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, Any]] = (),
                 base: dict[str, Any] | None = None) -> Config:
-    """Defaults <- `base` mapping <- YAML file <- dotted overrides, validated."""
+    """Defaults <- `base` mapping <- YAML file <- dotted overrides, validated. Overrides are
+    'key=value' strings or (key, value) pairs (see `_nest`)."""
     data: dict[str, Any] = dict(base or {})
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"config file {path}: not valid YAML ({_yaml_problem(e)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path}: not UTF-8 text; pass a YAML file") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path}: cannot read it ({e.strerror})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         data = _merge(data, loaded)
@@ -415,8 +614,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return _build(Config, data, "").validate()
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for YAML/JSON records."""
+def to_dict(cfg: Any, redact: bool = False) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON records. `redact=True` replaces the
+    credentials of every URL in it (`http://user:pw@host` -> `http://***@host`): use it for
+    anything written down, such as run records, since they are shared and kept."""
+    if redact:
+        from raylm.storage import redact_url  # storage imports this module
     d = dataclasses.asdict(cfg)
 
     def fix(x: Any) -> Any:
@@ -424,7 +627,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: fix(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [fix(v) for v in x]
-        return x
+        return redact_url(x) if redact and isinstance(x, str) else x
 
     return fix(d)
 

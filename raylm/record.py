@@ -59,7 +59,7 @@ def write_record(cfg: Config, stage: str, tokenizer=None, manifest: dict | None 
         "raylm_version": raylm.__version__,
         "git_commit": git_commit(),
         "seed": cfg.seed,
-        "config": to_dict(cfg),
+        "config": to_dict(cfg, redact=True),  # records are shared: no credentials in URLs
         "tokenizer": {"path": tokenizer.path, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
         if tokenizer is not None else None,
         "data": {"mode": manifest.get("mode", "prepare"), "key": manifest["key"], "sources": manifest["sources"],

@@ -52,6 +52,7 @@ __all__ = [
     "makedirs",
     "upload_dir",
     "download_dir",
+    "redact_url",
 ]
 
 _DEFAULT_REGION = "us-east-1"
@@ -68,6 +69,7 @@ class StorageError(OSError):
     """A storage operation failed. The message is one line: `<uri>: <what is wrong> (<fix>)`."""
 
     def __init__(self, uri: str, problem: str) -> None:
+        uri, problem = redact_url(uri), redact_url(problem)  # messages reach logs and terminals
         super().__init__(f"{uri}: {problem}".replace("\n", " "))
         self.uri = uri
         self.problem = problem
@@ -84,6 +86,19 @@ class FileInfo:
 
 
 # --------------------------------------------------------------------------- URIs
+
+
+# The userinfo of a URL (http://, https://, s3://, any scheme): everything between the scheme
+# and the last '@' before the path. An endpoint such as http://user:secret@host:9000 carries a
+# password there. Quotes and angle brackets never occur in a URL, so a match never runs on
+# into the next string of a JSON text or a repr.
+_USERINFO = re.compile(r'\b([a-z][a-z0-9+.-]*://)[^/?#\s"<>]*@', re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced by `***`:
+    'cannot reach http://user:secret@host:9000' -> 'cannot reach http://***@host:9000'."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def is_s3(uri: str) -> bool:
@@ -125,7 +140,9 @@ def _endpoint(s3: S3Config | None) -> str:
     url = (s3.endpoint_url if s3 else "") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     url = (url or "").rstrip("/")
     if url and not url.startswith(("http://", "https://")):
-        raise StorageError(url, "S3 endpoint must start with http:// or https:// "
+        # A malformed endpoint may still hold a password, with a scheme or without one.
+        shown = redact_url(url) if "://" in url else re.sub(r"^[^/\s]*@", "***@", url)
+        raise StorageError(shown, "S3 endpoint must start with http:// or https:// "
                                 "(fix s3.endpoint_url or AWS_ENDPOINT_URL)")
     return url
 
@@ -251,7 +268,7 @@ def _problem(e: BaseException, s3: S3Config | None) -> str:
 
 
 def _unreachable(s3: S3Config | None) -> str:
-    endpoint = _endpoint(s3) or "of AWS"
+    endpoint = redact_url(_endpoint(s3)) or "of AWS"
     return f"cannot reach the S3 endpoint {endpoint} (check s3.endpoint_url / AWS_ENDPOINT_URL)"
 
 
@@ -262,7 +279,10 @@ def _errors(uri: str, s3: S3Config | None = None) -> Iterator[None]:
     except StorageError:
         raise
     except (OSError, ClientError, BotoCoreError) as e:
-        raise StorageError(uri, _problem(e, s3)) from e
+        error = StorageError(uri, _problem(e, s3))
+        # The client's own message repeats the endpoint verbatim: chain it (for a full
+        # traceback's benefit) only when that endpoint carries no credentials.
+        raise error from (None if redact_url(str(e)) != str(e) else e)
 
 
 def _code(e: ClientError) -> str:

@@ -560,7 +560,7 @@ class CheckpointSaver:
         self.finish()
         rank, world = _rank_world()
         meta = {"step": step, "consumed_blocks": consumed, "train_seconds": round(train_seconds, 3),
-                "world_size": world, "config": to_dict(self.cfg),
+                "world_size": world, "config": to_dict(self.cfg, redact=True),
                 "global_batch_size": self.cfg.train.global_batch_size, "metrics": metrics,
                 **self.hooks.checkpoint_meta}
         name = checkpoint.checkpoint_name(step)
@@ -699,6 +699,10 @@ def _quiet_ray_train_logs() -> None:
     names = [n for n in logging.root.manager.loggerDict if n.startswith("ray.train") or "/ray/train/" in n]
     for name in ["ray.train", *names]:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # A bad record met here ends the run with raylm's one line; Ray's traceback of it would bury that.
+    from raylm.pipeline import quiet_user_errors
+
+    quiet_user_errors()
 
 
 def train_worker(config: dict) -> None:

@@ -283,3 +283,105 @@ def test_gpt2_124m_shape_with_llama_mlp_width_is_124m():
 def test_7b_param_count():
     n = count_params(MODEL_PRESETS["7b"])
     assert 6.7e9 <= n <= 7.3e9
+
+
+# --------------------------------------------------------------------------- override values
+
+
+@pytest.mark.parametrize("raw", ["*.jsonl", "*foo", "s3://b/*.txt", "[a].txt", "{a.txt", "a\tb.txt", "@x"])
+def test_override_that_is_not_yaml_is_the_literal_string(raw):
+    assert load_config(None, [f"data.path={raw}"]).data.path == raw
+
+
+def test_override_that_is_not_yaml_fails_the_type_check_of_a_number():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lr=*.jsonl"])
+    assert str(e.value) == "train.lr='*.jsonl': expected float, got str"
+
+
+@pytest.mark.parametrize("override,key", [
+    ('train.lr=!!python/object/apply:os.system ["echo hi"]', "train.lr"),
+    ("data.path=!!python/name:os.system", "data.path"),
+    ("data.path=!x", "data.path"),
+    ("name= !!str run", "name"),
+    ("sample.prompts=[a, !!str b]", "sample.prompts"),  # inside a value, too
+    ("seed=!!int 3", "seed"),
+])
+def test_override_with_a_yaml_tag_is_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert msg.startswith(key + "=") and "YAML tags are not accepted" in msg and "\n" not in msg
+
+
+def test_quoted_exclamation_mark_is_text():
+    assert load_config(None, ["data.path='!x.txt'", "name=hi!"]).data.path == "!x.txt"
+
+
+@pytest.mark.parametrize("path", ["*.jsonl", "[a].txt", "a: b.txt", "'x y.txt'", "true", "null", "!x", "3e-4",
+                                  "s3://b/{a,b}/*.gz"])
+def test_cli_data_option_is_never_parsed_as_yaml(path):
+    from raylm import cli
+
+    args = cli.build_parser().parse_args(["pretrain", "--data", path, "train.lr=1e-3"])
+    cfg = cli._config(args)
+    assert cfg.data.path == path and cfg.train.lr == 1e-3
+
+
+def test_key_value_pair_override_is_taken_as_given():
+    cfg = load_config(None, [("data.path", "a: b"), ("train.max_steps", 7)])
+    assert cfg.data.path == "a: b" and cfg.train.max_steps == 7
+    with pytest.raises(ConfigError, match=r"^train\.max_steps='7': expected int"):
+        load_config(None, [("train.max_steps", "7")])  # not parsed, so still a string
+
+
+@pytest.mark.parametrize("override", ["model.preset=[a]", "model.preset={a: 1}"])
+def test_unhashable_preset_names_key(override):
+    with pytest.raises(ConfigError, match=r"^model\.preset=.*unknown"):
+        load_config(None, [override])
+
+
+# --------------------------------------------------------------------------- YAML files
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('train: !!python/object/apply:os.system ["echo hi"]\n', "line 1: could not determine a constructor"),
+    ("seed: !custom 3\n", "line 1: could not determine a constructor for the tag '!custom'"),
+    ("data:\n  path: *.jsonl\n", "line 2: expected alphabetic or numeric character"),
+    ("data:\n  path: *undefined\n", "line 2: found undefined alias 'undefined'"),
+])
+def test_yaml_file_with_tag_or_bad_alias_is_one_line_naming_file(tmp_path, text, problem):
+    path = _write(tmp_path, text, "tagged.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"config file {path}: not valid YAML (") and problem in msg and "\n" not in msg
+
+
+def test_yaml_file_anchors_and_aliases_work(tmp_path):
+    path = _write(tmp_path, "train:\n  lr: &x 0.5\n  min_lr_ratio: *x\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == cfg.train.min_lr_ratio == 0.5
+
+
+def test_yaml_file_alias_bomb_gives_a_short_error(tmp_path):
+    # Nine levels of ten aliases: a 400-byte file whose value would print as gigabytes.
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    path = _write(tmp_path, f"seed: [{', '.join(levels)}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith("seed=[") and len(str(e.value)) < 5000
+
+
+def test_recursive_alias_in_yaml_file(tmp_path):
+    path = _write(tmp_path, "train: &t\n  lr: *t\n")
+    with pytest.raises(ConfigError, match=r"^train\.lr=.*expected float, got dict"):
+        load_config(path)
+
+
+def test_binary_config_file_names_file(tmp_path):
+    p = tmp_path / "model.pt"
+    p.write_bytes(b"\x80\x02\xff\xfe")
+    with pytest.raises(ConfigError, match=r"model\.pt: not UTF-8 text"):
+        load_config(str(p))
