@@ -1,0 +1,233 @@
+"""Post-training objectives for the shared training loop: SFT and DPO.
+
+Each follows `raylm.train.Objective`: `count(batch)` is the number of loss units in the
+batch (assistant tokens for SFT, preference pairs for DPO) and `loss_sum(model, batch)` the
+sum of their losses, so `train_step` and `evaluate` normalise over micro-batches and ranks
+exactly as they do for pre-training. Only the batch columns differ:
+
+  SFT  tokens (B, T+1) long, loss_mask (B, T+1) bool: True on assistant target tokens (the
+       reply and its closing <|end|>, as `Tokenizer.encode_chat` marks them).
+  DPO  chosen, chosen_mask, rejected, rejected_mask: the same pair of columns for each
+       response of a preference pair, prompt included; optionally ref_chosen_logp and
+       ref_rejected_logp (B,) fp32, the reference model's log-probabilities, precomputed
+       by `reference_logprobs` so that training never holds the reference model.
+
+A mask entry at position t says whether token t is a target: it is predicted from tokens
+< t, so position 0 is never one. Padding (any id) carries mask False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # the ignore_index of NextTokenObjective and raylm.losses
+
+# --------------------------------------------------------------------------- SFT
+
+
+def sft_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SFT batch as NextTokenObjective's explicit-targets form: inputs tokens[:, :-1],
+    targets tokens[:, 1:] with every non-target position set to the ignore index."""
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:].masked_fill(~mask[:, 1:].bool(), IGNORE)}
+
+
+@dataclass(frozen=True)
+class SFTObjective:
+    """Next-token loss on assistant tokens only: the prompt is context, not something to
+    imitate. The loss itself is pre-training's (NextTokenObjective: plain or chunked head,
+    z-loss on counted positions only), fed targets with the ignore index off the mask."""
+
+    z_loss: float = 0.0
+    chunk_size: int = 0
+
+    def count(self, batch) -> int:
+        return int(batch["loss_mask"][:, 1:].sum())
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        # Imported here: raylm.train may import this module to pick its objective.
+        from raylm.train import NextTokenObjective
+
+        return NextTokenObjective(self.z_loss, self.chunk_size).loss_sum(model, sft_targets(batch))
+
+    def metrics(self, model, batch) -> dict:
+        """Assistant tokens (the loss's units; StepStats.count has the step's global total)
+        and their share of the predicted tokens, which tells how much of each batch trains."""
+        n = self.count(batch)
+        return {"assistant_tokens": n, "assistant_fraction": n / max(1, batch["tokens"][:, 1:].numel())}
+
+
+# --------------------------------------------------------------------------- log-probabilities
+
+
+def sequence_logprobs(model, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) fp32: per sequence, the sum of log p(token t | tokens < t) over positions t whose
+    mask is True (the response), under `model`.
+
+    This builds the full (B, T, V) logits and an fp32 copy: fine for small vocabularies, but
+    at V = 50k, T = 1024 and 16 sequences (8 pairs) that is 3.3 GB of fp32 logits plus its
+    gradient. The chunked loss of raylm.losses returns a single sum over all rows, not one
+    per sequence; a per-row variant of it would remove this cost."""
+    logits = model(tokens[:, :-1])[0].float()
+    targets = tokens[:, 1:]
+    picked = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.where(loss_mask[:, 1:].bool(), picked, 0.0).sum(-1)
+
+
+def _pad_width(x: torch.Tensor, width: int, value) -> torch.Tensor:
+    return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) sequence log-probabilities from ONE forward pass over both halves
+    stacked: half the kernel launches, and FSDP gathers the weights once, not twice."""
+    chosen, rejected = batch["chosen"], batch["rejected"]
+    width = max(chosen.shape[1], rejected.shape[1])
+    tokens = torch.cat([_pad_width(chosen, width, 0), _pad_width(rejected, width, 0)])
+    mask = torch.cat([_pad_width(batch["chosen_mask"].bool(), width, False),
+                      _pad_width(batch["rejected_mask"].bool(), width, False)])
+    logp = sequence_logprobs(model, tokens, mask)
+    return logp[:len(chosen)], logp[len(chosen):]
+
+
+@torch.no_grad()
+def reference_logprobs(reference_model, batch) -> dict[str, torch.Tensor]:
+    """The reference columns of a DPO batch, for a data pass to write once: training with
+    them needs neither the reference model's memory nor its forward pass at every step."""
+    chosen, rejected = pair_logprobs(reference_model, batch)
+    return {"ref_chosen_logp": chosen, "ref_rejected_logp": rejected}
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+@dataclass(frozen=True, eq=False)
+class DPOObjective:
+    """Direct preference optimisation on pairs (prompt, chosen, rejected).
+
+    With Δ = [log π(chosen) - log π_ref(chosen)] - [log π(rejected) - log π_ref(rejected)]:
+      sigmoid  -(1 - ε) log σ(βΔ) - ε log σ(-βΔ): DPO (Rafailov et al. 2023, eq. 7) for ε = 0;
+               ε > 0 is conservative DPO (Mitchell 2023), which assumes a share ε of the
+               labels flipped and so stops pushing Δ once βΔ reaches log((1 - ε) / ε).
+      ipo      (Δ - 1/(2β))²: IPO (Azar et al. 2023, "A General Theoretical Paradigm to
+               Understand Learning from Human Preferences", eq. 17, β standing for their τ),
+               which regresses Δ to a finite target instead of driving it to infinity.
+               TRL computes the same square, with log-probabilities averaged over response
+               tokens for IPO; `average_logprobs=True` does that (for either loss).
+
+    The reference comes from `reference` (a frozen model, run under no_grad; it is not the
+    optimised model, so it is never in the optimizer) or, without one, from the batch
+    columns ref_chosen_logp / ref_rejected_logp (`reference_logprobs`), which are always
+    sums; averaging, when asked for, happens here, for policy and reference alike."""
+
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: torch.nn.Module | None = None
+    average_logprobs: bool = False
+
+    def __post_init__(self):
+        if self.loss not in ("sigmoid", "ipo"):
+            raise ValueError(f"DPO loss {self.loss!r}: expected 'sigmoid' or 'ipo'")
+        if self.beta <= 0:
+            raise ValueError(f"DPO beta must be > 0, got {self.beta}")
+        # ε = 0.5 makes the loss symmetric in chosen and rejected: no preference is left.
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPO label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError("label_smoothing applies to the sigmoid loss only")
+
+    def count(self, batch) -> int:
+        return int(batch["chosen"].shape[0])
+
+    def _logratios(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(policy chosen, policy rejected, reference chosen, reference rejected), (B,) each."""
+        pc, pr = pair_logprobs(model, batch)
+        if self.reference is not None:
+            ref = reference_logprobs(self.reference, batch)
+        elif "ref_chosen_logp" in batch:
+            ref = batch
+        else:
+            raise ValueError("DPO needs a reference: pass reference= or add the ref_chosen_logp and "
+                             "ref_rejected_logp columns (reference_logprobs)")
+        rc, rr = ref["ref_chosen_logp"].float(), ref["ref_rejected_logp"].float()
+        if self.average_logprobs:
+            nc = batch["chosen_mask"][:, 1:].sum(-1).clamp(min=1)
+            nr = batch["rejected_mask"][:, 1:].sum(-1).clamp(min=1)
+            pc, rc, pr, rr = pc / nc, rc / nc, pr / nr, rr / nr
+        return pc, pr, rc, rr
+
+    def pair_losses(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per-pair loss of the log-ratio difference Δ (see the class docstring)."""
+        if self.loss == "ipo":
+            return (delta - 1 / (2 * self.beta)).square()
+        eps = self.label_smoothing
+        return -(1 - eps) * F.logsigmoid(self.beta * delta) - eps * F.logsigmoid(-self.beta * delta)
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        pc, pr, rc, rr = self._logratios(model, batch)
+        return self.pair_losses((pc - rc) - (pr - rr)).sum()
+
+    @torch.no_grad()
+    def metrics(self, model, batch) -> dict:
+        """Batch means for logging: implicit rewards β·(log π - log π_ref) of each side, their
+        margin, preference accuracy (chosen reward strictly above rejected: 0 while the policy
+        is the reference) and the policy's log-probabilities; `pairs` weighs batches."""
+        pc, pr, rc, rr = self._logratios(model, batch)
+        chosen, rejected = self.beta * (pc - rc), self.beta * (pr - rr)
+        return {"reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
+                "reward_margin": float((chosen - rejected).mean()),
+                "preference_accuracy": float((chosen > rejected).float().mean()),
+                "logp_chosen": float(pc.mean()), "logp_rejected": float(pr.mean()), "pairs": len(pc)}
+
+
+# --------------------------------------------------------------------------- batch columns
+
+
+def _stack(rows: Sequence[tuple[list[int], list[bool]]], width: int | None, pad_id: int):
+    """(ids, mask) rows right-padded to `width` (default: the longest) with pad_id / False."""
+    longest = max(len(ids) for ids, _ in rows)
+    width = width or longest
+    if longest > width:
+        raise ValueError(f"a sequence of {longest} tokens does not fit the width {width}")
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (ids, m) in enumerate(rows):
+        tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    return tokens, mask
+
+
+def _prompt_messages(record: dict) -> list[dict]:
+    prompt = record["prompt"]
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def sft_batch(tokenizer, records: Sequence[dict], width: int | None = None) -> dict[str, torch.Tensor]:
+    """SFT columns from records with `messages`, or with `prompt` and `completion`. Right
+    padding is harmless: causal attention never lets a position see the pads after it."""
+    rows = []
+    for r in records:
+        messages = r["messages"] if "messages" in r else \
+            [*_prompt_messages(r), {"role": "assistant", "content": r["completion"]}]
+        rows.append(tokenizer.encode_chat(messages))
+    tokens, mask = _stack(rows, width, tokenizer.pad_id)
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+def dpo_batch(tokenizer, records: Sequence[dict], width: int | None = None) -> dict[str, torch.Tensor]:
+    """DPO columns from {prompt, chosen, rejected} records (prompt: a user message or a
+    list of messages); both sides padded to one width."""
+    sides = {}
+    for side in ("chosen", "rejected"):
+        sides[side] = [tokenizer.encode_chat([*_prompt_messages(r), {"role": "assistant", "content": r[side]}])
+                       for r in records]
+    width = width or max(len(ids) for rows in sides.values() for ids, _ in rows)
+    out = {}
+    for side, rows in sides.items():
+        out[side], out[f"{side}_mask"] = _stack(rows, width, tokenizer.pad_id)
+    return out

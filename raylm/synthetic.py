@@ -1,0 +1,171 @@
+"""Small synthetic instruction tasks whose success is measurable by exact match.
+
+Post-training needs a task where "did it work" has a crisp answer: a tiny model cannot
+show better prose, but it can learn to reverse three letters. Every task here is generated
+deterministically from a seed and comes in the three shapes post-training consumes:
+
+  messages            {"task", "messages": [{user}, {assistant}]}      SFT (chat template)
+  prompt/completion   {"task", "prompt", "completion"}                 SFT, plain
+  preference pair     {"task", "prompt", "chosen", "rejected"}         DPO
+
+Each example also carries a plausible wrong answer (the letters unreversed, a sum off by
+one, the neighbour on the wrong side), which is the rejected side of its DPO pair: a
+preference the model can only satisfy by having learnt the task.
+
+Tasks:
+  reverse      "reverse: abc"                    -> "cba"
+  add          "add: 7 + 12"                     -> "19"
+  word_after   "word after sun: red sun cat"     -> "cat"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WORDS = ("red", "blue", "green", "sun", "moon", "star", "cat", "dog", "fish", "tree", "leaf", "rock",
+         "bird", "rain", "snow", "wind", "fire", "lake", "hill", "road", "ship", "bell", "milk", "corn")
+TASKS = ("reverse", "add", "word_after")
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str  # the user's message
+    answer: str  # the assistant's correct reply
+    wrong: str  # a plausible incorrect reply, never equal to `answer`
+
+
+def _reverse(rng: random.Random, length: int = 3) -> Example:
+    s = "".join(rng.choice(LETTERS) for _ in range(length))
+    answer = s[::-1]
+    # The unreversed string is the natural mistake; for a palindrome it is the answer itself,
+    # so the first letter is changed instead (still "almost right").
+    wrong = s if s != answer else LETTERS[(LETTERS.index(answer[0]) + 1) % 26] + answer[1:]
+    return Example("reverse", f"reverse: {s}", answer, wrong)
+
+
+def _add(rng: random.Random, max_value: int = 20) -> Example:
+    a, b = rng.randint(0, max_value), rng.randint(0, max_value)
+    off = rng.choice((-1, 1)) if a + b > 0 else 1  # an off-by-one sum, never negative
+    return Example("add", f"add: {a} + {b}", str(a + b), str(a + b + off))
+
+
+def _word_after(rng: random.Random, n_words: int = 4) -> Example:
+    words = rng.sample(WORDS, n_words)
+    i = rng.randrange(n_words - 1)  # any word but the last has a successor
+    # Wrong: the neighbour on the other side, or (for the first word) the word itself.
+    wrong = words[i - 1] if i > 0 else words[i]
+    return Example("word_after", f"word after {words[i]}: {' '.join(words)}", words[i + 1], wrong)
+
+
+_MAKERS: dict[str, Callable[..., Example]] = {"reverse": _reverse, "add": _add, "word_after": _word_after}
+
+
+def examples(task: str, n: int, seed: int = 0, **options) -> list[Example]:
+    """`n` examples of `task` with distinct prompts, a pure function of (task, n, seed,
+    options). Options: reverse `length` (3), add `max_value` (20), word_after `n_words` (4)."""
+    if task not in _MAKERS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    make = _MAKERS[task]
+    rng = random.Random(f"{task}-{seed}")  # a string seed: stable across Python versions
+    out, seen = [], set()
+    for _ in range(100 * n + 100):  # give up when the task's prompt space is too small
+        if len(out) == n:
+            break
+        ex = make(rng, **options)
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            out.append(ex)
+    if len(out) < n:
+        raise ValueError(f"task {task!r} with {options or 'default options'} has fewer than {n} distinct prompts")
+    return out
+
+
+def split(task: str, n_train: int, n_heldout: int, seed: int = 0, **options) -> tuple[list[Example], list[Example]]:
+    """Train and held-out examples with no prompt in both: one draw of distinct prompts, cut."""
+    every = examples(task, n_train + n_heldout, seed, **options)
+    return every[:n_train], every[n_train:]
+
+
+# --------------------------------------------------------------------------- record shapes
+
+
+def messages_record(ex: Example) -> dict:
+    return {"task": ex.task, "messages": [{"role": "user", "content": ex.prompt},
+                                          {"role": "assistant", "content": ex.answer}]}
+
+
+def prompt_completion_record(ex: Example) -> dict:
+    return {"task": ex.task, "prompt": ex.prompt, "completion": ex.answer}
+
+
+def preference_record(ex: Example) -> dict:
+    return {"task": ex.task, "prompt": ex.prompt, "chosen": ex.answer, "rejected": ex.wrong}
+
+
+FORMATS: dict[str, Callable[[Example], dict]] = {
+    "messages": messages_record, "prompt_completion": prompt_completion_record, "preference": preference_record}
+
+
+def write_jsonl(out_dir: str, task: str, n_train: int, n_heldout: int, seed: int = 0, **options) -> dict[str, str]:
+    """Write `{task}.{split}.{format}.jsonl` for split in (train, heldout) and every format;
+    returns {"{split}.{format}": path}. Held-out prompts never occur in train."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split_name, exs in zip(("train", "heldout"), split(task, n_train, n_heldout, seed, **options)):
+        for fmt, record in FORMATS.items():
+            path = out / f"{task}.{split_name}.{fmt}.jsonl"
+            path.write_text("".join(json.dumps(record(ex)) + "\n" for ex in exs))
+            paths[f"{split_name}.{fmt}"] = str(path)
+    return paths
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def prompt_and_answer(record: dict) -> tuple[list[dict], str]:
+    """The messages to prompt with and the expected reply, from any of the three shapes."""
+    if "messages" in record:
+        *prompt, last = record["messages"]
+        if last.get("role") != "assistant":
+            raise ValueError(f"record's last message is {last.get('role')!r}, not the assistant's answer")
+        return prompt, last["content"]
+    answer = record["completion"] if "completion" in record else record["chosen"]
+    return [{"role": "user", "content": record["prompt"]}], answer
+
+
+def exact_match(generate_fn: Callable[[list[dict]], str], records: Sequence[dict]) -> float:
+    """Share of records whose reply, from generate_fn(prompt messages), equals the answer.
+    Surrounding whitespace is ignored on both sides; nothing else is forgiven."""
+    if not records:
+        raise ValueError("exact_match needs at least one record")
+    hits = 0
+    for record in records:
+        prompt, answer = prompt_and_answer(record)
+        hits += generate_fn(prompt).strip() == answer.strip()
+    return hits / len(records)
+
+
+def chat_generate_fn(model, tokenizer, max_new_tokens: int = 16) -> Callable[[list[dict]], str]:
+    """A greedy generate_fn for `exact_match`: the chat template with the assistant's turn
+    opened, decoding until `<|end|>`, exactly the format SFT trains on."""
+    from raylm.generate import generate
+    from raylm.tokenizer import END
+
+    end_id = tokenizer.special_ids[END]
+
+    def reply(messages: list[dict]) -> str:
+        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return tokenizer.decode(generate(model, ids, max_new_tokens, temperature=0.0, eos_id=end_id))
+
+    return reply
