@@ -272,6 +272,11 @@ class DataConfig:
     # straight from the raw corpus, each worker running read->tokenize->pack itself as it
     # trains, with no shards written; the same blocks in the same order.
     mode: str = "prepare"
+    # Attention stays within each packed document, and RoPE positions restart at each, so a
+    # document never conditions on the unrelated one packed before it. Off by default for
+    # pre-training (the usual practice at short sequence lengths, and the faster kernel);
+    # SFT rows always pack conversations this way, whatever this says.
+    document_mask: bool = False
 
     RANGES: ClassVar[dict[str, Range]] = {
         "seq_len": at_least(1),
@@ -427,7 +432,40 @@ class SampleConfig:
         _check_ranges(self, "sample.")
 
 
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (raylm dpo): the loss on (prompt, chosen, rejected)."""
+
+    # Strength of the pull towards the reference model; 0.1 is the DPO paper's and TRL's
+    # default. Higher keeps the policy nearer the reference.
+    beta: float = 0.1
+    loss: str = "sigmoid"  # "sigmoid": DPO; "ipo": IPO, which regresses to a finite margin
+    # Conservative DPO's assumed share of flipped labels (sigmoid loss only): it stops pushing
+    # a pair once its margin is large enough. 0: plain DPO.
+    label_smoothing: float = 0.0
+    # True: one Ray Data pass computes the reference model's log-probabilities and stores them
+    # beside the data (keyed by the reference checkpoint's and the data's hashes, so they are
+    # reused), and training never holds the reference. False: a frozen copy of the starting
+    # policy, sharded like it, runs beside it (twice the model memory, no extra pass).
+    precompute_reference: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "beta": above(0),
+        # 0.5 makes the loss symmetric in chosen and rejected: no preference is left to learn.
+        "label_smoothing": within(0, 0.5, hi_open=True),
+    }
+
+    def validate(self) -> None:
+        _check_ranges(self, "dpo.")
+        if self.loss not in ("sigmoid", "ipo"):
+            raise ConfigError(f"dpo.loss={self.loss!r}: expected sigmoid or ipo")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing}: applies to dpo.loss=sigmoid only")
+
+
 # --------------------------------------------------------------------------- run
+
+STAGES = ("pretrain", "sft", "dpo")
 
 
 @dataclass(frozen=True)
@@ -441,14 +479,25 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     s3: S3Config = field(default_factory=S3Config)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    # What the run optimises and what its data holds: "pretrain" (text), "sft" (chat records:
+    # messages or prompt/completion) or "dpo" (prompt, chosen, rejected). Set by the subcommand.
+    stage: str = "pretrain"
+    # A run or checkpoint (local or s3://) whose weights start this run, with a fresh optimizer
+    # and schedule; its tokenizer comes along. Empty: random init. SFT and DPO start here.
+    init_from: str = ""
 
     # SentencePiece takes a 32-bit unsigned seed, and numpy's generators refuse negative ones.
     RANGES: ClassVar[dict[str, Range]] = {"seed": within(0, 2**32 - 1)}
 
     def validate(self) -> "Config":
         _check_ranges(self, "")
-        for section in (self.model, self.tokenizer, self.data, self.train, self.sample, self.s3):
+        for section in (self.model, self.tokenizer, self.data, self.train, self.sample, self.s3, self.dpo):
             section.validate()
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
+        if self.stage == "dpo" and not self.init_from:
+            raise ConfigError("stage=dpo needs init_from (the SFT run or checkpoint to start from and compare against)")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"

@@ -115,11 +115,11 @@ def lm_head_weight(model) -> torch.Tensor:
 
 
 def chunked_lm_loss(model, tokens: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                    z_loss: float = 0.0) -> torch.Tensor:
+                    z_loss: float = 0.0, doc_sep: int | None = None) -> torch.Tensor:
     """Summed next-token loss of a raylm `Transformer` (plain or FSDP2-sharded) via
     `hidden_states` + `chunked_cross_entropy`: what `NextTokenObjective.loss_sum` computes."""
     _fsdp_hidden_states(model)
-    h = model.hidden_states(tokens)
+    h = model.hidden_states(tokens, doc_sep=doc_sep)
     # An FSDP2 root keeps its parameters (embedding, head) unsharded after forward
     # (reshard_after_forward=False in raylm.parallel), so this is the gathered compute copy.
     return chunked_cross_entropy(h.flatten(0, 1), lm_head_weight(model), targets.flatten(), chunk_size,

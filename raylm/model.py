@@ -16,6 +16,14 @@ Init scheme: embeddings and every input projection ~ N(0, init_std); the two pro
 that write into the residual stream (attention `wo`, MLP `w2`) ~ N(0, init_std / sqrt(2 L)),
 as in GPT-2, so the residual's variance does not grow with depth; norms start at 1. An
 untied LM head uses N(0, 1/sqrt(dim)) so initial logits have unit scale.
+
+Document masking (`doc_sep=`, training only): a packed row `doc1 EOS doc2 EOS ...` is several
+independent sequences. Each token attends only to earlier tokens of its own document, and
+RoPE positions restart at 0 at each document's first token, so a document's logits are the
+ones it would get alone in a row. Both are derived from the tokens (`document_positions`),
+not from an extra batch column. The attention kernel is SDPA with a boolean block-causal
+mask; FlexAttention (`doc_mask_kernel = "flex"`) is the alternative that
+benchmarks/attention_mask.py measures against it (see `Transformer.doc_mask_kernel`).
 """
 
 from __future__ import annotations
@@ -37,11 +45,53 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x: (B, H, T, D) by position (HF Llama layout)."""
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x: (B, H, T, D) by position (HF Llama layout).
+
+    cos/sin: (T, D/2) when every row has the same positions, or (B, T, D/2) gathered per
+    token (document masking); either way they broadcast over the heads."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.type_as(x)
+
+
+def document_positions(tokens: torch.Tensor, sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc_ids, positions), both (B, T) long, of packed rows `doc1 EOS doc2 EOS ...`.
+
+    The EOS that ends a document belongs to it, so a new document starts at the token after
+    each EOS: doc_ids is the running count of EOS strictly before a token, and a position is
+    the distance to its document's first token. A row starts a document at column 0 even
+    when it was cut from the middle of one (nothing earlier is visible anyway), a row may end
+    without EOS (the last document is cut short), and consecutive EOS make one-token documents.
+    Pure tensor code on the tokens' device, for the model and for loss or data code alike."""
+    B, T = tokens.shape
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    starts[:, 1:] = tokens[:, :-1] == sep_id
+    doc_ids = starts.long().cumsum(1)
+    col = torch.arange(T, device=tokens.device).expand(B, T)
+    first = torch.where(starts, col, 0).cummax(1).values  # column of each token's document start
+    return doc_ids, col - first
+
+
+def document_mask(doc_ids: torch.Tensor, kernel: str = "sdpa"):
+    """Block-causal attention mask of (B, T) document ids: query q sees key k iff k <= q and
+    both are in the same document.
+
+    kernel "sdpa": a (B, 1, T, T) boolean tensor for `F.scaled_dot_product_attention` (True =
+    attend), broadcast over heads. kernel "flex": a FlexAttention `BlockMask`, whose kernel
+    skips the key blocks no query of a block can see."""
+    B, T = doc_ids.shape
+    if kernel == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def visible(b, h, q, k):
+            return (doc_ids[b, q] == doc_ids[b, k]) & (k <= q)
+
+        return create_block_mask(visible, B, None, T, T, device=doc_ids.device)
+    if kernel != "sdpa":
+        raise ValueError(f"document mask kernel {kernel!r}: expected 'sdpa' or 'flex'")
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
 
 
 class RMSNorm(nn.Module):
@@ -112,9 +162,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int | torch.Tensor = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int | torch.Tensor = 0, doc_mask=None):
         """`start`: the first query's position (int), or every query's position as a (T,)
-        long tensor for fixed-shape decoding into `cache` (see KVCache)."""
+        long tensor for fixed-shape decoding into `cache` (see KVCache). `doc_mask`: the
+        block-causal mask of document masking (see `document_mask`), without a cache."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -123,7 +174,16 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
-        if cache is not None and isinstance(start, torch.Tensor):  # static shapes (see KVCache)
+        if doc_mask is not None and not isinstance(doc_mask, torch.Tensor):  # a FlexAttention BlockMask
+            from torch.nn.attention.flex_attention import flex_attention
+
+            # Fused only inside torch.compile (train.compile compiles each block); eager
+            # flex_attention materialises the scores, and it has no backward on CPU.
+            y = flex_attention(q, k, v, block_mask=doc_mask, enable_gqa=self.kv_heads != self.n_heads)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        if doc_mask is not None:
+            mask, causal = doc_mask, False
+        elif cache is not None and isinstance(start, torch.Tensor):  # static shapes (see KVCache)
             mask, causal = cache.visible(start), False
             k, v = cache.write(start, k, v)
         elif cache is not None:
@@ -134,6 +194,9 @@ class Attention(nn.Module):
                     pos_q = torch.arange(start, start + T, device=x.device)[:, None]
                     mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos_q
         # GQA without materialising repeated K/V: SDPA broadcasts kv heads over query groups.
+        # (On CUDA, flash takes no explicit mask and the memory-efficient kernel no GQA, so a
+        # masked GQA call may fall back to the math kernel there; the unmasked causal call
+        # of pre-training is unaffected.)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None,
             enable_gqa=self.kv_heads != self.n_heads,
@@ -162,12 +225,22 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int | torch.Tensor = 0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int | torch.Tensor = 0, doc_mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start, doc_mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
+    # Attention kernel of document masking, "sdpa" or "flex" (see `document_mask`). SDPA with
+    # a boolean mask on every device. On CPU it is the only choice that trains (FlexAttention
+    # has no CPU backward in torch 2.13). benchmarks/attention_mask.py, tiny shape on a busy
+    # 2-core CPU: a step costs about what plain causal SDPA's does at seq 128 and 1.1-1.4x at
+    # seq 512, where the causal kernel's skipping of the blocks above the diagonal (a mask
+    # makes it visit every block) starts to count. On CUDA that benchmark also times
+    # compiled FlexAttention, which skips the blocks outside every document; it has not run on
+    # a GPU yet: set "flex" (with train.compile) where it measures faster.
+    doc_mask_kernel: str = "sdpa"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
@@ -210,9 +283,21 @@ class Transformer(nn.Module):
             nn.init.normal_(self.output.weight, std=cfg.dim ** -0.5)
 
     def hidden_states(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                      start: int | torch.Tensor = 0):
+                      start: int | torch.Tensor = 0, doc_sep: int | None = None):
+        """Final-norm hidden states (B, T, dim). `doc_sep`: the token id that ends each packed
+        document (EOS); attention then stays within documents and positions restart per
+        document (see the module docstring). None (the default) is one sequence per row."""
         T = tokens.shape[1]
-        if isinstance(start, torch.Tensor):
+        doc_mask = None
+        if doc_sep is not None:
+            if caches is not None or not isinstance(start, int) or start != 0:
+                raise ValueError("doc_sep= is for whole packed rows (training); decode without it")
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            doc_ids, positions = document_positions(tokens, doc_sep)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
+            doc_mask = document_mask(doc_ids, self.doc_mask_kernel)  # built once, shared by the layers
+        elif isinstance(start, torch.Tensor):
             # Static decoding: the first position as a 0-d long tensor on the device, so a
             # compiled step is one graph for every position. Nothing here reads its value
             # (that would sync with the device), so the caller checks the length limit.
@@ -226,20 +311,26 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, caches[i] if caches is not None else None, start)
+            if doc_mask is None:  # the call every other path makes, unchanged
+                h = layer(h, cos, sin, caches[i] if caches is not None else None, start)
+            else:
+                h = layer(h, cos, sin, doc_mask=doc_mask)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, start: int | torch.Tensor = 0):
+                caches: list[KVCache] | None = None, start: int | torch.Tensor = 0,
+                doc_sep: int | None = None):
         """Logits (B, T, vocab), and the mean next-token loss when `targets` is given.
 
         Targets equal to -100 are ignored, which is how SFT masks prompt tokens. With
         `caches`, `tokens` continue the cached sequence at position `start`: an int, or a
-        0-d long tensor for fixed-shape decoding (see KVCache)."""
-        logits = self.logits(self.hidden_states(tokens, caches, start))
+        0-d long tensor for fixed-shape decoding (see KVCache). `doc_sep`: document masking
+        of packed rows (see `hidden_states`); the target at each separator is the next
+        document's first token, which callers mask with -100 if it should not count."""
+        logits = self.logits(self.hidden_states(tokens, caches, start, doc_sep))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -1,10 +1,13 @@
-"""Post-training objectives for the shared training loop: SFT and DPO.
+"""What a training stage optimises: next-token prediction (pre-training), SFT and DPO.
 
 Each follows `raylm.train.Objective`: `count(batch)` is the number of loss units in the
-batch (assistant tokens for SFT, preference pairs for DPO) and `loss_sum(model, batch)` the
-sum of their losses, so `train_step` and `evaluate` normalise over micro-batches and ranks
-exactly as they do for pre-training. Only the batch columns differ:
+batch (tokens for pre-training, assistant tokens for SFT, preference pairs for DPO) and
+`loss_sum(model, batch)` the sum of their losses, so `train_step` and `evaluate` normalise
+over micro-batches and ranks the same way for every stage; `tokens(batch)` counts the real
+(non-padding) tokens the forward pass processes, for throughput and MFU. Only the batch
+columns differ:
 
+  pre-training  tokens (B, T+1) long: packed blocks.
   SFT  tokens (B, T+1) long, loss_mask (B, T+1) bool: True on assistant target tokens (the
        reply and its closing <|end|>, as `Tokenizer.encode_chat` marks them).
   DPO  chosen, chosen_mask, rejected, rejected_mask: the same pair of columns for each
@@ -24,7 +27,57 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from raylm.losses import chunked_lm_loss
+
 IGNORE = -100  # the ignore_index of NextTokenObjective and raylm.losses
+
+# --------------------------------------------------------------------------- next token
+
+
+@dataclass(frozen=True)
+class NextTokenObjective:
+    """Causal LM loss on packed blocks; targets of -100 (SFT prompt tokens) are ignored.
+
+    chunk_size > 0 computes the head and the loss over that many rows at a time
+    (raylm.losses), never holding the full (tokens x vocab) logits: the same value with far
+    less memory when the vocabulary is large. doc_sep (the EOS id) turns on document masking
+    (see raylm.model): attention stays within each packed document, and the target after a
+    separator, the next document's first token, is not a loss term, since nothing the model
+    may see predicts it."""
+
+    z_loss: float = 0.0
+    chunk_size: int = 0
+    doc_sep: int | None = None
+
+    def count(self, batch):
+        return int((self._targets(batch) != IGNORE).sum())
+
+    def tokens(self, batch) -> int:
+        return int(batch["tokens"].numel() if "targets" in batch else batch["tokens"][:, :-1].numel())
+
+    def _targets(self, batch):
+        if "targets" in batch:
+            return batch["targets"]
+        targets = batch["tokens"][:, 1:]
+        if self.doc_sep is not None:
+            targets = targets.masked_fill(batch["tokens"][:, :-1] == self.doc_sep, IGNORE)
+        return targets
+
+    def loss_sum(self, model, batch):
+        targets = self._targets(batch)
+        tokens = batch["tokens"][:, :-1] if "targets" not in batch else batch["tokens"]
+        if self.chunk_size:
+            return chunked_lm_loss(model, tokens, targets, self.chunk_size, self.z_loss, doc_sep=self.doc_sep)
+        logits, _ = model(tokens, doc_sep=self.doc_sep)
+        logits = logits.float().flatten(0, 1)
+        flat = targets.flatten()
+        loss = F.cross_entropy(logits, flat, ignore_index=IGNORE, reduction="sum")
+        if self.z_loss:
+            # PaLM's z-loss keeps log(sum(exp(logits))) near 0, so logits cannot drift upward.
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = loss + self.z_loss * (lse.square() * (flat != IGNORE)).sum()
+        return loss
+
 
 # --------------------------------------------------------------------------- SFT
 
@@ -44,15 +97,18 @@ class SFTObjective:
 
     z_loss: float = 0.0
     chunk_size: int = 0
+    doc_sep: int | None = None  # packed conversations: attention stays within each one
+    pad_id: int | None = None  # fills the end of a row no further conversation fits in
 
     def count(self, batch) -> int:
         return int(batch["loss_mask"][:, 1:].sum())
 
-    def loss_sum(self, model, batch) -> torch.Tensor:
-        # Imported here: raylm.train may import this module to pick its objective.
-        from raylm.train import NextTokenObjective
+    def tokens(self, batch) -> int:
+        inputs = batch["tokens"][:, :-1]
+        return int(inputs.numel() if self.pad_id is None else (inputs != self.pad_id).sum())
 
-        return NextTokenObjective(self.z_loss, self.chunk_size).loss_sum(model, sft_targets(batch))
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        return NextTokenObjective(self.z_loss, self.chunk_size, self.doc_sep).loss_sum(model, sft_targets(batch))
 
     def metrics(self, model, batch) -> dict:
         """Assistant tokens (the loss's units; StepStats.count has the step's global total)
@@ -129,6 +185,7 @@ class DPOObjective:
     label_smoothing: float = 0.0
     reference: torch.nn.Module | None = None
     average_logprobs: bool = False
+    pad_id: int | None = None  # fills each response's row after its end
 
     def __post_init__(self):
         if self.loss not in ("sigmoid", "ipo"):
@@ -143,6 +200,10 @@ class DPOObjective:
 
     def count(self, batch) -> int:
         return int(batch["chosen"].shape[0])
+
+    def tokens(self, batch) -> int:
+        both = (batch["chosen"][:, :-1], batch["rejected"][:, :-1])
+        return int(sum(x.numel() if self.pad_id is None else (x != self.pad_id).sum() for x in both))
 
     def _logratios(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(policy chosen, policy rejected, reference chosen, reference rejected), (B,) each."""
@@ -231,3 +292,21 @@ def dpo_batch(tokenizer, records: Sequence[dict], width: int | None = None) -> d
     for side, rows in sides.items():
         out[side], out[f"{side}_mask"] = _stack(rows, width, tokenizer.pad_id)
     return out
+
+
+# --------------------------------------------------------------------------- choosing one
+
+
+def make_objective(cfg, manifest: dict, reference: torch.nn.Module | None = None):
+    """The objective of a run: its stage (cfg.stage) and the prepared data's special ids.
+    SFT rows always pack conversations with document masking; pre-training does when
+    data.document_mask is on. DPO takes its reference from `reference` (a frozen model) or
+    from the batches' precomputed columns (dpo.precompute_reference)."""
+    tc = cfg.train
+    sep = manifest["eos_id"]
+    if cfg.stage == "sft":
+        return SFTObjective(tc.z_loss, tc.loss_chunk_size, doc_sep=sep, pad_id=manifest.get("pad_id"))
+    if cfg.stage == "dpo":
+        d = cfg.dpo
+        return DPOObjective(d.beta, d.loss, d.label_smoothing, reference, pad_id=manifest.get("pad_id"))
+    return NextTokenObjective(tc.z_loss, tc.loss_chunk_size, sep if cfg.data.document_mask else None)

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
 from raylm.data import IN_MEMORY_BYTES, DataError, packed_blocks
-from raylm.losses import chunked_lm_loss
+from raylm.objectives import NextTokenObjective, make_objective
 from raylm.metrics import MetricsLog, mfu
+from raylm.model import Transformer
 from raylm.parallel import build_parallel_model, is_sharded, resolve_precision
 
 # --------------------------------------------------------------------------- objectives
@@ -47,39 +48,13 @@ class Objective(Protocol):
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Real (not padding) tokens the forward pass processes: what MFU and tokens/s count."""
+        ...
 
-@dataclass(frozen=True)
-class NextTokenObjective:
-    """Causal LM loss on packed blocks; targets of -100 (SFT prompt tokens) are ignored.
 
-    chunk_size > 0 computes the head and the loss over that many rows at a time
-    (raylm.losses), never holding the full (tokens x vocab) logits: the same value with far
-    less memory when the vocabulary is large."""
-
-    z_loss: float = 0.0
-    chunk_size: int = 0
-
-    def count(self, batch):
-        return int((self._targets(batch) != -100).sum())
-
-    @staticmethod
-    def _targets(batch):
-        return batch["targets"] if "targets" in batch else batch["tokens"][:, 1:]
-
-    def loss_sum(self, model, batch):
-        targets = self._targets(batch)
-        tokens = batch["tokens"][:, :-1] if "targets" not in batch else batch["tokens"]
-        if self.chunk_size:
-            return chunked_lm_loss(model, tokens, targets, self.chunk_size, self.z_loss)
-        logits, _ = model(tokens)
-        logits = logits.float().flatten(0, 1)
-        flat = targets.flatten()
-        loss = F.cross_entropy(logits, flat, ignore_index=-100, reduction="sum")
-        if self.z_loss:
-            # PaLM's z-loss keeps log(sum(exp(logits))) near 0, so logits cannot drift upward.
-            lse = torch.logsumexp(logits, dim=-1)
-            loss = loss + self.z_loss * (lse.square() * (flat != -100)).sum()
-        return loss
+# The objectives (next-token, SFT, DPO) live in raylm.objectives; NextTokenObjective is
+# re-exported here because pre-training code and benchmarks import it from the loop's module.
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -124,7 +99,8 @@ class StepStats:
     loss: float
     grad_norm: float
     skipped: bool  # non-finite loss or gradient: the optimizer step was not taken
-    count: int  # global number of loss units (tokens) in the step
+    count: int  # global number of loss units (tokens, assistant tokens, pairs) in the step
+    tokens: int = 0  # global number of real (non-padding) tokens the step's forward passes processed
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -139,8 +115,11 @@ def train_step(model, optimizer, micro_batches: list[dict], objective: Objective
     the gradient norm is not finite; then parameters and optimizer state stay untouched."""
     device = next(model.parameters()).device
     world = dist.get_world_size() if dist.is_initialized() else 1
-    local = sum(objective.count(mb) for mb in micro_batches)
-    count = _all_reduce_sum(torch.tensor(float(local), device=device))
+    # Counts are exact integers (a float32 count is exact only to 2^24 units a step); one
+    # collective carries both.
+    local = torch.tensor([sum(objective.count(mb) for mb in micro_batches),
+                          sum(_real_tokens(objective, mb) for mb in micro_batches)], device=device, dtype=torch.int64)
+    count, tokens = _all_reduce_sum(local).unbind()
     # FSDP averages gradients over ranks, so scaling each rank's sum by world/count gives the
     # mean over every unit in the global batch, however units are spread across ranks.
     scale = world / count.clamp(min=1)
@@ -162,7 +141,13 @@ def train_step(model, optimizer, micro_batches: list[dict], objective: Objective
     if ok:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss=float(loss), grad_norm=float(grad_norm), skipped=not ok, count=int(count))
+    return StepStats(loss=float(loss), grad_norm=float(grad_norm), skipped=not ok, count=int(count),
+                     tokens=int(tokens))
+
+
+def _real_tokens(objective: Objective, batch: dict) -> int:
+    counter = getattr(objective, "tokens", None)  # optional: test objectives may leave it out
+    return counter(batch) if counter is not None else int(batch["tokens"][:, :-1].numel())
 
 
 @torch.no_grad()
@@ -177,32 +162,67 @@ def evaluate(model, objective: Objective, batches: Iterable[dict]) -> tuple[floa
     return float(total[0] / total[1].clamp(min=1)), int(total[1])
 
 
+@torch.no_grad()
+def evaluate_metrics(model, objective, batches: Iterable[dict]) -> dict:
+    """An objective's own metrics (DPO: rewards, margin, preference accuracy), averaged over
+    the batches of every rank, weighted by each batch's loss units."""
+    device = next(model.parameters()).device
+    keys, sums = None, None
+    for mb in batches:
+        m = objective.metrics(model, mb)
+        w = objective.count(mb)
+        keys = keys or sorted(k for k, v in m.items() if isinstance(v, float))
+        row = torch.tensor([w, *(m[k] * w for k in keys)], device=device, dtype=torch.float64)
+        sums = row if sums is None else sums + row
+    if sums is None:
+        return {}
+    _all_reduce_sum(sums)
+    return {k: float(v / sums[0].clamp(min=1)) for k, v in zip(keys, sums[1:])}
+
+
 # --------------------------------------------------------------------------- data position
 
 
-def reshuffled(batches: list[torch.Tensor], seed: int, epoch: int) -> list[torch.Tensor]:
+Batch = dict[str, torch.Tensor]  # one column per name, rows aligned: tokens, loss_mask, chosen, ...
+
+
+def reshuffled(batches: list[Batch], seed: int, epoch: int) -> list[Batch]:
     """An in-memory training set's global batches for `epoch`: epoch 0 in the prepared order,
-    each later epoch in a permutation of all its blocks seeded by (seed, epoch). Repeating one
-    order every epoch teaches the model where each block sits in it: on a 1 MB corpus trained
-    for 6 epochs, validation loss swung by 0.06 nats with where in the epoch the run stopped."""
+    each later epoch in a permutation of all its rows seeded by (seed, epoch), one permutation
+    for every column. Repeating one order every epoch teaches the model where each block sits
+    in it: on a 1 MB corpus trained for 6 epochs, validation loss swung by 0.06 nats with
+    where in the epoch the run stopped."""
     if epoch == 0 or not batches:
         return list(batches)
-    blocks = torch.cat(batches)
-    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return list(blocks[perm].split(len(batches[0])))
+    size = len(next(iter(batches[0].values())))
+    rows = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    n = len(next(iter(rows.values())))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return [{k: v[perm[i:i + size]] for k, v in rows.items()} for i in range(0, n, size)]
+
+
+def to_device(batch: Batch, device) -> Batch:
+    """Token columns as long and masks as bool, on the device (copies are asynchronous from
+    pinned memory); precomputed log-probabilities stay float32."""
+    out = {}
+    for k, v in batch.items():
+        dtype = torch.bool if k.endswith("mask") else torch.float32 if v.is_floating_point() else torch.long
+        out[k] = v.to(device, dtype=dtype, non_blocking=True)
+    return out
 
 
 class RankBatches:
     """This rank's micro-batches for each optimizer step, cut from a stream of global batches.
 
-    The stream yields (global_batch, seq_len + 1) token tensors in a fixed order; a step uses
+    The stream yields global batches (a dict of columns, global_batch rows each: packed
+    blocks, SFT rows with their loss mask, DPO pairs) in a fixed order; a step uses
     one global batch, and micro-step a of rank r takes rows [(a * world + r) * micro, ...).
     Because the global batch is fixed and the position is a count of blocks, a run resumed
     on a different number of workers continues at the same global token offset.
     blocks_per_epoch=None (a raw-text stream) learns the epoch's length at the end of the
     first full pass; a resumed run that is past it skips through that pass first."""
 
-    def __init__(self, epoch_stream: Callable[[int], Iterator[torch.Tensor]], global_batch: int,
+    def __init__(self, epoch_stream: Callable[[int], Iterator[Batch]], global_batch: int,
                  micro: int, rank: int, world: int, blocks_per_epoch: int | None, consumed: int, device):
         if global_batch % (micro * world):
             raise ValueError(f"train.global_batch_size={global_batch} is not divisible by "
@@ -235,11 +255,11 @@ class RankBatches:
                 if steps is not None and i >= steps:
                     break
                 self.wait_s += time.perf_counter() - t0
-                batch = batch.to(self.device, dtype=torch.long, non_blocking=True)
-                micro = [batch[(a * self.world + self.rank) * self.micro:(a * self.world + self.rank + 1) * self.micro]
-                         for a in range(self.G // (self.micro * self.world))]
+                batch = to_device(batch, self.device)
+                rows = [slice((a * self.world + self.rank) * self.micro, (a * self.world + self.rank + 1) * self.micro)
+                        for a in range(self.G // (self.micro * self.world))]
                 self.consumed += self.G
-                yield [{"tokens": m} for m in micro]
+                yield [{k: v[r] for k, v in batch.items()} for r in rows]
                 t0 = time.perf_counter()
             if steps is None:  # the end of the first full pass: now the length is known
                 if seen == 0:
@@ -250,19 +270,48 @@ class RankBatches:
                                  f"{self.steps_per_epoch}: the prepared dataset is damaged, prepare it again")
 
 
-def rank_val_batches(blocks: torch.Tensor, tc: TrainConfig, rank: int, world: int, device) -> list[dict]:
-    """Split the first validation blocks evenly over ranks: every rank must run the same
+def rank_val_batches(rows: Batch, tc: TrainConfig, rank: int, world: int, device) -> list[Batch]:
+    """Split the first validation rows evenly over ranks: every rank must run the same
     number of forward passes, or FSDP's collectives deadlock."""
-    per_rank = min(tc.micro_batch_size, len(blocks) // world)
+    n_rows = len(next(iter(rows.values())))
+    per_rank = min(tc.micro_batch_size, n_rows // world)
     if per_rank == 0:
-        raise ValueError(f"{len(blocks)} validation blocks cannot be split over {world} workers; "
+        raise ValueError(f"{n_rows} validation rows cannot be split over {world} workers; "
                          f"raise data.val_fraction")
-    n = min(tc.eval_batches, len(blocks) // (per_rank * world))
+    n = min(tc.eval_batches, n_rows // (per_rank * world))
     out = []
     for i in range(n):
         start = (i * world + rank) * per_rank
-        out.append({"tokens": blocks[start:start + per_rank].to(device, dtype=torch.long)})
+        out.append(to_device({k: v[start:start + per_rank] for k, v in rows.items()}, device))
     return out
+
+
+def concat(batches: list[Batch]) -> Batch:
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def manifest_columns(manifest: dict) -> list[str]:
+    """The batch columns of a prepared dataset: `tokens` for pre-training (and streams),
+    what the manifest names for SFT and DPO data."""
+    return list(manifest.get("columns", ["tokens"]))
+
+
+def row_bytes(manifest: dict) -> int:
+    return int(manifest.get("row_bytes", (manifest["seq_len"] + 1) * 4))
+
+
+def reference_model(cfg: Config, device: torch.device):
+    """DPO's frozen reference: the starting policy (cfg.init_from), built and sharded like the
+    policy, outside the optimizer and checkpoints. None where the stage needs none, or where
+    dpo.precompute_reference put its log-probabilities into the data instead."""
+    if cfg.stage != "dpo" or cfg.dpo.precompute_reference:
+        return None
+    precision = resolve_precision(cfg.train.precision, device)
+    ref = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
+                               reshard_after_forward=True)
+    load_parent_weights(ref, cfg)
+    ref.requires_grad_(False)
+    return ref.eval()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -409,7 +458,8 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     if metrics_log is not None:  # rows past the start are redone (a restart with no checkpoint: all)
         metrics_log.truncate(start.step)
     saver = CheckpointSaver(cfg, hooks, log)
-    tokens_per_step = tc.global_batch_size * cfg.data.seq_len
+    units = {"sft": "assistant_tokens", "dpo": "pairs"}.get(cfg.stage)  # the loss's units, where not tokens
+    tokens_since = units_since = 0  # real tokens and loss units since the last log line
     t_start, t_last, nonfinite_run, skipped_total = time.time(), time.perf_counter(), 0, 0
     last: dict = {}
     spikes, spike_total, rollbacks = SpikeDetector(tc.spike_window, tc.spike_factor), 0, 0
@@ -432,6 +482,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             if injected in INJECTED_FACTOR else objective
         stats = train_step(model, optimizer, next(it), step_objective, lr, tc.grad_clip)
         step += 1
+        tokens_since, units_since = tokens_since + stats.tokens, units_since + stats.count
         clock.tick()
         final = step >= tc.max_steps or clock.over
         nonfinite_run = _guard_nonfinite(stats, step, nonfinite_run, tc.max_nonfinite_steps, log)
@@ -451,14 +502,15 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
         if step % tc.log_every == 0 or final:
             saver.poll()
             now = time.perf_counter()
-            n_steps = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
-            tok_s = tokens_per_step * n_steps / (now - t_last)
-            t_last = now
+            tok_s = tokens_since / (now - t_last)  # real tokens only: padding is not work done
             row = {"kind": "train", "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                    "tokens_per_s": tok_s, "mfu": mfu(tok_s, cfg.model, cfg.data.seq_len, device_name, world),
                    "epoch": batches.epoch, "consumed_blocks": batches.consumed,
                    "skipped_steps": skipped_total, "loss_spikes": spike_total, "rollbacks": rollbacks,
                    "data_wait_s": round(batches.wait_s, 3), "checkpoint_blocking_s": round(saver.blocking_s, 3)}
+            if units:
+                row.update({units: stats.count, f"{units}_per_s": units_since / (now - t_last)})
+            t_last, tokens_since, units_since = now, 0, 0
             if rank == 0:
                 where = f" ({clock.spent:.0f}/{tc.time_budget_s:.0f}s)" if tc.time_budget_s else f"/{tc.max_steps}"
                 log(f"step {step}{where} | loss {stats.loss:.4f} | lr {lr:.2e} | "
@@ -466,10 +518,15 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                     + (f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""))
         if step % tc.eval_every == 0 or final:
             val_loss, n = evaluate(model, objective, hooks.val_batches())
-            vrow = {"kind": "val", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                    "val_tokens": n}
+            vrow = {"kind": "val", "step": step, "val_loss": val_loss, f"val_{units or 'tokens'}": n}
+            if cfg.stage == "dpo":  # rewards and preference accuracy say more than the loss
+                vrow.update({f"val_{k}": v for k, v in evaluate_metrics(model, objective, hooks.val_batches()).items()})
+            else:
+                vrow["val_ppl"] = math.exp(min(val_loss, 50))
             if rank == 0:
-                log(f"step {step}: val loss {val_loss:.4f} | ppl {vrow['val_ppl']:.2f} ({n} tokens)")
+                detail = (f"ppl {vrow['val_ppl']:.2f}" if "val_ppl" in vrow else
+                          f"accuracy {vrow['val_preference_accuracy']:.3f} | margin {vrow['val_reward_margin']:.3f}")
+                log(f"step {step}: val loss {val_loss:.4f} | {detail} ({n} {units or 'tokens'})")
                 metrics_log.log(vrow)
             row = {**(row or {"step": step}), **{k: v for k, v in vrow.items() if k != "kind"}}
         if row is not None:
@@ -660,6 +717,10 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     rank, _ = _rank_world()
     ckpt = _broadcast(resume_point(cfg, resume) if rank == 0 else None)
     if ckpt is None:
+        if cfg.init_from:  # a fresh stage on another run's weights: new optimizer, step 0
+            parent = load_parent_weights(model, cfg)
+            if rank == 0:
+                log(f"starting from the weights of {parent}")
         return model, optimizer, Start()
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
     if meta["global_batch_size"] != cfg.train.global_batch_size:
@@ -673,6 +734,34 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
         log(f"resumed from {ckpt} (step {meta['step']}, {consumed} blocks consumed, "
             f"written by {meta['world_size']} workers)")
     return model, optimizer, Start(meta["step"], consumed, meta.get("train_seconds", 0.0))
+
+
+def load_parent_weights(model, cfg: Config) -> str:
+    """Weights only from cfg.init_from (a run, newest complete checkpoint, or one checkpoint)
+    into a freshly built, possibly sharded model. Rank 0 alone reads them from storage, the
+    model's entries only, and the other ranks receive their shards from it: every rank
+    reading a whole checkpoint does not scale. Returns the checkpoint's URI."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from raylm.generate import resolve_checkpoint
+
+    rank, world = _rank_world()
+    parent = _broadcast(resolve_checkpoint(cfg.init_from, cfg.s3) if rank == 0 else None)
+    full: dict = {}
+    if rank == 0:
+        meta = checkpoint.read_meta(parent, cfg.s3)
+        parent_model = from_dict(meta["config"]).model if isinstance(meta.get("config"), dict) else None
+        if parent_model is not None and parent_model != cfg.model:
+            raise checkpoint.CheckpointError(f"{parent}: its model ({parent_model.n_layers}x{parent_model.dim}, "
+                                             f"vocab {parent_model.vocab_size}) is not this run's model "
+                                             f"({cfg.model.n_layers}x{cfg.model.dim}, vocab {cfg.model.vocab_size})")
+        with torch.device("meta"):
+            plain = Transformer(cfg.model)
+        plain.to_empty(device="cpu")
+        checkpoint.load_model_weights(plain, parent, cfg.s3)
+        full = plain.state_dict()
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1))
+    return parent
 
 
 def _read_json(uri: str, s3) -> dict | None:
@@ -726,46 +815,48 @@ def train_worker(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
 
     streaming = manifest.get("mode") == "stream"
+    columns = manifest_columns(manifest)
 
-    def blocks_from(shard, split: str, batch: int) -> Iterator[torch.Tensor]:
-        """(batch, seq_len + 1) token tensors of a split, from prepared shards or, under
-        data.mode=stream, packed here from the tokenized documents (`packed_blocks`, the code
-        that writes prepared shards, so both modes give the same blocks)."""
+    def rows_from(shard, split: str, batch: int) -> Iterator[Batch]:
+        """Global batches of a split, from prepared shards or, under data.mode=stream,
+        packed here from the tokenized documents (`packed_blocks`, the code that writes
+        prepared shards, so both modes give the same blocks)."""
         if not streaming:
             for b in shard.iter_torch_batches(batch_size=batch, drop_last=split == "train", prefetch_batches=2):
-                yield b["tokens"]
+                yield {c: b[c] for c in columns}
             return
         docs = shard.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
         rows: list[np.ndarray] = []
         for _, block, _ in packed_blocks(docs, cfg.data, manifest["eos_id"], manifest["seed"], splits=(split,)):
             rows.append(block)
             if len(rows) == batch:
-                yield torch.from_numpy(np.stack(rows))
+                yield {"tokens": torch.from_numpy(np.stack(rows))}
                 rows = []
         if rows and split != "train":
-            yield torch.from_numpy(np.stack(rows))
+            yield {"tokens": torch.from_numpy(np.stack(rows))}
 
     # A small training set is kept after its first pass: each later epoch would otherwise
     # start a new Ray Data execution in this process, whose threads compete with training.
     # Prepared shards state their size; a stream finds out, and stops keeping once it is over.
     # Kept epochs after the first come in a fresh order (`reshuffled`); a run resumed in one
-    # reads the whole pass first, so that it sees that epoch's order too.
-    first_pass: list[torch.Tensor | None] = []
-    small = streaming or manifest["train"]["blocks"] * (manifest["seq_len"] + 1) * 4 < IN_MEMORY_BYTES
+    # reads the whole pass first, so that it sees that epoch's order too. Kept batches stay in
+    # host memory: each micro-batch goes to the device as it is used.
+    first_pass: list[Batch | None] = []
+    small = streaming or manifest["train"]["blocks"] * row_bytes(manifest) < IN_MEMORY_BYTES
 
     def read_pass():
         nonlocal small
         first_pass.clear()
         kept = 0
-        for tokens in blocks_from(train_shard, "train", tc.global_batch_size):
+        for batch in rows_from(train_shard, "train", tc.global_batch_size):
             if small:
-                kept += tokens.numel() * tokens.element_size()
+                kept += sum(v.numel() * v.element_size() for v in batch.values())
                 if kept < IN_MEMORY_BYTES:
-                    first_pass.append(tokens)
+                    first_pass.append(batch)
                 else:
                     small = False
                     first_pass.clear()
-            yield tokens
+            yield batch
         if small:
             first_pass.append(None)  # marks the pass complete
 
@@ -778,21 +869,21 @@ def train_worker(config: dict) -> None:
             return
         yield from read_pass()
 
-    val_cache: list[torch.Tensor] = []
+    val_cache: list[Batch] = []
 
     def val_batches():
-        # The validation blocks are read once and kept: re-running a Ray Data execution for
+        # The validation rows are read once and kept: re-running a Ray Data execution for
         # every evaluation costs far more than the evaluation itself.
         if not val_cache:
             want = tc.eval_batches * tc.micro_batch_size * world
-            for b in blocks_from(val_shard, "val", min(want, 1024)):
+            for b in rows_from(val_shard, "val", min(want, 1024)):
                 val_cache.append(b)
-                if sum(len(x) for x in val_cache) >= want:
+                if sum(len(x[columns[0]]) for x in val_cache) >= want:
                     break
             if not val_cache:
                 raise DataError(f"{cfg.data.val_path or cfg.data.path}: validation split is empty; raise "
                                 f"data.val_fraction (now {cfg.data.val_fraction}) or set data.val_path")
-        return rank_val_batches(torch.cat(val_cache), tc, rank, world, device)
+        return rank_val_batches(concat(val_cache), tc, rank, world, device)
 
     def publish(local_dir: str, name: str, metrics: dict, written, on_uploaded) -> None:
         ckpt = ray.train.Checkpoint.from_directory(local_dir)
@@ -828,7 +919,7 @@ def train_worker(config: dict) -> None:
     val_batches()
     hooks = Hooks(report=report, publish_checkpoint=publish, val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
-    fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start,
+    fit(cfg, model, optimizer, make_objective(cfg, manifest, reference_model(cfg, device)), batches, hooks, start,
         device_name(device), log)
 
 
@@ -902,26 +993,34 @@ def storage_publisher(cfg: Config):
 
 def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: str = "cpu", log=print,
                 manifest: dict | None = None) -> dict:
-    """The same loop in this process (no Ray): blocks are (n, seq_len + 1) arrays in order."""
+    """The same loop in this process (no Ray). `blocks` and `val_blocks` are rows in order:
+    (n, seq_len + 1) token arrays for pre-training, or dicts of such columns (SFT, DPO)."""
     dev = torch.device(device)
     model, optimizer, start = setup_model(cfg, dev, resume, log)
     tc = cfg.train
     rank, world = _rank_world()
-    blocks_t = torch.as_tensor(blocks)
-    val_t = torch.as_tensor(val_blocks)
-
-    passes = [blocks_t[i:i + tc.global_batch_size]
-              for i in range(0, len(blocks_t) - tc.global_batch_size + 1, tc.global_batch_size)]
+    rows = _as_columns(blocks)
+    val_rows = _as_columns(val_blocks)
+    n = len(next(iter(rows.values())))
+    passes = [{k: v[i:i + tc.global_batch_size] for k, v in rows.items()}
+              for i in range(0, n - tc.global_batch_size + 1, tc.global_batch_size)]
 
     def epoch_stream(epoch: int):
         yield from reshuffled(passes, cfg.seed, epoch)  # in memory: what Ray workers do with small data
 
     def val_batches():
-        return rank_val_batches(val_t, tc, rank, world, dev)
+        return rank_val_batches(val_rows, tc, rank, world, dev)
 
-    batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
-                          len(blocks_t), start.consumed, dev)
+    batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world, n, start.consumed, dev)
     hooks = Hooks(report=lambda m: None, publish_checkpoint=storage_publisher(cfg), val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
-    return fit(cfg, model, optimizer, NextTokenObjective(tc.z_loss, tc.loss_chunk_size), batches, hooks, start,
-               device_name(dev), log)
+    facts = manifest or {"eos_id": None}
+    objective = make_objective(cfg, facts, reference_model(cfg, dev)) if manifest else \
+        NextTokenObjective(tc.z_loss, tc.loss_chunk_size)
+    return fit(cfg, model, optimizer, objective, batches, hooks, start, device_name(dev), log)
+
+
+def _as_columns(rows) -> Batch:
+    if isinstance(rows, dict):
+        return {k: torch.as_tensor(v) for k, v in rows.items()}
+    return {"tokens": torch.as_tensor(rows)}

@@ -264,7 +264,7 @@ def _stream_factory(calls=None):
         # A different (seeded) order per epoch, as a shuffled dataset would give.
         order = torch.randperm(N_BLOCKS, generator=torch.Generator().manual_seed(epoch))
         for i in range(0, N_BLOCKS - G + 1, G):
-            yield blocks[order[i:i + G]]
+            yield {"tokens": blocks[order[i:i + G]]}
 
     return stream
 
@@ -286,7 +286,7 @@ def _global_batches(n_steps, world=2, micro=2, consumed=0, blocks_per_epoch=N_BL
 
 def test_rank_union_is_the_global_batch():
     stream = _stream_factory()
-    expected = [b[:, 0].tolist() for b in stream(0)]
+    expected = [b["tokens"][:, 0].tolist() for b in stream(0)]
     r0 = RankBatches(_stream_factory(), G, 2, 0, 2, N_BLOCKS, 0, CPU)
     r1 = RankBatches(_stream_factory(), G, 2, 1, 2, N_BLOCKS, 0, CPU)
     for step, (a, b) in enumerate(zip(r0, r1)):
@@ -301,7 +301,7 @@ def test_rank_union_is_the_global_batch():
 
 def test_micro_step_layout():
     """Micro-step a of rank r takes rows [(a * world + r) * micro, ...)."""
-    batch = next(iter(_stream_factory()(0)))[:, 0].tolist()
+    batch = next(iter(_stream_factory()(0)))["tokens"][:, 0].tolist()
     r1 = next(iter(RankBatches(_stream_factory(), G, 2, 1, 2, N_BLOCKS, 0, CPU)))
     assert [mb["tokens"][:, 0].tolist() for mb in r1] == [batch[2:4], batch[6:8]]
 
@@ -332,7 +332,7 @@ def test_epochs_wrap():
     assert epochs == [0] * 4 + [1] * 5 + [2] * 3  # read after each step: the 5th step ends epoch 0
     assert calls[:3] == [0, 1, 2]
     assert sorted(r for step in rows[:5] for r in step) == list(range(N_BLOCKS))  # every block once
-    assert rows[5] == next(iter(_stream_factory()(1)))[:, 0].tolist()  # epoch 1 starts at its start
+    assert rows[5] == next(iter(_stream_factory()(1)))["tokens"][:, 0].tolist()  # epoch 1 starts at its start
     assert rows[:5] != rows[5:10]
 
 
@@ -377,7 +377,7 @@ def test_global_batch_not_divisible_by_world_is_an_error():
 def test_rank_val_batches_equal_counts_and_disjoint(n_blocks, world, micro, eval_batches):
     tc = replace(TC, micro_batch_size=micro, eval_batches=eval_batches)
     blocks = torch.arange(n_blocks, dtype=torch.int32)[:, None].expand(n_blocks, 3)
-    per_rank = [rank_val_batches(blocks, tc, r, world, CPU) for r in range(world)]
+    per_rank = [rank_val_batches({"tokens": blocks}, tc, r, world, CPU) for r in range(world)]
     counts = {len(b) for b in per_rank}
     sizes = {mb["tokens"].shape[0] for b in per_rank for mb in b}
     assert len(counts) == 1 and next(iter(counts)) >= 1  # same number of forward passes per rank
@@ -390,8 +390,8 @@ def test_rank_val_batches_equal_counts_and_disjoint(n_blocks, world, micro, eval
 
 def test_rank_val_batches_too_few_blocks():
     blocks = torch.zeros(3, 5, dtype=torch.int32)
-    with pytest.raises(ValueError, match="3 validation blocks cannot be split over 4 workers"):
-        rank_val_batches(blocks, TC, 0, 4, CPU)
+    with pytest.raises(ValueError, match="3 validation rows cannot be split over 4 workers"):
+        rank_val_batches({"tokens": blocks}, TC, 0, 4, CPU)
 
 
 def test_nonfinite_guard_counts_and_stops_naming_the_step():
@@ -449,13 +449,15 @@ def test_empty_stream_of_unknown_length_is_an_error():
 def test_later_epochs_of_an_in_memory_set_are_fresh_permutations():
     from raylm.train import reshuffled
 
-    batches = list(_blocks().split(G))
-    assert all(torch.equal(a, b) for a, b in zip(reshuffled(batches, 7, 0), batches))  # epoch 0: as prepared
+    # Two columns, as SFT rows have: one permutation moves both.
+    batches = [{"tokens": b, "loss_mask": b % 2 == 0} for b in _blocks().split(G)]
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(reshuffled(batches, 7, 0), batches))
     e1, e2 = reshuffled(batches, 7, 1), reshuffled(batches, 7, 2)
     for e in (e1, e2):
-        assert [len(b) for b in e] == [G] * len(batches)
-        assert sorted(torch.cat(e)[:, 0].tolist()) == list(range(N_BLOCKS))  # every block once
-    rows = lambda e: torch.cat(e)[:, 0].tolist()  # noqa: E731
+        assert [len(b["tokens"]) for b in e] == [G] * len(batches)
+        assert sorted(torch.cat([b["tokens"] for b in e])[:, 0].tolist()) == list(range(N_BLOCKS))  # every block once
+        assert all(torch.equal(b["loss_mask"], b["tokens"] % 2 == 0) for b in e)  # rows stay aligned
+    rows = lambda e: torch.cat([b["tokens"] for b in e])[:, 0].tolist()  # noqa: E731
     assert rows(e1) != rows(batches) and rows(e1) != rows(e2)
     assert rows(reshuffled(batches, 7, 1)) == rows(e1)  # a function of (seed, epoch)
     assert rows(reshuffled(batches, 8, 1)) != rows(e1)
