@@ -34,7 +34,8 @@ def _config(args, base: dict | None = None):
         base = _merge_dicts(to_dict(cfg), base or {})
     overrides = list(args.overrides)
     if getattr(args, "data", None):
-        overrides.append(f"data.path={args.data}")
+        # A (key, value) pair is never parsed as YAML: `*.jsonl`, `a: b.txt` or `true` stay paths.
+        overrides.append(("data.path", args.data))
     return load_config(args.config, overrides, base=base)
 
 
@@ -68,9 +69,11 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def cmd_data_prepare(args) -> None:
+    import dataclasses
+
     from raylm.data import prepare
     from raylm.generate import load_tokenizer
-    from raylm.pipeline import init_ray, log
+    from raylm.pipeline import init_ray, log, preflight
 
     cfg = _config(args)
     if not cfg.data.path:
@@ -78,9 +81,11 @@ def cmd_data_prepare(args) -> None:
     tok_path = args.tokenizer or cfg.tokenizer.path
     if not tok_path:
         raise ConfigError("data prepare needs --tokenizer DIR (or tokenizer.path); train one with `raylm tokenizer train`")
+    cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=tok_path))
+    cfg, corpus = preflight(cfg, out=args.out)
     tok = load_tokenizer(tok_path, cfg.s3)
     init_ray(cfg)
-    manifest = prepare(cfg.data, tok, args.out, cfg.seed, cfg.s3, log=log)
+    manifest = prepare(cfg.data, tok, args.out, cfg.seed, cfg.s3, log=log, corpus=corpus)
     st = manifest["stats"]
     print(json.dumps({"out": args.out, "train_blocks": manifest["train"]["blocks"],
                       "val_blocks": manifest["val"]["blocks"], "documents_read": st["documents_read"],
@@ -154,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _root_cause(e: BaseException) -> BaseException:
-    """Unwrap Ray's task/training wrappers down to the error a user can act on."""
+    """Unwrap Ray's task/training wrappers down to the error a user can act on. Only Ray's:
+    raylm's own errors are raised `from` the library error they explain (a StorageError from
+    botocore's), and are the ones to show."""
     seen = set()
     while id(e) not in seen:
         seen.add(id(e))
@@ -162,7 +169,9 @@ def _root_cause(e: BaseException) -> BaseException:
         if failures:
             e = next(iter(failures.values()))
             continue
-        inner = getattr(e, "cause", None) or getattr(e, "controller_failure", None) or e.__cause__
+        from_ray = type(e).__module__.split(".")[0] == "ray"
+        inner = (getattr(e, "cause", None) or getattr(e, "controller_failure", None)
+                 or (e.__cause__ if from_ray else None))
         if isinstance(inner, BaseException):
             e = inner
             continue

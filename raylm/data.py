@@ -75,7 +75,20 @@ def list_corpus(path: str, s3: S3Config | None = None) -> list[storage.FileInfo]
     usable = [f for f in files if f.uri.endswith(SUFFIXES)]
     if not usable:
         raise DataError(f"{path}: no corpus files found (looked for {', '.join(SUFFIXES)})")
+    # Token shards are parquet too, and would be read as a corpus without a text column.
+    shards = next((m for m in map(_SHARD.match, (f.uri for f in usable)) if m), None)
+    if shards:
+        out = shards.group(1)
+        if storage.exists(storage.join(out, MANIFEST), s3):
+            raise DataError(f"{out}: a prepared dataset (token shards), not a corpus; use it as data.path "
+                            f"of `raylm pretrain`, or point this at the raw text")
+        raise DataError(f"{out}: an unfinished prepared dataset (shards but no {MANIFEST}: `raylm data prepare` "
+                        f"stopped before the end); re-run `raylm data prepare --data <corpus> --out {out}`")
     return usable
+
+
+# Where `prepare` writes shards: <out>/attempt-<id>/<split>/shard-<n>.parquet
+_SHARD = re.compile(r"(.+)/attempt-[^/]+/(?:train|val)/shard-\d+\.parquet\Z")
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -131,8 +144,10 @@ def parse_documents(path: str, raw: bytes, text_field: str):
         except json.JSONDecodeError as e:
             yield i, DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
             continue
-        if not isinstance(record, dict) or text_field not in record:
-            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        if not isinstance(record, dict):
+            yield i, DataError(f"{where}: a JSON {type(record).__name__}, not an object with a {text_field!r} field")
+        elif text_field not in record:
+            keys = ", ".join(record) or "no fields"
             yield i, DataError(f"{where}: no field {text_field!r} (found: {keys}); set data.text_field")
         elif not isinstance(record[text_field], str):
             yield i, DataError(f"{where}: field {text_field!r} is {type(record[text_field]).__name__}, not a string")
@@ -442,26 +457,34 @@ def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.Fi
 
     order = {f.uri: i for i, f in enumerate(files + val_files)}
     files = files + val_files if read is None else read
-    fs, _ = storage.filesystem(files[0].uri, s3)
-    paths = [storage.filesystem(f.uri, s3)[1] for f in files]
     # One read task per file: small files would otherwise share a block, and files are the
     # unit of parallelism (and of ordered error reporting) for the stages after the read.
-    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, override_num_blocks=len(paths))
-    # Parsing yields many documents per file; the uri (not the bucket-relative path) names
-    # the file in errors.
-    uri_of = {p: f.uri for p, f in zip(paths, files)}
-    ds = ds.map_batches(_with_uris, fn_kwargs={"uri_of": uri_of}, batch_size=1)
+    ds = ray.data.read_datasource(_corpus_source(files, s3), override_num_blocks=len(files))
     return ds.map_batches(parse_and_clean, batch_size=1, fn_kwargs={
         "cfg": cfg, "order": order,
         "val_files": frozenset(f.uri for f in val_files), "drop": drop, "redact": tuple(redact)})
 
 
-def _with_uris(batch: dict, uri_of: dict) -> dict:
-    unknown = [p for p in batch["path"] if p not in uri_of]
-    if unknown:  # file indices key the duplicate verdicts: a guess would corrupt them
-        raise DataError(f"{unknown[0]}: Ray Data read a path that the corpus listing did not name")
-    batch["path"] = np.array([uri_of[p] for p in batch["path"]], dtype=object)
-    return batch
+def _corpus_source(files: list[storage.FileInfo], s3):
+    """A Ray Data source of (path, bytes), one read task and block per corpus file, that
+    names the file when a read fails (StorageError): Ray Data's read_binary_files does not."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class CorpusFiles(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(f.size for f in files)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            return [ReadTask(functools.partial(_read_file, f.uri, s3),
+                             BlockMetadata(num_rows=1, size_bytes=f.size, input_files=[f.uri], exec_stats=None))
+                    for f in files]
+
+    return CorpusFiles()
+
+
+def _read_file(uri: str, s3) -> list[pa.Table]:
+    return [pa.table({"path": [uri], "bytes": pa.array([storage.read_bytes(uri, s3)], pa.large_binary())})]
 
 
 # --------------------------------------------------------------------------- de-duplication
@@ -723,14 +746,15 @@ def tokenizer_pool_size() -> int:
 
 
 def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None = None, readers: int = 1,
-                    log=print) -> tuple[dict, dict]:
+                    log=print, corpus: tuple | None = None) -> tuple[dict, dict]:
     """data.mode=stream: Ray Datasets of tokenized documents for training to pack itself
     (`packed_blocks`), one per split, and a manifest naming what they read. No shards are
     written; de-duplication still makes its first pass here. Each training worker runs its
     own execution of the stream (and `readers` tokenizer actors), so that the blocks a
     worker gets never depend on timing. The validation stream reads data.val_path, or the
-    corpus until enough held-out documents have come by."""
-    files, val_files = corpus_files(cfg, s3)
+    corpus until enough held-out documents have come by. `corpus`: (files, val_files) as
+    `corpus_files` listed them already."""
+    files, val_files = corpus or corpus_files(cfg, s3)
     drop = _duplicates(files, val_files, cfg, s3, PrepareStats(), log)
     datasets = {"train": _document_stream(files, val_files, cfg, tokenizer, s3, readers, drop, read=files),
                 "val": _document_stream(files, val_files, cfg, tokenizer, s3, readers, drop,
@@ -747,14 +771,15 @@ def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None =
 
 
 def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None = None,
-            log=print) -> dict:
+            log=print, corpus: tuple | None = None) -> dict:
     """Run the whole pipeline into `out` and return its manifest. Reuses a complete identical
     dataset already at `out`. Shards go under a fresh attempt prefix and count only once
     `manifest.json`, written last, names them; an interrupted prepare leaves nothing a later
-    run would read. A Markdown data card (DATACARD.md) goes beside the manifest."""
+    run would read. A Markdown data card (DATACARD.md) goes beside the manifest. `corpus`:
+    (files, val_files) as `corpus_files` listed them already."""
     import ray
 
-    files, val_files = corpus_files(cfg, s3)
+    files, val_files = corpus or corpus_files(cfg, s3)
     key = dataset_key(files, val_files, cfg, tokenizer.sha256, seed)
     existing = read_manifest(out, s3)
     if existing and existing.get("key") == key:
@@ -785,7 +810,8 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     stats.seconds = round(time.time() - t0, 2)
     if stats.train_blocks == 0:
         raise DataError(f"{cfg.path}: corpus yields no training blocks of {block_len} tokens "
-                        f"({stats.documents} documents, {stats.tokens} tokens); add text or lower data.seq_len")
+                        f"({stats.documents_read} documents read, {_losses(stats, cfg) or 'none dropped'}; "
+                        f"{stats.documents} kept, {stats.tokens} tokens); add text or lower data.seq_len")
     if stats.val_blocks == 0:
         raise DataError(f"{cfg.path}: validation split is empty; raise data.val_fraction "
                         f"(now {cfg.val_fraction}) or set data.val_path")
@@ -809,6 +835,8 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), s3)  # last: the commit
     _remove_stale_attempts(out, rel, s3)
     log(summary_line(stats))
+    if stats.dropped.get("too_long") or stats.dropped.get("too_short"):
+        log(f"data: dropped {_losses(stats, cfg, filters_only=True)}")
     for bad in stats.bad_records[:10]:
         log(f"data: skipped bad record: {bad}")
     if len(stats.bad_records) > 10:
@@ -825,6 +853,18 @@ def summary_line(stats: PrepareStats) -> str:
             f"PII replaced {sum(stats.pii.values())}; {stats.tokens / 1e6:.2f}M tokens -> "
             f"{stats.train_blocks} train + {stats.val_blocks} val blocks in {stats.seconds:.1f}s "
             f"({stats.bytes_read / 1e6 / max(stats.seconds, 1e-9):.1f} MB/s)")
+
+
+def _losses(stats: PrepareStats, cfg: DataConfig, filters_only: bool = False) -> str:
+    """Where documents went, for messages: "2 longer than data.max_chars=10000000, 1 bad records"."""
+    said = {"too_long": f"longer than data.max_chars={cfg.max_chars}",
+            "too_short": f"shorter than data.min_chars={cfg.min_chars}",
+            "exact_duplicate": "exact duplicates", "near_duplicate": "near duplicates"}
+    parts = [f"{stats.dropped[r]} {text}" for r, text in said.items()
+             if stats.dropped.get(r) and not (filters_only and r.endswith("_duplicate"))]
+    if stats.bad_records and not filters_only:
+        parts.append(f"{len(stats.bad_records)} bad records")
+    return ", ".join(parts)
 
 
 def _check_error_budget(bad_records: list[str], cfg: DataConfig) -> None:

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import sys
 import tempfile
 import time
 
 from raylm import storage
-from raylm.config import Config
+from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
-from raylm.data import (DataError, clean_text, list_corpus, parse_documents, prepare, prepared_datasets, read_manifest,
-                        stream_datasets)
+from raylm.data import (MANIFEST, SUFFIXES, DataError, clean_text, corpus_files, list_corpus, parse_documents, prepare,
+                        prepared_datasets, read_manifest, stream_datasets)
 from raylm.generate import complete, load_for_inference, load_tokenizer
 from raylm.pii import redact as redact_pii
 from raylm.record import write_record
-from raylm.tokenizer import Tokenizer, train_tokenizer
+from raylm.tokenizer import META_FILE, Tokenizer, train_tokenizer
 
 
 _START = time.time()
@@ -52,14 +54,104 @@ def init_ray(cfg: Config) -> None:
     ctx.print_on_execution_start = False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
-        return
-    cpus = max(2 * (os.cpu_count() or 2), math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 4)
-    # The dashboard stays on: Ray Train's placement-group cleaner polls its state API and
-    # floods the log with failures without it.
-    # address="local": always a cluster of our own, never one a `ray start` left running on
-    # this machine (ray.init() alone would join that, and refuse num_cpus).
-    ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
-             runtime_env={"env_vars": WORKER_ENV})
+    else:
+        cpus = max(2 * (os.cpu_count() or 2), math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 4)
+        # The dashboard stays on: Ray Train's placement-group cleaner polls its state API and
+        # floods the log with failures without it.
+        # address="local": always a cluster of our own, never one a `ray start` left running on
+        # this machine (ray.init() alone would join that, and refuse num_cpus).
+        ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
+                 runtime_env={"env_vars": WORKER_ENV})
+    quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
+
+
+class _QuietUserErrors(logging.Filter):
+    """Drops Ray's own report of an error that the CLI prints as one line (a bad record, a
+    file it cannot read): Ray Data and Ray Train log the traceback of a failed task or
+    worker before the error reaches raylm, and for a user's mistake it buries the line that
+    says what to fix. Other errors keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from raylm.cli import USER_ERRORS, _root_cause
+
+        # Ray logs some of these from inside its `except` block without attaching the exception.
+        e = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return e is None or not isinstance(_root_cause(e), USER_ERRORS)
+
+
+def quiet_user_errors() -> None:
+    """Install `_QuietUserErrors` on the console handlers of Ray's loggers in this process
+    (the driver, or a training worker, which runs Ray Data streams of its own). Handlers,
+    not loggers: a logger's filter sees only the records made on it, and each Ray module
+    has its own logger. Log files keep every record."""
+    import ray.data  # noqa: F401  (configures the handlers of "ray.data")
+
+    for name in ("", "ray", "ray.data", "ray.train"):
+        for h in logging.getLogger(name).handlers:
+            console = isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            if console and not any(isinstance(f, _QuietUserErrors) for f in h.filters):
+                h.addFilter(_QuietUserErrors())
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def preflight(cfg: Config, out: str = "") -> tuple[Config, tuple | None]:
+    """What can be checked without a cluster, checked before Ray starts (its start-up takes
+    longer than all of it): the storage written to (`out`, else the run directory) is
+    reachable, tokenizer.path holds a tokenizer, and data.path lists to corpus files or is a
+    prepared dataset. Returns the config, with a prepared dataset's seq_len adopted, and the
+    corpus listing (files, val_files) for the stages after, so that it is made once; None for
+    a prepared dataset or the built-in corpus."""
+    target = out or cfg.run_dir
+    if storage.is_s3(target):
+        storage.exists(target, cfg.s3)  # raises for a missing bucket, denied access or a dead endpoint
+    tok = cfg.tokenizer.path
+    if tok and not storage.exists(storage.join(tok, META_FILE), cfg.s3):
+        raise FileNotFoundError(f"tokenizer {tok}: not found (no {META_FILE} there); train one with "
+                                f"`raylm tokenizer train --out {tok}` or fix the path")
+    if not cfg.data.path:
+        return cfg, None
+    manifest = _prepared_manifest(cfg)
+    if manifest is None:
+        return cfg, corpus_files(cfg.data, cfg.s3)
+    if out:
+        raise DataError(f"{cfg.data.path}: already a prepared dataset (it has {MANIFEST}); point --data at the "
+                        f"raw corpus, or give {cfg.data.path} to `raylm pretrain --data`")
+    if cfg.data.mode == "stream":
+        raise DataError(f"{cfg.data.path}: a prepared dataset; data.mode=stream trains from raw text "
+                        f"(point data.path at the corpus, or use data.mode=prepare)")
+    return adopt_seq_len(cfg, cfg.data.path, manifest), None
+
+
+def _prepared_manifest(cfg: Config) -> dict | None:
+    """The manifest of data.path if it is a prepared dataset (a directory holding one)."""
+    path = cfg.data.path
+    if path.endswith(SUFFIXES) or "*" in path:
+        return None
+    try:
+        return read_manifest(path, cfg.s3)
+    except storage.StorageError as e:  # named as the user gave it, not as <path>/manifest.json
+        raise storage.StorageError(path, e.problem) from None
+
+
+def adopt_seq_len(cfg: Config, out: str, manifest: dict) -> Config:
+    """A prepared dataset fixes the sequence length, so data.seq_len need not repeat it:
+    left at its default, it becomes the manifest's; set to another value, it is an error."""
+    have, want = manifest["seq_len"], cfg.data.seq_len
+    if have == want:
+        return cfg
+    if want != DataConfig().seq_len:
+        raise DataError(_seq_len_clash(want, out, have))
+    if have > cfg.model.max_seq_len:
+        raise DataError(f"{out} was prepared with seq_len {have}, more than model.max_seq_len="
+                        f"{cfg.model.max_seq_len}; raise model.max_seq_len or re-prepare with a smaller data.seq_len")
+    log(f"data: data.seq_len={have}, as {out} was prepared")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=have))
+
+
+def _seq_len_clash(want: int, out: str, have: int) -> str:
+    return f"data.seq_len={want} but {out} was prepared with seq_len {have}; drop data.seq_len or re-prepare"
 
 
 # --------------------------------------------------------------------------- stages
@@ -80,15 +172,20 @@ def ensure_corpus(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=target))
 
 
-def sample_documents(cfg: Config, limit_bytes: int):
-    """Cleaned documents from the corpus, in order, until `limit_bytes` (tokenizer training)."""
-    used = 0
-    for f in list_corpus(cfg.data.path, cfg.s3):
+def sample_documents(cfg: Config, limit_bytes: int, files: list | None = None):
+    """Cleaned documents from the corpus (`files`, else listed now), in order, until
+    `limit_bytes` (tokenizer training). Those the length filters drop are left out here too."""
+    used = too_long = too_short = 0
+    for f in list_corpus(cfg.data.path, cfg.s3) if files is None else files:
         for _, doc in parse_documents(f.uri, storage.read_bytes(f.uri, cfg.s3), cfg.data.text_field):
             if isinstance(doc, DataError):
                 raise doc
             text = clean_text(doc)
+            if len(text) > cfg.data.max_chars:
+                too_long += 1
+                continue
             if len(text) < cfg.data.min_chars:
+                too_short += 1
                 continue
             if cfg.data.redact_pii:  # the vocabulary must not learn what training never sees
                 text, _ = redact_pii(text, cfg.data.redact_pii)
@@ -96,10 +193,15 @@ def sample_documents(cfg: Config, limit_bytes: int):
             used += len(text.encode())
             if used >= limit_bytes:
                 return
+    if not used and (too_long or too_short):
+        raise DataError(f"{cfg.data.path}: every document is filtered out ({too_long} longer than "
+                        f"data.max_chars={cfg.data.max_chars}, {too_short} shorter than "
+                        f"data.min_chars={cfg.data.min_chars})")
 
 
-def ensure_tokenizer(cfg: Config) -> tuple[Config, Tokenizer]:
-    """tokenizer.path if set; else the run's own tokenizer, trained now if absent."""
+def ensure_tokenizer(cfg: Config, files: list | None = None) -> tuple[Config, Tokenizer]:
+    """tokenizer.path if set; else the run's own tokenizer, trained now (on `files`, if
+    listed already) if absent."""
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
         log(f"tokenizer: {cfg.tokenizer.path} (vocab {tok.vocab_size}, sha {tok.sha256[:12]})")
@@ -109,14 +211,14 @@ def ensure_tokenizer(cfg: Config) -> tuple[Config, Tokenizer]:
             tok = load_tokenizer(target, cfg.s3)
             log(f"tokenizer: reusing {target} (vocab {tok.vocab_size})")
         else:
-            tok = train_tokenizer_from(cfg, target)
+            tok = train_tokenizer_from(cfg, target, files)
         cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=target))
     return dataclasses.replace(cfg, model=cfg.model.with_vocab(tok.vocab_size)), tok
 
 
-def train_tokenizer_from(cfg: Config, target: str) -> Tokenizer:
+def train_tokenizer_from(cfg: Config, target: str, files: list | None = None) -> Tokenizer:
     t0 = time.time()
-    texts = sample_documents(cfg, cfg.tokenizer.sample_bytes)
+    texts = sample_documents(cfg, cfg.tokenizer.sample_bytes, files)
     kwargs = dict(source=cfg.data.path, sample_bytes=cfg.tokenizer.sample_bytes,
                   character_coverage=cfg.tokenizer.character_coverage, seed=cfg.seed)
     if storage.is_s3(target):
@@ -131,40 +233,38 @@ def train_tokenizer_from(cfg: Config, target: str) -> Tokenizer:
     return tok
 
 
-def ensure_data(cfg: Config, tok: Tokenizer) -> tuple[str, dict]:
-    """A prepared dataset: data.path itself if it is one, else prepared into the run directory."""
-    manifest = read_manifest(cfg.data.path, cfg.s3) if not cfg.data.path.endswith(
-        (".txt", ".jsonl", ".gz", ".parquet")) and "*" not in cfg.data.path else None
+def ensure_data(cfg: Config, tok: Tokenizer, corpus: tuple | None = None) -> tuple[str, dict]:
+    """A prepared dataset: data.path itself if it is one, else prepared into the run directory
+    (from `corpus`, the listing `preflight` made, if given)."""
+    manifest = _prepared_manifest(cfg)
     if manifest is not None:
         out = cfg.data.path
         log(f"data: prepared dataset {out} ({manifest['train']['blocks']} train blocks)")
     else:
         out = storage.join(cfg.run_dir, "data")
-        manifest = prepare(cfg.data, tok, out, cfg.seed, cfg.s3, log=log)
+        manifest = prepare(cfg.data, tok, out, cfg.seed, cfg.s3, log=log, corpus=corpus)
     if manifest["tokenizer_sha256"] != tok.sha256:
         raise DataError(f"{out}: prepared with tokenizer {manifest['tokenizer_sha256'][:12]}, "
                         f"but this run uses {tok.sha256[:12]}; re-run `raylm data prepare` or set tokenizer.path")
-    if manifest["seq_len"] != cfg.data.seq_len:
-        raise DataError(f"{out}: prepared for data.seq_len={manifest['seq_len']}, not {cfg.data.seq_len}")
+    if manifest["seq_len"] != cfg.data.seq_len:  # `preflight` adopts a prepared dataset's own
+        raise DataError(_seq_len_clash(cfg.data.seq_len, out, manifest["seq_len"]))
     return out, manifest
 
 
-def training_inputs(cfg: Config, tok: Tokenizer) -> tuple[dict, dict]:
+def training_inputs(cfg: Config, tok: Tokenizer, corpus: tuple | None = None) -> tuple[dict, dict]:
     """Ray Datasets for training and their manifest: prepared shards (data.mode=prepare), or
-    the raw corpus streamed through the pipeline by each worker (data.mode=stream)."""
+    the raw corpus streamed through the pipeline by each worker (data.mode=stream).
+    `corpus`: the listing `preflight` made, if any."""
     import ray
 
     if cfg.data.mode == "stream":
-        if read_manifest(cfg.data.path, cfg.s3) is not None:
-            raise DataError(f"{cfg.data.path}: a prepared dataset; data.mode=stream trains from raw text "
-                            f"(point data.path at the corpus, or use data.mode=prepare)")
         tc = cfg.train
         # Every worker runs its own stream; leave each a share of the CPUs beside training
         # for its tokenizer actors (and as many for read tasks), or the stream starves.
         spare = ray.cluster_resources().get("CPU", 2) - tc.num_workers * tc.cpus_per_worker
         readers = cfg.data.tokenizer_actors or max(1, int(spare // (2 * tc.num_workers)))
-        return stream_datasets(cfg.data, tok, cfg.seed, cfg.s3, readers, log=log)
-    data_dir, manifest = ensure_data(cfg, tok)
+        return stream_datasets(cfg.data, tok, cfg.seed, cfg.s3, readers, log=log, corpus=corpus)
+    data_dir, manifest = ensure_data(cfg, tok, corpus)
     return prepared_datasets(data_dir, manifest, cfg.s3), manifest
 
 
@@ -188,10 +288,11 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
     from raylm.train import run_ray_training
 
     t0 = time.time()
-    cfg = ensure_corpus(absolute_paths(cfg))
-    cfg, tok = ensure_tokenizer(cfg)
+    cfg, corpus = preflight(absolute_paths(cfg))
+    cfg = ensure_corpus(cfg)
+    cfg, tok = ensure_tokenizer(cfg, corpus[0] if corpus else None)
     init_ray(cfg)
-    datasets, manifest = training_inputs(cfg, tok)
+    datasets, manifest = training_inputs(cfg, tok, corpus)
     record = write_record(cfg, "pretrain", tok, manifest)
     log(f"pretrain: {cfg.train.num_workers} workers, model {_model_summary(cfg)}, run record {record}")
     result = run_ray_training(cfg, datasets, manifest, resume=resume, max_failures=max_failures)

@@ -4,8 +4,11 @@ exit code 2, and nothing left behind that a later run would take for complete.""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def raylm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def raylm(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "raylm.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -78,3 +81,63 @@ def test_help_explains_every_subcommand(tmp_path):
         proc = raylm(*args, cwd=tmp_path)
         assert proc.returncode == 0 and "usage: raylm" in proc.stdout
     assert "train.lr=3e-4" in raylm("--help", cwd=tmp_path).stdout
+
+
+# --------------------------------------------------------------------------- before Ray starts
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """A real tokenizer: given one, `pretrain` and `data prepare` used to start Ray (minutes
+    on a busy machine) before they listed the corpus."""
+    from raylm.config import load_config
+    from raylm.corpus import write_builtin_corpus
+    from raylm.pipeline import train_tokenizer_from
+
+    corpus = tmp_path_factory.mktemp("tokcorpus")
+    write_builtin_corpus(str(corpus), min_bytes=300_000)
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    cfg = load_config(overrides=[f"data.path={corpus}", "tokenizer.vocab_size=512", "tokenizer.sample_bytes=300000"])
+    return train_tokenizer_from(cfg, str(out)).path
+
+
+@pytest.fixture
+def ray_tmp():
+    """An empty RAY_TMPDIR, short enough for the Unix sockets Ray puts under it."""
+    path = Path(tempfile.mkdtemp(prefix="raylm-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", ["glob", "glob_prepare", "tokenizer", "s3_endpoint", "unfinished_prepare"])
+def test_checks_that_need_no_cluster_fail_before_ray_starts(case, tmp_path, tokenizer_dir, ray_tmp):
+    """Each fails in one line, and Ray never starts: a local Ray instance always creates its
+    session directory under RAY_TMPDIR, which stays empty."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text(json.dumps({"text": "some text " * 50}) + "\n")
+    unfinished = tmp_path / "prepared"
+    shard = unfinished / "attempt-20250101-000000-0123abcd" / "train" / "shard-00000.parquet"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"PAR1")
+    pretrain = ["pretrain", f"storage={tmp_path}/runs", f"tokenizer.path={tokenizer_dir}", "--data"]
+    args, expect = {
+        "glob": ([*pretrain, f"{tmp_path}/nothing/*.jsonl"], [f"{tmp_path}/nothing/*.jsonl", "no corpus files found"]),
+        "glob_prepare": (["data", "prepare", "--data", f"{tmp_path}/nothing/*.jsonl", "--tokenizer", tokenizer_dir,
+                          "--out", f"{tmp_path}/out"], [f"{tmp_path}/nothing/*.jsonl", "no corpus files found"]),
+        "tokenizer": ([*pretrain, str(corpus), f"tokenizer.path={tmp_path}/no-tok"],
+                      [f"tokenizer {tmp_path}/no-tok: not found", "raylm tokenizer train"]),
+        "s3_endpoint": ([*pretrain, "s3://raylm-corpus/docs", "s3.endpoint_url=http://127.0.0.1:1",
+                         "s3.max_attempts=1"],
+                        ["s3://raylm-corpus/docs", "cannot reach the S3 endpoint http://127.0.0.1:1"]),
+        "unfinished_prepare": ([*pretrain, str(unfinished)],
+                               [f"{unfinished}: an unfinished prepared dataset (shards but no manifest.json",
+                                f"raylm data prepare --data <corpus> --out {unfinished}"]),
+    }[case]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster to join would hide a start
+    env.update(RAY_TMPDIR=str(ray_tmp), AWS_ACCESS_KEY_ID="fake-key", AWS_SECRET_ACCESS_KEY="fake-secret")
+    proc = raylm(*args, cwd=tmp_path, env=env)
+    assert not list(ray_tmp.iterdir()), "Ray started:\n" + proc.stdout + proc.stderr
+    line = one_line_error(proc)
+    for needle in expect:
+        assert needle in line, line
