@@ -136,6 +136,16 @@ def complete(model: Transformer, tok: Tokenizer, prompts, max_new_tokens: int, t
             for i, prompt in enumerate(prompts)]
 
 
+def chat_reply(model: Transformer, tok: Tokenizer, messages: list[dict], max_new_tokens: int,
+               temperature: float = 0.0, top_k: int = 50, seed: int = 0) -> str:
+    """The assistant's next turn: the chat template (the one SFT trained on) with the
+    assistant's turn opened, decoded until the end-of-turn token."""
+    from raylm.tokenizer import END
+
+    ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
+    return tok.decode(generate(model, ids, max_new_tokens, temperature, top_k, tok.special_ids[END], seed))
+
+
 def compile_decode_step(mode: str = "reduce-overhead"):
     """`last_logits` under torch.compile: one graph for the prefill, one for every decode step
     (fixed shapes, dynamic=False), each a CUDA graph on GPUs with mode="reduce-overhead"

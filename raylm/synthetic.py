@@ -159,13 +159,6 @@ def exact_match(generate_fn: Callable[[list[dict]], str], records: Sequence[dict
 def chat_generate_fn(model, tokenizer, max_new_tokens: int = 16) -> Callable[[list[dict]], str]:
     """A greedy generate_fn for `exact_match`: the chat template with the assistant's turn
     opened, decoding until `<|end|>`, exactly the format SFT trains on."""
-    from raylm.generate import generate
-    from raylm.tokenizer import END
+    from raylm.generate import chat_reply
 
-    end_id = tokenizer.special_ids[END]
-
-    def reply(messages: list[dict]) -> str:
-        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
-        return tokenizer.decode(generate(model, ids, max_new_tokens, temperature=0.0, eos_id=end_id))
-
-    return reply
+    return lambda messages: chat_reply(model, tokenizer, messages, max_new_tokens, temperature=0.0)
