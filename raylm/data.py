@@ -91,6 +91,27 @@ def list_corpus(path: str, s3: S3Config | None = None) -> list[storage.FileInfo]
 _SHARD = re.compile(r"(.+)/attempt-[^/]+/(?:train|val)/shard-\d+\.parquet\Z")
 
 
+def check_plain_types(schema: pa.Schema, where: str) -> None:
+    """Refuse columns of extension types before any value is converted: an extension type's
+    values become Python objects through code of its own, and Ray Data's
+    `ray.data.arrow_pickled_object` does it by unpickling, so a crafted parquet file would run
+    code the moment its column is read (`to_pylist`, `to_numpy`, a torch batch)."""
+
+    def extension(t: pa.DataType) -> pa.DataType | None:
+        if isinstance(t, pa.ExtensionType):
+            return t
+        children = ([t.value_type] if pa.types.is_list(t) or pa.types.is_large_list(t)
+                    or pa.types.is_fixed_size_list(t) else [t.field(i).type for i in range(t.num_fields)]
+                    if pa.types.is_struct(t) else [t.key_type, t.item_type] if pa.types.is_map(t) else [])
+        return next((x for x in map(extension, children) if x is not None), None)
+
+    for f in schema:
+        if (ext := extension(f.type)) is not None:
+            name = getattr(ext, "extension_name", str(ext))
+            raise DataError(f"{where}: column {f.name!r} has the extension type {name!r}, whose values would be "
+                            f"deserialised by code of their own (unpickled, for Ray's object columns); refused")
+
+
 def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -124,6 +145,11 @@ def parse_documents(path: str, raw: bytes, text_field: str):
         if text_field not in table.column_names:
             yield 0, DataError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)}); "
                                f"set data.text_field")
+            return
+        try:
+            check_plain_types(table.select([text_field]).schema, path)
+        except DataError as e:
+            yield 0, e
             return
         for i, text in enumerate(table.column(text_field).to_pylist(), start=1):
             if not isinstance(text, str):
@@ -973,18 +999,27 @@ def prepared_datasets(out: str, manifest: dict, s3: S3Config | None = None) -> d
 
 
 def training_dataset(out: str, manifest: dict, split: str, s3: S3Config | None = None):
-    """Ray Dataset of packed blocks (column `tokens`, int32 [seq_len + 1]) in manifest order.
+    """Ray Dataset of a split's rows in manifest order: packed blocks (column `tokens`, int32
+    [seq_len + 1]), or the columns an SFT or DPO manifest names.
 
     Large splits stream from storage through read tasks. Small ones are read here once and
     put in the object store: each worker iterates the dataset once per epoch, and on a busy
-    node every read task's process start costs seconds, which would dominate a small run."""
+    node every read task's process start costs seconds, which would dominate a small run.
+    Every shard's column types are checked first (`check_plain_types`)."""
     import ray
 
-    if manifest[split]["blocks"] * (manifest["seq_len"] + 1) * 4 < IN_MEMORY_BYTES:
-        return ray.data.from_arrow([pq.read_table(io.BytesIO(storage.read_bytes(u, s3)))
-                                    for u in shard_uris(out, manifest, split)])
+    columns = list(manifest.get("columns", ["tokens"]))
     uris = shard_uris(out, manifest, split)
+    row_bytes = manifest.get("row_bytes", (manifest["seq_len"] + 1) * 4)
+    if manifest[split]["blocks"] * row_bytes < IN_MEMORY_BYTES:
+        tables = [pq.read_table(io.BytesIO(storage.read_bytes(u, s3)), columns=columns) for u in uris]
+        for u, t in zip(uris, tables):
+            check_plain_types(t.schema, u)
+        return ray.data.from_arrow(tables)
     fs, _ = storage.filesystem(uris[0], s3)
-    return ray.data.read_parquet([storage.filesystem(u, s3)[1] for u in uris], filesystem=fs,
-                                 columns=["tokens"])
+    for u in uris:  # footers only: a few KB a shard
+        with fs.open_input_file(storage.filesystem(u, s3)[1]) as f:
+            schema = pq.read_schema(f)
+        check_plain_types(pa.schema([schema.field(c) for c in columns]), u)
+    return ray.data.read_parquet([storage.filesystem(u, s3)[1] for u in uris], filesystem=fs, columns=columns)
 

@@ -1,0 +1,305 @@
+"""Chat and preference records -> training rows for SFT and DPO, on Ray Data.
+
+    read (.jsonl, .jsonl.gz, .parquet; local or s3://), one task per file
+      -> parse and validate each record (file and line kept for errors)
+      -> render the chat template and its loss mask (Tokenizer.encode_chat)
+      -> split train/val by a stable hash of the record
+      -> SFT: pack whole conversations into rows of seq_len + 1 tokens, EOS after each
+         (training masks attention at each EOS: no cross-talk, positions restart)
+         DPO: one pair per row, chosen and rejected side by side, so a pair is never split
+      -> parquet shards + manifest.json (written last), the same layout as pre-training's
+
+Record formats:
+    SFT  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+         {"prompt": str, "completion": str}
+    DPO  {"prompt": str, "chosen": str, "rejected": str}
+         {"messages": [...the conversation so far...], "chosen": str, "rejected": str}
+
+A record that is malformed (unknown role, empty content, `messages` not a list, no
+assistant turn) or longer than a row is a bad record naming file and line; within
+data.max_bad_records they are counted and skipped, as in pre-training. Instruction sets are
+small next to pre-training corpora, so the driver holds the encoded records and shuffles
+them whole (seeded) before packing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import time
+import uuid
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylm import storage
+from raylm.config import DataConfig, S3Config
+from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _decode, _remove_stale_attempts, _sources,
+                        _check_error_budget, check_plain_types, list_corpus, read_manifest, stable_fraction)
+from raylm.tokenizer import CHAT_ROLES
+
+KINDS = ("sft", "dpo")
+COLUMNS = {"sft": ("tokens", "loss_mask"), "dpo": ("chosen", "chosen_mask", "rejected", "rejected_mask")}
+
+
+# --------------------------------------------------------------------------- records
+
+
+def parse_records(path: str, raw: bytes):
+    """(line, record dict) or (line, DataError) for each record of one file."""
+    if path.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            yield 0, DataError(f"{path}: truncated or corrupt gzip ({e})")
+            return
+    if path.endswith(".parquet"):
+        try:
+            table = pq.read_table(io.BytesIO(raw))
+            check_plain_types(table.schema, path)
+        except DataError as e:
+            yield 0, e
+            return
+        except Exception as e:  # pyarrow raises several types for damaged files
+            yield 0, DataError(f"{path}: truncated or corrupt parquet ({str(e).splitlines()[0]})")
+            return
+        yield from enumerate(table.to_pylist(), start=1)
+        return
+    for i, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(_decode(line, f"{path}:{i}"))
+        except DataError as e:
+            yield i, e
+        except json.JSONDecodeError as e:
+            yield i, DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})")
+
+
+def _text(record: dict, key: str, where: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        got = "missing" if key not in record else f"{type(value).__name__} {value!r}"[:60]
+        raise DataError(f"{where}: field {key!r} must be a non-empty string (got {got})")
+    return value
+
+
+def _messages(record: dict, where: str, need_assistant: bool) -> list[dict]:
+    msgs = record["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list (got {type(msgs).__name__})")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {i} is a {type(m).__name__}, not an object with role and content")
+        if m.get("role") not in CHAT_ROLES:
+            raise DataError(f"{where}: message {i} has role {m.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}")
+        _text(m, "content", f"{where}: message {i}")
+    if need_assistant and not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: no assistant message, so nothing to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def conversation(record, kind: str, where: str):
+    """The messages an SFT record trains on, or (prompt messages, chosen, rejected) for DPO."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if kind == "sft":
+        if "messages" in record:
+            return _messages(record, where, need_assistant=True)
+        if "prompt" in record or "completion" in record:
+            return [{"role": "user", "content": _text(record, "prompt", where)},
+                    {"role": "assistant", "content": _text(record, "completion", where)}]
+        raise DataError(f"{where}: expected 'messages' or 'prompt' and 'completion' (found: {', '.join(record)})")
+    prompt = (_messages(record, where, need_assistant=False) if "messages" in record
+              else [{"role": "user", "content": _text(record, "prompt", where)}])
+    return prompt, _text(record, "chosen", where), _text(record, "rejected", where)
+
+
+def encode_record(tok, record, kind: str, where: str):
+    """Token ids and loss masks of one record: [(ids, mask)] for SFT (EOS appended, outside the
+    loss), [(chosen ids, mask), (rejected ids, mask)] for DPO."""
+    conv = conversation(record, kind, where)
+    if kind == "sft":
+        ids, mask = tok.encode_chat(conv)
+        return [(ids + [tok.eos_id], mask + [False])]
+    prompt, chosen, rejected = conv
+    return [tok.encode_chat(prompt + [{"role": "assistant", "content": reply}]) for reply in (chosen, rejected)]
+
+
+def encode_file(batch: dict, tok, kind: str, order: dict, val_fraction: float) -> dict:
+    """Ray Data stage (one file a batch): its records, encoded, with origin and split."""
+    out = {k: [] for k in ("file", "line", "error", "val", "seqs")}
+    for path, raw in zip(batch["path"], batch["bytes"]):
+        n = 0
+        for line, rec in parse_records(path, raw):
+            n += 1
+            err, seqs, val = "", "", False
+            where = f"{path}:{line}"
+            try:
+                if isinstance(rec, DataError):
+                    raise rec
+                seqs = json.dumps(encode_record(tok, rec, kind, where))
+                val = stable_fraction(json.dumps(rec, sort_keys=True)) < val_fraction
+            except DataError as e:
+                err = str(e)
+            for k, v in zip(out, (order[path], line, err, val, seqs)):
+                out[k].append(v)
+        if n == 0:
+            for k, v in zip(out, (order[path], 0, f"{path}: empty file (no records)", False, "")):
+                out[k].append(v)
+    return {k: np.array(v, dtype=object if k in ("error", "seqs") else None) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def pack_conversations(convs: list[tuple[list[int], list[bool]]], width: int, pad_id: int):
+    """Whole conversations packed greedily, in order, into rows of `width` tokens: a row ends
+    when the next conversation does not fit and is padded (mask False). Yields (ids, mask)."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for c_ids, c_mask in convs:
+        if len(ids) + len(c_ids) > width:
+            yield _padded(ids, mask, width, pad_id)
+            ids, mask = [], []
+        ids += c_ids
+        mask += c_mask
+    if ids:
+        yield _padded(ids, mask, width, pad_id)
+
+
+def _padded(ids: list[int], mask: list[bool], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    out = np.full(width, pad_id, dtype=np.int32)
+    out[:len(ids)] = ids
+    m = np.zeros(width, dtype=np.int8)
+    m[:len(mask)] = mask
+    return out, m
+
+
+def rows_table(rows: list[dict[str, np.ndarray]], width: int) -> pa.Table:
+    """Fixed-size list columns (int32 ids, int8 masks) as pre-training's token blocks are, and
+    plain columns for per-row values (a DPO reference's float32 log-probabilities)."""
+    cols = {}
+    for name in rows[0]:
+        arr = np.stack([np.asarray(r[name]) for r in rows])
+        cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), width) if arr.ndim == 2 else pa.array(arr)
+    return pa.table(cols)
+
+
+def write_rows(prefix: str, split: str, rows: list[dict], width: int, per_shard: int, s3) -> list[dict]:
+    """Rows as parquet shards `<prefix>/<split>/shard-NNNNN.parquet`; their manifest entries."""
+    shards = []
+    for i in range(0, len(rows), per_shard):
+        sink = io.BytesIO()
+        pq.write_table(rows_table(rows[i:i + per_shard], width), sink, compression="zstd")
+        data = sink.getvalue()
+        name = f"{split}/shard-{len(shards):05d}.parquet"
+        storage.write_bytes(storage.join(prefix, name), data, s3)
+        shards.append({"path": name, "rows": len(rows[i:i + per_shard]), "sha256": hashlib.sha256(data).hexdigest()})
+    return shards
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def dataset_key(kind: str, sources, cfg: DataConfig, tokenizer_sha: str, seed: int) -> str:
+    blob = json.dumps({"kind": kind, "sources": [[f.uri, f.size, f.etag_or_mtime] for f in sources],
+                       "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "tokenizer": tokenizer_sha,
+                       "seed": seed, "version": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None = None,
+                 log=print) -> dict:
+    """SFT (`kind="sft"`) or DPO (`kind="dpo"`) records at cfg.path -> rows under `out`, and
+    their manifest. Reuses a complete identical dataset already there; shards count only once
+    manifest.json, written last, names them."""
+    import ray
+
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    files = list_corpus(cfg.path, s3)
+    key = dataset_key(kind, files, cfg, tokenizer.sha256, seed)
+    existing = read_manifest(out, s3)
+    if existing and existing.get("key") == key:
+        log(f"data: reusing prepared {kind} dataset at {out} ({existing['train']['blocks']} train rows)")
+        return existing
+    t0 = time.time()
+    width = cfg.seq_len + 1
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows are a function of the records and the seed
+    order = {f.uri: i for i, f in enumerate(files)}
+    fs, _ = storage.filesystem(files[0].uri, s3)
+    paths = [storage.filesystem(f.uri, s3)[1] for f in files]
+    uri_of = dict(zip(paths, (f.uri for f in files)))
+    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, override_num_blocks=len(paths))
+    ds = ds.map_batches(lambda b: {**b, "path": np.array([uri_of[p] for p in b["path"]], dtype=object)},
+                        batch_size=1)
+    ds = ds.map_batches(encode_file, batch_size=1, fn_kwargs={"tok": tokenizer, "kind": kind, "order": order,
+                                                              "val_fraction": cfg.val_fraction})
+    splits: dict[str, list] = {"train": [], "val": []}
+    bad: list[str] = []
+    stats = {"records": 0, "too_long": 0, "target_tokens": 0}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for err, val, seqs, f, line in zip(batch["error"], batch["val"], batch["seqs"], batch["file"], batch["line"]):
+            stats["records"] += 1
+            if not err:
+                encoded = json.loads(seqs)
+                longest = max(len(ids) for ids, _ in encoded)
+                if longest > width:
+                    stats["too_long"] += 1
+                    err = (f"{files[f].uri}:{line}: {longest} tokens, longer than a row of data.seq_len + 1 = "
+                           f"{width}; raise data.seq_len or shorten the record")
+            if err:
+                bad.append(err)
+                continue
+            splits["val" if val else "train"].append(encoded)
+    _check_error_budget(bad, cfg)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[dict]] = {}
+    for split, records in splits.items():
+        if split == "train":
+            records = [records[i] for i in rng.permutation(len(records))]
+        stats["target_tokens"] += sum(sum(m) for r in records for _, m in r)
+        if kind == "sft":
+            convs = [r[0] for r in records]
+            rows[split] = [{"tokens": ids, "loss_mask": m}
+                           for ids, m in pack_conversations(convs, width, tokenizer.pad_id)]
+        else:
+            rows[split] = []
+            for (c_ids, c_mask), (r_ids, r_mask) in records:
+                c, cm = _padded(c_ids, c_mask, width, tokenizer.pad_id)
+                r, rm = _padded(r_ids, r_mask, width, tokenizer.pad_id)
+                rows[split].append({"chosen": c, "chosen_mask": cm, "rejected": r, "rejected_mask": rm})
+        stats[f"{split}_records"] = len(records)
+    if not rows["train"]:
+        raise DataError(f"{cfg.path}: no usable {kind.upper()} records ({stats['records']} read, {len(bad)} bad)")
+    if not rows["val"]:
+        raise DataError(f"{cfg.path}: validation split is empty ({stats['records']} records); raise "
+                        f"data.val_fraction (now {cfg.val_fraction})")
+    attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    rel = attempt[len(out.rstrip("/")) + 1:]
+    shards = {s: write_rows(attempt, s, rows[s], width, cfg.blocks_per_shard, s3) for s in rows}
+    stats.update(bad_records=bad, seconds=round(time.time() - t0, 2))
+    manifest = {
+        "format_version": FORMAT_VERSION, "kind": kind, "columns": list(COLUMNS[kind]),
+        "row_bytes": width * sum(4 if not c.endswith("mask") else 1 for c in COLUMNS[kind]),
+        "key": key, "seed": seed, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+        "sources": _sources(files), "val_sources": [], "files": [f.uri for f in files],
+        **{s: {"blocks": len(rows[s]), "shards": [dict(x, path=f"{rel}/{x['path']}") for x in shards[s]]}
+           for s in rows},
+        "stats": stats,
+    }
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), s3)  # last: the commit
+    _remove_stale_attempts(out, rel, s3)
+    log(f"data: {kind} {stats['train_records']} train / {stats['val_records']} val records -> "
+        f"{len(rows['train'])} train rows of {width} tokens, {len(bad)} bad records skipped, "
+        f"{stats['seconds']:.1f}s")
+    for b in bad[:10]:
+        log(f"data: skipped bad record: {b}")
+    return manifest
