@@ -317,12 +317,13 @@ class SafePlanner(DefaultLoadPlanner):
             raise UnsafeCheckpointError(f"entry {read_item.dest_index.fqn} {_refusal(e)}") from None
 
 
-def _dcp_load(state: dict, local_dir: str) -> dict:
-    """Load `state` from a local checkpoint directory; returns its verified meta.json."""
+def _dcp_load(state: dict, local_dir: str, one_process: bool = False) -> dict:
+    """Load `state` from a local checkpoint directory; returns its verified meta.json.
+    `one_process`: this process alone loads, with no collectives, even inside a process group."""
     reader = SafeReader(local_dir)
     reader.read_metadata()  # refuse a tampered or damaged index with its own message
     try:
-        dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=not dist.is_initialized())
+        dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=one_process or not dist.is_initialized())
     except CheckpointException as e:  # DCP wraps each rank's error, with its traceback, in the text
         errors = [exc for exc, _ in e.failures.values()]
         raise next((x for x in errors if isinstance(x, CheckpointError)), errors[0] if errors else e) from None
@@ -350,7 +351,7 @@ def load_model_weights(model, ckpt_uri: str, s3: S3Config | None = None) -> dict
     export and serving."""
     with _local_copy(ckpt_uri, s3) as local:
         sd = {"model": model.state_dict()}
-        meta = _dcp_load(sd, local)
+        meta = _dcp_load(sd, local, one_process=True)
         model.load_state_dict(sd["model"])
         return meta
 

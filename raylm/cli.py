@@ -7,6 +7,9 @@
     raylm pretrain --resume name=myrun       # continue from the newest complete checkpoint
     raylm pretrain --from-record runs/quickstart/record.json
     raylm generate runs/quickstart --prompt "The "
+    raylm sft --from runs/quickstart --data chat.jsonl       # -> runs/quickstart-sft
+    raylm dpo --from runs/quickstart-sft --data pairs.jsonl  # -> runs/quickstart-sft-dpo
+    raylm generate runs/quickstart-sft --chat --prompt "reverse: abc"
 
 Every subcommand takes `--config FILE.yaml` and dotted overrides (`section.key=value`);
 unknown keys and wrong types are errors naming the key. See README.md for the config keys.
@@ -48,9 +51,14 @@ def _merge_dicts(a: dict, b: dict) -> dict:
 
 def cmd_quickstart(args) -> None:
     from raylm.pipeline import pretrain
+    from raylm.posttrain import quickstart_sft
 
-    summary = pretrain(_config(args), resume="auto")
+    cfg = _config(args)
+    summary = pretrain(cfg, resume="auto")
     print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=1))
+    if not args.no_sft:
+        sft = quickstart_sft(cfg)
+        print(f"next: raylm generate {sft['run_dir']} --chat --prompt '{sft['chat']['user']}'")
 
 
 def cmd_pretrain(args) -> None:
@@ -59,6 +67,31 @@ def cmd_pretrain(args) -> None:
     summary = pretrain(_config(args), resume="must" if args.resume else "auto", max_failures=args.max_failures,
                        samples=not args.no_samples)
     print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=1))
+
+
+# What a post-training stage changes from the pre-training defaults, beneath any --config or
+# override. Fine-tuning a trained model wants a smaller step than training one from scratch;
+# DPO the smallest, as the policy must stay near its reference (the DPO paper uses 1e-6 at
+# 7B; the tiny model needs more, see tests/unit/test_synthetic.py).
+STAGE_DEFAULTS = {
+    "sft": {"train": {"lr": 1e-3, "max_steps": 300, "warmup_steps": 10, "eval_every": 50, "ckpt_every": 100}},
+    "dpo": {"train": {"lr": 1e-4, "max_steps": 100, "warmup_steps": 5, "weight_decay": 0.0, "eval_every": 25,
+                      "ckpt_every": 50}},
+}
+
+
+def cmd_posttrain(args) -> None:
+    from raylm.posttrain import posttrain
+
+    parent = args.from_run.rstrip("/")
+    name = parent.rsplit("/", 1)[-1]
+    if name.startswith("ckpt-"):  # a checkpoint: name the stage after its run
+        name = parent.rsplit("/", 2)[-2] if parent.count("/") else name
+    base = {"stage": args.stage, "init_from": args.from_run, "name": f"{name}-{args.stage}",
+            **STAGE_DEFAULTS[args.stage]}
+    summary = posttrain(_config(args, base=base), resume="must" if args.resume else "auto",
+                        max_failures=args.max_failures)
+    print(json.dumps(summary, indent=1))
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -96,9 +129,15 @@ def cmd_data_prepare(args) -> None:
 
 def cmd_generate(args) -> None:
     from raylm.config import S3Config
-    from raylm.generate import complete, load_for_inference
+    from raylm.generate import chat_reply, complete, load_for_inference
 
     model, tok, _ = load_for_inference(args.checkpoint, S3Config())
+    if args.chat:  # the prompt is a user turn; the answer is the assistant's, up to end of turn
+        for i, prompt in enumerate(args.prompt or ["Hello!"]):
+            print(chat_reply(model, tok, [{"role": "user", "content": prompt}], args.max_new_tokens, args.temperature,
+                             args.top_k, args.seed + i))
+            print("---")
+        return
     for text in complete(model, tok, args.prompt or ["The "], args.max_new_tokens, args.temperature, args.top_k,
                          args.seed):
         print(text)
@@ -120,9 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    add("quickstart", cmd_quickstart,
-        "Train a tokenizer and a tiny model on a built-in offline corpus with 2 local Ray workers "
-        "(a few minutes on a laptop CPU), then print validation perplexity and samples.")
+    sp = add("quickstart", cmd_quickstart,
+             "Train a tokenizer and a tiny model on a built-in offline corpus with 2 local Ray workers "
+             "(a few minutes on a laptop CPU), print validation perplexity and samples, then fine-tune it "
+             "(SFT) on a built-in synthetic instruction set and print one chat exchange.")
+    sp.add_argument("--no-sft", action="store_true", help="stop after pre-training")
 
     sp = add("pretrain", cmd_pretrain,
              "Pre-train on Ray Train: corpus -> tokenizer -> packed blocks -> FSDP2 workers. Resumes "
@@ -132,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-failures", type=int, default=0,
                     help="restart the worker group this many times after a worker dies")
     sp.add_argument("--no-samples", action="store_true", help="skip sampling after training")
+
+    for stage, what in (("sft", "Supervised fine-tuning on chat records ({messages: [{role, content}, ...]} or "
+                                "{prompt, completion}; jsonl or parquet, local or s3://): loss on assistant "
+                                "turns only, conversations packed with document masking."),
+                        ("dpo", "Direct preference optimisation on {prompt|messages, chosen, rejected} records, "
+                                "against the starting model as the frozen reference (or its precomputed "
+                                "log-probs: dpo.precompute_reference=true).")):
+        sp = add(stage, cmd_posttrain, f"{what} Starts from --from RUN's weights (its tokenizer too) on the "
+                                       f"same Ray Train FSDP2 loop as pretrain; the run is named RUN-{stage} "
+                                       f"unless name= says otherwise.")
+        sp.add_argument("--from", dest="from_run", required=True, metavar="RUN",
+                        help="run directory or checkpoint (local or s3://) whose weights to start from")
+        sp.add_argument("--data", help="records: a file, directory or glob (local or s3://)")
+        sp.add_argument("--resume", action="store_true", help="require a checkpoint of this run to resume from")
+        sp.add_argument("--max-failures", type=int, default=0,
+                        help="restart the worker group this many times after a worker dies")
+        sp.set_defaults(stage=stage)
 
     tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="sub", required=True)
     sp = add("train", cmd_tokenizer_train, "Train a SentencePiece BPE tokenizer on a corpus sample.", tok)
@@ -154,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=0.8)
     sp.add_argument("--top-k", type=int, default=50)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--chat", action="store_true",
+                    help="treat each prompt as a user turn and print the assistant's reply (SFT/DPO models)")
     sp.set_defaults(func=cmd_generate)
     return p
 

@@ -280,7 +280,7 @@ def absolute_paths(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg, storage=fix(cfg.storage),
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path), val_path=fix(cfg.data.val_path)),
-        tokenizer=dataclasses.replace(cfg.tokenizer, path=fix(cfg.tokenizer.path)))
+        tokenizer=dataclasses.replace(cfg.tokenizer, path=fix(cfg.tokenizer.path)), init_from=fix(cfg.init_from))
 
 
 def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: bool = True) -> dict:

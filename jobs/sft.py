@@ -1,0 +1,16 @@
+"""Supervised fine-tuning on a Ray cluster: `raylm sft` as a Ray job.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/sft.py --from s3://bucket/runs/base --data 's3://bucket/chat/*.jsonl' \
+        storage=s3://bucket/runs train.num_workers=8 train.use_gpu=true
+
+Arguments are those of `raylm sft --help`. The run is named <parent>-sft unless name= says
+otherwise; resubmitting the same command resumes from its newest complete checkpoint.
+"""
+
+import sys
+
+from raylm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sft", *sys.argv[1:]]))

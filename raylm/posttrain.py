@@ -1,0 +1,220 @@
+"""Post-training stages: SFT and DPO on the pre-training loop, from a parent run's weights.
+
+    parent run (init_from) -> its model shape, tokenizer and weights
+      -> chat or preference records -> rows (raylm.chat_data, Ray Data)
+      -> [dpo.precompute_reference: the reference's log-probs, one Ray Data pass, stored
+          beside the rows and reused]
+      -> Ray Train workers: the same `train_worker` and `fit` as pre-training; the objective
+         and batch columns follow cfg.stage (raylm.objectives)
+
+The run's record names its parent checkpoint and that checkpoint's hash (the sha256 of its
+commit marker, which lists the sha256 of every file), so a served model traces back through
+SFT and pre-training to the corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+
+import numpy as np
+
+from raylm import checkpoint, storage
+from raylm.chat_data import prepare_chat, write_rows
+from raylm.config import Config, ConfigError, DataConfig, from_dict
+from raylm.data import DataError, list_corpus, prepared_datasets, read_manifest
+from raylm.generate import load_tokenizer, resolve_checkpoint
+from raylm.pipeline import absolute_paths, init_ray, log
+from raylm.record import write_record
+
+REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+def parent_of(cfg: Config) -> tuple[Config, dict]:
+    """cfg with the parent's model shape and tokenizer, and facts about the parent
+    ({checkpoint, sha256, stage}). Fails before any cluster work when the parent is missing."""
+    if not cfg.init_from:
+        raise ConfigError(f"stage={cfg.stage} needs --from RUN (init_from): the run or checkpoint to start from")
+    ckpt = resolve_checkpoint(cfg.init_from, cfg.s3)
+    meta = checkpoint.read_meta(ckpt, cfg.s3)
+    if not isinstance(meta.get("config"), dict) or not meta.get("tokenizer"):
+        raise checkpoint.CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: no config or tokenizer recorded")
+    parent_cfg = from_dict(meta["config"])
+    marker = storage.read_bytes(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3)
+    facts = {"checkpoint": ckpt, "sha256": hashlib.sha256(marker).hexdigest(), "stage": parent_cfg.stage,
+             "tokenizer": meta["tokenizer"], "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
+    limit = parent_cfg.model.max_seq_len
+    if cfg.data.seq_len > limit:
+        if cfg.data.seq_len != DataConfig().seq_len:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the parent's model.max_seq_len={limit} ({ckpt})")
+        log(f"data: data.seq_len={limit}, the parent model's context")  # the default, not a choice: fit it
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=limit))
+    cfg = dataclasses.replace(cfg, model=parent_cfg.model,
+                              tokenizer=dataclasses.replace(cfg.tokenizer, path=meta["tokenizer"]))
+    return cfg, facts
+
+
+def check_records_path(cfg: Config) -> None:
+    """Chat and preference records are structured: jsonl or parquet, never plain text."""
+    if not cfg.data.path:
+        raise ConfigError(f"stage={cfg.stage} needs --data (or data.path): the records to train on")
+    text = [f.uri for f in list_corpus(cfg.data.path, cfg.s3) if f.uri.endswith(".txt")]
+    if text:
+        raise DataError(f"{text[0]}: {cfg.stage.upper()} records come as .jsonl, .jsonl.gz or .parquet, not .txt")
+
+
+def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
+    """SFT or DPO (cfg.stage) from cfg.init_from on the records at data.path; returns a summary."""
+    from raylm.train import run_ray_training
+
+    t0 = time.time()
+    cfg = absolute_paths(cfg)
+    if cfg.stage not in ("sft", "dpo"):
+        raise ConfigError(f"stage={cfg.stage!r}: post-training is sft or dpo")
+    cfg, parent = parent_of(cfg)
+    check_records_path(cfg)
+    tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
+    if parent["tokenizer_sha256"] and tok.sha256 != parent["tokenizer_sha256"]:
+        raise checkpoint.CheckpointError(f"{cfg.tokenizer.path}: tokenizer hash {tok.sha256[:12]} differs from the "
+                                         f"one {parent['checkpoint']} was trained with")
+    init_ray(cfg)
+    data_dir = storage.join(cfg.run_dir, "data")
+    manifest = prepare_chat(cfg.stage, cfg.data, tok, data_dir, cfg.seed, cfg.s3, log=log)
+    if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
+        data_dir, manifest = precompute_reference(cfg, data_dir, manifest, parent)
+    record = write_record(cfg, cfg.stage, tok, manifest, extra={"parent": parent})
+    log(f"{cfg.stage}: {cfg.train.num_workers} workers from {parent['checkpoint']} "
+        f"({manifest['train']['blocks']} train rows), run record {record}")
+    result = run_ray_training(cfg, prepared_datasets(data_dir, manifest, cfg.s3), manifest, resume=resume,
+                              max_failures=max_failures)
+    if result.error:
+        raise result.error
+    summary = summarize(cfg)
+    summary.update(parent=parent["checkpoint"], seconds=round(time.time() - t0, 1))
+    storage.write_text(storage.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=1), cfg.s3)
+    return summary
+
+
+def summarize(cfg: Config) -> dict:
+    """The last validation row of the run's metrics, and where the run is."""
+    rows = [json.loads(x) for x in storage.read_text(storage.join(cfg.run_dir, "metrics.jsonl"), cfg.s3).splitlines()
+            if x.strip()]
+    val = [r for r in rows if r.get("kind") == "val"]
+    summary = {"run_dir": cfg.run_dir, "stage": cfg.stage, "steps": max((r["step"] for r in rows), default=0)}
+    if val:
+        summary.update({k: v for k, v in val[-1].items() if k.startswith("val_")})
+        log(f"done: {cfg.stage} step {summary['steps']}, " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if k.startswith("val_")))
+    return summary
+
+
+# --------------------------------------------------------------------------- DPO reference
+
+
+class ReferenceLogprobs:
+    """Ray Data stage (actor pool): each actor loads the reference weights once, weights only,
+    and adds the sequence log-probabilities of both responses to each batch of pair rows."""
+
+    def __init__(self, cfg_dict: dict, ckpt: str):
+        import torch
+
+        from raylm.model import Transformer
+
+        cfg = from_dict(cfg_dict)
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        model.to_empty(device="cpu")
+        model.init_weights()  # RoPE tables; the weights come next
+        checkpoint.load_model_weights(model, ckpt, cfg.s3)
+        self.model = model.eval()
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from raylm.objectives import reference_logprobs
+
+        cols = {k: torch.as_tensor(np.stack(batch[k])).long() if not k.endswith("mask")
+                else torch.as_tensor(np.stack(batch[k])).bool() for k in ("chosen", "chosen_mask", "rejected",
+                                                                            "rejected_mask")}
+        with torch.no_grad():
+            ref = reference_logprobs(self.model, cols)
+        return {**batch, **{k: v.numpy().astype(np.float32) for k, v in ref.items()}}
+
+
+def precompute_reference(cfg: Config, data_dir: str, manifest: dict, parent: dict) -> tuple[str, dict]:
+    """dpo.precompute_reference: one Ray Data pass over the pair rows computes the reference
+    model's log-probabilities, written with the rows under `reference-<hash>/` beside the
+    data. The hash covers the reference checkpoint's and the data's, so a rerun reuses it."""
+    import ray
+
+    key = hashlib.sha256(f"{parent['sha256']}:{manifest['key']}".encode()).hexdigest()
+    out = storage.join(data_dir, f"reference-{key[:16]}")
+    existing = read_manifest(out, cfg.s3)
+    if existing and existing.get("key") == key:
+        log(f"dpo: reusing reference log-probs at {out}")
+        return out, existing
+    t0 = time.time()
+    datasets = prepared_datasets(data_dir, manifest, cfg.s3)
+    new = dict(manifest, key=key, columns=[*manifest["columns"], *REFERENCE_COLUMNS],
+               row_bytes=manifest["row_bytes"] + 8, reference=parent)
+    attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}")
+    for split, ds in datasets.items():
+        scored = ds.map_batches(ReferenceLogprobs, batch_size=64, batch_format="numpy",
+                                fn_constructor_kwargs={"cfg_dict": _plain(cfg), "ckpt": parent["checkpoint"]},
+                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+        rows = [dict(zip(b, vals)) for b in scored.iter_batches(batch_format="numpy", batch_size=None)
+                for vals in zip(*b.values())]
+        shards = write_rows(attempt, split, rows, manifest["seq_len"] + 1, cfg.data.blocks_per_shard, cfg.s3)
+        rel = attempt[len(out.rstrip("/")) + 1:]
+        new[split] = {"blocks": len(rows), "shards": [dict(x, path=f"{rel}/{x['path']}") for x in shards]}
+    storage.write_text(storage.join(out, "manifest.json"), json.dumps(new, indent=1), cfg.s3)
+    log(f"dpo: reference log-probs for {new['train']['blocks'] + new['val']['blocks']} pairs in "
+        f"{time.time() - t0:.1f}s -> {out}")
+    return out, new
+
+
+def _plain(cfg: Config) -> dict:
+    from raylm.config import to_dict
+
+    return to_dict(cfg)
+
+
+# --------------------------------------------------------------------------- quickstart
+
+
+QUICKSTART_TASK = "word_after"  # copying from the prompt: learnt by the tiny model in a few hundred steps
+
+
+def quickstart_sft(base: Config, steps: int = 200, log_chat=print) -> dict:
+    """The quickstart's last stage: SFT of the freshly pre-trained run on a built-in
+    synthetic instruction set (raylm.synthetic), then one chat exchange and the held-out exact
+    match. The records are written beside the run, so the stage is an ordinary `raylm sft`."""
+    import dataclasses
+    import tempfile
+
+    from raylm import synthetic
+    from raylm.generate import chat_reply, load_for_inference
+
+    records = storage.join(base.storage, f"{base.name}-sft-records")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = synthetic.write_jsonl(tmp, QUICKSTART_TASK, 2000, 50, seed=base.seed)
+        held = synthetic.read_jsonl(paths["heldout.messages"])
+        storage.upload_dir(tmp, records, base.s3)
+    train_records = storage.join(records, f"{QUICKSTART_TASK}.train.messages.jsonl")
+    cfg = dataclasses.replace(
+        base, name=f"{base.name}-sft", stage="sft", init_from=base.run_dir,
+        data=dataclasses.replace(base.data, path=train_records, val_fraction=0.05),
+        train=dataclasses.replace(base.train, lr=1e-3, max_steps=steps, warmup_steps=10, eval_every=100,
+                                  ckpt_every=steps, time_budget_s=0.0))
+    summary = posttrain(cfg.validate())
+    model, tok, _ = load_for_inference(cfg.run_dir, cfg.s3)
+    prompt, answer = synthetic.prompt_and_answer(held[0])
+    reply = chat_reply(model, tok, prompt, 16)
+    score = synthetic.exact_match(synthetic.chat_generate_fn(model, tok), held)
+    log_chat(f"\nchat with {cfg.run_dir} (SFT on '{QUICKSTART_TASK}', held-out exact match {score:.0%} "
+             f"on {len(held)} prompts):\n  user: {prompt[-1]['content']}\n  assistant: {reply}"
+             f"{'' if reply.strip() == answer else f'   (expected: {answer})'}")
+    summary.update(chat={"user": prompt[-1]["content"], "assistant": reply}, heldout_exact_match=score)
+    return summary
