@@ -282,7 +282,7 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
         raise DataError(f"{cfg.path}: validation split is empty ({stats['records']} records); raise "
                         f"data.val_fraction (now {cfg.val_fraction})")
     attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-    rel = attempt[len(out.rstrip("/")) + 1:]
+    rel = storage.relative(attempt, out)
     shards = {s: write_rows(attempt, s, rows[s], width, cfg.blocks_per_shard, s3) for s in rows}
     stats.update(bad_records=bad, seconds=round(time.time() - t0, 2))
     manifest = {

@@ -87,7 +87,7 @@ def list_checkpoints(run_dir: str, s3: S3Config | None = None) -> list[tuple[int
     if not storage.exists(run_dir, s3):
         return []
     for info in storage.list_files(run_dir, s3):
-        rel = info.uri[len(run_dir.rstrip("/")) + 1:]
+        rel = storage.relative(info.uri, run_dir)
         top, _, rest = rel.partition("/")
         m = _NAME.match(top)
         if not m:

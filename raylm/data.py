@@ -841,7 +841,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     if stats.val_blocks == 0:
         raise DataError(f"{cfg.path}: validation split is empty; raise data.val_fraction "
                         f"(now {cfg.val_fraction}) or set data.val_path")
-    rel = attempt[len(out.rstrip("/")) + 1:]
+    rel = storage.relative(attempt, out)
     manifest = {
         "format_version": FORMAT_VERSION, "key": key, "seed": seed, "seq_len": cfg.seq_len,
         "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
@@ -977,7 +977,7 @@ def datacard(manifest: dict) -> str:
 
 def _remove_stale_attempts(out: str, keep: str, s3) -> None:
     for f in storage.list_files(out, s3):
-        rel = f.uri[len(out.rstrip("/")) + 1:]
+        rel = storage.relative(f.uri, out)
         if rel.startswith("attempt-") and not rel.startswith(keep + "/"):
             storage.delete(f.uri, s3)
 

@@ -167,7 +167,7 @@ def precompute_reference(cfg: Config, data_dir: str, manifest: dict, parent: dic
         rows = [dict(zip(b, vals)) for b in scored.iter_batches(batch_format="numpy", batch_size=None)
                 for vals in zip(*b.values())]
         shards = write_rows(attempt, split, rows, manifest["seq_len"] + 1, cfg.data.blocks_per_shard, cfg.s3)
-        rel = attempt[len(out.rstrip("/")) + 1:]
+        rel = storage.relative(attempt, out)
         new[split] = {"blocks": len(rows), "shards": [dict(x, path=f"{rel}/{x['path']}") for x in shards]}
     storage.write_text(storage.join(out, "manifest.json"), json.dumps(new, indent=1), cfg.s3)
     log(f"dpo: reference log-probs for {new['train']['blocks'] + new['val']['blocks']} pairs in "

@@ -39,6 +39,7 @@ __all__ = [
     "FileInfo",
     "is_s3",
     "join",
+    "relative",
     "filesystem",
     "boto3_client",
     "clear_cache",
@@ -112,6 +113,17 @@ def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return "/".join([uri.rstrip("/"), *clean])
     return os.path.join(uri, *clean)
+
+
+def relative(uri: str, base: str) -> str:
+    """`uri` relative to `base`; either may be written any way a user writes a path (`runs/x`,
+    `./runs/x`, `/abs/runs/x`, `file://...`) or `s3://bucket/prefix/`, and `list_files`
+    returns absolute ones. Raises ValueError if `uri` is not under `base`."""
+    root = base.rstrip("/") if is_s3(base) else _local(base)
+    uri = uri if is_s3(uri) else _local(uri)
+    if uri == root or not uri.startswith(root.rstrip("/") + "/"):
+        raise ValueError(f"{uri} is not under {base}")
+    return uri[len(root.rstrip("/")) + 1:]
 
 
 def _split_s3(uri: str) -> tuple[str, str]:

@@ -679,7 +679,7 @@ class CheckpointSaver:
             expected = {k: v for d in everyone for k, v in d.items()}
         missing = None
         if _rank_world()[0] == 0:
-            stored = {f.uri[len(uri.rstrip("/")) + 1:]: f.size for f in storage.list_files(uri, self.cfg.s3)}
+            stored = {storage.relative(f.uri, uri): f.size for f in storage.list_files(uri, self.cfg.s3)}
             missing = next((f"{n} ({size} bytes; stored: {stored.get(n)})" for n, (size, _) in sorted(expected.items())
                             if stored.get(n) != size), None)
         missing = _broadcast(missing)

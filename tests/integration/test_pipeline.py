@@ -80,10 +80,13 @@ def test_resume_continues_from_latest_checkpoint(quickstart_run, capfd):
     assert sorted(p.name for p in Path(cfg.run_dir).glob("ckpt-*")) == ["ckpt-00000030", "ckpt-00000040"]
 
 
-def test_generate_from_the_run_directory(quickstart_run):
+@pytest.mark.parametrize("spelling", ["absolute", "relative", "dot-relative"])
+def test_generate_from_the_run_directory(quickstart_run, spelling):
     cfg, _ = quickstart_run
-    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "generate", cfg.run_dir, "--prompt", "The ",
-                           "--max-new-tokens", "12"], capture_output=True, text=True, timeout=300)
+    home = Path(cfg.storage).parent  # runs live in home/runs: the README's `raylm generate runs/quickstart`
+    run = {"absolute": cfg.run_dir, "relative": "runs/qs", "dot-relative": "./runs/qs"}[spelling]
+    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "generate", run, "--prompt", "The ",
+                           "--max-new-tokens", "12"], capture_output=True, text=True, timeout=300, cwd=home)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("The ") and len(proc.stdout.split("---")[0].strip()) > len("The")
 

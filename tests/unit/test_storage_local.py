@@ -253,3 +253,20 @@ def test_makedirs_upload_download_round_trip(tmp_path):
         storage.upload_dir(str(tmp_path / "nope"), str(tmp_path / "x"))
     with pytest.raises(StorageError, match="no such file or directory"):
         storage.download_dir(str(tmp_path / "nope"), str(tmp_path / "y"))
+
+
+def test_relative_takes_any_spelling_of_a_local_base(tmp_path, monkeypatch):
+    """`raylm generate runs/x` failed with "no complete checkpoint" because listings come back
+    absolute and were cut by the length of the relative prefix."""
+    from raylm import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "x" / "ckpt-00000003").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "ckpt-00000003" / "COMMITTED").write_text("{}")
+    for base in ("runs/x", "./runs/x", "runs/x/", str(tmp_path / "runs" / "x"), f"file://{tmp_path}/runs/x"):
+        [info] = storage.list_files(base)
+        assert storage.relative(info.uri, base) == "ckpt-00000003/COMMITTED"
+        assert checkpoint.latest_complete(base) is not None, base
+    assert storage.relative("s3://b/p/q/r", "s3://b/p/") == "q/r"
+    with pytest.raises(ValueError):
+        storage.relative("s3://b/other/r", "s3://b/p")
