@@ -131,6 +131,10 @@ def cmd_generate(args) -> None:
     from raylm.config import S3Config
     from raylm.generate import chat_reply, complete, load_for_inference
 
+    from raylm.config import SampleConfig
+
+    # The same ranges as the config's sample.* keys, checked before the model loads.
+    SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k).validate()
     model, tok, _ = load_for_inference(args.checkpoint, S3Config())
     if args.chat:  # the prompt is a user turn; the answer is the assistant's, up to end of turn
         for i, prompt in enumerate(args.prompt or ["Hello!"]):

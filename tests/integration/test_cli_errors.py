@@ -141,3 +141,11 @@ def test_checks_that_need_no_cluster_fail_before_ray_starts(case, tmp_path, toke
     line = one_line_error(proc)
     for needle in expect:
         assert needle in line, line
+
+
+def test_generate_options_are_range_checked_before_loading(tmp_path):
+    for args, key in ((["--temperature", "-1"], "sample.temperature=-1.0"), (["--max-new-tokens", "-3"],
+                                                                            "sample.max_new_tokens=-3"),
+                      (["--top-k", "-2"], "sample.top_k=-2")):
+        line = one_line_error(raylm("generate", str(tmp_path / "no-run"), *args, cwd=tmp_path))
+        assert key in line
