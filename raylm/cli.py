@@ -10,6 +10,7 @@
     raylm sft --from runs/quickstart --data chat.jsonl       # -> runs/quickstart-sft
     raylm dpo --from runs/quickstart-sft --data pairs.jsonl  # -> runs/quickstart-sft-dpo
     raylm generate runs/quickstart-sft --chat --prompt "reverse: abc"
+    raylm export runs/quickstart-sft --format hf --out export/quickstart-sft
 
 Every subcommand takes `--config FILE.yaml` and dotted overrides (`section.key=value`);
 unknown keys and wrong types are errors naming the key. See README.md for the config keys.
@@ -148,6 +149,14 @@ def cmd_generate(args) -> None:
         print("---")
 
 
+def cmd_export(args) -> None:
+    from raylm.config import S3Config
+    from raylm.export.hf import export_run
+
+    out = export_run(args.run, args.out, S3Config(), checkpoint=args.checkpoint, dtype=args.dtype)
+    print(json.dumps({"format": args.format, "out": out}, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raylm", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="corpus path/glob (local or s3://)")
     sp.add_argument("--out", required=True, help="output directory (local or s3://)")
     sp.add_argument("--tokenizer", help="tokenizer directory (default: tokenizer.path)")
+
+    sp = sub.add_parser("export", help="Export a run (local or s3://) for other tools.",
+                        description="Export a run's newest complete checkpoint (or --checkpoint) as a Hugging Face "
+                                    "LlamaForCausalLM directory: config.json, model.safetensors (sharded above 5 GB), "
+                                    "generation_config.json and a tokenizer AutoTokenizer loads, with the chat "
+                                    "template. The output appears only when complete.")
+    sp.add_argument("run", help="run directory or checkpoint, local or s3://")
+    sp.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers, vLLM, lm-eval")
+    sp.add_argument("--out", required=True, help="output directory, local or s3:// (must not exist)")
+    sp.add_argument("--checkpoint", help="a checkpoint name in the run (ckpt-00001000) instead of the newest")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("generate", help="Sample continuations from a checkpoint or run directory.",
                         description="Sample continuations from a checkpoint or run directory.")

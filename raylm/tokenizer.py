@@ -264,6 +264,12 @@ class Tokenizer:
             )
         return cls(model_bytes, meta, str(d))
 
+    @property
+    def model_bytes(self) -> bytes:
+        """The SentencePiece model file's bytes: what exports write (the directory the
+        tokenizer was loaded from may have been a temporary copy)."""
+        return self._model_bytes
+
     def __getstate__(self) -> dict:
         # The C++ processor cannot be pickled; the model bytes rebuild it exactly.
         return {"model_bytes": self._model_bytes, "meta": self.meta, "path": self.path}

@@ -151,3 +151,34 @@ def test_generate_chat_and_the_quickstart_stage(chain, tmp_path, capsys):
     assert reply == summary["chat"]["assistant"].strip()  # the same greedy answer as the stage printed
     # (That replies stop at <|end|> is shown where they are right: the synthetic SFT test's
     # exact match goes through the same chat_reply.)
+
+
+def test_export_of_the_two_worker_s3_run_loads_in_transformers(chain, tmp_path):
+    """`raylm export` of the 2-worker FSDP2 runs stored in S3, to a local directory and to S3:
+    transformers' logits equal raylm's on the same tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylm.generate import load_for_inference
+
+    base, root, _ = chain
+    local = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "export", base.run_dir, "--format", "hf",
+                           "--out", str(local)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, tok, _ = load_for_inference(base.run_dir, base.s3)
+    ids = tok.encode("The quick brown fox, def main():\n    return 42")
+    hf = AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.float32).eval()
+    assert AutoTokenizer.from_pretrained(str(local))(("The quick brown fox, def main():\n    return 42"))[
+        "input_ids"] == ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, model(torch.tensor([ids]))[0], atol=1e-4, rtol=1e-4)
+    from raylm.export.hf import EXPORT_MARKER, export_run
+
+    remote = f"{root}/exports/base-hf"
+    export_run(base.run_dir, remote, base.s3)
+    assert storage.exists(storage.join(remote, EXPORT_MARKER), base.s3)
+    assert storage.exists(storage.join(remote, "model.safetensors"), base.s3)
+    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "export", base.run_dir, "--out", str(local)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "raylm: error:" in proc.stderr and "Traceback" not in proc.stderr  # exists

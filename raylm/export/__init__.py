@@ -1,0 +1,1 @@
+"""Exports of raylm checkpoints to other ecosystems' formats (see `raylm.export.hf`)."""

@@ -1,0 +1,224 @@
+"""Export a raylm model and tokenizer as a Hugging Face `LlamaForCausalLM` directory.
+
+The directory loads with `transformers.AutoModelForCausalLM.from_pretrained(out)` and
+`AutoTokenizer.from_pretrained(out)` and computes what raylm computes: the weight names and
+`config.json` come from `raylm.hf` (whose parity test shows raylm's RoPE already uses HF's
+rotate-half layout, so no q/k permutation is applied), the tokenizer is raylm's own
+SentencePiece model. Only JSON and safetensors are written: no pickle anywhere, and
+transformers is not imported here.
+
+Completeness. A local export is written into a hidden sibling directory and renamed to `out`
+only once every file is in it, so `out` either does not exist or is complete. Object storage
+has no rename: an s3:// export is built locally, uploaded, and `EXPORT_MARKER` is uploaded
+last; an s3:// export is complete exactly when that marker exists (it is in local exports
+too, with the same provenance).
+
+Tokenizer. transformers 5's `LlamaTokenizer` (a `tokenizers` BPE with byte fallback, built
+from `tokenizer.model` at load time) gives raylm's ids exactly under these settings:
+`add_prefix_space: false` (raylm trains with add_dummy_prefix=False; the default would
+prepend "▁" to every text), `legacy: false`, no BOS/EOS added (raylm never adds them), and
+the special tokens registered by id in `added_tokens_decoder` so that the chat markers are
+matched from raw text as one id each, as SentencePiece's user-defined symbols are. "\\n" (a
+user-defined symbol too) needs no registration: it is one vocabulary piece that no merge
+contains, so it stays a token of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from raylm import storage
+from raylm.config import S3Config
+from raylm.hf import hf_llama_config, to_hf_state_dict
+from raylm.tokenizer import BOS, CHAT_ROLES, END, EOS, MODEL_FILE, PAD, SPECIAL_TOKENS, UNK, Tokenizer
+
+EXPORT_MARKER = "raylm_export.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# raylm's template (`Tokenizer.apply_chat_template`): `<|role|>\n{content}<|end|>\n` per message,
+# then `<|assistant|>\n` when a generation prompt is asked for. Whitespace control (`-`) keeps
+# the template's own layout out of the output; unknown roles fail as raylm's do.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in " + repr(list(CHAT_ROLES)) + " -%}"
+    "{{ raise_exception('chat message role must be one of " + ", ".join(CHAT_ROLES) + "') }}"
+    "{%- endif -%}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '" + END + "\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"export dtype {dtype}: expected one of {', '.join(_DTYPES)}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _shards(hf_sd: dict[str, torch.Tensor], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
+    """Names grouped in order into shards of at most `max_bytes` at `dtype` (a larger tensor
+    gets a shard of its own: tensors are not split)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in hf_sd.items():
+        n = t.numel() * item
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    cfg = model.cfg
+    hf_sd = to_hf_state_dict(cfg, model.state_dict())  # views of the parameters, no copies
+    if cfg.tie_embeddings:
+        # One tensor under two names: safetensors refuses shared storage, and HF's own
+        # save_pretrained drops the head too; tie_word_embeddings=True re-ties it on load.
+        del hf_sd["lm_head.weight"]
+    shards = _shards(hf_sd, dtype, max_shard_bytes)
+    names = [WEIGHTS] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    weight_map, total = {}, 0
+    for file, keys in zip(names, shards):
+        # Only this shard's converted copies live at once (a no-op `.to` shares the parameter).
+        tensors = {k: hf_sd[k].detach().to("cpu", dtype).contiguous() for k in keys}
+        save_file(tensors, str(out / file), metadata={"format": "pt"})  # "pt": what HF loaders expect
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(keys, file))
+        del tensors
+    if len(shards) > 1:
+        _write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _write_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
+    (out / MODEL_FILE).write_bytes(tok.model_bytes)
+    extra = [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)]  # the role markers and END
+    added = {
+        str(tok._sp.piece_to_id(t)): {
+            "content": t, "special": True, "normalized": False,
+            "lstrip": False, "rstrip": False, "single_word": False,
+        }
+        for t in (UNK, *SPECIAL_TOKENS)
+    }
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "additional_special_tokens": extra,  # transformers < 5's key
+        "extra_special_tokens": extra,  # transformers >= 5's key
+        "added_tokens_decoder": added,
+        "model_max_length": max_len,
+        "chat_template": CHAT_TEMPLATE,
+    })
+    _write_json(out / "special_tokens_map.json", {
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
+        "additional_special_tokens": extra,
+    })
+
+
+def _write_all(model, tok: Tokenizer, meta: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
+    cfg = model.cfg
+    config = hf_llama_config(cfg, tok.bos_id, tok.eos_id, tok.pad_id)  # refuses non-Llama configs first
+    if cfg.vocab_size != tok.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
+    config["torch_dtype"] = config["dtype"] = _dtype_name(dtype)  # < 5 and >= 5 spellings
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": tok.bos_id,
+        # A chat reply ends with <|end|> (raylm's chat_reply stops there), a document with EOS.
+        "eos_token_id": [tok.eos_id, tok.special_ids[END]],
+        "pad_token_id": tok.pad_id,
+    })
+    _write_tokenizer(tok, out, cfg.max_seq_len)
+    _write_weights(model, out, dtype, max_shard_bytes)
+    return {
+        "format": "hf-llama",
+        "step": meta.get("step"),
+        "source": meta.get("source"),
+        "tokenizer_sha256": tok.sha256,
+        "dtype": _dtype_name(dtype),
+    }
+
+
+def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torch.dtype | str = torch.float32,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+    """Write `model` (a raylm Transformer) and `tokenizer` to the new local directory
+    `out_dir` as a Hugging Face Llama; return its path. `meta`: the checkpoint's meta
+    (its step and source are recorded in `EXPORT_MARKER`). An existing `out_dir` is refused
+    rather than replaced; on any error nothing is left at `out_dir`."""
+    dtype = _dtype(dtype)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be positive")
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; export into a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        marker = _write_all(model, tokenizer, meta, tmp, dtype, max_shard_bytes)
+        _write_json(tmp / EXPORT_MARKER, marker)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is a normal directory
+        os.rename(tmp, out)  # atomic on one filesystem; fails if a non-empty out appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)
+
+
+def export_run(uri: str, out: str, s3: S3Config | None = None, checkpoint: str | None = None,
+               dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+    """Export a run's newest complete checkpoint (or `checkpoint`: a checkpoint directory, or
+    the name of one inside the run, e.g. "ckpt-00001000") to `out`, local or s3://."""
+    from raylm.generate import load_for_inference
+
+    src = uri
+    if checkpoint:
+        src = checkpoint if storage.is_s3(checkpoint) or os.sep in checkpoint or "/" in checkpoint \
+            else storage.join(uri, checkpoint)
+    if storage.is_s3(out) and storage.exists(storage.join(out, EXPORT_MARKER), s3):
+        raise FileExistsError(f"{out}: already holds a complete export; export to a new prefix")
+    model, tok, meta = load_for_inference(src, s3)
+    meta = {**meta, "source": src}
+    if not storage.is_s3(out):
+        return export_hf(model, tok, meta, out, dtype, max_shard_bytes)
+    with tempfile.TemporaryDirectory(prefix="raylm-export-") as tmp:
+        local = Path(export_hf(model, tok, meta, str(Path(tmp) / "hf"), dtype, max_shard_bytes))
+        marker = (local / EXPORT_MARKER).read_bytes()
+        (local / EXPORT_MARKER).unlink()
+        storage.upload_dir(str(local), out, s3)
+        storage.write_bytes(storage.join(out, EXPORT_MARKER), marker, s3)  # last: the export is complete
+    return out
