@@ -53,11 +53,25 @@ def load_for_inference(uri: str, s3: S3Config | None = None, device: str = "cpu"
     model.init_weights()  # RoPE tables; weights are overwritten next
     checkpoint.load_model_weights(model, ckpt, s3)
     model.eval()
-    tok = load_tokenizer(meta["tokenizer"], s3)
-    if tok.sha256 != meta["tokenizer_sha256"]:
+    tok = load_tokenizer(tokenizer_of(ckpt, meta, s3), s3)
+    if meta.get("tokenizer_sha256") and tok.sha256 != meta["tokenizer_sha256"]:
         raise ValueError(f"{meta['tokenizer']}: tokenizer hash {tok.sha256[:12]} differs from the one "
                          f"{ckpt} was trained with ({meta['tokenizer_sha256'][:12]})")
     return model, tok, meta
+
+
+def tokenizer_of(ckpt: str, meta: dict, s3: S3Config | None = None) -> str:
+    """Where a checkpoint's tokenizer is: meta.json names it relative to the run (older runs:
+    an absolute path, which no longer holds once a run is copied elsewhere, so then the run's
+    own `tokenizer/` is used)."""
+    run_dir = ckpt.rstrip("/").rsplit("/", 1)[0]
+    path = meta.get("tokenizer") or "tokenizer"
+    if not storage.is_s3(path) and not path.startswith(("/", "file://")):
+        return storage.join(run_dir, path)
+    own = storage.join(run_dir, "tokenizer")
+    if not storage.exists(path, s3) and storage.exists(own, s3):
+        return own
+    return path
 
 
 def last_logits(model: Transformer, tokens: torch.Tensor, caches, start: int | torch.Tensor) -> torch.Tensor:

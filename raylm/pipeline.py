@@ -24,7 +24,7 @@ from raylm.data import (MANIFEST, SUFFIXES, DataError, clean_text, corpus_files,
 from raylm.generate import complete, load_for_inference, load_tokenizer
 from raylm.pii import redact as redact_pii
 from raylm.record import write_record
-from raylm.tokenizer import META_FILE, Tokenizer, train_tokenizer
+from raylm.tokenizer import META_FILE, MODEL_FILE, Tokenizer, train_tokenizer
 
 
 _START = time.time()
@@ -200,20 +200,29 @@ def sample_documents(cfg: Config, limit_bytes: int, files: list | None = None):
 
 
 def ensure_tokenizer(cfg: Config, files: list | None = None) -> tuple[Config, Tokenizer]:
-    """tokenizer.path if set; else the run's own tokenizer, trained now (on `files`, if
-    listed already) if absent."""
+    """The run's own tokenizer, `<run>/tokenizer`: a copy of tokenizer.path if that is set,
+    else trained now (on `files`, if listed already) unless the run has one. Runs are
+    self-contained, so a run copied to another bucket or machine still loads."""
+    target = storage.join(cfg.run_dir, "tokenizer")
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
         log(f"tokenizer: {cfg.tokenizer.path} (vocab {tok.vocab_size}, sha {tok.sha256[:12]})")
+        keep_in_run(tok, target, cfg.s3)
+    elif storage.exists(storage.join(target, META_FILE), cfg.s3):
+        tok = load_tokenizer(target, cfg.s3)
+        log(f"tokenizer: reusing {target} (vocab {tok.vocab_size})")
     else:
-        target = storage.join(cfg.run_dir, "tokenizer")
-        if storage.exists(storage.join(target, "tokenizer.json"), cfg.s3):
-            tok = load_tokenizer(target, cfg.s3)
-            log(f"tokenizer: reusing {target} (vocab {tok.vocab_size})")
-        else:
-            tok = train_tokenizer_from(cfg, target, files)
-        cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=target))
+        tok = train_tokenizer_from(cfg, target, files)
+    cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=target))
     return dataclasses.replace(cfg, model=cfg.model.with_vocab(tok.vocab_size)), tok
+
+
+def keep_in_run(tok: Tokenizer, target: str, s3) -> None:
+    """Write `tok` to `target` (a run's tokenizer directory) unless the same one is there."""
+    if storage.exists(storage.join(target, META_FILE), s3) and load_tokenizer(target, s3).sha256 == tok.sha256:
+        return
+    storage.write_bytes(storage.join(target, MODEL_FILE), tok.model_bytes, s3)
+    storage.write_text(storage.join(target, META_FILE), json.dumps(tok.meta, indent=2, sort_keys=True) + "\n", s3)
 
 
 def train_tokenizer_from(cfg: Config, target: str, files: list | None = None) -> Tokenizer:

@@ -25,8 +25,8 @@ from raylm import checkpoint, storage
 from raylm.chat_data import prepare_chat, write_rows
 from raylm.config import Config, ConfigError, DataConfig, from_dict
 from raylm.data import DataError, list_corpus, prepared_datasets, read_manifest
-from raylm.generate import load_tokenizer, resolve_checkpoint
-from raylm.pipeline import absolute_paths, init_ray, log
+from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
+from raylm.pipeline import absolute_paths, init_ray, keep_in_run, log
 from raylm.record import write_record
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -44,7 +44,7 @@ def parent_of(cfg: Config) -> tuple[Config, dict]:
     parent_cfg = from_dict(meta["config"])
     marker = storage.read_bytes(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3)
     facts = {"checkpoint": ckpt, "sha256": hashlib.sha256(marker).hexdigest(), "stage": parent_cfg.stage,
-             "tokenizer": meta["tokenizer"], "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
+             "tokenizer": tokenizer_of(ckpt, meta, cfg.s3), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
     limit = parent_cfg.model.max_seq_len
     if cfg.data.seq_len > limit:
         if cfg.data.seq_len != DataConfig().seq_len:
@@ -52,7 +52,7 @@ def parent_of(cfg: Config) -> tuple[Config, dict]:
         log(f"data: data.seq_len={limit}, the parent model's context")  # the default, not a choice: fit it
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=limit))
     cfg = dataclasses.replace(cfg, model=parent_cfg.model,
-                              tokenizer=dataclasses.replace(cfg.tokenizer, path=meta["tokenizer"]))
+                              tokenizer=dataclasses.replace(cfg.tokenizer, path=facts["tokenizer"]))
     return cfg, facts
 
 
@@ -79,6 +79,9 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
     if parent["tokenizer_sha256"] and tok.sha256 != parent["tokenizer_sha256"]:
         raise checkpoint.CheckpointError(f"{cfg.tokenizer.path}: tokenizer hash {tok.sha256[:12]} differs from the "
                                          f"one {parent['checkpoint']} was trained with")
+    own = storage.join(cfg.run_dir, "tokenizer")  # a self-contained run carries its tokenizer
+    keep_in_run(tok, own, cfg.s3)
+    cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=own))
     init_ray(cfg)
     data_dir = storage.join(cfg.run_dir, "data")
     manifest = prepare_chat(cfg.stage, cfg.data, tok, data_dir, cfg.seed, cfg.s3, log=log)

@@ -771,7 +771,12 @@ def _read_json(uri: str, s3) -> dict | None:
 def checkpoint_facts(cfg: Config, manifest: dict | None) -> dict:
     """What export and serving need besides the weights: which tokenizer, which data."""
     manifest = manifest or {}
-    return {"tokenizer": cfg.tokenizer.path, "tokenizer_sha256": manifest.get("tokenizer_sha256", ""),
+    tok = cfg.tokenizer.path
+    try:  # relative to the run when inside it (it always is for raylm's own stages): runs move
+        tok = storage.relative(tok, cfg.run_dir)
+    except ValueError:
+        pass
+    return {"tokenizer": tok, "tokenizer_sha256": manifest.get("tokenizer_sha256", ""),
             "data_key": manifest.get("key", "")}
 
 

@@ -91,6 +91,22 @@ def test_generate_from_the_run_directory(quickstart_run, spelling):
     assert proc.stdout.startswith("The ") and len(proc.stdout.split("---")[0].strip()) > len("The")
 
 
+def test_a_copied_run_loads_anywhere(quickstart_run, tmp_path):
+    """Runs are self-contained: the tokenizer lives in the run, and checkpoints name it
+    relative to the run, so a copy in another place (bucket, laptop) loads as it is."""
+    import shutil
+
+    from raylm.generate import load_for_inference
+
+    cfg, _ = quickstart_run
+    meta = json.loads(next(Path(cfg.run_dir).glob("ckpt-*/meta.json")).read_text())
+    assert meta["tokenizer"] == "tokenizer"
+    moved = tmp_path / "elsewhere" / "qs"
+    shutil.copytree(cfg.run_dir, moved, ignore=shutil.ignore_patterns("data", "corpus"))
+    model, tok, _ = load_for_inference(str(moved))
+    assert tok.path == str(moved / "tokenizer")
+
+
 def test_from_record_reproduces_the_recorded_config(quickstart_run):
     from raylm.cli import build_parser, _config
     from raylm.record import load_record

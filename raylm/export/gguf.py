@@ -1,0 +1,273 @@
+"""Export a raylm model and tokenizer as one GGUF file for llama.cpp (architecture `llama`).
+
+The file is what llama.cpp's own `convert_hf_to_gguf.py` would write for the Hugging Face
+export of the same checkpoint (`raylm.export.hf`), written directly with llama.cpp's Python
+package `gguf`:
+
+* metadata: the `llama.*` hyperparameters, `general.file_type`, and raylm's provenance
+  (`raylm.step`, `raylm.source`, `raylm.tokenizer_sha256`, as in the HF export's marker);
+* tokenizer: SentencePiece's vocabulary as llama.cpp's `llama` (SPM) tokenizer reads it:
+  pieces, scores and token types, no BOS/EOS added and no space prefix (raylm adds neither),
+  and the HF export's Jinja chat template;
+* tensors under the converter's names, q_proj/k_proj permuted to llama.cpp's RoPE layout
+  (see `permute_for_llama_cpp`), in f32, f16 or q8_0 (1-D norm weights always f32).
+
+Completeness. A local export is written to a hidden temporary sibling and renamed to `out`
+only once closed, so `out` either does not exist or is a complete file. Object storage has
+no rename, but an object appears only when its upload completes: an s3:// export is built
+locally and uploaded as one object, then `<out>.raylm_export.json` (the HF export's marker
+content) is written last, so a reader can also tell a finished export by that marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raylm import storage
+from raylm.config import S3Config
+from raylm.export.hf import CHAT_TEMPLATE
+from raylm.hf import _check_llama
+from raylm.tokenizer import END, ROLE_TOKENS, Tokenizer
+
+MARKER_SUFFIX = ".raylm_export.json"  # s3:// only: `<out>` + this, written after `<out>`
+
+# Only imported when an export runs: `gguf` is an optional extra.
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
+_QTYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
+
+# raylm name -> llama.cpp name (gguf.TENSOR_NAMES for the `llama` architecture).
+_TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+        "output.weight": "output.weight"}
+_LAYER = {
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+    "feed_forward.w2.weight": "ffn_down.weight",
+    "attention_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("GGUF export needs the `gguf` package: pip install 'raylm[gguf]'") from None
+    return gguf
+
+
+def gguf_name(name: str) -> str:
+    """raylm parameter name -> llama.cpp tensor name; unknown parameters are refused (a
+    file without them would load and silently compute something else)."""
+    if name in _TOP:
+        return _TOP[name]
+    prefix, idx, rest = (name.split(".", 2) + ["", ""])[:3]
+    if prefix == "layers" and idx.isdigit() and rest in _LAYER:
+        return f"blk.{idx}.{_LAYER[rest]}"
+    raise KeyError(f"no llama.cpp `llama` equivalent for parameter {name!r}")
+
+
+def permute_for_llama_cpp(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q_proj/k_proj rows from the rotate-halves RoPE layout to llama.cpp's interleaved one.
+
+    raylm (like HF Llama) rotates the pair (x[i], x[i + d/2]) of each head; llama.cpp's
+    `llama` architecture (ggml_rope, mode 0) rotates (x[2i], x[2i + 1]). Reordering each
+    head's output rows from [0..d/2, d/2..d] to [0, d/2, 1, d/2+1, ...] makes the two agree,
+    and attention scores are unchanged because q and k are reordered alike. This is
+    `LlamaModel.permute` in llama.cpp's convert_hf_to_gguf.py, applied to every HF Llama
+    (for k, with the KV head count)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_from_llama_cpp(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_for_llama_cpp`."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _check(model, tok: Tokenizer) -> None:
+    cfg = model.cfg
+    _check_llama(cfg)  # qk_norm: one-line ValueError naming it (llama has no q/k norm either)
+    if cfg.vocab_size != tok.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
+    if cfg.head_dim % 2:
+        raise ValueError(f"head_dim={cfg.head_dim} is odd: RoPE needs pairs")
+
+
+def _vocab(tok: Tokenizer, gguf) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and llama.cpp token types, as convert_hf_to_gguf's SentencePiece vocab."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # SentencePiece's processor cannot say which pieces are user-defined
+        raise ImportError("GGUF export needs protobuf to read the tokenizer's piece types") from None
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.model_bytes)
+    # SentencePiece's piece types are numbered as gguf.TokenType (NORMAL=1 ... BYTE=6), so they
+    # carry over: <unk> UNKNOWN, bos/eos/pad CONTROL, <0xNN> BYTE, "\n" and the chat markers
+    # USER_DEFINED. The chat markers become CONTROL, as llama.cpp expects of chat markers:
+    # they are not printed when detokenizing, a prompt matches them from text when tokenized
+    # with parse_special (what chat templates use), and llama.cpp treats <|end|> as
+    # end-of-generation. "\n" stays USER_DEFINED: ordinary text, always one token, as in raylm.
+    control = {*ROLE_TOKENS.values(), END}
+    tokens, scores, types = [], [], []
+    for p in proto.pieces:
+        tokens.append(p.piece)
+        scores.append(p.score)
+        types.append(int(gguf.TokenType.CONTROL if p.piece in control else gguf.TokenType(p.type)))
+    return tokens, scores, types
+
+
+def _plan(model, dtype: str, gguf) -> list[tuple[str, torch.Tensor, object]]:
+    """(gguf name, tensor, quantization type) per tensor, in the order they are written."""
+    cfg = model.cfg
+    q = gguf.GGMLQuantizationType
+    plan = []
+    for name, t in model.state_dict().items():
+        out = gguf_name(name)
+        if out.endswith("attn_q.weight"):
+            t = permute_for_llama_cpp(t, cfg.n_heads)
+        elif out.endswith("attn_k.weight"):
+            t = permute_for_llama_cpp(t, cfg.kv_heads)
+        qtype = q[_QTYPES[dtype]]
+        if t.ndim <= 1:
+            qtype = q.F32  # norm weights: tiny, and precision-sensitive (the converter's rule too)
+        elif qtype == q.Q8_0 and t.shape[-1] % gguf.GGML_QUANT_SIZES[q.Q8_0][0]:
+            qtype = q.F16  # rows must be whole 32-value blocks; the converter falls back to f16 too
+        plan.append((out, t, qtype))
+    # Tied embeddings: no `output.weight`; llama.cpp reuses token_embd when it is missing.
+    return plan
+
+
+def _array(t: torch.Tensor, qtype, gguf) -> np.ndarray:
+    q = gguf.GGMLQuantizationType
+    a = t.detach().to("cpu", torch.float32).numpy()
+    if qtype == q.F32:
+        return np.ascontiguousarray(a)
+    if qtype == q.F16:
+        return a.astype(np.float16)
+    return gguf.quants.quantize(a, qtype)  # uint8 blocks, (rows, bytes per row)
+
+
+def _write(model, tok: Tokenizer, meta: dict, path: Path, dtype: str) -> None:
+    gguf = _gguf()
+    cfg = model.cfg
+    w = gguf.GGUFWriter(None, "llama")
+    w.add_name("raylm")
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    # Explicit: llama.cpp otherwise derives them as dim / n_heads, which need not be raylm's
+    # head_dim (dim // n_heads) times n_heads.
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dtype]])
+
+    tokens, scores, types = _vocab(tok, gguf)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_pad_token_id(tok.pad_id)
+    w.add_unk_token_id(tok._sp.unk_id())
+    w.add_eot_token_id(tok.special_ids[END])  # a chat reply ends there (raylm's chat_reply)
+    w.add_add_bos_token(False)  # raylm never adds BOS or EOS
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)  # raylm trains with add_dummy_prefix=False
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    w.add_uint64("raylm.step", int(meta.get("step") or 0))
+    w.add_string("raylm.source", str(meta.get("source") or ""))
+    w.add_string("raylm.tokenizer_sha256", tok.sha256)
+
+    # Streamed: tensor infos first, then one converted tensor at a time, so the export never
+    # holds a second copy of the whole model.
+    plan = _plan(model, dtype, gguf)
+    for name, t, qtype in plan:
+        shape = tuple(t.shape)
+        nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype)))
+        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    w.write_header_to_file(path)
+    try:
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _, t, qtype in plan:
+            w.write_tensor_data(_array(t, qtype, gguf))
+        for f in w.fout:
+            f.flush()
+            os.fsync(f.fileno())  # content on disk before the rename makes it visible
+    finally:
+        w.close()
+
+
+def export_gguf(model, tokenizer: Tokenizer, meta: dict, out_path: str, dtype: str = "f32") -> str:
+    """Write `model` (a raylm Transformer) and `tokenizer` to the new local file `out_path` as
+    GGUF (`dtype`: "f32", "f16" or "q8_0"); return its path. `meta`: the checkpoint's meta
+    (its step and source are recorded). An existing `out_path` is refused rather than
+    replaced; on any error nothing is left at `out_path`."""
+    if dtype not in _QTYPES:
+        raise ValueError(f"GGUF export dtype {dtype!r}: expected one of {', '.join(_QTYPES)}")
+    _check(model, tokenizer)
+    out = Path(out_path)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; export to a new file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with torch.no_grad():
+            _write(model, tokenizer, meta, tmp, dtype)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is a normal file
+        os.rename(tmp, out)  # atomic on one filesystem
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return str(out)
+
+
+def export_run_gguf(uri: str, out: str, s3: S3Config | None = None, checkpoint: str | None = None,
+                    dtype: str = "f32") -> str:
+    """Export a run's newest complete checkpoint (or `checkpoint`: a checkpoint directory, or
+    the name of one inside the run) to the GGUF file `out`, local or s3://."""
+    from raylm.generate import load_for_inference
+
+    src = uri
+    if checkpoint:
+        src = checkpoint if storage.is_s3(checkpoint) or os.sep in checkpoint or "/" in checkpoint \
+            else storage.join(uri, checkpoint)
+    if storage.is_s3(out) and storage.exists(out + MARKER_SUFFIX, s3):
+        raise FileExistsError(f"{out}: already holds a complete export; export to a new key")
+    model, tok, meta = load_for_inference(src, s3)
+    meta = {**meta, "source": src}
+    if not storage.is_s3(out):
+        return export_gguf(model, tok, meta, out, dtype)
+    parent, _, name = out.rstrip("/").rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="raylm-export-") as tmp:
+        # The directory holds only the finished file (export_gguf renames its temporary into
+        # place), so uploading it writes exactly the object `out`.
+        export_gguf(model, tok, meta, str(Path(tmp) / name), dtype)
+        storage.upload_dir(tmp, parent, s3)
+    marker = {"format": "gguf-llama", "step": meta.get("step"), "source": src,
+              "tokenizer_sha256": tok.sha256, "dtype": dtype}
+    storage.write_bytes(out + MARKER_SUFFIX, json.dumps(marker, indent=2).encode() + b"\n", s3)  # last
+    return out
+
