@@ -151,9 +151,16 @@ def cmd_generate(args) -> None:
 
 def cmd_export(args) -> None:
     from raylm.config import S3Config
-    from raylm.export.hf import export_run
 
-    out = export_run(args.run, args.out, S3Config(), checkpoint=args.checkpoint, dtype=args.dtype)
+    try:
+        if args.format == "hf":
+            from raylm.export.hf import export_run
+        else:
+            from raylm.export.gguf import export_run_gguf as export_run
+    except ImportError as e:
+        raise ConfigError(f"--format {args.format} needs {e.name}: pip install -e '.[export]'") from None
+    dtype = args.dtype or ("float32" if args.format == "hf" else "f32")
+    out = export_run(args.run, args.out, S3Config(), checkpoint=args.checkpoint, dtype=dtype)
     print(json.dumps({"format": args.format, "out": out}, indent=1))
 
 
@@ -218,15 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenizer", help="tokenizer directory (default: tokenizer.path)")
 
     sp = sub.add_parser("export", help="Export a run (local or s3://) for other tools.",
-                        description="Export a run's newest complete checkpoint (or --checkpoint) as a Hugging Face "
-                                    "LlamaForCausalLM directory: config.json, model.safetensors (sharded above 5 GB), "
-                                    "generation_config.json and a tokenizer AutoTokenizer loads, with the chat "
-                                    "template. The output appears only when complete.")
+                        description="Export a run's newest complete checkpoint (or --checkpoint). --format hf: a "
+                                    "Hugging Face LlamaForCausalLM directory (config.json, model.safetensors sharded "
+                                    "above 5 GB, generation_config.json, a tokenizer AutoTokenizer loads, the chat "
+                                    "template). --format gguf: one llama.cpp file (llama architecture, SentencePiece "
+                                    "vocabulary, chat template). The output appears only when complete.")
     sp.add_argument("run", help="run directory or checkpoint, local or s3://")
-    sp.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers, vLLM, lm-eval")
-    sp.add_argument("--out", required=True, help="output directory, local or s3:// (must not exist)")
+    sp.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                    help="hf: transformers, vLLM, lm-eval; gguf: llama.cpp")
+    sp.add_argument("--out", required=True, help="output directory (hf) or file (gguf), local or s3://; must not exist")
     sp.add_argument("--checkpoint", help="a checkpoint name in the run (ckpt-00001000) instead of the newest")
-    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "f32", "f16", "q8_0"],
+                    help="hf: float32 (default), bfloat16, float16; gguf: f32 (default), f16, q8_0")
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("generate", help="Sample continuations from a checkpoint or run directory.",

@@ -37,7 +37,7 @@ from raylm.tokenizer import END, ROLE_TOKENS, Tokenizer
 
 MARKER_SUFFIX = ".raylm_export.json"  # s3:// only: `<out>` + this, written after `<out>`
 
-# Only imported when an export runs: `gguf` is an optional extra.
+# Names in gguf's enums (`gguf` itself is imported only when an export runs: an optional extra).
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 _QTYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
 

@@ -182,3 +182,17 @@ def test_export_of_the_two_worker_s3_run_loads_in_transformers(chain, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "raylm.cli", "export", base.run_dir, "--out", str(local)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and "raylm: error:" in proc.stderr and "Traceback" not in proc.stderr  # exists
+
+    # GGUF from the same run: llama.cpp's own reader sees the architecture, vocabulary and tensors.
+    import gguf
+
+    path = tmp_path / "base.gguf"
+    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "export", base.run_dir, "--format", "gguf",
+                           "--dtype", "q8_0", "--out", str(path)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == tok.vocab_size
+    assert {t.name for t in reader.tensors} >= {"token_embd.weight", "blk.0.attn_q.weight", "output_norm.weight"}
