@@ -24,13 +24,11 @@ them whole (seeded) before packing.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import time
 import uuid
-import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +37,7 @@ import pyarrow.parquet as pq
 from raylm import storage
 from raylm.config import DataConfig, S3Config
 from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _decode, _remove_stale_attempts, _sources,
-                        _check_error_budget, check_plain_types, list_corpus, read_manifest, stable_fraction)
+                        _check_error_budget, check_plain_types, decompressed, list_corpus, read_manifest, stable_fraction)
 from raylm.tokenizer import CHAT_ROLES
 
 KINDS = ("sft", "dpo")
@@ -51,12 +49,11 @@ COLUMNS = {"sft": ("tokens", "loss_mask"), "dpo": ("chosen", "chosen_mask", "rej
 
 def parse_records(path: str, raw: bytes):
     """(line, record dict) or (line, DataError) for each record of one file."""
-    if path.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            yield 0, DataError(f"{path}: truncated or corrupt gzip ({e})")
-            return
+    try:
+        raw = decompressed(path, raw)
+    except DataError as e:
+        yield 0, e
+        return
     if path.endswith(".parquet"):
         try:
             table = pq.read_table(io.BytesIO(raw))

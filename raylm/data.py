@@ -112,6 +112,16 @@ def check_plain_types(schema: pa.Schema, where: str) -> None:
                             f"deserialised by code of their own (unpickled, for Ray's object columns); refused")
 
 
+def decompressed(path: str, raw: bytes) -> bytes:
+    """A file's bytes, gunzipped if its name ends in .gz."""
+    if not path.endswith(".gz"):
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
+
+
 def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -124,12 +134,11 @@ def parse_documents(path: str, raw: bytes, text_field: str):
 
     Bad records are yielded, not raised, so the driver can apply the error budget in order."""
     name = path.rsplit("/", 1)[-1]
-    if path.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            yield 0, DataError(f"{path}: truncated or corrupt gzip ({e})")
-            return
+    try:
+        raw = decompressed(path, raw)
+    except DataError as e:
+        yield 0, e
+        return
     if name.endswith(".txt"):
         try:
             yield 1, _decode(raw, path)  # one document per text file

@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict

@@ -85,6 +85,11 @@ def test_sft_then_dpo_on_two_workers_recover_from_a_killed_worker(chain, monkeyp
     summary = posttrain(dpo, max_failures=1)
     out = capfd.readouterr().out
     assert "resumed from" in out and "ckpt-00000006" in out, out[-5000:]
+    monkeypatch.delenv("RAYLM_INJECT_FAILURE")
+    twin = dataclasses.replace(dpo, name="dpo-uninterrupted")
+    posttrain(twin)
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in rows(dpo, "train")] == \
+        [(r["step"], r["loss"], r["grad_norm"]) for r in rows(twin, "train")]
     val = rows(dpo, "val")
     assert [r["step"] for r in val] == [6, 12]
     assert {"val_preference_accuracy", "val_reward_margin", "val_reward_chosen", "val_pairs"} <= set(val[-1])
