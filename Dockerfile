@@ -7,8 +7,9 @@ FROM ${RAY_IMAGE}
 WORKDIR /home/ray/raylm
 # Dependencies first, so code changes do not reinstall torch.
 COPY --chown=ray:users pyproject.toml README.md ./
-# The float8 extra (torchao) is small and lets GPU runs use train.float8=true.
-RUN mkdir raylm && touch raylm/__init__.py && pip install --no-cache-dir '.[float8]' && pip uninstall -y raylm
+# The float8 extra (torchao) is small and lets GPU runs use train.float8=true; the export
+# extra (safetensors, gguf) lets a job run `raylm export` where the run is.
+RUN mkdir raylm && touch raylm/__init__.py && pip install --no-cache-dir '.[float8,export]' && pip uninstall -y raylm
 COPY --chown=ray:users raylm ./raylm
 COPY --chown=ray:users jobs ./jobs
 RUN pip install --no-cache-dir --no-deps .
