@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 
 from raylm import storage
 from raylm.config import DataConfig, S3Config
-from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _decode, _remove_stale_attempts, _sources,
-                        _check_error_budget, check_plain_types, decompressed, list_corpus, read_manifest, stable_fraction)
+from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _remove_stale_attempts, _sources,
+                        _check_error_budget, check_plain_types, decompressed, json_lines, list_corpus, read_manifest, stable_fraction)
 from raylm.tokenizer import CHAT_ROLES
 
 KINDS = ("sft", "dpo")
@@ -66,15 +66,7 @@ def parse_records(path: str, raw: bytes):
             return
         yield from enumerate(table.to_pylist(), start=1)
         return
-    for i, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield i, json.loads(_decode(line, f"{path}:{i}"))
-        except DataError as e:
-            yield i, e
-        except json.JSONDecodeError as e:
-            yield i, DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})")
+    yield from json_lines(path, raw)
 
 
 def _text(record: dict, key: str, where: str) -> str:

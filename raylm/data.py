@@ -166,20 +166,11 @@ def parse_documents(path: str, raw: bytes, text_field: str):
             else:
                 yield i, text
         return
-    # JSON lines
-    for i, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
+    for i, record in json_lines(path, raw):
         where = f"{path}:{i}"
-        try:
-            record = json.loads(_decode(line, where))
-        except DataError as e:
-            yield i, e
-            continue
-        except json.JSONDecodeError as e:
-            yield i, DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(record, dict):
+        if isinstance(record, DataError):
+            yield i, record
+        elif not isinstance(record, dict):
             yield i, DataError(f"{where}: a JSON {type(record).__name__}, not an object with a {text_field!r} field")
         elif text_field not in record:
             keys = ", ".join(record) or "no fields"
@@ -191,6 +182,20 @@ def parse_documents(path: str, raw: bytes, text_field: str):
                                f"not text")
         else:
             yield i, record[text_field]
+
+
+def json_lines(path: str, raw: bytes):
+    """(line number, parsed value) or (line number, DataError) for each non-blank line of a
+    JSON-lines file: the one reader of corpus documents and of SFT/DPO records."""
+    for i, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(_decode(line, f"{path}:{i}"))
+        except DataError as e:
+            yield i, e
+        except json.JSONDecodeError as e:
+            yield i, DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})")
 
 
 def _encodable(text: str) -> bool:

@@ -21,13 +21,13 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import raylm.export.gguf as export_mod  # noqa: E402
-from raylm.config import ModelConfig  # noqa: E402
 from raylm.export.gguf import (  # noqa: E402
     MARKER_SUFFIX, export_gguf, export_run_gguf, gguf_name, permute_for_llama_cpp, unpermute_from_llama_cpp)
 from raylm.export.hf import CHAT_TEMPLATE  # noqa: E402
 from raylm.generate import greedy_decode  # noqa: E402
-from raylm.model import apply_rope, build_model, rope_tables  # noqa: E402
+from raylm.model import apply_rope, rope_tables  # noqa: E402
 from raylm.tokenizer import END, ROLE_TOKENS, train_tokenizer  # noqa: E402
+from tests.unit.test_export_hf import unit_scale_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 T = gguf.TokenType
@@ -44,17 +44,8 @@ def tok(tmp_path_factory):
 
 
 def _model(tok, tie: bool = True, **kw):
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
-                      tie_embeddings=tie, rope_theta=500.0, **kw)
-    model = build_model(cfg, seed=0).eval()
-    # Unit-scale weights, distinct norm weights (raylm's init would make layout mistakes hard
-    # to see), as in the HF export's tests. rope_theta is low so every pair rotates visibly.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if p.ndim == 1
-                    else torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-    return model
+    # rope_theta is low so that every pair rotates visibly.
+    return unit_scale_model(tok, tie, rope_theta=500.0, **kw)
 
 
 def _read(path):

@@ -54,7 +54,7 @@ def tok(tmp_path_factory):
     return train_tokenizer(TEXTS, str(tmp_path_factory.mktemp("tok") / "tokenizer"), 420)
 
 
-def _model(tok, tie: bool = True, **kw):
+def unit_scale_model(tok, tie: bool = True, **kw):
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                       tie_embeddings=tie, **kw)
     model = build_model(cfg, seed=0).eval()
@@ -84,7 +84,7 @@ def _ids(result):
 
 @pytest.fixture(scope="module")
 def exported(tok, tmp_path_factory):
-    model = _model(tok, tie=True)
+    model = unit_scale_model(tok, tie=True)
     out = tmp_path_factory.mktemp("exp") / "hf"
     export_hf(model, tok, {"step": 7}, str(out))
     return model, out
@@ -92,7 +92,7 @@ def exported(tok, tmp_path_factory):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_equal_raylm(tok, tmp_path, tie):
-    model = _model(tok, tie=tie)
+    model = unit_scale_model(tok, tie=tie)
     out = tmp_path / "hf"
     assert export_hf(model, tok, {"step": 7}, str(out)) == str(out)
     hf = _load(out)
@@ -152,7 +152,7 @@ def test_chat_template_ids_equal_raylm(tok, exported, gen):
 
 
 def test_sharded_export_loads_equal(tok, tmp_path):
-    model = _model(tok, tie=False)
+    model = unit_scale_model(tok, tie=False)
     out = tmp_path / "hf"
     export_hf(model, tok, {}, str(out), max_shard_bytes=60_000)
     shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
@@ -167,7 +167,7 @@ def test_sharded_export_loads_equal(tok, tmp_path):
 def test_bfloat16_export(tok, tmp_path):
     from safetensors import safe_open
 
-    model = _model(tok)
+    model = unit_scale_model(tok)
     export_hf(model, tok, {}, str(tmp_path / "hf"), dtype="bfloat16")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(str(tmp_path / "hf" / WEIGHTS), "pt") as f:
@@ -175,7 +175,7 @@ def test_bfloat16_export(tok, tmp_path):
 
 
 def test_qk_norm_is_refused_in_one_line(tok, tmp_path):
-    model = _model(tok, qk_norm=True)
+    model = unit_scale_model(tok, qk_norm=True)
     with pytest.raises(ValueError, match="model.qk_norm") as e:
         export_hf(model, tok, {}, str(tmp_path / "hf"))
     assert "\n" not in str(e.value)
@@ -194,20 +194,20 @@ def test_failed_export_leaves_nothing(tok, tmp_path, monkeypatch):
     real_save = export_mod.save_file
     monkeypatch.setattr(export_mod, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        export_hf(_model(tok), tok, {}, str(tmp_path / "hf"), max_shard_bytes=60_000)
+        export_hf(unit_scale_model(tok), tok, {}, str(tmp_path / "hf"), max_shard_bytes=60_000)
     assert list(tmp_path.iterdir()) == []  # neither `hf` nor its temporary sibling
 
 
 def test_existing_output_is_refused(tok, tmp_path):
     (tmp_path / "hf").mkdir()
     with pytest.raises(FileExistsError):
-        export_hf(_model(tok), tok, {}, str(tmp_path / "hf"))
+        export_hf(unit_scale_model(tok), tok, {}, str(tmp_path / "hf"))
 
 
 def test_export_run_loads_the_named_checkpoint(tok, tmp_path, monkeypatch):
     import raylm.generate
 
-    model = _model(tok)
+    model = unit_scale_model(tok)
     seen = []
 
     def fake_load(uri, s3=None):
@@ -230,7 +230,7 @@ def test_s3_export_uploads_the_marker_last(tok, monkeypatch):
     marker must be the last object written and not part of the bulk upload."""
     import raylm.generate
 
-    model = _model(tok)
+    model = unit_scale_model(tok)
     monkeypatch.setattr(raylm.generate, "load_for_inference", lambda uri, s3=None: (model, tok, {"step": 5}))
     events = []
     storage = export_mod.storage
