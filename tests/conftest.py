@@ -74,3 +74,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny trained run directory (tests/tiny_run.py), made once per session without Ray:
+    what eval, export and serving tests read. Treat it as read-only."""
+    from tests.tiny_run import make_tiny_run
+
+    return make_tiny_run(str(tmp_path_factory.mktemp("tiny-run")))
