@@ -1,4 +1,5 @@
-# raylm on the official Ray image: the same Ray version as pyproject.toml pins.
+# raylm on the official Ray image: RAY_BASE_IMAGE of cluster/versions.env, the one place that
+# pins the Ray version (pyproject.toml's pin and the cluster manifests follow it; tested).
 #   docker build -t raylm .                                   # GPU image (CUDA torch)
 #   docker build --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu -t raylm:cpu .
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu

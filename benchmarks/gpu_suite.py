@@ -4,6 +4,12 @@
     python benchmarks/gpu_suite.py --only train-124m decode-compiled
     python benchmarks/gpu_suite.py --table-only          # the table from the JSON already written
     python benchmarks/gpu_suite.py --dry-run             # the commands, without running them
+    python benchmarks/gpu_suite.py --skip-tests          # the benchmarks without the GPU test tier
+
+The GPU test tier (`tests/gpu`: bf16 FSDP2 over NCCL, compile with activation checkpointing,
+float8 at 1B, compiled decode, resume, host caches) runs first: figures from a machine where
+the core is broken would mean nothing. If it fails, the benchmarks still run (their numbers
+help find out why) and the exit status is non-zero.
 
 Each benchmark runs in its own process (a fresh CUDA context and compile cache, so one cannot
 warm the next) and writes `<out-dir>/<device>-<name>.json`, e.g. `h100-train-124m.json`. A
@@ -24,6 +30,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TESTS = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(HERE.parent / "tests" / "gpu")]
 
 # name -> (script, arguments). The shapes are the issue's; micro-batches fit an 80 GB GPU.
 SUITE = {
@@ -101,6 +108,7 @@ def main() -> int:
     p.add_argument("--device-name", default="", help="file-name prefix (default: from the GPU, e.g. h100)")
     p.add_argument("--table-only", action="store_true", help="print the table from existing JSON; run nothing")
     p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the GPU test tier (tests/gpu) first")
     args = p.parse_args()
     names = args.only or list(SUITE)
     if args.table_only and not args.device_name:
@@ -108,6 +116,12 @@ def main() -> int:
     slug = args.device_name or ("gpu" if args.dry_run else device_slug())
     out_dir = Path(args.out_dir)
     failed = []
+    if not args.table_only and not args.skip_tests:
+        print("$ " + " ".join(TESTS[1:]), file=sys.stderr, flush=True)
+        if not args.dry_run and subprocess.run(TESTS, cwd=HERE.parent, stdout=sys.stderr).returncode != 0:
+            failed.append("tests/gpu")
+            print("gpu_suite: the GPU test tier failed (its output is above); running the benchmarks anyway",
+                  file=sys.stderr)
     if not args.table_only:
         for name in names:
             cmd = command(name, out_dir / f"{slug}-{name}.json")

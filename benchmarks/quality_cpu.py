@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -48,27 +47,15 @@ def split_corpus(path: Path, out: Path, held_out: float = 0.1) -> tuple[Path, Pa
 
 
 def bits_per_byte(run_dir: str, val_text: str, seq_len: int) -> dict:
-    """Mean loss over every full block of the held-out text, converted to bits per byte."""
-    import torch
-
+    """Mean loss over every full block of the held-out text, converted to bits per byte
+    (raylm.eval.bpb, the library's measure)."""
+    from raylm.eval.bpb import bits_per_byte as library_bpb
     from raylm.generate import load_for_inference
 
     model, tok, meta = load_for_inference(run_dir)
-    ids = tok.encode(val_text)
-    n = (len(ids) - 1) // seq_len
-    x = torch.tensor(ids[: n * seq_len + 1])
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, n, 16):
-            rows = torch.stack([x[j * seq_len:(j + 1) * seq_len + 1] for j in range(i, min(n, i + 16))])
-            _, loss = model(rows[:, :-1], rows[:, 1:])
-            total += float(loss) * rows[:, 1:].numel()
-            count += rows[:, 1:].numel()
-    nats = total / count
-    tokens_per_byte = len(ids) / len(val_text.encode("utf-8"))
-    return {"val_loss_nats_per_token": nats, "tokens_per_byte": tokens_per_byte,
-            "val_bpb": nats * tokens_per_byte / math.log(2), "val_tokens_scored": count,
-            "step": meta["step"]}
+    r = library_bpb(model, tok, [val_text], seq_len)
+    return {"val_loss_nats_per_token": r["loss"], "tokens_per_byte": r["tokens_per_byte"],
+            "val_bpb": r["bpb"], "val_tokens_scored": r["tokens_scored"], "step": meta["step"]}
 
 
 def main(argv: list[str] | None = None) -> dict | int:

@@ -5,7 +5,9 @@ One process, one device, one invocation measures both:
 * raylm: `train_step` on `build_parallel_model` inside a one-process group
   (`init_local_process_group`), so FSDP2 with its bf16 MixedPrecisionPolicy is exactly the
   path a Ray Train worker runs; per-block `torch.compile`, fused AdamW (`make_optimizer`), and
-  the chunked cross-entropy of `raylm.losses` (--chunked-ce, default on GPU).
+  the chunked cross-entropy of `raylm.losses`. Precision, compile and the loss chunking are
+  `raylm pretrain`'s own defaults for the device (`Config.for_device`: on for CUDA, off for
+  CPU), unless a flag overrides one, so the figures describe what a default run gets.
 * the peer: transformers' `LlamaForCausalLM` of the same shape (`raylm.hf.hf_llama_config`)
   with fp32 weights under bf16 autocast, `torch.compile` of the whole model, fused AdamW and
   the loss from `labels`; both clip gradients at 1.0.
@@ -65,11 +67,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from raylm.config import MODEL_PRESETS, ModelConfig, TrainConfig
+from raylm.config import (MODEL_PRESETS, PRESET_TOKENIZER_VOCAB, Config, ModelConfig, TrainConfig,
+                          device_defaults, load_config)
 from raylm.hf import to_hf_state_dict
 from raylm.metrics import flops_per_token, mfu, peak_flops
 from raylm.model import count_params
-from raylm.parallel import build_parallel_model, init_local_process_group, resolve_precision
+from raylm.parallel import build_parallel_model, init_local_process_group
 from raylm.train import NextTokenObjective, device_name, make_optimizer, train_step
 
 LR, GRAD_CLIP = 3e-4, 1.0
@@ -87,12 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 on CUDA, fp32 elsewhere (raylm.parallel.resolve_precision)")
+                   help="train.precision; auto: bf16 on CUDA, fp32 elsewhere (raylm.config.device_defaults)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile raylm's blocks and the peer model (default: on for CUDA)")
+                   help="train.compile for raylm's blocks and the peer model (default: raylm's, on for CUDA)")
     p.add_argument("--chunked-ce", action=argparse.BooleanOptionalAction, default=None,
-                   help="raylm's loss via raylm.losses.chunked_cross_entropy (default: on for CUDA)")
-    p.add_argument("--ce-chunk", type=int, default=2048, help="rows of logits per chunk")
+                   help="raylm's loss via raylm.losses' chunked cross-entropy (default: raylm's, on for CUDA)")
+    p.add_argument("--ce-chunk", type=int, default=None,
+                   help="rows of logits per chunk (default: train.loss_chunk_size's for the device)")
     p.add_argument("--float8", action="store_true",
                    help="raylm with train.float8 (torchao float8 linears in the blocks; needs torchao)")
     p.add_argument("--skip-peer", action="store_true", help="measure raylm only")
@@ -101,16 +105,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default="", metavar="DIR",
                    help="write a torch.profiler trace and op table of 3 raylm steps to DIR")
     args = p.parse_args(argv)
-    cuda = torch.device(args.device).type == "cuda"
-    args.compile = cuda if args.compile is None else args.compile
-    args.chunked_ce = cuda if args.chunked_ce is None else args.chunked_ce
+    tc = resolved_config(args).train
+    args.compile, args.chunked_ce = tc.compile, tc.loss_chunk_size > 0
+    args.ce_chunk = tc.loss_chunk_size
     return args
+
+
+def resolved_config(args) -> Config:
+    """The config `raylm pretrain model.preset=<preset>` trains with on this device, with the
+    flags that were given applied as the same overrides a user would write."""
+    overrides = [f"model.preset={args.preset}", f"train.precision={args.dtype}", f"train.float8={args.float8}"]
+    if args.compile is not None:
+        overrides.append(f"train.compile={args.compile}")
+    if args.chunked_ce is False:
+        overrides.append("train.loss_chunk_size=0")
+    elif args.ce_chunk is not None:
+        overrides.append(f"train.loss_chunk_size={args.ce_chunk}")
+    elif args.chunked_ce:  # on without a size: the size "auto" picks on CUDA
+        overrides.append(f"train.loss_chunk_size={device_defaults('cuda')['loss_chunk_size']}")
+    return load_config(None, overrides).for_device(torch.device(args.device).type)
 
 
 def model_config(preset: str, seq_len: int) -> ModelConfig:
     cfg = MODEL_PRESETS[preset]
-    if cfg.vocab_size == 0:  # resolved from a tokenizer in real runs; a typical size here
-        cfg = cfg.with_vocab(4096)
+    if cfg.vocab_size == 0:  # resolved from a tokenizer in real runs: the one the preset was designed for
+        cfg = cfg.with_vocab(PRESET_TOKENIZER_VOCAB.get(preset, 4096))
     if seq_len > cfg.max_seq_len:  # only the RoPE table grows; the parameters do not change
         cfg = dataclasses.replace(cfg, max_seq_len=seq_len)
     return cfg
@@ -184,7 +203,7 @@ def run_raylm(cfg, args, device, precision, batches, dev_name, tokens_per_step):
         # Before any update: the peer starts from these weights (fp32 masters, CPU copy).
         initial = {k: v.clone() for k, v in full_model_state(model).items()}
     optimizer = make_optimizer(model, TrainConfig(lr=LR, grad_clip=GRAD_CLIP), device)
-    objective = NextTokenObjective(chunk_size=args.ce_chunk) if args.chunked_ce else NextTokenObjective()
+    objective = NextTokenObjective(chunk_size=args.ce_chunk if args.chunked_ce else 0)
     grads = None
     if peer_wanted(args):  # the parity probe: mean loss of the first micro-batch, backward, keep grads
         mb = batches[0][0]
@@ -282,7 +301,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    precision = resolve_precision(args.dtype, device)
+    precision = resolved_config(args).train.precision
     cfg = model_config(args.preset, args.seq_len)
     dev_name = device_name(device)
     tokens_per_step = args.micro_batch * args.seq_len * args.grad_accum

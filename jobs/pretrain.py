@@ -1,7 +1,7 @@
 """Pre-train on a Ray cluster: `raylm pretrain` as a Ray job.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/pretrain.py --data 's3://bucket/corpus/*.jsonl.gz' \
+        python jobs/pretrain.py --config run.yaml --data 's3://bucket/corpus/*.jsonl.gz' \
         name=run1 storage=s3://bucket/runs train.num_workers=8 train.use_gpu=true model.preset=1b \
         tokenizer.vocab_size=32000 data.seq_len=2048 train.micro_batch_size=4 train.global_batch_size=256
 
@@ -9,6 +9,8 @@ The job's driver joins the cluster through RAY_ADDRESS (set by `ray job submit`)
 working directory travels to every worker, so `raylm` needs no separate install there.
 Arguments are those of `raylm pretrain --help`. Resubmitting the same command resumes
 from the newest complete checkpoint of that run.
+`run.yaml` is any raylm config file in the working directory (see README.md,
+Configuration); `--config` may be left out, and dotted overrides apply on top of it.
 """
 
 import sys

@@ -20,8 +20,7 @@ import os
 import pathlib
 import pickle
 import re
-import shutil
-import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -38,6 +37,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from raylm import storage
 from raylm.config import S3Config
+
+# Loading for inference or export reads a sharded checkpoint in one process, as intended;
+# DCP warns about it on every load.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 PREFIX = "ckpt-"
 COMMIT_MARKER = "COMMITTED"
@@ -118,8 +121,7 @@ def _parse_meta(text: str, where: str) -> dict:
     return meta
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete, corrupt or not a raylm checkpoint; the message names the file."""
+from raylm.errors import CheckpointError  # noqa: E402  (defined with raylm's other error types)
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -162,14 +164,17 @@ class _MetadataUnpickler(pickle.Unpickler):
                                         f"checkpoint metadata never needs it (a tampered file?)") from None
 
 
-def _load_metadata(path: str, sizes: dict[str, int]):
-    """DCP's index from `path`, refused unless it is plain checkpoint metadata whose entries all
-    lie inside the checkpoint's own files (`sizes`: file name -> bytes on disk)."""
+def _load_metadata(path: str, sizes: dict[str, int], data: bytes | None = None):
+    """DCP's index from `path` (or its bytes, `data`, already read from storage), refused
+    unless it is plain checkpoint metadata whose entries all lie inside the checkpoint's own
+    files (`sizes`: file name -> bytes in storage)."""
+    import io
+
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata
 
     try:
-        with open(path, "rb") as f:
+        with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
             metadata = _MetadataUnpickler(f, path).load()
     except UnsafeCheckpointError:
         raise
@@ -192,7 +197,7 @@ def _load_metadata(path: str, sizes: dict[str, int]):
                 and info.length >= 0):
             raise CheckpointError(f"{path}: entry {index.fqn!r} has a bad range ({info.offset}, {info.length})")
         if info.offset + info.length > sizes[name]:
-            raise CheckpointError(f"{os.path.join(os.path.dirname(path), name)}: truncated "
+            raise CheckpointError(f"{path.rsplit('/', 1)[0]}/{name}: truncated "
                                   f"({sizes[name]} bytes; the index needs {info.offset + info.length})")
     return metadata
 
@@ -225,9 +230,15 @@ def _committed_files(local_dir: str) -> dict[str, list]:
     path = os.path.join(local_dir, COMMIT_MARKER)
     try:
         with open(path) as f:
-            files = json.load(f).get("files", {})
+            text = f.read()
     except FileNotFoundError:
         raise CheckpointError(f"{local_dir}: no {COMMIT_MARKER} marker; an incomplete checkpoint is never loaded") from None
+    return _parse_committed(text, path)
+
+
+def _parse_committed(text: str, path: str) -> dict[str, list]:
+    try:
+        files = json.loads(text).get("files", {})
     except (ValueError, AttributeError):
         raise CheckpointError(f"{path}: not a commit marker (expected JSON with the step and files)") from None
     if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
@@ -317,59 +328,220 @@ class SafePlanner(DefaultLoadPlanner):
             raise UnsafeCheckpointError(f"entry {read_item.dest_index.fqn} {_refusal(e)}") from None
 
 
-def _dcp_load(state: dict, local_dir: str, one_process: bool = False) -> dict:
-    """Load `state` from a local checkpoint directory; returns its verified meta.json.
-    `one_process`: this process alone loads, with no collectives, even inside a process group."""
-    reader = SafeReader(local_dir)
+class RangedReader(dcp.StorageReader):
+    """DCP's reader straight from the checkpoint's storage, local or s3://, with nothing
+    downloaded first: each rank reads only the byte ranges its load plan names (its shards of
+    the entries its state dict asks for: a weights-only load never touches an optimizer
+    entry), one ranged read (an S3 GET with a Range header) per run of adjacent entries.
+
+    The guarantees of `SafeReader`, adapted to partial reads:
+    - the index (`.metadata`) is read whole, checked against the size and sha256 the commit
+      marker recorded, unpickled through the exact allowlist, and must name only byte ranges
+      inside the checkpoint's own files;
+    - every shard file a rank reads from must have the committed size; a rank that reads a
+      file whole (a load on the same workers that saved it, for one) also checks its sha256
+      before a byte of it is deserialised, as does `meta.json`;
+    - tensor and non-tensor entries load with `torch.load(weights_only=True)`;
+    - any failure is one `CheckpointError` naming the file.
+    The trade-off, for object storage only: a byte altered inside a shard that a rank reads
+    only in part is not caught by a digest (the commit marker records one per file, not per
+    range, and checking it would mean fetching the whole file); sizes, the verified index and
+    the weights-only unpickler still refuse a truncated, replaced or malicious file. A local
+    checkpoint's files are hashed whole whatever is read of them (a disk read, no copy).
+    `bytes_read`, `requests` and `reads` record what this reader fetched from storage."""
+
+    def __init__(self, uri: str, s3: S3Config | None = None):
+        super().__init__()
+        from torch.distributed.checkpoint.filesystem import _generate_uuid
+
+        self.uri, self.s3 = uri.rstrip("/"), s3
+        self.fs, self.root = storage.filesystem(self.uri, s3)
+        self.load_id = _generate_uuid()
+        self.storage_data: dict = {}
+        self.bytes_read = self.requests = 0
+        self.reads: list[tuple[str, int, int]] = []  # (file, offset, length) of every read
+        self.verified: set[str] = set()
+        try:
+            marker = storage.read_text(storage.join(self.uri, COMMIT_MARKER), s3)
+        except storage.StorageError:
+            raise CheckpointError(f"{self.uri}: no {COMMIT_MARKER} marker; an incomplete checkpoint is never "
+                                  f"loaded") from None
+        self.committed = _parse_committed(marker, storage.join(self.uri, COMMIT_MARKER))
+        self.sizes = {storage.relative(i.uri, self.uri): i.size for i in storage.list_files(self.uri, s3)}
+
+    def _where(self, name: str) -> str:
+        return storage.join(self.uri, name)
+
+    def _check_size(self, name: str) -> None:
+        if name not in self.sizes:
+            raise CheckpointError(f"{self._where(name)}: missing")
+        expected = self.committed.get(name)
+        if expected is not None and self.sizes[name] != expected[0]:
+            raise CheckpointError(f"{self._where(name)}: {self.sizes[name]} bytes, but {expected[0]} were committed "
+                                  f"(truncated or replaced; load an earlier checkpoint)")
+
+    def _check_digest(self, name: str, data) -> None:
+        expected = self.committed.get(name)
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected[1]:
+            raise CheckpointError(f"{self._where(name)}: content differs from the sha256 recorded at commit "
+                                  f"(corrupt or altered; load an earlier checkpoint)")
+        self.verified.add(name)
+
+    def _read(self, name: str, offset: int, length: int) -> bytes:
+        path = f"{self.root}/{name}"
+        with storage._errors(self._where(name), self.s3):
+            with self.fs.open_input_file(path) as f:
+                data = f.read_at(length, offset)
+        if len(data) != length:
+            raise CheckpointError(f"{self._where(name)}: read {len(data)} of {length} bytes at {offset} (truncated)")
+        self.bytes_read += length
+        self.requests += 1
+        self.reads.append((name, offset, length))
+        return data
+
+    def read_whole(self, name: str) -> bytes:
+        """A small file (`.metadata`, `meta.json`) in one read, its size and digest checked."""
+        self._check_size(name)
+        data = self._read(name, 0, self.sizes[name])
+        self._check_digest(name, data)
+        return data
+
+    # DCP's StorageReader interface
+
+    def reset(self, checkpoint_id=None) -> None:
+        from torch.distributed.checkpoint.filesystem import _generate_uuid
+
+        self.storage_data = {}
+        self.load_id = _generate_uuid()
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return True  # constructed for one checkpoint; DCP only asks when it picks a reader itself
+
+    def read_metadata(self, *args, **kwargs):
+        name = ".metadata"
+        metadata = _load_metadata(self._where(name), self.sizes, self.read_whole(name))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def set_up_storage_reader(self, metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan):
+        return plan
+
+    def prepare_global_plan(self, plans):
+        return plans
+
+    def read_data(self, plan, planner):
+        per_file: dict[str, list] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for name, items in per_file.items():
+            self._check_size(name)
+            if not storage.is_s3(self.uri) and name not in self.verified and name in self.committed:
+                # Local: hashing the whole file costs a disk read and no copy, so a local
+                # checkpoint keeps SafeReader's full guarantee even for partial loads.
+                if _sha256(os.path.join(self.root, name)) != self.committed[name][1]:
+                    self._check_digest(name, b"")  # raises, naming the file
+                self.verified.add(name)
+            for start, data, run in self._runs(name, items):
+                try:
+                    for item in run:
+                        info = self.storage_data[item.storage_index]
+                        at = info.offset - start
+                        self._load_item(item, memoryview(data)[at:at + info.length], planner)
+                except UnsafeCheckpointError as e:  # from SafePlanner: name the file too
+                    raise UnsafeCheckpointError(f"{self._where(name)}: {e}") from None
+                except pickle.UnpicklingError as e:  # the weights_only load of a tensor entry
+                    raise UnsafeCheckpointError(f"{self._where(name)}: a tensor entry {_refusal(e)}") from None
+                except CheckpointError:
+                    raise
+                except Exception as e:
+                    raise CheckpointError(f"{self._where(name)}: unreadable shard ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _runs(self, name: str, items: list):
+        """(offset, bytes, items) per run of adjacent or overlapping entries, in file order;
+        a run that is the whole file has its digest checked before anything is unpickled."""
+        items = sorted(items, key=lambda i: self.storage_data[i.storage_index].offset)
+        runs: list[list] = []
+        for item in items:
+            info = self.storage_data[item.storage_index]
+            if runs and info.offset <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], info.offset + info.length)
+                runs[-1][2].append(item)
+            else:
+                runs.append([info.offset, info.offset + info.length, [item]])
+        for start, end, run in runs:
+            data = self._read(name, start, end - start)
+            if start == 0 and end == self.sizes[name] and name not in self.verified:
+                self._check_digest(name, data)
+            yield start, data, run
+
+    @staticmethod
+    def _load_item(item, view, planner) -> None:
+        import io
+
+        from torch.distributed.checkpoint.filesystem import narrow_tensor_by_index
+        from torch.distributed.checkpoint.planner import LoadItemType
+
+        if item.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(item, io.BytesIO(view))
+            return
+        tensor = torch.load(io.BytesIO(view), map_location="cpu", weights_only=True)
+        tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise CheckpointError(f"entry {item.dest_index.fqn}: shape {tuple(tensor.size())} in the checkpoint, "
+                                  f"{tuple(target.size())} in the model")
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
+
+
+def _dcp_load(state: dict, ckpt_uri: str, s3: S3Config | None = None, one_process: bool = False) -> dict:
+    """Load `state` from a checkpoint in storage (local or s3://), each rank reading only the
+    ranges it needs; returns its verified meta.json. `one_process`: this process alone
+    loads, with no collectives, even inside a process group."""
+    reader = RangedReader(ckpt_uri, s3)
     reader.read_metadata()  # refuse a tampered or damaged index with its own message
     try:
         dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=one_process or not dist.is_initialized())
     except CheckpointException as e:  # DCP wraps each rank's error, with its traceback, in the text
         errors = [exc for exc, _ in e.failures.values()]
         raise next((x for x in errors if isinstance(x, CheckpointError)), errors[0] if errors else e) from None
-    reader._verify(META)
-    path = os.path.join(local_dir, META)
-    with open(path) as f:
-        return _parse_meta(f.read(), path)
+    meta = _parse_meta(reader.read_whole(META).decode(), reader._where(META))
+    _last_reader.append(reader)
+    del _last_reader[:-1]
+    return meta
+
+
+# The reader of this process's latest load, for benchmarks/checkpoint_io.py's byte counts.
+_last_reader: list[RangedReader] = []
 
 
 def load(model, optimizer, ckpt_uri: str, s3: S3Config | None = None) -> dict:
-    """Load shards into a (possibly sharded) model and optimizer; returns meta.json.
-
-    Each rank reads from its own local copy: ranks sharing one download directory race on
-    DCP's index file."""
-    with _local_copy(ckpt_uri, s3) as local:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        meta = _dcp_load(state, local)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        return meta
+    """Load shards into a (possibly sharded) model and optimizer; returns meta.json. Each rank
+    reads its own shards' byte ranges straight from storage (RangedReader)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    meta = _dcp_load(state, ckpt_uri, s3)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return meta
 
 
 def load_model_weights(model, ckpt_uri: str, s3: S3Config | None = None) -> dict:
-    """Model weights only (no optimizer), into a plain single-process model: for eval,
-    export and serving."""
-    with _local_copy(ckpt_uri, s3) as local:
-        sd = {"model": model.state_dict()}
-        meta = _dcp_load(sd, local, one_process=True)
-        model.load_state_dict(sd["model"])
-        return meta
-
-
-class _local_copy:
-    def __init__(self, uri: str, s3: S3Config | None):
-        self.uri, self.s3, self.tmp = uri, s3, None
-
-    def __enter__(self) -> str:
-        if not storage.is_s3(self.uri):
-            return self.uri
-        self.tmp = tempfile.mkdtemp(prefix="raylm-ckpt-")
-        storage.download_dir(self.uri, self.tmp, self.s3)
-        return self.tmp
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    """Model weights only, into a plain single-process model: for eval, export and serving.
+    Only the model's entries are read; the optimizer's bytes never leave storage."""
+    sd = {"model": model.state_dict()}
+    meta = _dcp_load(sd, ckpt_uri, s3, one_process=True)
+    model.load_state_dict(sd["model"])
+    return meta
 
 
 def apply_retention(run_dir: str, keep: int, s3: S3Config | None = None) -> list[str]:

@@ -11,6 +11,8 @@
     raylm dpo --from runs/quickstart-sft --data pairs.jsonl  # -> runs/quickstart-sft-dpo
     raylm generate runs/quickstart-sft --chat --prompt "reverse: abc"
     raylm export runs/quickstart-sft --format hf --out export/quickstart-sft
+    raylm serve runs/quickstart-sft --port 8000               # OpenAI API at http://127.0.0.1:8000/v1
+    raylm tune --space space.yaml name=search1 tune.num_samples=8   # -> runs/search1/best.yaml
 
 Every subcommand takes `--config FILE.yaml` and dotted overrides (`section.key=value`);
 unknown keys and wrong types are errors naming the key. See README.md for the config keys.
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from raylm import storage
 from raylm.config import ConfigError, load_config, to_dict
+from raylm.errors import UserError
 
 # The subcommands are thin: parse, build a config, call the library.
 
@@ -60,14 +64,32 @@ def cmd_quickstart(args) -> None:
     if not args.no_sft:
         sft = quickstart_sft(cfg)
         print(f"next: raylm generate {sft['run_dir']} --chat --prompt '{sft['chat']['user']}'")
+        from raylm.serve.local import serve_and_chat
+
+        served = serve_and_chat(sft["run_dir"], sft["chat"]["user"])  # the OpenAI API on loopback, once
+        print(f"\nserved at {served['url']}/v1/chat/completions: {sft['chat']['user']!r} -> {served['answer']!r}")
+        print(f"serve it again: {served['command']}")
 
 
 def cmd_pretrain(args) -> None:
     from raylm.pipeline import pretrain
 
-    summary = pretrain(_config(args), resume="must" if args.resume else "auto", max_failures=args.max_failures,
+    summary = pretrain(_pretrain_config(args), resume="must" if args.resume else "auto", max_failures=args.max_failures,
                        samples=not args.no_samples)
     print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=1))
+
+
+def _pretrain_config(args):
+    """--init-from-hf DIR: the model shape comes from DIR's config.json, beneath --config and
+    overrides, which may only repeat it (checked here, before any cluster work)."""
+    if not args.init_from_hf:
+        return _config(args)
+    from raylm.hf import check_init_from_hf, init_from_hf_settings
+
+    s3 = _config(args).s3  # the storage settings to read DIR with
+    cfg = _config(args, base=init_from_hf_settings(args.init_from_hf, s3))
+    check_init_from_hf(cfg)
+    return cfg
 
 
 # What a post-training stage changes from the pre-training defaults, beneath any --config or
@@ -93,6 +115,23 @@ def cmd_posttrain(args) -> None:
     summary = posttrain(_config(args, base=base), resume="must" if args.resume else "auto",
                         max_failures=args.max_failures)
     print(json.dumps(summary, indent=1))
+
+
+def cmd_tune(args) -> None:
+    from raylm import tune
+    from raylm.config import _nest
+
+    # tune.* overrides set the search (TuneConfig); the rest are the trials' base config.
+    searched = [o for o in args.overrides if o.split("=", 1)[0].startswith("tune.")]
+    args.overrides = [o for o in args.overrides if o not in searched]
+    cfg = _config(args)
+    if args.resume:
+        summary = tune.resume(cfg)
+    elif not args.space:
+        raise ConfigError("tune needs --space SPACE.yaml (or --resume to continue a search)")
+    else:
+        summary = tune.tune(cfg, args.space, _nest(searched).get("tune", {}))
+    print(json.dumps(summary, indent=1, default=str))
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -126,6 +165,33 @@ def cmd_data_prepare(args) -> None:
                       "documents_kept": st["documents"], "dropped": st["dropped"],
                       "bad_records": len(st["bad_records"]), "pii_replaced": st["pii"], "tokens": st["tokens"],
                       "datacard": storage.join(args.out, "DATACARD.md")}, indent=1))
+
+
+def cmd_serve(args) -> None:
+    import time
+
+    from raylm.config import Config, load_serve_config
+    from raylm.pipeline import init_ray
+    from raylm.serve.app import start
+    from raylm.serve.local import wait_ready
+
+    explicit = {k: v for k, v in (("engine", args.engine), ("host", args.host), ("port", args.port),
+                                  ("api_key", args.api_key)) if v is not None}
+    cfg = load_serve_config(args.overrides, **explicit)
+    init_ray(Config())
+    from ray import serve
+
+    url = start(args.run, cfg)
+    wait_ready(url, timeout=600)
+    if args.detach:  # Serve's apps outlive this process on a cluster (jobs/serve.py)
+        print(f"serving {args.run} at {url}/v1 (OpenAI API); stop it with `serve shutdown`", flush=True)
+        return
+    print(f"serving {args.run} at {url}/v1 (OpenAI API; Ctrl-C stops after in-flight requests finish)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()  # graceful: replicas drain their in-flight requests first
 
 
 def cmd_generate(args) -> None:
@@ -164,9 +230,86 @@ def cmd_export(args) -> None:
     print(json.dumps({"format": args.format, "out": out}, indent=1))
 
 
+def cmd_run(args) -> None:
+    from raylm.recipe import load_recipe, run_recipe
+
+    path, overrides = args.recipe, list(args.overrides)
+    if args.config:  # `--config FILE`, as the per-stage entrypoints take it
+        if path:
+            overrides.insert(0, path)
+        path = args.config
+    if not path or "=" in path:
+        raise ConfigError("run needs a recipe: raylm run RECIPE.yaml [KEY=VALUE ...] (see jobs/recipes/)")
+    recipe = load_recipe(path, overrides)
+    if args.check:
+        print(json.dumps({"recipe": path, "root": storage.redact_url(recipe.root),
+                          "stages": [s.name for s in recipe.stages]}, indent=1))
+        return
+    done = run_recipe(recipe)
+    print(json.dumps({name: {"skipped": r["skipped"], "key": r["key"][:10], **r["outputs"]}
+                      for name, r in done.items()}, indent=1), flush=True)
+    serve = done.get("serve")
+    if serve and not serve["skipped"] and not os.environ.get("RAY_ADDRESS"):
+        # A local cluster ends with this process: keep serving, as `raylm serve` does. In a
+        # job (RAY_ADDRESS set) the application stays on the cluster after the job ends.
+        import time
+
+        print(f"serving at {serve['outputs']['url']}/v1 (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+
+
+def cmd_report(args) -> None:
+    from raylm.config import S3Config
+    from raylm.eval.report import write_report
+
+    try:
+        summary = write_report(args.runs, args.out, S3Config(), tensorboard=not args.no_tensorboard)
+    except ImportError as e:  # tensorboardX is the optional extra
+        raise ConfigError(str(e)) from None
+    print(json.dumps(summary, indent=1))
+
+
+def cmd_eval(args) -> None:
+    from raylm.eval.run import evaluate_run
+
+    overrides = list(args.overrides)
+    if args.mc:
+        overrides.append(("eval.mc_tasks", list(args.mc)))
+    if args.gen:
+        overrides.append(("eval.gen_tasks", list(args.gen)))
+    if args.workers is not None:
+        overrides.append(f"eval.workers={args.workers}")
+    cfg = load_config(args.config, overrides)
+    if cfg.eval.workers:
+        from raylm.pipeline import init_ray
+
+        init_ray(cfg)
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    out = evaluate_run(args.run, cfg, tasks=tasks, include_path=args.include_path, corpora=args.corpus or (),
+                       limit=args.limit, num_fewshot=args.num_fewshot, out=args.out)
+    from raylm.eval.results import markdown_table
+
+    print(markdown_table(out["results"]), end="")
+    print(json.dumps(out["paths"]))
+
+
+def cmd_plan(args) -> None:
+    from raylm.plan import format_table, make_plan, write_recipe
+
+    plan = make_plan(args.size, args.gpus, args.nodes, args.tokens, args.language, args.domain, args.seq_len,
+                     args.mfu, args.train_tokens, args.memory_gb, args.data or "", args.name)
+    print(format_table(plan))
+    if args.out:
+        write_recipe(plan, args.out)
+        print(f"config: {args.out} (raylm pretrain --config {args.out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raylm", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of every error, including the one-line ones")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help, parent=sub, record=True):
@@ -193,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-failures", type=int, default=0,
                     help="restart the worker group this many times after a worker dies")
     sp.add_argument("--no-samples", action="store_true", help="skip sampling after training")
+    sp.add_argument("--init-from-hf", metavar="DIR",
+                    help="start from a Hugging Face LlamaForCausalLM directory (local or s3://, safetensors): "
+                         "its config.json gives the model shape; needs tokenizer.path")
 
     for stage, what in (("sft", "Supervised fine-tuning on chat records ({messages: [{role, content}, ...]} or "
                                 "{prompt, completion}; jsonl or parquet, local or s3://): loss on assistant "
@@ -210,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-failures", type=int, default=0,
                         help="restart the worker group this many times after a worker dies")
         sp.set_defaults(stage=stage)
+
+    sp = add("tune", cmd_tune,
+             "Hyperparameter search (Ray Tune) over real pre-training runs on Ray Train: a search space in "
+             "Tune's vocabulary over config keys, ASHA early stopping on validation loss, random, grid or "
+             "Optuna TPE search; a ranked table, the best config as YAML for `raylm pretrain`, and a plot. "
+             "The search lives in <storage>/<name>; tune.* overrides set the search (num_samples, "
+             "max_concurrent_trials, scheduler, search, ...).")
+    sp.add_argument("--space", metavar="SPACE.yaml", help="search space, e.g. 'train.lr: loguniform(1e-4, 3e-3)'")
+    sp.add_argument("--data", help="corpus path/glob (local or s3://) or a prepared dataset directory")
+    sp.add_argument("--resume", action="store_true",
+                    help="continue the search name= under storage= (finished trials are kept)")
 
     tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="sub", required=True)
     sp = add("train", cmd_tokenizer_train, "Train a SentencePiece BPE tokenizer on a corpus sample.", tok)
@@ -239,6 +396,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hf: float32 (default), bfloat16, float16; gguf: f32 (default), f16, q8_0")
     sp.set_defaults(func=cmd_export)
 
+    sp = sub.add_parser("run", help="Run a recipe: tokenizer, data, pretrain, sft, dpo, eval, export, serve.",
+                        description="Run the stages a recipe (jobs/recipes/*.yaml) names, in order. Stages done "
+                                    "with unchanged settings and outputs still in storage are skipped; a changed "
+                                    "stage reruns with everything after it. Records: <storage>/<name>/stages/.",
+                        epilog="Overrides are dotted keys into the recipe, e.g. storage=s3://bucket/recipes "
+                               "stages.pretrain.train.max_steps=100 train.num_workers=8")
+    sp.add_argument("recipe", nargs="?", help="recipe YAML file (or --config FILE)")
+    sp.add_argument("--config", metavar="RECIPE.yaml", help="the recipe, as a flag")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
+    sp.add_argument("--check", action="store_true", help="validate every stage's config and stop")
+    sp.set_defaults(func=cmd_run)
+
+    sp = add("eval", cmd_eval,
+             "Evaluate a run's newest complete checkpoint (or a checkpoint): lm-evaluation-harness tasks "
+             "(--tasks, on a Ray Data actor pool), built-in multiple-choice and generation task files, and "
+             "bits per byte on corpora. Writes results.json and results.md.", record=False)
+    sp.add_argument("run", help="run directory or checkpoint, local or s3://")
+    sp.add_argument("--tasks", help="lm-eval tasks, comma-separated (hellaswag,arc_easy); needs raylm[eval]")
+    sp.add_argument("--include-path", help="directory of lm-eval task YAMLs (your own tasks)")
+    sp.add_argument("--mc", action="append", help="built-in multiple-choice task file {context, choices, gold} (repeatable)")
+    sp.add_argument("--gen", action="append", help="built-in generation task file {context, answer} (repeatable)")
+    sp.add_argument("--corpus", action="append", help="corpus for loss, perplexity and bits per byte (repeatable)")
+    sp.add_argument("--limit", type=int, help="score only the first N items of each task")
+    sp.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples")
+    sp.add_argument("--workers", type=int, help="actors of the scoring pool (0: this process); eval.workers")
+    sp.add_argument("--out", help="output directory (default: <run>/eval/<checkpoint>)")
+
     sp = sub.add_parser("generate", help="Sample continuations from a checkpoint or run directory.",
                         description="Sample continuations from a checkpoint or run directory.")
     sp.add_argument("checkpoint", help="checkpoint directory, or a run directory (newest complete checkpoint)")
@@ -250,6 +434,51 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chat", action="store_true",
                     help="treat each prompt as a user turn and print the assistant's reply (SFT/DPO models)")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("serve", help="Serve a run (local or s3://) with an OpenAI-compatible API on Ray Serve.",
+                        description="Serve a run or checkpoint (local or s3://) on Ray Serve: /v1/completions, "
+                                    "/v1/chat/completions (streaming too), /v1/models, /health, /ready. Joins "
+                                    "RAY_ADDRESS or starts a local cluster. KEY=VALUE sets ServeConfig fields "
+                                    "(max_batch_size=32, max_queued_requests=128, autoscale_max_replicas=4, ...).")
+    sp.add_argument("run", help="run or checkpoint directory (raylm engine), or an HF export (--engine vllm)")
+    sp.add_argument("--engine", choices=["raylm", "vllm"], help="raylm (default): CPU or one GPU; vllm: GPU clusters")
+    sp.add_argument("--host", help="bind address (default 127.0.0.1; anything else needs an API key)")
+    sp.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    sp.add_argument("--api-key", help="clients send 'Authorization: Bearer KEY' (default: $RAYLM_API_KEY)")
+    sp.add_argument("--detach", action="store_true",
+                    help="return once the app is ready, leaving it running on the cluster (RAY_ADDRESS)")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ServeConfig fields")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("report", help="Plot runs' metrics (PNG) and write TensorBoard event files.",
+                        description="Draw train and validation loss, learning rate, throughput and every "
+                                    "in-training eval metric against step into DIR/report.png (several runs "
+                                    "overlaid, one colour each), and write DIR/tensorboard/<run>/ for "
+                                    "`tensorboard --logdir DIR/tensorboard`.")
+    sp.add_argument("runs", nargs="+", metavar="RUN", help="run directories, local or s3://")
+    sp.add_argument("--out", metavar="DIR", help="output directory, local or s3:// (default: RUN/report; "
+                                                 "required for several runs)")
+    sp.add_argument("--no-tensorboard", action="store_true", help="write the PNG only")
+    sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("plan", help="Plan a pre-training run: budget, batch, layout, memory, time; write its config.",
+                        description="Turn a target size, hardware and data into a ready config and a table: token "
+                                    "budget, batch and LR, FSDP layout, micro-batch, memory per device, time at a "
+                                    "stated MFU, and data-worker CPUs. Rules and sources: raylm/plan.py.")
+    sp.add_argument("--size", required=True, help="tiny, 125m, 350m, 1b, 3b or 7b (raylm's presets)")
+    sp.add_argument("--gpus", required=True, metavar="NxDEVICE", help="devices per node, e.g. 8xH100, 1xA100, 2xCPU")
+    sp.add_argument("--nodes", type=int, default=1, help="nodes of --gpus each (default 1)")
+    sp.add_argument("--tokens", help="tokens of data available, e.g. 50B (default: as many as needed)")
+    sp.add_argument("--train-tokens", help="train on this many tokens instead of the compute-optimal budget")
+    sp.add_argument("--language", default="en", help="the data's language (bytes per token, data CPUs)")
+    sp.add_argument("--domain", default="web", help="web, books, wiki, code, math or chat")
+    sp.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's context; 128 on CPUs)")
+    sp.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume (default 0.40 GPU, 0.45 CPU)")
+    sp.add_argument("--memory-gb", type=float, help="memory per device, GiB, instead of the datasheet's")
+    sp.add_argument("--data", help="corpus path for the config's data.path (local or s3://)")
+    sp.add_argument("--name", help="run name in the config (default: <size>-<devices><device>)")
+    sp.add_argument("--out", metavar="FILE.yaml", help="write the config here (local or s3://)")
+    sp.set_defaults(func=cmd_plan)
     return p
 
 
@@ -274,13 +503,32 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, OSError, FloatingPointError, TimeoutError)
+# Exactly raylm's own error types print as one line: a ValueError or OSError from anywhere else
+# may be raylm's bug, and a one-line message would hide it as if it were the user's mistake.
+USER_ERRORS = (UserError,)
+
+
+def _bug_report_line() -> str:
+    """Where to report a bug: the package's issue tracker when its metadata names one."""
+    try:
+        from importlib.metadata import metadata
+
+        for entry in metadata("raylm").get_all("Project-URL") or []:
+            label, _, url = entry.partition(",")
+            if label.strip().lower() in ("issues", "bug tracker", "bugs", "tracker"):
+                return f"raylm: this is a bug in raylm; please report it with the traceback above at {url.strip()}"
+    except Exception:  # the report line must never replace the traceback it follows
+        pass
+    return "raylm: this is a bug in raylm; please report this as a bug, with the traceback above"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may sit anywhere on the line (`pretrain --data x train.lr=1e-3 --resume`).
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # also accepted after the subcommand
+        extra = [a for a in extra if a != "--debug"]
+        args.debug = True
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -292,12 +540,18 @@ def main(argv: list[str] | None = None) -> int:
         print("raylm: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one line for errors a user can fix; a traceback for bugs
+        import traceback
+
         cause = _root_cause(e)
         if isinstance(cause, USER_ERRORS):
+            if args.debug:
+                traceback.print_exception(e, file=sys.stderr)
             msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             print(f"raylm: error: {msg}", file=sys.stderr)
             return 2
-        raise
+        traceback.print_exception(e, file=sys.stderr)
+        print(_bug_report_line(), file=sys.stderr)
+        return 1
     return 0
 
 

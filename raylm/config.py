@@ -20,8 +20,7 @@ from typing import Any, ClassVar, Sequence
 import yaml
 
 
-class ConfigError(ValueError):
-    """A config key, value or file is wrong; the message names it."""
+from raylm.errors import ConfigError  # noqa: E402,F401  (defined with raylm's other error types)
 
 
 # --------------------------------------------------------------------------- ranges
@@ -42,7 +41,7 @@ class Range:
     note: str = ""  # what a special value means, appended to the error
 
     def check(self, key: str, value: int | float | None) -> None:
-        if value is None or value == self.off:  # None: optional fields' own default meaning
+        if value is None or value == self.off or value == "auto":  # None/auto: resolved elsewhere
             return
         finite = math.isfinite(value)
         lo_ok = self.lo is None or value > self.lo or (value == self.lo and not self.lo_open)
@@ -106,6 +105,15 @@ class ModelConfig:
     # without it turn it on (issue: stability options). Off matches plain Llama.
     qk_norm: bool = False
     init_std: float = 0.02  # GPT-2 / Llama init for embeddings and input projections
+    # Hyperparameter transfer across widths (`raylm tune` on a narrow proxy, then train wide).
+    # The width multiplier is dim / base_dim (base_dim 0: this dim, multiplier 1). "none": the
+    # standard parametrisation, unchanged. "sqrt": every learning rate times multiplier^-0.5
+    # (nanochat's (d_model/768)^-0.5 with base_dim=768). "mup": maximal update parametrisation
+    # (Tensor Programs V) for Adam: hidden matrices init std and learning rate divided by
+    # sqrt(multiplier) and multiplier, logits scaled by 1/multiplier; embeddings and norms as
+    # at base width. Widen by adding heads (head_dim fixed), as muP's attention assumes here.
+    width_scaling: str = "none"
+    base_dim: int = 0
 
     RANGES: ClassVar[dict[str, Range]] = {
         "vocab_size": at_least(0, "0: the tokenizer's"),
@@ -123,6 +131,7 @@ class ModelConfig:
         # 1 or more swamps the activations (usually 1e5 typed for 1e-5).
         "norm_eps": within(0, 1, lo_open=True, hi_open=True),
         "init_std": above(0),  # 0 would start every weight equal: nothing breaks the symmetry
+        "base_dim": at_least(0, "0: model.dim, a width multiplier of 1"),
     }
 
     @property
@@ -134,6 +143,10 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
+    def width_multiplier(self) -> float:
+        return self.dim / (self.base_dim or self.dim)
+
+    @property
     def hidden_dim(self) -> int:
         if self.ffn_dim is not None:
             return self.ffn_dim
@@ -142,6 +155,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_ranges(self, "model.")  # first: the checks below divide by these
+        if self.width_scaling not in ("none", "sqrt", "mup"):
+            raise ConfigError(f"model.width_scaling={self.width_scaling!r}: expected none, sqrt or mup")
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -152,35 +167,56 @@ class ModelConfig:
             raise ConfigError(f"head dim {self.head_dim} (model.dim / model.n_heads) must be even for RoPE")
 
     def with_vocab(self, tokenizer_vocab: int) -> "ModelConfig":
-        """Resolve vocab_size=0 against the tokenizer; refuse a vocabulary that is too small."""
+        """Resolve vocab_size=0 against the tokenizer: its size rounded up to a multiple of 64.
+        An explicit vocab_size must be that size or a rounding of it: smaller leaves ids
+        without an embedding row, larger trains rows no id ever uses (a 32,000-row
+        embedding beside a 2,048-id tokenizer)."""
+        rounded = 64 * ((tokenizer_vocab + 63) // 64)
         if self.vocab_size == 0:
-            return replace(self, vocab_size=64 * ((tokenizer_vocab + 63) // 64))
+            return replace(self, vocab_size=rounded)
         if self.vocab_size < tokenizer_vocab:
             raise ConfigError(
                 f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids"
+            )
+        if self.vocab_size > rounded:
+            raise ConfigError(
+                f"model.vocab_size={self.vocab_size} does not match the tokenizer's {tokenizer_vocab} ids "
+                f"(at most {rounded}, its size rounded up to a multiple of 64): set model.vocab_size=0 to "
+                f"derive it, or train a tokenizer of that size (tokenizer.vocab_size={self.vocab_size})"
             )
         return self
 
 
 # Presets are plain entries. `tiny` is tuned for the 2-core CPU quality benchmark (see README);
-# the others follow published shapes so FLOP and memory figures compare with peers.
+# the others follow published shapes so FLOP and memory figures compare with peers. None fixes
+# the vocabulary: it comes from the run's tokenizer (ModelConfig.with_vocab), so a preset never
+# carries embedding rows no id uses. PRESET_TOKENIZER_VOCAB names the tokenizer size each was
+# designed for: train one of that size (tokenizer.vocab_size) for the published shape.
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(dim=128, n_layers=4, n_heads=4, max_seq_len=256),
     # GPT-2 small's shape with SwiGLU at 8/3 width (2048), which keeps its 124M parameters.
-    "gpt2-124m": ModelConfig(vocab_size=50304, dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    "gpt2-124m": ModelConfig(dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "350m": ModelConfig(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, max_seq_len=2048),
     "1b": ModelConfig(
-        vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
         max_seq_len=2048, tie_embeddings=False, rope_theta=500000.0,
     ),
     "3b": ModelConfig(
-        vocab_size=32000, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192,
+        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192,
         max_seq_len=4096, tie_embeddings=False, rope_theta=500000.0,
     ),
     "7b": ModelConfig(
-        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
         max_seq_len=4096, tie_embeddings=False, rope_theta=500000.0,
     ),
+}
+PRESET_TOKENIZER_VOCAB: dict[str, int] = {
+    "tiny": 2048,  # tokenizer.vocab_size's default, from the same CPU sweep
+    "gpt2-124m": 50257,  # GPT-2's BPE (50,304 rows once rounded to 64)
+    "350m": 32000,  # Llama 2's SentencePiece size, as for the larger shapes
+    "1b": 32000,
+    "3b": 32000,
+    "7b": 32000,
 }
 
 
@@ -248,6 +284,10 @@ class DataConfig:
     # does not depend on file order or cluster size.
     val_fraction: float = 0.02
     val_path: str = ""  # an explicit held-out corpus instead of val_fraction
+    # "document": whole documents by the hash above; "tail": the last val_fraction of every
+    # document (one text file has only one document to split); "auto": tail for a corpus of
+    # plain-text files too few to split by document, else document (raylm.data.val_split_mode).
+    val_split: str = "auto"
     min_chars: int = 1  # shorter documents are dropped as noise
     max_chars: int = 10_000_000  # longer ones are almost always dumps, not prose
     # Packed blocks pass through a seeded shuffle buffer of this many blocks: neighbouring
@@ -300,6 +340,8 @@ class DataConfig:
                               f"every document would be dropped")
         if self.mode not in ("prepare", "stream"):
             raise ConfigError(f"data.mode={self.mode!r}: expected prepare or stream")
+        if self.val_split not in ("auto", "document", "tail"):
+            raise ConfigError(f"data.val_split={self.val_split!r}: expected auto, document or tail")
         if self.dedup not in ("none", "exact", "near"):
             raise ConfigError(f"data.dedup={self.dedup!r}: expected none, exact or near")
         from raylm.pii import PII_TYPES  # stdlib only; keeps one list of the types
@@ -335,7 +377,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     # "auto": bf16 on GPU, fp32 on CPU (bf16 matmuls are ~24x slower on CPUs without AMX).
     precision: str = "auto"
-    compile: bool = False  # torch.compile each block; pays off on GPU, costs minutes on CPU
+    # torch.compile each block; pays off on GPU, costs minutes of compiling on CPU. "auto": on
+    # for CUDA, off elsewhere (TrainConfig.for_device).
+    compile: bool | str = "auto"
     activation_checkpointing: bool = False  # trade recompute for memory on large models
     # float8 matmuls (torchao) in the blocks' linear layers: for H100-class GPUs at ~1B and
     # up, where matmuls dominate; off by default because elsewhere the casts cost more.
@@ -351,7 +395,8 @@ class TrainConfig:
     z_loss: float = 0.0  # PaLM's log(Z)^2 penalty; 1e-4 helps very large runs stay stable
     # >0: compute the LM head and loss this many tokens at a time, never holding the full
     # logits; pays off on GPUs with large vocabularies. 0 keeps the plain path (fastest on CPU).
-    loss_chunk_size: int = 0
+    # "auto": CUDA_LOSS_CHUNK on CUDA, 0 elsewhere (TrainConfig.for_device).
+    loss_chunk_size: int | str = "auto"
     max_nonfinite_steps: int = 3  # consecutive NaN/inf steps skipped before the run stops
     # A loss above spike_factor x the median of the last spike_window losses is a spike:
     # "log" records it, "stop" ends the run naming the step, "rollback" restores the newest
@@ -403,6 +448,11 @@ class TrainConfig:
     }
 
     def validate(self) -> None:
+        # Before the ranges, which compare numbers: "auto" is the only text these take.
+        if self.compile != "auto" and not isinstance(self.compile, bool):
+            raise ConfigError(f"train.compile={self.compile!r}: expected true, false or auto")
+        if isinstance(self.loss_chunk_size, str) and self.loss_chunk_size != "auto":
+            raise ConfigError(f"train.loss_chunk_size={self.loss_chunk_size!r}: expected an integer >= 0 or auto")
         _check_ranges(self, "train.")  # first: the batch check below divides by these
         if self.on_spike not in ("log", "stop", "rollback"):
             raise ConfigError(f"train.on_spike={self.on_spike!r}: expected log, stop or rollback")
@@ -413,6 +463,30 @@ class TrainConfig:
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size * train.num_workers = {self.micro_batch_size} * {self.num_workers}"
             )
+
+    def for_device(self, device_type: str) -> "TrainConfig":
+        """This config with every "auto" setting made concrete for a device type ("cuda",
+        "cpu", ...): the one place they resolve, used by the training worker and the
+        benchmarks alike, so a benchmark measures what `raylm pretrain` runs."""
+        auto = device_defaults(device_type)
+        return replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
+
+
+# Rows of logits per chunk of the chunked cross-entropy where "auto" turns it on: at a 32k
+# vocabulary 2,048 rows are 256 MB of fp32 logits, small beside a GPU's memory, and large
+# enough that the LM-head matmuls stay efficient (benchmarks/train_throughput.py).
+CUDA_LOSS_CHUNK = 2048
+
+
+def device_defaults(device_type: str) -> dict[str, Any]:
+    """What train.precision, train.compile and train.loss_chunk_size="auto" mean on a device.
+    CUDA: bf16 compute, compiled blocks, the chunked loss (the full logits of a large
+    vocabulary would otherwise dominate activation memory). Elsewhere: fp32 (CPUs without
+    AMX run bf16 matmuls ~24x slower), eager (compiling costs minutes on CPU) and the plain
+    loss (fastest on CPU)."""
+    cuda = device_type == "cuda"
+    return {"precision": "bf16" if cuda else "fp32", "compile": cuda,
+            "loss_chunk_size": CUDA_LOSS_CHUNK if cuda else 0}
 
 
 @dataclass(frozen=True)
@@ -463,6 +537,191 @@ class DPOConfig:
             raise ConfigError(f"dpo.label_smoothing={self.label_smoothing}: applies to dpo.loss=sigmoid only")
 
 
+@dataclass(frozen=True)
+class TuneConfig:
+    """A hyperparameter search (raylm tune): the `tune:` section of a search-space file, or
+    `tune.*` overrides. Not part of `Config`: the runs a search starts are plain runs."""
+
+    # Draws from the space; a space with grid_search keys runs its grid this many times.
+    num_samples: int = 8
+    # Trials running at once. Each holds train.num_workers x train.cpus_per_worker CPUs for its
+    # whole life; the cap leaves the rest to Ray Data's read tasks (unbounded, waiting Train
+    # runs hold their trial actors and starve both).
+    max_concurrent_trials: int = 2
+    # "random": Tune's variant generator (grid_search keys enumerated, the rest sampled);
+    # "grid": the same, but every key must be a grid_search or a constant; "optuna": TPE.
+    search: str = "random"
+    scheduler: str = "asha"  # "asha": stop poor trials at rungs of `step`; "fifo": run all to the end
+    metric: str = "val_loss"  # reported at each evaluation (train.eval_every steps)
+    mode: str = "min"
+    # ASHA's first rung, in steps; 0: train.eval_every (the first evaluation).
+    grace_period: int = 0
+    reduction_factor: float = 3.0  # ASHA keeps about 1/reduction_factor of trials at each rung
+    # The trial actor only waits on its Train run; a sliver of a CPU keeps it off the workers' share.
+    driver_cpus: float = 0.1
+    seed: int = 0  # of the searcher's draws, so a search is repeatable
+    time_budget_s: float = 0.0  # 0: no limit; otherwise running trials stop at this wall-clock
+    max_failures: int = 0  # retries of a failed trial (each resumes from its newest checkpoint)
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_samples": at_least(1),
+        "max_concurrent_trials": at_least(1),
+        "grace_period": at_least(0, "0: train.eval_every"),
+        "reduction_factor": above(1),
+        "driver_cpus": at_least(0),
+        "seed": within(0, 2**32 - 1),
+        "time_budget_s": at_least(0, "seconds; 0: no limit"),
+        "max_failures": at_least(0),
+    }
+
+    def validate(self) -> "TuneConfig":
+        _check_ranges(self, "tune.")
+        for key, allowed in (("search", ("random", "grid", "optuna")), ("scheduler", ("asha", "fifo")),
+                             ("mode", ("min", "max"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"tune.{key}={getattr(self, key)!r}: expected {' or '.join(allowed)}")
+        return self
+
+
+def tune_config(data: dict[str, Any]) -> TuneConfig:
+    """A TuneConfig from a mapping (the `tune:` section and `tune.*` overrides), validated."""
+    return _build(TuneConfig, data, "tune.").validate()
+
+
+# --------------------------------------------------------------------------- serve
+
+SERVE_ENGINES = ("raylm", "vllm")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`raylm serve`: the OpenAI-compatible Ray Serve application (raylm/serve/app.py)."""
+
+    engine: str = "raylm"  # "raylm": own continuous-batching engine (CPU, one GPU); "vllm": HF export on vLLM
+    # Loopback: the API key is the only lock on Serve's proxy (Ray's token auth does not cover
+    # it), so exposing the server is a choice made explicitly, and it needs a key.
+    host: str = "127.0.0.1"
+    port: int = 8000  # Serve's own default
+    # Empty: read RAYLM_API_KEY; both empty: no key, allowed on loopback only.
+    api_key: str = ""
+    model_name: str = ""  # the `model` clients send; empty: the run directory's name
+    device: str = "cpu"  # "cuda" for a GPU replica (num_gpus=1 is then set on it)
+    max_batch_size: int = 16  # sequences decoded together; the 3x goal is measured at 16
+    # Requests a replica holds at once: the batch plus as many again waiting to join it, so a
+    # slot freed mid-step is refilled without a round trip through the proxy.
+    max_ongoing_requests: int = 32
+    # Requests the proxy queues beyond that before answering 429; -1: unbounded (Serve's own
+    # default, which lets a burst grow memory and latency without limit).
+    max_queued_requests: int = 64
+    backpressure_status: int = 429  # 429 tells clients to back off and retry; 503 for load balancers
+    retry_after_s: float = 1.0  # Retry-After on 429/503: about one short request's time
+    # The app's own limit, enforced whatever timeout headers a client sends to Serve's proxy.
+    request_timeout_s: float = 300.0
+    max_body_bytes: int = 1 << 20  # 1 MiB holds a full-context prompt of any model raylm trains
+    max_n: int = 8  # choices per request: each takes a batch slot
+    num_replicas: int = 1  # fixed replica count when autoscaling is off
+    # Autoscaling (Serve's autoscaling_config) is on when autoscale_max_replicas > 0.
+    autoscale_min_replicas: int = 1  # 1: no cold start on the first request
+    autoscale_max_replicas: int = 0
+    target_ongoing_requests: float = 16.0  # one full batch per replica
+    num_cpus: float = 1.0  # per replica; the engine runs torch on the replica's threads
+    graceful_shutdown_timeout_s: float = 60.0  # in-flight requests finish within this on shutdown
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "port": within(1, 65535),
+        "max_batch_size": at_least(1),
+        "max_ongoing_requests": at_least(1),
+        "max_queued_requests": Range(lo=1, off=-1, note="-1: unbounded"),
+        "backpressure_status": within(429, 503),
+        "retry_after_s": at_least(0),
+        "request_timeout_s": above(0),
+        "max_body_bytes": at_least(1024, "a chat request needs at least this much"),
+        "max_n": at_least(1),
+        "num_replicas": at_least(1),
+        "autoscale_min_replicas": at_least(0, "0: scale to zero"),
+        "autoscale_max_replicas": at_least(0, "0: autoscaling off"),
+        "target_ongoing_requests": above(0),
+        "num_cpus": at_least(0),
+        "graceful_shutdown_timeout_s": at_least(0),
+    }
+
+    def validate(self) -> "ServeConfig":
+        _check_ranges(self, "serve.")
+        if self.engine not in SERVE_ENGINES:
+            raise ConfigError(f"serve.engine={self.engine!r}: expected one of {', '.join(SERVE_ENGINES)}")
+        if self.backpressure_status not in (429, 503):
+            raise ConfigError(f"serve.backpressure_status={self.backpressure_status}: expected 429 or 503")
+        if self.autoscale_max_replicas and self.autoscale_max_replicas < self.autoscale_min_replicas:
+            raise ConfigError(f"serve.autoscale_max_replicas={self.autoscale_max_replicas} is below "
+                              f"serve.autoscale_min_replicas={self.autoscale_min_replicas}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ConfigError(f"serve.max_ongoing_requests={self.max_ongoing_requests} is below "
+                              f"serve.max_batch_size={self.max_batch_size}: the batch could never fill")
+        return self
+
+    @property
+    def autoscaling_config(self) -> dict[str, Any] | None:
+        """Serve's autoscaling_config, or None for a fixed `num_replicas`."""
+        if not self.autoscale_max_replicas:
+            return None
+        return {"min_replicas": self.autoscale_min_replicas, "max_replicas": self.autoscale_max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests}
+
+
+def load_serve_config(overrides: Sequence[str | tuple[str, Any]] = (), **fields_: Any) -> ServeConfig:
+    """ServeConfig from `key=value` overrides (`max_batch_size=32` or `serve.max_batch_size=32`)
+    and explicit fields (command-line options), checked like a run's config."""
+    nested = _nest([o if isinstance(o, tuple) or not o.startswith("serve.") else o[len("serve."):]
+                    for o in overrides])
+    return _build(ServeConfig, {**nested, **fields_}, "serve.").validate()
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation: `raylm eval`, and the suite pretrain/sft/dpo run while training
+    (raylm/eval/)."""
+
+    # In-training evaluation every this many steps (and at the last step); 0: off. The
+    # built-in scorers run on the training model between steps, so each run pauses training.
+    every: int = 0
+    # Built-in task files (jsonl, local or s3://): multiple choice {context, choices, gold}
+    # and generation {context, answer}. Checked when training starts, not at the first eval.
+    mc_tasks: tuple[str, ...] = ()
+    gen_tasks: tuple[str, ...] = ()
+    # Items of each task scored during training (the file's first ones): what bounds the
+    # pause. 200 two-way items put the standard error of accuracy near 0.035.
+    max_items: int = 200
+    max_new_tokens: int = 32  # completion budget of generation tasks
+    temperature: float = 0.0  # generation tasks: 0 greedy, so scores are repeatable
+    # `raylm eval`'s Ray Data actor pool: actors, each loading the model once (0: score in
+    # the driver process), and each actor's CPUs (also its torch threads) and GPUs.
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # Tokens per work unit (context + choices); units are what the pool hands out, so smaller
+    # units balance actors better and larger ones batch more per forward pass.
+    batch_tokens: int = 4096
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "every": at_least(0, "0: off"),
+        "max_items": at_least(1),
+        "max_new_tokens": at_least(1),
+        "temperature": at_least(0, "0: greedy"),
+        "workers": at_least(0, "0: in the driver process"),
+        "cpus_per_worker": above(0),
+        "gpus_per_worker": at_least(0),
+        "batch_tokens": at_least(1),
+    }
+
+    def validate(self) -> None:
+        _check_ranges(self, "eval.")
+        if self.every and not (self.mc_tasks or self.gen_tasks):
+            raise ConfigError(f"eval.every={self.every} but no eval.mc_tasks or eval.gen_tasks to run")
+
+
 # --------------------------------------------------------------------------- run
 
 STAGES = ("pretrain", "sft", "dpo")
@@ -480,6 +739,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     s3: S3Config = field(default_factory=S3Config)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # What the run optimises and what its data holds: "pretrain" (text), "sft" (chat records:
     # messages or prompt/completion) or "dpo" (prompt, chosen, rejected). Set by the subcommand.
     stage: str = "pretrain"
@@ -492,7 +752,7 @@ class Config:
 
     def validate(self) -> "Config":
         _check_ranges(self, "")
-        for section in (self.model, self.tokenizer, self.data, self.train, self.sample, self.s3, self.dpo):
+        for section in (self.model, self.tokenizer, self.data, self.train, self.sample, self.s3, self.dpo, self.eval):
             section.validate()
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
@@ -509,6 +769,11 @@ class Config:
     @property
     def run_dir(self) -> str:
         return self.storage.rstrip("/") + "/" + self.name
+
+    def for_device(self, device_type: str) -> "Config":
+        """The config a run on this device type trains with: train's "auto" settings made
+        concrete (TrainConfig.for_device)."""
+        return replace(self, train=self.train.for_device(device_type))
 
 
 # --------------------------------------------------------------------------- loading

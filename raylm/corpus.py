@@ -28,6 +28,8 @@ import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
+from raylm.errors import ConfigError
+
 SUCCESS_MARKER = "_SUCCESS"
 SHARD_PATTERN = "builtin-{:05d}.jsonl"
 
@@ -144,7 +146,7 @@ def write_builtin_corpus(
     marker) is returned as is, so concurrent or repeated callers share one copy.
     """
     if docs_per_shard < 1:
-        raise ValueError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
+        raise ConfigError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
     out = Path(out_dir)
     existing = _existing_shards(out)
     if existing is not None:

@@ -37,6 +37,7 @@ import re
 import time
 import unicodedata
 import uuid
+import warnings
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -57,8 +58,7 @@ DATACARD = "DATACARD.md"
 FORMAT_VERSION = 3  # 3: shuffle picks drawn in bulk (a different, equally seeded order)
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line) and what is wrong."""
+from raylm.errors import DataError  # noqa: E402,F401  (defined with raylm's other error types)
 
 
 # --------------------------------------------------------------------------- reading
@@ -241,12 +241,45 @@ def stable_fraction(text: str) -> float:
 COLUMNS = ("text", "val", "source", "file", "line", "chars", "error", "dropped")
 
 
+# Below this many expected held-out documents, a split by document is likely to hold out
+# none (the hash decides each one), so val_split=auto holds out each document's tail instead.
+MIN_VAL_DOCUMENTS = 4
+
+
+def val_split_mode(cfg: DataConfig, files: list, val_files: list) -> str:
+    """How validation text is held out: "files" (data.val_path), "document" (whole documents
+    by a stable hash of their text) or "tail" (the last data.val_fraction of every document,
+    cut at a line break, as single-file trainers do). data.val_split=auto picks "tail" when
+    the corpus is plain-text files too few to split by document: each .txt file is one
+    document, so one file would otherwise hold out nothing, or everything. Known from the
+    listing alone, so it is decided before any stage runs."""
+    if val_files:
+        return "files"
+    if cfg.val_split != "auto":
+        return cfg.val_split
+    text_only = all(f.uri.endswith(".txt") for f in files)
+    return "tail" if text_only and len(files) * cfg.val_fraction < MIN_VAL_DOCUMENTS else "document"
+
+
+def tail_split(text: str, fraction: float) -> tuple[str, str]:
+    """(head, tail) of a document: the tail is its last `fraction` of characters, extended
+    back to the line break before the cut so a line is never split (kept exact when the
+    text has no break in the part that would become the tail)."""
+    cut = max(1, min(len(text) - 1, round(len(text) * (1 - fraction))))
+    brk = text.rfind("\n", 0, cut)
+    if brk > 0 and len(text) - brk <= 2 * (len(text) - cut):  # at most twice the asked-for tail
+        cut = brk + 1
+    return text[:cut], text[cut:]
+
+
 def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val_files: frozenset = frozenset(),
-                    drop: dict | None = None, redact: tuple[str, ...] = ()) -> dict:
+                    drop: dict | None = None, redact: tuple[str, ...] = (), tail: bool = False) -> dict:
     """Ray Data stage (stateless tasks, fused with the read): file bytes -> cleaned documents
     with their split, origin (file index in corpus order, line), and the reason if one is bad
     or dropped. `drop` maps (file, line) to a de-duplication verdict; `redact` names the PII
-    types to replace, counted per document in `pii_<type>` columns."""
+    types to replace, counted per document in `pii_<type>` columns. `tail`: every document
+    is two rows, its head for training and its last data.val_fraction for validation
+    (`val_split_mode`)."""
     out = {k: [] for k in (*COLUMNS, *(f"pii_{t}" for t in redact))}
 
     def emit(**row):
@@ -270,6 +303,14 @@ def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val
                     dropped = "too_long"
                 elif drop and (file, line) in drop:
                     dropped = drop[(file, line)]
+            if tail and not force_val and text and not dropped:
+                for part, val in zip(tail_split(text, cfg.val_fraction), (False, True)):
+                    found = {}
+                    if redact:
+                        part, found = redact_pii(part, redact)
+                    emit(text=part, val=val, source=path, file=file, line=line, chars=len(part), error=err,
+                         dropped="", **{f"pii_{t}": found.get(t, 0) for t in redact})
+                continue
             # With an explicit validation corpus (val_files), no training document is diverted.
             # The split is decided on the text before redaction, so PII settings do not move it.
             val = force_val or (not val_files and not dropped and bool(text)
@@ -477,6 +518,8 @@ def dataset_key(sources: list[storage.FileInfo], val_sources: list[storage.FileI
     blob = json.dumps({"sources": [[f.uri, f.size, f.etag_or_mtime] for f in sources],
                        "val_sources": [[f.uri, f.size, f.etag_or_mtime] for f in val_sources],
                        "cfg": relevant, "tokenizer": tokenizer_sha, "seed": seed,
+                       # Only a tail split is named: keys of datasets split by document stay as they were.
+                       **({"val_split": "tail"} if val_split_mode(cfg, sources, val_sources) == "tail" else {}),
                        "version": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -490,9 +533,10 @@ def read_manifest(out: str, s3: S3Config | None = None) -> dict | None:
 
 def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig, s3,
                        drop: dict | None = None, redact: tuple[str, ...] = (),
-                       read: list[storage.FileInfo] | None = None):
+                       read: list[storage.FileInfo] | None = None, tail: bool = False):
     """Ray Dataset of cleaned documents from both splits' files (one execution), in corpus
-    order; `read` limits it to some of them, with file indices and splits unchanged."""
+    order; `read` limits it to some of them, with file indices and splits unchanged. `tail`:
+    documents split into head and held-out tail rows (de-duplication reads whole ones)."""
     import ray
 
     order = {f.uri: i for i, f in enumerate(files + val_files)}
@@ -502,7 +546,7 @@ def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.Fi
     ds = ray.data.read_datasource(_corpus_source(files, s3), override_num_blocks=len(files))
     return ds.map_batches(parse_and_clean, batch_size=1, fn_kwargs={
         "cfg": cfg, "order": order,
-        "val_files": frozenset(f.uri for f in val_files), "drop": drop, "redact": tuple(redact)})
+        "val_files": frozenset(f.uri for f in val_files), "drop": drop, "redact": tuple(redact), "tail": tail})
 
 
 def _corpus_source(files: list[storage.FileInfo], s3):
@@ -697,11 +741,24 @@ def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileI
 def _document_stream(files, val_files, cfg: DataConfig, tokenizer, s3, tokenizer_actors: int, drop: dict,
                      read=None):
     """Ray Dataset of cleaned, de-duplicated, redacted and tokenized documents, in corpus order."""
-    ds = _cleaned_documents(files, val_files, cfg, s3, drop=drop, redact=cfg.redact_pii, read=read)
+    ds = _cleaned_documents(files, val_files, cfg, s3, drop=drop, redact=cfg.redact_pii, read=read,
+                            tail=val_split_mode(cfg, files, val_files) == "tail")
     from ray.data import ActorPoolStrategy
 
-    return ds.map_batches(TokenizeDocuments, fn_constructor_args=(tokenizer,), batch_format="pyarrow",
-                          batch_size=None, compute=ActorPoolStrategy(size=tokenizer_actors))
+    # One block per file: more actors than files would never get work (and Ray Data warns so).
+    size = max(1, min(tokenizer_actors, len(files) + len(val_files) if read is None else len(read)))
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(TokenizeDocuments, fn_constructor_args=(tokenizer,), batch_format="pyarrow",
+                              batch_size=None, compute=ActorPoolStrategy(size=size), max_restarts=actor_restarts())
+
+
+def actor_restarts() -> int:
+    """Restarts for raylm's Ray Data actors: Ray's default (-1, forever) on a cluster, where
+    nodes come and go; none on the one-machine cluster `init_ray` starts, where a dead actor
+    means a real failure to report (and Ray logs an error-level line for every restartable
+    actor whose constructor arguments sit in the object store, as Ray Data's all do)."""
+    return 0 if os.environ.get("RAYLM_LOCAL_CLUSTER") == "1" else -1
 
 
 def packed_blocks(batches: Iterable[pa.Table], cfg: DataConfig, eos_id: int, seed: int,
@@ -764,6 +821,13 @@ def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log)
     return drop
 
 
+def _say_tail_split(cfg: DataConfig, files, val_files, log) -> None:
+    if val_split_mode(cfg, files, val_files) == "tail":
+        n = len(files)
+        log(f"data: {n} text file{'s' if n > 1 else ''}, too few documents to hold out whole ones: validation is "
+            f"the last {cfg.val_fraction:.0%} of each (data.val_split=tail)")
+
+
 def _sources(files) -> list[dict]:
     return [{"uri": f.uri, "size": f.size, "etag": f.etag_or_mtime} for f in files]
 
@@ -795,6 +859,7 @@ def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None =
     corpus until enough held-out documents have come by. `corpus`: (files, val_files) as
     `corpus_files` listed them already."""
     files, val_files = corpus or corpus_files(cfg, s3)
+    _say_tail_split(cfg, files, val_files, log)
     drop = _duplicates(files, val_files, cfg, s3, PrepareStats(), log)
     datasets = {"train": _document_stream(files, val_files, cfg, tokenizer, s3, readers, drop, read=files),
                 "val": _document_stream(files, val_files, cfg, tokenizer, s3, readers, drop,
@@ -820,6 +885,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     import ray
 
     files, val_files = corpus or corpus_files(cfg, s3)
+    _say_tail_split(cfg, files, val_files, log)
     key = dataset_key(files, val_files, cfg, tokenizer.sha256, seed)
     existing = read_manifest(out, s3)
     if existing and existing.get("key") == key:
@@ -853,8 +919,11 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
                         f"({stats.documents_read} documents read, {_losses(stats, cfg) or 'none dropped'}; "
                         f"{stats.documents} kept, {stats.tokens} tokens); add text or lower data.seq_len")
     if stats.val_blocks == 0:
-        raise DataError(f"{cfg.path}: validation split is empty; raise data.val_fraction "
-                        f"(now {cfg.val_fraction}) or set data.val_path")
+        how = {"tail": "the held-out tails are shorter than one block",
+               "document": "no document was held out"}.get(val_split_mode(cfg, files, val_files), "")
+        raise DataError(f"{cfg.path}: validation split is empty ({how or 'data.val_path yields no block'}); "
+                        f"raise data.val_fraction (now {cfg.val_fraction}), set data.val_split=tail, or set "
+                        f"data.val_path")
     rel = storage.relative(attempt, out)
     manifest = {
         "format_version": FORMAT_VERSION, "key": key, "seed": seed, "seq_len": cfg.seq_len,

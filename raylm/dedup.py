@@ -54,6 +54,8 @@ import zlib
 
 import numpy as np
 
+from raylm.errors import ConfigError
+
 _U64 = np.uint64
 _MASK32 = 0xFFFFFFFF
 # A prime just above 2**32, so (a*x + b) mod p is a universal hash family over 32-bit
@@ -101,7 +103,7 @@ def shingles(text: str, ngram: int = 5) -> np.ndarray:
     shingle of all its words (a short document still has a signature); a text with no words
     gives an empty array."""
     if ngram < 1:
-        raise ValueError(f"ngram must be >= 1, got {ngram}")
+        raise ConfigError(f"ngram must be >= 1, got {ngram}")
     words = _word_hashes(text)
     n = min(ngram, len(words))
     if n == 0:
@@ -129,9 +131,9 @@ class MinHasher:
 
     def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 0):
         if num_perm < 1:
-            raise ValueError(f"num_perm must be >= 1, got {num_perm}")
+            raise ConfigError(f"num_perm must be >= 1, got {num_perm}")
         if ngram < 1:
-            raise ValueError(f"ngram must be >= 1, got {ngram}")
+            raise ConfigError(f"ngram must be >= 1, got {ngram}")
         self.num_perm, self.ngram, self.seed = num_perm, ngram, seed
         rng = np.random.default_rng(seed)
         self._a = rng.integers(1, 1 << 32, size=(1, num_perm), dtype=_U64)
@@ -187,9 +189,9 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     0.5*false-negative area of the S-curve around `threshold` (datasketch's MinHashLSH
     choice). Ties go to fewer bands, then fewer rows: deterministic."""
     if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
     if num_perm < 1:
-        raise ValueError(f"num_perm must be >= 1, got {num_perm}")
+        raise ConfigError(f"num_perm must be >= 1, got {num_perm}")
     pairs = [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)]
     bands = np.array([b for b, _ in pairs], dtype=np.float64)
     rows = np.array([r for _, r in pairs], dtype=np.float64)

@@ -13,6 +13,7 @@ import tempfile
 
 import torch
 
+from raylm.errors import CheckpointError, ConfigError, PathNotFoundError
 from raylm import checkpoint, storage
 from raylm.config import S3Config, from_dict
 from raylm.model import Transformer
@@ -36,12 +37,31 @@ def resolve_checkpoint(uri: str, s3: S3Config | None = None) -> str:
         return uri
     found = checkpoint.latest_complete(uri, s3)
     if found is None:
-        raise FileNotFoundError(f"{uri}: no complete checkpoint (neither a checkpoint nor a run directory with one)")
+        raise PathNotFoundError(f"{uri}: no complete checkpoint (neither a checkpoint nor a run directory with one)")
     return found
 
 
-def load_for_inference(uri: str, s3: S3Config | None = None, device: str = "cpu"):
-    """(model, tokenizer, meta) from a checkpoint or run directory, weights only."""
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A parameter dtype for inference: a torch dtype or its name; None means float32."""
+    if dtype is None:
+        return torch.float32
+    name = str(dtype).removeprefix("torch.")
+    if name not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(INFERENCE_DTYPES)}")
+    return INFERENCE_DTYPES[name]
+
+
+def load_for_inference(uri: str, s3: S3Config | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype | str | None = None):
+    """(model, tokenizer, meta) from a checkpoint or run directory (local or s3://), weights
+    only, with parameters in `dtype` (float32, bfloat16 or float16; default float32) on
+    `device`. The model is built on meta and its memory filled once, by the checkpoint's
+    weights: no random init is drawn and thrown away, and the caller's RNG is left as it was.
+    The RoPE tables stay fp32 whatever `dtype` is."""
+    dtype = inference_dtype(dtype)
     ckpt = resolve_checkpoint(uri, s3)
     meta = checkpoint.read_meta(ckpt, s3)
     if not isinstance(meta.get("config"), dict):
@@ -49,13 +69,14 @@ def load_for_inference(uri: str, s3: S3Config | None = None, device: str = "cpu"
     cfg = from_dict(meta["config"])
     with torch.device("meta"):
         model = Transformer(cfg.model)
+    model.to(dtype)  # on meta: only the dtype changes, nothing is allocated
     model.to_empty(device=device)
-    model.init_weights()  # RoPE tables; weights are overwritten next
-    checkpoint.load_model_weights(model, ckpt, s3)
+    model.init_buffers()
+    checkpoint.load_model_weights(model, ckpt, s3)  # every parameter (a missing one is an error), cast to dtype
     model.eval()
     tok = load_tokenizer(tokenizer_of(ckpt, meta, s3), s3)
     if meta.get("tokenizer_sha256") and tok.sha256 != meta["tokenizer_sha256"]:
-        raise ValueError(f"{meta['tokenizer']}: tokenizer hash {tok.sha256[:12]} differs from the one "
+        raise CheckpointError(f"{meta['tokenizer']}: tokenizer hash {tok.sha256[:12]} differs from the one "
                          f"{ckpt} was trained with ({meta['tokenizer_sha256'][:12]})")
     return model, tok, meta
 
@@ -93,16 +114,27 @@ def greedy_decode(model: Transformer, prompt: torch.Tensor, new_tokens: int, ste
     steps. `step` is `last_logits` or a compiled version of it."""
     B, P = prompt.shape
     if P + new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"prompt of {P} + {new_tokens} new tokens exceeds model.max_seq_len={model.cfg.max_seq_len}")
+        raise ConfigError(f"prompt of {P} + {new_tokens} new tokens exceeds model.max_seq_len={model.cfg.max_seq_len}")
     caches = model.make_caches(B, P + new_tokens)
     pos = torch.tensor(P, device=prompt.device)
+    _step_begins()
     nxt = step(model, prompt, caches, 0).argmax(-1, keepdim=True)
     out = [nxt]
     for _ in range(new_tokens - 1):
+        _step_begins()
         nxt = step(model, nxt, caches, pos).argmax(-1, keepdim=True)
         pos += 1
         out.append(nxt)
     return torch.cat(out, dim=1)
+
+
+def _step_begins() -> None:
+    """Tell CUDA graphs (a step compiled with mode="reduce-overhead") that a new decode step
+    starts, so the previous replay's outputs may be overwritten: each step's logits are used
+    (argmax, sampling) before the next step runs. Without it, cudagraph trees cannot tell
+    decode steps apart from one long iteration, and they keep re-recording or refuse to
+    replay. Eager and CPU: a counter increment, nothing else."""
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 @torch.no_grad()
@@ -116,6 +148,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     max_new_tokens = min(max_new_tokens, limit - len(prompt))
     gen = torch.Generator(device=device).manual_seed(seed)
     caches = model.make_caches(1, len(prompt) + max_new_tokens)
+    _step_begins()
     logits = step(model, torch.tensor([prompt], device=device), caches, 0)
     pos = torch.tensor(len(prompt), device=device)  # advanced in place: the step's inputs keep their shapes
     x = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -128,19 +161,30 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
         if i == max_new_tokens - 1:
             break  # the token is chosen; its logits would go unused
         x.fill_(nxt)
+        _step_begins()
         logits = step(model, x, caches, pos)
         pos += 1
     return out
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> int:
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator,
+                 top_p: float = 1.0) -> int:
+    """One token from `logits` (vocab,): greedy at temperature 0, else one draw from `gen`
+    after temperature, top-k (0 = off) and top-p (nucleus: the smallest set of most likely
+    tokens whose probability reaches top_p; 1 = off, which leaves results as they were)."""
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+    probs = torch.softmax(logits, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # Drop a token once the tokens ranked above it already hold top_p; the first is always kept.
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(0) - sorted_p >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 def complete(model: Transformer, tok: Tokenizer, prompts, max_new_tokens: int, temperature: float,
@@ -163,6 +207,7 @@ def chat_reply(model: Transformer, tok: Tokenizer, messages: list[dict], max_new
 def compile_decode_step(mode: str = "reduce-overhead"):
     """`last_logits` under torch.compile: one graph for the prefill, one for every decode step
     (fixed shapes, dynamic=False), each a CUDA graph on GPUs with mode="reduce-overhead"
-    (on CPU that mode is plain inductor). Call `torch.compiler.cudagraph_mark_step_begin()`
-    before each step when the previous step's outputs are no longer needed."""
+    (on CPU that mode is plain inductor). `greedy_decode` and `generate` mark each step's
+    start for CUDA graphs; other callers call `torch.compiler.cudagraph_mark_step_begin()`
+    before each step once the previous step's outputs are no longer needed."""
     return torch.compile(last_logits, mode=mode, fullgraph=True, dynamic=False)

@@ -10,7 +10,11 @@ correspondence in one place, for two users:
 * `tests/unit/test_hf_parity.py`, which loads those weights into transformers'
   implementation and checks that its logits and loss equal raylm's. That test is what
   shows no q/k permutation is needed (Meta's original checkpoints, which rotate
-  interleaved pairs, do need one; raylm rotates halves like HF).
+  interleaved pairs, do need one; raylm rotates halves like HF);
+* `raylm pretrain --init-from-hf DIR` (init_from naming a directory with a `config.json`),
+  which derives the model shape from `config.json` (`model_config_from_hf`) and reads the
+  safetensors weights back into raylm's names (`read_hf_weights`). Pickle weights
+  (`pytorch_model.bin`) are refused, never loaded: unpickling runs code from the file.
 
 transformers itself is not imported here: it is a test dependency, and the export only
 writes JSON and tensors.
@@ -18,8 +22,12 @@ writes JSON and tensors.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
+from raylm import storage
+from raylm.errors import ConfigError
 from raylm.config import ModelConfig
 
 # raylm name suffix -> HF name suffix, inside `layers.{i}.` / `model.layers.{i}.`.
@@ -45,7 +53,7 @@ def _check_llama(cfg: ModelConfig) -> None:
     # Llama has no per-head query/key norm. Qwen3 does (same place: before RoPE), but
     # exporting under another architecture is a separate decision, not a silent fallback.
     if cfg.qk_norm:
-        raise ValueError(
+        raise ConfigError(
             "model.qk_norm=true has no LlamaForCausalLM equivalent (Llama has no q/k norm); "
             "export with model.qk_norm=false, or as a Qwen3 model, which has q_norm/k_norm"
         )
@@ -129,3 +137,174 @@ def _rename(name: str, top: dict, layer: dict, src_prefix: str, dst_prefix: str)
     # An unknown key means the model grew a parameter this mapping does not know: refuse,
     # rather than export a checkpoint that silently loads without it.
     raise KeyError(f"no Hugging Face Llama equivalent for parameter {name!r}")
+
+
+# --------------------------------------------------------------------------- reading HF directories
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def is_hf_dir(uri: str, s3=None) -> bool:
+    """A Hugging Face model directory (it has `config.json`); raylm runs and checkpoints never do."""
+    return storage.exists(storage.join(uri, HF_CONFIG), s3)
+
+
+def read_hf_config(uri: str, s3=None) -> dict:
+    """`config.json` of a Llama directory; anything raylm's decoder does not compute is refused."""
+    path = storage.join(uri, HF_CONFIG)
+    if not storage.exists(path, s3):
+        raise ConfigError(f"{path}: not found; --init-from-hf needs a Hugging Face model directory")
+    try:
+        config = json.loads(storage.read_text(path, s3))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    arch = config.get("architectures")
+    if arch != ["LlamaForCausalLM"]:
+        raise ConfigError(f"{path}: architectures={arch}; only LlamaForCausalLM weights map onto raylm's decoder")
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if config.get(key, want) != want:
+            raise ConfigError(f"{path}: {key}={config[key]!r}; raylm's decoder has {key}={want!r}")
+    scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ConfigError(f"{path}: RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r}; "
+                          f"raylm's decoder has plain RoPE only")
+    heads = config.get("num_attention_heads")
+    if config.get("head_dim") is not None and isinstance(heads, int) and heads > 0 \
+            and config["head_dim"] != config.get("hidden_size", 0) // heads:
+        raise ConfigError(f"{path}: head_dim={config['head_dim']} is not hidden_size/num_attention_heads; "
+                          f"raylm's decoder derives it from them")
+    return config
+
+
+def _rope_theta(config: dict) -> float:
+    # transformers >= 5 writes `rope_parameters`, earlier versions the top-level key.
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def model_config_from_hf(config: dict, where: str = HF_CONFIG) -> ModelConfig:
+    """The raylm model shape of a Llama `config.json`. Defaults where a key is absent are
+    `LlamaConfig`'s (untied head, rms_norm_eps 1e-6), which is what transformers assumes."""
+    try:
+        heads = config["num_attention_heads"]
+        cfg = ModelConfig(
+            vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=config.get("num_key_value_heads") or heads,
+            ffn_dim=config["intermediate_size"], max_seq_len=config.get("max_position_embeddings", 2048),
+            rope_theta=_rope_theta(config), norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{where}: no {e.args[0]!r}; a Llama config.json has it") from None
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def check_hf_shape(config: dict, model: ModelConfig, where: str = HF_CONFIG) -> None:
+    """Refuse, naming the key and both values, an HF model whose weights do not fit `model`."""
+    hf = model_config_from_hf(config, where)
+    for hf_key, raylm_key, theirs, ours in (
+        ("hidden_size", "model.dim", hf.dim, model.dim),
+        ("num_hidden_layers", "model.n_layers", hf.n_layers, model.n_layers),
+        ("num_attention_heads", "model.n_heads", hf.n_heads, model.n_heads),
+        ("num_key_value_heads", "model.n_kv_heads", hf.kv_heads, model.kv_heads),
+        ("vocab_size", "model.vocab_size", hf.vocab_size, model.vocab_size),
+        ("intermediate_size", "model.ffn_dim", hf.hidden_dim, model.hidden_dim),
+        ("rope_theta", "model.rope_theta", hf.rope_theta, model.rope_theta),
+        ("tie_word_embeddings", "model.tie_embeddings", hf.tie_embeddings, model.tie_embeddings),
+    ):
+        if theirs != ours:
+            raise ConfigError(f"{where}: {hf_key}={theirs} but this run has {raylm_key}={ours}; "
+                              f"drop the model.* setting to take the checkpoint's shape")
+
+
+def hf_weight_files(uri: str, s3=None) -> list[str]:
+    """The safetensors files of an HF directory: `model.safetensors`, or the shards its index
+    names. A directory with pickle weights only is refused."""
+    index = storage.join(uri, HF_INDEX)
+    if storage.exists(index, s3):
+        try:
+            names = sorted(set(json.loads(storage.read_text(index, s3))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{index}: not a safetensors index (no weight_map: {e})") from None
+        for name in names:
+            # Names only: an index must not point outside its directory.
+            if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors"):
+                raise ConfigError(f"{index}: weight file {name!r} is not a .safetensors file in the directory")
+        return [storage.join(uri, n) for n in names]
+    single = storage.join(uri, HF_WEIGHTS)
+    if storage.exists(single, s3):
+        return [single]
+    pickles = [f.uri for f in storage.list_files(uri, s3) if f.uri.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise ConfigError(f"{pickles[0]}: pickle weights are not read (loading them runs code from the file); "
+                          f"convert to safetensors, e.g. save_pretrained(dir, safe_serialization=True)")
+    raise ConfigError(f"{uri}: no {HF_WEIGHTS} or {HF_INDEX}")
+
+
+def _read_safetensors(uri: str, s3) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    try:
+        if storage.is_s3(uri):
+            return load(storage.read_bytes(uri, s3))  # the file's bytes and its tensors: twice a shard at peak
+        return load_file(uri)
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{uri}: not a readable safetensors file ({e})") from None
+
+
+def read_hf_weights(uri: str, model: ModelConfig, s3=None) -> dict[str, torch.Tensor]:
+    """raylm's full state dict (fp32) from the HF Llama directory `uri`, whose `config.json`
+    must describe `model` (`check_hf_shape`). Every parameter must be there, each with its
+    shape; a tensor raylm has no place for is refused, not dropped."""
+    from raylm.model import Transformer
+
+    check_hf_shape(read_hf_config(uri, s3), model, storage.join(uri, HF_CONFIG))
+    with torch.device("meta"):
+        want = Transformer(model).state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for file in hf_weight_files(uri, s3):
+        part = _read_safetensors(file, s3)
+        try:
+            mapped = from_hf_state_dict(model, part)
+        except KeyError as e:
+            raise ConfigError(f"{file}: {e.args[0]}") from None
+        for name, t in mapped.items():
+            if tuple(t.shape) != tuple(want[name].shape):
+                raise ConfigError(f"{file}: {name} has shape {tuple(t.shape)}, "
+                                  f"the model needs {tuple(want[name].shape)}")
+            out[name] = t.to(torch.float32)
+        del part, mapped
+    missing = [k for k in want if k not in out]
+    if missing:
+        raise ConfigError(f"{uri}: no weight for {missing[0]} ({len(missing)} missing)")
+    return out
+
+
+def init_from_hf_settings(uri: str, s3=None) -> dict:
+    """Config settings (a mapping beneath the user's file and overrides) that start a run from
+    the HF Llama directory `uri`: init_from, and the model shape its config.json describes."""
+    import dataclasses
+
+    model = model_config_from_hf(read_hf_config(uri, s3), storage.join(uri, HF_CONFIG))
+    return {"init_from": uri, "model": dataclasses.asdict(model)}
+
+
+def check_init_from_hf(cfg) -> None:
+    """Before any cluster work: the run's model is the directory's shape, and the tokenizer is
+    given (one trained now would number its pieces differently from the weights' rows), and
+    the weights are safetensors."""
+    check_hf_shape(read_hf_config(cfg.init_from, cfg.s3), cfg.model, storage.join(cfg.init_from, HF_CONFIG))
+    hf_weight_files(cfg.init_from, cfg.s3)
+    if not cfg.tokenizer.path:
+        raise ConfigError(f"--init-from-hf {cfg.init_from}: set tokenizer.path=DIR, the raylm tokenizer these "
+                          f"weights were trained with (vocab {cfg.model.vocab_size})")

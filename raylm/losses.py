@@ -40,7 +40,10 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda and _cuda_out_dtype:
         try:
             return torch.mm(a, b, out_dtype=_F32)
-        except RuntimeError as e:  # a build without the mixed-dtype mm: same math, bf16-rounded logits
+        # TypeError: a torch without the keyword (older than the tested one, see pyproject);
+        # RuntimeError: a build or GPU without the mixed-dtype kernel. Either way the same
+        # math follows, with bf16-rounded logits.
+        except (RuntimeError, TypeError) as e:
             _cuda_out_dtype = False
             warnings.warn(f"torch.mm(out_dtype=float32) failed ({e}); upcasting bf16 products instead")
     return (a @ b).float()

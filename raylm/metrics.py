@@ -6,6 +6,7 @@ FLOPs per trained token = 6 N + 12 L d T  (PaLM appendix B; Chinchilla's 6N plus
   L  layers, d  model width, T  sequence length: 2*L*T*d for the QK^T and AV matmuls
      forward, times 3 for forward + backward, times 2 FLOPs per multiply-add.
 MFU = achieved FLOP/s / (devices * dense bf16 peak of one device).
+The loss plot is drawn by raylm.eval.report (one plotting place for the run and `raylm report`).
 """
 
 from __future__ import annotations
@@ -78,27 +79,8 @@ class MetricsLog:
 
 
 def plot_loss_curve(rows: list[dict], uri: str, s3: S3Config | None = None) -> None:
-    """Training and validation loss against step, as a PNG."""
-    import io
+    """Training and validation loss against step, as a PNG. Drawn by `raylm.eval.report`,
+    raylm's one plotting place, so the run's plot and `raylm report` agree."""
+    from raylm.eval.report import plot_loss_curve as draw
 
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    storage.write_bytes(uri, buf.getvalue(), s3)
+    draw(rows, uri, s3)

@@ -5,12 +5,18 @@ RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head.
 
 Nothing here knows about Ray, process groups or sharding: `raylm.parallel` wraps this
 module from the outside. Build it on the meta device, move it with `to_empty`, then call
-`init_weights()`, which is the single place where parameters and RoPE tables get values:
+`init_weights()`, which is the single place where parameters and RoPE tables get values
+(a model whose weights come from a checkpoint calls only `init_buffers()`, the RoPE part):
 
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
     model.init_weights()
+
+muP (`model.width_scaling="mup"`, off by default) changes three things, all relative to the
+width multiplier m = dim / base_dim: hidden matrices start with std / sqrt(m), the optimizer
+gives them lr / m (`raylm.train.make_optimizer`), and the final hidden states are divided by
+m before the head. At m = 1 it is the standard model exactly.
 
 Init scheme: embeddings and every input projection ~ N(0, init_std); the two projections
 that write into the residual stream (attention `wo`, MLP `w2`) ~ N(0, init_std / sqrt(2 L)),
@@ -164,7 +170,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start: int | torch.Tensor = 0, doc_mask=None):
         """`start`: the first query's position (int), or every query's position as a (T,)
-        long tensor for fixed-shape decoding into `cache` (see KVCache). `doc_mask`: the
+        long tensor for fixed-shape decoding into `cache` (see KVCache), or (B, T) with each
+        row at its own positions (raylm.serve.engine.SlotCache). `doc_mask`: the
         block-causal mask of document masking (see `document_mask`), without a cache."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -193,15 +200,30 @@ class Attention(nn.Module):
                 if T > 1:
                     pos_q = torch.arange(start, start + T, device=x.device)[:, None]
                     mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos_q
-        # GQA without materialising repeated K/V: SDPA broadcasts kv heads over query groups.
-        # (On CUDA, flash takes no explicit mask and the memory-efficient kernel no GQA, so a
-        # masked GQA call may fall back to the math kernel there; the unmasked causal call
-        # of pre-training is unaffected.)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-            enable_gqa=self.kv_heads != self.n_heads,
-        )
+        y = attend(q, k, v, mask, causal and mask is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           causal: bool) -> torch.Tensor:
+    """SDPA for q (B, H, T, D) over k, v (B, KV, S, D), KV dividing H (GQA), with a boolean
+    `mask` broadcastable to (B, 1, T, S) or `causal`; returns (B, H, T, D).
+
+    GQA never materialises repeated K/V. Unmasked, SDPA's `enable_gqa` broadcasts the kv
+    heads (flash takes it). Masked, CUDA's flash kernel takes no mask and its memory-efficient
+    kernel no `enable_gqa`, so that call would run on the slow math kernel: instead the query
+    heads sharing a kv head are folded into the query length, (B, KV, G*T, D) with the mask
+    repeated G times along T, which is plain attention the memory-efficient kernel takes.
+    Every query row attends exactly as before (query head h reads kv head h // G)."""
+    H, KV = q.shape[1], k.shape[1]
+    if H == KV or mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != KV)
+    B, _, T, D = q.shape
+    G = H // KV
+    folded = q.reshape(B, KV, G * T, D)  # heads h = kv * G + g are contiguous: a view
+    rows = mask.repeat(*([1] * (mask.dim() - 2)), G, 1)  # row g * T + t is query t's
+    y = F.scaled_dot_product_attention(folded, k, v, attn_mask=rows, is_causal=False)
+    return y.reshape(B, H, T, D)
 
 
 class FeedForward(nn.Module):
@@ -265,15 +287,15 @@ class Transformer(nn.Module):
         Draws from the global RNG, so callers seed it; that also works on sharded (DTensor)
         parameters, where each rank draws its own shard consistently."""
         cfg = self.cfg
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.init_buffers()
+        # muP: hidden matrices' std falls as 1/sqrt(fan_in), relative to the base width.
+        hidden_std = cfg.init_std / math.sqrt(cfg.width_multiplier) if cfg.width_scaling == "mup" else cfg.init_std
+        out_std = hidden_std / math.sqrt(2 * cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
         for layer in self.layers:
             for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
                         layer.feed_forward.w1, layer.feed_forward.w3):
-                nn.init.normal_(lin.weight, std=cfg.init_std)
+                nn.init.normal_(lin.weight, std=hidden_std)
             for lin in (layer.attention.wo, layer.feed_forward.w2):
                 nn.init.normal_(lin.weight, std=out_std)
         for m in self.modules():
@@ -281,6 +303,17 @@ class Transformer(nn.Module):
                 m.reset_parameters()
         if not cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=cfg.dim ** -0.5)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Compute the state that is not a parameter (the RoPE tables) on the model's device:
+        all a model materialised from meta needs besides weights loaded from a checkpoint.
+        The tables are fp32 whatever the parameters' dtype (`apply_rope` rotates in fp32), so
+        they are replaced rather than copied into: a model cast to bf16 gets fp32 ones back."""
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def hidden_states(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
                       start: int | torch.Tensor = 0, doc_sep: int | None = None):
@@ -301,9 +334,13 @@ class Transformer(nn.Module):
             # Static decoding: the first position as a 0-d long tensor on the device, so a
             # compiled step is one graph for every position. Nothing here reads its value
             # (that would sync with the device), so the caller checks the length limit.
+            # A (B,) tensor gives each row its own first position (continuous batching:
+            # raylm.serve.engine's slotted cache); positions are then (B, T) and so are
+            # cos/sin, which `apply_rope` takes per token as with document masking.
             if caches is None:
                 raise ValueError("a tensor `start` is for decoding into KV caches; pass caches=")
-            start = start.reshape(()) + torch.arange(T, device=tokens.device)
+            first = start.reshape(()) if start.dim() == 0 else start[:, None]
+            start = first + torch.arange(T, device=tokens.device)
             cos, sin = self.rope_cos[start], self.rope_sin[start]
         else:
             if start + T > self.cfg.max_seq_len:
@@ -315,6 +352,10 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, caches[i] if caches is not None else None, start)
             else:
                 h = layer(h, cos, sin, doc_mask=doc_mask)
+        if self.cfg.width_scaling == "mup" and self.cfg.width_multiplier != 1:
+            # muP's 1/width logit multiplier, applied here so that every head (plain, tied,
+            # chunked loss) multiplies by it: logits = W (s h) = s (W h).
+            return self.norm(h) / self.cfg.width_multiplier
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from raylm.errors import ConfigError, DataError
 from raylm.losses import chunked_lm_loss
 
 IGNORE = -100  # the ignore_index of NextTokenObjective and raylm.losses
@@ -189,14 +190,14 @@ class DPOObjective:
 
     def __post_init__(self):
         if self.loss not in ("sigmoid", "ipo"):
-            raise ValueError(f"DPO loss {self.loss!r}: expected 'sigmoid' or 'ipo'")
+            raise ConfigError(f"DPO loss {self.loss!r}: expected 'sigmoid' or 'ipo'")
         if self.beta <= 0:
-            raise ValueError(f"DPO beta must be > 0, got {self.beta}")
+            raise ConfigError(f"DPO beta must be > 0, got {self.beta}")
         # ε = 0.5 makes the loss symmetric in chosen and rejected: no preference is left.
         if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"DPO label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise ConfigError(f"DPO label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss != "sigmoid":
-            raise ValueError("label_smoothing applies to the sigmoid loss only")
+            raise ConfigError("label_smoothing applies to the sigmoid loss only")
 
     def count(self, batch) -> int:
         return int(batch["chosen"].shape[0])
@@ -213,7 +214,7 @@ class DPOObjective:
         elif "ref_chosen_logp" in batch:
             ref = batch
         else:
-            raise ValueError("DPO needs a reference: pass reference= or add the ref_chosen_logp and "
+            raise ConfigError("DPO needs a reference: pass reference= or add the ref_chosen_logp and "
                              "ref_rejected_logp columns (reference_logprobs)")
         rc, rr = ref["ref_chosen_logp"].float(), ref["ref_rejected_logp"].float()
         if self.average_logprobs:
@@ -254,7 +255,7 @@ def _stack(rows: Sequence[tuple[list[int], list[bool]]], width: int | None, pad_
     longest = max(len(ids) for ids, _ in rows)
     width = width or longest
     if longest > width:
-        raise ValueError(f"a sequence of {longest} tokens does not fit the width {width}")
+        raise DataError(f"a sequence of {longest} tokens does not fit the width {width}")
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, (ids, m) in enumerate(rows):

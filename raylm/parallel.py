@@ -12,14 +12,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raylm.config import ModelConfig
+from raylm.config import ModelConfig, device_defaults
+from raylm.errors import ConfigError
 from raylm.model import Transformer
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 on CUDA and fp32 elsewhere: CPUs without AMX run bf16 matmuls ~24x slower."""
+    """'auto' is bf16 on CUDA and fp32 elsewhere (raylm.config.device_defaults)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return device_defaults(torch.device(device).type)["precision"]
     return precision
 
 
@@ -48,13 +49,13 @@ def apply_float8(model: Transformer) -> None:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
-        raise ValueError("train.float8=true needs torchao: pip install -e '.[float8]' (or torchao)") from None
+        raise ConfigError("train.float8=true needs torchao: pip install -e '.[float8]' (or torchao)") from None
 
     def eligible(module: nn.Module, fqn: str = "") -> bool:
         return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
     if not any(eligible(m) for block in model.layers for m in block.modules()):
-        raise ValueError(f"train.float8=true: no linear layer in the blocks has sizes divisible by 16 "
+        raise ConfigError(f"train.float8=true: no linear layer in the blocks has sizes divisible by 16 "
                          f"(model.dim={model.cfg.dim}); use a wider model or float8=false")
     # pad_inner_dim: float8 GPU matmuls also need the token count (micro-batch x sequence,
     # the inner dimension of the weight-gradient matmul) to be a multiple of 16; padding
@@ -108,9 +109,10 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 
 
 def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str, seed: int,
-                         compile: bool = False, activation_checkpointing: bool = False,
+                         compile: bool | str = False, activation_checkpointing: bool = False,
                          reshard_after_forward: bool = True, float8: bool = False) -> Transformer:
     """Meta-device model -> float8 -> checkpointing -> compile -> FSDP2 (if distributed) -> materialised.
+    compile="auto" (train.compile's default) compiles on CUDA only (raylm.config.device_defaults).
 
     Without an initialised process group the model stays plain and runs in fp32; use
     `init_local_process_group` to get the sharded path (and bf16) in one process.
@@ -121,6 +123,8 @@ def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str,
         apply_float8(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile == "auto":
+        compile = device_defaults(torch.device(device).type)["compile"]
     if compile:
         apply_compile(model)
     if dist.is_available() and dist.is_initialized():

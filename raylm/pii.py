@@ -60,6 +60,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from raylm.errors import ConfigError
+
 PII_TYPES = ("email", "phone", "ip", "card")  # the order used in reports and count dicts
 PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>", "card": "<CARD_NUMBER>"}
 
@@ -268,7 +270,7 @@ def _passes_for(types) -> tuple[str, ...]:
     if passes is None:
         for t in key:
             if t not in PLACEHOLDERS:
-                raise ValueError(f"unknown PII type {t!r} in types={key!r}; "
+                raise ConfigError(f"unknown PII type {t!r} in types={key!r}; "
                                  f"valid types are {', '.join(PII_TYPES)}")
         passes = _PASSES_FOR[key] = tuple(kind for kind in _PASS_ORDER if kind in key)
     return passes

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+from raylm.errors import PathNotFoundError
 from raylm import storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
@@ -52,6 +53,7 @@ def init_ray(cfg: Config) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    quiet_ray_chatter()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
     else:
@@ -60,9 +62,41 @@ def init_ray(cfg: Config) -> None:
         # floods the log with failures without it.
         # address="local": always a cluster of our own, never one a `ray start` left running on
         # this machine (ray.init() alone would join that, and refuse num_cpus).
+        # The dashboard listens on loopback only, on a port chosen here so that Ray's own
+        # actors can be told where it is: without RAY_API_SERVER_ADDRESS, Ray Train's
+        # placement-group cleaner looks for "the" cluster on the machine and fails with a
+        # traceback whenever a second one runs (another run, a test, a `ray start`).
+        port = _free_port()
+        env = {**WORKER_ENV, **LOCAL_ENV, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
         ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
-                 runtime_env={"env_vars": WORKER_ENV})
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 runtime_env={"env_vars": env})
+        os.environ.update(LOCAL_ENV)
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
+
+
+# One machine is never preempted: Ray Train's preemption watcher would only add an actor
+# (and an error-level line about its restart policy). RAYLM_LOCAL_CLUSTER tells raylm's own
+# actor pools the same (raylm.data.actor_restarts).
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAYLM_LOCAL_CLUSTER": "1"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def quiet_ray_chatter() -> None:
+    """Ray lines a user cannot act on, kept out of the console (Ray's log files keep them):
+    Ray Data's per-dataset "execution finished" INFO lines (raylm logs its own progress) and
+    its notice that progress bars are off (they are, inside training workers), and the notice
+    that a local cluster has token authentication on (raylm wants it on; README, Security)."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 class _QuietUserErrors(logging.Filter):
@@ -108,7 +142,7 @@ def preflight(cfg: Config, out: str = "") -> tuple[Config, tuple | None]:
         storage.exists(target, cfg.s3)  # raises for a missing bucket, denied access or a dead endpoint
     tok = cfg.tokenizer.path
     if tok and not storage.exists(storage.join(tok, META_FILE), cfg.s3):
-        raise FileNotFoundError(f"tokenizer {tok}: not found (no {META_FILE} there); train one with "
+        raise PathNotFoundError(f"tokenizer {tok}: not found (no {META_FILE} there); train one with "
                                 f"`raylm tokenizer train --out {tok}` or fix the path")
     if not cfg.data.path:
         return cfg, None
@@ -342,3 +376,33 @@ def finish_report(cfg: Config, samples: bool = True) -> dict:
         log("samples:\n" + body)
         summary["samples"] = texts
     return summary
+
+
+def quickstart_summary(pre: dict, sft: dict | None = None, served: dict | None = None, seconds: float = 0.0) -> str:
+    """What a newcomer reads at the end of `raylm quickstart`: where things are and what to
+    try next (the numbers are in each run's summary.json and metrics.jsonl)."""
+
+    def here(path: str) -> str:  # runs under the working directory read as the README writes them
+        try:
+            return storage.relative(path, os.getcwd())
+        except ValueError:
+            return path
+
+    run = here(pre["run_dir"])
+    lines = [f"quickstart done{f' in {seconds / 60:.1f} min' if seconds else ''}:"]
+    if "val_loss" in pre:
+        lines.append(f"  pre-trained  {run}  (step {pre['steps']}, validation loss {pre['val_loss']:.3f}, "
+                     f"perplexity {pre['val_ppl']:.1f})")
+    lines += [f"  loss plot    {here(pre['loss_plot'])}", f"  samples      {run}/samples.txt"]
+    if sft:
+        lines.append(f"  fine-tuned   {here(sft['run_dir'])}  (SFT, held-out exact match "
+                     f"{sft['heldout_exact_match']:.0%})")
+    if served:
+        lines.append(f"  served       {served['url']}: {sft['chat']['user']!r} -> {served['answer']!r}")
+    lines += ["next:", f"  raylm generate {run} --prompt 'The '"]
+    if sft:
+        chat = here(sft["run_dir"])
+        lines += [f"  raylm generate {chat} --chat --prompt '{sft['chat']['user']}'",
+                  f"  raylm serve {chat}", f"  raylm export {chat} --format hf --out export/{chat.rsplit('/', 1)[-1]}"]
+    lines.append(f"  raylm report {run}")
+    return "\n".join(lines)

@@ -18,13 +18,14 @@ import dataclasses
 import hashlib
 import json
 import time
+import warnings
 
 import numpy as np
 
 from raylm import checkpoint, storage
 from raylm.chat_data import prepare_chat, write_rows
 from raylm.config import Config, ConfigError, DataConfig, from_dict
-from raylm.data import DataError, list_corpus, prepared_datasets, read_manifest
+from raylm.data import DataError, actor_restarts, list_corpus, prepared_datasets, read_manifest
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
 from raylm.pipeline import absolute_paths, init_ray, keep_in_run, log
 from raylm.record import write_record
@@ -164,9 +165,12 @@ def precompute_reference(cfg: Config, data_dir: str, manifest: dict, parent: dic
                row_bytes=manifest["row_bytes"] + 8, reference=parent)
     attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}")
     for split, ds in datasets.items():
-        scored = ds.map_batches(ReferenceLogprobs, batch_size=64, batch_format="numpy",
-                                fn_constructor_kwargs={"cfg_dict": _plain(cfg), "ckpt": parent["checkpoint"]},
-                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+        with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            scored = ds.map_batches(ReferenceLogprobs, batch_size=64, batch_format="numpy",
+                                    fn_constructor_kwargs={"cfg_dict": _plain(cfg), "ckpt": parent["checkpoint"]},
+                                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+                                    max_restarts=actor_restarts())
         rows = [dict(zip(b, vals)) for b in scored.iter_batches(batch_format="numpy", batch_size=None)
                 for vals in zip(*b.values())]
         shards = write_rows(attempt, split, rows, manifest["seq_len"] + 1, cfg.data.blocks_per_shard, cfg.s3)

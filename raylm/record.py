@@ -14,6 +14,7 @@ import subprocess
 import time
 
 import raylm
+from raylm.errors import ConfigError
 from raylm import storage
 from raylm.config import Config, from_dict, to_dict
 
@@ -76,12 +77,28 @@ def write_record(cfg: Config, stage: str, tokenizer=None, manifest: dict | None 
     return uri
 
 
+def write_stage_record(uri: str, stage: str, key: str, cfg: Config, options: dict, inputs: dict, outputs: dict,
+                       seconds: float) -> dict:
+    """A recipe stage's record (raylm.recipe): its key, its config (credentials redacted), and
+    the key, path and content hash of each input, so records chain from a served model back to
+    the corpus. Written after the outputs are committed: its presence means the stage is done."""
+    from raylm.storage import redact_url
+
+    record = {"stage": stage, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "raylm_version": raylm.__version__, "git_commit": git_commit(), "seconds": seconds,
+              "config": to_dict(cfg, redact=True),
+              "options": {k: redact_url(v) if isinstance(v, str) else v for k, v in options.items()},
+              "inputs": inputs, "outputs": {k: redact_url(v) if isinstance(v, str) else v for k, v in outputs.items()}}
+    storage.write_text(uri, json.dumps(record, indent=1), cfg.s3)
+    return record
+
+
 def load_record(uri: str) -> tuple[str, Config]:
     """(stage, config) from a record file; the config is validated as any other."""
     try:
         record = json.loads(storage.read_text(uri))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{uri}: not a JSON run record ({e.msg})") from None
+        raise ConfigError(f"{uri}: not a JSON run record ({e.msg})") from None
     if "config" not in record or "stage" not in record:
-        raise ValueError(f"{uri}: not a raylm run record (no 'config' or 'stage')")
+        raise ConfigError(f"{uri}: not a raylm run record (no 'config' or 'stage')")
     return record["stage"], from_dict(record["config"])

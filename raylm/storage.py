@@ -66,17 +66,7 @@ _ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 _ACCESS_FIX = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile"
 
 
-class StorageError(OSError):
-    """A storage operation failed. The message is one line: `<uri>: <what is wrong> (<fix>)`."""
-
-    def __init__(self, uri: str, problem: str) -> None:
-        uri, problem = redact_url(uri), redact_url(problem)  # messages reach logs and terminals
-        super().__init__(f"{uri}: {problem}".replace("\n", " "))
-        self.uri = uri
-        self.problem = problem
-
-    def __reduce__(self):  # Ray pickles task exceptions; OSError's default would lose `problem`
-        return type(self), (self.uri, self.problem)
+from raylm.errors import StorageError  # noqa: E402  (defined with raylm's other error types)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from raylm.errors import ConfigError, DataError
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDS = ("red", "blue", "green", "sun", "moon", "star", "cat", "dog", "fish", "tree", "leaf", "rock",
          "bird", "rain", "snow", "wind", "fire", "lake", "hill", "road", "ship", "bell", "milk", "corn")
@@ -70,7 +72,7 @@ def examples(task: str, n: int, seed: int = 0, **options) -> list[Example]:
     """`n` examples of `task` with distinct prompts, a pure function of (task, n, seed,
     options). Options: reverse `length` (3), add `max_value` (20), word_after `n_words` (4)."""
     if task not in _MAKERS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     make = _MAKERS[task]
     rng = random.Random(f"{task}-{seed}")  # a string seed: stable across Python versions
     out, seen = [], set()
@@ -82,7 +84,7 @@ def examples(task: str, n: int, seed: int = 0, **options) -> list[Example]:
             seen.add(ex.prompt)
             out.append(ex)
     if len(out) < n:
-        raise ValueError(f"task {task!r} with {options or 'default options'} has fewer than {n} distinct prompts")
+        raise ConfigError(f"task {task!r} with {options or 'default options'} has fewer than {n} distinct prompts")
     return out
 
 
@@ -138,7 +140,7 @@ def prompt_and_answer(record: dict) -> tuple[list[dict], str]:
     if "messages" in record:
         *prompt, last = record["messages"]
         if last.get("role") != "assistant":
-            raise ValueError(f"record's last message is {last.get('role')!r}, not the assistant's answer")
+            raise DataError(f"record's last message is {last.get('role')!r}, not the assistant's answer")
         return prompt, last["content"]
     answer = record["completion"] if "completion" in record else record["chosen"]
     return [{"role": "user", "content": record["prompt"]}], answer
@@ -148,7 +150,7 @@ def exact_match(generate_fn: Callable[[list[dict]], str], records: Sequence[dict
     """Share of records whose reply, from generate_fn(prompt messages), equals the answer.
     Surrounding whitespace is ignored on both sides; nothing else is forgiven."""
     if not records:
-        raise ValueError("exact_match needs at least one record")
+        raise DataError("exact_match needs at least one record")
     hits = 0
     for record in records:
         prompt, answer = prompt_and_answer(record)

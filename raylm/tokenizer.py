@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sentencepiece as spm
 
+from raylm.errors import ConfigError, DataError
+
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
 
@@ -139,7 +141,7 @@ def train_tokenizer(
     """Train a BPE tokenizer on at most `sample_bytes` of `texts`; write it to `out_dir`."""
     docs, used = _take_sample(texts, sample_bytes)
     if used == 0:
-        raise ValueError(f"tokenizer training corpus is empty (source: {source or '?'})")
+        raise DataError(f"tokenizer training corpus is empty (source: {source or '?'})")
 
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
@@ -176,18 +178,18 @@ def train_tokenizer(
         msg = str(e)
         m = re.search(r"Vocabulary size too high .*? <= (\d+)", msg)
         if m:
-            raise ValueError(
+            raise ConfigError(
                 f"vocab_size={vocab_size} is too large for the {used}-byte tokenizer corpus "
                 f"(source: {source or '?'}); use vocab_size <= {m.group(1)} or more text"
             ) from None
         if "smaller than required_chars" in msg:
-            raise ValueError(
+            raise ConfigError(
                 f"vocab_size={vocab_size} is too small to hold the specials, 256 byte pieces "
                 f"and the corpus characters; use a larger vocab_size or lower "
                 f"character_coverage"
             ) from None
         if "all_chars_count" in msg or "sentences_.empty()" in msg:
-            raise ValueError(
+            raise DataError(
                 f"tokenizer training corpus is empty (source: {source or '?'})"
             ) from None
         raise
@@ -243,7 +245,7 @@ class Tokenizer:
         unk = self._sp.unk_id()
         missing = [t for t in (*SPECIAL_TOKENS, _NEWLINE) if self._sp.piece_to_id(t) == unk]
         if missing:
-            raise ValueError(f"tokenizer model {self.path or '?'} lacks special tokens {missing}")
+            raise ConfigError(f"tokenizer model {self.path or '?'} lacks special tokens {missing}")
 
     # ------------------------------------------------------------------ loading / pickling
 
@@ -253,12 +255,12 @@ class Tokenizer:
         model_path, meta_path = d / MODEL_FILE, d / META_FILE
         for p in (model_path, meta_path):
             if not p.is_file():
-                raise ValueError(f"tokenizer file not found: {p}")
+                raise ConfigError(f"tokenizer file not found: {p}")
         model_bytes = model_path.read_bytes()
         meta = json.loads(meta_path.read_text())
         digest = hashlib.sha256(model_bytes).hexdigest()
         if meta.get("sha256") != digest:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer model {model_path} has sha256 {digest[:12]}..., but {meta_path} "
                 f"records {str(meta.get('sha256'))[:12]}...; the files do not belong together"
             )
@@ -321,11 +323,11 @@ class Tokenizer:
         for i, msg in enumerate(messages):
             role, content = msg.get("role"), msg.get("content")
             if role not in ROLE_TOKENS:
-                raise ValueError(
+                raise DataError(
                     f"chat message {i} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}"
                 )
             if not isinstance(content, str):
-                raise ValueError(
+                raise DataError(
                     f"chat message {i} content must be a str, got {type(content).__name__}"
                 )
             target = role == "assistant"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import math
 import os
 import statistics
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raylm.errors import ConfigError, PathNotFoundError, TrainingStopped, TrainingTimeout
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
 from raylm.data import IN_MEMORY_BYTES, DataError, packed_blocks
@@ -64,9 +66,29 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms (and biases, if any)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    mc = getattr(model, "cfg", None)
+    if mc is not None and mc.width_scaling != "none":
+        groups = width_scaled_groups(model, mc, cfg.weight_decay)
     fused = device.type == "cuda"  # one kernel for all parameters; CPU uses foreach
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                              fused=fused, foreach=None if fused else True)
+
+
+def width_scaled_groups(model, mc, weight_decay: float) -> list[dict]:
+    """Parameter groups whose `lr_scale` (applied by `train_step`) carries the width rule of
+    model.width_scaling (see ModelConfig): "sqrt" scales every rate by m^-0.5; "mup" scales
+    the hidden matrices' (not the embedding's or head's) by 1/m, as muP prescribes for Adam."""
+    m = mc.width_multiplier
+    if mc.width_scaling == "sqrt":
+        return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay,
+                 "lr_scale": m ** -0.5},
+                {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0, "lr_scale": m ** -0.5}]
+    io = {"tok_embeddings.weight", "output.weight"}
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if p.ndim >= 2 and n not in io], "weight_decay": weight_decay,
+             "lr_scale": 1.0 / m},
+            {"params": [p for n, p in named if p.ndim >= 2 and n in io], "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
 
 
 def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
@@ -124,7 +146,7 @@ def train_step(model, optimizer, micro_batches: list[dict], objective: Objective
     scale = world / count.clamp(min=1)
     total = torch.zeros((), device=device)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr  # per-group width rule
     sharded = is_sharded(model)
     for i, mb in enumerate(micro_batches):
         if sharded:  # reduce-scatter once per step, not once per micro-batch
@@ -197,17 +219,40 @@ def reshuffled(batches: list[Batch], seed: int, epoch: int) -> list[Batch]:
     rows = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     n = len(next(iter(rows.values())))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    # The kept batches live on the host (RankBatches moves micro-batches), but index on the
+    # rows' own device whatever it is: a CPU permutation cannot index a CUDA tensor.
+    perm = perm.to(next(iter(rows.values())).device)
     return [{k: v[perm[i:i + size]] for k, v in rows.items()} for i in range(0, n, size)]
 
 
 def to_device(batch: Batch, device) -> Batch:
-    """Token columns as long and masks as bool, on the device (copies are asynchronous from
-    pinned memory); precomputed log-probabilities stay float32."""
+    """Token columns as long and masks as bool, on the device; precomputed log-probabilities
+    stay float32. To CUDA, each column is copied from pinned (page-locked) host memory and
+    asynchronously, so the copy overlaps the previous micro-batch's compute; the dtype is
+    converted on the device. Elsewhere pinning would only cost a copy."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     out = {}
     for k, v in batch.items():
         dtype = torch.bool if k.endswith("mask") else torch.float32 if v.is_floating_point() else torch.long
-        out[k] = v.to(device, dtype=dtype, non_blocking=True)
+        if cuda and v.device.type == "cpu" and not v.is_pinned():
+            v = v.pin_memory()
+        out[k] = v.to(device, dtype=dtype, non_blocking=cuda)
     return out
+
+
+class DeviceBatches:
+    """Micro-batches kept on the host that go to `device` one at a time as they are iterated,
+    so a cache of them (the validation rows) never holds device memory between uses."""
+
+    def __init__(self, host: list[Batch], device):
+        self.host, self.device = host, device
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (to_device(b, self.device) for b in self.host)
 
 
 class RankBatches:
@@ -224,7 +269,7 @@ class RankBatches:
     def __init__(self, epoch_stream: Callable[[int], Iterator[Batch]], global_batch: int,
                  micro: int, rank: int, world: int, blocks_per_epoch: int | None, consumed: int, device):
         if global_batch % (micro * world):
-            raise ValueError(f"train.global_batch_size={global_batch} is not divisible by "
+            raise ConfigError(f"train.global_batch_size={global_batch} is not divisible by "
                              f"train.micro_batch_size * workers = {micro} * {world}")
         self.stream, self.G, self.micro, self.rank, self.world = epoch_stream, global_batch, micro, rank, world
         self.steps_per_epoch = None if blocks_per_epoch is None else blocks_per_epoch // global_batch
@@ -233,7 +278,7 @@ class RankBatches:
         self.consumed, self.device, self.wait_s = consumed, device, 0.0
 
     def _too_small(self, blocks: int):
-        raise ValueError(f"the dataset has {blocks} training blocks, fewer than one global "
+        raise DataError(f"the dataset has {blocks} training blocks, fewer than one global "
                          f"batch of {self.G}: lower train.global_batch_size or add data")
 
     @property
@@ -254,35 +299,37 @@ class RankBatches:
                 if steps is not None and i >= steps:
                     break
                 self.wait_s += time.perf_counter() - t0
-                batch = to_device(batch, self.device)
                 rows = [slice((a * self.world + self.rank) * self.micro, (a * self.world + self.rank + 1) * self.micro)
                         for a in range(self.G // (self.micro * self.world))]
                 self.consumed += self.G
-                yield [{k: v[r] for k, v in batch.items()} for r in rows]
+                # Sliced on the host, then moved: only this rank's rows reach the device, and
+                # the global batch (perhaps a kept epoch's) stays where it was.
+                yield [to_device({k: v[r] for k, v in batch.items()}, self.device) for r in rows]
                 t0 = time.perf_counter()
             if steps is None:  # the end of the first full pass: now the length is known
                 if seen == 0:
                     self._too_small(0)
                 self.steps_per_epoch = seen
             elif seen < steps:  # the shards hold fewer blocks than the manifest says
-                raise ValueError(f"epoch {epoch} ended after {seen} global batches; the manifest promised "
+                raise DataError(f"epoch {epoch} ended after {seen} global batches; the manifest promised "
                                  f"{self.steps_per_epoch}: the prepared dataset is damaged, prepare it again")
 
 
-def rank_val_batches(rows: Batch, tc: TrainConfig, rank: int, world: int, device) -> list[Batch]:
+def rank_val_batches(rows: Batch, tc: TrainConfig, rank: int, world: int, device) -> DeviceBatches:
     """Split the first validation rows evenly over ranks: every rank must run the same
-    number of forward passes, or FSDP's collectives deadlock."""
+    number of forward passes, or FSDP's collectives deadlock. The rows stay on the host;
+    each micro-batch goes to `device` as the evaluation reaches it."""
     n_rows = len(next(iter(rows.values())))
     per_rank = min(tc.micro_batch_size, n_rows // world)
     if per_rank == 0:
-        raise ValueError(f"{n_rows} validation rows cannot be split over {world} workers; "
+        raise ConfigError(f"{n_rows} validation rows cannot be split over {world} workers; "
                          f"raise data.val_fraction")
     n = min(tc.eval_batches, n_rows // (per_rank * world))
     out = []
     for i in range(n):
         start = (i * world + rank) * per_rank
-        out.append(to_device({k: v[start:start + per_rank] for k, v in rows.items()}, device))
-    return out
+        out.append({k: v[start:start + per_rank] for k, v in rows.items()})
+    return DeviceBatches(out, device)
 
 
 def concat(batches: list[Batch]) -> Batch:
@@ -401,7 +448,7 @@ def _guard_nonfinite(stats: StepStats, step: int, run: int, limit: int, log) -> 
         return 0
     log(f"step {step}: non-finite loss {stats.loss} or grad norm {stats.grad_norm}; optimizer step skipped")
     if run + 1 > limit:
-        raise FloatingPointError(f"step {step}: {run + 1} non-finite steps in a row "
+        raise TrainingStopped(f"step {step}: {run + 1} non-finite steps in a row "
                                  f"(train.max_nonfinite_steps={limit})")
     return run + 1
 
@@ -465,6 +512,10 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     step = start.step
     clock = TrainClock(start.train_seconds, tc.time_budget_s, next(model.parameters()).device)
     it = iter(batches)
+    # The built-in eval suite (eval.every), its task files read and checked before the first step.
+    from raylm.eval.in_training import make_training_eval
+
+    task_eval = make_training_eval(cfg, log)
     # A run ends after its final step has been evaluated and saved: a rollback on what would
     # have been the last step goes on to take another one, budget spent or not.
     finished = clock.over  # a resumed run whose budget was already spent
@@ -490,13 +541,13 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             spike_total += 1
             log(f"step {step}: loss spike {stats.loss:.4f} (> {tc.spike_factor} x recent median)")
             if tc.on_spike == "stop":
-                raise FloatingPointError(f"step {step}: loss spike {stats.loss:.4f} and train.on_spike=stop")
+                raise TrainingStopped(f"step {step}: loss spike {stats.loss:.4f} and train.on_spike=stop")
             if tc.on_spike == "rollback":
                 rollbacks += 1
                 step = rollback(cfg, model, optimizer, saver, step, batches.consumed, rollbacks, metrics_log, log)
                 continue
         if tc.timeout_s and time.time() - t_start > tc.timeout_s:
-            raise TimeoutError(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
+            raise TrainingTimeout(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
         row = None
         if step % tc.log_every == 0 or final:
             saver.poll()
@@ -528,9 +579,16 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 log(f"step {step}: val loss {val_loss:.4f} | {detail} ({n} {units or 'tokens'})")
                 metrics_log.log(vrow)
             row = {**(row or {"step": step}), **{k: v for k, v in vrow.items() if k != "kind"}}
+        if task_eval is not None and (step % cfg.eval.every == 0 or final):
+            erow = task_eval(model, step)  # every rank: a sharded model needs all of them
+            if rank == 0:
+                log(f"step {step}: eval " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in erow.items()
+                                                       if k.endswith(("_acc", "_exact_match"))))
+                metrics_log.log(erow)
+            row = {**(row or {"step": step}), **{k: v for k, v in erow.items() if k != "kind"}}
         if row is not None:
             if rank == 0 and row.get("kind") == "train":
-                metrics_log.log({k: v for k, v in row.items() if not k.startswith("val")})
+                metrics_log.log({k: v for k, v in row.items() if not k.startswith(("val", "eval_"))})
             last = row
             hooks.report(row)
         if step % tc.ckpt_every == 0 or final:
@@ -555,13 +613,13 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
     that led to the spike are skipped rather than replayed (PaLM's remedy): replaying them
     would reproduce the spike exactly. Returns the step to continue from."""
     if rollbacks > cfg.train.max_rollbacks:
-        raise FloatingPointError(f"step {step}: loss spike after {rollbacks - 1} rollbacks "
+        raise TrainingStopped(f"step {step}: loss spike after {rollbacks - 1} rollbacks "
                                  f"(train.max_rollbacks={cfg.train.max_rollbacks})")
     saver.finish()
     rank, _ = _rank_world()
     ckpt = _broadcast(checkpoint.latest_complete(cfg.run_dir, cfg.s3) if rank == 0 else None)
     if ckpt is None:
-        raise FloatingPointError(f"step {step}: loss spike and train.on_spike=rollback, "
+        raise TrainingStopped(f"step {step}: loss spike and train.on_spike=rollback, "
                                  f"but no complete checkpoint to roll back to yet")
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
     if rank == 0:
@@ -701,7 +759,7 @@ def resume_point(cfg: Config, resume: str) -> str | None:
         return None
     found = checkpoint.latest_complete(cfg.run_dir, cfg.s3)
     if found is None and resume == "must":
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {cfg.run_dir}")
+        raise PathNotFoundError(f"--resume: no complete checkpoint under {cfg.run_dir}")
     return found
 
 
@@ -723,7 +781,7 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
         return model, optimizer, Start()
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
     if meta["global_batch_size"] != cfg.train.global_batch_size:
-        raise ValueError(f"{ckpt}: written with train.global_batch_size={meta['global_batch_size']}, "
+        raise ConfigError(f"{ckpt}: written with train.global_batch_size={meta['global_batch_size']}, "
                          f"now {cfg.train.global_batch_size}; resuming needs the same global batch")
     consumed = meta["consumed_blocks"]
     marker = _broadcast(_read_json(storage.join(cfg.run_dir, ROLLBACK), cfg.s3) if rank == 0 else None)
@@ -736,18 +794,26 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
 
 
 def load_parent_weights(model, cfg: Config) -> str:
-    """Weights only from cfg.init_from (a run, newest complete checkpoint, or one checkpoint)
-    into a freshly built, possibly sharded model. Rank 0 alone reads them from storage, the
-    model's entries only, and the other ranks receive their shards from it: every rank
-    reading a whole checkpoint does not scale. Returns the checkpoint's URI."""
+    """Weights only from cfg.init_from (a run, newest complete checkpoint, or one checkpoint;
+    or a Hugging Face Llama directory, told apart by its config.json) into a freshly built,
+    possibly sharded model. Rank 0 alone reads them from storage, the model's entries only,
+    and the other ranks receive their shards from it: every rank reading a whole checkpoint
+    does not scale. Returns the checkpoint's URI."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from raylm.generate import resolve_checkpoint
+    from raylm.hf import is_hf_dir, read_hf_weights
 
     rank, world = _rank_world()
-    parent = _broadcast(resolve_checkpoint(cfg.init_from, cfg.s3) if rank == 0 else None)
+    from_hf = _broadcast(is_hf_dir(cfg.init_from, cfg.s3) if rank == 0 else None)
+    if from_hf:
+        parent = cfg.init_from
+    else:
+        parent = _broadcast(resolve_checkpoint(cfg.init_from, cfg.s3) if rank == 0 else None)
     full: dict = {}
-    if rank == 0:
+    if rank == 0 and from_hf:
+        full = read_hf_weights(parent, cfg.model, cfg.s3)
+    elif rank == 0:
         meta = checkpoint.read_meta(parent, cfg.s3)
         parent_model = from_dict(meta["config"]).model if isinstance(meta.get("config"), dict) else None
         if parent_model is not None and parent_model != cfg.model:
@@ -793,9 +859,14 @@ def _quiet_ray_train_logs() -> None:
     for name in ["ray.train", *names]:
         logging.getLogger(name).setLevel(logging.WARNING)
     # A bad record met here ends the run with raylm's one line; Ray's traceback of it would bury that.
-    from raylm.pipeline import quiet_user_errors
+    from raylm.pipeline import quiet_ray_chatter, quiet_user_errors
 
     quiet_user_errors()
+    quiet_ray_chatter()
+    # Weights are initialised on the meta device then materialised per shard; DTensor's RNG
+    # caveat on CPU meshes concerns random ops on sharded tensors, which init avoids
+    # (`init_weights` runs before sharding's collectives matter: see tests/integration/test_fsdp_parity.py).
+    warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
 
 
 def train_worker(config: dict) -> None:
@@ -811,6 +882,7 @@ def train_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    cfg = cfg.for_device(device.type)  # "auto" settings: on for CUDA, off for CPU
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     log = print if rank == 0 else (lambda *_: None)
     model, optimizer, start = setup_model(cfg, device, resume, log)
@@ -826,7 +898,10 @@ def train_worker(config: dict) -> None:
         packed here from the tokenized documents (`packed_blocks`, the code that writes
         prepared shards, so both modes give the same blocks)."""
         if not streaming:
-            for b in shard.iter_torch_batches(batch_size=batch, drop_last=split == "train", prefetch_batches=2):
+            # device="cpu": Ray Train's default moves batches to the worker's GPU, and the kept
+            # first pass and validation rows would then sit in device memory.
+            for b in shard.iter_torch_batches(batch_size=batch, drop_last=split == "train", prefetch_batches=2,
+                                              device="cpu"):
                 yield {c: b[c] for c in columns}
             return
         docs = shard.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
@@ -927,10 +1002,16 @@ def train_worker(config: dict) -> None:
         device_name(device), log)
 
 
-def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = "auto", max_failures: int = 0):
+# The driver's environment variables that training workers inherit (never secrets).
+WORKER_SETTINGS = ("RAYLM_INJECT_FAILURE", "RAYLM_LOCAL_CLUSTER")
+
+
+def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = "auto", max_failures: int = 0,
+                     callbacks: list | None = None):
     """Launch `train_worker` on cfg.train.num_workers Ray Train workers; returns the Result.
     `datasets` ("train", "val") and `manifest` come from `raylm.data.prepared_datasets` or
-    `raylm.data.stream_datasets`."""
+    `raylm.data.stream_datasets`. `callbacks`: Ray Train callbacks, such as Tune's
+    `TuneReportCallback` when the run is a trial of `raylm tune`."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -947,9 +1028,10 @@ def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = 
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=root, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            # RAYLM_* settings of the driver (such as the failure-injection hook) reach the workers.
-            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("RAYLM_")}},
+            failure_config=ray.train.FailureConfig(max_failures=max_failures), callbacks=callbacks,
+            # raylm's own settings of the driver reach the workers, by name: a runtime_env is
+            # logged by Ray, so nothing secret (RAYLM_API_KEY) may ever be passed this way.
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in WORKER_SETTINGS if k in os.environ}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         # Every worker reads the whole ordered stream and keeps its own rows (RankBatches):
@@ -1000,6 +1082,7 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
     """The same loop in this process (no Ray). `blocks` and `val_blocks` are rows in order:
     (n, seq_len + 1) token arrays for pre-training, or dicts of such columns (SFT, DPO)."""
     dev = torch.device(device)
+    cfg = cfg.for_device(dev.type)  # "auto" settings: on for CUDA, off for CPU
     model, optimizer, start = setup_model(cfg, dev, resume, log)
     tc = cfg.train
     rank, world = _rank_world()

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raylm.errors import CheckpointError, ConfigError
 from raylm import storage
 from raylm.config import S3Config
 from raylm.export.hf import CHAT_TEMPLATE
@@ -99,9 +100,9 @@ def _check(model, tok: Tokenizer) -> None:
     cfg = model.cfg
     _check_llama(cfg)  # qk_norm: one-line ValueError naming it (llama has no q/k norm either)
     if cfg.vocab_size != tok.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
+        raise CheckpointError(f"model.vocab_size={cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
     if cfg.head_dim % 2:
-        raise ValueError(f"head_dim={cfg.head_dim} is odd: RoPE needs pairs")
+        raise ConfigError(f"head_dim={cfg.head_dim} is odd: RoPE needs pairs")
 
 
 def _vocab(tok: Tokenizer, gguf) -> tuple[list[str], list[float], list[int]]:
@@ -224,7 +225,7 @@ def export_gguf(model, tokenizer: Tokenizer, meta: dict, out_path: str, dtype: s
     (its step and source are recorded). An existing `out_path` is refused rather than
     replaced; on any error nothing is left at `out_path`."""
     if dtype not in _QTYPES:
-        raise ValueError(f"GGUF export dtype {dtype!r}: expected one of {', '.join(_QTYPES)}")
+        raise ConfigError(f"GGUF export dtype {dtype!r}: expected one of {', '.join(_QTYPES)}")
     _check(model, tokenizer)
     out = Path(out_path)
     if out.exists():

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from raylm.errors import CheckpointError, ConfigError
 from raylm import storage
 from raylm.config import S3Config
 from raylm.hf import hf_llama_config, to_hf_state_dict
@@ -63,10 +64,10 @@ CHAT_TEMPLATE = (
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
-            raise ValueError(f"export dtype {dtype}: expected one of {', '.join(_DTYPES)}")
+            raise ConfigError(f"export dtype {dtype}: expected one of {', '.join(_DTYPES)}")
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"export dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+        raise ConfigError(f"export dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 
@@ -154,7 +155,7 @@ def _write_all(model, tok: Tokenizer, meta: dict, out: Path, dtype: torch.dtype,
     cfg = model.cfg
     config = hf_llama_config(cfg, tok.bos_id, tok.eos_id, tok.pad_id)  # refuses non-Llama configs first
     if cfg.vocab_size != tok.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
+        raise CheckpointError(f"model.vocab_size={cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
     config["torch_dtype"] = config["dtype"] = _dtype_name(dtype)  # < 5 and >= 5 spellings
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {
@@ -182,7 +183,7 @@ def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torc
     rather than replaced; on any error nothing is left at `out_dir`."""
     dtype = _dtype(dtype)
     if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be positive")
+        raise ConfigError(f"max_shard_bytes={max_shard_bytes}: must be positive")
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; export into a new directory")

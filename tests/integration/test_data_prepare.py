@@ -253,3 +253,23 @@ def test_stream_mode_stops_on_bad_records_before_training(ray_local, s3_prefix, 
     datasets, manifest = stream_datasets(dataclasses.replace(cfg, max_bad_records=1), tokenizer, 0,
                                          log=lambda *_: None)
     assert set(datasets) == {"train", "val"} and manifest["mode"] == "stream"
+
+
+def test_one_text_file_holds_out_its_tail(ray_local, tmp_path, tokenizer, tmp_path_factory):
+    """A newcomer's first corpus is one .txt file: one document, which a split by document
+    would send wholly to one side. The tail is held out instead, and only the tail."""
+    lines = [f"{i}: " + q for i, q in enumerate(paragraphs(tmp_path_factory, 40))]
+    (tmp_path / "book.txt").write_text("\n".join(lines) + "\n")
+    cfg = load_config(overrides=[f"data.path={tmp_path}/book.txt", "data.seq_len=32", "data.val_fraction=0.1",
+                                 "data.shuffle_window=1", "data.dedup=none"]).data
+    said = []
+    manifest = prepare(cfg, tokenizer, str(tmp_path / "out"), seed=0, log=said.append)
+    assert any("data.val_split=tail" in s for s in said)
+    val, train = decoded(str(tmp_path / "out"), manifest, tokenizer, "val"), decoded(str(tmp_path / "out"), manifest, tokenizer)
+    assert manifest["val"]["blocks"] > 0
+    assert "36: " in val and "39: " in val and "10: " not in val  # the last lines, and only those
+    assert "39: " not in train and "10: " in train
+    # Asked to split by document, the one file leaves nothing held out: said in one line.
+    with pytest.raises(DataError, match="validation split is empty.*data.val_split=tail"):
+        prepare(dataclasses.replace(cfg, val_split="document", val_fraction=0.01), tokenizer,
+                str(tmp_path / "out2"), seed=0, log=said.append)

@@ -7,11 +7,17 @@ What would otherwise fail only on a real cluster, checked without one:
   `kubectl apply --validate=strict`, instead of being dropped. The CEL rules
   (`x-kubernetes-validations`) are not evaluated;
 - the cluster-launcher config validates against Ray's own schema (what `ray up` checks first);
-- one Ray version everywhere: pyproject.toml pins it (`ray[...]==2.60.*`), and the Dockerfile's
-  base image, every `rayVersion`, every image tag and every version in a comment agree;
+- one Ray version everywhere, pinned in one place (cluster/versions.env): pyproject.toml's pin
+  (`ray[...]==2.60.*`) holds it, the Dockerfile's base image is its RAY_BASE_IMAGE, and every
+  `rayVersion`, every image tag and every version in a comment agree;
 - every job command (a RayJob's entrypoint, and the commands written in comments) runs a file
   in jobs/, parses with raylm's own CLI parser, loads as a raylm config, and fits its cluster:
   shared storage, a global batch divisible by micro-batch x workers, GPUs for every worker;
+- a recipe's job (`jobs/run.py --config RECIPE`) loads the recipe and every training stage
+  fits the cluster;
+- secure by default: Ray token auth on every cluster (KubeRay `authOptions` with a Secret; the
+  launcher's start commands), the dashboard and Jobs API off public interfaces, the serving
+  API key from a Secret;
 - head and workers get the same S3 settings, and no credential is written into any file.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib
 import importlib.util
 import io
 import json
@@ -44,7 +51,8 @@ CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
 
 # GPUs of the instance types the launcher config uses or suggests; the autoscaler reads them
 # from AWS, so the test needs its own copy to check that a job's workers fit.
-GPUS_PER_INSTANCE = {"g5.12xlarge": 4, "g5.48xlarge": 8, "p4d.24xlarge": 8, "p5.48xlarge": 8}
+GPUS_PER_INSTANCE = {"g5.12xlarge": 4, "g5.48xlarge": 8, "p4d.24xlarge": 8, "p5.48xlarge": 8, "m5.4xlarge": 0}
+VERSIONS = CLUSTER / "versions.env"
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
 
@@ -78,7 +86,7 @@ def test_cluster_layout():
     """The files the README names exist, so the parametrized checks below cannot pass empty."""
     assert LAUNCHER.is_file()
     kinds = {d["kind"] for p in KUBERAY for d in _docs(p)}
-    assert {"RayCluster", "RayJob"} <= kinds, kinds
+    assert {"RayCluster", "RayJob", "RayService"} <= kinds, kinds
     # One purpose per file: one resource each.
     for p in KUBERAY:
         assert len(_docs(p)) == 1, f"{_rel(p)}: one resource per file"
@@ -96,13 +104,28 @@ def _ray_pin():
     return spec
 
 
+def _pins() -> dict[str, str]:
+    """cluster/versions.env: KEY=value lines, the one place that pins Ray and the images."""
+    pins = dict(line.split("=", 1) for line in VERSIONS.read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#"))
+    assert {"RAY_VERSION", "RAY_BASE_IMAGE", "RAYLM_IMAGE"} <= set(pins), f"{_rel(VERSIONS)}: {sorted(pins)}"
+    return pins
+
+
 def _ray_version() -> str:
-    """The Ray release the images run: the Dockerfile's base image, inside the pyproject pin."""
-    spec = _ray_pin()
-    found = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", (REPO / "Dockerfile").read_text()))
-    assert len(found) == 1, f"Dockerfile: expected one rayproject/ray version, found {sorted(found)}"
-    (version,) = found
-    assert spec.contains(version), f"Dockerfile: rayproject/ray:{version} is outside pyproject's ray{spec}"
+    """The Ray release everything runs: cluster/versions.env's, inside the pyproject pin, and
+    the Dockerfile's base image by default."""
+    spec, pins = _ray_pin(), _pins()
+    version = pins["RAY_VERSION"]
+    assert spec.contains(version), f"{_rel(VERSIONS)}: RAY_VERSION={version} is outside pyproject's ray{spec}"
+    assert pins["RAY_BASE_IMAGE"].startswith(f"rayproject/ray:{version}"), pins["RAY_BASE_IMAGE"]
+    assert pins["RAYLM_IMAGE"].rpartition(":")[2] == version, pins["RAYLM_IMAGE"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    base = re.findall(r"^ARG RAY_IMAGE=(\S+)", dockerfile, re.M)
+    assert base == [pins["RAY_BASE_IMAGE"]], f"Dockerfile: ARG RAY_IMAGE={base}, {_rel(VERSIONS)} pins " \
+                                             f"{pins['RAY_BASE_IMAGE']}"
+    found = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", dockerfile))
+    assert found == {version}, f"Dockerfile names rayproject/ray:{sorted(found)}, {_rel(VERSIONS)} {version}"
     return version
 
 
@@ -126,6 +149,8 @@ def test_manifest_runs_the_pinned_ray(path):
                 if not isinstance(image, str):
                     continue
                 name, _, tag = image.rpartition(":")
+                if name.endswith("/raylm") and image != _pins()["RAYLM_IMAGE"]:
+                    bad.append(f"{key} {image!r}: {_rel(VERSIONS)} pins {_pins()['RAYLM_IMAGE']}")
                 if not name or "/" in tag:
                     bad.append(f"{key} {image!r} has no tag; tag it with the Ray version {version}")
                 elif tag != version and not tag.startswith(version + "-"):
@@ -345,7 +370,7 @@ def _dockerfile_paths() -> tuple[str, str]:
     return workdir.rstrip("/"), text
 
 
-def _resolve_job(where: str, command: str) -> tuple[Path, Config]:
+def _resolve_job(where: str, command: str) -> tuple[Path, list[Config]]:
     """The repository file a job command runs and the config it would run with; fails the
     test with the command when the script is missing or the arguments do not parse."""
     from raylm.cli import build_parser
@@ -374,11 +399,28 @@ def _resolve_job(where: str, command: str) -> tuple[Path, Config]:
     overrides = list(args.overrides)
     if getattr(args, "data", None):
         overrides.append(f"data.path={args.data}")
+    config = args.config
+    if config and config.startswith("/"):  # a file inside the image: the repository's copy
+        config = str(REPO / config[len(_dockerfile_paths()[0]) + 1:])
     try:
-        cfg = load_config(args.config, overrides)
+        if args.command == "run":  # a recipe: every training stage's config
+            return job, _recipe_configs(config or args.recipe, overrides)
+        return job, [load_config(config, overrides)]
     except ConfigError as e:
         pytest.fail(f"{where}: {e}")
-    return job, cfg
+
+
+def _recipe_configs(path: str, overrides: list[str]) -> list[Config]:
+    from raylm.recipe import load_recipe, stage_config
+
+    recipe = load_recipe(path, overrides)
+    out = []
+    for stage in recipe.stages:
+        if stage.name in ("pretrain", "sft", "dpo"):
+            fake = {s: {"path": f"{recipe.root}/{s}", "corpus": ""} for s in recipe.inputs_of(stage)}
+            out.append(stage_config(recipe, stage, fake))
+    assert out, f"{path}: a recipe with no training stage"
+    return out
 
 
 def _check_fits(where: str, cfg: Config, gpus: int) -> None:
@@ -403,7 +445,10 @@ def _check_fits(where: str, cfg: Config, gpus: int) -> None:
         assert tc.num_workers <= gpus, f"{where}: train.num_workers={tc.num_workers} needs more GPUs than the {gpus} here"
 
 
-@pytest.mark.parametrize("path", ALL_FILES, ids=_ids(ALL_FILES))
+JOB_FILES = [p for p in ALL_FILES if all(d.get("kind") != "RayService" for d in _docs(p))]
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=_ids(JOB_FILES))
 def test_job_commands_run_real_jobs_that_fit(path):
     commands = _job_commands(path)
     assert commands, f"{_rel(path)}: no job command (an entrypoint, or a `python jobs/...` line in the header)"
@@ -413,16 +458,18 @@ def test_job_commands_run_real_jobs_that_fit(path):
         (cluster,) = _ray_clusters(path)
         gpus = _gpu_capacity(cluster)
     for where, command in commands:
-        _, cfg = _resolve_job(where, command)
-        _check_fits(where, cfg, gpus)
+        _, cfgs = _resolve_job(where, command)
+        for cfg in cfgs:
+            _check_fits(f"{where} ({cfg.stage} {cfg.name})", cfg, gpus)
 
 
 # --------------------------------------------------------------------------- secrets
 
-_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|CREDENTIAL", re.I)
 # A literal after an AWS credential variable (not a $reference), or an AWS access key id.
 _SECRET_TEXT = re.compile(
-    r"(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|AWS_SESSION_TOKEN)\s*[=:]\s*[\"']?[^\s\"'$]"
+    r"(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|AWS_SESSION_TOKEN|RAY_AUTH_TOKEN|RAYLM_API_KEY|auth_token)"
+    r"\s*[=:]\s*[\"']?[^\s\"'$]"
     r"|\b(AKIA|ASIA)[0-9A-Z]{16}\b"
 )
 
@@ -443,3 +490,91 @@ def test_no_inline_secrets(path):
     for m in _SECRET_TEXT.finditer(path.read_text()):
         bad.append(f"literal credential in the text: {m.group(0)[:40]!r}")
     assert not bad, f"{_rel(path)}:\n  " + "\n  ".join(bad)
+
+
+# --------------------------------------------------------------------------- secure by default
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=_ids(KUBERAY))
+def test_kuberay_clusters_use_ray_token_auth(path):
+    """Token auth from a Secret on every Ray cluster, and no public route to the dashboard or
+    the Jobs API (no LoadBalancer or NodePort head service, no Ingress)."""
+    for cluster in _ray_clusters(path):
+        auth = cluster.get("authOptions", {})
+        assert auth.get("mode") == "token", f"{_rel(path)}: spec authOptions.mode must be token"
+        assert auth.get("secretName"), f"{_rel(path)}: the token comes from a Secret (authOptions.secretName)"
+        head = cluster["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{_rel(path)}: the head's service is public"
+        assert head.get("enableIngress") is not True, f"{_rel(path)}: an Ingress would publish the dashboard"
+    for doc in _docs(path):
+        assert doc["kind"] != "Ingress"
+
+
+def test_launcher_turns_on_token_auth_and_keeps_the_dashboard_private():
+    config = yaml.safe_load(LAUNCHER.read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts, f"{_rel(LAUNCHER)}: {key} has no `ray start`"
+        for c in starts:
+            assert "RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=" in c, f"{key}: {c}"
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head, head
+    # The token reaches every node from the submitter's machine, never from the repository.
+    assert any("auth_token" in remote for remote in config["file_mounts"]), config["file_mounts"]
+    types = config["available_node_types"]
+    cpu_workers = [n for n, t in types.items() if n != config["head_node_type"]
+                   and GPUS_PER_INSTANCE.get(t["node_config"]["InstanceType"]) == 0]
+    assert cpu_workers and _launcher_gpu_capacity(config) > 0, "CPU workers for Ray Data and GPU workers"
+    assert all(types[n]["max_workers"] > types[n].get("min_workers", 0) for n in types if n != config["head_node_type"])
+
+
+def test_raycluster_has_autoscaled_cpu_and_gpu_groups():
+    (cluster,) = _ray_clusters(CLUSTER / "kuberay" / "raycluster.yaml")
+    assert cluster["enableInTreeAutoscaling"] is True
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    gpu = [n for n, g in groups.items() if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    cpu = [n for n in groups if n not in gpu]
+    assert gpu and cpu, groups.keys()
+    assert all(groups[n]["maxReplicas"] > groups[n]["minReplicas"] for n in groups)
+
+
+def _services() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in KUBERAY for d in _docs(p) if d["kind"] == "RayService"]
+
+
+def test_rayservice_serves_raylm_with_a_key_from_a_secret():
+    from raylm.config import load_serve_config
+
+    services = _services()
+    assert services
+    for path, svc in services:
+        serve = yaml.safe_load(svc["spec"]["serveConfigV2"])
+        (app,) = serve["applications"]
+        module, _, attr = app["import_path"].partition(":")
+        assert module.startswith("raylm.serve"), f"{_rel(path)}: serves {app['import_path']}, not raylm's app"
+        args = app["args"]
+        assert set(args) == {"run", "serve"}, args
+        cfg = load_serve_config(list(args["serve"].items()))
+        assert not cfg.api_key, f"{_rel(path)}: the API key comes from the Secret, not the serve config"
+        assert serve["http_options"]["port"] == cfg.port or "port" not in args["serve"]
+        # Every Ray container (the app is built on the head, replicas run on workers) gets the
+        # key from a Secret, as RAYLM_API_KEY (raylm.serve.app.API_KEY_ENV).
+        for group, c in _ray_containers(svc["spec"]["rayClusterConfig"]):
+            keys = [e for e in c.get("env", []) if e["name"] == "RAYLM_API_KEY"]
+            assert keys and "secretKeyRef" in keys[0]["valueFrom"], f"{_rel(path)}: {group} has no RAYLM_API_KEY Secret"
+        try:
+            builder = getattr(importlib.import_module(module), attr, None)
+        except ImportError as e:
+            pytest.skip(f"{module} cannot be imported here ({e})")
+        if builder is None:
+            pytest.skip(f"{app['import_path']}: raylm.serve has no application builder of that name yet; "
+                        f"the RayService needs one taking Serve's `args`")
+        assert callable(builder)
+
+
+def test_serve_key_name_matches_the_app():
+    try:
+        from raylm.serve.app import API_KEY_ENV
+    except ImportError as e:
+        pytest.skip(f"raylm.serve.app cannot be imported here ({e})")
+    assert API_KEY_ENV == "RAYLM_API_KEY"

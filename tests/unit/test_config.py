@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from raylm.config import (
+    PRESET_TOKENIZER_VOCAB,
     MODEL_PRESETS,
     Config,
     ConfigError,
@@ -184,10 +185,11 @@ def test_with_vocab_rounds_to_64():
     assert m.vocab_size == 0  # frozen: a new config is returned
 
 
-def test_with_vocab_keeps_large_enough_explicit_vocab():
-    m = ModelConfig(vocab_size=5000)
-    assert m.with_vocab(4096) is m
-    assert m.with_vocab(5000).vocab_size == 5000
+def test_with_vocab_keeps_the_tokenizer_size_or_its_rounding_only():
+    assert ModelConfig(vocab_size=4096).with_vocab(4096).vocab_size == 4096
+    assert ModelConfig(vocab_size=4160).with_vocab(4100).vocab_size == 4160  # 4100 rounded up to 64
+    with pytest.raises(ConfigError, match="5000.*4096"):  # 904 rows no id would ever use
+        ModelConfig(vocab_size=5000).with_vocab(4096)
 
 
 def test_with_vocab_rejects_too_small():
@@ -267,21 +269,21 @@ def test_every_preset_validates(name):
 
 
 def test_gpt2_124m_param_count():
-    m = MODEL_PRESETS["gpt2-124m"]
+    m = MODEL_PRESETS["gpt2-124m"].with_vocab(PRESET_TOKENIZER_VOCAB["gpt2-124m"])
     assert count_params(m) == pytest.approx(124e6, rel=0.02)
     assert count_params(m, non_embedding=True) == pytest.approx(85e6, rel=0.02)
 
 
 def test_gpt2_124m_shape_with_llama_mlp_width_is_124m():
     # The published GPT-2 small size, reached with the SwiGLU width that keeps a 4*dim MLP's count.
-    m = replace(MODEL_PRESETS["gpt2-124m"], ffn_dim=None)
+    m = replace(MODEL_PRESETS["gpt2-124m"].with_vocab(PRESET_TOKENIZER_VOCAB["gpt2-124m"]), ffn_dim=None)
     assert m.hidden_dim == 2048
     assert count_params(m) == pytest.approx(124e6, rel=0.01)
     assert count_params(m, non_embedding=True) == pytest.approx(85e6, rel=0.01)
 
 
 def test_7b_param_count():
-    n = count_params(MODEL_PRESETS["7b"])
+    n = count_params(MODEL_PRESETS["7b"].with_vocab(PRESET_TOKENIZER_VOCAB["7b"]))
     assert 6.7e9 <= n <= 7.3e9
 
 

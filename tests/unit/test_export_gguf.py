@@ -319,8 +319,9 @@ def test_llama_cpp_greedy_equals_raylm(tok, exported):
     try:
         import llama_cpp
     except ImportError:
-        pytest.skip("llama-cpp-python not installed (pip install llama-cpp-python builds llama.cpp from "
-                    "source, ~8 min on 2 cores)")
+        pytest.skip("llama-cpp-python not installed; to run this test: pip install llama-cpp-python (builds "
+                    "llama.cpp from source, ~8 min on 2 cores), then "
+                    "python -m pytest tests/unit/test_export_gguf.py -k llama_cpp")
     model, paths = exported
     llm = llama_cpp.Llama(model_path=paths["f32"], n_ctx=64, logits_all=True, verbose=False)
     text = "The quick brown fox"

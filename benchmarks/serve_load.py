@@ -1,0 +1,217 @@
+"""Load on the OpenAI-compatible server (`raylm serve`) against one-at-a-time `transformers`.
+
+Starts the app for --run on a local Ray cluster (Serve on a free loopback port, one replica
+with --threads CPUs and max_batch_size = --concurrency), then:
+
+1. idle: --idle requests one at a time, streaming: time to first token (TTFT) of an idle server;
+2. load: --requests streaming requests, --concurrency at a time, with mixed prompt lengths
+   (4-60 tokens) and output lengths (8-96 tokens, greedy, so each output's length is known);
+   requests/s, output tokens/s, p50/p95 TTFT and inter-token latency (ITL: the gaps between a
+   request's streamed tokens), errors;
+3. baseline: the same requests one by one through `transformers` `generate` on the run's HF
+   export (`raylm.export.hf.export_run`), each made to produce exactly as many tokens as the
+   server did (min_new_tokens = max_new_tokens), on the same number of torch threads.
+
+Goals (issue 14): load output tokens/s >= 3x the baseline's at 16 concurrent requests on a
+2-core CPU, and load p95 TTFT within 2x the idle p95 TTFT. The JSON has both ratios and the
+machine's load average, as the figures mean little on a machine shared with other work.
+
+CPU (this machine):
+
+    python benchmarks/serve_load.py --run runs/quickstart-sft --concurrency 16 --requests 64 --threads 2
+
+One CUDA GPU (the replica gets the GPU; the baseline runs transformers on it too):
+
+    python benchmarks/serve_load.py --run runs/quickstart-sft --device cuda --concurrency 64 --requests 512 \\
+        --out benchmarks/results/gpu-serve-load.json
+
+Prints one JSON object on stdout (progress goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from emit import run_and_emit  # noqa: E402
+
+WORDS = ("the cat sat on a mat while the quick brown fox jumped over lazy dogs in python we write code "
+         "that reads data and trains models on ray clusters").split()
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def make_requests(n: int, context: int, count_tokens, seed: int) -> list[dict]:
+    """Mixed prompt (2-30 words) and output (8-96 tokens) lengths, clipped to the context."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30)))
+        max_tokens = min(rng.randint(8, 96), context - count_tokens(prompt))
+        out.append({"prompt": prompt, "max_tokens": max_tokens})
+    return out
+
+
+def run_tokenizer(run: str):
+    from raylm import checkpoint
+    from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
+
+    ckpt = resolve_checkpoint(run)
+    return load_tokenizer(tokenizer_of(ckpt, checkpoint.read_meta(ckpt)))
+
+
+def stream_one(port: int, model: str, req: dict, key: str) -> dict:
+    """One streaming completion: TTFT, token arrival times, completion tokens, error."""
+    body = json.dumps({"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    times, usage, error = [], None, None
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/v1/completions", body, {"content-type": "application/json",
+                                                       "authorization": f"Bearer {key}"})
+        r = conn.getresponse()
+        if r.status != 200:
+            return {"error": f"HTTP {r.status}: {r.read()[:200]!r}"}
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = chunk["error"]["message"]
+            elif chunk.get("usage"):
+                usage = chunk["usage"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                times.append(time.perf_counter() - t0)
+        conn.close()
+    except (OSError, http.client.HTTPException) as e:
+        error = repr(e)
+    if error or usage is None:
+        return {"error": error or "no usage chunk"}
+    return {"ttft": times[0] if times else None, "itl": [b - a for a, b in zip(times, times[1:])],
+            "tokens": usage["completion_tokens"], "end": time.perf_counter() - t0}
+
+
+def run_server_phase(port, model, reqs, concurrency, key) -> tuple[dict, list[dict]]:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda r: stream_one(port, model, r, key), reqs))
+    wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r]
+    summary = {
+        "requests": len(reqs), "errors": len(results) - len(ok), "wall_s": round(wall, 3),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "output_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+        "ttft_p50_s": pct([r["ttft"] for r in ok if r["ttft"] is not None], 0.5),
+        "ttft_p95_s": pct([r["ttft"] for r in ok if r["ttft"] is not None], 0.95),
+        "itl_p50_s": pct([x for r in ok for x in r["itl"]], 0.5),
+        "itl_p95_s": pct([x for r in ok for x in r["itl"]], 0.95),
+        "first_errors": [r["error"] for r in results if "error" in r][:3],
+    }
+    return summary, results
+
+
+def run_baseline(run: str, reqs: list[dict], results: list[dict], device: str) -> dict:
+    """The same requests one by one through transformers.generate on the HF export, each
+    producing as many tokens as the server produced for it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylm.export.hf import export_run
+
+    with tempfile.TemporaryDirectory(prefix="raylm-serve-bench-") as tmp:
+        out = export_run(run, os.path.join(tmp, "hf"))
+        model = AutoModelForCausalLM.from_pretrained(out).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(out)
+    tokens, start = 0, time.perf_counter()
+    with torch.no_grad():
+        for req, res in zip(reqs, results):
+            n = res.get("tokens") or req["max_tokens"]
+            ids = torch.tensor([tok(req["prompt"], add_special_tokens=False)["input_ids"]], device=device)
+            gen = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+            tokens += gen.shape[1] - ids.shape[1]
+    wall = time.perf_counter() - start
+    return {"requests": len(reqs), "output_tokens": tokens, "wall_s": round(wall, 3),
+            "output_tokens_per_s": round(tokens / wall, 1)}
+
+
+def main() -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run or checkpoint directory (local or s3://)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--idle", type=int, default=8, help="requests sent one at a time for the idle TTFT")
+    p.add_argument("--threads", type=int, default=2, help="CPUs for the replica, torch threads for the baseline")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--out", default="", help="also write the JSON here")
+    args = p.parse_args()
+
+    import torch
+    from ray import serve
+
+    from raylm.config import Config, ServeConfig
+    from raylm.pipeline import init_ray
+    from raylm.serve.app import start
+    from raylm.serve.local import free_port, wait_ready
+
+    key = "bench-" + os.urandom(8).hex()
+    cfg = ServeConfig(port=free_port(), api_key=key, max_batch_size=args.concurrency,
+                      max_ongoing_requests=2 * args.concurrency, max_queued_requests=-1, num_cpus=args.threads,
+                      device=args.device, request_timeout_s=3600)
+    init_ray(Config())
+    url = start(args.run, cfg)
+    wait_ready(url)
+    info = json.loads(http_get(cfg.port, "/v1/models", key))["data"][0]
+    model, tok = info["id"], run_tokenizer(args.run)
+    load_before = os.getloadavg()
+    try:
+        reqs = make_requests(args.requests, info["max_model_len"], lambda p: len(tok.encode(p)), args.seed)
+        print(f"warm-up, then {args.idle} idle requests", file=sys.stderr)
+        stream_one(cfg.port, model, reqs[0], key)
+        idle, _ = run_server_phase(cfg.port, model, reqs[: args.idle], 1, key)
+        print(f"{args.requests} requests at concurrency {args.concurrency}", file=sys.stderr)
+        load, results = run_server_phase(cfg.port, model, reqs, args.concurrency, key)
+    finally:
+        serve.shutdown()
+    result = {"settings": {**vars(args), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                           "loadavg_before": [round(x, 1) for x in load_before],
+                           "loadavg_after": [round(x, 1) for x in os.getloadavg()]},
+              "idle": idle, "load": load}
+    if not args.no_baseline:
+        torch.set_num_threads(args.threads)
+        print("baseline: transformers generate, one request at a time", file=sys.stderr)
+        result["baseline"] = run_baseline(args.run, reqs, results, args.device)
+        result["speedup_output_tokens_per_s"] = round(
+            load["output_tokens_per_s"] / result["baseline"]["output_tokens_per_s"], 2)
+    if idle["ttft_p95_s"] and load["ttft_p95_s"]:
+        result["ttft_p95_load_over_idle"] = round(load["ttft_p95_s"] / idle["ttft_p95_s"], 2)
+    return result
+
+
+def http_get(port: int, path: str, key: str) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path, headers={"authorization": f"Bearer {key}"})
+    data = conn.getresponse().read()
+    conn.close()
+    return data
+
+
+if __name__ == "__main__":
+    run_and_emit(main)

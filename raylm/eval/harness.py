@@ -1,0 +1,91 @@
+"""raylm as an lm-evaluation-harness model (`--model raylm`).
+
+The harness owns prompts, few-shot examples, filters and metrics; this class only answers
+its three kinds of request with raylm's scoring (raylm.eval.loglik), in this process or on a
+Ray Data actor pool:
+
+    lm_eval --model raylm --model_args path=runs/x,workers=2 --tasks hellaswag
+    raylm eval --tasks hellaswag,arc_easy runs/x
+
+model_args: path (run or checkpoint, local or s3://), workers (0: score in this process;
+N: a pool of N Ray actors, each loading the model once), cpus_per_worker, gpus_per_worker,
+batch_tokens (tokens per work unit), device (in-process: cpu or cuda), endpoint_url (S3).
+
+Discovery: lm-eval versions with plugin support find this class through the
+`lm_eval.models` entry point in raylm's pyproject. lm-eval 0.4.13 discovers nothing outside
+its own registry, so importing this module registers it (`register_model`), and
+`python -m raylm.eval.harness_cli` is lm-eval's own command line with the model registered.
+"""
+
+from __future__ import annotations
+
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: get_model fills an empty registry only)
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from raylm.eval.loglik import encode_pair
+from raylm.eval.pool import make_runner
+from raylm.errors import ConfigError
+
+
+@register_model("raylm")
+class RayLM(LM):
+    def __init__(self, path: str = "", workers: int = 0, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+                 batch_tokens: int = 4096, device: str | None = None, endpoint_url: str = "", runner=None,
+                 batch_size=None, max_batch_size=None, **unused):
+        super().__init__()
+        # batch_size/max_batch_size: the harness passes them to every model; raylm batches by
+        # tokens (batch_tokens), as requests of one task vary widely in length.
+        if runner is None:
+            if not path:
+                raise ConfigError("--model raylm needs model_args path=<run or checkpoint directory>")
+            from raylm.config import S3Config
+
+            import torch
+
+            # lm-eval's command line passes its own default device ("cuda") to every model.
+            if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            runner = make_runner(str(path), int(workers), float(cpus_per_worker), float(gpus_per_worker),
+                                 int(batch_tokens), device, S3Config(endpoint_url=endpoint_url))
+        self.runner = runner
+        self.path = str(path)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"raylm-{self.runner.tok.sha256[:12]}"
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [encode_pair(self.runner.tok, *req.args) for req in requests]
+        return self.runner.loglikelihood(pairs)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-text log-likelihood in windows of the model's length (the harness's own
+        window functions), each window scored after EOS or the preceding tokens."""
+        tok = self.runner.tok
+        pairs, owner = [], []
+        for i, req in enumerate(requests):
+            windows = get_rolling_token_windows(token_list=tok.encode(req.args[0]), prefix_token=tok.eos_id,
+                                                max_seq_len=self.runner.max_seq_len, context_len=1)
+            for ctx, cont in map(make_disjoint_window, windows):
+                pairs.append((ctx, cont))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (lp, _) in zip(owner, self.runner.loglikelihood(pairs)):
+            totals[i] += lp
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        tok = self.runner.tok
+        batch = []
+        for i, req in enumerate(requests):
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            sample = bool(kwargs.get("do_sample", False))
+            temperature = float(kwargs.get("temperature", 1.0 if sample else 0.0)) if sample else 0.0
+            batch.append(([tok.eos_id] + tok.encode(context), until, int(kwargs.get("max_gen_toks", 256)),
+                          temperature, int(kwargs.get("top_k", 0) or 0), int(kwargs.get("seed", 0) or 0) + i))
+        return self.runner.complete(batch)

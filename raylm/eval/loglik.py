@@ -1,0 +1,169 @@
+"""Log-likelihood of continuations and greedy or sampled completions on a plain raylm model.
+
+The one place that turns (context, continuation) text into scored tokens; the harness
+adapter, the built-in scorers and the Ray actor pool all call it, so every path gives the
+same numbers.
+
+Tokens. A context starts with EOS, the token that precedes every document in the packed
+pre-training rows, so the first word is scored as a document's first word. The context and
+the whole text are encoded, and the continuation is the whole text's tokens past the
+context's (lm-eval's rule: the continuation is scored as the tokenizer would split the full
+text). When the split falls inside a token the whole text has no token boundary there
+(the whole's first tokens differ from the context's); the continuation is then encoded on
+its own and scored after the context's tokens, so the scored tokens still spell exactly
+context + continuation.
+
+Work units. `plan_units` groups requests that share a context (one item's choices) and sorts
+the groups by length; a unit is a list of groups under a token budget. `score_unit` prefills
+each context once into a KV cache (contexts of equal length together, as one batch), copies
+the cache rows to every choice and scores all choices of those groups in one batched call
+from the end of the context. The units are a pure function of the requests, and a unit's
+arithmetic does not depend on where it runs, so a pool of actors returns exactly what one
+process does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raylm.generate import sample_token
+
+Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
+
+
+def encode_pair(tok, context: str, continuation: str) -> Pair:
+    """(context ids, continuation ids) of one request; see the module docstring."""
+    # Trailing whitespace of the context belongs to the continuation (lm-eval's convention:
+    # "Answer:" + " yes" and "Answer: " + "yes" then score the same tokens).
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces and continuation:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx = [tok.eos_id] + tok.encode(context)
+    whole = [tok.eos_id] + tok.encode(context + continuation)
+    if whole[:len(ctx)] == ctx:
+        return ctx, whole[len(ctx):]
+    return ctx, tok.encode(continuation)  # the split falls inside one of the whole's tokens
+
+
+def fit_to_length(ctx: list[int], cont: list[int], max_len: int) -> Pair:
+    """Drop the context's oldest tokens until context + continuation fit the model."""
+    if not cont:
+        raise ValueError("an empty continuation has no log-likelihood to score")
+    # The model reads context + continuation minus its last token (a target only).
+    if len(cont) > max_len:
+        raise ValueError(f"a continuation of {len(cont)} tokens does not fit model.max_seq_len={max_len} "
+                         f"after at least one context token")
+    keep = max_len + 1 - len(cont)
+    return (ctx[-keep:] if len(ctx) > keep else ctx), cont
+
+
+def plan_units(pairs: list[Pair], max_len: int, batch_tokens: int = 4096) -> list[list]:
+    """Work units: lists of groups [context, [[request index, continuation], ...]] sharing a
+    context, sorted by context length and cut at about `batch_tokens` tokens a unit."""
+    groups: dict[tuple, list] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        ctx, cont = fit_to_length(list(ctx), list(cont), max_len)
+        groups.setdefault(tuple(ctx), []).append([i, cont])
+    ordered = sorted(groups.items(), key=lambda g: (len(g[0]), max(len(c) for _, c in g[1]), g[1][0][0]))
+    units, unit, size = [], [], 0
+    for ctx, conts in ordered:
+        cost = len(ctx) + len(conts) * max(len(c) for _, c in conts)
+        if unit and size + cost > batch_tokens:
+            units.append(unit)
+            unit, size = [], 0
+        unit.append([list(ctx), conts])
+        size += cost
+    if unit:
+        units.append(unit)
+    return units
+
+
+@torch.no_grad()
+def score_unit(model, unit: list) -> list[list]:
+    """[[request index, log-likelihood, is_greedy], ...] for one work unit (see plan_units)."""
+    out = []
+    i = 0
+    while i < len(unit):  # runs of groups whose contexts have the same length share one prefill
+        j = i
+        while j < len(unit) and len(unit[j][0]) == len(unit[i][0]):
+            j += 1
+        out += _score_run(model, unit[i:j])
+        i = j
+    return out
+
+
+def _score_run(model, groups: list) -> list[list]:
+    device = model.tok_embeddings.weight.device
+    n_ctx = len(groups[0][0])
+    rows = [(g, idx, cont) for g, (_, conts) in enumerate(groups) for idx, cont in conts]
+    longest = max(len(cont) for _, _, cont in rows)
+    caches = model.make_caches(len(groups), n_ctx + longest)
+    ctx = torch.tensor([c for c, _ in groups], device=device)
+    h = model.hidden_states(ctx, caches, 0)
+    first = F.log_softmax(model.logits(h[:, -1]).float(), -1)  # (G, V): predicts each continuation's first token
+    owner = torch.tensor([g for g, _, _ in rows], device=device)
+    conts = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+    for r, (_, _, cont) in enumerate(rows):
+        conts[r, :len(cont)] = torch.tensor(cont, device=device)
+    logp = first[owner].unsqueeze(1)  # (R, 1, V)
+    if longest > 1:
+        for c in caches:  # every choice continues its own group's context
+            c.k, c.v = c.k.index_select(0, owner), c.v.index_select(0, owner)
+        # Right padding is harmless: a real token never attends to the positions after it.
+        h = model.hidden_states(conts[:, :-1], caches, n_ctx)
+        logp = torch.cat([logp, F.log_softmax(model.logits(h).float(), -1)], dim=1)  # (R, longest, V)
+    picked = logp.gather(-1, conts.unsqueeze(-1)).squeeze(-1)  # (R, longest)
+    best = logp.argmax(-1)
+    out = []
+    for r, (_, idx, cont) in enumerate(rows):
+        n = len(cont)
+        # float(): a Python double, so the value survives JSON and Ray exactly.
+        out.append([idx, float(picked[r, :n].double().sum()), bool((best[r, :n] == conts[r, :n]).all())])
+    return out
+
+
+def score_pairs(model, pairs: list[Pair], batch_tokens: int = 4096) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) of each (context ids, continuation ids), in one process."""
+    results = [None] * len(pairs)
+    for unit in plan_units(pairs, model.cfg.max_seq_len, batch_tokens):
+        for idx, lp, greedy in score_unit(model, unit):
+            results[idx] = (lp, greedy)
+    return results
+
+
+@torch.no_grad()
+def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens: int,
+                   temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> str:
+    """The text generated after `ctx` (ids), cut before the first of `until`; it also ends at
+    EOS or the chat's end-of-turn token. temperature 0: greedy."""
+    from raylm.tokenizer import END
+
+    device = model.tok_embeddings.weight.device
+    limit = model.cfg.max_seq_len
+    ctx = ctx[-(limit - 1):]
+    max_new_tokens = max(0, min(max_new_tokens, limit - len(ctx)))
+    if max_new_tokens == 0:
+        return ""
+    stops = {tok.eos_id, tok.special_ids.get(END)}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    caches = model.make_caches(1, len(ctx) + max_new_tokens)
+    h = model.hidden_states(torch.tensor([ctx], device=device), caches, 0)
+    pos, out = len(ctx), []
+    text = ""
+    for step in range(max_new_tokens):
+        nxt = sample_token(model.logits(h[0, -1]), temperature, top_k, gen)
+        if nxt in stops:
+            break
+        out.append(nxt)
+        text = tok.decode(out)
+        if any(s and s in text for s in until):
+            break
+        if step == max_new_tokens - 1:
+            break
+        h = model.hidden_states(torch.tensor([[nxt]], device=device), caches, pos)
+        pos += 1
+    for s in until:
+        if s and s in text:
+            text = text[:text.index(s)]
+    return text

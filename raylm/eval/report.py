@@ -1,0 +1,289 @@
+"""`raylm report`: runs' `metrics.jsonl` drawn as PNG panels and written as TensorBoard events.
+
+This module is raylm's one plotting place: the run's own `loss.png` (`plot_loss_curve`) and
+the report's panels are drawn by the same code.
+
+Rows come from `raylm.metrics.MetricsLog`, written by `raylm.train.fit`:
+  kind=train   loss, lr, grad_norm, tokens_per_s, mfu, ... at every log step
+  kind=val     val_loss, val_ppl (or DPO's val_* metrics) at every evaluation
+  other kinds  benchmark results logged during training (in-training evaluation): every
+               numeric field is a metric with one panel of its own, named `<key>` for
+               kind=eval and `<kind>/<key>`, or `<task>/<key>` when the row names a task;
+               a `<key>_stderr` field becomes the error bar of `<key>`, and sample counts
+               (`n`, `*_n`) are left to TensorBoard.
+  kind=rollback  a restored checkpoint: drawn as a dotted line on the loss panel.
+
+Several runs are overlaid, one colour per run. TensorBoard gets every numeric field of every
+row as the scalar `<kind>/<key>` (tensorboardX: it writes the event format itself and needs only
+protobuf, where torch.utils.tensorboard needs the whole tensorboard package).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from raylm import storage
+from raylm.config import ConfigError, S3Config
+from raylm.errors import DataError, PathNotFoundError
+
+# Fields that place a row rather than measure something.
+_NOT_METRICS = {"step", "time"}
+# Row kinds that mark events, not measurements.
+_EVENT_KINDS = {"rollback"}
+# One event file per run under a fixed name: a second `raylm report` replaces it instead of
+# adding another file that TensorBoard would merge into duplicate points. TensorBoard reads
+# any file whose name contains "tfevents".
+EVENT_FILE = "events.out.tfevents.raylm-report"
+
+
+@dataclass
+class RunMetrics:
+    """One run's series, as (step, value) pairs; `evals` values are (step, value, stderr)."""
+
+    label: str
+    uri: str  # the metrics.jsonl read
+    rows: list[dict]
+    train: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    val: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    evals: dict[str, list[tuple[int, float, float | None]]] = field(default_factory=dict)
+    rollbacks: list[int] = field(default_factory=list)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_rows(run: str, s3: S3Config | None = None) -> tuple[str, list[dict]]:
+    """The rows of `<run>/metrics.jsonl` (local or s3://), or a one-line error naming the file
+    and, for a bad row, its line."""
+    uri = storage.join(run, "metrics.jsonl")
+    shown = storage.redact_url(uri)  # messages reach terminals and logs
+    if not storage.exists(uri, s3):
+        raise PathNotFoundError(f"{shown}: no such file (is {run} a raylm run directory?)")
+    rows = []
+    for n, line in enumerate(storage.read_text(uri, s3).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{shown} line {n}: not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{shown} line {n}: expected a JSON object, got {type(row).__name__}")
+        if not _number(row.get("step")):
+            raise DataError(f"{shown} line {n}: no numeric 'step' field")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{shown}: no rows (the run has not logged a step yet)")
+    return uri, rows
+
+
+def series(label: str, uri: str, rows: list[dict]) -> RunMetrics:
+    """Split rows into train, validation and evaluation series."""
+    run = RunMetrics(label, uri, rows)
+    for row in rows:
+        if not _number(row.get("step")):  # read_rows refuses these; a caller's own rows may hold one
+            continue
+        kind, step = row.get("kind"), int(row["step"])
+        if kind in _EVENT_KINDS:
+            if kind == "rollback":
+                run.rollbacks.append(step)
+            continue
+        target = run.train if kind == "train" else run.val if kind == "val" else None
+        for key, value in row.items():
+            if key in _NOT_METRICS or not _number(value):
+                continue
+            if target is not None:
+                target.setdefault(key, []).append((step, float(value)))
+            elif not key.endswith("_stderr") and not _is_count(key):
+                stderr = row.get(f"{key}_stderr")
+                run.evals.setdefault(_eval_name(kind, row, key), []).append(
+                    (step, float(value), float(stderr) if _number(stderr) else None))
+    return run
+
+
+def _is_count(key: str) -> bool:
+    """A sample count (`n`, `eval_<task>_n`): the size behind a metric, not a metric to draw."""
+    return key == "n" or key.endswith("_n")
+
+
+def _eval_name(kind, row: dict, key: str) -> str:
+    task = row.get("task")
+    if isinstance(task, str) and task:
+        return f"{task}/{key}"
+    return key if kind == "eval" else f"{kind}/{key}"
+
+
+def load_runs(runs: list[str], s3: S3Config | None = None) -> list[RunMetrics]:
+    """Read every run first, so a bad one fails before anything is written."""
+    labels = _labels(runs)
+    return [series(label, *read_rows(run, s3)) for run, label in zip(runs, labels)]
+
+
+def _labels(runs: list[str]) -> list[str]:
+    """Each run's last path segment, or more of its path where two would read the same."""
+    parts = [(r if storage.is_s3(r) else os.path.abspath(r)).rstrip("/").split("/") for r in runs]
+    depth = 1
+    while depth < max(len(p) for p in parts):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+        depth += 1
+    labels = ["/".join(p[-depth:]) for p in parts]
+    return labels if len(set(labels)) == len(labels) else [f"{i}:{lab}" for i, lab in enumerate(labels)]
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _draw_loss(ax, runs: list[RunMetrics], many: bool) -> None:
+    for i, run in enumerate(runs):
+        colour = f"C{i}"
+        prefix = f"{run.label} " if many else ""
+        if run.train.get("loss"):
+            ax.plot(*zip(*run.train["loss"]), color=colour, label=f"{prefix}train")
+        if run.val.get("val_loss"):
+            ax.plot(*zip(*run.val["val_loss"]), "o--", color=colour, markersize=3, label=f"{prefix}validation")
+        for step in run.rollbacks:
+            ax.axvline(step, color=colour, linestyle=":", alpha=0.6)
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("loss")
+
+
+def panel_names(runs: list[RunMetrics]) -> list[str]:
+    """The panels the report draws, in order: loss, learning rate, throughput, then one per
+    evaluation metric; a panel no run has data for is left out."""
+    names = []
+    if any(r.train.get("loss") or r.val.get("val_loss") for r in runs):
+        names.append("loss")
+    for key in ("lr", "tokens_per_s"):
+        if any(r.train.get(key) for r in runs):
+            names.append(key)
+    names += sorted({name for r in runs for name in r.evals})
+    return names
+
+
+_TITLES = {"lr": "learning rate", "tokens_per_s": "throughput (tokens/s)"}
+
+
+def draw_report(runs: list[RunMetrics]) -> bytes:
+    """All panels in one PNG, two columns, every run overlaid in its own colour."""
+    plt = _pyplot()
+    names = panel_names(runs)
+    if not names:
+        raise DataError(f"{runs[0].uri}: no numeric metrics to draw")
+    cols = 1 if len(names) == 1 else 2
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.4 * rows), dpi=100, squeeze=False)
+    many = len(runs) > 1
+    for ax, name in zip(axes.flat, names):
+        if name == "loss":
+            _draw_loss(ax, runs, many)
+        else:
+            for i, run in enumerate(runs):
+                if name in run.evals:
+                    steps, values, errs = zip(*run.evals[name])
+                    yerr = None if all(e is None for e in errs) else [e or 0.0 for e in errs]
+                    ax.errorbar(steps, values, yerr=yerr, fmt="o-", markersize=3, capsize=2,
+                                color=f"C{i}", label=run.label)
+                elif run.train.get(name):
+                    ax.plot(*zip(*run.train[name]), color=f"C{i}", label=run.label)
+            ax.set_title(_TITLES.get(name, name))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if many or name == "loss":
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    return _png(fig)
+
+
+def plot_loss_curve(rows: list[dict], uri: str, s3: S3Config | None = None) -> None:
+    """A run's own `loss.png`: training and validation loss against step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    _draw_loss(ax, [series("", uri, rows)], many=False)
+    ax.set_title("")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    storage.write_bytes(uri, _png(fig), s3)
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def tensorboard_events(run: RunMetrics) -> bytes:
+    """The run's rows as one TensorBoard event file: scalar `<kind>/<key>` for every numeric
+    field, at the row's step and wall time."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ImportError("raylm report writes TensorBoard files with tensorboardX: "
+                          "pip install -e '.[report]' (or pass --no-tensorboard)") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = SummaryWriter(logdir=tmp, flush_secs=3600)
+        for row in run.rows:
+            kind = row.get("kind") or "metrics"
+            for key, value in row.items():
+                if key not in _NOT_METRICS and _number(value):
+                    writer.add_scalar(f"{kind}/{key}", float(value), global_step=int(row["step"]),
+                                      walltime=row.get("time") if _number(row.get("time")) else None)
+        writer.close()
+        (name,) = [n for n in os.listdir(tmp) if "tfevents" in n]
+        with open(os.path.join(tmp, name), "rb") as f:
+            return f.read()
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def write_report(runs: list[str], out: str | None = None, s3: S3Config | None = None,
+                 tensorboard: bool = True) -> dict:
+    """Draw `runs` (local or s3://) into `<out>/report.png` and write one TensorBoard run per
+    input under `<out>/tensorboard/<label>/`. `out` defaults to `<run>/report` for one run;
+    several runs need it. Every input is read and every file rendered before the first is
+    written, and each file is written atomically."""
+    if not runs:
+        raise ConfigError("raylm report: give at least one run directory")
+    if out is None:
+        if len(runs) > 1:
+            raise ConfigError("raylm report: several runs need --out DIR for the overlaid report")
+        out = storage.join(runs[0], "report")
+    loaded = load_runs(runs, s3)
+    png = draw_report(loaded)
+    files: dict[str, bytes] = {}
+    if tensorboard:
+        for run in loaded:
+            files[storage.join(out, "tensorboard", run.label, EVENT_FILE)] = tensorboard_events(run)
+    png_uri = storage.join(out, "report.png")
+    files[png_uri] = png  # last: its presence means the report is complete
+    for uri, data in files.items():
+        storage.write_bytes(uri, data, s3)
+    return {"png": png_uri, "panels": panel_names(loaded),
+            "tensorboard": storage.join(out, "tensorboard") if tensorboard else None,
+            "runs": {run.label: run.uri for run in loaded}}

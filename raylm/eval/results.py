@@ -1,0 +1,56 @@
+"""An evaluation's record: results.json (one row per task and metric) and results.md (a table).
+
+Each row: task, metric, value, stderr, n, checkpoint, tokenizer_sha256, harness (lm-eval's
+version for harness tasks, "raylm" for the built-in scorers and bits per byte). Both files
+are written under temporary names and renamed (or, in object storage, written as whole
+objects, markdown last), so a reader never finds a partial result that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from raylm import storage
+
+
+def rows_from_metrics(task: str, metrics: dict, facts: dict, harness: str = "raylm") -> list[dict]:
+    """One row per metric of a `{metric: value, metric_stderr: value, n: count}` dict."""
+    n = metrics.get("n")
+    rows = []
+    for key, value in metrics.items():
+        if key == "n" or key.endswith("_stderr") or not isinstance(value, (int, float)):
+            continue
+        rows.append({"task": task, "metric": key, "value": value, "stderr": metrics.get(f"{key}_stderr"), "n": n,
+                     **facts, "harness": harness})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def num(v):
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| task | metric | value | ± stderr | n |", "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['metric']} | {num(r['value'])} | {num(r['stderr'])} | {num(r['n'])} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: str, rows: list[dict], header: dict, s3=None) -> dict:
+    """Write results.json and results.md into `out` (local or s3://); returns their paths."""
+    doc = json.dumps({**header, "results": rows}, indent=1, allow_nan=True)
+    md = (f"Evaluation of `{header.get('checkpoint', '?')}` (tokenizer {str(header.get('tokenizer_sha256', ''))[:12]}, "
+          f"lm-eval {header.get('lm_eval_version') or 'not used'})\n\n" + markdown_table(rows))
+    paths = {"json": storage.join(out, "results.json"), "markdown": storage.join(out, "results.md")}
+    if storage.is_s3(out):
+        storage.write_text(paths["json"], doc, s3)
+        storage.write_text(paths["markdown"], md, s3)
+        return paths
+    os.makedirs(out, exist_ok=True)
+    for key, text in (("json", doc), ("markdown", md)):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, paths[key])
+    return paths

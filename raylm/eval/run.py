@@ -1,0 +1,102 @@
+"""`raylm eval`: one checkpoint against harness tasks, built-in task files and corpora.
+
+    evaluate_run("runs/x", cfg, tasks=["hellaswag"], corpora=["s3://b/val/*.jsonl"])
+
+Harness tasks and the built-in scorers go through one runner (the Ray Data actor pool when
+eval.workers > 0, else this process); bits per byte runs in this process. The results go to
+`<run>/eval/<checkpoint>/results.{json,md}` unless `out` says otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+
+from raylm import checkpoint, storage
+from raylm.config import Config
+from raylm.eval.pool import make_runner
+from raylm.eval.results import rows_from_metrics, write_results
+from raylm.eval.scorers import score_gen, score_mc
+from raylm.eval.tasks import read_gen_task, read_mc_task, task_name
+from raylm.errors import ConfigError
+
+
+def harness_rows(runner, path: str, tasks: list[str], facts: dict, include_path: str | None = None,
+                 limit: int | None = None, num_fewshot: int | None = None, log=print) -> tuple[list[dict], str]:
+    """Run lm-eval tasks on `runner` (raylm.eval.harness.RayLM); rows and lm-eval's version."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("harness tasks need lm-eval: pip install 'raylm[eval]'") from None
+    from raylm.eval.harness import RayLM
+
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}"
+                         + ("" if include_path else " (for local task YAMLs pass --include-path DIR)"))
+    out = lm_eval.simple_evaluate(model=RayLM(path=path, runner=runner), tasks=list(tasks), task_manager=manager,
+                                  limit=limit, num_fewshot=num_fewshot, log_samples=False)
+    rows = []
+    for task, metrics in out["results"].items():
+        n = (out.get("n-samples", {}).get(task) or {}).get("effective")
+        flat = {"n": n}
+        for key, value in metrics.items():
+            if "," not in key:
+                continue  # alias, sample counts
+            name, filt = key.split(",", 1)
+            name = name if filt == "none" else f"{name}[{filt}]"
+            flat[name.replace("_stderr", "") + "_stderr" if "_stderr" in name else name] = \
+                None if value == "N/A" else value
+        rows += rows_from_metrics(task, flat, facts, harness=f"lm-eval {lm_eval.__version__}")
+    return rows, lm_eval.__version__
+
+
+def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = None, corpora=(),
+                 limit: int | None = None, num_fewshot: int | None = None, out: str | None = None,
+                 log=print) -> dict:
+    """Evaluate the newest complete checkpoint of `run` (or the checkpoint `run`)."""
+    from raylm.eval.bpb import corpus_bpb
+    from raylm.generate import load_for_inference, resolve_checkpoint
+
+    ec, s3 = cfg.eval, cfg.s3
+    if not (tasks or corpora or ec.mc_tasks or ec.gen_tasks):
+        raise ConfigError("nothing to evaluate: give --tasks, --corpus, eval.mc_tasks or eval.gen_tasks")
+    ckpt = resolve_checkpoint(run, s3)
+    meta = checkpoint.read_meta(ckpt, s3)
+    facts = {"checkpoint": ckpt, "step": meta.get("step"), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
+    t0 = time.time()
+    rows: list[dict] = []
+    # Task files are read (and checked) before any model loads: a bad line fails fast.
+    mc = {p: read_mc_task(p, s3) for p in ec.mc_tasks}
+    gen = {p: read_gen_task(p, s3) for p in ec.gen_tasks}
+    from raylm.data import list_corpus
+
+    for path in corpora:
+        list_corpus(path, s3)
+    version = ""
+    if tasks or mc or gen:
+        runner = make_runner(ckpt, ec.workers, ec.cpus_per_worker, ec.gpus_per_worker, ec.batch_tokens, s3=s3)
+        if not facts["tokenizer_sha256"]:
+            facts["tokenizer_sha256"] = runner.tok.sha256
+        if tasks:
+            harness, version = harness_rows(runner, ckpt, list(tasks), facts, include_path, limit, num_fewshot, log)
+            rows += harness
+        for p, items in mc.items():
+            rows += rows_from_metrics(task_name(p), score_mc(runner, items[:limit]), facts)
+        for p, items in gen.items():
+            metrics, _ = score_gen(runner, items[:limit], ec.max_new_tokens, ec.temperature, seed=cfg.seed)
+            rows += rows_from_metrics(task_name(p), metrics, facts)
+    if corpora:
+        model, tok, _ = load_for_inference(ckpt, s3)
+        facts["tokenizer_sha256"] = facts["tokenizer_sha256"] or tok.sha256
+        for path in corpora:
+            r = corpus_bpb(model, tok, path, cfg.data.text_field, s3=s3)
+            rows += [{"task": f"corpus:{path}", "metric": m, "value": r[m], "stderr": None, "n": r["tokens_scored"],
+                      **facts, "harness": "raylm"} for m in ("bpb", "loss", "ppl")]
+    header = {**facts, "lm_eval_version": version, "seconds": round(time.time() - t0, 2),
+              "workers": ec.workers}
+    out = out or storage.join(ckpt.rstrip("/").rsplit("/", 1)[0], "eval", ckpt.rstrip("/").rsplit("/", 1)[-1])
+    paths = write_results(out, rows, header, s3)
+    log(f"eval: {len(rows)} results -> {paths['json']}")
+    return {**header, "results": rows, "paths": paths}

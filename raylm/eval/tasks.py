@@ -1,0 +1,92 @@
+"""Built-in task files (jsonl, local or s3://), read and checked line by line.
+
+  multiple choice  {"context": str, "choices": [str, ...], "gold": int}
+  generation       {"context": str, "answer": str | [str, ...]}   (any listed answer counts)
+
+A task's name is its file name without `.jsonl`. Every error names the file and line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raylm import storage
+from raylm.data import DataError, json_lines
+from raylm.errors import PathNotFoundError
+
+
+@dataclass(frozen=True)
+class MCItem:
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+@dataclass(frozen=True)
+class GenItem:
+    context: str
+    answers: tuple[str, ...]
+
+
+def task_name(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name[:-len(".jsonl")] if name.endswith(".jsonl") else name
+
+
+def _records(path: str, s3=None):
+    try:
+        raw = storage.read_bytes(path, s3)
+    except storage.StorageError as e:
+        raise PathNotFoundError(f"{path}: task file not readable ({e})") from None
+    n = 0
+    for line, record in json_lines(path, raw):
+        if isinstance(record, DataError):
+            raise record
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line}: a JSON {type(record).__name__}, not an object")
+        n += 1
+        yield line, record
+    if n == 0:
+        raise DataError(f"{path}: no records")
+
+
+def _string(record: dict, key: str, where: str) -> str:
+    if key not in record:
+        raise DataError(f"{where}: missing field {key!r} (found: {', '.join(record) or 'no fields'})")
+    if not isinstance(record[key], str):
+        raise DataError(f"{where}: field {key!r} is {type(record[key]).__name__}, not a string")
+    return record[key]
+
+
+def read_mc_task(path: str, s3=None) -> list[MCItem]:
+    items = []
+    for line, r in _records(path, s3):
+        where = f"{path}:{line}"
+        context = _string(r, "context", where)
+        choices = r.get("choices")
+        if "choices" not in r:
+            raise DataError(f"{where}: missing field 'choices'")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
+        if "gold" not in r:
+            raise DataError(f"{where}: missing field 'gold'")
+        gold = r["gold"]
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise DataError(f"{where}: 'gold'={gold!r} is not an index into its {len(choices)} choices "
+                            f"(0..{len(choices) - 1})")
+        items.append(MCItem(context, tuple(choices), gold))
+    return items
+
+
+def read_gen_task(path: str, s3=None) -> list[GenItem]:
+    items = []
+    for line, r in _records(path, s3):
+        where = f"{path}:{line}"
+        context = _string(r, "context", where)
+        if "answer" not in r:
+            raise DataError(f"{where}: missing field 'answer'")
+        answers = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"{where}: 'answer' must be a string or a non-empty list of strings")
+        items.append(GenItem(context, tuple(answers)))
+    return items

@@ -1,0 +1,491 @@
+"""`raylm plan`: target size, hardware and data in; a ready config and the reasoning out.
+
+Every figure comes from a stated rule, so the table can be checked by hand:
+
+token budget   Chinchilla's compute-optimal ~20 tokens per parameter (Hoffmann et al. 2022).
+               With less data than that, the data is repeated up to 4 epochs, which Muennighoff
+               et al. 2023 ("Scaling Data-Constrained Language Models") found about as good as
+               fresh tokens; more data than that trains on a share of it (epochs < 1).
+batch, LR      GPT-3's table (Brown et al. 2020, table 2.1): 0.5M tokens a step below 1B
+               parameters, 1M to 5B, 2M to 20B, 4M above; the learning rate interpolated
+               log-log between its sizes, plus raylm's own CPU sweep for the tiny model (3e-3).
+               The batch is capped so a run takes at least MIN_STEPS optimizer steps.
+warmup         GPT-3's 375M tokens, at least 1% of the steps and 30 steps, at most 10%.
+memory         per device, under raylm's FSDP2 sharding over S devices (see `memory_per_device`).
+time           6N + 12LdT FLOPs per token (raylm.metrics.flops_per_token) over devices x peak x
+               MFU, with one extra forward (x 4/3) when activations are recomputed.
+data workers   tokens/s training consumes over the measured tokenize rate of raylm's data
+               pipeline per CPU (README, `benchmarks/tokenize_throughput.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+
+import yaml
+
+from raylm import storage
+from raylm.config import MODEL_PRESETS, Config, ConfigError, ModelConfig, load_config
+from raylm.metrics import flops_per_token, peak_flops
+from raylm.model import count_params
+
+GiB = 1024**3
+
+# Size names people say, to raylm's presets.
+SIZES = {"tiny": "tiny", "124m": "gpt2-124m", "125m": "gpt2-124m", "gpt2-124m": "gpt2-124m",
+         "350m": "350m", "1b": "1b", "3b": "3b", "7b": "7b"}
+
+# Device memory in GiB from the vendors' datasheets, matched by substring, most specific first.
+# Peaks come from raylm.metrics.PEAK_BF16_FLOPS, so MFU means the same in plans and in runs.
+DEVICE_MEMORY_GIB: list[tuple[str, float]] = [
+    ("H200", 141), ("GH200", 96), ("H100", 80), ("B200", 180), ("A100-40GB", 40), ("A100", 80),
+    ("L40S", 48), ("A10G", 24), ("L4", 24), ("RTX 4090", 24), ("A6000", 48),
+]
+# A CPU worker: one core's AVX2 fp32 peak (2 FMA units x 8 lanes x 2 FLOPs x 3 GHz) and a
+# laptop-sized share of host memory (--memory-gb changes it).
+CPU_PEAK_FLOPS = 96e9
+CPU_MEMORY_GIB = 4.0
+# Default MFU. GPUs: a typical bf16 FSDP2 figure for Llama shapes; runs log their own `mfu` in
+# metrics.jsonl, to pass back with --mfu. CPUs: the tiny model's measured step (4,096 tokens
+# in 0.31-0.39 s on 2 workers, README) is 0.43-0.54 of the peak above.
+DEFAULT_MFU = {"gpu": 0.40, "cpu": 0.45}
+# Memory the estimate leaves alone on each device: 10% for the caching allocator's
+# fragmentation, plus (GPUs) 1.5 GiB for the CUDA context and NCCL buffers.
+HEADROOM_FRACTION = 0.10
+GPU_RESERVED_BYTES = 1.5 * GiB
+
+TOKENS_PER_PARAM = 20
+MAX_EPOCHS = 4
+MIN_STEPS = 2000
+WARMUP_TOKENS = 375e6
+# GPT-3 table 2.1 (parameters, peak LR), and raylm's CPU sweep on `tiny` (README).
+LR_TABLE = [(1.1e6, 3e-3), (125e6, 6e-4), (350e6, 3e-4), (760e6, 2.5e-4), (1.3e9, 2e-4),
+            (2.7e9, 1.6e-4), (6.7e9, 1.2e-4), (13e9, 1e-4), (175e9, 0.6e-4)]
+# Tokenize rate of raylm's whole data pipeline (read, clean, PII, tokenize, pack, write) per
+# CPU: 7.4 MB/s on 2 cores, the low end of the final 50 MB runs in the README; at 2.70 bytes
+# per token with the 2k vocabulary it was measured with (200 MB -> 74.3M tokens).
+TOKENIZE_BYTES_PER_S_PER_CPU = 3.7e6
+MEASURED_BYTES_PER_TOKEN = (2048, 2.70)
+# Bytes per token of a 32k BPE on English prose and web text, a common rule of thumb (~4
+# characters a token); code and other languages pack fewer bytes into a token.
+BYTES_PER_TOKEN_32K = 4.0
+DOMAIN_FACTOR = {"web": 1.0, "books": 1.0, "wiki": 1.0, "code": 0.75, "math": 0.85, "chat": 1.0}
+OTHER_LANGUAGE_FACTOR = 0.75
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str  # "H100", "CPU"
+    per_node: int
+    nodes: int
+    memory: float  # bytes per device
+    peak: float  # FLOP/s per device
+    kind: str  # "gpu" or "cpu"
+
+    @property
+    def devices(self) -> int:
+        return self.per_node * self.nodes
+
+    @property
+    def usable(self) -> float:
+        """Bytes the estimate may fill on one device."""
+        reserved = GPU_RESERVED_BYTES if self.kind == "gpu" else 0.0
+        return self.memory * (1 - HEADROOM_FRACTION) - reserved
+
+    def __str__(self) -> str:
+        nodes = f"{self.nodes} nodes x {self.per_node}" if self.nodes > 1 else "1 node"
+        return f"{self.devices} x {self.name} ({nodes}), {self.memory / GiB:.0f} GiB each"
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per device at the peak of a training step (the start of backward)."""
+
+    params: float  # sharded fp32 master weights + the gathered (unsharded) copies FSDP holds
+    grads: float  # sharded fp32 gradients + unsharded ones (a block's, or all under accumulation)
+    optimizer: float  # AdamW's two fp32 moments, sharded
+    activations: float  # one micro-batch's saved tensors, logits and loss included
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def parse_count(text: str, what: str = "--tokens") -> int:
+    """'50B' -> 50_000_000_000; K, M, B (or G), T suffixes; plain numbers too."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", str(text), re.I)
+    if not m:
+        raise ConfigError(f"{what}={text!r}: expected a count such as 50B, 300M or 2e9")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[m.group(2).lower()]
+    value = int(float(m.group(1)) * scale)
+    if value < 1:
+        raise ConfigError(f"{what}={text!r}: must be at least 1")
+    return value
+
+
+def parse_hardware(gpus: str, nodes: int = 1, memory_gb: float | None = None) -> Hardware:
+    """'8xH100' (8 per node), 'H200' (1), '2xCPU' (2 CPU workers)."""
+    m = re.fullmatch(r"\s*(?:(\d+)\s*[x×*]\s*)?(.+?)\s*", gpus)
+    if not m:
+        raise ConfigError(f"--gpus={gpus!r}: expected COUNTxNAME such as 8xH100")
+    per_node, name = int(m.group(1) or 1), m.group(2)
+    if per_node < 1 or nodes < 1:
+        raise ConfigError(f"--gpus={gpus!r} --nodes={nodes}: need at least one device and one node")
+    if name.upper() == "CPU":
+        memory = (memory_gb or CPU_MEMORY_GIB) * GiB
+        return Hardware("CPU", per_node, nodes, memory, CPU_PEAK_FLOPS, "cpu")
+    peak = peak_flops(name.upper())
+    gib = next((g for key, g in DEVICE_MEMORY_GIB if key.upper() in name.upper()), None)
+    if peak is None or gib is None:
+        known = sorted({k for k, _ in DEVICE_MEMORY_GIB} | {"CPU"})
+        raise ConfigError(f"--gpus={gpus!r}: unknown device {name!r}; known: {', '.join(known)} "
+                          f"(or pass --memory-gb and a known device of the same class)")
+    return Hardware(name.upper(), per_node, nodes, (memory_gb or gib) * GiB, peak, "gpu")
+
+
+def resolve_size(size: str) -> tuple[str, ModelConfig]:
+    preset = SIZES.get(size.lower())
+    if preset is None:
+        raise ConfigError(f"--size={size!r}: unknown; choose from {', '.join(SIZES)}")
+    cfg = MODEL_PRESETS[preset]
+    return preset, cfg if cfg.vocab_size else cfg.with_vocab(tokenizer_vocab(preset))
+
+
+def tokenizer_vocab(preset: str) -> int:
+    """The tokenizer size a preset was designed for (its embedding follows the tokenizer)."""
+    from raylm import config
+    from raylm.config import TokenizerConfig
+
+    designed = getattr(config, "PRESET_TOKENIZER_VOCAB", {})
+    return MODEL_PRESETS[preset].vocab_size or designed.get(preset) or TokenizerConfig().vocab_size
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _block_params(cfg: ModelConfig) -> int:
+    return (count_params(cfg, non_embedding=True) - cfg.dim) // cfg.n_layers
+
+
+def block_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> float:
+    """What one of raylm's blocks (raylm/model.py) saves for backward, per token.
+
+    In the compute dtype (`compute_bytes`): the two RMSNorm outputs (2d), rotated q and k and
+    v kept by SDPA (d + 2 kv), its output and the reshaped copy wo reads (2d), and SwiGLU's
+    w1, silu, w3 and product (4 hidden); in fp32, the two norms' inputs (2d x 4 bytes,
+    RMSNorm normalises in fp32) and SDPA's log-sum-exp (4 bytes a head)."""
+    d, kv, hid = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim
+    q = cfg.n_heads * cfg.head_dim
+    return compute_bytes * (2 * d + q + 2 * kv + 2 * q + 4 * hid) + 4 * 2 * d + 4 * cfg.n_heads
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, checkpointing: bool, loss_chunk: int) -> float:
+    """Peak activation memory of one micro-batch. Without checkpointing it comes at the start
+    of backward: every block's saved tensors, the final norm's, the int64 inputs and targets,
+    and the loss's peak (`loss_bytes`). With checkpointing the blocks keep only their inputs,
+    and backward recomputes one block at a time, after the loss's tensors are gone: the peak
+    is the larger of the two."""
+    block = block_bytes_per_token(cfg, compute_bytes)
+    final = (4 + compute_bytes) * cfg.dim + 16
+    loss = loss_bytes(cfg, tokens, compute_bytes, loss_chunk)
+    if not checkpointing:
+        return tokens * (cfg.n_layers * block + final) + loss
+    return tokens * (cfg.n_layers * cfg.dim * compute_bytes + final) + max(loss, tokens * block)
+
+
+def loss_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, chunk: int) -> float:
+    """The loss's peak. Plain (chunk 0): at the start of backward the fp32 log-softmax
+    output, its gradient and the logits' gradient are alive, 12 V bytes a token. Chunked
+    (raylm.losses): the saved hidden-state gradient, the head's gradient in fp32 and in the
+    compute dtype, and one chunk's fp32 logits and their compute-dtype gradient."""
+    if chunk <= 0:
+        return 12 * cfg.vocab_size * tokens
+    return (tokens * cfg.dim * compute_bytes + cfg.vocab_size * cfg.dim * (4 + compute_bytes)
+            + min(chunk, tokens) * cfg.vocab_size * (4 + compute_bytes))
+
+
+def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch: int, shard: int, precision: str,
+                      checkpointing: bool = False, accumulation: int = 1, sharded: bool = True,
+                      loss_chunk: int = 0) -> Memory:
+    """Peak bytes on one device of a raylm training step (raylm.train.train_step under
+    raylm.parallel.shard_model), over `shard` devices.
+
+    `sharded=False` is the plain single-process model (no FSDP, fp32), as tests and
+    benchmarks run it. Under FSDP2: fp32 master weights, gradients (reduce dtype fp32) and
+    AdamW's two moments are sharded (16 N / S bytes). FSDP also holds gathered copies in the
+    compute dtype: the root unit (embeddings, head, final norm), which raylm never reshards,
+    and three blocks (the one computing, the one prefetched, and the last block, kept for
+    backward); plus one block's unsharded gradient. With gradient accumulation raylm syncs
+    gradients only on the last micro-batch, and FSDP2 keeps the others unsharded in fp32:
+    4 N bytes on every device, whatever S."""
+    n = count_params(cfg)
+    p = 2 if precision == "bf16" else 4
+    tokens = micro_batch * seq_len
+    acts = activation_bytes(cfg, tokens, p, checkpointing, loss_chunk)
+    if not sharded:
+        return Memory(params=4 * n, grads=4 * n, optimizer=8 * n, activations=acts)
+    block = _block_params(cfg)
+    root = n - cfg.n_layers * block
+    params = 4 * n / shard + p * (root + 3 * block)
+    grads = 4 * n / shard + (4 * n if accumulation > 1 else p * (root + block))
+    return Memory(params=params, grads=grads, optimizer=8 * n / shard, activations=acts)
+
+
+def loss_chunk_for(kind: str) -> int:
+    """What train.loss_chunk_size="auto" means on the device kind (raylm.config.device_defaults)."""
+    from raylm import config
+
+    return getattr(config, "CUDA_LOSS_CHUNK", 0) if kind == "gpu" else 0
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    size: str  # the preset
+    model: ModelConfig  # its shape, vocabulary resolved
+    hardware: Hardware
+    params: int
+    available_tokens: int | None
+    train_tokens: int
+    epochs: float | None
+    budget_rule: str
+    seq_len: int
+    global_batch: int  # sequences a step
+    micro_batch: int
+    accumulation: int
+    steps: int
+    lr: float
+    warmup: int
+    checkpointing: bool
+    precision: str
+    memory: Memory
+    mfu: float
+    tokens_per_s: float
+    hours: float
+    data_cpus: int
+    bytes_per_token: float
+    language: str
+    domain: str
+    notes: tuple[str, ...]
+    config: Config
+
+    @property
+    def device_hours(self) -> float:
+        return self.hours * self.hardware.devices
+
+    @property
+    def prepare_cpu_hours(self) -> float:
+        """Tokenizing the whole budget once (data.mode=prepare; repeated epochs reuse it)."""
+        unique = self.train_tokens / max(1.0, self.epochs or 1.0)
+        return unique * self.bytes_per_token / TOKENIZE_BYTES_PER_S_PER_CPU / 3600
+
+
+def _lr(n: float) -> float:
+    xs, ys = zip(*LR_TABLE)
+    if n <= xs[0]:
+        return ys[0]
+    if n >= xs[-1]:
+        return ys[-1]
+    i = next(i for i in range(1, len(xs)) if n <= xs[i])
+    t = (math.log(n) - math.log(xs[i - 1])) / (math.log(xs[i]) - math.log(xs[i - 1]))
+    return float(f"{math.exp(math.log(ys[i - 1]) + t * (math.log(ys[i]) - math.log(ys[i - 1]))):.2g}")
+
+
+def _batch_tokens(n: float) -> float:
+    return 0.5e6 if n < 1e9 else 1e6 if n < 5e9 else 2e6 if n < 20e9 else 4e6
+
+
+def bytes_per_token(vocab: int, language: str, domain: str) -> float:
+    """Log-interpolated between the measured 2k-vocabulary figure and the 32k rule of thumb,
+    then scaled for code and for languages other than English."""
+    v0, b0 = MEASURED_BYTES_PER_TOKEN
+    t = min(1.0, max(0.0, math.log(vocab / v0) / math.log(32000 / v0)))
+    base = b0 + t * (BYTES_PER_TOKEN_32K - b0)
+    return base * DOMAIN_FACTOR.get(domain, 1.0) * (1.0 if language == "en" else OTHER_LANGUAGE_FACTOR)
+
+
+def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: int, precision: str):
+    """The largest power-of-two micro-batch (up to what one rank needs a step) that fits,
+    without activation checkpointing if any does (recompute costs a third more compute),
+    else with it. None if nothing fits."""
+    sharded = hw.kind == "gpu" or hw.devices > 1
+    for checkpointing in (False, True):
+        mb = 1 << (max(1, per_rank).bit_length() - 1)
+        while mb >= 1:
+            accumulation = max(1, round(per_rank / mb))
+            mem = memory_per_device(cfg, seq_len, mb, hw.devices, precision, checkpointing, accumulation, sharded,
+                                    loss_chunk_for(hw.kind))
+            if mem.total <= hw.usable:
+                return mb, accumulation, checkpointing, mem
+            mb //= 2
+    return None
+
+
+def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = None, language: str = "en",
+              domain: str = "web", seq_len: int | None = None, mfu: float | None = None,
+              train_tokens: str | int | None = None, memory_gb: float | None = None, data: str = "",
+              name: str | None = None) -> Plan:
+    preset, cfg = resolve_size(size)
+    hw = parse_hardware(gpus, nodes, memory_gb)
+    n = count_params(cfg)
+    notes: list[str] = []
+    precision = "bf16" if hw.kind == "gpu" else "fp32"
+    if seq_len is None:  # the preset's context on GPUs; on CPUs the length the CPU sweep chose
+        from raylm.config import DataConfig
+
+        seq_len = cfg.max_seq_len if hw.kind == "gpu" else min(cfg.max_seq_len, DataConfig().seq_len)
+    if seq_len > cfg.max_seq_len:
+        cfg = replace(cfg, max_seq_len=seq_len)
+        notes.append(f"model.max_seq_len raised to {seq_len}")
+    if mfu is None:
+        mfu = DEFAULT_MFU[hw.kind]
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu={mfu}: expected a fraction in (0, 1]")
+
+    # Token budget.
+    available = parse_count(tokens) if tokens is not None else None
+    optimal = TOKENS_PER_PARAM * n
+    if train_tokens is not None:
+        budget, rule = parse_count(train_tokens, "--train-tokens"), "as asked (--train-tokens)"
+    elif available is None or available >= optimal:
+        budget, rule = optimal, f"compute-optimal: {TOKENS_PER_PARAM} tokens/parameter"
+    else:
+        budget = min(optimal, MAX_EPOCHS * available)
+        rule = (f"the data, repeated ({TOKENS_PER_PARAM} tokens/parameter would need {optimal / available:.1f} "
+                f"epochs; capped at {MAX_EPOCHS})") if budget < optimal else "compute-optimal, data repeated"
+    step_tokens_min = seq_len * hw.devices  # one sequence on every device
+    for what, value in (("--tokens", available), ("the token budget", budget)):
+        if value is not None and value < step_tokens_min:
+            raise ConfigError(f"{what}={value:,} is fewer tokens than one step: {hw.devices} devices x "
+                              f"{seq_len} tokens = {step_tokens_min:,}")
+
+    # Batch: the target sequences a step, split over the data-parallel ranks (every device).
+    target = min(_batch_tokens(n), budget / MIN_STEPS)
+    per_rank = max(1, round(target / seq_len / hw.devices))
+    fit = _fit(cfg, hw, seq_len, per_rank, precision)
+    if fit is None:
+        need = memory_per_device(cfg, seq_len, 1, hw.devices, precision, True, per_rank, True, loss_chunk_for(hw.kind))
+        raise ConfigError(
+            f"--size {size} does not fit on {hw}: {need.total / GiB:.1f} GiB per device even with micro-batch 1 "
+            f"and activation checkpointing (params {need.params / GiB:.1f}, grads {need.grads / GiB:.1f}, "
+            f"optimizer {need.optimizer / GiB:.1f}, activations {need.activations / GiB:.1f}), "
+            f"{hw.usable / GiB:.1f} GiB usable; add devices (--nodes) or use a larger one")
+    mb, accumulation, checkpointing, mem = fit
+    global_batch = mb * accumulation * hw.devices
+    steps = max(1, round(budget / (global_batch * seq_len)))
+    train_tokens_final = steps * global_batch * seq_len
+    epochs = train_tokens_final / available if available else None
+    warmup = min(max(30, round(WARMUP_TOKENS / (global_batch * seq_len)), steps // 100), max(1, steps // 10))
+    lr = _lr(n)
+
+    recompute = 4 / 3 if checkpointing else 1.0
+    tokens_per_s = hw.devices * hw.peak * mfu / (flops_per_token(cfg, seq_len) * recompute)
+    hours = train_tokens_final / tokens_per_s / 3600
+    bpt = bytes_per_token(cfg.vocab_size, language, domain)
+    data_cpus = math.ceil(tokens_per_s * bpt / TOKENIZE_BYTES_PER_S_PER_CPU)
+
+    if hw.nodes > 1:
+        hsdp = _fit(cfg, replace(hw, nodes=1), seq_len, per_rank, precision)
+        notes.append(
+            f"HSDP (shard within a node, replicate across {hw.nodes}) would keep all-gathers on the node's links"
+            + (f" and fits ({hsdp[3].total / GiB:.1f} GiB/device)" if hsdp else " but does not fit")
+            + "; raylm shards FSDP2 over all devices today, which this plan assumes")
+    if accumulation > 1:
+        notes.append(f"gradient accumulation holds unsharded fp32 gradients ({_bytes(4 * n)} per device) "
+                     f"between micro-batches")
+
+    overrides = [f"name={name or f'{preset}-{hw.devices}{hw.name.lower()}'}", f"model.preset={preset}",
+                 f"model.max_seq_len={cfg.max_seq_len}", f"data.seq_len={seq_len}",
+                 f"train.num_workers={hw.devices}", f"train.use_gpu={'true' if hw.kind == 'gpu' else 'false'}",
+                 f"train.micro_batch_size={mb}", f"train.global_batch_size={global_batch}",
+                 f"train.max_steps={steps}", f"train.lr={lr}", f"train.warmup_steps={warmup}",
+                 f"train.activation_checkpointing={'true' if checkpointing else 'false'}"]
+    overrides.append(f"tokenizer.vocab_size={tokenizer_vocab(preset)}")
+    if data:
+        overrides.append(("data.path", data))
+    config = load_config(overrides=overrides)
+    return Plan(preset, cfg, hw, n, available, train_tokens_final, epochs, rule, seq_len, global_batch, mb,
+                accumulation, steps, lr, warmup, checkpointing, precision, mem, mfu, tokens_per_s, hours,
+                data_cpus, bpt, language, domain, tuple(notes), config)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _count(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+def format_table(plan: Plan) -> str:
+    hw, m = plan.hardware, plan.memory
+    layout = ("one process, no sharding" if hw.kind == "cpu" and hw.devices == 1 else
+              "FSDP2 on one device (nothing to shard; the same code path)" if hw.devices == 1 else
+              f"FSDP2, parameters sharded over all {hw.devices} devices")
+    epochs = f", {plan.epochs:.2f} epochs of {_count(plan.available_tokens)}" if plan.epochs is not None else ""
+    gib = _bytes
+    rows = [
+        ("model", f"{plan.size}: {_count(plan.params)} parameters ({plan.model.n_layers} x "
+                  f"{plan.model.dim}, vocab {plan.model.vocab_size})"),
+        ("hardware", str(hw)),
+        ("token budget", f"{_count(plan.train_tokens)} tokens{epochs}; {plan.budget_rule}"),
+        ("sequence length", f"{plan.seq_len}"),
+        ("global batch", f"{plan.global_batch} sequences = {_count(plan.global_batch * plan.seq_len)} tokens/step, "
+                         f"{plan.steps:,} steps"),
+        ("learning rate", f"{plan.lr:g} peak, {plan.warmup} warmup steps, cosine to 0.3x"),
+        ("layout", f"{layout}, {plan.precision}"),
+        ("micro-batch", f"{plan.micro_batch} x {plan.accumulation} accumulation per device; activation "
+                        f"checkpointing {'on' if plan.checkpointing else 'off'}"),
+        ("memory/device", f"params {gib(m.params)} + grads {gib(m.grads)} + optimizer {gib(m.optimizer)} + "
+                          f"activations {gib(m.activations)} = {gib(m.total)}"),
+        ("headroom", f"{gib(hw.memory - m.total)} of {gib(hw.memory)} ({(hw.memory - m.total) / hw.memory:.0%})"),
+        ("throughput", f"{_count(plan.tokens_per_s)} tokens/s at {plan.mfu:.0%} MFU"
+                       + (" (x 3/4 for recompute)" if plan.checkpointing else "")),
+        ("time", f"{_duration(plan.hours)}, {plan.device_hours:,.1f} device-hours"),
+        ("data workers", f"{plan.data_cpus} CPU{'s' * (plan.data_cpus > 1)} to tokenize as fast as training reads "
+                         f"(data.mode=stream), or {plan.prepare_cpu_hours:,.3g} CPU-hours to prepare it ahead "
+                         f"({plan.bytes_per_token:.1f} bytes/token, {plan.language}/{plan.domain})"),
+    ] + [("note", note) for note in plan.notes]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _bytes(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"
+
+
+def _duration(hours: float) -> str:
+    if hours < 1:
+        return f"{hours * 60:.1f} minutes"
+    return f"{hours:.1f} hours" if hours < 48 else f"{hours / 24:.1f} days"
+
+
+def recipe_yaml(plan: Plan) -> str:
+    """The planned keys as a config YAML (`raylm pretrain --config FILE`), the table on top."""
+    from raylm.config import to_dict
+
+    full, default = to_dict(plan.config), to_dict(Config())
+    keep: dict = {}
+    for section, values in full.items():
+        if isinstance(values, dict):
+            changed = {k: v for k, v in values.items() if v != default[section].get(k)}
+            if section == "model":  # a preset, then the fields that differ from it
+                preset = to_dict(MODEL_PRESETS[plan.size])
+                changed = {"preset": plan.size, **{k: v for k, v in values.items() if v != preset[k]
+                                                    and k != "vocab_size"}}
+            if changed:
+                keep[section] = changed
+        elif values != default[section]:
+            keep[section] = values
+    header = "".join(f"# {line}\n" for line in ("raylm plan", *format_table(plan).splitlines()))
+    return header + yaml.safe_dump(keep, sort_keys=False)
+
+
+def write_recipe(plan: Plan, out: str) -> None:
+    storage.write_text(out, recipe_yaml(plan))

@@ -1,0 +1,532 @@
+"""One recipe, the whole pipeline: tokenizer -> data -> pretrain -> sft -> dpo -> eval -> export -> serve.
+
+A recipe is a raylm config file (shared settings, nested or dotted keys) with a `stages:`
+mapping. Each stage named there runs, in the fixed order of `STAGES`, with the shared
+settings, then its own section's keys on top:
+
+    name: tiny-cpu                 # outputs under <storage>/<name>/
+    storage: s3://bucket/recipes
+    model: {preset: tiny}
+    stages:
+      tokenizer: {tokenizer.vocab_size: 2048}
+      data: {data.dedup: exact}
+      pretrain: {train.max_steps: 600}
+      sft: {synthetic: word_after, train.max_steps: 200}
+      export: {format: hf}
+
+Skipping and lineage. A stage's key hashes its settings and the keys of the stages it reads,
+so a changed stage changes the key of everything downstream. Each stage writes its outputs
+under `<root>/<stage>-<key[:10]>/` (a changed stage never resumes the old one's checkpoints)
+and, once they are committed, `<root>/stages/<stage>.json`: its key, config (credentials
+redacted), the paths and content hashes of its inputs and outputs. A stage whose record
+has the current key and whose outputs are still committed is skipped, so a resubmitted
+recipe continues where it stopped (a training stage resumes from its newest checkpoint).
+Following `inputs` from the serve record back to the tokenizer gives a model's lineage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from raylm import storage
+from raylm.config import Config, ConfigError, S3Config, _build, _merge, _nest, _override_value, to_dict
+from raylm.errors import PathNotFoundError
+
+STAGE_RECORDS = "stages"  # <root>/stages/<stage>.json
+SYNTHETIC_EXAMPLES = 2000  # records a `synthetic:` task writes (the quickstart's count)
+
+
+class StageUnavailable(ConfigError):
+    """A stage whose library is not installed or not part of this raylm yet."""
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What a stage function gets: its config, its own options, the outputs of the stages it
+    reads (by stage name), and the directory its outputs go to."""
+
+    name: str
+    cfg: Config
+    options: dict
+    inputs: dict  # stage name -> that stage's outputs
+    out: str  # <root>/<stage>-<key[:10]>
+    root: str
+    log: Callable[[str], None]
+    recipe: "Recipe"
+
+    @property
+    def s3(self) -> S3Config:
+        return self.cfg.s3
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _model_input(run: StageRun) -> dict:
+    """The outputs of the model stage this one reads (the last of pretrain, sft, dpo named)."""
+    (parent,) = [v for k, v in run.inputs.items() if k in MODEL_STAGES]
+    return parent
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def run_tokenizer(run: StageRun) -> dict:
+    """Train the tokenizer (on the built-in corpus when data.path is empty, written beside it)."""
+    from raylm.generate import load_tokenizer
+    from raylm.pipeline import absolute_paths, ensure_corpus, train_tokenizer_from
+    from raylm.tokenizer import META_FILE
+
+    cfg = absolute_paths(run.cfg)
+    if not cfg.data.path:  # the built-in corpus, once for the recipe: <root>/corpus
+        cfg = ensure_corpus(dataclasses.replace(cfg, storage=run.root, name=""))
+    target = storage.join(run.out, "tokenizer")
+    if cfg.tokenizer.path:  # a given tokenizer: adopted, not retrained
+        tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
+        target = cfg.tokenizer.path
+    elif storage.exists(storage.join(target, META_FILE), cfg.s3):  # trained, then stopped before the record
+        tok = load_tokenizer(target, cfg.s3)
+    else:
+        tok = train_tokenizer_from(cfg, target)
+    return {"path": target, "sha256": tok.sha256, "corpus": cfg.data.path, "vocab_size": tok.vocab_size}
+
+
+def run_data(run: StageRun) -> dict:
+    """Ray Data: clean, de-duplicate, tokenize and pack the corpus into `<out>/`."""
+    from raylm.data import prepare
+    from raylm.generate import load_tokenizer
+    from raylm.pipeline import absolute_paths, init_ray, log, preflight
+
+    cfg = absolute_paths(run.cfg)
+    cfg, corpus = preflight(cfg, out=run.out)
+    tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
+    init_ray(cfg)
+    prepare(cfg.data, tok, run.out, cfg.seed, cfg.s3, log=log, corpus=corpus)
+    manifest = storage.read_bytes(storage.join(run.out, "manifest.json"), cfg.s3)
+    return {"path": run.out, "sha256": _sha256(manifest), "tokenizer_sha256": tok.sha256}
+
+
+def _trained(run: StageRun, cfg: Config) -> dict:
+    """A training stage's outputs: the run and its newest complete checkpoint, whose hash is
+    the sha256 of its commit marker (which lists the sha256 of every file in it)."""
+    from raylm import checkpoint
+
+    ckpt = checkpoint.latest_complete(cfg.run_dir, cfg.s3)
+    if ckpt is None:
+        raise RuntimeError(f"{cfg.run_dir}: training finished without a complete checkpoint")  # a bug
+    marker = storage.read_bytes(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3)
+    return {"path": cfg.run_dir, "checkpoint": ckpt, "sha256": _sha256(marker)}
+
+
+def run_pretrain(run: StageRun) -> dict:
+    from raylm.pipeline import pretrain
+
+    pretrain(run.cfg, resume="auto", max_failures=run.options.get("max_failures", 0),
+             samples=run.options.get("samples", True))
+    return _trained(run, run.cfg)
+
+
+def _synthetic_records(run: StageRun, fmt: str) -> str:
+    """`synthetic: TASK`: the built-in task's train records (raylm.synthetic), written once
+    under <root>/records-<task>-<seed>/ and named by content, so they are an ordinary input."""
+    from raylm import synthetic
+
+    task, seed = run.options["synthetic"], run.cfg.seed
+    if task not in synthetic.TASKS:
+        raise ConfigError(f"stages.{run.name}.synthetic={task!r}: choose from {list(synthetic.TASKS)}")
+    target = storage.join(run.root, f"records-{task}-{seed}")
+    name = f"{task}.train.{fmt}.jsonl"
+    if not storage.exists(storage.join(target, name), run.s3):
+        with tempfile.TemporaryDirectory() as tmp:
+            synthetic.write_jsonl(tmp, task, SYNTHETIC_EXAMPLES, 50, seed=seed)
+            if storage.is_s3(target):
+                storage.upload_dir(tmp, target, run.s3)
+            else:
+                _copy_dir(tmp, target)
+    return storage.join(target, name)
+
+
+def _copy_dir(src: str, dst: str) -> None:
+    import shutil
+
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".records-", dir=Path(dst).parent)
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    os.replace(tmp, dst)
+
+
+def run_posttrain(run: StageRun) -> dict:
+    from raylm.posttrain import posttrain
+
+    cfg = run.cfg
+    if "synthetic" in run.options:
+        path = _synthetic_records(run, "messages" if run.name == "sft" else "preference")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
+    posttrain(cfg.validate(), resume="auto", max_failures=run.options.get("max_failures", 0))
+    return _trained(run, cfg)
+
+
+def run_eval(run: StageRun) -> dict:
+    """raylm.eval on the model: lm-eval `tasks`, the config's eval.mc_tasks/gen_tasks, and bits
+    per byte on `corpora`; with none of them, bits per byte on the recipe's own corpus."""
+    try:
+        from raylm.eval.run import evaluate_run
+    except ImportError as e:
+        raise StageUnavailable(f"stages.eval: raylm.eval cannot be imported ({e}); remove the eval stage") from None
+    parent = _model_input(run)
+    tasks, corpora = list(run.options.get("tasks", [])), list(run.options.get("corpora", []))
+    if not (tasks or corpora or run.cfg.eval.mc_tasks or run.cfg.eval.gen_tasks):
+        corpus = run.inputs.get("tokenizer", {}).get("corpus")
+        if not corpus:
+            raise ConfigError("stages.eval: nothing to evaluate; give tasks, corpora or eval.mc_tasks")
+        corpora = [corpus]
+    result = evaluate_run(parent["checkpoint"], run.cfg, tasks=tasks, corpora=corpora,
+                          limit=run.options.get("limit"), out=run.out, log=run.log)
+    report = result["paths"]["json"]
+    return {"path": run.out, "report": report, "sha256": _sha256(storage.read_bytes(report, run.s3))}
+
+
+def run_export(run: StageRun) -> dict:
+    parent = _model_input(run)
+    fmt = run.options.get("format", "hf")
+    try:
+        if fmt == "hf":
+            from raylm.export.hf import EXPORT_MARKER, export_run
+        else:
+            from raylm.export.gguf import export_run_gguf as export_run
+    except ImportError as e:
+        raise StageUnavailable(f"stages.export.format={fmt} needs {e.name}: pip install -e '.[export]'") from None
+    dtype = run.options.get("dtype") or ("float32" if fmt == "hf" else "f32")
+    if fmt == "hf":
+        out = storage.join(run.out, "hf")
+        marker = storage.join(out, EXPORT_MARKER)
+        if not storage.exists(marker, run.s3):  # an export is complete once its marker is there
+            export_run(parent["checkpoint"], out, run.s3, dtype=dtype)
+        return {"path": out, "format": fmt, "sha256": _sha256(storage.read_bytes(marker, run.s3))}
+    out = storage.join(run.out, "model.gguf")
+    if not storage.exists(out, run.s3):
+        export_run(parent["checkpoint"], out, run.s3, dtype=dtype)
+    return {"path": out, "format": fmt, "sha256": _sha256(storage.read_bytes(out, run.s3))}
+
+
+def run_serve(run: StageRun) -> dict:
+    """Deploy `raylm serve`'s application for the model on the cluster. In a job (RAY_ADDRESS
+    set) the application outlives the job; on a local cluster of its own, `raylm run` keeps
+    serving until interrupted."""
+    try:
+        from raylm.serve.app import model_name_of, start
+        from raylm.serve.local import wait_ready
+    except ImportError as e:
+        raise StageUnavailable(f"stages.serve: raylm.serve cannot be imported ({e}); remove the serve stage") from None
+    from raylm.pipeline import init_ray
+
+    cfg = serve_config(run.recipe)
+    if cfg.engine != "raylm":
+        raise ConfigError(f"stages.serve: serve.engine={cfg.engine} serves an HF export; a recipe serves its "
+                          f"run with serve.engine=raylm (or run `raylm serve --engine vllm` on the export)")
+    parent = _model_input(run)
+    init_ray(run.cfg)
+    url = start(parent["checkpoint"], cfg)
+    wait_ready(url, timeout=600)
+    return {"path": parent["checkpoint"], "url": url, "model": model_name_of(parent["checkpoint"], cfg),
+            "sha256": parent["sha256"]}
+
+
+def _exists(key: str = "path", inside: str = "") -> Callable[[dict, S3Config], bool]:
+    def check(outputs: dict, s3: S3Config) -> bool:
+        uri = outputs.get(key)
+        return bool(uri) and storage.exists(storage.join(uri, inside) if inside else uri, s3)
+    return check
+
+
+def _checkpoint_committed(outputs: dict, s3: S3Config) -> bool:
+    from raylm.checkpoint import COMMIT_MARKER
+
+    return bool(outputs.get("checkpoint")) and storage.exists(storage.join(outputs["checkpoint"], COMMIT_MARKER), s3)
+
+
+def _export_committed(outputs: dict, s3: S3Config) -> bool:
+    if outputs.get("format") == "gguf":
+        return storage.exists(outputs["path"], s3)
+    return _exists(inside="raylm_export.json")(outputs, s3)
+
+
+def _serve_running(outputs: dict, s3: S3Config) -> bool:
+    """The recorded application still answers readiness with the recorded model."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{outputs['url']}/ready", timeout=10) as r:
+            return r.status == 200 and json.loads(r.read()).get("model") == outputs.get("model")
+    except (KeyError, ValueError, OSError, urllib.error.URLError):
+        return False
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the pipeline: `run` turns the stage's config and its inputs' outputs into
+    outputs (paths and content hashes); `committed` says whether recorded outputs are still
+    whole in storage. `inputs`: groups of stages, of which the last one the recipe names is
+    read (dpo reads sft if the recipe has one, else pretrain). `options`: the non-config
+    keys the stage's section takes."""
+
+    name: str
+    run: Callable[[StageRun], dict]
+    inputs: tuple[tuple[str, ...], ...]
+    outputs: tuple[str, ...]
+    committed: Callable[[dict, S3Config], bool]
+    options: dict[str, type] = dataclasses.field(default_factory=dict)
+
+
+MODEL_STAGES = ("pretrain", "sft", "dpo")
+_MODEL = (MODEL_STAGES,)
+STAGES: tuple[Stage, ...] = (
+    Stage("tokenizer", run_tokenizer, (), ("path", "sha256", "corpus"), _exists(inside="tokenizer.json")),
+    Stage("data", run_data, (("tokenizer",),), ("path", "sha256"), _exists(inside="manifest.json")),
+    Stage("pretrain", run_pretrain, (("tokenizer",), ("data",)), ("path", "checkpoint", "sha256"),
+          _checkpoint_committed, {"max_failures": int, "samples": bool}),
+    Stage("sft", run_posttrain, (("pretrain",),), ("path", "checkpoint", "sha256"), _checkpoint_committed,
+          {"max_failures": int, "synthetic": str}),
+    Stage("dpo", run_posttrain, (("pretrain", "sft"),), ("path", "checkpoint", "sha256"), _checkpoint_committed,
+          {"max_failures": int, "synthetic": str}),
+    Stage("eval", run_eval, (MODEL_STAGES, ("tokenizer",)), ("path", "report", "sha256"), _exists("report"),
+          {"tasks": list, "corpora": list, "limit": int}),
+    Stage("export", run_export, _MODEL, ("path", "format", "sha256"), _export_committed,
+          {"format": str, "dtype": str}),
+    Stage("serve", run_serve, _MODEL, ("url", "model", "path", "sha256"), _serve_running),
+)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: str
+    name: str
+    root: str  # <storage>/<name>: every stage's outputs and records
+    shared: dict  # raylm config keys, nested
+    sections: dict  # stage name -> (config keys nested, options), in STAGES order
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [s for s in STAGES if s.name in self.sections]
+
+    def inputs_of(self, stage: Stage) -> list[str]:
+        """The stages `stage` reads in this recipe: the last one named of each input group."""
+        out = []
+        for group in stage.inputs:
+            present = [g for g in group if g in self.sections]
+            if present:
+                out.append(present[-1])
+        return out
+
+
+def _expand(section: Any, where: str) -> dict:
+    """A mapping whose keys may be dotted (`train.lr: 3e-4`), nested."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {section!r:.80}")
+    out: dict = {}
+    for k, v in section.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{where}: key {k!r} is not a string")
+        out = _merge(out, _nest([(k, _expand(v, f"{where}.{k}") if isinstance(v, dict) else v)]))
+    return out
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
+    """Read and check a recipe: every stage's config is built and validated (no Ray, no
+    storage), so a typo fails here, naming the file and the key. `overrides` are dotted keys
+    into the recipe (`storage=s3://b/x`, `stages.pretrain.train.max_steps=10`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise PathNotFoundError(f"recipe {path}: not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict) or not raw["stages"]:
+        raise ConfigError(f"recipe {path}: expected a mapping with a non-empty `stages:` mapping "
+                          f"(stages: {[s.name for s in STAGES]})")
+    try:
+        data = _expand({k: v for k, v in raw.items() if k != "stages"}, "")
+        data["stages"] = {k: _expand(v, f"stages.{k}") for k, v in raw["stages"].items()}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value, e.g. stages.pretrain.train.max_steps=10")
+            key, value = item.split("=", 1)
+            data = _merge(data, _nest([(key.strip(), _override_value(key.strip(), value))]))
+    except ConfigError as e:
+        raise ConfigError(f"recipe {path}: {e}") from None
+    stages = data.pop("stages")
+    unknown = [k for k in stages if k not in STAGE_BY_NAME]
+    if unknown:
+        raise ConfigError(f"recipe {path}: stages.{unknown[0]}: unknown stage; choose from {list(STAGE_BY_NAME)}")
+    try:
+        base = _build(Config, data, "").validate()
+    except ConfigError as e:
+        raise ConfigError(f"recipe {path}: {e}") from None
+    root = storage.join(base.storage if storage.is_s3(base.storage) else os.path.abspath(base.storage), base.name)
+    sections = {}
+    for stage in STAGES:
+        if stage.name not in stages:
+            continue
+        section = dict(stages[stage.name])
+        options = {k: section.pop(k) for k in list(section) if k in stage.options}
+        for k, v in options.items():
+            tp = stage.options[k]
+            if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
+                raise ConfigError(f"recipe {path}: stages.{stage.name}.{k}={v!r}: expected {tp.__name__}")
+        sections[stage.name] = (section, options)
+    recipe = Recipe(str(p), base.name, root, data, sections)
+    for stage in recipe.stages:  # placeholders for outputs not made yet
+        placeholder = {s: {"path": storage.join(root, s), "checkpoint": storage.join(root, s), "corpus": ""}
+                       for s in recipe.inputs_of(stage)}
+        stage_config(recipe, stage, placeholder)
+    return recipe
+
+
+def stage_config(recipe: Recipe, stage: Stage, inputs: dict) -> Config:
+    """The stage's raylm config: its defaults, the shared settings, its section, then what the
+    pipeline decides (where it writes, what it starts from). Errors name the stage and key."""
+    section, options = recipe.sections[stage.name]
+    base: dict = {}
+    if stage.name in ("sft", "dpo"):
+        from raylm.cli import STAGE_DEFAULTS
+
+        base = _merge(STAGE_DEFAULTS[stage.name], {"stage": stage.name})
+        # The shared data.path is the pre-training corpus; records must be named here.
+        if "path" not in section.get("data", {}) and "synthetic" not in options:
+            raise ConfigError(f"recipe {recipe.path}: stages.{stage.name}: needs data.path (the "
+                              f"{'chat' if stage.name == 'sft' else 'preference'} records) or synthetic: TASK")
+    data = _merge(_merge(base, recipe.shared), section)
+    data.pop("serve", None)  # `raylm serve`'s own config: serve_config()
+    data = _merge(data, {"storage": recipe.root, "name": f"{stage.name}-{stage_key(recipe, stage)[:10]}"})
+    if "tokenizer" in inputs:
+        data = _merge(data, {"tokenizer": {"path": inputs["tokenizer"]["path"]}})
+        if stage.name == "data" and not section.get("data", {}).get("path") and inputs["tokenizer"].get("corpus"):
+            data = _merge(data, {"data": {"path": inputs["tokenizer"]["corpus"]}})
+    if "data" in inputs and stage.name == "pretrain":
+        data = _merge(data, {"data": {"path": inputs["data"]["path"]}})
+    parents = [k for k in inputs if k in MODEL_STAGES]
+    if parents and stage.name in ("sft", "dpo"):
+        data = _merge(data, {"init_from": inputs[parents[0]]["path"]})
+    if stage.name == "dpo" and "init_from" not in data:
+        raise ConfigError(f"recipe {recipe.path}: stages.dpo: needs a pretrain or sft stage, or init_from")
+    if stage.name in ("eval", "export") and not parents:
+        raise ConfigError(f"recipe {recipe.path}: stages.{stage.name}: needs a pretrain, sft or dpo stage before it")
+    if stage.name == "serve" and not parents:
+        raise ConfigError(f"recipe {recipe.path}: stages.serve: needs a pretrain, sft or dpo stage before it")
+    if stage.name == "serve":
+        serve_config(recipe)
+    try:
+        return _build(Config, data, "").validate()
+    except ConfigError as e:
+        raise ConfigError(f"recipe {recipe.path}: stages.{stage.name}: {e}") from None
+
+
+def serve_config(recipe: Recipe):
+    """The serve stage's ServeConfig: `serve.*` keys, shared then the stage's own. The API key
+    is refused here: recipes are files, and the key belongs in $RAYLM_API_KEY (a Secret)."""
+    from raylm.config import ServeConfig
+
+    data = _merge(recipe.shared.get("serve", {}), recipe.sections["serve"][0].get("serve", {}))
+    if data.get("api_key"):
+        raise ConfigError(f"recipe {recipe.path}: serve.api_key does not belong in a file; set $RAYLM_API_KEY "
+                          f"where the server runs (a Kubernetes Secret on KubeRay)")
+    try:
+        return _build(ServeConfig, data, "serve.").validate()
+    except ConfigError as e:
+        raise ConfigError(f"recipe {recipe.path}: stages.serve: {e}") from None
+
+
+def stage_key(recipe: Recipe, stage: Stage) -> str:
+    """sha256 of what decides a stage's outputs: its settings (shared and its own, without the
+    storage root) and the keys of the stages it reads. A change anywhere upstream changes it."""
+    section, options = recipe.sections[stage.name]
+    shared = {k: v for k, v in recipe.shared.items() if k not in ("name", "storage")}
+    parents = {s: stage_key(recipe, STAGE_BY_NAME[s]) for s in recipe.inputs_of(stage)}
+    text = json.dumps({"stage": stage.name, "shared": shared, "section": section, "options": options,
+                       "inputs": parents}, sort_keys=True, default=str)
+    return _sha256(text.encode())
+
+
+# --------------------------------------------------------------------------- running
+
+
+def record_uri(recipe: Recipe, stage: str) -> str:
+    return storage.join(recipe.root, STAGE_RECORDS, f"{stage}.json")
+
+
+def read_stage_record(recipe: Recipe, stage: str, s3: S3Config) -> dict | None:
+    uri = record_uri(recipe, stage)
+    if not storage.exists(uri, s3):
+        return None
+    try:
+        return json.loads(storage.read_text(uri, s3))
+    except json.JSONDecodeError:  # written whole, so a broken one is foreign: rerun the stage
+        return None
+
+
+def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict:
+    """Run the recipe's stages in order, skipping those done; returns {stage: record}."""
+    from raylm.record import write_stage_record
+
+    if log is None:
+        from raylm.pipeline import log
+    done: dict[str, dict] = {}
+    for stage in recipe.stages:
+        parents = recipe.inputs_of(stage)  # earlier in STAGES, so done already
+        inputs = {p: done[p]["outputs"] for p in parents}
+        cfg = stage_config(recipe, stage, inputs)
+        key = stage_key(recipe, stage)
+        old = read_stage_record(recipe, stage.name, cfg.s3)
+        if old and old.get("key") == key and stage.committed(old.get("outputs", {}), cfg.s3):
+            log(f"recipe: {stage.name}: done (key {key[:10]}), skipped")
+            done[stage.name] = {**old, "skipped": True}
+            continue
+        log(f"recipe: {stage.name}: running (key {key[:10]}) -> {storage.redact_url(cfg.run_dir)}")
+        t0 = time.time()
+        options = recipe.sections[stage.name][1]
+        outputs = stage.run(StageRun(stage.name, cfg, options, inputs, cfg.run_dir, recipe.root, log, recipe))
+        lineage = {p: {"key": done[p]["key"], "sha256": done[p]["outputs"]["sha256"], "path": done[p]["outputs"]["path"]}
+                   for p in parents}
+        if stage.name == "serve":  # what the server runs with, recorded beside the (unused) run config
+            options = {**options, "serve": to_dict(serve_config(recipe))}
+        record = write_stage_record(record_uri(recipe, stage.name), stage.name, key, cfg, options, lineage,
+                                    outputs, round(time.time() - t0, 1))
+        log(f"recipe: {stage.name}: done in {time.time() - t0:.1f}s, record {record_uri(recipe, stage.name)}")
+        done[stage.name] = {**record, "skipped": False}
+    return done
+
+
+def lineage(recipe: Recipe, stage: str, s3: S3Config | None = None) -> list[dict]:
+    """The stage records from `stage` back to the first stage: each step follows the input
+    that carries the model (the tokenizer only where nothing else is read)."""
+    chain, name = [], stage
+    while name:
+        rec = read_stage_record(recipe, name, s3 or S3Config())
+        if rec is None:
+            break
+        chain.append(rec)
+        inputs = list(rec.get("inputs", {}))
+        name = ([k for k in inputs if k != "tokenizer"] or inputs or [None])[-1]
+    return chain

@@ -1,0 +1,307 @@
+"""The OpenAI-compatible Ray Serve application: FastAPI ingress, limits, deployment options.
+
+    POST /v1/completions, POST /v1/chat/completions (stream: true as server-sent events)
+    GET /v1/models, GET /health (liveness, public), GET /ready (readiness, public),
+    GET /stats (the engine's counters)
+
+Plain Serve, not `ray.serve.llm` (which needs vLLM; `raylm.serve.vllm` builds that one).
+Serve's proxy takes no API key (Ray's token auth does not cover it), so `Guard`, an ASGI
+middleware in front of every route, is the lock: the key is compared in constant time, and
+the body is read up to `max_body_bytes` before any handler sees it. Backpressure is Serve's
+(`max_ongoing_requests` per replica, `max_queued_requests` in the proxy, answered with
+`backpressure_status` and Retry-After); the per-request timeout and disconnect handling are the
+app's own (`raylm.serve.handlers`), so a client's `x-request-timeout-seconds: 0` or
+`x-request-disconnect-disabled` headers, which switch off the proxy's, change nothing.
+"""
+
+import hmac
+import json
+import logging
+import os
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations, and
+# Serve pickles the routes by value, which drops module globals that only string annotations name.
+from fastapi import Request
+
+from raylm.config import ConfigError, ServeConfig, load_serve_config
+from raylm.serve import protocol as P
+
+API_KEY_ENV = "RAYLM_API_KEY"
+PUBLIC_PATHS = frozenset({"/health", "/ready"})  # probes carry no credentials
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+APP_NAME = "raylm"
+
+log = logging.getLogger("raylm.serve")
+
+
+def resolve_api_key(cfg: ServeConfig) -> str:
+    """The key clients must send: the config's, else $RAYLM_API_KEY. None at all is allowed
+    only on loopback, where nothing off the machine reaches the server."""
+    key = cfg.api_key or os.environ.get(API_KEY_ENV, "")
+    if not key and cfg.host not in LOOPBACK:
+        raise ConfigError(f"serve.host={cfg.host}: serving beyond loopback needs an API key "
+                          f"(--api-key or ${API_KEY_ENV}); Serve's proxy has no other lock")
+    return key
+
+
+def model_name_of(run: str, cfg: ServeConfig) -> str:
+    """What clients put in `model`: the configured name, else the run's directory name."""
+    if cfg.model_name:
+        return cfg.model_name
+    parts = [p for p in run.rstrip("/").split("/") if p]
+    if len(parts) > 1 and parts[-1].startswith("ckpt-"):
+        return parts[-2]
+    return parts[-1] if parts else "raylm"
+
+
+# --------------------------------------------------------------------------- guard
+
+
+async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    raw = json.dumps(body).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": raw, "more_body": False})
+
+
+class Guard:
+    """ASGI middleware: API key (constant-time), then the body read whole up to a limit (413
+    past it, whether announced by Content-Length or streamed in chunks) and replayed."""
+
+    def __init__(self, app, api_key: str, max_body_bytes: int):
+        self.app, self.key, self.limit = app, api_key.encode(), max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # under a route prefix: match the app's own paths
+            path = path[len(root):]
+        if self.key and path not in PUBLIC_PATHS:
+            auth = headers.get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            # compare_digest: the time taken says nothing about how much of the key matched.
+            if not hmac.compare_digest(given, self.key):
+                return await _send_json(send, 401, P.error_body(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_request_error",
+                    None, "invalid_api_key"), {"www-authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                announced = int(length)
+            except ValueError:
+                return await _send_json(send, 400, P.error_body("Content-Length is not a number"))
+            if announced > self.limit:
+                return await self._too_large(send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                return await self._too_large(send)
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later: the disconnect, which handlers watch for
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, send):
+        await _send_json(send, 413, P.error_body(f"request body exceeds this server's limit of {self.limit} bytes",
+                                                 "invalid_request_error", None, "request_too_large"))
+
+
+# --------------------------------------------------------------------------- FastAPI app
+
+
+def make_fastapi(cfg: ServeConfig, api_key: str):
+    """The FastAPI app with its guard and OpenAI-shaped error handlers (routes come from the
+    deployment class)."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=cfg.max_body_bytes)
+
+    @app.exception_handler(P.APIError)
+    async def _api_error(request: Request, e: P.APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(P.error_body(f"{request.method} {request.url.path}: {e.detail}", kind),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
+        return JSONResponse(P.error_body(f"{param}: {err.get('msg', 'invalid')}", param=param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(P.error_body("internal server error", "server_error"), status_code=500)
+
+    return app
+
+
+def deployment_options(cfg: ServeConfig) -> dict:
+    """Serve's @serve.deployment options from the config: limits, backpressure, scaling."""
+    opts = {
+        "name": "RaylmServer",
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": {"status_code": cfg.backpressure_status, "retry_after_s": cfg.retry_after_s},
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.device.startswith("cuda") else 0},
+    }
+    if cfg.autoscaling_config:
+        opts["autoscaling_config"] = cfg.autoscaling_config
+    else:
+        opts["num_replicas"] = cfg.num_replicas
+    return opts
+
+
+def build_app(run: str, cfg: ServeConfig):
+    """The Serve application serving `run` (a run or checkpoint directory, local or s3://)."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from ray import serve
+
+    cfg.validate()
+    api_key = resolve_api_key(cfg)
+    name = model_name_of(run, cfg)
+    app = make_fastapi(cfg, api_key)
+
+    async def parse(request: Request, model):
+        return P.parse_request(await request.body(), model)
+
+    def disconnected(request: Request):
+        async def wait():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        return wait
+
+    def respond(result):
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    @serve.deployment(**deployment_options(cfg))
+    @serve.ingress(app)
+    class RaylmServer:
+        def __init__(self):
+            from raylm.serve.engine import Engine
+            from raylm.serve.handlers import OpenAIService
+
+            engine = Engine.from_run(run, device=cfg.device, max_batch_size=cfg.max_batch_size)
+            self.service = OpenAIService(engine, cfg, name)
+
+        @app.post("/v1/completions")
+        async def completions(self, request: Request):
+            req = await parse(request, P.CompletionRequest)
+            return respond(await self._guarded(self.service.completions(req, disconnected(request))))
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(self, request: Request):
+            req = await parse(request, P.ChatCompletionRequest)
+            return respond(await self._guarded(self.service.chat(req, disconnected(request))))
+
+        @app.get("/v1/models")
+        async def models(self):
+            return self.service.models()
+
+        @app.get("/health")
+        async def health(self):
+            return {"status": "ok"}
+
+        @app.get("/ready")
+        async def ready(self):
+            if not self.service.ready():
+                return JSONResponse(P.error_body("shutting down", "unavailable"), status_code=503)
+            return {"status": "ready", "model": name}
+
+        @app.get("/stats")
+        async def stats(self):
+            return self.service.engine.stats()
+
+        async def _guarded(self, coro):
+            from raylm.serve.handlers import ClientGone
+
+            try:
+                return await coro
+            except ClientGone:  # nobody reads this; the status is for the access log
+                return JSONResponse(P.error_body("client disconnected"), status_code=499)
+
+        async def __del__(self):
+            # Serve calls this once in-flight requests have drained (graceful shutdown).
+            service = getattr(self, "service", None)
+            if service is not None:
+                await service.close()
+
+    return RaylmServer.bind()
+
+
+def app_builder(args: dict):
+    """Serve's application builder (`serve run raylm.serve.app:app_builder run=...`, or a
+    RayService's `import_path` with `args: {run: ..., serve: {<serve.* keys>}}`): the same
+    application `raylm serve RUN` deploys. The API key comes from $RAYLM_API_KEY where the
+    application is built, never from these args (Serve stores and shows them)."""
+    if not isinstance(args, dict) or not isinstance(args.get("run"), str) or not args["run"]:
+        raise ConfigError("serve application args: 'run' (a run or checkpoint directory, local or s3://) is required")
+    unknown = set(args) - {"run", "serve"}
+    if unknown:
+        raise ConfigError(f"serve application args: unknown key {sorted(unknown)[0]!r} (expected run, serve)")
+    cfg = load_serve_config(list((args.get("serve") or {}).items()))
+    if cfg.api_key:
+        raise ConfigError("serve application args: serve.api_key must not be written into Serve's config; "
+                          f"set ${API_KEY_ENV} from a Secret")
+    return build_app(args["run"], cfg)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def start(run: str, cfg: ServeConfig, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Deploy the application for `run` on the connected Ray cluster (starting Serve's HTTP
+    proxy on cfg.host:cfg.port unless Serve runs already) and return its base URL."""
+    from ray import serve
+
+    from raylm import storage
+
+    if not storage.is_s3(run):  # replicas run in other processes, perhaps in another directory
+        run = os.path.abspath(run)
+    if cfg.engine == "raylm":  # a wrong path fails here in one line, not in a replica's retries
+        from raylm.generate import resolve_checkpoint
+
+        resolve_checkpoint(run)
+    if cfg.engine == "vllm":
+        from raylm.serve.vllm import build_vllm_app
+
+        application = build_vllm_app(run, cfg, model_name_of(run, cfg))
+    else:
+        application = build_app(run, cfg)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(application, name=name, route_prefix=route_prefix, blocking=blocking)
+    return base_url(cfg) + route_prefix.rstrip("/")
+
+
+def base_url(cfg: ServeConfig) -> str:
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{'[' + host + ']' if ':' in host else host}:{cfg.port}"

@@ -1,0 +1,595 @@
+"""Continuous batching for raylm's decoder on a CPU or one GPU: plain torch, no Ray.
+
+Requests join and leave a running decode batch at every step. One engine step is
+
+    1. free the slots of requests whose consumer went away (aclose, a cancelled task);
+    2. one decode step for every running request at once: each row feeds its last token at
+       its own position and gets the next token's logits;
+    3. admit waiting requests into free slots and prefill each (its whole prompt, batch of
+       one), which yields its first token.
+
+so a new request's prefill is interleaved with the others' decode steps, a long request
+never holds up a short one, and a finished or abandoned request's slot is reused one step
+later. The model runs on one dedicated thread (the "engine thread"), never on the asyncio
+event loop, which only queues requests and relays outputs; torch releases the GIL inside
+its kernels, so the server stays responsive while a step runs.
+
+The KV cache is slotted (`SlotCache`, one per layer): fixed buffers of [max_batch_size,
+kv_heads, max_seq_len, head_dim], one slot per running request, each slot at its own
+length. The running requests occupy slots 0..n-1 (when one leaves, the last one's keys and
+values move into its slot), so a decode step reads the contiguous views [0:n, :, :keys] with
+keys = the longest running sequence + 1: no copy, no work for empty slots. Each row attends
+to its own length only (`SlotCache.visible`), and RoPE takes each row's own position
+(`Transformer.hidden_states` with a (B,) tensor `start`). With `fixed_shapes=True` every
+decode step instead has the same shapes (all slots, all keys, idle rows fed a dummy token at
+position 0 of their own unused slot): what torch.compile / CUDA graphs need; see `compile`.
+
+Sampling is `raylm.generate.sample_token` per request, with the request's own
+`torch.Generator(device).manual_seed(seed)`, drawn in the same order as
+`raylm.generate.generate` (one draw per sampled token, first token from the prefill's
+logits): the same prompt and settings give the same tokens as `generate(model, prompt,
+max_tokens, temperature, top_k, eos_id, seed)`.
+
+Parity whatever shares the batch, and why it holds. A row's math is `generate`'s: the
+prefill is the same call on the same tokens (batch of one, causal attention over the
+prompt, into a slice of the slotted cache), and a decode step differs only in batching
+(other rows in the matmuls) and in how many masked key slots the attention visits. Neither
+changes the exact math; both change the floating-point rounding (BLAS picks kernels and
+blocking by shape, SDPA's sums by key length): measured on the tiny test model in fp32, a
+row decoded alone over generate's key length is bit-identical to `generate`, and batched
+with others it is within 7e-6 of it. So the engine guarantees logits equal to rounding
+(asserted to 1e-5 in fp32, through the logprobs it reports), and tokens equal wherever the
+choice is not a tie within that rounding: a greedy top-2 gap under ~1e-5, or a sampling draw
+within ~1e-6 of a boundary of the cumulative distribution (odds of about one in 10^5 per
+token). The tests compare tokens exactly, and for greedy requests they check, at the first
+token that differs if any, that the reference's top-2 margin there is such a tie; anything
+else fails. Bit-for-bit batch invariance would need every kernel to reduce in an order
+independent of the batch (e.g. one row at a time, the cost batching exists to avoid). In
+bf16 (GPUs) rounding is ~1e-2, so near-ties are more frequent: run fp32 where exact
+reproducibility of sampled text matters.
+
+Scope kept out of the engine: `n > 1` completions are the app's job (it submits n requests,
+seeds derived from the request's seed, e.g. seed + i, as `raylm.generate.complete` does);
+prompts are prefilled whole, not chunked (a long prompt delays the other rows by one
+prefill); logprobs are those of the model's distribution (log_softmax of the raw logits),
+not of the temperature/top-k/top-p-processed one, as the OpenAI API reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from raylm.generate import sample_token
+
+MAX_LOGPROBS = 20  # the OpenAI API's cap on top_logprobs; more is a slow response, not a use
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's decoding settings; `validate` checks ranges, `Engine.check` the rest."""
+
+    max_tokens: int = 16  # new tokens; 0 allowed with echo (prompt scoring only)
+    temperature: float = 1.0  # 0 = greedy; the OpenAI API's default
+    top_p: float = 1.0  # nucleus sampling off by default, as in the OpenAI API
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ()  # the output is cut exactly before the first match, finish "stop"
+    stop_token_ids: tuple[int, ...] = ()  # e.g. eos / end-of-turn id; not included in the output
+    seed: int | None = None  # per-request torch.Generator; None = a fresh random seed
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus top-k alternatives
+    echo: bool = False  # the first Output carries the prompt's token logprobs
+
+    def __post_init__(self):
+        # The app builds these from JSON, where lists are natural; a single stop string is
+        # the OpenAI API's shorthand for a list of one.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+            bad("max_tokens", "expected an integer >= 0")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            bad("temperature", "expected a finite number >= 0 (0 = greedy)")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "expected a number in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "expected an integer >= 0 (0 = off)")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "expected non-empty strings")
+        if not isinstance(self.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "expected token ids (integers >= 0)")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2 ** 63) <= self.seed < 2 ** 64):
+            bad("seed", "expected an integer in [-2**63, 2**64) or None")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"expected an integer in [0, {MAX_LOGPROBS}] or None")
+        if not isinstance(self.echo, bool):
+            bad("echo", "expected true or false")
+        if self.max_tokens == 0 and not self.echo:
+            bad("max_tokens", "0 is only meaningful with echo (scoring the prompt)")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str  # the token's text (a byte piece such as "<0xE2>" where it is part of a character)
+    logprob: float  # log_softmax of the model's logits at this position
+    top: list[tuple[str, float]]  # the k most likely tokens there, most likely first
+
+
+@dataclass
+class Output:
+    """What one engine step produced for a request, streamed in order."""
+
+    token_ids: list[int]  # new this step (stop tokens excluded; a stop string's tokens included)
+    text: str  # new text this step (held back while it could still become a stop string)
+    logprobs: list[TokenLogprob] | None  # one per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None  # first Output only, with echo (first token: None)
+    finish_reason: str | None  # None until the last: "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int  # running totals, for usage
+
+
+class EngineClosed(RuntimeError):
+    """`generate` after `close()`: the app answers 503."""
+
+
+class SlotCache:
+    """One layer's keys/values for up to `batch` sequences, each slot at its own length.
+
+    `Attention` calls it as it calls `raylm.model.KVCache`, through the same two methods:
+    `update(start: int, ...)` for a prefill and `write(positions: tensor, ...)` for a decode
+    step; here `positions` is (B, T), each row its own. Both act on a window of contiguous
+    slots `rows` (set by the engine before each forward), and a decode step reads `keys`
+    key slots: the longest sequence in the window, or all of them for fixed shapes.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        self.rows, self.keys = slice(0, batch), max_len
+        for t in (self.k, self.v, self.slots):  # as KVCache: CUDA graphs update them in place
+            torch._dynamo.mark_static_address(t)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[self.rows, :, start:end] = k
+        self.v[self.rows, :, start:end] = v
+        return self.k[self.rows, :, :end], self.v[self.rows, :, :end]
+
+    def visible(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, keys) boolean mask: row b's query at position p sees its slots 0..p."""
+        return (self.slots[: self.keys] <= positions[..., None]).unsqueeze(1)
+
+    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v (B, H, T, D) into the window's rows at `positions` (B, T); returns the window's keys."""
+        B, T = positions.shape
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        kw, vw = self.k[self.rows], self.v[self.rows]  # views: index_put_ writes the buffers
+        kw.transpose(1, 2).index_put_((rows, positions), k.transpose(1, 2).to(kw.dtype))
+        vw.transpose(1, 2).index_put_((rows, positions), v.transpose(1, 2).to(vw.dtype))
+        return kw[:, :, : self.keys], vw[:, :, : self.keys]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot `src`'s first `length` positions into slot `dst` (compaction)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
+
+class _TextStream:
+    """Incremental detokenization with exact stop strings.
+
+    Text is decoded over a window that starts one emitted token back (so a piece's leading
+    space or a multi-byte character split over byte pieces comes out right), and nothing is
+    emitted while the text still ends in an incomplete character (U+FFFD) or in a prefix of
+    a stop string: a stop string split across tokens is cut exactly, and text that was
+    streamed is never taken back."""
+
+    def __init__(self, decode, stop: tuple[str, ...]):
+        self.decode, self.stop = decode, stop
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # window start; end of the ids already in `text`
+        self.text = ""  # complete characters decoded so far
+        self.sent = 0  # characters of `text` already emitted
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """(text to emit now, whether a stop string matched: then the request ends)."""
+        self.ids.append(token_id)
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release()
+
+    def flush(self) -> str:
+        """Everything not yet emitted: the request ends without a stop string."""
+        self.text += self.decode(self.ids[self.prefix:])[len(self.decode(self.ids[self.prefix:self.read])):]
+        self.prefix = self.read = len(self.ids)
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+    def _release(self) -> tuple[str, bool]:
+        end, stopped = len(self.text), False
+        for s in self.stop:
+            # Held-back text ensures no match starts inside what was already sent.
+            i = self.text.find(s, self.sent)
+            if i >= 0 and i < end:
+                end, stopped = i, True
+        if not stopped:
+            for s in self.stop:  # hold back the longest tail that could still grow into a stop string
+                for n in range(min(len(s) - 1, len(self.text) - self.sent), 0, -1):
+                    if self.text.endswith(s[:n]):
+                        end = min(end, len(self.text) - n)
+                        break
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out, stopped
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    stream: _TextStream
+    gen: torch.Generator | None
+    row: int | None = None  # slot while running
+    pos: int = 0  # tokens in the cache: the position the next fed token takes
+    next_token: int = 0  # the last sampled token, fed at the next decode step
+    n_out: int = 0
+    cancelled: bool = False  # set on the event loop when the consumer goes away
+    finished: bool = False
+    prompt_logprobs: list | None = field(default=None, repr=False)
+
+
+class Engine:
+    """Continuous batching over one model (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_seq_len: int | None = None,
+                 device: str = "cpu", prefill_tokens_per_step: int = 2048, fixed_shapes: bool = False,
+                 compile: bool = False):
+        """`prefill_tokens_per_step`: prompts prefilled in one step add up to at most this
+        many tokens (at least one prompt a step), which bounds how long the running rows
+        wait for newcomers. `fixed_shapes`: every decode step over all slots and all key
+        positions (for CUDA graphs). `compile`: torch.compile the decode step with
+        mode="reduce-overhead" (CUDA graphs on a GPU); implies fixed_shapes. Checked on CPU
+        (one graph for every step, greedy tokens equal to `generate`); not yet run on a GPU."""
+        limit = model.cfg.max_seq_len
+        max_seq_len = max_seq_len or limit
+        if not 1 <= max_seq_len <= limit:
+            raise ValueError(f"max_seq_len={max_seq_len}: expected 1..{limit} (the model's context)")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size}: expected >= 1")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.fixed_shapes = fixed_shapes or compile
+        self.meta: dict = {}
+        cfg, w = model.cfg, model.tok_embeddings.weight
+        self._caches = [SlotCache(max_batch_size, cfg.kv_heads, max_seq_len, cfg.head_dim, w.dtype, self.device)
+                        for _ in range(cfg.n_layers)]
+        self._decode_fn = _decode_logits
+        if compile:
+            self._decode_fn = torch.compile(_decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        self._rows: list[_Request] = []  # running requests; index = slot
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._next_id = 0
+        self.steps = 0
+        self.tokens_generated = 0
+        self._freed_at: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._admitted: list[_Request] = []  # out of the queue, not yet prefilled
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # this step's outputs, by event loop
+        self._thread = threading.Thread(target=self._run, name="raylm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_run(cls, uri: str, s3=None, *, device="cpu", dtype=None, **kw) -> Engine:
+        """An engine over a run or checkpoint directory, local or s3:// (weights only)."""
+        from raylm.generate import load_for_inference
+
+        model, tok, meta = load_for_inference(uri, s3, device=device, dtype=dtype)
+        engine = cls(model, tok, device=device, **kw)
+        engine.meta = meta
+        return engine
+
+    # ------------------------------------------------------------------ the event-loop side
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """What `generate` checks before queuing, for callers that answer 400 before
+        streaming: ValueError naming the field."""
+        params.validate()
+        if not len(prompt_ids):
+            raise ValueError("prompt: empty (at least one token is needed)")
+        vocab = self.model.cfg.vocab_size
+        for t in prompt_ids:
+            if not _is_int(t) or not 0 <= t < vocab:
+                raise ValueError(f"prompt: token id {t!r} is outside the vocabulary (0..{vocab - 1})")
+        for t in params.stop_token_ids:
+            if t >= vocab:
+                raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise ValueError(f"max_tokens={params.max_tokens}: the prompt's {len(prompt_ids)} tokens plus "
+                             f"max_tokens exceed the context of {self.max_seq_len} tokens")
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[Output]:
+        """Stream a request's Outputs, the last with its finish_reason. Closing this generator
+        (aclose) or cancelling the task consuming it frees the request's slot within one step."""
+        self.check(prompt_ids, params)
+        loop = asyncio.get_running_loop()
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            if params.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(params.seed)
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is shutting down; not accepting requests")
+            if request_id is None:
+                request_id = f"req-{self._next_id}"
+            self._next_id += 1
+            req = _Request(request_id, list(prompt_ids), params, loop, asyncio.Queue(),
+                           _TextStream(self._decode_text, params.stop), gen)
+            self._waiting.append(req)
+            self._cond.notify()
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not req.finished:
+                req.cancelled = True
+                with self._cond:
+                    self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            running = len(self._rows)
+            return {"running": running, "waiting": len(self._waiting),
+                    "free_slots": self.max_batch_size - running, "steps": self.steps,
+                    "tokens_generated": self.tokens_generated}
+
+    def freed_at_step(self, request_id: str) -> int | None:
+        """The value of `steps` when the request's slot was freed (recent requests only): how
+        tests and diagnostics see that an abandoned request left within one step."""
+        with self._cond:
+            return self._freed_at.get(request_id)
+
+    async def close(self) -> None:
+        """Stop admitting, finish every request already submitted, stop the engine thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)  # per thread: inference only
+        while True:
+            with self._cond:
+                while not self._waiting and not self._rows and not self._closing:
+                    self._cond.wait()
+                if self._closing and not self._waiting and not self._rows:
+                    return
+            try:
+                self._step()
+            except Exception as e:  # a bug or out of memory: fail what is in flight, keep serving
+                self._fail_running(e)
+            self._deliver()
+
+    def _step(self) -> None:
+        for req in [r for r in self._rows if r.cancelled]:
+            self._free(req)
+        if self._rows:
+            self._decode()
+            self._deliver()  # the running requests' tokens need not wait for the prefills
+        self._admitted = self._admit()
+        while self._admitted:
+            self._prefill(self._admitted[0])
+            self._admitted.pop(0)
+        with self._cond:
+            self.steps += 1
+
+    def _admit(self) -> list[_Request]:
+        admitted, budget = [], self.prefill_tokens_per_step
+        with self._cond:
+            while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
+                req = self._waiting[0]
+                if req.cancelled:
+                    self._waiting.popleft()
+                    self._freed_at[req.id] = self.steps
+                    continue
+                if admitted and len(req.prompt) > budget:
+                    break
+                budget -= len(self._waiting.popleft().prompt)
+                admitted.append(req)
+        return admitted
+
+    def _window(self, rows: slice, keys: int) -> None:
+        for c in self._caches:
+            c.rows, c.keys = rows, keys
+
+    def _prefill(self, req: _Request) -> None:
+        req.row = len(self._rows)
+        with self._cond:
+            self._rows.append(req)
+        P = len(req.prompt)
+        self._window(slice(req.row, req.row + 1), P)
+        # The same call as raylm.generate.generate's prefill (int start: causal attention).
+        h = self.model.hidden_states(torch.tensor([req.prompt], device=self.device), self._caches, 0)
+        req.pos = P
+        if req.params.echo:
+            logits = self.model.logits(h[0])  # (P, vocab): every prompt token's prediction
+            req.prompt_logprobs = self._prompt_logprobs(req, logits)
+            last = logits[-1]
+        else:
+            last = self.model.logits(h[:, -1])[0]
+        if req.params.max_tokens == 0:
+            self._finish(req, Output([], "", None, req.prompt_logprobs, "length", P, 0))
+        else:
+            self._accept(req, last)
+
+    def _decode(self) -> None:
+        rows = list(self._rows)
+        tokens = [r.next_token for r in rows]
+        positions = [r.pos for r in rows]
+        if self.fixed_shapes:
+            pad = self.max_batch_size - len(rows)
+            tokens, positions = tokens + [0] * pad, positions + [0] * pad  # idle slots: harmless dummies
+            self._window(slice(0, self.max_batch_size), self.max_seq_len)
+        else:
+            self._window(slice(0, len(rows)), max(positions) + 1)
+        x = torch.tensor(tokens, device=self.device)[:, None]
+        pos = torch.tensor(positions, device=self.device)
+        if self._decode_fn is not _decode_logits and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._decode_fn(self.model, x, self._caches, pos)
+        # Greedy rows in one call (sample_token's greedy choice is this argmax, row by row).
+        greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for r in rows) else None
+        for req in rows:  # all before any request ends: compaction moves a row's keys up to its pos
+            req.pos += 1
+        for i, req in enumerate(rows):
+            self._accept(req, logits[i], greedy[i] if greedy and req.params.temperature == 0 else None)
+
+    def _accept(self, req: _Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample the request's next token from its logits (vocab,) unless `token` is given,
+        stream it, and end the request when it hits a stop token, a stop string or max_tokens."""
+        p = req.params
+        if token is None:
+            token = sample_token(logits, p.temperature, p.top_k, req.gen, p.top_p)
+        prompt_lp, req.prompt_logprobs = req.prompt_logprobs, None
+        if token in p.stop_token_ids:
+            self._finish(req, Output([], req.stream.flush(), [] if p.logprobs is not None else None,
+                                     prompt_lp, "stop", len(req.prompt), req.n_out))
+            return
+        req.n_out += 1
+        with self._cond:
+            self.tokens_generated += 1
+        lps = None
+        if p.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), -1)
+            lps = [self._token_logprob(lp, token, p.logprobs)]
+        text, stopped = req.stream.push(token)
+        reason = "stop" if stopped else "length" if req.n_out == p.max_tokens else None
+        if reason == "length":
+            text += req.stream.flush()
+        out = Output([token], text, lps, prompt_lp, reason, len(req.prompt), req.n_out)
+        if reason is None:
+            req.next_token = token
+            self._emit(req, out)
+        else:
+            self._finish(req, out)
+
+    def _finish(self, req: _Request, out: Output) -> None:
+        req.finished = True  # before the consumer can see the last Output
+        self._free(req)
+        self._emit(req, out)
+
+    def _free(self, req: _Request) -> None:
+        """Release the request's slot; the last running request moves into it (compaction)."""
+        with self._cond:
+            last = len(self._rows) - 1
+            if req.row is not None:
+                if req.row != last:
+                    moved = self._rows[last]
+                    for c in self._caches:
+                        c.move(last, req.row, moved.pos)
+                    self._rows[req.row], moved.row = moved, req.row
+                self._rows.pop()
+                req.row = None
+            self._freed_at[req.id] = self.steps
+            while len(self._freed_at) > 1024:
+                self._freed_at.popitem(last=False)
+
+    def _emit(self, req: _Request, item) -> None:
+        self._outbox.setdefault(req.loop, []).append((req, item))
+
+    def _deliver(self) -> None:
+        """Hand the step's outputs to their event loops, one wake-up per loop per step (a
+        wake-up is a write to the loop's self-pipe: per output, it cost more than the step)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumers' event loop is closed: nobody is listening
+                for req, _ in items:
+                    req.cancelled = True
+
+    def _fail_running(self, error: Exception) -> None:
+        for req in dict.fromkeys(self._rows + self._admitted):  # in a slot, or admitted and not yet
+            req.finished = True
+            self._free(req)
+            failure = RuntimeError(f"engine step failed: {error!r}")
+            failure.__cause__ = error
+            self._emit(req, failure)
+
+    # ------------------------------------------------------------------ text and logprobs
+
+    def _decode_text(self, ids: list[int]) -> str:
+        # The model's vocabulary may be padded past the tokenizer's; such ids have no text.
+        n = self.tokenizer.vocab_size
+        return self.tokenizer.decode([i for i in ids if i < n])
+
+    def token_text(self, token_id: int) -> str:
+        """A token's own text, for logprobs: its piece with SentencePiece's "▁" as a space."""
+        if token_id >= self.tokenizer.vocab_size:
+            return ""
+        return self.tokenizer.id_to_piece(token_id).replace("\u2581", " ")
+
+    def _token_logprob(self, logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        top = []
+        if k:
+            values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
+            top = [(self.token_text(i), v) for i, v in zip(ids.tolist(), values.tolist())]
+        return TokenLogprob(token, self.token_text(token), float(logprobs[token]), top)
+
+    def _prompt_logprobs(self, req: _Request, logits: torch.Tensor) -> list[TokenLogprob | None]:
+        lp = torch.log_softmax(logits.float(), -1)  # row i predicts prompt token i + 1
+        k = req.params.logprobs or 0
+        return [None] + [self._token_logprob(lp[i - 1], t, k) for i, t in enumerate(req.prompt) if i > 0]
+
+
+def _put_all(items) -> None:
+    for req, item in items:
+        req.queue.put_nowait(item)
+
+
+def _decode_logits(model, tokens: torch.Tensor, caches, positions: torch.Tensor) -> torch.Tensor:
+    """(B, vocab) logits of one decode step: row b feeds tokens[b] at positions[b]."""
+    return model.logits(model.hidden_states(tokens, caches, positions)[:, -1])

@@ -1,0 +1,346 @@
+"""The OpenAI endpoints over an engine: requests in, JSON or server-sent events out. No Ray.
+
+`OpenAIService` turns a validated request into engine requests (one per prompt and choice:
+`n > 1` is n engine requests with seeds derived from the request's seed), then assembles
+OpenAI's response bodies from the engine's per-step outputs. It enforces the limits that
+depend on the model (context length, vocabulary) and the app's own per-request timeout, and
+it stops a request's engine work when its client goes away (see `_race`), whatever Serve's
+proxy was told by the client's headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+from raylm.config import ServeConfig
+from raylm.serve import protocol as P
+from raylm.serve.engine import EngineClosed, Output, SamplingParams
+
+log = logging.getLogger("raylm.serve")
+
+_DONE = object()  # a choice's producer finished
+
+
+class ClientGone(Exception):
+    """The client disconnected; nobody is left to answer."""
+
+
+@dataclass
+class _Choice:
+    """One engine request: what it was asked and what came back so far."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt_text: str = ""  # echoed prompt, completions only
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    echo_sent: bool = False  # streaming: the echoed prompt leads the choice's first chunk
+
+    def add(self, out: Output) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        if out.logprobs:
+            self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.completion_tokens = out.completion_tokens
+        if out.finish_reason:
+            self.finish_reason = "length" if out.finish_reason == "abort" else out.finish_reason
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    text: str
+
+
+@dataclass
+class _Echo:
+    """A TokenLogprob stand-in for an echoed prompt's first token, which has no logprob."""
+
+    token: str
+    logprob: float | None = None
+    top: list = field(default_factory=list)
+
+
+class OpenAIService:
+    def __init__(self, engine, cfg: ServeConfig, model_name: str):
+        from raylm.tokenizer import END
+
+        self.engine, self.cfg, self.model_name = engine, cfg, model_name
+        self.tok = engine.tokenizer
+        self.end_id = self.tok.special_ids[END]
+        self.created = P.now()
+        self.draining = False
+
+    # ------------------------------------------------------------------ plain endpoints
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "raylm", "max_model_len": self.engine.max_seq_len}]}
+
+    def ready(self) -> bool:
+        return not self.draining
+
+    async def close(self) -> None:
+        self.draining = True
+        await self.engine.close()
+
+    # ------------------------------------------------------------------ generation endpoints
+
+    async def completions(self, req: P.CompletionRequest, disconnected: Callable[[], Awaitable[None]]):
+        """A response dict, or an async iterator of SSE lines when `req.stream`."""
+        self._check_model(req)
+        if req.max_tokens == 0 and not req.echo:
+            raise P.APIError(400, "max_tokens: 0 returns nothing unless echo is true", "max_tokens")
+        self._check_n(len(req.prompts()) * req.n)  # before any work: n and the prompts are the client's
+        prompts = [self._prompt(p) for p in req.prompts()]
+        choices = []
+        for pi, prompt in enumerate(prompts):
+            limit = req.max_tokens if req.max_tokens is not None else self.engine.max_seq_len - len(prompt.ids)
+            for j in range(req.n):
+                params = self._params(req, prompt.ids, limit, j, logprobs=req.logprobs, echo=req.echo,
+                                      stop_ids=(self.tok.eos_id,))
+                choices.append(_Choice(pi * req.n + j, prompt.ids, params, prompt.text if req.echo else ""))
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        rid = P.new_id("cmpl")
+        if req.stream:
+            return self._stream(rid, "text_completion", choices, prompt_tokens, req.include_usage, self._completion_chunk,
+                                disconnected)
+        await self._race(self._run_all(rid, choices), disconnected)
+        return {"id": rid, "object": "text_completion", "created": P.now(), "model": self.model_name,
+                "choices": [{"index": c.index, "text": c.prompt_text + c.text,
+                             "logprobs": self._completion_logprobs(c, req.logprobs, echo=req.echo),
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": P.usage(prompt_tokens, sum(c.completion_tokens for c in choices))}
+
+    async def chat(self, req: P.ChatCompletionRequest, disconnected: Callable[[], Awaitable[None]]):
+        self._check_model(req)
+        self._check_n(req.n)
+        try:
+            ids, _ = self.tok.encode_chat(req.chat(), add_generation_prompt=True)
+        except ValueError as e:
+            raise P.APIError(400, f"messages: {e}", "messages") from None
+        limit = req.limit()
+        if limit == 0:
+            raise P.APIError(400, "max_tokens: must be at least 1 for chat", "max_tokens")
+        if limit is None:
+            limit = self.engine.max_seq_len - len(ids)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        choices = [_Choice(j, ids, self._params(req, ids, limit, j, logprobs=top,
+                                                stop_ids=(self.end_id, self.tok.eos_id)))
+                   for j in range(req.n)]
+        rid = P.new_id("chatcmpl")
+        if req.stream:
+            return self._stream(rid, "chat.completion.chunk", choices, len(ids), req.include_usage, self._chat_chunk,
+                                disconnected)
+        await self._race(self._run_all(rid, choices), disconnected)
+        return {"id": rid, "object": "chat.completion", "created": P.now(), "model": self.model_name,
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": P.chat_logprobs(c.logprobs) if req.logprobs else None,
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": P.usage(len(ids), sum(c.completion_tokens for c in choices))}
+
+    # ------------------------------------------------------------------ request checks
+
+    def _check_model(self, req) -> None:
+        if req.model != self.model_name:
+            raise P.APIError(404, f"model: {req.model!r} does not exist; this server serves {self.model_name!r}",
+                             "model", code="model_not_found")
+
+    def _check_n(self, total: int) -> None:
+        if total > self.cfg.max_n:
+            raise P.APIError(400, f"n: {total} choices in all (prompts x n) exceeds this server's limit of "
+                                  f"{self.cfg.max_n}", "n")
+
+    def _prompt(self, p: str | list[int]) -> _Prompt:
+        if isinstance(p, str):
+            ids = self.tok.encode(p)
+            if not ids:
+                raise P.APIError(400, "prompt: encodes to no tokens", "prompt")
+            return _Prompt(ids, p)
+        vocab = self.tok.vocab_size
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise P.APIError(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+        return _Prompt(list(p), self.tok.decode(p))
+
+    def _params(self, req, prompt_ids: list[int], max_tokens: int, j: int, *, logprobs: int | None,
+                stop_ids: tuple[int, ...], echo: bool = False) -> SamplingParams:
+        context, prompt_len = self.engine.max_seq_len, len(prompt_ids)
+        if prompt_len + max_tokens > context:
+            raise P.APIError(400, f"max_tokens: the prompt's {prompt_len} tokens plus max_tokens={max_tokens} exceed "
+                                  f"the model's context of {context} tokens", "max_tokens",
+                             code="context_length_exceeded")
+        seed = req.seed
+        if seed is not None and j:
+            seed = (seed + j) % (P.MAX_SEED + 1)  # each choice its own stream, all reproducible
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0),
+            stop=req.stop_list(), stop_token_ids=tuple(i for i in stop_ids if i is not None and i >= 0),
+            seed=seed, logprobs=logprobs, echo=echo)
+        try:
+            self.engine.check(prompt_ids, params)
+        except ValueError as e:  # the engine names the field first: "max_tokens=...: ..."
+            raise P.APIError(400, str(e), str(e).split("=")[0].split(":")[0].strip() or None) from None
+        return params
+
+    # ------------------------------------------------------------------ running
+
+    async def _run_choice(self, rid: str, c: _Choice, on_output=None) -> None:
+        """Feed one engine request's outputs into `c`; closing the engine's generator (also on
+        cancellation) frees its batch slot."""
+        agen = self.engine.generate(c.prompt_ids, c.params, request_id=f"{rid}-{c.index}")
+        try:
+            async for out in agen:
+                c.add(out)
+                if on_output is not None:
+                    on_output(c, out)
+        except EngineClosed:
+            raise P.APIError(503, "the server is shutting down; retry on another replica", None, type="unavailable",
+                             headers={"retry-after": str(max(1, round(self.cfg.retry_after_s)))}) from None
+        except ValueError as e:
+            raise P.APIError(400, str(e), None) from None
+        finally:
+            await agen.aclose()
+
+    async def _run_all(self, rid: str, choices: list[_Choice]) -> None:
+        tasks = [asyncio.ensure_future(self._run_choice(rid, c)) for c in choices]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _race(self, work: Awaitable, disconnected: Callable[[], Awaitable[None]]):
+        """`work` under the app's timeout, cancelled as soon as the client disconnects."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({task, watch}, timeout=self.cfg.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if watch in done:
+                raise ClientGone()
+            raise P.APIError(408, f"the request ran past this server's limit of {self.cfg.request_timeout_s:g} s",
+                             None, type="timeout", code="timeout")
+        finally:
+            for t in (task, watch):
+                t.cancel()
+            await asyncio.gather(task, watch, return_exceptions=True)
+
+    def _stream(self, rid: str, obj: str, choices: list[_Choice], prompt_tokens: int, include_usage: bool,
+                chunk: Callable, disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
+        """SSE lines: each engine step's delta per choice, then usage if asked, then [DONE].
+        The producers run as tasks: a disconnect or the timeout cancels them (freeing their
+        slots within a step) even if the proxy never cancels this generator."""
+        created = P.now()
+
+        async def events() -> AsyncIterator[str]:
+            queue: asyncio.Queue = asyncio.Queue()
+            first = {c.index: True for c in choices}
+
+            def on_output(c: _Choice, out: Output) -> None:
+                queue.put_nowait((c, out))
+
+            async def produce(c: _Choice) -> None:
+                try:
+                    await self._run_choice(rid, c, on_output)
+                    queue.put_nowait((c, _DONE))
+                except Exception as e:  # noqa: BLE001 - reaches the client as an error event
+                    queue.put_nowait((c, e))
+
+            async def watch() -> None:
+                await disconnected()
+                queue.put_nowait((None, ClientGone()))
+
+            tasks = [asyncio.ensure_future(produce(c)) for c in choices] + [asyncio.ensure_future(watch())]
+            deadline = time.monotonic() + self.cfg.request_timeout_s
+            left = len(choices)
+            try:
+                for c in choices:  # the role (chat) or echoed prompt (completions) comes first
+                    head = chunk(rid, created, obj, c, None, first=True)
+                    if head is not None:
+                        yield P.sse(head)
+                while left:
+                    try:
+                        c, item = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
+                    except asyncio.TimeoutError:
+                        yield P.sse(P.error_body(f"the request ran past this server's limit of "
+                                                 f"{self.cfg.request_timeout_s:g} s", "timeout", None, "timeout"))
+                        return
+                    if isinstance(item, ClientGone):
+                        return
+                    if isinstance(item, P.APIError):
+                        yield P.sse(item.body())
+                        return
+                    if isinstance(item, BaseException):
+                        log.error("request %s failed", rid, exc_info=item)
+                        yield P.sse(P.error_body("internal error while generating", "server_error"))
+                        return
+                    if item is _DONE:
+                        left -= 1
+                        continue
+                    first[c.index] = False
+                    yield P.sse(chunk(rid, created, obj, c, item))
+                if include_usage:
+                    yield P.sse({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
+                                 "usage": P.usage(prompt_tokens, sum(c.completion_tokens for c in choices))})
+                yield P.sse("[DONE]")
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        return events()
+
+    # ------------------------------------------------------------------ response pieces
+
+    def _completion_logprobs(self, c: _Choice, k: int | None, echo: bool, entries: list | None = None,
+                             start: int = 0) -> dict | None:
+        if k is None:
+            return None
+        if entries is None:
+            entries = (self._echo_entries(c) if echo else []) + c.logprobs
+        return P.completion_logprobs(entries, start)
+
+    def _echo_entries(self, c: _Choice) -> list:
+        lps = c.prompt_logprobs or []
+        return [e if e is not None else _Echo(self.tok.decode([c.prompt_ids[i]]) if i < len(c.prompt_ids) else "")
+                for i, e in enumerate(lps)]
+
+    def _completion_chunk(self, rid, created, obj, c: _Choice, out: Output | None, first: bool = False):
+        k = c.params.logprobs
+        if first:  # an echoed prompt goes with the first output, which carries its logprobs
+            return None
+        text, entries = out.text, list(out.logprobs or [])
+        if c.params.echo and not c.echo_sent:
+            c.echo_sent = True
+            text = c.prompt_text + text
+            entries = self._echo_entries(c) + entries
+        return {"id": rid, "object": obj, "created": created, "model": self.model_name,
+                "choices": [{"index": c.index, "text": text,
+                             "logprobs": P.completion_logprobs(entries, 0) if k is not None else None,
+                             "finish_reason": c.finish_reason if out.finish_reason else None}]}
+
+    def _chat_chunk(self, rid, created, obj, c: _Choice, out: Output | None, first: bool = False):
+        if first:
+            delta, lps, finish = {"role": "assistant", "content": ""}, None, None
+        else:
+            delta = {"content": out.text} if out.text else {}
+            lps = P.chat_logprobs(out.logprobs or []) if c.params.logprobs is not None else None
+            finish = c.finish_reason if out.finish_reason else None
+        return {"id": rid, "object": obj, "created": created, "model": self.model_name,
+                "choices": [{"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish}]}

@@ -1,0 +1,273 @@
+"""The OpenAI API's request and response bodies, as the official `openai` client sends and reads them.
+
+Requests are strict where OpenAI's API is: an unknown field is an error naming it, not a
+silently ignored typo. Errors leave in OpenAI's body shape, `{"error": {"message", "type",
+"param", "code"}}`, with `param` naming the field, so clients show the cause.
+`top_k` is an extension (vLLM has it too); the OpenAI fields raylm cannot honour
+(penalties, logit_bias, tools, ...) are accepted only at their no-op values.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_STOP = 4  # OpenAI's own limit on stop sequences
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_SEED = 2**63 - 1
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status, message, the field at fault, OpenAI's type."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's; accepted, usage then rides on every chunk
+
+
+class _Sampling(_Strict):
+    """Fields both endpoints share."""
+
+    model: str
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # extension; 0 or -1: off
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise _field_error(name, "not supported by this server; omit it or send 0")
+        if self.logit_bias:
+            raise _field_error("logit_bias", "not supported by this server; omit it")
+        if self.stream_options is not None and not self.stream:
+            raise _field_error("stream_options", "only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and (self.stream_options.include_usage
+                                             or self.stream_options.continuous_usage_stats))
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be empty")
+        if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
+            raise ValueError("token lists must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _completion_only(self):
+        if self.suffix:
+            raise _field_error("suffix", "not supported by this server; omit it")
+        if self.best_of is not None and self.best_of != self.n:
+            raise _field_error("best_of", "not supported by this server unless equal to n")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt as text or token ids: OpenAI's four prompt forms."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _chat_only(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _field_error("top_logprobs", "needs logprobs: true")
+        return self
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def chat(self) -> list[dict]:
+        """The messages as the tokenizer's chat template takes them; `developer` is the newer
+        name of `system`."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _field_error(field: str, message: str) -> _FieldError:
+    return _FieldError(field, message)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_request(raw: bytes, model: type[BaseModel]):
+    """The request body as `model`, or APIError(400) naming the field at fault."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}", None) from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", None) from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", None)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _api_error(e) from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", None) from None
+
+
+def _api_error(e: ValidationError) -> APIError:
+    err = e.errors(include_url=False)[0]
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _FieldError):
+        return APIError(400, str(ctx_err), ctx_err.field)
+    # A union (prompt: str | list[...]) puts the branch in the location; the field is what matters.
+    loc = [str(p) for p in err["loc"] if not _union_tag(p)]
+    param = ".".join(loc) or None
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        msg = "unknown field (not part of this API)"
+    elif kind == "missing":
+        msg = "required field missing"
+    value = err.get("input")
+    shown = "" if kind in ("missing", "extra_forbidden") else f" (got {json.dumps(value)[:80] if _jsonable(value) else type(value).__name__})"
+    return APIError(400, f"{param}: {msg}{shown}", param)
+
+
+def _union_tag(p: Any) -> bool:
+    p = str(p)
+    return "[" in p or p.startswith("function-") or p in {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(entries: list, text_start: int) -> dict:
+    """OpenAI's legacy completions logprobs: parallel lists over `entries` (TokenLogprob-like;
+    an echoed prompt's first token has logprob None, as in OpenAI's answers)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    offset = text_start
+    for e in entries:
+        tokens.append(e.token)
+        lps.append(e.logprob)
+        tops.append(dict(e.top) if e.logprob is not None else None)
+        offsets.append(offset)
+        offset += len(e.token)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list) -> dict:
+    def item(token: str, lp: float) -> dict:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"

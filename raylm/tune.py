@@ -1,0 +1,493 @@
+"""raylm tune: hyperparameter search where every trial is a real raylm training run.
+
+A search is a base config (as for `raylm pretrain`), a search space over its keys, and a
+`TuneConfig`. The corpus, tokenizer and prepared blocks are made once, in the search's own
+run directory `<storage>/<name>`, and every trial trains on them: a function trainable
+(`run_trial`) builds the trial's config and calls `raylm.train.run_ray_training`, the path
+`pretrain` takes, with Tune's `TuneReportCallback` among the Train run's callbacks, so rank
+0's reports (validation loss at every evaluation) reach Tune, where ASHA can stop a poor
+trial at a rung. Each trial is a normal run under `<storage>/<name>/runs/<trial id>`.
+
+Search space (YAML, Tune's vocabulary; keys dotted or nested; a `tune:` section sets the
+TuneConfig):
+
+    train.lr: loguniform(1e-4, 3e-3)
+    train.warmup_steps: choice([50, 100, 200])
+    model.n_layers: grid_search([2, 4])
+    train.weight_decay: uniform(0.0, 0.2)
+    train.micro_batch_size: randint(2, 9)     # an integer in [2, 9), as Tune's randint
+    tune: {num_samples: 8, scheduler: asha}
+
+Every key, and every extreme or listed value of its distribution, is checked against the
+config (`raylm.config.load_config`) before any trial starts.
+
+Outputs in `<storage>/<name>/`: `results.csv` (the ranked table, also printed),
+`best.yaml` (the best trial's config, ready for `raylm pretrain --config`), `val_loss.png`
+(validation loss against step for every trial; stopped trials dashed, ending in a cross),
+and `search.json` (what `--resume` needs; Tune's own state lies beside it).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from raylm import storage
+from raylm.config import Config, ConfigError, TuneConfig, load_config, to_dict, tune_config
+from raylm.errors import PathNotFoundError
+
+SEARCH_FILE = "search.json"
+RUNS = "runs"  # trials' run directories, under the search's
+
+# --------------------------------------------------------------------------- search space
+
+# Distribution -> (argument count, what it takes), in Tune's names.
+DISTRIBUTIONS = {
+    "loguniform": (2, "loguniform(low, high) with 0 < low < high"),
+    "uniform": (2, "uniform(low, high) with low < high"),
+    "randint": (2, "randint(low, high): integers low <= x < high"),
+    "choice": (1, "choice([a, b, ...]), a non-empty list"),
+    "grid_search": (1, "grid_search([a, b, ...]), a non-empty list"),
+}
+_CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
+
+# Trials share the search's corpus, tokenizer and prepared blocks, and write where it says.
+FIXED_PREFIXES = ("name", "storage", "stage", "init_from", "tokenizer.", "data.", "s3.", "model.vocab_size")
+SEARCHABLE_DATA = ("data.document_mask",)  # training-time switches that need no re-preparation
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One key of the search space: a constant (kind "value") or a Tune distribution."""
+
+    key: str
+    kind: str
+    args: tuple
+
+    def domain(self):
+        """The Tune object for param_space."""
+        from ray import tune
+
+        if self.kind == "value":
+            return self.args[0]
+        if self.kind in ("choice", "grid_search"):
+            return getattr(tune, self.kind)(list(self.args[0]))
+        return getattr(tune, self.kind)(*self.args)
+
+    def probes(self) -> list:
+        """The values checked against the config: the ends of a range, every listed value."""
+        if self.kind == "value":
+            return [self.args[0]]
+        if self.kind in ("choice", "grid_search"):
+            return list(self.args[0])
+        lo, hi = self.args
+        return [lo, hi - 1] if self.kind == "randint" else [float(lo), float(hi)]  # Tune draws floats
+
+    def __str__(self) -> str:
+        if self.kind == "value":
+            return repr(self.args[0])
+        return f"{self.kind}({', '.join(repr(a) for a in self.args)})"
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_dimension(where: str, key: str, value: Any) -> Dimension:
+    """`value` as a Dimension; `where` (the file) prefixes every error."""
+    if not isinstance(value, str) or not _CALL.match(value):
+        return Dimension(key, "value", (value,))
+    name, body = _CALL.match(value).groups()
+    if name not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: {key}: unknown distribution {name!r} in {value!r}; "
+                          f"expected one of {', '.join(DISTRIBUTIONS)}")
+    n, usage = DISTRIBUTIONS[name]
+    try:
+        args = ast.literal_eval(f"({body},)") if body.strip() else ()
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"{where}: {key}: cannot read the arguments of {value!r}; expected {usage}") from None
+    if len(args) != n:
+        raise ConfigError(f"{where}: {key}: {value!r} has {len(args)} argument(s); expected {usage}")
+    if name in ("choice", "grid_search"):
+        if not isinstance(args[0], (list, tuple)) or not args[0]:
+            raise ConfigError(f"{where}: {key}: {value!r}; expected {usage}")
+        return Dimension(key, name, (tuple(args[0]),))
+    lo, hi = args
+    numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)
+    ints = all(isinstance(a, int) and not isinstance(a, bool) for a in args)
+    if not numbers or (name == "randint" and not ints) or lo >= hi or (name == "loguniform" and lo <= 0):
+        raise ConfigError(f"{where}: {key}: {value!r}; expected {usage}")
+    return Dimension(key, name, (lo, hi))
+
+
+def parse_space(text: str, where: str) -> tuple[dict[str, Dimension], dict]:
+    """(dimensions by dotted key, the `tune:` section) of a search-space YAML document."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{where}: expected a mapping of config keys to values or distributions, "
+                          f"e.g. 'train.lr: loguniform(1e-4, 3e-3)'")
+    settings = data.pop("tune", None) or {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: tune: expected a mapping of search settings (num_samples, scheduler, ...)")
+    space = {k: parse_dimension(where, k, v) for k, v in _flatten(data).items()}
+    if not space:
+        raise ConfigError(f"{where}: the search space is empty")
+    return space, settings
+
+
+def read_space(path: str, s3=None) -> tuple[dict[str, Dimension], dict, str]:
+    """parse_space of a file (local or s3://); also returns its text, kept for --resume."""
+    if not storage.exists(path, s3):
+        raise PathNotFoundError(f"search space {path}: not found")
+    text = storage.read_text(path, s3)
+    space, settings = parse_space(text, f"search space {path}")
+    return space, settings, text
+
+
+def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: str) -> None:
+    """Every probe value of every key, alone and with the other keys at their low (then high)
+    ends, loads as a valid config on top of `base`; and the space suits the searcher.
+    Raises ConfigError naming the file, the key and the value."""
+    for key, dim in space.items():
+        fixed = key.startswith(FIXED_PREFIXES) and key not in SEARCHABLE_DATA
+        if fixed:
+            raise ConfigError(f"{where}: {key} cannot be searched: every trial shares the search's corpus, "
+                              f"tokenizer, prepared data and storage")
+        for value in dim.probes():
+            _load(base, [(key, value)], f"{where}: {key}: {dim}: ")
+    for end in (0, -1):  # keys that only fail together (model.dim with model.n_heads)
+        _load(base, [(k, d.probes()[end]) for k, d in space.items()], f"{where}: the values at the "
+              f"{'low' if end == 0 else 'high'} end of every range together: ")
+    if tc.search == "grid":
+        loose = [k for k, d in space.items() if d.kind not in ("grid_search", "value")]
+        if loose:
+            raise ConfigError(f"{where}: tune.search=grid needs grid_search([...]) or a constant for every key; "
+                              f"{loose[0]} is {space[loose[0]]}")
+    if tc.search == "optuna":
+        grid = [k for k, d in space.items() if d.kind == "grid_search"]
+        if grid:
+            raise ConfigError(f"{where}: tune.search=optuna samples; {grid[0]} is a grid_search (use choice)")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("tune.search=optuna needs optuna: pip install -e '.[tune]'") from None
+
+
+def _load(base: dict, overrides: list, context: str) -> Config:
+    try:
+        return load_config(base=base, overrides=overrides)
+    except ConfigError as e:
+        raise ConfigError(context + str(e)) from None
+
+
+def plain(value):
+    """numpy scalars (Tune's integer draws) as Python ones, which the config's types accept."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)) else value
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def run_trial(params: dict, setup: dict) -> None:
+    """Tune's function trainable: one raylm run with the trial's parameters, through
+    `run_ray_training` (as `pretrain`), named after the trial id. A trial restarted by a
+    resumed search continues from its own newest complete checkpoint."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raylm.data import prepared_datasets
+    from raylm.generate import load_tokenizer
+    from raylm.pipeline import keep_in_run
+    from raylm.record import write_record
+    from raylm.train import run_ray_training
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    params = {k: plain(v) for k, v in params.items()}
+    cfg = load_config(base=setup["base"], overrides=[*params.items(), ("name", trial_id),
+                                                     ("storage", setup["runs_dir"])])
+    tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
+    own_tok = storage.join(cfg.run_dir, "tokenizer")  # runs are self-contained, as pretrain's
+    keep_in_run(tok, own_tok, cfg.s3)
+    cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=own_tok))
+    manifest = setup["manifest"]
+    write_record(cfg, "pretrain", tok, manifest, extra={"tune": {"search": setup["search_dir"],
+                                                                 "trial_id": trial_id, "params": params}})
+    result = run_ray_training(cfg, prepared_datasets(cfg.data.path, manifest, cfg.s3), manifest,
+                              resume="auto", callbacks=[TuneReportCallback()])
+    if result.error:
+        raise result.error
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def prepare_search(cfg: Config, tc: TuneConfig) -> tuple[Config, str, dict]:
+    """Corpus, tokenizer and prepared blocks in the search's run directory, made once (as
+    `pretrain` makes them). Returns the resolved base config, the data directory, the manifest."""
+    from raylm.pipeline import absolute_paths, ensure_corpus, ensure_data, ensure_tokenizer, preflight
+
+    cfg, corpus = preflight(absolute_paths(cfg))
+    cfg = ensure_corpus(cfg)
+    cfg, tok = ensure_tokenizer(cfg, corpus[0] if corpus else None)
+    init_ray_for(cfg, tc)
+    data_dir, manifest = ensure_data(cfg, tok, corpus)
+    return cfg, data_dir, manifest
+
+
+def init_ray_for(cfg: Config, tc: TuneConfig) -> None:
+    """Join or start Ray (`raylm.pipeline.init_ray`); a local cluster gets logical CPUs for
+    every concurrent trial's workers, with the spare that init_ray keeps for Ray Data."""
+    from raylm.pipeline import init_ray
+
+    workers = cfg.train.num_workers * tc.max_concurrent_trials + math.ceil(tc.driver_cpus * tc.max_concurrent_trials)
+    init_ray(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=workers)))
+
+
+def _default_log(log):
+    if log is not None:
+        return log
+    from raylm.pipeline import log  # imports Ray Data and torch: only once the checks have passed
+
+    return log
+
+
+def tune(cfg: Config, space_path: str, tune_overrides: dict | None = None, log=None) -> dict:
+    """Run a new search named cfg.name under cfg.storage; returns `report`'s summary."""
+    space, settings, text = read_space(space_path, cfg.s3)
+    tc = tune_config({**settings, **(tune_overrides or {})})
+    where = f"search space {space_path}"
+    check_space(space, to_dict(cfg), tc, where)  # before anything starts: seconds, not minutes
+    search_dir = cfg.run_dir
+    if storage.exists(storage.join(search_dir, SEARCH_FILE), cfg.s3):
+        raise ConfigError(f"{search_dir}: a search is already there; continue it with `raylm tune --resume "
+                          f"name={cfg.name}` or choose another name")
+    log = _default_log(log)
+    base, data_dir, manifest = prepare_search(cfg, tc)
+    base = dataclasses.replace(base, data=dataclasses.replace(base.data, path=data_dir))
+    check_space(space, to_dict(base), tc, where)  # again, now that the vocabulary and seq_len are known
+    state = {"base": to_dict(base), "space_text": text, "space_path": space_path, "tune": to_dict(tc),
+             "data_dir": data_dir, "manifest": manifest}
+    storage.write_text(storage.join(search_dir, SEARCH_FILE), json.dumps(state, indent=1), cfg.s3)
+    return _run(state, cfg, resume=False, log=log)
+
+
+def resume(cfg: Config, log=None) -> dict:
+    """Continue the search cfg.name under cfg.storage (`raylm tune --resume`) through
+    `Tuner.restore`: finished trials are kept, unfinished ones continue from their checkpoints."""
+    uri = storage.join(cfg.run_dir, SEARCH_FILE)
+    if not storage.exists(uri, cfg.s3):
+        raise PathNotFoundError(f"--resume: no search under {cfg.run_dir} (no {SEARCH_FILE}); check name= and storage=")
+    state = json.loads(storage.read_text(uri, cfg.s3))
+    init_ray_for(cfg, tune_config(state["tune"]))
+    return _run(state, cfg, resume=True, log=_default_log(log))
+
+
+def _trainable(state: dict, search_dir: str):
+    from ray import tune as rt
+
+    base = state["base"]
+    setup = {"base": base, "manifest": state["manifest"], "search_dir": search_dir,
+             "runs_dir": storage.join(search_dir, RUNS)}
+    trainable = rt.with_parameters(run_trial, setup=setup)
+    return rt.with_resources(trainable, {"CPU": state["tune"]["driver_cpus"]})
+
+
+def _searcher(tc: TuneConfig):
+    if tc.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tc.seed))
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune applies max_concurrent_trials to a Searcher only; this generator takes it itself.
+    return BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)
+
+
+def _scheduler(tc: TuneConfig, base: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if tc.scheduler == "fifo":
+        return FIFOScheduler()
+    # Rungs are counted in optimizer steps ("step" in every report), not in Tune's report count.
+    return ASHAScheduler(time_attr="step", max_t=base.train.max_steps,
+                         grace_period=tc.grace_period or base.train.eval_every, reduction_factor=tc.reduction_factor)
+
+
+def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
+    import ray.tune as rt
+
+    tc = tune_config(state["tune"])
+    base = load_config(base=state["base"])
+    space, _ = parse_space(state["space_text"], f"search space {state['space_path']}")
+    search_dir = cfg.run_dir
+    fs, root = storage.filesystem(cfg.storage, cfg.s3)
+    trainable = _trainable(state, search_dir)
+    # Tune reads config changes from its own storage path; an explicit filesystem takes the
+    # path without its s3:// scheme.
+    path = f"{root.rstrip('/')}/{cfg.name}"
+    callbacks = [trial_log(log)]
+    if resume:
+        if not rt.Tuner.can_restore(path, storage_filesystem=fs):
+            raise PathNotFoundError(f"--resume: {search_dir} holds no Tune state yet (the search stopped before "
+                                    f"its first trial); start it again without --resume")
+        tuner = rt.Tuner.restore(path, trainable, storage_filesystem=fs, resume_unfinished=True,
+                                 resume_errored=True)
+    else:
+        tuner = rt.Tuner(
+            trainable,
+            param_space={k: d.domain() for k, d in space.items()},
+            tune_config=rt.TuneConfig(metric=tc.metric, mode=tc.mode, search_alg=_searcher(tc),
+                                      scheduler=_scheduler(tc, base), num_samples=tc.num_samples,
+                                      max_concurrent_trials=tc.max_concurrent_trials if tc.search == "optuna" else None,
+                                      time_budget_s=tc.time_budget_s or None),
+            run_config=rt.RunConfig(name=cfg.name, storage_path=root, storage_filesystem=fs, callbacks=callbacks,
+                                    failure_config=rt.FailureConfig(max_failures=tc.max_failures), verbose=0),
+        )
+    grid = tuner.fit()
+    return report(grid, state, cfg, tc, log)
+
+
+def trial_log(log):
+    """A Tune callback that prints each trial's start, evaluations and end, one line each
+    (its class is made here: ray.tune is imported only when a search runs)."""
+    import ray.tune
+
+    class _TrialLog(ray.tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log(f"tune: trial {trial.trial_id} started: {_params_text(trial.config)}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "val_loss" in result:
+                log(f"tune: trial {trial.trial_id} step {result.get('step')}: val loss {result['val_loss']:.4f}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            log(f"tune: trial {trial.trial_id} finished at step {trial.last_result.get('step')}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log(f"tune: trial {trial.trial_id} failed")
+
+    return _TrialLog()
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={_fmt(plain(v))}" for k, v in sorted(params.items()))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def trial_rows(grid, metric: str, mode: str) -> list[dict]:
+    """One row per trial, best first: parameters, status (finished, stopped early by the
+    scheduler, or error), steps reached, the last and best reported metric, and its history."""
+    rows = []
+    for res in grid:
+        df = res.metrics_dataframe
+        hist = []
+        if df is not None and metric in df and "step" in df:
+            hist = [(int(s), float(v)) for s, v in zip(df["step"], df[metric]) if v == v]  # v == v: not NaN
+        m = res.metrics or {}
+        trial_id = m.get("trial_id") or res.path.rstrip("/").rsplit("/", 1)[-1]
+        rows.append({"trial": trial_id, "params": {k: plain(v) for k, v in (res.config or {}).items()},
+                     "error": res.error, "steps": int(m.get("step") or 0), "last": hist[-1][1] if hist else None,
+                     "best": (min if mode == "min" else max)(v for _, v in hist) if hist else None,
+                     "history": hist})
+    sign = 1 if mode == "min" else -1
+    rows.sort(key=lambda r: (r["last"] is None, sign * r["last"] if r["last"] is not None else 0))
+    return rows
+
+
+def report(grid, state: dict, cfg: Config, tc: TuneConfig, log=print) -> dict:
+    """The ranked table (printed and results.csv), best.yaml and val_loss.png."""
+    base = load_config(base=state["base"])
+    rows = trial_rows(grid, tc.metric, tc.mode)
+    for r in rows:
+        r["status"] = ("error" if r["error"] else
+                       "stopped" if r["steps"] < base.train.max_steps and not base.train.time_budget_s else "finished")
+    search_dir = cfg.run_dir
+    keys = sorted({k for r in rows for k in r["params"]})
+    header = ["rank", "trial", "status", "steps", f"last_{tc.metric}", f"best_{tc.metric}", *keys]
+    table = [[i + 1, r["trial"], r["status"], r["steps"], _num(r["last"]), _num(r["best"]),
+              *(_fmt(r["params"].get(k, "")) for k in keys)] for i, r in enumerate(rows)]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *table])
+    storage.write_text(storage.join(search_dir, "results.csv"), buf.getvalue(), cfg.s3)
+    log("tune: results\n" + format_table(header, table))
+    summary = {"search_dir": search_dir, "trials": len(rows), "results_csv": storage.join(search_dir, "results.csv"),
+               "stopped": [r["trial"] for r in rows if r["status"] == "stopped"],
+               "errors": [r["trial"] for r in rows if r["status"] == "error"]}
+    ok = [r for r in rows if r["status"] != "error" and r["last"] is not None]
+    if ok:
+        best = ok[0]
+        best_cfg = load_config(base=state["base"], overrides=[*best["params"].items(), ("name", f"{cfg.name}-best"),
+                                                              ("storage", cfg.storage)])
+        uri = storage.join(search_dir, "best.yaml")
+        text = (f"# raylm tune {cfg.name}: trial {best['trial']}, {tc.metric} {best['last']:.4f} at step "
+                f"{best['steps']}\n# {_params_text(best['params'])}\n# run it: raylm pretrain --config best.yaml\n")
+        storage.write_text(uri, text + yaml.safe_dump(to_dict(best_cfg, redact=True), sort_keys=False), cfg.s3)
+        summary.update(best_trial=best["trial"], best_params=best["params"], best_config=uri)
+    png = storage.join(search_dir, f"{tc.metric}.png")
+    plot_trials(rows, tc.metric, png, cfg.s3)
+    summary["plot"] = png
+    return summary
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def format_table(header: list, rows: list[list]) -> str:
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def plot_trials(rows: list[dict], metric: str, uri: str, s3=None) -> None:
+    """The metric against step for every trial: finished trials solid, stopped ones dashed
+    and ending in a cross, so that where the scheduler cut each is visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for r in rows:
+        if not r["history"]:
+            continue
+        steps, values = zip(*r["history"])
+        stopped = r["status"] != "finished"
+        line, = ax.plot(steps, values, "--" if stopped else "-", marker=".",
+                        label=f"{r['trial']} ({r['status']}): {_params_text(r['params'])}"[:70])
+        if stopped:
+            ax.plot(steps[-1], values[-1], "x", color=line.get_color(), markersize=10, markeredgewidth=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    storage.write_bytes(uri, out.getvalue(), s3)

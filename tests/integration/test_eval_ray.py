@@ -1,0 +1,126 @@
+"""raylm eval end to end on a real local Ray cluster: lm-eval tasks from local task YAMLs
+(nothing downloaded) through the `raylm` harness model, the actor pool against one process,
+the CLI, and lm-eval's own command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raylm.eval.pool import LocalRunner, PoolSpec, RayPoolRunner
+
+pytestmark = pytest.mark.integration
+
+ITEMS = [("The cat sat on the", [" mat", " moon", " dog and the cat"], 0),
+         ("reverse: abc", [" cba", " abc"], 0), ("word after sun: red sun cat", [" cat", " red", " moon"], 0),
+         ("add: 2 + 2", [" 4", " 5"], 0), ("The quick brown", [" fox", " cow jumps"], 1)]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """Three lm-eval tasks over local jsonl: multiple choice, rolling log-likelihood, generation."""
+    d = tmp_path_factory.mktemp("tasks")
+    (d / "mc.jsonl").write_text("".join(json.dumps({"context": c, "choices": ch, "gold": g}) + "\n"
+                                        for c, ch, g in ITEMS))
+    (d / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                                          ["The cat sat on the mat. " * 30, "reverse: abc\ncba"]))
+    (d / "gen.jsonl").write_text("".join(json.dumps({"q": c, "a": ch[g].strip()}) + "\n" for c, ch, g in ITEMS))
+
+    def task(name, data, **kw):
+        spec = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(d / data)}},
+                "test_split": "test", **kw}
+        (d / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+
+    task("raylm_t_mc", "mc.jsonl", output_type="multiple_choice", doc_to_text="{{context}}",
+         doc_to_choice="{{choices}}", doc_to_target="{{gold}}",
+         target_delimiter="",  # the choices carry their own leading space, as the built-in format does
+         metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}])
+    task("raylm_t_rolling", "text.jsonl", output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="{{text}}",
+         metric_list=[{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}])
+    task("raylm_t_gen", "gen.jsonl", output_type="generate_until", doc_to_text="{{q}}", doc_to_target="{{a}}",
+         generation_kwargs={"until": ["\n"], "max_gen_toks": 6},
+         metric_list=[{"metric": "exact_match"}])
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_run):
+    import torch
+
+    from raylm.generate import load_for_inference
+
+    torch.set_num_threads(1)  # what each pool actor with one CPU runs on
+    model, tok, _ = load_for_inference(tiny_run)
+    return model, tok
+
+
+def test_actor_pool_equals_one_process_exactly(ray_local, tiny_run, local_model, task_dir):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from raylm.eval.harness import RayLM
+
+    model, tok = local_model
+    local = LocalRunner(model, tok, batch_tokens=64)
+    pool = RayPoolRunner(tiny_run, tok, model.cfg.max_seq_len, PoolSpec(workers=2, num_cpus=1), batch_tokens=64)
+    tasks = ["raylm_t_mc", "raylm_t_rolling", "raylm_t_gen"]
+    results = {}
+    for name, runner in (("local", local), ("pool", pool)):
+        out = lm_eval.simple_evaluate(model=RayLM(runner=runner), tasks=tasks,
+                                      task_manager=TaskManager(include_path=task_dir), log_samples=False)
+        results[name] = {t: {k: v for k, v in m.items() if k != "alias"} for t, m in out["results"].items()}
+    assert results["pool"] == results["local"]  # floats compared exactly
+    mc = results["local"]["raylm_t_mc"]
+    assert set(mc) >= {"acc,none", "acc_norm,none", "acc_stderr,none"}
+    assert results["local"]["raylm_t_rolling"]["bits_per_byte,none"] > 0
+    assert 0 <= results["local"]["raylm_t_gen"]["exact_match,none"] <= 1
+
+
+def test_raylm_eval_cli_writes_json_and_markdown(ray_local, tiny_run, task_dir, tmp_path, capsys):
+    from raylm.cli import main
+
+    corpus = tmp_path / "held.txt"
+    corpus.write_text("The cat sat on the mat. The dog sat on the log.\n" * 40)
+    out = tmp_path / "eval"
+    rc = main(["eval", "--tasks", "raylm_t_mc", "--include-path", task_dir, "--mc", f"{task_dir}/mc.jsonl",
+               "--corpus", str(corpus), "--workers", "0", "--out", str(out), tiny_run])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    rows = {(r["task"], r["metric"]): r for r in doc["results"]}
+    harness, builtin = rows[("raylm_t_mc", "acc")], rows[("mc", "acc")]
+    assert harness["n"] == builtin["n"] == len(ITEMS)
+    assert harness["value"] == builtin["value"]  # the same model, the same scored tokens
+    assert harness["stderr"] == pytest.approx(builtin["stderr"])
+    assert rows[(f"corpus:{corpus}", "bpb")]["value"] > 0
+    import lm_eval
+
+    for r in doc["results"]:
+        assert r["checkpoint"].endswith("ckpt-00000200") and len(r["tokenizer_sha256"]) == 64
+    assert harness["harness"] == f"lm-eval {lm_eval.__version__}" and builtin["harness"] == "raylm"
+    md = (out / "results.md").read_text()
+    assert "| raylm_t_mc | acc |" in md and "| mc | acc_norm |" in md
+    assert "| raylm_t_mc | acc |" in capsys.readouterr().out
+
+
+def test_bad_task_file_is_one_line_naming_the_line(tiny_run, tmp_path, capsys):
+    from raylm.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "x", "choices": ["a", "b"], "gold": 0}\n{"context": "x", "choices": ["a"], "gold": 5}\n')
+    assert main(["eval", "--mc", str(bad), "--workers", "0", tiny_run]) == 2
+    assert f"{bad}:2: " in capsys.readouterr().err
+
+
+def test_lm_eval_command_line_runs_the_raylm_model(tiny_run, task_dir, tmp_path):
+    out = tmp_path / "lm-eval-out"
+    proc = subprocess.run([sys.executable, "-m", "raylm.eval.harness_cli", "run", "--model", "raylm",
+                           "--model_args", f"path={tiny_run}", "--tasks", "raylm_t_mc", "--include_path", task_dir,
+                           "--output_path", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "raylm_t_mc" in proc.stdout and "acc" in proc.stdout

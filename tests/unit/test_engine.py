@@ -1,0 +1,297 @@
+"""The continuous-batching engine (raylm/serve/engine.py) on the tiny trained run: concurrent
+requests equal their `generate` / sequential answers, stop strings cut exactly, logprobs and
+echo equal a direct forward pass's, an abandoned request frees its slot within one step.
+
+Token parity is exact where the choice is not a floating-point tie (see the engine's module
+docstring): a greedy mismatch passes only if the reference's top-2 logit gap at that step is
+below TIE, a margin ten times the logit error that `test_logprobs_...` bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from raylm.generate import generate, sample_token
+from raylm.serve.engine import Engine, EngineClosed, SamplingParams
+from raylm.tokenizer import END
+
+LOGIT_ATOL = 1e-5  # batched vs batch-of-one rounding, fp32 (measured: under 7e-6)
+TIE = 10 * LOGIT_ATOL
+
+PROMPTS = [
+    "The",
+    "It was the best of times, it was the worst of times",
+    "A list of words: apple, river, stone, cloud. The word after river is",
+    "In the beginning",
+    "Python is a programming language that lets you work quickly and integrate systems more effectively.",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_run):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: OpenMP threads on a shared 2-core machine only slow it
+    eng = Engine.from_run(tiny_run, max_batch_size=4)
+    yield eng
+    asyncio.run(eng.close())
+    torch.set_num_threads(n)
+
+
+async def collect(eng, prompt, params, log=None, tag=None):
+    outs = []
+    async for out in eng.generate(prompt, params):
+        outs.append(out)
+        if log is not None:
+            log.append((tag, out.finish_reason))
+    return outs
+
+
+def ids_of(outs):
+    return [t for o in outs for t in o.token_ids]
+
+
+def text_of(outs):
+    return "".join(o.text for o in outs)
+
+
+def assert_same_tokens(model, prompt, got, ref, eos, greedy, what):
+    """Equal, or (greedy only) differing first at a step where the reference's top-2 logits tie."""
+    if got == ref:
+        return
+    i = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+    assert greedy, f"{what}: sampled tokens differ at step {i}: {got} vs generate's {ref}"
+    logits, _ = model(torch.tensor([prompt + ref[:i]]))
+    top = logits[0, -1].float().topk(2).values
+    assert top[0] - top[1] < TIE, f"{what}: differs from generate at step {i} (no tie: margin {top[0] - top[1]:.2e})"
+
+
+@torch.no_grad()
+def test_concurrent_requests_each_equal_their_generate_or_sequential_answer(engine):
+    """Six requests (prompts of 1 to 20 tokens, greedy and sampled, seeds, temperatures, top-k,
+    top-p, eos and end-of-turn stops) on 4 slots: two queue, one joins while the batch is
+    running. Each equals `raylm.generate.generate` (top-p, which generate lacks: the same
+    request alone); streamed text equals the decoded tokens."""
+    tok, model = engine.tokenizer, engine.model
+    end = tok.special_ids[END]
+    chat, _ = tok.encode_chat([{"role": "user", "content": "the word after cat in: dog cat fish"}],
+                              add_generation_prompt=True)
+    reqs = [  # (prompt ids, params); request 0 runs longest, the last joins mid-batch
+        (tok.encode(PROMPTS[1]), SamplingParams(max_tokens=40, temperature=0)),
+        (tok.encode(PROMPTS[0]), SamplingParams(max_tokens=20, temperature=1.0, seed=1, stop_token_ids=(tok.eos_id,))),
+        (tok.encode(PROMPTS[2]), SamplingParams(max_tokens=24, temperature=0.7, top_k=10, seed=2)),
+        (chat, SamplingParams(max_tokens=16, temperature=0, stop_token_ids=(end,))),
+        (tok.encode(PROMPTS[4]), SamplingParams(max_tokens=18, temperature=0.9, top_p=0.8, seed=3)),
+        (tok.encode(PROMPTS[3]), SamplingParams(max_tokens=25, temperature=1.3, top_k=50, seed=4)),
+    ]
+    log: list = []
+    steps0 = engine.stats()["steps"]
+
+    async def main():
+        first = [asyncio.create_task(collect(engine, p, s, log, i)) for i, (p, s) in enumerate(reqs[:-1])]
+        while sum(1 for tag, _ in log if tag == 0) < 3:  # request 0 is decoding: the batch is running
+            await asyncio.sleep(0.001)
+        late = asyncio.create_task(collect(engine, *reqs[-1], log, len(reqs) - 1))
+        return await asyncio.gather(*first, late)
+
+    results = asyncio.run(main())
+    total = sum(len(ids_of(outs)) for outs in results)
+    assert engine.stats()["steps"] - steps0 < total / 2, "requests did not share decode steps"
+    late_first = next(k for k, (tag, _) in enumerate(log) if tag == len(reqs) - 1)
+    first_done = next(k for k, (tag, fin) in enumerate(log) if tag == 0 and fin)
+    assert late_first < first_done, "the late request did not join while request 0 was running"
+
+    for i, ((prompt, p), outs) in enumerate(zip(reqs, results)):
+        got = ids_of(outs)
+        assert text_of(outs) == tok.decode(got)
+        assert [o.completion_tokens for o in outs][-1] == len(got) and outs[-1].prompt_tokens == len(prompt)
+        assert all(o.finish_reason is None for o in outs[:-1])
+        eos = p.stop_token_ids[0] if p.stop_token_ids else None
+        if p.top_p < 1:
+            alone = asyncio.run(collect(engine, prompt, p))
+            assert got == ids_of(alone), f"request {i}: batched differs from alone"
+            continue
+        ref = generate(model, prompt, p.max_tokens, p.temperature, p.top_k, eos, p.seed or 0)
+        assert_same_tokens(model, prompt, got, ref, eos, p.temperature == 0, f"request {i}")
+        assert outs[-1].finish_reason == ("length" if len(got) == p.max_tokens else "stop")
+
+
+@torch.no_grad()
+def test_logprobs_equal_a_forward_pass_while_sharing_the_batch(engine):
+    """logprobs=3 on a greedy and a sampled request running together with a third: each token's
+    logprob and its top-3 alternatives equal log_softmax of a full forward pass of prompt +
+    output, to fp32 rounding. The third ends first, from slot 0: the last slot's request moves
+    into it (compaction) and must go on as if nothing happened."""
+    tok = engine.tokenizer
+    reqs = [(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=4, temperature=1.0, seed=8)),
+            (tok.encode(PROMPTS[1]), SamplingParams(max_tokens=12, temperature=0, logprobs=3)),
+            (tok.encode(PROMPTS[3]), SamplingParams(max_tokens=12, temperature=1.0, seed=7, logprobs=3))]
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, s) for p, s in reqs))
+
+    results = asyncio.run(main())
+    assert all(o.logprobs is None for o in results[0])
+    for (prompt, _), outs in zip(reqs[1:], results[1:]):
+        assert_logprobs_match_forward(engine, prompt, outs, 3)
+
+
+def assert_logprobs_match_forward(engine, prompt, outs, k):
+    got = ids_of(outs)
+    lps = [lp for o in outs for lp in o.logprobs]
+    assert [lp.token_id for lp in lps] == got
+    logits, _ = engine.model(torch.tensor([prompt + got]))
+    ref = torch.log_softmax(logits[0, len(prompt) - 1:-1].float(), -1)
+    for step, (lp, row) in enumerate(zip(lps, ref)):
+        assert lp.token == engine.token_text(lp.token_id)
+        assert abs(lp.logprob - row[lp.token_id].item()) < LOGIT_ATOL, step
+        values, ids = row.topk(k)
+        assert [t for t, _ in lp.top] == [engine.token_text(i) for i in ids.tolist()]
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=LOGIT_ATOL)
+
+
+@torch.no_grad()
+def test_echo_with_no_new_tokens_scores_the_prompt(engine):
+    tok, model = engine.tokenizer, engine.model
+    prompt = tok.encode(PROMPTS[2])
+    outs = asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=0, echo=True, logprobs=2)))
+    assert len(outs) == 1
+    out = outs[0]
+    assert (out.token_ids, out.text, out.finish_reason) == ([], "", "length")
+    assert (out.prompt_tokens, out.completion_tokens) == (len(prompt), 0)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    ref = torch.log_softmax(model(torch.tensor([prompt]))[0][0].float(), -1)
+    for i, lp in enumerate(out.prompt_logprobs[1:], start=1):
+        assert lp.token_id == prompt[i]
+        assert abs(lp.logprob - ref[i - 1, prompt[i]].item()) < LOGIT_ATOL
+        assert [v for _, v in lp.top] == pytest.approx(ref[i - 1].topk(2).values.tolist(), abs=LOGIT_ATOL)
+    # echo with new tokens: prompt logprobs ride on the first Output only
+    outs = asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=3, temperature=0, echo=True)))
+    assert outs[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in outs[1:])
+    assert all(lp.top == [] for lp in outs[0].prompt_logprobs[1:])
+
+
+def test_stop_strings_cut_exactly_even_across_tokens(engine):
+    tok = engine.tokenizer
+    prompt = tok.encode(PROMPTS[3])
+    base = SamplingParams(max_tokens=30, temperature=1.0, seed=11)
+    full_outs = asyncio.run(collect(engine, prompt, base))
+    ids, text = ids_of(full_outs), text_of(full_outs)
+    assert text == tok.decode(ids)
+    # A stop string made of the last two characters of one token and the first of the next.
+    ends = [len(tok.decode(ids[:j])) for j in range(1, len(ids))]
+    stop = next(s for e in ends if e >= 2 and e < len(text) and (s := text[e - 2:e + 1]) and text.find(s) == e - 2)
+    cut = text.find(stop)
+    for params in (dataclasses.replace(base, stop=(stop,)),
+                   dataclasses.replace(base, stop=("\x00never", stop, text[cut + 1:cut + 3] + "\x01"))):
+        outs = asyncio.run(collect(engine, prompt, params))
+        assert text_of(outs) == text[:cut] and outs[-1].finish_reason == "stop", (stop, params.stop)
+    # A stop string whose start matches the end of the text but never completes: held back, then flushed.
+    outs = asyncio.run(collect(engine, prompt, dataclasses.replace(base, stop=(text[-2:] + "\x00",))))
+    assert text_of(outs) == text and outs[-1].finish_reason == "length"
+    assert ids_of(outs) == ids
+
+
+def test_an_abandoned_request_frees_its_slot_within_one_step(engine):
+    """aclose() of the stream, and cancelling the task that consumes it: the slot is free before
+    the next step ends; the request running beside them is unaffected."""
+    tok = engine.tokenizer
+    long = SamplingParams(max_tokens=90, temperature=0)
+    prompt = tok.encode(PROMPTS[0])
+
+    async def main():
+        keeper = asyncio.create_task(collect(engine, prompt, long))
+        agen = engine.generate(tok.encode(PROMPTS[3]), long, request_id="closed")
+        for _ in range(3):
+            await agen.__anext__()
+        await agen.aclose()
+        closed_at = engine.stats()["steps"]
+
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate(tok.encode(PROMPTS[1]), long, request_id="cancelled"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        cancelled_at = engine.stats()["steps"]
+        while engine.freed_at_step("closed") is None or engine.freed_at_step("cancelled") is None:
+            await asyncio.sleep(0.001)
+        return closed_at, cancelled_at, await keeper
+
+    closed_at, cancelled_at, kept = asyncio.run(main())
+    assert engine.freed_at_step("closed") <= closed_at + 1
+    assert engine.freed_at_step("cancelled") <= cancelled_at + 1
+    assert_same_tokens(engine.model, prompt, ids_of(kept), generate(engine.model, prompt, 90, 0, 0, None, 0),
+                       None, True, "the request beside them")
+    assert engine.stats()["free_slots"] == engine.max_batch_size
+
+
+def test_bad_requests_are_one_line_value_errors_naming_the_field(engine):
+    bad = {"max_tokens": -1, "temperature": float("nan"), "top_p": 0.0, "top_k": -2, "stop": ("",),
+           "stop_token_ids": (-1,), "seed": "x", "logprobs": 21, "echo": "yes"}
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=f"^{name}="):
+            SamplingParams(**{name: value}).validate()
+    with pytest.raises(ValueError, match="^max_tokens=0"):
+        SamplingParams(max_tokens=0).validate()
+    limit = engine.max_seq_len
+    cases = [([], SamplingParams(), "^prompt: empty"),
+             ([1, 10 ** 6], SamplingParams(), "^prompt: token id 1000000"),
+             ([1] * (limit - 3), SamplingParams(max_tokens=4), f"^max_tokens=4: .*{limit} tokens"),
+             ([1], SamplingParams(stop_token_ids=(10 ** 6,)), "^stop_token_ids")]
+    for prompt, params, match in cases:
+        with pytest.raises(ValueError, match=match):
+            engine.check(prompt, params)
+
+        async def first():
+            return await engine.generate(prompt, params).__anext__()
+
+        with pytest.raises(ValueError, match=match):
+            asyncio.run(first())
+    assert engine.stats()["waiting"] == 0
+
+
+def test_top_p_one_leaves_sampling_unchanged_and_small_top_p_keeps_the_nucleus():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 3
+    for seed in range(20):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        old = int(torch.multinomial(torch.softmax(logits / 0.7, -1), 1, generator=g1))  # sample_token before top_p
+        assert sample_token(logits, 0.7, 0, g2, 1.0) == old
+    probs = torch.softmax(logits, -1)
+    order = probs.argsort(descending=True)
+    nucleus = set(order[: int((probs[order].cumsum(0) < 0.6).sum()) + 1].tolist())
+    g = torch.Generator().manual_seed(1)
+    drawn = {sample_token(logits, 1.0, 0, g, 0.6) for _ in range(300)}
+    assert drawn == nucleus
+    assert {sample_token(logits, 1.0, 0, g, 1e-6) for _ in range(20)} == {int(logits.argmax())}
+
+
+def test_fixed_shapes_and_close_finish_in_flight_requests(engine):
+    """fixed_shapes=True (the CUDA-graph layout: all slots, all keys every step) gives the same
+    tokens and logprobs; close() lets running and queued requests finish, then refuses new ones."""
+    tok, model = engine.tokenizer, engine.model
+    eng = Engine(model, tok, max_batch_size=2, fixed_shapes=True)
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=1)
+
+    async def main():
+        tasks = [asyncio.create_task(collect(eng, p, params)) for p in prompts]  # the third queues
+        while eng.stats()["running"] < 2:
+            await asyncio.sleep(0.001)
+        await eng.close()
+        with pytest.raises(EngineClosed):
+            await eng.generate(prompts[0], params).__anext__()
+        return await asyncio.gather(*tasks)  # all finished (their last Outputs may still be in flight)
+
+    for prompt, outs in zip(prompts, asyncio.run(main())):
+        assert outs[-1].finish_reason == "length"
+        ref = generate(model, prompt, 10, 0, 0, None, 0)
+        assert_same_tokens(model, prompt, ids_of(outs), ref, None, True, "fixed shapes")
+        assert_logprobs_match_forward(eng, prompt, outs, 1)
+    assert not eng._thread.is_alive()

@@ -1,0 +1,205 @@
+"""Recipes (raylm/recipe.py, jobs/recipes/): every shipped recipe loads and each of its stages'
+configs validates; mistakes name the key; stage keys chain, so a change reruns the stage and
+everything downstream; a finished stage is skipped until its config or its outputs change.
+
+No Ray here: the stage that runs for real is the tokenizer, which trains without a cluster.
+The whole chain on a Ray cluster is tests/integration/test_cluster_job.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raylm import storage
+from raylm.config import ConfigError
+from raylm.recipe import STAGES, load_recipe, read_stage_record, run_recipe, stage_config, stage_key
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "jobs" / "recipes").glob("*.yaml"))
+EXPECTED = {"tiny-cpu.yaml", "gpt2-124m-1gpu.yaml", "llama-1b-8gpu.yaml", "llama-7b-64gpu.yaml"}
+
+
+def _placeholders(recipe, stage):
+    return {s: {"path": f"{recipe.root}/{s}", "checkpoint": f"{recipe.root}/{s}/ckpt-00000001", "corpus": ""}
+            for s in recipe.inputs_of(stage)}
+
+
+def test_the_four_recipes_are_there():
+    assert EXPECTED <= {p.name for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_stages_validate_and_fit(path):
+    recipe = load_recipe(str(path))
+    names = [s.name for s in recipe.stages]
+    assert names[:3] == ["tokenizer", "data", "pretrain"] and "export" in names, names
+    gpus = int(re.search(r"(\d+)gpu", path.name).group(1)) if "gpu" in path.name else 0
+    for stage in recipe.stages:
+        cfg = stage_config(recipe, stage, _placeholders(recipe, stage))
+        assert cfg.run_dir.startswith(recipe.root + "/" + stage.name + "-")
+        if stage.name not in ("pretrain", "sft", "dpo"):
+            continue
+        tc = cfg.train
+        where = f"{path.name} stages.{stage.name}"
+        assert tc.global_batch_size % (tc.micro_batch_size * tc.num_workers) == 0, where
+        assert tc.use_gpu == bool(gpus), where
+        if gpus:
+            assert tc.num_workers == gpus, f"{where}: {tc.num_workers} workers for {gpus} GPUs"
+            assert cfg.storage.startswith("s3://"), f"{where}: every node writes checkpoint shards"
+            assert cfg.data.seq_len <= cfg.model.max_seq_len
+        if stage.name == "pretrain":
+            cfg.model.with_vocab(recipe_vocab(recipe))
+    if gpus >= 64:  # multi-node: the memory that makes it fit
+        pre = stage_config(recipe, recipe.stages[2], _placeholders(recipe, recipe.stages[2]))
+        assert pre.train.activation_checkpointing
+        assert "HSDP" in path.read_text()
+
+
+def recipe_vocab(recipe) -> int:
+    return stage_config(recipe, recipe.stages[0], {}).tokenizer.vocab_size
+
+
+def _write(tmp_path, text: str) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+BASE = """
+name: t
+storage: {storage}
+model: {{preset: tiny}}
+stages:
+  tokenizer: {{tokenizer.vocab_size: 300}}
+  data: {{}}
+  pretrain: {{train.max_steps: 10}}
+  sft: {{synthetic: word_after}}
+  dpo: {{synthetic: word_after}}
+  export: {{format: hf}}
+"""
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.pretrain.train.lrr=1", "stages.pretrain: unknown config key 'train.lrr'"),
+    ("stages.sft.train.lr=fast", "stages.sft: train.lr='fast'"),
+    ("stages.bake.x=1", "stages.bake: unknown stage"),
+    ("stages.export.format=7", "stages.export.format=7: expected str"),
+    ("trian.lr=1", "unknown config key 'trian'"),
+    ("stages.sft.synthetic=null", "stages.sft.synthetic=None"),
+])
+def test_mistakes_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(_write(tmp_path, BASE.format(storage=tmp_path)), [override])
+    assert message in str(e.value) and "r.yaml" in str(e.value)
+
+
+def test_records_need_their_own_data_path(tmp_path):
+    text = BASE.format(storage=tmp_path).replace("sft: {synthetic: word_after}", "sft: {}")
+    with pytest.raises(ConfigError, match=r"stages.sft: needs data.path \(the chat records\)"):
+        load_recipe(_write(tmp_path, "data: {path: corpus.txt}\n" + text))
+
+
+def test_a_change_reruns_the_stage_and_everything_after(tmp_path):
+    path = _write(tmp_path, BASE.format(storage=tmp_path))
+    before = load_recipe(path)
+    after = load_recipe(path, ["stages.pretrain.train.max_steps=11"])
+    changed = {s.name for s in STAGES if s.name in before.sections and stage_key(before, s) != stage_key(after, s)}
+    assert changed == {"pretrain", "sft", "dpo", "export"}
+    shared = load_recipe(path, ["model.dim=64"])  # shared settings reach every stage
+    assert all(stage_key(before, s) != stage_key(shared, s) for s in before.stages)
+    # Where outputs go and what a stage reads follow: dpo starts from sft, sft from pretrain.
+    dpo = stage_config(after, after.stages[4], {"sft": {"path": "S"}})
+    assert dpo.init_from == "S" and dpo.stage == "dpo" and dpo.train.lr == 1e-4  # the CLI's DPO default
+
+
+def test_finished_stage_is_skipped_until_it_changes(tmp_path):
+    """The tokenizer stage for real (no Ray): done once, skipped, rerun after a change, and
+    rerun when its output is gone from storage."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i} of a small corpus about ray, tokens and tests" for i in range(400)))
+    text = f"name: t\nstorage: {tmp_path / 'runs'}\ndata: {{path: {corpus}}}\n" \
+           "tokenizer: {vocab_size: 300, sample_bytes: 20000}\nstages:\n  tokenizer: {}\n"
+    path = _write(tmp_path, text)
+    logs = []
+    first = run_recipe(load_recipe(path), log=logs.append)["tokenizer"]
+    assert not first["skipped"] and first["inputs"] == {}
+    out = first["outputs"]
+    assert storage.exists(f"{out['path']}/tokenizer.json") and len(out["sha256"]) == 64
+    again = run_recipe(load_recipe(path), log=logs.append)["tokenizer"]
+    assert again["skipped"] and again["outputs"] == out
+    changed = run_recipe(load_recipe(path, ["tokenizer.vocab_size=320"]), log=logs.append)["tokenizer"]
+    assert not changed["skipped"] and changed["outputs"]["path"] != out["path"]
+    assert changed["outputs"]["sha256"] != out["sha256"]
+    # Back to the first settings: its record was replaced, so it runs again, into its own
+    # directory, which still holds its tokenizer (reused, same hash).
+    back = run_recipe(load_recipe(path), log=logs.append)["tokenizer"]
+    assert not back["skipped"] and back["outputs"] == out
+    # Outputs deleted from storage: the record alone does not count as done.
+    storage.delete(out["path"])
+    gone = run_recipe(load_recipe(path), log=logs.append)["tokenizer"]
+    assert not gone["skipped"] and storage.exists(f"{out['path']}/tokenizer.json")
+    record = read_stage_record(load_recipe(path), "tokenizer", None)
+    assert record["key"] == stage_key(load_recipe(path), STAGES[0]) and record["config"]["tokenizer"]["vocab_size"] == 300
+    assert sum(line.endswith("), skipped") for line in logs) == 1
+
+
+def test_cli_run_check(tmp_path, capsys):
+    from raylm.cli import main
+
+    assert main(["run", "--config", str(REPO / "jobs/recipes/tiny-cpu.yaml"), "--check", f"storage={tmp_path}"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stages"] == ["tokenizer", "data", "pretrain", "sft", "dpo", "eval", "export", "serve"]
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- job entrypoints
+
+
+JOBS = sorted((REPO / "jobs").glob("*.py"))
+
+
+def _takes_config(job: Path) -> bool:
+    """Whether the raylm subcommand a jobs/*.py file runs (its `main([...])`) takes --config."""
+    from raylm.cli import build_parser
+
+    words = next([e.value for e in node.args[0].elts if isinstance(e, ast.Constant)]
+                 for node in ast.walk(ast.parse(job.read_text()))
+                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "main" and node.args
+                 and isinstance(node.args[0], ast.List))
+    parser = build_parser()
+    for word in (w for w in words if not w.startswith("-")):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    return any("--config" in a.option_strings for a in parser._actions)
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[p.name for p in JOBS])
+def test_job_entrypoint_shows_its_submit_command(job):
+    doc = ast.get_docstring(ast.parse(job.read_text())) or ""
+    command = " ".join(doc.replace("\\\n", " ").split())
+    assert "ray job submit" in command and "--working-dir ." in command, f"{job.name}: no `ray job submit` command"
+    flag = " --config \\S" if _takes_config(job) else ""
+    assert re.search(rf"-- (\\+ )?python jobs/{job.stem}\.py(?: \S+)*?{flag}", command), (
+        f"{job.name}: the docstring's command must run `python jobs/{job.stem}.py{flag and ' --config ...'}`")
+
+
+RUNTIME_ENVS = sorted((REPO / "jobs").glob("runtime_env*.yaml"))
+
+
+@pytest.mark.parametrize("path", RUNTIME_ENVS, ids=[p.name for p in RUNTIME_ENVS])
+def test_runtime_env_is_valid_and_holds_no_credentials(path):
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load(path.read_text())
+    RuntimeEnv(**env)  # Ray's own validation of the fields
+    names = set(env.get("env_vars", {}))
+    assert not {n for n in names if re.search(r"SECRET|ACCESS_KEY|TOKEN|PASSWORD", n)}, names
+    assert "--runtime-env" in path.read_text() and "ray job submit" in path.read_text()

@@ -1,0 +1,166 @@
+"""Request parsing and error bodies of the OpenAI API (raylm.serve.protocol), the serve config,
+and the arguments `--engine vllm` builds for ray.serve.llm (without importing it)."""
+
+import json
+import sys
+
+import pytest
+
+from raylm.config import ConfigError, ServeConfig, load_serve_config
+from raylm.serve import protocol as P
+
+
+def parse(body, model=P.CompletionRequest):
+    return P.parse_request(body if isinstance(body, bytes) else json.dumps(body).encode(), model)
+
+
+def refused(body, model=P.CompletionRequest) -> P.APIError:
+    with pytest.raises(P.APIError) as e:
+        parse(body, model)
+    assert e.value.status == 400
+    assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
+    return e.value
+
+
+def test_the_openai_clients_bodies_parse():
+    r = parse({"model": "m", "prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}, "logprobs": 2, "echo": True, "stop": ["\n"], "seed": 3,
+               "n": 2, "top_p": 0.9, "top_k": 5, "user": "u", "frequency_penalty": 0, "presence_penalty": 0})
+    assert r.prompts() == ["Hi"] and r.include_usage and r.stop_list() == ("\n",)
+    assert parse({"model": "m", "prompt": [1, 2, 3]}).prompts() == [[1, 2, 3]]
+    assert parse({"model": "m", "prompt": [[1], [2, 3]]}).prompts() == [[1], [2, 3]]
+    assert parse({"model": "m", "prompt": ["a", "b"]}).prompts() == ["a", "b"]
+    c = parse({"model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                                          {"role": "user", "content": "hi"}],
+               "max_completion_tokens": 7, "logprobs": True, "top_logprobs": 3}, P.ChatCompletionRequest)
+    assert c.chat() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert c.limit() == 7
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "max_tokenz": 5}, "max_tokenz"),
+    ({"model": "m", "prompt": "x", "temperature": 9}, "temperature"),
+    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "m", "prompt": "x", "n": 0}, "n"),
+    ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
+    ({"model": "m", "prompt": []}, "prompt"),
+    ({"model": "m", "prompt": {"a": 1}}, "prompt"),
+    ({"model": "m"}, "prompt"),
+    ({"prompt": "x"}, "model"),
+    ({"model": "m", "prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
+    ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": "m", "prompt": "x", "stream": True, "stream_options": {"bogus": 1}}, "stream_options.bogus"),
+    ({"model": "m", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
+])
+def test_bad_completion_fields_are_named(body, param):
+    e = refused(body)
+    assert e.param == param, e.message
+    assert param.split(".")[-1] in e.message
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x", "extra": 1}]}, "messages.0.extra"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+])
+def test_bad_chat_fields_are_named(body, param):
+    assert refused(body, P.ChatCompletionRequest).param == param
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b'"text"', b"null", b"\xff\xfe", b"", b"[" * 100000])
+def test_bad_json_and_non_objects_are_400(raw):
+    e = refused(raw)
+    assert "JSON" in e.message or "nested" in e.message
+
+
+def test_completion_logprobs_shape_with_an_echoed_first_token():
+    class E:
+        def __init__(self, token, logprob, top):
+            self.token, self.logprob, self.top = token, logprob, top
+
+    out = P.completion_logprobs([E("ab", None, []), E("c", -0.5, [("c", -0.5), ("d", -1.0)])], 0)
+    assert out == {"tokens": ["ab", "c"], "token_logprobs": [None, -0.5],
+                   "top_logprobs": [None, {"c": -0.5, "d": -1.0}], "text_offset": [0, 2]}
+
+
+def test_serve_config_ranges_and_overrides():
+    cfg = load_serve_config(["max_batch_size=4", "serve.max_ongoing_requests=8", "autoscale_max_replicas=3"],
+                            port=1234)
+    assert (cfg.max_batch_size, cfg.max_ongoing_requests, cfg.port) == (4, 8, 1234)
+    assert cfg.autoscaling_config == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16.0}
+    assert ServeConfig().autoscaling_config is None
+    for bad, key in [(["max_queued_requests=0"], "max_queued_requests"), (["port=0"], "port"),
+                     (["engine=tgi"], "engine"), (["backpressure_status=500"], "backpressure_status"),
+                     (["max_ongoing_requests=2"], "max_ongoing_requests"), (["bogus=1"], "bogus"),
+                     (["autoscale_min_replicas=3", "autoscale_max_replicas=2"], "autoscale_max_replicas")]:
+        with pytest.raises(ConfigError, match=key):
+            load_serve_config(bad)
+
+
+def test_api_key_is_required_off_loopback(monkeypatch):
+    from raylm.serve.app import API_KEY_ENV, resolve_api_key
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert resolve_api_key(ServeConfig()) == ""
+    with pytest.raises(ConfigError, match="API key"):
+        resolve_api_key(ServeConfig(host="0.0.0.0"))
+    monkeypatch.setenv(API_KEY_ENV, "k")
+    assert resolve_api_key(ServeConfig(host="0.0.0.0")) == "k"
+    assert resolve_api_key(ServeConfig(api_key="mine")) == "mine"
+
+
+def test_deployment_options_carry_limits_and_autoscaling():
+    from raylm.serve.app import deployment_options
+
+    opts = deployment_options(load_serve_config(["autoscale_max_replicas=4", "max_queued_requests=7",
+                                                 "backpressure_status=503", "retry_after_s=2"]))
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
+    assert opts["max_queued_requests"] == 7
+    assert opts["backpressure_config"] == {"status_code": 503, "retry_after_s": 2.0}
+    assert deployment_options(ServeConfig(num_replicas=2))["num_replicas"] == 2
+
+
+def test_vllm_arguments_for_local_and_s3_exports(tmp_path):
+    from raylm.serve.vllm import check_export, vllm_serving_args
+
+    cfg = load_serve_config(["max_batch_size=32", "max_ongoing_requests=64", "autoscale_max_replicas=4"])
+    args = vllm_serving_args(str(tmp_path), cfg, "tiny")
+    (llm,) = args["llm_configs"]
+    assert llm["model_loading_config"] == {"model_id": "tiny", "model_source": str(tmp_path)}
+    assert llm["engine_kwargs"]["max_num_seqs"] == 32
+    assert llm["deployment_config"]["autoscaling_config"]["max_replicas"] == 4
+    assert llm["deployment_config"]["max_ongoing_requests"] == 64
+    s3 = vllm_serving_args("s3://bucket/export", ServeConfig(num_replicas=2), "tiny")["llm_configs"][0]
+    assert s3["model_loading_config"]["model_source"] == {"bucket_uri": "s3://bucket/export"}
+    assert s3["deployment_config"]["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 2}
+    with pytest.raises(ConfigError, match="api_key"):
+        vllm_serving_args(str(tmp_path), ServeConfig(api_key="k"), "tiny")
+    with pytest.raises(FileNotFoundError, match="raylm export"):
+        check_export(str(tmp_path))
+    assert "ray.serve.llm" not in sys.modules and "vllm" not in sys.modules
+
+
+def test_vllm_arguments_validate_against_ray_serve_llm():
+    pytest.importorskip("vllm", reason="vLLM is an optional extra (GPU clusters); ray.serve.llm needs it")
+    from ray.serve.llm import LLMServingArgs
+
+    from raylm.serve.vllm import vllm_serving_args
+
+    LLMServingArgs.model_validate(vllm_serving_args("s3://bucket/export", ServeConfig(), "tiny"))
+
+
+def test_app_builder_refuses_bad_args_in_one_line():
+    from raylm.config import ConfigError
+    from raylm.serve.app import app_builder
+
+    for args, said in (({}, "'run'"), ({"run": "x", "extra": 1}, "unknown key 'extra'"),
+                       ({"run": "x", "serve": {"api_key": "k"}}, "must not be written"),
+                       ({"run": "x", "serve": {"max_batch_size": 0}}, "serve.max_batch_size")):
+        with pytest.raises(ConfigError, match=said):
+            app_builder(args)

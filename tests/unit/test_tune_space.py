@@ -1,0 +1,118 @@
+"""Search spaces for `raylm tune`: Tune's vocabulary, and every mistake caught before any
+trial (or Ray, or data preparation) starts, as one line naming the file, key and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from raylm import tune
+from raylm.config import ConfigError, Config, TuneConfig, load_config, to_dict
+
+
+def _space(text: str):
+    return tune.parse_space(text, "space.yaml")[0]
+
+
+def test_parses_tune_vocabulary_nested_or_dotted():
+    space, settings = tune.parse_space(
+        "train.lr: loguniform(1e-4, 3e-3)\n"
+        "train: {warmup_steps: 'choice([50, 100, 200])', weight_decay: 'uniform(0.0, 0.2)'}\n"
+        "model.n_layers: grid_search([2, 4])\n"
+        "train.micro_batch_size: randint(2, 9)\n"
+        "train.beta2: 0.99\n"
+        "tune: {num_samples: 3}\n", "space.yaml")
+    assert settings == {"num_samples": 3}
+    kinds = {k: (d.kind, d.args) for k, d in space.items()}
+    assert kinds == {"train.lr": ("loguniform", (1e-4, 3e-3)), "train.warmup_steps": ("choice", ((50, 100, 200),)),
+                     "train.weight_decay": ("uniform", (0.0, 0.2)), "model.n_layers": ("grid_search", ((2, 4),)),
+                     "train.micro_batch_size": ("randint", (2, 9)), "train.beta2": ("value", (0.99,))}
+    assert space["train.micro_batch_size"].probes() == [2, 8]  # Tune's randint excludes the upper end
+    tune.check_space(space, to_dict(Config()), TuneConfig(), "space.yaml")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("train.lrr: loguniform(1e-4, 3e-3)", ["train.lrr", "unknown config key"]),
+    ("model.n_layers: uniform(1, 4)", ["model.n_layers", "expected int"]),
+    ("train.lr: loguniform(0, 1e-3)", ["train.lr", "0 < low < high"]),
+    ("train.lr: loguniform(3e-3, 1e-4)", ["train.lr", "0 < low < high"]),
+    ("train.lr: loguniform(1e-3)", ["train.lr", "1 argument"]),
+    ("train.lr: normal(0, 1)", ["train.lr", "unknown distribution 'normal'"]),
+    ("train.lr: uniform(a, b)", ["train.lr", "cannot read the arguments"]),
+    ("train.warmup_steps: choice([])", ["train.warmup_steps", "non-empty list"]),
+    ("train.warmup_steps: randint(1.5, 4)", ["train.warmup_steps", "integers"]),
+    ("train.lr: choice([1.0e-3, -1.0])", ["train.lr=-1.0", "expected a number > 0"]),
+    ("train.beta2: uniform(0.9, 1.0)", ["train.beta2=1.0", "expected a number in [0, 1)"]),
+    ("model.dim: grid_search([64, 96])\nmodel.n_heads: choice([4, 5])", ["model.n_heads", "not divisible"]),
+    ("data.seq_len: choice([64, 128])", ["data.seq_len cannot be searched"]),
+    ("name: choice(['a', 'b'])", ["name cannot be searched"]),
+    ("tune: {num_samples: 0}\ntrain.lr: 1.0e-3", ["tune.num_samples=0"]),
+    ("tune: {search: bayes}\ntrain.lr: 1.0e-3", ["tune.search='bayes'"]),
+    ("tune: {search: grid}\ntrain.lr: loguniform(1e-4, 3e-3)", ["tune.search=grid", "train.lr"]),
+    ("tune: {search: optuna}\ntrain.lr: grid_search([1.0e-3])", ["optuna", "train.lr is a grid_search"]),
+    ("[1, 2]", ["expected a mapping"]),
+    ("train.lr: [", ["not valid YAML"]),
+])
+def test_bad_space_is_one_line_error_before_any_trial(tmp_path, text, words):
+    """tune.tune itself refuses the space: nothing is written to the search's storage and Ray
+    is never started (the checks run before both)."""
+    import sys
+
+    path = tmp_path / "space.yaml"
+    path.write_text(text + "\n")
+    cfg = load_config(overrides=[f"storage={tmp_path / 'runs'}", "name=s"])
+    with pytest.raises(ConfigError) as e:
+        tune.tune(cfg, str(path))
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert not (tmp_path / "runs").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_cli_prints_the_error_as_one_line(tmp_path, capsys):
+    from raylm.cli import main
+
+    path = tmp_path / "space.yaml"
+    path.write_text("train.lr: loguniform(1e-4)\n")
+    assert main(["tune", "--space", str(path), f"storage={tmp_path}", "name=s", "tune.num_samples=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lr" in err[0] and str(path) in err[0], err
+    path.write_text("train.lr: loguniform(1e-4, 1e-3)\n")
+    assert main(["tune", "--space", str(path), f"storage={tmp_path}", "tune.max_concurrent_trials=0"]) == 2
+    assert "tune.max_concurrent_trials=0" in capsys.readouterr().err
+    assert main(["tune", "--resume", f"storage={tmp_path}", "name=nothing-here"]) == 2
+    assert "no search under" in capsys.readouterr().err
+
+
+def test_missing_space_file_is_named(tmp_path):
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=s"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        tune.tune(cfg, str(tmp_path / "nope.yaml"))
+
+
+def test_domains_are_tunes_own_and_draws_are_valid_configs():
+    from ray import tune as rt
+    from ray.tune.search.sample import Domain
+
+    space = _space("train.lr: loguniform(1e-4, 3e-3)\ntrain.warmup_steps: randint(0, 5)\n"
+                   "model.n_layers: choice([1, 2])\ntrain.weight_decay: 0.05")
+    domains = {k: d.domain() for k, d in space.items()}
+    assert isinstance(domains["train.lr"], Domain) and domains["train.weight_decay"] == 0.05
+    for _ in range(20):
+        draw = {k: tune.plain(v.sample() if isinstance(v, Domain) else v) for k, v in domains.items()}
+        cfg = load_config(overrides=list(draw.items()))
+        assert 1e-4 <= cfg.train.lr <= 3e-3 and 0 <= cfg.train.warmup_steps < 5
+    assert rt.grid_search([1, 2]) == _space("train.warmup_steps: grid_search([1, 2])")["train.warmup_steps"].domain()
+
+
+def test_optuna_tpe_draws_from_the_space():
+    """tune.search=optuna: the searcher takes the space's Tune domains and suggests configs
+    the config accepts (no cluster: the searcher alone)."""
+    pytest.importorskip("optuna")
+    space = _space("train.lr: loguniform(1e-4, 3e-3)\ntrain.warmup_steps: randint(0, 5)\n"
+                   "model.n_layers: choice([1, 2])")
+    searcher = tune._searcher(TuneConfig(search="optuna", seed=3))
+    assert searcher.set_search_properties("val_loss", "min", {k: d.domain() for k, d in space.items()})
+    for i in range(3):
+        draw = {k: tune.plain(v) for k, v in searcher.suggest(f"t{i}").items()}
+        cfg = load_config(overrides=list(draw.items()))
+        assert 1e-4 <= cfg.train.lr <= 3e-3 and cfg.model.n_layers in (1, 2)

@@ -1,0 +1,40 @@
+"""How validation text is held out: by document, by data.val_path, or a document's tail."""
+
+import pytest
+
+from raylm.config import ConfigError, load_config
+from raylm.data import tail_split, val_split_mode
+from raylm.storage import FileInfo
+
+
+def files(*names):
+    return [FileInfo(uri=f"/c/{n}", size=1, etag_or_mtime="x") for n in names]
+
+
+def cfg(*overrides):
+    return load_config(overrides=list(overrides)).data
+
+
+def test_auto_holds_out_the_tail_of_too_few_text_files():
+    assert val_split_mode(cfg(), files("book.txt"), []) == "tail"
+    assert val_split_mode(cfg(), files(*[f"{i}.txt" for i in range(150)]), []) == "tail"  # 3 expected
+    many = files(*[f"{i}.txt" for i in range(1000)])  # 1000 * 0.02 = 20 expected held-out documents
+    assert val_split_mode(cfg(), many, []) == "document"
+    assert val_split_mode(cfg(), files("a.jsonl"), []) == "document"  # a jsonl file holds many documents
+    assert val_split_mode(cfg(), files("book.txt"), files("v.txt")) == "files"
+    assert val_split_mode(cfg("data.val_split=document"), files("book.txt"), []) == "document"
+    assert val_split_mode(cfg("data.val_split=tail"), files("a.jsonl"), []) == "tail"
+
+
+def test_bad_val_split_is_named():
+    with pytest.raises(ConfigError, match="data.val_split='lines'"):
+        cfg("data.val_split=lines")
+
+
+@pytest.mark.parametrize("text", ["x" * 1000, "line\n" * 200, "one long line " * 50 + "\nshort\n", "ab"])
+def test_tail_split_is_a_cut_of_about_the_fraction(text):
+    head, tail = tail_split(text, 0.1)
+    assert head + tail == text and head and tail
+    assert len(tail) <= max(2 * round(len(text) * 0.1), 1) + 1
+    if text.startswith("line"):
+        assert head.endswith("\n")  # a line is never split when a break is near the cut
