@@ -55,20 +55,21 @@ def _merge_dicts(a: dict, b: dict) -> dict:
 
 
 def cmd_quickstart(args) -> None:
-    from raylm.pipeline import pretrain
+    import time
+
+    from raylm.pipeline import pretrain, quickstart_summary
     from raylm.posttrain import quickstart_sft
 
+    t0 = time.time()
     cfg = _config(args)
-    summary = pretrain(cfg, resume="auto")
-    print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=1))
+    summary = pretrain(cfg, resume="auto")  # its numbers are in the run's summary.json too
+    sft = served = None
     if not args.no_sft:
         sft = quickstart_sft(cfg)
-        print(f"next: raylm generate {sft['run_dir']} --chat --prompt '{sft['chat']['user']}'")
         from raylm.serve.local import serve_and_chat
 
         served = serve_and_chat(sft["run_dir"], sft["chat"]["user"])  # the OpenAI API on loopback, once
-        print(f"\nserved at {served['url']}/v1/chat/completions: {sft['chat']['user']!r} -> {served['answer']!r}")
-        print(f"serve it again: {served['command']}")
+    print("\n" + quickstart_summary(summary, sft, served, time.time() - t0))
 
 
 def cmd_pretrain(args) -> None:

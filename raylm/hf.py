@@ -97,11 +97,21 @@ def hf_llama_config(
     }
 
 
+def fold_logit_scale(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """raylm state dict with muP's logit multiplier folded into the final norm's weight, for
+    formats whose Llama has no such multiplier: RMSNorm(h) / m is RMSNorm with weight w / m,
+    so tied and untied heads alike give raylm's logits. Unchanged (the same tensors) otherwise."""
+    if cfg.width_scaling != "mup" or cfg.width_multiplier == 1:
+        return sd
+    return {**sd, "norm.weight": sd["norm.weight"] / cfg.width_multiplier}
+
+
 def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """raylm `state_dict()` -> `LlamaForCausalLM` names. Tensors are shared, not copied."""
+    """raylm `state_dict()` -> `LlamaForCausalLM` names. Tensors are shared, not copied (but
+    for a muP model's final norm: `fold_logit_scale`)."""
     _check_llama(cfg)
     out = {}
-    for name, t in sd.items():
+    for name, t in fold_logit_scale(cfg, sd).items():
         out[_rename(name, _TOP_KEYS, _LAYER_KEYS, "layers.", "model.layers.")] = t
     if cfg.tie_embeddings:
         # raylm ties in `Transformer.logits` and stores no head; HF loaders expect the key

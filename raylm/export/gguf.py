@@ -33,7 +33,7 @@ from raylm.errors import CheckpointError, ConfigError
 from raylm import storage
 from raylm.config import S3Config
 from raylm.export.hf import CHAT_TEMPLATE
-from raylm.hf import _check_llama
+from raylm.hf import _check_llama, fold_logit_scale
 from raylm.tokenizer import END, ROLE_TOKENS, Tokenizer
 
 MARKER_SUFFIX = ".raylm_export.json"  # s3:// only: `<out>` + this, written after `<out>`
@@ -133,7 +133,7 @@ def _plan(model, dtype: str, gguf) -> list[tuple[str, torch.Tensor, object]]:
     cfg = model.cfg
     q = gguf.GGMLQuantizationType
     plan = []
-    for name, t in model.state_dict().items():
+    for name, t in fold_logit_scale(model.cfg, model.state_dict()).items():
         out = gguf_name(name)
         if out.endswith("attn_q.weight"):
             t = permute_for_llama_cpp(t, cfg.n_heads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,19 +34,22 @@ def rows(run_dir: str, kind: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def quickstart_run(ray_local, tmp_path_factory):
-    # A relative storage path, as in the default `./runs`: workers do not share our directory.
-    home, cwd = tmp_path_factory.mktemp("home"), os.getcwd()
-    os.chdir(home)
-    try:
-        summary = pretrain(load_config(overrides=["storage=runs", "name=qs", "train.max_steps=30", *SMALL]))
-    finally:
-        os.chdir(cwd)
+    """`raylm quickstart --no-sft` as a newcomer runs it, at test size, in a directory of its
+    own: a relative storage path (the default `./runs`) that workers do not share, and a
+    local Ray cluster of its own beside this session's. Returns (cfg, summary, output)."""
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "quickstart", "--no-sft", "storage=runs", "name=qs",
+                           "train.max_steps=30", *SMALL], capture_output=True, text=True, timeout=900, cwd=home,
+                          env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
     cfg = load_config(overrides=[f"storage={home / 'runs'}", "name=qs", "train.max_steps=30", *SMALL])
-    return cfg, summary
+    return cfg, json.loads(Path(cfg.run_dir, "summary.json").read_text()), output
 
 
 def test_quickstart_trains_checkpoints_and_samples(quickstart_run):
-    cfg, summary = quickstart_run
+    cfg, summary, _ = quickstart_run
     run = Path(cfg.run_dir)
     train = rows(cfg.run_dir, "train")
     assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
@@ -64,8 +68,20 @@ def test_quickstart_trains_checkpoints_and_samples(quickstart_run):
     assert len(summary["samples"]) == len(cfg.sample.prompts)
 
 
+def test_quickstart_output_reads_cleanly(quickstart_run):
+    """What a newcomer sees: raylm's progress lines and a closing summary, never Ray's
+    internals (C++ log lines at level E or W, warnings, tracebacks) that they cannot act on."""
+    _, _, output = quickstart_run
+    noise = [line for line in output.splitlines()
+             if re.search(r"\[[\d\- :,]+ [EW] \d+ \d+\]", line)  # Ray's C++ log format
+             or re.search(r"\d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|ERROR) \S+\.py:\d+ --", line)  # Ray's Python logs
+             or re.search(r"Warning\b|WARNING|Traceback|Progress bars|core_worker", line)]
+    assert not noise, "\n".join(noise[:20])
+    assert "quickstart done" in output and "pre-trained  runs/qs" in output and "raylm report runs/qs" in output
+
+
 def test_resume_continues_from_latest_checkpoint(quickstart_run, capfd):
-    cfg, _ = quickstart_run
+    cfg, _, _ = quickstart_run
     before = rows(cfg.run_dir, "train")
     more = load_config(overrides=[f"storage={cfg.storage}", "name=qs", "train.max_steps=40", *SMALL])
     pretrain(more, resume="must", samples=False)
@@ -82,7 +98,7 @@ def test_resume_continues_from_latest_checkpoint(quickstart_run, capfd):
 
 @pytest.mark.parametrize("spelling", ["absolute", "relative", "dot-relative"])
 def test_generate_from_the_run_directory(quickstart_run, spelling):
-    cfg, _ = quickstart_run
+    cfg, _, _ = quickstart_run
     home = Path(cfg.storage).parent  # runs live in home/runs: the README's `raylm generate runs/quickstart`
     run = {"absolute": cfg.run_dir, "relative": "runs/qs", "dot-relative": "./runs/qs"}[spelling]
     proc = subprocess.run([sys.executable, "-m", "raylm.cli", "generate", run, "--prompt", "The ",
@@ -98,7 +114,7 @@ def test_a_copied_run_loads_anywhere(quickstart_run, tmp_path):
 
     from raylm.generate import load_for_inference
 
-    cfg, _ = quickstart_run
+    cfg, _, _ = quickstart_run
     meta = json.loads(next(Path(cfg.run_dir).glob("ckpt-*/meta.json")).read_text())
     assert meta["tokenizer"] == "tokenizer"
     moved = tmp_path / "elsewhere" / "qs"
@@ -111,7 +127,7 @@ def test_from_record_reproduces_the_recorded_config(quickstart_run):
     from raylm.cli import build_parser, _config
     from raylm.record import load_record
 
-    cfg, _ = quickstart_run
+    cfg, _, _ = quickstart_run
     record = str(Path(cfg.run_dir, "record.json"))
     stage, recorded = load_record(record)
     assert stage == "pretrain"
@@ -131,7 +147,7 @@ def test_resume_from_a_hostile_checkpoint_is_refused_on_the_worker(quickstart_ru
     from raylm.cli import _root_cause
     from tests.unit.test_checkpoint_security import stack_global
 
-    cfg, _ = quickstart_run
+    cfg, _, _ = quickstart_run
     marker = tmp_path / "pwned"
     run = tmp_path / "runs" / "hostile"
     newest = Path(checkpoint.latest_complete(cfg.run_dir))

@@ -124,3 +124,19 @@ def test_generate_from_a_relative_run(home, sft):
     text = raylm("generate", sft, "--prompt", "The ", "--max-new-tokens", "4", "--temperature", "0")
     assert text.startswith("The ") and "---" in text
     assert os.getcwd() == str(home)
+
+
+def test_dpo_resolves_a_dot_relative_run(home, sft):
+    """`raylm dpo --from` goes through the same resolution as `sft --from` (a DPO run of its
+    own would cost a minute of CI for the same code): its parent, tokenizer and checkpoint
+    resolve from a `./`-prefixed run, before any cluster work."""
+    from raylm.cli import STAGE_DEFAULTS
+    from raylm.config import load_config
+    from raylm.pipeline import absolute_paths
+    from raylm.posttrain import parent_of
+
+    cfg = load_config(overrides=["stage=dpo", f"init_from=./{sft}", "storage=runs", *SMALL],
+                      base=STAGE_DEFAULTS["dpo"])
+    resolved, facts = parent_of(absolute_paths(cfg))  # the first two steps of `posttrain`
+    assert facts["checkpoint"] == str(home / sft / "ckpt-00000002") and facts["stage"] == "sft"
+    assert resolved.tokenizer.path == str(home / sft / "tokenizer")

@@ -111,6 +111,19 @@ def test_logits_equal_raylm(tok, tmp_path, tie):
     assert json.loads((out / EXPORT_MARKER).read_text())["step"] == 7
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_mup_model_exports_its_logit_multiplier(tok, tmp_path, tie):
+    """muP divides the final hidden states by the width multiplier; HF's Llama has no such
+    step, so the export folds it into the final norm's weight."""
+    model = unit_scale_model(tok, tie=tie, width_scaling="mup", base_dim=16)  # multiplier 4
+    assert model.cfg.width_multiplier == 4
+    export_hf(model, tok, {"step": 1}, str(tmp_path / "hf"))
+    tokens = _tokens(tok)
+    with torch.no_grad():
+        ours, theirs = model(tokens)[0], _load(tmp_path / "hf")(input_ids=tokens).logits
+    torch.testing.assert_close(theirs, ours, **TOL)
+
+
 @pytest.mark.parametrize("text", ["The quick brown fox", " and"])  # " and" runs into <|end|>s
 def test_greedy_generate_equals_raylm(tok, exported, text):
     model, out = exported
