@@ -54,6 +54,11 @@ class StorageError(UserError, OSError):
         return type(self), (self.uri, self.problem)
 
 
+class OutputExistsError(UserError, FileExistsError):
+    """An output the user named (an export directory, file or prefix) exists already, and
+    raylm never writes over one; a `FileExistsError` too, for callers that catch that."""
+
+
 class PathNotFoundError(UserError, FileNotFoundError):
     """A file or directory the user named (a tokenizer, a run, a checkpoint) does not exist;
     a `FileNotFoundError` too, for callers that catch that."""

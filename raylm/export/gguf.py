@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raylm.errors import CheckpointError, ConfigError
+from raylm.errors import CheckpointError, ConfigError, OutputExistsError
 from raylm import storage
 from raylm.config import S3Config
 from raylm.export.hf import CHAT_TEMPLATE
@@ -229,7 +229,7 @@ def export_gguf(model, tokenizer: Tokenizer, meta: dict, out_path: str, dtype: s
     _check(model, tokenizer)
     out = Path(out_path)
     if out.exists():
-        raise FileExistsError(f"{out}: already exists; export to a new file")
+        raise OutputExistsError(f"{out}: already exists; export to a new file")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
@@ -256,7 +256,7 @@ def export_run_gguf(uri: str, out: str, s3: S3Config | None = None, checkpoint: 
         src = checkpoint if storage.is_s3(checkpoint) or os.sep in checkpoint or "/" in checkpoint \
             else storage.join(uri, checkpoint)
     if storage.is_s3(out) and storage.exists(out + MARKER_SUFFIX, s3):
-        raise FileExistsError(f"{out}: already holds a complete export; export to a new key")
+        raise OutputExistsError(f"{out}: already holds a complete export; export to a new key")
     model, tok, meta = load_for_inference(src, s3)
     meta = {**meta, "source": src}
     if not storage.is_s3(out):

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from raylm.errors import CheckpointError, ConfigError
+from raylm.errors import CheckpointError, ConfigError, OutputExistsError
 from raylm import storage
 from raylm.config import S3Config
 from raylm.hf import hf_llama_config, to_hf_state_dict
@@ -186,7 +186,7 @@ def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torc
         raise ConfigError(f"max_shard_bytes={max_shard_bytes}: must be positive")
     out = Path(out_dir)
     if out.exists():
-        raise FileExistsError(f"{out}: already exists; export into a new directory")
+        raise OutputExistsError(f"{out}: already exists; export into a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -211,7 +211,7 @@ def export_run(uri: str, out: str, s3: S3Config | None = None, checkpoint: str |
         src = checkpoint if storage.is_s3(checkpoint) or os.sep in checkpoint or "/" in checkpoint \
             else storage.join(uri, checkpoint)
     if storage.is_s3(out) and storage.exists(storage.join(out, EXPORT_MARKER), s3):
-        raise FileExistsError(f"{out}: already holds a complete export; export to a new prefix")
+        raise OutputExistsError(f"{out}: already holds a complete export; export to a new prefix")
     model, tok, meta = load_for_inference(src, s3)
     meta = {**meta, "source": src}
     if not storage.is_s3(out):
