@@ -201,7 +201,19 @@ def _boto3_client(endpoint: str, region: str, max_attempts: int):
         s3={"addressing_style": "path"} if endpoint else None,
     )
     # A private session: boto3's default session is not thread-safe to create clients from.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
+    client.meta.events.register("before-send.s3", _without_expect_continue)
+    return client
+
+
+def _without_expect_continue(request, **_) -> None:
+    """Send PUTs without `Expect: 100-continue`. After a zero-byte PUT (an empty file, a
+    directory marker), botocore parses the next PUT's response on that pooled connection
+    against a stale status line, waits out the 60 s read timeout, and silently sends the
+    request again (boto/botocore#3755; SeaweedFS and MinIO show it every time). raylm's
+    boto3 objects are small, so waiting for 100-continue saves nothing; the header is not
+    signed, so dropping it keeps the signature valid."""
+    request.headers.pop("Expect", None)
 
 
 def filesystem(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:

@@ -43,6 +43,27 @@ def test_write_read_exists_overwrite(s3_prefix):
     assert storage.exists(f"s3://{s3_prefix.split('/')[2]}")  # the bucket itself
 
 
+def test_a_put_after_an_empty_one_is_sent_once(s3_prefix):
+    """botocore's `Expect: 100-continue` after a zero-byte PUT leaves the pooled connection
+    reading a stale status line: the next PUT waits out the read timeout and is silently sent
+    again (boto/botocore#3755). raylm's client sends each PUT exactly once."""
+    sent = []
+
+    def count(request, **_):
+        sent.append(request.method)
+
+    client = storage.boto3_client()
+    client.meta.events.register("before-send.s3", count)
+    try:
+        for i in range(2):
+            storage.write_bytes(join(s3_prefix, f"empty{i}"), b"")
+            storage.write_bytes(join(s3_prefix, f"full{i}"), b"x" * 1000)
+    finally:
+        client.meta.events.unregister("before-send.s3", count)
+    assert sent == ["PUT"] * 4, f"{len(sent)} requests sent for 4 PUTs: a hidden retry"
+    assert storage.read_bytes(join(s3_prefix, "full1")) == b"x" * 1000
+
+
 def test_list_files_dir_file_and_globs(s3_prefix):
     names = ["a.txt", "b.parquet", "sub/c.parquet", "sub/deeper/d.parquet", "sub/e.txt", "subx/f.parquet"]
     put_tree(s3_prefix, names)
