@@ -1,20 +1,25 @@
 """Does the best learning rate stay put as the model widens? Standard parametrisation
 against muP (`model.width_scaling`), on CPU, in this process (no Ray).
 
-For each parametrisation and each width, the same learning-rate grid is trained for --steps
-optimizer steps (`raylm.train.train_step`, the step every run takes, with the run's warmup
-and cosine schedule), and scored by the mean loss on held-out batches. Both widths share
-depth, head size (heads are added as the model widens, as muP assumes here), data, seed and
-batches; muP's base width is the narrow one, so at that width both parametrisations are the
-same model and their rows must agree.
+The sweep is `raylm.mup_sweep` (shared with tests/unit/test_mup_transfer.py): for each
+parametrisation and each width, the same learning-rate grid is trained for --steps optimizer
+steps (`raylm.train.train_step`, with the run's warmup and cosine schedule) and scored by the
+mean loss on held-out batches. Both widths share depth, head size (heads are added as the
+model widens), data, seed and batches; muP's base width is the narrow one, where muP is the
+standard model exactly (tests/unit/test_mup.py), so that row is trained once and shared.
 
-The tokens are the UTF-8 bytes of the built-in offline corpus (vocabulary 256): nothing to
-download, no tokenizer to train. The best learning rate of each row is the grid point with
-the lowest held-out loss, and `shift_log2` how many doublings it moves from the narrow width
-to the wide one; muP aims at 0.
+--corpus builtin (the default): the UTF-8 bytes of the built-in offline corpus (vocabulary
+256). --corpus markov: the generated Markov chain the unit test uses, whose loss curves are
+far sharper; run it with the test's sizes and other --seed/--data-seed values to see how
+robust the test's margin is. `shift_log2` is how many doublings the best grid point moves
+from the narrow width to the wide one, `fitted_shift_log2` the same for the vertex of a
+parabola through the best point and its neighbours; muP aims at 0.
 
     python benchmarks/mup_transfer.py --out benchmarks/results/cpu-mup-transfer.json \\
         --plot benchmarks/results/cpu-mup-transfer.png
+    python benchmarks/mup_transfer.py --corpus markov --seq 32 --steps 30 --val-batches 4 \\
+        --lrs 0.001953125 0.00390625 0.0078125 0.015625 0.03125 0.0625 0.125 \\
+        --seed 3 --data-seed 3
 """
 
 from __future__ import annotations
@@ -30,10 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.emit import run_and_emit  # noqa: E402
-from raylm.config import ModelConfig, TrainConfig  # noqa: E402
-from raylm.model import build_model  # noqa: E402
-from raylm.objectives import NextTokenObjective  # noqa: E402
-from raylm.train import evaluate, lr_at, make_optimizer, train_step  # noqa: E402
+from raylm.mup_sweep import SweepConfig, batches, best_log2_lr, markov_tokens, sweep  # noqa: E402
 
 
 def corpus_tokens(n_bytes: int) -> torch.Tensor:
@@ -49,29 +51,14 @@ def corpus_tokens(n_bytes: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(b"".join(chunks)[:n_bytes]), dtype=torch.uint8).long()
 
 
-def batches(tokens: torch.Tensor, seq: int, batch: int, n: int, offset: int) -> list[dict]:
-    rows = tokens[offset:offset + n * batch * (seq + 1)].view(n, batch, seq + 1)
-    return [{"tokens": r} for r in rows]
-
-
-def run_one(width: int, scaling: str, lr: float, args, train, val) -> float:
-    mc = ModelConfig(vocab_size=256, dim=width, n_layers=args.layers, n_heads=width // args.head_dim,
-                     max_seq_len=args.seq, width_scaling=scaling, base_dim=args.widths[0])
-    tc = TrainConfig(lr=lr, max_steps=args.steps, warmup_steps=args.steps // 10, min_lr_ratio=0.1,
-                     weight_decay=0.0, num_workers=1, micro_batch_size=args.batch, global_batch_size=args.batch)
-    model = build_model(mc, seed=args.seed)
-    opt = make_optimizer(model, tc, torch.device("cpu"))
-    obj = NextTokenObjective()
-    for step in range(args.steps):
-        stats = train_step(model, opt, [train[step % len(train)]], obj, lr_at(step, tc), tc.grad_clip)
-        if not math.isfinite(stats.loss):
-            return float("inf")
-    loss, _ = evaluate(model, obj, val)
-    return loss if math.isfinite(loss) else float("inf")
-
-
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", choices=["builtin", "markov"], default="builtin",
+                   help="builtin: the offline corpus's bytes; markov: the generated chain of "
+                        "tests/unit/test_mup_transfer.py (vocabulary --vocab, 4 successors a token)")
+    p.add_argument("--vocab", type=int, default=64, help="--corpus markov's vocabulary")
+    p.add_argument("--data-seed", type=int, default=0, help="--corpus markov's chain and sample")
+    p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--widths", type=int, nargs=2, default=[32, 128])
     p.add_argument("--head-dim", type=int, default=16)
     p.add_argument("--layers", type=int, default=2)
@@ -85,28 +72,37 @@ def main() -> dict:
     p.add_argument("--plot", default="")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    need = (args.steps + 8) * args.batch * (args.seq + 1)
-    tokens = corpus_tokens(need)
-    train = batches(tokens, args.seq, args.batch, args.steps, 0)
-    val = batches(tokens, args.seq, args.batch, 8, args.steps * args.batch * (args.seq + 1))
+    vocab = 256 if args.corpus == "builtin" else args.vocab
+    cfg = SweepConfig(widths=tuple(args.widths), lrs=tuple(args.lrs), vocab_size=vocab, head_dim=args.head_dim,
+                      n_layers=args.layers, seq_len=args.seq, batch_size=args.batch, steps=args.steps,
+                      warmup_steps=args.steps // 10, seed=args.seed)
+    need = (args.steps + args.val_batches) * args.batch * (args.seq + 1)
+    if args.corpus == "builtin":
+        tokens = corpus_tokens(need)
+    else:
+        tokens = markov_tokens(vocab, 4, need, args.data_seed)
+    train = batches(tokens, cfg, args.steps)
+    val = batches(tokens, cfg, args.val_batches, offset=args.steps * args.batch * (args.seq + 1))
     t0 = time.time()
+    names = {"none": "standard", "mup": "muP"}
+    log = lambda s, w, losses: print(names[s], w, [round(v, 4) for v in losses], file=sys.stderr)  # noqa: E731
+    result = sweep(cfg, train, val, progress=log)
     rows = []
-    for scaling in ("none", "mup"):
-        for width in args.widths:
-            losses = [run_one(width, scaling, lr, args, train, val) for lr in args.lrs]
-            best = min(range(len(losses)), key=losses.__getitem__)
-            rows.append({"parametrisation": "standard" if scaling == "none" else "muP", "width": width,
-                         "best_lr": args.lrs[best], "best_val_loss": round(losses[best], 4),
-                         "val_loss_by_lr": {f"{lr:.3g}": round(v, 4) for lr, v in zip(args.lrs, losses)}})
-            print(rows[-1], file=sys.stderr)
-    shift = {}
+    for (scaling, width), losses in result.items():
+        best = min(range(len(losses)), key=losses.__getitem__)
+        rows.append({"parametrisation": names[scaling], "width": width,
+                     "best_lr": args.lrs[best], "best_val_loss": round(losses[best], 4),
+                     "fitted_best_log2_lr": round(best_log2_lr(args.lrs, losses), 2),
+                     "val_loss_by_lr": {f"{lr:.3g}": round(v, 4) for lr, v in zip(args.lrs, losses)}})
+    shift, fitted = {}, {}
     for name in ("standard", "muP"):
         narrow, wide = [r for r in rows if r["parametrisation"] == name]
         shift[name] = round(math.log2(wide["best_lr"] / narrow["best_lr"]), 2)
+        fitted[name] = round(wide["fitted_best_log2_lr"] - narrow["fitted_best_log2_lr"], 2)
     if args.plot:
         plot(rows, args.lrs, args.plot)
-    return {"benchmark": "mup_transfer", "rows": rows, "shift_log2": shift, "seconds": round(time.time() - t0, 1),
-            "settings": {k: v for k, v in vars(args).items()}}
+    return {"benchmark": "mup_transfer", "rows": rows, "shift_log2": shift, "fitted_shift_log2": fitted,
+            "seconds": round(time.time() - t0, 1), "settings": {k: v for k, v in vars(args).items()}}
 
 
 def plot(rows: list[dict], lrs: list[float], path: str) -> None:

@@ -145,7 +145,7 @@ def cmd_tokenizer_train(args) -> None:
 def cmd_data_prepare(args) -> None:
     import dataclasses
 
-    from raylm.data import prepare
+    from raylm.data import corpus_files, prepare, runs_in_process
     from raylm.generate import load_tokenizer
     from raylm.pipeline import init_ray, log, preflight
 
@@ -158,7 +158,8 @@ def cmd_data_prepare(args) -> None:
     cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=tok_path))
     cfg, corpus = preflight(cfg, out=args.out)
     tok = load_tokenizer(tok_path, cfg.s3)
-    init_ray(cfg)
+    if not runs_in_process(cfg.data, *(corpus or corpus_files(cfg.data, cfg.s3))):
+        init_ray(cfg)
     manifest = prepare(cfg.data, tok, args.out, cfg.seed, cfg.s3, log=log, corpus=corpus)
     st = manifest["stats"]
     print(json.dumps({"out": args.out, "train_blocks": manifest["train"]["blocks"],
@@ -299,7 +300,8 @@ def cmd_plan(args) -> None:
     from raylm.plan import format_table, make_plan, write_recipe
 
     plan = make_plan(args.size, args.gpus, args.nodes, args.tokens, args.language, args.domain, args.seq_len,
-                     args.mfu, args.train_tokens, args.memory_gb, args.data or "", args.name)
+                     args.mfu, args.train_tokens, args.memory_gb, args.data or "", args.name,
+                     args.replicate_degree)
     print(format_table(plan))
     if args.out:
         write_recipe(plan, args.out)
@@ -478,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--memory-gb", type=float, help="memory per device, GiB, instead of the datasheet's")
     sp.add_argument("--data", help="corpus path for the config's data.path (local or s3://)")
     sp.add_argument("--name", help="run name in the config (default: <size>-<devices><device>)")
+    sp.add_argument("--replicate-degree", type=int, default=1, metavar="N",
+                    help="HSDP: N replicas, each sharding over devices/N (train.replicate_degree; default 1, plain FSDP)")
     sp.add_argument("--out", metavar="FILE.yaml", help="write the config here (local or s3://)")
     sp.set_defaults(func=cmd_plan)
     return p

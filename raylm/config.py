@@ -295,6 +295,11 @@ class DataConfig:
     shuffle_window: int = 1024
     blocks_per_shard: int = 4096  # rows per prepared parquet shard (1 to 8 MB at seq 256-1024)
     tokenizer_actors: int = 0  # 0: auto (prepare: one per core, CPUs left for reads; stream: a share per worker)
+    # `prepare` runs corpora smaller than this (MB) in the driver process, the same stages on
+    # one thread per core, instead of on a Ray Data actor pool. Actors take seconds to start
+    # and then move every batch between processes; below this size one process is done first
+    # (raylm.data.runs_in_process; benchmarks/tokenize_throughput.py measures both). 0: always Ray Data.
+    in_process_mb: float = 64.0
     max_bad_records: int = 0  # 0: the first bad record is an error
     # Duplicates waste compute and teach memorisation. "exact": same text after cleaning;
     # "near": also MinHash/LSH near-duplicates (an extra pass over the corpus); "none": off.
@@ -327,6 +332,7 @@ class DataConfig:
         "shuffle_window": at_least(1, "1: no shuffle"),
         "blocks_per_shard": at_least(1),
         "tokenizer_actors": at_least(0, "0: auto"),
+        "in_process_mb": at_least(0, "0: always Ray Data"),
         "max_bad_records": at_least(0),
         # Both ends are degenerate: 0 calls every pair a duplicate, 1 only identical shingle sets.
         "near_dup_threshold": within(0, 1, lo_open=True, hi_open=True),
@@ -387,6 +393,11 @@ class TrainConfig:
     # False keeps each block's gathered parameters from forward to backward: one all-gather
     # fewer per block and step, for the memory of unsharded blocks. Worth it for small models.
     reshard_after_forward: bool = True
+    # HSDP: >1 splits the workers into this many replicas, each sharding the model over
+    # num_workers / replicate_degree of them, with one gradient all-reduce across replicas a
+    # step; the node count keeps the per-block all-gathers on a node's own links. 1 is plain
+    # FSDP over every worker: the least state per device, and all one node needs.
+    replicate_degree: int = 1
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8  # micro-batches per worker for each validation pass
@@ -418,6 +429,7 @@ class TrainConfig:
 
     RANGES: ClassVar[dict[str, Range]] = {
         "num_workers": at_least(1),
+        "replicate_degree": at_least(1, "1: plain FSDP"),
         # Ray reserves this many CPUs per worker; 0 would pack any number of workers on one core.
         "cpus_per_worker": above(0),
         "micro_batch_size": at_least(1),
@@ -463,6 +475,9 @@ class TrainConfig:
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size * train.num_workers = {self.micro_batch_size} * {self.num_workers}"
             )
+        if self.num_workers % self.replicate_degree:  # the workers are the world (one per device)
+            raise ConfigError(f"train.replicate_degree={self.replicate_degree} does not divide "
+                              f"train.num_workers={self.num_workers}: each replica shards over an equal share")
 
     def for_device(self, device_type: str) -> "TrainConfig":
         """This config with every "auto" setting made concrete for a device type ("cuda",
@@ -607,6 +622,11 @@ class ServeConfig:
     model_name: str = ""  # the `model` clients send; empty: the run directory's name
     device: str = "cpu"  # "cuda" for a GPU replica (num_gpus=1 is then set on it)
     max_batch_size: int = 16  # sequences decoded together; the 3x goal is measured at 16
+    # Prompt tokens prefilled per engine step, over all new requests (longer prompts go in
+    # chunks): it bounds how long one step, so every running request's next token, waits
+    # for newcomers. 512 is vLLM's chunked-prefill budget: on a GPU about where a forward
+    # turns compute-bound (so it costs a decode step's time); on a CPU a few decode steps'.
+    prefill_tokens_per_step: int = 512
     # Requests a replica holds at once: the batch plus as many again waiting to join it, so a
     # slot freed mid-step is refilled without a round trip through the proxy.
     max_ongoing_requests: int = 32
@@ -630,6 +650,7 @@ class ServeConfig:
     RANGES: ClassVar[dict[str, Range]] = {
         "port": within(1, 65535),
         "max_batch_size": at_least(1),
+        "prefill_tokens_per_step": at_least(1),
         "max_ongoing_requests": at_least(1),
         "max_queued_requests": Range(lo=1, off=-1, note="-1: unbounded"),
         "backpressure_status": within(429, 503),

@@ -27,6 +27,7 @@ writes through, so both modes train on the same blocks in the same order.
 
 from __future__ import annotations
 
+import collections
 import functools
 import gzip
 import hashlib
@@ -34,12 +35,14 @@ import io
 import json
 import os
 import re
+import threading
 import time
 import unicodedata
 import uuid
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -666,11 +669,12 @@ def _error_rows(group: dict) -> dict:
 SMALL_CORPUS_BYTES = 256 * 2**20
 
 
-def _edges_on_driver(keys, threshold: float):
+def _edges_on_driver(keys: Iterable[dict], threshold: float):
+    """Edges of every bucket of `keys` (`bucket_keys` batches), grouped here."""
     buckets: dict[bytes, dict] = {}
     compact: dict[tuple[int, int], bytes] = {}  # one signature per document, not one per band
     bad = {"file": [], "line": [], "error": []}
-    for b in keys.iter_batches(batch_format="numpy", batch_size=None):
+    for b in keys:
         for key, file, line, exact, sig, error in zip(b["key"], b["file"].tolist(), b["line"].tolist(),
                                                       b["exact"].tolist(), b["sig"], b["error"]):
             if key == ERROR_KEY:
@@ -693,7 +697,7 @@ def _edges_on_driver(keys, threshold: float):
 
 
 def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig,
-                    s3=None) -> tuple[dict[tuple[int, int], str], list[str]]:
+                    s3=None, in_process: bool = False) -> tuple[dict[tuple[int, int], str], list[str]]:
     """First pass over the corpus: (file index, line) -> "exact_duplicate" or
     "near_duplicate" for every document that repeats an earlier one (corpus order: training
     files, then validation files, so a validation copy of training text is the one dropped),
@@ -702,17 +706,21 @@ def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileI
     Hashing and MinHash run in parallel tasks; buckets are formed by a Ray Data groupby over
     the whole corpus (across all shards), or on the driver for small corpora; only the edges
     between duplicates reach the union-find, which joins them into clusters and keeps each
-    cluster's first document."""
+    cluster's first document. `in_process`: the same stages on threads here (`runs_in_process`)."""
     import ray
 
-    docs = _cleaned_documents(files, val_files, cfg, s3)
-    keys = docs.map_batches(bucket_keys, fn_kwargs={"mode": cfg.dedup, "num_perm": cfg.minhash_perm,
-                                                    "threshold": cfg.near_dup_threshold})
-    if sum(f.size for f in files + val_files) < SMALL_CORPUS_BYTES:
-        edges = _edges_on_driver(keys, cfg.near_dup_threshold)
+    hashing = {"mode": cfg.dedup, "num_perm": cfg.minhash_perm, "threshold": cfg.near_dup_threshold}
+    if in_process:
+        clean = _clean_file(files, val_files, cfg, s3)
+        edges = _edges_on_driver(_ordered_map(lambda f: bucket_keys(clean(f), **hashing), files + val_files,
+                                              _threads(cfg)), cfg.near_dup_threshold)
+    elif sum(f.size for f in files + val_files) < SMALL_CORPUS_BYTES:
+        keys = _cleaned_documents(files, val_files, cfg, s3).map_batches(bucket_keys, fn_kwargs=hashing)
+        edges = _edges_on_driver(keys.iter_batches(batch_format="numpy", batch_size=None), cfg.near_dup_threshold)
     else:
         # One partition per CPU: Ray Data's default (200) is sized for clusters, not a laptop.
         partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        keys = _cleaned_documents(files, val_files, cfg, s3).map_batches(bucket_keys, fn_kwargs=hashing)
         edges = keys.groupby("key", num_partitions=partitions).map_groups(
             bucket_edges, batch_format="numpy", fn_kwargs={"threshold": cfg.near_dup_threshold}
         ).iter_batches(batch_format="numpy", batch_size=None)
@@ -751,6 +759,58 @@ def _document_stream(files, val_files, cfg: DataConfig, tokenizer, s3, tokenizer
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(TokenizeDocuments, fn_constructor_args=(tokenizer,), batch_format="pyarrow",
                               batch_size=None, compute=ActorPoolStrategy(size=size), max_restarts=actor_restarts())
+
+
+def runs_in_process(cfg: DataConfig, files: list, val_files: list) -> bool:
+    """Whether `prepare` runs its stages here, on threads over the files, instead of on Ray
+    Data: below data.in_process_mb a corpus is done before an actor pool would have started."""
+    return sum(f.size for f in files + val_files) < cfg.in_process_mb * 1e6
+
+
+def _threads(cfg: DataConfig) -> int:
+    return cfg.tokenizer_actors or os.cpu_count() or 1
+
+
+def _ordered_map(fn: Callable, items: list, workers: int):
+    """fn over items on `workers` threads, yielding results in the items' order, with at most
+    2 * workers in flight (memory stays a few files' worth). Arrow's kernels and SentencePiece
+    run outside the GIL, which is where these stages spend their time."""
+    with ThreadPoolExecutor(max(1, min(workers, len(items))), thread_name_prefix="raylm-data") as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _clean_file(files, val_files, cfg: DataConfig, s3, drop: dict | None = None, redact: tuple[str, ...] = (),
+                tail: bool = False) -> Callable:
+    """`_cleaned_documents`'s stage for one file, in this process: FileInfo -> cleaned batch."""
+    order = {f.uri: i for i, f in enumerate(files + val_files)}
+    val = frozenset(f.uri for f in val_files)
+
+    def clean(f: storage.FileInfo) -> dict:
+        return parse_and_clean({"path": [f.uri], "bytes": [storage.read_bytes(f.uri, s3)]}, cfg, order, val,
+                               drop, redact, tail)
+
+    return clean
+
+
+def _document_batches_in_process(files, val_files, cfg: DataConfig, tokenizer, s3, drop: dict):
+    """`_document_stream`'s batches, made here: each thread reads, cleans and tokenizes whole
+    files with its own copy of the tokenizer (a segment cache is not shared between threads)."""
+    clean = _clean_file(files, val_files, cfg, s3, drop, cfg.redact_pii,
+                        tail=val_split_mode(cfg, files, val_files) == "tail")
+    local = threading.local()
+
+    def tokenized(f: storage.FileInfo) -> pa.Table:
+        if not hasattr(local, "stage"):
+            local.stage = TokenizeDocuments(tokenizer.fork())
+        return local.stage(pa.table(clean(f)))
+
+    return _ordered_map(tokenized, files + val_files, _threads(cfg))
 
 
 def actor_restarts() -> int:
@@ -806,7 +866,7 @@ def corpus_files(cfg: DataConfig, s3) -> tuple[list[storage.FileInfo], list[stor
     return files, val_files
 
 
-def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log) -> dict:
+def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log, in_process: bool = False) -> dict:
     """The first pass: (file, line) -> verdict for every document de-duplication drops.
     It reads every record, so bad ones past data.max_bad_records stop the run here, before
     any tokenizing (and, with data.mode=stream, before training starts)."""
@@ -814,7 +874,7 @@ def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log)
         return {}
     t0 = time.time()
     log(f"data: finding {cfg.dedup} duplicates across {len(files) + len(val_files)} files")
-    drop, bad = find_duplicates(files, val_files, cfg, s3)
+    drop, bad = find_duplicates(files, val_files, cfg, s3, in_process)
     _check_error_budget(bad, cfg)
     stats.dedup_seconds = round(time.time() - t0, 2)
     log(f"data: {len(drop)} duplicate documents found in {stats.dedup_seconds:.1f}s")
@@ -899,11 +959,18 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     block_len = cfg.seq_len + 1
     stats = PrepareStats(files=len(files) + len(val_files), bytes_read=sum(f.size for f in files + val_files))
     t0 = time.time()
-    drop = _duplicates(files, val_files, cfg, s3, stats, log)
+    in_process = runs_in_process(cfg, files, val_files)
+    if in_process:
+        log(f"data: {stats.bytes_read / 1e6:.1f} MB, under data.in_process_mb={cfg.in_process_mb:g}: "
+            f"preparing in this process on {min(_threads(cfg), stats.files)} threads")
+    drop = _duplicates(files, val_files, cfg, s3, stats, log, in_process)
     writers = {s: ShardWriter(attempt, s, block_len, cfg.blocks_per_shard, s3) for s in ("train", "val")}
     last = time.time()
-    batches = _document_stream(files, val_files, cfg, tokenizer, s3, actors, drop).iter_batches(
-        batch_format="pyarrow", batch_size=None)
+    if in_process:
+        batches = _document_batches_in_process(files, val_files, cfg, tokenizer, s3, drop)
+    else:
+        batches = _document_stream(files, val_files, cfg, tokenizer, s3, actors, drop).iter_batches(
+            batch_format="pyarrow", batch_size=None)
     for split, block, sources in packed_blocks(batches, cfg, tokenizer.eos_id, seed, stats):
         writers[split].add(block, sources)
         if time.time() - last > 5:

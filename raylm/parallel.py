@@ -4,6 +4,10 @@ This is the only module that knows about meshes and mixed precision. The order i
 (as in torchtitan's `parallelize_llama`): swap in float8 linears, checkpoint-wrap each block,
 compile each block, then `fully_shard` each block and finally the root, all on a model still
 on the meta device. `materialize` then allocates the local shards and runs the model's own init.
+
+The mesh is 1-D (FSDP: every rank holds 1/world of the state) unless train.replicate_degree
+asks for HSDP: a 2-D mesh (replicate, shard) on which `fully_shard` shards within each group
+of world/replicate_degree ranks and all-reduces gradients across the replicas.
 """
 
 from __future__ import annotations
@@ -79,17 +83,46 @@ def apply_compile(model: Transformer) -> None:
         model.layers[i] = torch.compile(block, fullgraph=True)
 
 
-def shard_model(model: Transformer, precision: str, reshard_after_forward: bool = True) -> None:
-    """FSDP2 over the default process group: each block is one all-gather unit, the root
-    (embeddings, final norm, head) another."""
+# The HSDP mesh of the current process group, made once: each mesh is a set of new process
+# groups (NCCL communicators and their buffers on GPUs), and DPO's reference model shards
+# like its policy. Keyed by the default group object itself, so that a group destroyed and
+# created again (tests, benchmarks) never gets a mesh of the old one.
+_meshes: dict[tuple, object] = {}
+
+
+def data_parallel_mesh(device: torch.device, replicate_degree: int = 1):
+    """The mesh `fully_shard` runs on: None (FSDP over the default process group) for
+    replicate_degree 1, else a 2-D DeviceMesh (replicate=replicate_degree, shard=world/it),
+    which is how FSDP2 does HSDP. Ranks are laid out row-major, so with one Ray Train worker
+    per GPU and replicate_degree = nodes each shard group is one node's GPUs (Ray Train
+    gives the workers of a node consecutive ranks)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not isinstance(replicate_degree, int) or replicate_degree < 1 or world % replicate_degree:
+        raise ConfigError(f"train.replicate_degree={replicate_degree!r} must be a positive divisor of "
+                          f"the world size {world}")
+    if replicate_degree == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (dist.group.WORLD, torch.device(device).type, replicate_degree)
+    if key not in _meshes:
+        _meshes.clear()  # a mesh of an older process group is dead
+        _meshes[key] = init_device_mesh(torch.device(device).type, (replicate_degree, world // replicate_degree),
+                                        mesh_dim_names=("replicate", "shard"))
+    return _meshes[key]
+
+
+def shard_model(model: Transformer, precision: str, reshard_after_forward: bool = True, mesh=None) -> None:
+    """FSDP2 on `mesh` (None: the default process group; 2-D: HSDP): each block is one
+    all-gather unit, the root (embeddings, final norm, head) another."""
     from torch.distributed.fsdp import fully_shard
 
     mp = mixed_precision_policy(precision)
     n = len(model.layers)
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
 
 
 def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
@@ -110,13 +143,16 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 
 def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str, seed: int,
                          compile: bool | str = False, activation_checkpointing: bool = False,
-                         reshard_after_forward: bool = True, float8: bool = False) -> Transformer:
+                         reshard_after_forward: bool = True, float8: bool = False,
+                         replicate_degree: int = 1) -> Transformer:
     """Meta-device model -> float8 -> checkpointing -> compile -> FSDP2 (if distributed) -> materialised.
     compile="auto" (train.compile's default) compiles on CUDA only (raylm.config.device_defaults).
+    replicate_degree > 1: HSDP over `data_parallel_mesh` (train.replicate_degree).
 
     Without an initialised process group the model stays plain and runs in fp32; use
     `init_local_process_group` to get the sharded path (and bf16) in one process.
     """
+    mesh = data_parallel_mesh(device, replicate_degree)  # first: a bad degree fails before any work
     with torch.device("meta"):
         model = Transformer(cfg)
     if float8:
@@ -128,7 +164,7 @@ def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str,
     if compile:
         apply_compile(model)
     if dist.is_available() and dist.is_initialized():
-        shard_model(model, precision, reshard_after_forward)
+        shard_model(model, precision, reshard_after_forward, mesh)
     elif precision != "fp32":
         raise ValueError(f"precision={precision!r} needs a process group: call init_local_process_group first")
     materialize(model, device, seed)

@@ -11,7 +11,8 @@ batch, LR      GPT-3's table (Brown et al. 2020, table 2.1): 0.5M tokens a step 
                log-log between its sizes, plus raylm's own CPU sweep for the tiny model (3e-3).
                The batch is capped so a run takes at least MIN_STEPS optimizer steps.
 warmup         GPT-3's 375M tokens, at least 1% of the steps and 30 steps, at most 10%.
-memory         per device, under raylm's FSDP2 sharding over S devices (see `memory_per_device`).
+memory         per device, under raylm's FSDP2 sharding over S devices (see `memory_per_device`):
+               all of them, or under HSDP (train.replicate_degree=R) the devices / R of one replica.
 time           6N + 12LdT FLOPs per token (raylm.metrics.flops_per_token) over devices x peak x
                MFU, with one extra forward (x 4/3) when activations are recomputed.
 data workers   tokens/s training consumes over the measured tokenize rate of raylm's data
@@ -87,6 +88,10 @@ class Hardware:
     @property
     def devices(self) -> int:
         return self.per_node * self.nodes
+
+    def shard(self, replicate_degree: int = 1) -> int:
+        """Devices each parameter is sharded over: all of them, or one HSDP replica's share."""
+        return self.devices // replicate_degree
 
     @property
     def usable(self) -> float:
@@ -262,6 +267,7 @@ class Plan:
     warmup: int
     checkpointing: bool
     precision: str
+    replicate_degree: int  # train.replicate_degree: 1 is FSDP over every device, R > 1 HSDP
     memory: Memory
     mfu: float
     tokens_per_s: float
@@ -308,17 +314,18 @@ def bytes_per_token(vocab: int, language: str, domain: str) -> float:
     return base * DOMAIN_FACTOR.get(domain, 1.0) * (1.0 if language == "en" else OTHER_LANGUAGE_FACTOR)
 
 
-def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: int, precision: str):
+def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: int, precision: str, replicate_degree: int = 1):
     """The largest power-of-two micro-batch (up to what one rank needs a step) that fits,
     without activation checkpointing if any does (recompute costs a third more compute),
-    else with it. None if nothing fits."""
+    else with it, with the state sharded over `hw.shard(replicate_degree)` devices. None if
+    nothing fits."""
     sharded = hw.kind == "gpu" or hw.devices > 1
     for checkpointing in (False, True):
         mb = 1 << (max(1, per_rank).bit_length() - 1)
         while mb >= 1:
             accumulation = max(1, round(per_rank / mb))
-            mem = memory_per_device(cfg, seq_len, mb, hw.devices, precision, checkpointing, accumulation, sharded,
-                                    loss_chunk_for(hw.kind))
+            mem = memory_per_device(cfg, seq_len, mb, hw.shard(replicate_degree), precision, checkpointing,
+                                    accumulation, sharded, loss_chunk_for(hw.kind))
             if mem.total <= hw.usable:
                 return mb, accumulation, checkpointing, mem
             mb //= 2
@@ -328,9 +335,14 @@ def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: int, precision:
 def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = None, language: str = "en",
               domain: str = "web", seq_len: int | None = None, mfu: float | None = None,
               train_tokens: str | int | None = None, memory_gb: float | None = None, data: str = "",
-              name: str | None = None) -> Plan:
+              name: str | None = None, replicate_degree: int = 1) -> Plan:
+    """`replicate_degree` is train.replicate_degree: >1 plans HSDP, with the state sharded
+    over the devices / replicate_degree devices of one replica instead of over all of them."""
     preset, cfg = resolve_size(size)
     hw = parse_hardware(gpus, nodes, memory_gb)
+    if not isinstance(replicate_degree, int) or replicate_degree < 1 or hw.devices % replicate_degree:
+        raise ConfigError(f"train.replicate_degree={replicate_degree!r} must be a positive divisor of the "
+                          f"{hw.devices} devices")
     n = count_params(cfg)
     notes: list[str] = []
     precision = "bf16" if hw.kind == "gpu" else "fp32"
@@ -366,11 +378,13 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
     # Batch: the target sequences a step, split over the data-parallel ranks (every device).
     target = min(_batch_tokens(n), budget / MIN_STEPS)
     per_rank = max(1, round(target / seq_len / hw.devices))
-    fit = _fit(cfg, hw, seq_len, per_rank, precision)
+    fit = _fit(cfg, hw, seq_len, per_rank, precision, replicate_degree)
     if fit is None:
-        need = memory_per_device(cfg, seq_len, 1, hw.devices, precision, True, per_rank, True, loss_chunk_for(hw.kind))
+        need = memory_per_device(cfg, seq_len, 1, hw.shard(replicate_degree), precision, True, per_rank, True,
+                                 loss_chunk_for(hw.kind))
+        hsdp = f" under HSDP (train.replicate_degree={replicate_degree})" if replicate_degree > 1 else ""
         raise ConfigError(
-            f"--size {size} does not fit on {hw}: {need.total / GiB:.1f} GiB per device even with micro-batch 1 "
+            f"--size {size} does not fit on {hw}{hsdp}: {need.total / GiB:.1f} GiB per device even with micro-batch 1 "
             f"and activation checkpointing (params {need.params / GiB:.1f}, grads {need.grads / GiB:.1f}, "
             f"optimizer {need.optimizer / GiB:.1f}, activations {need.activations / GiB:.1f}), "
             f"{hw.usable / GiB:.1f} GiB usable; add devices (--nodes) or use a larger one")
@@ -388,12 +402,13 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
     bpt = bytes_per_token(cfg.vocab_size, language, domain)
     data_cpus = math.ceil(tokens_per_s * bpt / TOKENIZE_BYTES_PER_S_PER_CPU)
 
-    if hw.nodes > 1:
-        hsdp = _fit(cfg, replace(hw, nodes=1), seq_len, per_rank, precision)
+    if hw.nodes > 1 and replicate_degree == 1:
+        hsdp = _fit(cfg, hw, seq_len, per_rank, precision, hw.nodes)
         notes.append(
-            f"HSDP (shard within a node, replicate across {hw.nodes}) would keep all-gathers on the node's links"
+            f"HSDP (train.replicate_degree={hw.nodes}: shard within a node, replicate across {hw.nodes}) would keep "
+            f"all-gathers on the node's links"
             + (f" and fits ({hsdp[3].total / GiB:.1f} GiB/device)" if hsdp else " but does not fit")
-            + "; raylm shards FSDP2 over all devices today, which this plan assumes")
+            + "; this plan shards FSDP2 over all devices (train.replicate_degree=1)")
     if accumulation > 1:
         notes.append(f"gradient accumulation holds unsharded fp32 gradients ({_bytes(4 * n)} per device) "
                      f"between micro-batches")
@@ -403,14 +418,15 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
                  f"train.num_workers={hw.devices}", f"train.use_gpu={'true' if hw.kind == 'gpu' else 'false'}",
                  f"train.micro_batch_size={mb}", f"train.global_batch_size={global_batch}",
                  f"train.max_steps={steps}", f"train.lr={lr}", f"train.warmup_steps={warmup}",
-                 f"train.activation_checkpointing={'true' if checkpointing else 'false'}"]
+                 f"train.activation_checkpointing={'true' if checkpointing else 'false'}",
+                 f"train.replicate_degree={replicate_degree}"]
     overrides.append(f"tokenizer.vocab_size={tokenizer_vocab(preset)}")
     if data:
         overrides.append(("data.path", data))
     config = load_config(overrides=overrides)
     return Plan(preset, cfg, hw, n, available, train_tokens_final, epochs, rule, seq_len, global_batch, mb,
-                accumulation, steps, lr, warmup, checkpointing, precision, mem, mfu, tokens_per_s, hours,
-                data_cpus, bpt, language, domain, tuple(notes), config)
+                accumulation, steps, lr, warmup, checkpointing, precision, replicate_degree, mem, mfu, tokens_per_s,
+                hours, data_cpus, bpt, language, domain, tuple(notes), config)
 
 
 # --------------------------------------------------------------------------- output
@@ -425,8 +441,11 @@ def _count(x: float) -> str:
 
 def format_table(plan: Plan) -> str:
     hw, m = plan.hardware, plan.memory
+    r = plan.replicate_degree
     layout = ("one process, no sharding" if hw.kind == "cpu" and hw.devices == 1 else
               "FSDP2 on one device (nothing to shard; the same code path)" if hw.devices == 1 else
+              f"HSDP (train.replicate_degree={r}): {r} replicas, parameters, gradients and optimizer state "
+              f"sharded over the {hw.shard(r)} devices of each" if r > 1 else
               f"FSDP2, parameters sharded over all {hw.devices} devices")
     epochs = f", {plan.epochs:.2f} epochs of {_count(plan.available_tokens)}" if plan.epochs is not None else ""
     gib = _bytes

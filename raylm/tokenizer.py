@@ -17,6 +17,8 @@ Why these choices:
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import io
 import json
@@ -295,6 +297,12 @@ class Tokenizer:
         # One thread: parallelism comes from many Ray actors, each pinned to a CPU;
         # SentencePiece's own thread pool would oversubscribe the cores.
         return self._sp.encode(list(texts), num_threads=1)
+
+    def fork(self) -> "Tokenizer":
+        """The same tokenizer with a segment cache of its own, for another thread."""
+        other = copy.copy(self)
+        other._segments = None
+        return other
 
     def encode_flat(self, texts: pa.Array | pa.ChunkedArray | list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ids of many documents at once: one int32 array and int64 offsets (len(texts) + 1),

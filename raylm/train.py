@@ -354,7 +354,7 @@ def reference_model(cfg: Config, device: torch.device):
         return None
     precision = resolve_precision(cfg.train.precision, device)
     ref = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
-                               reshard_after_forward=True)
+                               reshard_after_forward=True, replicate_degree=cfg.train.replicate_degree)
     load_parent_weights(ref, cfg)
     ref.requires_grad_(False)
     return ref.eval()
@@ -769,7 +769,8 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     precision = resolve_precision(cfg.train.precision, device)
     model = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
                                  activation_checkpointing=cfg.train.activation_checkpointing,
-                                 reshard_after_forward=cfg.train.reshard_after_forward, float8=cfg.train.float8)
+                                 reshard_after_forward=cfg.train.reshard_after_forward, float8=cfg.train.float8,
+                                 replicate_degree=cfg.train.replicate_degree)
     optimizer = make_optimizer(model, cfg.train, device)
     rank, _ = _rank_world()
     ckpt = _broadcast(resume_point(cfg, resume) if rank == 0 else None)

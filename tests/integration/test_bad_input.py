@@ -163,8 +163,9 @@ def test_a_file_that_fails_to_read_inside_a_ray_task_is_one_line(tmp_path, docs,
     folder.mkdir()
     (folder / "good.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     (folder / "zz.jsonl").symlink_to("/proc/self/mem")
+    # data.in_process_mb=0: a corpus this small would be read in the driver, not in a Ray task.
     proc = raylm("data", "prepare", "--data", str(folder), "--out", str(tmp_path / "out"), "--tokenizer",
-                 tokenizer.path, cwd=tmp_path)
+                 tokenizer.path, "data.in_process_mb=0", cwd=tmp_path)
     both = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in both, both[-5000:]
     errors = [line for line in both.splitlines() if "raylm: error:" in line]

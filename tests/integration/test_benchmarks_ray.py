@@ -76,3 +76,11 @@ def test_quality_benchmark_trains_for_its_time_budget_and_scores(ray_local):
     assert out["within_budget"] == (out["wall_s"] <= out["budget_s"])
     assert out["goal_met"] is False  # 3 s of training is far from 2.25 bits/byte
     assert out["overrides"][-1] == "train.time_budget_s=3"
+    assert 0 <= out["startup_s"] < out["trained_until_s"] <= out["wall_s"]
+    # The peer: raylm's bare loop on the same model, tokenizer and held-out text, trained until
+    # as long after its own start as raylm's run trained after its start.
+    peer = out["peer"]
+    assert peer["steps"] > 0 and 0 < peer["val_bpb"] < 8 and peer["tokens_per_byte"] == out["tokens_per_byte"]
+    assert 0 <= peer["startup_s"] and peer["train_budget_s"] <= out["trained_until_s"]
+    assert out["ratio_bpb"] == round(out["val_bpb"] / peer["val_bpb"], 4)
+    assert out["ratio_goal_met"] == (out["val_bpb"] <= peer["val_bpb"])

@@ -130,6 +130,35 @@ def test_dedup_pii_provenance_and_data_card(ray_local, s3_prefix, tokenizer, pla
     assert summary and "as duplicates" in summary[-1] and "MB/s" in summary[-1], said
 
 
+def test_in_process_and_ray_data_prepare_write_the_same_dataset(ray_local, s3_prefix, tokenizer, planted):
+    """Small corpora are prepared in the driver (threads over files), large ones on a Ray Data
+    actor pool: the same stages, so the same manifest, provenance and blocks, including
+    de-duplication across shards, PII redaction and a bad record within the budget."""
+    p, shards = planted
+    # d.jsonl repeats four documents of c.jsonl, then breaks.
+    upload(f"{s3_prefix}/corpus", {**shards, "d.jsonl": jsonl(*p[30:34]) + b'{"text": broken\n'})
+    upload(f"{s3_prefix}/val", {"v.jsonl": jsonl(*p[34:40])})
+    made, said = {}, []
+    for mb in (64, 0):
+        cfg = data_cfg(f"{s3_prefix}/corpus", f"{s3_prefix}/val", "data.max_bad_records=1", "data.shuffle_window=16",
+                       f"data.in_process_mb={mb}")
+        out = f"{s3_prefix}/prepared-{mb}"
+        manifest = prepare(cfg, tokenizer, out, seed=0, log=said.append)
+        blocks = {split: [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, s["path"])))).to_pydict()
+                          for s in manifest[split]["shards"]] for split in ("train", "val")}
+        made[mb] = (manifest, blocks)
+    assert sum("preparing in this process" in m for m in said) == 1, said
+    (local, local_blocks), (ray, ray_blocks) = made[64], made[0]
+    assert local_blocks == ray_blocks and local_blocks["train"] and local_blocks["val"]
+    timing = ("seconds", "dedup_seconds", "mb_per_s")
+    assert {k: v for k, v in local["stats"].items() if k not in timing} == \
+        {k: v for k, v in ray["stats"].items() if k not in timing}
+    assert local["stats"]["dropped"] == {"exact_duplicate": 5, "near_duplicate": 1} and len(local["stats"]["bad_records"]) == 1
+    for split in ("train", "val"):
+        assert [dict(s, path=None) for s in local[split]["shards"]] == [dict(s, path=None) for s in ray[split]["shards"]]
+    assert local["key"] == ray["key"] and local["files"] == ray["files"]
+
+
 def test_dedup_off_and_pii_off_keep_everything(ray_local, s3_prefix, tokenizer, planted):
     p, shards = planted
     upload(f"{s3_prefix}/corpus", shards)

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from raylm.config import ModelConfig, TrainConfig
-from raylm.parallel import build_parallel_model, init_local_process_group
+from raylm.config import ConfigError, ModelConfig, TrainConfig, load_config
+from raylm.parallel import build_parallel_model, data_parallel_mesh, init_local_process_group
 from raylm.train import NextTokenObjective, make_optimizer, train_step
 
 CFG = ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
@@ -87,3 +87,32 @@ def test_float8_errors_name_the_problem(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "torchao.float8", None)  # as if not installed
     with pytest.raises(ValueError, match=r"needs torchao: pip install -e '\.\[float8\]'"):
         build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0, float8=True)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.replicate_degree=0", "train.replicate_degree=0: expected an integer >= 1"),
+    ("train.replicate_degree=2.5", "train.replicate_degree=2.5: expected int"),
+    ("train.replicate_degree=3", "train.replicate_degree=3 does not divide train.num_workers=2"),
+])
+def test_replicate_degree_is_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(overrides=[override])
+    assert "\n" not in str(e.value)
+
+
+def test_replicate_degree_must_divide_the_world_it_shards():
+    """Checked when the config loads, against train.num_workers (the world of a Ray run), and
+    where the mesh is built, against the process group's world (one process here)."""
+    assert TrainConfig().replicate_degree == 1  # plain FSDP unless asked
+    ok = load_config(overrides=["train.num_workers=4", "train.micro_batch_size=8", "train.replicate_degree=2"])
+    assert ok.train.replicate_degree == 2
+    world_1 = r"train.replicate_degree=2 must be a positive divisor of the world size 1"
+    with pytest.raises(ConfigError, match=world_1):
+        build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0, replicate_degree=2)
+    init_local_process_group(torch.device("cpu"))
+    try:
+        assert data_parallel_mesh(torch.device("cpu"), 1) is None  # FSDP2 over the default group, as before
+        with pytest.raises(ConfigError, match=world_1):
+            build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0, replicate_degree=2)
+    finally:
+        dist.destroy_process_group()

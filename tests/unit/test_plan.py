@@ -13,7 +13,7 @@ from raylm.cli import main
 from raylm.config import MODEL_PRESETS, ConfigError, TrainConfig, load_config
 from raylm.model import build_model, count_params
 from raylm.objectives import NextTokenObjective
-from raylm.plan import GiB, make_plan, memory_per_device, parse_count, parse_hardware, write_recipe
+from raylm.plan import GiB, format_table, make_plan, memory_per_device, parse_count, parse_hardware, write_recipe
 from raylm.train import make_optimizer, train_step
 
 # The four runs the recipes use: (size, devices, nodes, tokens available).
@@ -174,6 +174,30 @@ def test_memory_terms_by_hand():
     assert ckpt.activations < eight.activations / 4
 
 
+def test_hsdp_plan_shards_over_one_replica(tmp_path):
+    """train.replicate_degree=8 on 8 nodes: the state is sharded 8 ways (a node), not 64, and
+    the table, the memory and the written config all say so."""
+    fsdp = make_plan("7b", "8xH100", 8, "1T")
+    hsdp = make_plan("7b", "8xH100", 8, "1T", replicate_degree=8)
+    n = count_params(hsdp.model)
+    assert fsdp.memory.optimizer == pytest.approx(8 * n / 64) and hsdp.memory.optimizer == pytest.approx(8 * n / 8)
+    by_hand = memory_per_device(hsdp.model, hsdp.seq_len, hsdp.micro_batch, 8, "bf16", hsdp.checkpointing,
+                                hsdp.accumulation, loss_chunk=2048)
+    assert hsdp.memory == by_hand and hsdp.memory.total <= hsdp.hardware.usable
+    assert "HSDP (train.replicate_degree=8): 8 replicas" in format_table(hsdp)
+    assert "over the 8 devices of each" in format_table(hsdp)
+    assert "FSDP2, parameters sharded over all 64 devices" in format_table(fsdp)
+    # The FSDP plan suggests the key, with the HSDP memory it would take.
+    note = next(x for x in fsdp.notes if x.startswith("HSDP"))
+    assert "train.replicate_degree=8" in note and f"fits ({hsdp.memory.total / GiB:.1f} GiB/device)" in note
+    assert not any(x.startswith("HSDP") for x in hsdp.notes)
+    out = tmp_path / "hsdp.yaml"
+    write_recipe(hsdp, str(out))
+    assert load_config(str(out)).train.replicate_degree == 8
+    write_recipe(fsdp, str(out))
+    assert load_config(str(out)).train.replicate_degree == 1
+
+
 def test_parsing():
     assert parse_count("50B") == 50_000_000_000 and parse_count("1.5m") == 1_500_000 and parse_count("2e9") == 2e9
     hw = parse_hardware("8xH100", 4)
@@ -187,6 +211,9 @@ def test_parsing():
     (dict(size="1b", gpus="8xX100"), "unknown device 'X100'"),
     (dict(size="70b", gpus="8xH100"), "--size='70b': unknown"),
     (dict(size="1b", gpus="8xH100", tokens="lots"), "--tokens='lots'"),
+    (dict(size="7b", gpus="8xH100", nodes=8, replicate_degree=3),
+     "train.replicate_degree=3 must be a positive divisor of the 64 devices"),
+    (dict(size="7b", gpus="8xH100", nodes=8, replicate_degree=0), "train.replicate_degree=0 must be a positive"),
 ])
 def test_bad_inputs_are_named(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:

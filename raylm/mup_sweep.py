@@ -1,0 +1,137 @@
+"""Learning-rate sweeps across widths: where is the best rate, and does it move as the model
+widens? The measurement behind `model.width_scaling` (muP against the standard
+parametrisation), shared by benchmarks/mup_transfer.py and tests/unit/test_mup_transfer.py.
+
+Single process, CPU, no Ray: each point is a short run of `raylm.train.train_step` (the step
+every run takes, with the run's warmup and cosine schedule) scored by the mean loss on
+held-out batches. Every point of a sweep shares depth, head size (heads are added as the
+model widens, as muP assumes), data, batches and seed, so the learning rate, the width and
+the parametrisation are the only things that change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from raylm.config import ModelConfig, TrainConfig
+from raylm.model import build_model
+from raylm.objectives import NextTokenObjective
+from raylm.train import evaluate, lr_at, make_optimizer, train_step
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The model and run shared by every point of a sweep."""
+
+    widths: tuple[int, ...] = (32, 128)  # the first is muP's base width (the proxy)
+    lrs: tuple[float, ...] = tuple(2.0 ** k for k in range(-10, -1))  # powers of 2: shifts count doublings
+    vocab_size: int = 256  # bytes: no tokenizer to train
+    head_dim: int = 16  # fixed: widening adds heads
+    n_layers: int = 2
+    seq_len: int = 64
+    batch_size: int = 8
+    steps: int = 50
+    warmup_steps: int = 5  # a tenth of the steps, as a short run would use
+    min_lr_ratio: float = 0.1
+    tie_embeddings: bool = True  # raylm's default model
+    seed: int = 0  # the weights' initialisation
+
+
+def model_config(cfg: SweepConfig, width: int, scaling: str) -> ModelConfig:
+    return ModelConfig(vocab_size=cfg.vocab_size, dim=width, n_layers=cfg.n_layers, n_heads=width // cfg.head_dim,
+                       max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, width_scaling=scaling,
+                       base_dim=cfg.widths[0])
+
+
+def markov_tokens(vocab_size: int, successors: int, n: int, seed: int) -> torch.Tensor:
+    """n tokens of a random first-order Markov chain: each token is followed by one of
+    `successors` tokens drawn for it, with uneven probabilities. A generated language with
+    nothing to download, whose best achievable loss (about 1 nat for 4 successors) lies far
+    below the uniform one (ln vocab_size): a learning rate that is too small or too large
+    shows up as a loss a whole nat or more worse, not as the hundredths that separate rates on
+    a few steps of natural text."""
+    import bisect
+
+    g = torch.Generator().manual_seed(seed)
+    succ = torch.randint(0, vocab_size, (vocab_size, successors), generator=g).tolist()
+    probs = torch.rand(vocab_size, successors, generator=g) ** 2
+    cum = (probs / probs.sum(1, keepdim=True)).cumsum(1).tolist()
+    u = torch.rand(n, generator=g).tolist()
+    out = [int(torch.randint(0, vocab_size, (1,), generator=g))]
+    for t in range(1, n):
+        row = out[-1]
+        out.append(succ[row][min(bisect.bisect_left(cum[row], u[t]), successors - 1)])
+    return torch.tensor(out, dtype=torch.long)
+
+
+def batches(tokens: torch.Tensor, cfg: SweepConfig, n: int, offset: int = 0) -> list[dict]:
+    """n batches of cfg.batch_size rows of seq_len + 1 tokens, read in order from `offset`."""
+    size = n * cfg.batch_size * (cfg.seq_len + 1)
+    if offset + size > tokens.numel():
+        raise ValueError(f"{n} batches from token {offset} need {offset + size} tokens, got {tokens.numel()}")
+    rows = tokens[offset:offset + size].view(n, cfg.batch_size, cfg.seq_len + 1)
+    return [{"tokens": r} for r in rows]
+
+
+def final_loss(cfg: SweepConfig, width: int, scaling: str, lr: float, train: list[dict], val: list[dict]) -> float:
+    """Held-out loss after cfg.steps steps at peak rate `lr`; inf where training diverged."""
+    tc = TrainConfig(lr=lr, max_steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                     weight_decay=0.0, num_workers=1, micro_batch_size=cfg.batch_size,
+                     global_batch_size=cfg.batch_size)
+    model = build_model(model_config(cfg, width, scaling), seed=cfg.seed)
+    opt = make_optimizer(model, tc, torch.device("cpu"))
+    obj = NextTokenObjective()
+    for step in range(cfg.steps):
+        stats = train_step(model, opt, [train[step % len(train)]], obj, lr_at(step, tc), tc.grad_clip)
+        if not math.isfinite(stats.loss):
+            return float("inf")
+    with torch.no_grad():
+        loss, _ = evaluate(model, obj, val)
+    return loss if math.isfinite(loss) else float("inf")
+
+
+def sweep(cfg: SweepConfig, train: list[dict], val: list[dict], scalings=("none", "mup"),
+          progress=None) -> dict[tuple[str, int], list[float]]:
+    """{(scaling, width): held-out loss at each of cfg.lrs}. At the base width every scaling
+    is the standard model exactly (tests/unit/test_mup.py), so that row is trained once."""
+    out: dict[tuple[str, int], list[float]] = {}
+    for scaling in scalings:
+        for width in cfg.widths:
+            same = ("none", width) if width == cfg.widths[0] and scaling != "none" else None
+            if same in out:
+                out[(scaling, width)] = list(out[same])
+            else:
+                out[(scaling, width)] = [final_loss(cfg, width, scaling, lr, train, val) for lr in cfg.lrs]
+            if progress is not None:
+                progress(scaling, width, out[(scaling, width)])
+    return out
+
+
+def best_log2_lr(lrs, losses) -> float:
+    """log2 of the best rate: the vertex of the parabola through the grid's best point and
+    its two neighbours (in log2 lr), so that two near-equal points do not decide by a hair
+    which way the optimum moved. At an end of the grid, that end: the optimum is not
+    bracketed, and callers that need it to be check `bracketed`."""
+    xs = [math.log2(lr) for lr in lrs]
+    i = min(range(len(losses)), key=losses.__getitem__)
+    if i == 0 or i == len(xs) - 1 or not all(math.isfinite(losses[j]) for j in (i - 1, i + 1)):
+        return xs[i]
+    y0, y1, y2 = losses[i - 1], losses[i], losses[i + 1]
+    curv = y0 - 2 * y1 + y2  # > 0: y1 is the lowest of the three
+    step = xs[i + 1] - xs[i]
+    return xs[i] + (0.5 * (y0 - y2) / curv * step if curv > 0 else 0.0)
+
+
+def bracketed(losses) -> bool:
+    """Whether the grid's best point has a worse point on each side."""
+    i = min(range(len(losses)), key=losses.__getitem__)
+    return 0 < i < len(losses) - 1
+
+
+def shift_log2(cfg: SweepConfig, result: dict[tuple[str, int], list[float]], scaling: str) -> float:
+    """Doublings the best rate moves from the narrowest width to the widest (fitted optimum)."""
+    lo, hi = result[(scaling, cfg.widths[0])], result[(scaling, cfg.widths[-1])]
+    return best_log2_lr(cfg.lrs, hi) - best_log2_lr(cfg.lrs, lo)
