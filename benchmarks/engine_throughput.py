@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="the engine's prefill_tokens_per_step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the JSON here")
     return p.parse_args(argv)
@@ -135,7 +136,8 @@ def main(argv=None) -> dict:
     print(f"sequential generate: {len(reqs)} requests, {tokens} tokens", file=sys.stderr)
     seq_s, seq_outs = run_sequential(model, reqs)
     baseline = tokens / seq_s
-    engine = Engine(model, tok, max_batch_size=max(levels), device=args.device)
+    engine = Engine(model, tok, max_batch_size=max(levels), device=args.device,
+                    prefill_tokens_per_step=args.prefill_tokens)
     rows = []
     try:
         asyncio.run(run_engine(engine, reqs[:2], 2))  # warm-up

@@ -4,17 +4,22 @@ The harness owns prompts, few-shot examples, filters and metrics; this class onl
 its three kinds of request with raylm's scoring (raylm.eval.loglik), in this process or on a
 Ray Data actor pool:
 
-    lm_eval --model raylm --model_args path=runs/x,workers=2 --tasks hellaswag
+    python -m raylm.eval.harness_cli run --model raylm --model_args path=runs/x,workers=2 --tasks hellaswag
     raylm eval --tasks hellaswag,arc_easy runs/x
 
 model_args: path (run or checkpoint, local or s3://), workers (0: score in this process;
 N: a pool of N Ray actors, each loading the model once), cpus_per_worker, gpus_per_worker,
 batch_tokens (tokens per work unit), device (in-process: cpu or cuda), endpoint_url (S3).
 
-Discovery: lm-eval versions with plugin support find this class through the
-`lm_eval.models` entry point in raylm's pyproject. lm-eval 0.4.13 discovers nothing outside
-its own registry, so importing this module registers it (`register_model`), and
-`python -m raylm.eval.harness_cli` is lm-eval's own command line with the model registered.
+Discovery: lm-eval 0.4.13 (the newest release) resolves `--model NAME` only in its own
+registry (lm_eval/api/registry.py get_model, filled from the fixed MODEL_MAPPING of
+lm_eval/models/__init__.py); it reads no entry points and its command line has no option that
+imports user code (--include_path loads task YAMLs only). So `lm_eval --model raylm` cannot
+work from an installed raylm; importing this module registers the model (`register_model`),
+and `python -m raylm.eval.harness_cli` is lm-eval's own command line with it registered. The
+`lm_eval.models` entry point in raylm's pyproject is for lm-eval versions that load model
+plugins from entry points (upstream pull request #4013, not in 0.4.13; its group name is not
+confirmed against a release).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ and the arithmetic are the same, so both give identical results.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import torch
@@ -85,10 +86,11 @@ class UnitActor:
         torch.set_num_threads(max(1, int(spec.num_cpus)))
         device = "cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.model, self.tok, _ = load_for_inference(run, S3Config(**(s3 or {})), device=device)
+        self.ready_at = time.time()  # wall clock: the driver compares it with when it handed the work over
 
     def __call__(self, batch: dict) -> dict:
         results = [json.dumps(run_unit(self.model, self.tok, json.loads(u))) for u in batch["unit"]]
-        return {"i": batch["i"], "result": results}
+        return {"i": batch["i"], "result": results, "ready_at": [self.ready_at] * len(results)}
 
 
 class RayPoolRunner(Runner):
@@ -104,6 +106,7 @@ class RayPoolRunner(Runner):
         self.run_uri = run if storage.is_s3(run) else os.path.abspath(run)  # actors have their own cwd
         self.tok, self.max_seq_len, self.spec, self.batch_tokens = tok, max_seq_len, spec, batch_tokens
         self.s3 = dataclasses.asdict(s3) if s3 is not None else None
+        self.timings: list[dict] = []  # per run(): pool start-up and the whole call, in seconds
 
     def run(self, units: list[dict]) -> list[list]:
         import ray
@@ -116,9 +119,13 @@ class RayPoolRunner(Runner):
                             compute=ray.data.ActorPoolStrategy(size=min(self.spec.workers, len(units))),
                             num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus or None,
                             fn_constructor_kwargs={"run": self.run_uri, "s3": self.s3, "spec": self.spec})
+        t0 = time.time()
         rows = sorted(ds.take_all(), key=lambda r: int(r["i"]))
         if len(rows) != len(units):
             raise RuntimeError(f"the actor pool returned {len(rows)} of {len(units)} units")
+        # Start-up: from handing the work to Ray Data until the last actor had loaded the model.
+        self.timings.append({"pool_startup_s": round(max(float(r["ready_at"]) for r in rows) - t0, 2),
+                             "pool_run_s": round(time.time() - t0, 2), "units": len(units)})
         return [json.loads(r["result"]) for r in rows]
 
 

@@ -210,7 +210,8 @@ def build_app(run: str, cfg: ServeConfig):
             from raylm.serve.engine import Engine
             from raylm.serve.handlers import OpenAIService
 
-            engine = Engine.from_run(run, device=cfg.device, max_batch_size=cfg.max_batch_size)
+            engine = Engine.from_run(run, device=cfg.device, max_batch_size=cfg.max_batch_size,
+                                     prefill_tokens_per_step=cfg.prefill_tokens_per_step)
             self.service = OpenAIService(engine, cfg, name)
 
         @app.post("/v1/completions")

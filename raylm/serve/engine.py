@@ -3,22 +3,31 @@
 Requests join and leave a running decode batch at every step. One engine step is
 
     1. free the slots of requests whose consumer went away (aclose, a cancelled task);
-    2. one decode step for every running request at once: each row feeds its last token at
-       its own position and gets the next token's logits;
-    3. admit waiting requests into free slots and prefill each (its whole prompt, batch of
-       one), which yields its first token.
+    2. admit every waiting request that a free slot can take;
+    3. prefill: up to `prefill_tokens_per_step` prompt tokens over all requests whose prompt
+       is not yet in the cache, each first getting an equal share of that budget (a long
+       prompt goes in chunks over several steps, and a short one queued behind it still
+       gets in at once), batched into one forward of padded rows (`_prefill_groups`); a
+       request whose prompt is now whole samples its first token, and these first tokens
+       are sent before the decode step;
+    4. one decode step for every request whose prompt is whole: each row feeds its last
+       token at its own position and gets the next token's logits.
 
-so a new request's prefill is interleaved with the others' decode steps, a long request
-never holds up a short one, and a finished or abandoned request's slot is reused one step
-later. The model runs on one dedicated thread (the "engine thread"), never on the asyncio
-event loop, which only queues requests and relays outputs; torch releases the GIL inside
-its kernels, so the server stays responsive while a step runs.
+so a request that arrives while a step runs gets its first token at the end of the next
+step's prefill: it waits for no decode step and for no other prompt beyond the budget, a long
+prompt delays the running rows by at most one budget's prefill a step, and a finished or
+abandoned request's slot is reused one step later. The model runs on one dedicated thread
+(the "engine thread"), never on the asyncio event loop, which only queues requests and
+relays outputs; torch releases the GIL inside its kernels, so the server stays responsive
+while a step runs.
 
 The KV cache is slotted (`SlotCache`, one per layer): fixed buffers of [max_batch_size,
 kv_heads, max_seq_len, head_dim], one slot per running request, each slot at its own
 length. The running requests occupy slots 0..n-1 (when one leaves, the last one's keys and
 values move into its slot), so a decode step reads the contiguous views [0:n, :, :keys] with
-keys = the longest running sequence + 1: no copy, no work for empty slots. Each row attends
+keys = the longest running sequence + 1: no copy, no work for empty slots (a row whose
+prompt is still being prefilled rides along as a dummy; a prefill reads the slots of its own
+rows, wherever they are, as a copy). Each row attends
 to its own length only (`SlotCache.visible`), and RoPE takes each row's own position
 (`Transformer.hidden_states` with a (B,) tensor `start`). With `fixed_shapes=True` every
 decode step instead has the same shapes (all slots, all keys, idle rows fed a dummy token at
@@ -30,12 +39,12 @@ Sampling is `raylm.generate.sample_token` per request, with the request's own
 logits): the same prompt and settings give the same tokens as `generate(model, prompt,
 max_tokens, temperature, top_k, eos_id, seed)`.
 
-Parity whatever shares the batch, and why it holds. A row's math is `generate`'s: the
-prefill is the same call on the same tokens (batch of one, causal attention over the
-prompt, into a slice of the slotted cache), and a decode step differs only in batching
-(other rows in the matmuls) and in how many masked key slots the attention visits. Neither
-changes the exact math; both change the floating-point rounding (BLAS picks kernels and
-blocking by shape, SDPA's sums by key length): measured on the tiny test model in fp32, a
+Parity whatever shares the batch, and why it holds. A row's math is `generate`'s: a prefill
+chunk is the prompt's tokens at their own positions, attending (masked) to the row's cached
+keys and causally within the chunk, so chunks give the whole prompt's math; padding and other
+rows in the forward, like batching in a decode step, add only masked key slots and other rows
+in the matmuls. None of this changes the exact math; all of it changes the floating-point
+rounding (BLAS picks kernels and blocking by shape, SDPA's sums by key length): measured on the tiny test model in fp32, a
 row decoded alone over generate's key length is bit-identical to `generate`, and batched
 with others it is within 7e-6 of it. So the engine guarantees logits equal to rounding
 (asserted to 1e-5 in fp32, through the logprobs it reports), and tokens equal wherever the
@@ -50,8 +59,7 @@ reproducibility of sampled text matters.
 
 Scope kept out of the engine: `n > 1` completions are the app's job (it submits n requests,
 seeds derived from the request's seed, e.g. seed + i, as `raylm.generate.complete` does);
-prompts are prefilled whole, not chunked (a long prompt delays the other rows by one
-prefill); logprobs are those of the model's distribution (log_softmax of the raw logits),
+logprobs are those of the model's distribution (log_softmax of the raw logits),
 not of the temperature/top-k/top-p-processed one, as the OpenAI API reports them.
 """
 
@@ -157,11 +165,11 @@ class EngineClosed(RuntimeError):
 class SlotCache:
     """One layer's keys/values for up to `batch` sequences, each slot at its own length.
 
-    `Attention` calls it as it calls `raylm.model.KVCache`, through the same two methods:
-    `update(start: int, ...)` for a prefill and `write(positions: tensor, ...)` for a decode
-    step; here `positions` is (B, T), each row its own. Both act on a window of contiguous
-    slots `rows` (set by the engine before each forward), and a decode step reads `keys`
-    key slots: the longest sequence in the window, or all of them for fixed shapes.
+    `Attention` calls it as it calls `raylm.model.KVCache` with a tensor position:
+    `write(positions, ...)` and `visible(positions)`, here with `positions` (B, T), each row
+    its own, for a decode step (T = 1) and for a prefill chunk alike. Both act on the rows
+    `rows` (set by the engine before each forward: a slice of contiguous slots, or a tensor
+    of slots) and read `keys` key slots: the longest sequence there, or all for fixed shapes.
     """
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
@@ -173,23 +181,25 @@ class SlotCache:
         for t in (self.k, self.v, self.slots):  # as KVCache: CUDA graphs update them in place
             torch._dynamo.mark_static_address(t)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[self.rows, :, start:end] = k
-        self.v[self.rows, :, start:end] = v
-        return self.k[self.rows, :, :end], self.v[self.rows, :, :end]
-
     def visible(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, keys) boolean mask: row b's query at position p sees its slots 0..p."""
         return (self.slots[: self.keys] <= positions[..., None]).unsqueeze(1)
 
     def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k/v (B, H, T, D) into the window's rows at `positions` (B, T); returns the window's keys."""
+        """k/v (B, H, T, D) into the window's rows at `positions` (B, T); returns the window's keys.
+
+        `rows` is a slice (a decode step: views of the buffers, no copy) or a (B,) tensor of
+        slots (a prefill of requests in any slots: written in place, read back as a copy)."""
         B, T = positions.shape
-        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
-        kw, vw = self.k[self.rows], self.v[self.rows]  # views: index_put_ writes the buffers
+        if isinstance(self.rows, slice):
+            rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+            kw, vw = self.k[self.rows], self.v[self.rows]  # views: index_put_ writes the buffers
+        else:
+            rows, kw, vw = self.rows[:, None].expand(B, T), self.k, self.v
         kw.transpose(1, 2).index_put_((rows, positions), k.transpose(1, 2).to(kw.dtype))
         vw.transpose(1, 2).index_put_((rows, positions), v.transpose(1, 2).to(vw.dtype))
+        if not isinstance(self.rows, slice):
+            return self.k[self.rows, :, : self.keys], self.v[self.rows, :, : self.keys]
         return kw[:, :, : self.keys], vw[:, :, : self.keys]
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -270,11 +280,11 @@ class Engine:
     """Continuous batching over one model (see the module docstring)."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 device: str = "cpu", prefill_tokens_per_step: int = 2048, fixed_shapes: bool = False,
+                 device: str = "cpu", prefill_tokens_per_step: int = 512, fixed_shapes: bool = False,
                  compile: bool = False):
-        """`prefill_tokens_per_step`: prompts prefilled in one step add up to at most this
-        many tokens (at least one prompt a step), which bounds how long the running rows
-        wait for newcomers. `fixed_shapes`: every decode step over all slots and all key
+        """`prefill_tokens_per_step`: prompt tokens prefilled in one step, over all new
+        requests; a longer prompt goes in chunks over several steps. It bounds how long the
+        running rows wait for newcomers (the default's reason: `ServeConfig`). `fixed_shapes`: every decode step over all slots and all key
         positions (for CUDA graphs). `compile`: torch.compile the decode step with
         mode="reduce-overhead" (CUDA graphs on a GPU); implies fixed_shapes. Checked on CPU
         (one graph for every step, greedy tokens equal to `generate`); not yet run on a GPU."""
@@ -289,6 +299,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
+        if not _is_int(prefill_tokens_per_step) or prefill_tokens_per_step < 1:
+            raise ValueError(f"prefill_tokens_per_step={prefill_tokens_per_step!r}: expected an integer >= 1")
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.fixed_shapes = fixed_shapes or compile
         self.meta: dict = {}
@@ -306,7 +318,7 @@ class Engine:
         self.steps = 0
         self.tokens_generated = 0
         self._freed_at: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self._admitted: list[_Request] = []  # out of the queue, not yet prefilled
+        self._prefilling: list[_Request] = []  # in a slot, prompt not yet whole in the cache; arrival order
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # this step's outputs, by event loop
         self._thread = threading.Thread(target=self._run, name="raylm-engine", daemon=True)
         self._thread.start()
@@ -416,58 +428,109 @@ class Engine:
     def _step(self) -> None:
         for req in [r for r in self._rows if r.cancelled]:
             self._free(req)
-        if self._rows:
+        self._admit()
+        chunks = self._schedule_prefill()
+        if chunks:
+            self._prefill(chunks)
+            self._deliver()  # first tokens leave now, not after the decode step
+        if any(r.pos >= len(r.prompt) for r in self._rows):
             self._decode()
-            self._deliver()  # the running requests' tokens need not wait for the prefills
-        self._admitted = self._admit()
-        while self._admitted:
-            self._prefill(self._admitted[0])
-            self._admitted.pop(0)
         with self._cond:
             self.steps += 1
 
-    def _admit(self) -> list[_Request]:
-        admitted, budget = [], self.prefill_tokens_per_step
+    def _admit(self) -> None:
+        """Every waiting request that a free slot can take joins now, whatever its length:
+        its prompt enters the cache over the next steps, within the prefill budget."""
         with self._cond:
-            while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
-                req = self._waiting[0]
+            while self._waiting and len(self._rows) < self.max_batch_size:
+                req = self._waiting.popleft()
                 if req.cancelled:
-                    self._waiting.popleft()
                     self._freed_at[req.id] = self.steps
                     continue
-                if admitted and len(req.prompt) > budget:
-                    break
-                budget -= len(self._waiting.popleft().prompt)
-                admitted.append(req)
-        return admitted
+                req.row = len(self._rows)
+                self._rows.append(req)
+                self._prefilling.append(req)
 
-    def _window(self, rows: slice, keys: int) -> None:
+    def _schedule_prefill(self) -> list[tuple[_Request, int]]:
+        """This step's prompt chunks, (request, tokens), at most `prefill_tokens_per_step` in
+        all. Each prompt still being prefilled first gets up to an equal share of the budget
+        (so a short prompt queued behind a long one is done in one step, and a long one still
+        advances every step), then what is left goes to them in arrival order."""
+        pending = [r for r in self._prefilling if not r.cancelled]
+        if not pending:
+            return []
+        left = self.prefill_tokens_per_step
+        take = {}
+        share = max(1, left // len(pending))
+        for r in pending:
+            take[r] = min(len(r.prompt) - r.pos, share, left)
+            left -= take[r]
+        for r in pending:
+            more = min(len(r.prompt) - r.pos - take[r], left)
+            take[r] += more
+            left -= more
+        return [(r, n) for r, n in take.items() if n > 0]
+
+    def _window(self, rows: slice | torch.Tensor, keys: int) -> None:
         for c in self._caches:
             c.rows, c.keys = rows, keys
 
-    def _prefill(self, req: _Request) -> None:
-        req.row = len(self._rows)
-        with self._cond:
-            self._rows.append(req)
-        P = len(req.prompt)
-        self._window(slice(req.row, req.row + 1), P)
-        # The same call as raylm.generate.generate's prefill (int start: causal attention).
-        h = self.model.hidden_states(torch.tensor([req.prompt], device=self.device), self._caches, 0)
-        req.pos = P
-        if req.params.echo:
-            logits = self.model.logits(h[0])  # (P, vocab): every prompt token's prediction
-            req.prompt_logprobs = self._prompt_logprobs(req, logits)
-            last = logits[-1]
-        else:
-            last = self.model.logits(h[:, -1])[0]
-        if req.params.max_tokens == 0:
-            self._finish(req, Output([], "", None, req.prompt_logprobs, "length", P, 0))
-        else:
-            self._accept(req, last)
+    def _prefill_groups(self, chunks: list[tuple[_Request, int]]) -> list[list[tuple[_Request, int]]]:
+        """Chunks batched into forwards of padded rows: longest first, a chunk joins the current
+        forward while padding stays under half of its tokens and every row's padded positions
+        stay inside the cache (a row's positions run from its `pos` to `pos` + the longest chunk)."""
+        groups: list[list[tuple[_Request, int]]] = []
+        for req, n in sorted(chunks, key=lambda c: -c[1]):
+            if groups:
+                g = groups[-1]
+                T, real = g[0][1], sum(m for _, m in g)
+                if (len(g) + 1) * T <= 2 * (real + n) and req.pos + T <= self.max_seq_len:
+                    g.append((req, n))
+                    continue
+            groups.append([(req, n)])
+        return groups
+
+    def _prefill(self, chunks: list[tuple[_Request, int]]) -> None:
+        """Feed each chunk's prompt tokens into its slot; a request whose prompt is now whole
+        samples its first token from the logits at its last prompt position."""
+        done = []
+        for group in self._prefill_groups(chunks):
+            T = group[0][1]
+            tokens = torch.zeros((len(group), T), dtype=torch.long)
+            for i, (req, n) in enumerate(group):
+                tokens[i, :n] = torch.tensor(req.prompt[req.pos:req.pos + n])
+            start = torch.tensor([req.pos for req, _ in group], device=self.device)
+            rows = torch.tensor([req.row for req, _ in group], device=self.device)
+            self._window(rows, max(req.pos for req, _ in group) + T)
+            # Rows padded past their chunk write keys beyond their own length: never visible
+            # (a row sees slots up to its query's position) and overwritten before they are.
+            h = self.model.hidden_states(tokens.to(self.device), self._caches, start)
+            last = [n - 1 for _, n in group]
+            for i, (req, n) in enumerate(group):
+                if req.params.echo:
+                    logits = self.model.logits(h[i, :n])  # (n, vocab): every prompt token's prediction
+                    self._add_prompt_logprobs(req, logits)
+                    if req.pos + n == len(req.prompt):
+                        done.append((req, logits[-1]))
+            ends = [i for i, (req, n) in enumerate(group) if req.pos + n == len(req.prompt) and not req.params.echo]
+            if ends:
+                logits = self.model.logits(h[ends, [last[i] for i in ends]])
+                done += [(group[i][0], logits[j]) for j, i in enumerate(ends)]
+            for req, n in group:  # all before any request ends: compaction moves a row's keys up to its pos
+                req.pos += n
+        for req, logits in done:
+            self._prefilling.remove(req)
+            if req.params.max_tokens == 0:
+                self._finish(req, Output([], "", None, req.prompt_logprobs, "length", len(req.prompt), 0))
+            else:
+                self._accept(req, logits)
 
     def _decode(self) -> None:
+        """One token for every row whose prompt is whole; rows still being prefilled ride along
+        as dummies at their next prompt position, which their next chunk overwrites."""
         rows = list(self._rows)
-        tokens = [r.next_token for r in rows]
+        ready = [r.pos >= len(r.prompt) for r in rows]
+        tokens = [r.next_token if ok else 0 for r, ok in zip(rows, ready)]
         positions = [r.pos for r in rows]
         if self.fixed_shapes:
             pad = self.max_batch_size - len(rows)
@@ -482,9 +545,10 @@ class Engine:
         logits = self._decode_fn(self.model, x, self._caches, pos)
         # Greedy rows in one call (sample_token's greedy choice is this argmax, row by row).
         greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for r in rows) else None
-        for req in rows:  # all before any request ends: compaction moves a row's keys up to its pos
+        rows = [(i, r) for i, (r, ok) in enumerate(zip(rows, ready)) if ok]
+        for _, req in rows:  # all before any request ends: compaction moves a row's keys up to its pos
             req.pos += 1
-        for i, req in enumerate(rows):
+        for i, req in rows:
             self._accept(req, logits[i], greedy[i] if greedy and req.params.temperature == 0 else None)
 
     def _accept(self, req: _Request, logits: torch.Tensor, token: int | None = None) -> None:
@@ -499,8 +563,7 @@ class Engine:
                                      prompt_lp, "stop", len(req.prompt), req.n_out))
             return
         req.n_out += 1
-        with self._cond:
-            self.tokens_generated += 1
+        self.tokens_generated += 1  # written by the engine thread only
         lps = None
         if p.logprobs is not None:
             lp = torch.log_softmax(logits.float(), -1)
@@ -533,6 +596,8 @@ class Engine:
                     self._rows[req.row], moved.row = moved, req.row
                 self._rows.pop()
                 req.row = None
+            if req in self._prefilling:
+                self._prefilling.remove(req)
             self._freed_at[req.id] = self.steps
             while len(self._freed_at) > 1024:
                 self._freed_at.popitem(last=False)
@@ -552,7 +617,7 @@ class Engine:
                     req.cancelled = True
 
     def _fail_running(self, error: Exception) -> None:
-        for req in dict.fromkeys(self._rows + self._admitted):  # in a slot, or admitted and not yet
+        for req in list(self._rows):
             req.finished = True
             self._free(req)
             failure = RuntimeError(f"engine step failed: {error!r}")
@@ -579,10 +644,16 @@ class Engine:
             top = [(self.token_text(i), v) for i, v in zip(ids.tolist(), values.tolist())]
         return TokenLogprob(token, self.token_text(token), float(logprobs[token]), top)
 
-    def _prompt_logprobs(self, req: _Request, logits: torch.Tensor) -> list[TokenLogprob | None]:
-        lp = torch.log_softmax(logits.float(), -1)  # row i predicts prompt token i + 1
+    def _add_prompt_logprobs(self, req: _Request, logits: torch.Tensor) -> None:
+        """Echo: the logprobs of the prompt tokens that this chunk's logits (n, vocab) predict;
+        row i, at position req.pos + i, predicts prompt token req.pos + i + 1."""
+        lp = torch.log_softmax(logits.float(), -1)
         k = req.params.logprobs or 0
-        return [None] + [self._token_logprob(lp[i - 1], t, k) for i, t in enumerate(req.prompt) if i > 0]
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None]  # the first token has no context to be predicted from
+        end = min(req.pos + len(lp), len(req.prompt) - 1)
+        req.prompt_logprobs += [self._token_logprob(lp[i - req.pos], req.prompt[i + 1], k)
+                                for i in range(req.pos, end)]
 
 
 def _put_all(items) -> None:

@@ -57,6 +57,32 @@ class _Choice:
             self.finish_reason = "length" if out.finish_reason == "abort" else out.finish_reason
 
 
+def _coalesce(items: list) -> list:
+    """The (choice, item) pairs that arrived while the stream was busy sending, with each
+    choice's consecutive outputs merged into one: one event per choice instead of one per
+    engine step, so a server behind on sending (under load) does less work per token, and
+    an idle one sends every step's output at once as before. Order within a choice is kept."""
+    out: list = []
+    last: dict = {}  # choice index -> index in `out` of its latest output still open for merging
+    for c, item in items:
+        key = None if c is None else c.index
+        i = last.get(key)
+        if isinstance(item, Output) and i is not None:
+            a = out[i][1]
+            out[i] = (c, Output(a.token_ids + item.token_ids, a.text + item.text,
+                                None if a.logprobs is None else a.logprobs + (item.logprobs or []),
+                                a.prompt_logprobs if a.prompt_logprobs is not None else item.prompt_logprobs,
+                                item.finish_reason, item.prompt_tokens, item.completion_tokens))
+        else:
+            out.append((c, item))
+            i = len(out) - 1 if isinstance(item, Output) else None
+        if i is None or out[i][1].finish_reason is not None:
+            last.pop(key, None)
+        else:
+            last[key] = i
+    return out
+
+
 @dataclass
 class _Prompt:
     ids: list[int]
@@ -77,6 +103,8 @@ class OpenAIService:
         from raylm.tokenizer import END
 
         self.engine, self.cfg, self.model_name = engine, cfg, model_name
+        # The serving config decides the engine's prefill budget (read at each engine step).
+        engine.prefill_tokens_per_step = cfg.prefill_tokens_per_step
         self.tok = engine.tokenizer
         self.end_id = self.tok.special_ids[END]
         self.created = P.now()
@@ -275,26 +303,33 @@ class OpenAIService:
                     if head is not None:
                         yield P.sse(head)
                 while left:
+                    got = []
                     try:
-                        c, item = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
+                        if time.monotonic() > deadline:
+                            raise asyncio.TimeoutError
+                        if queue.empty():  # wait_for costs a task: only when there is a wait
+                            got.append(await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0)))
                     except asyncio.TimeoutError:
                         yield P.sse(P.error_body(f"the request ran past this server's limit of "
                                                  f"{self.cfg.request_timeout_s:g} s", "timeout", None, "timeout"))
                         return
-                    if isinstance(item, ClientGone):
-                        return
-                    if isinstance(item, P.APIError):
-                        yield P.sse(item.body())
-                        return
-                    if isinstance(item, BaseException):
-                        log.error("request %s failed", rid, exc_info=item)
-                        yield P.sse(P.error_body("internal error while generating", "server_error"))
-                        return
-                    if item is _DONE:
-                        left -= 1
-                        continue
-                    first[c.index] = False
-                    yield P.sse(chunk(rid, created, obj, c, item))
+                    while not queue.empty():
+                        got.append(queue.get_nowait())
+                    for c, item in _coalesce(got):
+                        if isinstance(item, ClientGone):
+                            return
+                        if isinstance(item, P.APIError):
+                            yield P.sse(item.body())
+                            return
+                        if isinstance(item, BaseException):
+                            log.error("request %s failed", rid, exc_info=item)
+                            yield P.sse(P.error_body("internal error while generating", "server_error"))
+                            return
+                        if item is _DONE:
+                            left -= 1
+                            continue
+                        first[c.index] = False
+                        yield P.sse(chunk(rid, created, obj, c, item))
                 if include_usage:
                     yield P.sse({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
                                  "usage": P.usage(prompt_tokens, sum(c.completion_tokens for c in choices))})

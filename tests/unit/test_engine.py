@@ -295,3 +295,64 @@ def test_fixed_shapes_and_close_finish_in_flight_requests(engine):
         assert_same_tokens(model, prompt, ids_of(outs), ref, None, True, "fixed shapes")
         assert_logprobs_match_forward(eng, prompt, outs, 1)
     assert not eng._thread.is_alive()
+
+
+def test_chunked_prefill_equals_whole_and_a_short_prompt_is_not_held_back(engine):
+    """prefill_tokens_per_step=4: a 20-odd-token prompt enters the cache 4 tokens (or its share)
+    a step, beside a second long prompt and a short one. Its echoed prompt logprobs, its tokens'
+    logprobs and its greedy tokens equal a whole forward pass's / `generate`'s, to fp32
+    rounding; the short prompt, sent after it, gets its first token before it does (each
+    prefilling prompt gets a share of every step's budget); the prefill took several steps."""
+    tok, model = engine.tokenizer, engine.model
+    eng = Engine(model, tok, max_batch_size=3, prefill_tokens_per_step=4)
+    long_a, long_b, short = (tok.encode(PROMPTS[4]), tok.encode(PROMPTS[2]), tok.encode(PROMPTS[0]))
+    assert len(long_a) > 12 and len(long_b) > 12 and len(short) <= 2
+    greedy = SamplingParams(max_tokens=12, temperature=0, logprobs=2, echo=True)
+    sampled = SamplingParams(max_tokens=10, temperature=0.8, seed=5, logprobs=2)
+    log: list = []
+
+    async def main():
+        a = asyncio.create_task(collect(eng, long_a, greedy, log, "a"))
+        b = asyncio.create_task(collect(eng, long_b, sampled, log, "b"))
+        await asyncio.sleep(0)  # both queued before the short one
+        s = asyncio.create_task(collect(eng, short, SamplingParams(max_tokens=3, temperature=0), log, "s"))
+        return await asyncio.gather(a, b, s)
+
+    try:
+        steps0 = eng.stats()["steps"]
+        outs_a, outs_b, outs_s = asyncio.run(main())
+        assert eng.stats()["steps"] - steps0 >= len(long_a) // 4  # chunks, not one whole-prompt step
+    finally:
+        asyncio.run(eng.close())
+    order = [tag for tag, _ in log]
+    assert order.index("s") < order.index("a") and order.index("s") < order.index("b"), order
+
+    ref = torch.log_softmax(model(torch.tensor([long_a]))[0][0].float(), -1)
+    plp = outs_a[0].prompt_logprobs
+    assert plp[0] is None and [lp.token_id for lp in plp[1:]] == long_a[1:]
+    for i, lp in enumerate(plp[1:], start=1):
+        assert abs(lp.logprob - ref[i - 1, long_a[i]].item()) < LOGIT_ATOL, i
+        assert [v for _, v in lp.top] == pytest.approx(ref[i - 1].topk(2).values.tolist(), abs=LOGIT_ATOL)
+    for prompt, outs, p in ((long_a, outs_a, greedy), (long_b, outs_b, sampled)):
+        assert_logprobs_match_forward(eng, prompt, outs, 2)
+        ref_ids = generate(model, prompt, p.max_tokens, p.temperature, p.top_k, None, p.seed or 0)
+        assert_same_tokens(model, prompt, ids_of(outs), ref_ids, None, p.temperature == 0, "chunked prefill")
+
+
+def test_stream_coalesces_a_choices_pending_outputs_in_order():
+    """The SSE stream (raylm.serve.handlers) sends what piled up while it was busy as one event
+    per choice: each choice's outputs merged in order, other choices and end markers kept."""
+    from raylm.serve.engine import Output, TokenLogprob
+    from raylm.serve.handlers import _DONE, _Choice, _coalesce
+
+    a, b = _Choice(0, [1], SamplingParams()), _Choice(1, [1], SamplingParams())
+
+    def out(t, finish=None):
+        return Output([t], f"<{t}>", [TokenLogprob(t, "", -1.0, [])], None, finish, 1, t)
+
+    merged = _coalesce([(a, out(1)), (b, out(2)), (a, out(3)), (a, out(4, "length")), (a, _DONE), (b, out(5))])
+    assert [(c.index, o if o is _DONE else (o.token_ids, o.text, o.finish_reason, o.completion_tokens))
+            for c, o in merged] == [(0, ([1, 3, 4], "<1><3><4>", "length", 4)), (1, ([2, 5], "<2><5>", None, 5)),
+                                    (0, _DONE)]
+    assert [lp.token_id for lp in merged[0][1].logprobs] == [1, 3, 4]
+    assert _coalesce([(a, out(1, "stop")), (a, out(2))])[1][1].token_ids == [2]  # never past a finish
