@@ -954,7 +954,6 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # determinism: blocks are a function of the corpus
-    actors = cfg.tokenizer_actors or tokenizer_pool_size()
     attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     block_len = cfg.seq_len + 1
     stats = PrepareStats(files=len(files) + len(val_files), bytes_read=sum(f.size for f in files + val_files))
@@ -969,6 +968,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     if in_process:
         batches = _document_batches_in_process(files, val_files, cfg, tokenizer, s3, drop)
     else:
+        actors = cfg.tokenizer_actors or tokenizer_pool_size()
         batches = _document_stream(files, val_files, cfg, tokenizer, s3, actors, drop).iter_batches(
             batch_format="pyarrow", batch_size=None)
     for split, block, sources in packed_blocks(batches, cfg, tokenizer.eos_id, seed, stats):
