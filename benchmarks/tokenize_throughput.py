@@ -14,8 +14,11 @@ One invocation measures, on the same corpus and tokenizer:
 * single process: raylm's `Tokenizer.encode_flat` (SentencePiece behind a segment cache, the
   same ids) on one thread, file by file as the pipeline feeds it: the pipeline over this is
   its parallel efficiency, the figure that shows what Ray's overhead costs;
-* raylm's `data.prepare` (Ray Data: read, parse, clean, PII redaction, tokenize in an actor
-  pool, pack and write shards), with de-duplication off, which is the chain the goal is about;
+* raylm's `data.prepare` (read, parse, clean, PII redaction, tokenize, pack and write
+  shards), with de-duplication off, which is the chain the goal is about. Below
+  `data.in_process_mb` (64 MB by default) it runs those stages on threads in this process;
+  above it, or with `data.in_process_mb=0` among the overrides, on Ray Data with the
+  tokenizer in an actor pool;
 * the same with near-duplicate detection on (`data.dedup=near`), reported separately: its
   extra pass over the corpus is the price of MinHash.
 
