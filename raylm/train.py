@@ -35,7 +35,7 @@ from raylm.data import IN_MEMORY_BYTES, DataError, packed_blocks
 from raylm.objectives import NextTokenObjective, make_objective
 from raylm.metrics import MetricsLog, mfu
 from raylm.model import Transformer
-from raylm.parallel import build_parallel_model, is_sharded, resolve_precision
+from raylm.parallel import build_parallel_model, is_sharded, resolve_precision, sharding_pays
 
 # --------------------------------------------------------------------------- objectives
 
@@ -354,7 +354,8 @@ def reference_model(cfg: Config, device: torch.device):
         return None
     precision = resolve_precision(cfg.train.precision, device)
     ref = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
-                               reshard_after_forward=True, replicate_degree=cfg.train.replicate_degree)
+                               reshard_after_forward=True, replicate_degree=cfg.train.replicate_degree,
+                               shard=sharding_pays(precision))
     load_parent_weights(ref, cfg)
     ref.requires_grad_(False)
     return ref.eval()
@@ -770,7 +771,7 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     model = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
                                  activation_checkpointing=cfg.train.activation_checkpointing,
                                  reshard_after_forward=cfg.train.reshard_after_forward, float8=cfg.train.float8,
-                                 replicate_degree=cfg.train.replicate_degree)
+                                 replicate_degree=cfg.train.replicate_degree, shard=sharding_pays(precision))
     optimizer = make_optimizer(model, cfg.train, device)
     rank, _ = _rank_world()
     ckpt = _broadcast(resume_point(cfg, resume) if rank == 0 else None)

@@ -1,6 +1,7 @@
 """Parity: 2 Ray Train workers running FSDP2 over gloo follow the unsharded model step for step,
 under plain FSDP and under HSDP (train.replicate_degree=2: a 2 x 1 mesh), and a checkpoint
-written under either layout resumes under the other.
+written under either layout resumes under the other, as does one written by an unsharded
+process (a one-worker fp32 run, which does not shard: raylm.parallel.sharding_pays).
 
 Both start from the same weights and see the same global batches; the sharded run splits
 each batch over its ranks. Per-step losses and the final weights must agree to fp32
@@ -46,35 +47,47 @@ def mesh_shape(model) -> tuple[int, ...]:
     return tuple(next(model.parameters()).device_mesh.shape)
 
 
+def layout_config(storage: str, name: str, degree: int = 1):
+    from raylm.config import Config, DataConfig
+
+    return Config(name=name, storage=storage, model=MODEL, data=DataConfig(seq_len=32),
+                  train=replace(TRAIN, replicate_degree=degree)).validate()
+
+
+def train_and_save(c, init: dict, rank: int, world: int) -> tuple:
+    """setup_model, the initial weights, SAVE_AT steps, a checkpoint through CheckpointSaver."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from raylm.train import CheckpointSaver, Hooks, setup_model, storage_publisher
+
+    quiet = lambda *_: None  # noqa: E731
+    model, opt, _ = setup_model(c, torch.device("cpu"), "never", quiet)
+    # A copy: set_model_state_dict replaces the dict's tensors with this model's shards.
+    set_model_state_dict(model, dict(init), options=StateDictOptions(full_state_dict=True))
+    losses = run_steps(model, rank, world, opt, range(SAVE_AT))
+    saver = CheckpointSaver(c, Hooks(report=quiet, publish_checkpoint=storage_publisher(c),
+                                     val_batches=list, checkpoint_meta={}), quiet)
+    saver.save(model, opt, SAVE_AT, SAVE_AT * TRAIN.global_batch_size, {})
+    saver.finish()
+    return model, opt, losses
+
+
 def layouts_run(config: dict, rank: int, world: int) -> dict:
     """Through raylm.train's own setup_model and CheckpointSaver, as a training run goes:
     an HSDP and a plain FSDP run from the same weights, each checkpointed at SAVE_AT; then
     each checkpoint resumed (`resume="must"`) under the other layout for the remaining steps."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    from raylm.config import Config, DataConfig
-    from raylm.train import CheckpointSaver, Hooks, setup_model, storage_publisher
-
-    def cfg(name: str, degree: int) -> Config:
-        return Config(name=name, storage=config["storage"], model=MODEL, data=DataConfig(seq_len=32),
-                      train=replace(TRAIN, replicate_degree=degree)).validate()
+    from raylm.train import setup_model
 
     quiet = lambda *_: None  # noqa: E731
     out = {}
     for name, degree in (("hsdp", 2), ("fsdp", 1)):
-        c = cfg(name, degree)
-        model, opt, _ = setup_model(c, torch.device("cpu"), "never", quiet)
-        # A copy: set_model_state_dict replaces the dict's tensors with this model's shards.
-        set_model_state_dict(model, dict(config["init"]), options=StateDictOptions(full_state_dict=True))
-        losses = run_steps(model, rank, world, opt, range(SAVE_AT))
-        saver = CheckpointSaver(c, Hooks(report=quiet, publish_checkpoint=storage_publisher(c),
-                                         val_batches=list, checkpoint_meta={}), quiet)
-        saver.save(model, opt, SAVE_AT, SAVE_AT * TRAIN.global_batch_size, {})
-        saver.finish()
+        model, opt, losses = train_and_save(layout_config(config["storage"], name, degree), config["init"], rank, world)
         losses += run_steps(model, rank, world, opt, range(SAVE_AT, STEPS))
         out[name] = {"losses": losses, "mesh": mesh_shape(model)}
-    for name, degree, source in (("fsdp_from_hsdp", 1, "hsdp"), ("hsdp_from_fsdp", 2, "fsdp")):
-        model, opt, start = setup_model(cfg(source, degree), torch.device("cpu"), "must", quiet)
+    for name, degree, source in (("fsdp_from_hsdp", 1, "hsdp"), ("hsdp_from_fsdp", 2, "fsdp"),
+                                 ("fsdp_from_plain", 1, "plain")):
+        model, opt, start = setup_model(layout_config(config["storage"], source, degree), torch.device("cpu"),
+                                        "must", quiet)
         out[name] = {"losses": run_steps(model, rank, world, opt, range(start.step, STEPS)),
                      "mesh": mesh_shape(model), "step": start.step}
     return out
@@ -118,6 +131,9 @@ def sharded_runs(ray_local, tmp_path_factory):
     expected = run_steps(reference, 0, 1, opt, range(SAVE_AT))
     at_save = {k: v.clone() for k, v in reference.state_dict().items()}
     expected += run_steps(reference, 0, 1, opt, range(SAVE_AT, STEPS))
+    # The unsharded layout's checkpoint, written here (no process group: a plain model).
+    plain, _, _ = train_and_save(layout_config(str(tmp_path / "runs"), "plain"), init, 0, 1)
+    assert not hasattr(next(plain.parameters()), "device_mesh")
 
     paths = {"out": tmp_path / "sharded.pt", "layouts": tmp_path / "layouts.pt", "storage": tmp_path / "runs"}
     trainer = TorchTrainer(sharded_worker, train_loop_config={"init": init, **{k: str(v) for k, v in paths.items()}},
@@ -161,7 +177,8 @@ def test_hsdp_matches_fsdp_and_its_checkpoints_resume_under_either_layout(sharde
                                    msg=lambda m, n=name: f"{n}: {m}")
     # Resumed under the other layout at SAVE_AT: the same weights and AdamW moments, so the
     # same remaining losses.
-    for name in ("fsdp_from_hsdp", "hsdp_from_fsdp"):
+    assert runs["fsdp_from_plain"]["mesh"] == (2,)
+    for name in ("fsdp_from_hsdp", "hsdp_from_fsdp", "fsdp_from_plain"):
         assert runs[name]["step"] == SAVE_AT
         torch.testing.assert_close(torch.tensor(runs[name]["losses"]), expected[SAVE_AT:], rtol=1e-5, atol=1e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")

@@ -50,6 +50,25 @@ def test_bf16_mixed_precision_runs_through_fsdp2_in_one_process():
     assert all(v.dtype == torch.float32 for v in weights.values())
 
 
+def test_training_shards_a_world_of_one_only_for_bf16(tmp_path):
+    """fp32 on one rank has nothing to shard (FSDP2 would only add DTensor bookkeeping to each
+    step); bf16 needs FSDP2's MixedPrecisionPolicy, so it shards even there."""
+    from raylm.config import Config, DataConfig
+    from raylm.parallel import is_sharded, sharding_pays
+    from raylm.train import setup_model
+
+    init_local_process_group(torch.device("cpu"))
+    try:
+        assert not sharding_pays("fp32") and sharding_pays("bf16")
+        for precision, sharded in (("fp32", False), ("bf16", True)):
+            c = Config(name=precision, storage=str(tmp_path), model=CFG, data=DataConfig(seq_len=16),
+                       train=TrainConfig(precision=precision, num_workers=1)).validate()
+            model, _, _ = setup_model(c, torch.device("cpu"), "never", lambda *_: None)
+            assert is_sharded(model) == sharded, precision
+    finally:
+        dist.destroy_process_group()
+
+
 def test_float8_matches_plain_to_float8_precision():
     pytest.importorskip("torchao.float8", reason="torchao is not installed (pip install -e '.[float8]')")
     from torchao.float8.float8_linear import Float8Linear
