@@ -3,14 +3,15 @@
 One invocation, one device, the same Config, data and seed throughout:
 
 1. bare   `train_step` in a loop in this process, in a one-process group
-          (`init_local_process_group`) so FSDP2 and its bf16 policy are the ones a Ray Train
-          worker runs; the batches are already on the device. The step
+          (`init_local_process_group`) with the model a one-worker Ray Train run builds (FSDP2
+          and its bf16 policy for bf16; plain in fp32: `raylm.parallel.sharding_pays`); the
+          batches are already on the device. The step
           benchmarks/train_throughput.py measures.
 2. loop   `raylm.train.train_local`: the whole training loop (`fit`: schedule, logging, guards,
           data position) without Ray, batches copied from host memory each step. Skip it with
           --skip-loop. The difference between 1 and 2 is the loop's, not Ray's.
 3. ray    `raylm.train.run_ray_training` with one worker (`use_gpu` on CUDA): Ray Train starts
-          the worker, FSDP2 wraps the model, and Ray Data streams the prepared token blocks
+          the worker, builds the model as `bare` does, and Ray Data streams the prepared token blocks
           from parquet shards (`training_dataset`, `get_dataset_shard().iter_torch_batches`).
 
 The prepared dataset is random tokens written in raylm's prepared format (parquet shards of
@@ -66,7 +67,7 @@ from raylm import storage
 from raylm.config import MODEL_PRESETS, Config, DataConfig, TrainConfig
 from raylm.metrics import flops_per_token, mfu, peak_flops
 from raylm.model import count_params
-from raylm.parallel import build_parallel_model, init_local_process_group, resolve_precision
+from raylm.parallel import build_parallel_model, init_local_process_group, resolve_precision, sharding_pays
 from raylm.train import NextTokenObjective, device_name, lr_at, make_optimizer, train_step
 from train_throughput import model_config  # the shapes train_throughput.py measures (a sibling script)
 
@@ -180,7 +181,8 @@ def run_bare(cfg: Config, blocks: np.ndarray, args, device, dev_name: str) -> di
     precision = resolve_precision(tc.precision, device)
     model = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=tc.compile,
                                  activation_checkpointing=tc.activation_checkpointing,
-                                 reshard_after_forward=tc.reshard_after_forward, float8=tc.float8)
+                                 reshard_after_forward=tc.reshard_after_forward, float8=tc.float8,
+                                 shard=sharding_pays(precision))
     optimizer = make_optimizer(model, tc, device)
     objective = NextTokenObjective(tc.z_loss, tc.loss_chunk_size)
     G, m = tc.global_batch_size, tc.micro_batch_size
