@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("eval", cmd_eval,
              "Evaluate a run's newest complete checkpoint (or a checkpoint): lm-evaluation-harness tasks "
-             "(--tasks, on a Ray Data actor pool), built-in multiple-choice and generation task files, and "
+             "(--tasks, on a pool of Ray actors), built-in multiple-choice and generation task files, and "
              "bits per byte on corpora. Writes results.json and results.md.", record=False)
     sp.add_argument("run", help="run directory or checkpoint, local or s3://")
     sp.add_argument("--tasks", help="lm-eval tasks, comma-separated (hellaswag,arc_easy); needs raylm[eval]")

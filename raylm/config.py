@@ -717,7 +717,7 @@ class EvalConfig:
     max_items: int = 200
     max_new_tokens: int = 32  # completion budget of generation tasks
     temperature: float = 0.0  # generation tasks: 0 greedy, so scores are repeatable
-    # `raylm eval`'s Ray Data actor pool: actors, each loading the model once (0: score in
+    # `raylm eval`'s pool of Ray actors, each loading the model once (0: score in
     # the driver process), and each actor's CPUs (also its torch threads) and GPUs.
     workers: int = 2
     cpus_per_worker: float = 1.0

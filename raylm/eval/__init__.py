@@ -2,7 +2,7 @@
 
   bpb.py          held-out loss, perplexity and bits per byte on any corpus the data stage reads
   loglik.py       (context, continuation) -> scored tokens; KV-cache batched scoring; completions
-  pool.py         where work units run: this process or a Ray Data actor pool
+  pool.py         where work units run: this process or a pool of Ray actors
   tasks.py        built-in task files: multiple choice and generation jsonl, checked by line
   scorers.py      acc / acc_norm and exact match / contains, with standard errors
   harness.py      `--model raylm` for lm-evaluation-harness (imports lm_eval)

@@ -2,7 +2,7 @@
 
 The harness owns prompts, few-shot examples, filters and metrics; this class only answers
 its three kinds of request with raylm's scoring (raylm.eval.loglik), in this process or on a
-Ray Data actor pool:
+pool of Ray actors, started here, while lm-eval builds its requests (raylm.eval.pool):
 
     python -m raylm.eval.harness_cli run --model raylm --model_args path=runs/x,workers=2 --tasks hellaswag
     raylm eval --tasks hellaswag,arc_easy runs/x

@@ -27,8 +27,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raylm.generate import sample_token
-
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 
@@ -137,6 +135,7 @@ def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens:
                    temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> str:
     """The text generated after `ctx` (ids), cut before the first of `until`; it also ends at
     EOS or the chat's end-of-turn token. temperature 0: greedy."""
+    from raylm.generate import sample_token  # here: a pool actor that only scores never imports checkpointing
     from raylm.tokenizer import END
 
     device = model.tok_embeddings.weight.device

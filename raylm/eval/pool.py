@@ -1,20 +1,36 @@
-"""Where work units run: in this process, or on a Ray Data actor pool.
+"""Where work units run: in this process, or on a pool of Ray actors.
 
-A unit (raylm.eval.loglik) is plain JSON: {"kind": "loglik", "groups": [...]} or
+A unit (raylm.eval.loglik) is plain data: {"kind": "loglik", "groups": [...]} or
 {"kind": "gen", "items": [[index, context ids, until, max_new_tokens, temperature, top_k,
 seed], ...]}. `run_unit` is the one function that computes a unit; `LocalRunner` calls it
-in a loop, `RayPoolRunner` on `map_batches` actors that each load the model once. The units
-and the arithmetic are the same, so both give identical results.
+in a loop, `RayPoolRunner` on actors that each load the model once. The units and the
+arithmetic are the same, so both give identical results.
+
+The pool's actors start when the runner is built (the `raylm` lm-eval model's constructor),
+so their start-up (a process, importing torch, the weights) overlaps lm-eval building its
+requests, and one pool serves every call of an evaluation: loglikelihood,
+loglikelihood_rolling and generate_until, and `raylm eval`'s built-in tasks after the
+harness's. Units go to whichever actor is free, two in flight each so that an actor never
+waits for the driver. A small model is read once, by the driver, and reaches the actors
+through the object store; the driver then also scores units whenever it would only wait (on
+CPU actors, with their thread count), so a short evaluation is not slower than one process
+for want of started actors.
+
+It was a Ray Data `map_batches` actor pool once. That pool starts its actors only when a
+dataset executes, so each call paid the whole start-up after lm-eval had built its requests,
+once per request kind (29 s of a 53 s benchmark run on 2 cores, benchmarks/eval_throughput.py).
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
+from raylm.errors import ConfigError
 from raylm.eval.loglik import complete_until, plan_units, score_unit
 
 
@@ -39,6 +55,9 @@ class Runner:
 
     def run(self, units: list[dict]) -> list[list]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the runner holds (a pool's actors)."""
 
     def loglikelihood(self, pairs: list) -> list[tuple[float, bool]]:
         """(log-likelihood, is_greedy) of each (context ids, continuation ids)."""
@@ -76,57 +95,179 @@ class PoolSpec:
     num_gpus: float = 0.0  # per actor; > 0 puts the model on the actor's GPU
 
 
+IN_FLIGHT = 2  # units queued per actor: the next one is already there when one finishes
+# Models up to this size go from the driver to the actors through Ray's object store, so an
+# actor imports torch and raylm's model only, not torch.distributed.checkpoint (about 2 s of
+# a 5 s actor start-up on 2 cores); larger ones would cost the driver their memory, and each
+# actor reads the checkpoint itself.
+SHIP_WEIGHTS_MAX_BYTES = 256 << 20
+
+
 class UnitActor:
-    """A Ray Data actor: loads the model once, then computes the units it is given."""
+    """A Ray actor: loads the model once (`load`), then computes the units it is given."""
 
-    def __init__(self, run: str, s3: dict | None, spec: PoolSpec):
-        from raylm.config import S3Config
-        from raylm.generate import load_for_inference
-
+    def __init__(self, run: str, tokenizer: str, s3: dict | None, spec: PoolSpec):
+        self.started_at = time.time()  # wall clock, compared with the driver's (one machine, or NTP)
         torch.set_num_threads(max(1, int(spec.num_cpus)))
-        device = "cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.model, self.tok, _ = load_for_inference(run, S3Config(**(s3 or {})), device=device)
-        self.ready_at = time.time()  # wall clock: the driver compares it with when it handed the work over
+        self.run_uri, self.tokenizer_uri, self.s3 = run, tokenizer, s3
+        self.device = "cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.model, self._tok, self.ready_at, self.units = None, None, None, 0
 
-    def __call__(self, batch: dict) -> dict:
-        results = [json.dumps(run_unit(self.model, self.tok, json.loads(u))) for u in batch["unit"]]
-        return {"i": batch["i"], "result": results, "ready_at": [self.ready_at] * len(results)}
+    def load(self, weights: dict | None) -> None:
+        """The model from the driver's {"config", "state"} or, given None, from the checkpoint."""
+        if weights is None:
+            from raylm.config import S3Config
+            from raylm.generate import load_for_inference
+
+            self.model, self._tok, _ = load_for_inference(self.run_uri, S3Config(**(self.s3 or {})),
+                                                          device=self.device)
+        else:
+            from raylm.model import Transformer
+
+            with torch.device("meta"):
+                model = Transformer(weights["config"])
+            model.to_empty(device=self.device)
+            model.init_buffers()
+            model.load_state_dict(weights["state"])  # strict: every parameter, as load_for_inference
+            self.model = model.eval()
+        self.ready_at = time.time()
+
+    @property
+    def tok(self):
+        if self._tok is None:  # generation units only: scoring needs no tokenizer
+            from raylm.config import S3Config
+            from raylm.generate import load_tokenizer
+
+            self._tok = load_tokenizer(self.tokenizer_uri, S3Config(**(self.s3 or {})))
+        return self._tok
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "started_at": self.started_at, "ready_at": self.ready_at, "units": self.units}
+
+    def run(self, unit: dict) -> list[list]:
+        self.units += 1
+        return run_unit(self.model, self.tok if unit["kind"] == "gen" else None, unit)
 
 
 class RayPoolRunner(Runner):
-    """Units on a Ray Data actor pool (`map_batches` with `UnitActor`)."""
+    """Units on `spec.workers` Ray actors (`UnitActor`), started here, in the background."""
 
     def __init__(self, run: str, tok, max_seq_len: int, spec: PoolSpec = PoolSpec(), s3=None,
-                 batch_tokens: int = 4096):
+                 batch_tokens: int = 4096, driver_scores: bool = True):
         import dataclasses
-        import os
 
-        from raylm import storage
-
-        self.run_uri = run if storage.is_s3(run) else os.path.abspath(run)  # actors have their own cwd
-        self.tok, self.max_seq_len, self.spec, self.batch_tokens = tok, max_seq_len, spec, batch_tokens
-        self.s3 = dataclasses.asdict(s3) if s3 is not None else None
-        self.timings: list[dict] = []  # per run(): pool start-up and the whole call, in seconds
-
-    def run(self, units: list[dict]) -> list[list]:
         import ray
 
+        from raylm import checkpoint, storage
+        from raylm.data import actor_restarts
+        from raylm.generate import resolve_checkpoint, tokenizer_of
+
+        if spec.workers < 1:
+            raise ValueError(f"a pool needs at least one actor, got workers={spec.workers}")
+        need, have = spec.workers * spec.num_cpus, ray.cluster_resources().get("CPU", 0)
+        if os.environ.get("RAYLM_LOCAL_CLUSTER") == "1" and need > have:
+            # One machine never grows: actors beyond its CPUs would wait forever, silently.
+            raise ConfigError(f"eval.workers={spec.workers} x eval.cpus_per_worker={spec.num_cpus} needs {need:g} "
+                              f"CPUs; the local Ray cluster has {have:g}")
+        self.tok, self.max_seq_len, self.spec, self.batch_tokens = tok, max_seq_len, spec, batch_tokens
+        s3_dict = dataclasses.asdict(s3) if s3 is not None else None
+        ckpt = resolve_checkpoint(run if storage.is_s3(run) else os.path.abspath(run), s3)  # actors have their own cwd
+        meta = checkpoint.read_meta(ckpt, s3)
+        restarts = actor_restarts()
+        # A restarted actor reloads the model, and a unit is a pure function: retrying is safe.
+        actor = ray.remote(UnitActor).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus or None,
+                                              max_restarts=restarts, max_task_retries=restarts)
+        self.created_at = time.time()
+        self.actors = [actor.remote(ckpt, tokenizer_of(ckpt, meta, s3), s3_dict, spec) for _ in range(spec.workers)]
+        # The actors import torch while the driver reads the weights.
+        self.model = self._small_model(ckpt, meta, s3)
+        weights = None if self.model is None else ray.put({"config": self.model.cfg, "state": self.model.state_dict()})
+        self.loading = {a.load.remote(weights): a for a in self.actors}  # pending loads: actors not ready yet
+        self.ready: list = []
+        # The driver scores units too while it would only wait (actors starting, or all busy),
+        # with the actors' thread count, so that its arithmetic is theirs; on GPU actors it would not be.
+        self.driver_scores = driver_scores and self.model is not None and not spec.num_gpus
+        self.timings: list[dict] = []  # per run(): units, the call's seconds, units the driver scored
+
+    @staticmethod
+    def _small_model(ckpt: str, meta: dict, s3):
+        """The model, on the driver's CPU, when it is small enough to ship to the actors; else None."""
+        from raylm.config import from_dict
+        from raylm.generate import load_for_inference
+        from raylm.model import Transformer
+
+        with torch.device("meta"):
+            shape = Transformer(from_dict(meta["config"]).model)
+        if sum(p.numel() * 4 for p in shape.parameters()) > SHIP_WEIGHTS_MAX_BYTES:  # float32, as actors load
+            return None
+        return load_for_inference(ckpt, s3)[0]
+
+    def run(self, units: list[dict]) -> list[list]:
         if not units:
             return []
-        ds = ray.data.from_items([{"i": i, "unit": json.dumps(u)} for i, u in enumerate(units)],
-                                 override_num_blocks=len(units))
-        ds = ds.map_batches(UnitActor, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=min(self.spec.workers, len(units))),
-                            num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus or None,
-                            fn_constructor_kwargs={"run": self.run_uri, "s3": self.s3, "spec": self.spec})
+        threads = torch.get_num_threads()
+        if self.driver_scores:
+            torch.set_num_threads(max(1, int(self.spec.num_cpus)))
+        try:
+            return self._run(units)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, units: list[dict]) -> list[list]:
+        import ray
+
         t0 = time.time()
-        rows = sorted(ds.take_all(), key=lambda r: int(r["i"]))
-        if len(rows) != len(units):
-            raise RuntimeError(f"the actor pool returned {len(rows)} of {len(units)} units")
-        # Start-up: from handing the work to Ray Data until the last actor had loaded the model.
-        self.timings.append({"pool_startup_s": round(max(float(r["ready_at"]) for r in rows) - t0, 2),
-                             "pool_run_s": round(time.time() - t0, 2), "units": len(units)})
-        return [json.loads(r["result"]) for r in rows]
+        out: list = [None] * len(units)
+        todo = deque(range(len(units)))  # the actors take from the front, the driver from the back
+        free = deque(a for a in self.ready for _ in range(IN_FLIGHT))
+        pending: dict = {}
+        driver_units = 0
+        while todo or pending:
+            while todo and free:
+                actor, i = free.popleft(), todo.popleft()
+                pending[actor.run.remote(units[i])] = (i, actor)
+            if todo and self.driver_scores:
+                i = todo.pop()
+                out[i] = run_unit(self.model, self.tok, units[i])
+                driver_units += 1
+            if not (todo or pending):
+                break  # actors still loading are not waited for
+            waiting = list(pending) + list(self.loading)
+            timeout = 0 if todo and self.driver_scores else None
+            # Polling (the driver has units to score): everything that is done; else block for one.
+            done, _ = ray.wait(waiting, num_returns=len(waiting) if timeout == 0 else 1, timeout=timeout) \
+                if waiting else ([], [])
+            for ref in done:
+                if ref in self.loading:
+                    actor = self.loading.pop(ref)
+                    ray.get(ref)  # a failed load raises here
+                    self.ready.append(actor)
+                    free.extend([actor] * IN_FLIGHT)
+                else:
+                    i, actor = pending.pop(ref)
+                    out[i] = ray.get(ref)
+                    free.append(actor)
+        self.timings.append({"units": len(units), "pool_run_s": round(time.time() - t0, 2),
+                             "driver_units": driver_units})
+        return out
+
+    def info(self) -> list[dict]:
+        """Each actor's pid, start-up times and units computed (waits for the actors to load)."""
+        import ray
+
+        return ray.get([a.info.remote() for a in self.actors])
+
+    def startup_s(self) -> float:
+        """From building the runner until the last actor had loaded the model."""
+        return round(max(i["ready_at"] for i in self.info()) - self.created_at, 2)
+
+    def close(self) -> None:
+        """End the actors now (dropping the runner ends them too, once Ray notices)."""
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
 
 
 def make_runner(path: str, workers: int = 0, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,

@@ -2,7 +2,7 @@
 
     evaluate_run("runs/x", cfg, tasks=["hellaswag"], corpora=["s3://b/val/*.jsonl"])
 
-Harness tasks and the built-in scorers go through one runner (the Ray Data actor pool when
+Harness tasks and the built-in scorers go through one runner (one pool of Ray actors when
 eval.workers > 0, else this process); bits per byte runs in this process. The results go to
 `<run>/eval/<checkpoint>/results.{json,md}` unless `out` says otherwise.
 """
@@ -76,17 +76,22 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
         list_corpus(path, s3)
     version = ""
     if tasks or mc or gen:
+        # One runner (one actor pool, started here) for the harness's tasks and the built-in ones.
         runner = make_runner(ckpt, ec.workers, ec.cpus_per_worker, ec.gpus_per_worker, ec.batch_tokens, s3=s3)
-        if not facts["tokenizer_sha256"]:
-            facts["tokenizer_sha256"] = runner.tok.sha256
-        if tasks:
-            harness, version = harness_rows(runner, ckpt, list(tasks), facts, include_path, limit, num_fewshot, log)
-            rows += harness
-        for p, items in mc.items():
-            rows += rows_from_metrics(task_name(p), score_mc(runner, items[:limit]), facts)
-        for p, items in gen.items():
-            metrics, _ = score_gen(runner, items[:limit], ec.max_new_tokens, ec.temperature, seed=cfg.seed)
-            rows += rows_from_metrics(task_name(p), metrics, facts)
+        try:
+            if not facts["tokenizer_sha256"]:
+                facts["tokenizer_sha256"] = runner.tok.sha256
+            if tasks:
+                harness, version = harness_rows(runner, ckpt, list(tasks), facts, include_path, limit, num_fewshot,
+                                                log)
+                rows += harness
+            for p, items in mc.items():
+                rows += rows_from_metrics(task_name(p), score_mc(runner, items[:limit]), facts)
+            for p, items in gen.items():
+                metrics, _ = score_gen(runner, items[:limit], ec.max_new_tokens, ec.temperature, seed=cfg.seed)
+                rows += rows_from_metrics(task_name(p), metrics, facts)
+        finally:
+            runner.close()  # the pool's actors free their CPUs before bpb runs
     if corpora:
         model, tok, _ = load_for_inference(ckpt, s3)
         facts["tokenizer_sha256"] = facts["tokenizer_sha256"] or tok.sha256

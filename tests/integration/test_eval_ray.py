@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from raylm.eval.loglik import encode_pair
 from raylm.eval.pool import LocalRunner, PoolSpec, RayPoolRunner
 
 pytestmark = pytest.mark.integration
@@ -66,7 +67,9 @@ def test_actor_pool_equals_one_process_exactly(ray_local, tiny_run, local_model,
 
     model, tok = local_model
     local = LocalRunner(model, tok, batch_tokens=64)
-    pool = RayPoolRunner(tiny_run, tok, model.cfg.max_seq_len, PoolSpec(workers=2, num_cpus=1), batch_tokens=64)
+    # The actors alone first (the driver helps only while it would wait, which varies).
+    pool = RayPoolRunner(tiny_run, tok, model.cfg.max_seq_len, PoolSpec(workers=2, num_cpus=1), batch_tokens=64,
+                         driver_scores=False)
     tasks = ["raylm_t_mc", "raylm_t_rolling", "raylm_t_gen"]
     results = {}
     for name, runner in (("local", local), ("pool", pool)):
@@ -74,10 +77,31 @@ def test_actor_pool_equals_one_process_exactly(ray_local, tiny_run, local_model,
                                       task_manager=TaskManager(include_path=task_dir), log_samples=False)
         results[name] = {t: {k: v for k, v in m.items() if k != "alias"} for t, m in out["results"].items()}
     assert results["pool"] == results["local"]  # floats compared exactly
+    # One pool, started with the runner, served all three request kinds: its two actors
+    # computed every unit of the three calls.
+    actors = pool.info()
+    assert len(pool.timings) == 3 and len({a["pid"] for a in actors}) == 2
+    assert sum(a["units"] for a in actors) == sum(t["units"] for t in pool.timings)
+    # The driver scoring beside the actors: more units than the actors' 2 x 2 slots, so it takes
+    # some (from the back of the queue), and the results still land in their places.
+    pool.driver_scores = True
+    pairs = [encode_pair(tok, f"{k} {c}", ch) for k in range(4) for c, chs, _ in ITEMS for ch in chs]  # 15 units
+    assert pool.loglikelihood(pairs) == local.loglikelihood(pairs)
+    assert pool.timings[-1]["driver_units"] >= 1 and pool.timings[-1]["units"] > 4
+    assert sum(a["units"] for a in pool.info()) + pool.timings[-1]["driver_units"] == \
+        sum(t["units"] for t in pool.timings)
+    pool.close()
     mc = results["local"]["raylm_t_mc"]
     assert set(mc) >= {"acc,none", "acc_norm,none", "acc_stderr,none"}
     assert results["local"]["raylm_t_rolling"]["bits_per_byte,none"] > 0
     assert 0 <= results["local"]["raylm_t_gen"]["exact_match,none"] <= 1
+
+
+def test_pool_larger_than_the_local_cluster_is_a_config_error(ray_local, tiny_run):
+    from raylm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.workers=1000 x eval.cpus_per_worker=1 needs 1000 CPUs"):
+        RayPoolRunner(tiny_run, None, 128, PoolSpec(workers=1000, num_cpus=1))
 
 
 def test_raylm_eval_cli_writes_json_and_markdown(ray_local, tiny_run, task_dir, tmp_path, capsys):
