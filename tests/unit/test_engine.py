@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import time
 
 import pytest
 import torch
@@ -356,3 +358,65 @@ def test_stream_coalesces_a_choices_pending_outputs_in_order():
                                     (0, _DONE)]
     assert [lp.token_id for lp in merged[0][1].logprobs] == [1, 3, 4]
     assert _coalesce([(a, out(1, "stop")), (a, out(2))])[1][1].token_ids == [2]  # never past a finish
+
+
+def test_a_busy_replica_sends_fewer_larger_events_but_never_holds_first_text_end_or_disconnect(engine):
+    """raylm.serve.handlers' event budget: with other streams in flight a stream holds its later
+    outputs and sends them as one event, while a choice's first text, its end and a client's
+    disconnect act at once; a lone stream sends every step's output. The interval here is
+    so long that holding shows in the events, whatever the machine's speed. The stop string
+    holds back the first outputs' text ("w", "wo" could start "wo!"), so the first text comes
+    after an event has gone out: it must not wait for the hold."""
+    from raylm.config import ServeConfig
+    from raylm.serve import protocol as P
+    from raylm.serve.handlers import OpenAIService
+
+    service = OpenAIService(engine, ServeConfig(), "tiny", event_interval_s=3600.0)
+    body = {"model": "tiny", "prompt": "The ", "max_tokens": 24, "temperature": 0, "stop": ["wo!"]}
+
+    async def never():
+        await asyncio.Event().wait()
+
+    def request(**kw):
+        return P.parse_request(json.dumps({**body, **kw}).encode(), P.CompletionRequest)
+
+    async def stream(leaves: asyncio.Event | None = None, **kw):
+        """The events of a streamed completion; with `leaves`, the client goes away after the
+        first text, when its stream holds what follows."""
+        events = []
+        async for event in await service.completions(request(stream=True, **kw), leaves.wait if leaves else never):
+            events.append([json.loads(x[6:]) for x in event.split("\n\n") if x.startswith("data: {")])
+            if leaves and "".join(texts(events)):
+                leaves.set()
+        return events
+
+    def texts(events):
+        return ["".join(c["text"] for d in e for c in d["choices"]) for e in events]
+
+    async def cut_short():
+        """A stream sharing the replica with another, whose client leaves after the first
+        text: (its events, tokens the engine made for both)."""
+        before = engine.stats()["tokens_generated"]
+        partner = asyncio.ensure_future(stream())
+        events = await stream(asyncio.Event(), max_tokens=100)
+        await partner
+        return events, engine.stats()["tokens_generated"] - before
+
+    async def main():
+        plain = await service.completions(request(), never)
+        alone = await stream()
+        together = await asyncio.gather(*(stream(stream_options={"include_usage": True}) for _ in range(3)))
+        return plain, alone, together, await cut_short()
+
+    plain, alone, together, (cut, made) = asyncio.run(asyncio.wait_for(main(), 60))
+    want, n = plain["choices"][0]["text"], plain["usage"]["completion_tokens"]
+    assert n == 24 and want.startswith("wo")
+    assert "".join(texts(alone)) == want and len(alone) > 4  # never held: one event per engine step
+    for events in together:
+        got = texts(events)
+        first = next(i for i, t in enumerate(got) if t)
+        assert "".join(got) == want
+        assert first == len(events) - 2, got  # first text at once, then everything else with the end
+        assert events[-1][-1]["usage"]["completion_tokens"] == n
+        assert events[-1][-2]["choices"][0]["finish_reason"] == "length"
+    assert texts(cut)[-1] and made < n + 100, made  # the disconnect was acted on, not held until the end

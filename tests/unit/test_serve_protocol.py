@@ -126,6 +126,12 @@ def test_deployment_options_carry_limits_and_autoscaling():
     assert deployment_options(ServeConfig(num_replicas=2))["num_replicas"] == 2
 
 
+def test_a_cpu_replica_leaves_one_of_its_cpus_to_its_event_loop():
+    from raylm.serve.app import cpu_threads
+
+    assert [cpu_threads(n) for n in (0.5, 1, 2, 2.5, 8)] == [1, 1, 1, 1, 7]
+
+
 def test_vllm_arguments_for_local_and_s3_exports(tmp_path):
     from raylm.serve.vllm import check_export, vllm_serving_args
 
