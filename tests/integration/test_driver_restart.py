@@ -161,10 +161,12 @@ def key(rows: list[dict]) -> list[tuple]:
 
 def test_killed_driver_resubmitted_resumes_bit_exact(prepared, cli_env, tmp_path, drivers):
     # The reference trains alongside the others (results do not depend on timing), but the
-    # next driver starts only once its Ray is up: two clusters starting at once on 2 busy
-    # cores can miss Ray's start-up deadline. record.json is written right after ray.init.
+    # next driver starts only once the reference's Ray and Ray Train are up (its first
+    # checkpoint is committed): a cluster starting while another starts its workers on 2 busy
+    # cores can miss Ray's fixed 30 s node start-up deadline (seen once after record.json,
+    # which comes right after ray.init, was the signal).
     reference = Driver(prepared, "reference", cli_env, tmp_path / "reference.log", drivers)
-    reference.wait_for(storage.join(reference.run_dir, "record.json"))
+    reference.wait_for(storage.join(reference.run_dir, checkpoint.checkpoint_name(4), checkpoint.COMMIT_MARKER))
     first = Driver(prepared, "restarted", cli_env, tmp_path / "restarted.log", drivers)
     first.wait_for(storage.join(first.run_dir, checkpoint.checkpoint_name(4), checkpoint.COMMIT_MARKER))
     stray = first.kill()
