@@ -9,7 +9,7 @@ with --threads CPUs and max_batch_size = --concurrency), then:
    and output lengths (8-96 tokens, greedy, so each output's length is known); requests/s,
    output tokens/s, p50/p95 TTFT, inter-token latency (ITL: the gaps between a request's
    streamed events, each of which may carry several tokens: under load the server sends a
-   stream's tokens in fewer, larger events, see EVENT_INTERVAL_S in raylm/serve/handlers.py),
+   stream's tokens in fewer, larger events, see `serve.stream_event_interval_s` (raylm/config.py)),
    time per output token (TPOT: a request's time from its first token to its last over its
    tokens after the first), tokens per event, errors. TTFT is also split in two: `first_wave`, the first --concurrency
    requests, sent together to an idle server (a burst: the last of them waits for the

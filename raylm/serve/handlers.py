@@ -98,25 +98,24 @@ class _Echo:
     top: list = field(default_factory=list)
 
 
-# The replica's streams send at most about one SSE event per this many seconds between them:
-# after an event, a stream holds its next outputs for this times the number of other streams
-# in flight, then sends them as one event (several tokens in one chunk, as the OpenAI stream
-# format allows). A choice's first text and its end go out at once, and a lone stream is
-# never held. Why: an event costs Serve about 1.4 ms of CPU (the replica's relay, the proxy's,
-# the client's read) however many tokens it carries. Measured on 2 CPU cores, 16 streams of
-# the tiny model (a shared, busy machine): with one event per token, Serve's proxy and the
-# replica's relaying spent ~1.8 ms of CPU per token against the engine's ~0.45; with this
-# hold, ~0.8 ms, and output tokens/s went from ~490-570 to ~830-1,100 (benchmarks/serve_load.py).
-# 16 streams then get an event every ~75 ms, each with the ~4-10 tokens made meanwhile.
-EVENT_INTERVAL_S = 0.005
-
-
 class OpenAIService:
-    def __init__(self, engine, cfg: ServeConfig, model_name: str, event_interval_s: float = EVENT_INTERVAL_S):
+    """The replica's streams send at most about one SSE event per `cfg.stream_event_interval_s`
+    between them: after an event, a stream holds its next outputs for that interval times the
+    number of other streams in flight, then sends them as one event (several tokens in one
+    chunk, as the OpenAI stream format allows). A choice's first text and its end, errors and
+    a disconnect go out at once, and a lone stream is never held; 0 sends every engine step's
+    output as its own event. Why: an event costs Serve about 1.4 ms of CPU (the replica's
+    relay, the proxy's, the client's read) however many tokens it carries. Measured on 2 CPU
+    cores, 16 streams of the tiny model (a shared, busy machine): with one event per token,
+    Serve's proxy and the replica's relaying spent ~1.8 ms of CPU per token against the
+    engine's ~0.45; with a 5 ms hold, ~0.8 ms, and output tokens/s went from ~490-570 to
+    ~830-1,100 (benchmarks/serve_load.py). 16 streams then get an event every ~75 ms, each
+    with the ~4-10 tokens made meanwhile."""
+
+    def __init__(self, engine, cfg: ServeConfig, model_name: str):
         from raylm.tokenizer import END
 
         self.engine, self.cfg, self.model_name = engine, cfg, model_name
-        self.event_interval_s = event_interval_s
         self.tok = engine.tokenizer
         self.end_id = self.tok.special_ids[END]
         self.created = P.now()
@@ -284,8 +283,8 @@ class OpenAIService:
 
     def _stream(self, rid: str, obj: str, choices: list[_Choice], prompt_tokens: int, include_usage: bool,
                 chunk: Callable, disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
-        """SSE lines: each choice's new text and tokens, one event per wake-up (see
-        EVENT_INTERVAL_S: under load an event carries several engine steps' outputs), then usage
+        """SSE lines: each choice's new text and tokens, one event per wake-up (see the class
+        docstring: under load an event carries several engine steps' outputs), then usage
         if asked, then [DONE]. The producers run as tasks: a disconnect or the timeout cancels
         them (freeing their slots within a step) even if the proxy never cancels this generator."""
         created = P.now()
@@ -374,13 +373,14 @@ class OpenAIService:
         return events()
 
     def _tail(self, rid, obj, created, choices: list[_Choice], prompt_tokens: int, include_usage: bool) -> str:
-        usage = P.sse({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
-                       "usage": P.usage(prompt_tokens, sum(c.completion_tokens for c in choices))})
-        return (usage if include_usage else "") + P.sse("[DONE]")
+        if not include_usage:
+            return P.sse("[DONE]")
+        return P.sse({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
+                      "usage": P.usage(prompt_tokens, sum(c.completion_tokens for c in choices))}) + P.sse("[DONE]")
 
     def _hold_s(self) -> float:
-        """How long a stream holds its next outputs after sending an event (EVENT_INTERVAL_S)."""
-        return self.event_interval_s * (self._streams - 1)
+        """How long a stream holds its next outputs after sending an event (see the class docstring)."""
+        return self.cfg.stream_event_interval_s * (self._streams - 1)
 
     # ------------------------------------------------------------------ response pieces
 

@@ -361,17 +361,19 @@ def test_stream_coalesces_a_choices_pending_outputs_in_order():
 
 
 def test_a_busy_replica_sends_fewer_larger_events_but_never_holds_first_text_end_or_disconnect(engine):
-    """raylm.serve.handlers' event budget: with other streams in flight a stream holds its later
-    outputs and sends them as one event, while a choice's first text, its end and a client's
-    disconnect act at once; a lone stream sends every step's output. The interval here is
-    so long that holding shows in the events, whatever the machine's speed. The stop string
-    holds back the first outputs' text ("w", "wo" could start "wo!"), so the first text comes
-    after an event has gone out: it must not wait for the hold."""
+    """raylm.serve.handlers' event budget (serve.stream_event_interval_s): with other streams in
+    flight a stream holds its later outputs and sends them as one event, while a choice's first
+    text, its end and a client's disconnect act at once; a lone stream, and every stream at
+    interval 0, sends every step's output. The interval here is so long that holding shows in
+    the events, whatever the machine's speed. The stop string holds back the first outputs'
+    text ("w", "wo" could start "wo!"), so the first text comes after an event has gone out:
+    it must not wait for the hold."""
     from raylm.config import ServeConfig
     from raylm.serve import protocol as P
     from raylm.serve.handlers import OpenAIService
 
-    service = OpenAIService(engine, ServeConfig(), "tiny", event_interval_s=3600.0)
+    service = OpenAIService(engine, ServeConfig(stream_event_interval_s=3600.0), "tiny")
+    unheld = OpenAIService(engine, ServeConfig(stream_event_interval_s=0), "tiny")
     body = {"model": "tiny", "prompt": "The ", "max_tokens": 24, "temperature": 0, "stop": ["wo!"]}
 
     async def never():
@@ -380,11 +382,11 @@ def test_a_busy_replica_sends_fewer_larger_events_but_never_holds_first_text_end
     def request(**kw):
         return P.parse_request(json.dumps({**body, **kw}).encode(), P.CompletionRequest)
 
-    async def stream(leaves: asyncio.Event | None = None, **kw):
+    async def stream(leaves: asyncio.Event | None = None, on=service, **kw):
         """The events of a streamed completion; with `leaves`, the client goes away after the
         first text, when its stream holds what follows."""
         events = []
-        async for event in await service.completions(request(stream=True, **kw), leaves.wait if leaves else never):
+        async for event in await on.completions(request(stream=True, **kw), leaves.wait if leaves else never):
             events.append([json.loads(x[6:]) for x in event.split("\n\n") if x.startswith("data: {")])
             if leaves and "".join(texts(events)):
                 leaves.set()
@@ -406,9 +408,10 @@ def test_a_busy_replica_sends_fewer_larger_events_but_never_holds_first_text_end
         plain = await service.completions(request(), never)
         alone = await stream()
         together = await asyncio.gather(*(stream(stream_options={"include_usage": True}) for _ in range(3)))
-        return plain, alone, together, await cut_short()
+        together_unheld = await asyncio.gather(*(stream(on=unheld) for _ in range(3)))
+        return plain, alone, together, together_unheld, await cut_short()
 
-    plain, alone, together, (cut, made) = asyncio.run(asyncio.wait_for(main(), 60))
+    plain, alone, together, together_unheld, (cut, made) = asyncio.run(asyncio.wait_for(main(), 60))
     want, n = plain["choices"][0]["text"], plain["usage"]["completion_tokens"]
     assert n == 24 and want.startswith("wo")
     assert "".join(texts(alone)) == want and len(alone) > 4  # never held: one event per engine step
@@ -420,3 +423,9 @@ def test_a_busy_replica_sends_fewer_larger_events_but_never_holds_first_text_end
         assert events[-1][-1]["usage"]["completion_tokens"] == n
         assert events[-1][-2]["choices"][0]["finish_reason"] == "length"
     assert texts(cut)[-1] and made < n + 100, made  # the disconnect was acted on, not held until the end
+    for events in together_unheld:  # interval 0: one event per engine step (n), whatever else is in flight
+        assert "".join(texts(events)) == want and len(events) > n // 2, texts(events)
+        assert not any("usage" in d for e in events for d in e)  # not asked for
+    held = OpenAIService(engine, ServeConfig(), "tiny")
+    held._streams = 3  # the default's hold under load: 5 ms per other stream in flight
+    assert held._hold_s() == pytest.approx(2 * 0.005)

@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import yaml
 
 from raylm.config import ConfigError, ServeConfig, load_serve_config
 from raylm.serve import protocol as P
@@ -95,9 +96,14 @@ def test_serve_config_ranges_and_overrides():
     assert (cfg.max_batch_size, cfg.max_ongoing_requests, cfg.port) == (4, 8, 1234)
     assert cfg.autoscaling_config == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16.0}
     assert ServeConfig().autoscaling_config is None
+    assert load_serve_config(["serve.stream_event_interval_s=0"]).stream_event_interval_s == 0
+    # Serve's application args and recipes come from YAML as (key, value) pairs.
+    from_yaml = load_serve_config(list(yaml.safe_load("stream_event_interval_s: 0.02").items()))
+    assert from_yaml.stream_event_interval_s == 0.02
     for bad, key in [(["max_queued_requests=0"], "max_queued_requests"), (["port=0"], "port"),
                      (["engine=tgi"], "engine"), (["backpressure_status=500"], "backpressure_status"),
                      (["max_ongoing_requests=2"], "max_ongoing_requests"), (["bogus=1"], "bogus"),
+                     (["serve.stream_event_interval_s=-0.001"], r"serve\.stream_event_interval_s=-0\.001"),
                      (["autoscale_min_replicas=3", "autoscale_max_replicas=2"], "autoscale_max_replicas")]:
         with pytest.raises(ConfigError, match=key):
             load_serve_config(bad)
