@@ -88,19 +88,23 @@ class LocalRunner(Runner):
         return [run_unit(self.model, self.tok, u) for u in units]
 
 
+# Models up to this size (float32 bytes) go from the driver to the actors through Ray's object
+# store, so an actor imports torch and raylm's model only, not torch.distributed.checkpoint
+# (about 2 s of a 5 s actor start-up on 2 cores). That wins only while the weights are small:
+# larger ones would cost the driver their memory and the object store a copy per node, and
+# then each actor reading the checkpoint itself (from the run's storage, in parallel) is cheaper.
+SHIP_WEIGHTS_MAX_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class PoolSpec:
     workers: int = 2  # actors, each holding one copy of the model
     num_cpus: float = 1.0  # per actor; also its torch thread count (at least 1)
     num_gpus: float = 0.0  # per actor; > 0 puts the model on the actor's GPU
+    ship_weights_max_bytes: int = SHIP_WEIGHTS_MAX_BYTES  # larger models: each actor reads the checkpoint
 
 
 IN_FLIGHT = 2  # units queued per actor: the next one is already there when one finishes
-# Models up to this size go from the driver to the actors through Ray's object store, so an
-# actor imports torch and raylm's model only, not torch.distributed.checkpoint (about 2 s of
-# a 5 s actor start-up on 2 cores); larger ones would cost the driver their memory, and each
-# actor reads the checkpoint itself.
-SHIP_WEIGHTS_MAX_BYTES = 256 << 20
 
 
 class UnitActor:
@@ -112,6 +116,7 @@ class UnitActor:
         self.run_uri, self.tokenizer_uri, self.s3 = run, tokenizer, s3
         self.device = "cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.model, self._tok, self.ready_at, self.units = None, None, None, 0
+        self.weights_from = None  # "driver" (shipped through the object store) or the checkpoint read
 
     def load(self, weights: dict | None) -> None:
         """The model from the driver's {"config", "state"} or, given None, from the checkpoint."""
@@ -121,6 +126,7 @@ class UnitActor:
 
             self.model, self._tok, _ = load_for_inference(self.run_uri, S3Config(**(self.s3 or {})),
                                                           device=self.device)
+            self.weights_from = self.run_uri
         else:
             from raylm.model import Transformer
 
@@ -130,6 +136,7 @@ class UnitActor:
             model.init_buffers()
             model.load_state_dict(weights["state"])  # strict: every parameter, as load_for_inference
             self.model = model.eval()
+            self.weights_from = "driver"
         self.ready_at = time.time()
 
     @property
@@ -142,7 +149,8 @@ class UnitActor:
         return self._tok
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "started_at": self.started_at, "ready_at": self.ready_at, "units": self.units}
+        return {"pid": os.getpid(), "started_at": self.started_at, "ready_at": self.ready_at, "units": self.units,
+                "weights_from": self.weights_from}
 
     def run(self, unit: dict) -> list[list]:
         self.units += 1
@@ -180,7 +188,7 @@ class RayPoolRunner(Runner):
         self.created_at = time.time()
         self.actors = [actor.remote(ckpt, tokenizer_of(ckpt, meta, s3), s3_dict, spec) for _ in range(spec.workers)]
         # The actors import torch while the driver reads the weights.
-        self.model = self._small_model(ckpt, meta, s3)
+        self.model = self._small_model(ckpt, meta, s3, spec.ship_weights_max_bytes)
         weights = None if self.model is None else ray.put({"config": self.model.cfg, "state": self.model.state_dict()})
         self.loading = {a.load.remote(weights): a for a in self.actors}  # pending loads: actors not ready yet
         self.ready: list = []
@@ -190,15 +198,16 @@ class RayPoolRunner(Runner):
         self.timings: list[dict] = []  # per run(): units, the call's seconds, units the driver scored
 
     @staticmethod
-    def _small_model(ckpt: str, meta: dict, s3):
-        """The model, on the driver's CPU, when it is small enough to ship to the actors; else None."""
+    def _small_model(ckpt: str, meta: dict, s3, max_bytes: int):
+        """The model, on the driver's CPU, when it is at most `max_bytes` (float32) and so is
+        shipped to the actors; else None."""
         from raylm.config import from_dict
         from raylm.generate import load_for_inference
         from raylm.model import Transformer
 
         with torch.device("meta"):
             shape = Transformer(from_dict(meta["config"]).model)
-        if sum(p.numel() * 4 for p in shape.parameters()) > SHIP_WEIGHTS_MAX_BYTES:  # float32, as actors load
+        if sum(p.numel() * 4 for p in shape.parameters()) > max_bytes:  # float32, as actors load
             return None
         return load_for_inference(ckpt, s3)[0]
 
@@ -252,7 +261,8 @@ class RayPoolRunner(Runner):
         return out
 
     def info(self) -> list[dict]:
-        """Each actor's pid, start-up times and units computed (waits for the actors to load)."""
+        """Each actor's pid, start-up times, units computed and where its weights came from
+        (waits for the actors to load)."""
         import ray
 
         return ray.get([a.info.remote() for a in self.actors])

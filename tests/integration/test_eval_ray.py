@@ -97,6 +97,45 @@ def test_actor_pool_equals_one_process_exactly(ray_local, tiny_run, local_model,
     assert 0 <= results["local"]["raylm_t_gen"]["exact_match,none"] <= 1
 
 
+@pytest.fixture
+def stored_run(request, ray_local, tiny_run):
+    """The tiny run in object storage, where a cluster's actors read it; the local directory
+    where no S3 server can start (the actors then read that)."""
+    from tests.s3server import WeedNotFound, weed_binary
+
+    try:
+        weed_binary()
+    except WeedNotFound:
+        return tiny_run
+    from raylm import storage
+
+    run = f"{request.getfixturevalue('s3_prefix')}/tiny"
+    storage.upload_dir(tiny_run, run)
+    return run
+
+
+def test_pool_actors_load_a_large_model_from_the_checkpoint_exactly(stored_run, local_model):
+    """A model over PoolSpec.ship_weights_max_bytes (0 here: any model) is not shipped: each
+    actor reads the checkpoint itself (UnitActor.load(None)), and scores and generates as one
+    process does."""
+    model, tok = local_model
+    spec = PoolSpec(workers=1, num_cpus=1, ship_weights_max_bytes=0)
+    pool = RayPoolRunner(stored_run, tok, model.cfg.max_seq_len, spec, batch_tokens=64)
+    local = LocalRunner(model, tok, batch_tokens=64)
+    try:
+        assert pool.model is None and not pool.driver_scores  # nothing read or shipped by the driver
+        pairs = [encode_pair(tok, c, ch) for c, chs, _ in ITEMS for ch in chs]
+        requests = [(tok.encode(c), ["\n"], 6, 0.0, 0, 0) for c, _, _ in ITEMS] + \
+            [(tok.encode(ITEMS[0][0]), ["\n"], 6, 0.9, 20, 7)]  # sampled: the actor's own tokenizer and RNG
+        assert pool.loglikelihood(pairs) == local.loglikelihood(pairs)  # floats compared exactly
+        assert pool.complete(requests) == local.complete(requests)
+        (actor,) = pool.info()
+        assert actor["weights_from"].startswith(f"{stored_run}/ckpt-")  # the checkpoint, not "driver"
+        assert actor["units"] == sum(t["units"] for t in pool.timings) > 0
+    finally:
+        pool.close()
+
+
 def test_pool_larger_than_the_local_cluster_is_a_config_error(ray_local, tiny_run):
     from raylm.errors import ConfigError
 
