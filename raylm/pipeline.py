@@ -21,7 +21,7 @@ from raylm import storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
 from raylm.data import (MANIFEST, SUFFIXES, DataError, clean_text, corpus_files, list_corpus, parse_documents, prepare,
-                        prepared_datasets, read_manifest, stream_datasets)
+                        prepared_datasets, read_manifest, runs_in_process, stream_datasets)
 from raylm.generate import complete, load_for_inference, load_tokenizer
 from raylm.pii import redact as redact_pii
 from raylm.record import write_record
@@ -58,21 +58,54 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
     else:
         cpus = max(2 * (os.cpu_count() or 2), math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 4)
-        # The dashboard stays on: Ray Train's placement-group cleaner polls its state API and
-        # floods the log with failures without it.
+        # The dashboard stays on: users look at it, and under `raylm tune` Ray Train's
+        # placement-group cleaner polls its state API (and floods the log without it).
         # address="local": always a cluster of our own, never one a `ray start` left running on
         # this machine (ray.init() alone would join that, and refuse num_cpus).
         # The dashboard listens on loopback only, on a port chosen here so that Ray's own
         # actors can be told where it is: without RAY_API_SERVER_ADDRESS, Ray Train's
         # placement-group cleaner looks for "the" cluster on the machine and fails with a
         # traceback whenever a second one runs (another run, a test, a `ray start`).
+        # The settings reach Ray's processes through the environment that the cluster started
+        # here inherits, and not as a job runtime_env: a worker with a runtime_env of its own
+        # is never one of the workers Ray starts ahead of time, and each of its actors waits
+        # for the runtime-env agent. Five actors started one after another (as Ray Train's
+        # controller does) took 10.1 s that way and 3.2 s this way, on 2 cores.
         port = _free_port()
-        env = {**WORKER_ENV, **LOCAL_ENV, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-        ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
-                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env={"env_vars": env})
-        os.environ.update(LOCAL_ENV)
+        settings = {**WORKER_ENV, **LOCAL_ENV, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        before = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
+        env = dict(os.environ)
+        try:
+            ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
+                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+        finally:  # this process keeps LOCAL_ENV only (raylm's actor pools read it here)
+            for k, v in before.items():
+                if k in LOCAL_ENV:
+                    continue
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        global STARTED_WITH
+        STARTED_WITH = (ray.get_runtime_context().gcs_address, env)
+        start_ray_data_actors()
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
+
+
+# The local cluster this process started last, as (GCS address, the environment its workers
+# inherit): see `started_env`.
+STARTED_WITH: tuple[str, dict] | None = None
+
+
+def started_env() -> dict | None:
+    """The environment that the workers of the cluster this process is connected to inherit,
+    where this process started that cluster; None otherwise."""
+    import ray
+
+    if STARTED_WITH is None or not ray.is_initialized() or ray.get_runtime_context().gcs_address != STARTED_WITH[0]:
+        return None
+    return STARTED_WITH[1]
 
 
 # One machine is never preempted: Ray Train's preemption watcher would only add an actor
@@ -82,6 +115,23 @@ def init_ray(cfg: Config) -> None:
 # rate on 2 cores, against 0.89x and 1.07x at 2 s (benchmarks/ray_overhead.py; noisy, but the
 # earlier end-of-run notice it buys is at most 1.5 s).
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAYLM_LOCAL_CLUSTER": "1"}
+
+
+def start_ray_data_actors() -> None:
+    """Start, without waiting, the two cluster-wide actors that Ray Data creates on first use:
+    its stats actor (at a training worker's first read) and the autoscaling coordinator (which
+    Ray Train's controller asks for before it starts any worker). Each otherwise starts a
+    process at that moment, one after another on the way to the first step; started here they
+    come up while the driver prepares data. Both are named and detached, and Ray hands the
+    same actors to its own callers. An optimisation only: where a Ray version has moved these
+    internals, runs start as they would without it."""
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()
 
 
 def _free_port() -> int:
@@ -297,10 +347,35 @@ def ensure_data(cfg: Config, tok: Tokenizer, corpus: tuple | None = None) -> tup
     return out, manifest
 
 
-def training_inputs(cfg: Config, tok: Tokenizer, corpus: tuple | None = None) -> tuple[dict, dict]:
+def prepares_without_ray(cfg: Config, corpus: tuple | None) -> bool:
+    """Whether `ensure_data` can run before the cluster is up: data.path is a prepared dataset,
+    or a corpus small enough to prepare in this process (data.in_process_mb)."""
+    if cfg.data.mode == "stream":
+        return False
+    if _prepared_manifest(cfg) is not None:
+        return True
+    files, val_files = corpus or corpus_files(cfg.data, cfg.s3)
+    return runs_in_process(cfg.data, files, val_files)
+
+
+def beside_ray_start(cfg: Config, work):
+    """`work()` on a thread while `init_ray` starts or joins the cluster on this one; returns
+    its result. Starting a local cluster takes about 8 s on 2 cores, most of it waiting for
+    Ray's processes, and a tokenizer and a small corpus's preparation fit inside that."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="raylm-prepare") as pool:
+        result = pool.submit(work)
+        init_ray(cfg)
+        return result.result()
+
+
+def training_inputs(cfg: Config, tok: Tokenizer, corpus: tuple | None = None,
+                    prepared: tuple[str, dict] | None = None) -> tuple[dict, dict]:
     """Ray Datasets for training and their manifest: prepared shards (data.mode=prepare), or
     the raw corpus streamed through the pipeline by each worker (data.mode=stream).
-    `corpus`: the listing `preflight` made, if any."""
+    `corpus`: the listing `preflight` made, if any; `prepared`: what `ensure_data` returned,
+    where it ran already."""
     import ray
 
     if cfg.data.mode == "stream":
@@ -310,7 +385,7 @@ def training_inputs(cfg: Config, tok: Tokenizer, corpus: tuple | None = None) ->
         spare = ray.cluster_resources().get("CPU", 2) - tc.num_workers * tc.cpus_per_worker
         readers = cfg.data.tokenizer_actors or max(1, int(spare // (2 * tc.num_workers)))
         return stream_datasets(cfg.data, tok, cfg.seed, cfg.s3, readers, log=log, corpus=corpus)
-    data_dir, manifest = ensure_data(cfg, tok, corpus)
+    data_dir, manifest = prepared or ensure_data(cfg, tok, corpus)
     return prepared_datasets(data_dir, manifest, cfg.s3), manifest
 
 
@@ -336,9 +411,14 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
     t0 = time.time()
     cfg, corpus = preflight(absolute_paths(cfg))
     cfg = ensure_corpus(cfg)
-    cfg, tok = ensure_tokenizer(cfg, corpus[0] if corpus else None)
-    init_ray(cfg)
-    datasets, manifest = training_inputs(cfg, tok, corpus)
+
+    def without_ray():
+        """The tokenizer, and the prepared data where making it needs no cluster."""
+        c, tok = ensure_tokenizer(cfg, corpus[0] if corpus else None)
+        return c, tok, (ensure_data(c, tok, corpus) if prepares_without_ray(c, corpus) else None)
+
+    cfg, tok, prepared = beside_ray_start(cfg, without_ray)
+    datasets, manifest = training_inputs(cfg, tok, corpus, prepared)
     record = write_record(cfg, "pretrain", tok, manifest)
     log(f"pretrain: {cfg.train.num_workers} workers, model {_model_summary(cfg)}, run record {record}")
     result = run_ray_training(cfg, datasets, manifest, resume=resume, max_failures=max_failures)

@@ -1004,8 +1004,50 @@ def train_worker(config: dict) -> None:
         device_name(device), log)
 
 
+def trainer_class():
+    """TorchTrainer, less its placement-group cleaner on a local cluster that this process
+    started. The cleaner is a detached actor that asks Ray's state API every second whether
+    the run's controller still lives, to free the workers' placement group if it died without
+    doing so; such a cluster ends with this process, and the poll cost about 3% of a core
+    through a run on 2 cores (the cleaner, the dashboard answering it, the GCS), besides an
+    actor's start before the first step. Tune trials run in actors of their own and keep it:
+    an early-stopped trial's controller dies with its trial."""
+    from ray.train.torch import TorchTrainer
+
+    from raylm.pipeline import started_env
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # a Ray version that moved it: the cleaner stays
+        return TorchTrainer
+    if started_env() is None:
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 # The driver's environment variables that training workers inherit (never secrets).
 WORKER_SETTINGS = ("RAYLM_INJECT_FAILURE", "RAYLM_LOCAL_CLUSTER")
+
+
+def worker_runtime_env() -> dict | None:
+    """raylm's settings for the training workers, passed as a runtime_env only where they
+    need one: the workers of a local cluster that this process started inherit the
+    environment it was started with, and a runtime_env would keep them off the workers Ray
+    starts ahead of time (raylm.pipeline.init_ray). A setting changed since then is passed
+    ("" stands for unset)."""
+    from raylm.pipeline import started_env
+
+    env = {k: os.environ.get(k, "") for k in WORKER_SETTINGS}
+    started = started_env()
+    if started is not None:
+        env = {k: v for k, v in env.items() if started.get(k, "") != v}
+    env = {k: v for k, v in env.items() if v or started is not None}
+    return {"env_vars": env} if env else None
 
 
 def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = "auto", max_failures: int = 0,
@@ -1016,13 +1058,12 @@ def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = 
     `TuneReportCallback` when the run is a trial of `raylm tune`."""
     import ray.train
     from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
 
     from raylm.pipeline import absolute_paths
 
     cfg = absolute_paths(cfg)  # workers do not share the driver's working directory
     fs, root = storage.filesystem(cfg.storage, cfg.s3)
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "manifest": manifest, "resume": resume},
         scaling_config=ray.train.ScalingConfig(
@@ -1033,7 +1074,7 @@ def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = 
             failure_config=ray.train.FailureConfig(max_failures=max_failures), callbacks=callbacks,
             # raylm's own settings of the driver reach the workers, by name: a runtime_env is
             # logged by Ray, so nothing secret (RAYLM_API_KEY) may ever be passed this way.
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in WORKER_SETTINGS if k in os.environ}},
+            worker_runtime_env=worker_runtime_env(),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         # Every worker reads the whole ordered stream and keeps its own rows (RankBatches):

@@ -98,10 +98,20 @@ def ckpt(cfg, step: int) -> str:
     return storage.join(cfg.run_dir, checkpoint.checkpoint_name(step))
 
 
+def cleaners() -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")], limit=1000)}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(prepared):
     cfg = config(prepared, "clean")
+    before = cleaners()
     assert train(prepared, cfg) is None
+    # This process started the cluster (the ray_local fixture, as `raylm` starts one): it ends
+    # with this process, and Ray Train's placement-group cleaner is left out (trainer_class).
+    assert cleaners() == before
     rows = train_rows(cfg)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["consumed_blocks"] for r in rows] == [BLOCKS_PER_STEP * s for s in range(1, STEPS + 1)]
