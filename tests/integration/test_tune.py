@@ -67,8 +67,10 @@ def _alive():
     from ray.util.state import list_actors, list_placement_groups
 
     address = ray.get_runtime_context().gcs_address  # this session's cluster, not another on the machine
+    # Not DEAD rather than ALIVE: an actor still starting counts (raylm starts Ray Data's
+    # cluster-wide actors with the cluster, without waiting for them).
     actors = {a.actor_id: a.class_name
-              for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=10_000)}
+              for a in list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10_000)}
     groups = {g.placement_group_id for g in list_placement_groups(address=address, limit=10_000)
               if g.state != "REMOVED"}
     return actors, groups
