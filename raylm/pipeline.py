@@ -40,8 +40,9 @@ def log(msg: str) -> None:
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-def init_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local one sized for the run.
+def init_ray(cfg: Config, training: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local one sized for the run (with
+    Ray Data's cluster-wide actors already starting, for `training`).
 
     Logical CPUs are set above the core count on purpose: training workers hold theirs for
     the whole run, and Ray Data's read and tokenize tasks need slots of their own or the
@@ -89,7 +90,8 @@ def init_ray(cfg: Config) -> None:
                     os.environ[k] = v
         global STARTED_WITH
         STARTED_WITH = (ray.get_runtime_context().gcs_address, env)
-        start_ray_data_actors()
+        if training:
+            start_ray_data_actors()
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
 
 
@@ -122,7 +124,8 @@ def start_ray_data_actors() -> None:
     its stats actor (at a training worker's first read) and the autoscaling coordinator (which
     Ray Train's controller asks for before it starts any worker). Each otherwise starts a
     process at that moment, one after another on the way to the first step; started here they
-    come up while the driver prepares data. Both are named and detached, and Ray hands the
+    come up while the driver prepares data. Training only: serving and evaluation use neither,
+    and each idle actor costs about 1% of a core. Both are named and detached, and Ray hands the
     same actors to its own callers. An optimisation only: where a Ray version has moved these
     internals, runs start as they would without it."""
     try:
@@ -366,7 +369,7 @@ def beside_ray_start(cfg: Config, work):
 
     with ThreadPoolExecutor(1, thread_name_prefix="raylm-prepare") as pool:
         result = pool.submit(work)
-        init_ray(cfg)
+        init_ray(cfg, training=True)
         return result.result()
 
 

@@ -83,7 +83,7 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
     own = storage.join(cfg.run_dir, "tokenizer")  # a self-contained run carries its tokenizer
     keep_in_run(tok, own, cfg.s3)
     cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=own))
-    init_ray(cfg)
+    init_ray(cfg, training=True)
     data_dir = storage.join(cfg.run_dir, "data")
     manifest = prepare_chat(cfg.stage, cfg.data, tok, data_dir, cfg.seed, cfg.s3, log=log)
     if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
