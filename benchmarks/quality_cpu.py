@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict | int:
         "train.ckpt_every=100000",
         *BUDGET, *args.overrides])
     summary = pretrain(cfg, resume="never", samples=False)
+    from raylm.config import from_dict
+    from raylm.generate import load_for_inference
+
+    trained = from_dict(load_for_inference(cfg.run_dir)[2]["config"])  # as resolved by the run
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     times = training_times(cfg.run_dir, t0, tokens_per_step)
     val_text = val.read_text(encoding="utf-8")
@@ -164,18 +168,14 @@ def main(argv: list[str] | None = None) -> dict | int:
             "model": {k: getattr(cfg.model, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads")},
             "vocab": cfg.tokenizer.vocab_size, "seq_len": cfg.data.seq_len, "max_steps": cfg.train.max_steps,
             "time_budget_s": cfg.train.time_budget_s, "global_batch": cfg.train.global_batch_size,
-            "lr": cfg.train.lr, "min_lr_ratio": cfg.train.min_lr_ratio, "workers": cfg.train.num_workers,
-            "cpus_per_worker": cfg.train.cpus_per_worker},
+            "lr": cfg.train.lr, "min_lr_ratio": cfg.train.min_lr_ratio, "workers": trained.train.num_workers,
+            "cpus_per_worker": trained.train.cpus_per_worker},
         "reference": REFERENCE, "goal_bpb": 2.25, "budget_s": BUDGET_S, "within_budget": wall <= BUDGET_S,
         "goal_met": wall <= BUDGET_S and result["val_bpb"] <= 2.25, "overrides": [*BUDGET, *args.overrides],
     }
     if args.peer:
         if not ray_was_up:
             ray.shutdown()  # the peer has no Ray: an idle cluster's processes would only take CPU from it
-        from raylm.config import from_dict
-        from raylm.generate import load_for_inference
-
-        trained = from_dict(load_for_inference(cfg.run_dir)[2]["config"])  # vocabulary as resolved by the run
         peer = peer_run(trained, str(Path(cfg.run_dir) / "tokenizer"), train, val_text, times["trained_until_s"] or 1.0,
                         work)
         out["peer"] = {"name": "raylm's bare loop (train_local: one process, no Ray)", **peer}

@@ -92,8 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train.compile (default: on for CUDA)")
     p.add_argument("--ce-chunk", type=int, default=None,
                    help="train.loss_chunk_size (default: 2048 on CUDA, 0 elsewhere)")
-    p.add_argument("--cpus-per-worker", type=float, default=TrainConfig.cpus_per_worker,
-                   help="train.cpus_per_worker; also the thread count of the runs in this process")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="train.cpus_per_worker; also the thread count of the runs in this process "
+                        "(default: what train.cpus_per_worker=auto gives one worker: this machine's cores, "
+                        "1 on CUDA)")
     p.add_argument("--source", choices=["parquet", "memory"], default="parquet",
                    help="parquet: the worker streams the shards through Ray Data read tasks (as real "
                         "corpora do); memory: small-dataset path, blocks handed to Ray by the driver")
@@ -106,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = torch.device(args.device).type == "cuda"
     args.compile = cuda if args.compile is None else args.compile
     args.ce_chunk = (2048 if cuda else 0) if args.ce_chunk is None else args.ce_chunk
+    if args.cpus_per_worker is None:
+        one = dataclasses.replace(TrainConfig(), num_workers=1, use_gpu=cuda)
+        args.cpus_per_worker = one.resolve_workers(os.cpu_count() or 1, gpus=1 if cuda else 0).cpus_per_worker
     if args.global_batch % args.micro_batch:
         p.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
     args.warmup = args.steps * max(1, math.ceil(args.warmup / args.steps))

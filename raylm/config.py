@@ -362,9 +362,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    num_workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
+    # Ray Train workers. "auto": one per GPU with use_gpu; on CPU, one per machine, holding
+    # its cores (TrainConfig.resolve_workers). On a 2-core machine one worker of 2 threads
+    # reached its first step about 8 s sooner than two FSDP2 workers of one thread, and ran
+    # its steps faster (one process to start, no gloo collectives, nothing to shard:
+    # benchmarks/quality_cpu.py). Set a number for FSDP2 across CPU processes.
+    num_workers: int | str = "auto"
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    # CPUs Ray reserves for each worker, and its torch threads. "auto": 1 with use_gpu;
+    # on CPU, a machine's cores shared among the workers on it.
+    cpus_per_worker: float | str = "auto"
     micro_batch_size: int = 16  # sequences per worker per forward/backward
     # Sequences per optimizer step across all workers. Kept fixed when the worker count
     # changes, so a resumed run on other hardware follows the same optimisation. 4,096 tokens
@@ -465,11 +472,20 @@ class TrainConfig:
             raise ConfigError(f"train.compile={self.compile!r}: expected true, false or auto")
         if isinstance(self.loss_chunk_size, str) and self.loss_chunk_size != "auto":
             raise ConfigError(f"train.loss_chunk_size={self.loss_chunk_size!r}: expected an integer >= 0 or auto")
+        for key in ("num_workers", "cpus_per_worker"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value != "auto":
+                raise ConfigError(f"train.{key}={value!r}: expected a number or auto")
         _check_ranges(self, "train.")  # first: the batch check below divides by these
         if self.on_spike not in ("log", "stop", "rollback"):
             raise ConfigError(f"train.on_spike={self.on_spike!r}: expected log, stop or rollback")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision={self.precision!r}: expected auto, bf16 or fp32")
+        if self.num_workers == "auto":  # checked again once resolve_workers knows the count
+            if self.global_batch_size % self.micro_batch_size:
+                raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                                  f"train.micro_batch_size={self.micro_batch_size}")
+            return
         if self.global_batch_size % (self.micro_batch_size * self.num_workers):
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -478,6 +494,23 @@ class TrainConfig:
         if self.num_workers % self.replicate_degree:  # the workers are the world (one per device)
             raise ConfigError(f"train.replicate_degree={self.replicate_degree} does not divide "
                               f"train.num_workers={self.num_workers}: each replica shards over an equal share")
+
+    def resolve_workers(self, cores: int, machines: int = 1, gpus: int = 0, spare: int = 0,
+                        share: int = 1) -> "TrainConfig":
+        """num_workers and cpus_per_worker "auto" made concrete, and checked, for a cluster of
+        `machines` with `cores` CPUs each (`spare` of which each keeps for Ray Data's tasks)
+        and `gpus` GPUs in all, shared by `share` runs at once (Tune's concurrent trials)."""
+        if "auto" not in (self.num_workers, self.cpus_per_worker):
+            return self
+        workers = self.num_workers
+        if workers == "auto":
+            workers = max(1, gpus // share) if self.use_gpu else max(1, machines // share)
+        cpus = self.cpus_per_worker
+        if cpus == "auto":
+            cpus = 1.0 if self.use_gpu else float(max(1, (cores - spare) * machines // (share * workers)))
+        resolved = replace(self, num_workers=workers, cpus_per_worker=cpus)
+        resolved.validate()
+        return resolved
 
     def for_device(self, device_type: str) -> "TrainConfig":
         """This config with every "auto" setting made concrete for a device type ("cuda",

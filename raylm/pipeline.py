@@ -40,9 +40,13 @@ def log(msg: str) -> None:
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-def init_ray(cfg: Config, training: bool = False) -> None:
+def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local one sized for the run (with
-    Ray Data's cluster-wide actors already starting, for `training`).
+    Ray Data's cluster-wide actors already starting, for `training`). A local cluster has
+    Ray's dashboard only where asked (`dashboard`, or RAYLM_DASHBOARD=1; its address is then
+    logged): on a small machine its ten processes cost about 2 s of start-up and 2.5% of a
+    core through a run, for a page on a loopback port nobody was told of. A cluster that
+    jobs are submitted to (`ray start`, KubeRay) keeps its own, which serves the Jobs API.
 
     Logical CPUs are set above the core count on purpose: training workers hold theirs for
     the whole run, and Ray Data's read and tokenize tasks need slots of their own or the
@@ -58,28 +62,31 @@ def init_ray(cfg: Config, training: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
     else:
-        cpus = max(2 * (os.cpu_count() or 2), math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker) + 4)
-        # The dashboard stays on: users look at it, and under `raylm tune` Ray Train's
-        # placement-group cleaner polls its state API (and floods the log without it).
+        tc = cfg.train.resolve_workers(os.cpu_count() or 1)  # this machine is the cluster
+        cpus = max(2 * (os.cpu_count() or 2), math.ceil(tc.num_workers * tc.cpus_per_worker) + 4)
         # address="local": always a cluster of our own, never one a `ray start` left running on
         # this machine (ray.init() alone would join that, and refuse num_cpus).
+        # `raylm tune` asks for the dashboard: Ray Train's placement-group cleaner, which its
+        # trials keep, polls the state API the dashboard serves (and floods the log without it).
         # The dashboard listens on loopback only, on a port chosen here so that Ray's own
         # actors can be told where it is: without RAY_API_SERVER_ADDRESS, Ray Train's
         # placement-group cleaner looks for "the" cluster on the machine and fails with a
         # traceback whenever a second one runs (another run, a test, a `ray start`).
+        if dashboard is None:
+            dashboard = os.environ.get("RAYLM_DASHBOARD", "") not in ("", "0")
         # The settings reach Ray's processes through the environment that the cluster started
         # here inherits, and not as a job runtime_env: a worker with a runtime_env of its own
         # is never one of the workers Ray starts ahead of time, and each of its actors waits
         # for the runtime-env agent. Five actors started one after another (as Ray Train's
         # controller does) took 10.1 s that way and 3.2 s this way, on 2 cores.
         port = _free_port()
-        settings = {**WORKER_ENV, **LOCAL_ENV, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        settings = {**WORKER_ENV, **LOCAL_ENV, **({"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"} if dashboard else {})}
         before = {k: os.environ.get(k) for k in settings}
         os.environ.update(settings)
         env = dict(os.environ)
         try:
             ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
-                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+                     include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port)
         finally:  # this process keeps LOCAL_ENV only (raylm's actor pools read it here)
             for k, v in before.items():
                 if k in LOCAL_ENV:
@@ -92,7 +99,42 @@ def init_ray(cfg: Config, training: bool = False) -> None:
         STARTED_WITH = (ray.get_runtime_context().gcs_address, env)
         if training:
             start_ray_data_actors()
+        if dashboard:
+            log(f"Ray dashboard: http://127.0.0.1:{port}")
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
+
+
+def resolve_workers(cfg: Config, share: int = 1) -> Config:
+    """cfg with train.num_workers and cpus_per_worker "auto" made concrete
+    (`TrainConfig.resolve_workers`) for the cluster this process is connected to, or, before
+    it is, for the one-machine cluster `init_ray` starts. A cluster joined through RAY_ADDRESS
+    counts its live machines with CPUs and the smallest one's CPUs, of which one stays with
+    Ray Data's read tasks unless the machine declares more CPUs than it has cores (as the
+    cluster `init_ray` starts does, for that reason). `share`: runs at once on the cluster
+    (Tune's concurrent trials)."""
+    import ray
+
+    tc = cfg.train
+    if tc.num_workers != "auto" and tc.cpus_per_worker != "auto":
+        return cfg
+    if ray.is_initialized() and started_env() is None:  # a cluster raylm joined
+        machines = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        logical = int(min((n["Resources"]["CPU"] for n in machines), default=1))
+        here = [n["NodeID"] for n in machines] == [ray.get_runtime_context().get_node_id()]
+        cores = min(logical, os.cpu_count() or 1) if here else logical
+        spare = 1 if cores > 1 and logical - cores < 1 else 0
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        tc = tc.resolve_workers(cores, max(1, len(machines)), gpus, spare=spare, share=share)
+    else:
+        gpus = _local_gpus() if tc.use_gpu else 0
+        tc = tc.resolve_workers(os.cpu_count() or 1, 1, gpus, share=share)
+    return dataclasses.replace(cfg, train=tc)
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 # The local cluster this process started last, as (GCS address, the environment its workers
@@ -421,9 +463,10 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
         return c, tok, (ensure_data(c, tok, corpus) if prepares_without_ray(c, corpus) else None)
 
     cfg, tok, prepared = beside_ray_start(cfg, without_ray)
+    cfg = resolve_workers(cfg)
     datasets, manifest = training_inputs(cfg, tok, corpus, prepared)
     record = write_record(cfg, "pretrain", tok, manifest)
-    log(f"pretrain: {cfg.train.num_workers} workers, model {_model_summary(cfg)}, run record {record}")
+    log(f"pretrain: {workers_summary(cfg)}, model {_model_summary(cfg)}, run record {record}")
     result = run_ray_training(cfg, datasets, manifest, resume=resume, max_failures=max_failures)
     if result.error:
         raise result.error
@@ -431,6 +474,11 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
     summary["seconds"] = round(time.time() - t0, 1)
     storage.write_text(storage.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=1), cfg.s3)
     return summary
+
+
+def workers_summary(cfg: Config) -> str:
+    n, cpus = cfg.train.num_workers, cfg.train.cpus_per_worker
+    return f"{n} worker{'s' if n != 1 else ''} x {cpus:g} CPU{'s' if cpus != 1 else ''}"
 
 
 def _model_summary(cfg: Config) -> str:

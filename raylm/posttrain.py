@@ -27,7 +27,7 @@ from raylm.chat_data import prepare_chat, write_rows
 from raylm.config import Config, ConfigError, DataConfig, from_dict
 from raylm.data import DataError, actor_restarts, list_corpus, prepared_datasets, read_manifest
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
-from raylm.pipeline import absolute_paths, init_ray, keep_in_run, log
+from raylm.pipeline import absolute_paths, init_ray, keep_in_run, log, resolve_workers, workers_summary
 from raylm.record import write_record
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -84,12 +84,13 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
     keep_in_run(tok, own, cfg.s3)
     cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=own))
     init_ray(cfg, training=True)
+    cfg = resolve_workers(cfg)
     data_dir = storage.join(cfg.run_dir, "data")
     manifest = prepare_chat(cfg.stage, cfg.data, tok, data_dir, cfg.seed, cfg.s3, log=log)
     if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
         data_dir, manifest = precompute_reference(cfg, data_dir, manifest, parent)
     record = write_record(cfg, cfg.stage, tok, manifest, extra={"parent": parent})
-    log(f"{cfg.stage}: {cfg.train.num_workers} workers from {parent['checkpoint']} "
+    log(f"{cfg.stage}: {workers_summary(cfg)} from {parent['checkpoint']} "
         f"({manifest['train']['blocks']} train rows), run record {record}")
     result = run_ray_training(cfg, prepared_datasets(data_dir, manifest, cfg.s3), manifest, resume=resume,
                               max_failures=max_failures)

@@ -1059,9 +1059,11 @@ def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = 
     import ray.train
     from ray.data import ExecutionOptions
 
-    from raylm.pipeline import absolute_paths
+    from raylm.pipeline import absolute_paths, resolve_workers
 
-    cfg = absolute_paths(cfg)  # workers do not share the driver's working directory
+    # Workers do not share the driver's working directory; "auto" worker counts are resolved
+    # by the stages before they log and record them, and here for any other caller.
+    cfg = resolve_workers(absolute_paths(cfg))
     fs, root = storage.filesystem(cfg.storage, cfg.s3)
     trainer = trainer_class()(
         train_worker,

@@ -241,24 +241,26 @@ def run_trial(params: dict, setup: dict) -> None:
 
 def prepare_search(cfg: Config, tc: TuneConfig) -> tuple[Config, str, dict]:
     """Corpus, tokenizer and prepared blocks in the search's run directory, made once (as
-    `pretrain` makes them). Returns the resolved base config, the data directory, the manifest."""
-    from raylm.pipeline import absolute_paths, ensure_corpus, ensure_data, ensure_tokenizer, preflight
+    `pretrain` makes them). Returns the resolved base config (its "auto" worker counts each
+    trial's share of the cluster), the data directory, the manifest."""
+    from raylm.pipeline import absolute_paths, ensure_corpus, ensure_data, ensure_tokenizer, preflight, resolve_workers
 
     cfg, corpus = preflight(absolute_paths(cfg))
     cfg = ensure_corpus(cfg)
     cfg, tok = ensure_tokenizer(cfg, corpus[0] if corpus else None)
     init_ray_for(cfg, tc)
     data_dir, manifest = ensure_data(cfg, tok, corpus)
-    return cfg, data_dir, manifest
+    return resolve_workers(cfg, share=tc.max_concurrent_trials), data_dir, manifest  # "auto": a trial's share
 
 
 def init_ray_for(cfg: Config, tc: TuneConfig) -> None:
     """Join or start Ray (`raylm.pipeline.init_ray`); a local cluster gets logical CPUs for
     every concurrent trial's workers, with the spare that init_ray keeps for Ray Data."""
-    from raylm.pipeline import init_ray
+    from raylm.pipeline import init_ray, resolve_workers
 
-    workers = cfg.train.num_workers * tc.max_concurrent_trials + math.ceil(tc.driver_cpus * tc.max_concurrent_trials)
-    init_ray(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=workers)))
+    trial = resolve_workers(cfg, share=tc.max_concurrent_trials).train
+    workers = trial.num_workers * tc.max_concurrent_trials + math.ceil(tc.driver_cpus * tc.max_concurrent_trials)
+    init_ray(dataclasses.replace(cfg, train=dataclasses.replace(trial, num_workers=workers)), dashboard=True)
 
 
 def _default_log(log):

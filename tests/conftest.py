@@ -58,7 +58,7 @@ def ray_local(request):
         request.getfixturevalue("s3_server")
     except WeedNotFound:
         pass
-    init_ray(Config())
+    init_ray(Config(), dashboard=True)  # tests look into the cluster through Ray's state API, which it serves
     yield
     ray.shutdown()
 

@@ -223,6 +223,9 @@ def test_seq_len_exceeds_max_seq_len():
 
 def test_global_batch_not_multiple_of_micro_batch():
     with pytest.raises(ConfigError, match=r"global_batch_size=30.*micro_batch_size \* train.num_workers = 16 \* 2"):
+        load_config(None, ["train.global_batch_size=30", "train.num_workers=2"])
+    # "auto" workers: the micro-batch is checked when the config loads, the workers once known.
+    with pytest.raises(ConfigError, match=r"^train\.global_batch_size=30 is not a multiple of train\.micro_batch_size=16$"):
         load_config(None, ["train.global_batch_size=30"])
     # Divisible by the micro-batch but not by micro-batch x workers: 8 workers cannot share 32.
     with pytest.raises(ConfigError, match=r"global_batch_size=32.*= 16 \* 8"):
@@ -387,3 +390,24 @@ def test_binary_config_file_names_file(tmp_path):
     p.write_bytes(b"\x80\x02\xff\xfe")
     with pytest.raises(ConfigError, match=r"model\.pt: not UTF-8 text"):
         load_config(str(p))
+
+
+def test_auto_workers_resolve_per_cluster():
+    """"auto": one worker per machine holding its cores on CPU (less a spare core where the
+    machine declares no CPUs beyond them), one per GPU with use_gpu; explicit values stay."""
+    tc = load_config().train
+    assert (tc.num_workers, tc.cpus_per_worker) == ("auto", "auto")
+    assert (lambda r: (r.num_workers, r.cpus_per_worker))(tc.resolve_workers(2)) == (1, 2.0)
+    assert (lambda r: (r.num_workers, r.cpus_per_worker))(tc.resolve_workers(8, machines=2, spare=1)) == (2, 7.0)
+    assert (lambda r: (r.num_workers, r.cpus_per_worker))(tc.resolve_workers(2, share=2)) == (1, 1.0)  # Tune trials
+    two = load_config(overrides=["train.num_workers=2"]).train.resolve_workers(2)
+    assert (two.num_workers, two.cpus_per_worker) == (2, 1.0)  # the cores shared among the workers
+    gpu = load_config(overrides=["train.use_gpu=true", "train.micro_batch_size=4"]).train.resolve_workers(16, gpus=8)
+    assert (gpu.num_workers, gpu.cpus_per_worker) == (8, 1.0)
+    fixed = load_config(overrides=["train.num_workers=2", "train.cpus_per_worker=3"]).train
+    assert fixed.resolve_workers(64) is fixed
+    # The batch must split over the workers "auto" found: named as when the count is given.
+    with pytest.raises(ConfigError, match=r"global_batch_size=32.*= 16 \* 8"):
+        load_config(overrides=["train.use_gpu=true"]).train.resolve_workers(16, gpus=8)
+    with pytest.raises(ConfigError, match=r"^train\.num_workers='four': expected a number or auto$"):
+        load_config(overrides=["train.num_workers=four"])

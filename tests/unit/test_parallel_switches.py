@@ -111,11 +111,11 @@ def test_float8_errors_name_the_problem(monkeypatch):
 @pytest.mark.parametrize("override,message", [
     ("train.replicate_degree=0", "train.replicate_degree=0: expected an integer >= 1"),
     ("train.replicate_degree=2.5", "train.replicate_degree=2.5: expected int"),
-    ("train.replicate_degree=3", "train.replicate_degree=3 does not divide train.num_workers=2"),
+    ("train.replicate_degree=3 train.num_workers=2", "train.replicate_degree=3 does not divide train.num_workers=2"),
 ])
 def test_replicate_degree_is_checked_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=message) as e:
-        load_config(overrides=[override])
+        load_config(overrides=override.split())
     assert "\n" not in str(e.value)
 
 
