@@ -1,0 +1,37 @@
+"""The local cluster a run starts: Ray's dashboard only where asked for."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = """
+import os, ray
+from raylm.config import Config
+from raylm.pipeline import init_ray
+for asked in ("", "1"):
+    os.environ["RAYLM_DASHBOARD"] = asked
+    init_ray(Config())
+    print(f"asked={asked!r} url={ray.init(ignore_reinit_error=True).dashboard_url!r}", flush=True)
+    ray.shutdown()
+"""
+
+
+def test_a_local_cluster_has_a_dashboard_only_where_asked_for():
+    """Off by default (ten processes and 2 s of start-up on a small machine); RAYLM_DASHBOARD=1
+    starts it on loopback and logs where it is."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYLM_DASHBOARD")}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    off = [x for x in lines if x.startswith("asked=''")]
+    on = [x for x in lines if x.startswith("asked='1'")]
+    assert off and on, out.stdout
+    assert off[0] in ("asked='' url=''", "asked='' url=None"), off[0]
+    url = on[0].split("url=")[1].strip("'")
+    assert url.startswith("127.0.0.1:"), on[0]
+    assert f"Ray dashboard: http://{url}" in out.stdout
+    assert out.stdout.count("Ray dashboard:") == 1  # logged for the cluster that has one only
