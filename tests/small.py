@@ -12,6 +12,10 @@ SMALL = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "data.seq_len=64",
     "tokenizer.vocab_size=512", "tokenizer.sample_bytes=300000", "train.micro_batch_size=4",
     "train.global_batch_size=8", "train.warmup_steps=2", "train.eval_batches=1", "sample.max_new_tokens=8",
+    # Two FSDP2 workers of one CPU: the sharded path (collectives, per-rank checkpoint files,
+    # a failure on rank 1). The default ("auto": one worker with every core here) is what the
+    # CLI and quickstart tests run.
+    "train.num_workers=2", "train.cpus_per_worker=1",
 ]
 
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 MODEL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
          "data.seq_len=64"]
 COMMON = ["train.micro_batch_size=8", "train.global_batch_size=16", "train.log_every=5", "train.eval_batches=2",
-          "train.timeout_s=600"]
+          "train.timeout_s=600", "train.num_workers=2", "train.cpus_per_worker=1"]  # the sharded path, on 2 workers
 
 
 def rows(cfg, kind: str) -> list[dict]:
