@@ -363,10 +363,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # Ray Train workers. "auto": one per GPU with use_gpu; on CPU, one per machine, holding
-    # its cores (TrainConfig.resolve_workers). On a 2-core machine one worker of 2 threads
-    # reached its first step about 8 s sooner than two FSDP2 workers of one thread, and ran
-    # its steps faster (one process to start, no gloo collectives, nothing to shard:
-    # benchmarks/quality_cpu.py). Set a number for FSDP2 across CPU processes.
+    # its cores (TrainConfig.resolve_workers): one process to start and nothing to shard. On
+    # 2 cores (benchmarks/quality_cpu.py, fixed steps, back to back) one worker of 2 threads
+    # reached its first step about 2 s sooner than two FSDP2 workers of one thread and ran
+    # its steps about 2% slower: a tie there, and the simpler layout. Set a number for FSDP2
+    # across CPU processes.
     num_workers: int | str = "auto"
     use_gpu: bool = False
     # CPUs Ray reserves for each worker, and its torch threads. "auto": 1 with use_gpu;
