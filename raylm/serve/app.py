@@ -294,9 +294,11 @@ def app_builder(args: dict):
 # --------------------------------------------------------------------------- running
 
 
-def start(run: str, cfg: ServeConfig, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/") -> str:
+def start(run: str, cfg: ServeConfig, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/",
+          log_level: str = "INFO") -> str:
     """Deploy the application for `run` on the connected Ray cluster (starting Serve's HTTP
-    proxy on cfg.host:cfg.port unless Serve runs already) and return its base URL."""
+    proxy on cfg.host:cfg.port unless Serve runs already) and return its base URL.
+    `log_level`: of Serve's own processes and the app's replicas (INFO keeps access logs)."""
     from ray import serve
 
     from raylm import storage
@@ -313,8 +315,9 @@ def start(run: str, cfg: ServeConfig, blocking: bool = False, name: str = APP_NA
         application = build_vllm_app(run, cfg, model_name_of(run, cfg))
     else:
         application = build_app(run, cfg)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(application, name=name, route_prefix=route_prefix, blocking=blocking)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": log_level})
+    serve.run(application, name=name, route_prefix=route_prefix, blocking=blocking,
+              logging_config={"log_level": log_level})
     return base_url(cfg) + route_prefix.rstrip("/")
 
 

@@ -4,6 +4,7 @@ standard library only (the quickstart's last step, and the CLI's `raylm serve`).
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -54,7 +55,12 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
 
     cfg = cfg or ServeConfig(port=free_port())
     key = resolve_api_key(cfg)
-    base = start(run, cfg)
+    # One request, at the end of a run's output: Serve's start-up and access lines at INFO
+    # would only bury the answer (a server started for use keeps them: `raylm serve`).
+    driver_log = logging.getLogger("ray.serve")
+    level = driver_log.level
+    driver_log.setLevel(logging.WARNING)
+    base = start(run, cfg, log_level="WARNING")
     try:
         wait_ready(base)
         model = json.loads(urllib.request.urlopen(urllib.request.Request(
@@ -65,5 +71,6 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
     finally:
         serve.delete(APP_NAME)
         serve.shutdown()
+        driver_log.setLevel(level)
     return {"url": base, "answer": reply["choices"][0]["message"]["content"],
             "command": f"raylm serve {run} --port 8000"}

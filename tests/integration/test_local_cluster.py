@@ -1,4 +1,5 @@
-"""The local cluster a run starts: Ray's dashboard only where asked for."""
+"""The local cluster a run starts: Ray's dashboard only where asked for, and the quickstart's
+one-request serving step without Serve's INFO chatter."""
 
 import os
 import subprocess
@@ -35,3 +36,26 @@ def test_a_local_cluster_has_a_dashboard_only_where_asked_for():
     assert url.startswith("127.0.0.1:"), on[0]
     assert f"Ray dashboard: http://{url}" in out.stdout
     assert out.stdout.count("Ray dashboard:") == 1  # logged for the cluster that has one only
+
+
+SERVE_ONCE = """
+import sys
+from raylm.config import Config
+from raylm.pipeline import init_ray
+from raylm.serve.local import serve_and_chat
+init_ray(Config())
+print("ANSWER", serve_and_chat(sys.argv[1], "reverse: abc", max_tokens=8)["answer"], flush=True)
+"""
+
+
+def test_the_quickstart_serving_step_prints_its_answer_without_serves_info_lines(tiny_run):
+    """`raylm quickstart` ends by serving one chat request (`serve_and_chat`) on a fresh Serve:
+    its controller, proxy and replica log at WARNING there, and the driver's Serve logger too,
+    so the answer is not buried under start-up and access lines (`raylm serve` keeps them)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYLM_DASHBOARD")}
+    out = subprocess.run([sys.executable, "-c", SERVE_ONCE, tiny_run], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ANSWER" in out.stdout
+    chatter = [x for x in (out.stdout + out.stderr).splitlines() if " INFO " in x]
+    assert not chatter, chatter[:5]
