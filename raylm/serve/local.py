@@ -60,17 +60,19 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
     driver_log = logging.getLogger("ray.serve")
     level = driver_log.level
     driver_log.setLevel(logging.WARNING)
-    base = start(run, cfg, log_level="WARNING")
     try:
-        wait_ready(base)
-        model = json.loads(urllib.request.urlopen(urllib.request.Request(
-            f"{base}/v1/models", headers={"authorization": f"Bearer {key}"} if key else {}), timeout=30).read())
-        reply = post_json(f"{base}/v1/chat/completions",
-                          {"model": model["data"][0]["id"], "messages": [{"role": "user", "content": message}],
-                           "max_tokens": max_tokens, "temperature": 0}, key)
+        base = start(run, cfg, log_level="WARNING")
+        try:
+            wait_ready(base)
+            model = json.loads(urllib.request.urlopen(urllib.request.Request(
+                f"{base}/v1/models", headers={"authorization": f"Bearer {key}"} if key else {}), timeout=30).read())
+            reply = post_json(f"{base}/v1/chat/completions",
+                              {"model": model["data"][0]["id"], "messages": [{"role": "user", "content": message}],
+                               "max_tokens": max_tokens, "temperature": 0}, key)
+        finally:
+            serve.delete(APP_NAME)
+            serve.shutdown()
     finally:
-        serve.delete(APP_NAME)
-        serve.shutdown()
         driver_log.setLevel(level)
     return {"url": base, "answer": reply["choices"][0]["message"]["content"],
             "command": f"raylm serve {run} --port 8000"}

@@ -1,5 +1,6 @@
 """The local cluster a run starts: Ray's dashboard only where asked for, and the quickstart's
-one-request serving step without Serve's INFO chatter."""
+one-request serving step without Serve's INFO chatter. One subprocess starts both clusters
+(a fresh process: the session's cluster has a dashboard, and Serve already running)."""
 
 import os
 import subprocess
@@ -10,52 +11,47 @@ import pytest
 pytestmark = pytest.mark.integration
 
 SCRIPT = """
-import os, ray
+import os, sys, ray
 from raylm.config import Config
 from raylm.pipeline import init_ray
+from raylm.serve.local import serve_and_chat
 for asked in ("", "1"):
     os.environ["RAYLM_DASHBOARD"] = asked
     init_ray(Config())
     print(f"asked={asked!r} url={ray.init(ignore_reinit_error=True).dashboard_url!r}", flush=True)
+    if not asked:  # the quickstart's last step, on the default cluster
+        print("ANSWER", serve_and_chat(sys.argv[1], "reverse: abc", max_tokens=8)["answer"], flush=True)
     ray.shutdown()
 """
 
 
-def test_a_local_cluster_has_a_dashboard_only_where_asked_for():
+@pytest.fixture(scope="module")
+def clusters(tiny_run):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYLM_DASHBOARD")}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, tiny_run], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_a_local_cluster_has_a_dashboard_only_where_asked_for(clusters):
     """Off by default (ten processes and 2 s of start-up on a small machine); RAYLM_DASHBOARD=1
     starts it on loopback and logs where it is."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYLM_DASHBOARD")}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=180, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
+    lines = clusters.stdout.splitlines()
     off = [x for x in lines if x.startswith("asked=''")]
     on = [x for x in lines if x.startswith("asked='1'")]
-    assert off and on, out.stdout
+    assert off and on, clusters.stdout
     assert off[0] in ("asked='' url=''", "asked='' url=None"), off[0]
     url = on[0].split("url=")[1].strip("'")
     assert url.startswith("127.0.0.1:"), on[0]
-    assert f"Ray dashboard: http://{url}" in out.stdout
-    assert out.stdout.count("Ray dashboard:") == 1  # logged for the cluster that has one only
+    assert f"Ray dashboard: http://{url}" in clusters.stdout
+    assert clusters.stdout.count("Ray dashboard:") == 1  # logged for the cluster that has one only
 
 
-SERVE_ONCE = """
-import sys
-from raylm.config import Config
-from raylm.pipeline import init_ray
-from raylm.serve.local import serve_and_chat
-init_ray(Config())
-print("ANSWER", serve_and_chat(sys.argv[1], "reverse: abc", max_tokens=8)["answer"], flush=True)
-"""
-
-
-def test_the_quickstart_serving_step_prints_its_answer_without_serves_info_lines(tiny_run):
+def test_the_quickstart_serving_step_prints_its_answer_without_serves_info_lines(clusters):
     """`raylm quickstart` ends by serving one chat request (`serve_and_chat`) on a fresh Serve:
     its controller, proxy and replica log at WARNING there, and the driver's Serve logger too,
     so the answer is not buried under start-up and access lines (`raylm serve` keeps them)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYLM_DASHBOARD")}
-    out = subprocess.run([sys.executable, "-c", SERVE_ONCE, tiny_run], capture_output=True, text=True, timeout=300,
-                         env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ANSWER" in out.stdout
-    chatter = [x for x in (out.stdout + out.stderr).splitlines() if " INFO " in x]
+    assert "ANSWER" in clusters.stdout
+    chatter = [x for x in (clusters.stdout + clusters.stderr).splitlines() if " INFO " in x]
     assert not chatter, chatter[:5]
