@@ -54,6 +54,7 @@ from raylm.config import DataConfig, S3Config
 from raylm.dedup import (MinHasher, UnionFind, band_keys, compact_jaccard, compact_signature, content_hash,
                          is_empty_signature, lsh_params)
 from raylm.pii import redact as redact_pii
+from raylm.progress import Progress
 
 SUFFIXES = (".jsonl.gz", ".jsonl", ".txt", ".parquet")
 MANIFEST = "manifest.json"
@@ -964,19 +965,26 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
             f"preparing in this process on {min(_threads(cfg), stats.files)} threads")
     drop = _duplicates(files, val_files, cfg, s3, stats, log, in_process)
     writers = {s: ShardWriter(attempt, s, block_len, cfg.blocks_per_shard, s3) for s in ("train", "val")}
-    last = time.time()
     if in_process:
         batches = _document_batches_in_process(files, val_files, cfg, tokenizer, s3, drop)
     else:
         actors = cfg.tokenizer_actors or tokenizer_pool_size()
         batches = _document_stream(files, val_files, cfg, tokenizer, s3, actors, drop).iter_batches(
             batch_format="pyarrow", batch_size=None)
-    for split, block, sources in packed_blocks(batches, cfg, tokenizer.eos_id, seed, stats):
-        writers[split].add(block, sources)
-        if time.time() - last > 5:
-            last = time.time()
-            log(f"data: {stats.documents} docs, {stats.tokens / 1e6:.2f}M tokens, "
-                f"{stats.tokens / 1e3 / max(time.time() - t0, 1e-9):.0f}k tokens/s")
+    progress = Progress("data: tokenizing", stats.bytes_read, unit="MB", scale=1e6, log=log)
+    reading = CorpusProgress(files + val_files)
+
+    def watched(batches):
+        for batch in batches:
+            done = reading.observe(batch)
+            yield batch  # packed_blocks counts it into stats before asking for the next
+            progress.update(done, f"{stats.documents:,} docs, {stats.tokens / 1e6:.2f}M tokens")
+
+    try:
+        for split, block, sources in packed_blocks(watched(batches), cfg, tokenizer.eos_id, seed, stats):
+            writers[split].add(block, sources)
+    finally:
+        progress.close()
     for w in writers.values():
         w.flush()
     stats.train_blocks, stats.val_blocks = writers["train"].blocks, writers["val"].blocks
@@ -1018,6 +1026,35 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     if len(stats.bad_records) > 10:
         log(f"data: ... and {len(stats.bad_records) - 10} more bad records (listed in {MANIFEST})")
     return manifest
+
+
+class CorpusProgress:
+    """How many of the corpus's bytes the document stream has delivered, for `prepare`'s
+    progress bar: every file before the current one (the stream keeps corpus order), plus the
+    current one's characters where a character is about a byte (uncompressed text and JSON
+    lines; a compressed file counts once the stream has moved past it)."""
+
+    def __init__(self, files: list[storage.FileInfo]):
+        self.sizes = np.array([f.size for f in files], dtype=np.int64)
+        self.plain = [not f.uri.endswith((".gz", ".parquet")) for f in files]
+        self.current, self.whole, self.partial = 0, 0, 0
+
+    def observe(self, batch: pa.Table) -> int:
+        files = batch.column("file").to_numpy(zero_copy_only=False)
+        if len(files) == 0:
+            return self.done
+        top = int(files.max())
+        if top > self.current:
+            self.whole += int(self.sizes[self.current:top].sum())
+            self.current, self.partial = top, 0
+        if top == self.current and self.plain[top]:
+            chars = batch.column("chars").to_numpy(zero_copy_only=False)
+            self.partial += int(chars[files == top].sum())
+        return self.done
+
+    @property
+    def done(self) -> int:
+        return self.whole + min(self.partial, int(self.sizes[self.current]) if len(self.sizes) else 0)
 
 
 def summary_line(stats: PrepareStats) -> str:
