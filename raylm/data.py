@@ -962,7 +962,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     in_process = runs_in_process(cfg, files, val_files)
     if in_process:
         log(f"data: {stats.bytes_read / 1e6:.1f} MB, under data.in_process_mb={cfg.in_process_mb:g}: "
-            f"preparing in this process on {min(_threads(cfg), stats.files)} threads")
+            f"preparing in this process on {_count(min(_threads(cfg), stats.files), 'thread')}")
     drop = _duplicates(files, val_files, cfg, s3, stats, log, in_process)
     writers = {s: ShardWriter(attempt, s, block_len, cfg.blocks_per_shard, s3) for s in ("train", "val")}
     if in_process:
@@ -1057,10 +1057,14 @@ class CorpusProgress:
         return self.whole + min(self.partial, int(self.sizes[self.current]) if len(self.sizes) else 0)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def summary_line(stats: PrepareStats) -> str:
     dups = sum(v for k, v in stats.dropped.items() if k.endswith("_duplicate"))
     filtered = sum(v for k, v in stats.dropped.items() if not k.endswith("_duplicate"))
-    return (f"data: read {stats.documents_read} documents ({stats.bytes_read / 1e6:.1f} MB from {stats.files} files); "
+    return (f"data: read {stats.documents_read} documents ({stats.bytes_read / 1e6:.1f} MB from {_count(stats.files, 'file')}); "
             f"kept {stats.documents} ({stats.val_documents} val), dropped {filtered} by filters, "
             f"{dups} as duplicates, {len(stats.bad_records)} bad records; "
             f"PII replaced {sum(stats.pii.values())}; {stats.tokens / 1e6:.2f}M tokens -> "

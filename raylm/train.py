@@ -871,6 +871,41 @@ def _quiet_ray_train_logs() -> None:
     warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
 
 
+def ray_report_interval_s() -> float:
+    """How often Ray Train's controller takes a report from each worker: it polls every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and a worker's result queue holds one."""
+    try:
+        return max(0.0, float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+    except ValueError:
+        return 2.0
+
+
+class ReportPacer:
+    """Which metric rows go to `ray.train.report`. Ray Train takes one report per worker per
+    controller poll (`ray_report_interval_s`); a report beyond that rate blocks the step until
+    the next poll, and with async checkpoints it queues the next checkpoint's upload behind it
+    (a run logging every step waited 24 s for its last checkpoint). So a row of training
+    metrics only goes once an interval has passed since the last report; one held back is
+    superseded by the next (every row still reaches metrics.jsonl and the log). Rows with
+    evaluation results (what Tune schedules on) always go, as do checkpoints (`sent`). A
+    report is a collective across ranks in Ray Train, so rank 0's clock decides for all."""
+
+    def __init__(self, interval_s: float, clock=time.monotonic):
+        self.interval_s, self.clock = interval_s, clock
+        self.last = -math.inf
+
+    def due(self, row: dict) -> bool:
+        now = self.clock()
+        go = any(k.startswith(("val_", "eval_")) for k in row) or now - self.last >= self.interval_s
+        go = _broadcast(go)
+        if go:
+            self.last = now
+        return go
+
+    def sent(self) -> None:
+        self.last = self.clock()
+
+
 def train_worker(config: dict) -> None:
     """Per-worker entry for TorchTrainer. `config` carries the resolved Config as a dict,
     the prepared dataset's manifest, and the resume mode."""
@@ -966,7 +1001,10 @@ def train_worker(config: dict) -> None:
                                 f"data.val_fraction (now {cfg.data.val_fraction}) or set data.val_path")
         return rank_val_batches(concat(val_cache), tc, rank, world, device)
 
+    pace = ReportPacer(ray_report_interval_s())
+
     def publish(local_dir: str, name: str, metrics: dict, written, on_uploaded) -> None:
+        pace.sent()  # this report carries the newest metrics too
         ckpt = ray.train.Checkpoint.from_directory(local_dir)
         if on_uploaded is None:
             ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name)
@@ -989,6 +1027,8 @@ def train_worker(config: dict) -> None:
     batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
                           None if streaming else manifest["train"]["blocks"], start.consumed, device)
     def report(metrics: dict) -> None:
+        if not pace.due(metrics):
+            return
         # Ray delivers reports in order: a synchronous one would wait for an async
         # checkpoint upload still in flight, stalling training after all.
         mode = ray.train.CheckpointUploadMode.ASYNC if tc.async_checkpoint else ray.train.CheckpointUploadMode.SYNC

@@ -461,3 +461,25 @@ def test_later_epochs_of_an_in_memory_set_are_fresh_permutations():
     assert rows(e1) != rows(batches) and rows(e1) != rows(e2)
     assert rows(reshuffled(batches, 7, 1)) == rows(e1)  # a function of (seed, epoch)
     assert rows(reshuffled(batches, 8, 1)) != rows(e1)
+
+
+def test_ray_reports_are_paced_to_the_controller_poll():
+    """Training rows reach ray.train.report at most once a poll interval (the rest would block
+    the step); evaluation rows and checkpoints always go; a checkpoint restarts the interval."""
+    from raylm.train import ReportPacer
+
+    now = [0.0]
+    pace = ReportPacer(2.0, clock=lambda: now[0])
+    sent = []
+    for t, row in [(0.0, {"step": 1, "loss": 1.0}), (0.5, {"step": 2, "loss": 0.9}), (1.9, {"step": 3}),
+                   (2.1, {"step": 4}), (2.2, {"step": 5, "val_loss": 0.8}), (2.3, {"step": 6, "eval_acc": 0.1}),
+                   (3.0, {"step": 7}), (4.4, {"step": 8}), (4.5, {"step": 9})]:
+        now[0] = t
+        if pace.due(row):
+            sent.append(row["step"])
+    assert sent == [1, 4, 5, 6, 8]  # 8: 2.1 s after the evaluation row at 2.3
+    now[0] = 10.0
+    pace.sent()  # a checkpoint report went out
+    now[0] = 11.0
+    assert not pace.due({"step": 10})
+    assert ReportPacer(0.0).due({"step": 1}) and ReportPacer(0.0).due({"step": 2})  # interval 0: every row
