@@ -590,7 +590,7 @@ def bucket_keys(batch: dict, mode: str, num_perm: int, threshold: float) -> dict
     MinHash signature is one more (LSH: similar documents collide in some band). Band rows
     carry the document's compact signature, so the candidates can be verified."""
     hasher, bands, rows = _near_dup_hashing(num_perm, threshold) if mode == "near" else (None, 0, 0)
-    keys, files, lines, exact, sigs, errors = [], [], [], [], [], []
+    keys, files, lines, exact, sigs, errors, chars = [], [], [], [], [], [], []
     for text, file, line, error in zip(batch["text"], batch["file"], batch["line"], batch["error"]):
         if error:  # reported to the driver, which applies the error budget before the second pass
             doc_keys, compact = [ERROR_KEY], b""
@@ -609,9 +609,11 @@ def bucket_keys(batch: dict, mode: str, num_perm: int, threshold: float) -> dict
         exact += [not error] + [False] * (len(doc_keys) - 1)
         sigs += [b""] + [compact] * (len(doc_keys) - 1)
         errors += [error] + [""] * (len(doc_keys) - 1)
+        chars += [len(text)] + [0] * (len(doc_keys) - 1)  # once per document: the progress bar's measure
     return {"key": np.array(keys, dtype=object), "file": np.array(files, dtype=np.int64),
             "line": np.array(lines, dtype=np.int64), "exact": np.array(exact, dtype=bool),
-            "sig": np.array(sigs, dtype=object), "error": np.array(errors, dtype=object)}
+            "sig": np.array(sigs, dtype=object), "error": np.array(errors, dtype=object),
+            "chars": np.array(chars, dtype=np.int64)}
 
 
 # The bucket of bad records: no content hash ("exact:" + 16 bytes) or band key (12 bytes) can equal it.
@@ -698,7 +700,7 @@ def _edges_on_driver(keys: Iterable[dict], threshold: float):
 
 
 def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig,
-                    s3=None, in_process: bool = False) -> tuple[dict[tuple[int, int], str], list[str]]:
+                    s3=None, in_process: bool = False, log=None) -> tuple[dict[tuple[int, int], str], list[str]]:
     """First pass over the corpus: (file index, line) -> "exact_duplicate" or
     "near_duplicate" for every document that repeats an earlier one (corpus order: training
     files, then validation files, so a validation copy of training text is the one dropped),
@@ -707,17 +709,21 @@ def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileI
     Hashing and MinHash run in parallel tasks; buckets are formed by a Ray Data groupby over
     the whole corpus (across all shards), or on the driver for small corpora; only the edges
     between duplicates reach the union-find, which joins them into clusters and keeps each
-    cluster's first document. `in_process`: the same stages on threads here (`runs_in_process`)."""
+    cluster's first document. `in_process`: the same stages on threads here (`runs_in_process`).
+    `log`: where the hashing pass's progress goes, where the keys stream through this process."""
     import ray
 
     hashing = {"mode": cfg.dedup, "num_perm": cfg.minhash_perm, "threshold": cfg.near_dup_threshold}
+    watch = (lambda keys: watched(keys, files + val_files, "data: hashing for de-duplication", log)) if log \
+        else (lambda keys: keys)
     if in_process:
         clean = _clean_file(files, val_files, cfg, s3)
-        edges = _edges_on_driver(_ordered_map(lambda f: bucket_keys(clean(f), **hashing), files + val_files,
-                                              _threads(cfg)), cfg.near_dup_threshold)
+        edges = _edges_on_driver(watch(_ordered_map(lambda f: bucket_keys(clean(f), **hashing), files + val_files,
+                                                    _threads(cfg))), cfg.near_dup_threshold)
     elif sum(f.size for f in files + val_files) < SMALL_CORPUS_BYTES:
         keys = _cleaned_documents(files, val_files, cfg, s3).map_batches(bucket_keys, fn_kwargs=hashing)
-        edges = _edges_on_driver(keys.iter_batches(batch_format="numpy", batch_size=None), cfg.near_dup_threshold)
+        edges = _edges_on_driver(watch(keys.iter_batches(batch_format="numpy", batch_size=None)),
+                                 cfg.near_dup_threshold)
     else:
         # One partition per CPU: Ray Data's default (200) is sized for clusters, not a laptop.
         partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -875,7 +881,7 @@ def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log,
         return {}
     t0 = time.time()
     log(f"data: finding {cfg.dedup} duplicates across {len(files) + len(val_files)} files")
-    drop, bad = find_duplicates(files, val_files, cfg, s3, in_process)
+    drop, bad = find_duplicates(files, val_files, cfg, s3, in_process, log=log)
     _check_error_budget(bad, cfg)
     stats.dedup_seconds = round(time.time() - t0, 2)
     log(f"data: {len(drop)} duplicate documents found in {stats.dedup_seconds:.1f}s")
@@ -971,20 +977,11 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
         actors = cfg.tokenizer_actors or tokenizer_pool_size()
         batches = _document_stream(files, val_files, cfg, tokenizer, s3, actors, drop).iter_batches(
             batch_format="pyarrow", batch_size=None)
-    progress = Progress("data: tokenizing", stats.bytes_read, unit="MB", scale=1e6, log=log)
-    reading = CorpusProgress(files + val_files)
-
-    def watched(batches):
-        for batch in batches:
-            done = reading.observe(batch)
-            yield batch  # packed_blocks counts it into stats before asking for the next
-            progress.update(done, f"{stats.documents:,} docs, {stats.tokens / 1e6:.2f}M tokens")
-
-    try:
-        for split, block, sources in packed_blocks(watched(batches), cfg, tokenizer.eos_id, seed, stats):
-            writers[split].add(block, sources)
-    finally:
-        progress.close()
+    # packed_blocks counts each batch into stats before it asks for the next, when the bar is drawn
+    batches = watched(batches, files + val_files, "data: tokenizing", log,
+                      lambda: f"{stats.documents:,} docs, {stats.tokens / 1e6:.2f}M tokens")
+    for split, block, sources in packed_blocks(batches, cfg, tokenizer.eos_id, seed, stats):
+        writers[split].add(block, sources)
     for w in writers.values():
         w.flush()
     stats.train_blocks, stats.val_blocks = writers["train"].blocks, writers["val"].blocks
@@ -1039,8 +1036,9 @@ class CorpusProgress:
         self.plain = [not f.uri.endswith((".gz", ".parquet")) for f in files]
         self.current, self.whole, self.partial = 0, 0, 0
 
-    def observe(self, batch: pa.Table) -> int:
-        files = batch.column("file").to_numpy(zero_copy_only=False)
+    def observe(self, batch) -> int:
+        """Count a batch (an Arrow table or a dict of arrays, with "file" and "chars" columns)."""
+        files = np.asarray(batch["file"])
         if len(files) == 0:
             return self.done
         top = int(files.max())
@@ -1048,13 +1046,26 @@ class CorpusProgress:
             self.whole += int(self.sizes[self.current:top].sum())
             self.current, self.partial = top, 0
         if top == self.current and self.plain[top]:
-            chars = batch.column("chars").to_numpy(zero_copy_only=False)
-            self.partial += int(chars[files == top].sum())
+            self.partial += int(np.asarray(batch["chars"])[files == top].sum())
         return self.done
 
     @property
     def done(self) -> int:
         return self.whole + min(self.partial, int(self.sizes[self.current]) if len(self.sizes) else 0)
+
+
+def watched(batches: Iterable, files: list[storage.FileInfo], label: str, log, note: Callable[[], str] | None = None):
+    """`batches` passed through unchanged, with a progress bar of how far they are through
+    `files` (`CorpusProgress`), drawn each time the consumer asks for the next batch."""
+    progress = Progress(label, sum(f.size for f in files), unit="MB", scale=1e6, log=log)
+    reading = CorpusProgress(files)
+    try:
+        for batch in batches:
+            done = reading.observe(batch)
+            yield batch
+            progress.update(done, note() if note else "")
+    finally:
+        progress.close()
 
 
 def _count(n: int, noun: str) -> str:

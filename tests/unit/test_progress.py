@@ -72,7 +72,7 @@ def test_corpus_progress_counts_finished_files_and_the_current_plain_one():
     assert cp.observe(batch([(2, 1)])) == 350  # a late row of an earlier file changes nothing
 
 
-def test_prepare_in_process_logs_its_progress_and_the_summary(tmp_path, monkeypatch):
+def test_prepare_in_process_logs_the_progress_of_both_passes_and_the_summary(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(3):
@@ -81,7 +81,7 @@ def test_prepare_in_process_logs_its_progress_and_the_summary(tmp_path, monkeypa
                 f.write(json.dumps({"text": f"document {i}-{j}: " + "some words here " * (10 + j % 7)}) + "\n")
     from raylm.tokenizer import train_tokenizer
 
-    cfg = load_config(overrides=[f"data.path={corpus}", "data.seq_len=32", "data.dedup=none",
+    cfg = load_config(overrides=[f"data.path={corpus}", "data.seq_len=32", "data.dedup=near",
                                  "data.val_fraction=0.1", "data.redact_pii=[]"]).data
     tok = train_tokenizer([(corpus / "part0.jsonl").read_text()], str(tmp_path / "tok"), vocab_size=300)
     logged = []
@@ -94,3 +94,6 @@ def test_prepare_in_process_logs_its_progress_and_the_summary(tmp_path, monkeypa
     percents = [int(re.search(r" (\d+)% ", line).group(1)) for line in shown]
     assert len(shown) == 3 and percents == sorted(percents) and percents[-1] >= 60  # one per file, rising
     assert all("docs" in line and "M tokens" in line for line in shown)
+    hashing = [line for line in logged if line.startswith("data: hashing for de-duplication")]
+    assert len(hashing) == 3 and "%" in hashing[-1]  # the first pass shows its progress too
+    assert logged.index(hashing[-1]) < logged.index(shown[0])
