@@ -327,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("quickstart", cmd_quickstart,
              "Train a tokenizer and a tiny model on a built-in offline corpus on a local Ray cluster "
-             "sized to this machine (a few minutes on a laptop CPU), print validation perplexity and samples, then fine-tune it "
-             "(SFT) on a built-in synthetic instruction set and print one chat exchange.")
+             "sized to this machine (a few minutes on a laptop CPU), print validation perplexity and "
+             "samples, then fine-tune it (SFT) on a built-in synthetic instruction set and print one "
+             "chat exchange.")
     sp.add_argument("--no-sft", action="store_true", help="stop after pre-training")
 
     sp = add("pretrain", cmd_pretrain,
