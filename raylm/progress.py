@@ -52,8 +52,9 @@ class Progress:
             cells = int(frac * WIDTH)
             head = f"{self.label} " + (f"|{'#' * cells}{'.' * (WIDTH - cells)}| " if bar else "")
             parts.append(f"{head}{frac:4.0%} {self._n(self.done)}/{self._n(self.total)} {self.unit}".rstrip())
-            if 0 < frac < 1 and rate > 0:
-                parts.append(f"{_duration((self.total - self.done) / rate)} left")
+            left = (self.total - self.done) / rate if rate > 0 else 0.0
+            if 0 < frac < 1 and left >= 0.5:  # nothing to say of the last moment
+                parts.append(f"{_duration(left)} left")
         else:
             parts.append(f"{self.label} {self._n(self.done)} {self.unit}".rstrip())
         parts.append(f"{self._n(rate)} {self.unit}/s".strip())
