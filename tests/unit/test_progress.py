@@ -22,15 +22,18 @@ class Terminal(io.StringIO):
 def test_terminal_bar_redraws_one_line_and_clears_it():
     out, logged = Terminal(), []
     p = Progress("data", total=10e6, unit="MB", scale=1e6, log=logged.append, stream=out, every_s=0)
+    p.t0 -= 10.0  # started 10 s ago: 5 MB done by now leaves 10 s at that rate
     p.update(2.5e6, "12 docs")
     p.update(5e6, "30 docs")
+    p.update(9.995e6)  # about 5 ms to go: no "0s left"
     p.close()
     text = out.getvalue()
     assert logged == []  # the bar never goes through the log
     assert "\n" not in text  # one line, redrawn in place
     frames = [f for f in text.split("\r\x1b[K") if f]
     assert frames[0].startswith("data |######.") and " 25% 2.5/10.0 MB" in frames[0] and "12 docs" in frames[0]
-    assert " 50% 5.0/10.0 MB" in frames[1] and "left" in frames[1] and "MB/s" in frames[1]
+    assert " 50% 5.0/10.0 MB" in frames[1] and "10s left" in frames[1] and "0.5 MB/s" in frames[1]
+    assert "100% 10.0/10.0 MB" in frames[2] and "left" not in frames[2]
     assert text.endswith("\r\x1b[K")  # cleared: the stage's summary line takes its place
 
 
