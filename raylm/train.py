@@ -885,8 +885,9 @@ class ReportPacer:
     controller poll (`ray_report_interval_s`); a report beyond that rate blocks the step until
     the next poll, and with async checkpoints it queues the next checkpoint's upload behind it
     (a run logging every step waited 24 s for its last checkpoint). So a row of training
-    metrics only goes once an interval has passed since the last report; one held back is
-    superseded by the next (every row still reaches metrics.jsonl and the log). Rows with
+    metrics only goes once an interval has passed since the last report; one that comes
+    sooner is not sent (a later one carries newer figures; every row still reaches
+    metrics.jsonl and the log). Rows with
     evaluation results (what Tune schedules on) always go, as do checkpoints (`sent`). A
     report is a collective across ranks in Ray Train, so rank 0's clock decides for all."""
 
