@@ -155,3 +155,22 @@ def test_gpu_suite_table_from_benchmark_json():
     for r in decode["results"]:
         assert f"batch {r['batch']}: {r['decode_tokens_per_s']:,.0f} tok/s" in text
     assert "train-1b" not in text  # benchmarks that did not run are left out, not invented
+
+
+def test_serve_load_pools_rounds_and_splits_each_rounds_first_wave():
+    """serve_load's figures pool every round's requests; under load, each round's first
+    `concurrency` requests by send time are its first wave and the rest are steady."""
+    bench = _load("serve_load.py")
+
+    def req(sent, ttft, tokens=4):
+        return {"sent": sent, "ttft": ttft, "itl": [0.01], "tpot": 0.01, "tokens": tokens, "events": 2, "end": 1.0}
+
+    # Two rounds at concurrency 2: the first two sent in each round are its first wave.
+    rounds = [([req(0.0, 0.5), req(0.1, 0.6), req(0.2, 0.03), req(0.3, 0.04)], 2.0),
+              ([req(5.1, 0.7), req(5.0, 0.8), req(5.3, 0.05), req(5.2, 0.06), {"error": "HTTP 503"}], 2.0)]
+    s = bench.summarize(rounds, 2)
+    assert (s["rounds"], s["requests"], s["errors"], s["wall_s"]) == (2, 9, 1, 4.0)
+    assert s["output_tokens_per_s"] == 8 * 4 / 4.0 and s["first_errors"] == ["HTTP 503"]
+    assert s["first_wave"]["requests"] == 4 and s["first_wave"]["ttft_p50_s"] >= 0.5
+    assert s["steady"]["requests"] == 4 and s["steady"]["ttft_p95_s"] == 0.06
+    assert "steady" not in bench.summarize(rounds[:1], 1)  # one at a time: no waves
