@@ -24,7 +24,7 @@ Phases 1 and 2 alternate --rounds times (default 3) on the same server, and each
 every round's requests: on a machine whose speed drifts, idle and load are then measured over
 the same stretch of time, and a p95 rests on 3x the requests (one round's p95 over 48 steady
 requests is its third slowest; on 2 quiet cores the same code gave steady-over-idle ratios
-from 2.7 to 5.4 that way). `ttft_p95_load_over_idle_by_round` keeps each round's own ratio.
+from 2.7 to 5.0 that way). `ttft_p95_load_over_idle_by_round` keeps each round's own ratio.
 
 Goals (issue 14): load output tokens/s >= 3x the baseline's at 16 concurrent requests on a
 2-core CPU, and p95 TTFT under load within 2x the idle p95 TTFT. The JSON has the ratios
