@@ -587,12 +587,17 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                                                        if k.endswith(("_acc", "_exact_match"))))
                 metrics_log.log(erow)
             row = {**(row or {"step": step}), **{k: v for k, v in erow.items() if k != "kind"}}
+        saving = step % tc.ckpt_every == 0 or final
         if row is not None:
             if rank == 0 and row.get("kind") == "train":
                 metrics_log.log({k: v for k, v in row.items() if not k.startswith(("val", "eval_"))})
             last = row
-            hooks.report(row)
-        if step % tc.ckpt_every == 0 or final:
+            # A step that saves reports its row with the checkpoint (Hooks.publish_checkpoint
+            # sends `last`): Ray Train takes one report per worker per controller poll, so a
+            # second report here would hold this step, and a run's end, for up to a poll.
+            if not saving:
+                hooks.report(row)
+        if saving:
             saver.save(model, optimizer, step, batches.consumed, last, clock.spent)
             if final:
                 saver.finish()
