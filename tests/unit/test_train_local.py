@@ -173,3 +173,29 @@ def test_rollback_as_the_time_budget_runs_out_still_ends_with_a_final_step(tmp_p
     assert [r["step"] for r in rows if r["kind"] == "rollback"] == [4]
     assert last["step"] == 5 and "val_loss" in last  # one step after the rollback, then the end
     assert checkpoint.read_meta(checkpoint.latest_complete(str(tmp_path / "budget")))["step"] == 5
+
+
+def test_a_step_that_saves_reports_once_with_its_checkpoint(tmp_path, monkeypatch):
+    """What the loop sends to Ray (Hooks.report, Hooks.publish_checkpoint): a step that saves
+    sends its row, evaluation included, with the checkpoint and never in a report of its own
+    just before (Ray Train takes one report per controller poll: the second held the step)."""
+    import raylm.train as T
+
+    sent, hooks = [], T.Hooks
+
+    def recording(report, publish_checkpoint, **kw):
+        def rep(metrics):
+            sent.append(("report", metrics["step"], "val_loss" in metrics))
+
+        def pub(local, name, metrics, written, on_uploaded):
+            sent.append(("checkpoint", metrics["step"], "val_loss" in metrics))
+            publish_checkpoint(local, name, metrics, written, on_uploaded)
+
+        return hooks(report=rep, publish_checkpoint=pub, **kw)
+
+    monkeypatch.setattr(T, "Hooks", recording)
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=reports", "train.max_steps=6", *OVERRIDES,
+                                 "train.eval_every=2", "train.ckpt_every=4"])
+    train_local(cfg, blocks(40, 0), blocks(8, 1), log=lambda *_: None)
+    assert sent == [("report", 1, False), ("report", 2, True), ("report", 3, False), ("checkpoint", 4, True),
+                    ("report", 5, False), ("checkpoint", 6, True)]
