@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TESTS = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "gpu", str(HERE.parent / "tests" / "gpu")]
+TESTS = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(HERE.parent / "tests" / "gpu")]
 
 # name -> (script, arguments). The shapes are the issue's; micro-batches fit an 80 GB GPU.
 SUITE = {

@@ -3,7 +3,7 @@
 bf16 FSDP2 over NCCL on a one-process group, compile with activation checkpointing, float8 at
 the 1B shape, the compiled decode step (CUDA graphs) against eager and the SDPA kernel its
 mask selects, the chunked loss's fp32-output matmul, resume, and host-side batch caches.
-Run: `python -m pytest -q -n 0 tests/gpu` (one process; or `python benchmarks/gpu_suite.py`, which runs this
+Run: `python -m pytest -q tests/gpu` (or `python benchmarks/gpu_suite.py`, which runs this
 tier first). Skipped without CUDA (tests/gpu/conftest.py)."""
 
 from __future__ import annotations
