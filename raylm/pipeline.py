@@ -87,9 +87,9 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
         try:
             ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
                      include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port)
-        finally:  # this process keeps LOCAL_ENV only (raylm's actor pools read it here)
+        finally:  # this process keeps RAYLM_LOCAL_CLUSTER only (raylm's actor pools read it here)
             for k, v in before.items():
-                if k in LOCAL_ENV:
+                if k == "RAYLM_LOCAL_CLUSTER":
                     continue
                 if v is None:
                     os.environ.pop(k, None)
@@ -158,6 +158,10 @@ def started_env() -> dict | None:
 # its 2 s: polling every 0.5 s gave the tiny model's Ray Train step 0.79x the bare step's
 # rate on 2 cores, against 0.89x and 1.07x at 2 s (benchmarks/ray_overhead.py; noisy, but the
 # earlier end-of-run notice it buys is at most 1.5 s).
+# The driver must not keep the RAY_TRAIN_* variable: Ray Train hands every RAY_TRAIN_* set in
+# the driver to its controller and workers as a runtime_env, and an actor with a runtime_env of
+# its own starts through the runtime-env agent (about 1.4 s a run here; see init_ray). Ray's
+# processes read it from the environment the cluster inherited.
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAYLM_LOCAL_CLUSTER": "1"}
 
 
