@@ -161,8 +161,11 @@ def started_env() -> dict | None:
 # The driver must not keep the RAY_TRAIN_* variable: Ray Train hands every RAY_TRAIN_* set in
 # the driver to its controller and workers as a runtime_env, and an actor with a runtime_env of
 # its own starts through the runtime-env agent (about 1.4 s a run here; see init_ray). Ray's
-# processes read it from the environment the cluster inherited.
-LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAYLM_LOCAL_CLUSTER": "1"}
+# processes read it from the environment the cluster inherited. RAY_WARN_BLOCKING_GET_INSIDE_ASYNC
+# is the one setting Ray Train gives its controller as a runtime_env; held by the cluster, the
+# controller needs none (raylm.train.trainer_class).
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAYLM_LOCAL_CLUSTER": "1",
+             "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}
 
 
 def start_ray_data_actors() -> None:

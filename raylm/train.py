@@ -1057,7 +1057,8 @@ def trainer_class():
     doing so; such a cluster ends with this process, and the poll cost about 3% of a core
     through a run on 2 cores (the cleaner, the dashboard answering it, the GCS), besides an
     actor's start before the first step. Tune trials run in actors of their own and keep it:
-    an early-stopped trial's controller dies with its trial."""
+    an early-stopped trial's controller dies with its trial. Its controller, and the actors
+    that start from it, get no runtime_env (raylm.train_controller)."""
     from ray.train.torch import TorchTrainer
 
     from raylm.pipeline import started_env
@@ -1072,6 +1073,30 @@ def trainer_class():
     class LocalTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            # Ray's own path gives the controller a runtime_env (one setting, which the
+            # cluster's environment already holds here: raylm.pipeline.LOCAL_ENV), and every
+            # actor the controller starts inherits it: the synchronization actor, the workers
+            # and the dataset manager then each wait for a new process through the runtime-env
+            # agent, one after another, where they could start on the processes Ray keeps
+            # started. Where the driver holds Ray Train settings of its own, Ray's path.
+            import ray
+            from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+            try:
+                from raylm.train_controller import LocalTrainController
+            except ImportError:  # a Ray version that moved its internals
+                return super()._initialize_and_run_controller(**controller_init_kwargs)
+            if get_env_vars_to_propagate():
+                return super()._initialize_and_run_controller(**controller_init_kwargs)
+            here = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
+            controller = ray.remote(num_cpus=0, label_selector=here)(LocalTrainController).remote(
+                **controller_init_kwargs)
+            if threading.current_thread() is threading.main_thread():
+                self._register_sigint_handler(controller)
+            ray.get(controller.run.remote())
+            return ray.get(controller.get_result.remote())
 
     return LocalTorchTrainer
 

@@ -104,14 +104,29 @@ def cleaners() -> set[str]:
     return {a.actor_id for a in list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")], limit=1000)}
 
 
+def run_actors() -> dict[str, tuple[str, str]]:
+    """actor id -> (class, serialized runtime_env) of Ray Train's actors of a run."""
+    from ray.util.state import list_actors
+
+    kinds = {"LocalTrainController", "TrainController", "SynchronizationActor", "RayTrainWorker", "DatasetManager"}
+    return {a.actor_id: (a.class_name, a.serialized_runtime_env or "{}")
+            for a in list_actors(detail=True, limit=1000) if a.class_name in kinds}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(prepared):
     cfg = config(prepared, "clean")
-    before = cleaners()
+    before, actors_before = cleaners(), run_actors()
     assert train(prepared, cfg) is None
     # This process started the cluster (the ray_local fixture, as `raylm` starts one): it ends
     # with this process, and Ray Train's placement-group cleaner is left out (trainer_class).
     assert cleaners() == before
+    # ... and no actor of the run has a runtime_env of its own (each would otherwise wait for a
+    # new process through the runtime-env agent): the settings come from the cluster's
+    # environment (raylm.pipeline.LOCAL_ENV, raylm.train_controller).
+    new = {k: v for k, v in run_actors().items() if k not in actors_before}
+    assert {"LocalTrainController", "RayTrainWorker", "SynchronizationActor"} <= {c for c, _ in new.values()}, new
+    assert all(env == "{}" for _, env in new.values()), new
     rows = train_rows(cfg)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["consumed_blocks"] for r in rows] == [BLOCKS_PER_STEP * s for s in range(1, STEPS + 1)]
