@@ -18,9 +18,15 @@ class LocalTrainController(TrainController):
     variable it finds in its environment to the workers again, as a runtime_env, and an actor
     with a runtime_env of its own never starts on one of the Python processes Ray keeps started:
     it waits for a new one through the runtime-env agent. Read here (the preemption watcher's
-    switch is read in __init__), they are then dropped from this process only."""
+    switch is read in __init__), they are then dropped from this process only. The one read
+    later, RAY_WARN_BLOCKING_GET_INSIDE_ASYNC=0 (this async actor's blocking ray.get calls are
+    Ray Train's own), stays in force as Ray's "warned once already" flag."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        import ray._private.worker as ray_worker
+
+        if os.environ.get("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC") == "0":
+            ray_worker.blocking_get_inside_async_warned = True
         for name in ENV_VARS_TO_PROPAGATE:
             os.environ.pop(name, None)
