@@ -1082,9 +1082,10 @@ def trainer_class():
             # agent, one after another, where they could start on the processes Ray keeps
             # started. Where the driver holds Ray Train settings of its own, Ray's path.
             import ray
-            from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
             try:
+                from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
                 from raylm.train_controller import LocalTrainController
             except ImportError:  # a Ray version that moved its internals
                 return super()._initialize_and_run_controller(**controller_init_kwargs)
