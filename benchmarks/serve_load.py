@@ -214,6 +214,8 @@ def main() -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="serve.prefill_tokens_per_step (default: ServeConfig's)")
+    p.add_argument("--stream-event-interval", type=float, default=None,
+                   help="serve.stream_event_interval_s (default: ServeConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--out", default="", help="also write the JSON here")
@@ -223,7 +225,7 @@ def main() -> dict:
     from ray import serve
 
     from raylm.config import Config, ServeConfig
-    from raylm.pipeline import init_ray
+    from raylm.pipeline import init_ray, serve_ingress
     from raylm.serve.app import start
     from raylm.serve.local import free_port, wait_ready
 
@@ -233,8 +235,12 @@ def main() -> dict:
     cfg = ServeConfig(port=free_port(), api_key=key, max_batch_size=args.concurrency,
                       max_ongoing_requests=2 * args.concurrency, max_queued_requests=-1, num_cpus=args.threads,
                       device=args.device, request_timeout_s=3600,
-                      **({"prefill_tokens_per_step": args.prefill_tokens} if args.prefill_tokens else {}))
+                      **({"prefill_tokens_per_step": args.prefill_tokens} if args.prefill_tokens else {}),
+                      **({"stream_event_interval_s": args.stream_event_interval}
+                         if args.stream_event_interval is not None else {}))
     init_ray(Config())
+    ingress = serve_ingress()  # "haproxy" unless RAYLM_SERVE_HAPROXY=0 (raylm.pipeline.serve_ingress_env)
+    print(f"Serve's ingress: {ingress}", file=sys.stderr)
     url = start(run, cfg)
     wait_ready(url)
     info = json.loads(http_get(cfg.port, "/v1/models", key))["data"][0]
@@ -254,7 +260,7 @@ def main() -> dict:
     idle, load = summarize(idle_rounds, 1), summarize(load_rounds, args.concurrency)
     results = load_rounds[0][0]  # greedy: every round produced the same tokens
     result = {"settings": {**vars(args), "run": args.run or "the tests' tiny run (tests/tiny_run.py)",
-                           "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                           "ingress": ingress, "torch": torch.__version__, "cpu_count": os.cpu_count(),
                            "loadavg_before": [round(x, 1) for x in load_before],
                            "loadavg_after": [round(x, 1) for x in os.getloadavg()]},
               "idle": idle, "load": load}

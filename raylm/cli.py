@@ -173,7 +173,7 @@ def cmd_serve(args) -> None:
     import time
 
     from raylm.config import Config, load_serve_config
-    from raylm.pipeline import init_ray
+    from raylm.pipeline import init_ray, serve_ingress
     from raylm.serve.app import start
     from raylm.serve.local import wait_ready
 
@@ -188,7 +188,9 @@ def cmd_serve(args) -> None:
     if args.detach:  # Serve's apps outlive this process on a cluster (jobs/serve.py)
         print(f"serving {args.run} at {url}/v1 (OpenAI API); stop it with `serve shutdown`", flush=True)
         return
-    print(f"serving {args.run} at {url}/v1 (OpenAI API; Ctrl-C stops after in-flight requests finish)", flush=True)
+    via = "HAProxy" if serve_ingress() == "haproxy" else "Serve's proxy"
+    print(f"serving {args.run} at {url}/v1 (OpenAI API, through {via}; Ctrl-C stops after in-flight requests "
+          "finish)", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -647,7 +647,7 @@ class ServeConfig:
     """`raylm serve`: the OpenAI-compatible Ray Serve application (raylm/serve/app.py)."""
 
     engine: str = "raylm"  # "raylm": own continuous-batching engine (CPU, one GPU); "vllm": HF export on vLLM
-    # Loopback: the API key is the only lock on Serve's proxy (Ray's token auth does not cover
+    # Loopback: the API key is the only lock on Serve's ingress (Ray's token auth does not cover
     # it), so exposing the server is a choice made explicitly, and it needs a key.
     host: str = "127.0.0.1"
     port: int = 8000  # Serve's own default
@@ -662,14 +662,15 @@ class ServeConfig:
     # turns compute-bound (so it costs a decode step's time); on a CPU a few decode steps'.
     prefill_tokens_per_step: int = 512
     # Requests a replica holds at once: the batch plus as many again waiting to join it, so a
-    # slot freed mid-step is refilled without a round trip through the proxy.
+    # slot freed mid-step is refilled without a round trip through the ingress.
     max_ongoing_requests: int = 32
-    # Requests the proxy queues beyond that before answering 429; -1: unbounded (Serve's own
-    # default, which lets a burst grow memory and latency without limit).
+    # Requests queued beyond that (by Serve's proxy, or behind HAProxy by the replica) before
+    # answering 429; -1: unbounded (Serve's own default, which lets a burst grow memory and
+    # latency without limit).
     max_queued_requests: int = 64
     backpressure_status: int = 429  # 429 tells clients to back off and retry; 503 for load balancers
     retry_after_s: float = 1.0  # Retry-After on 429/503: about one short request's time
-    # The app's own limit, enforced whatever timeout headers a client sends to Serve's proxy.
+    # The app's own limit, enforced whatever timeout headers a client sends to Serve's ingress.
     request_timeout_s: float = 300.0
     max_body_bytes: int = 1 << 20  # 1 MiB holds a full-context prompt of any model raylm trains
     max_n: int = 8  # choices per request: each takes a batch slot
@@ -682,6 +683,8 @@ class ServeConfig:
     graceful_shutdown_timeout_s: float = 60.0  # in-flight requests finish within this on shutdown
     # A stream's SSE hold per other stream in flight (raylm/serve/handlers.py): Serve spends ~1.4 ms
     # of CPU per event whatever it carries; 5 ms was best on 2 cores, 16 streams (benchmarks/serve_load.py).
+    # Behind HAProxy, which relays bytes in C, the replica's own per-event cost remains: 0 gave
+    # 0.75x the output tokens/s of 5 ms and a higher p95 time to first token (one run each).
     stream_event_interval_s: float = 0.005
 
     RANGES: ClassVar[dict[str, Range]] = {

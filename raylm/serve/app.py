@@ -2,16 +2,19 @@
 
     POST /v1/completions, POST /v1/chat/completions (stream: true as server-sent events)
     GET /v1/models, GET /health (liveness, public), GET /ready (readiness, public),
-    GET /stats (the engine's counters)
+    GET /stats (the engine's counters, and which replica answered)
 
 Plain Serve, not `ray.serve.llm` (which needs vLLM; `raylm.serve.vllm` builds that one).
-Serve's proxy takes no API key (Ray's token auth does not cover it), so `Guard`, an ASGI
+Serve's ingress takes no API key (Ray's token auth does not cover it), so `Guard`, an ASGI
 middleware in front of every route, is the lock: the key is compared in constant time, and
-the body is read up to `max_body_bytes` before any handler sees it. Backpressure is Serve's
-(`max_ongoing_requests` per replica, `max_queued_requests` in the proxy, answered with
-`backpressure_status` and Retry-After); the per-request timeout and disconnect handling are the
-app's own (`raylm.serve.handlers`), so a client's `x-request-timeout-seconds: 0` or
-`x-request-disconnect-disabled` headers, which switch off the proxy's, change nothing.
+the body is read up to `max_body_bytes` before any handler sees it. The ingress is HAProxy in
+front of the replica's own HTTP server on a cluster raylm starts (`raylm.pipeline.serve_ingress_env`),
+else Serve's Python proxy actor; the app is the same behind either. Backpressure is Serve's
+(`max_ongoing_requests` per replica, `max_queued_requests` in the proxy or, behind HAProxy, in
+the replica, answered with `backpressure_status` and Retry-After); the per-request timeout and
+disconnect handling are the app's own (`raylm.serve.handlers`), so a client's
+`x-request-timeout-seconds: 0` or `x-request-disconnect-disabled` headers, which switch off the
+proxy's, change nothing.
 """
 
 import hmac
@@ -40,7 +43,7 @@ def resolve_api_key(cfg: ServeConfig) -> str:
     key = cfg.api_key or os.environ.get(API_KEY_ENV, "")
     if not key and cfg.host not in LOOPBACK:
         raise ConfigError(f"serve.host={cfg.host}: serving beyond loopback needs an API key "
-                          f"(--api-key or ${API_KEY_ENV}); Serve's proxy has no other lock")
+                          f"(--api-key or ${API_KEY_ENV}); Serve's ingress has no other lock")
     return key
 
 
@@ -228,6 +231,7 @@ def build_app(run: str, cfg: ServeConfig):
             engine = Engine.from_run(run, device=cfg.device, max_batch_size=cfg.max_batch_size,
                                      prefill_tokens_per_step=cfg.prefill_tokens_per_step)
             self.service = OpenAIService(engine, cfg, name)
+            self.replica = serve.get_replica_context().replica_id.unique_id  # which replica answered /stats
 
         @app.post("/v1/completions")
         async def completions(self, request: Request):
@@ -255,7 +259,7 @@ def build_app(run: str, cfg: ServeConfig):
 
         @app.get("/stats")
         async def stats(self):
-            return self.service.engine.stats()
+            return {**self.service.engine.stats(), "replica": self.replica}
 
         async def _guarded(self, coro):
             from raylm.serve.handlers import ClientGone
@@ -297,7 +301,8 @@ def app_builder(args: dict):
 def start(run: str, cfg: ServeConfig, blocking: bool = False, name: str = APP_NAME, route_prefix: str = "/",
           log_level: str = "INFO") -> str:
     """Deploy the application for `run` on the connected Ray cluster (starting Serve's HTTP
-    proxy on cfg.host:cfg.port unless Serve runs already) and return its base URL.
+    ingress, HAProxy or the proxy actor, on cfg.host:cfg.port unless Serve runs already) and
+    return its base URL.
     `log_level`: of Serve's own processes and the app's replicas (INFO keeps access logs)."""
     from ray import serve
 

@@ -261,9 +261,16 @@ def test_recipe_job_succeeds_with_one_lineage(recipe_runs):
 
 def test_served_model_answers(recipe_runs, head):
     """The end of the chain: the serve stage's OpenAI API, still up after the job ended,
-    answers a chat request with the key from the node's environment, and refuses one without."""
+    answers a chat request with the key from the node's environment, and refuses one without.
+    This head's environment does not ask for HAProxy, so Serve's Python proxy serves it: the
+    ingress a joined cluster gets unless its own environment says otherwise."""
+    from urllib.parse import urlsplit
+
+    from tests.netutil import listener
+
     assert recipe_runs["first"].returncode == 0
     served = _stage_records(recipe_runs["root"])["serve"]["outputs"]
+    assert listener(urlsplit(served["url"]).port) == "ray::ProxyActor"
     body = json.dumps({"model": served["model"], "max_tokens": 4,
                        "messages": [{"role": "user", "content": "word after cat: dog cat fox"}]}).encode()
 

@@ -1,10 +1,11 @@
 """The OpenAI-compatible server over real HTTP on the session's local Ray: the official `openai`
 client for completions, chat and streaming; raw HTTP for every error case and limit.
 
-Two applications share one Serve instance (on a free loopback port) for the whole module:
-"main" (batch 4, the API key, a 64 KiB body limit, 8 ongoing + 8 queued requests) and "tight"
-at /tight (batch 1, a 50 ms request timeout) for the timeout cases. The graceful-shutdown
-test deletes "main" and so runs last.
+Three applications share one Serve instance (on a free loopback port) for the whole module:
+"main" (batch 4, the API key, a 64 KiB body limit, 8 ongoing + 8 queued requests), "tight"
+at /tight (batch 1, a 50 ms request timeout) for the timeout cases, and "pair" at /pair (two
+replicas, a quarter CPU each) for the ingress's balancing. The graceful-shutdown test
+deletes "main" and so runs last.
 """
 
 import concurrent.futures as cf
@@ -48,12 +49,15 @@ def server(ray_local, tiny_run):
                        graceful_shutdown_timeout_s=30)
     tight = ServeConfig(port=port, api_key=KEY, max_batch_size=1, max_ongoing_requests=4, max_n=4,
                         request_timeout_s=0.05)
+    pair = ServeConfig(port=port, api_key=KEY, max_batch_size=2, max_ongoing_requests=4, num_replicas=2,
+                       num_cpus=0.25)
     url = start(tiny_run, main, name="main", route_prefix="/")
     start(tiny_run, tight, name="tight", route_prefix="/tight")
-    wait_ready(url)
-    wait_ready(url + "/tight")
+    start(tiny_run, pair, name="pair", route_prefix="/pair")
+    for prefix in ("", "/tight", "/pair"):
+        wait_ready(url + prefix)
     yield {"port": port, "url": url, "run": tiny_run}
-    for app in ("main", "tight"):
+    for app in ("main", "tight", "pair"):
         serve.delete(app, _blocking=False)
 
 
@@ -101,6 +105,36 @@ def test_health_ready_and_models(server, client):
     assert call(port, "GET", "/tight/ready", key="")[0] == 200
     (model,) = client.models.list().data
     assert model.id == "tiny"
+
+
+def test_haproxy_fronts_the_replicas(server):
+    """On a cluster raylm starts, Serve's port is HAProxy's (Ray's high-throughput ingress, in
+    front of the replica's own HTTP server), not the Python proxy actor's: wherever ray[serve]
+    installed its binary (Linux), as on CI."""
+    from raylm.pipeline import serve_ingress, serve_ingress_env
+    from tests.netutil import listener
+
+    if not serve_ingress_env():
+        pytest.skip("no HAProxy binary here (ray[serve] installs one on Linux): Serve's Python proxy serves")
+    assert serve_ingress() == "haproxy"
+    assert listener(server["port"]) == "haproxy"
+
+
+def test_two_replicas_share_the_requests(server):
+    """An application of two replicas behind the session's ingress (HAProxy on CI): both answer,
+    and every request succeeds."""
+    port = server["port"]
+    body = {"model": "tiny", "prompt": "The ", "max_tokens": 4, "temperature": 0}
+
+    def one(_):
+        status, _, out = call(port, "POST", "/pair/v1/completions", body)
+        return status, out, stats(port, "/pair")["replica"]
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(24)))
+    assert {s for s, _, _ in results} == {200}, [o for s, o, _ in results if s != 200][:2]
+    assert len({o["choices"][0]["text"] for _, o, _ in results}) == 1  # greedy: the same answer from both
+    assert len({r for _, _, r in results}) == 2, "one replica answered every request"
 
 
 def test_completions_chat_and_streaming_with_the_openai_client(server, client):
