@@ -229,7 +229,7 @@ def build_app(run: str, cfg: ServeConfig):
 
                 torch.set_num_threads(threads)
             engine = Engine.from_run(run, device=cfg.device, max_batch_size=cfg.max_batch_size,
-                                     prefill_tokens_per_step=cfg.prefill_tokens_per_step)
+                                     prefill_tokens_per_step=cfg.prefill_tokens_per_step, compile=cfg.compile)
             self.service = OpenAIService(engine, cfg, name)
             self.replica = serve.get_replica_context().replica_id.unique_id  # which replica answered /stats
 

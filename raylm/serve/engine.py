@@ -286,8 +286,9 @@ class Engine:
         requests; a longer prompt goes in chunks over several steps. It bounds how long the
         running rows wait for newcomers (the default's reason: `ServeConfig`). `fixed_shapes`: every decode step over all slots and all key
         positions (for CUDA graphs). `compile`: torch.compile the decode step with
-        mode="reduce-overhead" (CUDA graphs on a GPU); implies fixed_shapes. Checked on CPU
-        (one graph for every step, greedy tokens equal to `generate`); not yet run on a GPU."""
+        mode="reduce-overhead" (CUDA graphs on a GPU), compiled here before any request;
+        implies fixed_shapes. Tested on CPU (tokens and logprobs equal to `generate`); not yet
+        run on a GPU."""
         limit = model.cfg.max_seq_len
         max_seq_len = max_seq_len or limit
         if not 1 <= max_seq_len <= limit:
@@ -310,6 +311,7 @@ class Engine:
         self._decode_fn = _decode_logits
         if compile:
             self._decode_fn = torch.compile(_decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self._warm_up()
         self._rows: list[_Request] = []  # running requests; index = slot
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
@@ -322,6 +324,20 @@ class Engine:
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # this step's outputs, by event loop
         self._thread = threading.Thread(target=self._run, name="raylm-engine", daemon=True)
         self._thread.start()
+
+    def _warm_up(self) -> None:
+        """Compile the decode step now, not at the first request (seconds on a CPU for a tiny
+        model): the fixed-shape step over dummy tokens at position 0 of every slot, which is
+        what idle slots are fed anyway, under no_grad as on the engine thread."""
+        n = self.max_batch_size
+        x = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+        pos = torch.zeros(n, dtype=torch.long, device=self.device)
+        self._window(slice(0, n), self.max_seq_len)
+        with torch.no_grad():
+            for _ in range(3):  # CUDA graphs are recorded on a later call than the first
+                if self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                self._decode_fn(self.model, x, self._caches, pos)
 
     @classmethod
     def from_run(cls, uri: str, s3=None, *, device="cpu", dtype=None, **kw) -> Engine:

@@ -441,3 +441,38 @@ def test_a_busy_replica_sends_fewer_larger_events_but_never_holds_first_text_end
     held = OpenAIService(engine, ServeConfig(), "tiny")
     held._streams = 3  # the default's hold under load: 5 ms per other stream in flight
     assert held._hold_s() == pytest.approx(2 * 0.005)
+
+
+def test_compiled_decode_step_gives_the_same_tokens_and_logprobs(engine):
+    """serve.compile: the decode step compiled (on this CPU, inductor's C++ kernels) before any
+    request, then the same tokens and logprobs as `generate`, with requests of different lengths
+    sharing the fixed-shape batch."""
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler; none on PATH")
+    tok, model = engine.tokenizer, engine.model
+    before = _compiled_frames()
+    eng = Engine(model, tok, max_batch_size=2, compile=True)
+    compiled_steps = _compiled_frames()
+    assert compiled_steps > before, "the decode step was not compiled before the first request"
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=1)
+
+    async def main():
+        return await asyncio.gather(*[collect(eng, p, params) for p in prompts])
+
+    try:
+        for prompt, outs in zip(prompts, asyncio.run(main())):
+            ref = generate(model, prompt, 10, 0, 0, None, 0)
+            assert_same_tokens(model, prompt, ids_of(outs), ref, None, True, "compiled")
+            assert_logprobs_match_forward(eng, prompt, outs, 1)
+        assert _compiled_frames() == compiled_steps, "serving recompiled the decode step"
+    finally:
+        asyncio.run(eng.close())
+
+
+def _compiled_frames() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
