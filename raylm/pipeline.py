@@ -177,7 +177,8 @@ LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAYLM_LOCAL_CLUSTER": 
 # token about 3x lower, idle and under load. The ingress is fixed when the cluster starts (Ray
 # reads these in every Serve process at import), so the choice is made here for the cluster;
 # RAYLM_SERVE_HAPROXY=0 keeps Serve's Python proxy. A joined cluster (RAY_ADDRESS) uses what
-# its own environment says (cluster/ sets the same there).
+# its own environment says (Ray's KubeRay guide sets RAY_SERVE_ENABLE_HA_PROXY=1 on every pod;
+# cluster/ does not yet, as only the one-machine path is tested).
 # No drain period: the replica behind HAProxy on one machine has no outside load balancer to
 # wait for (Ray's default, 30 s, keeps every shutdown or redeploy waiting that long).
 SERVE_HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
@@ -204,7 +205,8 @@ def serve_ingress_env() -> dict[str, str]:
 
 def serve_ingress() -> str:
     """The HTTP ingress of the cluster this process is connected to: "haproxy" or "proxy"
-    (Serve's Python proxy actor). For a joined cluster, what this process's environment says."""
+    (Serve's Python proxy actor). For a joined cluster, what this process's environment says,
+    which is a guess: the cluster's processes read their own."""
     env = started_env()
     env = os.environ if env is None else env
     return "haproxy" if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"
