@@ -61,7 +61,10 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
     level = driver_log.level
     driver_log.setLevel(logging.WARNING)
     try:
-        base = start(run, cfg, log_level="WARNING")
+        # ERROR for Serve's own processes too: behind HAProxy its controller warns at start-up
+        # that a loopback host refuses HAProxy's connections from other nodes, and a cluster
+        # that raylm starts has no other node.
+        base = start(run, cfg, log_level="ERROR")
         try:
             wait_ready(base)
             model = json.loads(urllib.request.urlopen(urllib.request.Request(
