@@ -661,9 +661,10 @@ class ServeConfig:
     # for newcomers. 512 is vLLM's chunked-prefill budget: on a GPU about where a forward
     # turns compute-bound (so it costs a decode step's time); on a CPU a few decode steps'.
     prefill_tokens_per_step: int = 512
-    # torch.compile the engine's decode step (fixed shapes: every slot, every key position),
-    # compiled as the replica starts. Off by default: it needs a C++ compiler on a CPU and
-    # costs start-up (about 16 s for the tests' tiny model on 2 cores); not yet run on a GPU.
+    # torch.compile the engine's decode step (fixed shapes: every slot, every key position)
+    # and its prefill (one dynamic-shape graph), compiled as the replica starts. Off by
+    # default: it needs a C++ compiler on a CPU and costs start-up (about 35-60 s for the
+    # tests' tiny model on 2 cores); not yet run on a GPU.
     compile: bool = False
     # Requests a replica holds at once: the batch plus as many again waiting to join it, so a
     # slot freed mid-step is refilled without a round trip through the ingress.

@@ -180,6 +180,7 @@ class SlotCache:
         self.rows, self.keys = slice(0, batch), max_len
         for t in (self.k, self.v, self.slots):  # as KVCache: CUDA graphs update them in place
             torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static(t)  # fixed sizes, even in the dynamic-shape prefill graph
 
     def visible(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, keys) boolean mask: row b's query at position p sees its slots 0..p."""
@@ -286,9 +287,10 @@ class Engine:
         requests; a longer prompt goes in chunks over several steps. It bounds how long the
         running rows wait for newcomers (the default's reason: `ServeConfig`). `fixed_shapes`: every decode step over all slots and all key
         positions (for CUDA graphs). `compile`: torch.compile the decode step with
-        mode="reduce-overhead" (CUDA graphs on a GPU), compiled here before any request;
-        implies fixed_shapes. Tested on CPU (tokens and logprobs equal to `generate`); not yet
-        run on a GPU."""
+        mode="reduce-overhead" (CUDA graphs on a GPU) and the prefill forward over dynamic
+        shapes (`_prefill_forward`), both compiled here before any request; implies
+        fixed_shapes. Tested on CPU (tokens and logprobs equal to `generate`); not yet run on
+        a GPU."""
         limit = model.cfg.max_seq_len
         max_seq_len = max_seq_len or limit
         if not 1 <= max_seq_len <= limit:
@@ -306,11 +308,16 @@ class Engine:
         self.fixed_shapes = fixed_shapes or compile
         self.meta: dict = {}
         cfg, w = model.cfg, model.tok_embeddings.weight
-        self._caches = [SlotCache(max_batch_size, cfg.kv_heads, max_seq_len, cfg.head_dim, w.dtype, self.device)
-                        for _ in range(cfg.n_layers)]
+        # Compiled, one more slot than the batch: the scratch row that pads a prefill of one
+        # request to two rows (see `_prefill_forward`).
+        self._scratch = max_batch_size if compile else None
+        self._caches = [SlotCache(max_batch_size + bool(compile), cfg.kv_heads, max_seq_len, cfg.head_dim,
+                                  w.dtype, self.device) for _ in range(cfg.n_layers)]
         self._decode_fn = _decode_logits
+        self._prefill_fn = None
         if compile:
             self._decode_fn = torch.compile(_decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self._prefill_fn = torch.compile(_prefill_hidden, fullgraph=True, dynamic=True)
             self._warm_up()
         self._rows: list[_Request] = []  # running requests; index = slot
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -326,18 +333,23 @@ class Engine:
         self._thread.start()
 
     def _warm_up(self) -> None:
-        """Compile the decode step now, not at the first request (seconds on a CPU for a tiny
-        model): the fixed-shape step over dummy tokens at position 0 of every slot, which is
-        what idle slots are fed anyway, under no_grad as on the engine thread."""
+        """Compile both forwards now, not at the first request (tens of seconds on a CPU for
+        a tiny model), under no_grad as on the engine thread: the fixed-shape decode step over
+        dummy tokens at position 0 of every slot, which is what idle slots are fed anyway, and
+        the prefill over a dummy row in the (still empty) slot 0, padded with the scratch
+        slot; any later prefill overwrites those keys before it reads them."""
         n = self.max_batch_size
         x = torch.zeros((n, 1), dtype=torch.long, device=self.device)
         pos = torch.zeros(n, dtype=torch.long, device=self.device)
-        self._window(slice(0, n), self.max_seq_len)
         with torch.no_grad():
+            self._window(slice(0, n), self.max_seq_len)
             for _ in range(3):  # CUDA graphs are recorded on a later call than the first
                 if self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
                 self._decode_fn(self.model, x, self._caches, pos)
+            if self.max_seq_len >= 3:  # 2 rows of 3 tokens: sizes that are equal trace as one symbol
+                zero = torch.zeros(1, dtype=torch.long)
+                self._prefill_forward(torch.zeros((1, 3), dtype=torch.long), zero, zero)
 
     @classmethod
     def from_run(cls, uri: str, s3=None, *, device="cpu", dtype=None, **kw) -> Engine:
@@ -515,12 +527,11 @@ class Engine:
             tokens = torch.zeros((len(group), T), dtype=torch.long)
             for i, (req, n) in enumerate(group):
                 tokens[i, :n] = torch.tensor(req.prompt[req.pos:req.pos + n])
-            start = torch.tensor([req.pos for req, _ in group], device=self.device)
-            rows = torch.tensor([req.row for req, _ in group], device=self.device)
-            self._window(rows, max(req.pos for req, _ in group) + T)
+            start = torch.tensor([req.pos for req, _ in group])
+            rows = torch.tensor([req.row for req, _ in group])
             # Rows padded past their chunk write keys beyond their own length: never visible
             # (a row sees slots up to its query's position) and overwritten before they are.
-            h = self.model.hidden_states(tokens.to(self.device), self._caches, start)
+            h = self._prefill_forward(tokens, start, rows)
             last = [n - 1 for _, n in group]
             for i, (req, n) in enumerate(group):
                 if req.params.echo:
@@ -540,6 +551,32 @@ class Engine:
                 self._finish(req, Output([], "", None, req.prompt_logprobs, "length", len(req.prompt), 0))
             else:
                 self._accept(req, logits)
+
+    def _prefill_forward(self, tokens: torch.Tensor, start: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T, dim) of prompt chunks `tokens` (B, T), row b from position
+        start[b] into slot rows[b] (CPU tensors).
+
+        Eager: over the keys up to the furthest position written. Compiled: one graph for
+        every shape (dynamic=True), over every key position as for decode, with B and T at
+        least 2 (torch.compile specialises sizes 0 and 1, so a lone request or a one-token
+        chunk would each cost another graph): a lone row is padded with a dummy row in the
+        scratch slot, a one-token chunk with a dummy token after it, whose key lands past the
+        row's length (never visible, overwritten before it is, as the padding of shorter
+        chunks in a group). A one-token chunk at the last position has no room for that
+        and runs eager."""
+        B, T = tokens.shape
+        end = int(start.max()) + T
+        if self._prefill_fn is None or (T < 2 and end + 1 > self.max_seq_len):
+            self._window(rows.to(self.device), end)
+            return self.model.hidden_states(tokens.to(self.device), self._caches, start.to(self.device))
+        if T < 2:
+            tokens = torch.cat([tokens, torch.zeros_like(tokens)], 1)
+        if B < 2:
+            tokens = torch.cat([tokens, torch.zeros_like(tokens)])
+            start, rows = torch.cat([start, start.new_zeros(1)]), torch.cat([rows, rows.new_tensor([self._scratch])])
+        self._window(rows.to(self.device), self.max_seq_len)
+        h = self._prefill_fn(self.model, tokens.to(self.device), self._caches, start.to(self.device))
+        return h[:B, :T]
 
     def _decode(self) -> None:
         """One token for every row whose prompt is whole; rows still being prefilled ride along
@@ -675,6 +712,11 @@ class Engine:
 def _put_all(items) -> None:
     for req, item in items:
         req.queue.put_nowait(item)
+
+
+def _prefill_hidden(model, tokens: torch.Tensor, caches, start: torch.Tensor) -> torch.Tensor:
+    """(B, T, dim) hidden states of one prefill forward: what `Engine(compile=True)` compiles."""
+    return model.hidden_states(tokens, caches, start)
 
 
 def _decode_logits(model, tokens: torch.Tensor, caches, positions: torch.Tensor) -> torch.Tensor:

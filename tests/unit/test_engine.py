@@ -443,21 +443,26 @@ def test_a_busy_replica_sends_fewer_larger_events_but_never_holds_first_text_end
     assert held._hold_s() == pytest.approx(2 * 0.005)
 
 
-def test_compiled_decode_step_gives_the_same_tokens_and_logprobs(engine):
-    """serve.compile: the decode step compiled (on this CPU, inductor's C++ kernels) before any
-    request, then the same tokens and logprobs as `generate`, with requests of different lengths
-    sharing the fixed-shape batch."""
+def test_compiled_engine_gives_the_same_tokens_and_logprobs_without_recompiling(engine):
+    """serve.compile: the decode step and the prefill forward compiled (on this CPU, inductor's
+    C++ kernels) before any request, then the same tokens and logprobs as `generate`, with
+    requests of different lengths sharing the fixed-shape batch, and no graph compiled while
+    serving. A prefill budget of 3 tokens a step makes every prefill shape the compiled one
+    must take in one graph: a lone request (padded with the scratch row), three one-token chunks
+    (padded with a dummy token), groups of two and three; and, with the context cut to 127, an echo of
+    a 127-token prompt, whose last chunk is one token at the last position (run eager)."""
     import shutil
 
     if not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("torch.compile on a CPU needs a C++ compiler; none on PATH")
     tok, model = engine.tokenizer, engine.model
     before = _compiled_frames()
-    eng = Engine(model, tok, max_batch_size=2, compile=True)
-    compiled_steps = _compiled_frames()
-    assert compiled_steps > before, "the decode step was not compiled before the first request"
+    eng = Engine(model, tok, max_batch_size=3, max_seq_len=127, prefill_tokens_per_step=3, compile=True)
+    compiled = _compiled_frames()
+    assert compiled >= before + 2, "the decode step and the prefill were not compiled before the first request"
     prompts = [tok.encode(p) for p in PROMPTS[:3]]
     params = SamplingParams(max_tokens=10, temperature=0, logprobs=1)
+    long_prompt = (tok.encode(PROMPTS[4]) * 10)[:127]
 
     async def main():
         return await asyncio.gather(*[collect(eng, p, params) for p in prompts])
@@ -467,7 +472,13 @@ def test_compiled_decode_step_gives_the_same_tokens_and_logprobs(engine):
             ref = generate(model, prompt, 10, 0, 0, None, 0)
             assert_same_tokens(model, prompt, ids_of(outs), ref, None, True, "compiled")
             assert_logprobs_match_forward(eng, prompt, outs, 1)
-        assert _compiled_frames() == compiled_steps, "serving recompiled the decode step"
+        (out,) = asyncio.run(collect(eng, long_prompt, SamplingParams(max_tokens=0, echo=True)))
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([long_prompt]))[0][0].float(), -1)
+        assert len(out.prompt_logprobs) == len(long_prompt)
+        for i, lp in enumerate(out.prompt_logprobs[1:], start=1):
+            assert abs(lp.logprob - ref[i - 1, long_prompt[i]].item()) < LOGIT_ATOL, i
+        assert _compiled_frames() == compiled, "serving compiled another graph"
     finally:
         asyncio.run(eng.close())
 
