@@ -216,7 +216,7 @@ def main() -> dict:
                    help="serve.prefill_tokens_per_step (default: ServeConfig's)")
     p.add_argument("--stream-event-interval", type=float, default=None,
                    help="serve.stream_event_interval_s (default: ServeConfig's)")
-    p.add_argument("--compile", action="store_true", help="serve.compile=true: torch.compile the decode step")
+    p.add_argument("--compile", action="store_true", help="serve.compile=true: torch.compile the decode step and the prefill")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--out", default="", help="also write the JSON here")
