@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 from raylm.config import ServeConfig
+from raylm.pipeline import started_env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,9 +46,21 @@ def wait_ready(base: str, timeout: float = 120.0) -> None:
         time.sleep(0.25)
 
 
+def serve_running() -> bool:
+    """Whether Serve's controller runs on the connected cluster."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
 def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_tokens: int = 32) -> dict:
     """Serve `run` on loopback (a free port unless `cfg` names one) on the connected Ray
-    cluster, send one chat request through the HTTP API, shut the app down, and return
+    cluster, send one chat request through the HTTP API, delete the app, and return
     {"url", "answer", "command"}: the command starts the same server again."""
     from ray import serve
 
@@ -55,6 +68,7 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
 
     cfg = cfg or ServeConfig(port=free_port())
     key = resolve_api_key(cfg)
+    was_running = serve_running()
     # One request, at the end of a run's output: Serve's start-up and access lines at INFO
     # would only bury the answer (a server started for use keeps them: `raylm serve`).
     driver_log = logging.getLogger("ray.serve")
@@ -74,7 +88,13 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
                                "max_tokens": max_tokens, "temperature": 0}, key)
         finally:
             serve.delete(APP_NAME)
-            serve.shutdown()
+            # Serve itself goes only where this call started it on a cluster that outlives
+            # this process. A joined cluster that already ran Serve may serve other apps; a
+            # cluster this process started goes down with it, Serve included (and a
+            # serve.shutdown() there has the driver print Ray's retry warning about the
+            # controller's own graceful_shutdown task, which it kills mid-call).
+            if not was_running and started_env() is None:
+                serve.shutdown()
     finally:
         driver_log.setLevel(level)
     return {"url": base, "answer": reply["choices"][0]["message"]["content"],

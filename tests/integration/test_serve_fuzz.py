@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import random
+import urllib.error
 import urllib.request
 
 import pytest
@@ -42,7 +43,7 @@ def port(ray_local, tiny_run):
     url = start(tiny_run, cfg, name="fuzz", route_prefix="/")
     wait_ready(url)
     yield cfg.port
-    serve.shutdown()  # the last serve module; the quickstart test has usually done it already
+    serve.shutdown()  # the last serve module
     os.environ.pop(PORT_ENV, None)
 
 
@@ -127,12 +128,13 @@ def test_random_and_malformed_requests_never_get_a_5xx(port):
 
 def test_quickstart_ending_serves_one_chat_on_loopback(port, tiny_run):
     """`raylm quickstart`'s last step (raylm.serve.local.serve_and_chat): deploys the app, sends
-    one chat through HTTP, and takes Serve down (so it runs last, on the session's Serve)."""
+    one chat through HTTP, and deletes the app. Serve itself stays: it was running before (the
+    session's), and the cluster is this process's own, which Serve goes down with."""
     from ray import serve
 
     from raylm.config import ServeConfig
     from raylm.generate import chat_reply, load_for_inference
-    from raylm.serve.local import serve_and_chat
+    from raylm.serve.local import serve_and_chat, serve_running
 
     serve.delete("fuzz")  # it holds the route prefix "/"
     out = serve_and_chat(tiny_run, "reverse: abc", ServeConfig(port=port), max_tokens=16)
@@ -140,5 +142,7 @@ def test_quickstart_ending_serves_one_chat_on_loopback(port, tiny_run):
     model, tok, _ = load_for_inference(tiny_run)
     assert out["answer"] == chat_reply(model, tok, [{"role": "user", "content": "reverse: abc"}], 16, temperature=0)
     assert out["url"].startswith("http://127.0.0.1:") and out["command"] == f"raylm serve {tiny_run} --port 8000"
-    with pytest.raises(OSError):  # taken down: nothing listens there any more
-        urllib.request.urlopen(out["url"] + "/health", timeout=10)
+    with pytest.raises(urllib.error.HTTPError) as gone:  # the app is deleted: no route answers
+        urllib.request.urlopen(out["url"] + "/v1/models", timeout=10)
+    assert gone.value.code == 404
+    assert serve_running()
