@@ -11,7 +11,6 @@ import urllib.error
 import urllib.request
 
 from raylm.config import ServeConfig
-from raylm.pipeline import started_env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -64,6 +63,7 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
     {"url", "answer", "command"}: the command starts the same server again."""
     from ray import serve
 
+    from raylm.pipeline import started_env
     from raylm.serve.app import APP_NAME, resolve_api_key, start
 
     cfg = cfg or ServeConfig(port=free_port())
