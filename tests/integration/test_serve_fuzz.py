@@ -5,6 +5,8 @@ import http.client
 import json
 import os
 import random
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -15,6 +17,15 @@ pytestmark = pytest.mark.integration
 KEY = "sk-raylm-fuzz"
 N_REQUESTS = 1000
 PORT_ENV = "RAYLM_TEST_SERVE_PORT"
+# A driver that joins a running cluster (one it did not start) and ends as the quickstart does.
+JOINED_DRIVER = """
+import sys, ray
+from raylm.serve.local import serve_and_chat, serve_running
+ray.init(address=sys.argv[2], logging_level="ERROR")
+print("SERVE_BEFORE", serve_running(), flush=True)
+print("ANSWER", serve_and_chat(sys.argv[1], "reverse: abc", max_tokens=8)["answer"], flush=True)
+print("SERVE_AFTER", serve_running(), flush=True)
+"""
 
 VALID_COMPLETION = {"model": "tiny", "prompt": "The ", "max_tokens": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 5,
                     "stop": ["\n"], "seed": 1, "n": 1, "logprobs": 1, "echo": False, "stream": False}
@@ -146,3 +157,25 @@ def test_quickstart_ending_serves_one_chat_on_loopback(port, tiny_run):
         urllib.request.urlopen(out["url"] + "/v1/models", timeout=10)
     assert gone.value.code == 404
     assert serve_running()
+
+
+def test_quickstart_on_a_joined_cluster_takes_down_the_serve_it_started(port, tiny_run):
+    """The same step from a driver that joined a cluster it did not start, where Serve was
+    not running: Serve goes again with the app, so the cluster is left as it was found (a
+    controller and proxies kept running for nobody). Last in the module: it stops the
+    module's Serve first, so that the joined driver finds none."""
+    import ray
+    from ray import serve
+
+    from raylm.serve.local import serve_running
+
+    serve.shutdown()
+    assert not serve_running()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", JOINED_DRIVER, tiny_run, ray.get_runtime_context().gcs_address],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "SERVE_BEFORE False" in lines and any(x.startswith("ANSWER ") for x in lines), out.stdout
+    assert "SERVE_AFTER False" in lines, out.stdout
+    assert not serve_running()
