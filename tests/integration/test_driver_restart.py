@@ -35,7 +35,7 @@ CKPT_EVERY, STEPS = 4, 24
 SCHEDULE = [f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100", f"train.ckpt_every={CKPT_EVERY}",
             f"train.keep_checkpoints={STEPS // CKPT_EVERY}", "train.timeout_s=300"]
 CHECKPOINTS = list(range(CKPT_EVERY, STEPS + 1, CKPT_EVERY))
-RUN_TIMEOUT_S = 420  # one CLI run takes 30-60 s on 2 cores (Python, Ray start-up, 12 steps)
+RUN_TIMEOUT_S = 420  # one CLI run takes 30-90 s on 2 cores (Python, Ray start-up, 24 steps)
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +170,9 @@ def test_killed_driver_resubmitted_resumes_bit_exact(prepared, cli_env, tmp_path
     # cores can miss Ray's fixed 30 s node start-up deadline (seen once after record.json,
     # which comes right after ray.init, was the signal).
     reference = Driver(prepared, "reference", cli_env, tmp_path / "reference.log", drivers)
-    reference.wait_for(storage.join(reference.run_dir, checkpoint.checkpoint_name(4), checkpoint.COMMIT_MARKER))
+    reference.wait_for(storage.join(reference.run_dir, checkpoint.checkpoint_name(CHECKPOINTS[0]), checkpoint.COMMIT_MARKER))
     first = Driver(prepared, "restarted", cli_env, tmp_path / "restarted.log", drivers)
-    first.wait_for(storage.join(first.run_dir, checkpoint.checkpoint_name(4), checkpoint.COMMIT_MARKER))
+    first.wait_for(storage.join(first.run_dir, checkpoint.checkpoint_name(CHECKPOINTS[0]), checkpoint.COMMIT_MARKER))
     stray = first.kill()
     assert stray == [], f"processes of the killed driver's group or tree outlived SIGKILL: {stray}"
     # The newest complete checkpoint when the driver died: 4 as a rule (this poll sees COMMITTED

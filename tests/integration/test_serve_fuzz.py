@@ -161,8 +161,8 @@ def test_quickstart_ending_serves_one_chat_on_loopback(port, tiny_run):
 
 def test_quickstart_on_a_joined_cluster_takes_down_the_serve_it_started(port, tiny_run):
     """The same step from a driver that joined a cluster it did not start, where Serve was
-    not running: Serve goes again with the app, so the cluster is left as it was found (a
-    controller and proxies kept running for nobody). Last in the module: it stops the
+    not running: Serve goes again with the app, so the cluster is left as it was found, not
+    with a controller and proxies running for nobody. Last in the module: it stops the
     module's Serve first, so that the joined driver finds none."""
     import ray
     from ray import serve
