@@ -224,12 +224,18 @@ def build_app(run: str, cfg: ServeConfig):
             from raylm.serve.engine import Engine
             from raylm.serve.handlers import OpenAIService
 
-            if threads:
-                import torch
+            kw = dict(device=cfg.device, max_batch_size=cfg.max_batch_size,
+                      prefill_tokens_per_step=cfg.prefill_tokens_per_step, compile=cfg.compile)
+            if cfg.engine_process:
+                from raylm.serve.engine_process import EngineProcess
 
-                torch.set_num_threads(threads)
-            engine = Engine.from_run(run, device=cfg.device, max_batch_size=cfg.max_batch_size,
-                                     prefill_tokens_per_step=cfg.prefill_tokens_per_step, compile=cfg.compile)
+                engine = EngineProcess(run, threads=threads, **kw)
+            else:
+                if threads:
+                    import torch
+
+                    torch.set_num_threads(threads)
+                engine = Engine.from_run(run, **kw)
             self.service = OpenAIService(engine, cfg, name)
             self.replica = serve.get_replica_context().replica_id.unique_id  # which replica answered /stats
 
@@ -260,6 +266,12 @@ def build_app(run: str, cfg: ServeConfig):
         @app.get("/stats")
         async def stats(self):
             return {**self.service.engine.stats(), "replica": self.replica}
+
+        def check_health(self):
+            # Serve restarts a replica whose engine process died (out of memory, a crash).
+            alive = getattr(self.service.engine, "alive", None)
+            if alive is not None and not alive() and not self.service.draining:
+                raise RuntimeError("the replica's engine process has exited")
 
         async def _guarded(self, coro):
             from raylm.serve.handlers import ClientGone

@@ -67,9 +67,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import math
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -127,6 +128,22 @@ class SamplingParams:
             bad("echo", "expected true or false")
         if self.max_tokens == 0 and not self.echo:
             bad("max_tokens", "0 is only meaningful with echo (scoring the prompt)")
+
+
+def check_request(prompt_ids: Sequence[int], params: SamplingParams, vocab: int, max_seq_len: int) -> None:
+    """`Engine.check`: ValueError naming the field."""
+    params.validate()
+    if not len(prompt_ids):
+        raise ValueError("prompt: empty (at least one token is needed)")
+    for t in prompt_ids:
+        if not _is_int(t) or not 0 <= t < vocab:
+            raise ValueError(f"prompt: token id {t!r} is outside the vocabulary (0..{vocab - 1})")
+    for t in params.stop_token_ids:
+        if t >= vocab:
+            raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary (0..{vocab - 1})")
+    if len(prompt_ids) + params.max_tokens > max_seq_len:
+        raise ValueError(f"max_tokens={params.max_tokens}: the prompt's {len(prompt_ids)} tokens plus "
+                         f"max_tokens exceed the context of {max_seq_len} tokens")
 
 
 def _is_int(x) -> bool:
@@ -264,8 +281,8 @@ class _Request:
     id: str
     prompt: list[int]
     params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    sink: Callable[[list], None]  # takes a step's (request, Output or exception) pairs (see `submit`)
+    queue: asyncio.Queue | None  # `generate`'s consumer's, filled by its event loop's sink
     stream: _TextStream
     gen: torch.Generator | None
     row: int | None = None  # slot while running
@@ -328,7 +345,9 @@ class Engine:
         self.tokens_generated = 0
         self._freed_at: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._prefilling: list[_Request] = []  # in a slot, prompt not yet whole in the cache; arrival order
-        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # this step's outputs, by event loop
+        self._outbox: dict[Callable, list] = {}  # this step's outputs, by sink
+        self._loop_sinks: dict[asyncio.AbstractEventLoop, Callable] = {}  # `generate`'s, one per event loop
+        self.step_done: Callable[[], None] | None = None  # called on the engine thread after each step
         self._thread = threading.Thread(target=self._run, name="raylm-engine", daemon=True)
         self._thread.start()
 
@@ -363,29 +382,45 @@ class Engine:
 
     # ------------------------------------------------------------------ the event-loop side
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """What `generate` checks before queuing, for callers that answer 400 before
         streaming: ValueError naming the field."""
-        params.validate()
-        if not len(prompt_ids):
-            raise ValueError("prompt: empty (at least one token is needed)")
-        vocab = self.model.cfg.vocab_size
-        for t in prompt_ids:
-            if not _is_int(t) or not 0 <= t < vocab:
-                raise ValueError(f"prompt: token id {t!r} is outside the vocabulary (0..{vocab - 1})")
-        for t in params.stop_token_ids:
-            if t >= vocab:
-                raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary (0..{vocab - 1})")
-        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
-            raise ValueError(f"max_tokens={params.max_tokens}: the prompt's {len(prompt_ids)} tokens plus "
-                             f"max_tokens exceed the context of {self.max_seq_len} tokens")
+        check_request(prompt_ids, params, self.vocab_size, self.max_seq_len)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[Output]:
         """Stream a request's Outputs, the last with its finish_reason. Closing this generator
         (aclose) or cancelling the task consuming it frees the request's slot within one step."""
-        self.check(prompt_ids, params)
         loop = asyncio.get_running_loop()
+        sink = self._loop_sinks.get(loop)
+        if sink is None:
+            sink = self._loop_sinks[loop] = functools.partial(loop.call_soon_threadsafe, _put_all)
+        req = self.submit(prompt_ids, params, sink, request_id, asyncio.Queue())
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not req.finished:
+                self.cancel(req)
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[list], None],
+               request_id: str | None = None, queue: asyncio.Queue | None = None) -> _Request:
+        """Queue a request whose outputs go to `sink`, from any thread: at the end of each
+        prefill and each step the engine thread calls every sink that has something with one
+        list of (request, Output or exception) pairs, in order (so one wake-up per consumer
+        per step: `generate`'s sink puts them on its event loop, raylm.serve.engine_process's
+        sends them to another process). An exception ends the request. Raises ValueError
+        (`check`) or EngineClosed; `cancel` frees its slot within one step."""
+        self.check(prompt_ids, params)
         gen = None
         if params.temperature > 0:
             gen = torch.Generator(device=self.device)
@@ -399,23 +434,17 @@ class Engine:
             if request_id is None:
                 request_id = f"req-{self._next_id}"
             self._next_id += 1
-            req = _Request(request_id, list(prompt_ids), params, loop, asyncio.Queue(),
+            req = _Request(request_id, list(prompt_ids), params, sink, queue,
                            _TextStream(self._decode_text, params.stop), gen)
             self._waiting.append(req)
             self._cond.notify()
-        try:
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            if not req.finished:
-                req.cancelled = True
-                with self._cond:
-                    self._cond.notify()
+        return req
+
+    def cancel(self, req: _Request) -> None:
+        """The request's consumer went away: its slot is freed at the next step (any thread)."""
+        req.cancelled = True
+        with self._cond:
+            self._cond.notify()
 
     def stats(self) -> dict:
         with self._cond:
@@ -435,7 +464,14 @@ class Engine:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        await asyncio.get_running_loop().run_in_executor(None, self.close_sync)
+
+    def close_sync(self) -> None:
+        """`close` for a caller with no event loop: blocks until every request has finished."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
 
     # ------------------------------------------------------------------ the engine thread
 
@@ -452,6 +488,8 @@ class Engine:
             except Exception as e:  # a bug or out of memory: fail what is in flight, keep serving
                 self._fail_running(e)
             self._deliver()
+            if self.step_done is not None:
+                self.step_done()
 
     def _step(self) -> None:
         for req in [r for r in self._rows if r.cancelled]:
@@ -656,16 +694,16 @@ class Engine:
                 self._freed_at.popitem(last=False)
 
     def _emit(self, req: _Request, item) -> None:
-        self._outbox.setdefault(req.loop, []).append((req, item))
+        self._outbox.setdefault(req.sink, []).append((req, item))
 
     def _deliver(self) -> None:
-        """Hand the step's outputs to their event loops, one wake-up per loop per step (a
-        wake-up is a write to the loop's self-pipe: per output, it cost more than the step)."""
+        """Hand the step's outputs to their sinks, one call per sink per step (for an event
+        loop a call is a write to its self-pipe: per output, it cost more than the step)."""
         outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
+        for sink, items in outbox.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the consumers' event loop is closed: nobody is listening
+                sink(items)
+            except (RuntimeError, OSError):  # the consumers' event loop is closed, or their pipe: nobody is listening
                 for req, _ in items:
                     req.cancelled = True
 

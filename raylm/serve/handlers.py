@@ -19,6 +19,7 @@ from typing import AsyncIterator, Awaitable, Callable
 from raylm.config import ServeConfig
 from raylm.serve import protocol as P
 from raylm.serve.engine import EngineClosed, Output, SamplingParams
+from raylm.serve.engine_process import EngineProcessDied
 
 log = logging.getLogger("raylm.serve")
 
@@ -247,8 +248,9 @@ class OpenAIService:
                 c.add(out)
                 if on_output is not None:
                     on_output(c, out)
-        except EngineClosed:
-            raise P.APIError(503, "the server is shutting down; retry on another replica", None, type="unavailable",
+        except EngineClosed as e:
+            why = str(e) if isinstance(e, EngineProcessDied) else "the server is shutting down"
+            raise P.APIError(503, f"{why}; retry on another replica", None, type="unavailable",
                              headers={"retry-after": str(max(1, round(self.cfg.retry_after_s)))}) from None
         except ValueError as e:
             raise P.APIError(400, str(e), None) from None

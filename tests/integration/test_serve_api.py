@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import http.client
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -332,6 +333,27 @@ def test_a_client_disconnecting_mid_stream_frees_its_slot(server):
     after = wait_idle(port)
     generated = after["tokens_generated"] - before["tokens_generated"]
     assert generated < 4 * 120, generated  # stopped early: the app noticed the disconnect itself
+
+
+def test_a_replica_whose_engine_process_dies_answers_503_until_serve_replaces_it(server):
+    """Kills the main app's engine process: its requests get 503 with Retry-After (never a
+    500) until Serve's health check (every 10 s) replaces the replica, which then answers."""
+    port = server["port"]
+    pid = stats(port)["engine_pid"]
+    os.kill(pid, signal.SIGKILL)
+    body = {"model": "tiny", "prompt": "The", "max_tokens": 2, "temperature": 0}
+    statuses = []
+    deadline = time.monotonic() + 120
+    while True:
+        status, headers, got = call(port, "POST", "/v1/completions", body)
+        statuses.append(status)
+        if status == 200:
+            break
+        assert status == 503 and "engine process exited" in got["error"]["message"], (status, got)
+        assert headers.get("retry-after") == str(RETRY_AFTER)
+        assert time.monotonic() < deadline, f"the replica was not replaced: {statuses[-5:]}"
+        time.sleep(0.25)
+    assert statuses[0] == 503 and stats(port)["engine_pid"] != pid
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(server, client):
