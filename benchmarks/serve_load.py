@@ -217,6 +217,8 @@ def main() -> dict:
     p.add_argument("--stream-event-interval", type=float, default=None,
                    help="serve.stream_event_interval_s (default: ServeConfig's)")
     p.add_argument("--compile", action="store_true", help="serve.compile=true: torch.compile the decode step and the prefill")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="serve.engine_process=false: the engine on a thread of the replica, not in a process of its own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--out", default="", help="also write the JSON here")
@@ -236,6 +238,7 @@ def main() -> dict:
     cfg = ServeConfig(port=free_port(), api_key=key, max_batch_size=args.concurrency,
                       max_ongoing_requests=2 * args.concurrency, max_queued_requests=-1, num_cpus=args.threads,
                       device=args.device, request_timeout_s=3600, compile=args.compile,
+                      engine_process=not args.engine_thread,
                       **({"prefill_tokens_per_step": args.prefill_tokens} if args.prefill_tokens else {}),
                       **({"stream_event_interval_s": args.stream_event_interval}
                          if args.stream_event_interval is not None else {}))
