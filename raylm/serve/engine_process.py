@@ -33,7 +33,6 @@ import threading
 import traceback
 from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from raylm.serve.engine import EngineClosed, Output, SamplingParams, check_request
 
@@ -50,8 +49,8 @@ class EngineProcess:
 
     def __init__(self, run: str, *, threads: int | None = None, **engine_kw):
         ours, theirs = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[2])  # the directory raylm is imported from
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        # The replica's own import path, in its order (a Ray worker's includes a job's working_dir).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with theirs:
             self._proc = subprocess.Popen([sys.executable, "-m", "raylm.serve.engine_process", str(theirs.fileno())],
                                           pass_fds=(theirs.fileno(),), env=env)
@@ -180,6 +179,13 @@ class EngineProcess:
 
 def _main(fd: int) -> int:
     conn = Connection(fd)
+
+    def fatal(args) -> None:  # a bug on the engine thread: end the process, so the replica is replaced
+        traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        sys.stderr.flush()
+        os._exit(70)
+
+    threading.excepthook = fatal
     run, threads, engine_kw = conn.recv()
     try:
         import torch
