@@ -949,8 +949,6 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     `manifest.json`, written last, names them; an interrupted prepare leaves nothing a later
     run would read. A Markdown data card (DATACARD.md) goes beside the manifest. `corpus`:
     (files, val_files) as `corpus_files` listed them already."""
-    import ray
-
     files, val_files = corpus or corpus_files(cfg, s3)
     _say_tail_split(cfg, files, val_files, log)
     key = dataset_key(files, val_files, cfg, tokenizer.sha256, seed)
@@ -959,16 +957,19 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
         log(f"data: reusing prepared dataset at {out} ({existing['train']['blocks']} train blocks)")
         return existing
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # determinism: blocks are a function of the corpus
     attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     block_len = cfg.seq_len + 1
     stats = PrepareStats(files=len(files) + len(val_files), bytes_read=sum(f.size for f in files + val_files))
     t0 = time.time()
     in_process = runs_in_process(cfg, files, val_files)
-    if in_process:
+    if in_process:  # no Ray here: importing Ray Data alone took about 0.8 s of a 10 MB run's 4.4 s
         log(f"data: {stats.bytes_read / 1e6:.1f} MB, under data.in_process_mb={cfg.in_process_mb:g}: "
             f"preparing in this process on {_count(min(_threads(cfg), stats.files), 'thread')}")
+    else:
+        import ray
+
+        # determinism: blocks are a function of the corpus
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
     drop = _duplicates(files, val_files, cfg, s3, stats, log, in_process)
     writers = {s: ShardWriter(attempt, s, block_len, cfg.blocks_per_shard, s3) for s in ("train", "val")}
     if in_process:
