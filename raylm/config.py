@@ -692,6 +692,9 @@ class ServeConfig:
     target_ongoing_requests: float = 16.0  # one full batch per replica
     num_cpus: float = 1.0  # per replica; the engine runs torch on the replica's threads
     graceful_shutdown_timeout_s: float = 60.0  # in-flight requests finish within this on shutdown
+    # How often Serve checks a replica, whose engine process may have died (then it is replaced);
+    # Serve's own default.
+    health_check_period_s: float = 10.0
     # A stream's SSE hold per other stream in flight (raylm/serve/handlers.py): Serve spends ~1.4 ms
     # of CPU per event whatever it carries; 5 ms was best on 2 cores, 16 streams (benchmarks/serve_load.py).
     # Behind HAProxy, which relays bytes in C, the replica's own per-event cost remains: 0 gave
@@ -715,6 +718,7 @@ class ServeConfig:
         "target_ongoing_requests": above(0),
         "num_cpus": at_least(0),
         "graceful_shutdown_timeout_s": at_least(0),
+        "health_check_period_s": above(0),
         "stream_event_interval_s": at_least(0, "0: every engine step's output as its own event"),
     }
 

@@ -172,6 +172,7 @@ def deployment_options(cfg: ServeConfig) -> dict:
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": {"status_code": cfg.backpressure_status, "retry_after_s": cfg.retry_after_s},
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+        "health_check_period_s": cfg.health_check_period_s,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": 1 if cfg.device.startswith("cuda") else 0},
     }
     if cfg.autoscaling_config:

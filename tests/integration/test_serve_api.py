@@ -47,7 +47,7 @@ def server(ray_local, tiny_run):
     port = session_serve_port()
     main = ServeConfig(port=port, api_key=KEY, max_batch_size=4, max_ongoing_requests=8, max_queued_requests=8,
                        retry_after_s=RETRY_AFTER, max_body_bytes=BODY_LIMIT, max_n=4, request_timeout_s=60,
-                       graceful_shutdown_timeout_s=30)
+                       graceful_shutdown_timeout_s=30, health_check_period_s=1)
     tight = ServeConfig(port=port, api_key=KEY, max_batch_size=1, max_ongoing_requests=4, max_n=4,
                         request_timeout_s=0.05)
     pair = ServeConfig(port=port, api_key=KEY, max_batch_size=2, max_ongoing_requests=4, num_replicas=2,
@@ -337,7 +337,7 @@ def test_a_client_disconnecting_mid_stream_frees_its_slot(server):
 
 def test_a_replica_whose_engine_process_dies_answers_503_until_serve_replaces_it(server):
     """Kills the main app's engine process: its requests get 503 with Retry-After (never a
-    500) until Serve's health check (every 10 s) replaces the replica, which then answers."""
+    500) until Serve's health check (every second here) replaces the replica, which then answers."""
     port = server["port"]
     pid = stats(port)["engine_pid"]
     os.kill(pid, signal.SIGKILL)

@@ -125,10 +125,12 @@ def test_deployment_options_carry_limits_and_autoscaling():
     from raylm.serve.app import deployment_options
 
     opts = deployment_options(load_serve_config(["autoscale_max_replicas=4", "max_queued_requests=7",
-                                                 "backpressure_status=503", "retry_after_s=2"]))
+                                                 "backpressure_status=503", "retry_after_s=2",
+                                                 "health_check_period_s=3"]))
     assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
     assert opts["max_queued_requests"] == 7
     assert opts["backpressure_config"] == {"status_code": 503, "retry_after_s": 2.0}
+    assert opts["health_check_period_s"] == 3.0
     assert deployment_options(ServeConfig(num_replicas=2))["num_replicas"] == 2
 
 
