@@ -222,7 +222,6 @@ def build_app(run: str, cfg: ServeConfig):
     @serve.ingress(app)
     class RaylmServer:
         def __init__(self):
-            from raylm.serve.engine import Engine
             from raylm.serve.handlers import OpenAIService
 
             kw = dict(device=cfg.device, max_batch_size=cfg.max_batch_size,
@@ -232,9 +231,11 @@ def build_app(run: str, cfg: ServeConfig):
 
                 engine = EngineProcess(run, threads=threads, **kw)
             else:
-                if threads:
-                    import torch
+                import torch
 
+                from raylm.serve.engine import Engine
+
+                if threads:
                     torch.set_num_threads(threads)
                 engine = Engine.from_run(run, **kw)
             self.service = OpenAIService(engine, cfg, name)

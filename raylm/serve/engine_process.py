@@ -34,7 +34,7 @@ import traceback
 from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 
-from raylm.serve.engine import EngineClosed, Output, SamplingParams, check_request
+from raylm.serve.sampling import EngineClosed, Output, SamplingParams, check_request
 
 
 class EngineProcessDied(EngineClosed):
