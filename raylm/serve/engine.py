@@ -75,8 +75,8 @@ from dataclasses import dataclass, field
 import torch
 
 from raylm.generate import sample_token
-from raylm.serve.sampling import (MAX_LOGPROBS, EngineClosed, Output, SamplingParams, TokenLogprob,  # noqa: F401
-                                  _is_int, check_request)
+from raylm.serve.sampling import EngineClosed, Output, SamplingParams, TokenLogprob, _is_int, check_request
+
 
 class SlotCache:
     """One layer's keys/values for up to `batch` sequences, each slot at its own length.
