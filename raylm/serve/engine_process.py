@@ -167,7 +167,11 @@ class EngineProcess:
     def _lost(self) -> None:
         """The socket closed: the process ended (closed, or died). Fail what waits on it."""
         self._loop.remove_reader(self._conn.fileno())
-        code = self._proc.wait()
+        try:
+            code = self._proc.wait(timeout=10)  # its socket is closed: it is exiting
+        except subprocess.TimeoutExpired:  # or stuck on its way out, of no use to anyone
+            self._proc.kill()
+            code = self._proc.wait()
         self._dead = f"the engine process exited with code {code}"
         for queue in self._queues.values():
             queue.put_nowait(EngineProcessDied(self._dead))
