@@ -690,7 +690,7 @@ class ServeConfig:
     autoscale_min_replicas: int = 1  # 1: no cold start on the first request
     autoscale_max_replicas: int = 0
     target_ongoing_requests: float = 16.0  # one full batch per replica
-    num_cpus: float = 1.0  # per replica; the engine runs torch on the replica's threads
+    num_cpus: float = 1.0  # per replica; the engine runs torch on all but one of them (raylm.serve.app.cpu_threads)
     graceful_shutdown_timeout_s: float = 60.0  # in-flight requests finish within this on shutdown
     # How often Serve checks a replica, whose engine process may have died (then it is replaced);
     # Serve's own default.

@@ -270,10 +270,9 @@ def build_app(run: str, cfg: ServeConfig):
             return {**self.service.engine.stats(), "replica": self.replica}
 
         def check_health(self):
-            # Serve restarts a replica whose engine process died (out of memory, a crash).
-            alive = getattr(self.service.engine, "alive", None)
-            if alive is not None and not alive() and not self.service.draining:
-                raise RuntimeError("the replica's engine process has exited")
+            # Serve replaces a replica whose engine is gone (its process died: out of memory, a crash).
+            if not self.service.engine.alive() and not self.service.draining:
+                raise RuntimeError("the replica's engine has exited")
 
         async def _guarded(self, coro):
             from raylm.serve.handlers import ClientGone

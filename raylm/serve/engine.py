@@ -352,6 +352,10 @@ class Engine:
                     "free_slots": self.max_batch_size - running, "steps": self.steps,
                     "tokens_generated": self.tokens_generated}
 
+    def alive(self) -> bool:
+        """Whether the engine thread runs (it ends only once `close` has let every request finish)."""
+        return self._thread.is_alive()
+
     def freed_at_step(self, request_id: str) -> int | None:
         """The value of `steps` when the request's slot was freed (recent requests only): how
         tests and diagnostics see that an abandoned request left within one step."""

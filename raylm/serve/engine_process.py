@@ -34,12 +34,7 @@ import traceback
 from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 
-from raylm.serve.sampling import EngineClosed, Output, SamplingParams, check_request
-
-
-class EngineProcessDied(EngineClosed):
-    """The engine's process exited while the replica still needed it (a bug, out of memory, a
-    kill): the app answers 503, and Serve's health check replaces the replica."""
+from raylm.serve.sampling import EngineClosed, EngineProcessDied, Output, SamplingParams, check_request
 
 
 class EngineProcess:

@@ -18,8 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from raylm.config import ServeConfig
 from raylm.serve import protocol as P
-from raylm.serve.sampling import EngineClosed, Output, SamplingParams
-from raylm.serve.engine_process import EngineProcessDied
+from raylm.serve.sampling import EngineClosed, EngineProcessDied, Output, SamplingParams
 
 log = logging.getLogger("raylm.serve")
 

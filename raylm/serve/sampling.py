@@ -108,3 +108,8 @@ class Output:
 
 class EngineClosed(RuntimeError):
     """`generate` after `close()`: the app answers 503."""
+
+
+class EngineProcessDied(EngineClosed):
+    """The engine's process exited while the replica still needed it (a bug, out of memory, a
+    kill): the app answers 503, and Serve's health check replaces the replica."""
