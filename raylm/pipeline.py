@@ -55,9 +55,6 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
 
     if ray.is_initialized():
         return
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     quiet_ray_chatter()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
@@ -102,6 +99,11 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
             start_ray_data_actors()
         if dashboard:
             log(f"Ray dashboard: http://127.0.0.1:{port}")
+    # Ray Data's settings are this process's own, for the datasets it makes from here on
+    # (set after ray.init, so that importing Ray Data can overlap the cluster's start).
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
 
 
@@ -458,11 +460,15 @@ def beside_ray_start(cfg: Config, work):
     """`work()` on a thread while `init_ray` starts or joins the cluster on this one; returns
     its result. Starting a local cluster takes about 8 s on 2 cores, most of it waiting for
     Ray's processes, and a tokenizer and a small corpus's preparation fit inside that."""
+    import importlib
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1, thread_name_prefix="raylm-prepare") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="raylm-prepare") as pool:
+        # Ray Data's import (about 1 s of Python) overlaps the cluster's start as well.
+        imported = pool.submit(importlib.import_module, "ray.data")
         result = pool.submit(work)
         init_ray(cfg, training=True)
+        imported.result()
         return result.result()
 
 

@@ -45,3 +45,36 @@ def test_workers_of_a_cluster_joined_get_the_settings_that_are_set(monkeypatch):
     assert worker_runtime_env() is None
     monkeypatch.setenv("RAYLM_INJECT_FAILURE", "step=3,rank=0,kind=raise")
     assert worker_runtime_env() == {"env_vars": {"RAYLM_INJECT_FAILURE": "step=3,rank=0,kind=raise"}}
+
+
+def test_the_local_controller_loads_its_backend_config_without_importing_torch():
+    """Ray Train's controller unpickles the trainer's backend config as it starts; Ray's own
+    TorchConfig would make it import torch (seconds on 2 cores, on the way to the first step)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from raylm.train_backend import LocalTorchConfig
+
+    blob = pickle.dumps(LocalTorchConfig(backend="gloo"))
+    child = ("import pickle, sys\n"
+             "import ray.train.v2._internal.execution.controller\n"
+             f"cfg = pickle.loads({blob!r})\n"
+             "cfg.backend_cls(), cfg.train_func_context, cfg.framework, cfg.to_dict()\n"
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('ray.train.torch')))\n")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_a_run_on_a_cluster_started_here_uses_that_backend_config(monkeypatch):
+    import ray.train
+
+    from raylm.train import trainer_class
+    from raylm.train_backend import LocalTorchConfig
+
+    monkeypatch.setattr(pipeline, "started_env", lambda: {})
+    trainer = trainer_class()(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    assert isinstance(trainer.backend_config, LocalTorchConfig) and trainer.backend_config.backend == "gloo"
+    monkeypatch.setattr(pipeline, "started_env", lambda: None)  # a cluster joined: Ray's own
+    assert not isinstance(trainer_class()(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+                          .backend_config, LocalTorchConfig)
