@@ -52,6 +52,12 @@ def test_ray_overhead_cpu_smoke(ray_local, tmp_path):
         assert r["data_wait_s"] >= 0 and 0 <= r["data_wait_fraction"] <= 1 and r["data_wait_warmup_s"] >= 0
         assert r["tokens_per_s"] == r["rows"][-1]["tokens_per_s"]
     assert len(out["bare"]["losses"]) == 4
+    # The bare step is timed on both sides of the Ray run, and the ratio is against their mean.
+    after = out["bare_after"]
+    assert after["tokens_per_s"] > 0 and after["losses"] == out["bare"]["losses"]
+    mean = (out["bare"]["tokens_per_s"] + after["tokens_per_s"]) / 2
+    assert out["ratio_ray_to_bare"] == pytest.approx(out["ray"]["tokens_per_s"] / mean)
+    assert out["ratio_ray_to_bare_after"] == pytest.approx(out["ray"]["tokens_per_s"] / after["tokens_per_s"])
     assert out["ratio_ray_to_bare"] > 0 and out["ratio_loop_to_bare"] > 0 and out["goal_ratio"] == 0.97
     # fp32 on CPU, same weights, blocks, order and learning rates: the same final loss.
     for run in ("loop", "ray"):
