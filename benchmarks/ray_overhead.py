@@ -13,6 +13,7 @@ One invocation, one device, the same Config, data and seed throughout:
 3. ray    `raylm.train.run_ray_training` with one worker (`use_gpu` on CUDA): Ray Train starts
           the worker, builds the model as `bare` does, and Ray Data streams the prepared token blocks
           from parquet shards (`training_dataset`, `get_dataset_shard().iter_torch_batches`).
+4. bare_after  run 1 again, once the Ray run has ended (--no-bare-after skips it).
 
 The prepared dataset is random tokens written in raylm's prepared format (parquet shards of
 seq_len + 1 blocks and a manifest, `raylm.data.ShardWriter`): throughput does not depend on
@@ -28,8 +29,7 @@ the last step covers exactly the timed steps: its `tokens_per_s`, and the growth
 `data_wait_s` (time the loop waited for its next batch) since the previous row. Evaluation
 and checkpoints happen only after the last step (one of each, untimed).
 
-The bare step is timed again after the Ray run (4. bare_after, --no-bare-after skips it), once
-the cluster is gone, and `ratio_ray_to_bare` is against the mean of the two bare rates
+`ratio_ray_to_bare` is the Ray step against the mean of runs 1 and 4
 (`ratio_ray_to_bare_before` and `_after` are each side's): on a machine whose speed drifts,
 one bare measurement taken before the Ray run decided the ratio as much as Ray did.
 
