@@ -12,6 +12,7 @@ where torch is imported anyway. Used where raylm starts the controller itself
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
 from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
 from ray.train.v2._internal.util import TrainingFramework
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,8 +72,8 @@ class _LocalTorchBackend(Backend):
         timeout = int(os.environ.get(TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S))
         try:
             ray.get(futures, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            pass  # as Ray's: the workers are being torn down anyway
+        except ray.exceptions.GetTimeoutError:  # as Ray's: the workers are being torn down anyway
+            log.warning("torch process group shutdown timed out after %s seconds", timeout)
 
 
 # ---------------------------------------------------------------- run on the workers (torch imported there)
