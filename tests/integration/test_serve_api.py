@@ -337,15 +337,27 @@ def test_a_client_disconnecting_mid_stream_frees_its_slot(server):
 
 def test_a_replica_whose_engine_process_dies_answers_503_until_serve_replaces_it(server):
     """Kills the main app's engine process: its requests get 503 with Retry-After (never a
-    500) until Serve's health check (every second here) replaces the replica, which then answers."""
+    500) until Serve's health check (every second here) replaces the replica, which then answers.
+
+    Every answer is the app's 503 or, at last, a 200. The one thing outside the app: while
+    Serve swaps the replica, its ingress (HAProxy, reloading its backend list as the old
+    replica stops) can close a connection without an answer. It happened once, in a CI run on
+    two busy cores, and not in 4,000 requests over 12 swaps on an idle machine; clients retry it as a connection error (the `openai` client does by
+    default), so it is counted here and bounded, not taken for an answer."""
     port = server["port"]
     pid = stats(port)["engine_pid"]
     os.kill(pid, signal.SIGKILL)
     body = {"model": "tiny", "prompt": "The", "max_tokens": 2, "temperature": 0}
-    statuses = []
+    statuses, dropped = [], []
     deadline = time.monotonic() + 120
     while True:
-        status, headers, got = call(port, "POST", "/v1/completions", body)
+        try:
+            status, headers, got = call(port, "POST", "/v1/completions", body)
+        except (http.client.RemoteDisconnected, ConnectionResetError) as e:
+            assert statuses, "the first request after the kill got no answer"
+            dropped.append(type(e).__name__)
+            assert len(dropped) <= 2, f"the ingress dropped {dropped} after {statuses[-5:]}"
+            continue
         statuses.append(status)
         if status == 200:
             break
