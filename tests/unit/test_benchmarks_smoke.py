@@ -174,3 +174,13 @@ def test_serve_load_pools_rounds_and_splits_each_rounds_first_wave():
     assert s["first_wave"]["requests"] == 4 and s["first_wave"]["ttft_p50_s"] >= 0.5
     assert s["steady"]["requests"] == 4 and s["steady"]["ttft_p95_s"] == 0.06
     assert "steady" not in bench.summarize(rounds[:1], 1)  # one at a time: no waves
+
+
+def test_engine_fused_step_times_the_same_math_both_ways():
+    """The fused forward it times gives the two separate forwards' logits: what makes its
+    timings a comparison of two ways to compute one thing."""
+    out = _run("engine_fused_step.py", "--rows", "3", "--prompt-lens", "2,5", "--rounds", "1", "--iters", "1")
+    assert [r["prompt_len"] for r in out["results"]] == [2, 5]
+    for r in out["results"]:
+        assert r["fused_logits_max_abs_diff"] < 1e-4, r
+        assert set(r["newcomer_worst_ms"]) == {"separate", "fused_at_best", "fused_gather"}
