@@ -35,6 +35,7 @@ benchmarks/attention_mask.py measures against it (see `Transformer.doc_mask_kern
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -316,10 +317,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def hidden_states(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                      start: int | torch.Tensor = 0, doc_sep: int | None = None):
+                      start: int | torch.Tensor = 0, doc_sep: int | None = None,
+                      between_layers: Callable[[], None] | None = None):
         """Final-norm hidden states (B, T, dim). `doc_sep`: the token id that ends each packed
         document (EOS); attention then stays within documents and positions restart per
-        document (see the module docstring). None (the default) is one sequence per row."""
+        document (see the module docstring). None (the default) is one sequence per row.
+        `between_layers`: called between one layer and the next, changing nothing here (a
+        serving engine runs a newcomer's prefill there, in cache slots this forward does not
+        read: raylm.serve.engine)."""
         T = tokens.shape[1]
         doc_mask = None
         if doc_sep is not None:
@@ -348,6 +353,8 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
+            if between_layers is not None and i:
+                between_layers()
             if doc_mask is None:  # the call every other path makes, unchanged
                 h = layer(h, cos, sin, caches[i] if caches is not None else None, start)
             else:

@@ -11,12 +11,15 @@ Requests join and leave a running decode batch at every step. One engine step is
        request whose prompt is now whole samples its first token, and these first tokens
        are sent before the decode step;
     4. one decode step for every request whose prompt is whole: each row feeds its last
-       token at its own position and gets the next token's logits.
+       token at its own position and gets the next token's logits. Between two of its
+       layers, requests that arrived meanwhile are admitted and prefilled as in 2-3, in slots
+       the step does not read, and their first tokens sent (`_prefill_newcomers`).
 
-so a request that arrives while a step runs gets its first token at the end of the next
-step's prefill: it waits for no decode step and for no other prompt beyond the budget, a long
-prompt delays the running rows by at most one budget's prefill a step, and a finished or
-abandoned request's slot is reused one step later. The model runs on one dedicated thread
+so a request that arrives while a step runs gets its first token after the layer in progress
+and its own prefill (or, arriving during a prefill, after that and its own): it waits for no
+whole decode step and for no other prompt beyond the budget, a long prompt delays the running
+rows by at most one budget's prefill each time, and a finished or abandoned request's slot is
+reused one step later. The model runs on one dedicated thread
 (the "engine thread"), never on the asyncio event loop, which only queues requests and
 relays outputs; torch releases the GIL inside its kernels, so the server stays responsive
 while a step runs.
@@ -242,6 +245,8 @@ class Engine:
         self._next_id = 0
         self.steps = 0
         self.tokens_generated = 0
+        self.prefills_within_decode = 0  # prefill forwards run between a decode step's layers
+        self._budget = prefill_tokens_per_step  # prefill tokens left to this step (see _step)
         self._freed_at: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._prefilling: list[_Request] = []  # in a slot, prompt not yet whole in the cache; arrival order
         self._outbox: dict[Callable, list] = {}  # this step's outputs, by sink
@@ -350,7 +355,8 @@ class Engine:
             running = len(self._rows)
             return {"running": running, "waiting": len(self._waiting),
                     "free_slots": self.max_batch_size - running, "steps": self.steps,
-                    "tokens_generated": self.tokens_generated}
+                    "tokens_generated": self.tokens_generated,
+                    "prefills_within_decode": self.prefills_within_decode}
 
     def alive(self) -> bool:
         """Whether the engine thread runs (it ends only once `close` has let every request finish)."""
@@ -406,6 +412,7 @@ class Engine:
             self._free(req)
         self._admit()
         chunks = self._schedule_prefill()
+        self._budget = self.prefill_tokens_per_step - sum(n for _, n in chunks)  # what newcomers may use (_decode)
         if chunks:
             self._prefill(chunks)
             self._deliver()  # first tokens leave now, not after the decode step
@@ -427,15 +434,18 @@ class Engine:
                 self._rows.append(req)
                 self._prefilling.append(req)
 
-    def _schedule_prefill(self) -> list[tuple[_Request, int]]:
-        """This step's prompt chunks, (request, tokens), at most `prefill_tokens_per_step` in
-        all. Each prompt still being prefilled first gets up to an equal share of the budget
-        (so a short prompt queued behind a long one is done in one step, and a long one still
-        advances every step), then what is left goes to them in arrival order."""
-        pending = [r for r in self._prefilling if not r.cancelled]
-        if not pending:
+    def _schedule_prefill(self, pending: list[_Request] | None = None,
+                          budget: int | None = None) -> list[tuple[_Request, int]]:
+        """This step's prompt chunks, (request, tokens), at most `budget` (default
+        `prefill_tokens_per_step`) in all. Each prompt still being prefilled (of `pending`,
+        default all) first gets up to an equal share of the budget (so a short prompt queued
+        behind a long one is done in one step, and a long one still advances every step),
+        then what is left goes to them in arrival order."""
+        if pending is None:
+            pending = [r for r in self._prefilling if not r.cancelled]
+        left = self.prefill_tokens_per_step if budget is None else budget
+        if not pending or left < 1:
             return []
-        left = self.prefill_tokens_per_step
         take = {}
         share = max(1, left // len(pending))
         for r in pending:
@@ -528,7 +538,10 @@ class Engine:
 
     def _decode(self) -> None:
         """One token for every row whose prompt is whole; rows still being prefilled ride along
-        as dummies at their next prompt position, which their next chunk overwrites."""
+        as dummies at their next prompt position, which their next chunk overwrites. Between
+        two layers, requests that arrived meanwhile are admitted and prefilled, and their
+        first tokens sent (`_prefill_newcomers`), without fixed shapes (whose decode reads
+        every slot)."""
         rows = list(self._rows)
         ready = [r.pos >= len(r.prompt) for r in rows]
         tokens = [r.next_token if ok else 0 for r, ok in zip(rows, ready)]
@@ -538,12 +551,19 @@ class Engine:
             tokens, positions = tokens + [0] * pad, positions + [0] * pad  # idle slots: harmless dummies
             self._window(slice(0, self.max_batch_size), self.max_seq_len)
         else:
-            self._window(slice(0, len(rows)), max(positions) + 1)
+            window = (slice(0, len(rows)), max(positions) + 1)
+            self._window(*window)
         x = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)
         if self._decode_fn is not _decode_logits and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self._decode_fn(self.model, x, self._caches, pos)
+        if self.fixed_shapes:
+            logits = self._decode_fn(self.model, x, self._caches, pos)
+        else:
+            def newcomers():
+                if self._waiting and len(self._rows) < self.max_batch_size and self._prefill_newcomers(len(rows)):
+                    self._window(*window)
+            logits = self._decode_fn(self.model, x, self._caches, pos, newcomers)
         # Greedy rows in one call (sample_token's greedy choice is this argmax, row by row).
         greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for r in rows) else None
         rows = [(i, r) for i, (r, ok) in enumerate(zip(rows, ready)) if ok]
@@ -551,6 +571,26 @@ class Engine:
             req.pos += 1
         for i, req in rows:
             self._accept(req, logits[i], greedy[i] if greedy and req.params.temperature == 0 else None)
+
+    def _prefill_newcomers(self, n: int) -> bool:
+        """Inside a decode step over slots 0..n-1, between two of its layers: admit the waiting
+        requests, prefill those admitted since the step began (slots n and up, which it does not
+        read; older ones still prefilling ride along in it as dummies, so they wait for the
+        next step) within the step's budget, and send the first tokens at once. A newcomer
+        then waits for the layer in progress, not for the whole step (nor, behind it, for the
+        next step's prefill). They share what the step's own prefill left of its budget, so
+        the running rows still wait for at most one budget's prefill a step. One that ends at
+        its first token frees its slot, and compaction then moves only slots n and up.
+        Whether a forward ran (the caller then restores its window)."""
+        self._admit()
+        chunks = self._schedule_prefill([r for r in self._prefilling if r.row >= n and not r.cancelled], self._budget)
+        if not chunks:
+            return False
+        self._budget -= sum(m for _, m in chunks)
+        self._prefill(chunks)
+        self.prefills_within_decode += 1  # written by the engine thread only
+        self._deliver()
+        return True
 
     def _accept(self, req: _Request, logits: torch.Tensor, token: int | None = None) -> None:
         """Sample the request's next token from its logits (vocab,) unless `token` is given,
@@ -667,6 +707,7 @@ def _prefill_hidden(model, tokens: torch.Tensor, caches, start: torch.Tensor) ->
     return model.hidden_states(tokens, caches, start)
 
 
-def _decode_logits(model, tokens: torch.Tensor, caches, positions: torch.Tensor) -> torch.Tensor:
+def _decode_logits(model, tokens: torch.Tensor, caches, positions: torch.Tensor,
+                   between_layers: Callable[[], None] | None = None) -> torch.Tensor:
     """(B, vocab) logits of one decode step: row b feeds tokens[b] at positions[b]."""
-    return model.logits(model.hidden_states(tokens, caches, positions)[:, -1])
+    return model.logits(model.hidden_states(tokens, caches, positions, between_layers=between_layers)[:, -1])

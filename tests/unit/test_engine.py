@@ -341,6 +341,91 @@ def test_chunked_prefill_equals_whole_and_a_short_prompt_is_not_held_back(engine
         assert_same_tokens(model, prompt, ids_of(outs), ref_ids, None, p.temperature == 0, "chunked prefill")
 
 
+def _submit_mid_decode(eng, running, *groups: dict):
+    """Run `running` alone, and submit each group of newcomers ({tag: (prompt, params)}) from
+    inside a decode step, a group a step from the step after `running`'s third token on, from
+    a hook on the first layer (so the timing is certain). Returns every request's outputs, the
+    value of `eng.steps` at each one's first output, and at each group's submit."""
+    outs: dict[str, list] = {tag: [] for tag in ("running", *(t for g in groups for t in g))}
+    first_step: dict[str, int] = {}
+    sent_at: list[int] = []
+
+    def sink(tag):
+        def put(items):
+            for _, item in items:  # on the engine thread: record only, the test asserts
+                first_step.setdefault(tag, eng.steps)
+                outs[tag].append(item)
+        return put
+
+    def hook(layer, args):
+        if (len(sent_at) < len(groups) and args[0].shape[1] == 1 and len(outs["running"]) >= 3
+                and (not sent_at or eng.steps > sent_at[-1])):  # a decode step, well under way
+            sent_at.append(eng.steps)
+            for tag, req in groups[len(sent_at) - 1].items():
+                eng.submit(*req, sink(tag))
+
+    handle = eng.model.layers[0].register_forward_pre_hook(hook)
+    try:
+        eng.submit(*running, sink("running"))
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(
+                o and (isinstance(o[-1], BaseException) or o[-1].finish_reason) for o in outs.values()):
+            time.sleep(0.01)
+    finally:
+        handle.remove()
+        asyncio.run(eng.close())
+    assert len(sent_at) == len(groups), "decode steps ran out before every group was sent"
+    failed = [o for o in sum(outs.values(), []) if isinstance(o, BaseException)]
+    assert not failed, failed[0]
+    return outs, first_step, sent_at
+
+
+def assert_equal_generate(eng, reqs: dict, outs: dict) -> None:
+    for tag, (prompt, p) in reqs.items():
+        got = ids_of(outs[tag])
+        assert len(got) == p.max_tokens and outs[tag][-1].finish_reason == "length", tag
+        if p.logprobs is not None:
+            assert_logprobs_match_forward(eng, prompt, outs[tag], p.logprobs)
+        ref = generate(eng.model, prompt, p.max_tokens, p.temperature, p.top_k, None, p.seed or 0)
+        assert_same_tokens(eng.model, prompt, got, ref, None, p.temperature == 0, tag)
+
+
+def test_a_request_arriving_mid_decode_gets_its_first_token_within_that_step(engine):
+    """Two requests submitted from inside a decode step are prefilled before its next layer and
+    their first tokens sent within that step, not after it. The first of them ends at its
+    first token, so its slot is freed and the second one's keys move into it while the decode
+    step is still running. Every request's tokens and logprobs still equal `generate` / a
+    forward pass."""
+    tok = engine.tokenizer
+    eng = Engine(engine.model, tok, max_batch_size=4)
+    running = (tok.encode(PROMPTS[1]), SamplingParams(max_tokens=16, temperature=0, logprobs=2))
+    newcomers = {"one": (tok.encode(PROMPTS[0]), SamplingParams(max_tokens=1, temperature=0)),
+                 "late": (tok.encode(PROMPTS[2]), SamplingParams(max_tokens=10, temperature=0.8, seed=7, logprobs=2))}
+    outs, first_step, (sent_at,) = _submit_mid_decode(eng, running, newcomers)
+    assert eng.stats()["prefills_within_decode"] == 1
+    assert first_step["one"] == first_step["late"] == sent_at, (first_step, sent_at)
+    assert_equal_generate(eng, {"running": running, **newcomers}, outs)
+
+
+def test_a_prefill_inside_a_decode_step_keeps_to_the_steps_budget(engine):
+    """prefill_tokens_per_step=4: a newcomer of 20-odd tokens that arrives mid-decode gets 4 of
+    them in at once and the rest at the next steps' starts, which use each step's whole budget;
+    so a short one that arrives in the next decode step is not prefilled there (nothing is left
+    of that step's budget) but at the step after, beside the long one. The running request
+    never waits for more than one budget's prefill a step; every answer equals `generate`'s."""
+    tok = engine.tokenizer
+    eng = Engine(engine.model, tok, max_batch_size=3, prefill_tokens_per_step=4)
+    running = (tok.encode(PROMPTS[0]), SamplingParams(max_tokens=20, temperature=0))
+    long = (tok.encode(PROMPTS[4]), SamplingParams(max_tokens=6, temperature=0, logprobs=1))
+    short = (tok.encode(PROMPTS[0]), SamplingParams(max_tokens=4, temperature=0))
+    assert len(long[0]) > 12
+    outs, first_step, sent_at = _submit_mid_decode(eng, running, {"long": long}, {"short": short})
+    assert eng.stats()["prefills_within_decode"] == 1  # the long one's first chunk only
+    assert first_step["short"] == sent_at[1] + 1, (first_step, sent_at)  # the next step's prefill
+    assert first_step["long"] >= sent_at[0] + (len(long[0]) - 4) // 4, (first_step, sent_at)
+    assert_equal_generate(eng, {"running": running, "long": long, "short": short}, outs)
+
+
 def test_stream_coalesces_a_choices_pending_outputs_in_order():
     """The SSE stream (raylm.serve.handlers) sends what piled up while it was busy as one event
     per choice: each choice's outputs merged in order, other choices and end markers kept."""
