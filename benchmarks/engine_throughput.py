@@ -7,7 +7,8 @@ produce the same number of tokens; each side runs once untimed on two requests f
 (allocator warm-up). For each concurrency level the engine gets all --requests requests,
 at most that many in flight at once (a new one starts when one ends, as clients do).
 Reported per level: output tokens/s, its ratio to sequential `generate`, engine steps,
-p50/p95 time to first token, and how many requests' tokens equal `generate`'s (all of them,
+p50/p95 time to first token (and `steady`: the requests after the first `concurrency`, each
+sent while the others run, as `serve_load.py` splits them), and how many requests' tokens equal `generate`'s (all of them,
 unless a floating-point tie: see the engine's module docstring).
 
 Without --run the model has random weights of --preset (speed does not depend on them) and a
@@ -103,13 +104,17 @@ def run_sequential(model, reqs) -> tuple[float, list[list[int]]]:
 async def run_engine(engine: Engine, reqs, concurrency: int) -> dict:
     gate = asyncio.Semaphore(concurrency)
     ttft: list[float] = []
+    steady: list[float] = []  # requests after the first `concurrency`: sent while the others run
+    entered = itertools.count()
 
     async def one(prompt, params):
         async with gate:
-            t0, ids = time.perf_counter(), []
+            k, t0, ids = next(entered), time.perf_counter(), []
             async for out in engine.generate(prompt, params):
                 if not ids and out.token_ids:
                     ttft.append(time.perf_counter() - t0)
+                    if k >= concurrency:
+                        steady.append(ttft[-1])
                 ids += out.token_ids
             return ids
 
@@ -118,8 +123,11 @@ async def run_engine(engine: Engine, reqs, concurrency: int) -> dict:
     outs = await asyncio.gather(*(one(p, s) for p, s in reqs))
     wall = time.perf_counter() - t0
     ttft.sort()
+    steady.sort()
     return {"wall_s": wall, "outs": outs, "steps": engine.stats()["steps"] - steps0,
-            "ttft_p50_ms": 1e3 * statistics.median(ttft), "ttft_p95_ms": 1e3 * ttft[int(0.95 * (len(ttft) - 1))]}
+            "ttft_p50_ms": 1e3 * statistics.median(ttft), "ttft_p95_ms": 1e3 * ttft[int(0.95 * (len(ttft) - 1))],
+            "ttft_steady_p50_ms": 1e3 * statistics.median(steady) if steady else None,
+            "ttft_steady_p95_ms": 1e3 * steady[int(0.95 * (len(steady) - 1))] if steady else None}
 
 
 def main(argv=None) -> dict:
@@ -149,6 +157,7 @@ def main(argv=None) -> dict:
                          "vs_sequential_generate": got / r["wall_s"] / baseline, "wall_s": r["wall_s"],
                          "engine_steps": r["steps"], "tokens": got,
                          "ttft_p50_ms": r["ttft_p50_ms"], "ttft_p95_ms": r["ttft_p95_ms"],
+                         "ttft_steady_p50_ms": r["ttft_steady_p50_ms"], "ttft_steady_p95_ms": r["ttft_steady_p95_ms"],
                          "requests_equal_to_generate": sum(a == b for a, b in zip(r["outs"], seq_outs))})
     finally:
         asyncio.run(engine.close())
