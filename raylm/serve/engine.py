@@ -18,8 +18,8 @@ Requests join and leave a running decode batch at every step. One engine step is
 so a request that arrives while a step runs gets its first token after the layer in progress
 and its own prefill (or, arriving during a prefill, after that and its own): it waits for no
 whole decode step and for no other prompt beyond the budget, a long prompt delays the running
-rows by at most one budget's prefill each time, and a finished or abandoned request's slot is
-reused one step later. The model runs on one dedicated thread
+rows by at most one budget's prefill a step (the prefill inside a decode step gets what the
+step's own left), and a finished or abandoned request's slot is reused one step later. The model runs on one dedicated thread
 (the "engine thread"), never on the asyncio event loop, which only queues requests and
 relays outputs; torch releases the GIL inside its kernels, so the server stays responsive
 while a step runs.
