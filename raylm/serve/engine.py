@@ -13,7 +13,7 @@ Requests join and leave a running decode batch at every step. One engine step is
     4. one decode step for every request whose prompt is whole: each row feeds its last
        token at its own position and gets the next token's logits. Between two of its
        layers, requests that arrived meanwhile are admitted and prefilled as in 2-3, in slots
-       the step does not read, and their first tokens sent (`_prefill_newcomers`).
+       the step does not read, and their first tokens sent (`_decode`).
 
 so a request that arrives while a step runs gets its first token after the layer in progress
 and its own prefill (or, arriving during a prefill, after that and its own): it waits for no
@@ -246,7 +246,6 @@ class Engine:
         self.steps = 0
         self.tokens_generated = 0
         self.prefills_within_decode = 0  # prefill forwards run between a decode step's layers
-        self._budget = prefill_tokens_per_step  # prefill tokens left to this step (see _step)
         self._freed_at: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._prefilling: list[_Request] = []  # in a slot, prompt not yet whole in the cache; arrival order
         self._outbox: dict[Callable, list] = {}  # this step's outputs, by sink
@@ -410,14 +409,9 @@ class Engine:
     def _step(self) -> None:
         for req in [r for r in self._rows if r.cancelled]:
             self._free(req)
-        self._admit()
-        chunks = self._schedule_prefill()
-        self._budget = self.prefill_tokens_per_step - sum(n for _, n in chunks)  # what newcomers may use (_decode)
-        if chunks:
-            self._prefill(chunks)
-            self._deliver()  # first tokens leave now, not after the decode step
+        used = self._admit_and_prefill()
         if any(r.pos >= len(r.prompt) for r in self._rows):
-            self._decode()
+            self._decode(self.prefill_tokens_per_step - used)
         with self._cond:
             self.steps += 1
 
@@ -434,16 +428,25 @@ class Engine:
                 self._rows.append(req)
                 self._prefilling.append(req)
 
-    def _schedule_prefill(self, pending: list[_Request] | None = None,
-                          budget: int | None = None) -> list[tuple[_Request, int]]:
-        """This step's prompt chunks, (request, tokens), at most `budget` (default
-        `prefill_tokens_per_step`) in all. Each prompt still being prefilled (of `pending`,
-        default all) first gets up to an equal share of the budget (so a short prompt queued
-        behind a long one is done in one step, and a long one still advances every step),
-        then what is left goes to them in arrival order."""
-        if pending is None:
-            pending = [r for r in self._prefilling if not r.cancelled]
-        left = self.prefill_tokens_per_step if budget is None else budget
+    def _admit_and_prefill(self, first_slot: int = 0, budget: int | None = None) -> int:
+        """Admit the waiting requests, prefill this step's chunks of the prompts in slots
+        `first_slot` and up (`_schedule_prefill`, within `budget`, default
+        `prefill_tokens_per_step`), and send the first tokens of those now whole at once, not
+        after the decode step. Returns the prompt tokens prefilled."""
+        self._admit()
+        pending = [r for r in self._prefilling if r.row >= first_slot and not r.cancelled]
+        chunks = self._schedule_prefill(pending, self.prefill_tokens_per_step if budget is None else budget)
+        if chunks:
+            self._prefill(chunks)
+            self._deliver()
+        return sum(n for _, n in chunks)
+
+    def _schedule_prefill(self, pending: list[_Request], budget: int) -> list[tuple[_Request, int]]:
+        """Prompt chunks, (request, tokens), at most `budget` in all. Each prompt of `pending`
+        (being prefilled, in arrival order) first gets up to an equal share of the budget (so a
+        short prompt queued behind a long one is done in one step, and a long one still
+        advances every step), then what is left goes to them in arrival order."""
+        left = budget
         if not pending or left < 1:
             return []
         take = {}
@@ -536,12 +539,18 @@ class Engine:
         h = self._prefill_fn(self.model, tokens.to(self.device), self._caches, start.to(self.device))
         return h[:B, :T]
 
-    def _decode(self) -> None:
+    def _decode(self, budget: int) -> None:
         """One token for every row whose prompt is whole; rows still being prefilled ride along
-        as dummies at their next prompt position, which their next chunk overwrites. Between
-        two layers, requests that arrived meanwhile are admitted and prefilled, and their
-        first tokens sent (`_prefill_newcomers`), without fixed shapes (whose decode reads
-        every slot)."""
+        as dummies at their next prompt position, which their next chunk overwrites.
+
+        Without fixed shapes (whose decode reads every slot), between two of its layers the
+        requests that arrived meanwhile are admitted, those admitted since the step began
+        (slots n and up, which it does not read; older ones still prefilling ride along in it
+        as dummies, so they wait for the next step) are prefilled within `budget` (what the
+        step's own prefill left, so the running rows still wait for at most one budget's
+        prefill a step), and their first tokens sent at once: a newcomer waits for the layer
+        in progress, not for the whole step and the next step's prefill behind it. One that
+        ends at its first token frees its slot, and compaction then moves only slots n and up."""
         rows = list(self._rows)
         ready = [r.pos >= len(r.prompt) for r in rows]
         tokens = [r.next_token if ok else 0 for r, ok in zip(rows, ready)]
@@ -561,8 +570,13 @@ class Engine:
             logits = self._decode_fn(self.model, x, self._caches, pos)
         else:
             def newcomers():
-                if self._waiting and len(self._rows) < self.max_batch_size and self._prefill_newcomers(len(rows)):
-                    self._window(*window)
+                nonlocal budget
+                if self._waiting and len(self._rows) < self.max_batch_size and budget > 0:
+                    used = self._admit_and_prefill(len(rows), budget)
+                    if used:
+                        budget -= used
+                        self.prefills_within_decode += 1  # written by the engine thread only
+                        self._window(*window)  # the prefill set its own
             logits = self._decode_fn(self.model, x, self._caches, pos, newcomers)
         # Greedy rows in one call (sample_token's greedy choice is this argmax, row by row).
         greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for r in rows) else None
@@ -571,26 +585,6 @@ class Engine:
             req.pos += 1
         for i, req in rows:
             self._accept(req, logits[i], greedy[i] if greedy and req.params.temperature == 0 else None)
-
-    def _prefill_newcomers(self, n: int) -> bool:
-        """Inside a decode step over slots 0..n-1, between two of its layers: admit the waiting
-        requests, prefill those admitted since the step began (slots n and up, which it does not
-        read; older ones still prefilling ride along in it as dummies, so they wait for the
-        next step) within the step's budget, and send the first tokens at once. A newcomer
-        then waits for the layer in progress, not for the whole step (nor, behind it, for the
-        next step's prefill). They share what the step's own prefill left of its budget, so
-        the running rows still wait for at most one budget's prefill a step. One that ends at
-        its first token frees its slot, and compaction then moves only slots n and up.
-        Whether a forward ran (the caller then restores its window)."""
-        self._admit()
-        chunks = self._schedule_prefill([r for r in self._prefilling if r.row >= n and not r.cancelled], self._budget)
-        if not chunks:
-            return False
-        self._budget -= sum(m for _, m in chunks)
-        self._prefill(chunks)
-        self.prefills_within_decode += 1  # written by the engine thread only
-        self._deliver()
-        return True
 
     def _accept(self, req: _Request, logits: torch.Tensor, token: int | None = None) -> None:
         """Sample the request's next token from its logits (vocab,) unless `token` is given,

@@ -357,13 +357,24 @@ def _submit_mid_decode(eng, running, *groups: dict):
                 outs[tag].append(item)
         return put
 
+    decoding = []  # non-empty while a decode step (not a prefill) runs
+    decode = eng._decode
+
+    def in_decode(budget):
+        decoding.append(True)
+        try:
+            decode(budget)
+        finally:
+            decoding.clear()
+
     def hook(layer, args):
-        if (len(sent_at) < len(groups) and args[0].shape[1] == 1 and len(outs["running"]) >= 3
+        if (decoding and len(sent_at) < len(groups) and len(outs["running"]) >= 3
                 and (not sent_at or eng.steps > sent_at[-1])):  # a decode step, well under way
             sent_at.append(eng.steps)
             for tag, req in groups[len(sent_at) - 1].items():
                 eng.submit(*req, sink(tag))
 
+    eng._decode = in_decode
     handle = eng.model.layers[0].register_forward_pre_hook(hook)
     try:
         eng.submit(*running, sink("running"))
