@@ -474,9 +474,10 @@ class SegmentCache:
     def _rows(self, unique: list[str], long: np.ndarray) -> np.ndarray:
         """Table rows of the `unique` segments. New short segments are encoded and cached;
         long ones are encoded into rows after them, for this batch only. One lookup per
-        segment, in C (`map` over `dict.get`); only the misses are touched in Python
-        (encode_flat 13% faster on a cold 50 MB corpus than a lookup pass, then a second
-        pass for the rows: 7 of 8 alternating runs)."""
+        segment, in C (`map` over `dict.get`); only the misses are touched in Python.
+        Against a Python pass to find the misses and a second one for the rows, encode_flat
+        on a cold 50 MB corpus ran about 16% faster (benchmarks/tokenize_throughput.py, four
+        alternating pairs, faster in each)."""
         rows = np.fromiter(map(self.slot.get, unique, itertools.repeat(-1)), dtype=np.int64, count=len(unique))
         new = rows < 0  # long segments are never cached, so they are all here
         if new.any():
