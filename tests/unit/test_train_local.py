@@ -26,7 +26,11 @@ def losses(run_dir: Path) -> list[tuple]:
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     train, val = blocks(40, 0), blocks(8, 1)
-    cfg = {name: load_config(overrides=[f"storage={tmp_path}", f"name={name}", "train.max_steps=8", *OVERRIDES])
+    # Synchronous saves: step 3's checkpoint is committed before step 5 fails, whatever the
+    # upload's speed. An async one is committed at the first step after its upload ends,
+    # which on a busy machine came after step 5 (and left nothing to resume from).
+    cfg = {name: load_config(overrides=[f"storage={tmp_path}", f"name={name}", "train.max_steps=8", *OVERRIDES,
+                                        "train.async_checkpoint=false"])
            for name in ("whole", "part")}
     train_local(cfg["whole"], train, val, log=lambda *_: None)
     monkeypatch.setenv("RAYLM_INJECT_FAILURE", "step=5,rank=0,kind=raise")
