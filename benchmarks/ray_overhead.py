@@ -10,13 +10,13 @@ One invocation, one device, the same Config, data and seed throughout:
 2. loop   `raylm.train.train_local`: the whole training loop (`fit`: schedule, logging, guards,
           data position) without Ray, batches copied from host memory each step. Skip it with
           --skip-loop. The difference between 1 and 2 is the loop's, not Ray's.
-3. ray    `raylm.train.run_ray_training` with one worker (`use_gpu` on CUDA): Ray Train starts
+3. ray    `raylm.train_ray.run_ray_training` with one worker (`use_gpu` on CUDA): Ray Train starts
           the worker, builds the model as `bare` does, and Ray Data streams the prepared token blocks
           from parquet shards (`training_dataset`, `get_dataset_shard().iter_torch_batches`).
 4. bare_after  run 1 again, once the Ray run has ended (--no-bare-after skips it).
 
 The prepared dataset is random tokens written in raylm's prepared format (parquet shards of
-seq_len + 1 blocks and a manifest, `raylm.data.ShardWriter`): throughput does not depend on
+seq_len + 1 blocks and a manifest, `raylm.packing.ShardWriter`): throughput does not depend on
 the values, and the bare step sees the very blocks the Ray worker reads, in the same order,
 with the same learning-rate schedule, so the final losses must agree (`same_training`).
 Datasets under 256 MiB are normally read once by the driver and handed to Ray in memory;
@@ -147,7 +147,8 @@ def run_config(args, work_dir: str) -> Config:
 
 def write_prepared_dataset(out: str, cfg: Config, train_blocks: np.ndarray, val_blocks: np.ndarray) -> dict:
     """Random blocks in raylm's prepared format: parquet shards and a manifest, written last."""
-    from raylm.data import FORMAT_VERSION, MANIFEST, ShardWriter
+    from raylm.data import FORMAT_VERSION, MANIFEST
+    from raylm.packing import ShardWriter
 
     block_len = cfg.data.seq_len + 1
     splits = {}
@@ -269,7 +270,7 @@ def run_ray(cfg: Config, data_dir: str, manifest: dict, args, dev_name: str) -> 
 
     import raylm.data
     from raylm.pipeline import init_ray
-    from raylm.train import run_ray_training
+    from raylm.train_ray import run_ray_training
 
     started = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     init_ray(cfg)

@@ -36,8 +36,9 @@ import pyarrow.parquet as pq
 
 from raylm import storage
 from raylm.config import DataConfig, S3Config
-from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _remove_stale_attempts, _sources,
-                        _check_error_budget, check_plain_types, decompressed, json_lines, list_corpus, read_manifest, stable_fraction)
+from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _check_error_budget, _remove_stale_attempts, _sources,
+                        list_corpus, read_manifest)
+from raylm.documents import check_plain_types, decompressed, json_lines, stable_fraction
 from raylm.tokenizer import CHAT_ROLES
 
 KINDS = ("sft", "dpo")

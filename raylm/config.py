@@ -286,7 +286,7 @@ class DataConfig:
     val_path: str = ""  # an explicit held-out corpus instead of val_fraction
     # "document": whole documents by the hash above; "tail": the last val_fraction of every
     # document (one text file has only one document to split); "auto": tail for a corpus of
-    # plain-text files too few to split by document, else document (raylm.data.val_split_mode).
+    # plain-text files too few to split by document, else document (raylm.documents.val_split_mode).
     val_split: str = "auto"
     min_chars: int = 1  # shorter documents are dropped as noise
     max_chars: int = 10_000_000  # longer ones are almost always dumps, not prose

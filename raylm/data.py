@@ -1,13 +1,18 @@
 """Corpus -> packed token blocks, on Ray Data.
 
     read (any of .txt .jsonl .jsonl.gz .parquet, local or s3://)
-      -> parse into documents (file and line kept for errors)
+      -> parse into documents (file and line kept for errors)                raylm.documents
       -> clean (NFC, control characters, whitespace, length filters) and split train/val
       -> de-duplicate: exact (content hash) and near (MinHash + LSH), across all files
-      -> redact PII (typed placeholders)
+                                                                 (here; the hashing: raylm.dedup)
+      -> redact PII (typed placeholders)                                      raylm.pii
       -> tokenize (an actor pool; each actor loads the tokenizer once)
-      -> pack into blocks of seq_len + 1 tokens, EOS between documents       (driver, in order)
+      -> pack into blocks of seq_len + 1 tokens, EOS between documents       raylm.packing
+         (driver, in order)
       -> seeded shuffle buffer -> parquet shards + DATACARD.md + manifest.json (written last)
+
+This module runs that chain (on Ray Data, or on threads in this process for a small corpus)
+and owns the prepared dataset's format: listing, manifest, data card, training input.
 
 De-duplication is a first pass over the corpus (`find_duplicates`): hashes and signatures
 are computed in parallel and grouped by a Ray Data groupby, so duplicates are found across
@@ -29,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import gzip
 import hashlib
 import io
 import json
@@ -37,10 +41,8 @@ import os
 import re
 import threading
 import time
-import unicodedata
 import uuid
 import warnings
-import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,7 +55,8 @@ from raylm import storage
 from raylm.config import DataConfig, S3Config
 from raylm.dedup import (MinHasher, UnionFind, band_keys, compact_jaccard, compact_signature, content_hash,
                          is_empty_signature, lsh_params)
-from raylm.pii import redact as redact_pii
+from raylm.documents import check_plain_types, parse_and_clean, val_split_mode
+from raylm.packing import BlockPacker, ShardWriter, ShuffleBuffer
 from raylm.progress import Progress
 
 SUFFIXES = (".jsonl.gz", ".jsonl", ".txt", ".parquet")
@@ -95,243 +98,6 @@ def list_corpus(path: str, s3: S3Config | None = None) -> list[storage.FileInfo]
 _SHARD = re.compile(r"(.+)/attempt-[^/]+/(?:train|val)/shard-\d+\.parquet\Z")
 
 
-def check_plain_types(schema: pa.Schema, where: str) -> None:
-    """Refuse columns of extension types before any value is converted: an extension type's
-    values become Python objects through code of its own, and Ray Data's
-    `ray.data.arrow_pickled_object` does it by unpickling, so a crafted parquet file would run
-    code the moment its column is read (`to_pylist`, `to_numpy`, a torch batch)."""
-
-    def extension(t: pa.DataType) -> pa.DataType | None:
-        if isinstance(t, pa.ExtensionType):
-            return t
-        children = ([t.value_type] if pa.types.is_list(t) or pa.types.is_large_list(t)
-                    or pa.types.is_fixed_size_list(t) else [t.field(i).type for i in range(t.num_fields)]
-                    if pa.types.is_struct(t) else [t.key_type, t.item_type] if pa.types.is_map(t) else [])
-        return next((x for x in map(extension, children) if x is not None), None)
-
-    for f in schema:
-        if (ext := extension(f.type)) is not None:
-            name = getattr(ext, "extension_name", str(ext))
-            raise DataError(f"{where}: column {f.name!r} has the extension type {name!r}, whose values would be "
-                            f"deserialised by code of their own (unpickled, for Ray's object columns); refused")
-
-
-def decompressed(path: str, raw: bytes) -> bytes:
-    """A file's bytes, gunzipped if its name ends in .gz."""
-    if not path.endswith(".gz"):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
-
-
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
-
-
-def parse_documents(path: str, raw: bytes, text_field: str):
-    """Yield (line_number, text) or (line_number, DataError) for one corpus file's bytes.
-
-    Bad records are yielded, not raised, so the driver can apply the error budget in order."""
-    name = path.rsplit("/", 1)[-1]
-    try:
-        raw = decompressed(path, raw)
-    except DataError as e:
-        yield 0, e
-        return
-    if name.endswith(".txt"):
-        try:
-            yield 1, _decode(raw, path)  # one document per text file
-        except DataError as e:
-            yield 1, e
-        return
-    if name.endswith(".parquet"):
-        try:
-            table = pq.read_table(io.BytesIO(raw))
-        except Exception as e:  # pyarrow raises several types for damaged files
-            yield 0, DataError(f"{path}: truncated or corrupt parquet ({str(e).splitlines()[0]})")
-            return
-        if text_field not in table.column_names:
-            yield 0, DataError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)}); "
-                               f"set data.text_field")
-            return
-        try:
-            check_plain_types(table.select([text_field]).schema, path)
-        except DataError as e:
-            yield 0, e
-            return
-        for i, text in enumerate(table.column(text_field).to_pylist(), start=1):
-            if not isinstance(text, str):
-                yield i, DataError(f"{path}: row {i}: {text_field!r} is {type(text).__name__}, not a string")
-            else:
-                yield i, text
-        return
-    for i, record in json_lines(path, raw):
-        where = f"{path}:{i}"
-        if isinstance(record, DataError):
-            yield i, record
-        elif not isinstance(record, dict):
-            yield i, DataError(f"{where}: a JSON {type(record).__name__}, not an object with a {text_field!r} field")
-        elif text_field not in record:
-            keys = ", ".join(record) or "no fields"
-            yield i, DataError(f"{where}: no field {text_field!r} (found: {keys}); set data.text_field")
-        elif not isinstance(record[text_field], str):
-            yield i, DataError(f"{where}: field {text_field!r} is {type(record[text_field]).__name__}, not a string")
-        elif not _encodable(record[text_field]):
-            yield i, DataError(f"{where}: field {text_field!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
-                               f"not text")
-        else:
-            yield i, record[text_field]
-
-
-def json_lines(path: str, raw: bytes):
-    """(line number, parsed value) or (line number, DataError) for each non-blank line of a
-    JSON-lines file: the one reader of corpus documents and of SFT/DPO records."""
-    for i, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield i, json.loads(_decode(line, f"{path}:{i}"))
-        except DataError as e:
-            yield i, e
-        except json.JSONDecodeError as e:
-            yield i, DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})")
-
-
-def _encodable(text: str) -> bool:
-    """JSON may escape lone surrogates ("\\ud800"), which no UTF-8 consumer downstream accepts."""
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-# --------------------------------------------------------------------------- cleaning
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
-_TRAILING = re.compile(r"[ \t]+(?=\n|\Z)")
-_MANY_BLANK = re.compile(r"\n{3,}")
-
-
-def clean_text(text: str) -> str:
-    """NFC, control characters out, whitespace normalised; indentation is kept (code matters).
-
-    Each rewrite runs only where a substring test (memchr speed) says it can match: most
-    text needs none of them, and the regex scans were most of the cost of cleaning."""
-    text = unicodedata.normalize("NFC", text)  # itself a fast no-op on ASCII
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    if not text.isascii():
-        text = _ODD_SPACES.sub(" ", text)
-    if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
-        text = _TRAILING.sub("", text)
-    if "\n\n\n" in text:
-        text = _MANY_BLANK.sub("\n\n", text)
-    return text.strip("\n")
-
-
-def stable_fraction(text: str) -> float:
-    """A hash of the text mapped to [0, 1): the same document always lands in the same split."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
-
-
-COLUMNS = ("text", "val", "source", "file", "line", "chars", "error", "dropped")
-
-
-# Below this many expected held-out documents, a split by document is likely to hold out
-# none (the hash decides each one), so val_split=auto holds out each document's tail instead.
-MIN_VAL_DOCUMENTS = 4
-
-
-def val_split_mode(cfg: DataConfig, files: list, val_files: list) -> str:
-    """How validation text is held out: "files" (data.val_path), "document" (whole documents
-    by a stable hash of their text) or "tail" (the last data.val_fraction of every document,
-    cut at a line break, as single-file trainers do). data.val_split=auto picks "tail" when
-    the corpus is plain-text files too few to split by document: each .txt file is one
-    document, so one file would otherwise hold out nothing, or everything. Known from the
-    listing alone, so it is decided before any stage runs."""
-    if val_files:
-        return "files"
-    if cfg.val_split != "auto":
-        return cfg.val_split
-    text_only = all(f.uri.endswith(".txt") for f in files)
-    return "tail" if text_only and len(files) * cfg.val_fraction < MIN_VAL_DOCUMENTS else "document"
-
-
-def tail_split(text: str, fraction: float) -> tuple[str, str]:
-    """(head, tail) of a document: the tail is its last `fraction` of characters, extended
-    back to the line break before the cut so a line is never split (kept exact when the
-    text has no break in the part that would become the tail)."""
-    cut = max(1, min(len(text) - 1, round(len(text) * (1 - fraction))))
-    brk = text.rfind("\n", 0, cut)
-    if brk > 0 and len(text) - brk <= 2 * (len(text) - cut):  # at most twice the asked-for tail
-        cut = brk + 1
-    return text[:cut], text[cut:]
-
-
-def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val_files: frozenset = frozenset(),
-                    drop: dict | None = None, redact: tuple[str, ...] = (), tail: bool = False) -> dict:
-    """Ray Data stage (stateless tasks, fused with the read): file bytes -> cleaned documents
-    with their split, origin (file index in corpus order, line), and the reason if one is bad
-    or dropped. `drop` maps (file, line) to a de-duplication verdict; `redact` names the PII
-    types to replace, counted per document in `pii_<type>` columns. `tail`: every document
-    is two rows, its head for training and its last data.val_fraction for validation
-    (`val_split_mode`)."""
-    out = {k: [] for k in (*COLUMNS, *(f"pii_{t}" for t in redact))}
-
-    def emit(**row):
-        for k, v in row.items():
-            out[k].append(v)
-
-    for path, raw in zip(batch["path"], batch["bytes"]):
-        n, file = 0, order[path] if order is not None else 0
-        force_val = path in val_files
-        for line, doc in parse_documents(path, raw, cfg.text_field):
-            n += 1
-            text, err, dropped, chars, found = "", "", "", 0, {}
-            if isinstance(doc, DataError):
-                err = str(doc)
-            else:
-                text = clean_text(doc)
-                chars = len(text)
-                if chars < cfg.min_chars:
-                    dropped = "too_short"
-                elif chars > cfg.max_chars:
-                    dropped = "too_long"
-                elif drop and (file, line) in drop:
-                    dropped = drop[(file, line)]
-            if tail and not force_val and text and not dropped:
-                for part, val in zip(tail_split(text, cfg.val_fraction), (False, True)):
-                    found = {}
-                    if redact:
-                        part, found = redact_pii(part, redact)
-                    emit(text=part, val=val, source=path, file=file, line=line, chars=len(part), error=err,
-                         dropped="", **{f"pii_{t}": found.get(t, 0) for t in redact})
-                continue
-            # With an explicit validation corpus (val_files), no training document is diverted.
-            # The split is decided on the text before redaction, so PII settings do not move it.
-            val = force_val or (not val_files and not dropped and bool(text)
-                                and stable_fraction(text) < cfg.val_fraction)
-            if dropped:
-                text = ""
-            elif text and redact:
-                text, found = redact_pii(text, redact)
-            emit(text=text, val=val, source=path, file=file, line=line, chars=chars, error=err,
-                 dropped=dropped, **{f"pii_{t}": found.get(t, 0) for t in redact})
-        if n == 0:  # an empty shard is almost always a broken export, never silently fine
-            emit(text="", val=False, source=path, file=file, line=0, chars=0,
-                 error=f"{path}: empty shard (no documents)", dropped="", **{f"pii_{t}": 0 for t in redact})
-    return {k: np.array(v, dtype=object if k in ("text", "source", "error", "dropped") else None)
-            for k, v in out.items()}
-
-
 class TokenizeDocuments:
     """Ray Data stage (actor pool): each actor loads the tokenizer once, and its segment
     cache (`Tokenizer.encode_flat`) warms up over the batches it encodes."""
@@ -343,119 +109,6 @@ class TokenizeDocuments:
         ids, offsets = self.tok.encode_flat(batch.column("text"))
         return batch.drop_columns(["text"]).append_column(  # 64-bit offsets: no limit on tokens per batch
             "ids", pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids)))
-
-
-# --------------------------------------------------------------------------- packing
-
-
-class BlockPacker:
-    """Concatenate documents (each followed by EOS) and cut blocks of `block_len` tokens.
-
-    Provenance rides along: each token remembers the corpus file it came from, and
-    `last_sources` holds, for the blocks the latest `add` returned, the files each drew on."""
-
-    def __init__(self, block_len: int, eos_id: int):
-        self.block_len, self.eos_id = block_len, eos_id
-        self.buf = np.empty(0, dtype=np.int32)
-        self.src = np.empty(0, dtype=np.int32)
-        self.last_sources: list[tuple[int, ...]] = []
-
-    def add(self, flat: np.ndarray, offsets: np.ndarray, files: np.ndarray | None = None) -> np.ndarray:
-        """Add documents given as flat ids + offsets (and their file indices); return the
-        completed blocks (n, block_len)."""
-        n_docs = len(offsets) - 1
-        with_eos = np.empty(len(flat) + n_docs, dtype=np.int32)
-        ends = offsets[1:] + np.arange(1, n_docs + 1)  # position of each EOS after shifting
-        keep = np.ones(len(with_eos), dtype=bool)
-        keep[ends - 1] = False
-        with_eos[keep] = flat
-        with_eos[ends - 1] = self.eos_id
-        files = np.zeros(n_docs, dtype=np.int32) if files is None else np.asarray(files, dtype=np.int32)
-        src = np.repeat(files, np.diff(offsets) + 1)
-        self.buf = np.concatenate([self.buf, with_eos])
-        self.src = np.concatenate([self.src, src])
-        n = len(self.buf) // self.block_len
-        cut = n * self.block_len
-        blocks = self.buf[:cut].reshape(n, self.block_len)
-        self.last_sources = _row_sets(self.src[:cut].reshape(n, self.block_len))
-        self.buf, self.src = self.buf[cut:], self.src[cut:]
-        return blocks
-
-
-def _row_sets(rows: np.ndarray) -> list[tuple[int, ...]]:
-    """The distinct values of each row, sorted. Vectorised for the common case (a block's
-    tokens all come from one file); a per-row np.unique was the packer's main cost."""
-    rows = np.sort(rows, axis=1)
-    mixed = (rows[:, 1:] != rows[:, :-1]).any(axis=1)
-    out = [(v,) for v in rows[:, 0].tolist()]
-    for i in np.flatnonzero(mixed).tolist():
-        out[i] = tuple(np.unique(rows[i]).tolist())
-    return out
-
-
-class ShuffleBuffer:
-    """Seeded reservoir-style shuffle over a window: the output order depends only on the
-    input order and the seed (not on how the input is chunked)."""
-
-    DRAWS = 4096  # random picks drawn at once while the window is full (one numpy call, not one per block)
-
-    def __init__(self, window: int, seed: int):
-        self.window, self.rng, self.items = max(1, window), np.random.default_rng(seed), []
-        self.picks: list[int] = []
-
-    def push(self, blocks):
-        for b in blocks:
-            self.items.append(b)
-            if len(self.items) >= self.window:
-                if not self.picks:
-                    self.picks = self.rng.integers(self.window, size=self.DRAWS).tolist()[::-1]
-                yield self._pop(self.picks.pop())
-
-    def drain(self):
-        while self.items:
-            yield self._pop(int(self.rng.integers(len(self.items))))
-
-    def _pop(self, i: int):
-        self.items[i], self.items[-1] = self.items[-1], self.items[i]
-        return self.items.pop()
-
-
-def blocks_table(blocks: list[np.ndarray], block_len: int) -> pa.Table:
-    arr = np.stack(blocks).astype(np.int32, copy=False)
-    return pa.table({"tokens": pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), block_len)})
-
-
-class ShardWriter:
-    """Buffers blocks and writes fixed-size parquet shards under an attempt prefix. Each
-    shard's entry names the corpus files (indices into the manifest's `files`) it holds
-    tokens of: its provenance."""
-
-    def __init__(self, prefix: str, split: str, block_len: int, blocks_per_shard: int, s3: S3Config | None):
-        self.prefix, self.split, self.block_len = prefix, split, block_len
-        self.per_shard, self.s3 = blocks_per_shard, s3
-        self.pending: list[np.ndarray] = []
-        self.sources: set[int] = set()
-        self.shards: list[dict] = []
-        self.blocks = 0
-
-    def add(self, block: np.ndarray, sources=()) -> None:
-        self.pending.append(block)
-        self.sources.update(sources)
-        if len(self.pending) >= self.per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        sink = io.BytesIO()
-        pq.write_table(blocks_table(self.pending, self.block_len), sink, compression="zstd")
-        data = sink.getvalue()
-        name = f"{self.split}/shard-{len(self.shards):05d}.parquet"
-        storage.write_bytes(storage.join(self.prefix, name), data, self.s3)
-        self.shards.append({"path": name, "rows": len(self.pending), "sha256": hashlib.sha256(data).hexdigest(),
-                            "source_files": sorted(self.sources)})
-        self.blocks += len(self.pending)
-        self.pending, self.sources = [], set()
 
 
 # --------------------------------------------------------------------------- prepare

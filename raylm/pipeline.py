@@ -20,8 +20,9 @@ from raylm.errors import PathNotFoundError
 from raylm import storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
-from raylm.data import (MANIFEST, SUFFIXES, DataError, clean_text, corpus_files, list_corpus, parse_documents, prepare,
-                        prepared_datasets, read_manifest, runs_in_process, stream_datasets)
+from raylm.data import (MANIFEST, SUFFIXES, DataError, corpus_files, list_corpus, prepare, prepared_datasets,
+                        read_manifest, runs_in_process, stream_datasets)
+from raylm.documents import clean_text, parse_documents
 from raylm.generate import complete, load_for_inference, load_tokenizer
 from raylm.pii import redact as redact_pii
 from raylm.record import write_record
@@ -166,7 +167,7 @@ def started_env() -> dict | None:
 # its own starts through the runtime-env agent (about 1.4 s a run here; see init_ray). Ray's
 # processes read it from the environment the cluster inherited. RAY_WARN_BLOCKING_GET_INSIDE_ASYNC
 # is the one setting Ray Train gives its controller as a runtime_env; held by the cluster, the
-# controller needs none (raylm.train.trainer_class).
+# controller needs none (raylm.train_ray.trainer_class).
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAYLM_LOCAL_CLUSTER": "1",
              "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}
 
@@ -513,7 +514,7 @@ def absolute_paths(cfg: Config) -> Config:
 
 def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: bool = True) -> dict:
     """Every stage up to a trained model, then validation perplexity, samples and a loss plot."""
-    from raylm.train import run_ray_training
+    from raylm.train_ray import run_ray_training
 
     t0 = time.time()
     cfg, corpus = preflight(absolute_paths(cfg))

@@ -68,7 +68,7 @@ def check_records_path(cfg: Config) -> None:
 
 def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
     """SFT or DPO (cfg.stage) from cfg.init_from on the records at data.path; returns a summary."""
-    from raylm.train import run_ray_training
+    from raylm.train_ray import run_ray_training
 
     t0 = time.time()
     cfg = absolute_paths(cfg)

@@ -3,7 +3,9 @@
 Three layers, each usable without the next:
   train_step   one optimizer step over micro-batches (plain torch; benchmarks call it)
   fit          the loop: schedule, logging, evaluation, checkpoints, resume, guards
-  train_worker the Ray Train entry: wires fit to Ray Data shards and ray.train.report
+  train_worker the Ray Train entry (raylm.train_ray): wires fit to Ray Data shards and
+               ray.train.report; `train_local` here runs fit in this process without Ray
+What a rank reads next (micro-batches, the data position) is raylm.batches.
 
 Determinism: every rank seeds its RNG from (seed, step, rank) at each step, and the data
 position is a count of consumed blocks, so a resumed run repeats the uninterrupted one.
@@ -12,8 +14,6 @@ position is a count of consumed blocks, so a resumed run repeats the uninterrupt
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 import math
 import os
 import statistics
@@ -22,16 +22,15 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from raylm.errors import ConfigError, PathNotFoundError, TrainingStopped, TrainingTimeout
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
-from raylm.data import IN_MEMORY_BYTES, DataError, packed_blocks
+from raylm.batches import Batch, RankBatches, rank_val_batches, reshuffled
 from raylm.objectives import NextTokenObjective, make_objective
 from raylm.metrics import MetricsLog, mfu
 from raylm.model import Transformer
@@ -201,151 +200,6 @@ def evaluate_metrics(model, objective, batches: Iterable[dict]) -> dict:
     return {k: float(v / sums[0].clamp(min=1)) for k, v in zip(keys, sums[1:])}
 
 
-# --------------------------------------------------------------------------- data position
-
-
-Batch = dict[str, torch.Tensor]  # one column per name, rows aligned: tokens, loss_mask, chosen, ...
-
-
-def reshuffled(batches: list[Batch], seed: int, epoch: int) -> list[Batch]:
-    """An in-memory training set's global batches for `epoch`: epoch 0 in the prepared order,
-    each later epoch in a permutation of all its rows seeded by (seed, epoch), one permutation
-    for every column. Repeating one order every epoch teaches the model where each block sits
-    in it: on a 1 MB corpus trained for 6 epochs, validation loss swung by 0.06 nats with
-    where in the epoch the run stopped."""
-    if epoch == 0 or not batches:
-        return list(batches)
-    size = len(next(iter(batches[0].values())))
-    rows = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-    n = len(next(iter(rows.values())))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    # The kept batches live on the host (RankBatches moves micro-batches), but index on the
-    # rows' own device whatever it is: a CPU permutation cannot index a CUDA tensor.
-    perm = perm.to(next(iter(rows.values())).device)
-    return [{k: v[perm[i:i + size]] for k, v in rows.items()} for i in range(0, n, size)]
-
-
-def to_device(batch: Batch, device) -> Batch:
-    """Token columns as long and masks as bool, on the device; precomputed log-probabilities
-    stay float32. To CUDA, each column is copied from pinned (page-locked) host memory and
-    asynchronously, so the copy overlaps the previous micro-batch's compute; the dtype is
-    converted on the device. Elsewhere pinning would only cost a copy."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    out = {}
-    for k, v in batch.items():
-        dtype = torch.bool if k.endswith("mask") else torch.float32 if v.is_floating_point() else torch.long
-        if cuda and v.device.type == "cpu" and not v.is_pinned():
-            v = v.pin_memory()
-        out[k] = v.to(device, dtype=dtype, non_blocking=cuda)
-    return out
-
-
-class DeviceBatches:
-    """Micro-batches kept on the host that go to `device` one at a time as they are iterated,
-    so a cache of them (the validation rows) never holds device memory between uses."""
-
-    def __init__(self, host: list[Batch], device):
-        self.host, self.device = host, device
-
-    def __len__(self) -> int:
-        return len(self.host)
-
-    def __iter__(self) -> Iterator[Batch]:
-        return (to_device(b, self.device) for b in self.host)
-
-
-class RankBatches:
-    """This rank's micro-batches for each optimizer step, cut from a stream of global batches.
-
-    The stream yields global batches (a dict of columns, global_batch rows each: packed
-    blocks, SFT rows with their loss mask, DPO pairs) in a fixed order; a step uses
-    one global batch, and micro-step a of rank r takes rows [(a * world + r) * micro, ...).
-    Because the global batch is fixed and the position is a count of blocks, a run resumed
-    on a different number of workers continues at the same global token offset.
-    blocks_per_epoch=None (a raw-text stream) learns the epoch's length at the end of the
-    first full pass; a resumed run that is past it skips through that pass first."""
-
-    def __init__(self, epoch_stream: Callable[[int], Iterator[Batch]], global_batch: int,
-                 micro: int, rank: int, world: int, blocks_per_epoch: int | None, consumed: int, device):
-        if global_batch % (micro * world):
-            raise ConfigError(f"train.global_batch_size={global_batch} is not divisible by "
-                             f"train.micro_batch_size * workers = {micro} * {world}")
-        self.stream, self.G, self.micro, self.rank, self.world = epoch_stream, global_batch, micro, rank, world
-        self.steps_per_epoch = None if blocks_per_epoch is None else blocks_per_epoch // global_batch
-        if self.steps_per_epoch == 0:
-            self._too_small(blocks_per_epoch)
-        self.consumed, self.device, self.wait_s = consumed, device, 0.0
-
-    def _too_small(self, blocks: int):
-        raise DataError(f"the dataset has {blocks} training blocks, fewer than one global "
-                         f"batch of {self.G}: lower train.global_batch_size or add data")
-
-    @property
-    def epoch(self) -> int:
-        return self.consumed // (self.G * self.steps_per_epoch) if self.steps_per_epoch else 0
-
-    def __iter__(self) -> Iterator[list[dict]]:
-        while True:
-            epoch, steps = self.epoch, self.steps_per_epoch
-            skip = self.consumed // self.G if steps is None else (self.consumed // self.G) % steps
-            it = self.stream(epoch)
-            t0 = time.perf_counter()
-            seen = 0
-            for i, batch in enumerate(it):
-                seen = i + 1
-                if i < skip:
-                    continue
-                if steps is not None and i >= steps:
-                    break
-                self.wait_s += time.perf_counter() - t0
-                rows = [slice((a * self.world + self.rank) * self.micro, (a * self.world + self.rank + 1) * self.micro)
-                        for a in range(self.G // (self.micro * self.world))]
-                self.consumed += self.G
-                # Sliced on the host, then moved: only this rank's rows reach the device, and
-                # the global batch (perhaps a kept epoch's) stays where it was.
-                yield [to_device({k: v[r] for k, v in batch.items()}, self.device) for r in rows]
-                t0 = time.perf_counter()
-            if steps is None:  # the end of the first full pass: now the length is known
-                if seen == 0:
-                    self._too_small(0)
-                self.steps_per_epoch = seen
-            elif seen < steps:  # the shards hold fewer blocks than the manifest says
-                raise DataError(f"epoch {epoch} ended after {seen} global batches; the manifest promised "
-                                 f"{self.steps_per_epoch}: the prepared dataset is damaged, prepare it again")
-
-
-def rank_val_batches(rows: Batch, tc: TrainConfig, rank: int, world: int, device) -> DeviceBatches:
-    """Split the first validation rows evenly over ranks: every rank must run the same
-    number of forward passes, or FSDP's collectives deadlock. The rows stay on the host;
-    each micro-batch goes to `device` as the evaluation reaches it."""
-    n_rows = len(next(iter(rows.values())))
-    per_rank = min(tc.micro_batch_size, n_rows // world)
-    if per_rank == 0:
-        raise ConfigError(f"{n_rows} validation rows cannot be split over {world} workers; "
-                         f"raise data.val_fraction")
-    n = min(tc.eval_batches, n_rows // (per_rank * world))
-    out = []
-    for i in range(n):
-        start = (i * world + rank) * per_rank
-        out.append({k: v[start:start + per_rank] for k, v in rows.items()})
-    return DeviceBatches(out, device)
-
-
-def concat(batches: list[Batch]) -> Batch:
-    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-
-
-def manifest_columns(manifest: dict) -> list[str]:
-    """The batch columns of a prepared dataset: `tokens` for pre-training (and streams),
-    what the manifest names for SFT and DPO data."""
-    return list(manifest.get("columns", ["tokens"]))
-
-
-def row_bytes(manifest: dict) -> int:
-    return int(manifest.get("row_bytes", (manifest["seq_len"] + 1) * 4))
-
-
 def reference_model(cfg: Config, device: torch.device):
     """DPO's frozen reference: the starting policy (cfg.init_from), built and sharded like the
     policy, outside the optimizer and checkpoints. None where the stage needs none, or where
@@ -377,13 +231,15 @@ class Hooks:
     checkpoint_meta: dict  # static facts every checkpoint records (tokenizer path and hash)
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _broadcast(obj):
+def broadcast(obj):
+    """`obj` as rank 0 has it, on every rank."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -500,7 +356,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     """Train from `start` to cfg.train.max_steps (or to the end of train.time_budget_s);
     returns the last metrics."""
     tc = cfg.train
-    rank, world = _rank_world()
+    rank, world = rank_world()
     metrics_log = MetricsLog(cfg.run_dir, cfg.s3) if rank == 0 else None
     if metrics_log is not None:  # rows past the start are redone (a restart with no checkpoint: all)
         metrics_log.truncate(start.step)
@@ -622,8 +478,8 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
         raise TrainingStopped(f"step {step}: loss spike after {rollbacks - 1} rollbacks "
                                  f"(train.max_rollbacks={cfg.train.max_rollbacks})")
     saver.finish()
-    rank, _ = _rank_world()
-    ckpt = _broadcast(checkpoint.latest_complete(cfg.run_dir, cfg.s3) if rank == 0 else None)
+    rank, _ = rank_world()
+    ckpt = broadcast(checkpoint.latest_complete(cfg.run_dir, cfg.s3) if rank == 0 else None)
     if ckpt is None:
         raise TrainingStopped(f"step {step}: loss spike and train.on_spike=rollback, "
                                  f"but no complete checkpoint to roll back to yet")
@@ -678,7 +534,7 @@ class CheckpointSaver:
     def save(self, model, optimizer, step: int, consumed: int, metrics: dict, train_seconds: float = 0.0) -> None:
         t0 = time.perf_counter()
         self.finish()
-        rank, world = _rank_world()
+        rank, world = rank_world()
         meta = {"step": step, "consumed_blocks": consumed, "train_seconds": round(train_seconds, 3),
                 "world_size": world, "config": to_dict(self.cfg, redact=True),
                 "global_batch_size": self.cfg.train.global_batch_size, "metrics": metrics,
@@ -741,14 +597,14 @@ class CheckpointSaver:
             dist.all_gather_object(everyone, files)  # also the barrier: every upload is done
             expected = {k: v for d in everyone for k, v in d.items()}
         missing = None
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             stored = {storage.relative(f.uri, uri): f.size for f in storage.list_files(uri, self.cfg.s3)}
             missing = next((f"{n} ({size} bytes; stored: {stored.get(n)})" for n, (size, _) in sorted(expected.items())
                             if stored.get(n) != size), None)
-        missing = _broadcast(missing)
+        missing = broadcast(missing)
         if missing:
             raise RuntimeError(f"{uri}: upload incomplete, not committed: {missing}")
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             checkpoint.commit(uri, meta, self.cfg.s3, expected)
             deleted = checkpoint.apply_retention(self.cfg.run_dir, self.cfg.train.keep_checkpoints, self.cfg.s3)
             self.log(f"step {meta['step']}: checkpoint {uri} ({time.perf_counter() - t0:.1f}s"
@@ -778,8 +634,8 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
                                  reshard_after_forward=cfg.train.reshard_after_forward, float8=cfg.train.float8,
                                  replicate_degree=cfg.train.replicate_degree, shard=sharding_pays(precision))
     optimizer = make_optimizer(model, cfg.train, device)
-    rank, _ = _rank_world()
-    ckpt = _broadcast(resume_point(cfg, resume) if rank == 0 else None)
+    rank, _ = rank_world()
+    ckpt = broadcast(resume_point(cfg, resume) if rank == 0 else None)
     if ckpt is None:
         if cfg.init_from:  # a fresh stage on another run's weights: new optimizer, step 0
             parent = load_parent_weights(model, cfg)
@@ -791,7 +647,7 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
         raise ConfigError(f"{ckpt}: written with train.global_batch_size={meta['global_batch_size']}, "
                          f"now {cfg.train.global_batch_size}; resuming needs the same global batch")
     consumed = meta["consumed_blocks"]
-    marker = _broadcast(_read_json(storage.join(cfg.run_dir, ROLLBACK), cfg.s3) if rank == 0 else None)
+    marker = broadcast(_read_json(storage.join(cfg.run_dir, ROLLBACK), cfg.s3) if rank == 0 else None)
     if marker and marker["checkpoint"] == checkpoint.checkpoint_name(meta["step"]):
         consumed = marker["consumed_blocks"]  # a spike rollback had moved the data on
     if rank == 0:
@@ -811,12 +667,12 @@ def load_parent_weights(model, cfg: Config) -> str:
     from raylm.generate import resolve_checkpoint
     from raylm.hf import is_hf_dir, read_hf_weights
 
-    rank, world = _rank_world()
-    from_hf = _broadcast(is_hf_dir(cfg.init_from, cfg.s3) if rank == 0 else None)
+    rank, world = rank_world()
+    from_hf = broadcast(is_hf_dir(cfg.init_from, cfg.s3) if rank == 0 else None)
     if from_hf:
         parent = cfg.init_from
     else:
-        parent = _broadcast(resolve_checkpoint(cfg.init_from, cfg.s3) if rank == 0 else None)
+        parent = broadcast(resolve_checkpoint(cfg.init_from, cfg.s3) if rank == 0 else None)
     full: dict = {}
     if rank == 0 and from_hf:
         full = read_hf_weights(parent, cfg.model, cfg.s3)
@@ -854,318 +710,6 @@ def checkpoint_facts(cfg: Config, manifest: dict | None) -> dict:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-# --------------------------------------------------------------------------- Ray Train
-
-
-def _quiet_ray_train_logs() -> None:
-    """Ray Train logs every report at INFO on every rank; the run's own progress line says it once."""
-    # Some Ray Train modules name their logger by file path rather than module name.
-    names = [n for n in logging.root.manager.loggerDict if n.startswith("ray.train") or "/ray/train/" in n]
-    for name in ["ray.train", *names]:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # A bad record met here ends the run with raylm's one line; Ray's traceback of it would bury that.
-    from raylm.pipeline import quiet_ray_chatter, quiet_user_errors
-
-    quiet_user_errors()
-    quiet_ray_chatter()
-    # Weights are initialised on the meta device then materialised per shard; DTensor's RNG
-    # caveat on CPU meshes concerns random ops on sharded tensors, which init avoids
-    # (`init_weights` runs before sharding's collectives matter: see tests/integration/test_fsdp_parity.py).
-    warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-
-
-def ray_report_interval_s() -> float:
-    """How often Ray Train's controller takes a report from each worker: it polls every
-    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and a worker's result queue holds one."""
-    try:
-        return max(0.0, float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
-    except ValueError:
-        return 2.0
-
-
-class ReportPacer:
-    """Which metric rows go to `ray.train.report`. Ray Train takes one report per worker per
-    controller poll (`ray_report_interval_s`); a report beyond that rate blocks the step until
-    the next poll, and with async checkpoints it queues the next checkpoint's upload behind it
-    (a run logging every step waited 24 s for its last checkpoint). So a row of training
-    metrics only goes once an interval has passed since the last report; one that comes
-    sooner is not sent (a later one carries newer figures; every row still reaches
-    metrics.jsonl and the log). Rows with
-    evaluation results (what Tune schedules on) always go, as do checkpoints (`sent`). A
-    report is a collective across ranks in Ray Train, so rank 0's clock decides for all."""
-
-    def __init__(self, interval_s: float, clock=time.monotonic):
-        self.interval_s, self.clock = interval_s, clock
-        self.last = -math.inf
-
-    def due(self, row: dict) -> bool:
-        now = self.clock()
-        go = any(k.startswith(("val_", "eval_")) for k in row) or now - self.last >= self.interval_s
-        go = _broadcast(go)
-        if go:
-            self.last = now
-        return go
-
-    def sent(self) -> None:
-        self.last = self.clock()
-
-
-def train_worker(config: dict) -> None:
-    """Per-worker entry for TorchTrainer. `config` carries the resolved Config as a dict,
-    the prepared dataset's manifest, and the resume mode."""
-    import ray.train
-    import ray.train.torch
-
-    _quiet_ray_train_logs()
-    cfg = from_dict(config["cfg"])
-    manifest, resume = config["manifest"], config["resume"]
-    rank, world = _rank_world()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    cfg = cfg.for_device(device.type)  # "auto" settings: on for CUDA, off for CPU
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    log = print if rank == 0 else (lambda *_: None)
-    model, optimizer, start = setup_model(cfg, device, resume, log)
-    tc = cfg.train
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-
-    streaming = manifest.get("mode") == "stream"
-    columns = manifest_columns(manifest)
-
-    def rows_from(shard, split: str, batch: int) -> Iterator[Batch]:
-        """Global batches of a split, from prepared shards or, under data.mode=stream,
-        packed here from the tokenized documents (`packed_blocks`, the code that writes
-        prepared shards, so both modes give the same blocks)."""
-        if not streaming:
-            # device="cpu": Ray Train's default moves batches to the worker's GPU, and the kept
-            # first pass and validation rows would then sit in device memory.
-            for b in shard.iter_torch_batches(batch_size=batch, drop_last=split == "train", prefetch_batches=2,
-                                              device="cpu"):
-                yield {c: b[c] for c in columns}
-            return
-        docs = shard.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
-        rows: list[np.ndarray] = []
-        for _, block, _ in packed_blocks(docs, cfg.data, manifest["eos_id"], manifest["seed"], splits=(split,)):
-            rows.append(block)
-            if len(rows) == batch:
-                yield {"tokens": torch.from_numpy(np.stack(rows))}
-                rows = []
-        if rows and split != "train":
-            yield {"tokens": torch.from_numpy(np.stack(rows))}
-
-    # A small training set is kept after its first pass: each later epoch would otherwise
-    # start a new Ray Data execution in this process, whose threads compete with training.
-    # Prepared shards state their size; a stream finds out, and stops keeping once it is over.
-    # Kept epochs after the first come in a fresh order (`reshuffled`); a run resumed in one
-    # reads the whole pass first, so that it sees that epoch's order too. Kept batches stay in
-    # host memory: each micro-batch goes to the device as it is used.
-    first_pass: list[Batch | None] = []
-    small = streaming or manifest["train"]["blocks"] * row_bytes(manifest) < IN_MEMORY_BYTES
-
-    def read_pass():
-        nonlocal small
-        first_pass.clear()
-        kept = 0
-        for batch in rows_from(train_shard, "train", tc.global_batch_size):
-            if small:
-                kept += sum(v.numel() * v.element_size() for v in batch.values())
-                if kept < IN_MEMORY_BYTES:
-                    first_pass.append(batch)
-                else:
-                    small = False
-                    first_pass.clear()
-            yield batch
-        if small:
-            first_pass.append(None)  # marks the pass complete
-
-    def epoch_stream(epoch: int):
-        if epoch > 0 and small and not (first_pass and first_pass[-1] is None):
-            for _ in read_pass():
-                pass
-        if first_pass and first_pass[-1] is None:
-            yield from reshuffled(first_pass[:-1], cfg.seed, epoch)
-            return
-        yield from read_pass()
-
-    val_cache: list[Batch] = []
-
-    def val_batches():
-        # The validation rows are read once and kept: re-running a Ray Data execution for
-        # every evaluation costs far more than the evaluation itself.
-        if not val_cache:
-            want = tc.eval_batches * tc.micro_batch_size * world
-            for b in rows_from(val_shard, "val", min(want, 1024)):
-                val_cache.append(b)
-                if sum(len(x[columns[0]]) for x in val_cache) >= want:
-                    break
-            if not val_cache:
-                raise DataError(f"{cfg.data.val_path or cfg.data.path}: validation split is empty; raise "
-                                f"data.val_fraction (now {cfg.data.val_fraction}) or set data.val_path")
-        return rank_val_batches(concat(val_cache), tc, rank, world, device)
-
-    pace = ReportPacer(ray_report_interval_s())
-
-    def publish(local_dir: str, name: str, metrics: dict, written, on_uploaded) -> None:
-        pace.sent()  # this report carries the newest metrics too
-        ckpt = ray.train.Checkpoint.from_directory(local_dir)
-        if on_uploaded is None:
-            ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name)
-            return
-
-        def upload(ckpt, dir_name: str):  # runs in Ray Train's upload thread
-            if written is not None:
-                written.result()  # DCP's background write has finished
-            persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
-            on_uploaded(files=checkpoint.file_digests(local_dir))
-            return persisted
-
-        # Ray retries a failed upload and, after the last attempt, fails this worker (the
-        # worker group restarts or the run ends); the uncommitted checkpoint is never loaded.
-        ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name,
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
-
-    # A stream's length is learnt at the end of its first pass; prepared shards state theirs.
-    batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
-                          None if streaming else manifest["train"]["blocks"], start.consumed, device)
-    def report(metrics: dict) -> None:
-        if not pace.due(metrics):
-            return
-        # Ray delivers reports in order: a synchronous one would wait for an async
-        # checkpoint upload still in flight, stalling training after all.
-        mode = ray.train.CheckpointUploadMode.ASYNC if tc.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
-        ray.train.report(metrics, checkpoint_upload_mode=mode)
-
-    # Validation blocks are read before training starts: a stream's validation execution
-    # would otherwise start beside the training one, and together their tokenizer actors can
-    # hold every CPU Ray has left for read tasks.
-    val_batches()
-    hooks = Hooks(report=report, publish_checkpoint=publish, val_batches=val_batches,
-                  checkpoint_meta=checkpoint_facts(cfg, manifest))
-    fit(cfg, model, optimizer, make_objective(cfg, manifest, reference_model(cfg, device)), batches, hooks, start,
-        device_name(device), log)
-
-
-def trainer_class():
-    """TorchTrainer, less its placement-group cleaner on a local cluster that this process
-    started. The cleaner is a detached actor that asks Ray's state API every second whether
-    the run's controller still lives, to free the workers' placement group if it died without
-    doing so; such a cluster ends with this process, and the poll cost about 3% of a core
-    through a run on 2 cores (the cleaner, the dashboard answering it, the GCS), besides an
-    actor's start before the first step. Tune trials run in actors of their own and keep it:
-    an early-stopped trial's controller dies with its trial. Its controller, and the actors
-    that start from it, get no runtime_env (raylm.train_controller), and its backend config
-    does not make it import torch (raylm.train_backend)."""
-    from ray.train.torch import TorchTrainer
-
-    from raylm.pipeline import started_env
-
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-        from raylm.train_backend import LocalTorchConfig
-    except ImportError:  # a Ray version that moved them: Ray's own
-        return TorchTrainer
-    if started_env() is None:
-        return TorchTrainer
-
-    class LocalTorchTrainer(TorchTrainer):
-        def __init__(self, *args, torch_config=None, **kwargs):
-            # The same process group, set up by a controller that does not import torch
-            # (raylm.train_backend): about 2.5 s sooner to the first step on 2 cores.
-            super().__init__(*args, torch_config=torch_config or LocalTorchConfig(), **kwargs)
-
-        def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
-
-        def _initialize_and_run_controller(self, **controller_init_kwargs):
-            # Ray's own path gives the controller a runtime_env (one setting, which the
-            # cluster's environment already holds here: raylm.pipeline.LOCAL_ENV), and every
-            # actor the controller starts inherits it: the synchronization actor, the workers
-            # and the dataset manager then each wait for a new process through the runtime-env
-            # agent, one after another, where they could start on the processes Ray keeps
-            # started. Where the driver holds Ray Train settings of its own, Ray's path.
-            import ray
-
-            try:
-                from ray.train.v2._internal.constants import get_env_vars_to_propagate
-
-                from raylm.train_controller import LocalTrainController
-            except ImportError:  # a Ray version that moved its internals
-                return super()._initialize_and_run_controller(**controller_init_kwargs)
-            if get_env_vars_to_propagate():
-                return super()._initialize_and_run_controller(**controller_init_kwargs)
-            here = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
-            controller = ray.remote(num_cpus=0, label_selector=here)(LocalTrainController).remote(
-                **controller_init_kwargs)
-            if threading.current_thread() is threading.main_thread():
-                self._register_sigint_handler(controller)
-            ray.get(controller.run.remote())
-            return ray.get(controller.get_result.remote())
-
-    return LocalTorchTrainer
-
-
-# The driver's environment variables that training workers inherit (never secrets).
-WORKER_SETTINGS = ("RAYLM_INJECT_FAILURE", "RAYLM_LOCAL_CLUSTER")
-
-
-def worker_runtime_env() -> dict | None:
-    """raylm's settings for the training workers, passed as a runtime_env only where they
-    need one: the workers of a local cluster that this process started inherit the
-    environment it was started with, and a runtime_env would keep them off the workers Ray
-    starts ahead of time (raylm.pipeline.init_ray). A setting changed since then is passed
-    ("" stands for unset)."""
-    from raylm.pipeline import started_env
-
-    env = {k: os.environ.get(k, "") for k in WORKER_SETTINGS}
-    started = started_env()
-    if started is not None:
-        env = {k: v for k, v in env.items() if started.get(k, "") != v}
-    env = {k: v for k, v in env.items() if v or started is not None}
-    return {"env_vars": env} if env else None
-
-
-def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = "auto", max_failures: int = 0,
-                     callbacks: list | None = None):
-    """Launch `train_worker` on cfg.train.num_workers Ray Train workers; returns the Result.
-    `datasets` ("train", "val") and `manifest` come from `raylm.data.prepared_datasets` or
-    `raylm.data.stream_datasets`. `callbacks`: Ray Train callbacks, such as Tune's
-    `TuneReportCallback` when the run is a trial of `raylm tune`."""
-    import ray.train
-    from ray.data import ExecutionOptions
-
-    from raylm.pipeline import absolute_paths, resolve_workers
-
-    # Workers do not share the driver's working directory; "auto" worker counts are resolved
-    # by the stages before they log and record them, and here for any other caller.
-    cfg = resolve_workers(absolute_paths(cfg))
-    fs, root = storage.filesystem(cfg.storage, cfg.s3)
-    trainer = trainer_class()(
-        train_worker,
-        train_loop_config={"cfg": to_dict(cfg), "manifest": manifest, "resume": resume},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=root, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures), callbacks=callbacks,
-            # raylm's own settings of the driver reach the workers, by name: a runtime_env is
-            # logged by Ray, so nothing secret (RAYLM_API_KEY) may ever be passed this way.
-            worker_runtime_env=worker_runtime_env(),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-        datasets=datasets,
-        # Every worker reads the whole ordered stream and keeps its own rows (RankBatches):
-        # block order and ownership stay a function of the data position, not of timing.
-        # Token blocks are small next to the compute they feed, so reading them N times is cheap.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[],
-                                            execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    return trainer.fit()
 
 
 # --------------------------------------------------------------------------- without Ray
@@ -1210,7 +754,7 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
     cfg = cfg.for_device(dev.type)  # "auto" settings: on for CUDA, off for CPU
     model, optimizer, start = setup_model(cfg, dev, resume, log)
     tc = cfg.train
-    rank, world = _rank_world()
+    rank, world = rank_world()
     rows = _as_columns(blocks)
     val_rows = _as_columns(val_blocks)
     n = len(next(iter(rows.values())))

@@ -7,7 +7,7 @@ no torch code at all. `LocalTorchConfig` is the same configuration (backend, ini
 timeout) whose controller side is plain Ray: it finds the master address on worker 0, then
 has every worker run Ray's own torch functions (`ray.train.torch.config`), imported there,
 where torch is imported anyway. Used where raylm starts the controller itself
-(`raylm.train.trainer_class`, a local cluster); TPU and custom backends stay Ray's.
+(`raylm.train_ray.trainer_class`, a local cluster); TPU and custom backends stay Ray's.
 """
 
 from __future__ import annotations

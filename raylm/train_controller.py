@@ -1,4 +1,4 @@
-"""Ray Train's controller on a local cluster that this process started (raylm.train.trainer_class).
+"""Ray Train's controller on a local cluster that this process started (raylm.train_ray.trainer_class).
 
 Imported only there: it imports Ray Train's internals, which move between Ray versions (the
 caller falls back to Ray's own controller where this import fails)."""

@@ -3,7 +3,7 @@
 A search is a base config (as for `raylm pretrain`), a search space over its keys, and a
 `TuneConfig`. The corpus, tokenizer and prepared blocks are made once, in the search's own
 run directory `<storage>/<name>`, and every trial trains on them: a function trainable
-(`run_trial`) builds the trial's config and calls `raylm.train.run_ray_training`, the path
+(`run_trial`) builds the trial's config and calls `raylm.train_ray.run_ray_training`, the path
 `pretrain` takes, with Tune's `TuneReportCallback` among the Train run's callbacks, so rank
 0's reports (validation loss at every evaluation) reach Tune, where ASHA can stop a poor
 trial at a rung. Each trial is a normal run under `<storage>/<name>/runs/<trial id>`.
@@ -217,7 +217,7 @@ def run_trial(params: dict, setup: dict) -> None:
     from raylm.generate import load_tokenizer
     from raylm.pipeline import keep_in_run
     from raylm.record import write_record
-    from raylm.train import run_ray_training
+    from raylm.train_ray import run_ray_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: plain(v) for k, v in params.items()}

@@ -16,7 +16,8 @@ import math
 import torch
 
 from raylm import storage
-from raylm.data import DataError, list_corpus, parse_documents
+from raylm.data import DataError, list_corpus
+from raylm.documents import parse_documents
 
 
 def corpus_documents(path: str, text_field: str = "text", s3=None) -> list[str]:

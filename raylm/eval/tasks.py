@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raylm import storage
-from raylm.data import DataError, json_lines
-from raylm.errors import PathNotFoundError
+from raylm.documents import json_lines
+from raylm.errors import DataError, PathNotFoundError
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ def test_resume_on_gpu_is_bit_exact_under_deterministic_algorithms(group, tmp_pa
 
 
 def test_batch_caches_stay_on_the_host():
-    from raylm.train import RankBatches, rank_val_batches, reshuffled
+    from raylm.batches import RankBatches, rank_val_batches, reshuffled
 
     rows = torch.arange(32, dtype=torch.int32)[:, None].expand(32, 9).contiguous()
     kept = [{"tokens": rows[i:i + 8]} for i in range(0, 32, 8)]

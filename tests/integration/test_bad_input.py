@@ -129,7 +129,7 @@ def test_first_bad_record_stops_the_run_before_tokenizing(ray_local, tmp_path, d
 def test_seq_len_is_taken_from_the_prepared_dataset(ray_local, prepared_mixed, tokenizer, tmp_path, monkeypatch):
     """data.seq_len left at its default becomes the dataset's (64), and that is what the
     training workers are given; set to another value it is an error naming both."""
-    import raylm.train
+    import raylm.train_ray
     from raylm.pipeline import preflight, pretrain
 
     _, out, proc = prepared_mixed
@@ -144,7 +144,7 @@ def test_seq_len_is_taken_from_the_prepared_dataset(ray_local, prepared_mixed, t
         given.update(cfg=cfg, manifest=manifest)
         raise KeyboardInterrupt  # stands in for the training run: what matters is what it was given
 
-    monkeypatch.setattr(raylm.train, "run_ray_training", run_ray_training)
+    monkeypatch.setattr(raylm.train_ray, "run_ray_training", run_ray_training)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, samples=False)
     assert given["cfg"].data.seq_len == given["manifest"]["seq_len"] == 64

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from
 from raylm import checkpoint, storage
 from raylm.config import load_config
 from raylm.data import prepared_datasets
-from raylm.train import run_ray_training
+from raylm.train_ray import run_ray_training
 from tests.small import SMALL
 from tests.tcpproxy import TcpProxy
 

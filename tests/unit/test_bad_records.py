@@ -17,7 +17,8 @@ import pytest
 
 from raylm import storage
 from raylm.config import Config, DataConfig, load_config
-from raylm.data import DataError, list_corpus, parse_and_clean, parse_documents
+from raylm.data import DataError, list_corpus
+from raylm.documents import parse_and_clean, parse_documents
 
 BIG = 20_000_000  # characters: twice the default data.max_chars, on one line
 
@@ -222,7 +223,7 @@ def test_a_training_worker_keeps_ray_trains_traceback_of_a_bad_record_off_the_co
     Ray Train's logger, from inside the except block, to the console handler Ray Train's
     worker log set-up gave it. After raylm's set-up in the worker, a bad record's traceback
     is dropped; a bug's is printed."""
-    from raylm.train import _quiet_ray_train_logs
+    from raylm.train_ray import _quiet_ray_train_logs
 
     train_log = logging.getLogger("ray.train")
     saved = train_log.handlers[:], train_log.propagate, train_log.level

@@ -157,7 +157,7 @@ def test_parquet_records_with_pickled_object_columns_are_refused_unread(tmp_path
     import ray.data  # noqa: F401  (registers Ray's extension types, as in a Ray Data task)
     from ray.data._internal.object_extensions.arrow import ArrowPythonObjectArray
 
-    from raylm.data import parse_documents
+    from raylm.documents import parse_documents
 
     marker = tmp_path / "pwned"
 

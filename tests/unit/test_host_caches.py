@@ -12,7 +12,8 @@ import torch
 from raylm.config import ModelConfig, TrainConfig
 from raylm.model import build_model
 from raylm.objectives import NextTokenObjective
-from raylm.train import DeviceBatches, RankBatches, make_optimizer, rank_val_batches, train_step
+from raylm.batches import DeviceBatches, RankBatches, rank_val_batches
+from raylm.train import make_optimizer, train_step
 
 META = torch.device("meta")
 TC = TrainConfig(micro_batch_size=2, global_batch_size=8, eval_batches=3)
@@ -27,11 +28,11 @@ def _kept_pass() -> list[dict]:
 
 
 def test_rank_batches_move_only_this_ranks_micro_batches(monkeypatch):
-    import raylm.train
+    import raylm.batches
 
     moved = []
-    real = raylm.train.to_device
-    monkeypatch.setattr(raylm.train, "to_device", lambda b, d: moved.append(len(b["tokens"])) or real(b, d))
+    real = raylm.batches.to_device
+    monkeypatch.setattr(raylm.batches, "to_device", lambda b, d: moved.append(len(b["tokens"])) or real(b, d))
     kept = _kept_pass()
     before = [{k: v.clone() for k, v in b.items()} for b in kept]
     rb = RankBatches(lambda epoch: iter(kept), G, 2, rank=1, world=2, blocks_per_epoch=N, consumed=0, device=META)

@@ -12,16 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raylm.config import DataConfig
-from raylm.data import (
-    BlockPacker,
-    DataError,
-    ShuffleBuffer,
-    _row_sets,
-    clean_text,
-    parse_and_clean,
-    parse_documents,
-    stable_fraction,
-)
+from raylm.documents import DataError, clean_text, parse_and_clean, parse_documents, stable_fraction
+from raylm.packing import BlockPacker, ShuffleBuffer, _row_sets
 
 EOS = 0
 

@@ -5,7 +5,7 @@ import os
 
 from raylm import pipeline
 from raylm.config import load_config
-from raylm.train import WORKER_SETTINGS, worker_runtime_env
+from raylm.train_ray import WORKER_SETTINGS, worker_runtime_env
 
 
 def _cfg(tmp_path, *overrides):
@@ -69,7 +69,7 @@ def test_the_local_controller_loads_its_backend_config_without_importing_torch()
 def test_a_run_on_a_cluster_started_here_uses_that_backend_config(monkeypatch):
     import ray.train
 
-    from raylm.train import trainer_class
+    from raylm.train_ray import trainer_class
     from raylm.train_backend import LocalTorchConfig
 
     monkeypatch.setattr(pipeline, "started_env", lambda: {})

@@ -12,14 +12,8 @@ import torch.distributed as dist
 
 from raylm.config import ModelConfig, TrainConfig
 from raylm.model import RMSNorm, build_model
-from raylm.train import (
-    NextTokenObjective,
-    RankBatches,
-    evaluate,
-    make_optimizer,
-    rank_val_batches,
-    train_step,
-)
+from raylm.batches import RankBatches, rank_val_batches
+from raylm.train import NextTokenObjective, evaluate, make_optimizer, train_step
 
 CPU = torch.device("cpu")
 VOCAB = 64
@@ -447,7 +441,7 @@ def test_empty_stream_of_unknown_length_is_an_error():
 
 
 def test_later_epochs_of_an_in_memory_set_are_fresh_permutations():
-    from raylm.train import reshuffled
+    from raylm.batches import reshuffled
 
     # Two columns, as SFT rows have: one permutation moves both.
     batches = [{"tokens": b, "loss_mask": b % 2 == 0} for b in _blocks().split(G)]
@@ -466,7 +460,7 @@ def test_later_epochs_of_an_in_memory_set_are_fresh_permutations():
 def test_ray_reports_are_paced_to_the_controller_poll():
     """Training rows reach ray.train.report at most once a poll interval (the rest would block
     the step); evaluation rows and checkpoints always go; a checkpoint restarts the interval."""
-    from raylm.train import ReportPacer
+    from raylm.train_ray import ReportPacer
 
     now = [0.0]
     pace = ReportPacer(2.0, clock=lambda: now[0])

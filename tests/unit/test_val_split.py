@@ -3,7 +3,7 @@
 import pytest
 
 from raylm.config import ConfigError, load_config
-from raylm.data import tail_split, val_split_mode
+from raylm.documents import tail_split, val_split_mode
 from raylm.storage import FileInfo
 
 

@@ -1,0 +1,267 @@
+"""Corpus files -> cleaned documents: parsing, cleaning and the train/validation split.
+
+    bytes (.txt .jsonl .jsonl.gz .parquet, gunzipped by name)
+      -> documents, each with its line (a .txt file is one document; a bad record is kept
+         as a DataError naming its file and line, for the error budget)
+      -> clean_text (NFC, control characters, whitespace) and length filters
+      -> split: whole documents by a stable hash of their text, or each one's tail
+      -> PII redaction (raylm.pii)
+
+`parse_and_clean` is that chain as one Ray Data stage; raylm.data runs it over a corpus, in
+Ray Data or on threads here, and tokenizes and packs what it yields. No `ray` here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import unicodedata
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylm.config import DataConfig
+from raylm.errors import DataError
+from raylm.pii import redact as redact_pii
+
+
+def check_plain_types(schema: pa.Schema, where: str) -> None:
+    """Refuse columns of extension types before any value is converted: an extension type's
+    values become Python objects through code of its own, and Ray Data's
+    `ray.data.arrow_pickled_object` does it by unpickling, so a crafted parquet file would run
+    code the moment its column is read (`to_pylist`, `to_numpy`, a torch batch)."""
+
+    def extension(t: pa.DataType) -> pa.DataType | None:
+        if isinstance(t, pa.ExtensionType):
+            return t
+        children = ([t.value_type] if pa.types.is_list(t) or pa.types.is_large_list(t)
+                    or pa.types.is_fixed_size_list(t) else [t.field(i).type for i in range(t.num_fields)]
+                    if pa.types.is_struct(t) else [t.key_type, t.item_type] if pa.types.is_map(t) else [])
+        return next((x for x in map(extension, children) if x is not None), None)
+
+    for f in schema:
+        if (ext := extension(f.type)) is not None:
+            name = getattr(ext, "extension_name", str(ext))
+            raise DataError(f"{where}: column {f.name!r} has the extension type {name!r}, whose values would be "
+                            f"deserialised by code of their own (unpickled, for Ray's object columns); refused")
+
+
+def decompressed(path: str, raw: bytes) -> bytes:
+    """A file's bytes, gunzipped if its name ends in .gz."""
+    if not path.endswith(".gz"):
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+
+
+def parse_documents(path: str, raw: bytes, text_field: str):
+    """Yield (line_number, text) or (line_number, DataError) for one corpus file's bytes.
+
+    Bad records are yielded, not raised, so the driver can apply the error budget in order."""
+    name = path.rsplit("/", 1)[-1]
+    try:
+        raw = decompressed(path, raw)
+    except DataError as e:
+        yield 0, e
+        return
+    if name.endswith(".txt"):
+        try:
+            yield 1, _decode(raw, path)  # one document per text file
+        except DataError as e:
+            yield 1, e
+        return
+    if name.endswith(".parquet"):
+        try:
+            table = pq.read_table(io.BytesIO(raw))
+        except Exception as e:  # pyarrow raises several types for damaged files
+            yield 0, DataError(f"{path}: truncated or corrupt parquet ({str(e).splitlines()[0]})")
+            return
+        if text_field not in table.column_names:
+            yield 0, DataError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)}); "
+                               f"set data.text_field")
+            return
+        try:
+            check_plain_types(table.select([text_field]).schema, path)
+        except DataError as e:
+            yield 0, e
+            return
+        for i, text in enumerate(table.column(text_field).to_pylist(), start=1):
+            if not isinstance(text, str):
+                yield i, DataError(f"{path}: row {i}: {text_field!r} is {type(text).__name__}, not a string")
+            else:
+                yield i, text
+        return
+    for i, record in json_lines(path, raw):
+        where = f"{path}:{i}"
+        if isinstance(record, DataError):
+            yield i, record
+        elif not isinstance(record, dict):
+            yield i, DataError(f"{where}: a JSON {type(record).__name__}, not an object with a {text_field!r} field")
+        elif text_field not in record:
+            keys = ", ".join(record) or "no fields"
+            yield i, DataError(f"{where}: no field {text_field!r} (found: {keys}); set data.text_field")
+        elif not isinstance(record[text_field], str):
+            yield i, DataError(f"{where}: field {text_field!r} is {type(record[text_field]).__name__}, not a string")
+        elif not _encodable(record[text_field]):
+            yield i, DataError(f"{where}: field {text_field!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                               f"not text")
+        else:
+            yield i, record[text_field]
+
+
+def json_lines(path: str, raw: bytes):
+    """(line number, parsed value) or (line number, DataError) for each non-blank line of a
+    JSON-lines file: the one reader of corpus documents and of SFT/DPO records."""
+    for i, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(_decode(line, f"{path}:{i}"))
+        except DataError as e:
+            yield i, e
+        except json.JSONDecodeError as e:
+            yield i, DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})")
+
+
+def _encodable(text: str) -> bool:
+    """JSON may escape lone surrogates ("\\ud800"), which no UTF-8 consumer downstream accepts."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+# --------------------------------------------------------------------------- cleaning
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
+_TRAILING = re.compile(r"[ \t]+(?=\n|\Z)")
+_MANY_BLANK = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """NFC, control characters out, whitespace normalised; indentation is kept (code matters).
+
+    Each rewrite runs only where a substring test (memchr speed) says it can match: most
+    text needs none of them, and the regex scans were most of the cost of cleaning."""
+    text = unicodedata.normalize("NFC", text)  # itself a fast no-op on ASCII
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    if not text.isascii():
+        text = _ODD_SPACES.sub(" ", text)
+    if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
+        text = _TRAILING.sub("", text)
+    if "\n\n\n" in text:
+        text = _MANY_BLANK.sub("\n\n", text)
+    return text.strip("\n")
+
+
+def stable_fraction(text: str) -> float:
+    """A hash of the text mapped to [0, 1): the same document always lands in the same split."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+COLUMNS = ("text", "val", "source", "file", "line", "chars", "error", "dropped")
+
+
+# Below this many expected held-out documents, a split by document is likely to hold out
+# none (the hash decides each one), so val_split=auto holds out each document's tail instead.
+MIN_VAL_DOCUMENTS = 4
+
+
+def val_split_mode(cfg: DataConfig, files: list, val_files: list) -> str:
+    """How validation text is held out: "files" (data.val_path), "document" (whole documents
+    by a stable hash of their text) or "tail" (the last data.val_fraction of every document,
+    cut at a line break, as single-file trainers do). data.val_split=auto picks "tail" when
+    the corpus is plain-text files too few to split by document: each .txt file is one
+    document, so one file would otherwise hold out nothing, or everything. Known from the
+    listing alone, so it is decided before any stage runs."""
+    if val_files:
+        return "files"
+    if cfg.val_split != "auto":
+        return cfg.val_split
+    text_only = all(f.uri.endswith(".txt") for f in files)
+    return "tail" if text_only and len(files) * cfg.val_fraction < MIN_VAL_DOCUMENTS else "document"
+
+
+def tail_split(text: str, fraction: float) -> tuple[str, str]:
+    """(head, tail) of a document: the tail is its last `fraction` of characters, extended
+    back to the line break before the cut so a line is never split (kept exact when the
+    text has no break in the part that would become the tail)."""
+    cut = max(1, min(len(text) - 1, round(len(text) * (1 - fraction))))
+    brk = text.rfind("\n", 0, cut)
+    if brk > 0 and len(text) - brk <= 2 * (len(text) - cut):  # at most twice the asked-for tail
+        cut = brk + 1
+    return text[:cut], text[cut:]
+
+
+def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val_files: frozenset = frozenset(),
+                    drop: dict | None = None, redact: tuple[str, ...] = (), tail: bool = False) -> dict:
+    """Ray Data stage (stateless tasks, fused with the read): file bytes -> cleaned documents
+    with their split, origin (file index in corpus order, line), and the reason if one is bad
+    or dropped. `drop` maps (file, line) to a de-duplication verdict; `redact` names the PII
+    types to replace, counted per document in `pii_<type>` columns. `tail`: every document
+    is two rows, its head for training and its last data.val_fraction for validation
+    (`val_split_mode`)."""
+    out = {k: [] for k in (*COLUMNS, *(f"pii_{t}" for t in redact))}
+
+    def emit(**row):
+        for k, v in row.items():
+            out[k].append(v)
+
+    for path, raw in zip(batch["path"], batch["bytes"]):
+        n, file = 0, order[path] if order is not None else 0
+        force_val = path in val_files
+        for line, doc in parse_documents(path, raw, cfg.text_field):
+            n += 1
+            text, err, dropped, chars, found = "", "", "", 0, {}
+            if isinstance(doc, DataError):
+                err = str(doc)
+            else:
+                text = clean_text(doc)
+                chars = len(text)
+                if chars < cfg.min_chars:
+                    dropped = "too_short"
+                elif chars > cfg.max_chars:
+                    dropped = "too_long"
+                elif drop and (file, line) in drop:
+                    dropped = drop[(file, line)]
+            if tail and not force_val and text and not dropped:
+                for part, val in zip(tail_split(text, cfg.val_fraction), (False, True)):
+                    found = {}
+                    if redact:
+                        part, found = redact_pii(part, redact)
+                    emit(text=part, val=val, source=path, file=file, line=line, chars=len(part), error=err,
+                         dropped="", **{f"pii_{t}": found.get(t, 0) for t in redact})
+                continue
+            # With an explicit validation corpus (val_files), no training document is diverted.
+            # The split is decided on the text before redaction, so PII settings do not move it.
+            val = force_val or (not val_files and not dropped and bool(text)
+                                and stable_fraction(text) < cfg.val_fraction)
+            if dropped:
+                text = ""
+            elif text and redact:
+                text, found = redact_pii(text, redact)
+            emit(text=text, val=val, source=path, file=file, line=line, chars=chars, error=err,
+                 dropped=dropped, **{f"pii_{t}": found.get(t, 0) for t in redact})
+        if n == 0:  # an empty shard is almost always a broken export, never silently fine
+            emit(text="", val=False, source=path, file=file, line=0, chars=0,
+                 error=f"{path}: empty shard (no documents)", dropped="", **{f"pii_{t}": 0 for t in redact})
+    return {k: np.array(v, dtype=object if k in ("text", "source", "error", "dropped") else None)
+            for k, v in out.items()}

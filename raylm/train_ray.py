@@ -1,0 +1,338 @@
+"""Ray Train wiring: `run_ray_training` starts `train_worker` on Ray Train workers, and each
+worker feeds `raylm.train.fit` from its Ray Data shards and reports through `ray.train.report`.
+
+Everything that knows about Ray Train lives here; the loop itself (raylm.train) runs the
+same way without Ray (`train_local`). Where this process started the cluster, the trainer
+leaves out what only a shared cluster needs (`trainer_class`, raylm.train_controller,
+raylm.train_backend).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from raylm import checkpoint, storage
+from raylm.batches import Batch, RankBatches, concat, manifest_columns, rank_val_batches, reshuffled, row_bytes
+from raylm.config import Config, from_dict, to_dict
+from raylm.data import IN_MEMORY_BYTES, packed_blocks
+from raylm.errors import DataError
+from raylm.objectives import make_objective
+from raylm.train import Hooks, broadcast, rank_world, checkpoint_facts, device_name, fit, reference_model, setup_model
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report at INFO on every rank; the run's own progress line says it once."""
+    # Some Ray Train modules name their logger by file path rather than module name.
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("ray.train") or "/ray/train/" in n]
+    for name in ["ray.train", *names]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # A bad record met here ends the run with raylm's one line; Ray's traceback of it would bury that.
+    from raylm.pipeline import quiet_ray_chatter, quiet_user_errors
+
+    quiet_user_errors()
+    quiet_ray_chatter()
+    # Weights are initialised on the meta device then materialised per shard; DTensor's RNG
+    # caveat on CPU meshes concerns random ops on sharded tensors, which init avoids
+    # (`init_weights` runs before sharding's collectives matter: see tests/integration/test_fsdp_parity.py).
+    warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+
+
+def ray_report_interval_s() -> float:
+    """How often Ray Train's controller takes a report from each worker: it polls every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and a worker's result queue holds one."""
+    try:
+        return max(0.0, float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+    except ValueError:
+        return 2.0
+
+
+class ReportPacer:
+    """Which metric rows go to `ray.train.report`. Ray Train takes one report per worker per
+    controller poll (`ray_report_interval_s`); a report beyond that rate blocks the step until
+    the next poll, and with async checkpoints it queues the next checkpoint's upload behind it
+    (a run logging every step waited 24 s for its last checkpoint). So a row of training
+    metrics only goes once an interval has passed since the last report; one that comes
+    sooner is not sent (a later one carries newer figures; every row still reaches
+    metrics.jsonl and the log). Rows with
+    evaluation results (what Tune schedules on) always go, as do checkpoints (`sent`). A
+    report is a collective across ranks in Ray Train, so rank 0's clock decides for all."""
+
+    def __init__(self, interval_s: float, clock=time.monotonic):
+        self.interval_s, self.clock = interval_s, clock
+        self.last = -math.inf
+
+    def due(self, row: dict) -> bool:
+        now = self.clock()
+        go = any(k.startswith(("val_", "eval_")) for k in row) or now - self.last >= self.interval_s
+        go = broadcast(go)
+        if go:
+            self.last = now
+        return go
+
+    def sent(self) -> None:
+        self.last = self.clock()
+
+
+def train_worker(config: dict) -> None:
+    """Per-worker entry for TorchTrainer. `config` carries the resolved Config as a dict,
+    the prepared dataset's manifest, and the resume mode."""
+    import ray.train
+    import ray.train.torch
+
+    _quiet_ray_train_logs()
+    cfg = from_dict(config["cfg"])
+    manifest, resume = config["manifest"], config["resume"]
+    rank, world = rank_world()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg = cfg.for_device(device.type)  # "auto" settings: on for CUDA, off for CPU
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    log = print if rank == 0 else (lambda *_: None)
+    model, optimizer, start = setup_model(cfg, device, resume, log)
+    tc = cfg.train
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    streaming = manifest.get("mode") == "stream"
+    columns = manifest_columns(manifest)
+
+    def rows_from(shard, split: str, batch: int) -> Iterator[Batch]:
+        """Global batches of a split, from prepared shards or, under data.mode=stream,
+        packed here from the tokenized documents (`packed_blocks`, the code that writes
+        prepared shards, so both modes give the same blocks)."""
+        if not streaming:
+            # device="cpu": Ray Train's default moves batches to the worker's GPU, and the kept
+            # first pass and validation rows would then sit in device memory.
+            for b in shard.iter_torch_batches(batch_size=batch, drop_last=split == "train", prefetch_batches=2,
+                                              device="cpu"):
+                yield {c: b[c] for c in columns}
+            return
+        docs = shard.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
+        rows: list[np.ndarray] = []
+        for _, block, _ in packed_blocks(docs, cfg.data, manifest["eos_id"], manifest["seed"], splits=(split,)):
+            rows.append(block)
+            if len(rows) == batch:
+                yield {"tokens": torch.from_numpy(np.stack(rows))}
+                rows = []
+        if rows and split != "train":
+            yield {"tokens": torch.from_numpy(np.stack(rows))}
+
+    # A small training set is kept after its first pass: each later epoch would otherwise
+    # start a new Ray Data execution in this process, whose threads compete with training.
+    # Prepared shards state their size; a stream finds out, and stops keeping once it is over.
+    # Kept epochs after the first come in a fresh order (`reshuffled`); a run resumed in one
+    # reads the whole pass first, so that it sees that epoch's order too. Kept batches stay in
+    # host memory: each micro-batch goes to the device as it is used.
+    first_pass: list[Batch | None] = []
+    small = streaming or manifest["train"]["blocks"] * row_bytes(manifest) < IN_MEMORY_BYTES
+
+    def read_pass():
+        nonlocal small
+        first_pass.clear()
+        kept = 0
+        for batch in rows_from(train_shard, "train", tc.global_batch_size):
+            if small:
+                kept += sum(v.numel() * v.element_size() for v in batch.values())
+                if kept < IN_MEMORY_BYTES:
+                    first_pass.append(batch)
+                else:
+                    small = False
+                    first_pass.clear()
+            yield batch
+        if small:
+            first_pass.append(None)  # marks the pass complete
+
+    def epoch_stream(epoch: int):
+        if epoch > 0 and small and not (first_pass and first_pass[-1] is None):
+            for _ in read_pass():
+                pass
+        if first_pass and first_pass[-1] is None:
+            yield from reshuffled(first_pass[:-1], cfg.seed, epoch)
+            return
+        yield from read_pass()
+
+    val_cache: list[Batch] = []
+
+    def val_batches():
+        # The validation rows are read once and kept: re-running a Ray Data execution for
+        # every evaluation costs far more than the evaluation itself.
+        if not val_cache:
+            want = tc.eval_batches * tc.micro_batch_size * world
+            for b in rows_from(val_shard, "val", min(want, 1024)):
+                val_cache.append(b)
+                if sum(len(x[columns[0]]) for x in val_cache) >= want:
+                    break
+            if not val_cache:
+                raise DataError(f"{cfg.data.val_path or cfg.data.path}: validation split is empty; raise "
+                                f"data.val_fraction (now {cfg.data.val_fraction}) or set data.val_path")
+        return rank_val_batches(concat(val_cache), tc, rank, world, device)
+
+    pace = ReportPacer(ray_report_interval_s())
+
+    def publish(local_dir: str, name: str, metrics: dict, written, on_uploaded) -> None:
+        pace.sent()  # this report carries the newest metrics too
+        ckpt = ray.train.Checkpoint.from_directory(local_dir)
+        if on_uploaded is None:
+            ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name)
+            return
+
+        def upload(ckpt, dir_name: str):  # runs in Ray Train's upload thread
+            if written is not None:
+                written.result()  # DCP's background write has finished
+            persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
+            on_uploaded(files=checkpoint.file_digests(local_dir))
+            return persisted
+
+        # Ray retries a failed upload and, after the last attempt, fails this worker (the
+        # worker group restarts or the run ends); the uncommitted checkpoint is never loaded.
+        ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
+
+    # A stream's length is learnt at the end of its first pass; prepared shards state theirs.
+    batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world,
+                          None if streaming else manifest["train"]["blocks"], start.consumed, device)
+    def report(metrics: dict) -> None:
+        if not pace.due(metrics):
+            return
+        # Ray delivers reports in order: a synchronous one would wait for an async
+        # checkpoint upload still in flight, stalling training after all.
+        mode = ray.train.CheckpointUploadMode.ASYNC if tc.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint_upload_mode=mode)
+
+    # Validation blocks are read before training starts: a stream's validation execution
+    # would otherwise start beside the training one, and together their tokenizer actors can
+    # hold every CPU Ray has left for read tasks.
+    val_batches()
+    hooks = Hooks(report=report, publish_checkpoint=publish, val_batches=val_batches,
+                  checkpoint_meta=checkpoint_facts(cfg, manifest))
+    fit(cfg, model, optimizer, make_objective(cfg, manifest, reference_model(cfg, device)), batches, hooks, start,
+        device_name(device), log)
+
+
+def trainer_class():
+    """TorchTrainer, less its placement-group cleaner on a local cluster that this process
+    started. The cleaner is a detached actor that asks Ray's state API every second whether
+    the run's controller still lives, to free the workers' placement group if it died without
+    doing so; such a cluster ends with this process, and the poll cost about 3% of a core
+    through a run on 2 cores (the cleaner, the dashboard answering it, the GCS), besides an
+    actor's start before the first step. Tune trials run in actors of their own and keep it:
+    an early-stopped trial's controller dies with its trial. Its controller, and the actors
+    that start from it, get no runtime_env (raylm.train_controller), and its backend config
+    does not make it import torch (raylm.train_backend)."""
+    from ray.train.torch import TorchTrainer
+
+    from raylm.pipeline import started_env
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        from raylm.train_backend import LocalTorchConfig
+    except ImportError:  # a Ray version that moved them: Ray's own
+        return TorchTrainer
+    if started_env() is None:
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def __init__(self, *args, torch_config=None, **kwargs):
+            # The same process group, set up by a controller that does not import torch
+            # (raylm.train_backend): about 2.5 s sooner to the first step on 2 cores.
+            super().__init__(*args, torch_config=torch_config or LocalTorchConfig(), **kwargs)
+
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            # Ray's own path gives the controller a runtime_env (one setting, which the
+            # cluster's environment already holds here: raylm.pipeline.LOCAL_ENV), and every
+            # actor the controller starts inherits it: the synchronization actor, the workers
+            # and the dataset manager then each wait for a new process through the runtime-env
+            # agent, one after another, where they could start on the processes Ray keeps
+            # started. Where the driver holds Ray Train settings of its own, Ray's path.
+            import ray
+
+            try:
+                from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+                from raylm.train_controller import LocalTrainController
+            except ImportError:  # a Ray version that moved its internals
+                return super()._initialize_and_run_controller(**controller_init_kwargs)
+            if get_env_vars_to_propagate():
+                return super()._initialize_and_run_controller(**controller_init_kwargs)
+            here = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
+            controller = ray.remote(num_cpus=0, label_selector=here)(LocalTrainController).remote(
+                **controller_init_kwargs)
+            if threading.current_thread() is threading.main_thread():
+                self._register_sigint_handler(controller)
+            ray.get(controller.run.remote())
+            return ray.get(controller.get_result.remote())
+
+    return LocalTorchTrainer
+
+
+# The driver's environment variables that training workers inherit (never secrets).
+WORKER_SETTINGS = ("RAYLM_INJECT_FAILURE", "RAYLM_LOCAL_CLUSTER")
+
+
+def worker_runtime_env() -> dict | None:
+    """raylm's settings for the training workers, passed as a runtime_env only where they
+    need one: the workers of a local cluster that this process started inherit the
+    environment it was started with, and a runtime_env would keep them off the workers Ray
+    starts ahead of time (raylm.pipeline.init_ray). A setting changed since then is passed
+    ("" stands for unset)."""
+    from raylm.pipeline import started_env
+
+    env = {k: os.environ.get(k, "") for k in WORKER_SETTINGS}
+    started = started_env()
+    if started is not None:
+        env = {k: v for k, v in env.items() if started.get(k, "") != v}
+    env = {k: v for k, v in env.items() if v or started is not None}
+    return {"env_vars": env} if env else None
+
+
+def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = "auto", max_failures: int = 0,
+                     callbacks: list | None = None):
+    """Launch `train_worker` on cfg.train.num_workers Ray Train workers; returns the Result.
+    `datasets` ("train", "val") and `manifest` come from `raylm.data.prepared_datasets` or
+    `raylm.data.stream_datasets`. `callbacks`: Ray Train callbacks, such as Tune's
+    `TuneReportCallback` when the run is a trial of `raylm tune`."""
+    import ray.train
+    from ray.data import ExecutionOptions
+
+    from raylm.pipeline import absolute_paths, resolve_workers
+
+    # Workers do not share the driver's working directory; "auto" worker counts are resolved
+    # by the stages before they log and record them, and here for any other caller.
+    cfg = resolve_workers(absolute_paths(cfg))
+    fs, root = storage.filesystem(cfg.storage, cfg.s3)
+    trainer = trainer_class()(
+        train_worker,
+        train_loop_config={"cfg": to_dict(cfg), "manifest": manifest, "resume": resume},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=root, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures), callbacks=callbacks,
+            # raylm's own settings of the driver reach the workers, by name: a runtime_env is
+            # logged by Ray, so nothing secret (RAYLM_API_KEY) may ever be passed this way.
+            worker_runtime_env=worker_runtime_env(),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets=datasets,
+        # Every worker reads the whole ordered stream and keeps its own rows (RankBatches):
+        # block order and ownership stay a function of the data position, not of timing.
+        # Token blocks are small next to the compute they feed, so reading them N times is cheap.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    return trainer.fit()
