@@ -33,7 +33,8 @@ and checkpoints happen only after the last step (one of each, untimed).
 (`ratio_ray_to_bare_before` and `_after` are each side's): on a machine whose speed drifts,
 one bare measurement taken before the Ray run decided the ratio as much as Ray did.
 
-The issue's goal: on one GPU, ray tokens/s >= 0.97 x bare tokens/s (`ratio_ray_to_bare`).
+The issues' goals (`goal_ratio`, by device): ray tokens/s >= 0.97 x bare tokens/s on one GPU,
+and >= 0.95 x on a 2-core CPU for the tiny model (`ratio_ray_to_bare`).
 On one H100:
 
     python benchmarks/ray_overhead.py --preset gpt2-124m --seq-len 1024 --micro-batch 16 \\
@@ -76,7 +77,9 @@ from raylm.parallel import build_parallel_model, init_local_process_group, resol
 from raylm.train import NextTokenObjective, device_name, lr_at, make_optimizer, train_step
 from train_throughput import model_config  # the shapes train_throughput.py measures (a sibling script)
 
-GOAL_RATIO = 0.97  # the issue: Ray Train at >= 0.97x the bare step's tokens/s on one GPU
+# The issues' goals for Ray Train against the bare step's tokens/s: 0.97x on one GPU; on a
+# small CPU, where Ray's own processes share the cores with training, 0.95x.
+GOAL_RATIO = {"cuda": 0.97, "cpu": 0.95}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -329,7 +332,7 @@ def main(argv=None) -> dict:
         "params": count_params(cfg.model),
         "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
         "peak_flops": peak_flops(dev_name),
-        "goal_ratio": GOAL_RATIO,
+        "goal_ratio": GOAL_RATIO.get(device.type),
     }
     # One more global batch than the run consumes: the epoch never ends inside the run.
     train_blocks = random_blocks(cfg, (tc.max_steps + 1) * tc.global_batch_size, args.seed + 1)

@@ -58,7 +58,7 @@ def test_ray_overhead_cpu_smoke(ray_local, tmp_path):
     mean = (out["bare"]["tokens_per_s"] + after["tokens_per_s"]) / 2
     assert out["ratio_ray_to_bare"] == pytest.approx(out["ray"]["tokens_per_s"] / mean)
     assert out["ratio_ray_to_bare_after"] == pytest.approx(out["ray"]["tokens_per_s"] / after["tokens_per_s"])
-    assert out["ratio_ray_to_bare"] > 0 and out["ratio_loop_to_bare"] > 0 and out["goal_ratio"] == 0.97
+    assert out["ratio_ray_to_bare"] > 0 and out["ratio_loop_to_bare"] > 0 and out["goal_ratio"] == 0.95  # the CPU goal
     # fp32 on CPU, same weights, blocks, order and learning rates: the same final loss.
     for run in ("loop", "ray"):
         check = out["same_training"][run]
