@@ -175,7 +175,10 @@ def main() -> dict:
     init_ray(cfg)
     import dataclasses
 
+    from raylm.data import corpus_files, runs_in_process
+
     plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dedup="none"))
+    in_process = runs_in_process(plain.data, *corpus_files(plain.data, plain.s3))
     first_run = pipeline(plain, tok, str(work / "prepared-first"), size, log)
     waited = settle()
     ray_run = pipeline(plain, tok, str(work / "prepared-plain"), size, log)
@@ -191,7 +194,9 @@ def main() -> dict:
         "raylm_pipeline_first_run": first_run,
         "ratio_vs_single_process_first_run": round(first_run["mb_per_s"] / single["mb_per_s"], 2),
         "idle_wait_before_second_run_s": waited,
-        "pipeline_stages": "read, parse, clean, PII redaction, tokenize (actor pool), pack, write shards",
+        "pipeline_stages": "read, parse, clean, PII redaction, tokenize, pack, write shards",
+        "pipeline_where": "threads in this process (under data.in_process_mb)" if in_process
+        else "Ray Data, the tokenizer in an actor pool",
         "settings": {"out": args.out, "overrides": args.overrides, "redact_pii": list(cfg.data.redact_pii),
                      "tokenizer_actors": cfg.data.tokenizer_actors or "auto (one per core)"},
     }
