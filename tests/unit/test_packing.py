@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raylm.config import DataConfig
-from raylm.documents import DataError, clean_text, parse_and_clean, parse_documents, stable_fraction
+from raylm.documents import clean_text, parse_and_clean, parse_documents, stable_fraction
+from raylm.errors import DataError
 from raylm.packing import BlockPacker, ShuffleBuffer, _row_sets
 
 EOS = 0
