@@ -38,7 +38,7 @@ from raylm import storage
 from raylm.config import DataConfig, S3Config
 from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _check_error_budget, _remove_stale_attempts, _sources,
                         list_corpus, read_manifest)
-from raylm.documents import check_plain_types, decompressed, json_lines, stable_fraction
+from raylm.documents import check_plain_types, decompressed, json_lines, read_parquet, stable_fraction
 from raylm.tokenizer import CHAT_ROLES
 
 KINDS = ("sft", "dpo")
@@ -57,13 +57,10 @@ def parse_records(path: str, raw: bytes):
         return
     if path.endswith(".parquet"):
         try:
-            table = pq.read_table(io.BytesIO(raw))
+            table = read_parquet(path, raw)
             check_plain_types(table.schema, path)
         except DataError as e:
             yield 0, e
-            return
-        except Exception as e:  # pyarrow raises several types for damaged files
-            yield 0, DataError(f"{path}: truncated or corrupt parquet ({str(e).splitlines()[0]})")
             return
         yield from enumerate(table.to_pylist(), start=1)
         return

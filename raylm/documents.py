@@ -68,6 +68,14 @@ def _decode(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
 
 
+def read_parquet(path: str, raw: bytes):
+    """One parquet file's table from its bytes; DataError naming the file if it is damaged."""
+    try:
+        return pq.read_table(io.BytesIO(raw))
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise DataError(f"{path}: truncated or corrupt parquet ({str(e).splitlines()[0]})") from None
+
+
 def parse_documents(path: str, raw: bytes, text_field: str):
     """Yield (line_number, text) or (line_number, DataError) for one corpus file's bytes.
 
@@ -86,9 +94,9 @@ def parse_documents(path: str, raw: bytes, text_field: str):
         return
     if name.endswith(".parquet"):
         try:
-            table = pq.read_table(io.BytesIO(raw))
-        except Exception as e:  # pyarrow raises several types for damaged files
-            yield 0, DataError(f"{path}: truncated or corrupt parquet ({str(e).splitlines()[0]})")
+            table = read_parquet(path, raw)
+        except DataError as e:
+            yield 0, e
             return
         if text_field not in table.column_names:
             yield 0, DataError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names)}); "

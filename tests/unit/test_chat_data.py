@@ -97,6 +97,21 @@ def test_truncated_gzip_is_one_bad_record():
     assert isinstance(err, DataError) and "c.jsonl.gz: truncated or corrupt gzip" in str(err)
 
 
+def test_corrupt_parquet_is_one_bad_record():
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["p"] * 50, "completion": ["c"] * 50}), sink)
+    raw = sink.getvalue()
+    for bad in (raw[: len(raw) // 2], b"PAR1 garbage"):
+        [(line, err)] = list(parse_records("c/x.parquet", bad))
+        assert line == 0 and isinstance(err, DataError)
+        assert str(err).startswith("c/x.parquet: truncated or corrupt parquet (")
+
+
 def test_packing_keeps_conversations_whole_and_pads():
     convs = [([1] * 5, [True] * 5), ([2] * 4, [False] * 4), ([3] * 6, [True] * 6), ([4] * 2, [True] * 2)]
     rows = list(pack_conversations(convs, width=10, pad_id=0))
