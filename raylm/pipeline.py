@@ -106,6 +106,7 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
+    quiet_ray_chatter()  # again: importing Ray Data (just above) reset the levels of its loggers
 
 
 def resolve_workers(cfg: Config, share: int = 1) -> Config:
@@ -247,11 +248,16 @@ def _free_port() -> int:
 
 
 def quiet_ray_chatter() -> None:
-    """Ray lines a user cannot act on, kept out of the console (Ray's log files keep them):
-    Ray Data's per-dataset "execution finished" INFO lines (raylm logs its own progress) and
-    its notice that progress bars are off (they are, inside training workers), and the notice
-    that a local cluster has token authentication on (raylm wants it on; README, Security)."""
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    """Ray lines a user cannot act on, kept out of the console: Ray Data's per-dataset INFO
+    lines ("execution finished", tips; raylm logs its own progress, and Ray Data's session log
+    file, ray-data.log, keeps them), its notice that progress bars are off (they are, inside
+    training workers), and the notice that a local cluster has token authentication on
+    (raylm wants it on; README, Security). Importing Ray Data makes its console handler anew:
+    call this after that import too (a driver that runs Ray Data itself, as SFT and DPO
+    preparation do, would otherwise print every dataset's INFO lines)."""
+    for h in logging.getLogger("ray.data").handlers:
+        if isinstance(h, logging.StreamHandler):  # the console (the session file is a plain Handler)
+            h.setLevel(logging.WARNING)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 

@@ -1,5 +1,5 @@
-"""The local cluster a run starts: Ray's dashboard only where asked for, and the quickstart's
-one-request serving step without Serve's INFO chatter. One subprocess starts both clusters
+"""The local cluster a run starts: Ray's dashboard only where asked for, Ray Data in the
+driver and the quickstart's one-request serving step without their INFO chatter. One subprocess starts both clusters
 (a fresh process: the session's cluster has a dashboard, and Serve already running)."""
 
 import os
@@ -19,7 +19,8 @@ for asked in ("", "1"):
     os.environ["RAYLM_DASHBOARD"] = asked
     init_ray(Config())
     print(f"asked={asked!r} url={ray.init(ignore_reinit_error=True).dashboard_url!r}", flush=True)
-    if not asked:  # the quickstart's last step, on the default cluster
+    if not asked:  # Ray Data in the driver, as SFT and DPO preparation run it, then the quickstart's last step
+        print("ROWS", len(ray.data.range(8).map_batches(lambda b: b, batch_size=2).take_all()), flush=True)
         print("ANSWER", serve_and_chat(sys.argv[1], "reverse: abc", max_tokens=8)["answer"], flush=True)
     ray.shutdown()
 """
@@ -46,6 +47,16 @@ def test_a_local_cluster_has_a_dashboard_only_where_asked_for(clusters):
     assert url.startswith("127.0.0.1:"), on[0]
     assert f"Ray dashboard: http://{url}" in clusters.stdout
     assert clusters.stdout.count("Ray dashboard:") == 1  # logged for the cluster that has one only
+
+
+def test_ray_data_in_the_driver_prints_no_info_lines(clusters):
+    """A dataset that the driver runs itself (SFT and DPO records, a large corpus) logs its
+    progress to Ray's log files, not the console: no "execution finished" or "Tip:" lines
+    between raylm's own. Importing Ray Data after `init_ray` had quieted it reset its level."""
+    assert "ROWS 8" in clusters.stdout
+    data = [x for x in (clusters.stdout + clusters.stderr).splitlines()
+            if "streaming_executor" in x or "dataset.py" in x or "execution finished" in x]
+    assert not data, data[:5]
 
 
 def test_the_quickstart_serving_step_prints_its_answer_without_serves_info_lines(clusters):
