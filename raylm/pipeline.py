@@ -106,7 +106,7 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
-    quiet_ray_chatter()  # again: importing Ray Data (just above) reset the levels of its loggers
+    quiet_ray_chatter()  # again: importing Ray Data (just above) made its console handler anew
 
 
 def resolve_workers(cfg: Config, share: int = 1) -> Config:
