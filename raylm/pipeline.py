@@ -100,11 +100,8 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
             start_ray_data_actors()
         if dashboard:
             log(f"Ray dashboard: http://127.0.0.1:{port}")
-    # Ray Data's settings are this process's own, for the datasets it makes from here on
-    # (set after ray.init, so that importing Ray Data can overlap the cluster's start).
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    # After ray.init, so that importing Ray Data can overlap the cluster's start.
+    quiet_ray_data()
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
     quiet_ray_chatter()  # again: importing Ray Data (just above) made its console handler anew
 
@@ -245,6 +242,18 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's settings for the datasets this process makes from here on, which carry them
+    to the processes that run them (Ray Train's workers among them): no progress bars and no
+    line as an execution starts, since raylm logs its own progress. The driver sets them, and
+    so does each Tune trial, which makes its datasets in a process of its own."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 def quiet_ray_chatter() -> None:

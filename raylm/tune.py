@@ -215,10 +215,11 @@ def run_trial(params: dict, setup: dict) -> None:
 
     from raylm.data import prepared_datasets
     from raylm.generate import load_tokenizer
-    from raylm.pipeline import keep_in_run
+    from raylm.pipeline import keep_in_run, quiet_ray_data
     from raylm.record import write_record
     from raylm.train_ray import run_ray_training
 
+    quiet_ray_data()  # this trial's datasets are made here, not in the driver
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: plain(v) for k, v in params.items()}
     cfg = load_config(base=setup["base"], overrides=[*params.items(), ("name", trial_id),

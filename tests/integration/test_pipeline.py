@@ -76,8 +76,8 @@ def test_quickstart_output_reads_cleanly(quickstart_run):
              if re.search(r"\[[\d\- :,]+ [EW] \d+ \d+\]", line)  # Ray's C++ log format
              or re.search(r"\d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|ERROR) \S+\.py:\d+ --", line)  # Ray's Python logs
              or re.search(r"Warning\b|WARNING|Traceback|Progress bars|core_worker", line)
-             # any line of Ray's own actors (the training worker's lines are raylm's progress)
-             or re.search(r"\((?!RayTrainWorker\b)\w+ pid=\d+\)|\(raylet\)", line)]
+             # any line of Ray's own actors or tasks (the training worker's lines are raylm's progress)
+             or re.search(r"\((?!RayTrainWorker\b)(\w+ )?pid=\d+\)|\(raylet\)", line)]
     assert not noise, "\n".join(noise[:20])
     assert "quickstart done" in output and "pre-trained  runs/qs" in output and "raylm report runs/qs" in output
 

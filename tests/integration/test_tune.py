@@ -172,6 +172,10 @@ def test_a_killed_search_resumes_and_keeps_finished_trials(prepared, s3_server, 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert finished, "no trial finished before the driver was killed:\n" + log.read_text(errors="replace")[-4000:]
+    # A trial makes its datasets in its own process, not the driver's: Ray Data's progress
+    # bars must be off there too, or every trial's workers print them into the driver's output.
+    bars = [ln for ln in log.read_text(errors="replace").splitlines() if "Running Dataset" in ln]
+    assert not bars, bars[:3]
     cfg = load_config(overrides=args)
     record = storage.join(cfg.run_dir, "runs", finished, "record.json")
     created = json.loads(storage.read_text(record))["created"]
