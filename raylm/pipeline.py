@@ -100,10 +100,8 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
             start_ray_data_actors()
         if dashboard:
             log(f"Ray dashboard: http://127.0.0.1:{port}")
-    # After ray.init, so that importing Ray Data can overlap the cluster's start.
-    quiet_ray_data()
+    quiet_ray_data()  # after ray.init, so that importing Ray Data can overlap the cluster's start
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
-    quiet_ray_chatter()  # again: importing Ray Data (just above) made its console handler anew
 
 
 def resolve_workers(cfg: Config, share: int = 1) -> Config:
@@ -245,28 +243,28 @@ def _free_port() -> int:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's settings for the datasets this process makes from here on, which carry them
-    to the processes that run them (Ray Train's workers among them): no progress bars and no
-    line as an execution starts, since raylm logs its own progress. The driver sets them, and
-    so does each Tune trial, which makes its datasets in a process of its own."""
+    """Ray Data in this process, from here on, as raylm logs its own progress: no progress
+    bars and no line as an execution starts, for the datasets it makes (they carry these
+    settings to the processes that run them, Ray Train's workers among them), and its INFO
+    lines ("execution finished", tips) kept off the console (Ray Data's session log file,
+    ray-data.log, keeps them). Importing Ray Data makes its console handler anew, so this
+    imports it first. Called by `init_ray` (the driver), each Tune trial (which makes its
+    datasets in a process of its own) and each training worker."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-
-
-def quiet_ray_chatter() -> None:
-    """Ray lines a user cannot act on, kept out of the console: Ray Data's per-dataset INFO
-    lines ("execution finished", tips; raylm logs its own progress, and Ray Data's session log
-    file, ray-data.log, keeps them), its notice that progress bars are off (they are, inside
-    training workers), and the notice that a local cluster has token authentication on
-    (raylm wants it on; README, Security). Importing Ray Data makes its console handler anew:
-    call this after that import too (a driver that runs Ray Data itself, as SFT and DPO
-    preparation do, would otherwise print every dataset's INFO lines)."""
     for h in logging.getLogger("ray.data").handlers:
         if isinstance(h, logging.StreamHandler):  # the console (the session file is a plain Handler)
             h.setLevel(logging.WARNING)
+
+
+def quiet_ray_chatter() -> None:
+    """Ray lines a user cannot act on, kept out of the console: Ray Data's notice that its
+    progress bars are off (raylm turns them off: `quiet_ray_data`), and the notice that a
+    local cluster has token authentication on (raylm wants it on; README, Security). Before
+    `ray.init`, which would print the latter."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 

@@ -36,10 +36,11 @@ def _quiet_ray_train_logs() -> None:
     for name in ["ray.train", *names]:
         logging.getLogger(name).setLevel(logging.WARNING)
     # A bad record met here ends the run with raylm's one line; Ray's traceback of it would bury that.
-    from raylm.pipeline import quiet_ray_chatter, quiet_user_errors
+    from raylm.pipeline import quiet_ray_chatter, quiet_ray_data, quiet_user_errors
 
     quiet_user_errors()
     quiet_ray_chatter()
+    quiet_ray_data()
     # Weights are initialised on the meta device then materialised per shard; DTensor's RNG
     # caveat on CPU meshes concerns random ops on sharded tensors, which init avoids
     # (`init_weights` runs before sharding's collectives matter: see tests/integration/test_fsdp_parity.py).

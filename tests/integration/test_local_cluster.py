@@ -1,6 +1,7 @@
 """The local cluster a run starts: Ray's dashboard only where asked for, Ray Data in the
-driver and the quickstart's one-request serving step without their INFO chatter. One subprocess starts both clusters
-(a fresh process: the session's cluster has a dashboard, and Serve already running)."""
+driver and the quickstart's one-request serving step without their INFO chatter. One
+subprocess starts both clusters (a fresh process: the session's cluster has a dashboard, and
+Serve already running)."""
 
 import os
 import subprocess
@@ -52,7 +53,8 @@ def test_a_local_cluster_has_a_dashboard_only_where_asked_for(clusters):
 def test_ray_data_in_the_driver_prints_no_info_lines(clusters):
     """A dataset that the driver runs itself (SFT and DPO records, a large corpus) logs its
     progress to Ray's log files, not the console: no "execution finished" or "Tip:" lines
-    between raylm's own. Importing Ray Data after `init_ray` had quieted it reset its level."""
+    between raylm's own (`raylm.pipeline.quiet_ray_data`, after the import that makes Ray Data's
+console handler)."""
     assert "ROWS 8" in clusters.stdout
     data = [x for x in (clusters.stdout + clusters.stderr).splitlines()
             if "streaming_executor" in x or "dataset.py" in x or "execution finished" in x]
