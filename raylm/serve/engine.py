@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raylm.generate import sample_token
-from raylm.serve.sampling import EngineClosed, Output, SamplingParams, TokenLogprob, _is_int, check_request
+from raylm.serve.sampling import EngineClosed, Output, Outputs, SamplingParams, TokenLogprob, _is_int, check_request
 
 
 class SlotCache:
@@ -294,26 +294,32 @@ class Engine:
         streaming: ValueError naming the field."""
         check_request(prompt_ids, params, self.vocab_size, self.max_seq_len)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[Output]:
-        """Stream a request's Outputs, the last with its finish_reason. Closing this generator
-        (aclose) or cancelling the task consuming it frees the request's slot within one step."""
+    def open(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Outputs:
+        """Queue a request now, from the event loop, and return its Outputs (closing them
+        frees its slot within one step). Raises ValueError (`check`) or EngineClosed."""
         loop = asyncio.get_running_loop()
         sink = self._loop_sinks.get(loop)
         if sink is None:
             sink = self._loop_sinks[loop] = functools.partial(loop.call_soon_threadsafe, _put_all)
         req = self.submit(prompt_ids, params, sink, request_id, asyncio.Queue())
-        try:
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
+
+        def release(ended: bool) -> None:
             if not req.finished:
                 self.cancel(req)
+
+        return Outputs(req.queue, release)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[Output]:
+        """Stream a request's Outputs, the last with its finish_reason (`open`, queued at the
+        first read). Closing this generator (aclose) or cancelling the task consuming it frees
+        the request's slot within one step."""
+        outputs = self.open(prompt_ids, params, request_id)
+        try:
+            async for out in outputs:
+                yield out
+        finally:
+            outputs.close()
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[list], None],
                request_id: str | None = None, queue: asyncio.Queue | None = None) -> _Request:

@@ -34,7 +34,7 @@ import traceback
 from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 
-from raylm.serve.sampling import EngineClosed, EngineProcessDied, Output, SamplingParams, check_request
+from raylm.serve.sampling import EngineClosed, EngineProcessDied, Output, Outputs, SamplingParams, check_request
 
 
 class EngineProcess:
@@ -86,9 +86,8 @@ class EngineProcess:
     def alive(self) -> bool:
         return self._dead is None and self._proc.poll() is None
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[Output]:
-        """As `Engine.generate`."""
+    def open(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Outputs:
+        """As `Engine.open`: the request is on its way to the engine's process when this returns."""
         self.check(prompt_ids, params)
         if self._closing:
             raise EngineClosed("the engine is shutting down; not accepting requests")
@@ -97,22 +96,24 @@ class EngineProcess:
         self._attach()
         key = next(self._keys)
         queue = self._queues[key] = asyncio.Queue()
-        ended = False
-        try:
-            self._send(("gen", key, list(prompt_ids), params))  # if the process is gone, the reader fails the queue
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    ended = True
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    ended = True
-                    return
-        finally:
+
+        def release(ended: bool) -> None:
             self._queues.pop(key, None)
             if not ended and self._dead is None:
                 self._send(("cancel", key))
+
+        self._send(("gen", key, list(prompt_ids), params))  # if the process is gone, the reader fails the queue
+        return Outputs(queue, release)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[Output]:
+        """As `Engine.generate`."""
+        outputs = self.open(prompt_ids, params, request_id)
+        try:
+            async for out in outputs:
+                yield out
+        finally:
+            outputs.close()
 
     async def close(self) -> None:
         """Stop admitting, let every request submitted finish, and end the process."""

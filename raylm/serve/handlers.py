@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 from raylm.config import ServeConfig
 from raylm.serve import protocol as P
-from raylm.serve.sampling import EngineClosed, EngineProcessDied, Output, SamplingParams
+from raylm.serve.sampling import EngineClosed, EngineProcessDied, Output, Outputs, SamplingParams
 
 log = logging.getLogger("raylm.serve")
 
@@ -238,26 +237,44 @@ class OpenAIService:
 
     # ------------------------------------------------------------------ running
 
-    async def _run_choice(self, rid: str, c: _Choice, on_output=None) -> None:
-        """Feed one engine request's outputs into `c`; closing the engine's generator (also on
-        cancellation) frees its batch slot."""
-        agen = self.engine.generate(c.prompt_ids, c.params, request_id=f"{rid}-{c.index}")
+    def _unavailable(self, e: EngineClosed) -> P.APIError:
+        why = str(e) if isinstance(e, EngineProcessDied) else "the server is shutting down"
+        return P.APIError(503, f"{why}; retry on another replica", None, type="unavailable",
+                          headers={"retry-after": str(max(1, round(self.cfg.retry_after_s)))})
+
+    def _open(self, rid: str, choices: list[_Choice]) -> list[Outputs]:
+        """Queue every choice's engine request now (`Engine.open`): all of them, or none."""
+        opened = []
         try:
-            async for out in agen:
+            for c in choices:
+                opened.append(self.engine.open(c.prompt_ids, c.params, request_id=f"{rid}-{c.index}"))
+        except EngineClosed as e:
+            raise self._unavailable(e) from None
+        except ValueError as e:
+            raise P.APIError(400, str(e), None) from None
+        finally:
+            if len(opened) < len(choices):
+                for o in opened:
+                    o.close()
+        return opened
+
+    async def _run_choice(self, c: _Choice, outputs: Outputs, on_output=None) -> None:
+        """Feed one engine request's outputs into `c`; closing them (also on cancellation)
+        frees its batch slot."""
+        try:
+            async for out in outputs:
                 c.add(out)
                 if on_output is not None:
                     on_output(c, out)
         except EngineClosed as e:
-            why = str(e) if isinstance(e, EngineProcessDied) else "the server is shutting down"
-            raise P.APIError(503, f"{why}; retry on another replica", None, type="unavailable",
-                             headers={"retry-after": str(max(1, round(self.cfg.retry_after_s)))}) from None
+            raise self._unavailable(e) from None
         except ValueError as e:
             raise P.APIError(400, str(e), None) from None
         finally:
-            await agen.aclose()
+            outputs.close()
 
     async def _run_all(self, rid: str, choices: list[_Choice]) -> None:
-        tasks = [asyncio.ensure_future(self._run_choice(rid, c)) for c in choices]
+        tasks = [asyncio.ensure_future(self._run_choice(c, o)) for c, o in zip(choices, self._open(rid, choices))]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -287,40 +304,56 @@ class OpenAIService:
                 chunk: Callable, disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
         """SSE lines: each choice's new text and tokens, one event per wake-up (see the class
         docstring: under load an event carries several engine steps' outputs), then usage
-        if asked, then [DONE]. The producers run as tasks: a disconnect or the timeout cancels
-        them (freeing their slots within a step) even if the proxy never cancels this generator."""
+        if asked, then [DONE]. The engine's requests are queued before this returns (`_open`), and
+        their producers and a disconnect watcher run as tasks from then on: a disconnect or the
+        timeout cancels them (freeing their slots within a step) even if the proxy never
+        cancels this generator, or never starts it."""
         created = P.now()
+        loop = asyncio.get_running_loop()
+        pending: list = []  # (choice, item) not yet sent, in arrival order
+        wake = asyncio.Event()  # set when something in `pending` is due now
+        hold_until = 0.0  # loop time before which only urgent items wake the stream (see _hold_s)
+        started: set[int] = set()  # choices whose first text went out: later outputs may wait
+        ended = False
+
+        def put(c, item, urgent: bool) -> None:
+            pending.append((c, item))
+            if urgent or loop.time() >= hold_until:
+                wake.set()
+
+        def on_output(c: _Choice, out: Output) -> None:
+            # A choice's first text is urgent (time to first token); its last output is
+            # followed at once by its urgent _DONE.
+            put(c, out, c.index not in started)
+
+        async def produce(c: _Choice, outputs: Outputs) -> None:
+            try:
+                await self._run_choice(c, outputs, on_output)
+                put(c, _DONE, True)
+            except Exception as e:  # noqa: BLE001 - reaches the client as an error event
+                put(c, e, True)
+
+        async def watch() -> None:
+            await disconnected()
+            put(None, ClientGone(), True)
+            end()  # also when the response never started reading the events
+
+        def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self._streams -= 1
+                for t in tasks:
+                    t.cancel()
+
+        # The engine gets the requests now, while the response starts: under load, every turn
+        # of the replica's event loop before they go is a wait added to the time to first token.
+        tasks = [asyncio.ensure_future(produce(c, o)) for c, o in zip(choices, self._open(rid, choices))]
+        tasks.append(asyncio.ensure_future(watch()))
+        self._streams += 1
 
         async def events() -> AsyncIterator[str]:
-            loop = asyncio.get_running_loop()
-            pending: list = []  # (choice, item) not yet sent, in arrival order
-            wake = asyncio.Event()  # set when something in `pending` is due now
-            hold_until = 0.0  # loop time before which only urgent items wake the stream (see _hold_s)
-            started: set[int] = set()  # choices whose first text went out: later outputs may wait
-
-            def put(c, item, urgent: bool) -> None:
-                pending.append((c, item))
-                if urgent or loop.time() >= hold_until:
-                    wake.set()
-
-            def on_output(c: _Choice, out: Output) -> None:
-                # A choice's first text is urgent (time to first token); its last output is
-                # followed at once by its urgent _DONE.
-                put(c, out, c.index not in started)
-
-            async def produce(c: _Choice) -> None:
-                try:
-                    await self._run_choice(rid, c, on_output)
-                    put(c, _DONE, True)
-                except Exception as e:  # noqa: BLE001 - reaches the client as an error event
-                    put(c, e, True)
-
-            async def watch() -> None:
-                await disconnected()
-                put(None, ClientGone(), True)
-
-            self._streams += 1
-            tasks = [asyncio.ensure_future(produce(c)) for c in choices] + [asyncio.ensure_future(watch())]
+            nonlocal hold_until
             deadline = loop.time() + self.cfg.request_timeout_s
             left = len(choices)
             try:
@@ -367,9 +400,7 @@ class OpenAIService:
                         return
                 yield self._tail(rid, obj, created, choices, prompt_tokens, include_usage)
             finally:
-                self._streams -= 1
-                for t in tasks:
-                    t.cancel()
+                end()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
         return events()

@@ -4,8 +4,9 @@ checks, and the streamed outputs. No torch: the replica's side of the engine's p
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # the OpenAI API's cap on top_logprobs; more is a slow response, not a use
@@ -104,6 +105,43 @@ class Output:
     finish_reason: str | None  # None until the last: "stop" | "length" | "abort"
     prompt_tokens: int
     completion_tokens: int  # running totals, for usage
+
+
+class Outputs:
+    """A queued request's Outputs, the last with its finish_reason, as an async iterator
+    (`Engine.open`, `EngineProcess.open`). The request is in the engine's queue from the moment
+    this exists, not from its first read: a server sends it on before its response starts.
+    An exception from the engine ends it. `close()` (or `aclose()`) frees the request's slot
+    within one step if it has not ended, whether it was read or not."""
+
+    def __init__(self, queue: asyncio.Queue, release: Callable[[bool], None]):
+        self._queue, self._release = queue, release  # release(ended): called once, when this ends
+        self._done = False
+
+    def __aiter__(self) -> Outputs:
+        return self
+
+    async def __anext__(self) -> Output:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._end(True)
+            raise item
+        if item.finish_reason is not None:
+            self._end(True)
+        return item
+
+    def close(self) -> None:
+        self._end(False)
+
+    async def aclose(self) -> None:
+        self._end(False)
+
+    def _end(self, ended: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._release(ended)
 
 
 class EngineClosed(RuntimeError):

@@ -539,6 +539,52 @@ def test_a_busy_replica_sends_fewer_larger_events_but_never_holds_first_text_end
     assert held._hold_s() == pytest.approx(2 * 0.005)
 
 
+def test_a_stream_is_queued_before_its_response_reads_it_and_freed_if_never_read(engine, tiny_run):
+    """raylm.serve.handlers queues a streamed request's engine work before it returns the
+    response's events (the time to first token does not wait for the response to start), so
+    a client that leaves before the response reads anything must still free the slot; and a
+    request the engine refuses is an HTTP error, not an error event in a 200 stream."""
+    from raylm.config import ServeConfig
+    from raylm.serve import protocol as P
+    from raylm.serve.handlers import OpenAIService
+
+    service = OpenAIService(engine, ServeConfig(), "tiny")
+    prompt = "The "
+    limit = engine.max_seq_len - len(service._prompt(prompt).ids)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": limit, "temperature": 0, "stream": True}
+    request = P.parse_request(json.dumps(body).encode(), P.CompletionRequest)
+
+    def busy() -> int:
+        s = engine.stats()
+        return s["running"] + s["waiting"]
+
+    async def main():
+        assert busy() == 0
+        leaves = asyncio.Event()
+        events = await service.completions(request, leaves.wait)  # never read
+        queued = busy()  # before this coroutine let the loop run anything else
+        start = engine.stats()["tokens_generated"]
+        deadline = time.monotonic() + 30
+        while engine.stats()["tokens_generated"] == start and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        generating = engine.stats()["tokens_generated"] > start
+        leaves.set()  # the client goes away; nobody ever reads `events`
+        while busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        made = engine.stats()["tokens_generated"] - start
+        await events.aclose()
+        return queued, generating, busy(), made, service._streams
+
+    queued, generating, left, made, streams = asyncio.run(main())
+    assert queued == 1 and generating, "the request waited for its response to be read"
+    assert left == 0 and made < limit, f"an unread stream kept its slot ({made} of {limit} tokens made)"
+    assert streams == 0
+    closed = Engine.from_run(tiny_run, max_batch_size=1)
+    asyncio.run(closed.close())
+    with pytest.raises(P.APIError) as e:
+        asyncio.run(OpenAIService(closed, ServeConfig(), "tiny").completions(request, asyncio.Event().wait))
+    assert e.value.status == 503 and e.value.headers["retry-after"]
+
 def test_compiled_engine_gives_the_same_tokens_and_logprobs_without_recompiling(engine):
     """serve.compile: the decode step and the prefill forward compiled (on this CPU, inductor's
     C++ kernels) before any request, then the same tokens and logprobs as `generate`, with
