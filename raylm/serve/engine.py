@@ -78,7 +78,8 @@ from dataclasses import dataclass, field
 import torch
 
 from raylm.generate import sample_token
-from raylm.serve.sampling import EngineClosed, Output, Outputs, SamplingParams, TokenLogprob, _is_int, check_request
+from raylm.serve.sampling import (EngineClosed, Output, Outputs, SamplingParams, TokenLogprob, _is_int, check_request,
+                                  read_lazily)
 
 
 class SlotCache:
@@ -309,17 +310,12 @@ class Engine:
 
         return Outputs(req.queue, release)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[Output]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[Output]:
         """Stream a request's Outputs, the last with its finish_reason (`open`, queued at the
         first read). Closing this generator (aclose) or cancelling the task consuming it frees
         the request's slot within one step."""
-        outputs = self.open(prompt_ids, params, request_id)
-        try:
-            async for out in outputs:
-                yield out
-        finally:
-            outputs.close()
+        return read_lazily(functools.partial(self.open, prompt_ids, params, request_id))
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[list], None],
                request_id: str | None = None, queue: asyncio.Queue | None = None) -> _Request:

@@ -24,6 +24,7 @@ in flight at the next step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import socket
@@ -34,7 +35,8 @@ import traceback
 from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 
-from raylm.serve.sampling import EngineClosed, EngineProcessDied, Output, Outputs, SamplingParams, check_request
+from raylm.serve.sampling import (EngineClosed, EngineProcessDied, Output, Outputs, SamplingParams, check_request,
+                                  read_lazily)
 
 
 class EngineProcess:
@@ -105,15 +107,10 @@ class EngineProcess:
         self._send(("gen", key, list(prompt_ids), params))  # if the process is gone, the reader fails the queue
         return Outputs(queue, release)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[Output]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[Output]:
         """As `Engine.generate`."""
-        outputs = self.open(prompt_ids, params, request_id)
-        try:
-            async for out in outputs:
-                yield out
-        finally:
-            outputs.close()
+        return read_lazily(functools.partial(self.open, prompt_ids, params, request_id))
 
     async def close(self) -> None:
         """Stop admitting, let every request submitted finish, and end the process."""

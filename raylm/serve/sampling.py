@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # the OpenAI API's cap on top_logprobs; more is a slow response, not a use
@@ -142,6 +142,17 @@ class Outputs:
         if not self._done:
             self._done = True
             self._release(ended)
+
+
+async def read_lazily(open_outputs: Callable[[], Outputs]) -> AsyncIterator[Output]:
+    """The engines' `generate`: `open_outputs()` at the first read, then its Outputs; closing
+    this generator, or cancelling the task reading it, closes them."""
+    outputs = open_outputs()
+    try:
+        async for out in outputs:
+            yield out
+    finally:
+        outputs.close()
 
 
 class EngineClosed(RuntimeError):
