@@ -185,7 +185,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     sink: Callable[[list], None]  # takes a step's (request, Output or exception) pairs (see `submit`)
-    queue: asyncio.Queue | None  # `generate`'s consumer's, filled by its event loop's sink
+    queue: Outputs | None  # `open`'s, filled on its event loop by its sink
     stream: _TextStream
     gen: torch.Generator | None
     row: int | None = None  # slot while running
@@ -302,13 +302,15 @@ class Engine:
         sink = self._loop_sinks.get(loop)
         if sink is None:
             sink = self._loop_sinks[loop] = functools.partial(loop.call_soon_threadsafe, _put_all)
-        req = self.submit(prompt_ids, params, sink, request_id, asyncio.Queue())
+        outputs = Outputs()
+        req = self.submit(prompt_ids, params, sink, request_id, outputs)
 
         def release(ended: bool) -> None:
             if not req.finished:
                 self.cancel(req)
 
-        return Outputs(req.queue, release)
+        outputs._release = release
+        return outputs
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  request_id: str | None = None) -> AsyncIterator[Output]:
@@ -318,7 +320,7 @@ class Engine:
         return read_lazily(functools.partial(self.open, prompt_ids, params, request_id))
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[list], None],
-               request_id: str | None = None, queue: asyncio.Queue | None = None) -> _Request:
+               request_id: str | None = None, queue: Outputs | None = None) -> _Request:
         """Queue a request whose outputs go to `sink`, from any thread: at the end of each
         prefill and each step the engine thread calls every sink that has something with one
         list of (request, Output or exception) pairs, in order (so one wake-up per consumer

@@ -70,7 +70,7 @@ class EngineProcess:
         self.meta: dict = info["meta"]
         self._stats: dict = info["stats"]
         self._keys = itertools.count()
-        self._queues: dict[int, asyncio.Queue] = {}
+        self._outputs: dict[int, Outputs] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._closed: asyncio.Future | None = None
@@ -97,15 +97,16 @@ class EngineProcess:
             raise EngineProcessDied(self._dead)
         self._attach()
         key = next(self._keys)
-        queue = self._queues[key] = asyncio.Queue()
+        outputs = self._outputs[key] = Outputs()
 
         def release(ended: bool) -> None:
-            self._queues.pop(key, None)
+            self._outputs.pop(key, None)
             if not ended and self._dead is None:
                 self._send(("cancel", key))
 
-        self._send(("gen", key, list(prompt_ids), params))  # if the process is gone, the reader fails the queue
-        return Outputs(queue, release)
+        outputs._release = release
+        self._send(("gen", key, list(prompt_ids), params))  # if the process is gone, the reader fails it
+        return outputs
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  request_id: str | None = None) -> AsyncIterator[Output]:
@@ -148,9 +149,9 @@ class EngineProcess:
                 kind = msg[0]
                 if kind == "out":
                     for key, item in msg[1]:
-                        queue = self._queues.get(key)
-                        if queue is not None:
-                            queue.put_nowait(item)
+                        outputs = self._outputs.get(key)
+                        if outputs is not None:
+                            outputs.put_nowait(item)
                 self._stats = msg[-1]
                 if kind == "closed" and self._closed is not None and not self._closed.done():
                     self._closed.set_result(None)
@@ -166,8 +167,8 @@ class EngineProcess:
             self._proc.kill()
             code = self._proc.wait()
         self._dead = f"the engine process exited with code {code}"
-        for queue in self._queues.values():
-            queue.put_nowait(EngineProcessDied(self._dead))
+        for outputs in list(self._outputs.values()):  # a listener's ends as it hears this
+            outputs.put_nowait(EngineProcessDied(self._dead))
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
 

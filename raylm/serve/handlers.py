@@ -258,18 +258,23 @@ class OpenAIService:
                     o.close()
         return opened
 
-    async def _run_choice(self, c: _Choice, outputs: Outputs, on_output=None) -> None:
+    def _api_error(self, e: BaseException) -> BaseException:
+        """What a client hears of an exception from the engine: 503 once it is closing or gone,
+        400 for a request it refused; anything else is a bug and stays as it is."""
+        if isinstance(e, EngineClosed):
+            return self._unavailable(e)
+        if isinstance(e, ValueError):
+            return P.APIError(400, str(e), None)
+        return e
+
+    async def _run_choice(self, c: _Choice, outputs: Outputs) -> None:
         """Feed one engine request's outputs into `c`; closing them (also on cancellation)
         frees its batch slot."""
         try:
             async for out in outputs:
                 c.add(out)
-                if on_output is not None:
-                    on_output(c, out)
-        except EngineClosed as e:
-            raise self._unavailable(e) from None
-        except ValueError as e:
-            raise P.APIError(400, str(e), None) from None
+        except (EngineClosed, ValueError) as e:
+            raise self._api_error(e) from None
         finally:
             outputs.close()
 
@@ -304,10 +309,10 @@ class OpenAIService:
                 chunk: Callable, disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
         """SSE lines: each choice's new text and tokens, one event per wake-up (see the class
         docstring: under load an event carries several engine steps' outputs), then usage
-        if asked, then [DONE]. The engine's requests are queued before this returns (`_open`), and
-        their producers and a disconnect watcher run as tasks from then on: a disconnect or the
-        timeout cancels them (freeing their slots within a step) even if the proxy never
-        cancels this generator, or never starts it."""
+        if asked, then [DONE]. The engine's requests are queued before this returns (`_open`),
+        their items handled as they arrive (`Outputs.listen`), and a disconnect watched by a
+        task from then on: a disconnect or the timeout closes them (freeing their slots within
+        a step) even if the proxy never cancels this generator, or never starts it."""
         created = P.now()
         loop = asyncio.get_running_loop()
         pending: list = []  # (choice, item) not yet sent, in arrival order
@@ -321,17 +326,19 @@ class OpenAIService:
             if urgent or loop.time() >= hold_until:
                 wake.set()
 
-        def on_output(c: _Choice, out: Output) -> None:
-            # A choice's first text is urgent (time to first token); its last output is
-            # followed at once by its urgent _DONE.
-            put(c, out, c.index not in started)
-
-        async def produce(c: _Choice, outputs: Outputs) -> None:
-            try:
-                await self._run_choice(c, outputs, on_output)
-                put(c, _DONE, True)
-            except Exception as e:  # noqa: BLE001 - reaches the client as an error event
-                put(c, e, True)
+        def listener(c: _Choice) -> Callable:
+            def heard(item) -> None:  # on the event loop, as the engine's items arrive
+                try:
+                    if isinstance(item, BaseException):
+                        put(c, self._api_error(item), True)
+                        return
+                    c.add(item)
+                    put(c, item, c.index not in started)  # a choice's first text is urgent (TTFT)
+                    if item.finish_reason is not None:
+                        put(c, _DONE, True)
+                except Exception as e:  # noqa: BLE001 - a bug here reaches the client as an error event
+                    put(c, e, True)
+            return heard
 
         async def watch() -> None:
             await disconnected()
@@ -343,13 +350,18 @@ class OpenAIService:
             if not ended:
                 ended = True
                 self._streams -= 1
-                for t in tasks:
-                    t.cancel()
+                for o in opened:
+                    o.close()
+                watching.cancel()
 
         # The engine gets the requests now, while the response starts: under load, every turn
         # of the replica's event loop before they go is a wait added to the time to first token.
-        tasks = [asyncio.ensure_future(produce(c, o)) for c, o in zip(choices, self._open(rid, choices))]
-        tasks.append(asyncio.ensure_future(watch()))
+        # Their items are handled as they arrive, not by a task per choice: a task's wake-up
+        # per stream and engine step was much of a busy replica's work.
+        opened = self._open(rid, choices)
+        for c, o in zip(choices, opened):
+            o.listen(listener(c))
+        watching = asyncio.ensure_future(watch())
         self._streams += 1
 
         async def events() -> AsyncIterator[str]:
@@ -401,7 +413,7 @@ class OpenAIService:
                 yield self._tail(rid, obj, created, choices, prompt_tokens, include_usage)
             finally:
                 end()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(watching, return_exceptions=True)
 
         return events()
 

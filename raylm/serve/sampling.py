@@ -108,21 +108,40 @@ class Output:
 
 
 class Outputs:
-    """A queued request's Outputs, the last with its finish_reason, as an async iterator
-    (`Engine.open`, `EngineProcess.open`). The request is in the engine's queue from the moment
-    this exists, not from its first read: a server sends it on before its response starts.
-    An exception from the engine ends it. `close()` (or `aclose()`) frees the request's slot
-    within one step if it has not ended, whether it was read or not."""
+    """A queued request's Outputs, the last with its finish_reason (`Engine.open`,
+    `EngineProcess.open`). The request is in the engine's queue from the moment this exists,
+    not from its first read: a server sends it on before its response starts. Read it as an
+    async iterator, or hand each item to a function as it arrives (`listen`: no task to wake
+    per item and engine step). An exception from the engine ends it. `close()` (or `aclose()`)
+    frees the request's slot within one step if it has not ended, whether it was read or not."""
 
-    def __init__(self, queue: asyncio.Queue, release: Callable[[bool], None]):
-        self._queue, self._release = queue, release  # release(ended): called once, when this ends
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._listener: Callable | None = None
+        self._release: Callable[[bool], None] = lambda ended: None  # the engine's, set by `open`
         self._done = False
+
+    def put_nowait(self, item) -> None:
+        """The engine's side, on the event loop: one Output or exception."""
+        if self._listener is None:
+            self._queue.put_nowait(item)
+            return
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            self._end(True)
+        self._listener(item)
+
+    def listen(self, fn: Callable) -> None:
+        """Call `fn(item)` with every item from now on (those already here first), on the event
+        loop, instead of queuing them for a reader."""
+        self._listener = fn
+        while not self._queue.empty():
+            self.put_nowait(self._queue.get_nowait())
 
     def __aiter__(self) -> Outputs:
         return self
 
     async def __anext__(self) -> Output:
-        if self._done:
+        if self._done and self._queue.empty():
             raise StopAsyncIteration
         item = await self._queue.get()
         if isinstance(item, BaseException):

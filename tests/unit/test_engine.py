@@ -539,6 +539,36 @@ def test_a_busy_replica_sends_fewer_larger_events_but_never_holds_first_text_end
     assert held._hold_s() == pytest.approx(2 * 0.005)
 
 
+def test_a_listener_hears_every_output_in_order_queued_ones_first(engine):
+    """`Outputs.listen` (how a streaming replica takes its requests' outputs, with no task per
+    request): the outputs queued before it, then the rest as they arrive, the same tokens as
+    reading them; the request then ends without a cancel, and its slot is free."""
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    params = SamplingParams(max_tokens=16, temperature=0)
+
+    async def main():
+        want = [out async for out in engine.generate(ids, params)]
+        outputs = engine.open(ids, params)
+        while outputs._queue.qsize() < 3:  # some outputs wait in the queue before anyone listens
+            await asyncio.sleep(0.001)
+        heard, done = [], asyncio.Event()
+
+        def hear(item):
+            heard.append(item)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                done.set()
+
+        outputs.listen(hear)
+        await asyncio.wait_for(done.wait(), 30)
+        return want, heard, outputs
+
+    want, heard, outputs = asyncio.run(main())
+    assert [t for o in heard for t in o.token_ids] == [t for o in want for t in o.token_ids]
+    assert "".join(o.text for o in heard) == "".join(o.text for o in want)
+    assert heard[-1].finish_reason == want[-1].finish_reason == "length"
+    assert outputs._done and engine.stats()["running"] == 0
+
+
 def test_a_stream_is_queued_before_its_response_reads_it_and_freed_if_never_read(engine, tiny_run):
     """raylm.serve.handlers queues a streamed request's engine work before it returns the
     response's events (the time to first token does not wait for the response to start), so
