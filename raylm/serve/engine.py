@@ -302,14 +302,12 @@ class Engine:
         sink = self._loop_sinks.get(loop)
         if sink is None:
             sink = self._loop_sinks[loop] = functools.partial(loop.call_soon_threadsafe, _put_all)
-        outputs = Outputs()
-        req = self.submit(prompt_ids, params, sink, request_id, outputs)
-
         def release(ended: bool) -> None:
             if not req.finished:
                 self.cancel(req)
 
-        outputs._release = release
+        outputs = Outputs(release)
+        req = self.submit(prompt_ids, params, sink, request_id, outputs)
         return outputs
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,

@@ -97,14 +97,13 @@ class EngineProcess:
             raise EngineProcessDied(self._dead)
         self._attach()
         key = next(self._keys)
-        outputs = self._outputs[key] = Outputs()
 
         def release(ended: bool) -> None:
             self._outputs.pop(key, None)
             if not ended and self._dead is None:
                 self._send(("cancel", key))
 
-        outputs._release = release
+        outputs = self._outputs[key] = Outputs(release)
         self._send(("gen", key, list(prompt_ids), params))  # if the process is gone, the reader fails it
         return outputs
 

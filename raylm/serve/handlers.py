@@ -237,21 +237,14 @@ class OpenAIService:
 
     # ------------------------------------------------------------------ running
 
-    def _unavailable(self, e: EngineClosed) -> P.APIError:
-        why = str(e) if isinstance(e, EngineProcessDied) else "the server is shutting down"
-        return P.APIError(503, f"{why}; retry on another replica", None, type="unavailable",
-                          headers={"retry-after": str(max(1, round(self.cfg.retry_after_s)))})
-
     def _open(self, rid: str, choices: list[_Choice]) -> list[Outputs]:
         """Queue every choice's engine request now (`Engine.open`): all of them, or none."""
         opened = []
         try:
             for c in choices:
                 opened.append(self.engine.open(c.prompt_ids, c.params, request_id=f"{rid}-{c.index}"))
-        except EngineClosed as e:
-            raise self._unavailable(e) from None
-        except ValueError as e:
-            raise P.APIError(400, str(e), None) from None
+        except (EngineClosed, ValueError) as e:
+            raise self._api_error(e) from None
         finally:
             if len(opened) < len(choices):
                 for o in opened:
@@ -262,7 +255,9 @@ class OpenAIService:
         """What a client hears of an exception from the engine: 503 once it is closing or gone,
         400 for a request it refused; anything else is a bug and stays as it is."""
         if isinstance(e, EngineClosed):
-            return self._unavailable(e)
+            why = str(e) if isinstance(e, EngineProcessDied) else "the server is shutting down"
+            return P.APIError(503, f"{why}; retry on another replica", None, type="unavailable",
+                              headers={"retry-after": str(max(1, round(self.cfg.retry_after_s)))})
         if isinstance(e, ValueError):
             return P.APIError(400, str(e), None)
         return e

@@ -115,10 +115,10 @@ class Outputs:
     per item and engine step). An exception from the engine ends it. `close()` (or `aclose()`)
     frees the request's slot within one step if it has not ended, whether it was read or not."""
 
-    def __init__(self) -> None:
+    def __init__(self, release: Callable[[bool], None]):
         self._queue: asyncio.Queue = asyncio.Queue()
         self._listener: Callable | None = None
-        self._release: Callable[[bool], None] = lambda ended: None  # the engine's, set by `open`
+        self._release = release  # the engine's: release(ended), once, when these end or close
         self._done = False
 
     def put_nowait(self, item) -> None:
@@ -141,7 +141,7 @@ class Outputs:
         return self
 
     async def __anext__(self) -> Output:
-        if self._done and self._queue.empty():
+        if self._done:
             raise StopAsyncIteration
         item = await self._queue.get()
         if isinstance(item, BaseException):
