@@ -262,25 +262,40 @@ class OpenAIService:
             return P.APIError(400, str(e), None)
         return e
 
-    async def _run_choice(self, c: _Choice, outputs: Outputs) -> None:
-        """Feed one engine request's outputs into `c`; closing them (also on cancellation)
-        frees its batch slot."""
-        try:
-            async for out in outputs:
-                c.add(out)
-        except (EngineClosed, ValueError) as e:
-            raise self._api_error(e) from None
-        finally:
-            outputs.close()
-
     async def _run_all(self, rid: str, choices: list[_Choice]) -> None:
-        tasks = [asyncio.ensure_future(self._run_choice(c, o)) for c, o in zip(choices, self._open(rid, choices))]
+        """Every choice's outputs into it as they arrive (`Outputs.listen`, as a stream hears
+        them: no task per choice), until all have ended. However this returns, cancelled
+        included (`_race`: a disconnect, the timeout), it closes them, freeing their slots
+        within a step."""
+        finished = asyncio.get_running_loop().create_future()
+        left = len(choices)
+
+        def listener(c: _Choice) -> Callable:
+            def heard(item) -> None:  # on the event loop, as the engine's items arrive
+                nonlocal left
+                if finished.done():
+                    return
+                try:
+                    if isinstance(item, BaseException):
+                        raise self._api_error(item)
+                    c.add(item)
+                except BaseException as e:  # noqa: BLE001 - the awaiting request raises it (a bug keeps its traceback)
+                    finished.set_exception(e)
+                    return
+                if item.finish_reason is not None:
+                    left -= 1
+                    if not left:
+                        finished.set_result(None)
+            return heard
+
+        opened = self._open(rid, choices)
         try:
-            await asyncio.gather(*tasks)
+            for c, o in zip(choices, opened):
+                o.listen(listener(c))
+            await finished
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for o in opened:
+                o.close()
 
     async def _race(self, work: Awaitable, disconnected: Callable[[], Awaitable[None]]):
         """`work` under the app's timeout, cancelled as soon as the client disconnects."""

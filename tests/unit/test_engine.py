@@ -615,6 +615,70 @@ def test_a_stream_is_queued_before_its_response_reads_it_and_freed_if_never_read
         asyncio.run(OpenAIService(closed, ServeConfig(), "tiny").completions(request, asyncio.Event().wait))
     assert e.value.status == 503 and e.value.headers["retry-after"]
 
+def test_a_whole_response_hears_its_choices_and_frees_them_on_a_disconnect_or_a_bug(engine, monkeypatch):
+    """The non-streaming path (`OpenAIService._run_all`, outputs heard as they arrive, no task
+    per choice): n choices equal `generate`'s answer; a client that leaves mid-way gets
+    ClientGone and every slot is free; a bug while adding an output reaches the caller as
+    itself (a 500 with its traceback, not a hang) and frees the slots too."""
+    from raylm.config import ServeConfig
+    from raylm.serve import handlers
+    from raylm.serve import protocol as P
+
+    service = handlers.OpenAIService(engine, ServeConfig(), "tiny")
+    prompt = "The "
+    ids = service._prompt(prompt).ids
+    limit = engine.max_seq_len - len(ids)
+
+    def request(max_tokens):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "n": 3}
+        return P.parse_request(json.dumps(body).encode(), P.CompletionRequest)
+
+    def busy() -> int:
+        s = engine.stats()
+        return s["running"] + s["waiting"]
+
+    async def answered():
+        want = [out async for out in engine.generate(ids, SamplingParams(max_tokens=12, temperature=0))]
+        got = await service.completions(request(12), asyncio.Event().wait)
+        return text_of(want), got
+
+    want, got = asyncio.run(answered())
+    assert [c["text"] for c in got["choices"]] == [want] * 3
+    assert got["usage"]["completion_tokens"] == 3 * 12 and busy() == 0
+
+    async def left_midway():
+        leaves = asyncio.Event()
+        start = engine.stats()["tokens_generated"]
+        call = asyncio.ensure_future(service.completions(request(limit), leaves.wait))
+        deadline = time.monotonic() + 30
+        while engine.stats()["tokens_generated"] - start < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        leaves.set()
+        with pytest.raises(handlers.ClientGone):
+            await asyncio.wait_for(call, 30)
+        while busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        return busy(), engine.stats()["tokens_generated"] - start
+
+    left, made = asyncio.run(left_midway())
+    assert left == 0 and made < 3 * limit, f"a client that left kept its slots ({made} of {3 * limit} tokens made)"
+
+    def broken_add(self, out):
+        raise RuntimeError("a bug while adding an output")
+
+    monkeypatch.setattr(handlers._Choice, "add", broken_add)
+
+    async def bug():
+        with pytest.raises(RuntimeError, match="a bug while adding"):
+            await asyncio.wait_for(service.completions(request(limit), asyncio.Event().wait), 30)
+        deadline = time.monotonic() + 30
+        while busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        return busy()
+
+    assert asyncio.run(bug()) == 0, "a request that hit a bug kept its slots"
+
+
 def test_compiled_engine_gives_the_same_tokens_and_logprobs_without_recompiling(engine):
     """serve.compile: the decode step and the prefill forward compiled (on this CPU, inductor's
     C++ kernels) before any request, then the same tokens and logprobs as `generate`, with
