@@ -174,7 +174,10 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torc
     tokens whose probability reaches top_p; 1 = off, which leaves results as they were)."""
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled.max()):  # a temperature so small that the division overflows
+        return int(logits.argmax())  # (the softmax would be NaN): its limit, the greedy choice
+    logits = scaled
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

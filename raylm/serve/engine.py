@@ -590,7 +590,17 @@ class Engine:
 
     def _accept(self, req: _Request, logits: torch.Tensor, token: int | None = None) -> None:
         """Sample the request's next token from its logits (vocab,) unless `token` is given,
-        stream it, and end the request when it hits a stop token, a stop string or max_tokens."""
+        stream it, and end the request when it hits a stop token, a stop string or max_tokens.
+        What fails here is the request's own (its sampling, its text): it fails alone, and the
+        others in the batch go on."""
+        try:
+            self._take(req, logits, token)
+        except Exception as e:  # noqa: BLE001 - its consumer re-raises it, with its traceback
+            if req.finished:  # it failed after its end: not the request's own doing
+                raise
+            self._fail(req, e)
+
+    def _take(self, req: _Request, logits: torch.Tensor, token: int | None) -> None:
         p = req.params
         if token is None:
             token = sample_token(logits, p.temperature, p.top_k, req.gen, p.top_p)
@@ -655,11 +665,14 @@ class Engine:
 
     def _fail_running(self, error: Exception) -> None:
         for req in list(self._rows):
-            req.finished = True
-            self._free(req)
-            failure = RuntimeError(f"engine step failed: {error!r}")
-            failure.__cause__ = error
-            self._emit(req, failure)
+            self._fail(req, error)
+
+    def _fail(self, req: _Request, error: Exception) -> None:
+        req.finished = True
+        self._free(req)
+        failure = RuntimeError(f"engine step failed: {error!r}")
+        failure.__cause__ = error
+        self._emit(req, failure)
 
     # ------------------------------------------------------------------ text and logprobs
 

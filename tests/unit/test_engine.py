@@ -234,6 +234,41 @@ def test_an_abandoned_request_frees_its_slot_within_one_step(engine):
     assert engine.stats()["free_slots"] == engine.max_batch_size
 
 
+def test_a_tiny_temperature_is_greedy_and_a_failing_request_fails_alone(engine, monkeypatch):
+    """A temperature so small that logits / temperature overflows (valid JSON, within the API's
+    range) samples its limit, the greedy token, instead of a NaN softmax; and whatever fails in
+    one request's own sampling fails that request alone, not the batch beside it."""
+    from raylm.serve import engine as engine_module
+
+    tok = engine.tokenizer
+    prompt = tok.encode(PROMPTS[1])
+    greedy = generate(engine.model, prompt, 24, 0, 0, None, 0)
+
+    async def beside(params):
+        return await asyncio.gather(collect(engine, prompt, SamplingParams(max_tokens=24, temperature=0)),
+                                    collect(engine, prompt, params), return_exceptions=True)
+
+    for t in (1e-45, 1e-60):
+        kept, tiny = asyncio.run(beside(SamplingParams(max_tokens=24, temperature=t, seed=1)))
+        assert not isinstance(tiny, BaseException), f"temperature={t}: {tiny!r}"
+        assert_same_tokens(engine.model, prompt, ids_of(tiny), greedy, None, True, f"temperature={t}")
+        assert_same_tokens(engine.model, prompt, ids_of(kept), greedy, None, True, "the greedy request beside it")
+
+    real = engine_module.sample_token
+
+    def broken(logits, temperature, *args):
+        if temperature == 0.5:
+            raise RuntimeError("a bug in this request's sampling")
+        return real(logits, temperature, *args)
+
+    monkeypatch.setattr(engine_module, "sample_token", broken)
+    kept, failed = asyncio.run(beside(SamplingParams(max_tokens=24, temperature=0.5, seed=1)))
+    assert isinstance(failed, RuntimeError) and "a bug in this request's sampling" in str(failed), failed
+    assert not isinstance(kept, BaseException), f"the request beside it failed too: {kept!r}"
+    assert_same_tokens(engine.model, prompt, ids_of(kept), greedy, None, True, "the request beside the failing one")
+    assert engine.stats()["free_slots"] == engine.max_batch_size
+
+
 def test_bad_requests_are_one_line_value_errors_naming_the_field(engine):
     bad = {"max_tokens": -1, "temperature": float("nan"), "top_p": 0.0, "top_k": -2, "stop": ("",),
            "stop_token_ids": (-1,), "seed": "x", "logprobs": 21, "echo": "yes"}
