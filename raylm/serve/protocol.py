@@ -186,7 +186,7 @@ def parse_request(raw: bytes, model: type[BaseModel]):
     """The request body as `model`, or APIError(400) naming the field at fault."""
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # not UTF-8, not JSON, or an integer too long to convert (Python's limit)
         raise APIError(400, f"request body is not valid JSON: {e}", None) from None
     except RecursionError:
         raise APIError(400, "request body is nested too deeply", None) from None

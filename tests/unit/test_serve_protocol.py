@@ -74,7 +74,9 @@ def test_bad_chat_fields_are_named(body, param):
     assert refused(body, P.ChatCompletionRequest).param == param
 
 
-@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b'"text"', b"null", b"\xff\xfe", b"", b"[" * 100000])
+@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b'"text"', b"null", b"\xff\xfe", b"", b"[" * 100000,
+                                 pytest.param(b'{"model": "tiny", "max_tokens": ' + b"1" * 5000 + b"}",
+                                              id="integer-past-pythons-digit-limit")])
 def test_bad_json_and_non_objects_are_400(raw):
     e = refused(raw)
     assert "JSON" in e.message or "nested" in e.message
