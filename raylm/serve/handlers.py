@@ -146,7 +146,7 @@ class OpenAIService:
         prompts = [self._prompt(p) for p in req.prompts()]
         choices = []
         for pi, prompt in enumerate(prompts):
-            limit = req.max_tokens if req.max_tokens is not None else self.engine.max_seq_len - len(prompt.ids)
+            limit = req.max_tokens if req.max_tokens is not None else self._room(prompt.ids, "prompt")
             for j in range(req.n):
                 params = self._params(req, prompt.ids, limit, j, logprobs=req.logprobs, echo=req.echo,
                                       stop_ids=(self.tok.eos_id,))
@@ -174,7 +174,7 @@ class OpenAIService:
         if limit == 0:
             raise P.APIError(400, "max_tokens: must be at least 1 for chat", "max_tokens")
         if limit is None:
-            limit = self.engine.max_seq_len - len(ids)
+            limit = self._room(ids, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         choices = [_Choice(j, ids, self._params(req, ids, limit, j, logprobs=top,
                                                 stop_ids=(self.end_id, self.tok.eos_id)))
@@ -213,6 +213,14 @@ class OpenAIService:
         if bad is not None:
             raise P.APIError(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
         return _Prompt(list(p), self.tok.decode(p))
+
+    def _room(self, prompt_ids: list[int], field: str) -> int:
+        """max_tokens where the client gave none: what the prompt leaves of the context."""
+        context, prompt_len = self.engine.max_seq_len, len(prompt_ids)
+        if prompt_len >= context:
+            raise P.APIError(400, f"{field}: its {prompt_len} tokens leave no room in the model's context of "
+                                  f"{context} tokens", field, code="context_length_exceeded")
+        return context - prompt_len
 
     def _params(self, req, prompt_ids: list[int], max_tokens: int, j: int, *, logprobs: int | None,
                 stop_ids: tuple[int, ...], echo: bool = False) -> SamplingParams:

@@ -255,6 +255,10 @@ def test_api_key_is_required_and_compared(server):
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**12}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "word " * 100, "max_tokens": 100}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 10**9], "max_tokens": 1}, 400, "prompt"),
+    # No max_tokens: the prompt itself fills the context (the error names it, not a max_tokens never sent).
+    ("/v1/completions", {"model": "tiny", "prompt": "word " * 400, "max_tokens": None}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}]}, 400,
+     "messages"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 10**9}, 400, "n"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
@@ -270,6 +274,8 @@ def test_bad_requests_get_an_openai_error_naming_the_field(server, path, body, s
     assert got == status, err
     assert set(err["error"]) == {"message", "type", "param", "code"}
     assert err["error"]["param"] == param
+    if "context" in err["error"]["message"]:
+        assert err["error"]["code"] == "context_length_exceeded", err
     if param:
         assert param.split(".")[0] in err["error"]["message"]
 
