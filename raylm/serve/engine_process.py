@@ -225,7 +225,21 @@ def _main(fd: int) -> int:
     engine.step_done = step_done
     conn.send(("ready", {"tokenizer": engine.tokenizer, "max_seq_len": engine.max_seq_len,
                          "vocab_size": engine.vocab_size, "meta": engine.meta, "stats": engine.stats()}))
+    closing = None  # the thread that closes the engine, once the replica asks
+
+    def close() -> None:
+        engine.close_sync()
+        try:
+            send(("closed", engine.stats()))
+        except OSError:  # the replica went meanwhile
+            pass
+
     while True:
+        if closing is not None:  # keep hearing cancels while in-flight requests finish
+            if not closing.is_alive():
+                return 0
+            if not conn.poll(0.05):
+                continue
         try:
             msg = conn.recv()
         except (EOFError, OSError):  # the replica is gone: nobody reads what is in flight
@@ -246,10 +260,9 @@ def _main(fd: int) -> int:
                 req = requests.pop(msg[1], None)
             if req is not None:
                 engine.cancel(req)
-        elif kind == "close":
-            engine.close_sync()
-            send(("closed", engine.stats()))
-            return 0
+        elif kind == "close" and closing is None:
+            closing = threading.Thread(target=close, name="close")
+            closing.start()
 
 
 if __name__ == "__main__":

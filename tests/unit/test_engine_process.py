@@ -112,15 +112,23 @@ def test_bad_requests_fail_in_the_replica_naming_the_field(remote, loop):
 
 
 def test_close_finishes_in_flight_requests_then_refuses_new_ones(tiny_run, loop):
+    """...and a request whose client leaves while the engine closes frees its slot then, as
+    in-process, rather than running to its max_tokens before the process may end."""
     ep = EngineProcess(tiny_run, threads=1, max_batch_size=4)
     ids = ep.tokenizer.encode("In the beginning")
+    longest = ep.max_seq_len - len(ids)
 
     async def run():
         tasks = [asyncio.ensure_future(collect(ep, ids, SamplingParams(max_tokens=30, temperature=0.0)))
                  for _ in range(3)]
-        while ep.stats()["running"] + ep.stats()["waiting"] < 1:
+        leaving = ep.open(ids, SamplingParams(max_tokens=longest, temperature=0.0))
+        await leaving.__anext__()
+        while ep.stats()["running"] + ep.stats()["waiting"] < 2:
             await asyncio.sleep(0.01)
-        await ep.close()
+        closing = asyncio.ensure_future(ep.close())
+        await asyncio.sleep(0.05)  # the close is under way in the engine's process
+        leaving.close()  # the client goes away
+        await closing
         outs = await asyncio.gather(*tasks)
         with pytest.raises(EngineClosed):
             await collect(ep, ids, SamplingParams(max_tokens=1))
@@ -128,6 +136,8 @@ def test_close_finishes_in_flight_requests_then_refuses_new_ones(tiny_run, loop)
 
     outs = loop.run_until_complete(run())
     assert all(o[-1].finish_reason == "length" and o[-1].completion_tokens == 30 for o in outs)
+    made = ep.stats()["tokens_generated"]
+    assert made < 3 * 30 + longest, f"the request whose client left ran to its max_tokens ({made} tokens in all)"
     assert ep._proc.returncode == 0 and not ep.alive()
 
 
