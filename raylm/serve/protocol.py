@@ -9,7 +9,9 @@ silently ignored typo. Errors leave in OpenAI's body shape, `{"error": {"message
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -247,23 +249,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # SentencePiece's byte-fallback pieces
+
+
+def token_bytes(token: str) -> bytes:
+    """A token's bytes: a byte piece's one byte ("<0xC3>", part of a character: the pieces of a
+    character join back into it), any other token's text in UTF-8."""
+    m = _BYTE_PIECE.fullmatch(token)
+    return bytes([int(m.group(1), 16)]) if m else token.encode("utf-8")
+
+
 def completion_logprobs(entries: list, text_start: int) -> dict:
     """OpenAI's legacy completions logprobs: parallel lists over `entries` (TokenLogprob-like;
-    an echoed prompt's first token has logprob None, as in OpenAI's answers)."""
+    an echoed prompt's first token has logprob None, as in OpenAI's answers). A token's
+    text_offset counts the characters its predecessors completed (the byte pieces of one
+    character add one character, with the last of them)."""
     tokens, lps, tops, offsets = [], [], [], []
-    offset = text_start
+    offset, text = text_start, codecs.getincrementaldecoder("utf-8")(errors="replace")
     for e in entries:
         tokens.append(e.token)
         lps.append(e.logprob)
         tops.append(dict(e.top) if e.logprob is not None else None)
         offsets.append(offset)
-        offset += len(e.token)
+        offset += len(text.decode(token_bytes(e.token)))
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def chat_logprobs(entries: list) -> dict:
     def item(token: str, lp: float) -> dict:
-        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+        return {"token": token, "logprob": lp, "bytes": list(token_bytes(token))}
 
     return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                         for e in entries]}

@@ -92,6 +92,33 @@ def test_completion_logprobs_shape_with_an_echoed_first_token():
                    "top_logprobs": [None, {"c": -0.5, "d": -1.0}], "text_offset": [0, 2]}
 
 
+def test_logprobs_of_byte_pieces_give_their_bytes_and_offsets_in_characters(tiny_run):
+    """A character the tokenizer spells in byte-fallback pieces ("<0xC3>", "<0xA9>"): chat's
+    `bytes` are those bytes, so that a client joins them back into the character, and
+    completions' text_offset counts characters of the text, not the pieces' names."""
+    import torch
+
+    from raylm.serve.engine import Engine
+
+    engine = Engine.from_run(tiny_run, max_batch_size=1)
+    try:
+        text = "\u00e9\u20ac!"  # two characters outside a 512-piece vocabulary, then one inside
+        ids = engine.tokenizer.encode(text)
+        lp = torch.log_softmax(torch.zeros(engine.vocab_size), -1)
+        entries = [engine._token_logprob(lp, i, 1) for i in ids]
+    finally:
+        import asyncio
+
+        asyncio.run(engine.close())
+    assert any(P._BYTE_PIECE.fullmatch(e.token) for e in entries), [e.token for e in entries]
+    chat = P.chat_logprobs(entries)["content"]
+    pieces = [bytes(c["bytes"]) for c in chat]
+    assert b"".join(pieces).decode("utf-8") == text
+    assert all(bytes(t["bytes"]) == P.token_bytes(t["token"]) for c in chat for t in c["top_logprobs"])
+    offsets = P.completion_logprobs(entries, 0)["text_offset"]
+    assert offsets == [len(b"".join(pieces[:i]).decode("utf-8", "ignore")) for i in range(len(pieces))], offsets
+
+
 def test_serve_config_ranges_and_overrides():
     cfg = load_serve_config(["max_batch_size=4", "serve.max_ongoing_requests=8", "autoscale_max_replicas=3"],
                             port=1234)
