@@ -155,7 +155,7 @@ class OpenAIService:
         rid = P.new_id("cmpl")
         if req.stream:
             return self._stream(rid, "text_completion", choices, prompt_tokens, req.include_usage, self._completion_chunk,
-                                disconnected)
+                                disconnected, req.continuous_usage)
         await self._race(self._run_all(rid, choices), disconnected)
         return {"id": rid, "object": "text_completion", "created": P.now(), "model": self.model_name,
                 "choices": [{"index": c.index, "text": c.prompt_text + c.text,
@@ -182,7 +182,7 @@ class OpenAIService:
         rid = P.new_id("chatcmpl")
         if req.stream:
             return self._stream(rid, "chat.completion.chunk", choices, len(ids), req.include_usage, self._chat_chunk,
-                                disconnected)
+                                disconnected, req.continuous_usage)
         await self._race(self._run_all(rid, choices), disconnected)
         return {"id": rid, "object": "chat.completion", "created": P.now(), "model": self.model_name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -324,10 +324,12 @@ class OpenAIService:
             await asyncio.gather(task, watch, return_exceptions=True)
 
     def _stream(self, rid: str, obj: str, choices: list[_Choice], prompt_tokens: int, include_usage: bool,
-                chunk: Callable, disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
+                chunk: Callable, disconnected: Callable[[], Awaitable[None]],
+                usage_every_chunk: bool = False) -> AsyncIterator[str]:
         """SSE lines: each choice's new text and tokens, one event per wake-up (see the class
         docstring: under load an event carries several engine steps' outputs), then usage
-        if asked, then [DONE]. The engine's requests are queued before this returns (`_open`),
+        if asked, then [DONE]; with `usage_every_chunk`, each chunk also carries the usage of
+        what has been sent so far. The engine's requests are queued before this returns (`_open`),
         their items handled as they arrive (`Outputs.listen`), and a disconnect watched by a
         task from then on: a disconnect or the timeout closes them (freeing their slots within
         a step) even if the proxy never cancels this generator, or never starts it."""
@@ -337,7 +339,13 @@ class OpenAIService:
         wake = asyncio.Event()  # set when something in `pending` is due now
         hold_until = 0.0  # loop time before which only urgent items wake the stream (see _hold_s)
         started: set[int] = set()  # choices whose first text went out: later outputs may wait
+        sent_tokens = {c.index: 0 for c in choices}  # completion tokens sent so far, by choice
         ended = False
+
+        def with_usage(body: dict) -> dict:
+            if usage_every_chunk:
+                body["usage"] = P.usage(prompt_tokens, sum(sent_tokens.values()))
+            return body
 
         def put(c, item, urgent: bool) -> None:
             pending.append((c, item))
@@ -391,7 +399,7 @@ class OpenAIService:
                 # with the choice's first output).
                 heads = [chunk(rid, created, obj, c, None, first=True) for c in choices]
                 if any(h is not None for h in heads):
-                    yield "".join(P.sse(h) for h in heads if h is not None)
+                    yield "".join(P.sse(with_usage(h)) for h in heads if h is not None)
                 while left:
                     if not wake.is_set():  # sleep until something is due, or the deadline
                         timer = loop.call_at(min(deadline, hold_until) if pending else deadline, wake.set)
@@ -419,7 +427,8 @@ class OpenAIService:
                             continue
                         if item.text or item.finish_reason:
                             started.add(c.index)
-                        lines.append(P.sse(chunk(rid, created, obj, c, item)))
+                        sent_tokens[c.index] = item.completion_tokens
+                        lines.append(P.sse(with_usage(chunk(rid, created, obj, c, item))))
                     if left and lines:
                         # One yield per wake-up, however many lines: Serve relays each yield to
                         # the proxy as one message, and that, not the bytes, is what costs.

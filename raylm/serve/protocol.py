@@ -48,7 +48,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's; accepted, usage then rides on every chunk
+    continuous_usage_stats: bool = False  # vLLM's: usage (so far) on every chunk, and at the end
 
 
 class _Sampling(_Strict):
@@ -96,6 +96,10 @@ class _Sampling(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and (self.stream_options.include_usage
                                              or self.stream_options.continuous_usage_stats))
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_Sampling):

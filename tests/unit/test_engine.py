@@ -714,6 +714,36 @@ def test_a_whole_response_hears_its_choices_and_frees_them_on_a_disconnect_or_a_
     assert asyncio.run(bug()) == 0, "a request that hit a bug kept its slots"
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(engine):
+    """vLLM's stream option, accepted by this server: every chunk carries the usage of what
+    has been sent so far (counting each choice's tokens as they go out), the last the total."""
+    from raylm.config import ServeConfig
+    from raylm.serve import protocol as P
+    from raylm.serve.handlers import OpenAIService
+
+    service = OpenAIService(engine, ServeConfig(), "tiny")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Name a river."}], "max_tokens": 10,
+            "temperature": 0, "n": 2, "logprobs": True, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}}
+    request = P.parse_request(json.dumps(body).encode(), P.ChatCompletionRequest)
+
+    async def main():
+        events = await service.chat(request, asyncio.Event().wait)
+        return "".join([e async for e in events])
+
+    chunks = [json.loads(line[6:]) for line in asyncio.run(main()).split("\n\n")
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    usages = [c.get("usage") for c in chunks]
+    assert all(u is not None for u in usages), "a chunk without usage"
+    assert usages[0]["completion_tokens"] == 0 and usages[-1]["completion_tokens"] == 2 * 10
+    sent, so_far = 0, []  # tokens in the chunks up to each one (a token, a logprobs entry)
+    for c in chunks:
+        sent += sum(len((ch.get("logprobs") or {}).get("content") or []) for ch in c["choices"])
+        so_far.append(sent)
+    assert [u["completion_tokens"] for u in usages] == so_far
+    assert {u["prompt_tokens"] for u in usages} == {usages[0]["prompt_tokens"]}
+
+
 def test_compiled_engine_gives_the_same_tokens_and_logprobs_without_recompiling(engine):
     """serve.compile: the decode step and the prefill forward compiled (on this CPU, inductor's
     C++ kernels) before any request, then the same tokens and logprobs as `generate`, with
