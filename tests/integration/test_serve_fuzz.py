@@ -35,7 +35,8 @@ VALID_CHAT = {"model": "tiny", "messages": [{"role": "system", "content": "be br
 PATHS = ["/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/stats", "/v1", "/",
          "/v1/completions/", "/v1/../v1/models", "/%00", "/v1/chat/completions?x=1"]
 WEIRD = [None, True, False, 0, -1, 1, 2**31, -2**63, 10**40, 0.5, -0.0, 1e308, "", "x", "\u0000", "\ud7ff" * 3,
-         "<|end|>", "é" * 50, [], [0], [-1], [[]], [[1, 2]], {}, {"a": 1}, [None], ["a", 1], "NaN"]
+         "<|end|>", "é" * 50, [], [0], [-1], [[]], [[1, 2]], {}, {"a": 1}, [None], ["a", 1], "NaN",
+         1e-45, 5e-324]  # temperatures whose division of the logits overflows
 
 
 @pytest.fixture(scope="module")
