@@ -174,12 +174,14 @@ def cmd_serve(args) -> None:
 
     from raylm.config import Config, load_serve_config
     from raylm.pipeline import init_ray, serve_ingress
-    from raylm.serve.app import start
+    from raylm.serve.app import check_port_free, start
     from raylm.serve.local import wait_ready
 
     explicit = {k: v for k, v in (("engine", args.engine), ("host", args.host), ("port", args.port),
                                   ("api_key", args.api_key)) if v is not None}
     cfg = load_serve_config(args.overrides, **explicit)
+    if not os.environ.get("RAY_ADDRESS"):  # a cluster of our own: Serve is not listening there yet
+        check_port_free(cfg)  # before Ray starts, not after (start() checks where Serve may run)
     init_ray(Config())
     from ray import serve
 

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations, and
 # Serve pickles the routes by value, which drops module globals that only string annotations name.
@@ -333,10 +334,35 @@ def start(run: str, cfg: ServeConfig, blocking: bool = False, name: str = APP_NA
         application = build_vllm_app(run, cfg, model_name_of(run, cfg))
     else:
         application = build_app(run, cfg)
+    if not _serve_running():
+        check_port_free(cfg)  # else HAProxy fails to bind in an actor, and Ray reports a traceback
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": log_level})
     serve.run(application, name=name, route_prefix=route_prefix, blocking=blocking,
               logging_config={"log_level": log_level})
     return base_url(cfg) + route_prefix.rstrip("/")
+
+
+def _serve_running() -> bool:
+    """Whether Serve runs on the connected cluster already (its ingress then holds its port)."""
+    import ray
+
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    except ValueError:
+        return False
+    return True
+
+
+def check_port_free(cfg: ServeConfig) -> None:
+    """ConfigError naming serve.port when nothing could listen on cfg.host:cfg.port now."""
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HAProxy binds: TIME_WAIT is no conflict
+        try:
+            s.bind((cfg.host, cfg.port))
+        except OSError as e:
+            raise ConfigError(f"serve.port={cfg.port}: cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); "
+                              f"pick another --port, or stop what holds it") from e
 
 
 def base_url(cfg: ServeConfig) -> str:

@@ -149,3 +149,18 @@ def test_generate_options_are_range_checked_before_loading(tmp_path):
                       (["--top-k", "-2"], "sample.top_k=-2")):
         line = one_line_error(raylm("generate", str(tmp_path / "no-run"), *args, cwd=tmp_path))
         assert key in line
+
+
+def test_serve_on_a_port_in_use_names_it_before_ray_starts(tmp_path, ray_tmp):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = str(ray_tmp)
+        proc = raylm("serve", str(tmp_path / "run"), "--port", str(port), cwd=tmp_path, env=env)
+    assert not list(ray_tmp.iterdir()), "Ray started:\n" + proc.stdout + proc.stderr
+    line = one_line_error(proc)
+    assert f"serve.port={port}" in line and "in use" in line, line
