@@ -974,6 +974,32 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last, and
+    the settings of a section written twice would vanish without a word. A merge (`<<:`)
+    may still be overridden key by key, as YAML means it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                again = key in seen
+            except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                continue
+            if again:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys (a yaml.YAMLError naming the line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """'line 3: found undefined alias ...': where and what, on one line."""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -991,7 +1017,7 @@ def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, An
         if not p.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = load_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: not valid YAML ({_yaml_problem(e)})") from None
         except UnicodeDecodeError:

@@ -15,6 +15,7 @@ from raylm.config import (
     TrainConfig,
     from_dict,
     load_config,
+    load_yaml,
     to_dict,
 )
 from raylm.model import count_params
@@ -354,6 +355,9 @@ def test_unhashable_preset_names_key(override):
     ("seed: !custom 3\n", "line 1: could not determine a constructor for the tag '!custom'"),
     ("data:\n  path: *.jsonl\n", "line 2: expected alphabetic or numeric character"),
     ("data:\n  path: *undefined\n", "line 2: found undefined alias 'undefined'"),
+    # A section written twice: PyYAML would keep the second and drop train.lr without a word.
+    ("train:\n  lr: 0.5\nmodel:\n  preset: tiny\ntrain:\n  max_steps: 3\n", "line 5: duplicate key 'train'"),
+    ("train:\n  lr: 0.5\n  lr: 0.1\n", "line 3: duplicate key 'lr'"),
 ])
 def test_yaml_file_with_tag_or_bad_alias_is_one_line_naming_file(tmp_path, text, problem):
     path = _write(tmp_path, text, "tagged.yaml")
@@ -367,6 +371,9 @@ def test_yaml_file_anchors_and_aliases_work(tmp_path):
     path = _write(tmp_path, "train:\n  lr: &x 0.5\n  min_lr_ratio: *x\n")
     cfg = load_config(path)
     assert cfg.train.lr == cfg.train.min_lr_ratio == 0.5
+    path = _write(tmp_path, "base: &b {lr: 0.5, max_steps: 9}\ntrain:\n  <<: *b\n  lr: 0.1\n", "merge.yaml")
+    data = load_yaml(open(path).read())
+    assert data["train"] == {"lr": 0.1, "max_steps": 9}  # a merge's key overridden: not a duplicate
 
 
 def test_yaml_file_alias_bomb_gives_a_short_error(tmp_path):
