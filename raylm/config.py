@@ -835,7 +835,9 @@ class Config:
             raise ConfigError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
         if self.stage == "dpo" and not self.init_from:
             raise ConfigError("stage=dpo needs init_from (the SFT run or checkpoint to start from and compare against)")
-        if self.data.seq_len > self.model.max_seq_len:
+        # Post-training takes the parent's model, and checks data.seq_len against it there
+        # (raylm.posttrain.parent_of): this run's model.* are not its own.
+        if self.data.seq_len > self.model.max_seq_len and self.stage == "pretrain":
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )

@@ -24,7 +24,7 @@ import numpy as np
 
 from raylm import checkpoint, storage
 from raylm.chat_data import prepare_chat, write_rows
-from raylm.config import Config, ConfigError, DataConfig, from_dict
+from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
 from raylm.data import DataError, actor_restarts, list_corpus, prepared_datasets, read_manifest
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
 from raylm.pipeline import absolute_paths, init_ray, keep_in_run, log, resolve_workers, workers_summary
@@ -46,6 +46,7 @@ def parent_of(cfg: Config) -> tuple[Config, dict]:
     marker = storage.read_bytes(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3)
     facts = {"checkpoint": ckpt, "sha256": hashlib.sha256(marker).hexdigest(), "stage": parent_cfg.stage,
              "tokenizer": tokenizer_of(ckpt, meta, cfg.s3), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
+    _check_model_overrides(cfg, parent_cfg, ckpt)
     limit = parent_cfg.model.max_seq_len
     if cfg.data.seq_len > limit:
         if cfg.data.seq_len != DataConfig().seq_len:
@@ -55,6 +56,17 @@ def parent_of(cfg: Config) -> tuple[Config, dict]:
     cfg = dataclasses.replace(cfg, model=parent_cfg.model,
                               tokenizer=dataclasses.replace(cfg.tokenizer, path=facts["tokenizer"]))
     return cfg, facts
+
+
+def _check_model_overrides(cfg: Config, parent_cfg: Config, ckpt: str) -> None:
+    """Post-training keeps the parent's model shape: a model.* setting that differs from both
+    the default and the parent's would be dropped without a word, so it is refused."""
+    default = Config().model
+    for f in dataclasses.fields(ModelConfig):
+        ours, theirs = getattr(cfg.model, f.name), getattr(parent_cfg.model, f.name)
+        if ours != getattr(default, f.name) and ours != theirs:
+            raise ConfigError(f"model.{f.name}={ours}: {cfg.stage} keeps the parent's model shape "
+                              f"(model.{f.name}={theirs} in {ckpt}); drop the setting")
 
 
 def check_records_path(cfg: Config) -> None:
