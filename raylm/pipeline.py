@@ -20,8 +20,8 @@ from raylm.errors import PathNotFoundError
 from raylm import storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
-from raylm.data import (MANIFEST, SUFFIXES, DataError, corpus_files, list_corpus, prepare, prepared_datasets,
-                        read_manifest, runs_in_process, stream_datasets)
+from raylm.data import (MANIFEST, SUFFIXES, DataError, _check_error_budget, corpus_files, list_corpus, prepare,
+                        prepared_datasets, read_manifest, runs_in_process, stream_datasets)
 from raylm.documents import clean_text, parse_documents
 from raylm.generate import complete, load_for_inference, load_tokenizer
 from raylm.pii import redact as redact_pii
@@ -378,12 +378,16 @@ def ensure_corpus(cfg: Config) -> Config:
 
 def sample_documents(cfg: Config, limit_bytes: int, files: list | None = None):
     """Cleaned documents from the corpus (`files`, else listed now), in order, until
-    `limit_bytes` (tokenizer training). Those the length filters drop are left out here too."""
+    `limit_bytes` (tokenizer training). Those the length filters drop are left out here too,
+    and bad records are skipped within data.max_bad_records, as the data stage does."""
     used = too_long = too_short = 0
+    bad: list[str] = []
     for f in list_corpus(cfg.data.path, cfg.s3) if files is None else files:
         for _, doc in parse_documents(f.uri, storage.read_bytes(f.uri, cfg.s3), cfg.data.text_field):
             if isinstance(doc, DataError):
-                raise doc
+                bad.append(str(doc))
+                _check_error_budget(bad, cfg.data)
+                continue
             text = clean_text(doc)
             if len(text) > cfg.data.max_chars:
                 too_long += 1
@@ -397,10 +401,10 @@ def sample_documents(cfg: Config, limit_bytes: int, files: list | None = None):
             used += len(text.encode())
             if used >= limit_bytes:
                 return
-    if not used and (too_long or too_short):
+    if not used and (too_long or too_short or bad):
         raise DataError(f"{cfg.data.path}: every document is filtered out ({too_long} longer than "
                         f"data.max_chars={cfg.data.max_chars}, {too_short} shorter than "
-                        f"data.min_chars={cfg.data.min_chars})")
+                        f"data.min_chars={cfg.data.min_chars}{f', {len(bad)} bad records' if bad else ''})")
 
 
 def ensure_tokenizer(cfg: Config, files: list | None = None) -> tuple[Config, Tokenizer]:

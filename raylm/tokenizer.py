@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sentencepiece as spm
 
-from raylm.errors import ConfigError, DataError
+from raylm.errors import ConfigError, DataError, OutputExistsError
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
@@ -120,6 +120,23 @@ def _take_sample(texts: Iterable[str], sample_bytes: int) -> tuple[list[str], in
     return docs, total
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an output that retraining would destroy or cannot rename into place: only a
+    missing path or a tokenizer directory (nothing but our two files) is replaced."""
+    if out.name in ("", ".."):  # ".", "..", "/": a directory in use cannot be renamed away
+        raise OutputExistsError(f"{out}: cannot be replaced by a tokenizer directory; name a new "
+                                f"directory, e.g. {out / 'tokenizer'}")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out}: already exists and is a file; write the tokenizer to a new directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in (META_FILE, MODEL_FILE) or not p.is_file())
+    if others:
+        raise OutputExistsError(f"{out}: already exists and holds {others[0]}"
+                                f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}, so it is not a "
+                                f"tokenizer directory; write the tokenizer to a new directory")
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the complete `tmp` into place; an existing `out` is removed only afterwards."""
     old = None
@@ -142,6 +159,7 @@ def train_tokenizer(
     seed: int = 0,
 ) -> Tokenizer:
     """Train a BPE tokenizer on at most `sample_bytes` of `texts`; write it to `out_dir`."""
+    _check_out(Path(out_dir))  # before the work, so a bad --out fails at once
     docs, used = _take_sample(texts, sample_bytes)
     if used == 0:
         raise DataError(f"tokenizer training corpus is empty (source: {source or '?'})")
@@ -260,7 +278,13 @@ class Tokenizer:
             if not p.is_file():
                 raise ConfigError(f"tokenizer file not found: {p}")
         model_bytes = model_path.read_bytes()
-        meta = json.loads(meta_path.read_text())
+        redo = "retrain the tokenizer (raylm tokenizer train) or copy its directory again"
+        try:
+            meta = json.loads(meta_path.read_bytes())
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ConfigError(f"{meta_path}: not valid JSON ({e}); {redo}") from e
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{meta_path}: not a JSON object; {redo}")
         digest = hashlib.sha256(model_bytes).hexdigest()
         if meta.get("sha256") != digest:
             raise ConfigError(

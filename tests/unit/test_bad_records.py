@@ -82,6 +82,24 @@ def test_tokenizer_sample_says_why_nothing_is_left(tmp_path):
     assert list(sample_documents(kept, 10**6)) == ["x" * 200]
 
 
+def test_tokenizer_sample_skips_bad_records_within_the_budget(tmp_path):
+    # The same corpus and data.max_bad_records that `raylm data prepare` accepts.
+    from raylm.pipeline import sample_documents
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"txt": "bad"}\nnot json\n{"text": "two"}\n')
+    cfg = load_config(overrides=[f"data.path={tmp_path}", "data.max_bad_records=2"])
+    assert list(sample_documents(cfg, 10**6)) == ["one", "two"]
+    tight = load_config(overrides=[f"data.path={tmp_path}", "data.max_bad_records=1"])
+    with pytest.raises(DataError, match=r"a\.jsonl:3: .*\(2 bad records > data\.max_bad_records=1\)"):
+        list(sample_documents(tight, 10**6))
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "b.jsonl").write_text('{"txt": "bad"}\n')
+    cfg = load_config(overrides=[f"data.path={only_bad}", "data.max_bad_records=1"])
+    with pytest.raises(DataError, match=r"every document is filtered out \(.*, 1 bad records\)"):
+        list(sample_documents(cfg, 10**6))
+
+
 def test_paths_with_spaces(tmp_path):
     folder = tmp_path / "my corpus"
     folder.mkdir()

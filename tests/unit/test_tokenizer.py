@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 import raylm.tokenizer as tokenizer_mod
+from raylm.errors import ConfigError, OutputExistsError
 from raylm.corpus import write_builtin_corpus
 from raylm.tokenizer import (
     META_FILE,
@@ -356,6 +357,62 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         train_tokenizer(["some text for a tiny tokenizer"] * 50, str(tmp_path / "t"), 290)
     assert os.listdir(tmp_path) == []
+
+
+TINY = ["some text for a tiny tokenizer"] * 50
+
+
+@pytest.mark.parametrize("kind", ["corpus dir", "file", "tokenizer plus more"])
+def test_out_that_is_not_a_tokenizer_is_kept(tmp_path, kind):
+    # `raylm tokenizer train --data good2 --out good2` once deleted the corpus it trained on.
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("keep me")
+    else:
+        out.mkdir()
+        (out / "a.jsonl").write_text('{"text": "keep me"}\n')
+        if kind == "tokenizer plus more":
+            (out / META_FILE).write_text("{}")
+    before = {p.name: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())}
+    with pytest.raises(OutputExistsError, match=rf"^{re.escape(str(out))}: already exists") as err:
+        train_tokenizer(TINY, str(out), 290)
+    assert "\n" not in str(err.value)
+    assert {p.name: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())} == before
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_out_that_is_empty_or_a_tokenizer_is_replaced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()  # empty: nothing to lose
+    first = train_tokenizer(TINY, str(out), 290)
+    second = train_tokenizer(TINY + ["more text"], str(out), 290)  # a tokenizer dir: retrained in place
+    assert Tokenizer.load(str(out)).sha256 == second.sha256 != first.sha256
+    assert sorted(os.listdir(out)) == sorted([MODEL_FILE, META_FILE]) and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_out_dot_is_refused(tmp_path, monkeypatch, out):
+    # Renaming the working directory (or its parent) away fails with EBUSY, after a stray
+    # `..old-*` directory was made; refuse it up front.
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(OutputExistsError, match=rf"^{re.escape(out)}: .*new directory"):
+        train_tokenizer(TINY, out, 290)
+    assert os.listdir(tmp_path) == ["work"] and os.listdir(work) == []
+
+
+@pytest.mark.parametrize("content, problem", [(b'{"sha256": "ab', "not valid JSON"),
+                                              (b"\xff\xfe\x00garbage", "not valid JSON"),
+                                              (b"[1, 2]", "not a JSON object"),
+                                              (b"null", "not a JSON object")])
+def test_damaged_meta_is_one_line_error(tok_dir, tmp_path, content, problem):
+    bad = tmp_path / "bad"
+    shutil.copytree(tok_dir, bad)
+    (bad / META_FILE).write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad / META_FILE))}: {problem}.*; retrain the tokenizer") as err:
+        Tokenizer.load(str(bad))
+    assert "\n" not in str(err.value)
 
 
 def test_long_lines_are_not_dropped(tmp_path):
