@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raylm.errors import CheckpointError, ConfigError, OutputExistsError
+from raylm.errors import ConfigError, OutputExistsError
 from raylm import storage
 from raylm.config import S3Config
-from raylm.export.hf import CHAT_TEMPLATE
+from raylm.export.hf import CHAT_TEMPLATE, check_vocab
 from raylm.hf import _check_llama, fold_logit_scale
 from raylm.tokenizer import END, ROLE_TOKENS, Tokenizer
 
@@ -99,14 +99,15 @@ def unpermute_from_llama_cpp(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _check(model, tok: Tokenizer) -> None:
     cfg = model.cfg
     _check_llama(cfg)  # qk_norm: one-line ValueError naming it (llama has no q/k norm either)
-    if cfg.vocab_size != tok.vocab_size:
-        raise CheckpointError(f"model.vocab_size={cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
+    check_vocab(cfg, tok)
     if cfg.head_dim % 2:
         raise ConfigError(f"head_dim={cfg.head_dim} is odd: RoPE needs pairs")
 
 
-def _vocab(tok: Tokenizer, gguf) -> tuple[list[str], list[float], list[int]]:
-    """Pieces, scores and llama.cpp token types, as convert_hf_to_gguf's SentencePiece vocab."""
+def _vocab(tok: Tokenizer, gguf, n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and llama.cpp token types, as convert_hf_to_gguf's SentencePiece vocab,
+    padded to the model's `n_vocab` rows with unused "[PADn]" tokens (llama.cpp wants a token
+    for every embedding row; convert_hf_to_gguf pads the same way)."""
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:  # SentencePiece's processor cannot say which pieces are user-defined
@@ -125,6 +126,10 @@ def _vocab(tok: Tokenizer, gguf) -> tuple[list[str], list[float], list[int]]:
         tokens.append(p.piece)
         scores.append(p.score)
         types.append(int(gguf.TokenType.CONTROL if p.piece in control else gguf.TokenType(p.type)))
+    for i in range(1, n_vocab - len(tokens) + 1):
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
     return tokens, scores, types
 
 
@@ -180,7 +185,7 @@ def _write(model, tok: Tokenizer, meta: dict, path: Path, dtype: str) -> None:
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dtype]])
 
-    tokens, scores, types = _vocab(tok, gguf)
+    tokens, scores, types = _vocab(tok, gguf, cfg.vocab_size)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)

@@ -151,11 +151,19 @@ def _write_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
     })
 
 
+def check_vocab(cfg, tok: Tokenizer) -> None:
+    """The model's embedding covers every id the tokenizer emits. It may have more rows: raylm
+    rounds the vocabulary up to a multiple of 64 (model.vocab_size=0), and ids past the
+    tokenizer's are never produced from text, as in many released models."""
+    if cfg.vocab_size < tok.vocab_size:
+        raise CheckpointError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}: "
+                              "its last ids would have no embedding")
+
+
 def _write_all(model, tok: Tokenizer, meta: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
     cfg = model.cfg
     config = hf_llama_config(cfg, tok.bos_id, tok.eos_id, tok.pad_id)  # refuses non-Llama configs first
-    if cfg.vocab_size != tok.vocab_size:
-        raise CheckpointError(f"model.vocab_size={cfg.vocab_size} differs from the tokenizer's {tok.vocab_size}")
+    check_vocab(cfg, tok)  # a padded embedding (model.vocab_size=0 rounds up to 64s) exports as it is
     config["torch_dtype"] = config["dtype"] = _dtype_name(dtype)  # < 5 and >= 5 spellings
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {

@@ -54,8 +54,8 @@ def tok(tmp_path_factory):
     return train_tokenizer(TEXTS, str(tmp_path_factory.mktemp("tok") / "tokenizer"), 420)
 
 
-def unit_scale_model(tok, tie: bool = True, **kw):
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+def unit_scale_model(tok, tie: bool = True, vocab_size: int = 0, **kw):
+    cfg = ModelConfig(vocab_size=vocab_size or tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                       tie_embeddings=tie, **kw)
     model = build_model(cfg, seed=0).eval()
     # raylm's init gives near-uniform attention, equal norm weights and near-tied logits, which
@@ -109,6 +109,22 @@ def test_logits_equal_raylm(tok, tmp_path, tie):
     assert all(n.endswith((".json", ".safetensors", ".model")) for n in names), names
     assert WEIGHTS in names and INDEX not in names
     assert json.loads((out / EXPORT_MARKER).read_text())["step"] == 7
+
+
+def test_a_vocabulary_padded_to_64s_exports_as_it_is(tok, tmp_path):
+    """model.vocab_size=0 rounds the tokenizer's vocabulary up to a multiple of 64 (420 -> 448
+    here): the padded embedding exports with its extra rows, and gives raylm's logits."""
+    padded = -(-tok.vocab_size // 64) * 64
+    assert padded > tok.vocab_size
+    model = unit_scale_model(tok, vocab_size=padded)
+    hf = _load(export_hf(model, tok, {"step": 1}, str(tmp_path / "hf")))
+    assert hf.config.vocab_size == padded
+    tokens = _tokens(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=tokens).logits, model(tokens)[0], **TOL)
+    with pytest.raises(export_mod.CheckpointError, match=r"model\.vocab_size=64 is smaller than the tokenizer's"):
+        export_hf(unit_scale_model(tok, vocab_size=64), tok, {}, str(tmp_path / "small"))
+    assert not (tmp_path / "small").exists()
 
 
 @pytest.mark.parametrize("tie", [True, False])
