@@ -533,8 +533,12 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
     """Every stage up to a trained model, then validation perplexity, samples and a loss plot."""
     from raylm.train_ray import run_ray_training
 
+    from raylm.train import resume_point
+
     t0 = time.time()
     cfg, corpus = preflight(absolute_paths(cfg))
+    if resume == "must":  # --resume with nothing to resume: say so before any stage's work
+        resume_point(cfg, resume)
     cfg = ensure_corpus(cfg)
 
     def without_ray():

@@ -80,6 +80,7 @@ def check_records_path(cfg: Config) -> None:
 
 def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
     """SFT or DPO (cfg.stage) from cfg.init_from on the records at data.path; returns a summary."""
+    from raylm.train import resume_point
     from raylm.train_ray import run_ray_training
 
     t0 = time.time()
@@ -88,6 +89,8 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
         raise ConfigError(f"stage={cfg.stage!r}: post-training is sft or dpo")
     cfg, parent = parent_of(cfg)
     check_records_path(cfg)
+    if resume == "must":  # --resume with nothing to resume: say so before anything is written
+        resume_point(cfg, resume)
     tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
     if parent["tokenizer_sha256"] and tok.sha256 != parent["tokenizer_sha256"]:
         raise checkpoint.CheckpointError(f"{cfg.tokenizer.path}: tokenizer hash {tok.sha256[:12]} differs from the "

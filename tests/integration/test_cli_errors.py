@@ -164,3 +164,17 @@ def test_serve_on_a_port_in_use_names_it_before_ray_starts(tmp_path, ray_tmp):
     assert not list(ray_tmp.iterdir()), "Ray started:\n" + proc.stdout + proc.stderr
     line = one_line_error(proc)
     assert f"serve.port={port}" in line and "in use" in line, line
+
+
+def test_resume_with_nothing_to_resume_fails_before_any_stage(tmp_path, ray_tmp):
+    """`pretrain --resume` of a run that has no checkpoint: one line, before the tokenizer,
+    the data or Ray (it used to do all three, and write a run record, first)."""
+    (tmp_path / "corpus.txt").write_text("some text to train a tokenizer on. " * 400)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    proc = raylm("pretrain", "--resume", "name=nosuch", f"storage={tmp_path}/runs", "--data",
+                 str(tmp_path / "corpus.txt"), cwd=tmp_path, env=env)
+    line = one_line_error(proc)
+    assert f"--resume: no complete checkpoint under {tmp_path}/runs/nosuch" in line, line
+    assert not list(ray_tmp.iterdir()), "Ray started"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json")), "something was written"
