@@ -39,7 +39,7 @@ from typing import Any, Callable
 import yaml
 
 from raylm import storage
-from raylm.config import Config, ConfigError, S3Config, _build, _merge, _nest, _override_value, to_dict
+from raylm.config import Config, ConfigError, S3Config, _build, _merge, _nest, _override_value, load_yaml, to_dict
 from raylm.errors import PathNotFoundError
 
 STAGE_RECORDS = "stages"  # <root>/stages/<stage>.json
@@ -145,9 +145,8 @@ def _synthetic_records(run: StageRun, fmt: str) -> str:
     under <root>/records-<task>-<seed>/ and named by content, so they are an ordinary input."""
     from raylm import synthetic
 
+    _check_synthetic(run.name, run.options)
     task, seed = run.options["synthetic"], run.cfg.seed
-    if task not in synthetic.TASKS:
-        raise ConfigError(f"stages.{run.name}.synthetic={task!r}: choose from {list(synthetic.TASKS)}")
     target = storage.join(run.root, f"records-{task}-{seed}")
     name = f"{task}.train.{fmt}.jsonl"
     if not storage.exists(storage.join(target, name), run.s3):
@@ -158,6 +157,14 @@ def _synthetic_records(run: StageRun, fmt: str) -> str:
             else:
                 _copy_dir(tmp, target)
     return storage.join(target, name)
+
+
+def _check_synthetic(stage: str, options: dict) -> None:
+    """`synthetic:` names one of raylm.synthetic's built-in tasks."""
+    from raylm import synthetic
+
+    if "synthetic" in options and options["synthetic"] not in synthetic.TASKS:
+        raise ConfigError(f"stages.{stage}.synthetic={options['synthetic']!r}: choose from {list(synthetic.TASKS)}")
 
 
 def _copy_dir(src: str, dst: str) -> None:
@@ -200,18 +207,34 @@ def run_eval(run: StageRun) -> dict:
     return {"path": run.out, "report": report, "sha256": _sha256(storage.read_bytes(report, run.s3))}
 
 
-def run_export(run: StageRun) -> dict:
-    parent = _model_input(run)
-    fmt = run.options.get("format", "hf")
+EXPORT_FORMATS = ("hf", "gguf")  # as `raylm export --format`
+
+
+def _exporter(stage: str, options: dict) -> tuple[str, str, Callable]:
+    """The export stage's format, dtype and export function. The dtypes are the exporter's own
+    table, so a dtype it would refuse once the model is trained is refused when the recipe loads."""
+    fmt = options.get("format", "hf")
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"stages.{stage}.format={fmt!r}: choose from {list(EXPORT_FORMATS)}")
     try:
         if fmt == "hf":
-            from raylm.export.hf import EXPORT_MARKER, export_run
+            from raylm.export.hf import _DTYPES as dtypes, export_run
         else:
-            from raylm.export.gguf import export_run_gguf as export_run
+            from raylm.export.gguf import _QTYPES as dtypes, export_run_gguf as export_run
     except ImportError as e:
-        raise StageUnavailable(f"stages.export.format={fmt} needs {e.name}: pip install -e '.[export]'") from None
-    dtype = run.options.get("dtype") or ("float32" if fmt == "hf" else "f32")
+        raise StageUnavailable(f"stages.{stage}.format={fmt} needs {e.name}: pip install -e '.[export]'") from None
+    dtype = options.get("dtype") or ("float32" if fmt == "hf" else "f32")
+    if dtype not in dtypes:
+        raise ConfigError(f"stages.{stage}.dtype={dtype!r}: format {fmt} takes one of {list(dtypes)}")
+    return fmt, dtype, export_run
+
+
+def run_export(run: StageRun) -> dict:
+    parent = _model_input(run)
+    fmt, dtype, export_run = _exporter(run.name, run.options)
     if fmt == "hf":
+        from raylm.export.hf import EXPORT_MARKER
+
         out = storage.join(run.out, "hf")
         marker = storage.join(out, EXPORT_MARKER)
         if not storage.exists(marker, run.s3):  # an export is complete once its marker is there
@@ -283,7 +306,8 @@ class Stage:
     outputs (paths and content hashes); `committed` says whether recorded outputs are still
     whole in storage. `inputs`: groups of stages, of which the last one the recipe names is
     read (dpo reads sft if the recipe has one, else pretrain). `options`: the non-config
-    keys the stage's section takes."""
+    keys the stage's section takes, and their types; `check(stage name, options)` refuses
+    values the stage itself would refuse when it runs, with a ConfigError naming the option."""
 
     name: str
     run: Callable[[StageRun], dict]
@@ -291,6 +315,7 @@ class Stage:
     outputs: tuple[str, ...]
     committed: Callable[[dict, S3Config], bool]
     options: dict[str, type] = dataclasses.field(default_factory=dict)
+    check: Callable[[str, dict], object] | None = None
 
 
 MODEL_STAGES = ("pretrain", "sft", "dpo")
@@ -301,13 +326,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", run_pretrain, (("tokenizer",), ("data",)), ("path", "checkpoint", "sha256"),
           _checkpoint_committed, {"max_failures": int, "samples": bool}),
     Stage("sft", run_posttrain, (("pretrain",),), ("path", "checkpoint", "sha256"), _checkpoint_committed,
-          {"max_failures": int, "synthetic": str}),
+          {"max_failures": int, "synthetic": str}, _check_synthetic),
     Stage("dpo", run_posttrain, (("pretrain", "sft"),), ("path", "checkpoint", "sha256"), _checkpoint_committed,
-          {"max_failures": int, "synthetic": str}),
+          {"max_failures": int, "synthetic": str}, _check_synthetic),
     Stage("eval", run_eval, (MODEL_STAGES, ("tokenizer",)), ("path", "report", "sha256"), _exists("report"),
           {"tasks": list, "corpora": list, "limit": int}),
     Stage("export", run_export, _MODEL, ("path", "format", "sha256"), _export_committed,
-          {"format": str, "dtype": str}),
+          {"format": str, "dtype": str}, _exporter),
     Stage("serve", run_serve, _MODEL, ("url", "model", "path", "sha256"), _serve_running),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
@@ -360,9 +385,13 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     if not p.is_file():
         raise PathNotFoundError(f"recipe {path}: not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path}: not UTF-8 text; pass a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"recipe {path}: cannot read it ({e.strerror})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict) or not raw["stages"]:
         raise ConfigError(f"recipe {path}: expected a mapping with a non-empty `stages:` mapping "
                           f"(stages: {[s.name for s in STAGES]})")
@@ -374,9 +403,14 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. stages.pretrain.train.max_steps=10")
             key, value = item.split("=", 1)
             data = _merge(data, _nest([(key.strip(), _override_value(key.strip(), value))]))
+        # Again after the overrides, which may replace `stages` or a section with any value.
+        stages = data.pop("stages")
+        if not isinstance(stages, dict) or not stages:
+            raise ConfigError(f"stages: expected a mapping of stage names to their settings "
+                              f"(stages: {[s.name for s in STAGES]}), got {stages!r:.80}")
+        stages = {k: _expand(v, f"stages.{k}") for k, v in stages.items()}
     except ConfigError as e:
         raise ConfigError(f"recipe {path}: {e}") from None
-    stages = data.pop("stages")
     unknown = [k for k in stages if k not in STAGE_BY_NAME]
     if unknown:
         raise ConfigError(f"recipe {path}: stages.{unknown[0]}: unknown stage; choose from {list(STAGE_BY_NAME)}")
@@ -395,6 +429,11 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
             tp = stage.options[k]
             if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
                 raise ConfigError(f"recipe {path}: stages.{stage.name}.{k}={v!r}: expected {tp.__name__}")
+        if stage.check is not None:  # here, not hours later when the stage runs
+            try:
+                stage.check(stage.name, options)
+            except ConfigError as e:
+                raise type(e)(f"recipe {path}: {e}") from None
         sections[stage.name] = (section, options)
     recipe = Recipe(str(p), base.name, root, data, sections)
     for stage in recipe.stages:  # placeholders for outputs not made yet

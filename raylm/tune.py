@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from raylm import storage
-from raylm.config import Config, ConfigError, TuneConfig, load_config, to_dict, tune_config
+from raylm.config import Config, ConfigError, TuneConfig, load_config, load_yaml, to_dict, tune_config
 from raylm.errors import PathNotFoundError
 
 SEARCH_FILE = "search.json"
@@ -138,7 +138,7 @@ def parse_dimension(where: str, key: str, value: Any) -> Dimension:
 def parse_space(text: str, where: str) -> tuple[dict[str, Dimension], dict]:
     """(dimensions by dotted key, the `tune:` section) of a search-space YAML document."""
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not data:
@@ -157,9 +157,33 @@ def read_space(path: str, s3=None) -> tuple[dict[str, Dimension], dict, str]:
     """parse_space of a file (local or s3://); also returns its text, kept for --resume."""
     if not storage.exists(path, s3):
         raise PathNotFoundError(f"search space {path}: not found")
-    text = storage.read_text(path, s3)
+    try:
+        text = storage.read_text(path, s3)
+    except UnicodeDecodeError:
+        raise ConfigError(f"search space {path}: not UTF-8 text; pass a YAML file") from None
     space, settings = parse_space(text, f"search space {path}")
     return space, settings, text
+
+
+def trial_metrics(cfg: Config) -> list[str]:
+    """What a trial's evaluations report to Tune, so what tune.metric can rank trials on: the
+    validation row of raylm.train.fit (a pre-training run's) and, with eval.every, the
+    in-training task scores of raylm.eval.in_training. A metric added there belongs here."""
+    from raylm.eval.tasks import task_name
+
+    names = ["val_loss", "val_ppl"]
+    if cfg.eval.every:
+        names += [f"eval_{task_name(p)}_{m}" for p in cfg.eval.mc_tasks for m in ("acc", "acc_norm")]
+        names += [f"eval_{task_name(p)}_{m}" for p in cfg.eval.gen_tasks for m in ("exact_match", "contains")]
+    return names
+
+
+def check_metric(tc: TuneConfig, cfg: Config) -> None:
+    """tune.metric is one the trials report: Tune takes any name and fails only once the first
+    trial reports, with the search saved and its metric kept for --resume."""
+    allowed = trial_metrics(cfg)
+    if tc.metric not in allowed:
+        raise ConfigError(f"tune.metric={tc.metric!r}: expected one of {', '.join(allowed)}")
 
 
 def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: str) -> None:
@@ -276,6 +300,7 @@ def tune(cfg: Config, space_path: str, tune_overrides: dict | None = None, log=N
     """Run a new search named cfg.name under cfg.storage; returns `report`'s summary."""
     space, settings, text = read_space(space_path, cfg.s3)
     tc = tune_config({**settings, **(tune_overrides or {})})
+    check_metric(tc, cfg)
     where = f"search space {space_path}"
     check_space(space, to_dict(cfg), tc, where)  # before anything starts: seconds, not minutes
     search_dir = cfg.run_dir
@@ -299,7 +324,13 @@ def resume(cfg: Config, log=None) -> dict:
     if not storage.exists(uri, cfg.s3):
         raise PathNotFoundError(f"--resume: no search under {cfg.run_dir} (no {SEARCH_FILE}); check name= and storage=")
     state = json.loads(storage.read_text(uri, cfg.s3))
-    init_ray_for(cfg, tune_config(state["tune"]))
+    tc = tune_config(state["tune"])
+    try:  # saved by a raylm that took any metric
+        check_metric(tc, load_config(base=state["base"]))
+    except ConfigError as e:
+        raise ConfigError(f"--resume: {uri}: {e}; Tune keeps a search's metric, so start a new search "
+                          f"(another name=)") from None
+    init_ray_for(cfg, tc)
     return _run(state, cfg, resume=True, log=_default_log(log))
 
 

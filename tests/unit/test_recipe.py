@@ -93,11 +93,74 @@ stages:
     ("stages.export.format=7", "stages.export.format=7: expected str"),
     ("trian.lr=1", "unknown config key 'trian'"),
     ("stages.sft.synthetic=null", "stages.sft.synthetic=None"),
+    # Options a stage would refuse only when it runs, hours in: refused as the recipe loads.
+    ("stages.sft.synthetic=nope", "stages.sft.synthetic='nope': choose from ['reverse', 'add', 'word_after']"),
+    ("stages.dpo.synthetic=nope", "stages.dpo.synthetic='nope': choose from"),
+    ("stages.export.format=onnx", "stages.export.format='onnx': choose from ['hf', 'gguf']"),
+    ("stages.export.dtype=q4", "stages.export.dtype='q4': format hf takes one of ['float32', 'bfloat16', 'float16']"),
+    ("stages.export.format=gguf stages.export.dtype=bfloat16",
+     "stages.export.dtype='bfloat16': format gguf takes one of ['f32', 'f16', 'q8_0']"),
+    # Overrides that replace the stages mapping, or a stage's section, with something else.
+    ("stages=5", "stages: expected a mapping of stage names to their settings"),
+    ("stages.sft=5", "stages.sft: expected a mapping of config keys, got 5"),
 ])
 def test_mistakes_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as e:
-        load_recipe(_write(tmp_path, BASE.format(storage=tmp_path)), [override])
-    assert message in str(e.value) and "r.yaml" in str(e.value)
+        load_recipe(_write(tmp_path, BASE.format(storage=tmp_path)), override.split())
+    assert message in str(e.value) and "r.yaml" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_good_export_options_load(tmp_path):
+    recipe = load_recipe(_write(tmp_path, BASE.format(storage=tmp_path)),
+                         ["stages.export.format=gguf", "stages.export.dtype=q8_0"])
+    assert recipe.sections["export"][1] == {"format": "gguf", "dtype": "q8_0"}
+
+
+def test_export_stage_refuses_a_format_it_does_not_write(tmp_path, monkeypatch):
+    """format: onnx is refused when the stage runs too, not written as a GGUF recorded as onnx."""
+    from raylm.config import Config
+    from raylm.export import gguf
+    from raylm.recipe import StageRun, run_export
+
+    def fake_gguf(checkpoint, out, *_, **__):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_bytes(b"GGUF")
+
+    monkeypatch.setattr(gguf, "export_run_gguf", fake_gguf)
+    run = StageRun("export", Config(), {"format": "onnx"}, {"pretrain": {"checkpoint": str(tmp_path / "ckpt")}},
+                   str(tmp_path / "export"), str(tmp_path), print, None)
+    with pytest.raises(ConfigError, match=r"stages.export.format='onnx': choose from \['hf', 'gguf'\]"):
+        run_export(run)
+    assert not (tmp_path / "export").exists()
+
+
+def test_recipe_that_is_not_utf8_is_named(tmp_path, capsys):
+    from raylm.cli import main
+
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"name: t\nstages: {tokenizer: {}}\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"recipe .*bin.yaml: not UTF-8 text"):
+        load_recipe(str(path))
+    assert main(["run", str(path), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bin.yaml: not UTF-8 text" in err[0], err
+
+
+def test_recipe_that_gives_a_stage_twice_is_named(tmp_path):
+    # PyYAML would keep the second `pretrain:` and drop the first's settings without a word.
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: t\nstages:\n  pretrain: {train.max_steps: 5}\n  pretrain: {}\n")
+    with pytest.raises(ConfigError, match=r"recipe .*dup.yaml: not valid YAML \(duplicate key 'pretrain'\)"):
+        load_recipe(str(path))
+
+
+def test_cli_run_check_refuses_stage_options(tmp_path, capsys):
+    from raylm.cli import main
+
+    path = _write(tmp_path, BASE.format(storage=tmp_path))
+    assert main(["run", path, "--check", "stages.export.dtype=q4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "r.yaml: stages.export.dtype='q4'" in err[0], err
 
 
 def test_records_need_their_own_data_path(tmp_path):

@@ -47,10 +47,12 @@ def test_parses_tune_vocabulary_nested_or_dotted():
     ("name: choice(['a', 'b'])", ["name cannot be searched"]),
     ("tune: {num_samples: 0}\ntrain.lr: 1.0e-3", ["tune.num_samples=0"]),
     ("tune: {search: bayes}\ntrain.lr: 1.0e-3", ["tune.search='bayes'"]),
+    ("tune: {metric: val_los}\ntrain.lr: 1.0e-3", ["tune.metric='val_los'", "expected one of val_loss, val_ppl"]),
     ("tune: {search: grid}\ntrain.lr: loguniform(1e-4, 3e-3)", ["tune.search=grid", "train.lr"]),
     ("tune: {search: optuna}\ntrain.lr: grid_search([1.0e-3])", ["optuna", "train.lr is a grid_search"]),
     ("[1, 2]", ["expected a mapping"]),
     ("train.lr: [", ["not valid YAML"]),
+    ("train.lr: 1.0e-3\ntrain.lr: loguniform(1e-4, 3e-3)", ["not valid YAML", "duplicate key 'train.lr'"]),
 ])
 def test_bad_space_is_one_line_error_before_any_trial(tmp_path, monkeypatch, text, words):
     """tune.tune itself refuses the space: nothing is written to the search's storage and Ray
@@ -84,6 +86,55 @@ def test_cli_prints_the_error_as_one_line(tmp_path, capsys):
     assert "tune.max_concurrent_trials=0" in capsys.readouterr().err
     assert main(["tune", "--resume", f"storage={tmp_path}", "name=nothing-here"]) == 2
     assert "no search under" in capsys.readouterr().err
+
+
+def test_space_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    from raylm.cli import main
+
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"train.lr: 1.0e-3\n\xff\xfe\n")
+    cfg = load_config(overrides=[f"storage={tmp_path / 'runs'}", "name=s"])
+    with pytest.raises(ConfigError, match=r"search space .*bin.yaml: not UTF-8 text"):
+        tune.tune(cfg, str(path))
+    assert main(["tune", "--space", str(path), f"storage={tmp_path / 'runs'}", "name=s"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bin.yaml: not UTF-8 text" in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_metric_typo_in_an_override_is_refused_before_anything_is_saved(tmp_path, monkeypatch):
+    path = tmp_path / "space.yaml"
+    path.write_text("train.lr: loguniform(1e-4, 1e-3)\n")
+    cfg = load_config(overrides=[f"storage={tmp_path / 'runs'}", "name=s"])
+    monkeypatch.setattr(tune, "init_ray_for", lambda *_, **__: pytest.fail("the search reached Ray"))
+    with pytest.raises(ConfigError, match=r"^tune.metric='val_los': expected one of val_loss, val_ppl$"):
+        tune.tune(cfg, str(path), {"metric": "val_los"})
+    assert not (tmp_path / "runs").exists()
+
+
+def test_metrics_of_in_training_tasks_are_allowed():
+    cfg = load_config(overrides=["eval.every=10", "eval.mc_tasks=[tasks/arc.jsonl]", "eval.gen_tasks=[gsm.jsonl]"])
+    assert tune.trial_metrics(cfg) == ["val_loss", "val_ppl", "eval_arc_acc", "eval_arc_acc_norm",
+                                       "eval_gsm_exact_match", "eval_gsm_contains"]
+    tune.check_metric(TuneConfig(metric="eval_arc_acc", mode="max"), cfg)
+    with pytest.raises(ConfigError, match="tune.metric='eval_arc_acc'"):  # not run without eval.every
+        tune.check_metric(TuneConfig(metric="eval_arc_acc", mode="max"), load_config(overrides=[
+            "eval.mc_tasks=[tasks/arc.jsonl]"]))
+
+
+def test_resume_refuses_a_search_saved_with_a_bad_metric(tmp_path, monkeypatch):
+    """A search.json written before the metric was checked: --resume names it, before Ray."""
+    import json
+
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=s"])
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / tune.SEARCH_FILE).write_text(json.dumps({"base": to_dict(cfg),
+                                                               "tune": to_dict(TuneConfig(metric="val_los"))}))
+    monkeypatch.setattr(tune, "init_ray_for", lambda *_, **__: pytest.fail("the search reached Ray"))
+    with pytest.raises(ConfigError) as e:
+        tune.resume(cfg)
+    msg = str(e.value)
+    assert "--resume" in msg and "search.json" in msg and "tune.metric='val_los'" in msg and "\n" not in msg, msg
 
 
 def test_missing_space_file_is_named(tmp_path):
