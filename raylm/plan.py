@@ -138,6 +138,8 @@ def parse_hardware(gpus: str, nodes: int = 1, memory_gb: float | None = None) ->
     per_node, name = int(m.group(1) or 1), m.group(2)
     if per_node < 1 or nodes < 1:
         raise ConfigError(f"--gpus={gpus!r} --nodes={nodes}: need at least one device and one node")
+    if memory_gb is not None and not 0 < memory_gb < math.inf:  # None (not given) means the datasheet's
+        raise ConfigError(f"--memory-gb={memory_gb:g}: expected a positive number of GiB")
     if name.upper() == "CPU":
         memory = (memory_gb or CPU_MEMORY_GIB) * GiB
         return Hardware("CPU", per_node, nodes, memory, CPU_PEAK_FLOPS, "cpu")
@@ -311,7 +313,7 @@ def bytes_per_token(vocab: int, language: str, domain: str) -> float:
     v0, b0 = MEASURED_BYTES_PER_TOKEN
     t = min(1.0, max(0.0, math.log(vocab / v0) / math.log(32000 / v0)))
     base = b0 + t * (BYTES_PER_TOKEN_32K - b0)
-    return base * DOMAIN_FACTOR.get(domain, 1.0) * (1.0 if language == "en" else OTHER_LANGUAGE_FACTOR)
+    return base * DOMAIN_FACTOR[domain] * (1.0 if language == "en" else OTHER_LANGUAGE_FACTOR)
 
 
 def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: int, precision: str, replicate_degree: int = 1):
@@ -340,6 +342,8 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
     over the devices / replicate_degree devices of one replica instead of over all of them."""
     preset, cfg = resolve_size(size)
     hw = parse_hardware(gpus, nodes, memory_gb)
+    if domain not in DOMAIN_FACTOR:
+        raise ConfigError(f"--domain={domain!r}: unknown; choose from {', '.join(DOMAIN_FACTOR)}")
     if not isinstance(replicate_degree, int) or replicate_degree < 1 or hw.devices % replicate_degree:
         raise ConfigError(f"train.replicate_degree={replicate_degree!r} must be a positive divisor of the "
                           f"{hw.devices} devices")
@@ -350,6 +354,8 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
         from raylm.config import DataConfig
 
         seq_len = cfg.max_seq_len if hw.kind == "gpu" else min(cfg.max_seq_len, DataConfig().seq_len)
+    if seq_len < 1:  # checked here, not by the config at the end: the batch divides by it first
+        raise ConfigError(f"--seq-len={seq_len}: expected an integer >= 1")
     if seq_len > cfg.max_seq_len:
         cfg = replace(cfg, max_seq_len=seq_len)
         notes.append(f"model.max_seq_len raised to {seq_len}")

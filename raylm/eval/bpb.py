@@ -49,8 +49,10 @@ def token_loss(model, ids: list[int], seq_len: int, batch_rows: int = 16) -> tup
     return total, count
 
 
-def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batch_rows: int = 16) -> dict:
-    """Loss (nats per token), perplexity and bits per byte of `texts` under `model`."""
+def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batch_rows: int = 16,
+                  source: str = "the corpus") -> dict:
+    """Loss (nats per token), perplexity and bits per byte of `texts` under `model`; `source`
+    names the texts (a corpus path) in errors."""
     seq_len = seq_len or model.cfg.max_seq_len
     ids: list[int] = []
     for k, text in enumerate(texts):
@@ -59,7 +61,10 @@ def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batc
         ids += tok.encode(text)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     if not n_bytes:
-        raise DataError("the corpus holds no text")
+        raise DataError(f"{source}: holds no text")
+    if len(ids) < seq_len + 1:  # too short to score a single block: the user's corpus, not a bug
+        raise DataError(f"{source}: {len(ids)} tokens, too few to score one block; give a corpus of at least "
+                        f"{seq_len + 1} tokens (seq_len={seq_len} + 1)")
     total, count = token_loss(model, ids, seq_len, batch_rows)
     nats = total / count
     tokens_per_byte = len(ids) / n_bytes
@@ -68,4 +73,4 @@ def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batc
 
 
 def corpus_bpb(model, tok, path: str, text_field: str = "text", seq_len: int | None = None, s3=None) -> dict:
-    return bits_per_byte(model, tok, corpus_documents(path, text_field, s3), seq_len)
+    return bits_per_byte(model, tok, corpus_documents(path, text_field, s3), seq_len, source=path)

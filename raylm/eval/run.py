@@ -17,7 +17,7 @@ from raylm.eval.pool import make_runner
 from raylm.eval.results import rows_from_metrics, write_results
 from raylm.eval.scorers import score_gen, score_mc
 from raylm.eval.tasks import read_gen_task, read_mc_task, task_name
-from raylm.errors import ConfigError
+from raylm.errors import ConfigError, UserError
 
 
 def harness_rows(runner, path: str, tasks: list[str], facts: dict, include_path: str | None = None,
@@ -35,8 +35,20 @@ def harness_rows(runner, path: str, tasks: list[str], facts: dict, include_path:
     if unknown:
         raise ConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}"
                          + ("" if include_path else " (for local task YAMLs pass --include-path DIR)"))
-    out = lm_eval.simple_evaluate(model=RayLM(path=path, runner=runner), tasks=list(tasks), task_manager=manager,
-                                  limit=limit, num_fewshot=num_fewshot, log_samples=False)
+    # A task's dataset that cannot be fetched (no network, HF_DATASETS_OFFLINE=1 without a cached
+    # copy) is the user's environment: datasets raises ConnectionError (OfflineModeIsEnabled is
+    # one), huggingface_hub LocalEntryNotFoundError. Every other lm-eval error keeps its traceback.
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    model = RayLM(path=path, runner=runner)
+    try:
+        out = lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=False)
+    except (ConnectionError, LocalEntryNotFoundError) as e:
+        cause = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"lm-eval task(s) {', '.join(tasks)}: cannot fetch the dataset ({cause}); connect to the "
+                        f"Hugging Face Hub, or fill the datasets cache (HF_HOME) where there is network and run "
+                        f"with HF_DATASETS_OFFLINE=1") from e
     rows = []
     for task, metrics in out["results"].items():
         n = (out.get("n-samples", {}).get(task) or {}).get("effective")
@@ -62,6 +74,8 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
     ec, s3 = cfg.eval, cfg.s3
     if not (tasks or corpora or ec.mc_tasks or ec.gen_tasks):
         raise ConfigError("nothing to evaluate: give --tasks, --corpus, eval.mc_tasks or eval.gen_tasks")
+    if limit is not None and limit < 1:  # items[:0] is nothing to score; items[:-1] all but the last item
+        raise ConfigError(f"--limit={limit}: expected an integer >= 1")
     ckpt = resolve_checkpoint(run, s3)
     meta = checkpoint.read_meta(ckpt, s3)
     facts = {"checkpoint": ckpt, "step": meta.get("step"), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}

@@ -47,6 +47,7 @@ def test_bad_corpus_record_and_short_corpus(model, tmp_path):
     (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"txt": "oops"}\n')
     with pytest.raises(DataError, match=r"b\.jsonl:2: no field 'text'"):
         corpus_bpb(model, ByteTok(), str(tmp_path / "b.jsonl"))
+    # Shorter than one block: the user's file, named with the size that would do (not a bare ValueError).
     (tmp_path / "c.txt").write_text("short")
-    with pytest.raises(ValueError, match="do not fill one block"):
+    with pytest.raises(DataError, match=r"c\.txt: 5 tokens, too few .* at least 17 tokens \(seq_len=16 \+ 1\)$"):
         corpus_bpb(model, ByteTok(), str(tmp_path / "c.txt"), seq_len=16)

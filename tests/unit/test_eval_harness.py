@@ -45,3 +45,51 @@ def test_requests_match_raylm_scoring(tiny_run, one_thread):
     assert isinstance(out, str) and "." not in out
     with pytest.raises(ValueError, match="path="):
         RayLM()
+
+
+class FailingRunner:
+    """A scoring pool that fails the moment lm-eval asks it anything."""
+
+    class tok:
+        sha256, eos_id = "0" * 64, 0
+
+        @staticmethod
+        def encode(text):
+            return [1] * len(text)
+
+    def loglikelihood(self, pairs):
+        raise ValueError("scoring failed")
+
+
+def _task_yaml(d, name, dataset_path, **kw):
+    import yaml
+
+    spec = {"task": name, "dataset_path": dataset_path, "test_split": "test", "output_type": "multiple_choice",
+            "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
+            "metric_list": [{"metric": "acc"}], **kw}
+    (d / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+
+
+def test_a_dataset_that_cannot_be_fetched_is_a_user_error(tmp_path, monkeypatch):
+    # No network and no cached copy: datasets' ConnectionError used to escape as a traceback.
+    # Offline mode makes the Hub unreachable here whatever the machine's network or cache.
+    import datasets.config
+    import huggingface_hub.constants
+
+    from raylm.errors import UserError
+    from raylm.eval.run import harness_rows
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # leave the user's alone
+    _task_yaml(tmp_path, "raylm_t_hub", "raylm-tests/not-in-any-cache")
+    with pytest.raises(UserError, match=r"^lm-eval task\(s\) raylm_t_hub: cannot fetch the dataset \(.*"
+                                        r"raylm-tests/not-in-any-cache.*\); connect to .*HF_DATASETS_OFFLINE=1$") as e:
+        harness_rows(FailingRunner(), "run", ["raylm_t_hub"], {}, include_path=str(tmp_path))
+    assert "\n" not in str(e.value) and isinstance(e.value.__cause__, ConnectionError)
+
+    # Only fetching: a failure once the dataset is there (here, scoring) keeps its own type.
+    (tmp_path / "mc.jsonl").write_text('{"context": "x", "choices": [" a", " b"], "gold": 0}\n')
+    _task_yaml(tmp_path, "raylm_t_local", "json", dataset_kwargs={"data_files": {"test": str(tmp_path / "mc.jsonl")}})
+    with pytest.raises(ValueError, match="scoring failed"):
+        harness_rows(FailingRunner(), "run", ["raylm_t_local"], {}, include_path=str(tmp_path))

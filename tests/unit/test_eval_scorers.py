@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from raylm import synthetic as S
+from raylm.cli import main
 from raylm.config import ModelConfig, TrainConfig, load_config
 from raylm.data import DataError
 from raylm.eval.in_training import TrainingEval
@@ -63,6 +64,16 @@ def test_malformed_gen_task_and_missing_file(tmp_path):
         read_gen_task(str(path))
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_mc_task(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_eval_refuses_a_limit_below_one(tiny_run, tmp_path, capsys, limit):
+    # --limit 0 divided by zero in mc_metrics; --limit -1 scored all but the last item (items[:-1]).
+    task = tmp_path / "mc.jsonl"
+    task.write_text('{"context": "x", "choices": ["a", "b"], "gold": 0}\n' * 3)
+    argv = ["eval", tiny_run, "--mc", str(task), "--limit", limit, "--workers", "0", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"raylm: error: --limit={limit}: expected an integer >= 1"
 
 
 # --------------------------------------------------------------------------- a model trained for the task

@@ -214,6 +214,12 @@ def test_parsing():
     (dict(size="7b", gpus="8xH100", nodes=8, replicate_degree=3),
      "train.replicate_degree=3 must be a positive divisor of the 64 devices"),
     (dict(size="7b", gpus="8xH100", nodes=8, replicate_degree=0), "train.replicate_degree=0 must be a positive"),
+    # These once divided by zero, or went on silently as the datasheet's memory and as web text.
+    (dict(size="tiny", gpus="8xH100", seq_len=0), "--seq-len=0: expected an integer >= 1"),
+    (dict(size="tiny", gpus="8xH100", memory_gb=0), "--memory-gb=0: expected a positive number of GiB"),
+    (dict(size="tiny", gpus="2xCPU", memory_gb=-4), "--memory-gb=-4: expected a positive number of GiB"),
+    (dict(size="tiny", gpus="8xH100", domain="poetry"),
+     "--domain='poetry': unknown; choose from web, books, wiki, code, math, chat"),
 ])
 def test_bad_inputs_are_named(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
