@@ -256,9 +256,23 @@ def run_trial(params: dict, setup: dict) -> None:
     write_record(cfg, "pretrain", tok, manifest, extra={"tune": {"search": setup["search_dir"],
                                                                  "trial_id": trial_id, "params": params}})
     result = run_ray_training(cfg, prepared_datasets(cfg.data.path, manifest, cfg.s3), manifest,
-                              resume="auto", callbacks=[TuneReportCallback()])
+                              resume="auto", callbacks=[_reports_with(TuneReportCallback, setup["metric"])])
     if result.error:
         raise result.error
+
+
+def _reports_with(base: type, metric: str):
+    """Tune's report callback, passing on only the reports that hold `metric`. A trial reports
+    a training row every train.log_every steps and the metric only at its evaluations, and
+    Tune ends the whole search at a result without its metric (so every search whose log
+    steps were not all evaluation steps, the defaults' included, failed at its first log)."""
+
+    class ReportsWithMetric(base):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ReportsWithMetric()
 
 
 # --------------------------------------------------------------------------- the search
@@ -339,7 +353,7 @@ def _trainable(state: dict, search_dir: str):
 
     base = state["base"]
     setup = {"base": base, "manifest": state["manifest"], "search_dir": search_dir,
-             "runs_dir": storage.join(search_dir, RUNS)}
+             "runs_dir": storage.join(search_dir, RUNS), "metric": state["tune"]["metric"]}
     trainable = rt.with_parameters(run_trial, setup=setup)
     return rt.with_resources(trainable, {"CPU": state["tune"]["driver_cpus"]})
 
