@@ -62,7 +62,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise ImportError("GGUF export needs the `gguf` package: pip install 'raylm[gguf]'") from None
+        raise ConfigError("GGUF export needs the `gguf` package: pip install -e '.[export]'") from None
     return gguf
 
 
@@ -111,7 +111,8 @@ def _vocab(tok: Tokenizer, gguf, n_vocab: int) -> tuple[list[str], list[float], 
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:  # SentencePiece's processor cannot say which pieces are user-defined
-        raise ImportError("GGUF export needs protobuf to read the tokenizer's piece types") from None
+        raise ConfigError("GGUF export needs protobuf to read the tokenizer's piece types: "
+                          "pip install -e '.[export]'") from None
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(tok.model_bytes)
     # SentencePiece's piece types are numbered as gguf.TokenType (NORMAL=1 ... BYTE=6), so they

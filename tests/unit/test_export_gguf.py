@@ -176,6 +176,17 @@ def test_a_vocabulary_padded_to_64s_gets_a_token_per_row(tok, tmp_path):
     assert set(fields["tokenizer.ggml.token_type"][n:]) == {T.UNUSED}
 
 
+def test_a_missing_gguf_package_is_one_line_naming_the_extra(tok, tmp_path, monkeypatch):
+    import sys
+
+    from raylm.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    with pytest.raises(ConfigError, match=r"needs the `gguf` package: pip install -e '\.\[export\]'"):
+        export_gguf(_model(tok), tok, {}, str(tmp_path / "m.gguf"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_permutation_inverts():
     w = torch.randn(8 * 16, 5)
     p = permute_for_llama_cpp(w, 8)
