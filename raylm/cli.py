@@ -224,14 +224,9 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from raylm.config import S3Config
 
-    try:
-        if args.format == "hf":
-            from raylm.export.hf import export_run
-        else:
-            from raylm.export.gguf import export_run_gguf as export_run
-    except ImportError as e:
-        raise ConfigError(f"--format {args.format} needs {e.name}: pip install -e '.[export]'") from None
-    dtype = args.dtype or ("float32" if args.format == "hf" else "f32")
+    from raylm.export import exporter
+
+    dtype, export_run = exporter(args.format, args.dtype)
     out = export_run(args.run, args.out, S3Config(), checkpoint=args.checkpoint, dtype=dtype)
     print(json.dumps({"format": args.format, "out": out}, indent=1))
 

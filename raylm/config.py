@@ -978,23 +978,31 @@ def _merge(a: dict, b: dict) -> dict:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last, and
-    the settings of a section written twice would vanish without a word. A merge (`<<:`)
-    may still be overridden key by key, as YAML means it."""
+    the settings of a section written twice would vanish without a word. The keys are checked
+    as written, before any merge (`<<:`) is applied: a merged key may still be overridden, as
+    YAML means it (PyYAML writes merged keys into the mapping's node itself)."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                again = key in seen
-            except TypeError:  # an unhashable key: SafeLoader refuses it itself
-                continue
-            if again:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+    def construct_document(self, node):
+        self._refuse_duplicate_keys(node, set())
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, node, visited: set) -> None:
+        if id(node) in visited:  # an alias: checked where it was anchored
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                                key_node.start_mark)
+                    seen.add(key)
+                self._refuse_duplicate_keys(value_node, visited)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self._refuse_duplicate_keys(item, visited)
 
 
 def load_yaml(text: str) -> Any:
@@ -1002,7 +1010,7 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
+def yaml_problem(e: yaml.YAMLError) -> str:
     """'line 3: found undefined alias ...': where and what, on one line."""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     mark = getattr(e, "problem_mark", None)
@@ -1021,7 +1029,7 @@ def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, An
         try:
             loaded = load_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({_yaml_problem(e)})") from None
+            raise ConfigError(f"config file {path}: not valid YAML ({yaml_problem(e)})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path}: not UTF-8 text; pass a YAML file") from None
         except OSError as e:

@@ -174,9 +174,10 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torc
     tokens whose probability reaches top_p; 1 = off, which leaves results as they were)."""
     if temperature <= 0:
         return int(logits.argmax())
-    scaled = logits.float() / temperature
-    if not torch.isfinite(scaled.max()):  # a temperature so small that the division overflows
-        return int(logits.argmax())  # (the softmax would be NaN): its limit, the greedy choice
+    # Not below float32's smallest normal number, which the division would round to zero.
+    scaled = logits.float() / max(temperature, torch.finfo(torch.float32).tiny)
+    if torch.isinf(scaled.max()):  # so small a temperature that the division overflows (and the
+        return int(logits.argmax())  # softmax would be NaN): its limit, the greedy choice
     logits = scaled
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]

@@ -39,7 +39,8 @@ from typing import Any, Callable
 import yaml
 
 from raylm import storage
-from raylm.config import Config, ConfigError, S3Config, _build, _merge, _nest, _override_value, load_yaml, to_dict
+from raylm.config import (Config, ConfigError, S3Config, _build, _merge, _nest, _override_value, load_yaml, to_dict,
+                          yaml_problem)
 from raylm.errors import PathNotFoundError
 
 STAGE_RECORDS = "stages"  # <root>/stages/<stage>.json
@@ -207,25 +208,16 @@ def run_eval(run: StageRun) -> dict:
     return {"path": run.out, "report": report, "sha256": _sha256(storage.read_bytes(report, run.s3))}
 
 
-EXPORT_FORMATS = ("hf", "gguf")  # as `raylm export --format`
-
-
 def _exporter(stage: str, options: dict) -> tuple[str, str, Callable]:
-    """The export stage's format, dtype and export function. The dtypes are the exporter's own
-    table, so a dtype it would refuse once the model is trained is refused when the recipe loads."""
+    """The export stage's format, dtype and export function (raylm.export.exporter, as
+    `raylm export` has them), checked when the recipe loads, not once the model is trained."""
+    from raylm.export import MissingExtra, exporter
+
     fmt = options.get("format", "hf")
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"stages.{stage}.format={fmt!r}: choose from {list(EXPORT_FORMATS)}")
     try:
-        if fmt == "hf":
-            from raylm.export.hf import _DTYPES as dtypes, export_run
-        else:
-            from raylm.export.gguf import _QTYPES as dtypes, export_run_gguf as export_run
-    except ImportError as e:
-        raise StageUnavailable(f"stages.{stage}.format={fmt} needs {e.name}: pip install -e '.[export]'") from None
-    dtype = options.get("dtype") or ("float32" if fmt == "hf" else "f32")
-    if dtype not in dtypes:
-        raise ConfigError(f"stages.{stage}.dtype={dtype!r}: format {fmt} takes one of {list(dtypes)}")
+        dtype, export_run = exporter(fmt, options.get("dtype"), prefix=f"stages.{stage}.")
+    except MissingExtra as e:
+        raise StageUnavailable(str(e)) from None
     return fmt, dtype, export_run
 
 
@@ -387,7 +379,7 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     try:
         raw = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"recipe {path}: not valid YAML ({yaml_problem(e)})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {path}: not UTF-8 text; pass a YAML file") from None
     except OSError as e:

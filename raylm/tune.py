@@ -42,7 +42,8 @@ from typing import Any
 import yaml
 
 from raylm import storage
-from raylm.config import Config, ConfigError, TuneConfig, load_config, load_yaml, to_dict, tune_config
+from raylm.config import (Config, ConfigError, TuneConfig, load_config, load_yaml, to_dict, tune_config,
+                          yaml_problem)
 from raylm.errors import PathNotFoundError
 
 SEARCH_FILE = "search.json"
@@ -140,7 +141,7 @@ def parse_space(text: str, where: str) -> tuple[dict[str, Dimension], dict]:
     try:
         data = load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{where}: not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{where}: expected a mapping of config keys to values or distributions, "
                           f"e.g. 'train.lr: loguniform(1e-4, 3e-3)'")
@@ -339,8 +340,9 @@ def resume(cfg: Config, log=None) -> dict:
         raise PathNotFoundError(f"--resume: no search under {cfg.run_dir} (no {SEARCH_FILE}); check name= and storage=")
     state = json.loads(storage.read_text(uri, cfg.s3))
     tc = tune_config(state["tune"])
+    base = load_config(base=state["base"])
     try:  # saved by a raylm that took any metric
-        check_metric(tc, load_config(base=state["base"]))
+        check_metric(tc, base)
     except ConfigError as e:
         raise ConfigError(f"--resume: {uri}: {e}; Tune keeps a search's metric, so start a new search "
                           f"(another name=)") from None

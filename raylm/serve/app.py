@@ -334,23 +334,17 @@ def start(run: str, cfg: ServeConfig, blocking: bool = False, name: str = APP_NA
         application = build_vllm_app(run, cfg, model_name_of(run, cfg))
     else:
         application = build_app(run, cfg)
-    if not _serve_running():
-        check_port_free(cfg)  # else HAProxy fails to bind in an actor, and Ray reports a traceback
+    from raylm.pipeline import started_env
+    from raylm.serve.local import serve_running
+
+    # On a cluster this process started (this machine), before Serve starts: else HAProxy
+    # fails to bind in an actor, and Ray reports a traceback. Elsewhere the port is not ours.
+    if started_env() is not None and not serve_running():
+        check_port_free(cfg)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": log_level})
     serve.run(application, name=name, route_prefix=route_prefix, blocking=blocking,
               logging_config={"log_level": log_level})
     return base_url(cfg) + route_prefix.rstrip("/")
-
-
-def _serve_running() -> bool:
-    """Whether Serve runs on the connected cluster already (its ingress then holds its port)."""
-    import ray
-
-    try:
-        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-    except ValueError:
-        return False
-    return True
 
 
 def check_port_free(cfg: ServeConfig) -> None:

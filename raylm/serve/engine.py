@@ -598,7 +598,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - its consumer re-raises it, with its traceback
             if req.finished:  # it failed after its end: not the request's own doing
                 raise
-            self._fail(req, e)
+            self._fail(req, e, "the request's sampling failed")
 
     def _take(self, req: _Request, logits: torch.Tensor, token: int | None) -> None:
         p = req.params
@@ -665,12 +665,12 @@ class Engine:
 
     def _fail_running(self, error: Exception) -> None:
         for req in list(self._rows):
-            self._fail(req, error)
+            self._fail(req, error, "engine step failed")
 
-    def _fail(self, req: _Request, error: Exception) -> None:
+    def _fail(self, req: _Request, error: Exception, what: str) -> None:
         req.finished = True
         self._free(req)
-        failure = RuntimeError(f"engine step failed: {error!r}")
+        failure = RuntimeError(f"{what}: {error!r}")
         failure.__cause__ = error
         self._emit(req, failure)
 

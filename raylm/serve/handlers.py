@@ -146,7 +146,7 @@ class OpenAIService:
         prompts = [self._prompt(p) for p in req.prompts()]
         choices = []
         for pi, prompt in enumerate(prompts):
-            limit = req.max_tokens if req.max_tokens is not None else self._room(prompt.ids, "prompt")
+            limit = req.max_tokens if req.max_tokens is not None else self._room(prompt.ids, "prompt", req.echo)
             for j in range(req.n):
                 params = self._params(req, prompt.ids, limit, j, logprobs=req.logprobs, echo=req.echo,
                                       stop_ids=(self.tok.eos_id,))
@@ -214,10 +214,11 @@ class OpenAIService:
             raise P.APIError(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
         return _Prompt(list(p), self.tok.decode(p))
 
-    def _room(self, prompt_ids: list[int], field: str) -> int:
-        """max_tokens where the client gave none: what the prompt leaves of the context."""
+    def _room(self, prompt_ids: list[int], field: str, echo: bool = False) -> int:
+        """max_tokens where the client gave none: what the prompt leaves of the context (none
+        is enough for an echo, which scores the prompt)."""
         context, prompt_len = self.engine.max_seq_len, len(prompt_ids)
-        if prompt_len >= context:
+        if prompt_len > context or (prompt_len == context and not echo):
             raise P.APIError(400, f"{field}: its {prompt_len} tokens leave no room in the model's context of "
                                   f"{context} tokens", field, code="context_length_exceeded")
         return context - prompt_len

@@ -374,6 +374,10 @@ def test_yaml_file_anchors_and_aliases_work(tmp_path):
     path = _write(tmp_path, "base: &b {lr: 0.5, max_steps: 9}\ntrain:\n  <<: *b\n  lr: 0.1\n", "merge.yaml")
     data = load_yaml(open(path).read())
     assert data["train"] == {"lr": 0.1, "max_steps": 9}  # a merge's key overridden: not a duplicate
+    # The same where an alias is built before its anchor's own merge (PyYAML writes merged keys
+    # into the anchored node, so a check of the constructed mapping would see `x` twice).
+    data = load_yaml("outer:\n  inner: &b\n    <<: {x: 1}\n    x: 2\nuse: {<<: *b}\n")
+    assert data["use"] == data["outer"]["inner"] == {"x": 2}
 
 
 def test_yaml_file_alias_bomb_gives_a_short_error(tmp_path):

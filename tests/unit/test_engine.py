@@ -254,6 +254,10 @@ def test_a_tiny_temperature_is_greedy_and_a_failing_request_fails_alone(engine, 
         assert_same_tokens(engine.model, prompt, ids_of(tiny), greedy, None, True, f"temperature={t}")
         assert_same_tokens(engine.model, prompt, ids_of(kept), greedy, None, True, "the greedy request beside it")
 
+    # NaN logits are a model's bug, not a small temperature: they still fail the request.
+    with pytest.raises(RuntimeError):
+        sample_token(torch.tensor([0.5, float("nan"), 1.0]), 0.7, 0, torch.Generator().manual_seed(0))
+
     real = engine_module.sample_token
 
     def broken(logits, temperature, *args):
@@ -712,6 +716,28 @@ def test_a_whole_response_hears_its_choices_and_frees_them_on_a_disconnect_or_a_
         return busy()
 
     assert asyncio.run(bug()) == 0, "a request that hit a bug kept its slots"
+
+
+def test_a_prompt_that_fills_the_context_with_no_max_tokens(engine):
+    """Echo scores it (no room is needed to score a prompt); without echo it is refused as
+    context_length_exceeded, naming the prompt rather than a max_tokens never sent."""
+    from raylm.config import ServeConfig
+    from raylm.serve import protocol as P
+    from raylm.serve.handlers import OpenAIService
+
+    service = OpenAIService(engine, ServeConfig(), "tiny")
+    ids = (engine.tokenizer.encode("the river and the stone ") * engine.max_seq_len)[:engine.max_seq_len]
+
+    def request(**extra):
+        body = {"model": "tiny", "prompt": ids, "max_tokens": None, **extra}
+        return P.parse_request(json.dumps(body).encode(), P.CompletionRequest)
+
+    got = asyncio.run(service.completions(request(echo=True, logprobs=0), asyncio.Event().wait))
+    assert len(got["choices"][0]["logprobs"]["tokens"]) == len(ids) and got["usage"]["completion_tokens"] == 0
+    with pytest.raises(P.APIError) as e:
+        asyncio.run(service.completions(request(), asyncio.Event().wait))
+    assert e.value.status == 400 and e.value.body()["error"]["code"] == "context_length_exceeded"
+    assert e.value.body()["error"]["param"] == "prompt"
 
 
 def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(engine):

@@ -150,7 +150,7 @@ def test_recipe_that_gives_a_stage_twice_is_named(tmp_path):
     # PyYAML would keep the second `pretrain:` and drop the first's settings without a word.
     path = tmp_path / "dup.yaml"
     path.write_text("name: t\nstages:\n  pretrain: {train.max_steps: 5}\n  pretrain: {}\n")
-    with pytest.raises(ConfigError, match=r"recipe .*dup.yaml: not valid YAML \(duplicate key 'pretrain'\)"):
+    with pytest.raises(ConfigError, match=r"recipe .*dup.yaml: not valid YAML \(line 4: duplicate key 'pretrain'\)"):
         load_recipe(str(path))
 
 
