@@ -296,8 +296,12 @@ def cmd_eval(args) -> None:
 
 
 def cmd_plan(args) -> None:
+    from raylm import storage
+    from raylm.errors import OutputExistsError
     from raylm.plan import format_table, make_plan, write_recipe
 
+    if args.out and storage.exists(args.out):  # an output the user named is never written over
+        raise OutputExistsError(f"--out {args.out}: already exists; write the config to a new file")
     plan = make_plan(args.size, args.gpus, args.nodes, args.tokens, args.language, args.domain, args.seq_len,
                      args.mfu, args.train_tokens, args.memory_gb, args.data or "", args.name,
                      args.replicate_degree)

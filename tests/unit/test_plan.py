@@ -238,3 +238,8 @@ def test_cli_plan_prints_table_and_writes_config(tmp_path, capsys):
     assert main(["plan", "--size", "7b", "--gpus", "1xL4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("raylm: error: --size 7b does not fit") and "\n" not in err
+    written = out.read_bytes()  # an existing --out is kept, not written over
+    assert main(["plan", "--size", "tiny", "--gpus", "4xCPU", "--tokens", "5M", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"raylm: error: --out {out}: already exists; write the config to a new file"
+    assert out.read_bytes() == written
