@@ -531,9 +531,8 @@ def absolute_paths(cfg: Config) -> Config:
 
 def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: bool = True) -> dict:
     """Every stage up to a trained model, then validation perplexity, samples and a loss plot."""
-    from raylm.train_ray import run_ray_training
-
     from raylm.train import resume_point
+    from raylm.train_ray import run_ray_training
 
     t0 = time.time()
     cfg, corpus = preflight(absolute_paths(cfg))

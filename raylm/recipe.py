@@ -146,7 +146,6 @@ def _synthetic_records(run: StageRun, fmt: str) -> str:
     under <root>/records-<task>-<seed>/ and named by content, so they are an ordinary input."""
     from raylm import synthetic
 
-    _check_synthetic(run.name, run.options)
     task, seed = run.options["synthetic"], run.cfg.seed
     target = storage.join(run.root, f"records-{task}-{seed}")
     name = f"{task}.train.{fmt}.jsonl"

@@ -170,12 +170,12 @@ def trial_metrics(cfg: Config) -> list[str]:
     """What a trial's evaluations report to Tune, so what tune.metric can rank trials on: the
     validation row of raylm.train.fit (a pre-training run's) and, with eval.every, the
     in-training task scores of raylm.eval.in_training. A metric added there belongs here."""
-    from raylm.eval.tasks import task_name
+    from raylm.eval.tasks import GEN_METRICS, MC_METRICS, task_name
 
     names = ["val_loss", "val_ppl"]
     if cfg.eval.every:
-        names += [f"eval_{task_name(p)}_{m}" for p in cfg.eval.mc_tasks for m in ("acc", "acc_norm")]
-        names += [f"eval_{task_name(p)}_{m}" for p in cfg.eval.gen_tasks for m in ("exact_match", "contains")]
+        names += [f"eval_{task_name(p)}_{m}" for p in cfg.eval.mc_tasks for m in MC_METRICS]
+        names += [f"eval_{task_name(p)}_{m}" for p in cfg.eval.gen_tasks for m in GEN_METRICS]
     return names
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from raylm.eval.loglik import encode_pair, fit_to_length
 from raylm.eval.scorers import _argmax
-from raylm.eval.tasks import read_gen_task, read_mc_task, task_name
+from raylm.eval.tasks import GEN_METRICS, MC_METRICS, read_gen_task, read_mc_task, task_name
 
 CHUNK = 16  # items per forward pass
 
@@ -70,8 +70,7 @@ class TrainingEval:
         if world > 1:
             dist.all_reduce(t)
         row = {"kind": "eval", "step": step}
-        names = [(task, ("acc", "acc_norm")) for task in self.mc] + [(task, ("exact_match", "contains"))
-                                                                   for task in self.gen]
+        names = [(task, MC_METRICS) for task in self.mc] + [(task, GEN_METRICS) for task in self.gen]
         for (task, metrics), (a, b, n) in zip(names, t.tolist()):
             for metric, k in zip(metrics, (a, b)):
                 row[f"eval_{task}_{metric}"] = k / n

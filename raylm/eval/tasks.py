@@ -14,6 +14,11 @@ from raylm import storage
 from raylm.documents import json_lines
 from raylm.errors import DataError, PathNotFoundError
 
+# What in-training evaluation reports of each task, as eval_<task>_<metric> (with _stderr and
+# eval_<task>_n): raylm.eval.in_training writes them, and `raylm tune` ranks trials on them.
+MC_METRICS = ("acc", "acc_norm")
+GEN_METRICS = ("exact_match", "contains")
+
 
 @dataclass(frozen=True)
 class MCItem:
