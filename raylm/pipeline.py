@@ -59,6 +59,8 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
     quiet_ray_chatter()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+        if training:
+            start_ray_data_actors()
     else:
         tc = cfg.train.resolve_workers(os.cpu_count() or 1)  # this machine is the cluster
         cpus = max(2 * (os.cpu_count() or 2), math.ceil(tc.num_workers * tc.cpus_per_worker) + 4)
@@ -223,8 +225,10 @@ def start_ray_data_actors() -> None:
     process at that moment, one after another on the way to the first step; started here they
     come up while the driver prepares data. Training only: serving and evaluation use neither,
     and each idle actor costs about 1% of a core. Both are named and detached, and Ray hands the
-    same actors to its own callers. An optimisation only: where a Ray version has moved these
-    internals, runs start as they would without it."""
+    same actors to its own callers. Made by the driver, they also outlive every run: a stats
+    actor that a training worker makes is removed with that run's placement group (`raylm
+    tune`'s trials made it again, one after another). Where a Ray version has moved these
+    internals, runs go as they would without it."""
     try:
         from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
         from ray.data._internal.stats import get_or_create_stats_actor

@@ -295,12 +295,16 @@ def prepare_search(cfg: Config, tc: TuneConfig) -> tuple[Config, str, dict]:
 
 def init_ray_for(cfg: Config, tc: TuneConfig) -> None:
     """Join or start Ray (`raylm.pipeline.init_ray`); a local cluster gets logical CPUs for
-    every concurrent trial's workers, with the spare that init_ray keeps for Ray Data."""
-    from raylm.pipeline import init_ray, resolve_workers
+    every concurrent trial's workers, with the spare that init_ray keeps for Ray Data. Ray
+    Data's cluster-wide actors are started here, on any cluster: made by a trial's worker
+    instead, its stats actor dies with that trial's placement group, to be made again by the
+    next trial, and one removed while it starts has Ray print a crash report with a stack trace."""
+    from raylm.pipeline import init_ray, resolve_workers, start_ray_data_actors
 
     trial = resolve_workers(cfg, share=tc.max_concurrent_trials).train
     workers = trial.num_workers * tc.max_concurrent_trials + math.ceil(tc.driver_cpus * tc.max_concurrent_trials)
     init_ray(dataclasses.replace(cfg, train=dataclasses.replace(trial, num_workers=workers)), dashboard=True)
+    start_ray_data_actors()
 
 
 def _default_log(log):

@@ -85,7 +85,8 @@ def _base_args(prepared, storage_uri: str, name: str) -> list:
 
 @pytest.fixture(scope="module")
 def search(prepared, tmp_path_factory):
-    """The 4-trial ASHA search, with the actors and placement groups alive before it."""
+    """The 4-trial ASHA search, with the actors and placement groups alive before it, and
+    Ray Data's stats actors (in any state)."""
     from raylm import tune
     from raylm.config import load_config
 
@@ -93,13 +94,24 @@ def search(prepared, tmp_path_factory):
     space = tmp / "space.yaml"
     space.write_text(ASHA_SPACE)
     before = _alive()
+    stats0 = _stats_actors()
     cfg = load_config(overrides=[*_base_args(prepared, str(tmp / "runs"), "asha"), ("data.path", prepared[1])])
     summary = tune.tune(cfg, str(space))
-    return summary, cfg, before
+    return summary, cfg, before, stats0
+
+
+def _stats_actors() -> dict:
+    """Ray Data's stats actors this cluster has had, by id, with their state."""
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address
+    return {a.actor_id: a.state for a in list_actors(address=address, filters=[("class_name", "=", "_StatsActor")],
+                                                     limit=10_000)}
 
 
 def test_asha_search_stops_a_trial_early_and_writes_the_best_config(search):
-    summary, cfg, _ = search
+    summary, cfg, _, _ = search
     assert summary["trials"] == 4 and not summary["errors"], summary
     assert summary["stopped"], f"ASHA stopped no trial: {summary}"
     rows = list(__import__("csv").DictReader(open(summary["results_csv"])))
@@ -126,7 +138,7 @@ CLUSTER_WIDE = {"_AutoscalingCoordinatorActor", "_StatsActor"}
 
 
 def test_early_stopped_trials_leave_no_actors_or_placement_groups(search):
-    _, _, (actors0, groups0) = search
+    _, _, (actors0, groups0), _ = search
     deadline = time.time() + 60  # Train's detached cleaner removes placement groups shortly after
     while True:
         actors, groups = _alive()
@@ -137,6 +149,18 @@ def test_early_stopped_trials_leave_no_actors_or_placement_groups(search):
         time.sleep(1)
     assert not new_actors, f"actors left running after the search: {new_actors}"
     assert not new_groups, f"placement groups left after the search: {new_groups}"
+
+
+def test_ray_data_stats_actor_outlives_the_trials(search):
+    """The search makes Ray Data's stats actor before any trial does: made by a trial's worker,
+    it was removed with that trial's placement group and made again by the next one, and one
+    removed while it started had Ray print a crash report ("You have likely discovered a bug
+    in Ray")."""
+    *_, stats0 = search
+    stats = _stats_actors()
+    died = [k for k, state in stats.items() if state == "DEAD" and stats0.get(k) != "DEAD"]
+    assert not died, f"Ray Data's stats actor died during the search: {died} of {stats}"
+    assert list(stats.values()).count("ALIVE") == 1, stats
 
 
 def test_pretrain_runs_with_the_best_config(search, tmp_path):
