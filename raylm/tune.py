@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from raylm import storage
-from raylm.config import (Config, ConfigError, TuneConfig, load_config, load_yaml, to_dict, tune_config,
+from raylm.config import (Config, ConfigError, TrainConfig, TuneConfig, load_config, load_yaml, to_dict, tune_config,
                           yaml_problem)
 from raylm.errors import PathNotFoundError
 
@@ -382,7 +382,10 @@ def _scheduler(tc: TuneConfig, base: Config):
     if tc.scheduler == "fifo":
         return FIFOScheduler()
     # Rungs are counted in optimizer steps ("step" in every report), not in Tune's report count.
-    return ASHAScheduler(time_attr="step", max_t=base.train.max_steps,
+    # A trial that reaches max_t ends by itself: stopped there by Tune (its default), its actor
+    # is killed with the Train run's controller still winding down, whose placement group Ray
+    # Train's cleaner then frees with a warning, for every trial that ran to the end.
+    return ASHAScheduler(time_attr="step", max_t=base.train.max_steps, stop_last_trials=False,
                          grace_period=tc.grace_period or base.train.eval_every, reduction_factor=tc.reduction_factor)
 
 
@@ -398,7 +401,7 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     # Tune reads config changes from its own storage path; an explicit filesystem takes the
     # path without its s3:// scheme.
     path = f"{root.rstrip('/')}/{cfg.name}"
-    callbacks = [trial_log(log)]
+    callbacks = [trial_log(log, base.train)]
     if resume:
         if not rt.Tuner.can_restore(path, storage_filesystem=fs):
             raise PathNotFoundError(f"--resume: {search_dir} holds no Tune state yet (the search stopped before "
@@ -420,7 +423,7 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     return report(grid, state, cfg, tc, log)
 
 
-def trial_log(log):
+def trial_log(log, train: TrainConfig):
     """A Tune callback that prints each trial's start, evaluations and end, one line each
     (its class is made here: ray.tune is imported only when a search runs)."""
     import ray.tune
@@ -434,12 +437,19 @@ def trial_log(log):
                 log(f"tune: trial {trial.trial_id} step {result.get('step')}: val loss {result['val_loss']:.4f}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            log(f"tune: trial {trial.trial_id} finished at step {trial.last_result.get('step')}")
+            step = trial.last_result.get("step") or 0
+            log(f"tune: trial {trial.trial_id} {_ended(step, train)} at step {step}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             log(f"tune: trial {trial.trial_id} failed")
 
     return _TrialLog()
+
+
+def _ended(steps: int, train: TrainConfig) -> str:
+    """How a trial that did not fail ended: "finished", or "stopped" early by the scheduler
+    (a time-budgeted run ends where its clock does: finished)."""
+    return "stopped" if steps < train.max_steps and not train.time_budget_s else "finished"
 
 
 def _params_text(params: dict) -> str:
@@ -478,8 +488,7 @@ def report(grid, state: dict, cfg: Config, tc: TuneConfig, log=print) -> dict:
     base = load_config(base=state["base"])
     rows = trial_rows(grid, tc.metric, tc.mode)
     for r in rows:
-        r["status"] = ("error" if r["error"] else
-                       "stopped" if r["steps"] < base.train.max_steps and not base.train.time_budget_s else "finished")
+        r["status"] = "error" if r["error"] else _ended(r["steps"], base.train)
     search_dir = cfg.run_dir
     keys = sorted({k for r in rows for k in r["params"]})
     header = ["rank", "trial", "status", "steps", f"last_{tc.metric}", f"best_{tc.metric}", *keys]

@@ -170,3 +170,22 @@ def test_optuna_tpe_draws_from_the_space():
         draw = {k: tune.plain(v) for k, v in searcher.suggest(f"t{i}").items()}
         cfg = load_config(overrides=list(draw.items()))
         assert 1e-4 <= cfg.train.lr <= 3e-3 and cfg.model.n_layers in (1, 2)
+
+
+def test_asha_lets_a_trial_that_reaches_max_steps_end_by_itself():
+    """Stopped by Tune at max_t (ASHA's default), a trial's actor was killed while its Train run
+    wound down: Ray Train's cleaner then freed the run's placement group with a warning, for
+    every trial that ran to the end. Rungs below max_t still stop poor trials."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    base = load_config(overrides=["train.max_steps=8", "train.eval_every=2"])
+    sched = tune._scheduler(TuneConfig(scheduler="asha", grace_period=2, reduction_factor=2), base)
+    sched.set_search_properties("val_loss", "min", config={})
+    good, bad = Trial("fn", stub=True), Trial("fn", stub=True)
+    for t in (good, bad):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, good, {"step": 2, "val_loss": 1.0}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, bad, {"step": 2, "val_loss": 9.0}) == TrialScheduler.STOP
+    for step in (4, 6, 8):
+        assert sched.on_trial_result(None, good, {"step": step, "val_loss": 1.0}) == TrialScheduler.CONTINUE
