@@ -802,6 +802,7 @@ class EvalConfig:
 # --------------------------------------------------------------------------- run
 
 STAGES = ("pretrain", "sft", "dpo")
+GLOB_CHARS = ("*", "?")  # wildcards in raylm.storage paths
 
 
 @dataclass(frozen=True)
@@ -841,8 +842,14 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name={self.name!r}: a run name is one non-empty path segment")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name={self.name!r}: a run name is one non-empty path segment, not '.' or '..'")
+        # Listing a run's files (its checkpoints, their shards) takes the path as a pattern, as
+        # `data.path` does: a run named "lr*2" trained, then failed to commit its first checkpoint.
+        for key, value in (("name", self.name), ("storage", self.storage)):
+            if any(c in value for c in GLOB_CHARS):
+                raise ConfigError(f"{key}={value!r}: {' '.join(GLOB_CHARS)} are not allowed in a run's path "
+                                  f"(paths with them are read as patterns)")
         return self
 
     @property

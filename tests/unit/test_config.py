@@ -240,6 +240,15 @@ def test_bad_precision_and_name():
         load_config(None, ["name=a/b"])
 
 
+@pytest.mark.parametrize("override", ["name=.", "name=..", "name=lr*2", "name=exp?1", "storage=/tmp/runs*"])
+def test_run_paths_that_listing_cannot_read_back_are_refused(override):
+    """'..' put the run outside storage, '.' made storage the run; a wildcard in the run's path
+    made listing its own checkpoint read a pattern: the run trained, then failed to commit."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        load_config(None, [override])
+
+
 def test_to_dict_from_dict_round_trip():
     cfg = load_config(None, ["model.preset=gpt2-124m", "train.lr=1e-3", "sample.prompts=[a, b]",
                              "model.n_kv_heads=4", "data.seq_len=512"])
