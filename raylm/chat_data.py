@@ -13,10 +13,12 @@ Record formats:
     SFT  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
          {"prompt": str, "completion": str}
     DPO  {"prompt": str, "chosen": str, "rejected": str}
-         {"messages": [...the conversation so far...], "chosen": str, "rejected": str}
+         {"messages": [...the conversation so far, ending with a user turn...], "chosen": str, "rejected": str}
+         (a pair's loss mask covers its response alone, never earlier assistant turns)
 
 A record that is malformed (unknown role, empty content, `messages` not a list, no
-assistant turn) or longer than a row is a bad record naming file and line; within
+assistant turn, a lone surrogate escape in text) or longer than a row is a bad record naming
+file and line; a null field (parquet rows have every column) counts as absent; within
 data.max_bad_records they are counted and skipped, as in pre-training. Instruction sets are
 small next to pre-training corpora, so the driver holds the encoded records and shuffles
 them whole (seeded) before packing.
@@ -38,7 +40,7 @@ from raylm import storage
 from raylm.config import DataConfig, S3Config
 from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _check_error_budget, _remove_stale_attempts, _sources,
                         list_corpus, read_manifest)
-from raylm.documents import check_plain_types, decompressed, json_lines, read_parquet, stable_fraction
+from raylm.documents import _encodable, check_plain_types, decompressed, json_lines, read_parquet, stable_fraction
 from raylm.tokenizer import CHAT_ROLES
 
 KINDS = ("sft", "dpo")
@@ -70,9 +72,16 @@ def parse_records(path: str, raw: bytes):
 def _text(record: dict, key: str, where: str) -> str:
     value = record.get(key)
     if not isinstance(value, str) or not value.strip():
-        got = "missing" if key not in record else f"{type(value).__name__} {value!r}"[:60]
+        got = "missing" if value is None else f"{type(value).__name__} {value!r}"[:60]
         raise DataError(f"{where}: field {key!r} must be a non-empty string (got {got})")
+    if not _encodable(value):
+        raise DataError(f"{where}: field {key!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), not text")
     return value
+
+
+def _has(record: dict, key: str) -> bool:
+    """Whether the record sets `key`: in parquet every row has every column, null where unset."""
+    return record.get(key) is not None
 
 
 def _messages(record: dict, where: str, need_assistant: bool) -> list[dict]:
@@ -95,15 +104,30 @@ def conversation(record, kind: str, where: str):
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if kind == "sft":
-        if "messages" in record:
+        if _has(record, "messages"):
             return _messages(record, where, need_assistant=True)
-        if "prompt" in record or "completion" in record:
+        if _has(record, "prompt") or _has(record, "completion"):
             return [{"role": "user", "content": _text(record, "prompt", where)},
                     {"role": "assistant", "content": _text(record, "completion", where)}]
-        raise DataError(f"{where}: expected 'messages' or 'prompt' and 'completion' (found: {', '.join(record)})")
-    prompt = (_messages(record, where, need_assistant=False) if "messages" in record
-              else [{"role": "user", "content": _text(record, "prompt", where)}])
+        found = ", ".join(k for k in record if _has(record, k)) or "nothing"
+        raise DataError(f"{where}: expected 'messages' or 'prompt' and 'completion' (found: {found})")
+    if _has(record, "messages"):
+        prompt = _messages(record, where, need_assistant=False)
+        if prompt[-1]["role"] != "user":  # chosen and rejected answer the last turn
+            raise DataError(f"{where}: 'messages' must end with a user message, the one chosen and rejected "
+                            f"answer (the last is {prompt[-1]['role']!r})")
+    else:
+        prompt = [{"role": "user", "content": _text(record, "prompt", where)}]
     return prompt, _text(record, "chosen", where), _text(record, "rejected", where)
+
+
+def encode_response(tok, prompt: list[dict], reply: str) -> tuple[list[int], list[bool]]:
+    """Ids of `prompt` and one assistant `reply`, masked on the reply and its `<|end|>` alone:
+    DPO scores a response, not the assistant turns of the conversation before it (an
+    average-logprob loss would be diluted by them)."""
+    ids, mask = tok.encode_chat([*prompt, {"role": "assistant", "content": reply}])
+    n = len(tok.encode_chat(prompt, add_generation_prompt=True)[0])  # a prefix: segments encode alone
+    return ids, [False] * n + mask[n:]
 
 
 def encode_record(tok, record, kind: str, where: str):
@@ -114,7 +138,7 @@ def encode_record(tok, record, kind: str, where: str):
         ids, mask = tok.encode_chat(conv)
         return [(ids + [tok.eos_id], mask + [False])]
     prompt, chosen, rejected = conv
-    return [tok.encode_chat(prompt + [{"role": "assistant", "content": reply}]) for reply in (chosen, rejected)]
+    return [encode_response(tok, prompt, reply) for reply in (chosen, rejected)]
 
 
 def encode_file(batch: dict, tok, kind: str, order: dict, val_fraction: float) -> dict:
@@ -130,7 +154,9 @@ def encode_file(batch: dict, tok, kind: str, order: dict, val_fraction: float) -
                 if isinstance(rec, DataError):
                     raise rec
                 seqs = json.dumps(encode_record(tok, rec, kind, where))
-                val = stable_fraction(json.dumps(rec, sort_keys=True)) < val_fraction
+                # default=str: parquet columns the record does not use may hold timestamps, dates,
+                # bytes or decimals; JSON values hash as they always have.
+                val = stable_fraction(json.dumps(rec, sort_keys=True, default=str)) < val_fraction
             except DataError as e:
                 err = str(e)
             for k, v in zip(out, (order[path], line, err, val, seqs)):
@@ -193,10 +219,15 @@ def write_rows(prefix: str, split: str, rows: list[dict], width: int, per_shard:
 # --------------------------------------------------------------------------- prepare
 
 
+# Raised when the same records encode differently: 2, content markers as text and DPO masks
+# over the response alone (a dataset prepared before is prepared again, not reused).
+CHAT_ENCODING = 2
+
+
 def dataset_key(kind: str, sources, cfg: DataConfig, tokenizer_sha: str, seed: int) -> str:
     blob = json.dumps({"kind": kind, "sources": [[f.uri, f.size, f.etag_or_mtime] for f in sources],
                        "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "tokenizer": tokenizer_sha,
-                       "seed": seed, "version": FORMAT_VERSION}, sort_keys=True)
+                       "seed": seed, "version": FORMAT_VERSION, "chat_encoding": CHAT_ENCODING}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -284,10 +284,10 @@ def sft_batch(tokenizer, records: Sequence[dict], width: int | None = None) -> d
 def dpo_batch(tokenizer, records: Sequence[dict], width: int | None = None) -> dict[str, torch.Tensor]:
     """DPO columns from {prompt, chosen, rejected} records (prompt: a user message or a
     list of messages); both sides padded to one width."""
-    sides = {}
-    for side in ("chosen", "rejected"):
-        sides[side] = [tokenizer.encode_chat([*_prompt_messages(r), {"role": "assistant", "content": r[side]}])
-                       for r in records]
+    from raylm.chat_data import encode_response
+
+    sides = {side: [encode_response(tokenizer, _prompt_messages(r), r[side]) for r in records]
+             for side in ("chosen", "rejected")}
     width = width or max(len(ids) for rows in sides.values() for ids, _ in rows)
     out = {}
     for side, rows in sides.items():

@@ -28,17 +28,22 @@ from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
 from raylm.data import DataError, actor_restarts, list_corpus, prepared_datasets, read_manifest
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
 from raylm.pipeline import absolute_paths, init_ray, keep_in_run, log, resolve_workers, workers_summary
-from raylm.record import write_record
+from raylm.record import RECORD, write_record
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 
 
-def parent_of(cfg: Config) -> tuple[Config, dict]:
-    """cfg with the parent's model shape and tokenizer, and facts about the parent
-    ({checkpoint, sha256, stage}). Fails before any cluster work when the parent is missing."""
+def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
+    """cfg with the parent's model shape and tokenizer, init_from pinned to the parent's
+    checkpoint, and facts about the parent ({checkpoint, sha256, stage}). `recorded` is the
+    checkpoint a resumed run started from (`recorded_parent`). Fails before any cluster work
+    when the parent is missing."""
     if not cfg.init_from:
         raise ConfigError(f"stage={cfg.stage} needs --from RUN (init_from): the run or checkpoint to start from")
-    ckpt = resolve_checkpoint(cfg.init_from, cfg.s3)
+    if recorded and cfg.init_from.rstrip("/") not in (recorded.rstrip("/"), _parent_dir(recorded)):
+        raise ConfigError(f"--from {cfg.init_from}: run {cfg.run_dir} started from {recorded} and resumes from "
+                          f"its own checkpoints; pass --from {_parent_dir(recorded)}, or --name a new run")
+    ckpt = recorded or resolve_checkpoint(cfg.init_from, cfg.s3)
     meta = checkpoint.read_meta(ckpt, cfg.s3)
     if not isinstance(meta.get("config"), dict) or not meta.get("tokenizer"):
         raise checkpoint.CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: no config or tokenizer recorded")
@@ -53,9 +58,34 @@ def parent_of(cfg: Config) -> tuple[Config, dict]:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the parent's model.max_seq_len={limit} ({ckpt})")
         log(f"data: data.seq_len={limit}, the parent model's context")  # the default, not a choice: fit it
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=limit))
-    cfg = dataclasses.replace(cfg, model=parent_cfg.model,
+    # Workers (and restarted workers) load init_from: a run directory there would mean its
+    # newest checkpoint at that moment, not necessarily the one recorded here.
+    cfg = dataclasses.replace(cfg, init_from=ckpt, model=parent_cfg.model,
                               tokenizer=dataclasses.replace(cfg.tokenizer, path=facts["tokenizer"]))
     return cfg, facts
+
+
+def _parent_dir(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def recorded_parent(cfg: Config, resume: str) -> str | None:
+    """The parent checkpoint in the run's record, when the run will resume from a checkpoint of
+    its own: the parent may have gained a newer checkpoint since, and a resumed DPO run must keep
+    the reference it started with. None for a fresh start."""
+    from raylm.train import resume_point
+
+    uri = storage.join(cfg.run_dir, RECORD)
+    if resume_point(cfg, resume) is None or not storage.exists(uri, cfg.s3):
+        return None
+    try:
+        record = json.loads(storage.read_text(uri, cfg.s3))
+    except ValueError as e:
+        raise ConfigError(f"{uri}: not valid JSON ({e}); repair it or start a new run") from None
+    parent = record.get("parent") if isinstance(record, dict) else None
+    if not isinstance(parent, dict) or not isinstance(parent.get("checkpoint"), str):
+        raise ConfigError(f"{uri}: records no parent checkpoint; repair it or start a new run")
+    return parent["checkpoint"]
 
 
 def _check_model_overrides(cfg: Config, parent_cfg: Config, ckpt: str) -> None:
@@ -87,7 +117,7 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
     cfg = absolute_paths(cfg)
     if cfg.stage not in ("sft", "dpo"):
         raise ConfigError(f"stage={cfg.stage!r}: post-training is sft or dpo")
-    cfg, parent = parent_of(cfg)
+    cfg, parent = parent_of(cfg, recorded_parent(cfg, resume))
     check_records_path(cfg)
     if resume == "must":  # --resume with nothing to resume: say so before anything is written
         resume_point(cfg, resume)

@@ -50,10 +50,11 @@ ROLE_TOKENS = {role: f"<|{role}|>" for role in CHAT_ROLES}
 # text, so a document that happens to contain the string "<|eos|>" cannot inject an
 # end-of-sequence id; the pipeline adds them explicitly by id.
 # The chat markers are *user-defined* symbols: they ARE matched from raw text, because the
-# chat template is rendered as text and must encode each marker as a single id. (The flip
-# side: user content containing a literal "<|user|>" also becomes a marker; callers that
-# care must escape untrusted content.)
+# chat template is rendered as text and must encode each marker as a single id. Message
+# content must never do that (a user could forge a turn, and SFT would train a marker inside
+# a reply), so `encode_chat` encodes content with `_MARKER` occurrences cut apart.
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, *ROLE_TOKENS.values(), END)
+_MARKER = re.compile("|".join(re.escape(t) for t in (*ROLE_TOKENS.values(), END)))
 
 # "\n" is also a user-defined symbol (not a "special token": it is ordinary text). Being
 # atomic, it never merges with its neighbours, so every line break of the chat template is
@@ -348,11 +349,24 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with any chat marker string in it as ordinary pieces, never a marker id.
+        SentencePiece matches its user-defined symbols anywhere in its input, so the text is
+        cut inside each marker ("...<|" + "user|>...") and the parts are encoded alone: no part
+        holds a whole marker. Text without markers encodes exactly as `encode` does, and
+        decoding gives `text` back (no dummy prefix: a part adds no space)."""
+        cuts = [m.start() + 2 for m in _MARKER.finditer(text)]
+        if not cuts:
+            return self._sp.encode(text)
+        parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        return [i for ids in self._sp.encode(parts, num_threads=1) for i in ids]
+
     def _chat_segments(
         self, messages: Sequence[dict], add_generation_prompt: bool
-    ) -> list[tuple[str, bool]]:
-        """The template as (text, is_assistant_target) pieces, each boundary at a symbol."""
-        segs: list[tuple[str, bool]] = []
+    ) -> list[tuple[str, bool, bool]]:
+        """The template as (text, is_assistant_target, is_content) pieces, each boundary at a
+        symbol; content is plain text, the rest markup."""
+        segs: list[tuple[str, bool, bool]] = []
         for i, msg in enumerate(messages):
             role, content = msg.get("role"), msg.get("content")
             if role not in ROLE_TOKENS:
@@ -364,16 +378,18 @@ class Tokenizer:
                     f"chat message {i} content must be a str, got {type(content).__name__}"
                 )
             target = role == "assistant"
-            segs += [(ROLE_TOKENS[role] + "\n", False), (content + END, target), ("\n", False)]
+            segs += [(ROLE_TOKENS[role] + "\n", False, False), (content, target, True), (END, target, False),
+                     ("\n", False, False)]
         if add_generation_prompt:
-            segs.append((ROLE_TOKENS["assistant"] + "\n", False))
+            segs.append((ROLE_TOKENS["assistant"] + "\n", False, False))
         return segs
 
     def apply_chat_template(
         self, messages: Sequence[dict], add_generation_prompt: bool = False
     ) -> str:
-        """`<|role|>\\n{content}<|end|>\\n` per message, then `<|assistant|>\\n` if asked."""
-        return "".join(t for t, _ in self._chat_segments(messages, add_generation_prompt))
+        """`<|role|>\\n{content}<|end|>\\n` per message, then `<|assistant|>\\n` if asked. Encode
+        chats with `encode_chat`: encoding this text reads marker strings in content as markers."""
+        return "".join(t for t, _, _ in self._chat_segments(messages, add_generation_prompt))
 
     def encode_chat(
         self, messages: Sequence[dict], add_generation_prompt: bool = False
@@ -382,13 +398,15 @@ class Tokenizer:
 
         The mask covers each assistant message's content and its closing `<|end|>` (the
         model must learn to stop), not role markers or the other turns: SFT computes the
-        loss only there. Each segment starts and ends at an atomic symbol (a role marker,
-        `<|end|>` or "\\n"), so the concatenated ids equal `encode(apply_chat_template(...))`.
+        loss only there. Content is plain text (`encode_plain`): a marker string in a message
+        is not a marker. Each segment starts and ends at an atomic symbol (a role marker,
+        `<|end|>` or "\\n"), so for content without marker strings the concatenated ids equal
+        `encode(apply_chat_template(...))`.
         """
         ids: list[int] = []
         mask: list[bool] = []
-        for text, target in self._chat_segments(messages, add_generation_prompt):
-            piece = self._sp.encode(text)
+        for text, target, content in self._chat_segments(messages, add_generation_prompt):
+            piece = self.encode_plain(text) if content else self._sp.encode(text)
             ids += piece
             mask += [target] * len(piece)
         return ids, mask

@@ -27,3 +27,53 @@ def test_data_seq_len_is_checked_against_the_parents_context(tiny_run):
         parent_of(cfg)
     cfg, _ = parent_of(sft_config(tiny_run, "data.seq_len=100"))
     assert cfg.data.seq_len == 100 and cfg.model.max_seq_len == 128
+
+
+def _copy_run(tiny_run, dest):
+    import shutil
+
+    return shutil.copytree(tiny_run, dest / "parent")
+
+
+def test_init_from_is_pinned_to_the_resolved_checkpoint(tiny_run, tmp_path):
+    """Workers load cfg.init_from at each (re)start: a parent that gains a checkpoint meanwhile
+    must change neither the policy's start nor DPO's live reference."""
+    import shutil
+
+    from raylm.model import build_model
+    from raylm.train import load_parent_weights
+
+    parent = _copy_run(tiny_run, tmp_path)
+    cfg, facts = parent_of(load_config(overrides=["stage=dpo", f"init_from={parent}", "data.seq_len=64",
+                                                  f"storage={tmp_path}/runs"]))
+    assert facts["checkpoint"] == str(parent / "ckpt-00000200") and cfg.init_from == facts["checkpoint"]
+    shutil.copytree(parent / "ckpt-00000200", parent / "ckpt-00000300")  # the parent trains on
+    assert load_parent_weights(build_model(cfg.model, seed=0), cfg) == facts["checkpoint"]
+
+
+def test_a_resumed_run_keeps_the_parent_its_record_names(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    from raylm.posttrain import recorded_parent
+
+    parent = _copy_run(tiny_run, tmp_path)
+    cfg = load_config(overrides=["stage=sft", f"init_from={parent}", "data.seq_len=64", f"storage={tmp_path}/runs",
+                                 "name=sft"])
+    assert recorded_parent(cfg, "auto") is None  # a fresh run resolves its parent
+    first = str(parent / "ckpt-00000200")
+    run = tmp_path / "runs" / "sft"
+    shutil.copytree(first, run / "ckpt-00000010")  # a checkpoint of the run's own to resume from
+    (run / "record.json").write_text(json.dumps({"stage": "sft", "parent": {"checkpoint": first}}))
+    shutil.copytree(first, parent / "ckpt-00000300")  # the parent trained on since
+    assert recorded_parent(cfg, "never") is None
+    pinned = recorded_parent(cfg, "auto")
+    resumed, facts = parent_of(cfg, pinned)
+    assert facts["checkpoint"] == resumed.init_from == first
+    assert parent_of(cfg)[1]["checkpoint"] == str(parent / "ckpt-00000300")  # what a fresh start would take
+    other = load_config(overrides=["stage=sft", f"init_from={tmp_path}/other", f"storage={tmp_path}/runs", "name=sft"])
+    with pytest.raises(ConfigError, match=rf"^--from {tmp_path}/other: run .*/sft started from {first} and resumes"):
+        parent_of(other, pinned)
+    (run / "record.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"record\.json: not valid JSON"):
+        recorded_parent(cfg, "auto")
