@@ -57,7 +57,7 @@ def parse_records(path: str, raw: bytes):
     except DataError as e:
         yield 0, e
         return
-    if path.endswith(".parquet"):
+    if path.lower().endswith(".parquet"):
         try:
             table = read_parquet(path, raw)
             check_plain_types(table.schema, path)

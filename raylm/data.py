@@ -1,6 +1,6 @@
 """Corpus -> packed token blocks, on Ray Data.
 
-    read (any of .txt .jsonl .jsonl.gz .parquet, local or s3://)
+    read (any of .txt .jsonl .jsonl.gz .parquet in any case, local or s3://)
       -> parse into documents (file and line kept for errors)                raylm.documents
       -> clean (NFC, control characters, whitespace, length filters) and split train/val
       -> de-duplicate: exact (content hash) and near (MinHash + LSH), across all files
@@ -36,6 +36,7 @@ import collections
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -72,14 +73,31 @@ from raylm.errors import DataError  # noqa: E402,F401  (defined with raylm's oth
 
 
 def list_corpus(path: str, s3: S3Config | None = None) -> list[storage.FileInfo]:
-    """Every corpus file under `path` (file, directory or glob), in a stable sorted order."""
+    """Every corpus file under `path` (file, directory or glob), in a stable sorted order;
+    hidden files are left out. Files of other kinds are an error naming them (a corpus that
+    lost some of its text without a word would be worse), except those no corpus is made of
+    (`_beside_corpus`)."""
     if not path:
         raise DataError("data.path is empty: point it at a corpus file, directory or glob")
     try:
-        files = storage.list_files(path, s3)
+        files = storage.list_files(path, s3, follow_links=True)
     except storage.StorageError as e:
         raise DataError(str(e)) from None
-    usable = [f for f in files if f.uri.endswith(SUFFIXES)]
+    base = "/".join(itertools.takewhile(lambda p: "*" not in p and "?" not in p, path.split("/")))
+    usable, other = [], []
+    for f in files:
+        rel = _below(f.uri, base)  # None for the one file data.path names
+        if rel is not None and any(p.startswith(".") for p in rel.split("/")):
+            continue  # .DS_Store, macOS's ._ copies, a .git directory
+        if f.uri.lower().endswith(SUFFIXES):
+            usable.append(f)
+        elif rel is not None and not _beside_corpus(rel.rsplit("/", 1)[-1]):
+            other.append(rel)
+    if other:
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise DataError(f"{path}: {_count(len(other), 'file')} raylm cannot read as a corpus ({shown}; it reads "
+                        f"{', '.join(SUFFIXES)}); select the corpus files with a glob in data.path, e.g. "
+                        f"{base.rstrip('/') or '.'}/**/*.jsonl")
     if not usable:
         raise DataError(f"{path}: no corpus files found (looked for {', '.join(SUFFIXES)})")
     # Token shards are parquet too, and would be read as a corpus without a text column.
@@ -92,6 +110,22 @@ def list_corpus(path: str, s3: S3Config | None = None) -> list[storage.FileInfo]
         raise DataError(f"{out}: an unfinished prepared dataset (shards but no {MANIFEST}: `raylm data prepare` "
                         f"stopped before the end); re-run `raylm data prepare --data <corpus> --out {out}`")
     return usable
+
+
+def _below(uri: str, base: str) -> str | None:
+    """`uri` relative to the listed directory `base`; None if it is the file `base` names."""
+    try:
+        return storage.relative(uri, base)
+    except ValueError:
+        return None
+
+
+def _beside_corpus(name: str) -> bool:
+    """Files a corpus directory may hold that are no part of it, and no error: the markers
+    and checksums other tools write (Spark's and Hadoop's `_SUCCESS`, `_metadata`, `.crc`), and
+    what raylm writes beside a corpus (the built-in corpus's `_SUCCESS`; a prepared dataset's
+    manifest and data card)."""
+    return name.startswith("_") or name.endswith(".crc") or name in (MANIFEST, DATACARD)
 
 
 # Where `prepare` writes shards: <out>/attempt-<id>/<split>/shard-<n>.parquet
@@ -176,16 +210,42 @@ def dataset_key(sources: list[storage.FileInfo], val_sources: list[storage.FileI
                        "val_sources": [[f.uri, f.size, f.etag_or_mtime] for f in val_sources],
                        "cfg": relevant, "tokenizer": tokenizer_sha, "seed": seed,
                        # Only a tail split is named: keys of datasets split by document stay as they were.
-                       **({"val_split": "tail"} if val_split_mode(cfg, sources, val_sources) == "tail" else {}),
+                       # Its cut follows PII redaction since "redacted" (a tail prepared before may hold
+                       # an address the cut split, unredacted: it is prepared again).
+                       **({"val_split": "tail", "cut": "redacted"}
+                          if val_split_mode(cfg, sources, val_sources) == "tail" else {}),
                        "version": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def read_manifest(out: str, s3: S3Config | None = None) -> dict | None:
+# What every manifest raylm writes holds: one without them is another tool's file.
+MANIFEST_KEYS = ("format_version", "key", "seq_len")
+
+
+def is_raylm_manifest(manifest) -> bool:
+    """Whether a parsed manifest.json is one raylm wrote (a corpus may come with its own)."""
+    return isinstance(manifest, dict) and all(k in manifest for k in MANIFEST_KEYS)
+
+
+def read_manifest(out: str, s3: S3Config | None = None, strict: bool = False) -> dict | None:
+    """The manifest.json in `out`, None if there is none. One that is not a JSON object is
+    a DataError naming it, and so, with `strict`, is one raylm did not write
+    (`is_raylm_manifest`), for callers that must not write it over or read it as a prepared
+    dataset."""
     uri = storage.join(out, MANIFEST)
     if not storage.exists(uri, s3):
         return None
-    return json.loads(storage.read_text(uri, s3))
+    try:
+        manifest = json.loads(storage.read_text(uri, s3))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError too
+        why = f"not valid JSON: {str(e).splitlines()[0][:100]}"
+    else:
+        if is_raylm_manifest(manifest) or (isinstance(manifest, dict) and not strict):
+            return manifest
+        why = (f"no {', '.join(k for k in MANIFEST_KEYS if k not in manifest)}" if isinstance(manifest, dict)
+               else f"a JSON {type(manifest).__name__}, not an object")
+    raise DataError(f"{uri}: not a manifest raylm wrote ({why}); move it away or use another directory "
+                    f"(a glob in data.path selects the corpus files beside it)")
 
 
 def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig, s3,
@@ -605,7 +665,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     files, val_files = corpus or corpus_files(cfg, s3)
     _say_tail_split(cfg, files, val_files, log)
     key = dataset_key(files, val_files, cfg, tokenizer.sha256, seed)
-    existing = read_manifest(out, s3)
+    existing = read_manifest(out, s3, strict=True)  # another tool's manifest is not written over
     if existing and existing.get("key") == key:
         log(f"data: reusing prepared dataset at {out} ({existing['train']['blocks']} train blocks)")
         return existing
@@ -687,7 +747,7 @@ class CorpusProgress:
 
     def __init__(self, files: list[storage.FileInfo]):
         self.sizes = np.array([f.size for f in files], dtype=np.int64)
-        self.plain = [not f.uri.endswith((".gz", ".parquet")) for f in files]
+        self.plain = [not f.uri.lower().endswith((".gz", ".parquet")) for f in files]
         self.current, self.whole, self.partial = 0, 0, 0
 
     def observe(self, batch) -> int:
@@ -761,14 +821,17 @@ def _account(batch: pa.Table, stats: PrepareStats, cfg: DataConfig) -> None:
     errors = [e for e in batch.column("error").to_pylist() if e]
     stats.bad_records.extend(errors)
     _check_error_budget(stats.bad_records, cfg)
-    stats.documents_read += batch.num_rows
+    # A document split into head and held-out tail is two rows (data.val_split=tail): counted
+    # once, by its first row, and as a validation document by its tail.
+    first = pa.compute.invert(batch.column("tail"))
+    stats.documents_read += pa.compute.sum(first.cast(pa.int64())).as_py() or 0
     for reason in batch.column("dropped").to_pylist():
         if reason:
             stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
     ok = pa.compute.and_(pa.compute.equal(batch.column("error"), ""), pa.compute.equal(batch.column("dropped"), ""))
-    stats.documents += pa.compute.sum(ok.cast(pa.int64())).as_py() or 0
+    stats.documents += pa.compute.sum(pa.compute.and_(ok, first).cast(pa.int64())).as_py() or 0
     stats.val_documents += pa.compute.sum(pa.compute.and_(ok, batch.column("val")).cast(pa.int64())).as_py() or 0
-    stats.chars.add(batch.column("chars").filter(ok).to_numpy(zero_copy_only=False))
+    stats.chars.add(batch.column("chars").filter(pa.compute.and_(ok, first)).to_numpy(zero_copy_only=False))
     for t in cfg.redact_pii:
         stats.pii[t] = stats.pii.get(t, 0) + (pa.compute.sum(batch.column(f"pii_{t}")).as_py() or 0)
 

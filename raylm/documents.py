@@ -1,11 +1,11 @@
 """Corpus files -> cleaned documents: parsing, cleaning and the train/validation split.
 
-    bytes (.txt .jsonl .jsonl.gz .parquet, gunzipped by name)
+    bytes (.txt .jsonl .jsonl.gz .parquet, in any case, gunzipped by name, a leading BOM dropped)
       -> documents, each with its line (a .txt file is one document; a bad record is kept
          as a DataError naming its file and line, for the error budget)
       -> clean_text (NFC, control characters, whitespace) and length filters
-      -> split: whole documents by a stable hash of their text, or each one's tail
-      -> PII redaction (raylm.pii)
+      -> split whole documents by a stable hash of their text, then PII redaction (raylm.pii);
+         or PII redaction, then the split of each document's tail (so no cut splits an e-mail)
 
 `parse_and_clean` is that chain as one Ray Data stage; raylm.data runs it over a corpus, in
 Ray Data or on threads here, and tokenizes and packs what it yields. No `ray` here.
@@ -13,6 +13,7 @@ Ray Data or on threads here, and tokenizes and packs what it yields. No `ray` he
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from raylm.config import DataConfig
 from raylm.errors import DataError
-from raylm.pii import redact as redact_pii
+from raylm.pii import PLACEHOLDERS, redact as redact_pii
 
 
 def check_plain_types(schema: pa.Schema, where: str) -> None:
@@ -52,8 +53,8 @@ def check_plain_types(schema: pa.Schema, where: str) -> None:
 
 
 def decompressed(path: str, raw: bytes) -> bytes:
-    """A file's bytes, gunzipped if its name ends in .gz."""
-    if not path.endswith(".gz"):
+    """A file's bytes, gunzipped if its name ends in .gz (in any case)."""
+    if not path.lower().endswith(".gz"):
         return raw
     try:
         return gzip.decompress(raw)
@@ -68,6 +69,11 @@ def _decode(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
 
 
+def _without_bom(raw: bytes) -> bytes:
+    """A text file's bytes without the UTF-8 byte order mark some editors put first."""
+    return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+
+
 def read_parquet(path: str, raw: bytes):
     """One parquet file's table from its bytes; DataError naming the file if it is damaged."""
     try:
@@ -80,7 +86,7 @@ def parse_documents(path: str, raw: bytes, text_field: str):
     """Yield (line_number, text) or (line_number, DataError) for one corpus file's bytes.
 
     Bad records are yielded, not raised, so the driver can apply the error budget in order."""
-    name = path.rsplit("/", 1)[-1]
+    name = path.rsplit("/", 1)[-1].lower()
     try:
         raw = decompressed(path, raw)
     except DataError as e:
@@ -88,7 +94,7 @@ def parse_documents(path: str, raw: bytes, text_field: str):
         return
     if name.endswith(".txt"):
         try:
-            yield 1, _decode(raw, path)  # one document per text file
+            yield 1, _decode(_without_bom(raw), path)  # one document per text file
         except DataError as e:
             yield 1, e
         return
@@ -107,8 +113,10 @@ def parse_documents(path: str, raw: bytes, text_field: str):
         except DataError as e:
             yield 0, e
             return
-        for i, text in enumerate(table.column(text_field).to_pylist(), start=1):
-            if not isinstance(text, str):
+        for i, text in enumerate(_strings(table.column(text_field), path, text_field), start=1):
+            if isinstance(text, DataError):
+                yield i, text
+            elif not isinstance(text, str):
                 yield i, DataError(f"{path}: row {i}: {text_field!r} is {type(text).__name__}, not a string")
             else:
                 yield i, text
@@ -131,10 +139,26 @@ def parse_documents(path: str, raw: bytes, text_field: str):
             yield i, record[text_field]
 
 
+def _strings(column: pa.ChunkedArray, path: str, field: str) -> list:
+    """A parquet column's values as Python objects. Parquet does not check that a string
+    column holds UTF-8, so a row that does not is a DataError naming it, not a crash."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:  # rare: find the rows one by one
+        values = []
+        for i in range(len(column)):
+            try:
+                values.append(column[i].as_py())
+            except UnicodeDecodeError as e:
+                values.append(DataError(f"{path}: row {i + 1}: {field!r} is not valid UTF-8 "
+                                        f"(byte {e.object[e.start]:#04x} at offset {e.start})"))
+        return values
+
+
 def json_lines(path: str, raw: bytes):
     """(line number, parsed value) or (line number, DataError) for each non-blank line of a
     JSON-lines file: the one reader of corpus documents and of SFT/DPO records."""
-    for i, line in enumerate(raw.split(b"\n"), start=1):
+    for i, line in enumerate(_without_bom(raw).split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -143,6 +167,10 @@ def json_lines(path: str, raw: bytes):
             yield i, e
         except json.JSONDecodeError as e:
             yield i, DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})")
+        except RecursionError:  # '[[[[...' thousands deep: the parser's recursion limit
+            yield i, DataError(f"{path}:{i}: JSON nested too deeply to read")
+        except ValueError as e:  # an integer of more digits than Python converts (sys.set_int_max_str_digits)
+            yield i, DataError(f"{path}:{i}: unreadable JSON ({str(e).split(';')[0]})")
 
 
 def _encodable(text: str) -> bool:
@@ -157,20 +185,25 @@ def _encodable(text: str) -> bool:
 # --------------------------------------------------------------------------- cleaning
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Vertical tab, form feed and the file/group/record/unit separators part text: they become
+# line breaks, not nothing, so the words either side stay apart.
+_BREAKS = re.compile(r"[\x0b\x0c\x1c-\x1f]")
 _ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING = re.compile(r"[ \t]+(?=\n|\Z)")
 _MANY_BLANK = re.compile(r"\n{3,}")
 
 
 def clean_text(text: str) -> str:
-    """NFC, control characters out, whitespace normalised; indentation is kept (code matters).
+    """NFC, control characters out (those that part text, such as a form feed, become line
+    breaks), whitespace normalised; indentation is kept (code matters).
 
     Each rewrite runs only where a substring test (memchr speed) says it can match: most
     text needs none of them, and the regex scans were most of the cost of cleaning."""
     text = unicodedata.normalize("NFC", text)  # itself a fast no-op on ASCII
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
+    if _CONTROL.search(text):
+        text = _CONTROL.sub("", _BREAKS.sub("\n", text))
     if not text.isascii():
         text = _ODD_SPACES.sub(" ", text)
     if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
@@ -185,7 +218,9 @@ def stable_fraction(text: str) -> float:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
 
 
-COLUMNS = ("text", "val", "source", "file", "line", "chars", "error", "dropped")
+# `tail`: the row holds the held-out tail of the document in the row before it, which
+# carries the document's figures (`chars`, `pii_<type>`); counts of documents skip it.
+COLUMNS = ("text", "val", "tail", "source", "file", "line", "chars", "error", "dropped")
 
 
 # Below this many expected held-out documents, a split by document is likely to hold out
@@ -204,18 +239,23 @@ def val_split_mode(cfg: DataConfig, files: list, val_files: list) -> str:
         return "files"
     if cfg.val_split != "auto":
         return cfg.val_split
-    text_only = all(f.uri.endswith(".txt") for f in files)
+    text_only = all(f.uri.lower().endswith(".txt") for f in files)
     return "tail" if text_only and len(files) * cfg.val_fraction < MIN_VAL_DOCUMENTS else "document"
 
 
 def tail_split(text: str, fraction: float) -> tuple[str, str]:
     """(head, tail) of a document: the tail is its last `fraction` of characters, extended
     back to the line break before the cut so a line is never split (kept exact when the
-    text has no break in the part that would become the tail)."""
+    text has no break in the part that would become the tail), nor a PII placeholder (the
+    text is redacted before it is split)."""
     cut = max(1, min(len(text) - 1, round(len(text) * (1 - fraction))))
     brk = text.rfind("\n", 0, cut)
     if brk > 0 and len(text) - brk <= 2 * (len(text) - cut):  # at most twice the asked-for tail
         cut = brk + 1
+    for p in PLACEHOLDERS.values():  # an occurrence found in this window spans the cut
+        start = text.find(p, max(0, cut - len(p) + 1), cut + len(p) - 1)
+        if start > 0:
+            cut = start
     return text[:cut], text[cut:]
 
 
@@ -226,7 +266,8 @@ def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val
     or dropped. `drop` maps (file, line) to a de-duplication verdict; `redact` names the PII
     types to replace, counted per document in `pii_<type>` columns. `tail`: every document
     is two rows, its head for training and its last data.val_fraction for validation
-    (`val_split_mode`)."""
+    (`val_split_mode`), cut after redaction so that no e-mail or number is split in two
+    halves that neither is found in."""
     out = {k: [] for k in (*COLUMNS, *(f"pii_{t}" for t in redact))}
 
     def emit(**row):
@@ -250,26 +291,27 @@ def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val
                     dropped = "too_long"
                 elif drop and (file, line) in drop:
                     dropped = drop[(file, line)]
-            if tail and not force_val and text and not dropped:
-                for part, val in zip(tail_split(text, cfg.val_fraction), (False, True)):
-                    found = {}
-                    if redact:
-                        part, found = redact_pii(part, redact)
-                    emit(text=part, val=val, source=path, file=file, line=line, chars=len(part), error=err,
-                         dropped="", **{f"pii_{t}": found.get(t, 0) for t in redact})
-                continue
             # With an explicit validation corpus (val_files), no training document is diverted.
-            # The split is decided on the text before redaction, so PII settings do not move it.
+            # The split by document is decided on the text before redaction, so PII settings
+            # do not move it.
             val = force_val or (not val_files and not dropped and bool(text)
                                 and stable_fraction(text) < cfg.val_fraction)
             if dropped:
                 text = ""
             elif text and redact:
                 text, found = redact_pii(text, redact)
-            emit(text=text, val=val, source=path, file=file, line=line, chars=chars, error=err,
-                 dropped=dropped, **{f"pii_{t}": found.get(t, 0) for t in redact})
+            pii = {f"pii_{t}": found.get(t, 0) for t in redact}
+            if tail and not force_val and text and not dropped:
+                head, rest = tail_split(text, cfg.val_fraction)
+                emit(text=head, val=False, tail=False, source=path, file=file, line=line, chars=chars, error="",
+                     dropped="", **pii)
+                emit(text=rest, val=True, tail=True, source=path, file=file, line=line, chars=0, error="",
+                     dropped="", **{k: 0 for k in pii})
+                continue
+            emit(text=text, val=val, tail=False, source=path, file=file, line=line, chars=chars, error=err,
+                 dropped=dropped, **pii)
         if n == 0:  # an empty shard is almost always a broken export, never silently fine
-            emit(text="", val=False, source=path, file=file, line=0, chars=0,
+            emit(text="", val=False, tail=False, source=path, file=file, line=0, chars=0,
                  error=f"{path}: empty shard (no documents)", dropped="", **{f"pii_{t}": 0 for t in redact})
     return {k: np.array(v, dtype=object if k in ("text", "source", "error", "dropped") else None)
             for k, v in out.items()}

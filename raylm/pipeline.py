@@ -335,10 +335,10 @@ def preflight(cfg: Config, out: str = "") -> tuple[Config, tuple | None]:
 def _prepared_manifest(cfg: Config) -> dict | None:
     """The manifest of data.path if it is a prepared dataset (a directory holding one)."""
     path = cfg.data.path
-    if path.endswith(SUFFIXES) or "*" in path:
+    if path.lower().endswith(SUFFIXES) or "*" in path:
         return None
     try:
-        return read_manifest(path, cfg.s3)
+        return read_manifest(path, cfg.s3, strict=True)
     except storage.StorageError as e:  # named as the user gave it, not as <path>/manifest.json
         raise storage.StorageError(path, e.problem) from None
 

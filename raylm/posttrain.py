@@ -103,7 +103,7 @@ def check_records_path(cfg: Config) -> None:
     """Chat and preference records are structured: jsonl or parquet, never plain text."""
     if not cfg.data.path:
         raise ConfigError(f"stage={cfg.stage} needs --data (or data.path): the records to train on")
-    text = [f.uri for f in list_corpus(cfg.data.path, cfg.s3) if f.uri.endswith(".txt")]
+    text = [f.uri for f in list_corpus(cfg.data.path, cfg.s3) if f.uri.lower().endswith(".txt")]
     if text:
         raise DataError(f"{text[0]}: {cfg.stage.upper()} records come as .jsonl, .jsonl.gz or .parquet, not .txt")
 

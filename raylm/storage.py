@@ -416,14 +416,15 @@ def _glob_base(path: str) -> str | None:
     return None
 
 
-def list_files(uri_or_glob: str, s3: S3Config | None = None) -> list[FileInfo]:
+def list_files(uri_or_glob: str, s3: S3Config | None = None, follow_links: bool = False) -> list[FileInfo]:
     """Files at a path: the file itself, every file under a directory/prefix (recursive),
     or those matching a glob (`*`, `?` within a segment, `**` across). Sorted by URI;
-    empty if nothing matches."""
+    empty if nothing matches. `follow_links`: local directories linked from the tree are
+    walked too (a corpus may gather its parts by links), each real directory once."""
     with _errors(uri_or_glob, s3):
         if is_s3(uri_or_glob):
             return sorted(_list_s3(uri_or_glob, s3), key=lambda f: f.uri)
-        return sorted(_list_local(uri_or_glob), key=lambda f: f.uri)
+        return sorted(_list_local(uri_or_glob, follow_links), key=lambda f: f.uri)
 
 
 def _s3_objects(client, bucket: str, prefix: str) -> Iterator[dict]:
@@ -448,7 +449,7 @@ def _list_s3(uri: str, s3: S3Config | None) -> Iterator[FileInfo]:
             yield FileInfo(f"s3://{bucket}/{k}", obj["Size"], obj.get("ETag", "").strip('"'))
 
 
-def _list_local(uri: str) -> Iterator[FileInfo]:
+def _list_local(uri: str, follow_links: bool = False) -> Iterator[FileInfo]:
     path = _local(uri)
     base = _glob_base(path)
     if base is None:
@@ -458,7 +459,14 @@ def _list_local(uri: str) -> Iterator[FileInfo]:
         base, match = path, lambda p: True
     else:
         match = _glob_regex(path).match
-    for root, _, names in os.walk(base or "/"):
+    seen = set()
+    for root, dirs, names in os.walk(base or "/", followlinks=follow_links):
+        if follow_links:  # each real directory once: a link up the tree would loop for ever
+            if (real := os.path.realpath(root)) in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs.sort()  # which of two links to one directory lists it: always the same
         for name in names:
             p = os.path.join(root, name)
             if not name.endswith(_TMP_SUFFIX) and match(p) and os.path.isfile(p):

@@ -298,6 +298,8 @@ def test_one_text_file_holds_out_its_tail(ray_local, tmp_path, tokenizer, tmp_pa
     assert manifest["val"]["blocks"] > 0
     assert "36: " in val and "39: " in val and "10: " not in val  # the last lines, and only those
     assert "39: " not in train and "10: " in train
+    st = manifest["stats"]  # one document, with its tail held out: counted once
+    assert (st["documents_read"], st["documents"], st["val_documents"], st["chars"]["count"]) == (1, 1, 1, 1)
     # Asked to split by document, the one file leaves nothing held out: said in one line.
     with pytest.raises(DataError, match="validation split is empty.*data.val_split=tail"):
         prepare(dataclasses.replace(cfg, val_split="document", val_fraction=0.01), tokenizer,

@@ -83,3 +83,12 @@ def test_default_size_is_reachable(tmp_path):
     # The stdlib part contributes class/function docstrings with signature headers.
     assert any("\ndef " in d or d.startswith("def ") for d in docs)
     assert any("\nclass " in d for d in docs)
+
+
+def test_the_listing_of_a_built_in_corpus_is_its_shards(tmp_path):
+    # The _SUCCESS marker beside the shards is no corpus file, and no error either.
+    from raylm.data import list_corpus
+
+    paths = write_builtin_corpus(str(tmp_path / "corpus"), min_bytes=1000, docs_per_shard=500)
+    assert (tmp_path / "corpus" / SUCCESS_MARKER).is_file()
+    assert [f.uri for f in list_corpus(str(tmp_path / "corpus"))] == paths

@@ -19,7 +19,7 @@ def test_small_corpora_and_prepared_datasets_are_made_ready_before_ray(tmp_path)
     assert not pipeline.prepares_without_ray(_cfg(tmp_path, "data.mode=stream"), None)  # read by the workers
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    (prepared / "manifest.json").write_text(json.dumps({"seq_len": 256}))
+    (prepared / "manifest.json").write_text(json.dumps({"format_version": 3, "key": "x", "seq_len": 256}))
     assert pipeline.prepares_without_ray(load_config(overrides=[f"data.path={prepared}", "data.in_process_mb=0"]),
                                          None)
 

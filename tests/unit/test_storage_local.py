@@ -270,3 +270,17 @@ def test_relative_takes_any_spelling_of_a_local_base(tmp_path, monkeypatch):
     assert storage.relative("s3://b/p/q/r", "s3://b/p/") == "q/r"
     with pytest.raises(ValueError):
         storage.relative("s3://b/other/r", "s3://b/p")
+
+
+def test_linked_directories_are_listed_and_a_link_loop_ends(tmp_path):
+    shared = tmp_path / "shared"
+    make_tree(shared, ["b.jsonl", "deep/c.jsonl"])
+    corpus = tmp_path / "corpus"
+    make_tree(corpus, ["a.jsonl"])
+    os.symlink(shared, corpus / "more")  # a corpus gathering its parts by links
+    os.symlink(corpus, shared / "deep" / "up")  # and a loop back up the tree
+    assert names(str(corpus), storage.list_files(str(corpus), follow_links=True)) == [
+        "a.jsonl", "more/b.jsonl", "more/deep/c.jsonl"]
+    assert names(str(corpus), storage.list_files(str(corpus) + "/**/*.jsonl", follow_links=True)) == [
+        "a.jsonl", "more/b.jsonl", "more/deep/c.jsonl"]
+    assert names(str(corpus), storage.list_files(str(corpus))) == ["a.jsonl"]  # other listings stay in the tree

@@ -38,3 +38,38 @@ def test_tail_split_is_a_cut_of_about_the_fraction(text):
     assert len(tail) <= max(2 * round(len(text) * 0.1), 1) + 1
     if text.startswith("line"):
         assert head.endswith("\n")  # a line is never split when a break is near the cut
+
+
+def test_pii_across_the_tail_cut_is_redacted_and_counted_once():
+    # The cut comes after redaction: an address split in two would be found in neither half.
+    import json
+
+    from raylm.config import DataConfig
+    from raylm.documents import parse_and_clean
+
+    text = "word " * 17 + "call 415-555-0132 or mail jane.doe@example.com today x"
+    out = parse_and_clean({"path": ["c/a.jsonl"], "bytes": [json.dumps({"text": text}).encode() + b"\n"]},
+                          DataConfig(val_fraction=0.1), redact=("email", "phone", "ip", "card"), tail=True)
+    head, tail = out["text"]
+    assert list(out["val"]) == [False, True] and list(out["tail"]) == [False, True]
+    assert head + tail == "word " * 17 + "call <PHONE> or mail <EMAIL> today x"
+    assert tail == "<EMAIL> today x"  # nor is a placeholder cut
+    assert "example" not in head + tail and "555" not in head + tail
+    assert out["pii_email"].sum() == 1 and out["pii_phone"].sum() == 1
+    assert list(out["chars"]) == [len(text), 0]  # the document's length, once
+
+
+def test_a_document_split_into_head_and_tail_counts_once():
+    import pyarrow as pa
+
+    from raylm.config import DataConfig
+    from raylm.data import PrepareStats, _account
+    from raylm.documents import parse_and_clean
+
+    cfg = DataConfig(val_fraction=0.3)
+    out = parse_and_clean({"path": ["c/book.txt"], "bytes": [("a line of text\n" * 20).encode()]}, cfg,
+                          redact=cfg.redact_pii, tail=True)
+    stats = PrepareStats()
+    _account(pa.table(out), stats, cfg)
+    assert (stats.documents_read, stats.documents, stats.val_documents) == (1, 1, 1)
+    assert stats.chars.n == 1 and stats.chars.max == len(("a line of text\n" * 20).strip("\n"))
