@@ -154,6 +154,8 @@ def _rename(name: str, top: dict, layer: dict, src_prefix: str, dst_prefix: str)
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+# raylm's HF export writes it last; it lists the files of that export (raylm.export.hf).
+EXPORT_MARKER = "raylm_export.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -179,10 +181,15 @@ def read_hf_config(uri: str, s3=None) -> dict:
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if config.get(key, want) != want:
             raise ConfigError(f"{path}: {key}={config[key]!r}; raylm's decoder has {key}={want!r}")
-    scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
-    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ConfigError(f"{path}: RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r}; "
-                          f"raylm's decoder has plain RoPE only")
+    for key in ("rope_scaling", "rope_parameters"):  # either may carry the RoPE type; both must be plain
+        scaling = config.get(key)
+        if scaling is None:
+            continue
+        if not isinstance(scaling, dict):
+            raise ConfigError(f"{path}: {key}={json.dumps(scaling)}; expected an object or null")
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind != "default":
+            raise ConfigError(f"{path}: RoPE scaling {kind!r} ({key}); raylm's decoder has plain RoPE only")
     heads = config.get("num_attention_heads")
     if config.get("head_dim") is not None and isinstance(heads, int) and heads > 0 \
             and config["head_dim"] != config.get("hidden_size", 0) // heads:
@@ -191,26 +198,51 @@ def read_hf_config(uri: str, s3=None) -> dict:
     return config
 
 
-def _rope_theta(config: dict) -> float:
+_REQUIRED = object()
+
+
+def _value(config: dict, key: str, kind: type, where: str, default=_REQUIRED, name: str = ""):
+    """config[key] (`default` where absent), refused in one line naming `where` and the key
+    unless it is a `kind`: int (not a bool), float (any JSON number, given as a float) or bool."""
+    name = name or key
+    if key not in config:
+        if default is _REQUIRED:
+            raise ConfigError(f"{where}: no {name!r}; a Llama config.json has it")
+        return default
+    value = config[key]
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok:
+        expected = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+        raise ConfigError(f"{where}: {name}={json.dumps(value)}; expected {expected}")
+    return float(value) if kind is float else value
+
+
+def _rope_theta(config: dict, where: str = HF_CONFIG) -> float:
     # transformers >= 5 writes `rope_parameters`, earlier versions the top-level key.
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        return _value(params, "rope_theta", float, where, name="rope_parameters.rope_theta")
+    return _value(config, "rope_theta", float, where, 10000.0)
 
 
 def model_config_from_hf(config: dict, where: str = HF_CONFIG) -> ModelConfig:
     """The raylm model shape of a Llama `config.json`. Defaults where a key is absent are
-    `LlamaConfig`'s (untied head, rms_norm_eps 1e-6), which is what transformers assumes."""
-    try:
-        heads = config["num_attention_heads"]
-        cfg = ModelConfig(
-            vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-            n_heads=heads, n_kv_heads=config.get("num_key_value_heads") or heads,
-            ffn_dim=config["intermediate_size"], max_seq_len=config.get("max_position_embeddings", 2048),
-            rope_theta=_rope_theta(config), norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{where}: no {e.args[0]!r}; a Llama config.json has it") from None
+    `LlamaConfig`'s (untied head, rms_norm_eps 1e-6), which is what transformers assumes.
+    A key of the wrong JSON type (a string, null) is refused, naming it."""
+    heads = _value(config, "num_attention_heads", int, where)
+    kv_heads = config.get("num_key_value_heads")  # null: num_attention_heads, as LlamaConfig has it
+    cfg = ModelConfig(
+        vocab_size=_value(config, "vocab_size", int, where), dim=_value(config, "hidden_size", int, where),
+        n_layers=_value(config, "num_hidden_layers", int, where), n_heads=heads,
+        n_kv_heads=heads if kv_heads is None else _value(config, "num_key_value_heads", int, where),
+        ffn_dim=_value(config, "intermediate_size", int, where),
+        max_seq_len=_value(config, "max_position_embeddings", int, where, 2048),
+        rope_theta=_rope_theta(config, where), norm_eps=_value(config, "rms_norm_eps", float, where, 1e-6),
+        tie_embeddings=_value(config, "tie_word_embeddings", bool, where, False),
+    )
     try:
         cfg.validate()
     except ConfigError as e:
@@ -230,17 +262,48 @@ def check_hf_shape(config: dict, model: ModelConfig, where: str = HF_CONFIG) -> 
         ("intermediate_size", "model.ffn_dim", hf.hidden_dim, model.hidden_dim),
         ("rope_theta", "model.rope_theta", hf.rope_theta, model.rope_theta),
         ("tie_word_embeddings", "model.tie_embeddings", hf.tie_embeddings, model.tie_embeddings),
+        ("rms_norm_eps", "model.norm_eps", hf.norm_eps, model.norm_eps),
     ):
         if theirs != ours:
             raise ConfigError(f"{where}: {hf_key}={theirs} but this run has {raylm_key}={ours}; "
                               f"drop the model.* setting to take the checkpoint's shape")
+    if model.width_scaling == "mup" and model.width_multiplier != 1:
+        # muP divides the logits by the width multiplier: another function of the same weights.
+        # ("sqrt" scales learning rates only, and muP at multiplier 1 is the standard model.)
+        raise ConfigError(f"{where}: this run has model.width_scaling=mup with model.base_dim={model.base_dim}, "
+                          f"which divides the logits by {model.width_multiplier:g}; Llama weights have no such "
+                          f"step: drop model.width_scaling=mup or model.base_dim")
+
+
+def _export_files(uri: str, s3=None) -> set[str] | None:
+    """The files a raylm export wrote, as its marker lists them; None where there is no such
+    list (not a raylm export, or one from before markers listed their files)."""
+    marker = storage.join(uri, EXPORT_MARKER)
+    if not storage.exists(marker, s3):
+        return None
+    try:
+        files = json.loads(storage.read_text(marker, s3)).get("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError(f"{marker}: not a raylm export marker ({e})") from None
+    if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        raise ConfigError(f"{marker}: 'files' is not a list of file names")
+    return None if files is None else set(files)
 
 
 def hf_weight_files(uri: str, s3=None) -> list[str]:
     """The safetensors files of an HF directory: `model.safetensors`, or the shards its index
-    names. A directory with pickle weights only is refused."""
-    index = storage.join(uri, HF_INDEX)
-    if storage.exists(index, s3):
+    names. A raylm export's own are the ones its marker lists (a file beside them is not its
+    weights); a directory holding both, without that list, is refused: which is current is
+    unknown (transformers would take the one file, raylm once took the index). A directory
+    with pickle weights only is refused."""
+    index, single = storage.join(uri, HF_INDEX), storage.join(uri, HF_WEIGHTS)
+    listed = _export_files(uri, s3)
+    has_index, has_single = ((listed is None or name in listed) and storage.exists(storage.join(uri, name), s3)
+                             for name in (HF_INDEX, HF_WEIGHTS))
+    if has_index and has_single:
+        raise ConfigError(f"{uri}: holds both {HF_WEIGHTS} and {HF_INDEX}, which may be different weights; "
+                          f"remove the stale one")
+    if has_index:
         try:
             names = sorted(set(json.loads(storage.read_text(index, s3))["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
@@ -250,8 +313,7 @@ def hf_weight_files(uri: str, s3=None) -> list[str]:
             if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors"):
                 raise ConfigError(f"{index}: weight file {name!r} is not a .safetensors file in the directory")
         return [storage.join(uri, n) for n in names]
-    single = storage.join(uri, HF_WEIGHTS)
-    if storage.exists(single, s3):
+    if has_single:
         return [single]
     pickles = [f.uri for f in storage.list_files(uri, s3) if f.uri.endswith(_PICKLE_SUFFIXES)]
     if pickles:

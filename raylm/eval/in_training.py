@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from raylm.eval.loglik import encode_pair, fit_to_length
 from raylm.eval.scorers import _argmax
-from raylm.eval.tasks import GEN_METRICS, MC_METRICS, read_gen_task, read_mc_task, task_name
+from raylm.eval.tasks import GEN_METRICS, MC_METRICS, check_mc_fits, read_gen_task, read_mc_task, task_name
 
 CHUNK = 16  # items per forward pass
 
@@ -50,7 +50,10 @@ class TrainingEval:
     def __init__(self, cfg, tok):
         ec = cfg.eval
         self.tok, self.max_new_tokens = tok, ec.max_new_tokens
-        self.mc = {task_name(p): read_mc_task(p, cfg.s3)[:ec.max_items] for p in ec.mc_tasks}
+        mc_files = {p: read_mc_task(p, cfg.s3)[:ec.max_items] for p in ec.mc_tasks}
+        for p, items in mc_files.items():
+            check_mc_fits(p, items, tok, cfg.model.max_seq_len)
+        self.mc = {task_name(p): items for p, items in mc_files.items()}
         self.gen = {task_name(p): read_gen_task(p, cfg.s3)[:ec.max_items] for p in ec.gen_tasks}
         self.max_len = cfg.model.max_seq_len
         # Each item's choices as (context ids, continuation ids), encoded once.
@@ -121,7 +124,9 @@ class TrainingEval:
             start = lengths.clone()
             for _ in range(steps):
                 logits, _ = model(rows[:, :int(lengths.max())])
-                nxt = logits[torch.arange(len(ctxs), device=device), lengths - 1].argmax(-1)
+                # Ids of a vocabulary padded past the tokenizer's (to a multiple of 64) are never
+                # picked: the tokenizer cannot decode them.
+                nxt = logits[torch.arange(len(ctxs), device=device), lengths - 1, :tok.vocab_size].argmax(-1)
                 rows[torch.arange(len(ctxs), device=device), lengths] = nxt
                 lengths += 1
             for r, (i, w) in enumerate(chunk):

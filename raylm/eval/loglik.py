@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raylm.errors import DataError
+
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 
@@ -49,9 +51,9 @@ def fit_to_length(ctx: list[int], cont: list[int], max_len: int) -> Pair:
     if not cont:
         raise ValueError("an empty continuation has no log-likelihood to score")
     # The model reads context + continuation minus its last token (a target only).
-    if len(cont) > max_len:
-        raise ValueError(f"a continuation of {len(cont)} tokens does not fit model.max_seq_len={max_len} "
-                         f"after at least one context token")
+    if len(cont) > max_len:  # task files are checked with their line (raylm.eval.tasks.check_mc_fits)
+        raise DataError(f"a continuation of {len(cont)} tokens does not fit model.max_seq_len={max_len} "
+                        f"after at least one context token")
     keep = max_len + 1 - len(cont)
     return (ctx[-keep:] if len(ctx) > keep else ctx), cont
 
@@ -151,7 +153,8 @@ def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens:
     pos, out = len(ctx), []
     text = ""
     for step in range(max_new_tokens):
-        nxt = sample_token(model.logits(h[0, -1]), temperature, top_k, gen)
+        # Only the tokenizer's ids: a vocabulary padded past it (to a multiple of 64) has rows with no text.
+        nxt = sample_token(model.logits(h[0, -1])[:tok.vocab_size], temperature, top_k, gen)
         if nxt in stops:
             break
         out.append(nxt)

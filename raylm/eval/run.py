@@ -16,7 +16,7 @@ from raylm.config import Config
 from raylm.eval.pool import make_runner
 from raylm.eval.results import rows_from_metrics, write_results
 from raylm.eval.scorers import score_gen, score_mc
-from raylm.eval.tasks import read_gen_task, read_mc_task, task_name
+from raylm.eval.tasks import check_mc_fits, read_gen_task, read_mc_task, task_name
 from raylm.errors import ConfigError, UserError
 
 
@@ -93,6 +93,8 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
         # One runner (one actor pool, started here) for the harness's tasks and the built-in ones.
         runner = make_runner(ckpt, ec.workers, ec.cpus_per_worker, ec.gpus_per_worker, ec.batch_tokens, s3=s3)
         try:
+            for p, items in mc.items():  # before the harness's work: a bad line fails fast
+                check_mc_fits(p, items[:limit], runner.tok, runner.max_seq_len)
             if not facts["tokenizer_sha256"]:
                 facts["tokenizer_sha256"] = runner.tok.sha256
             if tasks:

@@ -8,7 +8,7 @@ A task's name is its file name without `.jsonl`. Every error names the file and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from raylm import storage
 from raylm.documents import json_lines
@@ -25,6 +25,7 @@ class MCItem:
     context: str
     choices: tuple[str, ...]
     gold: int
+    line: int = field(default=0, compare=False)  # its line in the task file, for messages
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,22 @@ def read_mc_task(path: str, s3=None) -> list[MCItem]:
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
             raise DataError(f"{where}: 'gold'={gold!r} is not an index into its {len(choices)} choices "
                             f"(0..{len(choices) - 1})")
-        items.append(MCItem(context, tuple(choices), gold))
+        items.append(MCItem(context, tuple(choices), gold, line))
     return items
+
+
+def check_mc_fits(path: str, items: list[MCItem], tok, max_len: int) -> None:
+    """Refuse, naming the file, line and choice, an item with a choice longer than the model's
+    context: the context is cut to fit (raylm.eval.loglik.fit_to_length), a choice cannot be."""
+    from raylm.eval.loglik import encode_pair
+
+    for it in items:
+        for c in it.choices:
+            n = len(encode_pair(tok, it.context, c)[1])
+            if n > max_len:
+                shown = repr(c if len(c) <= 40 else c[:40] + "...")
+                raise DataError(f"{path}:{it.line}: choice {shown} is {n} tokens, more than the model's context "
+                                f"(model.max_seq_len={max_len}); shorten it or remove the item")
 
 
 def read_gen_task(path: str, s3=None) -> list[GenItem]:

@@ -121,6 +121,9 @@ def _vocab(tok: Tokenizer, gguf, n_vocab: int) -> tuple[list[str], list[float], 
     # they are not printed when detokenizing, a prompt matches them from text when tokenized
     # with parse_special (what chat templates use), and llama.cpp treats <|end|> as
     # end-of-generation. "\n" stays USER_DEFINED: ordinary text, always one token, as in raylm.
+    # A known difference: with parse_special, llama.cpp also matches bos/eos/pad (CONTROL) in
+    # text, where raylm never does; without it, it matches no chat marker, where raylm does.
+    # No llama.cpp token type is "special, never matched from text", so it stays as it is.
     control = {*ROLE_TOKENS.values(), END}
     tokens, scores, types = [], [], []
     for p in proto.pieces:

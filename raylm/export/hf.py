@@ -11,16 +11,26 @@ Completeness. A local export is written into a hidden sibling directory and rena
 only once every file is in it, so `out` either does not exist or is complete. Object storage
 has no rename: an s3:// export is built locally, uploaded, and `EXPORT_MARKER` is uploaded
 last; an s3:// export is complete exactly when that marker exists (it is in local exports
-too, with the same provenance).
+too, with the same provenance). The marker lists the export's files, and readers
+(`raylm.hf.hf_weight_files`) take the weights it lists. Before uploading, `PENDING_MARKER`
+names the files about to be uploaded, so a retry after a failed upload removes exactly those
+(uploads overwrite but never delete, and a stale index beside new weights would be read as
+the model); a prefix holding anything else is refused, never deleted.
 
 Tokenizer. transformers 5's `LlamaTokenizer` (a `tokenizers` BPE with byte fallback, built
 from `tokenizer.model` at load time) gives raylm's ids exactly under these settings:
 `add_prefix_space: false` (raylm trains with add_dummy_prefix=False; the default would
 prepend "▁" to every text), `legacy: false`, no BOS/EOS added (raylm never adds them), and
-the special tokens registered by id in `added_tokens_decoder` so that the chat markers are
-matched from raw text as one id each, as SentencePiece's user-defined symbols are. "\\n" (a
-user-defined symbol too) needs no registration: it is one vocabulary piece that no merge
-contains, so it stays a token of its own.
+the special tokens registered by id in `added_tokens_decoder`. The chat markers are
+registered as non-special added tokens, so they are matched from raw text as one id each, as
+SentencePiece's user-defined symbols are. BOS, EOS, PAD and UNK are special, and
+`split_special_tokens: true` keeps special tokens from being matched in text, as
+SentencePiece never matches its control pieces: a document containing the text "<|eos|>"
+encodes as that text, not as the EOS id, in both. "\\n" (a user-defined symbol too) needs no
+registration: it is one vocabulary piece that no merge contains, so it stays a token of its
+own. The chat template is rendered as a string, so a chat marker typed inside a message's
+content is encoded as the marker, as raylm's own tokenizer once did; it cannot be told apart
+from the template's markers there.
 """
 
 from __future__ import annotations
@@ -37,10 +47,10 @@ from safetensors.torch import save_file
 from raylm.errors import CheckpointError, ConfigError, OutputExistsError
 from raylm import storage
 from raylm.config import S3Config
-from raylm.hf import hf_llama_config, to_hf_state_dict
+from raylm.hf import EXPORT_MARKER, hf_llama_config, to_hf_state_dict
 from raylm.tokenizer import BOS, CHAT_ROLES, END, EOS, MODEL_FILE, PAD, SPECIAL_TOKENS, UNK, Tokenizer
 
-EXPORT_MARKER = "raylm_export.json"
+PENDING_MARKER = "raylm_export.pending.json"  # an s3:// upload in progress: {"files": [...]}
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
@@ -123,7 +133,9 @@ def _write_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
     extra = [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)]  # the role markers and END
     added = {
         str(tok._sp.piece_to_id(t)): {
-            "content": t, "special": True, "normalized": False,
+            # Special (never matched from text under split_special_tokens): what SentencePiece
+            # never matches either. The chat markers it does match, so they are not special.
+            "content": t, "special": t not in extra, "normalized": False,
             "lstrip": False, "rstrip": False, "single_word": False,
         }
         for t in (UNK, *SPECIAL_TOKENS)
@@ -135,6 +147,7 @@ def _write_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
         "add_prefix_space": False,
         "legacy": False,
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,  # text "<|eos|>" is text, as in raylm (see the module docstring)
         "bos_token": BOS,
         "eos_token": EOS,
         "pad_token": PAD,
@@ -199,6 +212,7 @@ def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torc
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         marker = _write_all(model, tokenizer, meta, tmp, dtype, max_shard_bytes)
+        marker["files"] = sorted(p.name for p in tmp.iterdir())  # what readers take as this export
         _write_json(tmp / EXPORT_MARKER, marker)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is a normal directory
         os.rename(tmp, out)  # atomic on one filesystem; fails if a non-empty out appeared meanwhile
@@ -218,8 +232,8 @@ def export_run(uri: str, out: str, s3: S3Config | None = None, checkpoint: str |
     if checkpoint:
         src = checkpoint if storage.is_s3(checkpoint) or os.sep in checkpoint or "/" in checkpoint \
             else storage.join(uri, checkpoint)
-    if storage.is_s3(out) and storage.exists(storage.join(out, EXPORT_MARKER), s3):
-        raise OutputExistsError(f"{out}: already holds a complete export; export to a new prefix")
+    if storage.is_s3(out):
+        _clear_failed_upload(out, s3)
     model, tok, meta = load_for_inference(src, s3)
     meta = {**meta, "source": src}
     if not storage.is_s3(out):
@@ -228,6 +242,31 @@ def export_run(uri: str, out: str, s3: S3Config | None = None, checkpoint: str |
         local = Path(export_hf(model, tok, meta, str(Path(tmp) / "hf"), dtype, max_shard_bytes))
         marker = (local / EXPORT_MARKER).read_bytes()
         (local / EXPORT_MARKER).unlink()
+        pending = storage.join(out, PENDING_MARKER)
+        files = sorted(p.name for p in local.iterdir())
+        storage.write_bytes(pending, json.dumps({"files": files}).encode(), s3)  # first: a retry knows them
         storage.upload_dir(str(local), out, s3)
         storage.write_bytes(storage.join(out, EXPORT_MARKER), marker, s3)  # last: the export is complete
+        storage.delete(pending, s3)
     return out
+
+
+def _clear_failed_upload(out: str, s3: S3Config | None) -> None:
+    """Make the prefix `out` empty for an upload: remove what a failed upload of ours left there
+    (the files its `PENDING_MARKER` names), and refuse a complete export or any other file."""
+    found = {f.uri[len(out.rstrip("/")) + 1:]: f.uri for f in storage.list_files(out, s3)}
+    if EXPORT_MARKER in found:
+        raise OutputExistsError(f"{out}: already holds a complete export; export to a new prefix")
+    ours = {PENDING_MARKER}
+    if PENDING_MARKER in found:
+        try:
+            ours |= set(json.loads(storage.read_bytes(found[PENDING_MARKER], s3))["files"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise OutputExistsError(f"{found[PENDING_MARKER]}: not a raylm export's file list ({e}); "
+                                    f"export to a new prefix") from None
+    others = sorted(name for name in found if name not in ours)
+    if others:
+        raise OutputExistsError(f"{found[others[0]]}: {out} holds files that no raylm export wrote; "
+                                f"export to a new or empty prefix")
+    for name in sorted(found, key=lambda n: n == PENDING_MARKER):  # the list last: a failure here can retry
+        storage.delete(found[name], s3)

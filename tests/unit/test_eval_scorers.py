@@ -76,6 +76,21 @@ def test_eval_refuses_a_limit_below_one(tiny_run, tmp_path, capsys, limit):
     assert capsys.readouterr().err.strip() == f"raylm: error: --limit={limit}: expected an integer >= 1"
 
 
+def test_a_choice_longer_than_the_context_names_file_line_and_choice(tiny_run, tmp_path, capsys):
+    """The context is cut to fit the model; a choice cannot be. It was a ValueError traceback."""
+    task = tmp_path / "mc.jsonl"
+    long = "the cat sat on the mat " * 100  # far more than the tiny run's 128 positions
+    task.write_text('{"context": "x", "choices": ["a", "b"], "gold": 0}\n'
+                    + json.dumps({"context": "x", "choices": ["a", long], "gold": 0}) + "\n")
+    argv = ["eval", tiny_run, "--mc", str(task), "--workers", "0", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{task}:2: choice {long[:40] + '...'!r} is " in err, err
+    assert "model.max_seq_len=128" in err
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- a model trained for the task
 
 STEPS, BATCH, HELD = 200, 32, 200

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import raylm.export.hf as export_mod  # noqa: E402
 from raylm.config import ModelConfig  # noqa: E402
-from raylm.export.hf import EXPORT_MARKER, INDEX, WEIGHTS, export_hf, export_run  # noqa: E402
+from raylm.export.hf import EXPORT_MARKER, INDEX, PENDING_MARKER, WEIGHTS, export_hf, export_run  # noqa: E402
 from raylm.generate import greedy_decode  # noqa: E402
 from raylm.model import build_model  # noqa: E402
 from raylm.tokenizer import train_tokenizer  # noqa: E402
@@ -31,7 +31,8 @@ TEXTS = [
     "Ray schedules tasks and actors across a cluster of machines.\n",
 ] * 40
 # ASCII, Unicode seen in training, characters only byte fallback can encode (CJK, emoji, an
-# unseen accent), leading and repeated spaces, tabs, newlines, and a chat marker in raw text.
+# unseen accent), leading and repeated spaces, tabs, newlines, chat markers in raw text, and
+# the text of the control tokens.
 SAMPLES = [
     "The lazy dog jumps.",
     "Café déjà vu, naïve.",
@@ -40,6 +41,9 @@ SAMPLES = [
     " one leading space",
     "line one\nline two\n\n\tindented\n",
     "say <|user|> then <|end|>\n",
+    # SentencePiece never matches its control pieces (nor <unk>) in text: no document injects EOS.
+    "a <|eos|> b",
+    "<|bos|>x pad<|pad|> <unk>\n<|end|><|eos|>",
 ]
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -263,12 +267,58 @@ def test_s3_export_uploads_the_marker_last(tok, monkeypatch):
     monkeypatch.setattr(raylm.generate, "load_for_inference", lambda uri, s3=None: (model, tok, {"step": 5}))
     events = []
     storage = export_mod.storage
-    monkeypatch.setattr(storage, "exists", lambda uri, s3=None: False)
+    monkeypatch.setattr(storage, "list_files", lambda uri, s3=None: [])  # an empty prefix
     monkeypatch.setattr(storage, "upload_dir", lambda local, uri, s3=None: events.append(
         ("upload", uri, sorted(p.name for p in Path(local).iterdir()))))
     monkeypatch.setattr(storage, "write_bytes", lambda uri, data, s3=None: events.append(
-        ("write", uri, json.loads(data)["step"])))
+        ("write", uri, json.loads(data))))
+    monkeypatch.setattr(storage, "delete", lambda uri, s3=None: events.append(("delete", uri)))
     assert export_run("s3://b/run", "s3://b/hf") == "s3://b/hf"
-    (kind, uri, names), last = events
+    pending, (kind, uri, names), marker, done = events
+    # First the list of the files about to be uploaded, so a retry after a failure removes them.
+    assert pending == ("write", f"s3://b/hf/{PENDING_MARKER}", {"files": names})
     assert (kind, uri) == ("upload", "s3://b/hf") and WEIGHTS in names and EXPORT_MARKER not in names
-    assert last == ("write", f"s3://b/hf/{EXPORT_MARKER}", 5)
+    assert marker[:2] == ("write", f"s3://b/hf/{EXPORT_MARKER}") and marker[2]["step"] == 5
+    assert marker[2]["files"] == names
+    assert done == ("delete", f"s3://b/hf/{PENDING_MARKER}")
+
+
+def test_s3_export_retry_replaces_a_failed_upload(tok, s3_prefix, monkeypatch):
+    """An upload that failed before its marker leaves files behind (sharded, here); the retry
+    (one file) removes them rather than uploading beside them: a stale index would be read as
+    the model. A prefix with anything else in it is refused and left as it is."""
+    import raylm.generate
+    from raylm import storage
+    from raylm.hf import hf_weight_files, read_hf_weights
+
+    model = unit_scale_model(tok, tie=False)
+    monkeypatch.setattr(raylm.generate, "load_for_inference", lambda uri, s3=None: (model, tok, {"step": 5}))
+    out = f"{s3_prefix}/hf"
+    real_write = storage.write_bytes
+
+    def dropped(uri, data, s3=None):
+        if uri.endswith(EXPORT_MARKER):
+            raise ConnectionError("network dropped before the marker")
+        real_write(uri, data, s3)
+
+    monkeypatch.setattr(storage, "write_bytes", dropped)
+    with pytest.raises(ConnectionError):
+        export_run("s3://b/run", out, max_shard_bytes=60_000)
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    assert any(f.uri.endswith(INDEX) for f in storage.list_files(out))
+
+    export_run("s3://b/run", out, dtype="bfloat16")
+    names = sorted(storage.relative(f.uri, out) for f in storage.list_files(out))
+    assert names == sorted(json.loads(storage.read_bytes(f"{out}/{EXPORT_MARKER}"))["files"] + [EXPORT_MARKER])
+    assert WEIGHTS in names and INDEX not in names and PENDING_MARKER not in names
+    assert hf_weight_files(out) == [f"{out}/{WEIGHTS}"]
+    got = read_hf_weights(out, model.cfg)
+    assert torch.equal(got["tok_embeddings.weight"], model.tok_embeddings.weight.detach().bfloat16().float())
+
+    with pytest.raises(FileExistsError, match="already holds a complete export"):
+        export_run("s3://b/run", out)
+    theirs = f"{s3_prefix}/theirs"
+    storage.write_bytes(f"{theirs}/notes.txt", b"mine")
+    with pytest.raises(FileExistsError, match=f"^{theirs}/notes.txt: {theirs} holds files that no raylm export wrote"):
+        export_run("s3://b/run", theirs)
+    assert [f.uri for f in storage.list_files(theirs)] == [f"{theirs}/notes.txt"]

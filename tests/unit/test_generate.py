@@ -116,3 +116,74 @@ def test_generate_samples_what_the_uncached_model_would():
     assert len(generate(model, prompt, 100, temperature=0.0)) == CFG.max_seq_len - len(prompt)
     first = generate(model, prompt, 1, temperature=0.0)[0]
     assert generate(model, prompt, 10, temperature=0.0, eos_id=first) == []
+
+
+# --------------------------------------------------------------------------- with a tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from raylm.tokenizer import train_tokenizer
+
+    texts = ["The quick brown fox jumps over the lazy dog.\n", "Ray schedules tasks across a cluster.\n"] * 50
+    return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok")), 300)
+
+
+def _padded_model(tok, favour):
+    """A model whose vocabulary is the tokenizer's rounded up to 64s (model.vocab_size=0), with
+    the logits of the ids `favour` selects (a boolean mask over the model's ids) raised by 100."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, max_seq_len=32, ffn_multiple_of=16).with_vocab(tok.vocab_size)
+    model = build_model(cfg, seed=0).eval()
+    bonus = 100.0 * favour(torch.arange(cfg.vocab_size)).float()
+    plain = model.logits
+    model.logits = lambda h: plain(h) + bonus  # every decoding path reads the head through this
+    return model
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_ids_past_the_tokenizer_are_never_sampled(tok, temperature):
+    """The padding rows of a vocabulary rounded up to 64s have no text: `raylm generate`, the
+    end-of-pretrain samples, chat replies and eval generation tasks sample below the
+    tokenizer's size, even where those rows hold the largest logits."""
+    from raylm.eval.loglik import complete_until
+    from raylm.generate import chat_reply, complete
+
+    model = _padded_model(tok, lambda ids: ids >= tok.vocab_size)
+    assert model.cfg.vocab_size > tok.vocab_size
+    text = complete(model, tok, ["The "], 6, temperature, 0)[0]  # decoding a padding id raised IndexError
+    assert text.startswith("The ")
+    chat_reply(model, tok, [{"role": "user", "content": "hi"}], 6, temperature)
+    complete_until(model, tok, [tok.eos_id], ["\n\n"], 6, temperature)
+    ids = generate(model, tok.encode("The "), 6, temperature, 0, seed=1, vocab_size=tok.vocab_size)
+    assert len(ids) == 6 and max(ids) < tok.vocab_size
+
+
+def test_chat_reply_ends_at_eos_as_at_the_end_of_turn(tok, monkeypatch):
+    """A model that ends the document (EOS) ends its reply: what it samples after EOS is
+    another document, which serving and the exports' generation settings never show."""
+    import raylm.generate as G
+    from raylm.tokenizer import END
+
+    model = _padded_model(tok, lambda ids: ids < 0)  # no bonus
+    word = tok.encode("fox")
+    for stop in (tok.eos_id, tok.special_ids[END]):
+        picks = iter(word + [stop] + tok.encode(" Unrelated next document"))
+        monkeypatch.setattr(G, "sample_token", lambda *a, **k: next(picks))
+        assert G.chat_reply(model, tok, [{"role": "user", "content": "hi"}], 12) == "fox"
+
+
+def test_in_training_generation_never_picks_ids_past_the_tokenizer(tok, tmp_path):
+    """In-training eval's greedy generation, early in training, picked a padding id with the
+    largest logit, and decoding it failed the run."""
+    import json
+
+    from raylm.config import load_config
+    from raylm.eval.in_training import TrainingEval
+
+    model = _padded_model(tok, lambda ids: ids >= tok.vocab_size)
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"context": "The ", "answer": "fox"}) + "\n")
+    cfg = load_config(overrides=["eval.every=1", f"eval.gen_tasks=[{gen}]", "eval.max_new_tokens=4",
+                                 "model.max_seq_len=32", "data.seq_len=32"])
+    row = TrainingEval(cfg, tok)(model, step=1)
+    assert row["eval_gen_exact_match"] == 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,9 +123,13 @@ def _main(argv, capsys) -> tuple[int, str]:
     ("model.ffn_dim=128", "intermediate_size=192 but this run has model.ffn_dim=128"),
     ("model.tie_embeddings=false", "tie_word_embeddings=True but this run has model.tie_embeddings=False"),
     ("model.vocab_size=448", "vocab_size=384 but this run has model.vocab_size=448"),
+    # Not the shape, but another function of the same weights: accepted once, silently.
+    ("model.norm_eps=0.1", "rms_norm_eps=1e-05 but this run has model.norm_eps=0.1"),
+    ("model.width_scaling=mup model.base_dim=32", "model.width_scaling=mup with model.base_dim=32, "
+                                                  "which divides the logits by 2"),
 ])
 def test_shape_mismatch_is_one_line(tiny_run, hf_exports, tmp_path, capsys, override, named):
-    rc, err = _main(_pretrain_args(hf_exports["single"], tiny_run, tmp_path, override), capsys)
+    rc, err = _main(_pretrain_args(hf_exports["single"], tiny_run, tmp_path, *override.split()), capsys)
     assert rc == 2
     assert len(err.splitlines()) == 1 and named in err and "config.json" in err, err
 
@@ -150,3 +155,52 @@ def test_what_cannot_start_a_run_is_one_line(tiny_run, hf_exports, tmp_path, cap
     rc, err = _main(["pretrain", "--init-from-hf", hf_exports["single"], f"storage={tmp_path}", "data.seq_len=64"],
                     capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and "set tokenizer.path=DIR" in err, err
+
+
+@pytest.mark.parametrize("patch, named", [
+    ({"rope_scaling": "linear"}, 'rope_scaling="linear"; expected an object or null'),
+    ({"num_attention_heads": "4"}, 'num_attention_heads="4"; expected an integer'),
+    ({"rms_norm_eps": None}, "rms_norm_eps=null; expected a number"),
+    ({"tie_word_embeddings": "yes"}, 'tie_word_embeddings="yes"; expected true or false'),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}, 'rope_parameters.rope_theta="1e4"'),
+    # The plain type in one key must not hide a scaled one in the other.
+    ({"rope_scaling": {"rope_type": "default"}, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}},
+     "RoPE scaling 'llama3' (rope_parameters)"),
+])
+def test_a_malformed_config_json_is_one_line_naming_the_key(tiny_run, hf_exports, tmp_path, capsys, patch, named):
+    d = _copy(hf_exports["single"], tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **patch}))
+    rc, err = _main(_pretrain_args(d, tiny_run, tmp_path), capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{d}/config.json: " in err and named in err, err
+
+
+def test_stale_weights_beside_an_export_are_not_read(source, hf_exports, tmp_path):
+    """A raylm export's marker lists its files: weights of the other layout beside them (left
+    by an earlier export to the same place) are not the model. Without that list, a directory
+    holding both layouts is refused: which one is current is unknown."""
+    from safetensors.torch import load_file, save_file
+
+    from raylm.errors import ConfigError
+    from raylm.export.hf import EXPORT_MARKER
+    from raylm.hf import hf_weight_files, read_hf_weights
+
+    src, _ = source
+    mixed = _copy(hf_exports["single"], tmp_path / "mixed")
+    for f in Path(hf_exports["sharded"]).iterdir():  # stale shards (zeros) and their index
+        if f.name.startswith("model-"):
+            save_file({k: torch.zeros_like(t) for k, t in load_file(f).items()}, tmp_path / "mixed" / f.name,
+                      metadata={"format": "pt"})
+        elif f.name == "model.safetensors.index.json":
+            shutil.copy(f, tmp_path / "mixed" / f.name)
+    assert hf_weight_files(mixed) == [f"{mixed}/model.safetensors"]  # the index was preferred
+    got = read_hf_weights(mixed, src.cfg)
+    for name, want in src.state_dict().items():
+        assert torch.equal(got[name], want), name
+
+    marker = json.loads((tmp_path / "mixed" / EXPORT_MARKER).read_text())
+    assert "model.safetensors" in marker["files"] and EXPORT_MARKER not in marker["files"]
+    (tmp_path / "mixed" / EXPORT_MARKER).unlink()
+    with pytest.raises(ConfigError, match=r"mixed: holds both model\.safetensors and model\.safetensors\.index\.json"):
+        hf_weight_files(mixed)
