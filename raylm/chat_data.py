@@ -244,6 +244,7 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
     key = dataset_key(kind, files, cfg, tokenizer.sha256, seed)
     existing = read_manifest(out, s3)
     if existing and existing.get("key") == key:
+        _check_error_budget(existing.get("stats", {}).get("bad_records", []), cfg)  # as data.prepare
         log(f"data: reusing prepared {kind} dataset at {out} ({existing['train']['blocks']} train rows)")
         return existing
     t0 = time.time()

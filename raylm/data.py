@@ -667,6 +667,9 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     key = dataset_key(files, val_files, cfg, tokenizer.sha256, seed)
     existing = read_manifest(out, s3, strict=True)  # another tool's manifest is not written over
     if existing and existing.get("key") == key:
+        # The key leaves data.max_bad_records out (the same records make the same blocks); the
+        # bad records skipped when it was made must still be within this run's budget.
+        _check_error_budget(existing.get("stats", {}).get("bad_records", []), cfg)
         log(f"data: reusing prepared dataset at {out} ({existing['train']['blocks']} train blocks)")
         return existing
 

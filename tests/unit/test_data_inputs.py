@@ -142,3 +142,22 @@ def test_a_corpus_gathered_by_links_is_read_whole(tmp_path):
     (corpus / "more").symlink_to(shared)
     (shared / "loop").symlink_to(corpus)
     assert _names(corpus, list_corpus(str(corpus))) == ["a.jsonl", "more/b.jsonl"]
+
+
+def test_a_reused_dataset_is_held_to_this_runs_bad_record_budget(tmp_path):
+    """The dataset key leaves data.max_bad_records out: a dataset prepared with a bad record
+    skipped was reused without a word by a run that allows none."""
+    from raylm.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [json.dumps({"text": f"document {i}: " + "some words here " * 12}) for i in range(40)]
+    (corpus / "a.jsonl").write_text("\n".join([*lines[:20], "{broken", *lines[20:]]) + "\n")
+    tok = train_tokenizer([(corpus / "a.jsonl").read_text()], str(tmp_path / "tok"), vocab_size=300)
+    base = [f"data.path={corpus}", "data.seq_len=32", "data.dedup=none", "data.val_fraction=0.1"]
+    out = str(tmp_path / "out")
+    loose = load_config(overrides=[*base, "data.max_bad_records=1"]).data
+    assert prepare(loose, tok, out, seed=0, log=lambda *_: None)["stats"]["bad_records"]
+    strict = load_config(overrides=[*base, "data.max_bad_records=0"]).data
+    with pytest.raises(DataError, match=r"a\.jsonl:21: malformed JSON"):
+        prepare(strict, tok, out, seed=0, log=lambda *_: None)
