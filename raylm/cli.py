@@ -209,14 +209,24 @@ def cmd_generate(args) -> None:
     # The same ranges as the config's sample.* keys, checked before the model loads.
     SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k).validate()
     model, tok, _ = load_for_inference(args.checkpoint, S3Config())
+    prompts = args.prompt or (["Hello!"] if args.chat else ["The "])
+    limit = model.cfg.max_seq_len
+    for i, prompt in enumerate(prompts):  # the sampler keeps a prompt's last tokens and stops at the context
+        n = len(tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+                if args.chat else tok.encode(prompt))
+        if n >= limit:
+            raise ConfigError(f"--prompt #{i + 1} is {n} tokens, the model's context is {limit} "
+                              f"(model.max_seq_len): shorten it")
+        if n + args.max_new_tokens > limit:
+            print(f"raylm: --prompt #{i + 1}: {limit - n} new tokens fit after its {n} in the model's context "
+                  f"of {limit}, not --max-new-tokens {args.max_new_tokens}", file=sys.stderr)
     if args.chat:  # the prompt is a user turn; the answer is the assistant's, up to end of turn
-        for i, prompt in enumerate(args.prompt or ["Hello!"]):
+        for i, prompt in enumerate(prompts):
             print(chat_reply(model, tok, [{"role": "user", "content": prompt}], args.max_new_tokens, args.temperature,
                              args.top_k, args.seed + i))
             print("---")
         return
-    for text in complete(model, tok, args.prompt or ["The "], args.max_new_tokens, args.temperature, args.top_k,
-                         args.seed):
+    for text in complete(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed):
         print(text)
         print("---")
 

@@ -126,6 +126,19 @@ def test_generate_from_a_relative_run(home, sft):
     assert os.getcwd() == str(home)
 
 
+def test_generate_says_what_fits_in_the_models_context(home, sft):
+    """A prompt longer than the context was cut to its last tokens, and --max-new-tokens to
+    what was left, without a word: the output showed the whole prompt and one new token."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["generate", sft, "--prompt", "the cat " * 200]) == 2
+    assert err.getvalue().startswith("raylm: error: --prompt #1 is ") and "the model's context is" in err.getvalue()
+    with contextlib.redirect_stderr(err := io.StringIO()), contextlib.redirect_stdout(out := io.StringIO()):
+        assert cli.main(["generate", sft, "--prompt", "The ", "--max-new-tokens", "100000", "--temperature", "0"]) == 0
+    assert out.getvalue().startswith("The ")
+    assert "new tokens fit after its" in err.getvalue() and "not --max-new-tokens 100000" in err.getvalue()
+
+
 def test_dpo_resolves_a_dot_relative_run(home, sft):
     """`raylm dpo --from` goes through the same resolution as `sft --from` (a DPO run of its
     own would cost a minute of CI for the same code): its parent, tokenizer and checkpoint
