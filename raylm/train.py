@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
@@ -107,11 +107,18 @@ def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
 
 @dataclass(frozen=True)
 class Start:
-    """Where a run (re)starts: its step, data position and training seconds already spent."""
+    """Where a run (re)starts: its step, data position and training seconds already spent,
+    and the state of its guards, which a resumed run carries on with so that it flags, skips
+    and rolls back as the uninterrupted run does."""
 
     step: int = 0
     consumed: int = 0  # blocks of the training stream already used
     train_seconds: float = 0.0  # counted against train.time_budget_s
+    # fit's spike history and counters as a checkpoint records them ({}: a fresh start, or a
+    # checkpoint from before they were recorded)
+    guards: dict = field(default_factory=dict)
+    checkpoint: str = ""  # the checkpoint resumed from ("": none)
+    meta: dict = field(default_factory=dict)  # its meta.json, for fit's check of the data
 
 
 @dataclass(frozen=True)
@@ -315,8 +322,8 @@ class SpikeDetector:
     The median ignores earlier spikes, and nothing is flagged until half a window is seen,
     so the steep start of training is not a spike."""
 
-    def __init__(self, window: int, factor: float):
-        self.window, self.factor, self.history = window, factor, []
+    def __init__(self, window: int, factor: float, history=()):
+        self.window, self.factor, self.history = window, factor, list(history)[-window:]
 
     def is_spike(self, loss: float) -> bool:
         if self.factor <= 0 or not math.isfinite(loss):
@@ -356,6 +363,8 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     """Train from `start` to cfg.train.max_steps (or to the end of train.time_budget_s);
     returns the last metrics."""
     tc = cfg.train
+    if start.checkpoint:  # the data facts are known here (hooks), not in setup_model
+        check_resumable(start.checkpoint, start.meta, cfg, hooks.checkpoint_meta)
     rank, world = rank_world()
     metrics_log = MetricsLog(cfg.run_dir, cfg.s3) if rank == 0 else None
     if metrics_log is not None:  # rows past the start are redone (a restart with no checkpoint: all)
@@ -363,9 +372,20 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     saver = CheckpointSaver(cfg, hooks, log)
     units = {"sft": "assistant_tokens", "dpo": "pairs"}.get(cfg.stage)  # the loss's units, where not tokens
     tokens_since = units_since = 0  # real tokens and loss units since the last log line
-    t_start, t_last, nonfinite_run, skipped_total = time.time(), time.perf_counter(), 0, 0
+    t_start, t_last = time.time(), time.perf_counter()
     last: dict = {}
-    spikes, spike_total, rollbacks = SpikeDetector(tc.spike_window, tc.spike_factor), 0, 0
+    # The guards go on from where the checkpoint left them: a fresh spike history would flag
+    # nothing for half a window, and the counters feed metrics and train.max_rollbacks.
+    g = start.guards
+    nonfinite_run, skipped_total = g.get("nonfinite_run", 0), g.get("skipped_steps", 0)
+    spikes = SpikeDetector(tc.spike_window, tc.spike_factor, g.get("spike_history", ()))
+    spike_total, rollbacks = g.get("loss_spikes", 0), g.get("rollbacks", 0)
+
+    def guards() -> dict:
+        """What checkpoints (and rollback markers) record of the guards: Start.guards."""
+        return {"spike_history": list(spikes.history), "nonfinite_run": nonfinite_run,
+                "skipped_steps": skipped_total, "loss_spikes": spike_total, "rollbacks": rollbacks}
+
     step = start.step
     clock = TrainClock(start.train_seconds, tc.time_budget_s, next(model.parameters()).device)
     it = iter(batches)
@@ -401,7 +421,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 raise TrainingStopped(f"step {step}: loss spike {stats.loss:.4f} and train.on_spike=stop")
             if tc.on_spike == "rollback":
                 rollbacks += 1
-                step = rollback(cfg, model, optimizer, saver, step, batches.consumed, rollbacks, metrics_log, log)
+                step = rollback(cfg, model, optimizer, saver, step, batches.consumed, guards(), metrics_log, log)
                 continue
         if tc.timeout_s and time.time() - t_start > tc.timeout_s:
             raise TrainingTimeout(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
@@ -454,7 +474,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             if not saving:
                 hooks.report(row)
         if saving:
-            saver.save(model, optimizer, step, batches.consumed, last, clock.spent)
+            saver.save(model, optimizer, step, batches.consumed, last, clock.spent, guards())
             if final:
                 saver.finish()
             if metrics_log is not None:
@@ -468,12 +488,14 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
 ROLLBACK = "rollback.json"
 
 
-def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int, consumed: int, rollbacks: int,
+def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int, consumed: int, guards: dict,
              metrics_log: MetricsLog | None, log) -> int:
     """train.on_spike=rollback: restore model and optimizer from the newest complete
     checkpoint and go on from its step, with the data stream where it is now. The batches
     that led to the spike are skipped rather than replayed (PaLM's remedy): replaying them
-    would reproduce the spike exactly. Returns the step to continue from."""
+    would reproduce the spike exactly. `guards` (fit's, this rollback counted) go on as they
+    are. Returns the step to continue from."""
+    rollbacks = guards["rollbacks"]
     if rollbacks > cfg.train.max_rollbacks:
         raise TrainingStopped(f"step {step}: loss spike after {rollbacks - 1} rollbacks "
                                  f"(train.max_rollbacks={cfg.train.max_rollbacks})")
@@ -486,9 +508,11 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
     if rank == 0:
         # A restart before the next checkpoint must not replay the batches that caused the
-        # spike: resuming from this checkpoint takes the data position from here.
+        # spike: resuming from this checkpoint takes the data position from here, and the
+        # guards (this rollback counted) too.
         storage.write_text(storage.join(cfg.run_dir, ROLLBACK), json.dumps(
-            {"checkpoint": checkpoint.checkpoint_name(meta["step"]), "consumed_blocks": consumed}), cfg.s3)
+            {"checkpoint": checkpoint.checkpoint_name(meta["step"]), "consumed_blocks": consumed,
+             "guards": guards}), cfg.s3)
     if metrics_log is not None:
         metrics_log.truncate(meta["step"])
         metrics_log.log({"kind": "rollback", "step": meta["step"], "spike_step": step, "checkpoint": ckpt})
@@ -531,11 +555,13 @@ class CheckpointSaver:
         self.device = torch.device("cpu")
         self.blocking_s = 0.0  # time training spent waiting on checkpoints
 
-    def save(self, model, optimizer, step: int, consumed: int, metrics: dict, train_seconds: float = 0.0) -> None:
+    def save(self, model, optimizer, step: int, consumed: int, metrics: dict, train_seconds: float = 0.0,
+             guards: dict | None = None) -> None:
         t0 = time.perf_counter()
         self.finish()
         rank, world = rank_world()
         meta = {"step": step, "consumed_blocks": consumed, "train_seconds": round(train_seconds, 3),
+                "guards": guards or {},
                 "world_size": world, "config": to_dict(self.cfg, redact=True),
                 "global_batch_size": self.cfg.train.global_batch_size, "metrics": metrics,
                 **self.hooks.checkpoint_meta}
@@ -642,18 +668,64 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
             if rank == 0:
                 log(f"starting from the weights of {parent}")
         return model, optimizer, Start()
+    # Checked before DCP loads anything: a changed shape fails inside DCP with a traceback,
+    # and a smaller model loads silently (DCP reads only the entries asked for). Every rank
+    # checks the meta rank 0 read, so all raise the same error.
+    check_resumable(ckpt, broadcast(checkpoint.read_meta(ckpt, cfg.s3) if rank == 0 else None), cfg)
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
-    if meta["global_batch_size"] != cfg.train.global_batch_size:
-        raise ConfigError(f"{ckpt}: written with train.global_batch_size={meta['global_batch_size']}, "
-                         f"now {cfg.train.global_batch_size}; resuming needs the same global batch")
-    consumed = meta["consumed_blocks"]
+    consumed, guards = meta["consumed_blocks"], meta.get("guards", {})
     marker = broadcast(_read_json(storage.join(cfg.run_dir, ROLLBACK), cfg.s3) if rank == 0 else None)
     if marker and marker["checkpoint"] == checkpoint.checkpoint_name(meta["step"]):
-        consumed = marker["consumed_blocks"]  # a spike rollback had moved the data on
+        # a spike rollback had moved the data on, and counted itself
+        consumed, guards = marker["consumed_blocks"], marker.get("guards", guards)
     if rank == 0:
         log(f"resumed from {ckpt} (step {meta['step']}, {consumed} blocks consumed, "
             f"written by {meta['world_size']} workers)")
-    return model, optimizer, Start(meta["step"], consumed, meta.get("train_seconds", 0.0))
+    return model, optimizer, Start(meta["step"], consumed, meta.get("train_seconds", 0.0), guards, ckpt, meta)
+
+
+def check_resumable(ckpt: str, meta: dict, cfg: Config, facts: dict | None = None) -> None:
+    """Refuse, in one line, to resume `ckpt` (its meta.json: `meta`) with settings under which
+    the run would not go on as the one that wrote it:
+      model.*                  the weights' shapes, and what they compute
+      seed                     the data order and every step's random state
+      train.global_batch_size  the data position counts whole steps' blocks
+      tokenizer, data          `facts` (this run's checkpoint_facts): the tokenizer's sha256
+                               and the dataset's key, which covers its files and preparation
+    Every other setting may change on resume, taking effect from the next step: the schedule
+    (train.max_steps, lr, warmup, time budget: lr_at is a function of the step), the
+    optimizer's weight decay and betas (a load restores its moments, not its settings), grad
+    clipping, the guards, the intervals of logs, evals and checkpoints, and how a step is
+    computed (workers, micro-batch, precision, compile), which leaves the global batch and its
+    data as they were. What an older checkpoint does not record (or a run without a
+    manifest) is not compared."""
+    saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    now = to_dict(cfg, redact=True)
+    now_model = json.loads(json.dumps(now["model"]))  # as meta.json holds it
+    checks = [(f"model.{k}", v, now_model[k]) for k, v in (saved.get("model") or {}).items() if k in now_model]
+    if "seed" in saved:
+        checks.append(("seed", saved["seed"], cfg.seed))
+    if "global_batch_size" in meta:
+        checks.append(("train.global_batch_size", meta["global_batch_size"], cfg.train.global_batch_size))
+    facts = facts or {}
+    for fact in ("tokenizer_sha256", "data_key"):
+        if meta.get(fact) and facts.get(fact):
+            checks.append((fact, meta[fact], facts[fact]))
+    bad = next(((setting, then, current) for setting, then, current in checks if then != current), None)
+    if bad is None:
+        return
+    setting, then, current = bad
+    if setting in ("tokenizer_sha256", "data_key"):  # a hash alone says little: its path too
+        section = setting.split("_")[0]
+        then = f"{then[:16]} ({section}.path={(saved.get(section) or {}).get('path')})"
+        current = f"{current[:16]} ({section}.path={now[section]['path']})"
+    # Starting from these weights suits a new seed or new data; a DPO run's init_from is also
+    # its reference, so it is not offered there.
+    fresh = (f" (with init_from={cfg.run_dir} to start from its weights)"
+             if setting in ("seed", "data_key") and cfg.stage != "dpo" else "")
+    raise ConfigError(f"{ckpt}: written with {setting}={then}, now {current}; resuming needs the same model, "
+                      f"tokenizer, data, seed and global batch: set it back, or start a new run under another "
+                      f"name={fresh}")
 
 
 def load_parent_weights(model, cfg: Config) -> str:
