@@ -81,6 +81,7 @@ def commit(ckpt_uri: str, meta: dict, s3: S3Config | None = None, files: dict | 
     `files` ({name: [size, sha256]}, from `file_digests` on every rank) is recorded in the
     marker, and loads check each file they read against it."""
     body = {"step": meta["step"], **({"files": dict(sorted(files.items()))} if files else {})}
+    storage.make_durable(ckpt_uri, s3)  # on a local disk, the files reach it before the marker
     storage.write_text(storage.join(ckpt_uri, COMMIT_MARKER), json.dumps(body, indent=0), s3)
 
 

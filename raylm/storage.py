@@ -19,6 +19,7 @@ AWS environment variables.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -375,10 +376,42 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        _fsync_dir(parent)  # and the rename itself, which lives in the directory
 
 
 def write_text(uri: str, text: str, s3: S3Config | None = None, encoding: str = "utf-8") -> None:
     write_bytes(uri, text.encode(encoding), s3)
+
+
+def make_durable(uri: str, s3: S3Config | None = None) -> None:
+    """Every local file and directory under `uri` flushed to disk (fsync), for a marker written
+    next that says they are complete: copies and renames alone may reach the disk after it, and
+    a machine that crashes between would leave a complete-looking checkpoint with empty shards.
+    On object storage there is nothing to do: a PUT is durable once it returns."""
+    if is_s3(uri):
+        return
+    with _errors(uri, s3):
+        for root, _, names in os.walk(_local(uri)):
+            for name in names:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    """A directory's entries flushed, where its filesystem can (some network and FUSE ones
+    refuse a directory's fsync: EINVAL)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- listing

@@ -1,6 +1,5 @@
 """Checkpoints on local storage: round trip, commit markers, retention, safe loading."""
 
-import pytest
 import torch
 
 from raylm import checkpoint
@@ -42,3 +41,44 @@ def test_only_committed_checkpoints_count_and_retention_keeps_the_newest(tmp_pat
     assert checkpoint.latest_complete(run).endswith("ckpt-00000002")
     assert checkpoint.apply_retention(run, keep=1) == [str(tmp_path / "ckpt-00000001")]
     assert [(s, d) for s, _, d in checkpoint.list_checkpoints(run)] == [(2, True), (3, False)]
+
+
+def test_load_keeps_the_callers_optimizer_settings(tmp_path):
+    """A resumed run's weight decay and betas are its own config's: the checkpoint brings the
+    optimizer's moments, not the settings it was written with."""
+    _, opt, uri = saved(tmp_path)
+    fresh = build_model(CFG, seed=99)
+    fresh_opt = make_optimizer(fresh, TrainConfig(weight_decay=0.0, beta2=0.99), torch.device("cpu"))
+    checkpoint.load(fresh, fresh_opt, uri)
+    assert [(g["weight_decay"], g["betas"]) for g in fresh_opt.param_groups] == [(0.0, (0.9, 0.99))] * 2
+    a, b = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
+
+
+def test_a_local_checkpoint_is_on_disk_before_its_marker(tmp_path, monkeypatch):
+    """Copies and renames reach the disk when the kernel writes them back, perhaps after the
+    marker: after a machine's crash, a checkpoint with empty shards then looked complete. Every
+    file and directory is flushed before the marker is written, and the marker's rename after."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.realpath(dst)))
+        return real_replace(src, dst)
+
+    _, _, uri = saved(tmp_path, commit=False)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.commit(uri, {"step": 1}, files=checkpoint.file_digests(uri))
+    marker = os.path.realpath(os.path.join(uri, checkpoint.COMMIT_MARKER))
+    renamed = events.index(("rename", marker))
+    flushed = {path for kind, path in events[:renamed] if kind == "fsync"}
+    files = {os.path.realpath(os.path.join(root, n)) for root, _, names in os.walk(uri) for n in names}
+    assert files - {marker} <= flushed and os.path.realpath(uri) in flushed
+    assert ("fsync", os.path.realpath(uri)) in events[renamed + 1:]  # the rename itself
