@@ -556,6 +556,9 @@ def apply_retention(run_dir: str, keep: int, s3: S3Config | None = None) -> list
     newest_step = complete[-1][0]
     doomed = [u for s, u, d in ckpts if u not in keep_uris and (d or s < newest_step)]
     for uri in doomed:
+        # The marker first: a deletion cut short must not leave a complete-looking checkpoint
+        # with shards missing (the newest one's deletion, by hand, would fall back to it).
+        storage.delete(storage.join(uri, COMMIT_MARKER), s3)
         storage.delete(uri, s3)
     return doomed
 

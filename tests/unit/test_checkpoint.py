@@ -82,3 +82,25 @@ def test_a_local_checkpoint_is_on_disk_before_its_marker(tmp_path, monkeypatch):
     files = {os.path.realpath(os.path.join(root, n)) for root, _, names in os.walk(uri) for n in names}
     assert files - {marker} <= flushed and os.path.realpath(uri) in flushed
     assert ("fsync", os.path.realpath(uri)) in events[renamed + 1:]  # the rename itself
+
+
+def test_retention_removes_a_checkpoints_marker_before_its_files(tmp_path, monkeypatch):
+    """Cut short while deleting, retention left a checkpoint that looked complete with its
+    shards gone."""
+    from raylm import storage
+
+    for step in (1, 2):
+        saved(tmp_path, step)
+    real = storage.delete
+
+    def delete(uri, s3=None):
+        if not uri.endswith(checkpoint.COMMIT_MARKER):
+            raise OSError("the machine went down")
+        real(uri, s3)
+
+    monkeypatch.setattr(storage, "delete", delete)
+    try:
+        checkpoint.apply_retention(str(tmp_path), keep=1)
+    except OSError:
+        pass
+    assert [(s, d) for s, _, d in checkpoint.list_checkpoints(str(tmp_path))] == [(1, False), (2, True)]
