@@ -4,7 +4,8 @@ Why these choices:
 
 * BPE with `byte_fallback`: every string is encodable without `<unk>`; characters outside
   the learned vocabulary (emoji, CJK on an English corpus) become their UTF-8 bytes, so
-  `decode(encode(s)) == s` for any text.
+  `decode(encode(s)) == s` for any text but one holding "▁" (U+2581), SentencePiece's own
+  mark for a space, which it reads as a space.
 * Identity normalisation, no extra-whitespace removal, no dummy prefix: the model must see
   code exactly as written (indentation, runs of spaces, tabs, newlines), and exact round
   trips make the tokenizer's behaviour easy to test and reason about.
@@ -216,7 +217,7 @@ def train_tokenizer(
             ) from None
         raise
 
-    model_bytes = model.getvalue()
+    model_bytes = _without_machine_facts(model.getvalue())
     tok = Tokenizer(model_bytes, {}, out_dir)
     meta = {
         "vocab_size": tok.vocab_size,
@@ -247,6 +248,18 @@ def train_tokenizer(
         raise
     return tok
 
+
+
+def _without_machine_facts(model_bytes: bytes) -> bytes:
+    """The trained model with its trainer's thread count cleared: SentencePiece records it in
+    the model, so the same corpus and seed gave a different sha256 (and a prepared dataset
+    keyed by it was refused) on a machine with another number of cores. The pieces and scores
+    do not depend on it."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model_bytes)
+    proto.trainer_spec.ClearField("num_threads")
+    return proto.SerializeToString()
 
 class Tokenizer:
     """A trained SentencePiece model plus its metadata. Picklable, for Ray actors."""

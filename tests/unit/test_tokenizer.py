@@ -469,3 +469,14 @@ def test_long_lines_are_not_dropped(tmp_path):
     assert tok.meta["sample_bytes"] == len(line.encode())
     pieces = {tok.id_to_piece(i) for i in range(tok.vocab_size)}
     assert "▁zq" in pieces or "zq" in pieces
+
+
+def test_the_same_corpus_and_seed_give_the_same_tokenizer_on_any_machine(tmp_path, monkeypatch):
+    """SentencePiece records its trainer's thread count in the model, and the tokenizer's sha256
+    (which prepared datasets are keyed by) is the model's: it changed with the core count."""
+    texts = ["the quick brown fox jumps over the lazy dog " * 40, "pack my box with five dozen jugs " * 40]
+    shas = []
+    for cores in (2, 16):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        shas.append(train_tokenizer(texts, str(tmp_path / f"tok{cores}"), 300).sha256)
+    assert shas[0] == shas[1]
