@@ -14,13 +14,21 @@ settings, then its own section's keys on top:
       sft: {synthetic: word_after, train.max_steps: 200}
       export: {format: hf}
 
+What the pipeline decides itself (each stage's name and storage, the tokenizer, data and
+parent model a stage reads, serve.* outside the serve stage) is refused in a section, not
+overwritten. A shared key given on the command line that a section sets to another value is
+refused, naming the `stages.<stage>.<key>` to give: sections win over shared keys, so it
+would not reach that stage.
+
 Skipping and lineage. A stage's key hashes its settings and the keys of the stages it reads,
-so a changed stage changes the key of everything downstream. Each stage writes its outputs
-under `<root>/<stage>-<key[:10]>/` (a changed stage never resumes the old one's checkpoints)
-and, once they are committed, `<root>/stages/<stage>.json`: its key, config (credentials
-redacted), the paths and content hashes of its inputs and outputs. A stage whose record
-has the current key and whose outputs are still committed is skipped, so a resubmitted
-recipe continues where it stopped (a training stage resumes from its newest checkpoint).
+so a changed stage changes the key of everything downstream; how a stage is retried
+(max_failures, samples) and reaches storage (storage, s3.*) are left out. Each stage writes
+its outputs under `<root>/<stage>-<key[:10]>/` (a changed stage never resumes the old one's
+checkpoints) and, once they are committed, `<root>/stages/<stage>.json`: its key, config
+(credentials redacted), the paths and content hashes of its inputs and outputs. A stage
+whose record has the current key, whose inputs have the recorded hashes (an input that ran
+again may differ) and whose outputs are still committed is skipped, so a resubmitted recipe
+continues where it stopped (a training stage resumes from its newest checkpoint).
 Following `inputs` from the serve record back to the tokenizer gives a model's lineage.
 """
 
@@ -167,6 +175,12 @@ def _check_synthetic(stage: str, options: dict) -> None:
         raise ConfigError(f"stages.{stage}.synthetic={options['synthetic']!r}: choose from {list(synthetic.TASKS)}")
 
 
+def _check_eval(stage: str, options: dict) -> None:
+    """`limit:` as raylm.eval takes it (items[:0] scores nothing, items[:-1] all but the last)."""
+    if options.get("limit") is not None and options["limit"] < 1:
+        raise ConfigError(f"stages.{stage}.limit={options['limit']}: expected an integer >= 1")
+
+
 def _copy_dir(src: str, dst: str) -> None:
     import shutil
 
@@ -197,7 +211,8 @@ def run_eval(run: StageRun) -> dict:
     parent = _model_input(run)
     tasks, corpora = list(run.options.get("tasks", [])), list(run.options.get("corpora", []))
     if not (tasks or corpora or run.cfg.eval.mc_tasks or run.cfg.eval.gen_tasks):
-        corpus = run.inputs.get("tokenizer", {}).get("corpus")
+        # The recipe's corpus: the shared data.path, or the built-in one the tokenizer wrote.
+        corpus = run.cfg.data.path or run.inputs.get("tokenizer", {}).get("corpus")
         if not corpus:
             raise ConfigError("stages.eval: nothing to evaluate; give tasks, corpora or eval.mc_tasks")
         corpora = [corpus]
@@ -321,7 +336,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("dpo", run_posttrain, (("pretrain", "sft"),), ("path", "checkpoint", "sha256"), _checkpoint_committed,
           {"max_failures": int, "synthetic": str}, _check_synthetic),
     Stage("eval", run_eval, (MODEL_STAGES, ("tokenizer",)), ("path", "report", "sha256"), _exists("report"),
-          {"tasks": list, "corpora": list, "limit": int}),
+          {"tasks": list, "corpora": list, "limit": int}, _check_eval),
     Stage("export", run_export, _MODEL, ("path", "format", "sha256"), _export_committed,
           {"format": str, "dtype": str}, _exporter),
     Stage("serve", run_serve, _MODEL, ("url", "model", "path", "sha256"), _serve_running),
@@ -389,11 +404,15 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     try:
         data = _expand({k: v for k, v in raw.items() if k != "stages"}, "")
         data["stages"] = {k: _expand(v, f"stages.{k}") for k, v in raw["stages"].items()}
+        shared_overrides = {}
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected key=value, e.g. stages.pretrain.train.max_steps=10")
             key, value = item.split("=", 1)
-            data = _merge(data, _nest([(key.strip(), _override_value(key.strip(), value))]))
+            override = _nest([(key.strip(), _override_value(key.strip(), value))])
+            data = _merge(data, override)
+            if "stages" not in override:
+                shared_overrides = _merge(shared_overrides, override)
         # Again after the overrides, which may replace `stages` or a section with any value.
         stages = data.pop("stages")
         if not isinstance(stages, dict) or not stages:
@@ -405,6 +424,10 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     unknown = [k for k in stages if k not in STAGE_BY_NAME]
     if unknown:
         raise ConfigError(f"recipe {path}: stages.{unknown[0]}: unknown stage; choose from {list(STAGE_BY_NAME)}")
+    _check_shadowed(path, shared_overrides, stages)
+    if "stage" in data:
+        raise ConfigError(f"recipe {path}: stage={data['stage']!r}: the recipe sets it for each stage from "
+                          f"its name; remove it")
     try:
         base = _build(Config, data, "").validate()
     except ConfigError as e:
@@ -427,11 +450,91 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
                 raise type(e)(f"recipe {path}: {e}") from None
         sections[stage.name] = (section, options)
     recipe = Recipe(str(p), base.name, root, data, sections)
+    for stage in recipe.stages:
+        for key, why in _set_by_recipe(recipe, stage).items():
+            value = _lookup(sections[stage.name][0], key)
+            if value is not _MISSING:
+                leaf = key + next((f".{k}" for k, _ in _leaves(value)), "") if isinstance(value, dict) else key
+                raise ConfigError(f"recipe {path}: stages.{stage.name}.{leaf}: {why}")
+    configs = {}
     for stage in recipe.stages:  # placeholders for outputs not made yet
         placeholder = {s: {"path": storage.join(root, s), "checkpoint": storage.join(root, s), "corpus": ""}
                        for s in recipe.inputs_of(stage)}
-        stage_config(recipe, stage, placeholder)
+        configs[stage.name] = stage_config(recipe, stage, placeholder)
+    _check_vocab(recipe, configs)
     return recipe
+
+
+_MISSING = object()
+
+
+def _lookup(nested: dict, key: str) -> Any:
+    """The value at dotted `key` in a nested mapping, or _MISSING."""
+    for part in key.split("."):
+        if not isinstance(nested, dict) or part not in nested:
+            return _MISSING
+        nested = nested[part]
+    return nested
+
+
+def _leaves(nested: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """[(dotted key, value)] of every non-mapping value in a nested mapping."""
+    out = []
+    for k, v in nested.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
+    return out
+
+
+def _check_shadowed(path: str, shared_overrides: dict, stages: dict) -> None:
+    """A shared key given on the command line that a stage section sets to something else would
+    not reach that stage (its section wins, as in the file): refused, naming the key to give."""
+    for key, value in _leaves(shared_overrides):
+        shadowed = [name for name in STAGE_BY_NAME if name in stages
+                    and _lookup(stages[name], key) not in (_MISSING, value)
+                    # sft and dpo never read the shared data.path (the corpus), only their own records
+                    and not (key == "data.path" and name in ("sft", "dpo"))]
+        if shadowed:
+            raise ConfigError(f"recipe {path}: override {key}={value}: stages {', '.join(shadowed)} set {key} "
+                              f"themselves (a section wins over the shared settings); give "
+                              f"{' '.join(f'stages.{s}.{key}={value}' for s in shadowed)} instead")
+
+
+def _set_by_recipe(recipe: Recipe, stage: Stage) -> dict[str, str]:
+    """The config keys the recipe sets for `stage` itself (dotted key -> why): in the stage's
+    section they would be overwritten without a word, so they are refused."""
+    reads = recipe.inputs_of(stage)
+    keys = {"name": "the recipe names each stage's directory (<storage>/<name>/<stage>-<key>); set the "
+                    "top-level name",
+            "storage": "every stage writes under the top-level storage; set it there",
+            "stage": "the recipe sets it from the stage's name"}
+    if "tokenizer" in reads:
+        keys["tokenizer.path"] = "the recipe sets it to the tokenizer stage's output; set it in the " \
+                                 "tokenizer stage's section (or the shared settings) to adopt a tokenizer"
+    if stage.name == "pretrain" and "data" in reads:
+        keys["data.path"] = "the recipe sets it to the data stage's output; remove the data stage to train " \
+                            "on a prepared dataset"
+    parents = [s for s in reads if s in MODEL_STAGES]
+    if stage.name in ("sft", "dpo") and parents:
+        keys["init_from"] = f"the recipe sets it to the {parents[0]} stage's run; remove the {parents[0]} " \
+                            f"stage to start from another run"
+    if stage.name in ("sft", "dpo") and "synthetic" in recipe.sections[stage.name][1]:
+        keys["data.path"] = "synthetic: writes the records it would name; give one of them"
+    if stage.name != "serve":
+        keys["serve"] = "only the serve stage reads serve.* keys; move it to stages.serve"
+    return keys
+
+
+def _check_vocab(recipe: Recipe, configs: dict[str, Config]) -> None:
+    """model.vocab_size against the vocabulary the tokenizer stage trains, here rather than when
+    pre-training starts (an adopted tokenizer.path is read only then)."""
+    tok, pre = configs.get("tokenizer"), configs.get("pretrain")
+    if tok is None or pre is None or tok.tokenizer.path:
+        return
+    try:
+        pre.model.with_vocab(tok.tokenizer.vocab_size)
+    except ConfigError as e:
+        raise ConfigError(f"recipe {recipe.path}: stages.pretrain: {e} (the tokenizer stage trains "
+                          f"tokenizer.vocab_size={tok.tokenizer.vocab_size})") from None
 
 
 def stage_config(recipe: Recipe, stage: Stage, inputs: dict) -> Config:
@@ -452,7 +555,9 @@ def stage_config(recipe: Recipe, stage: Stage, inputs: dict) -> Config:
     data = _merge(data, {"storage": recipe.root, "name": f"{stage.name}-{stage_key(recipe, stage)[:10]}"})
     if "tokenizer" in inputs:
         data = _merge(data, {"tokenizer": {"path": inputs["tokenizer"]["path"]}})
-        if stage.name == "data" and not section.get("data", {}).get("path") and inputs["tokenizer"].get("corpus"):
+        # Only the built-in corpus is adopted: a tokenizer section's own data.path (a sample
+        # to train it on) is not the corpus the data stage prepares.
+        if stage.name == "data" and not data.get("data", {}).get("path") and inputs["tokenizer"].get("corpus"):
             data = _merge(data, {"data": {"path": inputs["tokenizer"]["corpus"]}})
     if "data" in inputs and stage.name == "pretrain":
         data = _merge(data, {"data": {"path": inputs["data"]["path"]}})
@@ -488,11 +593,20 @@ def serve_config(recipe: Recipe):
         raise ConfigError(f"recipe {recipe.path}: stages.serve: {e}") from None
 
 
+# How a stage gets its outputs, not what they are: out of the key, so a resubmission with more
+# retries (or another S3 endpoint for the same bucket) resumes the same run, not a new one.
+OPERATIONAL_OPTIONS = ("max_failures", "samples")
+OPERATIONAL_KEYS = ("name", "storage", "s3")
+
+
 def stage_key(recipe: Recipe, stage: Stage) -> str:
-    """sha256 of what decides a stage's outputs: its settings (shared and its own, without the
-    storage root) and the keys of the stages it reads. A change anywhere upstream changes it."""
+    """sha256 of what decides a stage's outputs: its settings (shared and its own, without where
+    they are stored or how often a failure is retried) and the keys of the stages it reads. A
+    change anywhere upstream changes it."""
     section, options = recipe.sections[stage.name]
-    shared = {k: v for k, v in recipe.shared.items() if k not in ("name", "storage")}
+    shared = {k: v for k, v in recipe.shared.items() if k not in OPERATIONAL_KEYS}
+    section = {k: v for k, v in section.items() if k not in OPERATIONAL_KEYS}
+    options = {k: v for k, v in options.items() if k not in OPERATIONAL_OPTIONS}
     parents = {s: stage_key(recipe, STAGE_BY_NAME[s]) for s in recipe.inputs_of(stage)}
     text = json.dumps({"stage": stage.name, "shared": shared, "section": section, "options": options,
                        "inputs": parents}, sort_keys=True, default=str)
@@ -530,9 +644,14 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict
         key = stage_key(recipe, stage)
         old = read_stage_record(recipe, stage.name, cfg.s3)
         if old and old.get("key") == key and stage.committed(old.get("outputs", {}), cfg.s3):
-            log(f"recipe: {stage.name}: done (key {key[:10]}), skipped")
-            done[stage.name] = {**old, "skipped": True}
-            continue
+            # The same key, but an input that reran (its outputs were lost) may differ now.
+            changed = [p for p in parents
+                       if old.get("inputs", {}).get(p, {}).get("sha256") != done[p]["outputs"]["sha256"]]
+            if not changed:
+                log(f"recipe: {stage.name}: done (key {key[:10]}), skipped")
+                done[stage.name] = {**old, "skipped": True}
+                continue
+            log(f"recipe: {stage.name}: {', '.join(changed)} changed since it ran, running it again")
         log(f"recipe: {stage.name}: running (key {key[:10]}) -> {storage.redact_url(cfg.run_dir)}")
         t0 = time.time()
         options = recipe.sections[stage.name][1]
