@@ -2,7 +2,7 @@
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/sft.py --config run.yaml --from s3://bucket/runs/base --data 's3://bucket/chat/*.jsonl' \
-        storage=s3://bucket/runs train.num_workers=8 train.use_gpu=true
+        storage=s3://bucket/runs train.num_workers=8 train.use_gpu=true train.micro_batch_size=4
 
 Arguments are those of `raylm sft --help`. The run is named <parent>-sft unless name= says
 otherwise; resubmitting the same command resumes from its newest complete checkpoint.

@@ -14,8 +14,12 @@
     raylm serve runs/quickstart-sft --port 8000               # OpenAI API at http://127.0.0.1:8000/v1
     raylm tune --space space.yaml name=search1 tune.num_samples=8   # -> runs/search1/best.yaml
 
-Every subcommand takes `--config FILE.yaml` and dotted overrides (`section.key=value`);
-unknown keys and wrong types are errors naming the key. See README.md for the config keys.
+The subcommands quickstart, pretrain, sft, dpo, tune, eval, tokenizer train and data prepare
+take `--config FILE.yaml` and dotted overrides (`section.key=value`, keys in README.md);
+unknown keys and wrong types are errors naming the key. run takes a recipe and dotted
+overrides into it, serve ServeConfig fields (KEY=VALUE); generate, export, report and plan
+take only their options, and reach S3-compatible storage through $AWS_ENDPOINT_URL and
+$AWS_REGION.
 """
 
 from __future__ import annotations
@@ -34,12 +38,21 @@ from raylm.errors import UserError
 EPILOG = "Overrides are dotted keys, e.g. train.lr=3e-4 data.seq_len=512 model.preset=gpt2-124m name=run1"
 
 
-def _config(args, base: dict | None = None):
+def _config(args, base: dict | None = None, given: dict | None = None, stage: str | None = None):
+    """Defaults <- `base` (the subcommand's own defaults) <- --from-record's settings <- `given`
+    (what the subcommand's options set) <- --config <- dotted overrides. `stage`: the run the
+    subcommand trains, which a record must be of."""
     if getattr(args, "from_record", None):
         from raylm.record import load_record
 
-        _, cfg = load_record(args.from_record)
-        base = _merge_dicts(to_dict(cfg), base or {})
+        recorded, cfg = load_record(args.from_record)
+        if stage and recorded != stage:
+            from raylm.config import STAGES
+
+            again = f"; rerun it with `raylm {recorded} --from-record`" if recorded in STAGES else ""
+            raise ConfigError(f"--from-record {args.from_record}: the record of a {recorded} stage, not {stage}{again}")
+        base = _merge_dicts(base or {}, to_dict(cfg))
+    base = _merge_dicts(base or {}, given or {})
     overrides = list(args.overrides)
     if getattr(args, "data", None):
         # A (key, value) pair is never parsed as YAML: `*.jsonl`, `a: b.txt` or `true` stay paths.
@@ -84,11 +97,11 @@ def _pretrain_config(args):
     """--init-from-hf DIR: the model shape comes from DIR's config.json, beneath --config and
     overrides, which may only repeat it (checked here, before any cluster work)."""
     if not args.init_from_hf:
-        return _config(args)
+        return _config(args, stage="pretrain")
     from raylm.hf import check_init_from_hf, init_from_hf_settings
 
-    s3 = _config(args).s3  # the storage settings to read DIR with
-    cfg = _config(args, base=init_from_hf_settings(args.init_from_hf, s3))
+    s3 = _config(args, stage="pretrain").s3  # the storage settings to read DIR with
+    cfg = _config(args, given=init_from_hf_settings(args.init_from_hf, s3), stage="pretrain")
     check_init_from_hf(cfg)
     return cfg
 
@@ -111,10 +124,10 @@ def cmd_posttrain(args) -> None:
     name = parent.rsplit("/", 1)[-1]
     if name.startswith("ckpt-"):  # a checkpoint: name the stage after its run
         name = parent.rsplit("/", 2)[-2] if parent.count("/") else name
-    base = {"stage": args.stage, "init_from": args.from_run, "name": f"{name}-{args.stage}",
-            **STAGE_DEFAULTS[args.stage]}
-    summary = posttrain(_config(args, base=base), resume="must" if args.resume else "auto",
-                        max_failures=args.max_failures)
+    # A recorded run (--from-record) keeps its name and settings; --from and the subcommand are the line's.
+    base = {"name": f"{name}-{args.stage}", **STAGE_DEFAULTS[args.stage]}
+    cfg = _config(args, base=base, given={"stage": args.stage, "init_from": args.from_run}, stage=args.stage)
+    summary = posttrain(cfg, resume="must" if args.resume else "auto", max_failures=args.max_failures)
     print(json.dumps(summary, indent=1))
 
 
@@ -127,12 +140,38 @@ def cmd_tune(args) -> None:
     args.overrides = [o for o in args.overrides if o not in searched]
     cfg = _config(args)
     if args.resume:
+        _check_resume_settings(args, searched, cfg)
         summary = tune.resume(cfg)
     elif not args.space:
         raise ConfigError("tune needs --space SPACE.yaml (or --resume to continue a search)")
     else:
         summary = tune.tune(cfg, args.space, _nest(searched).get("tune", {}))
     print(json.dumps(summary, indent=1, default=str))
+
+
+def _check_resume_settings(args, searched: list, cfg) -> None:
+    """`tune --resume` continues a search with the space and settings it saved: where to find
+    it (name, storage, s3.*) is all the command line may give."""
+    from raylm.config import Config
+
+    where = {"name": cfg.name, "storage": cfg.storage, "s3": to_dict(cfg.s3)}
+    changed = _changed({**to_dict(Config()), **where}, to_dict(cfg))  # by --config, --data or an override
+    given = (["--space"] if args.space else []) + searched + [f"{k}={v!r}" for k, v in changed]
+    if given:
+        raise ConfigError(f"tune --resume: {given[0]} is not taken: a resumed search keeps its saved space and "
+                          f"settings (only name=, storage= and s3.* apply); start a new search (another name=) "
+                          f"to change them")
+
+
+def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """The dotted keys whose values differ between two config dicts, with b's values."""
+    out = []
+    for k, v in b.items():
+        if isinstance(v, dict):
+            out += _changed(a[k], v, f"{prefix}{k}.")
+        elif v != a[k]:
+            out.append((prefix + k, v))
+    return out
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -149,7 +188,9 @@ def cmd_data_prepare(args) -> None:
     from raylm.generate import load_tokenizer
     from raylm.pipeline import init_ray, log, preflight
 
-    cfg = _config(args)
+    # Preparing trains no model: data.seq_len is checked against the model of the run that trains
+    # on the data (`raylm pretrain` checks it), not against the model.* defaults here.
+    cfg = _config(args, given={"model": {"max_seq_len": sys.maxsize}})
     if not cfg.data.path:
         raise ConfigError("data prepare needs --data (or data.path)")
     tok_path = args.tokenizer or cfg.tokenizer.path

@@ -29,7 +29,7 @@ import yaml
 
 from raylm import storage
 from raylm.config import MODEL_PRESETS, Config, ConfigError, ModelConfig, load_config
-from raylm.metrics import flops_per_token, peak_flops
+from raylm.metrics import PEAK_BF16_FLOPS, flops_per_token
 from raylm.model import count_params
 
 GiB = 1024**3
@@ -38,12 +38,15 @@ GiB = 1024**3
 SIZES = {"tiny": "tiny", "124m": "gpt2-124m", "125m": "gpt2-124m", "gpt2-124m": "gpt2-124m",
          "350m": "350m", "1b": "1b", "3b": "3b", "7b": "7b"}
 
-# Device memory in GiB from the vendors' datasheets, matched by substring, most specific first.
-# Peaks come from raylm.metrics.PEAK_BF16_FLOPS, so MFU means the same in plans and in runs.
-DEVICE_MEMORY_GIB: list[tuple[str, float]] = [
-    ("H200", 141), ("GH200", 96), ("H100", 80), ("B200", 180), ("A100-40GB", 40), ("A100", 80),
-    ("L40S", 48), ("A10G", 24), ("L4", 24), ("RTX 4090", 24), ("A6000", 48),
-]
+# Devices by name, matched whole (case, spaces, hyphens and underscores aside: "a100 40gb" is
+# "A100-40GB", "H100" is never "GH200"): memory in GiB from the vendors' datasheets, and the key
+# of the bf16 peak in raylm.metrics.PEAK_BF16_FLOPS, so MFU means the same in plans and in runs.
+DEVICES: dict[str, tuple[float, str]] = {
+    "H200": (141, "H200"), "GH200": (96, "GH200"), "H100": (80, "H100"), "H100 SXM": (80, "H100"),
+    "H100 PCIe": (80, "H100 PCIe"), "B200": (180, "B200"), "A100": (80, "A100"), "A100-80GB": (80, "A100"),
+    "A100-40GB": (40, "A100"), "L40S": (48, "L40S"), "A10G": (24, "A10G"), "L4": (24, "L4"),
+    "RTX 4090": (24, "RTX 4090"), "A6000": (48, "A6000"),
+}
 # A CPU worker: one core's AVX2 fp32 peak (2 FMA units x 8 lanes x 2 FLOPs x 3 GHz) and a
 # laptop-sized share of host memory (--memory-gb changes it).
 CPU_PEAK_FLOPS = 96e9
@@ -143,13 +146,17 @@ def parse_hardware(gpus: str, nodes: int = 1, memory_gb: float | None = None) ->
     if name.upper() == "CPU":
         memory = (memory_gb or CPU_MEMORY_GIB) * GiB
         return Hardware("CPU", per_node, nodes, memory, CPU_PEAK_FLOPS, "cpu")
-    peak = peak_flops(name.upper())
-    gib = next((g for key, g in DEVICE_MEMORY_GIB if key.upper() in name.upper()), None)
-    if peak is None or gib is None:
-        known = sorted({k for k, _ in DEVICE_MEMORY_GIB} | {"CPU"})
-        raise ConfigError(f"--gpus={gpus!r}: unknown device {name!r}; known: {', '.join(known)} "
+    key = _device_key(name)
+    device = next((d for d in DEVICES if _device_key(d) == key), None)
+    if device is None:
+        raise ConfigError(f"--gpus={gpus!r}: unknown device {name!r}; known: {', '.join([*DEVICES, 'CPU'])} "
                           f"(or pass --memory-gb and a known device of the same class)")
-    return Hardware(name.upper(), per_node, nodes, (memory_gb or gib) * GiB, peak, "gpu")
+    gib, peak_key = DEVICES[device]
+    return Hardware(device, per_node, nodes, (memory_gb or gib) * GiB, dict(PEAK_BF16_FLOPS)[peak_key], "gpu")
+
+
+def _device_key(name: str) -> str:
+    return re.sub(r"[\s_-]+", " ", name).strip().upper()
 
 
 def resolve_size(size: str) -> tuple[str, ModelConfig]:
@@ -419,7 +426,8 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
         notes.append(f"gradient accumulation holds unsharded fp32 gradients ({_bytes(4 * n)} per device) "
                      f"between micro-batches")
 
-    overrides = [f"name={name or f'{preset}-{hw.devices}{hw.name.lower()}'}", f"model.preset={preset}",
+    default_name = f"{preset}-{hw.devices}{hw.name.lower().replace(' ', '-')}"  # 1b-8h100-pcie
+    overrides = [f"name={name or default_name}", f"model.preset={preset}",
                  f"model.max_seq_len={cfg.max_seq_len}", f"data.seq_len={seq_len}",
                  f"train.num_workers={hw.devices}", f"train.use_gpu={'true' if hw.kind == 'gpu' else 'false'}",
                  f"train.micro_batch_size={mb}", f"train.global_batch_size={global_batch}",

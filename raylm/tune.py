@@ -350,7 +350,8 @@ def resume(cfg: Config, log=None) -> dict:
     except ConfigError as e:
         raise ConfigError(f"--resume: {uri}: {e}; Tune keeps a search's metric, so start a new search "
                           f"(another name=)") from None
-    init_ray_for(cfg, tc)
+    # A local cluster sized for the saved trials (the command line names only the search).
+    init_ray_for(dataclasses.replace(base, name=cfg.name, storage=cfg.storage, s3=cfg.s3), tc)
     return _run(state, cfg, resume=True, log=_default_log(log))
 
 

@@ -205,6 +205,30 @@ def test_parsing():
     assert parse_hardware("H200").devices == 1 and parse_hardware("2xCPU", memory_gb=2).memory == 2 * GiB
 
 
+@pytest.mark.parametrize("gpus,name,gib,tflops", [
+    ("1xGH200", "GH200", 96, 989), ("1xH200", "H200", 141, 989), ("8xH100", "H100", 80, 989),
+    ("8xH100 PCIe", "H100 PCIe", 80, 756), ("8xh100-pcie", "H100 PCIe", 80, 756), ("1xA100", "A100", 80, 312),
+    ("1xA100-40GB", "A100-40GB", 40, 312), ("1xA100 40GB", "A100-40GB", 40, 312), ("1xL4", "L4", 24, 121),
+    ("1xL40S", "L40S", 48, 362), ("2x rtx  4090", "RTX 4090", 24, 165),
+])
+def test_devices_are_matched_by_their_whole_name(gpus, name, gib, tflops):
+    """Not by substring: "GH200" once got the H200's memory, "H100 PCIe" the SXM's peak."""
+    hw = parse_hardware(gpus)
+    assert (hw.name, hw.memory / GiB, hw.peak / 1e12) == (name, gib, tflops)
+
+
+@pytest.mark.parametrize("gpus", ["1xL40", "1xA100 40G", "8xH100X", "1xNVIDIA H100"])
+def test_a_near_miss_device_is_refused_naming_the_known_ones(gpus):
+    """These once planned silently as an L4, an 80 GB A100 and an H100."""
+    with pytest.raises(ConfigError, match=r"unknown device .*; known: H200, GH200, H100, .*A100-40GB.*, CPU") as e:
+        parse_hardware(gpus)
+    assert "\n" not in str(e.value)
+
+
+def test_planned_run_name_has_no_spaces():
+    assert make_plan("1b", "8xH100 PCIe").config.name == "1b-8h100-pcie"
+
+
 @pytest.mark.parametrize("args,message", [
     (dict(size="7b", gpus="1xL4"), "--size 7b does not fit on 1 x L4"),
     (dict(size="1b", gpus="8xH100", tokens="10K"), "--tokens=10,000 is fewer tokens than one step"),
