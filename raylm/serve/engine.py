@@ -39,8 +39,10 @@ position 0 of their own unused slot): what torch.compile / CUDA graphs need; see
 Sampling is `raylm.generate.sample_token` per request, with the request's own
 `torch.Generator(device).manual_seed(seed)`, drawn in the same order as
 `raylm.generate.generate` (one draw per sampled token, first token from the prefill's
-logits): the same prompt and settings give the same tokens as `generate(model, prompt,
-max_tokens, temperature, top_k, eos_id, seed)`.
+logits), over the tokenizer's ids only (a model's vocabulary padded past them has rows no
+text comes from: `vocab_size`): the same prompt and settings give the same tokens as
+`generate(model, prompt, max_tokens, temperature, top_k, eos_id, seed, vocab_size=tok.vocab_size)`,
+and logprobs are normalised over those ids.
 
 Parity whatever shares the batch, and why it holds. A row's math is `generate`'s: a prefill
 chunk is the prompt's tokens at their own positions, attending (masked) to the row's cached
@@ -288,7 +290,10 @@ class Engine:
 
     @property
     def vocab_size(self) -> int:
-        return self.model.cfg.vocab_size
+        """The ids a request may hold and the engine samples, scores and reports: the
+        tokenizer's, where the model's vocabulary is padded past it (rounded up to a multiple
+        of 64): the padding rows have no text, and `raylm generate` never samples them."""
+        return min(self.tokenizer.vocab_size, self.model.cfg.vocab_size)
 
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """What `generate` checks before queuing, for callers that answer 400 before
@@ -498,13 +503,13 @@ class Engine:
             last = [n - 1 for _, n in group]
             for i, (req, n) in enumerate(group):
                 if req.params.echo:
-                    logits = self.model.logits(h[i, :n])  # (n, vocab): every prompt token's prediction
+                    logits = self._logits(h[i, :n])  # (n, vocab): every prompt token's prediction
                     self._add_prompt_logprobs(req, logits)
                     if req.pos + n == len(req.prompt):
                         done.append((req, logits[-1]))
             ends = [i for i, (req, n) in enumerate(group) if req.pos + n == len(req.prompt) and not req.params.echo]
             if ends:
-                logits = self.model.logits(h[ends, [last[i] for i in ends]])
+                logits = self._logits(h[ends, [last[i] for i in ends]])
                 done += [(group[i][0], logits[j]) for j, i in enumerate(ends)]
             for req, n in group:  # all before any request ends: compaction moves a row's keys up to its pos
                 req.pos += n
@@ -514,6 +519,11 @@ class Engine:
                 self._finish(req, Output([], "", None, req.prompt_logprobs, "length", len(req.prompt), 0))
             else:
                 self._accept(req, logits)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The logits of hidden states h (..., dim) over the tokenizer's ids only (`vocab_size`):
+        what every token is sampled from and every logprob normalised over, as in `generate`."""
+        return self.model.logits(h)[..., :self.vocab_size]
 
     def _prefill_forward(self, tokens: torch.Tensor, start: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, T, dim) of prompt chunks `tokens` (B, T), row b from position
@@ -580,6 +590,7 @@ class Engine:
                         self.prefills_within_decode += 1  # written by the engine thread only
                         self._window(*window)  # the prefill set its own
             logits = self._decode_fn(self.model, x, self._caches, pos, newcomers)
+        logits = logits[:, :self.vocab_size]  # as `_logits`
         # Greedy rows in one call (sample_token's greedy choice is this argmax, row by row).
         greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for r in rows) else None
         rows = [(i, r) for i, (r, ok) in enumerate(zip(rows, ready)) if ok]

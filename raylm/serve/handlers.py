@@ -1,7 +1,8 @@
 """The OpenAI endpoints over an engine: requests in, JSON or server-sent events out. No Ray.
 
 `OpenAIService` turns a validated request into engine requests (one per prompt and choice:
-`n > 1` is n engine requests with seeds derived from the request's seed), then assembles
+`n > 1` is n engine requests; with a seed, choice i, counted over all prompts, gets seed + i,
+as `raylm generate` (`raylm.generate.complete`) seeds prompt i), then assembles
 OpenAI's response bodies from the engine's per-step outputs. It enforces the limits that
 depend on the model (context length, vocabulary) and the app's own per-request timeout, and
 it stops a request's engine work when its client goes away (see `_race`), whatever Serve's
@@ -43,6 +44,7 @@ class _Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     echo_sent: bool = False  # streaming: the echoed prompt leads the choice's first chunk
+    offsets: P.TextOffsets = field(default_factory=P.TextOffsets)  # streaming: text_offset across chunks
 
     def add(self, out: Output) -> None:
         self.text += out.text
@@ -147,10 +149,10 @@ class OpenAIService:
         choices = []
         for pi, prompt in enumerate(prompts):
             limit = req.max_tokens if req.max_tokens is not None else self._room(prompt.ids, "prompt", req.echo)
-            for j in range(req.n):
+            for j in range(pi * req.n, (pi + 1) * req.n):  # the choices' indexes
                 params = self._params(req, prompt.ids, limit, j, logprobs=req.logprobs, echo=req.echo,
                                       stop_ids=(self.tok.eos_id,))
-                choices.append(_Choice(pi * req.n + j, prompt.ids, params, prompt.text if req.echo else ""))
+                choices.append(_Choice(j, prompt.ids, params, prompt.text if req.echo else ""))
         prompt_tokens = sum(len(p.ids) for p in prompts)
         rid = P.new_id("cmpl")
         if req.stream:
@@ -223,16 +225,17 @@ class OpenAIService:
                                   f"{context} tokens", field, code="context_length_exceeded")
         return context - prompt_len
 
-    def _params(self, req, prompt_ids: list[int], max_tokens: int, j: int, *, logprobs: int | None,
+    def _params(self, req, prompt_ids: list[int], max_tokens: int, index: int, *, logprobs: int | None,
                 stop_ids: tuple[int, ...], echo: bool = False) -> SamplingParams:
+        """Choice `index`'s settings (its index in the response, over all prompts): seed + index,
+        each choice its own stream, all reproducible, and a list of prompts seeded as
+        `raylm.generate.complete` seeds it."""
         context, prompt_len = self.engine.max_seq_len, len(prompt_ids)
         if prompt_len + max_tokens > context:
             raise P.APIError(400, f"max_tokens: the prompt's {prompt_len} tokens plus max_tokens={max_tokens} exceed "
                                   f"the model's context of {context} tokens", "max_tokens",
                              code="context_length_exceeded")
-        seed = req.seed
-        if seed is not None and j:
-            seed = (seed + j) % (P.MAX_SEED + 1)  # each choice its own stream, all reproducible
+        seed = None if req.seed is None else req.seed + index
         params = SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0),
@@ -467,8 +470,14 @@ class OpenAIService:
 
     def _echo_entries(self, c: _Choice) -> list:
         lps = c.prompt_logprobs or []
-        return [e if e is not None else _Echo(self.tok.decode([c.prompt_ids[i]]) if i < len(c.prompt_ids) else "")
+        return [e if e is not None else _Echo(self._token_text(c.prompt_ids[i]) if i < len(c.prompt_ids) else "")
                 for i, e in enumerate(lps)]
+
+    def _token_text(self, token_id: int) -> str:
+        """A prompt token's own text, as the engine's logprobs give every other token's
+        (`Engine.token_text`: a byte piece stays "<0xC3>", which `P.completion_logprobs` reads
+        as its byte): its piece with SentencePiece's "▁" as a space."""
+        return self.tok.id_to_piece(token_id).replace("\u2581", " ")
 
     def _completion_chunk(self, rid, created, obj, c: _Choice, out: Output | None, first: bool = False):
         k = c.params.logprobs
@@ -481,7 +490,7 @@ class OpenAIService:
             entries = self._echo_entries(c) + entries
         return {"id": rid, "object": obj, "created": created, "model": self.model_name,
                 "choices": [{"index": c.index, "text": text,
-                             "logprobs": P.completion_logprobs(entries, 0) if k is not None else None,
+                             "logprobs": P.completion_logprobs(entries, c.offsets) if k is not None else None,
                              "finish_reason": c.finish_reason if out.finish_reason else None}]}
 
     def _chat_chunk(self, rid, created, obj, c: _Choice, out: Output | None, first: bool = False):

@@ -3,12 +3,14 @@ standard library only (the quickstart's last step, and the CLI's `raylm serve`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 from raylm.config import ServeConfig
 
@@ -45,30 +47,66 @@ def wait_ready(base: str, timeout: float = 120.0) -> None:
         time.sleep(0.25)
 
 
-def serve_running() -> bool:
-    """Whether Serve's controller runs on the connected cluster."""
+def _serve_controller():
+    """Serve's controller actor on the connected cluster, or None where Serve is not running."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def serve_running() -> bool:
+    """Whether Serve's controller runs on the connected cluster."""
+    return _serve_controller() is not None
+
+
+def serve_http() -> tuple[str | None, int] | None:
+    """(host, port) where the running Serve's HTTP ingress (HAProxy or the proxy actor)
+    listens, which `serve.start` keeps whatever it is asked; None where Serve is not running."""
+    import ray
+
+    controller = _serve_controller()
+    if controller is None:
+        return None
+    http = ray.get(controller.get_http_config.remote())
+    return http.host, http.port
+
+
+def chat_placement(cfg: ServeConfig | None, running: tuple[str | None, int] | None) -> tuple[ServeConfig, str, str]:
+    """(config, app name, route prefix) for `serve_and_chat`. Serve not running: the app's own
+    name at "/", on cfg's port, a free one unless cfg names it. Serve running (`running`: its
+    host and port, `serve_http`): its port, since Serve ignores another, and a name and route
+    prefix no other app has, so that the apps there (a `raylm serve` of the user's, which is
+    "raylm" at "/") stay as they are, and deleting this one touches nothing else."""
+    if running is None:
+        from raylm.serve.app import APP_NAME
+
+        return cfg or ServeConfig(port=free_port()), APP_NAME, "/"
+    host, port = running
+    if host is None:
+        raise RuntimeError("Serve runs on this cluster with its HTTP ingress disabled: nothing to send a chat to")
+    name = f"raylm-chat-{uuid.uuid4().hex[:12]}"
+    return dataclasses.replace(cfg or ServeConfig(), host=host, port=port), name, f"/{name}"
 
 
 def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_tokens: int = 32) -> dict:
     """Serve `run` on loopback (a free port unless `cfg` names one) on the connected Ray
     cluster, send one chat request through the HTTP API, delete the app, and return
-    {"url", "answer", "command"}: the command starts the same server again."""
+    {"url", "answer", "command"}: the command starts the same server again. Where Serve runs
+    already, the app goes on its port under a name and route prefix of its own
+    (`chat_placement`), and the apps already there are left alone."""
     from ray import serve
 
     from raylm.pipeline import started_env
-    from raylm.serve.app import APP_NAME, resolve_api_key, start
+    from raylm.serve.app import resolve_api_key, start
 
-    cfg = cfg or ServeConfig(port=free_port())
+    running = serve_http()
+    was_running = running is not None
+    cfg, name, prefix = chat_placement(cfg, running)
     key = resolve_api_key(cfg)
-    was_running = serve_running()
     # One request, at the end of a run's output: Serve's start-up and access lines at INFO
     # would only bury the answer (a server started for use keeps them: `raylm serve`).
     driver_log = logging.getLogger("ray.serve")
@@ -78,7 +116,7 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
         # ERROR for Serve's own processes too: behind HAProxy its controller warns at start-up
         # that a loopback host refuses HAProxy's connections from other nodes, and a cluster
         # that raylm starts has no other node.
-        base = start(run, cfg, log_level="ERROR")
+        base = start(run, cfg, name=name, route_prefix=prefix, log_level="ERROR")
         try:
             wait_ready(base)
             model = json.loads(urllib.request.urlopen(urllib.request.Request(
@@ -87,7 +125,7 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
                               {"model": model["data"][0]["id"], "messages": [{"role": "user", "content": message}],
                                "max_tokens": max_tokens, "temperature": 0}, key)
         finally:
-            serve.delete(APP_NAME)
+            serve.delete(name)
             # Serve itself goes only where this call started it on a cluster that outlives
             # this process. A joined cluster that already ran Serve may serve other apps; a
             # cluster this process started goes down with it, Serve included (and a

@@ -68,6 +68,13 @@ class _Sampling(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
 
+    @field_validator("n", "stream", "echo", "logprobs", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, v, info):
+        """null where OpenAI's API allows it (every optional field it marks nullable): the
+        default. The fields typed `X | None` here take it as it is."""
+        return cls.model_fields[info.field_name].default if v is None else v
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
@@ -263,20 +270,31 @@ def token_bytes(token: str) -> bytes:
     return bytes([int(m.group(1), 16)]) if m else token.encode("utf-8")
 
 
-def completion_logprobs(entries: list, text_start: int) -> dict:
+class TextOffsets:
+    """A choice's text_offset as its tokens go by, also across a stream's chunks: the
+    characters that the tokens before one completed (the byte pieces of one character add one
+    character, with the last of them, whichever chunk that is in)."""
+
+    def __init__(self, start: int = 0):
+        self.chars = start
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, token: str) -> int:
+        """The next token's text_offset; its text then counts."""
+        at = self.chars
+        self.chars += len(self._text.decode(token_bytes(token)))
+        return at
+
+
+def completion_logprobs(entries: list, offsets: int | TextOffsets = 0) -> dict:
     """OpenAI's legacy completions logprobs: parallel lists over `entries` (TokenLogprob-like;
-    an echoed prompt's first token has logprob None, as in OpenAI's answers). A token's
-    text_offset counts the characters its predecessors completed (the byte pieces of one
-    character add one character, with the last of them)."""
-    tokens, lps, tops, offsets = [], [], [], []
-    offset, text = text_start, codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for e in entries:
-        tokens.append(e.token)
-        lps.append(e.logprob)
-        tops.append(dict(e.top) if e.logprob is not None else None)
-        offsets.append(offset)
-        offset += len(text.decode(token_bytes(e.token)))
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    an echoed prompt's first token has logprob None, as in OpenAI's answers). text_offset
+    counts from `offsets`: a number, or a stream's `TextOffsets`, which goes on counting."""
+    if not isinstance(offsets, TextOffsets):
+        offsets = TextOffsets(offsets)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) if e.logprob is not None else None for e in entries],
+            "text_offset": [offsets.take(e.token) for e in entries]}
 
 
 def chat_logprobs(entries: list) -> dict:

@@ -361,6 +361,26 @@ def test_a_client_disconnecting_mid_stream_frees_its_slot(server):
     assert generated < 4 * 120, generated  # stopped early: the app noticed the disconnect itself
 
 
+def test_the_quickstarts_chat_on_a_running_serve_leaves_its_apps_alone(server):
+    """`serve_and_chat` (the quickstart's last step) while Serve runs, as when a user's `raylm
+    serve` does: its app goes on Serve's own port, whatever port its config asks for (Serve
+    would ignore it), under a name and route prefix of its own, so "main" at "/" is neither
+    replaced nor deleted with it."""
+    from ray import serve
+
+    from raylm.config import ServeConfig
+    from raylm.generate import chat_reply, load_for_inference
+    from raylm.serve.local import free_port, serve_and_chat
+
+    apps = set(serve.status().applications)
+    out = serve_and_chat(server["run"], "reverse: abc", ServeConfig(port=free_port(), num_cpus=0.25), max_tokens=8)
+    model, tok, _ = load_for_inference(server["run"])
+    assert out["answer"] == chat_reply(model, tok, [{"role": "user", "content": "reverse: abc"}], 8, temperature=0)
+    assert out["url"].startswith(f"http://127.0.0.1:{server['port']}/raylm-")
+    assert set(serve.status().applications) == apps
+    assert call(server["port"], "GET", "/v1/models")[2]["data"][0]["id"] == "tiny"
+
+
 def test_a_replica_whose_engine_process_dies_answers_503_until_serve_replaces_it(server):
     """Kills the main app's engine process: its requests get 503 with Retry-After (never a
     500) until Serve's health check (every second here) replaces the replica, which then answers.

@@ -145,7 +145,8 @@ def assert_logprobs_match_forward(engine, prompt, outs, k):
     lps = [lp for o in outs for lp in o.logprobs]
     assert [lp.token_id for lp in lps] == got
     logits, _ = engine.model(torch.tensor([prompt + got]))
-    ref = torch.log_softmax(logits[0, len(prompt) - 1:-1].float(), -1)
+    # Normalised over the tokenizer's ids: a model's vocabulary padded past them has no text there.
+    ref = torch.log_softmax(logits[0, len(prompt) - 1:-1, :engine.tokenizer.vocab_size].float(), -1)
     for step, (lp, row) in enumerate(zip(lps, ref)):
         assert lp.token == engine.token_text(lp.token_id)
         assert abs(lp.logprob - row[lp.token_id].item()) < LOGIT_ATOL, step
@@ -814,3 +815,136 @@ def _compiled_frames() -> int:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def padded_engine(tmp_path_factory):
+    """An engine over a tiny run whose tokenizer has 400 ids and whose model's vocabulary is
+    padded to 448 (raylm's default: the tokenizer's size rounded up to a multiple of 64)."""
+    import tests.tiny_run as T
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "VOCAB", 400)
+        run = T.make_tiny_run(str(tmp_path_factory.mktemp("padded-run")))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    eng = Engine.from_run(run, max_batch_size=4)
+    assert (eng.tokenizer.vocab_size, eng.model.cfg.vocab_size) == (400, 448)
+    yield eng
+    asyncio.run(eng.close())
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def test_a_padded_vocabulary_samples_as_generate_does(padded_engine):
+    """Sampled requests sharing the batch draw over the tokenizer's ids only, as `raylm
+    generate` does (`vocab_size=tok.vocab_size`): the same tokens, none a padding id, and
+    logprobs normalised over those ids."""
+    eng = padded_engine
+    tok, model = eng.tokenizer, eng.model
+    reqs = [(tok.encode(p), SamplingParams(max_tokens=20, temperature=1.5, seed=seed, logprobs=5))
+            for seed, p in enumerate(PROMPTS[:4])]
+
+    async def main():
+        return await asyncio.gather(*(collect(eng, p, s) for p, s in reqs))
+
+    for (prompt, p), outs in zip(reqs, asyncio.run(main())):
+        got = ids_of(outs)
+        assert got == generate(model, prompt, 20, 1.5, 0, None, p.seed, vocab_size=tok.vocab_size)
+        assert max(got) < tok.vocab_size
+        assert_logprobs_match_forward(eng, prompt, outs, 5)
+
+
+@torch.no_grad()
+def test_padding_ids_are_never_chosen_scored_or_accepted(padded_engine, monkeypatch):
+    """Even where the model rates the padding ids highest (here: +30 on their logits), a greedy
+    request's tokens, top logprobs and echoed prompt's logprobs hold only the tokenizer's ids,
+    and a prompt or stop token among the padding ids is refused."""
+    eng = padded_engine
+    tok, model, V = eng.tokenizer, eng.model, eng.tokenizer.vocab_size
+    bonus = torch.zeros(model.cfg.vocab_size)
+    bonus[V:] = 30.0
+    monkeypatch.setattr(model, "logits", lambda h, logits=model.logits: logits(h) + bonus)
+    prompt = tok.encode(PROMPTS[2])
+    outs = asyncio.run(collect(eng, prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=3, echo=True)))
+    got = ids_of(outs)
+    assert got == generate(model, prompt, 8, 0, 0, None, 0, vocab_size=V)
+    assert_logprobs_match_forward(eng, prompt, outs, 3)
+    ref = torch.log_softmax(model(torch.tensor([prompt]))[0][0, :, :V].float(), -1)
+    for i, lp in enumerate(outs[0].prompt_logprobs[1:], start=1):
+        assert abs(lp.logprob - ref[i - 1, prompt[i]].item()) < LOGIT_ATOL
+        assert "" not in dict(lp.top)
+    for ids, params in [(prompt + [V], SamplingParams()), (prompt, SamplingParams(stop_token_ids=(V,)))]:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            eng.check(ids, params)
+
+
+def _service(engine):
+    from raylm.config import ServeConfig
+    from raylm.serve.handlers import OpenAIService
+
+    return OpenAIService(engine, ServeConfig(stream_event_interval_s=0), "tiny")
+
+
+def _complete(service, **body) -> dict | list:
+    """A completions response, or a stream's chunks."""
+    from raylm.serve import protocol as P
+
+    request = P.parse_request(json.dumps({"model": "tiny", **body}).encode(), P.CompletionRequest)
+
+    async def main():
+        got = await service.completions(request, asyncio.Event().wait)
+        return got if isinstance(got, dict) else "".join([e async for e in got])
+
+    got = asyncio.run(main())
+    if isinstance(got, dict):
+        return got
+    return [json.loads(x[6:]) for x in got.split("\n\n") if x.startswith("data: ") and x != "data: [DONE]"]
+
+
+def test_an_echoed_prompts_first_token_is_its_piece_and_offsets_count_characters(engine):
+    """Echo with logprobs: the prompt's first token is its piece, as every other token's entry
+    ("<0xC3>" for the first byte of "\u00fc"), not a decoded U+FFFD, so the pieces' bytes join
+    into the text and each text_offset counts the characters before it ("b" is at 1)."""
+    from raylm.serve import protocol as P
+
+    text = "\u00fcber alles"
+    first = engine.tokenizer.id_to_piece(engine.tokenizer.encode(text)[0])
+    assert P._BYTE_PIECE.fullmatch(first)
+    got = _complete(_service(engine), prompt=text, max_tokens=3, temperature=0, logprobs=0, echo=True)["choices"][0]
+    lp = got["logprobs"]
+    assert lp["tokens"][0] == first
+    pieces = [P.token_bytes(t) for t in lp["tokens"]]
+    assert b"".join(pieces).decode("utf-8") == got["text"]
+    assert lp["text_offset"] == [len(b"".join(pieces[:i]).decode("utf-8", "ignore")) for i in range(len(pieces))]
+    assert lp["text_offset"][2] == 1 and got["text"][1] == "b"
+
+
+def test_each_prompt_of_a_list_is_seeded_as_raylm_generate_seeds_it(engine):
+    """Choice i, counted over all prompts, gets seed + i: a list of prompts answers as
+    `raylm.generate.complete` (prompt i: seed + i), and with n = 2 prompt p's choices j get
+    seed + 2p + j, as one prompt's n choices always had."""
+    from raylm.generate import complete
+
+    tok, model = engine.tokenizer, engine.model
+    prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[1]]
+    service = _service(engine)
+    got = _complete(service, prompt=prompts, max_tokens=12, temperature=1.0, seed=5)["choices"]
+    assert [p + c["text"] for p, c in zip(prompts, got)] == complete(model, tok, prompts, 12, 1.0, 0, 5)
+    got = _complete(service, prompt=prompts[:2], n=2, max_tokens=12, temperature=1.0, seed=5)["choices"]
+    for c in got:
+        p = prompts[c["index"] // 2]
+        want = generate(model, tok.encode(p), 12, 1.0, 0, tok.eos_id, 5 + c["index"], vocab_size=tok.vocab_size)
+        assert c["text"] == tok.decode(want), c["index"]
+
+
+def test_streamed_text_offsets_go_on_across_chunks(engine):
+    """A streamed completion's text_offset counts on from chunk to chunk (the echoed prompt
+    included), so they equal the whole response's."""
+    service = _service(engine)
+    body = dict(prompt="\u00fcber the river", max_tokens=8, temperature=0, logprobs=1, echo=True)
+    whole = _complete(service, **body)["choices"][0]["logprobs"]["text_offset"]
+    chunks = _complete(service, **body, stream=True)
+    assert len(chunks) > 2, "one chunk: nothing to count across"
+    assert [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]] == whole
+    assert len(whole) == len(engine.tokenizer.encode(body["prompt"])) + 8

@@ -38,6 +38,25 @@ def test_the_openai_clients_bodies_parse():
     assert c.limit() == 7
 
 
+def test_null_is_the_default_where_openai_allows_null():
+    """OpenAI's spec marks these nullable; the official clients and others send null for unset."""
+    comp = {"model": "m", "prompt": "x"}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    nullable = ["n", "stream", "stream_options", "temperature", "top_p", "top_k", "stop", "seed", "user",
+                "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"]
+    for name in nullable + ["echo", "best_of", "suffix"]:
+        assert parse({**comp, name: None}) == parse(comp), name
+    # Completions' max_tokens: null asks for no limit but the context's (as vLLM), not OpenAI's 16.
+    assert parse({**comp, "max_tokens": None}).max_tokens is None
+    for name in nullable + ["max_tokens", "top_logprobs", "max_completion_tokens"]:
+        assert parse({**chat, name: None}, P.ChatCompletionRequest) == parse(chat, P.ChatCompletionRequest)
+    r = parse({**comp, "n": None, "stream": None, "echo": None, "logprobs": None})
+    assert (r.n, r.stream, r.echo, r.logprobs) == (1, False, False, None)
+    c = parse({**chat, "n": None, "stream": None, "logprobs": None}, P.ChatCompletionRequest)
+    assert (c.n, c.stream, c.logprobs) == (1, False, False)
+    assert refused({**comp, "n": 0}).param == "n" and refused({**chat, "logprobs": "x"}, P.ChatCompletionRequest).param == "logprobs"
+
+
 @pytest.mark.parametrize("body, param", [
     ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"model": "m", "prompt": "x", "max_tokenz": 5}, "max_tokenz"),
@@ -148,6 +167,25 @@ def test_api_key_is_required_off_loopback(monkeypatch):
     monkeypatch.setenv(API_KEY_ENV, "k")
     assert resolve_api_key(ServeConfig(host="0.0.0.0")) == "k"
     assert resolve_api_key(ServeConfig(api_key="mine")) == "mine"
+
+
+def test_the_quickstarts_chat_leaves_a_running_serves_apps_alone():
+    """`serve_and_chat` where Serve runs already (a user's `raylm serve`: "raylm" at "/"): the
+    app goes on Serve's own host and port (Serve ignores another), under a name and route prefix
+    of its own, so nothing there is replaced and deleting it deletes nothing else. With no
+    Serve running: the app's usual name at "/", on the config's port or a free one."""
+    from raylm.serve.app import APP_NAME
+    from raylm.serve.local import chat_placement
+
+    cfg, name, prefix = chat_placement(None, ("0.0.0.0", 8123))
+    assert (cfg.host, cfg.port) == ("0.0.0.0", 8123) and name != APP_NAME and prefix == f"/{name}"
+    cfg, other, _ = chat_placement(ServeConfig(port=9999, max_batch_size=2), ("127.0.0.1", 8000))
+    assert (cfg.host, cfg.port, cfg.max_batch_size) == ("127.0.0.1", 8000, 2) and other != name
+    with pytest.raises(RuntimeError, match="HTTP"):
+        chat_placement(None, (None, 8000))
+    assert chat_placement(ServeConfig(port=9999), None) == (ServeConfig(port=9999), APP_NAME, "/")
+    cfg, name, prefix = chat_placement(None, None)
+    assert (cfg.host, name, prefix) == ("127.0.0.1", APP_NAME, "/") and cfg.port != ServeConfig().port
 
 
 def test_deployment_options_carry_limits_and_autoscaling():
