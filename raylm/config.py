@@ -842,6 +842,9 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        if self.stage == "pretrain" and self.eval.gen_tasks and self.eval.max_new_tokens >= self.model.max_seq_len:
+            raise ConfigError(f"eval.max_new_tokens={self.eval.max_new_tokens} leaves no room for a prompt in "
+                              f"model.max_seq_len={self.model.max_seq_len}; set it below that")
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name={self.name!r}: a run name is one non-empty path segment, not '.' or '..'")
         # Listing a run's files (its checkpoints, their shards) takes the path as a pattern, as

@@ -2,11 +2,18 @@
 
 The corpus is anything the data stage reads (a file, directory or glob of .txt, .jsonl,
 .jsonl.gz, .parquet; local or s3://), read with the data stage's own reader. Documents are
-encoded and joined with EOS, as pre-training packs them, then cut into blocks of `seq_len`
-+ 1 tokens; every full block is scored (the tail that does not fill one is left out).
+encoded and joined as pre-training packs them, each after EOS (the first document too, so
+its first token is scored after EOS as lm-eval scores a document after its prefix token).
+Every token of every document is scored exactly once: in blocks of `seq_len` targets, each
+after the block's own preceding tokens, and the tail that does not fill a block last, after
+as much context as fits (the stream's last `seq_len` inputs, as lm-eval's rolling windows give
+their last window). EOS targets are not scored: they carry no bytes, and lm-eval scores a
+document's own tokens only.
 
-Bits per byte make models with different tokenizers comparable:
-    bpb = (mean loss in nats per token) * (tokens / UTF-8 byte of the corpus) / ln 2
+Bits per byte make models with different tokenizers comparable. As lm-eval defines it
+(its bits_per_byte aggregation over loglikelihood_rolling documents):
+    bpb = (summed loss in nats over the documents' tokens) / (UTF-8 bytes of the documents) / ln 2
+`loss` is that sum per scored token, `ppl` its exp.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from raylm import storage
 from raylm.data import DataError, list_corpus
@@ -33,19 +41,32 @@ def corpus_documents(path: str, text_field: str = "text", s3=None) -> list[str]:
 
 
 @torch.no_grad()
-def token_loss(model, ids: list[int], seq_len: int, batch_rows: int = 16) -> tuple[float, int]:
-    """(summed loss in nats, tokens scored) over the full blocks of `ids`."""
-    n = (len(ids) - 1) // seq_len
-    if n == 0:
-        raise ValueError(f"{len(ids)} tokens do not fill one block of seq_len={seq_len} + 1")
+def token_loss(model, ids: list[int], seq_len: int, batch_rows: int = 16, skip: int | None = None) -> tuple[float, int]:
+    """(summed loss in nats, tokens scored) of every target ids[1:] except those equal to
+    `skip`: full blocks of `seq_len` targets, then the tail after as much context as fits."""
+    n = len(ids) - 1  # targets
+    if n < 1:
+        raise ValueError("fewer than 2 tokens: nothing to score")
+    windows = [(s, 0) for s in range(0, n - seq_len + 1, seq_len)]  # (first input, targets already scored)
+    if len(windows) * seq_len < n:
+        s = max(0, n - seq_len)
+        windows.append((s, len(windows) * seq_len - s))
+    width = min(seq_len, n)
     device = model.tok_embeddings.weight.device
-    x = torch.tensor(ids[: n * seq_len + 1], device=device)
+    x = torch.tensor(ids, device=device)
     total, count = 0.0, 0
-    for i in range(0, n, batch_rows):
-        rows = torch.stack([x[j * seq_len:(j + 1) * seq_len + 1] for j in range(i, min(n, i + batch_rows))])
-        _, loss = model(rows[:, :-1], rows[:, 1:])
-        total += float(loss) * rows[:, 1:].numel()
-        count += rows[:, 1:].numel()
+    for i in range(0, len(windows), batch_rows):
+        batch = windows[i:i + batch_rows]
+        rows = torch.stack([x[s:s + width + 1] for s, _ in batch])
+        targets = rows[:, 1:].clone()
+        for r, (_, done) in enumerate(batch):
+            targets[r, :done] = -100
+        if skip is not None:
+            targets[targets == skip] = -100
+        logits, _ = model(rows[:, :-1])
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+        total += float(nll.double().sum())
+        count += int((targets != -100).sum())
     return total, count
 
 
@@ -55,21 +76,15 @@ def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batc
     names the texts (a corpus path) in errors."""
     seq_len = seq_len or model.cfg.max_seq_len
     ids: list[int] = []
-    for k, text in enumerate(texts):
-        if k:
-            ids.append(tok.eos_id)
-        ids += tok.encode(text)
+    for text in texts:
+        ids += [tok.eos_id] + tok.encode(text)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     if not n_bytes:
         raise DataError(f"{source}: holds no text")
-    if len(ids) < seq_len + 1:  # too short to score a single block: the user's corpus, not a bug
-        raise DataError(f"{source}: {len(ids)} tokens, too few to score one block; give a corpus of at least "
-                        f"{seq_len + 1} tokens (seq_len={seq_len} + 1)")
-    total, count = token_loss(model, ids, seq_len, batch_rows)
+    total, count = token_loss(model, ids, seq_len, batch_rows, skip=tok.eos_id)
     nats = total / count
-    tokens_per_byte = len(ids) / n_bytes
-    return {"loss": nats, "ppl": math.exp(min(nats, 50)), "bpb": nats * tokens_per_byte / math.log(2),
-            "tokens_per_byte": tokens_per_byte, "tokens_scored": count, "bytes": n_bytes, "seq_len": seq_len}
+    return {"loss": nats, "ppl": math.exp(min(nats, 50)), "bpb": total / n_bytes / math.log(2),
+            "tokens_per_byte": count / n_bytes, "tokens_scored": count, "bytes": n_bytes, "seq_len": seq_len}
 
 
 def corpus_bpb(model, tok, path: str, text_field: str = "text", seq_len: int | None = None, s3=None) -> dict:

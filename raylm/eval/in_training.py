@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from raylm.eval.loglik import encode_pair, fit_to_length
+from raylm.errors import ConfigError
+from raylm.eval.loglik import encode_pair, fit_generation, fit_to_length
 from raylm.eval.scorers import _argmax
 from raylm.eval.tasks import GEN_METRICS, MC_METRICS, check_mc_fits, read_gen_task, read_mc_task, task_name
 
@@ -49,6 +50,9 @@ class TrainingEval:
 
     def __init__(self, cfg, tok):
         ec = cfg.eval
+        if ec.gen_tasks and ec.max_new_tokens >= cfg.model.max_seq_len:
+            raise ConfigError(f"eval.max_new_tokens={ec.max_new_tokens} leaves no room for a prompt in "
+                              f"model.max_seq_len={cfg.model.max_seq_len}; set it below that")
         self.tok, self.max_new_tokens = tok, ec.max_new_tokens
         mc_files = {p: read_mc_task(p, cfg.s3)[:ec.max_items] for p in ec.mc_tasks}
         for p, items in mc_files.items():
@@ -111,12 +115,16 @@ class TrainingEval:
         """Greedy, a fixed number of steps for every item (all ranks stay in step)."""
         from raylm.tokenizer import END
 
-        tok, steps = self.tok, self.max_new_tokens
+        tok = self.tok
         stops = {tok.eos_id, tok.special_ids.get(END)}
         em = has = weight = 0.0
         for k in range(0, len(dealt), CHUNK):
             chunk = dealt[k:k + CHUNK]
-            ctxs = [([tok.eos_id] + tok.encode(items[i].context))[-(self.max_len - steps):] for i, _ in chunk]
+            # The prompts and budget of `raylm eval` (complete_until): every prompt holds at least
+            # EOS, so the budget is the same for all.
+            fitted = [fit_generation([tok.eos_id] + tok.encode(items[i].context), self.max_new_tokens, self.max_len)
+                      for i, _ in chunk]
+            ctxs, steps = [c for c, _ in fitted], fitted[0][1]
             lengths = torch.tensor([len(c) for c in ctxs], device=device)
             rows = torch.full((len(ctxs), int(lengths.max()) + steps), tok.pad_id, dtype=torch.long, device=device)
             for r, c in enumerate(ctxs):

@@ -132,6 +132,15 @@ def score_pairs(model, pairs: list[Pair], batch_tokens: int = 4096) -> list[tupl
     return results
 
 
+def fit_generation(ctx: list[int], max_new_tokens: int, max_len: int) -> tuple[list[int], int]:
+    """(prompt ids, token budget) of a completion that fits the model: lm-eval's rule
+    (HFLM.generate_until), the prompt cut to its last max_len - max_new_tokens tokens and the
+    budget kept; a budget of the whole window or more keeps the prompt's last token and
+    generates max_len - 1. `raylm eval`, the harness and in-training eval all cut here."""
+    ctx = ctx[-max(1, max_len - max_new_tokens):]
+    return ctx, max(0, min(max_new_tokens, max_len - len(ctx)))
+
+
 @torch.no_grad()
 def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens: int,
                    temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> str:
@@ -141,9 +150,7 @@ def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens:
     from raylm.tokenizer import END
 
     device = model.tok_embeddings.weight.device
-    limit = model.cfg.max_seq_len
-    ctx = ctx[-(limit - 1):]
-    max_new_tokens = max(0, min(max_new_tokens, limit - len(ctx)))
+    ctx, max_new_tokens = fit_generation(ctx, max_new_tokens, model.cfg.max_seq_len)
     if max_new_tokens == 0:
         return ""
     stops = {tok.eos_id, tok.special_ids.get(END)}

@@ -108,7 +108,9 @@ IN_FLIGHT = 2  # units queued per actor: the next one is already there when one 
 
 
 class UnitActor:
-    """A Ray actor: loads the model once (`load`), then computes the units it is given."""
+    """A Ray actor: loads the model once (`load`), then computes the units it is given. An
+    actor that Ray restarts (its process lost) runs only __init__ again; its first unit then
+    reads the model from the checkpoint (the driver's shipped weights are not kept)."""
 
     def __init__(self, run: str, tokenizer: str, s3: dict | None, spec: PoolSpec):
         self.started_at = time.time()  # wall clock, compared with the driver's (one machine, or NTP)
@@ -153,6 +155,8 @@ class UnitActor:
                 "weights_from": self.weights_from}
 
     def run(self, unit: dict) -> list[list]:
+        if self.model is None:  # restarted by Ray, which runs __init__ again but not load: read the checkpoint
+            self.load(None)
         self.units += 1
         return run_unit(self.model, self.tok if unit["kind"] == "gen" else None, unit)
 
@@ -182,7 +186,8 @@ class RayPoolRunner(Runner):
         ckpt = resolve_checkpoint(run if storage.is_s3(run) else os.path.abspath(run), s3)  # actors have their own cwd
         meta = checkpoint.read_meta(ckpt, s3)
         restarts = actor_restarts()
-        # A restarted actor reloads the model, and a unit is a pure function: retrying is safe.
+        # A restarted actor reloads the model (UnitActor.run), and a unit is a pure function:
+        # retrying is safe.
         actor = ray.remote(UnitActor).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus or None,
                                               max_restarts=restarts, max_task_retries=restarts)
         self.created_at = time.time()

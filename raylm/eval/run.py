@@ -95,6 +95,9 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
         try:
             for p, items in mc.items():  # before the harness's work: a bad line fails fast
                 check_mc_fits(p, items[:limit], runner.tok, runner.max_seq_len)
+            if gen and ec.max_new_tokens >= runner.max_seq_len:  # as in-training eval refuses it
+                raise ConfigError(f"eval.max_new_tokens={ec.max_new_tokens} leaves no room for a prompt in the "
+                                  f"model's max_seq_len={runner.max_seq_len}; set it below that")
             if not facts["tokenizer_sha256"]:
                 facts["tokenizer_sha256"] = runner.tok.sha256
             if tasks:

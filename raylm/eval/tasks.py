@@ -108,5 +108,8 @@ def read_gen_task(path: str, s3=None) -> list[GenItem]:
         answers = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
         if not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(f"{where}: 'answer' must be a string or a non-empty list of strings")
+        if not all(a.strip() for a in answers):  # an empty answer is contained in every completion
+            raise DataError(f"{where}: 'answer' holds an empty or whitespace-only answer; every answer "
+                            f"needs text")
         items.append(GenItem(context, tuple(answers)))
     return items

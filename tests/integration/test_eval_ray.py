@@ -136,6 +136,29 @@ def test_pool_actors_load_a_large_model_from_the_checkpoint_exactly(stored_run, 
         pool.close()
 
 
+def test_a_pool_actor_restarted_by_ray_reloads_its_model(ray_local, tiny_run, local_model, monkeypatch):
+    """On a cluster (actor_restarts() is -1) Ray restarts a lost actor by running __init__ only,
+    not `load`: the retried unit reads the model from the checkpoint and scores as one process does."""
+    import ray
+
+    model, tok = local_model
+    monkeypatch.setenv("RAYLM_LOCAL_CLUSTER", "0")  # a cluster's restart policy, not the local one's
+    pool = RayPoolRunner(tiny_run, tok, model.cfg.max_seq_len, PoolSpec(workers=1, num_cpus=1), batch_tokens=64,
+                         driver_scores=False)
+    pairs = [encode_pair(tok, c, ch) for c, chs, _ in ITEMS for ch in chs]
+    try:
+        expected = LocalRunner(model, tok, batch_tokens=64).loglikelihood(pairs)
+        assert pool.loglikelihood(pairs) == expected
+        (before,) = pool.info()
+        ray.kill(pool.actors[0], no_restart=False)  # its process lost (a node gone, an OOM kill)
+        assert pool.loglikelihood(pairs) == expected
+        (after,) = pool.info()
+        assert after["pid"] != before["pid"] and before["weights_from"] == "driver"
+        assert after["weights_from"].startswith(f"{tiny_run}/ckpt-")
+    finally:
+        pool.close()
+
+
 def test_pool_larger_than_the_local_cluster_is_a_config_error(ray_local, tiny_run):
     from raylm.errors import ConfigError
 

@@ -431,3 +431,12 @@ def test_auto_workers_resolve_per_cluster():
         load_config(overrides=["train.use_gpu=true"]).train.resolve_workers(16, gpus=8)
     with pytest.raises(ConfigError, match=r"^train\.num_workers='four': expected a number or auto$"):
         load_config(overrides=["train.num_workers=four"])
+
+
+def test_a_generation_budget_of_the_whole_context_is_refused_at_load():
+    """In-training generation tasks then had no room for a prompt, and the run failed at its
+    first evaluation."""
+    with pytest.raises(ConfigError, match=r"^eval\.max_new_tokens=64 leaves no room"):
+        load_config(None, ["eval.gen_tasks=[a.jsonl]", "eval.max_new_tokens=64", "model.max_seq_len=64",
+                           "data.seq_len=64"])
+    load_config(None, ["eval.gen_tasks=[a.jsonl]", "eval.max_new_tokens=63", "model.max_seq_len=64", "data.seq_len=64"])
