@@ -3,7 +3,8 @@
 The data position is a count of consumed blocks, and a step takes one fixed global batch, so
 a run resumed on any number of workers continues at the same global token offset
 (`RankBatches`). A small training set is kept in host memory after its first pass and
-reshuffled each later epoch (`reshuffled`); micro-batches go to the device as they are used
+reshuffled each later epoch (`reshuffled`), the blocks left after its last full global batch
+included; micro-batches go to the device as they are used
 (`to_device`, `DeviceBatches`). Plain torch: the Ray Train worker (raylm.train_ray) and the
 loop without Ray (raylm.train.train_local) feed `fit` through the same classes.
 """
@@ -23,21 +24,29 @@ Batch = dict[str, torch.Tensor]  # one column per name, rows aligned: tokens, lo
 
 
 def reshuffled(batches: list[Batch], seed: int, epoch: int) -> list[Batch]:
-    """An in-memory training set's global batches for `epoch`: epoch 0 in the prepared order,
-    each later epoch in a permutation of all its rows seeded by (seed, epoch), one permutation
-    for every column. Repeating one order every epoch teaches the model where each block sits
-    in it: on a 1 MB corpus trained for 6 epochs, validation loss swung by 0.06 nats with
-    where in the epoch the run stopped."""
-    if epoch == 0 or not batches:
-        return list(batches)
+    """An in-memory training set's full global batches for `epoch`. `batches` is the whole set
+    in its prepared order, cut into global batches; the last may be short: the N mod G rows
+    after the last full one. Epoch 0 is the prepared order, short batch left out. Each later
+    epoch is a permutation of all N rows seeded by (seed, epoch), one permutation for every
+    column, of which the last N mod G rows are left for that epoch only: with a fixed
+    remainder, those blocks would never be trained in any epoch. Repeating one order every
+    epoch teaches the model where each block sits in it: on a 1 MB corpus trained for 6
+    epochs, validation loss swung by 0.06 nats with where in the epoch the run stopped.
+    An epoch has N // G batches whatever its order, so a block count maps to the same
+    (epoch, step) in every epoch (RankBatches)."""
+    if not batches:
+        return []
+    # The first batch is full: a set smaller than one global batch never trains (RankBatches).
     size = len(next(iter(batches[0].values())))
+    if epoch == 0:
+        return [b for b in batches if len(next(iter(b.values()))) == size]
     rows = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     n = len(next(iter(rows.values())))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     # The kept batches live on the host (RankBatches moves micro-batches), but index on the
     # rows' own device whatever it is: a CPU permutation cannot index a CUDA tensor.
     perm = perm.to(next(iter(rows.values())).device)
-    return [{k: v[perm[i:i + size]] for k, v in rows.items()} for i in range(0, n, size)]
+    return [{k: v[perm[i:i + size]] for k, v in rows.items()} for i in range(0, n - size + 1, size)]
 
 
 def to_device(batch: Batch, device) -> Batch:

@@ -31,7 +31,8 @@ from raylm.errors import ConfigError, PathNotFoundError, TrainingStopped, Traini
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
 from raylm.batches import Batch, RankBatches, rank_val_batches, reshuffled
-from raylm.objectives import NextTokenObjective, make_objective
+from raylm import objectives
+from raylm.objectives import make_objective
 from raylm.metrics import MetricsLog, mfu
 from raylm.model import Transformer
 from raylm.parallel import build_parallel_model, is_sharded, resolve_precision, sharding_pays
@@ -55,6 +56,7 @@ class Objective(Protocol):
 
 # The objectives (next-token, SFT, DPO) live in raylm.objectives; NextTokenObjective is
 # re-exported here because pre-training code and benchmarks import it from the loop's module.
+NextTokenObjective = objectives.NextTokenObjective
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -821,7 +823,10 @@ def storage_publisher(cfg: Config):
 def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: str = "cpu", log=print,
                 manifest: dict | None = None) -> dict:
     """The same loop in this process (no Ray). `blocks` and `val_blocks` are rows in order:
-    (n, seq_len + 1) token arrays for pre-training, or dicts of such columns (SFT, DPO)."""
+    (n, seq_len + 1) token arrays for pre-training, or dicts of such columns (SFT, DPO).
+    `manifest` is the prepared data's (eos_id, pad_id, columns, tokenizer); plain next-token
+    pre-training runs without one (`objective_facts`). Epochs come as Ray workers give a
+    kept set: the first in row order, each later one reshuffled (`reshuffled`)."""
     dev = torch.device(device)
     cfg = cfg.for_device(dev.type)  # "auto" settings: on for CUDA, off for CPU
     model, optimizer, start = setup_model(cfg, dev, resume, log)
@@ -830,8 +835,9 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
     rows = _as_columns(blocks)
     val_rows = _as_columns(val_blocks)
     n = len(next(iter(rows.values())))
+    # Every row, the short last batch too: later epochs permute all of them (`reshuffled`).
     passes = [{k: v[i:i + tc.global_batch_size] for k, v in rows.items()}
-              for i in range(0, n - tc.global_batch_size + 1, tc.global_batch_size)]
+              for i in range(0, n, tc.global_batch_size)]
 
     def epoch_stream(epoch: int):
         yield from reshuffled(passes, cfg.seed, epoch)  # in memory: what Ray workers do with small data
@@ -842,10 +848,23 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
     batches = RankBatches(epoch_stream, tc.global_batch_size, tc.micro_batch_size, rank, world, n, start.consumed, dev)
     hooks = Hooks(report=lambda m: None, publish_checkpoint=storage_publisher(cfg), val_batches=val_batches,
                   checkpoint_meta=checkpoint_facts(cfg, manifest))
-    facts = manifest or {"eos_id": None}
-    objective = make_objective(cfg, facts, reference_model(cfg, dev)) if manifest else \
-        NextTokenObjective(tc.z_loss, tc.loss_chunk_size)
+    objective = make_objective(cfg, objective_facts(cfg, manifest), reference_model(cfg, dev))
     return fit(cfg, model, optimizer, objective, batches, hooks, start, device_name(dev), log)
+
+
+def objective_facts(cfg: Config, manifest: dict | None) -> dict:
+    """What make_objective reads of the data, for train_local. Without a manifest only plain
+    next-token pre-training can be set up: a setting that needs the data's special ids or
+    columns is an error, not trained without them (document masks that let attention cross
+    documents, SFT's loss on prompts and padding)."""
+    if manifest is None:
+        if cfg.stage != "pretrain":
+            raise ConfigError(f"stage={cfg.stage} needs the prepared data's manifest (its eos_id, pad_id and "
+                              f"columns): pass train_local(..., manifest=...)")
+        if cfg.data.document_mask:
+            raise ConfigError("data.document_mask=true needs the data's eos_id (where documents end): pass "
+                              "train_local(..., manifest=...) or set data.document_mask=false")
+    return {"eos_id": None, **(manifest or {})}
 
 
 def _as_columns(rows) -> Batch:

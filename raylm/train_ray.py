@@ -108,14 +108,14 @@ def train_worker(config: dict) -> None:
     columns = manifest_columns(manifest)
 
     def rows_from(shard, split: str, batch: int) -> Iterator[Batch]:
-        """Global batches of a split, from prepared shards or, under data.mode=stream,
-        packed here from the tokenized documents (`packed_blocks`, the code that writes
-        prepared shards, so both modes give the same blocks)."""
+        """Batches of `batch` rows of a split, the last one short where the rows run out,
+        from prepared shards or, under data.mode=stream, packed here from the tokenized
+        documents (`packed_blocks`, the code that writes prepared shards, so both modes give
+        the same blocks)."""
         if not streaming:
             # device="cpu": Ray Train's default moves batches to the worker's GPU, and the kept
             # first pass and validation rows would then sit in device memory.
-            for b in shard.iter_torch_batches(batch_size=batch, drop_last=split == "train", prefetch_batches=2,
-                                              device="cpu"):
+            for b in shard.iter_torch_batches(batch_size=batch, prefetch_batches=2, device="cpu"):
                 yield {c: b[c] for c in columns}
             return
         docs = shard.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
@@ -125,15 +125,17 @@ def train_worker(config: dict) -> None:
             if len(rows) == batch:
                 yield {"tokens": torch.from_numpy(np.stack(rows))}
                 rows = []
-        if rows and split != "train":
+        if rows:
             yield {"tokens": torch.from_numpy(np.stack(rows))}
 
     # A small training set is kept after its first pass: each later epoch would otherwise
     # start a new Ray Data execution in this process, whose threads compete with training.
     # Prepared shards state their size; a stream finds out, and stops keeping once it is over.
-    # Kept epochs after the first come in a fresh order (`reshuffled`); a run resumed in one
-    # reads the whole pass first, so that it sees that epoch's order too. Kept batches stay in
-    # host memory: each micro-batch goes to the device as it is used.
+    # Kept epochs after the first come in a fresh order (`reshuffled`) of all the rows, the
+    # short batch after the last full one too, so no block waits in every epoch; a run resumed
+    # in one reads the whole pass first, so that it sees that epoch's order too. Kept batches
+    # stay in host memory: each micro-batch goes to the device as it is used. A set too large
+    # to keep is read in its prepared order every epoch.
     first_pass: list[Batch | None] = []
     small = streaming or manifest["train"]["blocks"] * row_bytes(manifest) < IN_MEMORY_BYTES
 
@@ -149,7 +151,9 @@ def train_worker(config: dict) -> None:
                 else:
                     small = False
                     first_pass.clear()
-            yield batch
+            # A step takes a full global batch: the short last one is kept, never trained as it is.
+            if len(next(iter(batch.values()))) == tc.global_batch_size:
+                yield batch
         if small:
             first_pass.append(None)  # marks the pass complete
 

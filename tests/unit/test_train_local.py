@@ -203,3 +203,44 @@ def test_a_step_that_saves_reports_once_with_its_checkpoint(tmp_path, monkeypatc
     train_local(cfg, blocks(40, 0), blocks(8, 1), log=lambda *_: None)
     assert sent == [("report", 1, False), ("report", 2, True), ("report", 3, False), ("checkpoint", 4, True),
                     ("report", 5, False), ("checkpoint", 6, True)]
+
+
+def _objective_of(tmp_path, monkeypatch, extra, manifest=None, train=None):
+    """The objective train_local hands to fit, for a config with `extra` overrides."""
+    import raylm.train as T
+
+    got = []
+    monkeypatch.setattr(T, "fit", lambda cfg, model, opt, objective, *a, **k: got.append(objective) or {})
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=objective", *OVERRIDES, *extra])
+    train = blocks(16, 0) if train is None else train
+    T.train_local(cfg, train, blocks(8, 1) if not isinstance(train, dict) else train, log=lambda *_: None,
+                  manifest=manifest)
+    return got[0]
+
+
+def test_document_mask_takes_the_manifests_eos_id(tmp_path, monkeypatch):
+    objective = _objective_of(tmp_path, monkeypatch, ["data.document_mask=true"], manifest={"eos_id": 1})
+    assert objective.doc_sep == 1
+    assert _objective_of(tmp_path, monkeypatch, [], manifest={"eos_id": 1}).doc_sep is None
+    assert _objective_of(tmp_path, monkeypatch, []).doc_sep is None  # plain pre-training needs no manifest
+
+
+@pytest.mark.parametrize("extra,setting", [(["data.document_mask=true"], "data.document_mask"),
+                                           (["stage=sft"], "stage=sft")])
+def test_settings_that_need_a_manifest_are_not_silently_dropped(tmp_path, monkeypatch, extra, setting):
+    """Without the data's eos_id, document masks (and SFT's conversation masks) cannot be
+    built: train_local used to train plain next-token on every token instead."""
+    from raylm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=setting):
+        _objective_of(tmp_path, monkeypatch, extra)
+
+
+def test_sft_trains_with_its_loss_mask(tmp_path, monkeypatch):
+    from raylm.objectives import SFTObjective
+
+    rows = blocks(16, 0)
+    train = {"tokens": rows, "loss_mask": rows % 2 == 0}
+    objective = _objective_of(tmp_path, monkeypatch, ["stage=sft"], train=train,
+                              manifest={"eos_id": 1, "pad_id": 0, "columns": ["tokens", "loss_mask"]})
+    assert isinstance(objective, SFTObjective) and objective.doc_sep == 1 and objective.pad_id == 0
