@@ -167,7 +167,7 @@ def test_pretrain_runs_with_the_best_config(search, tmp_path):
     from raylm.config import load_config
     from raylm.pipeline import pretrain
 
-    summary, _, _ = search
+    summary, *_ = search
     cfg = load_config(summary["best_config"], ["train.max_steps=2", f"storage={tmp_path}", "name=from-best"])
     out = pretrain(cfg, samples=False)
     assert out["steps"] == 2 and out["val_loss"] > 0
