@@ -847,6 +847,8 @@ class Config:
                               f"model.max_seq_len={self.model.max_seq_len}; set it below that")
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name={self.name!r}: a run name is one non-empty path segment, not '.' or '..'")
+        if not self.storage.strip():
+            raise ConfigError("storage='': name the directory or s3:// prefix runs go under (default: ./runs)")
         # Listing a run's files (its checkpoints, their shards) takes the path as a pattern, as
         # `data.path` does: a run named "lr*2" trained, then failed to commit its first checkpoint.
         for key, value in (("name", self.name), ("storage", self.storage)):

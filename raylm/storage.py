@@ -144,7 +144,8 @@ def _endpoint(s3: S3Config | None) -> str:
     url = (url or "").rstrip("/")
     if url and not url.startswith(("http://", "https://")):
         # A malformed endpoint may still hold a password, with a scheme or without one.
-        shown = redact_url(url) if "://" in url else re.sub(r"^[^/\s]*@", "***@", url)
+        # Without "://" the userinfo may follow a "/" ("http:/u:pw@h"): all up to the last "@".
+        shown = redact_url(url) if "://" in url else re.sub(r"^\S*@", "***@", url)
         raise StorageError(shown, "S3 endpoint must start with http:// or https:// "
                                 "(fix s3.endpoint_url or AWS_ENDPOINT_URL)")
     return url

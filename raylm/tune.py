@@ -330,7 +330,9 @@ def tune(cfg: Config, space_path: str, tune_overrides: dict | None = None, log=N
     base, data_dir, manifest = prepare_search(cfg, tc)
     base = dataclasses.replace(base, data=dataclasses.replace(base.data, path=data_dir))
     check_space(space, to_dict(base), tc, where)  # again, now that the vocabulary and seq_len are known
-    state = {"base": to_dict(base), "space_text": text, "space_path": space_path, "tune": to_dict(tc),
+    # Written down redacted, as every record (an endpoint's password stays off disk and S3);
+    # the trials get the S3 settings of the command line (`_run`).
+    state = {"base": to_dict(base, redact=True), "space_text": text, "space_path": space_path, "tune": to_dict(tc),
              "data_dir": data_dir, "manifest": manifest}
     storage.write_text(storage.join(search_dir, SEARCH_FILE), json.dumps(state, indent=1), cfg.s3)
     return _run(state, cfg, resume=False, log=log)
@@ -393,6 +395,7 @@ def _scheduler(tc: TuneConfig, base: Config):
 def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     import ray.tune as rt
 
+    state = {**state, "base": {**state["base"], "s3": to_dict(cfg.s3)}}  # saved redacted
     tc = tune_config(state["tune"])
     base = load_config(base=state["base"])
     space, _ = parse_space(state["space_text"], f"search space {state['space_path']}")

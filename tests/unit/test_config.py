@@ -240,10 +240,12 @@ def test_bad_precision_and_name():
         load_config(None, ["name=a/b"])
 
 
-@pytest.mark.parametrize("override", ["name=.", "name=..", "name=lr*2", "name=exp?1", "storage=/tmp/runs*"])
+@pytest.mark.parametrize("override", ["name=.", "name=..", "name=lr*2", "name=exp?1", "storage=/tmp/runs*",
+                                      "storage="])
 def test_run_paths_that_listing_cannot_read_back_are_refused(override):
     """'..' put the run outside storage, '.' made storage the run; a wildcard in the run's path
-    made listing its own checkpoint read a pattern: the run trained, then failed to commit."""
+    made listing its own checkpoint read a pattern: the run trained, then failed to commit; an
+    empty storage put runs at the filesystem's root."""
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key}="):
         load_config(None, [override])

@@ -284,3 +284,12 @@ def test_linked_directories_are_listed_and_a_link_loop_ends(tmp_path):
     assert names(str(corpus), storage.list_files(str(corpus) + "/**/*.jsonl", follow_links=True)) == [
         "a.jsonl", "more/b.jsonl", "more/deep/c.jsonl"]
     assert names(str(corpus), storage.list_files(str(corpus))) == ["a.jsonl"]  # other listings stay in the tree
+
+
+@pytest.mark.parametrize("endpoint", ["http:/AKID:Pw1@host:9000", "http//AKID:Pw1@host:9000", "AKID:Pw1@host"])
+def test_a_malformed_endpoint_is_refused_without_its_password(endpoint):
+    from raylm.config import S3Config
+
+    with pytest.raises(storage.StorageError) as e:
+        storage.filesystem("s3://b/k", S3Config(endpoint_url=endpoint))
+    assert "Pw1" not in str(e.value) and "***@host" in str(e.value)

@@ -189,3 +189,30 @@ def test_asha_lets_a_trial_that_reaches_max_steps_end_by_itself():
     assert sched.on_trial_result(None, bad, {"step": 2, "val_loss": 9.0}) == TrialScheduler.STOP
     for step in (4, 6, 8):
         assert sched.on_trial_result(None, good, {"step": step, "val_loss": 1.0}) == TrialScheduler.CONTINUE
+
+
+def test_search_state_is_written_without_the_endpoints_password_and_trials_get_it(tmp_path, monkeypatch):
+    """search.json held an S3 endpoint's password in the clear (run records are redacted)."""
+    secret = "PlantedPw123"
+    endpoint = f"http://AKID:{secret}@127.0.0.1:9000"
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: loguniform(1e-4, 3e-3)\n")
+    cfg = load_config(overrides=[f"s3.endpoint_url={endpoint}", f"storage={tmp_path}/runs", "name=s"])
+    # Stand-ins for the parts that need Ray and data: the state is written before them.
+    monkeypatch.setattr(tune, "prepare_search", lambda c, tc: (c, str(tmp_path / "data"), {"key": "k"}))
+    real_run, ran = tune._run, {}
+    monkeypatch.setattr(tune, "_run", lambda state, c, resume, log: ran.update(state=state, cfg=c) or {})
+    tune.tune(cfg, str(space), log=lambda *_: None)
+    text = (tmp_path / "runs" / "s" / tune.SEARCH_FILE).read_text()
+    assert secret not in text and "***@127.0.0.1:9000" in text
+
+    class Given(Exception):
+        pass
+
+    def trainable(state, search_dir):
+        raise Given(state["base"]["s3"]["endpoint_url"])
+
+    monkeypatch.setattr(tune, "_trainable", trainable)  # what the trials would be given
+    with pytest.raises(Given) as e:
+        real_run(ran["state"], ran["cfg"], resume=False, log=lambda *_: None)
+    assert str(e.value) == endpoint  # from the command line's S3 settings
