@@ -42,7 +42,7 @@ def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
         raise ConfigError(f"stage={cfg.stage} needs --from RUN (init_from): the run or checkpoint to start from")
     if recorded and cfg.init_from.rstrip("/") not in (recorded.rstrip("/"), _parent_dir(recorded)):
         raise ConfigError(f"--from {cfg.init_from}: run {cfg.run_dir} started from {recorded} and resumes from "
-                          f"its own checkpoints; pass --from {_parent_dir(recorded)}, or --name a new run")
+                          f"its own checkpoints; pass --from {_parent_dir(recorded)}, or start a new run (another name=)")
     ckpt = recorded or resolve_checkpoint(cfg.init_from, cfg.s3)
     meta = checkpoint.read_meta(ckpt, cfg.s3)
     if not isinstance(meta.get("config"), dict) or not meta.get("tokenizer"):
