@@ -35,7 +35,7 @@ from raylm import objectives
 from raylm.objectives import make_objective
 from raylm.metrics import MetricsLog, mfu
 from raylm.model import Transformer
-from raylm.parallel import build_parallel_model, is_sharded, resolve_precision, sharding_pays
+from raylm.parallel import build_parallel_model, init_local_process_group, is_sharded, resolve_precision, sharding_pays
 
 # --------------------------------------------------------------------------- objectives
 
@@ -829,6 +829,20 @@ def train_local(cfg: Config, blocks, val_blocks, resume: str = "auto", device: s
     kept set: the first in row order, each later one reshuffled (`reshuffled`)."""
     dev = torch.device(device)
     cfg = cfg.for_device(dev.type)  # "auto" settings: on for CUDA, off for CPU
+    # bf16 (the default on CUDA) is FSDP2's mixed precision even in one process, which needs a
+    # process group: without one, FSDP2 looked for a torchrun environment and failed. One made
+    # here is this call's own, gone when it returns.
+    own_group = sharding_pays(resolve_precision(cfg.train.precision, dev)) and not dist.is_initialized()
+    if own_group:
+        init_local_process_group(dev)
+    try:
+        return _train_local(cfg, blocks, val_blocks, resume, dev, log, manifest)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train_local(cfg: Config, blocks, val_blocks, resume: str, dev: torch.device, log, manifest: dict | None) -> dict:
     model, optimizer, start = setup_model(cfg, dev, resume, log)
     tc = cfg.train
     rank, world = rank_world()

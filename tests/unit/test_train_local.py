@@ -244,3 +244,21 @@ def test_sft_trains_with_its_loss_mask(tmp_path, monkeypatch):
     objective = _objective_of(tmp_path, monkeypatch, ["stage=sft"], train=train,
                               manifest={"eos_id": 1, "pad_id": 0, "columns": ["tokens", "loss_mask"]})
     assert isinstance(objective, SFTObjective) and objective.doc_sep == 1 and objective.pad_id == 0
+
+
+def test_bf16_trains_in_one_process_without_a_process_group(tmp_path):
+    """bf16, the default on CUDA, is FSDP2's mixed precision even in one process: train_local
+    failed looking for a torchrun environment (RANK) unless a caller had made a group. The
+    group it makes is its own."""
+    import torch.distributed as dist
+
+    before = dist.is_initialized()  # none, unless another test left one
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=bf16", "model.dim=32", "model.n_layers=1",
+                                 "model.n_heads=2", "model.max_seq_len=16", "data.seq_len=16", "model.vocab_size=64",
+                                 "train.micro_batch_size=2", "train.global_batch_size=2", "train.max_steps=2",
+                                 "train.precision=bf16", "train.warmup_steps=1", "train.eval_batches=1",
+                                 "train.eval_every=2"])
+    rows = np.random.default_rng(0).integers(0, 64, size=(8, 17))
+    last = train_local(cfg, rows, rows[:2], resume="never", log=lambda *_: None)
+    assert last["step"] == 2 and np.isfinite(last["val_loss"])
+    assert dist.is_initialized() == before
