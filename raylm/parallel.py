@@ -12,6 +12,8 @@ of world/replicate_degree ranks and all-reduces gradients across the replicas.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -118,10 +120,16 @@ def shard_model(model: Transformer, precision: str, reshard_after_forward: bool 
     from torch.distributed.fsdp import fully_shard
 
     mp = mixed_precision_policy(precision)
+    # A block's inputs are the residual stream, already in the compute dtype (the embedding's
+    # output), and the RoPE tables, which must stay fp32: FSDP2 casts every floating input to
+    # param_dtype by default, and bf16 tables put an error of up to 2^-9 on each rotation,
+    # growing with the angle at long positions (`apply_rope` rotates in fp32).
+    block_mp = dataclasses.replace(mp, cast_forward_inputs=False)
     n = len(model.layers)
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
+        fully_shard(block, mesh=mesh, mp_policy=block_mp,
+                    reshard_after_forward=reshard_after_forward and i < n - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
 
 

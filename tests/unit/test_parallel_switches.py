@@ -135,3 +135,21 @@ def test_replicate_degree_must_divide_the_world_it_shards():
             build_parallel_model(CFG, torch.device("cpu"), "fp32", seed=0, replicate_degree=2)
     finally:
         dist.destroy_process_group()
+
+
+def test_bf16_blocks_rotate_with_fp32_rope_tables():
+    """FSDP2 casts a module's floating inputs to param_dtype by default; the blocks' inputs
+    include the RoPE tables, which must reach `apply_rope` in fp32 (bf16 tables put up to
+    2^-9 of error on every rotation). The residual stream still arrives in bf16."""
+    init_local_process_group(torch.device("cpu"))
+    try:
+        model = build_parallel_model(CFG, torch.device("cpu"), "bf16", seed=0)
+        seen = []
+        for block in model.layers:
+            block.attention.register_forward_pre_hook(
+                lambda m, args: seen.append((args[0].dtype, args[1].dtype, args[2].dtype)))
+        with torch.no_grad():
+            model(torch.randint(0, CFG.vocab_size, (2, 8)))
+    finally:
+        dist.destroy_process_group()
+    assert seen == [(torch.bfloat16, torch.float32, torch.float32)] * CFG.n_layers
