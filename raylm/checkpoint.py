@@ -76,12 +76,16 @@ def write_local(model, optimizer, meta: dict, local_dir: str, async_group=None, 
     return None
 
 
-def commit(ckpt_uri: str, meta: dict, s3: S3Config | None = None, files: dict | None = None) -> None:
+def commit(ckpt_uri: str, meta: dict, s3: S3Config | None = None, files: dict | None = None,
+           flushed: bool = False) -> None:
     """Mark a checkpoint complete. Call on one rank, after every rank's files are in storage.
     `files` ({name: [size, sha256]}, from `file_digests` on every rank) is recorded in the
-    marker, and loads check each file they read against it."""
+    marker, and loads check each file they read against it. `flushed`: each writer has made
+    its files durable already (`make_durable`, in its upload thread), so only the directory's
+    entries are left; otherwise every file is flushed here, before the marker."""
     body = {"step": meta["step"], **({"files": dict(sorted(files.items()))} if files else {})}
-    storage.make_durable(ckpt_uri, s3)  # on a local disk, the files reach it before the marker
+    # On a local disk, the files reach it before the marker.
+    storage.make_durable(ckpt_uri, s3, names=() if flushed else None)
     storage.write_text(storage.join(ckpt_uri, COMMIT_MARKER), json.dumps(body, indent=0), s3)
 
 

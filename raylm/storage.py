@@ -26,7 +26,7 @@ import re
 import shutil
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import boto3
 import botocore.config
@@ -384,22 +384,40 @@ def write_text(uri: str, text: str, s3: S3Config | None = None, encoding: str = 
     write_bytes(uri, text.encode(encoding), s3)
 
 
-def make_durable(uri: str, s3: S3Config | None = None) -> None:
-    """Every local file and directory under `uri` flushed to disk (fsync), for a marker written
+def make_durable(uri: str, s3: S3Config | None = None, names: Iterable[str] | None = None) -> None:
+    """Local files and directories under `uri` flushed to disk (fsync), for a marker written
     next that says they are complete: copies and renames alone may reach the disk after it, and
     a machine that crashes between would leave a complete-looking checkpoint with empty shards.
-    On object storage there is nothing to do: a PUT is durable once it returns."""
+    `names`: only these paths relative to `uri`, then each directory holding one, `uri`
+    included (a writer flushes its own files); None: everything under `uri`. On object
+    storage there is nothing to do: a PUT is durable once it returns."""
     if is_s3(uri):
         return
+    root = _local(uri)
     with _errors(uri, s3):
-        for root, _, names in os.walk(_local(uri)):
-            for name in names:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            _fsync_dir(root)
+        if names is None:
+            for here, _, found in os.walk(root):
+                for name in found:
+                    _fsync_file(os.path.join(here, name))
+                _fsync_dir(here)
+            return
+        dirs = {root}
+        for name in names:
+            path = os.path.join(root, name)
+            _fsync_file(path)
+            while os.path.dirname(path) != root and path != root:
+                path = os.path.dirname(path)
+                dirs.add(path)
+        for d in sorted(dirs, key=len, reverse=True):  # deepest first: a name before its parent's
+            _fsync_dir(d)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:

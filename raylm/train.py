@@ -30,7 +30,7 @@ import torch.distributed as dist
 from raylm.errors import ConfigError, PathNotFoundError, TrainingStopped, TrainingTimeout
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
-from raylm.batches import Batch, RankBatches, rank_val_batches, reshuffled
+from raylm.batches import Batch, RankBatches, is_padding, rank_val_batches, reshuffled
 from raylm import objectives
 from raylm.objectives import make_objective
 from raylm.metrics import MetricsLog, mfu
@@ -181,12 +181,17 @@ def _real_tokens(objective: Objective, batch: dict) -> int:
 
 @torch.no_grad()
 def evaluate(model, objective: Objective, batches: Iterable[dict]) -> tuple[float, int]:
-    """Mean loss over the batches across all ranks, and the number of units it covers."""
+    """Mean loss over the batches across all ranks, and the number of units it covers. A
+    padding micro-batch (raylm.batches.rank_val_batches: one that evens out the ranks'
+    forward passes) runs its forward pass, which the other ranks' collectives wait for, and
+    adds nothing to either sum."""
     device = next(model.parameters()).device
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for mb in batches:
-        total[0] += objective.loss_sum(model, mb).double()
-        total[1] += objective.count(mb)
+        loss = objective.loss_sum(model, mb)
+        if not is_padding(mb):
+            total[0] += loss.double()
+            total[1] += objective.count(mb)
     _all_reduce_sum(total)
     return float(total[0] / total[1].clamp(min=1)), int(total[1])
 
@@ -194,14 +199,19 @@ def evaluate(model, objective: Objective, batches: Iterable[dict]) -> tuple[floa
 @torch.no_grad()
 def evaluate_metrics(model, objective, batches: Iterable[dict]) -> dict:
     """An objective's own metrics (DPO: rewards, margin, preference accuracy), averaged over
-    the batches of every rank, weighted by each batch's loss units."""
+    the batches of every rank, weighted by each batch's loss units; a padding micro-batch
+    (see `evaluate`) runs and weighs nothing. Every rank makes the one reduction, a rank
+    with only padding too."""
     device = next(model.parameters()).device
     keys, sums = None, None
     for mb in batches:
         m = objective.metrics(model, mb)
-        w = objective.count(mb)
         keys = keys or sorted(k for k, v in m.items() if isinstance(v, float))
-        row = torch.tensor([w, *(m[k] * w for k in keys)], device=device, dtype=torch.float64)
+        if is_padding(mb):
+            row = torch.zeros(1 + len(keys), device=device, dtype=torch.float64)
+        else:
+            w = objective.count(mb)
+            row = torch.tensor([w, *(m[k] * w for k in keys)], device=device, dtype=torch.float64)
         sums = row if sums is None else sums + row
     if sums is None:
         return {}
@@ -234,7 +244,8 @@ class Hooks:
     report: Callable[[dict], None]  # every rank calls it with the same metrics
     # (local_dir, name, metrics, written, on_uploaded), every rank. `written` is None or a
     # future to wait for before reading local_dir. on_uploaded None: upload before returning;
-    # else upload in the background, delete local_dir, then call it.
+    # else upload in the background, make the uploaded files durable (`storage.make_durable`
+    # with their names), delete local_dir, then call it.
     publish_checkpoint: Callable[[str, str, dict, Any, Callable[[], None] | None], None]
     val_batches: Callable[[], Iterable[dict]]  # this rank's validation micro-batches
     checkpoint_meta: dict  # static facts every checkpoint records (tokenizer path and hash)
@@ -601,7 +612,7 @@ class CheckpointSaver:
     def poll(self) -> None:
         """Commit the in-flight checkpoint if every rank has uploaded its part (never waits)."""
         if self.pending is not None and self.pending[2] is not None and self._all_status(self.pending[2]) == 1:
-            self._commit(self.pending[2].files)
+            self._commit(self.pending[2].files, flushed=True)
 
     def finish(self) -> None:
         """Wait for the in-flight checkpoint, then commit it."""
@@ -611,12 +622,14 @@ class CheckpointSaver:
         if upload is not None:
             upload.event.wait()
             self._all_status(upload)
-        self._commit(upload.files if upload is not None else {})
+        self._commit(upload.files if upload is not None else {}, flushed=upload is not None)
 
-    def _commit(self, files: dict) -> None:
+    def _commit(self, files: dict, flushed: bool = False) -> None:
         """Write the marker once storage holds every file every rank wrote, at full size.
         Uploads can report success with a file missing (a connection cut mid-copy has been
-        seen to do it), so the marker trusts the listing, not the uploaders."""
+        seen to do it), so the marker trusts the listing, not the uploaders. `flushed`: the
+        background uploads made their files durable (`publish_checkpoint`'s contract), so
+        the training thread does not wait on the disk here."""
         uri, meta, _, t0 = self.pending
         self.pending = None
         expected = dict(files)
@@ -633,7 +646,7 @@ class CheckpointSaver:
         if missing:
             raise RuntimeError(f"{uri}: upload incomplete, not committed: {missing}")
         if rank_world()[0] == 0:
-            checkpoint.commit(uri, meta, self.cfg.s3, expected)
+            checkpoint.commit(uri, meta, self.cfg.s3, expected, flushed)
             deleted = checkpoint.apply_retention(self.cfg.run_dir, self.cfg.train.keep_checkpoints, self.cfg.s3)
             self.log(f"step {meta['step']}: checkpoint {uri} ({time.perf_counter() - t0:.1f}s"
                      + (", async" if self.use_async else "")
@@ -808,6 +821,7 @@ def storage_publisher(cfg: Config):
             try:
                 upload()
                 files = checkpoint.file_digests(local_dir)
+                storage.make_durable(storage.join(cfg.run_dir, name), cfg.s3, names=files)
             except BaseException as e:
                 on_uploaded(e)
                 return

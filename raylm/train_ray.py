@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from raylm import checkpoint, storage
-from raylm.batches import Batch, RankBatches, concat, manifest_columns, rank_val_batches, reshuffled, row_bytes
+from raylm.batches import (Batch, RankBatches, concat, manifest_columns, rank_val_batches, reshuffled, row_bytes,
+                           val_set_rows)
 from raylm.config import Config, from_dict, to_dict
 from raylm.data import IN_MEMORY_BYTES, packed_blocks
 from raylm.errors import DataError
@@ -170,9 +171,10 @@ def train_worker(config: dict) -> None:
 
     def val_batches():
         # The validation rows are read once and kept: re-running a Ray Data execution for
-        # every evaluation costs far more than the evaluation itself.
+        # every evaluation costs far more than the evaluation itself. Every worker reads the
+        # same first rows (the val split is not split over workers) and takes its share.
         if not val_cache:
-            want = tc.eval_batches * tc.micro_batch_size * world
+            want = val_set_rows(tc)
             for b in rows_from(val_shard, "val", min(want, 1024)):
                 val_cache.append(b)
                 if sum(len(x[columns[0]]) for x in val_cache) >= want:
@@ -180,7 +182,8 @@ def train_worker(config: dict) -> None:
             if not val_cache:
                 raise DataError(f"{cfg.data.val_path or cfg.data.path}: validation split is empty; raise "
                                 f"data.val_fraction (now {cfg.data.val_fraction}) or set data.val_path")
-        return rank_val_batches(concat(val_cache), tc, rank, world, device)
+            val_cache[:] = [concat(val_cache)]  # once, not at every evaluation
+        return rank_val_batches(val_cache[0], tc, rank, world, device)
 
     pace = ReportPacer(ray_report_interval_s())
 
@@ -195,7 +198,11 @@ def train_worker(config: dict) -> None:
             if written is not None:
                 written.result()  # DCP's background write has finished
             persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
-            on_uploaded(files=checkpoint.file_digests(local_dir))
+            files = checkpoint.file_digests(local_dir)
+            # Durable here, not at the commit: on a local disk, flushing a large checkpoint
+            # would otherwise stall the training thread that writes the marker.
+            storage.make_durable(storage.join(cfg.run_dir, dir_name), cfg.s3, names=files)
+            on_uploaded(files=files)
             return persisted
 
         # Ray retries a failed upload and, after the last attempt, fails this worker (the

@@ -104,3 +104,44 @@ def test_retention_removes_a_checkpoints_marker_before_its_files(tmp_path, monke
     except OSError:
         pass
     assert [(s, d) for s, _, d in checkpoint.list_checkpoints(str(tmp_path))] == [(1, False), (2, True)]
+
+
+def test_async_checkpoints_are_flushed_by_the_upload_thread_before_their_marker(tmp_path, monkeypatch):
+    """Flushing a large checkpoint takes the disk's time; done at the commit, it stalled the
+    training thread that writes the marker. The upload thread flushes the files it copied,
+    and the marker still comes after every one of them."""
+    import os
+    import threading
+
+    import numpy as np
+
+    from raylm.config import load_config
+    from raylm.train import train_local
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}"), threading.current_thread().name))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.realpath(dst), threading.current_thread().name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    cfg = load_config(overrides=[
+        f"storage={tmp_path}", "name=run", "model.vocab_size=64", "model.dim=32", "model.n_layers=1",
+        "model.n_heads=4", "model.max_seq_len=16", "data.seq_len=16", "train.micro_batch_size=4",
+        "train.global_batch_size=4", "train.max_steps=2", "train.ckpt_every=2", "train.eval_every=100",
+        "train.async_checkpoint=true"])
+    rows = (np.arange(17)[None, :] * np.arange(1, 13)[:, None] % 64).astype(np.int32)
+    train_local(cfg, rows[:8], rows[8:], log=lambda *_: None)
+    ckpt = os.path.realpath(tmp_path / "run" / "ckpt-00000002")
+    marker = os.path.join(ckpt, checkpoint.COMMIT_MARKER)
+    renamed = next(i for i, (kind, path, _) in enumerate(events) if kind == "rename" and path == marker)
+    files = {os.path.join(ckpt, n) for n in os.listdir(ckpt)} - {marker}
+    by_thread = {path: thread for kind, path, thread in events[:renamed] if kind == "fsync" and path in files}
+    assert files and set(by_thread) == files  # every file flushed before the marker
+    assert threading.main_thread().name not in by_thread.values()
