@@ -121,13 +121,21 @@ def conversation(record, kind: str, where: str):
     return prompt, _text(record, "chosen", where), _text(record, "rejected", where)
 
 
-def encode_response(tok, prompt: list[dict], reply: str) -> tuple[list[int], list[bool]]:
+def encode_response(tok, prompt: list[dict], reply: str, prompt_len: int | None = None
+                    ) -> tuple[list[int], list[bool]]:
     """Ids of `prompt` and one assistant `reply`, masked on the reply and its `<|end|>` alone:
     DPO scores a response, not the assistant turns of the conversation before it (an
-    average-logprob loss would be diluted by them)."""
+    average-logprob loss would be diluted by them). `prompt_len`: `prompt_length(tok, prompt)`,
+    when the caller encodes several replies to one prompt."""
     ids, mask = tok.encode_chat([*prompt, {"role": "assistant", "content": reply}])
-    n = len(tok.encode_chat(prompt, add_generation_prompt=True)[0])  # a prefix: segments encode alone
+    n = prompt_length(tok, prompt) if prompt_len is None else prompt_len
     return ids, [False] * n + mask[n:]
+
+
+def prompt_length(tok, prompt: list[dict]) -> int:
+    """How many ids of a reply's conversation are its prompt's: segments encode alone, so the
+    prompt with its generation prompt is a prefix of every reply's ids."""
+    return len(tok.encode_chat(prompt, add_generation_prompt=True)[0])
 
 
 def encode_record(tok, record, kind: str, where: str):
@@ -138,7 +146,8 @@ def encode_record(tok, record, kind: str, where: str):
         ids, mask = tok.encode_chat(conv)
         return [(ids + [tok.eos_id], mask + [False])]
     prompt, chosen, rejected = conv
-    return [encode_response(tok, prompt, reply) for reply in (chosen, rejected)]
+    n = prompt_length(tok, prompt)
+    return [encode_response(tok, prompt, reply, n) for reply in (chosen, rejected)]
 
 
 def encode_file(batch: dict, tok, kind: str, order: dict, val_fraction: float) -> dict:
