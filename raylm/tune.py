@@ -322,6 +322,11 @@ def tune(cfg: Config, space_path: str, tune_overrides: dict | None = None, log=N
     check_metric(tc, cfg)
     where = f"search space {space_path}"
     check_space(space, to_dict(cfg), tc, where)  # before anything starts: seconds, not minutes
+    with storage.held(cfg.run_dir, "search"):  # before anything is written there
+        return _new_search(cfg, space, tc, text, space_path, where, log)
+
+
+def _new_search(cfg: Config, space: dict, tc: TuneConfig, text: str, space_path: str, where: str, log) -> dict:
     search_dir = cfg.run_dir
     if storage.exists(storage.join(search_dir, SEARCH_FILE), cfg.s3):
         raise ConfigError(f"{search_dir}: a search is already there; continue it with `raylm tune --resume "
@@ -344,6 +349,11 @@ def resume(cfg: Config, log=None) -> dict:
     uri = storage.join(cfg.run_dir, SEARCH_FILE)
     if not storage.exists(uri, cfg.s3):
         raise PathNotFoundError(f"--resume: no search under {cfg.run_dir} (no {SEARCH_FILE}); check name= and storage=")
+    with storage.held(cfg.run_dir, "search"):
+        return _resumed_search(cfg, uri, log)
+
+
+def _resumed_search(cfg: Config, uri: str, log) -> dict:
     state = json.loads(storage.read_text(uri, cfg.s3))
     tc = tune_config(state["tune"])
     base = load_config(base=state["base"])
