@@ -64,6 +64,10 @@ SUFFIXES = (".jsonl.gz", ".jsonl", ".txt", ".parquet")
 MANIFEST = "manifest.json"
 DATACARD = "DATACARD.md"
 FORMAT_VERSION = 3  # 3: shuffle picks drawn in bulk (a different, equally seeded order)
+# Raised when the same documents encode to other ids; in the dataset key (a dataset prepared
+# before is prepared again, not reused). 2: chat marker strings in documents are plain text
+# (`Tokenizer.encode_flat`), no longer marker ids; keys before it did not name one.
+TEXT_ENCODING = 2
 
 
 from raylm.errors import DataError  # noqa: E402,F401  (defined with raylm's other error types)
@@ -214,7 +218,7 @@ def dataset_key(sources: list[storage.FileInfo], val_sources: list[storage.FileI
                        # an address the cut split, unredacted: it is prepared again).
                        **({"val_split": "tail", "cut": "redacted"}
                           if val_split_mode(cfg, sources, val_sources) == "tail" else {}),
-                       "version": FORMAT_VERSION}, sort_keys=True)
+                       "version": FORMAT_VERSION, "text_encoding": TEXT_ENCODING}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -646,6 +650,7 @@ def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None =
                                         read=val_files or files)}
     manifest = {
         "format_version": FORMAT_VERSION, "mode": "stream", "key": dataset_key(files, val_files, cfg, tokenizer.sha256, seed),
+        "text_encoding": TEXT_ENCODING,
         "seed": seed, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer.sha256,
         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
         "sources": _sources(files), "val_sources": _sources(val_files), "files": [f.uri for f in files + val_files],
@@ -715,7 +720,8 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
                         f"data.val_path")
     rel = storage.relative(attempt, out)
     manifest = {
-        "format_version": FORMAT_VERSION, "key": key, "seed": seed, "seq_len": cfg.seq_len,
+        "format_version": FORMAT_VERSION, "key": key, "text_encoding": TEXT_ENCODING, "seed": seed,
+        "seq_len": cfg.seq_len,
         "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
         "sources": _sources(files), "val_sources": _sources(val_files),
         # Shards name their source files by index into this list (training files, then validation files).

@@ -51,11 +51,18 @@ ROLE_TOKENS = {role: f"<|{role}|>" for role in CHAT_ROLES}
 # text, so a document that happens to contain the string "<|eos|>" cannot inject an
 # end-of-sequence id; the pipeline adds them explicitly by id.
 # The chat markers are *user-defined* symbols: they ARE matched from raw text, because the
-# chat template is rendered as text and must encode each marker as a single id. Message
-# content must never do that (a user could forge a turn, and SFT would train a marker inside
-# a reply), so `encode_chat` encodes content with `_MARKER` occurrences cut apart.
+# chat template is rendered as text and must encode each marker as a single id. Text must
+# never do that: not message content (a user could forge a turn, and SFT would train a marker
+# inside a reply), nor a pre-training document (a page or source file about chat templates
+# would train role markers and turn ends outside any chat). So content (`encode_chat`) and
+# documents (`encode_flat`, `encode_plain`, the tokenizer's training sample) are encoded with
+# `_MARKER` occurrences cut apart, `_MARKER_CUT` characters in: "<|" + "end|>".
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, *ROLE_TOKENS.values(), END)
-_MARKER = re.compile("|".join(re.escape(t) for t in (*ROLE_TOKENS.values(), END)))
+_MARKERS = (*ROLE_TOKENS.values(), END)
+_MARKER = re.compile("|".join(re.escape(t) for t in _MARKERS))
+_MARKER_CUT = 2
+_MARKER_HEAD = "<|"  # what every marker's text before the cut is: no text without it holds a marker
+assert all(t[:_MARKER_CUT] == _MARKER_HEAD for t in _MARKERS)
 
 # "\n" is also a user-defined symbol (not a "special token": it is ordinary text). Being
 # atomic, it never merges with its neighbours, so every line break of the chat template is
@@ -102,6 +109,16 @@ def _chunks(text: str, limit: int = _CHUNK_BYTES) -> Iterator[str]:
         size += n
     if buf:
         yield "".join(buf)
+
+
+def _plain_parts(text: str) -> list[str]:
+    """`text` cut inside each chat marker string it holds ("...<|" + "end|>..."), so that
+    no part holds a whole marker; `[text]` when it holds none. Encoding the parts alone and
+    joining their ids is encoding `text` as plain text (`Tokenizer.encode_plain`)."""
+    if _MARKER_HEAD not in text:
+        return [text]
+    cuts = [m.start() + _MARKER_CUT for m in _MARKER.finditer(text)]
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
 
 
 def _take_sample(texts: Iterable[str], sample_bytes: int) -> tuple[list[str], int]:
@@ -171,8 +188,10 @@ def train_tokenizer(
     try:
         spm.SentencePieceTrainer.train(
             # Fed from memory: no temp text file. Chunks keep every sentence under
-            # max_sentence_length, so nothing is silently dropped.
-            sentence_iterator=(c for d in docs for c in _chunks(d)),
+            # max_sentence_length, so nothing is silently dropped. A chunk is cut inside each
+            # chat marker string, as documents are encoded (`_plain_parts`): the trainer sees
+            # them as the text they are in pre-training, not as marker symbols.
+            sentence_iterator=(p for d in docs for c in _chunks(d) for p in _plain_parts(c)),
             max_sentence_length=_CHUNK_BYTES,
             model_writer=model,
             model_type="bpe",
@@ -329,10 +348,13 @@ class Tokenizer:
     # ------------------------------------------------------------------ encode / decode
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no bos/eos is added (the caller decides document framing)."""
+        """Token ids of `text` as markup: a chat marker string in it becomes the marker's id
+        (as the HF export's tokenizer reads text). No bos/eos is added (the caller decides
+        document framing). Documents and other plain text: `encode_plain` / `encode_flat`."""
         return self._sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text (markup: marker strings become marker ids)."""
         # One thread: parallelism comes from many Ray actors, each pinned to a CPU;
         # SentencePiece's own thread pool would oversubscribe the cores.
         return self._sp.encode(list(texts), num_threads=1)
@@ -345,8 +367,10 @@ class Tokenizer:
 
     def encode_flat(self, texts: pa.Array | pa.ChunkedArray | list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ids of many documents at once: one int32 array and int64 offsets (len(texts) + 1),
-        so document i is ids[offsets[i]:offsets[i + 1]]. The same ids as `encode_batch`,
-        faster on bulk text: see `SegmentCache`."""
+        so document i is ids[offsets[i]:offsets[i + 1]]. Documents are plain text: the same
+        ids as `encode_plain` of each (a chat marker string is ordinary pieces, never a marker
+        id; text without one encodes as `encode_batch` does), faster on bulk text: see
+        `SegmentCache`."""
         if self._segments is None:
             self._segments = SegmentCache(self._sp)
         if not isinstance(texts, (pa.Array, pa.ChunkedArray)):
@@ -367,11 +391,11 @@ class Tokenizer:
         SentencePiece matches its user-defined symbols anywhere in its input, so the text is
         cut inside each marker ("...<|" + "user|>...") and the parts are encoded alone: no part
         holds a whole marker. Text without markers encodes exactly as `encode` does, and
-        decoding gives `text` back (no dummy prefix: a part adds no space)."""
-        cuts = [m.start() + 2 for m in _MARKER.finditer(text)]
-        if not cuts:
+        decoding gives `text` back (no dummy prefix: a part adds no space). Pre-training
+        documents (`encode_flat`) and a bits-per-byte corpus are encoded so."""
+        parts = _plain_parts(text)
+        if len(parts) == 1:
             return self._sp.encode(text)
-        parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
         return [i for ids in self._sp.encode(parts, num_threads=1) for i in ids]
 
     def _chat_segments(
@@ -473,13 +497,21 @@ def split_rule(pieces: Iterable[str]) -> str | None:
 
 
 class SegmentCache:
-    """SentencePiece encoding through a cache of text segments (a space and a word, mostly).
+    """Plain-text SentencePiece encoding (`Tokenizer.encode_plain` of each document) through
+    a cache of text segments (a space and a word, mostly).
 
     Natural text repeats its words: after a few MB nearly every segment has been seen, and
     looking it up (a hash in Arrow, then a numpy gather) costs a fraction of running BPE
     again. Only the misses go to SentencePiece, in one call. `segment_split` proves the
     cut exact for the model; where it cannot, or where a text holds the NUL used to mark
     the cuts, encoding falls back to SentencePiece on whole documents.
+
+    Documents are plain text: the new segments (and fallback documents) are encoded as
+    `encode_plain` encodes, cut inside each chat marker string they hold, so a segment holding
+    one is cached with the ids of its text, never a marker id. A marker holds no space, so the
+    space cuts never split one: the segments' plain ids joined are the document's
+    `encode_plain` ids. The marker check runs on the misses only (a substring search each), not
+    on the whole batch, so text without markers costs what it did.
 
     Memory is bounded whatever the corpus: segments longer than `max_chars` (text without
     spaces: CJK, minified code, base64) are encoded for their batch only, never kept, and
@@ -502,7 +534,7 @@ class SegmentCache:
         if isinstance(texts, pa.ChunkedArray):
             texts = texts.combine_chunks()
         if self.split is None or (len(texts) and pc.any(pc.match_substring(texts, "\x00")).as_py()):
-            return _flatten(self.sp.encode([t or "" for t in texts.to_pylist()], num_threads=1))
+            return _encode_plain(self.sp, texts.to_pylist())
         if self.split == "every-space":
             marked = pc.replace_substring(texts, " ", "\x00 ")
         else:
@@ -539,7 +571,7 @@ class SegmentCache:
             missing = np.flatnonzero(new & ~long)
             once = np.flatnonzero(new & long)
             texts = [unique[i] for i in missing.tolist()]
-            ids, offsets = _flatten(self.sp.encode(texts + [unique[i] for i in once.tolist()], num_threads=1))
+            ids, offsets = _encode_plain(self.sp, texts + [unique[i] for i in once.tolist()])
             first = len(self.slot)
             self.ids = np.concatenate([self.ids, ids])
             self.bounds = np.concatenate([self.bounds, self.bounds[-1] + offsets[1:]])
@@ -547,6 +579,22 @@ class SegmentCache:
             rows[missing] = np.arange(first, first + len(missing))
             rows[once] = np.arange(first + len(missing), first + len(missing) + len(once))
         return rows
+
+
+def _encode_plain(sp: spm.SentencePieceProcessor, texts: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """`Tokenizer.encode_plain` of each text (None as ""), as `_flatten` gives them: the
+    parts of every text (`_plain_parts`) go to SentencePiece in one call. Texts without "<|"
+    (nearly all) cost one substring search each."""
+    if not any(_MARKER_HEAD in t for t in texts if t):
+        return _flatten(sp.encode([t or "" for t in texts], num_threads=1))
+    parts: list[str] = []
+    counts = np.zeros(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        split = _plain_parts(text or "")
+        parts += split
+        counts[i] = len(split)
+    ids, offsets = _flatten(sp.encode(parts, num_threads=1))
+    return ids, offsets[np.concatenate([[0], np.cumsum(counts)])]
 
 
 def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

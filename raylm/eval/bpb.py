@@ -2,8 +2,10 @@
 
 The corpus is anything the data stage reads (a file, directory or glob of .txt, .jsonl,
 .jsonl.gz, .parquet; local or s3://), read with the data stage's own reader. Documents are
-encoded and joined as pre-training packs them, each after EOS (the first document too, so
-its first token is scored after EOS as lm-eval scores a document after its prefix token).
+encoded as pre-training encodes them (plain text, `Tokenizer.encode_plain`: a chat marker
+string in one is ordinary pieces) and joined as pre-training packs them, each after EOS (the
+first document too, so its first token is scored after EOS as lm-eval scores a document after
+its prefix token).
 Every token of every document is scored exactly once: in blocks of `seq_len` targets, each
 after the block's own preceding tokens, and the tail that does not fill a block last, after
 as much context as fits (the stream's last `seq_len` inputs, as lm-eval's rolling windows give
@@ -77,7 +79,7 @@ def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batc
     seq_len = seq_len or model.cfg.max_seq_len
     ids: list[int] = []
     for text in texts:
-        ids += [tok.eos_id] + tok.encode(text)
+        ids += [tok.eos_id] + tok.encode_plain(text)  # plain, as pre-training encodes documents
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     if not n_bytes:
         raise DataError(f"{source}: holds no text")

@@ -20,6 +20,8 @@ class ByteTok:
     def encode(self, text):
         return [b + 1 for b in text.encode("utf-8")]
 
+    encode_plain = encode  # what bits_per_byte encodes documents with: plain text, as pre-training does
+
 
 @pytest.fixture(scope="module")
 def model():

@@ -141,6 +141,11 @@ def _docs(ids, offsets) -> list[list[int]]:
     return [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+def _plain(tok, texts) -> list[list[int]]:
+    """What encode_flat gives: documents are plain text (`_PARTS` holds chat markers)."""
+    return [tok.encode_plain(t) for t in texts]
+
+
 def test_split_rule_from_the_vocabulary():
     s = "\u2581"
     assert split_rule(["a", f"{s}b", s, "<|end|>"]) == "every-space"
@@ -167,12 +172,12 @@ def test_segment_split_refuses_normalisers_that_act_across_cuts(tmp_path):
 
 
 def test_encode_flat_equals_encode(tok):
-    """The segment cache gives SentencePiece's ids exactly: cold, warm, and as Arrow input."""
+    """The segment cache gives encode_plain's ids exactly: cold, warm, and as Arrow input."""
     assert tok.encode_flat(["x"])[1].tolist() == [0, len(tok.encode("x"))]
     assert tok._segments.split == "space-runs"  # this vocabulary has runs of spaces as pieces
     assert segment_split(tok._sp) == "space-runs"
     texts = ROUND_TRIP + _random_texts(0, 3000)
-    expected = tok.encode_batch(texts)
+    expected = _plain(tok, texts)
     for _ in range(2):  # the second pass is served from the cache
         ids, offsets = tok.encode_flat(texts)
         assert ids.dtype == np.int32 and len(offsets) == len(texts) + 1
@@ -197,7 +202,7 @@ def test_encode_flat_every_space_vocabulary(tmp_path):
                       for _ in range(200)) for i in range(300)]
     small = train_tokenizer(prose, str(tmp_path / "t"), 320)
     texts = prose[:50] + _random_texts(1, 500)
-    assert _docs(*small.encode_flat(texts)) == small.encode_batch(texts)
+    assert _docs(*small.encode_flat(texts)) == _plain(small, texts)
     assert small._segments.split == "every-space"
 
 
@@ -214,7 +219,7 @@ def test_encode_flat_cache_is_bounded(tok):
     bounded, unbounded = SegmentCache(tok._sp, max_segments=200), SegmentCache(tok._sp)
     for seed in range(5):
         texts = pa.array(_random_texts(10 + seed, 200))
-        assert _docs(*bounded.encode(texts)) == tok.encode_batch(texts.to_pylist())
+        assert _docs(*bounded.encode(texts)) == _plain(tok, texts.to_pylist())
         unbounded.encode(texts)
         fresh = SegmentCache(tok._sp)
         fresh.encode(texts)
