@@ -76,7 +76,18 @@ class DeviceBatches:
         return len(self.host)
 
     def __iter__(self) -> Iterator[Batch]:
-        return (to_device(b, self.device) for b in self.host)
+        return (Padding(to_device(b, self.device)) if isinstance(b, Padding) else to_device(b, self.device)
+                for b in self.host)
+
+
+class Padding(dict):
+    """A validation micro-batch that a rank runs only so that it makes as many forward passes
+    as every other rank (FSDP's collectives wait for all of them): real rows, whose forward
+    pass runs and whose loss and units `raylm.train.evaluate` counts as nothing."""
+
+
+def is_padding(batch) -> bool:
+    return isinstance(batch, Padding)
 
 
 class RankBatches:
@@ -139,20 +150,41 @@ class RankBatches:
                                  f"{self.steps_per_epoch}: the prepared dataset is damaged, prepare it again")
 
 
+def val_set_rows(tc: TrainConfig) -> int:
+    """How many validation rows an evaluation covers, at most: train.eval_batches global
+    batches, the first rows in the order every worker reads them (all of them where there
+    are fewer). A function of the global batch, which a resume keeps, and of eval_batches;
+    never of the worker count or the micro-batch, which may change on resume and between
+    runs (or Tune trials) that are compared."""
+    return tc.eval_batches * tc.global_batch_size
+
+
 def rank_val_batches(rows: Batch, tc: TrainConfig, rank: int, world: int, device) -> DeviceBatches:
-    """Split the first validation rows evenly over ranks: every rank must run the same
-    number of forward passes, or FSDP's collectives deadlock. The rows stay on the host;
+    """This rank's share of the validation set (`val_set_rows`: the first rows, in the order every
+    worker reads them), cut into micro-batches. Every row counts once over all ranks, so
+    the loss is the same for any worker count and micro-batch size, and a run resumed on
+    other workers, or runs that differ only in how a step is computed, evaluate the same
+    rows. Rank r takes the contiguous rows [n * r // world, n * (r + 1) // world) and cuts
+    them into P micro-batches of near-equal size, P the same on every rank (FSDP's
+    collectives deadlock otherwise): the fewest that keep each within train.micro_batch_size
+    rows. Where a rank's share is shorter than P rows (fewer rows than workers, or
+    micro_batch_size 1 on an uneven split), each missing micro-batch is a `Padding` one of
+    one row, whose forward pass runs and counts for nothing. The rows stay on the host;
     each micro-batch goes to `device` as the evaluation reaches it."""
     n_rows = len(next(iter(rows.values())))
-    per_rank = min(tc.micro_batch_size, n_rows // world)
-    if per_rank == 0:
-        raise ConfigError(f"{n_rows} validation rows cannot be split over {world} workers; "
-                         f"raise data.val_fraction")
-    n = min(tc.eval_batches, n_rows // (per_rank * world))
-    out = []
-    for i in range(n):
-        start = (i * world + rank) * per_rank
-        out.append({k: v[start:start + per_rank] for k, v in rows.items()})
+    if n_rows == 0:
+        raise ConfigError("the validation split has no rows to evaluate on: raise data.val_fraction")
+    n = min(n_rows, val_set_rows(tc))
+    longest = -(-n // world)  # the largest share, ceil(n / world) rows
+    passes = -(-longest // tc.micro_batch_size)
+    lo, size = n * rank // world, n * (rank + 1) // world - n * rank // world
+    out: list[Batch] = []
+    for i in range(passes):
+        start, end = lo + size * i // passes, lo + size * (i + 1) // passes
+        if start < end:
+            out.append({k: v[start:end] for k, v in rows.items()})
+        else:
+            out.append(Padding({k: v[:1] for k, v in rows.items()}))
     return DeviceBatches(out, device)
 
 

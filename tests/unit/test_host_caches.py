@@ -59,13 +59,14 @@ def test_rank_batches_rows_match_on_the_host():
 
 def test_validation_rows_stay_on_the_host_until_used():
     rows = {"tokens": torch.arange(40, dtype=torch.int32)[:, None].expand(40, 5)}
+    # eval_batches=3 global batches of 8: 24 rows, 12 a rank, in micro-batches of 2.
     val = rank_val_batches(rows, TC, rank=0, world=2, device=META)
-    assert isinstance(val, DeviceBatches) and len(val) == 3
+    assert isinstance(val, DeviceBatches) and len(val) == 6
     assert all(v.device.type == "cpu" for b in val.host for v in b.values())  # the kept rows
     used = list(val)
-    assert len(used) == 3 and all(mb["tokens"].device == META and mb["tokens"].dtype == torch.long for mb in used)
+    assert len(used) == 6 and all(mb["tokens"].device == META and mb["tokens"].dtype == torch.long for mb in used)
     assert all(v.device.type == "cpu" for b in val.host for v in b.values())  # still there after use
-    assert len(list(val)) == 3  # iterable again: every evaluation moves them anew
+    assert len(list(val)) == 6  # iterable again: every evaluation moves them anew
 
 
 # --------------------------------------------------------------------------- exact counts
