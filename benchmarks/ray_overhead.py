@@ -70,6 +70,7 @@ import torch
 import torch.distributed as dist
 
 from raylm import storage
+from raylm.batches import val_set_rows
 from raylm.config import MODEL_PRESETS, Config, DataConfig, TrainConfig
 from raylm.metrics import flops_per_token, mfu, peak_flops
 from raylm.model import count_params
@@ -336,7 +337,7 @@ def main(argv=None) -> dict:
     }
     # One more global batch than the run consumes: the epoch never ends inside the run.
     train_blocks = random_blocks(cfg, (tc.max_steps + 1) * tc.global_batch_size, args.seed + 1)
-    val_blocks = random_blocks(cfg, tc.micro_batch_size * tc.eval_batches, args.seed + 2)
+    val_blocks = random_blocks(cfg, val_set_rows(tc), args.seed + 2)
     data_dir = os.path.join(os.path.abspath(work_dir), "data")
     manifest = write_prepared_dataset(data_dir, cfg, train_blocks, val_blocks)
     threads = torch.get_num_threads()
