@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, func, help, parent=sub, record=True):
         sp = parent.add_parser(name, help=help, description=help, epilog=EPILOG)
-        sp.add_argument("--config", metavar="FILE.yaml", help="YAML config; overrides apply on top")
+        sp.add_argument("--config", metavar="FILE.yaml", help="YAML config, local or s3://; overrides apply on top")
         if record:
             sp.add_argument("--from-record", metavar="RECORD.json",
                             help="rerun with the settings of an earlier run's record.json")

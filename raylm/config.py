@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import reprlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -812,6 +813,7 @@ class EvalConfig:
 
 STAGES = ("pretrain", "sft", "dpo")
 GLOB_CHARS = ("*", "?")  # wildcards in raylm.storage paths
+PLACEHOLDER = re.compile(r"<[A-Za-z][\w.-]*>")  # `<bucket>` in an example's path
 
 
 @dataclass(frozen=True)
@@ -860,6 +862,13 @@ class Config:
             raise ConfigError("storage='': name the directory or s3:// prefix runs go under (default: ./runs)")
         # Listing a run's files (its checkpoints, their shards) takes the path as a pattern, as
         # `data.path` does: a run named "lr*2" trained, then failed to commit its first checkpoint.
+        for key, value in (("storage", self.storage), ("data.path", self.data.path),
+                           ("data.val_path", self.data.val_path), ("tokenizer.path", self.tokenizer.path),
+                           ("init_from", self.init_from)):
+            # Shipped recipes and examples write s3://<bucket>/...: one left in would fail only
+            # when its stage starts, perhaps days into a recipe.
+            if m := PLACEHOLDER.search(value or ""):
+                raise ConfigError(f"{key}={value!r}: {m.group()} is a placeholder; put your own value there")
         for key, value in (("name", self.name), ("storage", self.storage)):
             if any(c in value for c in GLOB_CHARS):
                 raise ConfigError(f"{key}={value!r}: {' '.join(GLOB_CHARS)} are not allowed in a run's path "
@@ -1038,23 +1047,42 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}: {problem}" if mark else problem
 
 
+def _read_config_text(path: str, what: str, s3: "S3Config | None" = None) -> str:
+    """The text of a config file the user names, local or s3://; a file that
+    is missing, unreadable or not UTF-8 is a one-line error naming it as `what`."""
+    if path.startswith("s3://"):
+        from raylm import storage  # storage imports this module
+
+        if not storage.exists(path, s3):
+            raise ConfigError(f"{what} {path}: not found")
+        data = storage.read_bytes(path, s3)
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{what} {path}: not found")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{what} {path}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not UTF-8 text; pass a YAML file") from None
+
+
 def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, Any]] = (),
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults <- `base` mapping <- YAML file <- dotted overrides, validated. Overrides are
     'key=value' strings or (key, value) pairs (see `_nest`)."""
     data: dict[str, Any] = dict(base or {})
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path}: not found")
+        # The S3 settings that reach the file are the ones given beside it (or the environment's).
+        s3 = _build(S3Config, _merge(data, _nest(list(overrides))).get("s3") or {}, "s3.")
+        text = _read_config_text(path, "config file", s3)
         try:
-            loaded = load_yaml(p.read_text(encoding="utf-8")) or {}
+            loaded = load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: not valid YAML ({yaml_problem(e)})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {path}: not UTF-8 text; pass a YAML file") from None
-        except OSError as e:
-            raise ConfigError(f"config file {path}: cannot read it ({e.strerror})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         data = _merge(data, loaded)

@@ -258,3 +258,19 @@ def test_unreachable_endpoint():
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
         with storage._errors("s3://b/x", dead):
             fs.get_file_info(path)
+
+
+def test_a_config_file_in_s3_loads_as_a_local_one(s3_prefix, s3_server):
+    """`raylm tune` writes the best config to the search's storage, s3:// on a cluster, and its
+    docs hand it to `pretrain --config`; load_config read only local files."""
+    from raylm.config import ConfigError, load_config
+
+    uri = join(s3_prefix, "best.yaml")
+    storage.write_text(uri, "train:\n  lr: 0.0123\nmodel:\n  n_layers: 3\n")
+    cfg = load_config(uri, [f"s3.endpoint_url={s3_server.endpoint}", "train.max_steps=7"])
+    assert (cfg.train.lr, cfg.model.n_layers, cfg.train.max_steps) == (0.0123, 3, 7)
+    with pytest.raises(ConfigError, match=rf"^config file {join(s3_prefix, 'absent.yaml')}: not found$"):
+        load_config(join(s3_prefix, "absent.yaml"))
+    storage.write_bytes(join(s3_prefix, "latin1.yaml"), "train: {lr: 0.1}  # \xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text"):
+        load_config(join(s3_prefix, "latin1.yaml"))

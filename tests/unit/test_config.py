@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -442,3 +443,10 @@ def test_a_generation_budget_of_the_whole_context_is_refused_at_load():
         load_config(None, ["eval.gen_tasks=[a.jsonl]", "eval.max_new_tokens=64", "model.max_seq_len=64",
                            "data.seq_len=64"])
     load_config(None, ["eval.gen_tasks=[a.jsonl]", "eval.max_new_tokens=63", "model.max_seq_len=64", "data.seq_len=64"])
+
+
+@pytest.mark.parametrize("key", ["storage", "data.path", "data.val_path", "tokenizer.path", "init_from"])
+def test_a_placeholder_left_in_a_path_is_refused_naming_the_key(key):
+    """Examples write s3://<bucket>/...; left in, it failed only when its stage read it."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}='s3://<bucket>/x': <bucket> is a placeholder"):
+        load_config(overrides=[f"{key}=s3://<bucket>/x"])
