@@ -3,7 +3,7 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/pretrain.py --config run.yaml --data 's3://bucket/corpus/*.jsonl.gz' \
         name=run1 storage=s3://bucket/runs train.num_workers=8 train.use_gpu=true model.preset=1b \
-        tokenizer.vocab_size=32000 data.seq_len=2048 train.micro_batch_size=4 train.global_batch_size=256
+        tokenizer.vocab_size=32000 data.seq_len=2048 train.micro_batch_size=2 train.global_batch_size=256
 
 The job's driver joins the cluster through RAY_ADDRESS (set by `ray job submit`); the
 working directory travels to every worker, so `raylm` needs no separate install there.

@@ -12,9 +12,18 @@ What would otherwise fail only on a real cluster, checked without one:
   `rayVersion`, every image tag and every version in a comment agree;
 - every job command (a RayJob's entrypoint, and the commands written in comments) runs a file
   in jobs/, parses with raylm's own CLI parser, loads as a raylm config, and fits its cluster:
-  shared storage, a global batch divisible by micro-batch x workers, GPUs for every worker;
+  shared storage, a global batch divisible by micro-batch x workers, GPUs for every worker, and
+  the memory per GPU that raylm's estimator (`raylm.plan.memory_per_device`, what `raylm plan`
+  sizes runs with) gives for each step, within the plan's budget for the GPU type the cluster
+  names (the launcher's instance types; a KubeRay GPU group's `raylm/instance-type`);
 - a recipe's job (`jobs/run.py --config RECIPE`) loads the recipe and every training stage
-  fits the cluster;
+  fits the cluster, and no `<placeholder>` reaches any stage from the recipe file: the
+  command names each one it needs (a recipe in the image cannot be edited);
+- a RayJob's activeDeadlineSeconds leaves a margin over the time `raylm plan` gives its
+  training on its cluster, and not so much that a hung run bills for days;
+- the image and the pip runtime_env install what pyproject.toml asks for (the same torch pin,
+  a CPU torch on a CPU base image), the dependency layer does not depend on the README, and
+  .dockerignore hides nothing the Dockerfile copies;
 - secure by default: Ray token auth on every cluster (KubeRay `authOptions` with a Secret; the
   launcher's start commands), the dashboard and Jobs API off public interfaces, the serving
   API key from a Secret;
@@ -32,6 +41,8 @@ import json
 import re
 import shlex
 import tomllib
+from dataclasses import replace
+from fnmatch import fnmatch
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,7 +51,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from raylm.config import Config, ConfigError, load_config
+from raylm.config import MODEL_PRESETS, Config, ConfigError, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -49,9 +60,15 @@ KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 ALL_FILES = sorted(CLUSTER.rglob("*.yaml"))
 CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
 
-# GPUs of the instance types the launcher config uses or suggests; the autoscaler reads them
-# from AWS, so the test needs its own copy to check that a job's workers fit.
-GPUS_PER_INSTANCE = {"g5.12xlarge": 4, "g5.48xlarge": 8, "p4d.24xlarge": 8, "p5.48xlarge": 8, "m5.4xlarge": 0}
+# GPUs of the instance types the cluster configs use or suggest, and their GPU by the name
+# `raylm plan --gpus` takes (raylm.plan.DEVICES): the autoscaler reads the count from AWS, so
+# the test needs its own copy to check that a job's workers and their memory fit.
+INSTANCE_TYPES = {"g5.12xlarge": (4, "A10G"), "g5.48xlarge": (8, "A10G"), "p4d.24xlarge": (8, "A100-40GB"),
+                  "p5.48xlarge": (8, "H100"), "m5.4xlarge": (0, None)}
+GPUS_PER_INSTANCE = {itype: gpus for itype, (gpus, _) in INSTANCE_TYPES.items()}
+# The pod-template annotation that names the machine a KubeRay GPU group is sized for.
+INSTANCE_ANNOTATION = "raylm/instance-type"
+TRAINING_STAGES = ("pretrain", "sft", "dpo")
 VERSIONS = CLUSTER / "versions.env"
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
@@ -251,14 +268,27 @@ def _ray_containers(cluster: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def _gpu_capacity(cluster: dict) -> int:
-    """GPUs the cluster can offer a job: replicas, or maxReplicas when the autoscaler runs."""
-    total = 0
+def _kuberay_gpu_groups(cluster: dict, where: str) -> list[tuple[int, int, str]]:
+    """(pods a job can get, GPUs per pod, GPU type) of each worker group with GPUs: replicas, or
+    maxReplicas when the autoscaler runs; the type that of the instance the group's
+    `raylm/instance-type` annotation names. A GPU group without one, or asking for more GPUs
+    than that machine has, fails."""
+    out = []
     for group in cluster.get("workerGroupSpecs", []):
         pods = group["maxReplicas"] if cluster.get("enableInTreeAutoscaling") else group.get("replicas", 0)
-        limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
-        total += pods * int(limits.get("nvidia.com/gpu", 0))
-    return total
+        template = group["template"]
+        limits = template["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        per_pod = int(limits.get("nvidia.com/gpu", 0))
+        if not per_pod:
+            continue
+        itype = template.get("metadata", {}).get("annotations", {}).get(INSTANCE_ANNOTATION)
+        assert itype, (f"{where}: GPU group {group['groupName']!r} does not name the machine it is sized for; "
+                       f"annotate its pod template with {INSTANCE_ANNOTATION}: <instance type>")
+        assert itype in INSTANCE_TYPES, f"{where}: add {itype}'s GPUs to INSTANCE_TYPES"
+        gpus, device = INSTANCE_TYPES[itype]
+        assert per_pod <= gpus, f"{where}: group {group['groupName']!r} asks for {per_pod} GPUs, {itype} has {gpus}"
+        out.append((pods, per_pod, device))
+    return out
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=_ids(KUBERAY))
@@ -313,15 +343,21 @@ def test_launcher_config_matches_ray_schema():
 
 
 def _launcher_gpu_capacity(config: dict) -> int:
-    total = 0
+    return sum(nodes * gpus for nodes, gpus, _ in _launcher_gpu_groups(config))
+
+
+def _launcher_gpu_groups(config: dict) -> list[tuple[int, int, str | None]]:
+    """(nodes a job can get, GPUs per node, GPU type) of each worker type; 0 GPUs for CPU ones."""
+    out = []
     for name, t in config["available_node_types"].items():
         if name == config["head_node_type"]:
             continue
         itype = t["node_config"]["InstanceType"]
-        gpus = t.get("resources", {}).get("GPU", GPUS_PER_INSTANCE.get(itype))
-        assert gpus is not None, f"{_rel(LAUNCHER)}: add {itype}'s GPU count to GPUS_PER_INSTANCE"
-        total += min(t.get("max_workers", config["max_workers"]), config["max_workers"]) * gpus
-    return total
+        assert itype in INSTANCE_TYPES, f"{_rel(LAUNCHER)}: add {itype}'s GPUs to INSTANCE_TYPES"
+        gpus, device = INSTANCE_TYPES[itype]
+        gpus = t.get("resources", {}).get("GPU", gpus)
+        out.append((min(t.get("max_workers", config["max_workers"]), config["max_workers"]), gpus, device))
+    return out
 
 
 # --------------------------------------------------------------------------- job commands
@@ -370,11 +406,19 @@ def _dockerfile_paths() -> tuple[str, str]:
     return workdir.rstrip("/"), text
 
 
-def _resolve_job(where: str, command: str) -> tuple[Path, list[Config]]:
-    """The repository file a job command runs and the config it would run with; fails the
-    test with the command when the script is missing or the arguments do not parse."""
+# Placeholders the headers say to replace (`<bucket>`, `<registry>`, ...).
+_PLACEHOLDER = re.compile(r"<([A-Za-z][\w-]*)>")
+
+
+def _resolve_job(where: str, command: str) -> tuple[Path, list[tuple[str | None, Config]]]:
+    """The repository file a job command runs and the config of each stage it would run, as
+    (recipe stage, config), the stage None for a single-stage job; fails the test with the
+    command when the script is missing or the arguments do not parse. The command's
+    `<placeholders>` are replaced first, as its header says to; one still in a config came
+    from a file."""
     from raylm.cli import build_parser
 
+    command = _PLACEHOLDER.sub(r"\1", command)
     argv = shlex.split(command, comments=True)
     if "--" in argv:  # `ray job submit ... -- python ...`
         argv = argv[argv.index("--") + 1:]
@@ -400,32 +444,82 @@ def _resolve_job(where: str, command: str) -> tuple[Path, list[Config]]:
     if getattr(args, "data", None):
         overrides.append(f"data.path={args.data}")
     config = args.config
+    if args.command == "run" and config and args.recipe:  # as cmd_run: with --config, the first
+        overrides.insert(0, args.recipe)                  # positional is an override too
     if config and config.startswith("/"):  # a file inside the image: the repository's copy
         config = str(REPO / config[len(_dockerfile_paths()[0]) + 1:])
     try:
-        if args.command == "run":  # a recipe: every training stage's config
+        if args.command == "run":  # a recipe: every stage's config
             return job, _recipe_configs(config or args.recipe, overrides)
-        return job, [load_config(config, overrides)]
+        return job, [(None, load_config(config, overrides))]
     except ConfigError as e:
         pytest.fail(f"{where}: {e}")
 
 
-def _recipe_configs(path: str, overrides: list[str]) -> list[Config]:
+def _recipe_configs(path: str, overrides: list[str]) -> list[tuple[str | None, Config]]:
     from raylm.recipe import load_recipe, stage_config
 
     recipe = load_recipe(path, overrides)
     out = []
     for stage in recipe.stages:
-        if stage.name in ("pretrain", "sft", "dpo"):
-            fake = {s: {"path": f"{recipe.root}/{s}", "corpus": ""} for s in recipe.inputs_of(stage)}
-            out.append(stage_config(recipe, stage, fake))
-    assert out, f"{path}: a recipe with no training stage"
+        fake = {s: {"path": f"{recipe.root}/{s}", "checkpoint": f"{recipe.root}/{s}", "corpus": ""}
+                for s in recipe.inputs_of(stage)}
+        out.append((stage.name, stage_config(recipe, stage, fake)))
+    assert any(s in TRAINING_STAGES for s, _ in out), f"{path}: a recipe with no training stage"
     return out
 
 
-def _check_fits(where: str, cfg: Config, gpus: int) -> None:
+def _training(stages: list[tuple[str | None, Config]]) -> list[Config]:
+    """The configs of the stages that train; a single-stage job's config counts as one."""
+    return [cfg for stage, cfg in stages if stage is None or stage in TRAINING_STAGES]
+
+
+def _placeholders_left(cfg: Config) -> list[str]:
+    """`key=value` of every path or URI in the config that still holds a `<placeholder>`."""
+    def walk(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}{k}.")
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                yield from walk(v, prefix)
+        elif isinstance(node, str) and "/" in node and _PLACEHOLDER.search(node):
+            yield f"{prefix.rstrip('.')}={node}"
+    return list(walk(to_dict(cfg)))
+
+
+def _memory_per_gpu(cfg: Config) -> float:
+    """Peak bytes on one GPU of a training step of `cfg`, by raylm's estimator
+    (raylm.plan.memory_per_device, as `raylm plan` sizes runs), with the config's settings
+    resolved as a CUDA worker resolves them (precision, chunked loss).
+
+    DPO differs from the plan's pre-training step in what raylm's code does: a micro-batch of
+    n pairs is one forward over 2n sequences (objectives.pair_logprobs, chosen and rejected
+    stacked) whose log-probabilities come from the full logits (sequence_logprobs: no
+    chunked loss), and unless dpo.precompute_reference the frozen reference's fp32 shards
+    (train.reference_model, sharded like the policy) sit beside the policy."""
+    from raylm.model import count_params
+    from raylm.plan import memory_per_device
+
+    tc = cfg.train.for_device("cuda")
+    model = cfg.model if cfg.model.vocab_size else cfg.model.with_vocab(cfg.tokenizer.vocab_size)
+    shard = tc.num_workers // tc.replicate_degree
+    accumulation = tc.global_batch_size // (tc.micro_batch_size * tc.num_workers)
+    sequences, loss_chunk, extra = tc.micro_batch_size, tc.loss_chunk_size, 0.0
+    if cfg.stage == "dpo":
+        sequences, loss_chunk = 2 * tc.micro_batch_size, 0
+        if not cfg.dpo.precompute_reference:
+            extra = 4 * count_params(model) / shard
+    mem = memory_per_device(model, cfg.data.seq_len, sequences, shard, tc.precision, tc.activation_checkpointing,
+                            accumulation, True, loss_chunk)
+    return mem.total + extra
+
+
+def _check_fits(where: str, cfg: Config, gpus: int, devices: list[str] = ()) -> None:
     """What the config's own validation leaves to the run: checks that would fail it on the
-    cluster, minutes or hours in."""
+    cluster, minutes or hours in. `devices`: the GPU types the job's workers may get."""
+    from raylm.plan import GiB, parse_hardware
+
     tc = cfg.train
     assert cfg.storage.startswith("s3://"), (
         f"{where}: storage={cfg.storage!r}; every node writes checkpoint shards, so it must be s3://")
@@ -443,24 +537,85 @@ def _check_fits(where: str, cfg: Config, gpus: int) -> None:
         assert tc.use_gpu, f"{where}: the cluster has {gpus} GPUs but train.use_gpu is false"
     if tc.use_gpu:
         assert tc.num_workers <= gpus, f"{where}: train.num_workers={tc.num_workers} needs more GPUs than the {gpus} here"
+        need = _memory_per_gpu(cfg)
+        for device in devices:
+            budget = parse_hardware(device).usable  # what `raylm plan` lets a step fill
+            assert need <= budget, (
+                f"{where}: {need / GiB:.1f} GiB per GPU by raylm's estimator (train.micro_batch_size="
+                f"{tc.micro_batch_size}), over the {budget / GiB:.1f} GiB usable on a {device}; lower the "
+                f"micro-batch (`raylm plan --size ... --gpus ...` picks one) or turn on activation checkpointing")
 
 
 JOB_FILES = [p for p in ALL_FILES if all(d.get("kind") != "RayService" for d in _docs(p))]
+
+
+def _gpu_groups(path: Path) -> list[tuple[int, int, str | None]]:
+    """(nodes or pods, GPUs each, GPU type) of the cluster a file defines."""
+    if path == LAUNCHER:
+        return _launcher_gpu_groups(yaml.safe_load(path.read_text()))
+    (cluster,) = _ray_clusters(path)
+    return _kuberay_gpu_groups(cluster, _rel(path))
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=_ids(JOB_FILES))
 def test_job_commands_run_real_jobs_that_fit(path):
     commands = _job_commands(path)
     assert commands, f"{_rel(path)}: no job command (an entrypoint, or a `python jobs/...` line in the header)"
-    if path == LAUNCHER:
-        gpus = _launcher_gpu_capacity(yaml.safe_load(path.read_text()))
-    else:
-        (cluster,) = _ray_clusters(path)
-        gpus = _gpu_capacity(cluster)
+    groups = _gpu_groups(path)
+    gpus = sum(n * per for n, per, _ in groups)
+    devices = sorted({device for _, per, device in groups if per})
     for where, command in commands:
-        _, cfgs = _resolve_job(where, command)
-        for cfg in cfgs:
-            _check_fits(f"{where} ({cfg.stage} {cfg.name})", cfg, gpus)
+        _, stages = _resolve_job(where, command)
+        for stage, cfg in stages:
+            left = _placeholders_left(cfg)
+            assert not left, (f"{where}: {stage or 'the job'} gets placeholders from the file, not the command: "
+                              f"{', '.join(left)}; give them in the command")
+        for cfg in _training(stages):
+            _check_fits(f"{where} ({cfg.stage} {cfg.name})", cfg, gpus, devices)
+
+
+def _planned_hours(where: str, configs: list[Config], nodes: int, per_node: int, device: str):
+    """(preset, tokens, hours) of the training in `configs` on nodes x per_node `device`s, from `raylm
+    plan`: its throughput for the model at this sequence length over the tokens every
+    training stage processes (a DPO pair is two sequences)."""
+    from raylm.plan import make_plan
+
+    tokens = sum(c.train.max_steps * c.train.global_batch_size * c.data.seq_len * (2 if c.stage == "dpo" else 1)
+                 for c in configs)
+    shape = replace(configs[0].model, vocab_size=0, max_seq_len=0)
+    presets = [name for name, m in MODEL_PRESETS.items() if replace(m, vocab_size=0, max_seq_len=0) == shape]
+    assert presets, f"{where}: the model is none of raylm's presets; `raylm plan` sizes presets only"
+    plan = make_plan(presets[0], f"{per_node}x{device}", nodes=nodes, train_tokens=tokens,
+                     seq_len=configs[0].data.seq_len)
+    return presets[0], tokens, plan.hours
+
+
+def test_rayjob_deadline_leaves_a_margin_over_the_plan():
+    """activeDeadlineSeconds against the time `raylm plan` gives the job's training on its
+    cluster: at least 1.5x (a lower MFU than the plan's 40%, the data stages, a retry's repeated
+    steps), at most 3x (a hung run should not bill for days). The `raylm plan` command its
+    comment gives must be the one for this job."""
+    from raylm.plan import parse_count
+
+    jobs = [(p, d) for p in KUBERAY for d in _docs(p) if d["kind"] == "RayJob"]
+    assert jobs
+    for path, job in jobs:
+        where = f"{_rel(path)} spec.activeDeadlineSeconds"
+        (cluster,) = _ray_clusters(path)
+        ((nodes, per_node, device),) = _kuberay_gpu_groups(cluster, _rel(path))
+        _, stages = _resolve_job(where, job["spec"]["entrypoint"])
+        preset, tokens, hours = _planned_hours(where, _training(stages), nodes, per_node, device)
+        deadline = job["spec"]["activeDeadlineSeconds"] / 3600
+        assert 1.5 * hours <= deadline <= 3 * hours, (
+            f"{where}: {deadline:.0f} h; `raylm plan` gives {hours:.0f} h for {tokens / 1e9:.3g}B tokens on "
+            f"{nodes} x {per_node} {device}, so set {1.5 * hours:.0f} to {3 * hours:.0f} h")
+        plans = re.findall(r"raylm plan --size (\S+) --gpus (\S+) --nodes (\d+) --train-tokens (\S+)", path.read_text())
+        assert plans, f"{where}: its comment gives no `raylm plan ... --train-tokens` command"
+        for size, gpus, n, written in plans:
+            assert (size, gpus, int(n)) == (preset, f"{per_node}x{device}", nodes), (
+                f"{where}: the comment plans --size {size} --gpus {gpus} --nodes {n}")
+            assert abs(parse_count(written) / tokens - 1) < 0.01, (
+                f"{where}: the comment plans --train-tokens {written}, the job trains {tokens / 1e9:.4g}B")
 
 
 # --------------------------------------------------------------------------- secrets
@@ -578,3 +733,88 @@ def test_serve_key_name_matches_the_app():
     except ImportError as e:
         pytest.skip(f"raylm.serve.app cannot be imported here ({e})")
     assert API_KEY_ENV == "RAYLM_API_KEY"
+
+
+# --------------------------------------------------------------------------- image and runtime_env
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    out, cur = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not cur and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        cur += line.rstrip()
+        if cur.endswith("\\"):
+            cur = cur[:-1] + " "
+            continue
+        word, _, rest = cur.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        cur = ""
+    return out
+
+
+def _copy_sources(args: str) -> list[str]:
+    parts = [a for a in shlex.split(args) if not a.startswith("--")]
+    return [s.rstrip("/") for s in parts[:-1]]
+
+
+def _pyproject_requirements() -> dict[str, Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(d) for d in project["dependencies"] + project["optional-dependencies"]["export"]]
+    return {r.name: r for r in reqs}
+
+
+def test_dockerfile_dependency_layer_and_torch():
+    """The layer that installs torch depends on pyproject.toml alone (a README edit must not
+    reinstall it); the working directory is made before WORKDIR (which would make it root's
+    under the classic builder, and the build writes into it); a CPU base image gets torch from
+    the CPU index (PyPI's Linux x86_64 wheel is the CUDA build) with pyproject's pin."""
+    steps = _dockerfile_instructions()
+    install = next(i for i, (word, args) in enumerate(steps) if word == "RUN" and "pip install" in args)
+    before = [s for word, args in steps[:install] if word == "COPY" for s in _copy_sources(args)]
+    assert before == ["pyproject.toml"], f"Dockerfile: the dependency layer copies {before}, only pyproject.toml"
+    after = [s for word, args in steps[install:] if word == "COPY" for s in _copy_sources(args)]
+    readme = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["readme"]
+    assert readme in after, f"Dockerfile: pyproject's readme {readme} is not copied with the code"
+    workdir = _dockerfile_paths()[0]
+    first_workdir = next(i for i, (word, _) in enumerate(steps) if word == "WORKDIR")
+    assert any(word == "RUN" and re.search(rf"mkdir -p {re.escape(workdir)}\b", args)
+               for word, args in steps[:first_workdir]), f"Dockerfile: make {workdir} before WORKDIR"
+    deps_run = steps[install][1]
+    torch = re.findall(r"--index-url \S+ '(torch[^']*)'", deps_run)
+    assert torch and "/usr/local/cuda" in deps_run, "Dockerfile: a CPU base image installs torch from the CPU index"
+    assert Requirement(torch[0]).specifier == _pyproject_requirements()["torch"].specifier, (
+        f"Dockerfile installs {torch[0]}, pyproject.toml asks for {_pyproject_requirements()['torch']}")
+    assert "download.pytorch.org/whl/cpu" in (REPO / "Dockerfile").read_text()
+    # The in-tree build of the placeholder package leaves build/lib/raylm/__init__.py (empty),
+    # newer than the real one COPY brings (it keeps the files' times), so the final install
+    # would take the empty one: the layer removes its leftovers.
+    assert re.search(r"rm -rf build\b", deps_run), "Dockerfile: the dependency layer must remove build/"
+
+
+def test_dockerignore_keeps_what_the_dockerfile_copies():
+    path = REPO / ".dockerignore"
+    if not path.is_file():
+        return
+    patterns = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    for word, args in _dockerfile_instructions():
+        if word != "COPY" or "--from" in args:
+            continue
+        for src in _copy_sources(args):
+            parts = src.split("/")
+            for prefix in ("/".join(parts[:i]) for i in range(1, len(parts) + 1)):
+                hit = [p for p in patterns if not p.startswith("!")
+                       and (fnmatch(prefix, p.lstrip("/")) or fnmatch(prefix, p.removeprefix("**/")))]
+                assert not hit, f".dockerignore {hit} hides {src}, which the Dockerfile copies"
+
+
+def test_pip_runtime_env_installs_what_pyproject_asks_for():
+    """jobs/runtime_env.pip.yaml stands in for the image on a stock Ray image: raylm's
+    dependencies (Ray aside) and the export extra, with pyproject.toml's pins."""
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.pip.yaml").read_text())
+    packages = {r.name: r for r in map(Requirement, env["pip"]["packages"])}
+    wanted = {name: r for name, r in _pyproject_requirements().items() if name != "ray"}
+    assert packages.keys() == wanted.keys(), (sorted(packages), sorted(wanted))
+    for name, r in wanted.items():
+        assert packages[name].specifier == r.specifier, f"runtime_env.pip.yaml: {packages[name]}, pyproject: {r}"
