@@ -818,3 +818,17 @@ def test_pip_runtime_env_installs_what_pyproject_asks_for():
     assert packages.keys() == wanted.keys(), (sorted(packages), sorted(wanted))
     for name, r in wanted.items():
         assert packages[name].specifier == r.specifier, f"runtime_env.pip.yaml: {packages[name]}, pyproject: {r}"
+
+
+def test_a_job_upload_leaves_the_repository_history_out():
+    """`ray job submit --working-dir .` zips what Ray's packaging walks: .git was most of it,
+    and its config can hold a remote URL with a token, which then reached every node."""
+    import logging
+
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    seen: list[str] = []
+    _dir_travel(REPO, [], lambda p: seen.append(p.relative_to(REPO).as_posix()), include_gitignore=True,
+                logger=logging.getLogger("test"))
+    assert "raylm/__init__.py" in seen and "jobs/run.py" in seen
+    assert not [p for p in seen if p == ".git" or p.startswith(".git/")]
