@@ -28,6 +28,7 @@ import torch
 
 _F32 = torch.float32
 _cuda_out_dtype = True  # torch.mm(..., out_dtype=fp32) for bf16/fp16 on CUDA, until it fails once
+_cuda_addmm_out_dtype = True  # torch.addmm(..., out_dtype=fp32, out=acc) likewise
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,31 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             _cuda_out_dtype = False
             warnings.warn(f"torch.mm(out_dtype=float32) failed ({e}); upcasting bf16 products instead")
     return (a @ b).float()
+
+
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 `acc`, in place: the product is accumulated into acc by the
+    matmul itself, with no [m, n] fp32 temporary (V x d for d/d weight, every chunk). The same
+    sum as `acc += _mm_f32(a, b)`: fp32 inputs add their fp32 product; bf16/fp16 ones on CUDA
+    add the matmul's fp32 accumulator (out_dtype); elsewhere the bf16-rounded product."""
+    global _cuda_addmm_out_dtype
+    if a.dtype == _F32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _cuda_addmm_out_dtype:
+        try:
+            torch.addmm(acc, a, b, out_dtype=_F32, out=acc)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        # A torch or GPU without the mixed-dtype addmm (its checks run before any write):
+        # the old sum, through an fp32 temporary.
+        except (RuntimeError, TypeError) as e:
+            _cuda_addmm_out_dtype = False
+            warnings.warn(f"torch.addmm(out_dtype=float32, out=...) failed ({e}); adding a float32 product instead")
+        acc += _mm_f32(a, b)
+        return
+    acc.add_(a @ b)  # the bf16 product, promoted to fp32 by the add: no fp32 copy of it
 
 
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float):
@@ -80,7 +106,7 @@ class _ChunkedCE(torch.autograd.Function):
             g.scatter_add_(1, safe[:, None], -valid.to(_F32)[:, None])
             g = g.to(hidden.dtype)  # the dtype the plain path's head backward runs in
             grad_h[s:s + chunk_size] = g @ weight
-            grad_w += _mm_f32(g.t(), h)
+            _addmm_f32_(grad_w, g.t(), h)  # in place: no V x d fp32 temporary a chunk
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
 

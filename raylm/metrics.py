@@ -12,27 +12,40 @@ The loss plot is drawn by raylm.eval.report (one plotting place for the run and 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from raylm import storage
 from raylm.config import ModelConfig, S3Config
 from raylm.model import count_params
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
-# Matched by substring of torch.cuda.get_device_name(), most specific first.
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s, one
+# GPU each (NVIDIA's headline figures are with 2:4 sparsity: twice these). `peak_flops`
+# matches a key's words whole within torch.cuda.get_device_name() and takes the key of the
+# most words: "NVIDIA L40" is an L40, not an L4; "NVIDIA H100 NVL" an H100 NVL, not an SXM
+# H100; "NVIDIA GB200" a GB200, not a B200. raylm.plan looks its devices' peaks up here by key.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("A10G", 70e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("A6000", 155e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3"): 1,979 sparse
+    ("H100 PCIe", 756e12),  # 1,513 sparse
+    ("H100 NVL", 835e12),  # 94 GB PCIe card: 1,671 sparse
+    ("H200", 989e12),  # SXM: 1,979 sparse
+    ("H200 NVL", 835e12),  # 1,671 sparse
+    ("GH200", 989e12),  # the Grace Hopper superchip's H100/H200: 1,979 sparse
+    ("B200", 2250e12),  # HGX B200 (1,000 W): 4.5 PFLOPS sparse
+    ("GB200", 2500e12),  # Grace Blackwell's GPU (1,200 W): NVL72's 360 PFLOPS sparse / 72
+    ("A100", 312e12),  # SXM and PCIe alike
+    ("A10", 125e12),  # 250 sparse
+    ("A10G", 70e12),  # AWS's A10 variant (G5 instances)
+    ("L4", 121e12),  # 242 sparse
+    ("L40", 181e12),  # 181.05; 362.1 sparse
+    ("L40S", 362e12),  # 362.05; 733 sparse
+    ("RTX 4090", 165e12),  # fp32 accumulate
+    ("A6000", 155e12),  # RTX A6000: 154.8; 309.7 sparse
 ]
+
+
+def _words(name: str) -> tuple[str, ...]:
+    return tuple(re.split(r"[\s_-]+", name.strip().upper())) if name.strip() else ()
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -41,11 +54,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def peak_flops(device_name: str) -> float | None:
-    """bf16 dense peak of one device, or None when unknown (CPUs: MFU is not reported)."""
+    """bf16 dense peak of one device, or None when unknown (CPUs: MFU is not reported).
+    Words are compared whole (case, spaces, hyphens and underscores aside), and of the keys
+    whose words all appear in a row in the name the longest wins (PEAK_BF16_FLOPS)."""
+    words = _words(device_name)
+    best, best_len = None, 0
     for key, value in PEAK_BF16_FLOPS:
-        if key in device_name:
-            return value
-    return None
+        k = _words(key)
+        if len(k) > best_len and any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1)):
+            best, best_len = value, len(k)
+    return best
 
 
 def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, device_name: str, n_devices: int = 1) -> float | None:

@@ -114,9 +114,17 @@ def data_parallel_mesh(device: torch.device, replicate_degree: int = 1):
     return _meshes[key]
 
 
-def shard_model(model: Transformer, precision: str, reshard_after_forward: bool = True, mesh=None) -> None:
+def shard_model(model: Transformer, precision: str, reshard_after_forward: bool = True, mesh=None,
+                frozen: bool = False) -> None:
     """FSDP2 on `mesh` (None: the default process group; 2-D: HSDP): each block is one
-    all-gather unit, the root (embeddings, final norm, head) another."""
+    all-gather unit, the root (embeddings, final norm, head) another.
+
+    A trained model keeps the root and the last block gathered after forward, as backward
+    needs them at once. `frozen`: a model that never runs backward (DPO's reference, run
+    under no_grad) has no backward to reshard them, so they would stay gathered (bf16 copies
+    of the embeddings, head and a block) for the whole run; every unit, the root included,
+    reshards after its forward instead (fully_shard's reshard_after_forward=True, which an
+    explicit value applies to the root too)."""
     from torch.distributed.fsdp import fully_shard
 
     mp = mixed_precision_policy(precision)
@@ -129,8 +137,8 @@ def shard_model(model: Transformer, precision: str, reshard_after_forward: bool 
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=block_mp,
-                    reshard_after_forward=reshard_after_forward and i < n - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+                    reshard_after_forward=frozen or (reshard_after_forward and i < n - 1))
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=frozen)
 
 
 def sharding_pays(precision: str) -> bool:
@@ -161,7 +169,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str, seed: int,
                          compile: bool | str = False, activation_checkpointing: bool = False,
                          reshard_after_forward: bool = True, float8: bool = False,
-                         replicate_degree: int = 1, shard: bool | None = None) -> Transformer:
+                         replicate_degree: int = 1, shard: bool | None = None, frozen: bool = False) -> Transformer:
     """Meta-device model -> float8 -> checkpointing -> compile -> FSDP2 (if distributed) -> materialised.
     compile="auto" (train.compile's default) compiles on CUDA only (raylm.config.device_defaults).
     replicate_degree > 1: HSDP over `data_parallel_mesh` (train.replicate_degree).
@@ -169,6 +177,7 @@ def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str,
     `shard`: None shards whenever a process group is initialised (use `init_local_process_group`
     to get the sharded path, and bf16, in one process); training passes `sharding_pays`.
     Without sharding the model stays plain and runs in fp32.
+    `frozen`: a model that only runs forward (see `shard_model`), whose every unit reshards after it.
     """
     mesh = data_parallel_mesh(device, replicate_degree)  # first: a bad degree fails before any work
     with torch.device("meta"):
@@ -184,7 +193,7 @@ def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str,
     if shard is None:
         shard = dist.is_available() and dist.is_initialized()
     if shard:
-        shard_model(model, precision, reshard_after_forward, mesh)
+        shard_model(model, precision, reshard_after_forward, mesh, frozen=frozen)
     elif precision != "fp32":
         raise ValueError(f"precision={precision!r} needs a process group: call init_local_process_group first")
     materialize(model, device, seed)

@@ -222,13 +222,15 @@ def evaluate_metrics(model, objective, batches: Iterable[dict]) -> dict:
 def reference_model(cfg: Config, device: torch.device):
     """DPO's frozen reference: the starting policy (cfg.init_from), built and sharded like the
     policy, outside the optimizer and checkpoints. None where the stage needs none, or where
-    dpo.precompute_reference put its log-probabilities into the data instead."""
+    dpo.precompute_reference put its log-probabilities into the data instead. It never runs
+    backward, so every FSDP unit, the root and last block included, reshards after each
+    forward (`shard_model`'s frozen): only its shards stay resident between steps."""
     if cfg.stage != "dpo" or cfg.dpo.precompute_reference:
         return None
     precision = resolve_precision(cfg.train.precision, device)
     ref = build_parallel_model(cfg.model, device, precision, cfg.seed, compile=cfg.train.compile,
                                reshard_after_forward=True, replicate_degree=cfg.train.replicate_degree,
-                               shard=sharding_pays(precision))
+                               shard=sharding_pays(precision), frozen=True)
     load_parent_weights(ref, cfg)
     ref.requires_grad_(False)
     return ref.eval()
@@ -386,6 +388,10 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     units = {"sft": "assistant_tokens", "dpo": "pairs"}.get(cfg.stage)  # the loss's units, where not tokens
     tokens_since = units_since = 0  # real tokens and loss units since the last log line
     t_start, t_last = time.time(), time.perf_counter()
+    # Seconds since the last log line spent on validation, task evals and checkpoints (saving,
+    # committing, a rollback's load): taken out of the window that tokens/s and MFU divide by,
+    # so a window with an evaluation in it reports the training speed like any other.
+    paused_s = 0.0
     last: dict = {}
     # The guards go on from where the checkpoint left them: a fresh spike history would flag
     # nothing for half a window, and the counters feed metrics and train.max_rollbacks.
@@ -434,29 +440,38 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 raise TrainingStopped(f"step {step}: loss spike {stats.loss:.4f} and train.on_spike=stop")
             if tc.on_spike == "rollback":
                 rollbacks += 1
+                t0 = time.perf_counter()
                 step = rollback(cfg, model, optimizer, saver, step, batches.consumed, guards(), metrics_log, log)
+                paused_s += time.perf_counter() - t0
                 continue
         if tc.timeout_s and time.time() - t_start > tc.timeout_s:
             raise TrainingTimeout(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
         row = None
         if step % tc.log_every == 0 or final:
+            t0 = time.perf_counter()
             saver.poll()
             now = time.perf_counter()
-            tok_s = tokens_since / (now - t_last)  # real tokens only: padding is not work done
+            paused_s += now - t0
+            # Training seconds of the window: its wall time less evaluations and checkpoints.
+            train_s = max(now - t_last - paused_s, 1e-9)
+            tok_s = tokens_since / train_s  # real tokens only: padding is not work done
             row = {"kind": "train", "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                    "tokens_per_s": tok_s, "mfu": mfu(tok_s, cfg.model, cfg.data.seq_len, device_name, world),
                    "epoch": batches.epoch, "consumed_blocks": batches.consumed,
                    "skipped_steps": skipped_total, "loss_spikes": spike_total, "rollbacks": rollbacks,
-                   "data_wait_s": round(batches.wait_s, 3), "checkpoint_blocking_s": round(saver.blocking_s, 3)}
+                   "data_wait_s": round(batches.wait_s, 3), "checkpoint_blocking_s": round(saver.blocking_s, 3),
+                   # the wall seconds since the last log line, and those of them tokens_per_s leaves out
+                   "window_s": round(now - t_last, 6), "window_paused_s": round(paused_s, 6)}
             if units:
-                row.update({units: stats.count, f"{units}_per_s": units_since / (now - t_last)})
-            t_last, tokens_since, units_since = now, 0, 0
+                row.update({units: stats.count, f"{units}_per_s": units_since / train_s})
+            t_last, tokens_since, units_since, paused_s = now, 0, 0, 0.0
             if rank == 0:
                 where = f" ({clock.spent:.0f}/{tc.time_budget_s:.0f}s)" if tc.time_budget_s else f"/{tc.max_steps}"
                 log(f"step {step}{where} | loss {stats.loss:.4f} | lr {lr:.2e} | "
                     f"grad {stats.grad_norm:.2f} | {tok_s:,.0f} tok/s"
                     + (f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""))
         if step % tc.eval_every == 0 or final:
+            t0 = time.perf_counter()
             val_loss, n = evaluate(model, objective, hooks.val_batches())
             vrow = {"kind": "val", "step": step, "val_loss": val_loss, f"val_{units or 'tokens'}": n}
             if cfg.stage == "dpo":  # rewards and preference accuracy say more than the loss
@@ -469,13 +484,16 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 log(f"step {step}: val loss {val_loss:.4f} | {detail} ({n} {units or 'tokens'})")
                 metrics_log.log(vrow)
             row = {**(row or {"step": step}), **{k: v for k, v in vrow.items() if k != "kind"}}
+            paused_s += time.perf_counter() - t0
         if task_eval is not None and (step % cfg.eval.every == 0 or final):
+            t0 = time.perf_counter()
             erow = task_eval(model, step)  # every rank: a sharded model needs all of them
             if rank == 0:
                 log(f"step {step}: eval " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in erow.items()
                                                        if k.endswith(("_acc", "_exact_match"))))
                 metrics_log.log(erow)
             row = {**(row or {"step": step}), **{k: v for k, v in erow.items() if k != "kind"}}
+            paused_s += time.perf_counter() - t0
         saving = step % tc.ckpt_every == 0 or final
         if row is not None:
             if rank == 0 and row.get("kind") == "train":
@@ -487,11 +505,13 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             if not saving:
                 hooks.report(row)
         if saving:
+            t0 = time.perf_counter()
             saver.save(model, optimizer, step, batches.consumed, last, clock.spent, guards())
             if final:
                 saver.finish()
             if metrics_log is not None:
                 metrics_log.flush()
+            paused_s += time.perf_counter() - t0
         maybe_inject_failure(cfg, step, rank)
         finished = final
     saver.finish()
