@@ -531,8 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--language", default="en", help="the data's language (bytes per token, data CPUs)")
     sp.add_argument("--domain", default="web", help="web, books, wiki, code, math or chat")
     sp.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's context; 128 on CPUs)")
-    sp.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume (default 0.40 GPU, 0.45 CPU)")
-    sp.add_argument("--memory-gb", type=float, help="memory per device, GiB, instead of the datasheet's")
+    sp.add_argument("--mfu", type=float,
+                    help="model FLOPs utilisation to assume: a run's logged `mfu`, used as it is (with activation "
+                         "checkpointing it already includes the recompute). Default 0.40 GPU, 0.45 CPU, for a step "
+                         "without recompute: the plan then divides by the recompute (x 1.24-1.33) when it checkpoints")
+    sp.add_argument("--memory-gb", type=float,
+                    help="memory per device, GiB, instead of the total nvidia-smi reports for the device")
     sp.add_argument("--data", help="corpus path for the config's data.path (local or s3://)")
     sp.add_argument("--name", help="run name in the config (default: <size>-<devices><device>)")
     sp.add_argument("--replicate-degree", type=int, default=1, metavar="N",

@@ -9,12 +9,15 @@ token budget   Chinchilla's compute-optimal ~20 tokens per parameter (Hoffmann e
 batch, LR      GPT-3's table (Brown et al. 2020, table 2.1): 0.5M tokens a step below 1B
                parameters, 1M to 5B, 2M to 20B, 4M above; the learning rate interpolated
                log-log between its sizes, plus raylm's own CPU sweep for the tiny model (3e-3).
-               The batch is capped so a run takes at least MIN_STEPS optimizer steps.
+               The batch is capped so a run takes at least MIN_STEPS optimizer steps (or
+               one sequence a device a step, when the budget is smaller than that).
 warmup         GPT-3's 375M tokens, at least 1% of the steps and 30 steps, at most 10%.
 memory         per device, under raylm's FSDP2 sharding over S devices (see `memory_per_device`):
                all of them, or under HSDP (train.replicate_degree=R) the devices / R of one replica.
 time           6N + 12LdT FLOPs per token (raylm.metrics.flops_per_token) over devices x peak x
-               MFU, with one extra forward (x 4/3) when activations are recomputed.
+               MFU; with activation checkpointing and the default MFU, plus one more forward
+               of the blocks (`recompute_factor`, x 1.24-1.33), which a run's logged MFU
+               (--mfu) already includes.
 data workers   tokens/s training consumes over the measured tokenize rate of raylm's data
                pipeline per CPU (README, `benchmarks/tokenize_throughput.py`).
 """
@@ -39,21 +42,31 @@ SIZES = {"tiny": "tiny", "124m": "gpt2-124m", "125m": "gpt2-124m", "gpt2-124m": 
          "350m": "350m", "1b": "1b", "3b": "3b", "7b": "7b"}
 
 # Devices by name, matched whole (case, spaces, hyphens and underscores aside: "a100 40gb" is
-# "A100-40GB", "H100" is never "GH200"): memory in GiB from the vendors' datasheets, and the key
-# of the bf16 peak in raylm.metrics.PEAK_BF16_FLOPS, so MFU means the same in plans and in runs.
-DEVICES: dict[str, tuple[float, str]] = {
-    "H200": (141, "H200"), "GH200": (96, "GH200"), "H100": (80, "H100"), "H100 SXM": (80, "H100"),
-    "H100 PCIe": (80, "H100 PCIe"), "B200": (180, "B200"), "A100": (80, "A100"), "A100-80GB": (80, "A100"),
-    "A100-40GB": (40, "A100"), "L40S": (48, "L40S"), "A10G": (24, "A10G"), "L4": (24, "L4"),
-    "RTX 4090": (24, "RTX 4090"), "A6000": (48, "A6000"),
+# "A100-40GB", "H100" is never "GH200"): memory in MiB, the total nvidia-smi reports for the
+# device (torch.cuda.mem_get_info's total, with ECC on where the device ships with it), not
+# the datasheet's decimal "GB": an "80GB" H100 has 81,559 MiB, 79.6 GiB. And the key of the
+# bf16 peak in raylm.metrics.PEAK_BF16_FLOPS, so MFU means the same in plans and in runs.
+# Each total is nvidia-smi's as printed in public logs and issue reports: H200 SXM 141GB,
+# GH200 480GB (its 96 GB HBM3 GPU; the 144 GB HBM3e GH200 has more), H100 80GB HBM3 and H100
+# PCIe alike, B200, A100-SXM4-80GB and -40GB, L40S, A10G, L4, GeForce RTX 4090, RTX A6000
+# (ECC off, as it ships; 46,068 MiB with ECC on: pass --memory-gb 44.9).
+DEVICES: dict[str, tuple[int, str]] = {
+    "H200": (143771, "H200"), "GH200": (97871, "GH200"), "H100": (81559, "H100"),
+    "H100 SXM": (81559, "H100"), "H100 PCIe": (81559, "H100 PCIe"), "B200": (183359, "B200"),
+    "A100": (81920, "A100"), "A100-80GB": (81920, "A100"), "A100-40GB": (40960, "A100"),
+    "L40S": (46068, "L40S"), "A10G": (23028, "A10G"), "L4": (23034, "L4"),
+    "RTX 4090": (24564, "RTX 4090"), "A6000": (49140, "A6000"),
 }
+MiB = 1024**2
 # A CPU worker: one core's AVX2 fp32 peak (2 FMA units x 8 lanes x 2 FLOPs x 3 GHz) and a
 # laptop-sized share of host memory (--memory-gb changes it).
 CPU_PEAK_FLOPS = 96e9
 CPU_MEMORY_GIB = 4.0
-# Default MFU. GPUs: a typical bf16 FSDP2 figure for Llama shapes; runs log their own `mfu` in
+# Default MFU, of a step without activation checkpointing (the plan adds the recompute).
+# GPUs: a typical bf16 FSDP2 figure for Llama shapes; runs log their own `mfu` in
 # metrics.jsonl, to pass back with --mfu. CPUs: the tiny model's measured step (4,096 tokens
-# in 0.31-0.39 s on 2 workers, README) is 0.43-0.54 of the peak above.
+# in 0.31-0.39 s on 2 workers, README) is 0.41-0.51 of the peak above, at
+# raylm.metrics.flops_per_token's 7.48 MFLOP a token (sequence 128).
 DEFAULT_MFU = {"gpu": 0.40, "cpu": 0.45}
 # Memory the estimate leaves alone on each device: 10% for the caching allocator's
 # fragmentation, plus (GPUs) 1.5 GiB for the CUDA context and NCCL buffers.
@@ -104,7 +117,7 @@ class Hardware:
 
     def __str__(self) -> str:
         nodes = f"{self.nodes} nodes x {self.per_node}" if self.nodes > 1 else "1 node"
-        return f"{self.devices} x {self.name} ({nodes}), {self.memory / GiB:.0f} GiB each"
+        return f"{self.devices} x {self.name} ({nodes}), {self.memory / GiB:.1f} GiB each"
 
 
 @dataclass(frozen=True)
@@ -112,13 +125,14 @@ class Memory:
     """Bytes per device at the peak of a training step (the start of backward)."""
 
     params: float  # sharded fp32 master weights + the gathered (unsharded) copies FSDP holds
-    grads: float  # sharded fp32 gradients + unsharded ones (a block's, or all under accumulation)
+    grads: float  # sharded fp32 + the root's and a block's unsharded (compute dtype) + all in fp32 under accumulation
     optimizer: float  # AdamW's two fp32 moments, sharded
     activations: float  # one micro-batch's saved tensors, logits and loss included
+    reference: float = 0.0  # DPO's frozen reference model: fp32 shards (+ gathered copies in its forward)
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.reference
 
 
 def parse_count(text: str, what: str = "--tokens") -> int:
@@ -141,7 +155,7 @@ def parse_hardware(gpus: str, nodes: int = 1, memory_gb: float | None = None) ->
     per_node, name = int(m.group(1) or 1), m.group(2)
     if per_node < 1 or nodes < 1:
         raise ConfigError(f"--gpus={gpus!r} --nodes={nodes}: need at least one device and one node")
-    if memory_gb is not None and not 0 < memory_gb < math.inf:  # None (not given) means the datasheet's
+    if memory_gb is not None and not 0 < memory_gb < math.inf:  # None (not given): DEVICES' total
         raise ConfigError(f"--memory-gb={memory_gb:g}: expected a positive number of GiB")
     if name.upper() == "CPU":
         memory = (memory_gb or CPU_MEMORY_GIB) * GiB
@@ -151,8 +165,9 @@ def parse_hardware(gpus: str, nodes: int = 1, memory_gb: float | None = None) ->
     if device is None:
         raise ConfigError(f"--gpus={gpus!r}: unknown device {name!r}; known: {', '.join([*DEVICES, 'CPU'])} "
                           f"(or pass --memory-gb and a known device of the same class)")
-    gib, peak_key = DEVICES[device]
-    return Hardware(device, per_node, nodes, (memory_gb or gib) * GiB, dict(PEAK_BF16_FLOPS)[peak_key], "gpu")
+    mib, peak_key = DEVICES[device]
+    memory = memory_gb * GiB if memory_gb else mib * MiB
+    return Hardware(device, per_node, nodes, memory, dict(PEAK_BF16_FLOPS)[peak_key], "gpu")
 
 
 def _device_key(name: str) -> str:
@@ -195,18 +210,54 @@ def block_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> float:
     return compute_bytes * (2 * d + q + 2 * kv + 2 * q + 4 * hid) + 4 * 2 * d + 4 * cfg.n_heads
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, checkpointing: bool, loss_chunk: int) -> float:
-    """Peak activation memory of one micro-batch. Without checkpointing it comes at the start
-    of backward: every block's saved tensors, the final norm's, the int64 inputs and targets,
-    and the loss's peak (`loss_bytes`). With checkpointing the blocks keep only their inputs,
-    and backward recomputes one block at a time, after the loss's tensors are gone: the peak
-    is the larger of the two."""
+def doc_mask_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_bytes: int,
+                   checkpointing: bool) -> tuple[float, float]:
+    """What document masking adds, as (bytes each layer saves, bytes shared by all layers).
+
+    raylm's attention with a document mask is SDPA with the boolean block-causal mask
+    (raylm.model.document_mask; `Transformer.doc_mask_kernel` is "sdpa" on every device:
+    FlexAttention's BlockMask, which would allocate none of this, is only what a benchmark
+    compares against). SDPA turns the boolean mask into an additive bias in the compute dtype
+    and saves it for backward, in every layer, eager or compiled. Under GQA `raylm.model.attend`
+    folds the G = n_heads / kv_heads query heads sharing a kv head into the query length, so the
+    bias is (B, 1, G T, T): G T compute-dtype elements a token, each layer. Shared: the RoPE
+    tables gathered at each token's document position, cos and sin (B, T, head_dim / 2) in
+    fp32, saved by every layer's rotation; under activation checkpointing also the boolean
+    (B, 1, T, T) mask, an input every checkpointed block keeps for its recompute."""
+    groups = cfg.n_heads // cfg.kv_heads
+    bias = tokens * groups * seq_len * compute_bytes
+    shared = tokens * 4 * cfg.head_dim + (tokens * seq_len if checkpointing else 0)
+    return bias, shared
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, checkpointing: bool, loss_chunk: int,
+                     seq_len: int = 0, doc_mask: bool = False, dpo: bool = False) -> float:
+    """Peak activation memory of one micro-batch of `tokens` tokens in rows of `seq_len`.
+    Without checkpointing it comes at the start of backward: every block's saved tensors
+    (with `doc_mask`, each layer's attention bias too: `doc_mask_bytes`), the final norm's,
+    the int64 inputs and targets, and the loss's peak (`loss_bytes`, or with `dpo` DPO's
+    log-probabilities: `dpo_logprob_bytes`). With checkpointing the blocks keep only their
+    inputs, and backward recomputes one block at a time (its attention bias included), after
+    the loss's tensors are gone: the peak is the larger of the two."""
+    loss = dpo_logprob_bytes(cfg, tokens) if dpo else loss_bytes(cfg, tokens, compute_bytes, loss_chunk)
+    saved, recompute = _forward_saved(cfg, tokens, compute_bytes, checkpointing, seq_len, doc_mask)
+    return saved + max(loss, recompute)
+
+
+def _forward_saved(cfg: ModelConfig, tokens: int, compute_bytes: int, checkpointing: bool, seq_len: int,
+                   doc_mask: bool) -> tuple[float, float]:
+    """(what the forward leaves saved for backward, loss aside; what backward's recompute of
+    one checkpointed block adds, 0 without checkpointing)."""
     block = block_bytes_per_token(cfg, compute_bytes)
     final = (4 + compute_bytes) * cfg.dim + 16
-    loss = loss_bytes(cfg, tokens, compute_bytes, loss_chunk)
+    bias, shared = 0.0, 0.0
+    if doc_mask:
+        if seq_len < 1:
+            raise ValueError("doc_mask needs the rows' seq_len: the attention bias grows with its square")
+        bias, shared = doc_mask_bytes(cfg, tokens, seq_len, compute_bytes, checkpointing)
     if not checkpointing:
-        return tokens * (cfg.n_layers * block + final) + loss
-    return tokens * (cfg.n_layers * cfg.dim * compute_bytes + final) + max(loss, tokens * block)
+        return tokens * (cfg.n_layers * block + final) + cfg.n_layers * bias + shared, 0.0
+    return tokens * (cfg.n_layers * cfg.dim * compute_bytes + final) + shared, tokens * block + bias
 
 
 def loss_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, chunk: int) -> float:
@@ -220,9 +271,25 @@ def loss_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, chunk: int) ->
             + min(chunk, tokens) * cfg.vocab_size * (4 + compute_bytes))
 
 
+# DPO's log-probabilities (raylm.objectives.sequence_logprobs) take the full logits, never
+# chunked. The policy's forward saves their fp32 copy for logsumexp (4 V bytes a token), and
+# at the start of backward logsumexp's and gather's gradient temporaries join it: 16 V bytes
+# a token at the peak. The frozen reference's forward, under no_grad, peaks at 8 V (its
+# compute-dtype logits, their fp32 copy and logsumexp's temporary) beside the policy's saved
+# 4 V. Both measured by replaying the CPU allocator's events of these steps.
+DPO_LOGPROB_BYTES = 16
+REFERENCE_LOGPROB_BYTES = 8
+POLICY_SAVED_LOGPROB_BYTES = 4
+
+
+def dpo_logprob_bytes(cfg: ModelConfig, tokens: int) -> float:
+    return DPO_LOGPROB_BYTES * cfg.vocab_size * tokens
+
+
 def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch: int, shard: int, precision: str,
                       checkpointing: bool = False, accumulation: int = 1, sharded: bool = True,
-                      loss_chunk: int = 0) -> Memory:
+                      loss_chunk: int = 0, doc_mask: bool = False, dpo: bool = False,
+                      reference: bool = True) -> Memory:
     """Peak bytes on one device of a raylm training step (raylm.train.train_step under
     raylm.parallel.shard_model), over `shard` devices.
 
@@ -231,20 +298,65 @@ def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch: int, shard: i
     AdamW's two moments are sharded (16 N / S bytes). FSDP also holds gathered copies in the
     compute dtype: the root unit (embeddings, head, final norm), which raylm never reshards,
     and three blocks (the one computing, the one prefetched, and the last block, kept for
-    backward); plus one block's unsharded gradient. With gradient accumulation raylm syncs
-    gradients only on the last micro-batch, and FSDP2 keeps the others unsharded in fp32:
-    4 N bytes on every device, whatever S."""
+    backward); plus the unsharded compute-dtype gradients of the root (alive from the head's
+    backward to the embedding's, where the root unit reduces) and of the block in backward.
+    With gradient accumulation raylm syncs gradients only on the last micro-batch, and FSDP2
+    keeps them unsharded in fp32 between micro-batches: 4 N bytes on every device, whatever S,
+    beside the current micro-batch's compute-dtype ones.
+
+    `doc_mask`: document masking (pre-training with data.document_mask, SFT always), whose
+    attention bias every layer saves (`doc_mask_bytes`). `dpo`: a DPO step, where
+    `micro_batch` counts pairs: one forward over the 2 x micro_batch chosen and rejected
+    sequences, its log-probabilities from the full logits (`loss_chunk` does not apply), and
+    with `reference` (unless dpo.precompute_reference) the frozen reference model, sharded
+    like the policy (`Memory.reference`). The reference runs its forward after the policy's,
+    gathering its root and up to two blocks while the policy holds its saved activations; that
+    moment is counted too, and the larger of it and the start of backward is the peak."""
+    if dpo and doc_mask:
+        raise ValueError("DPO batches are not document-masked (raylm.objectives.pair_logprobs)")
     n = count_params(cfg)
     p = 2 if precision == "bf16" else 4
-    tokens = micro_batch * seq_len
-    acts = activation_bytes(cfg, tokens, p, checkpointing, loss_chunk)
+    rows = 2 * micro_batch if dpo else micro_batch
+    tokens = rows * seq_len
+    acts = activation_bytes(cfg, tokens, p, checkpointing, loss_chunk, seq_len, doc_mask, dpo)
+    ref_shards = (4 * n / shard if sharded else 4 * n) if dpo and reference else 0.0
     if not sharded:
-        return Memory(params=4 * n, grads=4 * n, optimizer=8 * n, activations=acts)
+        return Memory(params=4 * n, grads=4 * n, optimizer=8 * n, activations=acts, reference=ref_shards)
     block = _block_params(cfg)
     root = n - cfg.n_layers * block
-    params = 4 * n / shard + p * (root + 3 * block)
-    grads = 4 * n / shard + (4 * n if accumulation > 1 else p * (root + block))
-    return Memory(params=params, grads=grads, optimizer=8 * n / shard, activations=acts)
+    accumulated = 4 * n if accumulation > 1 else 0.0
+    peak = Memory(params=4 * n / shard + p * (root + 3 * block),
+                  grads=4 * n / shard + accumulated + p * (root + block),
+                  optimizer=8 * n / shard, activations=acts, reference=ref_shards)
+    if not (dpo and reference):
+        return peak
+    # The reference's forward: the policy holds its root and last block gathered, its saved
+    # activations with the fp32 logits, and the gradients of earlier micro-batches; the
+    # reference gathers its root and up to two blocks and computes its logits.
+    saved, _ = _forward_saved(cfg, tokens, p, checkpointing, seq_len, False)
+    logits = (POLICY_SAVED_LOGPROB_BYTES + REFERENCE_LOGPROB_BYTES) * cfg.vocab_size * tokens
+    during_reference = Memory(params=4 * n / shard + p * (root + block), grads=4 * n / shard + accumulated,
+                              optimizer=8 * n / shard, activations=saved + logits,
+                              reference=ref_shards + p * (root + 2 * block))
+    return max(peak, during_reference, key=lambda m: m.total)
+
+
+def memory_for_config(cfg: Config, device_type: str = "cuda") -> Memory:
+    """`memory_per_device` for a raylm config's training step, its settings resolved as a
+    worker on `device_type` resolves them (precision, loss chunk): the stage decides the
+    rest. SFT always masks documents (raylm.objectives.make_objective), pre-training when
+    data.document_mask is on; DPO counts micro-batches in pairs and holds the frozen
+    reference unless dpo.precompute_reference."""
+    tc = cfg.train.for_device(device_type)
+    model = cfg.model if cfg.model.vocab_size else cfg.model.with_vocab(cfg.tokenizer.vocab_size)
+    shard = tc.num_workers // tc.replicate_degree
+    accumulation = tc.global_batch_size // (tc.micro_batch_size * tc.num_workers)
+    sharded = tc.num_workers > 1 or tc.precision != "fp32"  # raylm.parallel.sharding_pays
+    dpo = cfg.stage == "dpo"
+    doc_mask = cfg.stage == "sft" or (cfg.stage not in ("sft", "dpo") and cfg.data.document_mask)
+    return memory_per_device(model, cfg.data.seq_len, tc.micro_batch_size, shard, tc.precision,
+                             tc.activation_checkpointing, accumulation, sharded, tc.loss_chunk_size,
+                             doc_mask=doc_mask, dpo=dpo, reference=not cfg.dpo.precompute_reference)
 
 
 def loss_chunk_for(kind: str) -> int:
@@ -278,7 +390,8 @@ class Plan:
     precision: str
     replicate_degree: int  # train.replicate_degree: 1 is FSDP over every device, R > 1 HSDP
     memory: Memory
-    mfu: float
+    mfu: float  # as given (--mfu: a run's logged MFU) or DEFAULT_MFU
+    recompute: float  # what activation checkpointing's recompute divides throughput by (1: none, or in mfu)
     tokens_per_s: float
     hours: float
     data_cpus: int
@@ -323,30 +436,49 @@ def bytes_per_token(vocab: int, language: str, domain: str) -> float:
     return base * DOMAIN_FACTOR[domain] * (1.0 if language == "en" else OTHER_LANGUAGE_FACTOR)
 
 
-def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: int, precision: str, replicate_degree: int = 1):
+def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: float, cap: int, precision: str,
+         replicate_degree: int = 1, doc_mask: bool = False):
     """The largest power-of-two micro-batch (up to what one rank needs a step) that fits,
-    without activation checkpointing if any does (recompute costs a third more compute),
-    else with it, with the state sharded over `hw.shard(replicate_degree)` devices. None if
-    nothing fits."""
+    without activation checkpointing if any does (recompute costs about a third more
+    compute), else with it, with the state sharded over `hw.shard(replicate_degree)` devices;
+    and its accumulation steps: the nearest to `per_rank` sequences a rank, but never more
+    than `cap` (the MIN_STEPS bound). None if nothing fits."""
     sharded = hw.kind == "gpu" or hw.devices > 1
     for checkpointing in (False, True):
-        mb = 1 << (max(1, per_rank).bit_length() - 1)
+        mb = 1 << (max(1, min(round(per_rank), cap)).bit_length() - 1)
         while mb >= 1:
-            accumulation = max(1, round(per_rank / mb))
+            accumulation = min(max(1, round(per_rank / mb)), cap // mb)
             mem = memory_per_device(cfg, seq_len, mb, hw.shard(replicate_degree), precision, checkpointing,
-                                    accumulation, sharded, loss_chunk_for(hw.kind))
+                                    accumulation, sharded, loss_chunk_for(hw.kind), doc_mask=doc_mask)
             if mem.total <= hw.usable:
                 return mb, accumulation, checkpointing, mem
             mb //= 2
     return None
 
 
+def recompute_factor(cfg: ModelConfig, seq_len: int) -> float:
+    """Compute of a step with activation checkpointing over one without: backward recomputes
+    each checkpointed block's forward, a third of the blocks' share of raylm.metrics'
+    6N + 12LdT (their weights' 6 FLOPs a parameter and all of the attention's 12LdT); the LM
+    head and final norm sit outside the checkpointed blocks and are not recomputed. 1.24 at
+    gpt2-124m (T 1024), 1.31 at 1b (2048), 1.33 at 7b (4096)."""
+    blocks = 6 * cfg.n_layers * _block_params(cfg) + 12 * cfg.n_layers * cfg.dim * seq_len
+    return 1 + blocks / (3 * flops_per_token(cfg, seq_len))
+
+
 def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = None, language: str = "en",
               domain: str = "web", seq_len: int | None = None, mfu: float | None = None,
               train_tokens: str | int | None = None, memory_gb: float | None = None, data: str = "",
-              name: str | None = None, replicate_degree: int = 1) -> Plan:
+              name: str | None = None, replicate_degree: int = 1, document_mask: bool = False) -> Plan:
     """`replicate_degree` is train.replicate_degree: >1 plans HSDP, with the state sharded
-    over the devices / replicate_degree devices of one replica instead of over all of them."""
+    over the devices / replicate_degree devices of one replica instead of over all of them.
+    `document_mask` is data.document_mask: attention within each packed document, whose
+    attention bias every layer keeps (`doc_mask_bytes`).
+
+    `mfu`: without it, DEFAULT_MFU, the share of the peak the step's own FLOPs would run at;
+    activation checkpointing then adds its recompute (`recompute_factor`). Given, it is a
+    run's logged `mfu` (model FLOPs, raylm.metrics: the recompute of a checkpointed run is
+    already in it, as lower throughput), used as it is."""
     preset, cfg = resolve_size(size)
     hw = parse_hardware(gpus, nodes, memory_gb)
     if domain not in DOMAIN_FACTOR:
@@ -366,6 +498,7 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
     if seq_len > cfg.max_seq_len:
         cfg = replace(cfg, max_seq_len=seq_len)
         notes.append(f"model.max_seq_len raised to {seq_len}")
+    mfu_given = mfu is not None
     if mfu is None:
         mfu = DEFAULT_MFU[hw.kind]
     if not 0 < mfu <= 1:
@@ -388,13 +521,17 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
             raise ConfigError(f"{what}={value:,} is fewer tokens than one step: {hw.devices} devices x "
                               f"{seq_len} tokens = {step_tokens_min:,}")
 
-    # Batch: the target sequences a step, split over the data-parallel ranks (every device).
+    # Batch: the target sequences a step, split over the data-parallel ranks (every device),
+    # and at most `cap` of them a rank, so that the budget makes MIN_STEPS steps (one sequence
+    # a device when it is too small for that).
     target = min(_batch_tokens(n), budget / MIN_STEPS)
-    per_rank = max(1, round(target / seq_len / hw.devices))
-    fit = _fit(cfg, hw, seq_len, per_rank, precision, replicate_degree)
+    per_rank = target / seq_len / hw.devices
+    cap = max(1, math.floor(budget / MIN_STEPS / seq_len / hw.devices))
+    fit = _fit(cfg, hw, seq_len, per_rank, cap, precision, replicate_degree, document_mask)
     if fit is None:
-        need = memory_per_device(cfg, seq_len, 1, hw.shard(replicate_degree), precision, True, per_rank, True,
-                                 loss_chunk_for(hw.kind))
+        need = memory_per_device(cfg, seq_len, 1, hw.shard(replicate_degree), precision, True,
+                                 min(max(1, round(per_rank)), cap), True, loss_chunk_for(hw.kind),
+                                 doc_mask=document_mask)
         hsdp = f" under HSDP (train.replicate_degree={replicate_degree})" if replicate_degree > 1 else ""
         raise ConfigError(
             f"--size {size} does not fit on {hw}{hsdp}: {need.total / GiB:.1f} GiB per device even with micro-batch 1 "
@@ -409,14 +546,14 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
     warmup = min(max(30, round(WARMUP_TOKENS / (global_batch * seq_len)), steps // 100), max(1, steps // 10))
     lr = _lr(n)
 
-    recompute = 4 / 3 if checkpointing else 1.0
+    recompute = recompute_factor(cfg, seq_len) if checkpointing and not mfu_given else 1.0
     tokens_per_s = hw.devices * hw.peak * mfu / (flops_per_token(cfg, seq_len) * recompute)
     hours = train_tokens_final / tokens_per_s / 3600
     bpt = bytes_per_token(cfg.vocab_size, language, domain)
     data_cpus = math.ceil(tokens_per_s * bpt / TOKENIZE_BYTES_PER_S_PER_CPU)
 
     if hw.nodes > 1 and replicate_degree == 1:
-        hsdp = _fit(cfg, hw, seq_len, per_rank, precision, hw.nodes)
+        hsdp = _fit(cfg, hw, seq_len, per_rank, cap, precision, hw.nodes, document_mask)
         notes.append(
             f"HSDP (train.replicate_degree={hw.nodes}: shard within a node, replicate across {hw.nodes}) would keep "
             f"all-gathers on the node's links"
@@ -425,6 +562,9 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
     if accumulation > 1:
         notes.append(f"gradient accumulation holds unsharded fp32 gradients ({_bytes(4 * n)} per device) "
                      f"between micro-batches")
+    if checkpointing and mfu_given:
+        notes.append(f"--mfu {mfu:g} is taken as a run's logged MFU, which already counts activation "
+                     f"checkpointing's recompute (x {recompute_factor(cfg, seq_len):.2f} compute at this shape)")
 
     default_name = f"{preset}-{hw.devices}{hw.name.lower().replace(' ', '-')}"  # 1b-8h100-pcie
     overrides = [f"name={name or default_name}", f"model.preset={preset}",
@@ -434,13 +574,15 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
                  f"train.max_steps={steps}", f"train.lr={lr}", f"train.warmup_steps={warmup}",
                  f"train.activation_checkpointing={'true' if checkpointing else 'false'}",
                  f"train.replicate_degree={replicate_degree}"]
+    if document_mask:
+        overrides.append("data.document_mask=true")
     overrides.append(f"tokenizer.vocab_size={tokenizer_vocab(preset)}")
     if data:
         overrides.append(("data.path", data))
     config = load_config(overrides=overrides)
     return Plan(preset, cfg, hw, n, available, train_tokens_final, epochs, rule, seq_len, global_batch, mb,
-                accumulation, steps, lr, warmup, checkpointing, precision, replicate_degree, mem, mfu, tokens_per_s,
-                hours, data_cpus, bpt, language, domain, tuple(notes), config)
+                accumulation, steps, lr, warmup, checkpointing, precision, replicate_degree, mem, mfu, recompute,
+                tokens_per_s, hours, data_cpus, bpt, language, domain, tuple(notes), config)
 
 
 # --------------------------------------------------------------------------- output
@@ -479,7 +621,7 @@ def format_table(plan: Plan) -> str:
                           f"activations {gib(m.activations)} = {gib(m.total)}"),
         ("headroom", f"{gib(hw.memory - m.total)} of {gib(hw.memory)} ({(hw.memory - m.total) / hw.memory:.0%})"),
         ("throughput", f"{_count(plan.tokens_per_s)} tokens/s at {plan.mfu:.0%} MFU"
-                       + (" (x 3/4 for recompute)" if plan.checkpointing else "")),
+                       + (f" (/ {plan.recompute:.2f} for recompute)" if plan.recompute != 1 else "")),
         ("time", f"{_duration(plan.hours)}, {plan.device_hours:,.1f} device-hours"),
         ("data workers", f"{plan.data_cpus} CPU{'s' * (plan.data_cpus > 1)} to tokenize as fast as training reads "
                          f"(data.mode=stream), or {plan.prepare_cpu_hours:,.3g} CPU-hours to prepare it ahead "

@@ -29,14 +29,17 @@ def device():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("checkpointing,accumulation", [(False, 1), (True, 1), (False, 2)],
-                         ids=["plain", "activation-checkpointing", "accumulation"])
-def test_memory_estimate_matches_cuda_peak(device, checkpointing, accumulation):
+@pytest.mark.parametrize("checkpointing,accumulation,doc_mask", [(False, 1, False), (True, 1, False),
+                                                                  (False, 2, False), (False, 1, True)],
+                         ids=["plain", "activation-checkpointing", "accumulation", "document-mask"])
+def test_memory_estimate_matches_cuda_peak(device, checkpointing, accumulation, doc_mask):
     """Tolerance 20% (wider than the CPU test's 15%, and not yet run on a GPU): the
     allocator's peak also holds kernel workspaces (cuBLAS, SDPA), FSDP's all-gather and
     reduce-scatter buffers and its rounding to 512-byte blocks, which the estimate leaves to
     the plan's headroom; a missing term (the logits, the unsharded gradients under
-    accumulation, the activations) moves the total by more than that."""
+    accumulation, the activations, document masking's attention bias in every layer) moves
+    the total by more than that. Document masking: raylm's SDPA path with the boolean mask
+    (`Transformer.doc_mask_kernel = "sdpa"`), rows cut into documents at token id 0."""
     from raylm.parallel import build_parallel_model
 
     cfg = MODEL_PRESETS["gpt2-124m"].with_vocab(32000)
@@ -46,15 +49,17 @@ def test_memory_estimate_matches_cuda_peak(device, checkpointing, accumulation):
     base = torch.cuda.memory_allocated(device)
     model = build_parallel_model(cfg, device, "bf16", seed=0, activation_checkpointing=checkpointing)
     opt = make_optimizer(model, TrainConfig(), device)
-    objective = NextTokenObjective(chunk_size=LOSS_CHUNK)
+    objective = NextTokenObjective(chunk_size=LOSS_CHUNK, doc_sep=0 if doc_mask else None)
     g = torch.Generator(device=device).manual_seed(0)
     for _ in range(3):
-        mbs = [{"tokens": torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device, generator=g)}
+        mbs = [{"tokens": torch.randint(1, cfg.vocab_size, (micro_batch, seq_len + 1), device=device, generator=g)}
                for _ in range(accumulation)]
+        for mb in mbs:
+            mb["tokens"][:, ::300] = 0  # documents of 300 tokens (ignored without doc_mask)
         train_step(model, opt, mbs, objective, 1e-4, 1.0)
     torch.cuda.synchronize(device)
     measured = torch.cuda.max_memory_allocated(device) - base
     est = memory_per_device(cfg, seq_len, micro_batch, 1, "bf16", checkpointing, accumulation, sharded=True,
-                            loss_chunk=LOSS_CHUNK)
+                            loss_chunk=LOSS_CHUNK, doc_mask=doc_mask)
     del model, opt
     assert measured == pytest.approx(est.total, rel=0.20), (measured / 2**30, est)

@@ -13,7 +13,7 @@ What would otherwise fail only on a real cluster, checked without one:
 - every job command (a RayJob's entrypoint, and the commands written in comments) runs a file
   in jobs/, parses with raylm's own CLI parser, loads as a raylm config, and fits its cluster:
   shared storage, a global batch divisible by micro-batch x workers, GPUs for every worker, and
-  the memory per GPU that raylm's estimator (`raylm.plan.memory_per_device`, what `raylm plan`
+  the memory per GPU that raylm's estimator (`raylm.plan.memory_for_config`, what `raylm plan`
   sizes runs with) gives for each step, within the plan's budget for the GPU type the cluster
   names (the launcher's instance types; a KubeRay GPU group's `raylm/instance-type`);
 - a recipe's job (`jobs/run.py --config RECIPE`) loads the recipe and every training stage
@@ -489,30 +489,13 @@ def _placeholders_left(cfg: Config) -> list[str]:
 
 
 def _memory_per_gpu(cfg: Config) -> float:
-    """Peak bytes on one GPU of a training step of `cfg`, by raylm's estimator
-    (raylm.plan.memory_per_device, as `raylm plan` sizes runs), with the config's settings
-    resolved as a CUDA worker resolves them (precision, chunked loss).
+    """Peak bytes on one GPU of a training step of `cfg`, by raylm's estimator for a config
+    (raylm.plan.memory_for_config, the memory model `raylm plan` sizes runs with), with the
+    config's settings resolved as a CUDA worker resolves them; the stage's own step (SFT's
+    document masking, DPO's pairs, full logits and frozen reference) is the estimator's."""
+    from raylm.plan import memory_for_config
 
-    DPO differs from the plan's pre-training step in what raylm's code does: a micro-batch of
-    n pairs is one forward over 2n sequences (objectives.pair_logprobs, chosen and rejected
-    stacked) whose log-probabilities come from the full logits (sequence_logprobs: no
-    chunked loss), and unless dpo.precompute_reference the frozen reference's fp32 shards
-    (train.reference_model, sharded like the policy) sit beside the policy."""
-    from raylm.model import count_params
-    from raylm.plan import memory_per_device
-
-    tc = cfg.train.for_device("cuda")
-    model = cfg.model if cfg.model.vocab_size else cfg.model.with_vocab(cfg.tokenizer.vocab_size)
-    shard = tc.num_workers // tc.replicate_degree
-    accumulation = tc.global_batch_size // (tc.micro_batch_size * tc.num_workers)
-    sequences, loss_chunk, extra = tc.micro_batch_size, tc.loss_chunk_size, 0.0
-    if cfg.stage == "dpo":
-        sequences, loss_chunk = 2 * tc.micro_batch_size, 0
-        if not cfg.dpo.precompute_reference:
-            extra = 4 * count_params(model) / shard
-    mem = memory_per_device(model, cfg.data.seq_len, sequences, shard, tc.precision, tc.activation_checkpointing,
-                            accumulation, True, loss_chunk)
-    return mem.total + extra
+    return memory_for_config(cfg, "cuda").total
 
 
 def _check_fits(where: str, cfg: Config, gpus: int, devices: list[str] = ()) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 
 from raylm import storage
 from raylm.config import ConfigError
+from raylm.plan import memory_for_config, parse_hardware
 from raylm.recipe import STAGES, load_recipe, read_stage_record, run_recipe, stage_config, stage_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +73,11 @@ def test_recipe_stages_validate_and_fit(path, tmp_path):
             assert tc.num_workers == gpus, f"{where}: {tc.num_workers} workers for {gpus} GPUs"
             assert cfg.storage.startswith("s3://"), f"{where}: every node writes checkpoint shards"
             assert cfg.data.seq_len <= cfg.model.max_seq_len
+            # The GPU recipes are sized for 80 GB H100s (their headers): each training stage's
+            # step fits one by the estimator `raylm plan` sizes runs with (DPO's 8 pairs did not).
+            sized = dataclasses.replace(cfg, model=cfg.model.with_vocab(recipe_vocab(recipe)))
+            need, usable = memory_for_config(sized, "cuda").total, parse_hardware("1xH100").usable
+            assert need <= usable, f"{where}: {need / 2**30:.1f} GiB a GPU, over an H100's {usable / 2**30:.1f}"
         if stage.name == "pretrain":
             cfg.model.with_vocab(recipe_vocab(recipe))
     if gpus >= 64:  # multi-node: the memory that makes it fit
