@@ -813,7 +813,9 @@ class EvalConfig:
 
 STAGES = ("pretrain", "sft", "dpo")
 GLOB_CHARS = ("*", "?")  # wildcards in raylm.storage paths
-PLACEHOLDER = re.compile(r"<[A-Za-z][\w.-]*>")  # `<bucket>` in an example's path
+# An example's path left as written: `<bucket>` anywhere, or any `<...>` where an S3 bucket's
+# name goes (bucket names never hold "<"). Narrow on purpose: a local path or S3 key may.
+PLACEHOLDER = re.compile(r"^s3://(<[^/]*>)|(<bucket>)")
 
 
 @dataclass(frozen=True)
@@ -868,7 +870,8 @@ class Config:
             # Shipped recipes and examples write s3://<bucket>/...: one left in would fail only
             # when its stage starts, perhaps days into a recipe.
             if m := PLACEHOLDER.search(value or ""):
-                raise ConfigError(f"{key}={value!r}: {m.group()} is a placeholder; put your own value there")
+                raise ConfigError(f"{key}={value!r}: {m.group(1) or m.group(2)} is a placeholder; "
+                                  f"put your own value there")
         for key, value in (("name", self.name), ("storage", self.storage)):
             if any(c in value for c in GLOB_CHARS):
                 raise ConfigError(f"{key}={value!r}: {' '.join(GLOB_CHARS)} are not allowed in a run's path "
@@ -1075,9 +1078,10 @@ def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, An
     """Defaults <- `base` mapping <- YAML file <- dotted overrides, validated. Overrides are
     'key=value' strings or (key, value) pairs (see `_nest`)."""
     data: dict[str, Any] = dict(base or {})
+    overrides = list(overrides)  # read twice below: an iterator would be spent by the first
     if path:
         # The S3 settings that reach the file are the ones given beside it (or the environment's).
-        s3 = _build(S3Config, _merge(data, _nest(list(overrides))).get("s3") or {}, "s3.")
+        s3 = _build(S3Config, _merge(data, _nest(overrides)).get("s3") or {}, "s3.")
         text = _read_config_text(path, "config file", s3)
         try:
             loaded = load_yaml(text) or {}
@@ -1086,7 +1090,7 @@ def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, An
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         data = _merge(data, loaded)
-    data = _merge(data, _nest(list(overrides)))
+    data = _merge(data, _nest(overrides))
     return _build(Config, data, "").validate()
 
 

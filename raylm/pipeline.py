@@ -535,18 +535,19 @@ def absolute_paths(cfg: Config) -> Config:
 
 def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: bool = True) -> dict:
     """Every stage up to a trained model, then validation perplexity, samples and a loss plot."""
+    from raylm.train import resume_point
+
     t0 = time.time()
     cfg, corpus = preflight(absolute_paths(cfg))
+    if resume == "must":  # --resume with nothing to resume: say so before anything is written
+        resume_point(cfg, resume)
     with storage.held(cfg.run_dir):  # before anything is written there
         return _pretrain(cfg, corpus, resume, max_failures, samples, t0)
 
 
 def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int, samples: bool, t0: float) -> dict:
-    from raylm.train import resume_point
     from raylm.train_ray import run_ray_training
 
-    if resume == "must":  # --resume with nothing to resume: say so before any stage's work
-        resume_point(cfg, resume)
     cfg = ensure_corpus(cfg)
 
     def without_ray():

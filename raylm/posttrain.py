@@ -110,22 +110,23 @@ def check_records_path(cfg: Config) -> None:
 
 def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
     """SFT or DPO (cfg.stage) from cfg.init_from on the records at data.path; returns a summary."""
+    from raylm.train import resume_point
+
     t0 = time.time()
     cfg = absolute_paths(cfg)
     if cfg.stage not in ("sft", "dpo"):
         raise ConfigError(f"stage={cfg.stage!r}: post-training is sft or dpo")
-    with storage.held(cfg.run_dir):  # before anything is written there
-        return _posttrain(cfg, resume, max_failures, t0)
-
-
-def _posttrain(cfg: Config, resume: str, max_failures: int, t0: float) -> dict:
-    from raylm.train import resume_point
-    from raylm.train_ray import run_ray_training
-
     cfg, parent = parent_of(cfg, recorded_parent(cfg, resume))
     check_records_path(cfg)
     if resume == "must":  # --resume with nothing to resume: say so before anything is written
         resume_point(cfg, resume)
+    with storage.held(cfg.run_dir):  # before anything is written there
+        return _posttrain(cfg, parent, resume, max_failures, t0)
+
+
+def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: float) -> dict:
+    from raylm.train_ray import run_ray_training
+
     tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
     if parent["tokenizer_sha256"] and tok.sha256 != parent["tokenizer_sha256"]:
         raise checkpoint.CheckpointError(f"{cfg.tokenizer.path}: tokenizer hash {tok.sha256[:12]} differs from the "

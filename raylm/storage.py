@@ -406,6 +406,7 @@ def held(uri: str, what: str = "run") -> Iterator[None]:
         os.makedirs(path, exist_ok=True)
         fd = os.open(os.path.join(path, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -415,10 +416,10 @@ def held(uri: str, what: str = "run") -> Iterator[None]:
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-            yield  # a filesystem without locks (some network ones): as on object storage
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"a raylm {what}, pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            locked = False  # a filesystem without locks (some network ones): as on object storage
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"a raylm {what}, pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # and the lock with it

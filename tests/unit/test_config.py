@@ -450,3 +450,16 @@ def test_a_placeholder_left_in_a_path_is_refused_naming_the_key(key):
     """Examples write s3://<bucket>/...; left in, it failed only when its stage read it."""
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}='s3://<bucket>/x': <bucket> is a placeholder"):
         load_config(overrides=[f"{key}=s3://<bucket>/x"])
+
+
+def test_only_an_examples_bucket_counts_as_a_placeholder(tmp_path):
+    """`<...>` may be part of a real local path or S3 key; an S3 bucket's name never holds one."""
+    assert load_config(overrides=[f"data.path={tmp_path}/<lang>.txt", "init_from=s3://b/runs/<v2>/x"])
+    with pytest.raises(ConfigError, match=r"^storage='s3://<my-bucket>/r': <my-bucket> is a placeholder"):
+        load_config(overrides=["storage=s3://<my-bucket>/r"])
+
+
+def test_overrides_may_come_as_an_iterator_with_a_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: fromfile\n")
+    assert load_config(str(path), iter(["name=override"])).name == "override"

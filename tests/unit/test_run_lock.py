@@ -63,14 +63,25 @@ def test_pretrain_refuses_a_run_in_use_before_writing_there(tmp_path):
     assert os.listdir(run) == [storage.RUN_LOCK]
 
 
-def test_posttrain_refuses_a_run_in_use_before_writing_there(tmp_path):
+def test_posttrain_refuses_a_run_in_use_before_writing_there(tmp_path, tiny_run):
     from raylm.posttrain import posttrain
 
     run = tmp_path / "run"
+    (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with storage.held(str(run)):
         with pytest.raises(StorageError, match="in use by a raylm run"):
-            posttrain(_cfg(tmp_path, "stage=sft", f"init_from={tmp_path / 'parent'}"))
+            posttrain(_cfg(tmp_path, "stage=sft", f"init_from={tiny_run}", f"data.path={tmp_path / 'chat.jsonl'}"))
     assert os.listdir(run) == [storage.RUN_LOCK]
+
+
+def test_a_resume_with_nothing_to_resume_leaves_no_directory(tmp_path):
+    """`--resume` of a mistyped name is refused before the lock makes the run directory."""
+    from raylm.errors import PathNotFoundError
+    from raylm.pipeline import pretrain
+
+    with pytest.raises(PathNotFoundError, match="no complete checkpoint"):
+        pretrain(_cfg(tmp_path), resume="must")
+    assert not (tmp_path / "run").exists()
 
 
 def test_tune_refuses_a_search_in_use_new_or_resumed(tmp_path):
