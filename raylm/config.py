@@ -111,8 +111,10 @@ class ModelConfig:
     # standard parametrisation, unchanged. "sqrt": every learning rate times multiplier^-0.5
     # (nanochat's (d_model/768)^-0.5 with base_dim=768). "mup": maximal update parametrisation
     # (Tensor Programs V) for Adam: hidden matrices init std and learning rate divided by
-    # sqrt(multiplier) and multiplier, logits scaled by 1/multiplier; embeddings and norms as
-    # at base width. Widen by adding heads (head_dim fixed), as muP's attention assumes here.
+    # sqrt(multiplier) and multiplier (their weight decay times multiplier, so AdamW's
+    # lr x weight_decay a step stays the proxy's, as mup's MuAdamW), logits scaled by
+    # 1/multiplier; embeddings and norms as at base width. Widen by adding heads (head_dim
+    # fixed), as muP's attention assumes here.
     width_scaling: str = "none"
     base_dim: int = 0
 

@@ -127,8 +127,12 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
     layer = {v: k for k, v in _LAYER_KEYS.items()}
     sd = dict(sd)
     if cfg.tie_embeddings:
-        # A tied checkpoint may or may not carry the head; raylm has nowhere to put it.
-        sd.pop("lm_head.weight", None)
+        # A tied checkpoint may carry the embedding, the head or both (safetensors'
+        # save_model de-duplicates a tied pair by keeping `lm_head.weight`, and transformers
+        # loads that). raylm keeps the embedding alone: the head where it is the only copy.
+        head = sd.pop("lm_head.weight", None)
+        if head is not None and "model.embed_tokens.weight" not in sd:
+            sd["model.embed_tokens.weight"] = head
     return {
         _rename(name, top, layer, "model.layers.", "layers."): t
         for name, t in sd.items()
@@ -267,6 +271,11 @@ def check_hf_shape(config: dict, model: ModelConfig, where: str = HF_CONFIG) -> 
         if theirs != ours:
             raise ConfigError(f"{where}: {hf_key}={theirs} but this run has {raylm_key}={ours}; "
                               f"drop the model.* setting to take the checkpoint's shape")
+    if model.qk_norm != hf.qk_norm:
+        # Llama has no per-head q/k norm: its weights are not there, and the run would compute
+        # another function of the checkpoint's weights (see _check_llama).
+        raise ConfigError(f"{where}: a LlamaForCausalLM checkpoint has no q/k norm but this run has "
+                          f"model.qk_norm=true; drop model.qk_norm to start from its weights")
     if model.width_scaling == "mup" and model.width_multiplier != 1:
         # muP divides the logits by the width multiplier: another function of the same weights.
         # ("sqrt" scales learning rates only, and muP at multiplier 1 is the standard model.)
@@ -337,29 +346,46 @@ def _read_safetensors(uri: str, s3) -> dict[str, torch.Tensor]:
 def read_hf_weights(uri: str, model: ModelConfig, s3=None) -> dict[str, torch.Tensor]:
     """raylm's full state dict (fp32) from the HF Llama directory `uri`, whose `config.json`
     must describe `model` (`check_hf_shape`). Every parameter must be there, each with its
-    shape; a tensor raylm has no place for is refused, not dropped."""
+    shape; a tensor raylm has no place for is refused, not dropped. A tied model's embedding
+    may come as `lm_head.weight` alone (in any shard), as safetensors' save_model leaves it."""
     from raylm.model import Transformer
 
     check_hf_shape(read_hf_config(uri, s3), model, storage.join(uri, HF_CONFIG))
     with torch.device("meta"):
         want = Transformer(model).state_dict()
     out: dict[str, torch.Tensor] = {}
+    head: tuple[str, torch.Tensor] | None = None  # a tied checkpoint's lm_head.weight, and its file
     for file in hf_weight_files(uri, s3):
         part = _read_safetensors(file, s3)
+        if model.tie_embeddings and "lm_head.weight" in part:
+            # The embedding's only copy where no shard has model.embed_tokens.weight (see
+            # from_hf_state_dict), which is known after the last shard.
+            head = (file, part.pop("lm_head.weight"))
         try:
             mapped = from_hf_state_dict(model, part)
         except KeyError as e:
             raise ConfigError(f"{file}: {e.args[0]}") from None
         for name, t in mapped.items():
-            if tuple(t.shape) != tuple(want[name].shape):
-                raise ConfigError(f"{file}: {name} has shape {tuple(t.shape)}, "
-                                  f"the model needs {tuple(want[name].shape)}")
+            _check_shape(file, name, t, want)
             out[name] = t.to(torch.float32)
         del part, mapped
+        if "tok_embeddings.weight" in out:
+            head = None
+    if head is not None:
+        file, t = head
+        _check_shape(file, "tok_embeddings.weight (from lm_head.weight: tied, and no model.embed_tokens.weight)",
+                     t, want, "tok_embeddings.weight")
+        out["tok_embeddings.weight"] = t.to(torch.float32)
     missing = [k for k in want if k not in out]
     if missing:
         raise ConfigError(f"{uri}: no weight for {missing[0]} ({len(missing)} missing)")
     return out
+
+
+def _check_shape(file: str, name: str, t: torch.Tensor, want: dict, key: str = "") -> None:
+    need = tuple(want[key or name].shape)
+    if tuple(t.shape) != need:
+        raise ConfigError(f"{file}: {name} has shape {tuple(t.shape)}, the model needs {need}")
 
 
 def init_from_hf_settings(uri: str, s3=None) -> dict:

@@ -78,7 +78,10 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
 def width_scaled_groups(model, mc, weight_decay: float) -> list[dict]:
     """Parameter groups whose `lr_scale` (applied by `train_step`) carries the width rule of
     model.width_scaling (see ModelConfig): "sqrt" scales every rate by m^-0.5; "mup" scales
-    the hidden matrices' (not the embedding's or head's) by 1/m, as muP prescribes for Adam."""
+    the hidden matrices' (not the embedding's or head's) by 1/m, as muP prescribes for Adam,
+    and their weight decay by m: AdamW shrinks a weight by lr * weight_decay a step, which
+    then stays the proxy's at every width (as mup's MuAdamW does), so a tuned weight decay
+    transfers too."""
     m = mc.width_multiplier
     if mc.width_scaling == "sqrt":
         return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay,
@@ -86,7 +89,7 @@ def width_scaled_groups(model, mc, weight_decay: float) -> list[dict]:
                 {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0, "lr_scale": m ** -0.5}]
     io = {"tok_embeddings.weight", "output.weight"}
     named = list(model.named_parameters())
-    return [{"params": [p for n, p in named if p.ndim >= 2 and n not in io], "weight_decay": weight_decay,
+    return [{"params": [p for n, p in named if p.ndim >= 2 and n not in io], "weight_decay": weight_decay * m,
              "lr_scale": 1.0 / m},
             {"params": [p for n, p in named if p.ndim >= 2 and n in io], "weight_decay": weight_decay, "lr_scale": 1.0},
             {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
