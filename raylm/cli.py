@@ -120,10 +120,12 @@ STAGE_DEFAULTS = {
 def cmd_posttrain(args) -> None:
     from raylm.posttrain import posttrain
 
-    parent = args.from_run.rstrip("/")
+    # The name of the run (or checkpoint) --from names: `.`, `ckpt-00000200` and `./ckpt-00000200`
+    # inside a run directory name that run too.
+    parent = args.from_run.rstrip("/") if storage.is_s3(args.from_run) else os.path.abspath(args.from_run)
     name = parent.rsplit("/", 1)[-1]
     if name.startswith("ckpt-"):  # a checkpoint: name the stage after its run
-        name = parent.rsplit("/", 2)[-2] if parent.count("/") else name
+        name = storage.parent(parent).rsplit("/", 1)[-1] or name
     # A recorded run (--from-record) keeps its name and settings; --from and the subcommand are the line's.
     base = {"name": f"{name}-{args.stage}", **STAGE_DEFAULTS[args.stage]}
     cfg = _config(args, base=base, given={"stage": args.stage, "init_from": args.from_run}, stage=args.stage)

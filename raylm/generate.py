@@ -86,7 +86,7 @@ def tokenizer_of(ckpt: str, meta: dict, s3: S3Config | None = None) -> str:
     """Where a checkpoint's tokenizer is: meta.json names it relative to the run (older runs:
     an absolute path, which no longer holds once a run is copied elsewhere, so then the run's
     own `tokenizer/` is used)."""
-    run_dir = ckpt.rstrip("/").rsplit("/", 1)[0]
+    run_dir = storage.parent(ckpt)
     path = meta.get("tokenizer") or "tokenizer"
     if not storage.is_s3(path) and not path.startswith(("/", "file://")):
         return storage.join(run_dir, path)

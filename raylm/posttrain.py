@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 import warnings
 
@@ -40,9 +41,10 @@ def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
     when the parent is missing."""
     if not cfg.init_from:
         raise ConfigError(f"stage={cfg.stage} needs --from RUN (init_from): the run or checkpoint to start from")
-    if recorded and cfg.init_from.rstrip("/") not in (recorded.rstrip("/"), _parent_dir(recorded)):
+    if recorded and _where(cfg.init_from) not in (_where(recorded), storage.parent(recorded)):
         raise ConfigError(f"--from {cfg.init_from}: run {cfg.run_dir} started from {recorded} and resumes from "
-                          f"its own checkpoints; pass --from {_parent_dir(recorded)}, or start a new run (another name=)")
+                          f"its own checkpoints; pass --from {storage.parent(recorded)}, or start a new run "
+                          f"(another name=)")
     ckpt = recorded or resolve_checkpoint(cfg.init_from, cfg.s3)
     meta = checkpoint.read_meta(ckpt, cfg.s3)
     if not isinstance(meta.get("config"), dict) or not meta.get("tokenizer"):
@@ -65,8 +67,9 @@ def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
     return cfg, facts
 
 
-def _parent_dir(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0]
+def _where(uri: str) -> str:
+    """`uri` written one way: an S3 URI without its trailing '/', a local path absolute."""
+    return uri.rstrip("/") if storage.is_s3(uri) else os.path.abspath(uri)
 
 
 def recorded_parent(cfg: Config, resume: str) -> str | None:

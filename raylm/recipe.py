@@ -52,7 +52,8 @@ from raylm.config import (Config, ConfigError, S3Config, _build, _merge, _nest, 
 from raylm.errors import PathNotFoundError
 
 STAGE_RECORDS = "stages"  # <root>/stages/<stage>.json
-SYNTHETIC_EXAMPLES = 2000  # records a `synthetic:` task writes (the quickstart's count)
+SYNTHETIC_EXAMPLES = 2000  # train records a `synthetic:` task writes (the quickstart's count)
+SYNTHETIC_HELDOUT = 50  # and held-out ones, beside them
 
 
 class StageUnavailable(ConfigError):
@@ -151,15 +152,18 @@ def run_pretrain(run: StageRun) -> dict:
 
 def _synthetic_records(run: StageRun, fmt: str) -> str:
     """`synthetic: TASK`: the built-in task's train records (raylm.synthetic), written once
-    under <root>/records-<task>-<seed>/ and named by content, so they are an ordinary input."""
+    under <root>/records-<task>-<seed>[-<option><value>]/ and named by content, so they are an
+    ordinary input."""
     from raylm import synthetic
 
     task, seed = run.options["synthetic"], run.cfg.seed
-    target = storage.join(run.root, f"records-{task}-{seed}")
+    options = run.options.get("synthetic_options", {})
+    suffix = "".join(f"-{k}{v}" for k, v in sorted(options.items()))  # none: the directory as before options
+    target = storage.join(run.root, f"records-{task}-{seed}{suffix}")
     name = f"{task}.train.{fmt}.jsonl"
     if not storage.exists(storage.join(target, name), run.s3):
         with tempfile.TemporaryDirectory() as tmp:
-            synthetic.write_jsonl(tmp, task, SYNTHETIC_EXAMPLES, 50, seed=seed)
+            synthetic.write_jsonl(tmp, task, SYNTHETIC_EXAMPLES, SYNTHETIC_HELDOUT, seed=seed, **options)
             if storage.is_s3(target):
                 storage.upload_dir(tmp, target, run.s3)
             else:
@@ -168,11 +172,38 @@ def _synthetic_records(run: StageRun, fmt: str) -> str:
 
 
 def _check_synthetic(stage: str, options: dict) -> None:
-    """`synthetic:` names one of raylm.synthetic's built-in tasks."""
+    """`synthetic:` names one of raylm.synthetic's built-in tasks, `synthetic_options:` its
+    option, and together they give the SYNTHETIC_EXAMPLES + SYNTHETIC_HELDOUT prompts the
+    stage writes (add's default max_value=20 has 441), or the stage would fail after the
+    stages before it ran."""
     from raylm import synthetic
 
-    if "synthetic" in options and options["synthetic"] not in synthetic.TASKS:
-        raise ConfigError(f"stages.{stage}.synthetic={options['synthetic']!r}: choose from {list(synthetic.TASKS)}")
+    if "synthetic" not in options:
+        if "synthetic_options" in options:
+            raise ConfigError(f"stages.{stage}.synthetic_options: options of a synthetic task; give synthetic: "
+                              f"TASK with it, or remove it")
+        return
+    task = options["synthetic"]
+    if task not in synthetic.TASKS:
+        raise ConfigError(f"stages.{stage}.synthetic={task!r}: choose from {list(synthetic.TASKS)}")
+    try:
+        given = synthetic.check_options(task, options.get("synthetic_options", {}))
+    except ConfigError as e:
+        raise ConfigError(f"stages.{stage}.synthetic_options: {e}") from None
+    need, have = SYNTHETIC_EXAMPLES + SYNTHETIC_HELDOUT, synthetic.split_capacity(task, **given)
+    if have < need:
+        (option, value), (_, _, low, high) = next(iter(given.items())), synthetic.OPTIONS[task]
+        fits = next((v for v in range(low, (high or need) + 1)
+                     if synthetic.split_capacity(task, **{option: v}) >= need), None)
+        space = synthetic.prompt_space(task, **given)
+        twins = f" ({have} once a + b and b + a, which the split keeps on one side, count as one)" if have < space \
+            else ""
+        fix = f"set stages.{stage}.synthetic_options.{option} to {fits} or more" if fits is not None else \
+            "choose another task"
+        raise ConfigError(f"stages.{stage}.synthetic={task}: with {option}={value} the task has "
+                          f"{space} distinct prompts{twins}, fewer than "
+                          f"the {need} the stage writes ({SYNTHETIC_EXAMPLES} train, {SYNTHETIC_HELDOUT} held out); "
+                          f"{fix}, or give data.path")
 
 
 def _check_eval(stage: str, options: dict) -> None:
@@ -332,9 +363,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", run_pretrain, (("tokenizer",), ("data",)), ("path", "checkpoint", "sha256"),
           _checkpoint_committed, {"max_failures": int, "samples": bool}),
     Stage("sft", run_posttrain, (("pretrain",),), ("path", "checkpoint", "sha256"), _checkpoint_committed,
-          {"max_failures": int, "synthetic": str}, _check_synthetic),
+          {"max_failures": int, "synthetic": str, "synthetic_options": dict}, _check_synthetic),
     Stage("dpo", run_posttrain, (("pretrain", "sft"),), ("path", "checkpoint", "sha256"), _checkpoint_committed,
-          {"max_failures": int, "synthetic": str}, _check_synthetic),
+          {"max_failures": int, "synthetic": str, "synthetic_options": dict}, _check_synthetic),
     Stage("eval", run_eval, (MODEL_STAGES, ("tokenizer",)), ("path", "report", "sha256"), _exists("report"),
           {"tasks": list, "corpora": list, "limit": int}, _check_eval),
     Stage("export", run_export, _MODEL, ("path", "format", "sha256"), _export_committed,

@@ -106,6 +106,17 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *clean)
 
 
+def parent(uri: str) -> str:
+    """The directory holding `uri`, however it is written: `ckpt-00000200` (a bare name),
+    `./x/ckpt-1`, `x/ckpt-1/` and `/abs/x/ckpt-1` give absolute local paths (the first the
+    working directory, which splitting at the last '/' would miss); `s3://b/x/ckpt-1/` gives
+    `s3://b/x`."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        return f"s3://{bucket}/{key.rsplit('/', 1)[0]}" if "/" in key else f"s3://{bucket}"
+    return os.path.dirname(_local(uri))
+
+
 def relative(uri: str, base: str) -> str:
     """`uri` relative to `base`; either may be written any way a user writes a path (`runs/x`,
     `./runs/x`, `/abs/runs/x`, `file://...`) or `s3://bucket/prefix/`, and `list_files`

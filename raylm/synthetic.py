@@ -20,11 +20,13 @@ Tasks:
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from raylm.errors import ConfigError, DataError
 
@@ -67,31 +69,110 @@ def _word_after(rng: random.Random, n_words: int = 4) -> Example:
 
 _MAKERS: dict[str, Callable[..., Example]] = {"reverse": _reverse, "add": _add, "word_after": _word_after}
 
+# Each task's one option: (name, default, smallest, largest or None).
+OPTIONS: dict[str, tuple[str, int, int, int | None]] = {
+    "reverse": ("length", 3, 1, None), "add": ("max_value", 20, 0, None), "word_after": ("n_words", 4, 2, len(WORDS))}
+
+
+def check_options(task: str, options: dict) -> dict:
+    """`options` for `task` checked (name, integer, range), defaults filled in."""
+    if task not in _MAKERS:
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    name, default, low, high = OPTIONS[task]
+    unknown = [k for k in options if k != name]
+    if unknown:
+        raise ConfigError(f"task {task!r} has no option {unknown[0]!r}; its option is {name} (default {default})")
+    value = options.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ConfigError(f"task {task!r}: {name}={value!r}: expected an integer {span}")
+    return {name: value}
+
+
+def prompt_space(task: str, **options) -> int:
+    """How many distinct prompts `task` has with `options`."""
+    value = next(iter(check_options(task, options).values()))
+    if task == "reverse":
+        return len(LETTERS) ** value
+    if task == "add":
+        return (value + 1) ** 2
+    return math.perm(len(WORDS), value) * (value - 1)  # word_after: an ordered sample, any word but the last
+
+
+def _twin(ex: Example) -> object:
+    """What ties prompts to one side of a split: `a + b` and `b + a` (a model that saw one
+    answers the other by recall, not addition); any other prompt stands alone."""
+    if ex.task == "add":
+        return tuple(sorted(ex.prompt.removeprefix("add: ").split(" + "), key=int))
+    return ex.prompt
+
+
+def split_capacity(task: str, **options) -> int:
+    """n_train + n_heldout that `split` always supplies: the number of prompts up to their
+    twins (held-out examples come from twins not in train, each with at least one prompt)."""
+    if task == "add":
+        m = check_options(task, options)["max_value"]
+        return (m + 1) * (m + 2) // 2  # the pairs a <= b
+    return prompt_space(task, **options)
+
+
+def _distinct(task: str, n: int, seed: int, options: dict) -> Iterator[Example]:
+    """The task's examples with distinct prompts, in the order the seeded generator draws them,
+    after at most 100 n + 100 draws (a small prompt space is not searched for ever)."""
+    make = _MAKERS[task]
+    rng = random.Random(f"{task}-{seed}")  # a string seed: stable across Python versions
+    seen = set()
+    for _ in range(100 * n + 100):
+        ex = make(rng, **options)
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            yield ex
+
+
+def _given(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "default options"
+
+
+def _too_few(task: str, n: int, options: dict) -> None:
+    space = prompt_space(task, **options)
+    if space < n:
+        raise ConfigError(f"task {task!r} with {_given(options)} has fewer than {n} distinct prompts ({space})")
+
 
 def examples(task: str, n: int, seed: int = 0, **options) -> list[Example]:
     """`n` examples of `task` with distinct prompts, a pure function of (task, n, seed,
     options). Options: reverse `length` (3), add `max_value` (20), word_after `n_words` (4)."""
-    if task not in _MAKERS:
-        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    make = _MAKERS[task]
-    rng = random.Random(f"{task}-{seed}")  # a string seed: stable across Python versions
-    out, seen = [], set()
-    for _ in range(100 * n + 100):  # give up when the task's prompt space is too small
-        if len(out) == n:
-            break
-        ex = make(rng, **options)
-        if ex.prompt not in seen:
-            seen.add(ex.prompt)
-            out.append(ex)
+    check_options(task, options)
+    _too_few(task, n, options)
+    out = list(itertools.islice(_distinct(task, n, seed, options), n))
     if len(out) < n:
-        raise ConfigError(f"task {task!r} with {options or 'default options'} has fewer than {n} distinct prompts")
+        raise ConfigError(f"task {task!r}: {len(out)} distinct prompts in {100 * n + 100} draws, not {n}")
     return out
 
 
 def split(task: str, n_train: int, n_heldout: int, seed: int = 0, **options) -> tuple[list[Example], list[Example]]:
-    """Train and held-out examples with no prompt in both: one draw of distinct prompts, cut."""
-    every = examples(task, n_train + n_heldout, seed, **options)
-    return every[:n_train], every[n_train:]
+    """Train and held-out examples with no prompt in both, and no twin either (`add: 7 + 12`
+    in train, `add: 12 + 7` held out): one stream of distinct prompts, train first; after
+    that, a train prompt's twin is left out. Without twins (reverse, word_after) this is the
+    stream cut at n_train. `split_capacity` says how much it always supplies."""
+    check_options(task, options)
+    n = n_train + n_heldout
+    _too_few(task, n, options)
+    train, held, in_train = [], [], set()
+    for ex in _distinct(task, n, seed, options):
+        if len(train) == n_train and len(held) == n_heldout:
+            break
+        twin = _twin(ex)
+        if len(train) < n_train:  # nothing is held out yet
+            train.append(ex)
+            in_train.add(twin)
+        elif len(held) < n_heldout and twin not in in_train:
+            held.append(ex)
+    if len(train) < n_train or len(held) < n_heldout:
+        raise ConfigError(f"task {task!r} with {_given(options)}: {len(train)} train and {len(held)} "
+                          f"held-out prompts with no twin on both sides, not {n_train} and {n_heldout}; "
+                          f"it always supplies {split_capacity(task, **options)} in all")
+    return train, held
 
 
 # --------------------------------------------------------------------------- record shapes
@@ -116,7 +197,7 @@ FORMATS: dict[str, Callable[[Example], dict]] = {
 
 def write_jsonl(out_dir: str, task: str, n_train: int, n_heldout: int, seed: int = 0, **options) -> dict[str, str]:
     """Write `{task}.{split}.{format}.jsonl` for split in (train, heldout) and every format;
-    returns {"{split}.{format}": path}. Held-out prompts never occur in train."""
+    returns {"{split}.{format}": path}. Held-out prompts never occur in train, nor their twins."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -120,7 +120,7 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
                       **facts, "harness": "raylm"} for m in ("bpb", "loss", "ppl")]
     header = {**facts, "lm_eval_version": version, "seconds": round(time.time() - t0, 2),
               "workers": ec.workers}
-    out = out or storage.join(ckpt.rstrip("/").rsplit("/", 1)[0], "eval", ckpt.rstrip("/").rsplit("/", 1)[-1])
+    out = out or storage.join(storage.parent(ckpt), "eval", ckpt.rstrip("/").rsplit("/", 1)[-1])
     paths = write_results(out, rows, header, s3)
     log(f"eval: {len(rows)} results -> {paths['json']}")
     return {**header, "results": rows, "paths": paths}
