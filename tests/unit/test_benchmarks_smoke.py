@@ -184,3 +184,17 @@ def test_engine_fused_step_times_the_same_math_both_ways():
     for r in out["results"]:
         assert r["fused_logits_max_abs_diff"] < 1e-4, r
         assert set(r["newcomer_worst_ms"]) == {"separate", "fused_at_best", "fused_gather"}
+
+
+def test_ray_overhead_defaults_on_a_cpu_are_the_issues_tiny_configuration():
+    """Run without arguments on a CPU, it took the GPU defaults (gpt2-124m at seq 1024) and was
+    killed for memory on a 24 GiB machine, with no message."""
+    spec = importlib.util.spec_from_file_location("ray_overhead_args", BENCH / "ray_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = mod.parse_args(["--device", "cpu"])
+    assert (a.preset, a.seq_len, a.micro_batch, a.global_batch, a.warmup, a.steps) == ("tiny", 128, 16, 32, 60, 60)
+    a = mod.parse_args(["--device", "cuda"])
+    assert (a.preset, a.seq_len, a.global_batch, a.warmup, a.steps) == ("gpt2-124m", 1024, 16, 20, 20)
+    a = mod.parse_args(["--device", "cpu", "--preset", "gpt2-124m", "--steps", "5", "--warmup", "3"])
+    assert (a.preset, a.seq_len, a.warmup, a.steps) == ("gpt2-124m", 128, 5, 5)  # given values win
