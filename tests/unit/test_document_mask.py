@@ -22,6 +22,8 @@ import torch
 from raylm.config import ModelConfig
 from raylm.model import apply_rope, build_model, document_mask, document_positions
 
+from tests.weights import redraw_at_unit_scale
+
 VOCAB, EOS = 128, 1
 CFG = ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                   ffn_multiple_of=16, tie_embeddings=False)
@@ -32,14 +34,7 @@ def _model(cfg: ModelConfig = CFG, seed: int = 0):
     """Weights redrawn at unit scale: raylm's init (std 0.02) makes attention nearly uniform,
     which would shrink any cross-talk towards the tolerance."""
     model = build_model(cfg, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-    return model
+    return redraw_at_unit_scale(model, seed=seed + 1)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from raylm.config import ModelConfig  # noqa: E402
 from raylm.hf import from_hf_state_dict, hf_llama_config, to_hf_state_dict  # noqa: E402
 from raylm.model import build_model  # noqa: E402
+from tests.weights import redraw_at_unit_scale  # noqa: E402
 
 TINY = dict(dim=64, n_layers=2, vocab_size=128, max_seq_len=64, n_heads=4)
 CONFIGS = {
@@ -35,14 +36,7 @@ def _raylm(cfg: ModelConfig):
     # raylm's init (std 0.02, norms at 1) makes attention nearly uniform and every norm weight
     # equal, so a RoPE or norm mix-up would hide below the tolerance. Redraw at unit scale:
     # matrices ~ N(0, 1/fan_in) give O(1) attention scores, norms get distinct weights.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-    return model
+    return redraw_at_unit_scale(model, seed=1)
 
 
 def _hf(cfg: ModelConfig, sd: dict, attn: str):

@@ -26,6 +26,7 @@ from raylm import cli  # noqa: E402
 from raylm.errors import ConfigError  # noqa: E402
 from raylm.hf import check_init_from_hf, model_config_from_hf, read_hf_config, read_hf_weights  # noqa: E402
 from raylm.model import Transformer  # noqa: E402
+from tests.weights import redraw_at_unit_scale  # noqa: E402
 
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True)
@@ -40,14 +41,7 @@ def hf_model():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float().eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-    return model
+    return redraw_at_unit_scale(model, seed=1)
 
 
 def _tokens():
