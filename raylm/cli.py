@@ -122,7 +122,7 @@ def cmd_posttrain(args) -> None:
 
     # The name of the run (or checkpoint) --from names: `.`, `ckpt-00000200` and `./ckpt-00000200`
     # inside a run directory name that run too.
-    parent = args.from_run.rstrip("/") if storage.is_s3(args.from_run) else os.path.abspath(args.from_run)
+    parent = storage.absolute(args.from_run).rstrip("/")
     name = parent.rsplit("/", 1)[-1]
     if name.startswith("ckpt-"):  # a checkpoint: name the stage after its run
         name = storage.parent(parent).rsplit("/", 1)[-1] or name

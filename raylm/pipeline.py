@@ -524,9 +524,7 @@ def training_inputs(cfg: Config, tok: Tokenizer, corpus: tuple | None = None,
 def absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute on the driver: Ray workers run in another directory, where
     `./runs` would name a different place."""
-    def fix(p: str) -> str:
-        return p if not p or storage.is_s3(p) else os.path.abspath(p)
-
+    fix = storage.absolute
     return dataclasses.replace(
         cfg, storage=fix(cfg.storage),
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path), val_path=fix(cfg.data.val_path)),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 import warnings
 
@@ -68,8 +67,8 @@ def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
 
 
 def _where(uri: str) -> str:
-    """`uri` written one way: an S3 URI without its trailing '/', a local path absolute."""
-    return uri.rstrip("/") if storage.is_s3(uri) else os.path.abspath(uri)
+    """`uri` written one way: absolute, without a trailing '/'."""
+    return storage.absolute(uri).rstrip("/")
 
 
 def recorded_parent(cfg: Config, resume: str) -> str | None:

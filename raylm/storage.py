@@ -106,6 +106,12 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *clean)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers and later commands run in other directories);
+    an s3:// URI, or '', as it is."""
+    return uri if not uri or is_s3(uri) else os.path.abspath(uri)
+
+
 def parent(uri: str) -> str:
     """The directory holding `uri`, however it is written: `ckpt-00000200` (a bare name),
     `./x/ckpt-1`, `x/ckpt-1/` and `/abs/x/ckpt-1` give absolute local paths (the first the
