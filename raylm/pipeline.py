@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from raylm.errors import PathNotFoundError
-from raylm import storage
+from raylm import run_lock, storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
 from raylm.data import (MANIFEST, SUFFIXES, DataError, _check_error_budget, corpus_files, list_corpus, prepare,
@@ -539,7 +539,7 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
     cfg, corpus = preflight(absolute_paths(cfg))
     if resume == "must":  # --resume with nothing to resume: say so before anything is written
         resume_point(cfg, resume)
-    with storage.held(cfg.run_dir):  # before anything is written there
+    with run_lock.held(cfg.run_dir, s3=cfg.s3):  # before anything is written there
         return _pretrain(cfg, corpus, resume, max_failures, samples, t0)
 
 

@@ -22,7 +22,7 @@ import warnings
 
 import numpy as np
 
-from raylm import checkpoint, storage
+from raylm import checkpoint, run_lock, storage
 from raylm.chat_data import prepare_chat, write_rows
 from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
 from raylm.data import DataError, actor_restarts, list_corpus, prepared_datasets, read_manifest
@@ -122,7 +122,7 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
     check_records_path(cfg)
     if resume == "must":  # --resume with nothing to resume: say so before anything is written
         resume_point(cfg, resume)
-    with storage.held(cfg.run_dir):  # before anything is written there
+    with run_lock.held(cfg.run_dir, s3=cfg.s3):  # before anything is written there
         return _posttrain(cfg, parent, resume, max_failures, t0)
 
 

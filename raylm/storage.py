@@ -401,47 +401,6 @@ def write_text(uri: str, text: str, s3: S3Config | None = None, encoding: str = 
     write_bytes(uri, text.encode(encoding), s3)
 
 
-RUN_LOCK = ".raylm.lock"
-
-
-@contextlib.contextmanager
-def held(uri: str, what: str = "run") -> Iterator[None]:
-    """Hold the local directory `uri` (a run's) for this process while the block runs: a
-    second raylm process that asks for it is refused at once, naming the holder. Two runs of
-    one name would otherwise write their checkpoints, metrics and records over each other's.
-    The lock is the kernel's (flock), so a process that dies, however it dies, lets go, and a
-    restarted driver resumes at once. Object storage has no such lock: on s3:// this holds
-    nothing (README: one process a run name)."""
-    if is_s3(uri):
-        yield
-        return
-    import fcntl
-    import socket
-
-    path = _local(uri)
-    with _errors(uri, None):
-        os.makedirs(path, exist_ok=True)
-        fd = os.open(os.path.join(path, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        locked = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another raylm process"
-            raise StorageError(uri, f"in use by {holder} (wait for it to end, or give this {what} "
-                                    f"another name=)") from None
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            locked = False  # a filesystem without locks (some network ones): as on object storage
-        if locked:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"a raylm {what}, pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # and the lock with it
-
-
 def make_durable(uri: str, s3: S3Config | None = None, names: Iterable[str] | None = None) -> None:
     """Local files and directories under `uri` flushed to disk (fsync), for a marker written
     next that says they are complete: copies and renames alone may reach the disk after it, and

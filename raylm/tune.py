@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from raylm import storage
+from raylm import run_lock, storage
 from raylm.config import (Config, ConfigError, TrainConfig, TuneConfig, load_config, load_yaml, to_dict, tune_config,
                           yaml_problem)
 from raylm.errors import PathNotFoundError
@@ -322,7 +322,7 @@ def tune(cfg: Config, space_path: str, tune_overrides: dict | None = None, log=N
     check_metric(tc, cfg)
     where = f"search space {space_path}"
     check_space(space, to_dict(cfg), tc, where)  # before anything starts: seconds, not minutes
-    with storage.held(cfg.run_dir, "search"):  # before anything is written there
+    with run_lock.held(cfg.run_dir, "search", cfg.s3):  # before anything is written there
         return _new_search(cfg, space, tc, text, space_path, where, log)
 
 
@@ -349,7 +349,7 @@ def resume(cfg: Config, log=None) -> dict:
     uri = storage.join(cfg.run_dir, SEARCH_FILE)
     if not storage.exists(uri, cfg.s3):
         raise PathNotFoundError(f"--resume: no search under {cfg.run_dir} (no {SEARCH_FILE}); check name= and storage=")
-    with storage.held(cfg.run_dir, "search"):
+    with run_lock.held(cfg.run_dir, "search", cfg.s3):
         return _resumed_search(cfg, uri, log)
 
 

@@ -10,18 +10,18 @@ import textwrap
 
 import pytest
 
-from raylm import storage
+from raylm import run_lock, storage
 from raylm.config import load_config
 from raylm.errors import StorageError
 
 
 def test_a_held_directory_is_refused_naming_its_holder_and_free_again_after(tmp_path):
     run = str(tmp_path / "run")
-    with storage.held(run):
+    with run_lock.held(run):
         with pytest.raises(StorageError, match=rf"in use by a raylm run, pid {os.getpid()} on .* another name=\)$"):
-            with storage.held(run):
+            with run_lock.held(run):
                 pass
-    with storage.held(run):  # let go at the end of the block
+    with run_lock.held(run):  # let go at the end of the block
         pass
 
 
@@ -31,8 +31,8 @@ def test_a_holder_that_is_killed_lets_go(tmp_path):
     run = str(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from raylm import storage
-        with storage.held({run!r}):
+        from raylm import run_lock
+        with run_lock.held({run!r}):
             print("held", flush=True)
             time.sleep(600)
     """)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
@@ -40,12 +40,12 @@ def test_a_holder_that_is_killed_lets_go(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StorageError, match=f"in use by a raylm run, pid {holder.pid} "):
-            with storage.held(run):
+            with run_lock.held(run):
                 pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with storage.held(run):
+    with run_lock.held(run):
         pass
 
 
@@ -57,10 +57,10 @@ def test_pretrain_refuses_a_run_in_use_before_writing_there(tmp_path):
     from raylm.pipeline import pretrain
 
     run = tmp_path / "run"
-    with storage.held(str(run)):
+    with run_lock.held(str(run)):
         with pytest.raises(StorageError, match="in use by a raylm run"):
             pretrain(_cfg(tmp_path))
-    assert os.listdir(run) == [storage.RUN_LOCK]
+    assert os.listdir(run) == [run_lock.RUN_LOCK]
 
 
 def test_posttrain_refuses_a_run_in_use_before_writing_there(tmp_path, tiny_run):
@@ -68,10 +68,10 @@ def test_posttrain_refuses_a_run_in_use_before_writing_there(tmp_path, tiny_run)
 
     run = tmp_path / "run"
     (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    with storage.held(str(run)):
+    with run_lock.held(str(run)):
         with pytest.raises(StorageError, match="in use by a raylm run"):
             posttrain(_cfg(tmp_path, "stage=sft", f"init_from={tiny_run}", f"data.path={tmp_path / 'chat.jsonl'}"))
-    assert os.listdir(run) == [storage.RUN_LOCK]
+    assert os.listdir(run) == [run_lock.RUN_LOCK]
 
 
 def test_a_resume_with_nothing_to_resume_leaves_no_directory(tmp_path):
@@ -90,7 +90,7 @@ def test_tune_refuses_a_search_in_use_new_or_resumed(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: loguniform(1e-4, 1e-3)\n")
     run = tmp_path / "run"
-    with storage.held(str(run)):  # a run of the same name
+    with run_lock.held(str(run)):  # a run of the same name
         with pytest.raises(StorageError, match="in use by a raylm run, pid .* this search another name"):
             tune.tune(_cfg(tmp_path), str(space))
         (run / tune.SEARCH_FILE).write_text("{}")

@@ -1,0 +1,242 @@
+"""One process a run: `held(run_dir)` keeps a second raylm process from writing into a run
+directory that another one is using (two runs of one name would write their checkpoints,
+metrics and records over each other's).
+
+- Local directories: the kernel's `flock` on `.raylm.lock`. A process that dies, however it
+  dies, lets go, so a restarted driver resumes at once.
+- `s3://`: a lease, the object `.raylm.lock` created with a conditional PUT
+  (`If-None-Match: *`) and renewed by its holder every quarter of its term with
+  `If-Match` on its last ETag. A newcomer that finds a lease watches it: a renewal means the
+  holder is alive (refused); a lease left unchanged for its whole term is taken over
+  (`If-Match` again, so two newcomers cannot both take it). A holder recorded on this same
+  machine whose process is gone is taken over at once, as with `flock`. An endpoint that
+  ignores conditional writes is detected when the lease is taken and said in one line; the
+  run then goes on without a lock, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Iterator
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from raylm import storage
+from raylm.config import S3Config
+from raylm.errors import StorageError
+
+RUN_LOCK = ".raylm.lock"
+# The term of an S3 lease. A holder renews every quarter of it, so three renewals in a row
+# can fail (a network blip, botocore's own retries) before a watcher may take over; a
+# driver that died on another machine delays its restart by at most this long.
+LEASE_S = float(os.environ.get("RAYLM_S3_LEASE_S", "60"))
+_TAKEN = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+@contextlib.contextmanager
+def held(uri: str, what: str = "run", s3: S3Config | None = None) -> Iterator["_S3Lease | None"]:
+    """Hold the run directory `uri` for this process while the block runs; a second raylm
+    process that asks for it is refused, naming the holder."""
+    if storage.is_s3(uri):
+        with _S3Lease(uri, what, s3) as lease:
+            yield lease
+    else:
+        with _flock(uri, what):
+            yield None
+
+
+def _holder(what: str) -> str:
+    return f"a raylm {what}, pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _refused(uri: str, holder: str, what: str) -> StorageError:
+    return StorageError(uri, f"in use by {holder} (wait for it to end, or give this {what} another name=)")
+
+
+@contextlib.contextmanager
+def _flock(uri: str, what: str) -> Iterator[None]:
+    import fcntl
+
+    path = storage._local(uri)
+    with storage._errors(uri, None):
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(os.path.join(path, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        locked = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another raylm process"
+            raise _refused(uri, holder, what) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            locked = False  # a filesystem without locks (some network ones): no lock, as before
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (_holder(what) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def _machine() -> str:
+    """This machine and pid namespace: a pid means the same process only where both match."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        with contextlib.suppress(OSError):
+            parts.append(open(path).read().strip() if path.endswith("boot_id") else os.readlink(path))
+    return "|".join(parts)
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, someone else's
+    return False
+
+
+class _S3Lease:
+    def __init__(self, uri: str, what: str, s3: S3Config | None):
+        self.uri, self.what, self.s3 = uri, what, s3
+        self.lock_uri = storage.join(uri, RUN_LOCK)
+        self.bucket, self.key = storage._split_s3(self.lock_uri)
+        self.client = storage.boto3_client(s3)
+        self.etag: str | None = None
+        self.lost: str | None = None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        # A fresh nonce each renewal: S3's ETag is the body's MD5, and a watcher sees a
+        # renewal only as a new ETag.
+        return json.dumps({"holder": _holder(self.what), "machine": _machine(), "pid": os.getpid(),
+                           "lease_s": LEASE_S, "renewal": uuid.uuid4().hex}).encode()
+
+    def _put(self, **condition) -> str | None:
+        """The lease written under `condition`; its ETag, or None where another writer won."""
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)["ETag"]
+        except ClientError as e:
+            if storage._code(e) in _TAKEN or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                return None
+            raise
+
+    def _read(self) -> tuple[str, dict] | None:
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as e:
+            if storage._code(e) in ("NoSuchKey", "404"):
+                return None
+            raise
+        try:
+            info = json.loads(got["Body"].read())
+        except ValueError:
+            info = {}
+        return got["ETag"], info if isinstance(info, dict) else {}
+
+    def _acquire(self) -> None:
+        seen, since, told = None, 0.0, False
+        while True:
+            etag = self._put(IfNoneMatch="*")
+            if etag:
+                self.etag = etag
+                return
+            current = self._read()
+            if current is None:
+                time.sleep(0.05)
+                continue  # let go in between: try again
+            etag, info = current
+            lease = float(info.get("lease_s") or LEASE_S)
+            holder = str(info.get("holder") or "another raylm process")
+            pid = info.get("pid")
+            here = info.get("machine") == _machine() and isinstance(pid, int)
+            if here and pid == os.getpid():
+                raise _refused(self.uri, holder, self.what)  # this very process: alive
+            if here and _pid_gone(pid):  # its process is gone: as with flock, resume at once
+                if self._take(etag, f"its holder, {holder}, is gone"):
+                    return
+                seen = None  # another newcomer won: look again
+                continue
+            if seen is None or etag != seen:
+                if seen is not None:  # renewed while watched: alive
+                    raise _refused(self.uri, holder, self.what)
+                seen, since = etag, time.monotonic()
+            elif time.monotonic() - since > lease:
+                if self._take(etag, f"its holder, {holder}, left it without renewing for its {lease:.0f} s term"):
+                    return
+                seen = None  # another newcomer won, or the holder renewed: look again
+                continue
+            if not told:
+                print(f"raylm: {self.uri} is leased by {holder}; watching the lease for up to {lease:.0f} s "
+                      "(refused if it is renewed, taken over if not)", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(min(1.0, lease / 16))
+
+    def _take(self, etag: str, why: str) -> bool:
+        """Take over the lease last seen as `etag`; False where another writer got there first."""
+        taken = self._put(IfMatch=etag)
+        if taken:
+            print(f"raylm: took over {self.lock_uri}: {why}", file=sys.stderr, flush=True)
+            self.etag = taken
+        return bool(taken)
+
+    def _honoured(self) -> bool:
+        """Whether the endpoint refuses a second create: some S3-compatible servers ignore
+        `If-None-Match`, and a lease there would lock nothing."""
+        again = self._put(IfNoneMatch="*")
+        if again is None:
+            return True
+        self.etag = again
+        return False
+
+    def _renew(self) -> None:
+        failures = 0
+        while not self.stop.wait(LEASE_S / 4):
+            try:
+                etag = self._put(IfMatch=self.etag)
+            except (ClientError, BotoCoreError, OSError) as e:
+                failures += 1
+                print(f"raylm: could not renew the lease {self.lock_uri} ({failures} in a row): {e}",
+                      file=sys.stderr, flush=True)
+                continue
+            if etag is None:
+                self.lost = (f"the lease {self.lock_uri} was taken over by another process after this one "
+                             f"could not renew it for {LEASE_S:.0f} s; two processes may have written this run")
+                print(f"raylm: {self.lost}", file=sys.stderr, flush=True)
+                return
+            self.etag, failures = etag, 0
+
+    def __enter__(self) -> "_S3Lease":
+        with storage._errors(self.uri, self.s3):
+            self._acquire()
+            if not self._honoured():
+                print(f"raylm: the S3 endpoint ignores conditional writes (If-None-Match), so {self.uri} has no "
+                      "run lock: keep one process a run name", file=sys.stderr, flush=True)
+                return self  # nothing to renew; the object is deleted at the end
+        self.thread = threading.Thread(target=self._renew, name="raylm-run-lease", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread:
+            self.thread.join()
+        if self.etag and not self.lost:
+            with contextlib.suppress(ClientError, BotoCoreError, OSError):
+                current = self.client.head_object(Bucket=self.bucket, Key=self.key)
+                if current["ETag"] == self.etag:
+                    self.client.delete_object(Bucket=self.bucket, Key=self.key)
+        if self.lost and exc[0] is None:
+            raise StorageError(self.uri, self.lost)
