@@ -20,7 +20,7 @@ from raylm.errors import PathNotFoundError
 from raylm import run_lock, storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
-from raylm.data import (MANIFEST, SUFFIXES, DataError, _check_error_budget, corpus_files, list_corpus, prepare,
+from raylm.data import (MANIFEST, SUFFIXES, TEXT_ENCODING, DataError, _check_error_budget, corpus_files, list_corpus, prepare,
                         prepared_datasets, read_manifest, runs_in_process, stream_datasets)
 from raylm.documents import clean_text, parse_documents
 from raylm.generate import complete, load_for_inference, load_tokenizer
@@ -461,6 +461,10 @@ def ensure_data(cfg: Config, tok: Tokenizer, corpus: tuple | None = None) -> tup
     if manifest is not None:
         out = cfg.data.path
         log(f"data: prepared dataset {out} ({manifest['train']['blocks']} train blocks)")
+        if manifest.get("text_encoding", 1) < TEXT_ENCODING:
+            log(f"data: warning: {out} was prepared by an older raylm, which read chat marker strings in "
+                f"documents (<|user|>, <|end|>, ...) as markup: this run trains them as role markers. Prepare it "
+                f"again (`raylm data prepare`) to train them as the plain text they are")
     else:
         out = storage.join(cfg.run_dir, "data")
         manifest = prepare(cfg.data, tok, out, cfg.seed, cfg.s3, log=log, corpus=corpus)

@@ -247,6 +247,25 @@ def test_the_data_key_changes_so_datasets_prepared_before_are_prepared_again(tok
     assert any("reusing prepared dataset" in s for s in said)
 
 
+@pytest.mark.parametrize("encoding", [None, 1])
+def test_training_on_a_dataset_prepared_before_says_so(tok, marked_corpus, tmp_path, capsys, encoding):
+    """A prepared dataset passed as data.path is trained on as it is; one an older raylm
+    prepared (markers in documents as marker ids; its manifest names no text encoding, or 1)
+    is named in a warning with the fix, not trained on without a word."""
+    from raylm.pipeline import ensure_data
+
+    out = tmp_path / "out"
+    manifest = prepare(marked_corpus, tok, str(out), seed=0, log=lambda *_: None)
+    cfg = load_config(overrides=[f"data.path={out}", "data.seq_len=32"])
+    ensure_data(cfg, tok)
+    assert "prepared by an older raylm" not in capsys.readouterr().out
+    old = {k: v for k, v in manifest.items() if k != "text_encoding"}
+    (out / "manifest.json").write_text(json.dumps(old if encoding is None else dict(old, text_encoding=encoding)))
+    ensure_data(cfg, tok)
+    said = capsys.readouterr().out
+    assert f"data: warning: {out} was prepared by an older raylm" in said and "raylm data prepare" in said
+
+
 # --------------------------------------------------------------------------- tokenizer training
 
 
