@@ -68,6 +68,11 @@ FORMAT_VERSION = 3  # 3: shuffle picks drawn in bulk (a different, equally seede
 # before is prepared again, not reused). 2: chat marker strings in documents are plain text
 # (`Tokenizer.encode_flat`), no longer marker ids; keys before it did not name one.
 TEXT_ENCODING = 2
+# Raised when cleaning or PII redaction makes other text of the same documents; in the dataset
+# key too. 2: C1 control characters removed (NEL a line break), international phone numbers
+# with groups of any length or a code in parentheses, an IPv6 address before a colon, a
+# placeholder that opens a tail-split document kept whole. Keys before it did not name one.
+CLEANING = 2
 
 
 from raylm.errors import DataError  # noqa: E402,F401  (defined with raylm's other error types)
@@ -218,7 +223,8 @@ def dataset_key(sources: list[storage.FileInfo], val_sources: list[storage.FileI
                        # an address the cut split, unredacted: it is prepared again).
                        **({"val_split": "tail", "cut": "redacted"}
                           if val_split_mode(cfg, sources, val_sources) == "tail" else {}),
-                       "version": FORMAT_VERSION, "text_encoding": TEXT_ENCODING}, sort_keys=True)
+                       "version": FORMAT_VERSION, "text_encoding": TEXT_ENCODING, "cleaning": CLEANING},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -35,14 +35,17 @@ def check_plain_types(schema: pa.Schema, where: str) -> None:
     """Refuse columns of extension types before any value is converted: an extension type's
     values become Python objects through code of its own, and Ray Data's
     `ray.data.arrow_pickled_object` does it by unpickling, so a crafted parquet file would run
-    code the moment its column is read (`to_pylist`, `to_numpy`, a torch batch)."""
+    code the moment its column is read (`to_pylist`, `to_numpy`, a torch batch). Nested
+    anywhere too: in a list of any kind (list views included, which parquet files can name
+    in their Arrow schema), a struct, a map, a union, or a dictionary's values."""
 
     def extension(t: pa.DataType) -> pa.DataType | None:
         if isinstance(t, pa.ExtensionType):
             return t
-        children = ([t.value_type] if pa.types.is_list(t) or pa.types.is_large_list(t)
-                    or pa.types.is_fixed_size_list(t) else [t.field(i).type for i in range(t.num_fields)]
-                    if pa.types.is_struct(t) else [t.key_type, t.item_type] if pa.types.is_map(t) else [])
+        # A dictionary has no fields (its values are a type of their own); every other nested
+        # type (lists, list views, structs, maps, unions, run-end encoded) names its children
+        # as fields.
+        children = [t.value_type] if pa.types.is_dictionary(t) else [t.field(i).type for i in range(t.num_fields)]
         return next((x for x in map(extension, children) if x is not None), None)
 
     for f in schema:
@@ -184,10 +187,12 @@ def _encodable(text: str) -> bool:
 
 # --------------------------------------------------------------------------- cleaning
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-# Vertical tab, form feed and the file/group/record/unit separators part text: they become
-# line breaks, not nothing, so the words either side stay apart.
-_BREAKS = re.compile(r"[\x0b\x0c\x1c-\x1f]")
+# C0 and C1 control characters (U+0080-U+009F are controls too: mis-decoded text is full of
+# them), tab and line feed aside.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Vertical tab, form feed, the file/group/record/unit separators and NEL (next line) part
+# text: they become line breaks, not nothing, so the words either side stay apart.
+_BREAKS = re.compile(r"[\x0b\x0c\x1c-\x1f\x85]")
 _ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING = re.compile(r"[ \t]+(?=\n|\Z)")
 _MANY_BLANK = re.compile(r"\n{3,}")
@@ -254,8 +259,8 @@ def tail_split(text: str, fraction: float) -> tuple[str, str]:
         cut = brk + 1
     for p in PLACEHOLDERS.values():  # an occurrence found in this window spans the cut
         start = text.find(p, max(0, cut - len(p) + 1), cut + len(p) - 1)
-        if start > 0:
-            cut = start
+        if start >= 0:  # cut before it; or after it, where it opens the text (the head keeps it)
+            cut = start if start > 0 else len(p)
     return text[:cut], text[cut:]
 
 

@@ -20,10 +20,11 @@ What is found
          runs of zeros, ISBN-13s (978...), millisecond timestamps and tweet ids (1...).
   ip     IPv4 with every octet 0-255 and no leading zeros; IPv6 in the full 8-group form
          and the `::`-compressed forms (`2001:db8::8a2e:370:7334`, `fe80::1`).
-  phone  '+' country code followed by digit groups (`+1 415 555 0132`, `+44 20 7946 0958`,
-         `+49 30 901820`, `+1 (415) 555-0132`, `+14155550132`), 8-15 digits in all; and
-         North American numbers `(415) 555-0132`, `415-555-0132`, `415.555.0132`,
-         `415 555 0132`, optionally after `1-`.
+  phone  '+' country code followed by digit groups of any length (`+1 415 555 0132`,
+         `+44 20 7946 0958`, `+49 30 901820`, `+31 6 12345678`, `+1 (415) 555-0132`,
+         `+14155550132`), the code also in parentheses (`(+44) 20 7946 0958`), 8-15 digits
+         in all; and North American numbers `(415) 555-0132`, `415-555-0132`,
+         `415.555.0132`, `415 555 0132`, optionally after `1-`.
 
 What is left alone on purpose: years and year ranges (1999-2004), dates (2024-01-15),
 times (12:30:45), version strings (3.11.4, v1.2.3.4), dotted numbers with a fifth part
@@ -43,7 +44,10 @@ Known limits (what it misses, and what it takes by mistake)
     are redacted. UATP cards (first digit 1) are missed.
   - A four-part dotted number with parts <= 255 is an IPv4 address, so section numbers or
     versions written as `1.2.3.4` (without a `v`) are redacted.
-  - '+' then 8-15 digits in groups is a phone, so `+100 000 000` in a table is redacted.
+  - '+' then 8-15 digits in groups is a phone, so `+100 000 000` in a table is redacted
+    (a signed decimal, `+40.712776`, is not). A number after a phone and a space is taken
+    with it while the whole stays within 15 digits: `+1 800 555 0199 24/7` loses its `24`
+    (past 15 digits, as in `+44 20 7946 0958 2024`, the trailing number is given back).
   - IPv6 needs a decimal digit and, when compressed, one group of 3-4 hex digits: this keeps
     Python slices (`a[1::2]`) and hex-only C++ names (`cafe::babe`) out but misses `::1`,
     and still takes C++ names made of hex letters and digits (`Abc::Def1`) for addresses.
@@ -115,19 +119,24 @@ _IPV6 = re.compile(rf"""
     (?<![\w:.])
     (?: (?:{_H}:){{7}}{_H}
       | (?:{_H}(?::{_H}){{0,6}})? :: (?:{_H}(?::{_H}){{0,6}})? )
-    (?![\w:]|\.\d)
+    (?!\w|:[\w:]|\.\d)                  # a ':' before a space or the end is the sentence's
 """, _A)
 _IPV6_HINT = re.compile(r":[0-9A-Fa-f]{1,4}:|::", _A)
 
 # Phones need a '+' country code or the North American 3-3-4 shape with phone punctuation;
 # that is what separates them from years, dates, times, versions and plain integers, none of
 # which have either. Neither may be glued to a word, a number, a '.', '+', '-' or ')'.
+# International groups may be of any length (`+31 6 12345678`, `+1 4155550132`); the digit
+# count is checked on the match, and a number after a space that pushes it past 15 digits is
+# given back (`_intl_phone`). The country code may stand in parentheses: `(+44) 20 7946 0958`.
 _PHONE_INTL = re.compile(r"""
-    \+ (?<![\w.+)-]\+)
-    (?: [1-9]\d{7,14}                       # +14155550132
-      | [1-9]\d{0,2}                        # country code, then a separator or an (area)
+    [(+] (?<![\w.+)-][(+])
+    (?: (?<=\() \+ [1-9]\d{0,2} \) [ .-]?                 # (+44) 20 7946 0958
+        \d{1,14} (?:[ .-]\d{1,14}){0,5}
+      | (?<=\+) [1-9]\d{7,14}                             # +14155550132
+      | (?<=\+) [1-9]\d{0,2}                              # country code, then a separator or an (area)
         (?: [ .-] | [ .-]?\(\d{1,4}\)[ .-]? )
-        \d{1,6} (?:[ .-]\d{1,6}){0,5} )     # groups; 8-15 digits in all, checked on the match
+        \d{1,14} (?:[ .-]\d{1,14}){0,5} )                 # groups; 8-15 digits in all, checked on the match
     (?!\w|[.-]\d)
 """, _A)
 # North American: the separators must agree, an optional trunk "1" may lead, and the
@@ -191,8 +200,20 @@ def _ipv6_plausible(found: str) -> bool:
     return len(groups) <= 7 and any(len(g) >= 3 for g in groups)
 
 
-def _intl_phone_ok(found: str) -> bool:
-    return 8 <= len(_NOT_DIGIT.sub("", found)) <= 15  # E.164 allows at most 15
+def _intl_phone(found: str) -> str | None:
+    """The international phone number a `_PHONE_INTL` match starts with, or None.
+
+    8-15 digits (E.164 allows at most 15). Groups take any number of digits, so a number that
+    follows the phone after a space (`+44 20 7946 0958 2024`, `... 0958 12345678`) is taken
+    as one more group: past 15 digits, trailing groups after a space are given back. A single
+    '.' and no other separator is a signed decimal (`+40.712776`, `+3.14159265`), not a phone."""
+    while len(_NOT_DIGIT.sub("", found)) > 15 and " " in found:
+        found = found[:found.rindex(" ")]
+    if not 8 <= len(_NOT_DIGIT.sub("", found)) <= 15 or not found[-1].isdigit():
+        return None
+    if found.count(".") == 1 and not any(c in found for c in " -()"):
+        return None
+    return found
 
 
 def _substitute(pattern: re.Pattern, accept: Callable[[str], bool] | None, placeholder: str,
@@ -246,10 +267,25 @@ def _redact_ip(text: str) -> tuple[str, int]:
     return text, n6 + n4
 
 
+def _redact_intl_phone(text: str) -> tuple[str, int]:
+    count = 0
+
+    def replace(m: re.Match) -> str:
+        nonlocal count
+        found = m.group()
+        phone = _intl_phone(found)
+        if phone is None:
+            return found
+        count += 1
+        return PLACEHOLDERS["phone"] + found[len(phone):]  # what was given back stays
+
+    return _PHONE_INTL.sub(replace, text), count
+
+
 def _redact_phone(text: str) -> tuple[str, int]:
     n_intl = 0
     if "+" in text:  # international first: its national part would pass as North American
-        text, n_intl = _substitute(_PHONE_INTL, _intl_phone_ok, PLACEHOLDERS["phone"], text)
+        text, n_intl = _redact_intl_phone(text)
     text, n_nanp = _substitute(_PHONE_NANP, None, PLACEHOLDERS["phone"], text)
     return text, n_intl + n_nanp
 

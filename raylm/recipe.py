@@ -633,19 +633,19 @@ OPERATIONAL_KEYS = ("name", "storage", "s3")
 def stage_key(recipe: Recipe, stage: Stage) -> str:
     """sha256 of what decides a stage's outputs: its settings (shared and its own, without where
     they are stored or how often a failure is retried), the keys of the stages it reads, and
-    the versions of raylm's prepared-data format and text encoding (a data stage a raylm
+    the versions of raylm's prepared-data format, text encoding and cleaning (a data stage a raylm
     before them finished is run again, as a dataset key would have it, not kept for training
     by its settings alone). A change anywhere upstream changes it."""
-    from raylm.data import FORMAT_VERSION, TEXT_ENCODING
+    from raylm.data import CLEANING, FORMAT_VERSION, TEXT_ENCODING
 
     section, options = recipe.sections[stage.name]
     shared = {k: v for k, v in recipe.shared.items() if k not in OPERATIONAL_KEYS}
     section = {k: v for k, v in section.items() if k not in OPERATIONAL_KEYS}
     options = {k: v for k, v in options.items() if k not in OPERATIONAL_OPTIONS}
     parents = {s: stage_key(recipe, STAGE_BY_NAME[s]) for s in recipe.inputs_of(stage)}
+    formats = {"data": FORMAT_VERSION, "text": TEXT_ENCODING, "cleaning": CLEANING}
     text = json.dumps({"stage": stage.name, "shared": shared, "section": section, "options": options,
-                       "inputs": parents, "formats": {"data": FORMAT_VERSION, "text": TEXT_ENCODING}},
-                      sort_keys=True, default=str)
+                       "inputs": parents, "formats": formats}, sort_keys=True, default=str)
     return _sha256(text.encode())
 
 

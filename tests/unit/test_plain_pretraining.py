@@ -247,6 +247,17 @@ def test_the_data_key_changes_so_datasets_prepared_before_are_prepared_again(tok
     assert any("reusing prepared dataset" in s for s in said)
 
 
+def test_new_cleaning_rules_change_the_data_key(tok, marked_corpus, monkeypatch):
+    """Cleaning or redaction that makes other text of the same documents (data.CLEANING):
+    a dataset prepared under the old rules is prepared again, not reused with what they missed."""
+    from raylm import data
+
+    files, val_files = corpus_files(marked_corpus, None)
+    now = dataset_key(files, val_files, marked_corpus, tok.sha256, 0)
+    monkeypatch.setattr(data, "CLEANING", data.CLEANING + 1)
+    assert dataset_key(files, val_files, marked_corpus, tok.sha256, 0) != now
+
+
 @pytest.mark.parametrize("encoding", [None, 1])
 def test_training_on_a_dataset_prepared_before_says_so(tok, marked_corpus, tmp_path, capsys, encoding):
     """A prepared dataset passed as data.path is trained on as it is; one an older raylm

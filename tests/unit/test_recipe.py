@@ -193,7 +193,7 @@ def test_records_need_their_own_data_path(tmp_path):
         load_recipe(_write(tmp_path, "data: {path: corpus.txt}\n" + text))
 
 
-def test_a_new_data_format_or_text_encoding_reruns_every_stage(tmp_path, monkeypatch):
+def test_a_new_data_format_text_encoding_or_cleaning_reruns_every_stage(tmp_path, monkeypatch):
     """A data stage finished by a raylm that encoded documents otherwise (chat markers in text
     read as markup, before text encoding 2) was kept by its settings alone and trained on."""
     from raylm import data
@@ -203,9 +203,10 @@ def test_a_new_data_format_or_text_encoding_reruns_every_stage(tmp_path, monkeyp
     keys = {s.name: stage_key(before, s) for s in before.stages}
     monkeypatch.setattr(data, "TEXT_ENCODING", data.TEXT_ENCODING + 1)
     assert all(stage_key(before, s) != keys[s.name] for s in before.stages)
-    monkeypatch.undo()
-    monkeypatch.setattr(data, "FORMAT_VERSION", data.FORMAT_VERSION + 1)
-    assert all(stage_key(before, s) != keys[s.name] for s in before.stages)
+    for name in ("FORMAT_VERSION", "CLEANING"):
+        monkeypatch.undo()
+        monkeypatch.setattr(data, name, getattr(data, name) + 1)
+        assert all(stage_key(before, s) != keys[s.name] for s in before.stages)
 
 
 def test_a_change_reruns_the_stage_and_everything_after(tmp_path):
