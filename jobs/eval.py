@@ -1,4 +1,4 @@
-"""Evaluation on a Ray cluster: `raylm eval` as a Ray job, its scoring on a Ray Data actor pool.
+"""Evaluation on a Ray cluster: `raylm eval` as a Ray job, its scoring on a pool of Ray actors.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/eval.py --config run.yaml --tasks hellaswag,arc_easy --corpus 's3://bucket/val/*.jsonl.gz' \

@@ -6,12 +6,13 @@ seconds anywhere else (a log file, `ray job logs`, a test's captured output).
         p.update(done_bytes, note="1,204 docs")
     p.close()
 
-On a terminal the bar is one line, redrawn at most every 0.2 s and cleared by `close`, so
-the stage's summary line takes its place. A total of None (unknown) shows counts and a
-rate without a percentage. `update` costs a clock read when nothing is drawn."""
+On a terminal the bar is one line, cut to the terminal's width, redrawn at most every 0.2 s
+and cleared by `close`, so the stage's summary line takes its place. A total of None (unknown)
+shows counts and a rate without a percentage. `update` costs a clock read when nothing is drawn."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -23,7 +24,8 @@ class Progress:
                  log=print, stream=None, tty: bool | None = None, every_s: float | None = None):
         self.label, self.total, self.unit, self.scale, self.log = label, total, unit, scale, log
         self.stream = stream if stream is not None else sys.stdout
-        self.tty = self.stream.isatty() if tty is None else tty
+        isatty = getattr(self.stream, "isatty", None)  # a bare writer (no isatty) is not a terminal
+        self.tty = bool(isatty and isatty()) if tty is None else tty
         # A terminal redraws often; a log gets a line every 5 s, as long stages always logged.
         self.every_s = every_s if every_s is not None else (0.2 if self.tty else 5.0)
         self.t0 = self.last = time.time()
@@ -36,7 +38,10 @@ class Progress:
             return
         self.last = now
         if self.tty:
-            self.stream.write("\r\x1b[K" + self.line(now, bar=True))
+            # One screen row at most: "\r" returns to the start of the row the cursor is on, so
+            # a line that wrapped would leave its first rows behind at every redraw.
+            text, columns = self.line(now, bar=True), self._columns()
+            self.stream.write("\r\x1b[K" + (text[:max(1, columns - 1)] if columns else text))
             self.stream.flush()
             self.drawn = True
         else:
@@ -68,6 +73,18 @@ class Progress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self.drawn = False
+
+    def _columns(self) -> int | None:
+        """The terminal's width: the stream's own, else $COLUMNS; None (no cut) when neither
+        says (a stand-in stream with no terminal behind it)."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+            columns = 0
+        if columns <= 0:
+            env = os.environ.get("COLUMNS", "")
+            columns = int(env) if env.isdigit() else 0
+        return columns or None
 
     def _n(self, x: float) -> str:
         v = x / self.scale

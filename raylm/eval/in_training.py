@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from raylm.errors import ConfigError
 from raylm.eval.loglik import encode_pair, fit_generation, fit_to_length
 from raylm.eval.scorers import _argmax
-from raylm.eval.tasks import GEN_METRICS, MC_METRICS, check_mc_fits, read_gen_task, read_mc_task, task_name
+from raylm.eval.tasks import (GEN_METRICS, MC_METRICS, check_mc_fits, check_task_names, read_gen_task, read_mc_task,
+                              task_name)
 
 CHUNK = 16  # items per forward pass
 
@@ -53,6 +54,7 @@ class TrainingEval:
         if ec.gen_tasks and ec.max_new_tokens >= cfg.model.max_seq_len:
             raise ConfigError(f"eval.max_new_tokens={ec.max_new_tokens} leaves no room for a prompt in "
                               f"model.max_seq_len={cfg.model.max_seq_len}; set it below that")
+        check_task_names(ec.mc_tasks, ec.gen_tasks)  # rows are keyed by task name: one would replace another
         self.tok, self.max_new_tokens = tok, ec.max_new_tokens
         mc_files = {p: read_mc_task(p, cfg.s3)[:ec.max_items] for p in ec.mc_tasks}
         for p, items in mc_files.items():

@@ -2,15 +2,14 @@
 
 Each row: task, metric, value, stderr, n, checkpoint, tokenizer_sha256, harness (lm-eval's
 version for harness tasks, "raylm" for the built-in scorers and bits per byte). Both files
-are written under temporary names and renamed (or, in object storage, written as whole
-objects, markdown last), so a reader never finds a partial result that looks complete.
+are written under temporary names, flushed to disk and renamed (or, in object storage,
+written as whole objects), markdown last, so a reader never finds a partial result that
+looks complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 from raylm import storage
 
@@ -43,14 +42,8 @@ def write_results(out: str, rows: list[dict], header: dict, s3=None) -> dict:
     md = (f"Evaluation of `{header.get('checkpoint', '?')}` (tokenizer {str(header.get('tokenizer_sha256', ''))[:12]}, "
           f"lm-eval {header.get('lm_eval_version') or 'not used'})\n\n" + markdown_table(rows))
     paths = {"json": storage.join(out, "results.json"), "markdown": storage.join(out, "results.md")}
-    if storage.is_s3(out):
-        storage.write_text(paths["json"], doc, s3)
-        storage.write_text(paths["markdown"], md, s3)
-        return paths
-    os.makedirs(out, exist_ok=True)
-    for key, text in (("json", doc), ("markdown", md)):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, paths[key])
+    # storage.write_text: a whole object on S3; locally a temporary file flushed to disk, then
+    # renamed, with the umask's mode (mkstemp's 0600 left the results unreadable to the group).
+    storage.write_text(paths["json"], doc, s3)
+    storage.write_text(paths["markdown"], md, s3)
     return paths

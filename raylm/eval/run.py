@@ -16,7 +16,7 @@ from raylm.config import Config
 from raylm.eval.pool import make_runner
 from raylm.eval.results import rows_from_metrics, write_results
 from raylm.eval.scorers import score_gen, score_mc
-from raylm.eval.tasks import check_mc_fits, read_gen_task, read_mc_task, task_name
+from raylm.eval.tasks import check_mc_fits, check_task_names, read_gen_task, read_mc_task, task_name
 from raylm.errors import ConfigError, UserError
 
 
@@ -76,6 +76,7 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
         raise ConfigError("nothing to evaluate: give --tasks, --corpus, eval.mc_tasks or eval.gen_tasks")
     if limit is not None and limit < 1:  # items[:0] is nothing to score; items[:-1] all but the last item
         raise ConfigError(f"--limit={limit}: expected an integer >= 1")
+    check_task_names(ec.mc_tasks, ec.gen_tasks)  # results rows name the task: two files of one name read alike
     ckpt = resolve_checkpoint(run, s3)
     meta = checkpoint.read_meta(ckpt, s3)
     facts = {"checkpoint": ckpt, "step": meta.get("step"), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}

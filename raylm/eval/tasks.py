@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from raylm import storage
 from raylm.documents import json_lines
-from raylm.errors import DataError, PathNotFoundError
+from raylm.errors import ConfigError, DataError, PathNotFoundError
 
 # What in-training evaluation reports of each task, as eval_<task>_<metric> (with _stderr and
 # eval_<task>_n): raylm.eval.in_training writes them, and `raylm tune` ranks trials on them.
@@ -37,6 +37,22 @@ class GenItem:
 def task_name(path: str) -> str:
     name = path.rstrip("/").rsplit("/", 1)[-1]
     return name[:-len(".jsonl")] if name.endswith(".jsonl") else name
+
+
+def check_task_names(mc_tasks, gen_tasks) -> None:
+    """Refuse two different task files of one name: a task is named by its file name alone,
+    and its metrics are keyed by that name (`eval_<task>_<metric>` in metrics.jsonl and tune,
+    the task column of results), so one file's results would replace or be mistaken for the
+    other's (tasks/arc/test.jsonl and tasks/piqa/test.jsonl are both `test`)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for key, paths in (("eval.mc_tasks", mc_tasks), ("eval.gen_tasks", gen_tasks)):
+        for p in paths:
+            name = task_name(p)
+            if name in seen and seen[name] != (key, p):
+                other_key, other = seen[name]
+                raise ConfigError(f"{other_key} {other} and {key} {p} are both task {name!r} (a task is named "
+                                  f"by its file name, and its metrics by the task); rename one of the files")
+            seen[name] = (key, p)
 
 
 def _records(path: str, s3=None):
