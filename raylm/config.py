@@ -614,8 +614,11 @@ class TuneConfig:
     search: str = "random"
     scheduler: str = "asha"  # "asha": stop poor trials at rungs of `step`; "fifo": run all to the end
     metric: str = "val_loss"  # reported at each evaluation (train.eval_every steps)
-    mode: str = "min"
-    # ASHA's first rung, in steps; 0: train.eval_every (the first evaluation).
+    # "auto": the metric's own direction (min for val_loss and val_ppl, max for the eval_* task
+    # scores); a direction against the metric's is refused (ASHA would keep the worst trials).
+    mode: str = "auto"
+    # ASHA's first rung, in steps; 0: the first evaluation (train.eval_every, or
+    # train.max_steps where that comes first).
     grace_period: int = 0
     reduction_factor: float = 3.0  # ASHA keeps about 1/reduction_factor of trials at each rung
     # The trial actor only waits on its Train run; a sliver of a CPU keeps it off the workers' share.
@@ -627,7 +630,7 @@ class TuneConfig:
     RANGES: ClassVar[dict[str, Range]] = {
         "num_samples": at_least(1),
         "max_concurrent_trials": at_least(1),
-        "grace_period": at_least(0, "0: train.eval_every"),
+        "grace_period": at_least(0, "0: the first evaluation"),
         "reduction_factor": above(1),
         "driver_cpus": at_least(0),
         "seed": within(0, 2**32 - 1),
@@ -638,15 +641,23 @@ class TuneConfig:
     def validate(self) -> "TuneConfig":
         _check_ranges(self, "tune.")
         for key, allowed in (("search", ("random", "grid", "optuna")), ("scheduler", ("asha", "fifo")),
-                             ("mode", ("min", "max"))):
+                             ("mode", ("auto", "min", "max"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"tune.{key}={getattr(self, key)!r}: expected {' or '.join(allowed)}")
         return self
 
 
+def metric_mode(metric: str) -> str:
+    """The direction in which a trial metric improves: losses and perplexity fall, the
+    in-training task scores (accuracy, exact match, contains) rise."""
+    return "min" if metric in ("val_loss", "val_ppl") else "max"
+
+
 def tune_config(data: dict[str, Any]) -> TuneConfig:
-    """A TuneConfig from a mapping (the `tune:` section and `tune.*` overrides), validated."""
-    return _build(TuneConfig, data, "tune.").validate()
+    """A TuneConfig from a mapping (the `tune:` section and `tune.*` overrides), validated,
+    with tune.mode=auto resolved from the metric."""
+    tc = _build(TuneConfig, data, "tune.").validate()
+    return dataclasses.replace(tc, mode=metric_mode(tc.metric)) if tc.mode == "auto" else tc
 
 
 # --------------------------------------------------------------------------- serve

@@ -114,15 +114,18 @@ def best_log2_lr(lrs, losses) -> float:
     """log2 of the best rate: the vertex of the parabola through the grid's best point and
     its two neighbours (in log2 lr), so that two near-equal points do not decide by a hair
     which way the optimum moved. At an end of the grid, that end: the optimum is not
-    bracketed, and callers that need it to be check `bracketed`."""
+    bracketed, and callers that need it to be check `bracketed`. The grid may be spaced
+    unevenly (benchmarks/mup_transfer.py --lrs takes any rates); it is taken in the order given,
+    from the smallest rate to the largest."""
     xs = [math.log2(lr) for lr in lrs]
     i = min(range(len(losses)), key=losses.__getitem__)
     if i == 0 or i == len(xs) - 1 or not all(math.isfinite(losses[j]) for j in (i - 1, i + 1)):
         return xs[i]
-    y0, y1, y2 = losses[i - 1], losses[i], losses[i + 1]
-    curv = y0 - 2 * y1 + y2  # > 0: y1 is the lowest of the three
-    step = xs[i + 1] - xs[i]
-    return xs[i] + (0.5 * (y0 - y2) / curv * step if curv > 0 else 0.0)
+    (x0, y0), (x1, y1), (x2, y2) = ((xs[j], losses[j]) for j in (i - 1, i, i + 1))
+    # Newton's form p(x) = y0 + d1 (x - x0) + a (x - x0)(x - x1); its vertex is where p' = 0.
+    d1, d2 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    a = (d2 - d1) / (x2 - x0)  # > 0: y1 is the lowest of the three
+    return (x0 + x1) / 2 - d1 / (2 * a) if a > 0 else x1
 
 
 def bracketed(losses) -> bool:

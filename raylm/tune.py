@@ -42,8 +42,8 @@ from typing import Any
 import yaml
 
 from raylm import run_lock, storage
-from raylm.config import (Config, ConfigError, TrainConfig, TuneConfig, load_config, load_yaml, to_dict, tune_config,
-                          yaml_problem)
+from raylm.config import (Config, ConfigError, TrainConfig, TuneConfig, load_config, load_yaml, metric_mode, to_dict,
+                          tune_config, yaml_problem)
 from raylm.errors import PathNotFoundError
 
 SEARCH_FILE = "search.json"
@@ -120,7 +120,7 @@ def parse_dimension(where: str, key: str, value: Any) -> Dimension:
     n, usage = DISTRIBUTIONS[name]
     try:
         args = ast.literal_eval(f"({body},)") if body.strip() else ()
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # TypeError: {[1]: 2}
         raise ConfigError(f"{where}: {key}: cannot read the arguments of {value!r}; expected {usage}") from None
     if len(args) != n:
         raise ConfigError(f"{where}: {key}: {value!r} has {len(args)} argument(s); expected {usage}")
@@ -129,11 +129,19 @@ def parse_dimension(where: str, key: str, value: Any) -> Dimension:
             raise ConfigError(f"{where}: {key}: {value!r}; expected {usage}")
         return Dimension(key, name, (tuple(args[0]),))
     lo, hi = args
-    numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)
+    numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) and _finite(a) for a in args)
     ints = all(isinstance(a, int) and not isinstance(a, bool) for a in args)
     if not numbers or (name == "randint" and not ints) or lo >= hi or (name == "loguniform" and lo <= 0):
         raise ConfigError(f"{where}: {key}: {value!r}; expected {usage}")
     return Dimension(key, name, (lo, hi))
+
+
+def _finite(x: int | float) -> bool:
+    """math.isfinite, but an int too large for a float (randint(0, 10**400)) is not an error."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def parse_space(text: str, where: str) -> tuple[dict[str, Dimension], dict]:
@@ -181,10 +189,31 @@ def trial_metrics(cfg: Config) -> list[str]:
 
 def check_metric(tc: TuneConfig, cfg: Config) -> None:
     """tune.metric is one the trials report: Tune takes any name and fails only once the first
-    trial reports, with the search saved and its metric kept for --resume."""
+    trial reports, with the search saved and its metric kept for --resume. And tune.mode is
+    the metric's direction (its default, auto, is): with the wrong one (min with an accuracy)
+    ASHA stops the best trials and best.yaml is the worst one's config, without a word."""
     allowed = trial_metrics(cfg)
     if tc.metric not in allowed:
         raise ConfigError(f"tune.metric={tc.metric!r}: expected one of {', '.join(allowed)}")
+    want = metric_mode(tc.metric)
+    if tc.mode != want:
+        better = "lower" if want == "min" else "higher"
+        raise ConfigError(f"tune.mode={tc.mode!r}: {tc.metric} is better when {better}; set tune.mode={want}")
+
+
+def grace_period(tc: TuneConfig, cfg: Config) -> int:
+    """ASHA's first rung, in steps: tune.grace_period, or (0) the first evaluation, which is
+    the run's last step where train.eval_every is longer than the run."""
+    return tc.grace_period or min(cfg.train.eval_every, cfg.train.max_steps)
+
+
+def check_schedule(tc: TuneConfig, cfg: Config) -> None:
+    """ASHA's first rung lies within a trial. Tune's ASHAScheduler asserts it (a bare
+    AssertionError), and only once the data is prepared and search.json written, which then
+    named a search that neither a new `raylm tune` nor `--resume` would start."""
+    if tc.scheduler == "asha" and grace_period(tc, cfg) > cfg.train.max_steps:
+        raise ConfigError(f"tune.grace_period={tc.grace_period}: ASHA's first rung lies past train.max_steps="
+                          f"{cfg.train.max_steps}; lower it (0: the first evaluation)")
 
 
 def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: str) -> None:
@@ -196,6 +225,12 @@ def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: 
         if fixed:
             raise ConfigError(f"{where}: {key} cannot be searched: every trial shares the search's corpus, "
                               f"tokenizer, prepared data and storage")
+        if key == "model.preset":
+            # A trial is the base config (every model field set) plus its parameters, and the
+            # fields given beside a preset win over it: every trial trained the base model.
+            raise ConfigError(f"{where}: model.preset cannot be searched (the base config sets every model "
+                              f"field, which a preset does not change); search the fields themselves: "
+                              f"model.dim, model.n_layers, model.n_heads, ...")
         for value in dim.probes():
             _load(base, [(key, value)], f"{where}: {key}: {dim}: ")
     for end in (0, -1):  # keys that only fail together (model.dim with model.n_heads)
@@ -320,6 +355,7 @@ def tune(cfg: Config, space_path: str, tune_overrides: dict | None = None, log=N
     space, settings, text = read_space(space_path, cfg.s3)
     tc = tune_config({**settings, **(tune_overrides or {})})
     check_metric(tc, cfg)
+    check_schedule(tc, cfg)
     where = f"search space {space_path}"
     check_space(space, to_dict(cfg), tc, where)  # before anything starts: seconds, not minutes
     with run_lock.held(cfg.run_dir, "search", cfg.s3):  # before anything is written there
@@ -345,7 +381,8 @@ def _new_search(cfg: Config, space: dict, tc: TuneConfig, text: str, space_path:
 
 def resume(cfg: Config, log=None) -> dict:
     """Continue the search cfg.name under cfg.storage (`raylm tune --resume`) through
-    `Tuner.restore`: finished trials are kept, unfinished ones continue from their checkpoints."""
+    `Tuner.restore`: finished trials are kept, unfinished ones continue from their checkpoints.
+    A search that stopped before Tune saved any state is started, with its saved space."""
     uri = storage.join(cfg.run_dir, SEARCH_FILE)
     if not storage.exists(uri, cfg.s3):
         raise PathNotFoundError(f"--resume: no search under {cfg.run_dir} (no {SEARCH_FILE}); check name= and storage=")
@@ -394,12 +431,13 @@ def _scheduler(tc: TuneConfig, base: Config):
 
     if tc.scheduler == "fifo":
         return FIFOScheduler()
+    check_schedule(tc, base)
     # Rungs are counted in optimizer steps ("step" in every report), not in Tune's report count.
     # A trial that reaches max_t ends by itself: stopped there by Tune (its default), its actor
     # is killed with the Train run's controller still winding down, whose placement group Ray
     # Train's cleaner then frees with a warning, for every trial that ran to the end.
     return ASHAScheduler(time_attr="step", max_t=base.train.max_steps, stop_last_trials=False,
-                         grace_period=tc.grace_period or base.train.eval_every, reduction_factor=tc.reduction_factor)
+                         grace_period=grace_period(tc, base), reduction_factor=tc.reduction_factor)
 
 
 def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
@@ -416,13 +454,13 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     # path without its s3:// scheme.
     path = f"{root.rstrip('/')}/{cfg.name}"
     callbacks = [trial_log(log, base.train)]
-    if resume:
-        if not rt.Tuner.can_restore(path, storage_filesystem=fs):
-            raise PathNotFoundError(f"--resume: {search_dir} holds no Tune state yet (the search stopped before "
-                                    f"its first trial); start it again without --resume")
+    if resume and rt.Tuner.can_restore(path, storage_filesystem=fs):
         tuner = rt.Tuner.restore(path, trainable, storage_filesystem=fs, resume_unfinished=True,
                                  resume_errored=True)
     else:
+        if resume:  # a new search refuses this name (search.json is there): this is the one way on
+            log(f"tune: {search_dir} holds no Tune state yet (the search stopped before Tune started): "
+                f"starting it with its saved space and settings")
         tuner = rt.Tuner(
             trainable,
             param_space={k: d.domain() for k, d in space.items()},
@@ -452,7 +490,7 @@ def trial_log(log, train: TrainConfig):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             step = trial.last_result.get("step") or 0
-            log(f"tune: trial {trial.trial_id} {_ended(step, train)} at step {step}")
+            log(f"tune: trial {trial.trial_id} {_ended(step, train, trial.config)} at step {step}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             log(f"tune: trial {trial.trial_id} failed")
@@ -460,10 +498,14 @@ def trial_log(log, train: TrainConfig):
     return _TrialLog()
 
 
-def _ended(steps: int, train: TrainConfig) -> str:
+def _ended(steps: int, train: TrainConfig, params: dict | None = None) -> str:
     """How a trial that did not fail ended: "finished", or "stopped" early by the scheduler
-    (a time-budgeted run ends where its clock does: finished)."""
-    return "stopped" if steps < train.max_steps and not train.time_budget_s else "finished"
+    (a time-budgeted run ends where its clock does: finished). Its own train.max_steps and
+    train.time_budget_s where the space searches them, else the base config's."""
+    params = params or {}
+    max_steps = plain(params.get("train.max_steps", train.max_steps))
+    budget = plain(params.get("train.time_budget_s", train.time_budget_s))
+    return "stopped" if steps < max_steps and not budget else "finished"
 
 
 def _params_text(params: dict) -> str:
@@ -483,18 +525,27 @@ def trial_rows(grid, metric: str, mode: str) -> list[dict]:
     rows = []
     for res in grid:
         df = res.metrics_dataframe
-        hist = []
+        reported = []
         if df is not None and metric in df and "step" in df:
-            hist = [(int(s), float(v)) for s, v in zip(df["step"], df[metric]) if v == v]  # v == v: not NaN
+            reported = [(int(s), float(v)) for s, v in zip(df["step"], df[metric]) if s == s]  # s == s: not NaN
+        hist = [(s, v) for s, v in reported if v == v]  # what can be plotted
         m = res.metrics or {}
         trial_id = m.get("trial_id") or res.path.rstrip("/").rsplit("/", 1)[-1]
+        # The last value reported, NaN included: a trial that ended on NaN (diverged) must not
+        # be ranked, and chosen for best.yaml, on a value from before it diverged.
         rows.append({"trial": trial_id, "params": {k: plain(v) for k, v in (res.config or {}).items()},
-                     "error": res.error, "steps": int(m.get("step") or 0), "last": hist[-1][1] if hist else None,
+                     "error": res.error, "steps": int(m.get("step") or 0),
+                     "last": reported[-1][1] if reported else None,
                      "best": (min if mode == "min" else max)(v for _, v in hist) if hist else None,
                      "history": hist})
     sign = 1 if mode == "min" else -1
-    rows.sort(key=lambda r: (r["last"] is None, sign * r["last"] if r["last"] is not None else 0))
+    rows.sort(key=lambda r: (not _ranked(r), sign * r["last"] if _ranked(r) else 0))
     return rows
+
+
+def _ranked(row: dict) -> bool:
+    """Whether a trial's last reported metric can rank it: it reported one, and not NaN."""
+    return row["last"] is not None and not math.isnan(row["last"])
 
 
 def report(grid, state: dict, cfg: Config, tc: TuneConfig, log=print) -> dict:
@@ -502,20 +553,20 @@ def report(grid, state: dict, cfg: Config, tc: TuneConfig, log=print) -> dict:
     base = load_config(base=state["base"])
     rows = trial_rows(grid, tc.metric, tc.mode)
     for r in rows:
-        r["status"] = "error" if r["error"] else _ended(r["steps"], base.train)
+        r["status"] = "error" if r["error"] else _ended(r["steps"], base.train, r["params"])
     search_dir = cfg.run_dir
     keys = sorted({k for r in rows for k in r["params"]})
     header = ["rank", "trial", "status", "steps", f"last_{tc.metric}", f"best_{tc.metric}", *keys]
     table = [[i + 1, r["trial"], r["status"], r["steps"], _num(r["last"]), _num(r["best"]),
-              *(_fmt(r["params"].get(k, "")) for k in keys)] for i, r in enumerate(rows)]
-    buf = io.StringIO()
+              *(r["params"].get(k, "") for k in keys)] for i, r in enumerate(rows)]
+    buf = io.StringIO()  # the parameters as drawn: 4 significant digits would not reproduce a trial
     csv.writer(buf, lineterminator="\n").writerows([header, *table])
     storage.write_text(storage.join(search_dir, "results.csv"), buf.getvalue(), cfg.s3)
-    log("tune: results\n" + format_table(header, table))
+    log("tune: results\n" + format_table(header, [[*row[:6], *map(_fmt, row[6:])] for row in table]))
     summary = {"search_dir": search_dir, "trials": len(rows), "results_csv": storage.join(search_dir, "results.csv"),
                "stopped": [r["trial"] for r in rows if r["status"] == "stopped"],
                "errors": [r["trial"] for r in rows if r["status"] == "error"]}
-    ok = [r for r in rows if r["status"] != "error" and r["last"] is not None]
+    ok = [r for r in rows if r["status"] != "error" and _ranked(r)]
     if ok:
         best = ok[0]
         best_cfg = load_config(base=state["base"], overrides=[*best["params"].items(), ("name", f"{cfg.name}-best"),
