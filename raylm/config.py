@@ -795,7 +795,9 @@ class EvalConfig:
     # pause. 200 two-way items put the standard error of accuracy near 0.035.
     max_items: int = 200
     max_new_tokens: int = 32  # completion budget of generation tasks
-    temperature: float = 0.0  # generation tasks: 0 greedy, so scores are repeatable
+    # Generation tasks in `raylm eval`: 0 greedy, so scores are repeatable. In-training
+    # evaluation is always greedy, whatever this is: its scores compare steps of one run.
+    temperature: float = 0.0
     # `raylm eval`'s pool of Ray actors, each loading the model once (0: score in
     # the driver process), and each actor's CPUs (also its torch threads) and GPUs.
     workers: int = 2
