@@ -196,6 +196,7 @@ class _Request:
     n_out: int = 0
     cancelled: bool = False  # set on the event loop when the consumer goes away
     finished: bool = False
+    ended: bool = False  # its last item (the Output with a finish_reason, or an exception) is emitted
     prompt_logprobs: list | None = field(default=None, repr=False)
 
 
@@ -365,7 +366,8 @@ class Engine:
                     "prefills_within_decode": self.prefills_within_decode}
 
     def alive(self) -> bool:
-        """Whether the engine thread runs (it ends only once `close` has let every request finish)."""
+        """Whether the engine thread runs: it ends once `close` has let every request finish, or
+        on an error that failing the running requests did not survive (`_abandon`)."""
         return self._thread.is_alive()
 
     def freed_at_step(self, request_id: str) -> int | None:
@@ -396,7 +398,11 @@ class Engine:
         # small ops a step is much of the step (tiny model, 16 rows, one CPU thread: 4.7-4.8k
         # against 6.0-6.3k output tokens/s in-process, two alternating pairs).
         with torch.inference_mode():
-            self._loop()
+            try:
+                self._loop()
+            except BaseException as e:  # not even failing the running requests worked: see `_abandon`
+                self._abandon(e)
+                raise
 
     def _loop(self) -> None:
         while True:
@@ -661,6 +667,8 @@ class Engine:
                 self._freed_at.popitem(last=False)
 
     def _emit(self, req: _Request, item) -> None:
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            req.ended = True
         self._outbox.setdefault(req.sink, []).append((req, item))
 
     def _deliver(self) -> None:
@@ -680,10 +688,33 @@ class Engine:
 
     def _fail(self, req: _Request, error: Exception, what: str) -> None:
         req.finished = True
-        self._free(req)
         failure = RuntimeError(f"{what}: {error!r}")
         failure.__cause__ = error
-        self._emit(req, failure)
+        self._emit(req, failure)  # first: if freeing its slot fails too, its consumer still hears why
+        self._free(req)
+
+    def _abandon(self, error: BaseException) -> None:
+        """The engine thread is ending on an exception that failing the running requests did not
+        survive (a device that fails every op since, freeing a slot included), or that came
+        from outside a step. Every request still running or waiting ends now with
+        EngineClosed (the app's 503, retry elsewhere) instead of waiting forever for a thread
+        that is gone, and new ones are refused (`alive()` is False: a replica's health check
+        replaces it)."""
+        with self._cond:
+            self._closing = True
+            left = [r for r in (*self._rows, *self._waiting) if not r.ended]
+            self._rows.clear()
+            self._waiting.clear()
+            self._prefilling.clear()
+        for req in left:
+            req.finished = True
+            failure = EngineClosed(f"the engine stopped on an error it could not recover from: {error!r}")
+            failure.__cause__ = error
+            self._emit(req, failure)
+        try:
+            self._deliver()
+        except Exception:  # noqa: BLE001 - a sink that fails now cannot be helped; the error is re-raised
+            pass
 
     # ------------------------------------------------------------------ text and logprobs
 
