@@ -306,6 +306,13 @@ def app_builder(args: dict):
     if cfg.api_key:
         raise ConfigError("serve application args: serve.api_key must not be written into Serve's config; "
                           f"set ${API_KEY_ENV} from a Secret")
+    # Where the app listens is Serve's http_options, which a builder never sees (a RayService
+    # says 0.0.0.0 there): serve.host's default, loopback, would let it start with no key on
+    # every interface. Without a key, serve.host must say loopback itself.
+    if not os.environ.get(API_KEY_ENV) and (args.get("serve") or {}).get("host") not in LOOPBACK:
+        raise ConfigError(f"serve application args: set ${API_KEY_ENV} (from a Secret): Serve's http_options, "
+                          "not these args, decide where the app listens; or give serve.host: 127.0.0.1 where "
+                          "Serve listens on loopback only")
     return build_app(args["run"], cfg)
 
 

@@ -173,13 +173,14 @@ class OpenAIService:
         except ValueError as e:
             raise P.APIError(400, f"messages: {e}", "messages") from None
         limit = req.limit()
+        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         if limit == 0:
-            raise P.APIError(400, "max_tokens: must be at least 1 for chat", "max_tokens")
+            raise P.APIError(400, f"{name}: must be at least 1 for chat", name)
         if limit is None:
             limit = self._room(ids, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         choices = [_Choice(j, ids, self._params(req, ids, limit, j, logprobs=top,
-                                                stop_ids=(self.end_id, self.tok.eos_id)))
+                                                stop_ids=(self.end_id, self.tok.eos_id), limit_field=name))
                    for j in range(req.n)]
         rid = P.new_id("chatcmpl")
         if req.stream:
@@ -226,14 +227,14 @@ class OpenAIService:
         return context - prompt_len
 
     def _params(self, req, prompt_ids: list[int], max_tokens: int, index: int, *, logprobs: int | None,
-                stop_ids: tuple[int, ...], echo: bool = False) -> SamplingParams:
+                stop_ids: tuple[int, ...], echo: bool = False, limit_field: str = "max_tokens") -> SamplingParams:
         """Choice `index`'s settings (its index in the response, over all prompts): seed + index,
         each choice its own stream, all reproducible, and a list of prompts seeded as
         `raylm.generate.complete` seeds it."""
         context, prompt_len = self.engine.max_seq_len, len(prompt_ids)
         if prompt_len + max_tokens > context:
-            raise P.APIError(400, f"max_tokens: the prompt's {prompt_len} tokens plus max_tokens={max_tokens} exceed "
-                                  f"the model's context of {context} tokens", "max_tokens",
+            raise P.APIError(400, f"{limit_field}: the prompt's {prompt_len} tokens plus {limit_field}={max_tokens} "
+                                  f"exceed the model's context of {context} tokens", limit_field,
                              code="context_length_exceeded")
         seed = None if req.seed is None else req.seed + index
         params = SamplingParams(

@@ -206,11 +206,45 @@ def parse_request(raw: bytes, model: type[BaseModel]):
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", None)
     try:
+        bad = _lone_surrogate(data)
+        if bad is not None:  # a "\ud800" escape: JSON takes it, the tokenizer (and UTF-8) cannot
+            raise APIError(400, f"{bad or 'request body'}: a string holds an unpaired UTF-16 surrogate "
+                                "(not a character)", bad or None)
         return model.model_validate(data)
     except ValidationError as e:
         raise _api_error(e) from None
     except RecursionError:
         raise APIError(400, "request body is nested too deeply", None) from None
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The dotted path ("" for the whole body) of the first string, key or value, holding an
+    unpaired surrogate, or None when every string is text."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, v = stack.pop()
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        for k, x in items:
+            if isinstance(k, str) and not _utf8(k):
+                return path  # the key itself cannot be shown
+            at = f"{path}.{k}" if path else str(k)
+            if isinstance(x, str) and not _utf8(x):
+                return at
+            stack.append((at, x))
+    return ""
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _api_error(e: ValidationError) -> APIError:
@@ -219,7 +253,9 @@ def _api_error(e: ValidationError) -> APIError:
     if isinstance(ctx_err, _FieldError):
         return APIError(400, str(ctx_err), ctx_err.field)
     # A union (prompt: str | list[...]) puts the branch in the location; the field is what matters.
-    loc = [str(p) for p in err["loc"] if not _union_tag(p)]
+    loc = [str(p) for p in err["loc"][:-1] if not _union_tag(p)] + [str(p) for p in err["loc"][-1:]]
+    if err["type"] != "extra_forbidden" and loc and _union_tag(loc[-1]):  # an unknown field's name is the client's
+        loc.pop()
     param = ".".join(loc) or None
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":

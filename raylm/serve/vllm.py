@@ -35,9 +35,15 @@ def vllm_serving_args(export: str, cfg: ServeConfig, model_name: str) -> dict:
     """The `LLMServingArgs` for `build_openai_app`, as plain data: one `LLMConfig` for the
     export (local path, or s3:// as a cloud mirror vLLM's replicas download), with raylm's
     batch, limits, backpressure and autoscaling settings mapped to Serve's and vLLM's names."""
-    if cfg.api_key:
-        raise ConfigError("serve.api_key: the vLLM app's ingress cannot check raylm's API key; serve it on loopback "
-                          "behind a gateway that authenticates, or use --engine raylm")
+    from raylm.serve.app import API_KEY_ENV, LOOPBACK
+
+    if cfg.api_key or os.environ.get(API_KEY_ENV):
+        what = "serve.api_key" if cfg.api_key else f"${API_KEY_ENV}"
+        raise ConfigError(f"{what}: the vLLM app's ingress cannot check raylm's API key (it would be ignored); "
+                          "serve it on loopback behind a gateway that authenticates, or use --engine raylm")
+    if cfg.host not in LOOPBACK:
+        raise ConfigError(f"serve.host={cfg.host}: the vLLM app has no API key, so it serves on loopback only; "
+                          "put a gateway that authenticates in front, or use --engine raylm with an API key")
     source: str | dict = {"bucket_uri": export} if storage.is_s3(export) else os.path.abspath(export)
     deployment = {
         "max_ongoing_requests": cfg.max_ongoing_requests,

@@ -227,6 +227,34 @@ def test_vllm_arguments_for_local_and_s3_exports(tmp_path):
     assert "ray.serve.llm" not in sys.modules and "vllm" not in sys.modules
 
 
+def test_vllm_refuses_a_key_it_would_ignore_and_any_address_off_loopback(tmp_path, monkeypatch):
+    """vLLM's ingress checks no raylm key: a key in $RAYLM_API_KEY was ignored without a word,
+    and `--host 0.0.0.0` served with no key at all, where the raylm engine refuses to."""
+    from raylm.serve.vllm import vllm_serving_args
+
+    monkeypatch.setenv("RAYLM_API_KEY", "k")
+    with pytest.raises(ConfigError, match=r"\$RAYLM_API_KEY: the vLLM app's ingress cannot check"):
+        vllm_serving_args(str(tmp_path), ServeConfig(), "tiny")
+    monkeypatch.delenv("RAYLM_API_KEY")
+    with pytest.raises(ConfigError, match="serve.host=0.0.0.0: the vLLM app has no API key"):
+        vllm_serving_args(str(tmp_path), ServeConfig(host="0.0.0.0"), "tiny")
+    vllm_serving_args(str(tmp_path), ServeConfig(host="::1"), "tiny")
+
+
+def test_app_builder_needs_a_key_unless_its_args_say_loopback(monkeypatch):
+    """A RayService's http_options (0.0.0.0) decide where the app listens, not serve.host,
+    whose default is loopback: the builder started the app with no key on every interface."""
+    from raylm.serve.app import app_builder
+
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    for serve in ({}, {"host": "0.0.0.0"}):
+        with pytest.raises(ConfigError, match=r"set \$RAYLM_API_KEY \(from a Secret\)"):
+            app_builder({"run": "x", "serve": serve})
+    assert app_builder({"run": "x", "serve": {"host": "127.0.0.1"}}) is not None  # built: replicas load the run
+    monkeypatch.setenv("RAYLM_API_KEY", "k")
+    assert app_builder({"run": "x", "serve": {}}) is not None
+
+
 def test_vllm_arguments_validate_against_ray_serve_llm():
     pytest.importorskip("vllm", reason="vLLM is an optional extra (GPU clusters); ray.serve.llm needs it")
     from ray.serve.llm import LLMServingArgs
@@ -236,9 +264,11 @@ def test_vllm_arguments_validate_against_ray_serve_llm():
     LLMServingArgs.model_validate(vllm_serving_args("s3://bucket/export", ServeConfig(), "tiny"))
 
 
-def test_app_builder_refuses_bad_args_in_one_line():
+def test_app_builder_refuses_bad_args_in_one_line(monkeypatch):
     from raylm.config import ConfigError
     from raylm.serve.app import app_builder
+
+    monkeypatch.setenv("RAYLM_API_KEY", "k")
 
     for args, said in (({}, "'run'"), ({"run": "x", "extra": 1}, "unknown key 'extra'"),
                        ({"run": "x", "serve": {"api_key": "k"}}, "must not be written"),
