@@ -194,11 +194,15 @@ def read_hf_config(uri: str, s3=None) -> dict:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind != "default":
             raise ConfigError(f"{path}: RoPE scaling {kind!r} ({key}); raylm's decoder has plain RoPE only")
-    heads = config.get("num_attention_heads")
-    if config.get("head_dim") is not None and isinstance(heads, int) and heads > 0 \
-            and config["head_dim"] != config.get("hidden_size", 0) // heads:
-        raise ConfigError(f"{path}: head_dim={config['head_dim']} is not hidden_size/num_attention_heads; "
-                          f"raylm's decoder derives it from them")
+    if config.get("head_dim") is not None:
+        # Types first (one line naming the key, as model_config_from_hf does): the check
+        # divides hidden_size by num_attention_heads.
+        head_dim = _value(config, "head_dim", int, path)
+        heads = _value(config, "num_attention_heads", int, path)
+        hidden = _value(config, "hidden_size", int, path)
+        if heads > 0 and head_dim != hidden // heads:
+            raise ConfigError(f"{path}: head_dim={head_dim} is not hidden_size/num_attention_heads; "
+                              f"raylm's decoder derives it from them")
     return config
 
 

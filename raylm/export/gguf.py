@@ -264,13 +264,13 @@ def export_run_gguf(uri: str, out: str, s3: S3Config | None = None, checkpoint: 
     if checkpoint:
         src = checkpoint if storage.is_s3(checkpoint) or os.sep in checkpoint or "/" in checkpoint \
             else storage.join(uri, checkpoint)
-    if storage.is_s3(out) and storage.exists(out + MARKER_SUFFIX, s3):
-        raise OutputExistsError(f"{out}: already holds a complete export; export to a new key")
+    if storage.is_s3(out):
+        _check_s3_out(out, s3)
     model, tok, meta = load_for_inference(src, s3)
     meta = {**meta, "source": src}
     if not storage.is_s3(out):
         return export_gguf(model, tok, meta, out, dtype)
-    parent, _, name = out.rstrip("/").rpartition("/")
+    parent, _, name = out.rpartition("/")
     with tempfile.TemporaryDirectory(prefix="raylm-export-") as tmp:
         # The directory holds only the finished file (export_gguf renames its temporary into
         # place), so uploading it writes exactly the object `out`.
@@ -281,3 +281,17 @@ def export_run_gguf(uri: str, out: str, s3: S3Config | None = None, checkpoint: 
     storage.write_bytes(out + MARKER_SUFFIX, json.dumps(marker, indent=2).encode() + b"\n", s3)  # last
     return out
 
+
+def _check_s3_out(out: str, s3: S3Config | None) -> None:
+    """Refuse an s3:// output that is not a new object key: a bucket alone or a key ending in
+    "/" (no file name: the upload would go elsewhere), a finished export, or any object already
+    at `out`. An object appears only once its upload is complete, so an object there is a
+    whole file, someone's or an earlier export's; it is never written over, as a local output
+    is not."""
+    key = out[len("s3://"):].partition("/")[2]
+    if not key or out.endswith("/"):
+        raise ConfigError(f"{out}: a GGUF export is one file; name its object, e.g. {out.rstrip('/')}/model.gguf")
+    if storage.exists(out + MARKER_SUFFIX, s3):
+        raise OutputExistsError(f"{out}: already holds a complete export; export to a new key")
+    if storage.exists(out, s3):
+        raise OutputExistsError(f"{out}: already exists; export to a new key")

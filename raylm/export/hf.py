@@ -215,6 +215,10 @@ def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torc
         marker["files"] = sorted(p.name for p in tmp.iterdir())  # what readers take as this export
         _write_json(tmp / EXPORT_MARKER, marker)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is a normal directory
+        # Content on disk before the rename makes it visible: a crash after a rename that
+        # reached the disk first would leave a complete-looking export (marker included)
+        # with empty or short weights, which a recipe rerun takes as done.
+        storage.make_durable(str(tmp))
         os.rename(tmp, out)  # atomic on one filesystem; fails if a non-empty out appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

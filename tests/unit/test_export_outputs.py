@@ -1,0 +1,117 @@
+"""Review fixes in the export area: an s3:// GGUF output that is not a new object key is
+refused before any work (never written over), and a Llama config.json whose hidden_size is
+not an integer is refused in one line naming it, not with a TypeError."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raylm.errors import ConfigError
+
+
+def _no_load(uri, s3=None):
+    raise AssertionError("the checkpoint was loaded before the output was checked")
+
+
+@pytest.fixture
+def fake_s3(monkeypatch):
+    """Object storage holding `objects`; every write is recorded in `written`."""
+    pytest.importorskip("gguf")
+    import raylm.export.gguf as export_mod
+    import raylm.generate
+
+    state = {"objects": set(), "written": []}
+    storage = export_mod.storage
+    monkeypatch.setattr(raylm.generate, "load_for_inference", _no_load)
+    monkeypatch.setattr(storage, "exists", lambda uri, s3=None: uri in state["objects"])
+    monkeypatch.setattr(storage, "upload_dir", lambda local, uri, s3=None: state["written"].append(uri))
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data, s3=None: state["written"].append(uri))
+    return export_mod, state
+
+
+def test_s3_gguf_export_never_writes_over_an_existing_object(fake_s3):
+    """Someone's object at the key (no raylm marker beside it) was overwritten: only the
+    marker was checked. A local output that exists is refused; so is this one."""
+    export_mod, state = fake_s3
+    state["objects"].add("s3://b/models/m.gguf")
+    with pytest.raises(FileExistsError, match=r"^s3://b/models/m\.gguf: already exists; export to a new key$"):
+        export_mod.export_run_gguf("s3://b/run", "s3://b/models/m.gguf")
+    assert state["written"] == []
+
+
+@pytest.mark.parametrize("out", ["s3://b", "s3://b/", "s3://b/models/"])
+def test_s3_gguf_export_needs_an_object_name(fake_s3, out):
+    """"s3://b" uploaded to the local directory "s3:" (the parent of "s3://b" split at its last
+    "/"), and "s3://b/models/" to the object "s3://b/models" with its marker elsewhere."""
+    export_mod, state = fake_s3
+    with pytest.raises(ConfigError, match="a GGUF export is one file; name its object") as e:
+        export_mod.export_run_gguf("s3://b/run", out)
+    assert "\n" not in str(e.value)
+    assert state["written"] == []
+
+
+@pytest.mark.parametrize("key,value,shown", [("hidden_size", "64", '"64"'), ("hidden_size", None, "null"),
+                                             ("head_dim", "16", '"16"')])
+def test_head_dim_check_refuses_a_wrong_type_in_one_line(tmp_path, key, value, shown):
+    from raylm.hf import read_hf_config
+
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+              "head_dim": 16, "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 320}
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"config.json: {key}={shown}; expected an integer$"):
+        read_hf_config(str(tmp_path))
+
+
+def test_local_hf_export_is_on_disk_before_it_appears(tmp_path, monkeypatch):
+    """The directory is renamed into place once complete; its files must reach the disk
+    before that rename (the GGUF export fsyncs its file), or a crash leaves `out` with its
+    marker and empty weights, which a recipe rerun skips as finished."""
+    pytest.importorskip("safetensors")
+    import os
+
+    import raylm.export.hf as export_mod
+    from raylm.config import ModelConfig
+    from raylm.model import build_model
+    from raylm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["The quick brown fox jumps over the lazy dog.\n"] * 50, str(tmp_path / "tok"), 300)
+    model = build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, max_seq_len=16).with_vocab(tok.vocab_size))
+    synced: set[str] = set()
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        src = os.path.realpath(src)
+        files = {os.path.join(src, n) for n in os.listdir(src)}
+        assert files and files <= synced, f"renamed before these reached the disk: {sorted(files - synced)}"
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(export_mod.os, "rename", rename)
+    out = export_mod.export_hf(model, tok, {}, str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / export_mod.EXPORT_MARKER).exists() and out == str(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("module", ["gguf", "sentencepiece.sentencepiece_model_pb2"])
+def test_gguf_format_without_its_packages_is_refused_up_front(monkeypatch, module):
+    """`exporter` is what `raylm export` and a recipe's load call to refuse a format whose
+    packages are missing before any work; for gguf it imported only raylm's module, which
+    imports `gguf` (and protobuf's SentencePiece model) when the export runs: after the
+    checkpoint was loaded, or after a recipe's whole training."""
+    import sys
+
+    from raylm.export import MissingExtra, exporter
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import` raises ImportError
+    if "." in module:  # and `from package import module` no longer finds it on the package
+        package, _, name = module.rpartition(".")
+        monkeypatch.delattr(sys.modules[package], name, raising=False)
+    with pytest.raises(MissingExtra, match=r"^stages\.export\.format=gguf needs .*: pip install -e '\.\[export\]'$"):
+        exporter("gguf", None, prefix="stages.export.")
+    assert exporter("hf", None)[0] == "float32"  # hf needs neither
