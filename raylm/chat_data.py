@@ -17,7 +17,8 @@ Record formats:
          (a pair's loss mask covers its response alone, never earlier assistant turns)
 
 A record that is malformed (unknown role, empty content, `messages` not a list, no
-assistant turn, a lone surrogate escape in text) or longer than a row is a bad record naming
+assistant turn, a lone surrogate escape in text, a DPO pair whose chosen and rejected are the
+same text) or longer than a row is a bad record naming
 file and line; a null field (parquet rows have every column) counts as absent; within
 data.max_bad_records they are counted and skipped, as in pre-training. Instruction sets are
 small next to pre-training corpora, so the driver holds the encoded records and shuffles
@@ -118,7 +119,12 @@ def conversation(record, kind: str, where: str):
                             f"answer (the last is {prompt[-1]['role']!r})")
     else:
         prompt = [{"role": "user", "content": _text(record, "prompt", where)}]
-    return prompt, _text(record, "chosen", where), _text(record, "rejected", where)
+    chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
+    if chosen == rejected:
+        # Identical sides make the DPO margin zero whatever the weights: a constant loss with no
+        # gradient, yet the pair counts in the normaliser and in preference accuracy.
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same text, so the pair prefers nothing")
+    return prompt, chosen, rejected
 
 
 def encode_response(tok, prompt: list[dict], reply: str, prompt_len: int | None = None
@@ -249,6 +255,10 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    # Rows are a function of the records and the seed; the DPO reference pass that follows in
+    # this driver (raylm.posttrain.precompute_reference) reads the rows back in order too, so
+    # this holds on the reuse path as well.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     files = list_corpus(cfg.path, s3)
     key = dataset_key(kind, files, cfg, tokenizer.sha256, seed)
     existing = read_manifest(out, s3)
@@ -258,8 +268,6 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
         return existing
     t0 = time.time()
     width = cfg.seq_len + 1
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # rows are a function of the records and the seed
     order = {f.uri: i for i, f in enumerate(files)}
     fs, _ = storage.filesystem(files[0].uri, s3)
     paths = [storage.filesystem(f.uri, s3)[1] for f in files]
