@@ -125,9 +125,17 @@ def test_close_finishes_in_flight_requests_then_refuses_new_ones(tiny_run, loop)
         await leaving.__anext__()
         while ep.stats()["running"] + ep.stats()["waiting"] < 2:
             await asyncio.sleep(0.01)
-        closing = asyncio.ensure_future(ep.close())
-        await asyncio.sleep(0.05)  # the close is under way in the engine's process
-        leaving.close()  # the client goes away
+        # The engine's process is held still while the close and the client's leaving are sent,
+        # so the leaving request is still running when they arrive, however loaded this
+        # machine is (else it could reach its max_tokens first, and the test said nothing).
+        os.kill(ep._proc.pid, signal.SIGSTOP)
+        try:
+            closing = asyncio.ensure_future(ep.close())
+            await asyncio.sleep(0.05)  # the close is sent
+            leaving.close()  # the client goes away
+            await asyncio.sleep(0.05)
+        finally:
+            os.kill(ep._proc.pid, signal.SIGCONT)
         await closing
         outs = await asyncio.gather(*tasks)
         with pytest.raises(EngineClosed):
