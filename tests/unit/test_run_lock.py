@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from raylm import run_lock, storage
+from raylm import run_lock
 from raylm.config import load_config
 from raylm.errors import StorageError
 
