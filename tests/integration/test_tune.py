@@ -215,3 +215,33 @@ def test_a_killed_search_resumes_and_keeps_finished_trials(prepared, s3_server, 
     assert summary["trials"] == 2 and not summary["errors"] and not summary["stopped"], summary
     assert json.loads(storage.read_text(record))["created"] == created, f"finished trial {finished} was run again"
     assert storage.exists(summary["best_config"])
+
+
+def test_a_search_stopped_before_tune_saved_any_state_resumes(prepared, tmp_path, monkeypatch):
+    """search.json is written before Tune's first state (tuner.pkl). A search whose driver died
+    in between could be neither started again (the name holds a search) nor resumed (no Tune
+    state); `--resume` now runs it from its saved space and settings, on a real Tuner."""
+    from raylm import tune
+    from raylm.config import ConfigError, load_config
+
+    space = tmp_path / "space.yaml"
+    space.write_text(RESUME_SPACE.replace("num_samples: 2", "num_samples: 1"))
+    cfg = load_config(overrides=[*_base_args(prepared, str(tmp_path / "runs"), "early"), ("data.path", prepared[1])])
+
+    class DriverDied(Exception):
+        pass
+
+    def die(*_, **__):
+        raise DriverDied()
+
+    with monkeypatch.context() as m:
+        m.setattr(tune, "_run", die)  # after search.json, before Tune writes anything
+        with pytest.raises(DriverDied):
+            tune.tune(cfg, str(space), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="--resume"):  # a new search of that name is refused
+        tune.tune(cfg, str(space), log=lambda *_: None)
+    lines = []
+    summary = tune.resume(cfg, log=lines.append)
+    assert summary["trials"] == 1 and not summary["errors"], summary
+    assert any("no Tune state yet" in ln for ln in lines), lines
+    assert storage.exists(summary["best_config"])

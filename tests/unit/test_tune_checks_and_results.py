@@ -86,62 +86,6 @@ def test_odd_literals_are_one_line_errors(value):
     assert str(e.value).startswith("space.yaml: train.warmup_steps: ") and "\n" not in str(e.value)
 
 
-# --------------------------------------------------------------------------- --resume before Tune started
-
-
-def test_resume_starts_a_search_that_stopped_before_tune_did(tmp_path, monkeypatch):
-    """search.json is written before Tune's first state (tuner.pkl). A search that stopped in
-    between could be neither started again (`a search is already there; continue it with
-    --resume`) nor resumed (`holds no Tune state yet ...; start it again without --resume`)."""
-    import ray.tune
-
-    space = tmp_path / "space.yaml"
-    space.write_text("train.lr: loguniform(1e-4, 3e-3)\ntune: {num_samples: 2}\n")
-    cfg = load_config(overrides=[f"storage={tmp_path / 'runs'}", "name=s"])
-    monkeypatch.setattr(tune, "prepare_search", lambda c, tc: (c, str(tmp_path / "data"), {"key": "k"}))
-
-    class Stopped(Exception):
-        pass
-
-    real_run = tune._run
-
-    def stop(*_, **__):
-        raise Stopped()
-
-    monkeypatch.setattr(tune, "_run", stop)
-    with pytest.raises(Stopped):
-        tune.tune(cfg, str(space), log=lambda *_: None)
-    assert (tmp_path / "runs" / "s" / tune.SEARCH_FILE).exists()
-    with pytest.raises(ConfigError, match="--resume"):  # a new search of that name is refused
-        tune.tune(cfg, str(space), log=lambda *_: None)
-
-    made = {}
-
-    class FakeTuner:
-        @staticmethod
-        def can_restore(path, storage_filesystem=None):
-            return False
-
-        @classmethod
-        def restore(cls, *_, **__):
-            pytest.fail("restored a search with no Tune state")
-
-        def __init__(self, trainable, param_space, tune_config, run_config):
-            made.update(param_space=param_space, num_samples=tune_config.num_samples, name=run_config.name)
-
-        def fit(self):
-            return []
-
-    monkeypatch.setattr(tune, "_run", real_run)
-    monkeypatch.setattr(tune, "init_ray_for", lambda *_, **__: None)
-    monkeypatch.setattr(tune, "_trainable", lambda state, search_dir: "trainable")
-    monkeypatch.setattr(ray.tune, "Tuner", FakeTuner)
-    lines = []
-    summary = tune.resume(cfg, log=lines.append)
-    assert set(made["param_space"]) == {"train.lr"} and made["num_samples"] == 2 and made["name"] == "s", made
-    assert summary["trials"] == 0 and any("no Tune state yet" in ln for ln in lines), lines
-
-
 # --------------------------------------------------------------------------- results
 
 
