@@ -91,9 +91,10 @@ def _flock(uri: str, what: str) -> Iterator[None]:
 def _machine() -> str:
     """This machine and pid namespace: a pid means the same process only where both match."""
     parts = [socket.gethostname()]
-    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
-        with contextlib.suppress(OSError):
-            parts.append(open(path).read().strip() if path.endswith("boot_id") else os.readlink(path))
+    with contextlib.suppress(OSError):  # Linux only; elsewhere the host name alone
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
     return "|".join(parts)
 
 
