@@ -9,7 +9,6 @@ import pytest
 from raylm.config import ServeConfig
 from raylm.serve import protocol as P
 from raylm.serve.handlers import OpenAIService
-from raylm.tokenizer import END
 
 
 def refused(raw: bytes, model) -> P.APIError:
@@ -50,35 +49,30 @@ def test_an_unknown_fields_name_is_the_param_whatever_it_looks_like(name):
     assert refused(json.dumps(chat).encode(), P.ChatCompletionRequest).param == f"messages.0.{name}"
 
 
-class _Tok:
-    special_ids = {END: 3}
-    eos_id = 2
-    vocab_size = 100
+@pytest.fixture(scope="module")
+def service(tiny_run):
+    from raylm.serve.engine import Engine
 
-    def encode_chat(self, messages, add_generation_prompt=False):
-        return [5, 6, 7, 8], None
+    engine = Engine.from_run(tiny_run, max_batch_size=1)
+    yield OpenAIService(engine, ServeConfig(), "m")
+    asyncio.run(engine.close())
 
 
-class _Engine:
-    tokenizer = _Tok()
-    max_seq_len = 16
-
-    def check(self, prompt_ids, params):
-        pass
+CONTEXT = "the context"  # stands for the model's own context length: with any prompt, too many
 
 
 @pytest.mark.parametrize("body, param", [
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"max_completion_tokens": 0, "max_tokens": 5}, "max_completion_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"max_completion_tokens": 13}, "max_completion_tokens"),
-    ({"max_completion_tokens": 13, "max_tokens": 2}, "max_completion_tokens"),
-    ({"max_tokens": 13}, "max_tokens"),
+    ({"max_completion_tokens": CONTEXT}, "max_completion_tokens"),
+    ({"max_completion_tokens": CONTEXT, "max_tokens": 2}, "max_completion_tokens"),
+    ({"max_tokens": CONTEXT}, "max_tokens"),
 ])
-def test_chat_limit_errors_name_the_field_the_client_sent(body, param):
+def test_chat_limit_errors_name_the_field_the_client_sent(service, body, param):
     """The newer `max_completion_tokens` (what the openai client sends) was reported as
     `max_tokens`, a field the request did not have."""
-    service = OpenAIService(_Engine(), ServeConfig(), "m")
+    body = {k: service.engine.max_seq_len if v == CONTEXT else v for k, v in body.items()}
     req = P.parse_request(json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}).encode(),
                           P.ChatCompletionRequest)
 
