@@ -14,11 +14,11 @@ from raylm.progress import Progress
 MC = '{"context": "x", "choices": ["a", "b"], "gold": 0}\n'
 
 
-class ByteTok:
-    eos_id = 0
+@pytest.fixture(scope="module")
+def tok(tiny_run):
+    from raylm.generate import load_for_inference
 
-    def encode(self, text):
-        return [b + 1 for b in text.encode("utf-8")]
+    return load_for_inference(tiny_run)[1]
 
 
 def two_files_named_test(tmp_path):
@@ -31,7 +31,7 @@ def two_files_named_test(tmp_path):
     return paths
 
 
-def test_in_training_eval_refuses_two_task_files_of_one_name(tmp_path):
+def test_in_training_eval_refuses_two_task_files_of_one_name(tmp_path, tok):
     """Its rows are keyed by task name: the second file replaced the first (eval_test_n == 5,
     the arc items never scored), silently."""
     from raylm.eval.in_training import TrainingEval
@@ -39,15 +39,15 @@ def test_in_training_eval_refuses_two_task_files_of_one_name(tmp_path):
     arc, piqa = two_files_named_test(tmp_path)
     cfg = load_config(overrides=["eval.every=1", ("eval.mc_tasks", [arc, piqa])])
     with pytest.raises(ConfigError, match=f"^eval.mc_tasks {arc} and eval.mc_tasks {piqa} are both task 'test'"):
-        TrainingEval(cfg, ByteTok())
+        TrainingEval(cfg, tok)
     gen = tmp_path / "test.jsonl"  # a generation task of the same name
     gen.write_text('{"context": "x", "answer": "y"}\n')
     cfg = load_config(overrides=["eval.every=1", ("eval.mc_tasks", [arc]), ("eval.gen_tasks", [str(gen)])])
     with pytest.raises(ConfigError, match="are both task 'test'"):
-        TrainingEval(cfg, ByteTok())
+        TrainingEval(cfg, tok)
     # The same file listed twice is one task, as before.
     cfg = load_config(overrides=["eval.every=1", ("eval.mc_tasks", [arc, arc])])
-    assert len(TrainingEval(cfg, ByteTok()).mc["test"]) == 3
+    assert len(TrainingEval(cfg, tok).mc["test"]) == 3
 
 
 def test_raylm_eval_refuses_two_task_files_of_one_name(tiny_run, tmp_path, one_thread):
