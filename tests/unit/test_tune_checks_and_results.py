@@ -89,15 +89,14 @@ def test_odd_literals_are_one_line_errors(value):
 # --------------------------------------------------------------------------- results
 
 
-class FakeResult:
-    """What trial_rows and report read of a ray.tune.Result."""
+def result(trial: str, params: dict, steps: list[int], values: list[float], error=None):
+    """A ray.tune.Result as a finished trial's: its last report (with its config) and the
+    history of its reports."""
+    from ray.tune import Result
 
-    def __init__(self, trial: str, params: dict, steps: list[int], values: list[float], error=None):
-        self.config = params
-        self.error = error
-        self.path = f"/x/run_trial_{trial}"
-        self.metrics = {"trial_id": trial, "step": steps[-1] if steps else 0}
-        self.metrics_dataframe = pd.DataFrame({"step": steps, "val_loss": values}) if steps else None
+    return Result(metrics={"trial_id": trial, "step": steps[-1] if steps else 0, "config": params},
+                  checkpoint=None, error=error, path=f"/x/run_trial_{trial}",
+                  metrics_dataframe=pd.DataFrame({"step": steps, "val_loss": values}) if steps else None)
 
 
 def _report(tmp_path, grid, base_overrides=()):
@@ -113,8 +112,8 @@ def _report(tmp_path, grid, base_overrides=()):
 def test_a_trial_whose_last_metric_is_nan_is_not_ranked_best(tmp_path):
     """NaN points were dropped before ranking, so a trial that diverged after step 4 ranked on
     its step-4 loss, ahead of every trial that trained to the end, and best.yaml was its config."""
-    grid = [FakeResult("a_00000", {"train.lr": 0.5}, [2, 4, 6, 8], [5.0, 3.0, math.nan, math.nan]),
-            FakeResult("a_00001", {"train.lr": 0.003}, [2, 4, 6, 8], [5.0, 4.0, 3.6, 3.5])]
+    grid = [result("a_00000", {"train.lr": 0.5}, [2, 4, 6, 8], [5.0, 3.0, math.nan, math.nan]),
+            result("a_00001", {"train.lr": 0.003}, [2, 4, 6, 8], [5.0, 4.0, 3.6, 3.5])]
     rows = tune.trial_rows(grid, "val_loss", "min")
     assert [r["trial"] for r in rows] == ["a_00001", "a_00000"]
     assert math.isnan(rows[1]["last"]) and rows[1]["history"] == [(2, 5.0), (4, 3.0)]  # the plot's points
@@ -125,7 +124,7 @@ def test_a_trial_whose_last_metric_is_nan_is_not_ranked_best(tmp_path):
 
 
 def test_only_nan_trials_give_no_best_config(tmp_path):
-    grid = [FakeResult("a_00000", {"train.lr": 0.5}, [2, 4], [5.0, math.nan])]
+    grid = [result("a_00000", {"train.lr": 0.5}, [2, 4], [5.0, math.nan])]
     summary, _ = _report(tmp_path, grid)
     assert "best_config" not in summary and not (tmp_path / "s" / "best.yaml").exists()
 
@@ -133,8 +132,8 @@ def test_only_nan_trials_give_no_best_config(tmp_path):
 def test_status_uses_each_trials_own_max_steps(tmp_path):
     """A space that searches train.max_steps: a trial that ran its own 4 steps finished; it was
     called "stopped" (4 < the base's 8), drawn dashed and listed among ASHA's stops."""
-    grid = [FakeResult("a_00000", {"train.max_steps": 4}, [2, 4], [5.0, 4.0]),
-            FakeResult("a_00001", {"train.max_steps": 8}, [2], [5.5])]
+    grid = [result("a_00000", {"train.max_steps": 4}, [2, 4], [5.0, 4.0]),
+            result("a_00001", {"train.max_steps": 8}, [2], [5.5])]
     summary, table = _report(tmp_path, grid)
     assert {r["trial"]: r["status"] for r in table} == {"a_00000": "finished", "a_00001": "stopped"}
     assert summary["stopped"] == ["a_00001"]
@@ -144,7 +143,7 @@ def test_results_csv_keeps_the_parameters_as_drawn(tmp_path):
     """results.csv held 4 significant digits of each parameter (0.001235 for 0.0012345678), so
     a trial other than the best could not be run again from it."""
     lr = 0.0012345678901
-    summary, table = _report(tmp_path, [FakeResult("a_00000", {"train.lr": lr, "train.warmup_steps": 3},
+    summary, table = _report(tmp_path, [result("a_00000", {"train.lr": lr, "train.warmup_steps": 3},
                                                    [2, 8], [5.0, 4.0])])
     assert float(table[0]["train.lr"]) == lr and table[0]["train.warmup_steps"] == "3"
     assert json.loads(json.dumps(summary["best_params"]))["train.lr"] == lr
