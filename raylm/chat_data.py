@@ -41,7 +41,7 @@ from raylm import storage
 from raylm.config import DataConfig, S3Config
 from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _check_error_budget, _remove_stale_attempts, _sources,
                         list_corpus, read_manifest)
-from raylm.documents import _encodable, check_plain_types, decompressed, json_lines, read_parquet, stable_fraction
+from raylm.documents import encodable, check_plain_types, decompressed, json_lines, read_parquet, stable_fraction
 from raylm.tokenizer import CHAT_ROLES
 
 KINDS = ("sft", "dpo")
@@ -75,7 +75,7 @@ def _text(record: dict, key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         got = "missing" if value is None else f"{type(value).__name__} {value!r}"[:60]
         raise DataError(f"{where}: field {key!r} must be a non-empty string (got {got})")
-    if not _encodable(value):
+    if not encodable(value):
         raise DataError(f"{where}: field {key!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), not text")
     return value
 

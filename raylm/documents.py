@@ -135,7 +135,7 @@ def parse_documents(path: str, raw: bytes, text_field: str):
             yield i, DataError(f"{where}: no field {text_field!r} (found: {keys}); set data.text_field")
         elif not isinstance(record[text_field], str):
             yield i, DataError(f"{where}: field {text_field!r} is {type(record[text_field]).__name__}, not a string")
-        elif not _encodable(record[text_field]):
+        elif not encodable(record[text_field]):
             yield i, DataError(f"{where}: field {text_field!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
                                f"not text")
         else:
@@ -176,7 +176,7 @@ def json_lines(path: str, raw: bytes):
             yield i, DataError(f"{path}:{i}: unreadable JSON ({str(e).split(';')[0]})")
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
     """JSON may escape lone surrogates ("\\ud800"), which no UTF-8 consumer downstream accepts."""
     try:
         text.encode("utf-8")

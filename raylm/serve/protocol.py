@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raylm.documents import encodable
+
 MAX_STOP = 4  # OpenAI's own limit on stop sequences
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_SEED = 2**63 - 1
@@ -230,21 +232,13 @@ def _lone_surrogate(data: Any) -> str | None:
         path, v = stack.pop()
         items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
         for k, x in items:
-            if isinstance(k, str) and not _utf8(k):
+            if isinstance(k, str) and not encodable(k):
                 return path  # the key itself cannot be shown
             at = f"{path}.{k}" if path else str(k)
-            if isinstance(x, str) and not _utf8(x):
+            if isinstance(x, str) and not encodable(x):
                 return at
             stack.append((at, x))
     return ""
-
-
-def _utf8(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _api_error(e: ValidationError) -> APIError:
