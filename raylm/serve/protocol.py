@@ -208,8 +208,10 @@ def parse_request(raw: bytes, model: type[BaseModel]):
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", None)
     try:
-        bad = _lone_surrogate(data)
-        if bad is not None:  # a "\ud800" escape: JSON takes it, the tokenizer (and UTF-8) cannot
+        # A "\ud800" escape, or the same as raw bytes (json decodes them with surrogatepass):
+        # JSON takes it, the tokenizer (and UTF-8) cannot. Only a body holding either is walked.
+        bad = _lone_surrogate(data) if b"\\u" in raw or b"\xed" in raw else None
+        if bad is not None:
             raise APIError(400, f"{bad or 'request body'}: a string holds an unpaired UTF-16 surrogate "
                                 "(not a character)", bad or None)
         return model.model_validate(data)
