@@ -64,8 +64,10 @@ def hf_llama_config(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    vocab_size: int | None = None,
 ) -> dict:
-    """The `config.json` content under which `LlamaForCausalLM` computes what raylm does."""
+    """The `config.json` content under which `LlamaForCausalLM` computes what raylm does.
+    `vocab_size`: the embedding rows exported (`trim_vocab`), the model's own by default."""
     _check_llama(cfg)
     if cfg.vocab_size <= 0:
         raise ValueError("model.vocab_size is unresolved (0): call cfg.with_vocab(tokenizer.vocab_size)")
@@ -84,7 +86,7 @@ def hf_llama_config(
         # reads `rope_parameters` (and converts the legacy key too). Write both, equal.
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": vocab_size or cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -106,12 +108,35 @@ def fold_logit_scale(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
     return {**sd, "norm.weight": sd["norm.weight"] / cfg.width_multiplier}
 
 
-def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+_VOCAB_ROWS = ("tok_embeddings.weight", "output.weight")  # one row per token id
+
+
+def trim_vocab(sd: dict[str, torch.Tensor], vocab_size: int | None) -> dict[str, torch.Tensor]:
+    """raylm state dict with the embedding and head cut to their first `vocab_size` rows (views,
+    not copies), for exports: raylm pads its vocabulary to a multiple of 64 (model.vocab_size=0)
+    and its own generation never samples a padding id (it slices the logits to the tokenizer's
+    size), but a loader that is given the padded head would, and would normalise log-probs over
+    ids the tokenizer does not have. The real ids' logits are unchanged. None: unchanged."""
+    if vocab_size is None:
+        return sd
+    out = dict(sd)
+    for name in _VOCAB_ROWS:
+        if name in out:
+            rows = out[name].shape[0]
+            if not 0 < vocab_size <= rows:
+                raise ValueError(f"vocab_size={vocab_size}: {name} has {rows} rows")
+            out[name] = out[name][:vocab_size]
+    return out
+
+
+def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor],
+                     vocab_size: int | None = None) -> dict[str, torch.Tensor]:
     """raylm `state_dict()` -> `LlamaForCausalLM` names. Tensors are shared, not copied (but
-    for a muP model's final norm: `fold_logit_scale`)."""
+    for a muP model's final norm: `fold_logit_scale`). `vocab_size`: keep only that many
+    embedding and head rows (`trim_vocab`; pair it with `hf_llama_config(vocab_size=...)`)."""
     _check_llama(cfg)
     out = {}
-    for name, t in fold_logit_scale(cfg, sd).items():
+    for name, t in trim_vocab(fold_logit_scale(cfg, sd), vocab_size).items():
         out[_rename(name, _TOP_KEYS, _LAYER_KEYS, "layers.", "model.layers.")] = t
     if cfg.tie_embeddings:
         # raylm ties in `Transformer.logits` and stores no head; HF loaders expect the key
@@ -387,6 +412,9 @@ def read_hf_weights(uri: str, model: ModelConfig, s3=None) -> dict[str, torch.Te
 
 
 def _check_shape(file: str, name: str, t: torch.Tensor, want: dict, key: str = "") -> None:
+    if (key or name) not in want:  # e.g. a layer past config.json's num_hidden_layers
+        raise ConfigError(f"{file}: holds {name}, which the model that {HF_CONFIG} describes has no place for; "
+                          f"the weights and {HF_CONFIG} disagree")
     need = tuple(want[key or name].shape)
     if tuple(t.shape) != need:
         raise ConfigError(f"{file}: {name} has shape {tuple(t.shape)}, the model needs {need}")

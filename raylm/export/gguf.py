@@ -10,7 +10,9 @@ package `gguf`:
   pieces, scores and token types, no BOS/EOS added and no space prefix (raylm adds neither),
   and the HF export's Jinja chat template;
 * tensors under the converter's names, q_proj/k_proj permuted to llama.cpp's RoPE layout
-  (see `permute_for_llama_cpp`), in f32, f16 or q8_0 (1-D norm weights always f32).
+  (see `permute_for_llama_cpp`), in f32, f16 or q8_0 (1-D norm weights always f32); the
+  embedding and head keep the tokenizer's rows only, as the HF export's do (raylm pads its
+  vocabulary to a multiple of 64, and llama.cpp would sample the padding ids).
 
 Completeness. A local export is written to a hidden temporary sibling and renamed to `out`
 only once closed, so `out` either does not exist or is a complete file. Object storage has
@@ -32,8 +34,8 @@ import torch
 from raylm.errors import ConfigError, OutputExistsError
 from raylm import storage
 from raylm.config import S3Config
-from raylm.export.hf import CHAT_TEMPLATE, check_vocab
-from raylm.hf import _check_llama, fold_logit_scale
+from raylm.export.hf import CHAT_TEMPLATE, check_local_out, check_vocab
+from raylm.hf import _check_llama, fold_logit_scale, trim_vocab
 from raylm.tokenizer import END, ROLE_TOKENS, Tokenizer
 
 MARKER_SUFFIX = ".raylm_export.json"  # s3:// only: `<out>` + this, written after `<out>`
@@ -104,10 +106,10 @@ def _check(model, tok: Tokenizer) -> None:
         raise ConfigError(f"head_dim={cfg.head_dim} is odd: RoPE needs pairs")
 
 
-def _vocab(tok: Tokenizer, gguf, n_vocab: int) -> tuple[list[str], list[float], list[int]]:
-    """Pieces, scores and llama.cpp token types, as convert_hf_to_gguf's SentencePiece vocab,
-    padded to the model's `n_vocab` rows with unused "[PADn]" tokens (llama.cpp wants a token
-    for every embedding row; convert_hf_to_gguf pads the same way)."""
+def _vocab(tok: Tokenizer, gguf) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and llama.cpp token types, as convert_hf_to_gguf's SentencePiece vocab:
+    one per tokenizer id, as many as the exported embedding's rows (llama.cpp wants a token for
+    every row; a padded model's extra rows are not exported, see `_plan`)."""
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:  # SentencePiece's processor cannot say which pieces are user-defined
@@ -130,19 +132,17 @@ def _vocab(tok: Tokenizer, gguf, n_vocab: int) -> tuple[list[str], list[float], 
         tokens.append(p.piece)
         scores.append(p.score)
         types.append(int(gguf.TokenType.CONTROL if p.piece in control else gguf.TokenType(p.type)))
-    for i in range(1, n_vocab - len(tokens) + 1):
-        tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
-        types.append(int(gguf.TokenType.UNUSED))
     return tokens, scores, types
 
 
-def _plan(model, dtype: str, gguf) -> list[tuple[str, torch.Tensor, object]]:
-    """(gguf name, tensor, quantization type) per tensor, in the order they are written."""
+def _plan(model, dtype: str, gguf, vocab_size: int) -> list[tuple[str, torch.Tensor, object]]:
+    """(gguf name, tensor, quantization type) per tensor, in the order they are written. The
+    embedding and head keep the tokenizer's `vocab_size` rows: raylm pads its vocabulary to a
+    multiple of 64, and llama.cpp would sample the padding ids, which raylm never does."""
     cfg = model.cfg
     q = gguf.GGMLQuantizationType
     plan = []
-    for name, t in fold_logit_scale(model.cfg, model.state_dict()).items():
+    for name, t in trim_vocab(fold_logit_scale(model.cfg, model.state_dict()), vocab_size).items():
         out = gguf_name(name)
         if out.endswith("attn_q.weight"):
             t = permute_for_llama_cpp(t, cfg.n_heads)
@@ -186,10 +186,10 @@ def _write(model, tok: Tokenizer, meta: dict, path: Path, dtype: str) -> None:
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(cfg.vocab_size)
+    w.add_vocab_size(tok.vocab_size)  # the exported rows (_plan)
     w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dtype]])
 
-    tokens, scores, types = _vocab(tok, gguf, cfg.vocab_size)
+    tokens, scores, types = _vocab(tok, gguf)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -210,7 +210,7 @@ def _write(model, tok: Tokenizer, meta: dict, path: Path, dtype: str) -> None:
 
     # Streamed: tensor infos first, then one converted tensor at a time, so the export never
     # holds a second copy of the whole model.
-    plan = _plan(model, dtype, gguf)
+    plan = _plan(model, dtype, gguf, len(tokens))  # llama.cpp wants a token per embedding row
     for name, t, qtype in plan:
         shape = tuple(t.shape)
         nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype)))
@@ -228,17 +228,26 @@ def _write(model, tok: Tokenizer, meta: dict, path: Path, dtype: str) -> None:
         w.close()
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in _QTYPES:
+        raise ConfigError(f"GGUF export dtype {dtype!r}: expected one of {', '.join(_QTYPES)}")
+
+
+def _check_local_file(out: str) -> Path:
+    if out.endswith(("/", os.sep)):  # Path() would drop the slash and write a file of the directory's name
+        raise ConfigError(f"{out}: a GGUF export is one file; name it, e.g. {out.rstrip('/' + os.sep)}/model.gguf")
+    check_local_out(Path(out), "export to a new file")
+    return Path(out)
+
+
 def export_gguf(model, tokenizer: Tokenizer, meta: dict, out_path: str, dtype: str = "f32") -> str:
     """Write `model` (a raylm Transformer) and `tokenizer` to the new local file `out_path` as
     GGUF (`dtype`: "f32", "f16" or "q8_0"); return its path. `meta`: the checkpoint's meta
     (its step and source are recorded). An existing `out_path` is refused rather than
     replaced; on any error nothing is left at `out_path`."""
-    if dtype not in _QTYPES:
-        raise ConfigError(f"GGUF export dtype {dtype!r}: expected one of {', '.join(_QTYPES)}")
+    _check_dtype(dtype)
     _check(model, tokenizer)
-    out = Path(out_path)
-    if out.exists():
-        raise OutputExistsError(f"{out}: already exists; export to a new file")
+    out = _check_local_file(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
@@ -264,8 +273,13 @@ def export_run_gguf(uri: str, out: str, s3: S3Config | None = None, checkpoint: 
     if checkpoint:
         src = checkpoint if storage.is_s3(checkpoint) or os.sep in checkpoint or "/" in checkpoint \
             else storage.join(uri, checkpoint)
+    # Whatever refuses the output or the dtype does so before the load (minutes, for a big
+    # model), not after it.
+    _check_dtype(dtype)
     if storage.is_s3(out):
         _check_s3_out(out, s3)
+    else:
+        _check_local_file(out)
     model, tok, meta = load_for_inference(src, s3)
     meta = {**meta, "source": src}
     if not storage.is_s3(out):

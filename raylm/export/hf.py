@@ -17,6 +17,12 @@ names the files about to be uploaded, so a retry after a failed upload removes e
 (uploads overwrite but never delete, and a stale index beside new weights would be read as
 the model); a prefix holding anything else is refused, never deleted.
 
+Vocabulary. raylm pads its embedding to a multiple of 64 rows (model.vocab_size=0) and its
+own generation samples from the tokenizer's ids only. The export keeps the tokenizer's rows
+only (`vocab_size` in config.json is the tokenizer's), so `generate` cannot sample an id the
+tokenizer lacks, log-probs are normalised over the ids raylm's are, and the real ids' logits
+are raylm's. `--init-from-hf` from such an export builds the unpadded model.
+
 Tokenizer. transformers 5's `LlamaTokenizer` (a `tokenizers` BPE with byte fallback, built
 from `tokenizer.model` at load time) gives raylm's ids exactly under these settings:
 `add_prefix_space: false` (raylm trains with add_dummy_prefix=False; the default would
@@ -105,9 +111,10 @@ def _shards(hf_sd: dict[str, torch.Tensor], dtype: torch.dtype, max_bytes: int) 
     return shards
 
 
-def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int, vocab_size: int) -> None:
     cfg = model.cfg
-    hf_sd = to_hf_state_dict(cfg, model.state_dict())  # views of the parameters, no copies
+    # Views of the parameters, no copies; the tokenizer's rows only (see check_vocab).
+    hf_sd = to_hf_state_dict(cfg, model.state_dict(), vocab_size)
     if cfg.tie_embeddings:
         # One tensor under two names: safetensors refuses shared storage, and HF's own
         # save_pretrained drops the head too; tie_word_embeddings=True re-ties it on load.
@@ -166,8 +173,9 @@ def _write_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
 
 def check_vocab(cfg, tok: Tokenizer) -> None:
     """The model's embedding covers every id the tokenizer emits. It may have more rows: raylm
-    rounds the vocabulary up to a multiple of 64 (model.vocab_size=0), and ids past the
-    tokenizer's are never produced from text, as in many released models."""
+    rounds the vocabulary up to a multiple of 64 (model.vocab_size=0). Those padding rows are
+    not exported (`raylm.hf.trim_vocab`): the exported vocabulary is the tokenizer's, so a
+    loader samples and normalises over the ids raylm's own generation does, and no other."""
     if cfg.vocab_size < tok.vocab_size:
         raise CheckpointError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}: "
                               "its last ids would have no embedding")
@@ -175,8 +183,8 @@ def check_vocab(cfg, tok: Tokenizer) -> None:
 
 def _write_all(model, tok: Tokenizer, meta: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
     cfg = model.cfg
-    config = hf_llama_config(cfg, tok.bos_id, tok.eos_id, tok.pad_id)  # refuses non-Llama configs first
-    check_vocab(cfg, tok)  # a padded embedding (model.vocab_size=0 rounds up to 64s) exports as it is
+    config = hf_llama_config(cfg, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size)  # refuses non-Llama first
+    check_vocab(cfg, tok)  # a padded embedding (model.vocab_size=0 rounds up to 64s) loses its padding
     config["torch_dtype"] = config["dtype"] = _dtype_name(dtype)  # < 5 and >= 5 spellings
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {
@@ -186,7 +194,7 @@ def _write_all(model, tok: Tokenizer, meta: dict, out: Path, dtype: torch.dtype,
         "pad_token_id": tok.pad_id,
     })
     _write_tokenizer(tok, out, cfg.max_seq_len)
-    _write_weights(model, out, dtype, max_shard_bytes)
+    _write_weights(model, out, dtype, max_shard_bytes, tok.vocab_size)
     return {
         "format": "hf-llama",
         "step": meta.get("step"),
@@ -196,18 +204,33 @@ def _write_all(model, tok: Tokenizer, meta: dict, out: Path, dtype: torch.dtype,
     }
 
 
+def _check_options(dtype: torch.dtype | str, max_shard_bytes: int) -> torch.dtype:
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes={max_shard_bytes}: must be positive")
+    return _dtype(dtype)
+
+
+def check_local_out(out: Path, fix: str) -> None:
+    """Refuse a local output path that cannot become a new export: anything already there (a
+    dangling link too: a rename would replace it), or a path under a file."""
+    if os.path.lexists(out):
+        raise OutputExistsError(f"{out}: already exists; {fix}")
+    parent = out.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{out}: {parent} is not a directory; {fix}")
+
+
 def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torch.dtype | str = torch.float32,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
     """Write `model` (a raylm Transformer) and `tokenizer` to the new local directory
     `out_dir` as a Hugging Face Llama; return its path. `meta`: the checkpoint's meta
     (its step and source are recorded in `EXPORT_MARKER`). An existing `out_dir` is refused
     rather than replaced; on any error nothing is left at `out_dir`."""
-    dtype = _dtype(dtype)
-    if max_shard_bytes <= 0:
-        raise ConfigError(f"max_shard_bytes={max_shard_bytes}: must be positive")
+    dtype = _check_options(dtype, max_shard_bytes)
     out = Path(out_dir)
-    if out.exists():
-        raise OutputExistsError(f"{out}: already exists; export into a new directory")
+    check_local_out(out, "export into a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -236,8 +259,13 @@ def export_run(uri: str, out: str, s3: S3Config | None = None, checkpoint: str |
     if checkpoint:
         src = checkpoint if storage.is_s3(checkpoint) or os.sep in checkpoint or "/" in checkpoint \
             else storage.join(uri, checkpoint)
+    # Whatever refuses the output or the options does so before the load (minutes, for a big
+    # model), not after it.
+    _check_options(dtype, max_shard_bytes)
     if storage.is_s3(out):
         _clear_failed_upload(out, s3)
+    else:
+        check_local_out(Path(out), "export into a new directory")
     model, tok, meta = load_for_inference(src, s3)
     meta = {**meta, "source": src}
     if not storage.is_s3(out):

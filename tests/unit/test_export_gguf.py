@@ -164,16 +164,14 @@ def test_vocabulary_round_trips(tok, exported):
         assert ty == want, (i, tok.id_to_piece(i))
 
 
-def test_a_vocabulary_padded_to_64s_gets_a_token_per_row(tok, tmp_path):
+def test_a_vocabulary_padded_to_64s_exports_the_tokenizers_rows(tok, tmp_path):
     """llama.cpp wants a token for every embedding row: the rows past the tokenizer's pieces
-    (model.vocab_size=0 rounds up to a multiple of 64) get unused "[PADn]" tokens."""
+    (model.vocab_size=0 rounds up to a multiple of 64) are left out, so none can be sampled."""
     n, padded = tok.vocab_size, -(-tok.vocab_size // 64) * 64
     model = unit_scale_model(tok, vocab_size=padded)
     fields, tensors = _read(export_gguf(model, tok, {}, str(tmp_path / "m.gguf")))
-    assert fields["llama.vocab_size"] == padded and _values(tensors["token_embd.weight"]).shape[0] == padded
-    assert fields["tokenizer.ggml.tokens"][:n] == [tok.id_to_piece(i) for i in range(n)]
-    assert fields["tokenizer.ggml.tokens"][n:] == [f"[PAD{i}]" for i in range(1, padded - n + 1)]
-    assert set(fields["tokenizer.ggml.token_type"][n:]) == {T.UNUSED}
+    assert fields["llama.vocab_size"] == n and _values(tensors["token_embd.weight"]).shape[0] == n
+    assert fields["tokenizer.ggml.tokens"] == [tok.id_to_piece(i) for i in range(n)]
 
 
 def test_a_missing_gguf_package_is_one_line_naming_the_extra(tok, tmp_path, monkeypatch):

@@ -115,17 +115,17 @@ def test_logits_equal_raylm(tok, tmp_path, tie):
     assert json.loads((out / EXPORT_MARKER).read_text())["step"] == 7
 
 
-def test_a_vocabulary_padded_to_64s_exports_as_it_is(tok, tmp_path):
+def test_a_vocabulary_padded_to_64s_exports_the_tokenizers_rows(tok, tmp_path):
     """model.vocab_size=0 rounds the tokenizer's vocabulary up to a multiple of 64 (420 -> 448
-    here): the padded embedding exports with its extra rows, and gives raylm's logits."""
+    here): the export keeps the tokenizer's rows only, whose logits are raylm's over those ids."""
     padded = -(-tok.vocab_size // 64) * 64
     assert padded > tok.vocab_size
     model = unit_scale_model(tok, vocab_size=padded)
     hf = _load(export_hf(model, tok, {"step": 1}, str(tmp_path / "hf")))
-    assert hf.config.vocab_size == padded
+    assert hf.config.vocab_size == tok.vocab_size
     tokens = _tokens(tok)
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=tokens).logits, model(tokens)[0], **TOL)
+        torch.testing.assert_close(hf(input_ids=tokens).logits, model(tokens)[0][..., :tok.vocab_size], **TOL)
     with pytest.raises(export_mod.CheckpointError, match=r"model\.vocab_size=64 is smaller than the tokenizer's"):
         export_hf(unit_scale_model(tok, vocab_size=64), tok, {}, str(tmp_path / "small"))
     assert not (tmp_path / "small").exists()
