@@ -10,8 +10,10 @@ the other three (no digit, no phone, IP or card number).
 
 What is found
   email  local@domain.tld: the domain has at least one dot and ends in an alphabetic TLD of
-         2+ letters. `user@localhost`, `a@b` and `admin@192.168.0.1` are not e-mails (the
-         IP in the last one is still redacted as an IP).
+         2+ letters; the local part may hold an apostrophe between two letters or digits
+         (`o'brien@example.com`), never at its ends (`'bob@example.com'` keeps its quotes).
+         `user@localhost`, `a@b` and `admin@192.168.0.1` are not e-mails (the IP in the
+         last one is still redacted as an IP).
   card   13-19 digits that pass the Luhn check, written together or in groups of 3-6
          digits joined by single spaces or by single hyphens (one kind per number). Numbers
          that fail Luhn are left alone. The first digit must be 2-6, where the card schemes
@@ -24,7 +26,8 @@ What is found
          `+44 20 7946 0958`, `+49 30 901820`, `+31 6 12345678`, `+1 (415) 555-0132`,
          `+14155550132`), the code also in parentheses (`(+44) 20 7946 0958`), 8-15 digits
          in all; and North American numbers `(415) 555-0132`, `415-555-0132`,
-         `415.555.0132`, `415 555 0132`, optionally after `1-`.
+         `415.555.0132`, `415 555 0132`, optionally after `1-`. An extension is taken with
+         either kind: `x123` glued or after a space, `ext. 123`, `ext 123` (1-6 digits).
 
 What is left alone on purpose: years and year ranges (1999-2004), dates (2024-01-15),
 times (12:30:45), version strings (3.11.4, v1.2.3.4), dotted numbers with a fifth part
@@ -53,7 +56,8 @@ Known limits (what it misses, and what it takes by mistake)
     and still takes C++ names made of hex letters and digits (`Abc::Def1`) for addresses.
     `::ffff:192.0.2.1` becomes `::ffff:<IP_ADDRESS>`.
   - E-mail local parts are ASCII: `josé@example.com` is missed and `müller.b@example.com`
-    keeps its `mü`; internationalised (non-ASCII) domains are missed.
+    keeps its `mü` (and `o’brien@example.com`, a typographic apostrophe, its `o’`);
+    internationalised (non-ASCII) domains are missed.
   - `415 555-0132` (mixed separators) and other North American variants not listed above
     are missed.
   - Only ASCII digits count; full-width or other scripts' digits are not looked at.
@@ -96,6 +100,10 @@ _EMAIL_DOMAIN = re.compile(r"""
     (?![A-Za-z0-9_-]|\.[A-Za-z0-9_-])                      # a sentence's final '.' may follow
 """, _A)
 _EMAIL_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+# An apostrophe is part of the local part only between two letters or digits (o'brien,
+# john.o'reilly): that way a quote around an address ('bob@example.com') or between two
+# quoted strings ('x'+'bob@example.com') stays outside it.
+_EMAIL_LOCAL_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _EMAIL_LOCAL_MAX = 64  # RFC 5321; a longer run before '@' is a blob, not an address
 
 # A run of digit groups, taken whole: the look-arounds stop a match from starting or ending
@@ -129,6 +137,11 @@ _IPV6_HINT = re.compile(r":[0-9A-Fa-f]{1,4}:|::", _A)
 # International groups may be of any length (`+31 6 12345678`, `+1 4155550132`); the digit
 # count is checked on the match, and a number after a space that pushes it past 15 digits is
 # given back (`_intl_phone`). The country code may stand in parentheses: `(+44) 20 7946 0958`.
+# An extension belongs to the number: `x123` glued or after a space, `ext. 123`, `ext123`.
+# Only after a whole phone, so it cannot make a phone of anything else; with it the number
+# is taken whole where the 'x' had left it unmatched (`415-555-0132x89`) or left behind.
+_EXTENSION = r"(?: [ ]?[xX] | [ ]?(?:ext|Ext|EXT)\.?[ ]? ) \d{1,6}"
+
 _PHONE_INTL = re.compile(r"""
     [(+] (?<![\w.+)-][(+])
     (?: (?<=\() \+ [1-9]\d{0,2} \) [ .-]?                 # (+44) 20 7946 0958
@@ -137,8 +150,9 @@ _PHONE_INTL = re.compile(r"""
       | (?<=\+) [1-9]\d{0,2}                              # country code, then a separator or an (area)
         (?: [ .-] | [ .-]?\(\d{1,4}\)[ .-]? )
         \d{1,14} (?:[ .-]\d{1,14}){0,5} )                 # groups; 8-15 digits in all, checked on the match
+    (?P<ext> {_EXTENSION} )?
     (?!\w|[.-]\d)
-""", _A)
+""".replace("{_EXTENSION}", _EXTENSION), _A)
 # North American: the separators must agree, an optional trunk "1" may lead, and the
 # space-separated form may not touch another number (a row of integers in a table).
 # The first character decides the branch: the (?<=...) after it re-reads that character.
@@ -153,8 +167,9 @@ _PHONE_NANP = re.compile(r"""
                           | \.[2-9]\d\d\.\d{4}
                           | (?<!\d[ ]\d\d\d)[ ][2-9]\d\d[ ]\d{4}(?![ ]\d) )
     )
+    (?: {_EXTENSION} )?
     (?!\w|[.-]\d)
-""", _A)
+""".replace("{_EXTENSION}", _EXTENSION), _A)
 
 _HAS_DIGIT = re.compile(r"\d", re.ASCII).search
 _NOT_DIGIT = re.compile(r"\D", re.ASCII)
@@ -237,7 +252,12 @@ def _redact_email(text: str) -> tuple[str, int]:
     for m in _EMAIL_DOMAIN.finditer(text):
         at = m.start()
         start, lowest = at, max(done, at - _EMAIL_LOCAL_MAX - 1)
-        while start > lowest and text[start - 1] in _EMAIL_LOCAL_CHARS:
+        while start > lowest:
+            c = text[start - 1]
+            if not (c in _EMAIL_LOCAL_CHARS or (c == "'" and start - 1 > lowest and start < at
+                                                and text[start - 2] in _EMAIL_LOCAL_ALNUM
+                                                and text[start] in _EMAIL_LOCAL_ALNUM)):
+                break
             start -= 1
         if at - start > _EMAIL_LOCAL_MAX:
             continue
@@ -272,12 +292,15 @@ def _redact_intl_phone(text: str) -> tuple[str, int]:
 
     def replace(m: re.Match) -> str:
         nonlocal count
-        found = m.group()
-        phone = _intl_phone(found)
+        found, ext = m.group(), m.group("ext") or ""
+        number = found[:len(found) - len(ext)]
+        phone = _intl_phone(number)
         if phone is None:
             return found
         count += 1
-        return PLACEHOLDERS["phone"] + found[len(phone):]  # what was given back stays
+        if phone != number:  # a number glued on was given back, and the extension is its
+            return PLACEHOLDERS["phone"] + found[len(phone):]
+        return PLACEHOLDERS["phone"]
 
     return _PHONE_INTL.sub(replace, text), count
 

@@ -1,7 +1,8 @@
 """The OpenAI API's request and response bodies, as the official `openai` client sends and reads them.
 
 Requests are strict where OpenAI's API is: an unknown field is an error naming it, not a
-silently ignored typo. Errors leave in OpenAI's body shape, `{"error": {"message", "type",
+silently ignored typo, and so is a value of the wrong JSON type ("2" or 2.0 for an integer,
+"false" or 0 for a boolean), not a value converted. Errors leave in OpenAI's body shape, `{"error": {"message", "type",
 "param", "code"}}`, with `param` naming the field, so clients show the cause.
 `top_k` is an extension (vLLM has it too); the OpenAI fields raylm cannot honour
 (penalties, logit_bias, tools, ...) are accepted only at their no-op values.
@@ -45,7 +46,10 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # strict: JSON types as OpenAI's API takes them. Lax pydantic turned "2" into 2, 2.0 and
+    # true into ints, and "false", 0 or "off" into booleans; OpenAI answers 400 to each. A
+    # number field still takes a JSON integer (temperature: 1).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -92,8 +96,8 @@ class _Sampling(_Strict):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise _field_error(name, "not supported by this server; omit it or send 0")
-        if self.logit_bias:
-            raise _field_error("logit_bias", "not supported by this server; omit it")
+        if self.logit_bias and any(self.logit_bias.values()):  # every bias 0: its no-op value
+            raise _field_error("logit_bias", "not supported by this server; omit it or send biases of 0")
         if self.stream_options is not None and not self.stream:
             raise _field_error("stream_options", "only allowed when stream is true")
         return self
@@ -118,6 +122,18 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_form(cls, v, handler):
+        """One message for a prompt of none of the four forms: pydantic's first error is the
+        string branch's ("should be a valid string") even for a list of token ids like [1.0, 2]."""
+        try:
+            return handler(v)
+        except ValidationError:
+            got = json.dumps(v)[:80] if _jsonable(v) else type(v).__name__
+            raise _field_error("prompt", "must be a string, a list of strings, a list of token ids (integers) "
+                                         f"or a list of token-id lists (got {got})") from None
 
     @field_validator("prompt")
     @classmethod
@@ -209,8 +225,11 @@ def parse_request(raw: bytes, model: type[BaseModel]):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", None)
     try:
         # A "\ud800" escape, or the same as raw bytes (json decodes them with surrogatepass):
-        # JSON takes it, the tokenizer (and UTF-8) cannot. Only a body holding either is walked.
-        bad = _lone_surrogate(data) if b"\\u" in raw or b"\xed" in raw else None
+        # JSON takes it, the tokenizer (and UTF-8) cannot. Only a body holding either is walked;
+        # a UTF-16 or UTF-32 body (json detects and takes those too) hides both from the byte
+        # search, so it is always walked.
+        suspect = b"\\u" in raw or b"\xed" in raw or json.detect_encoding(raw) not in ("utf-8", "utf-8-sig")
+        bad = _lone_surrogate(data) if suspect else None
         if bad is not None:
             raise APIError(400, f"{bad or 'request body'}: a string holds an unpaired UTF-16 surrogate "
                                 "(not a character)", bad or None)
@@ -244,7 +263,7 @@ def _lone_surrogate(data: Any) -> str | None:
 
 
 def _api_error(e: ValidationError) -> APIError:
-    err = e.errors(include_url=False)[0]
+    err = _most_telling(e.errors(include_url=False))
     ctx_err = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _FieldError):
         return APIError(400, str(ctx_err), ctx_err.field)
@@ -261,6 +280,22 @@ def _api_error(e: ValidationError) -> APIError:
     value = err.get("input")
     shown = "" if kind in ("missing", "extra_forbidden") else f" (got {json.dumps(value)[:80] if _jsonable(value) else type(value).__name__})"
     return APIError(400, f"{param}: {msg}{shown}", param)
+
+
+def _most_telling(errors: list[dict]) -> dict:
+    """The error to report. A list that fails a union (content: str | list[ContentPart],
+    stop: str | list[str]) gets the string branch's error first, "should be a valid string",
+    which says nothing of what is wrong; a list branch's error names the item and its fault
+    (messages.0.content.0.type: should be 'text')."""
+    first = errors[0]
+    loc = first["loc"]
+    if len(loc) >= 2 and _union_tag(loc[-1]) and isinstance(first.get("input"), list):
+        at = len(loc) - 1  # where the branch's tag stands
+        for err in errors[1:]:
+            if (err["loc"][:at] == loc[:at] and len(err["loc"]) > at + 1
+                    and str(err["loc"][at]).startswith("list[")):
+                return err
+    return first
 
 
 def _union_tag(p: Any) -> bool:
