@@ -12,6 +12,16 @@ as much context as fits (the stream's last `seq_len` inputs, as lm-eval's rollin
 their last window). EOS targets are not scored: they carry no bytes, and lm-eval scores a
 document's own tokens only.
 
+A model trained with document masking (data.document_mask=true: attention stays within each
+packed document and positions restart at each one) is scored as it trained: with the same
+mask (`document_mask=True`; `trained_with_document_mask` reads it from a checkpoint's
+meta.json), so no document is read with its neighbours' tokens as context, which such a
+model never saw; without the mask its bpb was several times what its val_loss implies. Its
+documents are joined with two EOS, so each document's first token is predicted from an EOS
+that is a document of its own (position 0, nothing else visible), as the first document's
+is: every document is scored as if it were alone, whatever precedes it. A model trained
+without the mask is scored exactly as before.
+
 Bits per byte make models with different tokenizers comparable. As lm-eval defines it
 (its bits_per_byte aggregation over loglikelihood_rolling documents):
     bpb = (summed loss in nats over the documents' tokens) / (UTF-8 bytes of the documents) / ln 2
@@ -43,9 +53,11 @@ def corpus_documents(path: str, text_field: str = "text", s3=None) -> list[str]:
 
 
 @torch.no_grad()
-def token_loss(model, ids: list[int], seq_len: int, batch_rows: int = 16, skip: int | None = None) -> tuple[float, int]:
+def token_loss(model, ids: list[int], seq_len: int, batch_rows: int = 16, skip: int | None = None,
+               doc_sep: int | None = None) -> tuple[float, int]:
     """(summed loss in nats, tokens scored) of every target ids[1:] except those equal to
-    `skip`: full blocks of `seq_len` targets, then the tail after as much context as fits."""
+    `skip`: full blocks of `seq_len` targets, then the tail after as much context as fits.
+    `doc_sep`: document masking within each window (raylm.model's `doc_sep=`)."""
     n = len(ids) - 1  # targets
     if n < 1:
         raise ValueError("fewer than 2 tokens: nothing to score")
@@ -65,29 +77,48 @@ def token_loss(model, ids: list[int], seq_len: int, batch_rows: int = 16, skip: 
             targets[r, :done] = -100
         if skip is not None:
             targets[targets == skip] = -100
-        logits, _ = model(rows[:, :-1])
+        logits, _ = model(rows[:, :-1]) if doc_sep is None else model(rows[:, :-1], doc_sep=doc_sep)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
         total += float(nll.double().sum())
         count += int((targets != -100).sum())
     return total, count
 
 
+def trained_with_document_mask(meta: dict) -> bool:
+    """Whether the checkpoint whose meta.json is `meta` pre-trained with document masking
+    (its config's data.document_mask)."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    return bool(data.get("document_mask", False))
+
+
 def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batch_rows: int = 16,
-                  source: str = "the corpus") -> dict:
+                  source: str = "the corpus", document_mask: bool = False) -> dict:
     """Loss (nats per token), perplexity and bits per byte of `texts` under `model`; `source`
-    names the texts (a corpus path) in errors."""
+    names the texts (a corpus path) in errors. `document_mask`: the model trained with
+    data.document_mask=true, so it is scored with the same mask (see the module docstring)."""
     seq_len = seq_len or model.cfg.max_seq_len
     ids: list[int] = []
     for text in texts:
-        ids += [tok.eos_id] + tok.encode_plain(text)  # plain, as pre-training encodes documents
+        # With the mask, the EOS that ends the previous document belongs to it (raylm.model):
+        # a second EOS, alone, predicts this document's first token, as the first EOS does for
+        # the first document. EOS targets are not scored, so the extra one adds nothing.
+        sep = [tok.eos_id, tok.eos_id] if document_mask and ids else [tok.eos_id]
+        ids += sep + tok.encode_plain(text)  # plain, as pre-training encodes documents
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     if not n_bytes:
         raise DataError(f"{source}: holds no text")
-    total, count = token_loss(model, ids, seq_len, batch_rows, skip=tok.eos_id)
+    total, count = token_loss(model, ids, seq_len, batch_rows, skip=tok.eos_id,
+                              doc_sep=tok.eos_id if document_mask else None)
     nats = total / count
     return {"loss": nats, "ppl": math.exp(min(nats, 50)), "bpb": total / n_bytes / math.log(2),
-            "tokens_per_byte": count / n_bytes, "tokens_scored": count, "bytes": n_bytes, "seq_len": seq_len}
+            "tokens_per_byte": count / n_bytes, "tokens_scored": count, "bytes": n_bytes, "seq_len": seq_len,
+            "document_mask": document_mask}
 
 
-def corpus_bpb(model, tok, path: str, text_field: str = "text", seq_len: int | None = None, s3=None) -> dict:
-    return bits_per_byte(model, tok, corpus_documents(path, text_field, s3), seq_len, source=path)
+def corpus_bpb(model, tok, path: str, text_field: str = "text", seq_len: int | None = None, s3=None,
+               document_mask: bool = False) -> dict:
+    """`bits_per_byte` of a corpus; pass `document_mask=trained_with_document_mask(meta)` for a
+    checkpoint's model."""
+    return bits_per_byte(model, tok, corpus_documents(path, text_field, s3), seq_len, source=path,
+                         document_mask=document_mask)

@@ -68,7 +68,7 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
                  limit: int | None = None, num_fewshot: int | None = None, out: str | None = None,
                  log=print) -> dict:
     """Evaluate the newest complete checkpoint of `run` (or the checkpoint `run`)."""
-    from raylm.eval.bpb import corpus_bpb
+    from raylm.eval.bpb import corpus_bpb, trained_with_document_mask
     from raylm.generate import load_for_inference, resolve_checkpoint
 
     ec, s3 = cfg.eval, cfg.s3
@@ -116,7 +116,7 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
         model, tok, _ = load_for_inference(ckpt, s3)
         facts["tokenizer_sha256"] = facts["tokenizer_sha256"] or tok.sha256
         for path in corpora:
-            r = corpus_bpb(model, tok, path, cfg.data.text_field, s3=s3)
+            r = corpus_bpb(model, tok, path, cfg.data.text_field, s3=s3, document_mask=trained_with_document_mask(meta))
             rows += [{"task": f"corpus:{path}", "metric": m, "value": r[m], "stderr": None, "n": r["tokens_scored"],
                       **facts, "harness": "raylm"} for m in ("bpb", "loss", "ppl")]
     header = {**facts, "lm_eval_version": version, "seconds": round(time.time() - t0, 2),
