@@ -357,7 +357,7 @@ def cmd_plan(args) -> None:
         raise OutputExistsError(f"--out {args.out}: already exists; write the config to a new file")
     plan = make_plan(args.size, args.gpus, args.nodes, args.tokens, args.language, args.domain, args.seq_len,
                      args.mfu, args.train_tokens, args.memory_gb, args.data or "", args.name,
-                     args.replicate_degree)
+                     args.replicate_degree, args.document_mask)
     print(format_table(plan))
     if args.out:
         write_recipe(plan, args.out)
@@ -543,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="run name in the config (default: <size>-<devices><device>)")
     sp.add_argument("--replicate-degree", type=int, default=1, metavar="N",
                     help="HSDP: N replicas, each sharding over devices/N (train.replicate_degree; default 1, plain FSDP)")
+    sp.add_argument("--document-mask", action="store_true",
+                    help="data.document_mask=true: attention within each packed document (the plan counts its "
+                         "per-layer attention bias, and the config sets it)")
     sp.add_argument("--out", metavar="FILE.yaml", help="write the config here (local or s3://)")
     sp.set_defaults(func=cmd_plan)
     return p

@@ -10,7 +10,9 @@ batch, LR      GPT-3's table (Brown et al. 2020, table 2.1): 0.5M tokens a step 
                parameters, 1M to 5B, 2M to 20B, 4M above; the learning rate interpolated
                log-log between its sizes, plus raylm's own CPU sweep for the tiny model (3e-3).
                The batch is capped so a run takes at least MIN_STEPS optimizer steps (or
-               one sequence a device a step, when the budget is smaller than that).
+               one sequence a device a step, when the budget is smaller than that). Whole
+               micro-batches make it, within a third of its target unless the cap or one
+               sequence a device forces more (`_fit`); a note says when it is 10% off.
 warmup         GPT-3's 375M tokens, at least 1% of the steps and 30 steps, at most 10%.
 memory         per device, under raylm's FSDP2 sharding over S devices (see `memory_per_device`):
                all of them, or under HSDP (train.replicate_degree=R) the devices / R of one replica.
@@ -76,6 +78,11 @@ GPU_RESERVED_BYTES = 1.5 * GiB
 TOKENS_PER_PARAM = 20
 MAX_EPOCHS = 4
 MIN_STEPS = 2000
+# How far the sequences a device takes a step may round from the target: a third, the most
+# that rounding to the nearest multiple of a micro-batch no larger than the target can be off
+# (1.5 micro-batches: 1 or 2). Plans off by more than BATCH_NOTE_FRACTION say so in a note.
+BATCH_TOLERANCE = 1 / 3
+BATCH_NOTE_FRACTION = 0.10
 WARMUP_TOKENS = 375e6
 # GPT-3 table 2.1 (parameters, peak LR), and raylm's CPU sweep on `tiny` (README).
 LR_TABLE = [(1.1e6, 3e-3), (125e6, 6e-4), (350e6, 3e-4), (760e6, 2.5e-4), (1.3e9, 2e-4),
@@ -141,7 +148,10 @@ def parse_count(text: str, what: str = "--tokens") -> int:
     if not m:
         raise ConfigError(f"{what}={text!r}: expected a count such as 50B, 300M or 2e9")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[m.group(2).lower()]
-    value = int(float(m.group(1)) * scale)
+    value = float(m.group(1)) * scale
+    if not math.isfinite(value):  # 1e400: float's infinity, which no int holds
+        raise ConfigError(f"{what}={text!r}: too large; expected a count such as 50B, 300M or 2e9")
+    value = int(value)
     if value < 1:
         raise ConfigError(f"{what}={text!r}: must be at least 1")
     return value
@@ -204,10 +214,13 @@ def block_bytes_per_token(cfg: ModelConfig, compute_bytes: int) -> float:
     In the compute dtype (`compute_bytes`): the two RMSNorm outputs (2d), rotated q and k and
     v kept by SDPA (d + 2 kv), its output and the reshaped copy wo reads (2d), and SwiGLU's
     w1, silu, w3 and product (4 hidden); in fp32, the two norms' inputs (2d x 4 bytes,
-    RMSNorm normalises in fp32) and SDPA's log-sum-exp (4 bytes a head)."""
+    RMSNorm normalises in fp32) and SDPA's log-sum-exp (4 bytes a head). With model.qk_norm
+    the q and k norms' fp32 inputs and their per-head 1/rms as well (4 (q + kv) bytes and 4
+    a query and a kv head), which every layer saves beside the rotated q and k."""
     d, kv, hid = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim
     q = cfg.n_heads * cfg.head_dim
-    return compute_bytes * (2 * d + q + 2 * kv + 2 * q + 4 * hid) + 4 * 2 * d + 4 * cfg.n_heads
+    qk_norm = 4 * (q + kv) + 4 * (cfg.n_heads + cfg.kv_heads) if cfg.qk_norm else 0
+    return compute_bytes * (2 * d + q + 2 * kv + 2 * q + 4 * hid) + 4 * 2 * d + 4 * cfg.n_heads + qk_norm
 
 
 def doc_mask_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute_bytes: int,
@@ -442,17 +455,26 @@ def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: float, cap: int
     without activation checkpointing if any does (recompute costs about a third more
     compute), else with it, with the state sharded over `hw.shard(replicate_degree)` devices;
     and its accumulation steps: the nearest to `per_rank` sequences a rank, but never more
-    than `cap` (the MIN_STEPS bound). None if nothing fits."""
+    than `cap` (the MIN_STEPS bound). Rounding to the nearest multiple of a micro-batch no
+    larger than `per_rank` is off by at most BATCH_TOLERANCE; where `cap` forces it further
+    down (14.5 sequences a rank under a cap of 14 once gave micro-batch 8 x 1: 8, 55% of the
+    target), a smaller micro-batch that fits gets closer (4 x 3), and the largest one is kept
+    only when none does. None if nothing fits."""
     sharded = hw.kind == "gpu" or hw.devices > 1
     for checkpointing in (False, True):
         mb = 1 << (max(1, min(round(per_rank), cap)).bit_length() - 1)
+        fallback = None
         while mb >= 1:
             accumulation = min(max(1, round(per_rank / mb)), cap // mb)
             mem = memory_per_device(cfg, seq_len, mb, hw.shard(replicate_degree), precision, checkpointing,
                                     accumulation, sharded, loss_chunk_for(hw.kind), doc_mask=doc_mask)
             if mem.total <= hw.usable:
-                return mb, accumulation, checkpointing, mem
+                if mb == 1 or abs(mb * accumulation - per_rank) <= per_rank * BATCH_TOLERANCE * (1 + 1e-9):
+                    return mb, accumulation, checkpointing, mem
+                fallback = fallback or (mb, accumulation, checkpointing, mem)
             mb //= 2
+        if fallback is not None:  # closer only with more accumulation than memory allows
+            return fallback
     return None
 
 
@@ -559,6 +581,17 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
             f"all-gathers on the node's links"
             + (f" and fits ({hsdp[3].total / GiB:.1f} GiB/device)" if hsdp else " but does not fit")
             + "; this plan shards FSDP2 over all devices (train.replicate_degree=1)")
+    step_tokens = global_batch * seq_len
+    if abs(step_tokens - target) > BATCH_NOTE_FRACTION * target:
+        source = (f"{_count(budget)} tokens over {MIN_STEPS:,} steps" if budget / MIN_STEPS < _batch_tokens(n)
+                  else f"GPT-3's for {_count(n)} parameters")
+        notes.append(f"the global batch, {step_tokens:,} tokens a step, is {step_tokens / target:.0%} of the target "
+                     f"{target:,.0f} ({source}): micro-batch {mb} x {accumulation} accumulation on each of "
+                     f"{hw.devices} devices, in whole sequences, at least one a device, within memory and "
+                     f"{MIN_STEPS:,} steps")
+    if steps < MIN_STEPS:
+        notes.append(f"{steps:,} steps, fewer than {MIN_STEPS:,}: the budget is smaller than {MIN_STEPS:,} steps of "
+                     f"one sequence on each of the {hw.devices} devices ({MIN_STEPS * step_tokens_min:,} tokens)")
     if accumulation > 1:
         notes.append(f"gradient accumulation holds unsharded fp32 gradients ({_bytes(4 * n)} per device) "
                      f"between micro-batches")
