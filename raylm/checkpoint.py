@@ -87,6 +87,9 @@ def commit(ckpt_uri: str, meta: dict, s3: S3Config | None = None, files: dict | 
     # On a local disk, the files reach it before the marker.
     storage.make_durable(ckpt_uri, s3, names=() if flushed else None)
     storage.write_text(storage.join(ckpt_uri, COMMIT_MARKER), json.dumps(body, indent=0), s3)
+    # And the checkpoint's own entry in the run directory: retention deletes older checkpoints
+    # next, and a crash must not keep those deletions while losing this checkpoint's creation.
+    storage.make_durable(storage.parent(ckpt_uri), s3, names=())
 
 
 def list_checkpoints(run_dir: str, s3: S3Config | None = None) -> list[tuple[int, str, bool]]:
@@ -95,10 +98,15 @@ def list_checkpoints(run_dir: str, s3: S3Config | None = None) -> list[tuple[int
     if not storage.exists(run_dir, s3):
         return []
     for info in storage.list_files(run_dir, s3):
-        rel = storage.relative(info.uri, run_dir)
+        try:
+            rel = storage.relative(info.uri, run_dir)
+        except ValueError:  # run_dir names a file (a run's record.json, say): it holds no checkpoints
+            continue
         top, _, rest = rel.partition("/")
         m = _NAME.match(top)
-        if not m:
+        # Only the name raylm writes for a step counts: `ckpt-1/COMMITTED` beside an
+        # unfinished `ckpt-00000001/` must not make that one look complete.
+        if not m or top != checkpoint_name(int(m.group(1))):
             continue
         step = int(m.group(1))
         uri, done = found.get(step, (storage.join(run_dir, top), False))
@@ -113,11 +121,13 @@ def latest_complete(run_dir: str, s3: S3Config | None = None) -> str | None:
 
 def read_meta(ckpt_uri: str, s3: S3Config | None = None) -> dict:
     uri = storage.join(ckpt_uri, META)
-    return _parse_meta(storage.read_text(uri, s3), uri)
+    return _parse_meta(storage.read_bytes(uri, s3), uri)
 
 
-def _parse_meta(text: str, where: str) -> dict:
+def _parse_meta(text: str | bytes, where: str) -> dict:
     try:
+        # Bytes, decoded here: a damaged file that is not UTF-8 is a one-line error too
+        # (UnicodeDecodeError is a ValueError), not a traceback from decoding before the parse.
         meta = json.loads(text)
     except ValueError as e:
         raise CheckpointError(f"{where}: not valid JSON ({e})") from None
@@ -234,14 +244,14 @@ def _committed_files(local_dir: str) -> dict[str, list]:
     """What the commit marker records ({} for checkpoints committed before it recorded files)."""
     path = os.path.join(local_dir, COMMIT_MARKER)
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             text = f.read()
     except FileNotFoundError:
         raise CheckpointError(f"{local_dir}: no {COMMIT_MARKER} marker; an incomplete checkpoint is never loaded") from None
     return _parse_committed(text, path)
 
 
-def _parse_committed(text: str, path: str) -> dict[str, list]:
+def _parse_committed(text: str | bytes, path: str) -> dict[str, list]:
     try:
         files = json.loads(text).get("files", {})
     except (ValueError, AttributeError):
@@ -294,6 +304,7 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
     def read_data(self, plan, planner):
+        planner = _weights_only_bytes(planner)
         per_file: dict[str, list] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
@@ -333,6 +344,36 @@ class SafePlanner(DefaultLoadPlanner):
             raise UnsafeCheckpointError(f"entry {read_item.dest_index.fqn} {_refusal(e)}") from None
 
 
+class _WeightsOnlyBytes:
+    """Another load planner (DCP's default, as `_load_state_dict_from_keys` uses, unpickles
+    non-tensor entries with `weights_only=False`), given each non-tensor entry only after a
+    weights-only load of it, re-serialised from what that load accepted."""
+
+    def __init__(self, planner):
+        self._planner = planner
+
+    def __getattr__(self, name):
+        return getattr(self._planner, name)
+
+    def load_bytes(self, read_item, value) -> None:
+        import io
+
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(f"entry {read_item.dest_index.fqn} {_refusal(e)}") from None
+        clean = io.BytesIO()
+        torch.save(obj, clean)
+        clean.seek(0)
+        self._planner.load_bytes(read_item, clean)
+
+
+def _weights_only_bytes(planner):
+    """`planner` as it is if it loads non-tensor entries weights-only already (SafePlanner),
+    else wrapped so that it does: the readers' guarantee must not hang on the caller's planner."""
+    return planner if isinstance(planner, (SafePlanner, _WeightsOnlyBytes)) else _WeightsOnlyBytes(planner)
+
+
 class RangedReader(dcp.StorageReader):
     """DCP's reader straight from the checkpoint's storage, local or s3://, with nothing
     downloaded first: each rank reads only the byte ranges its load plan names (its shards of
@@ -367,8 +408,12 @@ class RangedReader(dcp.StorageReader):
         self.reads: list[tuple[str, int, int]] = []  # (file, offset, length) of every read
         self.verified: set[str] = set()
         try:
-            marker = storage.read_text(storage.join(self.uri, COMMIT_MARKER), s3)
-        except storage.StorageError:
+            marker = storage.read_bytes(storage.join(self.uri, COMMIT_MARKER), s3)
+        except storage.StorageError as e:
+            # Only a missing marker means an incomplete checkpoint; an endpoint that cannot be
+            # reached, or access denied, is said as it is.
+            if e.problem != "no such file or directory":
+                raise
             raise CheckpointError(f"{self.uri}: no {COMMIT_MARKER} marker; an incomplete checkpoint is never "
                                   f"loaded") from None
         self.committed = _parse_committed(marker, storage.join(self.uri, COMMIT_MARKER))
@@ -441,6 +486,7 @@ class RangedReader(dcp.StorageReader):
         return plans
 
     def read_data(self, plan, planner):
+        planner = _weights_only_bytes(planner)
         per_file: dict[str, list] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
@@ -516,15 +562,26 @@ def _dcp_load(state: dict, ckpt_uri: str, s3: S3Config | None = None, one_proces
     reader = RangedReader(ckpt_uri, s3)
     reader.read_metadata()  # refuse a tampered or damaged index with its own message
     try:
-        dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=one_process or not dist.is_initialized())
-    except CheckpointException as e:  # DCP wraps each rank's error, with its traceback, in the text
-        errors = [exc for exc, _ in e.failures.values()]
-        raise next((x for x in errors if isinstance(x, CheckpointError)), errors[0] if errors else e) from None
-    meta = _parse_meta(reader.read_whole(META).decode(), reader._where(META))
+        try:
+            dcp.load(state, storage_reader=reader, planner=SafePlanner(),
+                     no_dist=one_process or not dist.is_initialized())
+        except CheckpointException as e:  # DCP wraps each rank's error, with its traceback, in the text
+            errors = [exc for exc, _ in e.failures.values()]
+            raise next((x for x in errors if isinstance(x, CheckpointError)), errors[0] if errors else e) from None
+    except (ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointError) or not str(e).startswith(_MISFIT):
+            raise
+        raise CheckpointError(f"{reader.uri}: does not fit this model: {str(e).splitlines()[0]} (written for "
+                              f"another model shape or raylm version; load it with the config in its "
+                              f"{META})") from None
+    meta = _parse_meta(reader.read_whole(META), reader._where(META))
     _last_reader.append(reader)
     del _last_reader[:-1]
     return meta
 
+
+# How DCP's load planner words a state dict that does not match the checkpoint's entries.
+_MISFIT = ("Missing key in checkpoint state_dict", "Size mismatch between saved")
 
 # The reader of this process's latest load, for benchmarks/checkpoint_io.py's byte counts.
 _last_reader: list[RangedReader] = []
