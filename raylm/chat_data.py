@@ -3,7 +3,8 @@
     read (.jsonl, .jsonl.gz, .parquet; local or s3://), one task per file
       -> parse and validate each record (file and line kept for errors)
       -> render the chat template and its loss mask (Tokenizer.encode_chat)
-      -> split train/val by a stable hash of the record
+      -> split train/val by a stable hash: of the record (SFT), of the prompt (DPO), so that the
+         pairs of one prompt land on one side and validation never scores a prompt trained on
       -> SFT: pack whole conversations into rows of seq_len + 1 tokens, EOS after each
          (training masks attention at each EOS: no cross-talk, positions restart)
          DPO: one pair per row, chosen and rejected side by side, so a pair is never split
@@ -147,7 +148,23 @@ def prompt_length(tok, prompt: list[dict]) -> int:
 def encode_record(tok, record, kind: str, where: str):
     """Token ids and loss masks of one record: [(ids, mask)] for SFT (EOS appended, outside the
     loss), [(chosen ids, mask), (rejected ids, mask)] for DPO."""
-    conv = conversation(record, kind, where)
+    return encode_conversation(tok, conversation(record, kind, where), kind)
+
+
+def split_text(record: dict, conv, kind: str) -> str:
+    """What decides a record's split (`stable_fraction` of it). SFT: the whole record, so that
+    duplicates land together. DPO: the prompt alone (the conversation before the chosen and
+    rejected answers, in either record form), so that a prompt's several pairs land on one
+    side: a pair of a trained prompt in validation would measure recall, not preference."""
+    if kind == "dpo":
+        return json.dumps(conv[0], sort_keys=True)
+    # default=str: parquet columns the record does not use may hold timestamps, dates, bytes or
+    # decimals; JSON values hash as they always have.
+    return json.dumps(record, sort_keys=True, default=str)
+
+
+def encode_conversation(tok, conv, kind: str):
+    """`encode_record` of a record's `conversation`."""
     if kind == "sft":
         ids, mask = tok.encode_chat(conv)
         return [(ids + [tok.eos_id], mask + [False])]
@@ -168,10 +185,9 @@ def encode_file(batch: dict, tok, kind: str, order: dict, val_fraction: float) -
             try:
                 if isinstance(rec, DataError):
                     raise rec
-                seqs = json.dumps(encode_record(tok, rec, kind, where))
-                # default=str: parquet columns the record does not use may hold timestamps, dates,
-                # bytes or decimals; JSON values hash as they always have.
-                val = stable_fraction(json.dumps(rec, sort_keys=True, default=str)) < val_fraction
+                conv = conversation(rec, kind, where)
+                seqs = json.dumps(encode_conversation(tok, conv, kind))
+                val = stable_fraction(split_text(rec, conv, kind)) < val_fraction
             except DataError as e:
                 err = str(e)
             for k, v in zip(out, (order[path], line, err, val, seqs)):
@@ -237,13 +253,20 @@ def write_rows(prefix: str, split: str, rows: list[dict], width: int, per_shard:
 # Raised when the same records encode differently: 2, content markers as text and DPO masks
 # over the response alone (a dataset prepared before is prepared again, not reused).
 CHAT_ENCODING = 2
+# Raised, for one kind, when the same records give that kind other rows (its datasets prepared
+# before are prepared again; the other kind's keys stay as they were, so its runs still resume).
+# DPO 1: a pair whose chosen and rejected are the same text is a bad record, and pairs split by
+# their prompt, not the whole record.
+KIND_ROWS = {"sft": 0, "dpo": 1}
 
 
 def dataset_key(kind: str, sources, cfg: DataConfig, tokenizer_sha: str, seed: int) -> str:
-    blob = json.dumps({"kind": kind, "sources": [[f.uri, f.size, f.etag_or_mtime] for f in sources],
-                       "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "tokenizer": tokenizer_sha,
-                       "seed": seed, "version": FORMAT_VERSION, "chat_encoding": CHAT_ENCODING}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    fields = {"kind": kind, "sources": [[f.uri, f.size, f.etag_or_mtime] for f in sources],
+              "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "tokenizer": tokenizer_sha,
+              "seed": seed, "version": FORMAT_VERSION, "chat_encoding": CHAT_ENCODING}
+    if KIND_ROWS.get(kind):  # absent at 0: the keys of datasets prepared before it stay valid
+        fields["rows"] = KIND_ROWS[kind]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None = None,
@@ -312,10 +335,14 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
                 r, rm = _padded(r_ids, r_mask, width, tokenizer.pad_id)
                 rows[split].append({"chosen": c, "chosen_mask": cm, "rejected": r, "rejected_mask": rm})
         stats[f"{split}_records"] = len(records)
-    if not rows["train"]:
+    unit = "records" if kind == "sft" else "records (pairs split by prompt: all of a prompt's on one side)"
+    if not rows["train"] and not rows["val"]:
         raise DataError(f"{cfg.path}: no usable {kind.upper()} records ({stats['records']} read, {len(bad)} bad)")
+    if not rows["train"]:
+        raise DataError(f"{cfg.path}: training split is empty: all {stats['val_records']} usable {unit} fell in "
+                        f"validation; lower data.val_fraction (now {cfg.val_fraction})")
     if not rows["val"]:
-        raise DataError(f"{cfg.path}: validation split is empty ({stats['records']} records); raise "
+        raise DataError(f"{cfg.path}: validation split is empty ({stats['train_records']} usable {unit}); raise "
                         f"data.val_fraction (now {cfg.val_fraction})")
     attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     rel = storage.relative(attempt, out)

@@ -833,6 +833,16 @@ GLOB_CHARS = ("*", "?")  # wildcards in raylm.storage paths
 PLACEHOLDER = re.compile(r"^s3://(<[^/]*>)|(<bucket>)")
 
 
+def dpo_train_refusal(tc: TrainConfig) -> str | None:
+    """Why DPO cannot run under these train.* settings, or None. z-loss is a penalty per
+    target token of the next-token loss, whose units are tokens; DPO's units are pairs, and
+    no penalty there has that one's meaning or scale: refused, not dropped without a word."""
+    if tc.z_loss:
+        return (f"train.z_loss={tc.z_loss}: DPO does not apply it (a next-token loss penalty); set "
+                f"train.z_loss=0 for stage=dpo (in a recipe, under stages.dpo)")
+    return None
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = "quickstart"  # run name: outputs go to <storage>/<name>
@@ -864,6 +874,8 @@ class Config:
             raise ConfigError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
         if self.stage == "dpo" and not self.init_from:
             raise ConfigError("stage=dpo needs init_from (the SFT run or checkpoint to start from and compare against)")
+        if self.stage == "dpo" and dpo_train_refusal(self.train):
+            raise ConfigError(dpo_train_refusal(self.train))
         # Post-training takes the parent's model, and checks data.seq_len against it there
         # (raylm.posttrain.parent_of): this run's model.* are not its own.
         if self.data.seq_len > self.model.max_seq_len and self.stage == "pretrain":

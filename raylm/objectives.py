@@ -21,14 +21,17 @@ A mask entry at position t says whether token t is a target: it is predicted fro
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+from torch.utils.checkpoint import checkpoint
 
 from raylm.errors import ConfigError, DataError
-from raylm.losses import chunked_lm_loss
+from raylm.losses import chunked_lm_loss, lm_head_weight
 
 IGNORE = -100  # the ignore_index of NextTokenObjective and raylm.losses
 
@@ -121,41 +124,87 @@ class SFTObjective:
 # --------------------------------------------------------------------------- log-probabilities
 
 
-def sequence_logprobs(model, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(model, tokens: torch.Tensor, loss_mask: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
     """(B,) fp32: per sequence, the sum of log p(token t | tokens < t) over positions t whose
     mask is True (the response), under `model`.
 
-    This builds the full (B, T, V) logits and an fp32 copy: fine for small vocabularies, but
-    at V = 50k, T = 1024 and 16 sequences (8 pairs) that is 3.3 GB of fp32 logits plus its
-    gradient. The chunked loss of raylm.losses returns a single sum over all rows, not one
-    per sequence; a per-row variant of it would remove this cost."""
+    chunk_size 0 builds the full (B, T, V) logits and an fp32 copy: fine for small
+    vocabularies, but at V = 50k, T = 1024 and 16 sequences (8 pairs) that is 3.3 GB of fp32
+    logits plus its gradient. chunk_size > 0 (train.loss_chunk_size, a raylm Transformer)
+    runs the head from the final hidden states over the masked positions alone, that many at
+    a time, and keeps no logits for backward: each chunk's are computed again there
+    (torch.utils.checkpoint). The same values, with chunk x V logits alive at a time, and
+    no head work on prompts and padding."""
+    targets, mask = tokens[:, 1:], loss_mask[:, 1:].bool()
+    if chunk_size > 0:
+        return _chunked_sequence_logprobs(model, tokens[:, :-1], targets, mask, chunk_size)
     logits = model(tokens[:, :-1])[0].float()
-    targets = tokens[:, 1:]
     picked = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return torch.where(loss_mask[:, 1:].bool(), picked, 0.0).sum(-1)
+    return torch.where(mask, picked, 0.0).sum(-1)
+
+
+def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each row of `hidden` [c, d] under the head `weight` [V, d], fp32.
+    The head as `Transformer.logits` computes it (then fp32), so both paths agree; autograd
+    runs through it (raylm.losses' fp32-output matmul has no backward to rely on)."""
+    logits = F.linear(hidden, weight).float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunked_sequence_logprobs(model, inputs, targets, mask, chunk_size: int) -> torch.Tensor:
+    """`sequence_logprobs` with chunk_size > 0. Under FSDP2 the hidden states and the head run
+    in one registered forward method, so the head is gathered for them even on DPO's frozen
+    reference, whose root reshards after each forward (a trained root stays gathered until
+    its backward, where the recomputation reads it)."""
+    if not isinstance(model, FSDPModule):
+        return _head_sequence_logprobs(model, inputs, targets, mask, chunk_size)
+    if getattr(model, "_raylm_sequence_logprobs", None) is None:  # once per model
+        model._raylm_sequence_logprobs = types.MethodType(_head_sequence_logprobs, model)
+        register_fsdp_forward_method(model, "_raylm_sequence_logprobs")
+    return model._raylm_sequence_logprobs(inputs, targets, mask, chunk_size)
+
+
+def _head_sequence_logprobs(model, inputs, targets, mask, chunk_size: int) -> torch.Tensor:
+    # The class's hidden_states: this already runs as the model's forward (its FSDP hooks).
+    h = type(model).hidden_states(model, inputs)
+    weight = lm_head_weight(model)
+    rows = mask.flatten().nonzero().squeeze(1)  # the masked positions: the head runs on these alone
+    picked_h, picked_t = h.flatten(0, 1).index_select(0, rows), targets.flatten()[rows]
+    grad = torch.is_grad_enabled() and (picked_h.requires_grad or weight.requires_grad)
+    # An empty first chunk ties the result to the hidden states and the head even when nothing
+    # is masked: backward still reaches every parameter, as the full-logits path's does.
+    parts = [_token_logprobs(picked_h[:0], weight, picked_t[:0])]
+    for s in range(0, len(rows), chunk_size):
+        args = (picked_h[s:s + chunk_size], weight, picked_t[s:s + chunk_size])
+        # No randomness in the head: nothing of the RNG state to stash and restore per chunk.
+        parts.append(checkpoint(_token_logprobs, *args, use_reentrant=False, preserve_rng_state=False)
+                     if grad else _token_logprobs(*args))
+    seq = rows // targets.shape[1]  # each masked position's sequence
+    return torch.zeros(targets.shape[0], dtype=torch.float32, device=h.device).index_add(0, seq, torch.cat(parts))
 
 
 def _pad_width(x: torch.Tensor, width: int, value) -> torch.Tensor:
     return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]), value=value)
 
 
-def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model, batch, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probabilities from ONE forward pass over both halves
-    stacked: half the kernel launches, and FSDP gathers the weights once, not twice."""
+    stacked: half the kernel launches, and FSDP gathers the weights once, not twice.
+    chunk_size: `sequence_logprobs`'."""
     chosen, rejected = batch["chosen"], batch["rejected"]
     width = max(chosen.shape[1], rejected.shape[1])
     tokens = torch.cat([_pad_width(chosen, width, 0), _pad_width(rejected, width, 0)])
     mask = torch.cat([_pad_width(batch["chosen_mask"].bool(), width, False),
                       _pad_width(batch["rejected_mask"].bool(), width, False)])
-    logp = sequence_logprobs(model, tokens, mask)
+    logp = sequence_logprobs(model, tokens, mask, chunk_size)
     return logp[:len(chosen)], logp[len(chosen):]
 
 
 @torch.no_grad()
-def reference_logprobs(reference_model, batch) -> dict[str, torch.Tensor]:
+def reference_logprobs(reference_model, batch, chunk_size: int = 0) -> dict[str, torch.Tensor]:
     """The reference columns of a DPO batch, for a data pass to write once: training with
     them needs neither the reference model's memory nor its forward pass at every step."""
-    chosen, rejected = pair_logprobs(reference_model, batch)
+    chosen, rejected = pair_logprobs(reference_model, batch, chunk_size)
     return {"ref_chosen_logp": chosen, "ref_rejected_logp": rejected}
 
 
@@ -187,6 +236,9 @@ class DPOObjective:
     reference: torch.nn.Module | None = None
     average_logprobs: bool = False
     pad_id: int | None = None  # fills each response's row after its end
+    # > 0: log-probabilities from the head over this many positions at a time, never the full
+    # logits (train.loss_chunk_size; see sequence_logprobs), for the policy and a live reference.
+    chunk_size: int = 0
 
     def __post_init__(self):
         if self.loss not in ("sigmoid", "ipo"):
@@ -208,9 +260,9 @@ class DPOObjective:
 
     def _logratios(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(policy chosen, policy rejected, reference chosen, reference rejected), (B,) each."""
-        pc, pr = pair_logprobs(model, batch)
+        pc, pr = pair_logprobs(model, batch, self.chunk_size)
         if self.reference is not None:
-            ref = reference_logprobs(self.reference, batch)
+            ref = reference_logprobs(self.reference, batch, self.chunk_size)
         elif "ref_chosen_logp" in batch:
             ref = batch
         else:
@@ -298,6 +350,16 @@ def dpo_batch(tokenizer, records: Sequence[dict], width: int | None = None) -> d
 # --------------------------------------------------------------------------- choosing one
 
 
+def check_dpo_train_settings(tc) -> None:
+    """train.* settings DPO cannot honour, refused rather than dropped without a word
+    (raylm.config.dpo_train_refusal; Config.validate checks it at load too)."""
+    from raylm.config import dpo_train_refusal
+
+    refusal = dpo_train_refusal(tc)
+    if refusal:
+        raise ConfigError(refusal)
+
+
 def make_objective(cfg, manifest: dict, reference: torch.nn.Module | None = None):
     """The objective of a run: its stage (cfg.stage) and the prepared data's special ids.
     SFT rows always pack conversations with document masking; pre-training does when
@@ -308,6 +370,8 @@ def make_objective(cfg, manifest: dict, reference: torch.nn.Module | None = None
     if cfg.stage == "sft":
         return SFTObjective(tc.z_loss, tc.loss_chunk_size, doc_sep=sep, pad_id=manifest.get("pad_id"))
     if cfg.stage == "dpo":
+        check_dpo_train_settings(tc)
         d = cfg.dpo
-        return DPOObjective(d.beta, d.loss, d.label_smoothing, reference, pad_id=manifest.get("pad_id"))
+        return DPOObjective(d.beta, d.loss, d.label_smoothing, reference, pad_id=manifest.get("pad_id"),
+                            chunk_size=tc.loss_chunk_size)
     return NextTokenObjective(tc.z_loss, tc.loss_chunk_size, sep if cfg.data.document_mask else None)

@@ -284,8 +284,9 @@ def loss_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, chunk: int) ->
             + min(chunk, tokens) * cfg.vocab_size * (4 + compute_bytes))
 
 
-# DPO's log-probabilities (raylm.objectives.sequence_logprobs) take the full logits, never
-# chunked. The policy's forward saves their fp32 copy for logsumexp (4 V bytes a token), and
+# DPO's log-probabilities (raylm.objectives.sequence_logprobs) with the full logits
+# (train.loss_chunk_size=0, the CPU default; "auto" chunks them on CUDA, to chunk x V logits
+# at a time, which these figures do not count: for such runs they are an upper bound). The policy's forward saves their fp32 copy for logsumexp (4 V bytes a token), and
 # at the start of backward logsumexp's and gather's gradient temporaries join it: 16 V bytes
 # a token at the peak. The frozen reference's forward, under no_grad, peaks at 8 V (its
 # compute-dtype logits, their fp32 copy and logsumexp's temporary) beside the policy's saved

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import uuid
 import warnings
 
 import numpy as np
@@ -25,7 +26,8 @@ import numpy as np
 from raylm import checkpoint, run_lock, storage
 from raylm.chat_data import prepare_chat, write_rows
 from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
-from raylm.data import DataError, actor_restarts, list_corpus, prepared_datasets, read_manifest
+from raylm.data import (MANIFEST, DataError, _remove_stale_attempts, actor_restarts, list_corpus,
+                        prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
 from raylm.pipeline import absolute_paths, init_ray, keep_in_run, log, resolve_workers, workers_summary
 from raylm.record import RECORD, write_record
@@ -118,6 +120,10 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
     cfg = absolute_paths(cfg)
     if cfg.stage not in ("sft", "dpo"):
         raise ConfigError(f"stage={cfg.stage!r}: post-training is sft or dpo")
+    if cfg.stage == "dpo":  # before any cluster work; the workers' objective checks it again
+        from raylm.objectives import check_dpo_train_settings
+
+        check_dpo_train_settings(cfg.train)
     cfg, parent = parent_of(cfg, recorded_parent(cfg, resume))
     check_records_path(cfg)
     if resume == "must":  # --resume with nothing to resume: say so before anything is written
@@ -217,7 +223,8 @@ def precompute_reference(cfg: Config, data_dir: str, manifest: dict, parent: dic
     datasets = prepared_datasets(data_dir, manifest, cfg.s3)
     new = dict(manifest, key=key, columns=[*manifest["columns"], *REFERENCE_COLUMNS],
                row_bytes=manifest["row_bytes"] + 8, reference=parent)
-    attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}")
+    attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    rel = storage.relative(attempt, out)
     for split, ds in datasets.items():
         with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
@@ -228,9 +235,9 @@ def precompute_reference(cfg: Config, data_dir: str, manifest: dict, parent: dic
         rows = [dict(zip(b, vals)) for b in scored.iter_batches(batch_format="numpy", batch_size=None)
                 for vals in zip(*b.values())]
         shards = write_rows(attempt, split, rows, manifest["seq_len"] + 1, cfg.data.blocks_per_shard, cfg.s3)
-        rel = storage.relative(attempt, out)
         new[split] = {"blocks": len(rows), "shards": [dict(x, path=f"{rel}/{x['path']}") for x in shards]}
-    storage.write_text(storage.join(out, "manifest.json"), json.dumps(new, indent=1), cfg.s3)
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(new, indent=1), cfg.s3)  # last: the commit
+    _remove_stale_attempts(out, rel, cfg.s3)  # an interrupted pass's shards, never named by a manifest
     log(f"dpo: reference log-probs for {new['train']['blocks'] + new['val']['blocks']} pairs in "
         f"{time.time() - t0:.1f}s -> {out}")
     return out, new
