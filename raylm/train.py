@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 import torch.distributed as dist
 
-from raylm.errors import ConfigError, PathNotFoundError, TrainingStopped, TrainingTimeout
+from raylm.errors import CheckpointError, ConfigError, PathNotFoundError, TrainingStopped, TrainingTimeout
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, from_dict, to_dict
 from raylm.batches import Batch, RankBatches, is_padding, rank_val_batches, reshuffled
@@ -712,7 +712,7 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     check_resumable(ckpt, broadcast(checkpoint.read_meta(ckpt, cfg.s3) if rank == 0 else None), cfg)
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
     consumed, guards = meta["consumed_blocks"], meta.get("guards", {})
-    marker = broadcast(_read_json(storage.join(cfg.run_dir, ROLLBACK), cfg.s3) if rank == 0 else None)
+    marker = broadcast(_read_rollback(storage.join(cfg.run_dir, ROLLBACK), cfg.s3) if rank == 0 else None)
     if marker and marker["checkpoint"] == checkpoint.checkpoint_name(meta["step"]):
         # a spike rollback had moved the data on, and counted itself
         consumed, guards = marker["consumed_blocks"], marker.get("guards", guards)
@@ -802,8 +802,22 @@ def load_parent_weights(model, cfg: Config) -> str:
     return parent
 
 
-def _read_json(uri: str, s3) -> dict | None:
-    return json.loads(storage.read_text(uri, s3)) if storage.exists(uri, s3) else None
+def _read_rollback(uri: str, s3) -> dict | None:
+    """The spike-rollback marker at `uri`, or None where there is none. A damaged one (hand
+    edits, a bad disk: raylm writes it whole) is one line naming it, not a traceback."""
+    if not storage.exists(uri, s3):
+        return None
+    try:
+        marker = json.loads(storage.read_bytes(uri, s3))
+        ok = (isinstance(marker, dict) and isinstance(marker.get("checkpoint"), str)
+              and isinstance(marker.get("consumed_blocks"), int) and isinstance(marker.get("guards", {}), dict))
+    except ValueError:  # not JSON, or not UTF-8
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{uri}: damaged (expected JSON with checkpoint, consumed_blocks and guards, as a "
+                              f"spike rollback writes it); remove it to resume at the checkpoint's own data "
+                              f"position, which trains again on the blocks the rollback skipped")
+    return marker
 
 
 def checkpoint_facts(cfg: Config, manifest: dict | None) -> dict:
