@@ -35,6 +35,7 @@ Following `inputs` from the serve record back to the tokenizer gives a model's l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -99,7 +100,7 @@ def run_tokenizer(run: StageRun) -> dict:
     """Train the tokenizer (on the built-in corpus when data.path is empty, written beside it)."""
     from raylm.generate import load_tokenizer
     from raylm.pipeline import absolute_paths, ensure_corpus, train_tokenizer_from
-    from raylm.tokenizer import META_FILE
+    from raylm.tokenizer import META_FILE, MODEL_FILE
 
     cfg = absolute_paths(run.cfg)
     if not cfg.data.path:  # the built-in corpus, once for the recipe: <root>/corpus
@@ -108,7 +109,9 @@ def run_tokenizer(run: StageRun) -> dict:
     if cfg.tokenizer.path:  # a given tokenizer: adopted, not retrained
         tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
         target = cfg.tokenizer.path
-    elif storage.exists(storage.join(target, META_FILE), cfg.s3):  # trained, then stopped before the record
+    elif all(storage.exists(storage.join(target, f), cfg.s3) for f in (META_FILE, MODEL_FILE)):
+        # Trained, then stopped before the record. Both files: an s3:// upload writes
+        # tokenizer.json before tokenizer.model, so one alone is an upload cut short.
         tok = load_tokenizer(target, cfg.s3)
     else:
         tok = train_tokenizer_from(cfg, target)
@@ -210,6 +213,29 @@ def _check_eval(stage: str, options: dict) -> None:
     """`limit:` as raylm.eval takes it (items[:0] scores nothing, items[:-1] all but the last)."""
     if options.get("limit") is not None and options["limit"] < 1:
         raise ConfigError(f"stages.{stage}.limit={options['limit']}: expected an integer >= 1")
+    for key, what in (("tasks", "lm-eval task names"), ("corpora", "corpus paths")):
+        bad = [v for v in options.get(key, []) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ConfigError(f"stages.{stage}.{key}: {bad[0]!r} is not a name; expected a list of {what}")
+    if options.get("tasks"):  # raylm.eval.run.harness_rows refuses these only after the model stages
+        known = _lm_eval_tasks()
+        if known is None:
+            raise StageUnavailable(f"stages.{stage}.tasks: lm-eval tasks need lm-eval: pip install 'raylm[eval]' "
+                                   f"(or remove tasks)")
+        unknown = [t for t in options["tasks"] if t not in known]
+        if unknown:
+            raise ConfigError(f"stages.{stage}.tasks: unknown lm-eval task(s) {', '.join(unknown)}")
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_eval_tasks() -> frozenset | None:
+    """The task names lm-eval's registry knows (as raylm.eval.run reads them); None without
+    lm-eval. Indexing them takes seconds: once a process."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        return None
+    return frozenset(TaskManager().all_tasks)
 
 
 def _copy_dir(src: str, dst: str) -> None:
@@ -218,7 +244,11 @@ def _copy_dir(src: str, dst: str) -> None:
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".records-", dir=Path(dst).parent)
     shutil.copytree(src, tmp, dirs_exist_ok=True)
+    # Content on disk before the rename: a crash after a rename that reached the disk first
+    # would leave empty or short records that a rerun finds in place and trains on.
+    storage.make_durable(tmp)
     os.replace(tmp, dst)
+    storage.make_durable(str(Path(dst).parent), names=())  # the rename itself
 
 
 def run_posttrain(run: StageRun) -> dict:
@@ -295,9 +325,6 @@ def run_serve(run: StageRun) -> dict:
     from raylm.pipeline import init_ray
 
     cfg = serve_config(run.recipe)
-    if cfg.engine != "raylm":
-        raise ConfigError(f"stages.serve: serve.engine={cfg.engine} serves an HF export; a recipe serves its "
-                          f"run with serve.engine=raylm (or run `raylm serve --engine vllm` on the export)")
     parent = _model_input(run)
     init_ray(run.cfg)
     url = start(parent["checkpoint"], cfg)
@@ -311,6 +338,22 @@ def _exists(key: str = "path", inside: str = "") -> Callable[[dict, S3Config], b
         uri = outputs.get(key)
         return bool(uri) and storage.exists(storage.join(uri, inside) if inside else uri, s3)
     return check
+
+
+def _tokenizer_committed(outputs: dict, s3: S3Config) -> bool:
+    """The recorded tokenizer is still the one at its path: an adopted tokenizer.path is
+    someone else's directory, and a tokenizer put there since would otherwise be trained on
+    with the data prepared by the old one (its tokenizer.json records the model's sha256)."""
+    from raylm.tokenizer import META_FILE
+
+    meta_uri = storage.join(outputs["path"], META_FILE) if outputs.get("path") else ""
+    if not meta_uri or not storage.exists(meta_uri, s3):
+        return False
+    try:
+        recorded = json.loads(storage.read_bytes(meta_uri, s3)).get("sha256")
+    except (ValueError, AttributeError):  # not a JSON object: loading it says what is wrong
+        recorded = None
+    return recorded is None or recorded == outputs.get("sha256")
 
 
 def _checkpoint_committed(outputs: dict, s3: S3Config) -> bool:
@@ -358,7 +401,7 @@ class Stage:
 MODEL_STAGES = ("pretrain", "sft", "dpo")
 _MODEL = (MODEL_STAGES,)
 STAGES: tuple[Stage, ...] = (
-    Stage("tokenizer", run_tokenizer, (), ("path", "sha256", "corpus"), _exists(inside="tokenizer.json")),
+    Stage("tokenizer", run_tokenizer, (), ("path", "sha256", "corpus"), _tokenizer_committed),
     Stage("data", run_data, (("tokenizer",),), ("path", "sha256"), _exists(inside="manifest.json")),
     Stage("pretrain", run_pretrain, (("tokenizer",), ("data",)), ("path", "checkpoint", "sha256"),
           _checkpoint_committed, {"max_failures": int, "samples": bool}),
@@ -493,6 +536,7 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
                        for s in recipe.inputs_of(stage)}
         configs[stage.name] = stage_config(recipe, stage, placeholder)
     _check_vocab(recipe, configs)
+    _check_seq_len(recipe, configs)
     return recipe
 
 
@@ -568,6 +612,26 @@ def _check_vocab(recipe: Recipe, configs: dict[str, Config]) -> None:
                           f"tokenizer.vocab_size={tok.tokenizer.vocab_size})") from None
 
 
+def _check_seq_len(recipe: Recipe, configs: dict[str, Config]) -> None:
+    """Pre-training reads the data stage's blocks, whose length the data stage fixes: a
+    pre-training data.seq_len set to another value (pipeline.adopt_seq_len refuses it) or a
+    model too short for them fails only once the data is prepared, so here instead."""
+    from raylm.config import DataConfig
+
+    data, pre = configs.get("data"), configs.get("pretrain")
+    if data is None or pre is None:
+        return
+    have, want = data.data.seq_len, pre.data.seq_len
+    if have != want and want != DataConfig().seq_len:
+        raise ConfigError(f"recipe {recipe.path}: stages.pretrain: data.seq_len={want}, but the data stage "
+                          f"prepares blocks of data.seq_len={have}; set one value for both (a shared data.seq_len), "
+                          f"or leave pre-training's at its default to take the data stage's")
+    if have > pre.model.max_seq_len:
+        raise ConfigError(f"recipe {recipe.path}: stages.pretrain: the data stage prepares data.seq_len={have}, more "
+                          f"than model.max_seq_len={pre.model.max_seq_len}; raise model.max_seq_len or lower "
+                          f"data.seq_len")
+
+
 def stage_config(recipe: Recipe, stage: Stage, inputs: dict) -> Config:
     """The stage's raylm config: its defaults, the shared settings, its section, then what the
     pipeline decides (where it writes, what it starts from). Errors name the stage and key."""
@@ -586,17 +650,20 @@ def stage_config(recipe: Recipe, stage: Stage, inputs: dict) -> Config:
     data = _merge(data, {"storage": recipe.root, "name": f"{stage.name}-{stage_key(recipe, stage)[:10]}"})
     if "tokenizer" in inputs:
         data = _merge(data, {"tokenizer": {"path": inputs["tokenizer"]["path"]}})
+    if stage.name == "data":
+        _data_corpus_and_tokenizer(recipe, data)
         # Only the built-in corpus is adopted: a tokenizer section's own data.path (a sample
-        # to train it on) is not the corpus the data stage prepares.
-        if stage.name == "data" and not data.get("data", {}).get("path") and inputs["tokenizer"].get("corpus"):
+        # to train it on) is not the corpus the data stage prepares (refused above).
+        if "tokenizer" in inputs and not data.get("data", {}).get("path") and inputs["tokenizer"].get("corpus"):
             data = _merge(data, {"data": {"path": inputs["tokenizer"]["corpus"]}})
     if "data" in inputs and stage.name == "pretrain":
         data = _merge(data, {"data": {"path": inputs["data"]["path"]}})
     parents = [k for k in inputs if k in MODEL_STAGES]
     if parents and stage.name in ("sft", "dpo"):
         data = _merge(data, {"init_from": inputs[parents[0]]["path"]})
-    if stage.name == "dpo" and "init_from" not in data:
-        raise ConfigError(f"recipe {recipe.path}: stages.dpo: needs a pretrain or sft stage, or init_from")
+    if stage.name in ("sft", "dpo") and not data.get("init_from"):  # raylm.posttrain refuses it when it runs
+        before = "a pretrain stage" if stage.name == "sft" else "a pretrain or sft stage"
+        raise ConfigError(f"recipe {recipe.path}: stages.{stage.name}: needs {before}, or init_from")
     if stage.name in ("eval", "export") and not parents:
         raise ConfigError(f"recipe {recipe.path}: stages.{stage.name}: needs a pretrain, sft or dpo stage before it")
     if stage.name == "serve" and not parents:
@@ -604,9 +671,44 @@ def stage_config(recipe: Recipe, stage: Stage, inputs: dict) -> Config:
     if stage.name == "serve":
         serve_config(recipe)
     try:
-        return _build(Config, data, "").validate()
+        cfg = _build(Config, data, "").validate()
     except ConfigError as e:
         raise ConfigError(f"recipe {recipe.path}: stages.{stage.name}: {e}") from None
+    if stage.name == "eval":
+        _check_eval_work(recipe, stage, cfg)
+    return cfg
+
+
+def _data_corpus_and_tokenizer(recipe: Recipe, data: dict) -> None:
+    """The data stage needs a tokenizer and a corpus, known from the recipe alone: refused here
+    rather than when the stage runs (a tokenizer section's sample is not the corpus)."""
+    own = data.get("data", {}).get("path")
+    tok_section = recipe.sections["tokenizer"][0] if "tokenizer" in recipe.sections else None
+    if tok_section is None and not data.get("tokenizer", {}).get("path"):
+        raise ConfigError(f"recipe {recipe.path}: stages.data: needs a tokenizer stage before it, or tokenizer.path "
+                          f"(a trained tokenizer)")
+    if not own and (tok_section is None or tok_section.get("data", {}).get("path")):
+        why = "stages.tokenizer.data.path is the tokenizer's sample, not the corpus; " if tok_section else ""
+        raise ConfigError(f"recipe {recipe.path}: stages.data: no corpus to prepare ({why}give data.path, shared "
+                          f"or as stages.data.data.path)")
+
+
+def _check_eval_work(recipe: Recipe, stage: Stage, cfg: Config) -> None:
+    """What run_eval would refuse once the model stages before it had run: two task files of
+    one name, or nothing to evaluate (its default, bits per byte on the recipe's corpus, needs
+    the shared data.path or the corpus the tokenizer stage reads)."""
+    from raylm.eval.tasks import check_task_names
+
+    try:  # raylm.eval.run refuses two task files of one name, but only once it runs
+        check_task_names(cfg.eval.mc_tasks, cfg.eval.gen_tasks)
+    except ConfigError as e:
+        raise ConfigError(f"recipe {recipe.path}: stages.eval: {e}") from None
+    options = recipe.sections[stage.name][1]
+    if options.get("tasks") or options.get("corpora") or cfg.eval.mc_tasks or cfg.eval.gen_tasks:
+        return
+    if not cfg.data.path and "tokenizer" not in recipe.inputs_of(stage):
+        raise ConfigError(f"recipe {recipe.path}: stages.eval: nothing to evaluate; give tasks, corpora or "
+                          f"eval.mc_tasks, or a shared data.path (bits per byte on it)")
 
 
 def serve_config(recipe: Recipe):
@@ -614,14 +716,24 @@ def serve_config(recipe: Recipe):
     is refused here: recipes are files, and the key belongs in $RAYLM_API_KEY (a Secret)."""
     from raylm.config import ServeConfig
 
-    data = _merge(recipe.shared.get("serve", {}), recipe.sections["serve"][0].get("serve", {}))
+    own = recipe.sections["serve"][0].get("serve")
+    own = {} if own is None else own  # `serve:` with every key commented out: none
+    if not isinstance(own, dict):  # `serve: 5` in the section: _merge would fail on it
+        raise ConfigError(f"recipe {recipe.path}: stages.serve.serve: expected a mapping of serve.* keys, "
+                          f"got {own!r:.80}")
+    data = _merge(recipe.shared.get("serve", {}), own)
     if data.get("api_key"):
         raise ConfigError(f"recipe {recipe.path}: serve.api_key does not belong in a file; set $RAYLM_API_KEY "
                           f"where the server runs (a Kubernetes Secret on KubeRay)")
     try:
-        return _build(ServeConfig, data, "serve.").validate()
+        cfg = _build(ServeConfig, data, "serve.").validate()
     except ConfigError as e:
         raise ConfigError(f"recipe {recipe.path}: stages.serve: {e}") from None
+    if cfg.engine != "raylm":  # here, when the recipe loads, not once every model stage before it ran
+        raise ConfigError(f"recipe {recipe.path}: stages.serve: serve.engine={cfg.engine} serves an HF export; a "
+                          f"recipe serves its run with serve.engine=raylm (or run `raylm serve --engine "
+                          f"{cfg.engine}` on the export)")
+    return cfg
 
 
 # How a stage gets its outputs, not what they are: out of the key, so a resubmission with more
@@ -661,9 +773,16 @@ def read_stage_record(recipe: Recipe, stage: str, s3: S3Config) -> dict | None:
     if not storage.exists(uri, s3):
         return None
     try:
-        return json.loads(storage.read_text(uri, s3))
-    except json.JSONDecodeError:  # written whole, so a broken one is foreign: rerun the stage
+        record = json.loads(storage.read_text(uri, s3))
+    except (json.JSONDecodeError, UnicodeDecodeError):  # written whole, so a broken one is foreign: rerun
         return None
+    return record if isinstance(record, dict) else None  # JSON, but not a record (a list, a string)
+
+
+# Stages whose directory, kept from a run on other inputs, would be reused as it is when they run
+# again (the pretrain stage is not here: resuming refuses another tokenizer or dataset by
+# itself, and resumes one re-prepared alike; the data stage re-prepares by its dataset key).
+REDONE_FROM_SCRATCH = ("sft", "dpo", "eval", "export")
 
 
 def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict:
@@ -688,6 +807,12 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict
                 done[stage.name] = {**old, "skipped": True}
                 continue
             log(f"recipe: {stage.name}: {', '.join(changed)} changed since it ran, running it again")
+            if stage.name in REDONE_FROM_SCRATCH:
+                # Its directory holds what the old inputs made, which the stage would reuse: an
+                # export whose marker is there, a training run resumed from its own checkpoints
+                # (started from the old parent). Removed, so it is made from the new ones.
+                log(f"recipe: {stage.name}: removing {storage.redact_url(cfg.run_dir)}, made from the old inputs")
+                storage.delete(cfg.run_dir, cfg.s3)
         log(f"recipe: {stage.name}: running (key {key[:10]}) -> {storage.redact_url(cfg.run_dir)}")
         t0 = time.time()
         options = recipe.sections[stage.name][1]
