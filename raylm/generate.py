@@ -9,7 +9,6 @@ runs eagerly for `raylm generate`.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Collection
 
 import torch
@@ -22,14 +21,9 @@ from raylm.tokenizer import Tokenizer
 
 
 def load_tokenizer(uri: str, s3: S3Config | None = None) -> Tokenizer:
-    """A tokenizer directory, local or in object storage."""
-    if not storage.is_s3(uri):
-        return Tokenizer.load(uri)
-    with tempfile.TemporaryDirectory(prefix="raylm-tok-") as tmp:
-        storage.download_dir(uri, tmp, s3)
-        tok = Tokenizer.load(tmp)
-    tok.path = uri
-    return tok
+    """A tokenizer directory, local or in object storage (its two files read, nothing else
+    under it: a run directory given by mistake is not downloaded whole)."""
+    return Tokenizer.load(uri, s3)
 
 
 def resolve_checkpoint(uri: str, s3: S3Config | None = None) -> str:

@@ -121,6 +121,37 @@ def _plain_parts(text: str) -> list[str]:
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _not_text(texts: str | Sequence) -> DataError | None:
+    """The error for the first text (a str, or a list of them) holding a UTF-16 surrogate
+    code point, which no UTF-8 encoder (SentencePiece, Arrow) accepts: SentencePiece's own
+    error is a bare "Unable to cast Python instance" (a traceback and bug report at the CLI).
+    Such text comes from bytes decoded with errors="surrogateescape" (a command-line argument
+    in another encoding than UTF-8) or a JSON "\\ud800" escape. None when every text is text."""
+    items = [texts] if isinstance(texts, str) else texts if isinstance(texts, (list, tuple, np.ndarray)) else ()
+    for k, text in enumerate(items):
+        m = _SURROGATE.search(text) if isinstance(text, str) else None
+        if m:
+            where = "text" if isinstance(texts, str) else f"text #{k}"
+            return DataError(f"{where} holds a lone UTF-16 surrogate U+{ord(m.group()):04X} at character "
+                             f"{m.start()}: not Unicode text, so it cannot be tokenized; give it as UTF-8")
+    return None
+
+
+def _sp_encode(sp: spm.SentencePieceProcessor, texts, of=None, **kwargs):
+    """`sp.encode(texts, **kwargs)`, with text that is not Unicode (`_not_text`) a DataError
+    naming where it is in `of` (the text `texts` was cut from; default `texts`)."""
+    try:
+        return sp.encode(texts, **kwargs)
+    except (RuntimeError, TypeError) as e:
+        bad = _not_text(texts if of is None else of)
+        if bad is not None:
+            raise bad from e
+        raise
+
+
 def _take_sample(texts: Iterable[str], sample_bytes: int) -> tuple[list[str], int]:
     """Documents in order until `sample_bytes` UTF-8 bytes; the last one is truncated."""
     docs: list[str] = []
@@ -220,9 +251,12 @@ def train_tokenizer(
         msg = str(e)
         m = re.search(r"Vocabulary size too high .*? <= (\d+)", msg)
         if m:
+            # A sample cut at sample_bytes holds less than the corpus: more of it is the remedy.
+            more = (f"a larger tokenizer.sample_bytes (the sample stopped at {sample_bytes})"
+                    if used >= sample_bytes else "more text")
             raise ConfigError(
                 f"vocab_size={vocab_size} is too large for the {used}-byte tokenizer corpus "
-                f"(source: {source or '?'}); use vocab_size <= {m.group(1)} or more text"
+                f"(source: {source or '?'}); use vocab_size <= {m.group(1)} or {more}"
             ) from None
         if "smaller than required_chars" in msg:
             raise ConfigError(
@@ -304,16 +338,33 @@ class Tokenizer:
     # ------------------------------------------------------------------ loading / pickling
 
     @classmethod
-    def load(cls, dir: str) -> Tokenizer:
+    def load(cls, dir: str, s3=None) -> Tokenizer:
+        """The tokenizer in directory `dir`, local or `s3://` (`s3`: a `raylm.config.S3Config`).
+        From object storage only its two files are read, straight into memory: no copy of
+        the whole prefix (a run directory named by mistake holds checkpoints), and errors
+        name the URI, not a temporary directory."""
+        if str(dir).startswith("s3://"):
+            from raylm import storage  # boto3: only for s3://, not in every tokenizer actor
+
+            model_path, meta_path = storage.join(dir, MODEL_FILE), storage.join(dir, META_FILE)
+            for p in (model_path, meta_path):
+                if not storage.exists(p, s3):
+                    raise ConfigError(f"tokenizer file not found: {p}")
+            return cls._from_files(storage.read_bytes(model_path, s3), storage.read_bytes(meta_path, s3),
+                                   model_path, meta_path, str(dir))
         d = Path(dir)
         model_path, meta_path = d / MODEL_FILE, d / META_FILE
         for p in (model_path, meta_path):
             if not p.is_file():
                 raise ConfigError(f"tokenizer file not found: {p}")
-        model_bytes = model_path.read_bytes()
+        return cls._from_files(model_path.read_bytes(), meta_path.read_bytes(), model_path, meta_path, str(d))
+
+    @classmethod
+    def _from_files(cls, model_bytes: bytes, meta_bytes: bytes, model_path, meta_path, path: str) -> Tokenizer:
+        """The tokenizer of a model file and its sidecar, checked to belong together."""
         redo = "retrain the tokenizer (raylm tokenizer train) or copy its directory again"
         try:
-            meta = json.loads(meta_path.read_bytes())
+            meta = json.loads(meta_bytes)
         except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
             raise ConfigError(f"{meta_path}: not valid JSON ({e}); {redo}") from e
         if not isinstance(meta, dict):
@@ -324,7 +375,7 @@ class Tokenizer:
                 f"tokenizer model {model_path} has sha256 {digest[:12]}..., but {meta_path} "
                 f"records {str(meta.get('sha256'))[:12]}...; the files do not belong together"
             )
-        return cls(model_bytes, meta, str(d))
+        return cls(model_bytes, meta, path)
 
     @property
     def model_bytes(self) -> bytes:
@@ -351,13 +402,13 @@ class Tokenizer:
         """Token ids of `text` as markup: a chat marker string in it becomes the marker's id
         (as the HF export's tokenizer reads text). No bos/eos is added (the caller decides
         document framing). Documents and other plain text: `encode_plain` / `encode_flat`."""
-        return self._sp.encode(text)
+        return _sp_encode(self._sp, text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` of each text (markup: marker strings become marker ids)."""
         # One thread: parallelism comes from many Ray actors, each pinned to a CPU;
         # SentencePiece's own thread pool would oversubscribe the cores.
-        return self._sp.encode(list(texts), num_threads=1)
+        return _sp_encode(self._sp, list(texts), num_threads=1)
 
     def fork(self) -> "Tokenizer":
         """The same tokenizer with a segment cache of its own, for another thread."""
@@ -374,7 +425,10 @@ class Tokenizer:
         if self._segments is None:
             self._segments = SegmentCache(self._sp)
         if not isinstance(texts, (pa.Array, pa.ChunkedArray)):
-            texts = pa.array(texts, pa.large_string())
+            try:
+                texts = pa.array(texts, pa.large_string())
+            except UnicodeEncodeError as e:
+                raise (_not_text(texts) or e) from e
         return self._segments.encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -395,8 +449,8 @@ class Tokenizer:
         documents (`encode_flat`) and a bits-per-byte corpus are encoded so."""
         parts = _plain_parts(text)
         if len(parts) == 1:
-            return self._sp.encode(text)
-        return [i for ids in self._sp.encode(parts, num_threads=1) for i in ids]
+            return _sp_encode(self._sp, text)
+        return [i for ids in _sp_encode(self._sp, parts, text, num_threads=1) for i in ids]
 
     def _chat_segments(
         self, messages: Sequence[dict], add_generation_prompt: bool
@@ -442,8 +496,11 @@ class Tokenizer:
         """
         ids: list[int] = []
         mask: list[bool] = []
-        for text, target, content in self._chat_segments(messages, add_generation_prompt):
-            piece = self.encode_plain(text) if content else self._sp.encode(text)
+        for n, (text, target, content) in enumerate(self._chat_segments(messages, add_generation_prompt)):
+            try:
+                piece = self.encode_plain(text) if content else self._sp.encode(text)
+            except DataError as e:  # content's: markup is ours (4 segments a message)
+                raise DataError(f"chat message {n // 4} content: {e}") from e
             ids += piece
             mask += [target] * len(piece)
         return ids, mask
