@@ -18,6 +18,18 @@ no double backward, and d/d hidden (N x d) is held from forward to backward.
 Precision: logits, log-softmax, z-loss and d/d logits are fp32. With bf16 inputs on CUDA the
 head matmul writes fp32 directly from its fp32 accumulator (`out_dtype`), which is more
 exact than the plain path's bf16 logits; d/d weight is accumulated over chunks in fp32.
+
+Padded vocabulary: the softmax runs over every row of the head, all `model.vocab_size` of
+them, here as in the plain path (`raylm.objectives.NextTokenObjective`). With
+model.vocab_size=0 that is the tokenizer's size rounded up to a multiple of 64, so the
+padding rows, which no target names, are in the normaliser: the training loss, and the
+evaluation loss and bits-per-byte computed from it, are those of a distribution over the
+padded vocabulary. Training pushes those rows down: 2,000 ids padded to 2,048 hold about
+2.3% of the probability at init (log(2048/2000) = 0.024 nats on the loss) and about 5e-5
+after 200 steps of a 2-layer, dim-64 model. `raylm.eval`'s bits-per-byte and
+log-likelihood scores are over the padded vocabulary too; generation and serving
+(`raylm.generate`, `raylm.serve.engine`) and the HF/GGUF exports normalise over the
+tokenizer's ids instead.
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda and _cuda_out_dtype:
         try:
             return torch.mm(a, b, out_dtype=_F32)
+        except torch.OutOfMemoryError:  # a RuntimeError, but no sign of a missing kernel
+            raise
         # TypeError: a torch without the keyword (older than the tested one, see pyproject);
         # RuntimeError: a build or GPU without the mixed-dtype kernel. Either way the same
         # math follows, with bf16-rounded logits.
@@ -59,17 +73,19 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == _F32:
         acc.addmm_(a, b)
         return
-    if a.is_cuda and _cuda_addmm_out_dtype:
-        try:
-            torch.addmm(acc, a, b, out_dtype=_F32, out=acc)
-            return
-        except torch.OutOfMemoryError:
-            raise
-        # A torch or GPU without the mixed-dtype addmm (its checks run before any write):
-        # the old sum, through an fp32 temporary.
-        except (RuntimeError, TypeError) as e:
-            _cuda_addmm_out_dtype = False
-            warnings.warn(f"torch.addmm(out_dtype=float32, out=...) failed ({e}); adding a float32 product instead")
+    if a.is_cuda:
+        if _cuda_addmm_out_dtype:
+            try:
+                torch.addmm(acc, a, b, out_dtype=_F32, out=acc)
+                return
+            except torch.OutOfMemoryError:
+                raise
+            # A torch or GPU without the mixed-dtype addmm (its checks run before any write):
+            # the old sum, through an fp32 temporary, for this call and every later one (not
+            # the bf16-rounded product below, which would make chunks after the first differ).
+            except (RuntimeError, TypeError) as e:
+                _cuda_addmm_out_dtype = False
+                warnings.warn(f"torch.addmm(out_dtype=float32, out=...) failed ({e}); adding a float32 product instead")
         acc += _mm_f32(a, b)
         return
     acc.add_(a @ b)  # the bf16 product, promoted to fp32 by the add: no fp32 copy of it

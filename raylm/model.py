@@ -377,7 +377,9 @@ class Transformer(nn.Module):
         `caches`, `tokens` continue the cached sequence at position `start`: an int, or a
         0-d long tensor for fixed-shape decoding (see KVCache). `doc_sep`: document masking
         of packed rows (see `hidden_states`); the target at each separator is the next
-        document's first token, which callers mask with -100 if it should not count."""
+        document's first token, which callers mask with -100 if it should not count. The
+        softmax runs over all `cfg.vocab_size` logits, the rows that pad the vocabulary past
+        the tokenizer's included (see raylm.losses); callers that sample slice them off."""
         logits = self.logits(self.hidden_states(tokens, caches, start, doc_sep))
         if targets is None:
             return logits, None
