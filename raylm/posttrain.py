@@ -177,61 +177,134 @@ def summarize(cfg: Config) -> dict:
 # --------------------------------------------------------------------------- DPO reference
 
 
+# Pairs per forward of the CPU pass: what it has always used, so its results (and the keys of
+# passes already stored) stay as they were.
+CPU_REFERENCE_BATCH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferencePass:
+    """How the dpo.precompute_reference pass runs: the numbers it writes must be the ones the
+    live frozen reference (raylm.train.reference_model) would compute beside the policy, or
+    DPO's implicit reward starts away from zero, by precision noise summed over each response.
+    So the reference runs where the policy trains (CUDA with train.use_gpu), in its compute
+    dtype (train.precision resolved for that device: bf16 on CUDA, as FSDP2's mixed-precision
+    compute copies; fp32 on CPU), with its head chunking (train.loss_chunk_size)."""
+
+    device: str  # "cuda" or "cpu"
+    precision: str  # "bf16" or "fp32"
+    chunk_size: int  # sequence_logprobs' chunk_size; 0: the full logits
+    actors: int  # one model each
+    batch_size: int  # pairs per forward
+    num_gpus: int  # per actor
+    num_cpus: float  # per actor
+
+    def numerics(self) -> str:
+        """What the numbers depend on besides the checkpoint and the rows. "" for the CPU's fp32
+        full-logits pass, whose keys predate this, so its stored passes are still reused."""
+        tag = f"{self.device}:{self.precision}" + (f":chunk{self.chunk_size}" if self.chunk_size else "")
+        return "" if tag == "cpu:fp32" else tag
+
+
+def reference_pass(cfg: Config, pairs: int | None = None) -> ReferencePass:
+    """The reference pass for `pairs` rows (None: not known) of cfg's run, after
+    `resolve_workers` (no cluster, no torch: a pure function).
+    On GPUs: one GPU per actor, up to train.num_workers actors (the pass runs before training,
+    so the GPUs its workers will hold are free), none idle on a small split, each scoring
+    train.micro_batch_size pairs a forward (what a training step already fits beside its
+    gradients). On CPU: one single-CPU actor, as before."""
+    device = "cuda" if cfg.train.use_gpu else "cpu"
+    tc = cfg.train.for_device(device)
+    if device == "cuda":
+        workers = tc.num_workers if isinstance(tc.num_workers, int) else 1
+        batch = tc.micro_batch_size
+        actors = workers if pairs is None else max(1, min(workers, -(-pairs // batch)))
+        return ReferencePass(device, tc.precision, int(tc.loss_chunk_size), actors, batch, num_gpus=1, num_cpus=1.0)
+    return ReferencePass(device, tc.precision, int(tc.loss_chunk_size), 1, CPU_REFERENCE_BATCH, num_gpus=0,
+                         num_cpus=1.0)
+
+
+def load_reference(cfg: Config, ckpt: str, device: str, precision: str):
+    """The reference model of the pass, weights only, in `precision` on `device`: parameters
+    cast to bf16 as FSDP2's MixedPrecisionPolicy casts its compute copies (so it computes as the
+    live sharded reference does), the RoPE tables fp32 whatever the parameters' dtype (as
+    there). Built on meta and filled once by the checkpoint's weights."""
+    import torch
+
+    from raylm.model import Transformer
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to(dtype)  # on meta: only the dtype changes
+    model.to_empty(device=device)
+    model.init_buffers()
+    checkpoint.load_model_weights(model, ckpt, cfg.s3)  # every parameter, cast to dtype
+    return model.requires_grad_(False).eval()
+
+
 class ReferenceLogprobs:
     """Ray Data stage (actor pool): each actor loads the reference weights once, weights only,
-    and adds the sequence log-probabilities of both responses to each batch of pair rows."""
+    and adds the sequence log-probabilities of both responses to each batch of pair rows,
+    computed as `ReferencePass` says (device, dtype, head chunking)."""
 
-    def __init__(self, cfg_dict: dict, ckpt: str):
-        import torch
-
-        from raylm.model import Transformer
-
-        cfg = from_dict(cfg_dict)
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        model.to_empty(device="cpu")
-        model.init_weights()  # RoPE tables; the weights come next
-        checkpoint.load_model_weights(model, ckpt, cfg.s3)
-        self.model = model.eval()
+    def __init__(self, cfg_dict: dict, ckpt: str, device: str = "cpu", precision: str = "fp32",
+                 chunk_size: int = 0):
+        self.device, self.chunk_size = device, chunk_size
+        self.model = load_reference(from_dict(cfg_dict), ckpt, device, precision)
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
         from raylm.objectives import reference_logprobs
 
-        cols = {k: torch.as_tensor(np.stack(batch[k])).long() if not k.endswith("mask")
-                else torch.as_tensor(np.stack(batch[k])).bool() for k in ("chosen", "chosen_mask", "rejected",
-                                                                            "rejected_mask")}
+        cols = {k: torch.as_tensor(np.stack(batch[k])).to(self.device, torch.bool if k.endswith("mask") else torch.long)
+                for k in ("chosen", "chosen_mask", "rejected", "rejected_mask")}
         with torch.no_grad():
-            ref = reference_logprobs(self.model, cols)
-        return {**batch, **{k: v.numpy().astype(np.float32) for k, v in ref.items()}}
+            ref = reference_logprobs(self.model, cols, self.chunk_size)
+        return {**batch, **{k: v.float().cpu().numpy() for k, v in ref.items()}}
 
 
 def precompute_reference(cfg: Config, data_dir: str, manifest: dict, parent: dict) -> tuple[str, dict]:
     """dpo.precompute_reference: one Ray Data pass over the pair rows computes the reference
     model's log-probabilities, written with the rows under `reference-<hash>/` beside the
-    data. The hash covers the reference checkpoint's and the data's, so a rerun reuses it."""
+    data. The hash covers the reference checkpoint's, the data's and the numerics of the pass
+    (`ReferencePass.numerics`: device, dtype, chunking), so a rerun reuses it, and a run whose
+    policy computes otherwise gets its own."""
     import ray
 
-    key = hashlib.sha256(f"{parent['sha256']}:{manifest['key']}".encode()).hexdigest()
+    plans = {split: reference_pass(cfg, (manifest.get(split) or {}).get("blocks")) for split in ("train", "val")}
+    numerics = plans["train"].numerics()
+    key = hashlib.sha256(":".join([parent["sha256"], manifest["key"], *([numerics] if numerics else [])])
+                         .encode()).hexdigest()
     out = storage.join(data_dir, f"reference-{key[:16]}")
     existing = read_manifest(out, cfg.s3)
     if existing and existing.get("key") == key:
         log(f"dpo: reusing reference log-probs at {out}")
         return out, existing
     t0 = time.time()
+    # Rows come back in the order they went in (with several actors too), so the stored
+    # dataset keeps the prepared one's order; each row carries its own pair either way.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     datasets = prepared_datasets(data_dir, manifest, cfg.s3)
+    plan = plans["train"]
     new = dict(manifest, key=key, columns=[*manifest["columns"], *REFERENCE_COLUMNS],
-               row_bytes=manifest["row_bytes"] + 8, reference=parent)
+               row_bytes=manifest["row_bytes"] + 8,
+               reference=dict(parent, device=plan.device, precision=plan.precision, chunk_size=plan.chunk_size))
     attempt = storage.join(out, f"attempt-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     rel = storage.relative(attempt, out)
+    log(f"dpo: reference log-probs on {plan.device} in {plan.precision}, up to {plan.actors} "
+        f"actor(s), {plan.batch_size} pairs a forward")
     for split, ds in datasets.items():
+        p = plans[split]
         with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            scored = ds.map_batches(ReferenceLogprobs, batch_size=64, batch_format="numpy",
-                                    fn_constructor_kwargs={"cfg_dict": _plain(cfg), "ckpt": parent["checkpoint"]},
-                                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
-                                    max_restarts=actor_restarts())
+            scored = ds.map_batches(ReferenceLogprobs, batch_size=p.batch_size, batch_format="numpy",
+                                    fn_constructor_kwargs={"cfg_dict": _plain(cfg), "ckpt": parent["checkpoint"],
+                                                           "device": p.device, "precision": p.precision,
+                                                           "chunk_size": p.chunk_size},
+                                    compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.num_cpus,
+                                    num_gpus=p.num_gpus, max_restarts=actor_restarts())
         rows = [dict(zip(b, vals)) for b in scored.iter_batches(batch_format="numpy", batch_size=None)
                 for vals in zip(*b.values())]
         shards = write_rows(attempt, split, rows, manifest["seq_len"] + 1, cfg.data.blocks_per_shard, cfg.s3)
