@@ -911,10 +911,15 @@ def datacard(manifest: dict) -> str:
 
 
 def _remove_stale_attempts(out: str, keep: str, s3) -> None:
-    for f in storage.list_files(out, s3):
-        rel = storage.relative(f.uri, out)
-        if rel.startswith("attempt-") and not rel.startswith(keep + "/"):
-            storage.delete(f.uri, s3)
+    """Every attempt under `out` but `keep`, whole: deleting only the files a listing shows
+    left each old attempt's directories behind, and the partial shard a killed write left
+    (a temporary file, which listings leave out), on every re-prepare."""
+    names = {storage.relative(f.uri, out).split("/", 1)[0] for f in storage.list_files(out, s3)}
+    if not storage.is_s3(out) and os.path.isdir(out):  # also attempts holding no finished file
+        names.update(os.listdir(out))
+    for name in sorted(names):
+        if name.startswith("attempt-") and name != keep:
+            storage.delete(storage.join(out, name), s3)
 
 
 # --------------------------------------------------------------------------- training input
@@ -945,19 +950,48 @@ def training_dataset(out: str, manifest: dict, split: str, s3: S3Config | None =
 
     columns = list(manifest.get("columns", ["tokens"]))
     uris = shard_uris(out, manifest, split)
+    rows = [s.get("rows") for s in manifest[split]["shards"]]
     row_bytes = manifest.get("row_bytes", (manifest["seq_len"] + 1) * 4)
     if manifest[split]["blocks"] * row_bytes < IN_MEMORY_BYTES:
-        tables = [pq.read_table(io.BytesIO(storage.read_bytes(u, s3)), columns=columns) for u in uris]
-        for u, t in zip(uris, tables):
-            check_plain_types(t.schema, u)
+        tables = []
+        for u, n in zip(uris, rows):
+            t = _read_shard(u, storage.read_bytes(u, s3), columns)
+            _check_shard(u, t.schema, t.num_rows, n, columns)
+            tables.append(t)
         # from_blocks: the same in-memory dataset as from_arrow, with each table's metadata
         # computed here; from_arrow runs a task a table for it, which on a cluster still
         # starting waits for a worker process and its import of Ray Data (about 2 s on 2 cores).
         return ray.data.from_blocks(tables)
     fs, _ = storage.filesystem(uris[0], s3)
-    for u in uris:  # footers only: a few KB a shard
+    for u, n in zip(uris, rows):  # footers only: a few KB a shard
         with fs.open_input_file(storage.filesystem(u, s3)[1]) as f:
-            schema = pq.read_schema(f)
-        check_plain_types(pa.schema([schema.field(c) for c in columns]), u)
+            footer = _read_shard(u, f, None)
+            _check_shard(u, footer.schema_arrow, footer.metadata.num_rows, n, columns)
     return ray.data.read_parquet([storage.filesystem(u, s3)[1] for u in uris], filesystem=fs, columns=columns)
+
+
+def _read_shard(uri: str, source, columns: list[str] | None):
+    """A prepared shard's table (its bytes, `source`, read for `columns`), or with `columns`
+    None its footer; a damaged shard (a copy cut short, a file written over) is a DataError
+    naming it, not pyarrow's traceback, which names no file."""
+    try:
+        if columns is None:
+            return pq.ParquetFile(source)  # reads the footer alone, as pq.read_schema does
+        return pq.read_table(io.BytesIO(source), columns=columns)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{uri}: damaged shard of a prepared dataset ({str(e).splitlines()[0][:200]}); "
+                        f"prepare the dataset again (`raylm data prepare`)") from None
+
+
+def _check_shard(uri: str, schema: pa.Schema, num_rows: int, rows: int | None, columns: list[str]) -> None:
+    """A shard holds the columns and the rows its manifest entry names; its column types are
+    plain (`check_plain_types`)."""
+    missing = [c for c in columns if schema.get_field_index(c) < 0]
+    if missing:
+        raise DataError(f"{uri}: no column {missing[0]!r} (columns: {', '.join(schema.names)}); not a shard of this "
+                        f"prepared dataset: prepare the dataset again (`raylm data prepare`)")
+    if rows is not None and num_rows != rows:
+        raise DataError(f"{uri}: {num_rows} rows, but the manifest names {rows}; the shard was changed since it "
+                        f"was prepared: prepare the dataset again (`raylm data prepare`)")
+    check_plain_types(pa.schema([schema.field(c) for c in columns]), uri)
 

@@ -1,0 +1,22 @@
+"""A re-prepare removes every earlier attempt under the dataset directory whole: its directories,
+and the partial shard a killed write left as a temporary file, which listings leave out."""
+
+from __future__ import annotations
+
+import os
+
+from raylm.data import _remove_stale_attempts
+
+
+def test_stale_attempts_go_whole_and_the_kept_one_stays(tmp_path):
+    files = ["attempt-old/train/shard-00000.parquet", "attempt-old/val/shard-00000.parquet",
+             "attempt-killed/train/.shard-00000.parquet.0123abcd.raylm-tmp",
+             "attempt-new/train/shard-00000.parquet", "attempt-new/val/shard-00000.parquet",
+             "manifest.json", "DATACARD.md"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "attempt-empty" / "train").mkdir(parents=True)
+    _remove_stale_attempts(str(tmp_path), "attempt-new", None)
+    assert sorted(os.listdir(tmp_path)) == ["DATACARD.md", "attempt-new", "manifest.json"]
+    assert sorted(os.listdir(tmp_path / "attempt-new" / "train")) == ["shard-00000.parquet"]
