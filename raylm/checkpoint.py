@@ -97,7 +97,7 @@ def list_checkpoints(run_dir: str, s3: S3Config | None = None) -> list[tuple[int
     found: dict[int, tuple[str, bool]] = {}
     if not storage.exists(run_dir, s3):
         return []
-    for info in storage.list_files(run_dir, s3):
+    for info in storage.list_files(run_dir, s3, pattern=False):
         try:
             rel = storage.relative(info.uri, run_dir)
         except ValueError:  # run_dir names a file (a run's record.json, say): it holds no checkpoints
@@ -417,7 +417,7 @@ class RangedReader(dcp.StorageReader):
             raise CheckpointError(f"{self.uri}: no {COMMIT_MARKER} marker; an incomplete checkpoint is never "
                                   f"loaded") from None
         self.committed = _parse_committed(marker, storage.join(self.uri, COMMIT_MARKER))
-        self.sizes = {storage.relative(i.uri, self.uri): i.size for i in storage.list_files(self.uri, s3)}
+        self.sizes = {storage.relative(i.uri, self.uri): i.size for i in storage.list_files(self.uri, s3, pattern=False)}
 
     def _where(self, name: str) -> str:
         return storage.join(self.uri, name)

@@ -914,7 +914,7 @@ def _remove_stale_attempts(out: str, keep: str, s3) -> None:
     """Every attempt under `out` but `keep`, whole: deleting only the files a listing shows
     left each old attempt's directories behind, and the partial shard a killed write left
     (a temporary file, which listings leave out), on every re-prepare."""
-    names = {storage.relative(f.uri, out).split("/", 1)[0] for f in storage.list_files(out, s3)}
+    names = {storage.relative(f.uri, out).split("/", 1)[0] for f in storage.list_files(out, s3, pattern=False)}
     if not storage.is_s3(out) and os.path.isdir(out):  # also attempts holding no finished file
         names.update(os.listdir(out))
     for name in sorted(names):

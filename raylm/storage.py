@@ -24,14 +24,17 @@ import functools
 import os
 import re
 import shutil
+import stat
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import boto3
 import botocore.config
 import pyarrow.fs as pafs
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
+                                 ParamValidationError)
 
 from raylm.config import S3Config
 
@@ -65,6 +68,8 @@ _DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per request
 _ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
                  "ExpiredToken", "InvalidToken"}
 _ACCESS_FIX = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile"
+_BAD_BUCKET = ("not a valid bucket name (3-63 characters: lowercase letters, digits, '.' and '-'; "
+               "fix the URI)")
 
 
 from raylm.errors import StorageError  # noqa: E402  (defined with raylm's other error types)
@@ -269,6 +274,8 @@ def _problem(e: BaseException, s3: S3Config | None) -> str:
         code = str(err.get("Code", ""))
         if code == "NoSuchBucket":
             return "bucket does not exist (create it or fix the URI)"
+        if code == "InvalidBucketName":
+            return _BAD_BUCKET
         if code in _ACCESS_CODES:
             return f"access denied ({_ACCESS_FIX})"
         if code in ("NoSuchKey", "404", "NotFound"):
@@ -279,12 +286,16 @@ def _problem(e: BaseException, s3: S3Config | None) -> str:
                 "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)")
     if isinstance(e, EndpointConnectionError):
         return _unreachable(s3)
+    if isinstance(e, ParamValidationError) and "Invalid bucket name" in str(e):
+        return _BAD_BUCKET  # botocore's own text quotes two long regexes
     if isinstance(e, BotoCoreError):
         return str(e)
     # pyarrow raises OSError with the AWS SDK's error name in the text.
     text = str(e)
     if "NO_SUCH_BUCKET" in text:
         return "bucket does not exist (create it or fix the URI)"
+    if "InvalidBucketName" in text:
+        return _BAD_BUCKET
     if any(s in text for s in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")):
         return f"access denied ({_ACCESS_FIX})"
     if "NETWORK_CONNECTION" in text:
@@ -386,6 +397,7 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
         try:
             with open(tmp, "xb") as f:  # 'x': never clobber; mode honours the umask
+                _keep_mode(path, f.fileno())
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())  # content on disk before the rename makes it visible
@@ -395,6 +407,17 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
                 os.unlink(tmp)
             raise
         _fsync_dir(parent)  # and the rename itself, which lives in the directory
+
+
+def _keep_mode(path: str, fd: int) -> None:
+    """Give the new file `fd` the permission bits of the file it replaces, as writing in place
+    would: a file its owner made private (0600) must not come back readable to all."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        os.fchmod(fd, mode & 0o777)  # never set-id bits: the content is new
 
 
 def write_text(uri: str, text: str, s3: S3Config | None = None, encoding: str = "utf-8") -> None:
@@ -485,15 +508,20 @@ def _glob_base(path: str) -> str | None:
     return None
 
 
-def list_files(uri_or_glob: str, s3: S3Config | None = None, follow_links: bool = False) -> list[FileInfo]:
+def list_files(uri_or_glob: str, s3: S3Config | None = None, follow_links: bool = False,
+               pattern: bool = True) -> list[FileInfo]:
     """Files at a path: the file itself, every file under a directory/prefix (recursive),
     or those matching a glob (`*`, `?` within a segment, `**` across). Sorted by URI;
     empty if nothing matches. `follow_links`: local directories linked from the tree are
-    walked too (a corpus may gather its parts by links), each real directory once."""
+    walked too (a corpus may gather its parts by links), each real directory once.
+    `pattern=False`: the path is a name, `*` and `?` in it literal (an output or run path,
+    whose listing must never reach files of another path that the pattern would match).
+    A local directory that cannot be read, or a link to nothing, where files would be listed
+    is an error naming it: a listing that quietly left them out would lose data."""
     with _errors(uri_or_glob, s3):
         if is_s3(uri_or_glob):
-            return sorted(_list_s3(uri_or_glob, s3), key=lambda f: f.uri)
-        return sorted(_list_local(uri_or_glob, follow_links), key=lambda f: f.uri)
+            return sorted(_list_s3(uri_or_glob, s3, pattern), key=lambda f: f.uri)
+        return sorted(_list_local(uri_or_glob, follow_links, pattern), key=lambda f: f.uri)
 
 
 def _s3_objects(client, bucket: str, prefix: str) -> Iterator[dict]:
@@ -501,10 +529,10 @@ def _s3_objects(client, bucket: str, prefix: str) -> Iterator[dict]:
         yield from page.get("Contents", [])
 
 
-def _list_s3(uri: str, s3: S3Config | None) -> Iterator[FileInfo]:
+def _list_s3(uri: str, s3: S3Config | None, pattern: bool = True) -> Iterator[FileInfo]:
     bucket, key = _split_s3(uri)
     client = boto3_client(s3)
-    base = _glob_base(key)
+    base = _glob_base(key) if pattern else None
     if base is not None:
         prefix, match = (base + "/" if base else ""), _glob_regex(key).match
     elif key:
@@ -518,9 +546,12 @@ def _list_s3(uri: str, s3: S3Config | None) -> Iterator[FileInfo]:
             yield FileInfo(f"s3://{bucket}/{k}", obj["Size"], obj.get("ETag", "").strip('"'))
 
 
-def _list_local(uri: str, follow_links: bool = False) -> Iterator[FileInfo]:
+def _list_local(uri: str, follow_links: bool = False, pattern: bool = True) -> Iterator[FileInfo]:
     path = _local(uri)
-    base = _glob_base(path)
+    base = _glob_base(path) if pattern else None
+    # Without `**` a match lies a fixed number of segments down: deeper directories need no
+    # walking (nor reading: one the user cannot read there is no loss).
+    depth = None
     if base is None:
         if os.path.isfile(path):
             yield _local_info(path)
@@ -528,18 +559,47 @@ def _list_local(uri: str, follow_links: bool = False) -> Iterator[FileInfo]:
         base, match = path, lambda p: True
     else:
         match = _glob_regex(path).match
+        if "**" not in path:
+            depth = path.count("/")
     seen = set()
-    for root, dirs, names in os.walk(base or "/", followlinks=follow_links):
+    for root, dirs, names in os.walk(base or "/", onerror=_unlisted, followlinks=follow_links):
         if follow_links:  # each real directory once: a link up the tree would loop for ever
             if (real := os.path.realpath(root)) in seen:
                 dirs[:] = []
                 continue
             seen.add(real)
             dirs.sort()  # which of two links to one directory lists it: always the same
+        if depth is not None and root.rstrip("/").count("/") + 1 >= depth:
+            dirs[:] = []
         for name in names:
             p = os.path.join(root, name)
-            if not name.endswith(_TMP_SUFFIX) and match(p) and os.path.isfile(p):
+            if name.endswith(_TMP_SUFFIX) or not match(p):
+                continue
+            if os.path.isfile(p):
                 yield _local_info(p)
+            elif os.path.islink(p) and not os.path.exists(p) and not _incidental(p):
+                raise StorageError(p, "a link to a missing file (fix or remove the link)")
+
+
+def _incidental(path: str) -> bool:
+    """Hidden (an editor's `.#name` lock is a link to nothing; a corpus leaves hidden files
+    out), or the filesystem's own `lost+found`, which only root may read: never data."""
+    name = os.path.basename(path.rstrip("/"))
+    return name.startswith(".") or name == "lost+found"
+
+
+def _unlisted(e: OSError) -> None:
+    """os.walk's onerror for a listing: as `_unreadable`, but a directory that is never data
+    (`_incidental`) may stay unread, as `ls -R` of a volume's root would leave it."""
+    if not _incidental(e.filename or ""):
+        _unreadable(e)
+
+
+def _unreadable(e: OSError) -> None:
+    """os.walk's onerror: it would skip a directory it cannot read without a word. One gone
+    (a missing root: nothing to list; or removed meanwhile) is no loss; any other is."""
+    if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+        raise StorageError(e.filename or "", _problem(e, None))
 
 
 def _local_info(path: str) -> FileInfo:
@@ -591,11 +651,14 @@ def makedirs(uri: str) -> None:
 
 
 def upload_dir(local_dir: str, uri: str, s3: S3Config | None = None) -> None:
-    """Copy a local directory tree to `uri` (S3 or local); existing files are overwritten."""
+    """Copy a local directory tree to `uri` (S3 or local); existing files are overwritten.
+    Linked files are copied as the files they name."""
     src = _local(local_dir)
     if not os.path.isdir(src):
         raise StorageError(local_dir, "no such directory")
     dst_fs, dst = filesystem(uri, s3)
+    if not is_s3(uri):
+        _refuse_inside(src, dst, uri, local_dir)
     with _errors(uri, s3):
         upload_tree(src, dst_fs, dst)
 
@@ -604,27 +667,84 @@ def upload_tree(src: str, fs: pafs.FileSystem, dst: str) -> None:
     """Copy the local tree `src` to `dst` in `fs`, file by file through explicit output
     streams. Not pyarrow.fs.copy_files: when an S3 part upload fails it returns success (the
     error only reaches the stream's destructor, and the object is never created); close()
-    raises it."""
-    for root, _, names in os.walk(src):
+    raises it. What cannot be copied whole (a directory that cannot be read, a link to a
+    directory or to nothing) is an error naming it before anything is written: a copy that
+    left it out would look complete."""
+    files = []
+    for root, dirs, names in os.walk(src, onerror=_unreadable):
+        for name in dirs:
+            if os.path.islink(os.path.join(root, name)):
+                raise StorageError(os.path.join(root, name), "a link to a directory, which is not copied "
+                                                             "(put the directory itself there)")
         for name in sorted(names):
             path = os.path.join(root, name)
-            target = dst.rstrip("/") + "/" + os.path.relpath(path, src).replace(os.sep, "/")
-            if isinstance(fs, pafs.LocalFileSystem):
-                fs.create_dir(os.path.dirname(target), recursive=True)
-            with open(path, "rb") as f, fs.open_output_stream(target) as out:
-                shutil.copyfileobj(f, out, 8 << 20)
+            if not os.path.exists(path):
+                raise StorageError(path, "a link to a missing file (fix or remove the link)")
+            if not os.path.isfile(path):  # reading a pipe would wait for a writer for ever
+                raise StorageError(path, "not a regular file (a pipe, socket or device), which is not copied")
+            files.append(path)
+    for path in files:
+        target = dst.rstrip("/") + "/" + os.path.relpath(path, src).replace(os.sep, "/")
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(os.path.dirname(target), recursive=True)
+        with _errors(path):  # a local file that cannot be read: named, not the destination
+            f = open(path, "rb")
+        with f, fs.open_output_stream(target) as out:
+            shutil.copyfileobj(f, out, 8 << 20)
 
 
 def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:
-    """Copy the tree under `uri` (S3 or local) into `local_dir`, creating it."""
+    """Copy the tree under `uri` (S3 or local) into `local_dir`, creating it. Every file lands
+    inside `local_dir`: a key that would not (one with '..', '.' or empty segments: object
+    keys may hold them) is refused, naming it, before anything is written."""
     # pyarrow reports a missing bucket as a missing path; exists() tells them apart.
     if not exists(uri, s3):
         raise StorageError(uri, "no such file or directory")
     src_fs, src = filesystem(uri, s3)
     dst = _local(local_dir)
-    with _errors(local_dir):
-        # copy_files makes the subdirectories it sees, but not the destination root.
-        os.makedirs(dst, exist_ok=True)
+    if not is_s3(uri):
+        _refuse_inside(src, dst, local_dir, uri)
     with _errors(uri, s3):
-        pafs.copy_files(src, dst, source_filesystem=src_fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        if src_fs.get_file_info(src).type == pafs.FileType.File:
+            raise StorageError(uri, "is a file, not a directory (name the directory holding it)")
+        found = src_fs.get_file_info(pafs.FileSelector(src, recursive=True))
+    # Not pyarrow.fs.copy_files: it joins each key to the destination as it is, so
+    # `tok/../../x` is written two levels above it.
+    root = src.rstrip("/") + "/"
+    plan = []
+    for info in found:
+        if info.type != pafs.FileType.File or info.base_name.endswith(_TMP_SUFFIX):
+            continue  # directories (S3 markers) are made as their files need them
+        rel = info.path[len(root):] if info.path.startswith(root) else info.path
+        parts = rel.split("/")
+        if not info.path.startswith(root) or any(p in ("", ".", "..") for p in parts):
+            raise StorageError(uri.rstrip("/") + "/" + rel,
+                               "not a name a local file can have inside the download directory "
+                               "('.', '..' or empty segments); rename or remove it")
+        plan.append((info.path, os.path.join(dst, *parts)))
+    with _errors(local_dir):
+        os.makedirs(dst, exist_ok=True)
+
+    def fetch(item: tuple[str, str]) -> None:
+        path, target = item
+        with _errors(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            out = open(target, "wb")
+        with out, _errors(f"s3://{path}" if is_s3(uri) else path, s3), src_fs.open_input_stream(path) as f:
+            shutil.copyfileobj(f, out, 8 << 20)
+
+    if is_s3(uri) and len(plan) > 1:  # one request at a time would leave the bandwidth idle
+        with ThreadPoolExecutor(min(8, len(plan))) as pool:
+            list(pool.map(fetch, plan))
+    else:
+        for item in plan:
+            fetch(item)
+
+
+def _refuse_inside(src: str, dst: str, dst_as_given: str, src_as_given: str) -> None:
+    """A local copy into the tree it copies would open each file for writing, and so empty
+    it, before or while it is read."""
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or real_dst.startswith(real_src.rstrip("/") + "/"):
+        raise StorageError(dst_as_given, f"is inside the directory being copied ({src_as_given}); "
+                                         f"copy to a directory outside it")

@@ -662,7 +662,7 @@ class CheckpointSaver:
             expected = {k: v for d in everyone for k, v in d.items()}
         missing = None
         if rank_world()[0] == 0:
-            stored = {storage.relative(f.uri, uri): f.size for f in storage.list_files(uri, self.cfg.s3)}
+            stored = {storage.relative(f.uri, uri): f.size for f in storage.list_files(uri, self.cfg.s3, pattern=False)}
             missing = next((f"{n} ({size} bytes; stored: {stored.get(n)})" for n, (size, _) in sorted(expected.items())
                             if stored.get(n) != size), None)
         missing = broadcast(missing)

@@ -286,7 +286,7 @@ def export_run(uri: str, out: str, s3: S3Config | None = None, checkpoint: str |
 def _clear_failed_upload(out: str, s3: S3Config | None) -> None:
     """Make the prefix `out` empty for an upload: remove what a failed upload of ours left there
     (the files its `PENDING_MARKER` names), and refuse a complete export or any other file."""
-    found = {f.uri[len(out.rstrip("/")) + 1:]: f.uri for f in storage.list_files(out, s3)}
+    found = {f.uri[len(out.rstrip("/")) + 1:]: f.uri for f in storage.list_files(out, s3, pattern=False)}
     if EXPORT_MARKER in found:
         raise OutputExistsError(f"{out}: already holds a complete export; export to a new prefix")
     ours = {PENDING_MARKER}
