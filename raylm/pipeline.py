@@ -430,9 +430,23 @@ def ensure_tokenizer(cfg: Config, files: list | None = None) -> tuple[Config, To
 
 
 def keep_in_run(tok: Tokenizer, target: str, s3) -> None:
-    """Write `tok` to `target` (a run's tokenizer directory) unless the same one is there."""
-    if storage.exists(storage.join(target, META_FILE), s3) and load_tokenizer(target, s3).sha256 == tok.sha256:
-        return
+    """Write `tok` to `target` (a run's tokenizer directory) unless the same one is there.
+    Another one there is replaced only while the run has no complete checkpoint: those were
+    trained with it, and its checkpoints name it as theirs (a run's own trained tokenizer has
+    no other copy). Replacing it before the resume check refused the new one left a run that
+    neither generated nor resumed."""
+    from raylm import checkpoint
+    from raylm.errors import ConfigError
+
+    if storage.exists(storage.join(target, META_FILE), s3):
+        have = load_tokenizer(target, s3).sha256
+        if have == tok.sha256:
+            return
+        run_dir = storage.parent(target.rstrip("/"))
+        if checkpoint.latest_complete(run_dir, s3) is not None:
+            raise ConfigError(f"{target}: holds the tokenizer (sha {have[:12]}) that the checkpoints of {run_dir} "
+                              f"were trained with, not {tok.path or 'the one given'} (sha {tok.sha256[:12]}); "
+                              f"use another run name, or that run's own tokenizer")
     storage.write_bytes(storage.join(target, MODEL_FILE), tok.model_bytes, s3)
     storage.write_text(storage.join(target, META_FILE), json.dumps(tok.meta, indent=2, sort_keys=True) + "\n", s3)
 
@@ -527,8 +541,15 @@ def training_inputs(cfg: Config, tok: Tokenizer, corpus: tuple | None = None,
 
 def absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute on the driver: Ray workers run in another directory, where
-    `./runs` would name a different place."""
-    fix = storage.absolute
+    `./runs` would name a different place. Read as the storage layer reads a local path: `~`
+    is the home directory and a `file://` prefix is dropped (made absolute as they were, they
+    named `./~/runs` and `./file:/data`). s3:// URIs and '' stay as they are."""
+
+    def fix(uri: str) -> str:
+        if uri and not storage.is_s3(uri):
+            uri = os.path.expanduser(uri[len("file://"):] if uri.startswith("file://") else uri)
+        return storage.absolute(uri)
+
     return dataclasses.replace(
         cfg, storage=fix(cfg.storage),
         data=dataclasses.replace(cfg.data, path=fix(cfg.data.path), val_path=fix(cfg.data.val_path)),

@@ -233,8 +233,17 @@ def train_worker(config: dict) -> None:
 
 
 def trainer_class():
-    """TorchTrainer, less its placement-group cleaner on a local cluster that this process
-    started. The cleaner is a detached actor that asks Ray's state API every second whether
+    """TorchTrainer with raylm's failure handling, on any cluster:
+      - a worker failing with a user's mistake (a raylm `UserError`, such as a bad record or a
+        checkpoint that refuses the config) ends the run at once, not after `max_failures`
+        restarts that fail the same way (raylm.train_controller.UserErrorsFailFast);
+      - Ctrl-C aborts the run (its workers stopped, as Ray's own handler does) and reaches the
+        caller as KeyboardInterrupt, where Ray's handler ended the process with SystemExit;
+        and the driver's own SIGINT handler is back once `fit` returns (Ray's stayed, holding
+        the finished controller alive and swallowing the next two Ctrl-Cs, the third one
+        exiting with status 0).
+    On a local cluster that this process started, also less its placement-group cleaner. The
+    cleaner is a detached actor that asks Ray's state API every second whether
     the run's controller still lives, to free the workers' placement group if it died without
     doing so; such a cluster ends with this process, and the poll cost about 3% of a core
     through a run on 2 cores (the cleaner, the dashboard answering it, the GCS), besides an
@@ -242,20 +251,62 @@ def trainer_class():
     an early-stopped trial's controller dies with its trial. Its controller, and the actors
     that start from it, get no runtime_env (raylm.train_controller), and its backend config
     does not make it import torch (raylm.train_backend)."""
+    import signal
+
+    import ray
     from ray.train.torch import TorchTrainer
 
     from raylm.pipeline import started_env
+
+    try:
+        from raylm.train_controller import UserErrorsFailFast
+    except ImportError:  # a Ray version that moved its failure policies: Ray's own
+        UserErrorsFailFast = None
+
+    class RaylmTorchTrainer(TorchTrainer):
+        _interrupted = False
+
+        def fit(self):
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGINT) if main else None
+            self._interrupted = False
+            try:
+                return super().fit()
+            except (KeyboardInterrupt, SystemExit):
+                if self._interrupted:  # Ray turns an exception raised in the handler into SystemExit
+                    raise KeyboardInterrupt from None
+                raise
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
+
+        def _register_sigint_handler(self, controller):
+            def on_sigint(signum, frame):
+                if not self._interrupted:
+                    self._interrupted = True
+                    try:  # stops the workers, then ends the controller's process
+                        ray.get(controller.abort.remote())
+                    except ray.exceptions.RayActorError:
+                        pass
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            if UserErrorsFailFast is not None:
+                controller_init_kwargs["failure_policy"] = UserErrorsFailFast(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     try:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
         from raylm.train_backend import LocalTorchConfig
     except ImportError:  # a Ray version that moved them: Ray's own
-        return TorchTrainer
+        return RaylmTorchTrainer
     if started_env() is None:
-        return TorchTrainer
+        return RaylmTorchTrainer
 
-    class LocalTorchTrainer(TorchTrainer):
+    class LocalTorchTrainer(RaylmTorchTrainer):
         def __init__(self, *args, torch_config=None, **kwargs):
             # The same process group, set up by a controller that does not import torch
             # (raylm.train_backend): about 2.5 s sooner to the first step on 2 cores.
@@ -271,8 +322,6 @@ def trainer_class():
             # and the dataset manager then each wait for a new process through the runtime-env
             # agent, one after another, where they could start on the processes Ray keeps
             # started. Where the driver holds Ray Train settings of its own, Ray's path.
-            import ray
-
             try:
                 from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
@@ -281,6 +330,8 @@ def trainer_class():
                 return super()._initialize_and_run_controller(**controller_init_kwargs)
             if get_env_vars_to_propagate():
                 return super()._initialize_and_run_controller(**controller_init_kwargs)
+            if UserErrorsFailFast is not None:
+                controller_init_kwargs["failure_policy"] = UserErrorsFailFast(self.run_config.failure_config)
             here = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
             controller = ray.remote(num_cpus=0, label_selector=here)(LocalTrainController).remote(
                 **controller_init_kwargs)
