@@ -560,8 +560,11 @@ def _root_cause(e: BaseException) -> BaseException:
         seen.add(id(e))
         failures = getattr(e, "worker_failures", None)
         if failures:
-            e = next(iter(failures.values()))
-            continue
+            # The first rank whose cause is the user's mistake, if any rank's is (another rank
+            # may have crashed meanwhile, e.g. in a collective its peer left), else the first.
+            causes = [_root_cause(f) for f in failures.values()]
+            e = next((c for c in causes if isinstance(c, USER_ERRORS)), causes[0])
+            break
         from_ray = type(e).__module__.split(".")[0] == "ray"
         inner = (getattr(e, "cause", None) or getattr(e, "controller_failure", None)
                  or (e.__cause__ if from_ray else None))

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -380,32 +381,73 @@ def ensure_corpus(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=target))
 
 
+# Above the sample budget, no file gives more than its share in a first pass: reading files in
+# listing order until the budget filled it from the first files alone (a corpus of en/ then
+# zh/, or code then prose, trained a vocabulary that had never seen the rest). 1 MB a file at
+# least, so that a corpus of many small files is not read whole for a few KB of each.
+SAMPLE_BYTES_PER_FILE = 1_000_000
+
+
 def sample_documents(cfg: Config, limit_bytes: int, files: list | None = None):
-    """Cleaned documents from the corpus (`files`, else listed now), in order, until
-    `limit_bytes` (tokenizer training). Those the length filters drop are left out here too,
-    and bad records are skipped within data.max_bad_records, as the data stage does."""
-    used = too_long = too_short = 0
-    bad: list[str] = []
-    for f in list_corpus(cfg.data.path, cfg.s3) if files is None else files:
+    """Cleaned documents from the corpus (`files`, else listed now) until `limit_bytes`
+    (tokenizer training). Those the length filters drop are left out here too, and bad
+    records are skipped within data.max_bad_records, as the data stage does.
+
+    A corpus no larger than `limit_bytes` (its files' sizes) is read in listing order. A
+    larger one is sampled across its files: in an order shuffled by `seed`, each file gives
+    at most an equal share, limit / k for the k = limit / SAMPLE_BYTES_PER_FILE files it
+    takes (all of them where there are fewer), its first documents; what files too short for
+    their share leave is then filled from where each file stopped, in the same order."""
+    files = list(list_corpus(cfg.data.path, cfg.s3) if files is None else files)
+    state = {"used": 0, "too_long": 0, "too_short": 0, "bad": []}
+
+    def documents(f, skip: int = 0):
+        """(index, cleaned text) of file f's kept documents, from its `skip`-th on."""
+        i = 0
         for _, doc in parse_documents(f.uri, storage.read_bytes(f.uri, cfg.s3), cfg.data.text_field):
             if isinstance(doc, DataError):
-                bad.append(str(doc))
-                _check_error_budget(bad, cfg.data)
+                if not skip:
+                    state["bad"].append(str(doc))
+                    _check_error_budget(state["bad"], cfg.data)
                 continue
             text = clean_text(doc)
-            if len(text) > cfg.data.max_chars:
-                too_long += 1
+            if len(text) > cfg.data.max_chars or len(text) < cfg.data.min_chars:
+                if not skip:
+                    state["too_long" if len(text) > cfg.data.max_chars else "too_short"] += 1
                 continue
-            if len(text) < cfg.data.min_chars:
-                too_short += 1
+            i += 1
+            if i <= skip:
                 continue
             if cfg.data.redact_pii:  # the vocabulary must not learn what training never sees
                 text, _ = redact_pii(text, cfg.data.redact_pii)
+            yield i, text
+
+    if sum(f.size for f in files) <= limit_bytes:
+        plan = [(f, limit_bytes) for f in files]
+    else:
+        files = random.Random(cfg.seed).sample(files, len(files))
+        share = limit_bytes // max(1, min(len(files), limit_bytes // SAMPLE_BYTES_PER_FILE))
+        plan = [(f, share) for f in files]
+    taken: dict[int, int] = {}  # file's place in `plan` -> documents taken, for files cut at their share
+    for n, (f, share) in enumerate(plan):
+        got = 0
+        for i, text in documents(f):
             yield text
-            used += len(text.encode())
-            if used >= limit_bytes:
+            got += len(text.encode())
+            state["used"] += len(text.encode())
+            if state["used"] >= limit_bytes:
                 return
-    if not used and (too_long or too_short or bad):
+            if got >= share:
+                taken[n] = i
+                break
+    for n, skip in taken.items():  # the budget left by files shorter than their share
+        for _, text in documents(plan[n][0], skip):
+            yield text
+            state["used"] += len(text.encode())
+            if state["used"] >= limit_bytes:
+                return
+    too_long, too_short, bad = state["too_long"], state["too_short"], state["bad"]
+    if not state["used"] and (too_long or too_short or bad):
         raise DataError(f"{cfg.data.path}: every document is filtered out ({too_long} longer than "
                         f"data.max_chars={cfg.data.max_chars}, {too_short} shorter than "
                         f"data.min_chars={cfg.data.min_chars}{f', {len(bad)} bad records' if bad else ''})")
@@ -459,7 +501,10 @@ def train_tokenizer_from(cfg: Config, target: str, files: list | None = None) ->
     if storage.is_s3(target):
         with tempfile.TemporaryDirectory() as tmp:
             tok = train_tokenizer(texts, os.path.join(tmp, "tok"), cfg.tokenizer.vocab_size, **kwargs)
-            storage.upload_dir(os.path.join(tmp, "tok"), target, cfg.s3)
+            # The model before its sidecar (keep_in_run): a directory holding tokenizer.json
+            # is taken for a trained tokenizer, so an upload cut between the two (sorted, the
+            # .json went first) left a run that neither retrained nor loaded.
+            keep_in_run(tok, target, cfg.s3)
     else:
         tok = train_tokenizer(texts, target, cfg.tokenizer.vocab_size, **kwargs)
     tok.path = target

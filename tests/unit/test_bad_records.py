@@ -258,3 +258,20 @@ def test_a_training_worker_keeps_ray_trains_traceback_of_a_bad_record_off_the_co
         train_log.handlers, train_log.propagate = saved[0], saved[1]
         train_log.setLevel(saved[2])
     assert console.getvalue() == "Error in training function: KeyError('a bug')\n"
+
+
+def test_root_cause_prefers_the_rank_that_failed_with_the_users_mistake():
+    """Rank 0 crashed in a collective its peer left; rank 1 read the bad record: the one line
+    is rank 1's, not rank 0's traceback."""
+    from ray.train import TrainingFailedError, WorkerGroupError
+
+    from raylm.cli import _root_cause
+
+    bad = DataError("a.jsonl:3: malformed JSON")
+    crash = RuntimeError("Connection closed by peer")
+    group = WorkerGroupError("Training failed due to worker errors", {0: crash, 1: _ray_wrapped(bad)})
+    assert _root_cause(group) is bad
+    failed = TrainingFailedError("training failed")
+    failed.__cause__ = group
+    assert _root_cause(failed) is bad
+    assert _root_cause(WorkerGroupError("x", {0: crash, 1: RuntimeError("also")})) is crash
