@@ -3,26 +3,13 @@ boolean or a float where an integer goes, or anything but true/false where a boo
 a 400 naming the field, not a value pydantic converted ("false" read as false, true as 1).
 And a body in UTF-16 or UTF-32 gets the same unpaired-surrogate check as a UTF-8 one."""
 
-import json
-
 import pytest
 
 from raylm.serve import protocol as P
+from tests.unit.test_serve_protocol import parse, refused
 
 COMP = {"model": "m", "prompt": "x"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-
-
-def parse(body, model=P.CompletionRequest):
-    return P.parse_request(json.dumps(body).encode(), model)
-
-
-def refused(body, model=P.CompletionRequest) -> P.APIError:
-    with pytest.raises(P.APIError) as e:
-        parse(body, model)
-    assert e.value.status == 400
-    assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
-    return e.value
 
 
 @pytest.mark.parametrize("field, value", [

@@ -7,21 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from raylm.config import ConfigError
 from raylm.recipe import STAGE_BY_NAME, load_recipe, run_recipe, stage_config
-
-
-def _write(tmp_path, text: str) -> str:
-    p = tmp_path / "r.yaml"
-    p.write_text(text)
-    return str(p)
-
-
-def _refused(path, overrides=()) -> str:
-    with pytest.raises(ConfigError) as e:
-        load_recipe(path, list(overrides))
-    assert "r.yaml" in str(e.value) and "\n" not in str(e.value)
-    return str(e.value)
+from tests.unit.test_recipe_stages import _refused, _write
 
 
 def test_a_serve_engine_the_recipe_cannot_run_is_refused_at_load(tmp_path, capsys):
