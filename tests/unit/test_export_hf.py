@@ -267,7 +267,7 @@ def test_s3_export_uploads_the_marker_last(tok, monkeypatch):
     monkeypatch.setattr(raylm.generate, "load_for_inference", lambda uri, s3=None: (model, tok, {"step": 5}))
     events = []
     storage = export_mod.storage
-    monkeypatch.setattr(storage, "list_files", lambda uri, s3=None: [])  # an empty prefix
+    monkeypatch.setattr(storage, "list_files", lambda uri, s3=None, **kw: [])  # an empty prefix
     monkeypatch.setattr(storage, "upload_dir", lambda local, uri, s3=None: events.append(
         ("upload", uri, sorted(p.name for p in Path(local).iterdir()))))
     monkeypatch.setattr(storage, "write_bytes", lambda uri, data, s3=None: events.append(

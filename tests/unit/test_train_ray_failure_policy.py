@@ -138,9 +138,13 @@ def test_the_drivers_sigint_handler_is_back_after_a_finished_run(monkeypatch):
         return _Result()
 
     monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller", run)
-    before = signal.getsignal(signal.SIGINT)
-    _trainer().fit()
-    assert signal.getsignal(signal.SIGINT) is before
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after training (samples, the next stage) stops it
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.5)
+    # Python's own handler as the driver's, whatever an earlier test in this process left there.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _trainer().fit()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C after training (samples, the next stage) stops it
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    finally:
+        signal.signal(signal.SIGINT, before)
