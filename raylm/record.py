@@ -22,15 +22,24 @@ RECORD = "record.json"
 
 
 def git_commit() -> str:
-    """The commit of the raylm checkout, with '-dirty' for local changes; '' outside git."""
+    """The commit of the raylm checkout, with '-dirty' for local changes; '' outside git.
+    raylm installed (not editable) inside another project's repository, say in its ignored
+    .venv, is outside git too: that project's HEAD says nothing of raylm's code. So is a
+    repository with no commit yet (`git rev-parse HEAD` prints 'HEAD' there)."""
     here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        if not sha:
+        # This very file tracked: the repository is raylm's own checkout.
+        if git("ls-files", "--error-unmatch", "--", os.path.basename(__file__)).returncode != 0:
             return ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        head = git("rev-parse", "--verify", "--quiet", "HEAD^{commit}")
+        sha = head.stdout.strip()
+        if head.returncode != 0 or not sha:
+            return ""
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -99,6 +108,6 @@ def load_record(uri: str) -> tuple[str, Config]:
         record = json.loads(storage.read_text(uri))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{uri}: not a JSON run record ({e.msg})") from None
-    if "config" not in record or "stage" not in record:
+    if not isinstance(record, dict) or "config" not in record or "stage" not in record:
         raise ConfigError(f"{uri}: not a raylm run record (no 'config' or 'stage')")
     return record["stage"], from_dict(record["config"])

@@ -66,16 +66,20 @@ def read_rows(run: str, s3: S3Config | None = None) -> tuple[str, list[dict]]:
     if not storage.exists(uri, s3):
         raise PathNotFoundError(f"{shown}: no such file (is {run} a raylm run directory?)")
     rows = []
-    for n, line in enumerate(storage.read_text(uri, s3).splitlines(), 1):
+    lines = storage.read_text(uri, s3).split("\n")
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines):  # no newline yet: a row being appended by the running job
+                break
             raise DataError(f"{shown} line {n}: not JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{shown} line {n}: expected a JSON object, got {type(row).__name__}")
-        if not _number(row.get("step")):
+        step = row.get("step")
+        if not _number(step) or (isinstance(step, float) and not math.isfinite(step)):
             raise DataError(f"{shown} line {n}: no numeric 'step' field")
         rows.append(row)
     if not rows:
@@ -142,7 +146,11 @@ def _labels(runs: list[str]) -> list[str]:
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("raylm draws its plots with matplotlib, which is not installed: "
+                          "pip install 'matplotlib>=3.7' (or reinstall raylm)") from None
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
@@ -159,12 +167,18 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _lone(points: list) -> dict:
+    """A marker for a series of one point (a run that has logged one step): a line needs two
+    points, so the point would not be drawn at all."""
+    return {"marker": "o", "markersize": 4} if len(points) == 1 else {}
+
+
 def _draw_loss(ax, runs: list[RunMetrics], many: bool) -> None:
     for i, run in enumerate(runs):
         colour = f"C{i}"
         prefix = f"{run.label} " if many else ""
         if run.train.get("loss"):
-            ax.plot(*zip(*run.train["loss"]), color=colour, label=f"{prefix}train")
+            ax.plot(*zip(*run.train["loss"]), color=colour, label=f"{prefix}train", **_lone(run.train["loss"]))
         if run.val.get("val_loss"):
             ax.plot(*zip(*run.val["val_loss"]), "o--", color=colour, markersize=3, label=f"{prefix}validation")
         for step in run.rollbacks:
@@ -210,7 +224,7 @@ def draw_report(runs: list[RunMetrics]) -> bytes:
                     ax.errorbar(steps, values, yerr=yerr, fmt="o-", markersize=3, capsize=2,
                                 color=f"C{i}", label=run.label)
                 elif run.train.get(name):
-                    ax.plot(*zip(*run.train[name]), color=f"C{i}", label=run.label)
+                    ax.plot(*zip(*run.train[name]), color=f"C{i}", label=run.label, **_lone(run.train[name]))
             ax.set_title(_TITLES.get(name, name))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -10,6 +10,7 @@ looks complete.
 from __future__ import annotations
 
 import json
+import math
 
 from raylm import storage
 
@@ -26,19 +27,34 @@ def rows_from_metrics(task: str, metrics: dict, facts: dict, harness: str = "ray
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
-    def num(v):
-        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+def _cell(v) -> str:
+    """A table cell: a '|' in a task or metric name (`corpus:a|b.txt`, a harness group) would
+    start a new column, and a line break would end the row, so both are escaped."""
+    text = "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
+
+def markdown_table(rows: list[dict]) -> str:
     lines = ["| task | metric | value | ± stderr | n |", "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['metric']} | {num(r['value'])} | {num(r['stderr'])} | {num(r['n'])} |"
-              for r in rows]
+    lines += ["| " + " | ".join(_cell(r[k]) for k in ("task", "metric", "value", "stderr", "n")) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _finite(x):
+    """`x` with NaN and infinities as None: JSON has no such numbers (Python writes NaN and
+    Infinity, which strict readers such as jq and JavaScript refuse)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def write_results(out: str, rows: list[dict], header: dict, s3=None) -> dict:
     """Write results.json and results.md into `out` (local or s3://); returns their paths."""
-    doc = json.dumps({**header, "results": rows}, indent=1, allow_nan=True)
+    doc = json.dumps(_finite({**header, "results": rows}), indent=1, allow_nan=False)
     md = (f"Evaluation of `{header.get('checkpoint', '?')}` (tokenizer {str(header.get('tokenizer_sha256', ''))[:12]}, "
           f"lm-eval {header.get('lm_eval_version') or 'not used'})\n\n" + markdown_table(rows))
     paths = {"json": storage.join(out, "results.json"), "markdown": storage.join(out, "results.md")}
