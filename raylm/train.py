@@ -320,6 +320,11 @@ class PoisonedObjective:
     def loss_sum(self, model, batch):
         return self.inner.loss_sum(model, batch) * self.factor
 
+    def tokens(self, batch):
+        # The inner objective's count: train_step's fallback reads a `tokens` column, which a
+        # DPO batch does not have (a KeyError), and counts an SFT batch's padding.
+        return _real_tokens(self.inner, batch)
+
 
 INJECTED_FACTOR = {"nan": float("nan"), "spike": 100.0}
 
@@ -418,119 +423,147 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     # A run ends after its final step has been evaluated and saved: a rollback on what would
     # have been the last step goes on to take another one, budget spent or not.
     finished = clock.over  # a resumed run whose budget was already spent
-    while step < tc.max_steps and not finished:
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
-        lr = lr_at(step, tc, clock.progress)
-        # Injected NaNs repeat on every run through the step (a resumed run matches the
-        # uninterrupted one); an injected spike fires once, as data-driven spikes do not
-        # recur once the data has moved on.
-        injected = _injection(step + 1, rank)
-        if injected == "spike" and not _first_time(cfg, f"injected-spike-{step + 1}"):
-            injected = None
-        step_objective = PoisonedObjective(objective, INJECTED_FACTOR[injected]) \
-            if injected in INJECTED_FACTOR else objective
-        stats = train_step(model, optimizer, next(it), step_objective, lr, tc.grad_clip)
-        step += 1
-        tokens_since, units_since = tokens_since + stats.tokens, units_since + stats.count
-        clock.tick()
-        final = step >= tc.max_steps or clock.over
-        nonfinite_run = _guard_nonfinite(stats, step, nonfinite_run, tc.max_nonfinite_steps, log)
-        skipped_total += stats.skipped
-        if spikes.is_spike(stats.loss):
-            spike_total += 1
-            log(f"step {step}: loss spike {stats.loss:.4f} (> {tc.spike_factor} x recent median)")
-            if tc.on_spike == "stop":
-                raise TrainingStopped(f"step {step}: loss spike {stats.loss:.4f} and train.on_spike=stop")
-            if tc.on_spike == "rollback":
-                rollbacks += 1
+    try:
+        while step < tc.max_steps and not finished:
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
+            lr = lr_at(step, tc, clock.progress)
+            # Injected NaNs repeat on every run through the step (a resumed run matches the
+            # uninterrupted one); an injected spike fires once, as data-driven spikes do not
+            # recur once the data has moved on.
+            injected = _injection(step + 1, rank)
+            if injected == "spike" and not _first_time(cfg, f"injected-spike-{step + 1}"):
+                injected = None
+            step_objective = PoisonedObjective(objective, INJECTED_FACTOR[injected]) \
+                if injected in INJECTED_FACTOR else objective
+            stats = train_step(model, optimizer, next(it), step_objective, lr, tc.grad_clip)
+            step += 1
+            tokens_since, units_since = tokens_since + stats.tokens, units_since + stats.count
+            clock.tick()
+            final = step >= tc.max_steps or clock.over
+            nonfinite_run = _guard_nonfinite(stats, step, nonfinite_run, tc.max_nonfinite_steps, log)
+            skipped_total += stats.skipped
+            if spikes.is_spike(stats.loss):
+                spike_total += 1
+                log(f"step {step}: loss spike {stats.loss:.4f} (> {tc.spike_factor} x recent median)")
+                if tc.on_spike == "stop":
+                    raise TrainingStopped(f"step {step}: loss spike {stats.loss:.4f} and train.on_spike=stop")
+                if tc.on_spike == "rollback":
+                    rollbacks += 1
+                    t0 = time.perf_counter()
+                    step = rollback(cfg, model, optimizer, saver, step, batches.consumed, guards(), metrics_log, log,
+                                    clock.spent)
+                    paused_s += time.perf_counter() - t0
+                    continue
+            if tc.timeout_s and time.time() - t_start > tc.timeout_s:
+                raise TrainingTimeout(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
+            row = None
+            if step % tc.log_every == 0 or final:
                 t0 = time.perf_counter()
-                step = rollback(cfg, model, optimizer, saver, step, batches.consumed, guards(), metrics_log, log)
+                saver.poll()
+                now = time.perf_counter()
+                paused_s += now - t0
+                # Training seconds of the window: its wall time less evaluations and checkpoints.
+                train_s = max(now - t_last - paused_s, 1e-9)
+                tok_s = tokens_since / train_s  # real tokens only: padding is not work done
+                row = {"kind": "train", "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                       "tokens_per_s": tok_s, "mfu": mfu(tok_s, cfg.model, cfg.data.seq_len, device_name, world),
+                       "epoch": batches.epoch, "consumed_blocks": batches.consumed,
+                       "skipped_steps": skipped_total, "loss_spikes": spike_total, "rollbacks": rollbacks,
+                       "data_wait_s": round(batches.wait_s, 3), "checkpoint_blocking_s": round(saver.blocking_s, 3),
+                       # the wall seconds since the last log line, and those of them tokens_per_s leaves out
+                       "window_s": round(now - t_last, 6), "window_paused_s": round(paused_s, 6)}
+                if units:
+                    row.update({units: stats.count, f"{units}_per_s": units_since / train_s})
+                t_last, tokens_since, units_since, paused_s = now, 0, 0, 0.0
+                if rank == 0:
+                    where = f" ({clock.spent:.0f}/{tc.time_budget_s:.0f}s)" if tc.time_budget_s else f"/{tc.max_steps}"
+                    log(f"step {step}{where} | loss {stats.loss:.4f} | lr {lr:.2e} | "
+                        f"grad {stats.grad_norm:.2f} | {tok_s:,.0f} tok/s"
+                        + (f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""))
+            if step % tc.eval_every == 0 or final:
+                t0 = time.perf_counter()
+                val_loss, n = evaluate(model, objective, hooks.val_batches())
+                vrow = {"kind": "val", "step": step, "val_loss": val_loss, f"val_{units or 'tokens'}": n}
+                if cfg.stage == "dpo":  # rewards and preference accuracy say more than the loss
+                    extra = evaluate_metrics(model, objective, hooks.val_batches())
+                    vrow.update({f"val_{k}": v for k, v in extra.items()})
+                else:
+                    vrow["val_ppl"] = math.exp(min(val_loss, 50))
+                if rank == 0:
+                    detail = (f"ppl {vrow['val_ppl']:.2f}" if "val_ppl" in vrow else
+                              f"accuracy {vrow['val_preference_accuracy']:.3f} | "
+                              f"margin {vrow['val_reward_margin']:.3f}")
+                    log(f"step {step}: val loss {val_loss:.4f} | {detail} ({n} {units or 'tokens'})")
+                    metrics_log.log(vrow)
+                row = {**(row or {"step": step}), **{k: v for k, v in vrow.items() if k != "kind"}}
                 paused_s += time.perf_counter() - t0
-                continue
-        if tc.timeout_s and time.time() - t_start > tc.timeout_s:
-            raise TrainingTimeout(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
-        row = None
-        if step % tc.log_every == 0 or final:
-            t0 = time.perf_counter()
-            saver.poll()
-            now = time.perf_counter()
-            paused_s += now - t0
-            # Training seconds of the window: its wall time less evaluations and checkpoints.
-            train_s = max(now - t_last - paused_s, 1e-9)
-            tok_s = tokens_since / train_s  # real tokens only: padding is not work done
-            row = {"kind": "train", "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-                   "tokens_per_s": tok_s, "mfu": mfu(tok_s, cfg.model, cfg.data.seq_len, device_name, world),
-                   "epoch": batches.epoch, "consumed_blocks": batches.consumed,
-                   "skipped_steps": skipped_total, "loss_spikes": spike_total, "rollbacks": rollbacks,
-                   "data_wait_s": round(batches.wait_s, 3), "checkpoint_blocking_s": round(saver.blocking_s, 3),
-                   # the wall seconds since the last log line, and those of them tokens_per_s leaves out
-                   "window_s": round(now - t_last, 6), "window_paused_s": round(paused_s, 6)}
-            if units:
-                row.update({units: stats.count, f"{units}_per_s": units_since / train_s})
-            t_last, tokens_since, units_since, paused_s = now, 0, 0, 0.0
-            if rank == 0:
-                where = f" ({clock.spent:.0f}/{tc.time_budget_s:.0f}s)" if tc.time_budget_s else f"/{tc.max_steps}"
-                log(f"step {step}{where} | loss {stats.loss:.4f} | lr {lr:.2e} | "
-                    f"grad {stats.grad_norm:.2f} | {tok_s:,.0f} tok/s"
-                    + (f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""))
-        if step % tc.eval_every == 0 or final:
-            t0 = time.perf_counter()
-            val_loss, n = evaluate(model, objective, hooks.val_batches())
-            vrow = {"kind": "val", "step": step, "val_loss": val_loss, f"val_{units or 'tokens'}": n}
-            if cfg.stage == "dpo":  # rewards and preference accuracy say more than the loss
-                vrow.update({f"val_{k}": v for k, v in evaluate_metrics(model, objective, hooks.val_batches()).items()})
-            else:
-                vrow["val_ppl"] = math.exp(min(val_loss, 50))
-            if rank == 0:
-                detail = (f"ppl {vrow['val_ppl']:.2f}" if "val_ppl" in vrow else
-                          f"accuracy {vrow['val_preference_accuracy']:.3f} | margin {vrow['val_reward_margin']:.3f}")
-                log(f"step {step}: val loss {val_loss:.4f} | {detail} ({n} {units or 'tokens'})")
-                metrics_log.log(vrow)
-            row = {**(row or {"step": step}), **{k: v for k, v in vrow.items() if k != "kind"}}
-            paused_s += time.perf_counter() - t0
-        if task_eval is not None and (step % cfg.eval.every == 0 or final):
-            t0 = time.perf_counter()
-            erow = task_eval(model, step)  # every rank: a sharded model needs all of them
-            if rank == 0:
-                log(f"step {step}: eval " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in erow.items()
-                                                       if k.endswith(("_acc", "_exact_match"))))
-                metrics_log.log(erow)
-            row = {**(row or {"step": step}), **{k: v for k, v in erow.items() if k != "kind"}}
-            paused_s += time.perf_counter() - t0
-        saving = step % tc.ckpt_every == 0 or final
-        if row is not None:
-            if rank == 0 and row.get("kind") == "train":
-                metrics_log.log({k: v for k, v in row.items() if not k.startswith(("val", "eval_"))})
-            last = row
-            # A step that saves reports its row with the checkpoint (Hooks.publish_checkpoint
-            # sends `last`): Ray Train takes one report per worker per controller poll, so a
-            # second report here would hold this step, and a run's end, for up to a poll.
-            if not saving:
-                hooks.report(row)
-        if saving:
-            t0 = time.perf_counter()
-            saver.save(model, optimizer, step, batches.consumed, last, clock.spent, guards())
-            if final:
-                saver.finish()
-            if metrics_log is not None:
-                metrics_log.flush()
-            paused_s += time.perf_counter() - t0
-        maybe_inject_failure(cfg, step, rank)
-        finished = final
+            if task_eval is not None and (step % cfg.eval.every == 0 or final):
+                t0 = time.perf_counter()
+                erow = task_eval(model, step)  # every rank: a sharded model needs all of them
+                if rank == 0:
+                    log(f"step {step}: eval " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in erow.items()
+                                                           if k.endswith(("_acc", "_exact_match"))))
+                    metrics_log.log(erow)
+                row = {**(row or {"step": step}), **{k: v for k, v in erow.items() if k != "kind"}}
+                paused_s += time.perf_counter() - t0
+            saving = step % tc.ckpt_every == 0 or final
+            if row is not None:
+                if rank == 0 and row.get("kind") == "train":
+                    metrics_log.log({k: v for k, v in row.items() if not k.startswith(("val", "eval_"))})
+                last = row
+                # A step that saves reports its row with the checkpoint (Hooks.publish_checkpoint
+                # sends `last`): Ray Train takes one report per worker per controller poll, so a
+                # second report here would hold this step, and a run's end, for up to a poll.
+                if not saving:
+                    hooks.report(row)
+            if saving:
+                t0 = time.perf_counter()
+                saver.save(model, optimizer, step, batches.consumed, last, clock.spent, guards())
+                if final:
+                    saver.finish()
+                if metrics_log is not None:
+                    metrics_log.flush()
+                paused_s += time.perf_counter() - t0
+            maybe_inject_failure(cfg, step, rank)
+            finished = final
+    except TrainingStopped:
+        # A guard's stop comes on every rank at the same step (it reads the global loss and
+        # gradient norm), so the ranks can still commit together the checkpoint in flight: it
+        # was written before the step that tripped the guard, and a synchronous save of it
+        # would be committed already. Left as it was, an async run lost it, and a resume
+        # (with the guard's setting changed) went back to the one before.
+        _commit_in_flight(saver, metrics_log, log)
+        raise
     saver.finish()
     return last
+
+
+def _commit_in_flight(saver: "CheckpointSaver", metrics_log: MetricsLog | None, log) -> None:
+    """On a guard's stop: commit the checkpoint still uploading, and write out the metrics
+    (object storage keeps them in memory until a flush). A failure here is logged, and the
+    guard's own error, which names the setting, is what the run ends with."""
+    try:
+        saver.finish()
+    except Exception as e:  # noqa: BLE001 - the stop's message matters more; this one is logged
+        log(f"the checkpoint in flight when training stopped was not committed: {e}")
+    if metrics_log is not None:
+        try:
+            metrics_log.flush()
+        except Exception as e:  # noqa: BLE001 - as above
+            log(f"metrics.jsonl was not written when training stopped: {e}")
 
 
 ROLLBACK = "rollback.json"
 
 
 def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int, consumed: int, guards: dict,
-             metrics_log: MetricsLog | None, log) -> int:
+             metrics_log: MetricsLog | None, log, train_seconds: float = 0.0) -> int:
     """train.on_spike=rollback: restore model and optimizer from the newest complete
     checkpoint and go on from its step, with the data stream where it is now. The batches
     that led to the spike are skipped rather than replayed (PaLM's remedy): replaying them
     would reproduce the spike exactly. `guards` (fit's, this rollback counted) go on as they
-    are. Returns the step to continue from."""
+    are, and so does the training clock (`train_seconds` spent, which the marker records
+    for a resume). Returns the step to continue from."""
     rollbacks = guards["rollbacks"]
     if rollbacks > cfg.train.max_rollbacks:
         raise TrainingStopped(f"step {step}: loss spike after {rollbacks - 1} rollbacks "
@@ -545,10 +578,10 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
     if rank == 0:
         # A restart before the next checkpoint must not replay the batches that caused the
         # spike: resuming from this checkpoint takes the data position from here, and the
-        # guards (this rollback counted) too.
+        # guards (this rollback counted) and the training seconds spent (the budget's) too.
         storage.write_text(storage.join(cfg.run_dir, ROLLBACK), json.dumps(
             {"checkpoint": checkpoint.checkpoint_name(meta["step"]), "consumed_blocks": consumed,
-             "guards": guards}), cfg.s3)
+             "guards": guards, "train_seconds": round(train_seconds, 3)}), cfg.s3)
     if metrics_log is not None:
         metrics_log.truncate(meta["step"])
         metrics_log.log({"kind": "rollback", "step": meta["step"], "spike_step": step, "checkpoint": ckpt})
@@ -711,15 +744,17 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     # checks the meta rank 0 read, so all raise the same error.
     check_resumable(ckpt, broadcast(checkpoint.read_meta(ckpt, cfg.s3) if rank == 0 else None), cfg)
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
-    consumed, guards = meta["consumed_blocks"], meta.get("guards", {})
+    consumed, guards, seconds = meta["consumed_blocks"], meta.get("guards", {}), meta.get("train_seconds", 0.0)
     marker = broadcast(_read_rollback(storage.join(cfg.run_dir, ROLLBACK), cfg.s3) if rank == 0 else None)
     if marker and marker["checkpoint"] == checkpoint.checkpoint_name(meta["step"]):
-        # a spike rollback had moved the data on, and counted itself
+        # a spike rollback had moved the data on, counted itself, and spent the seconds up to
+        # the spike (its clock went on: the budget is not given back)
         consumed, guards = marker["consumed_blocks"], marker.get("guards", guards)
+        seconds = marker.get("train_seconds", seconds)
     if rank == 0:
         log(f"resumed from {ckpt} (step {meta['step']}, {consumed} blocks consumed, "
             f"written by {meta['world_size']} workers)")
-    return model, optimizer, Start(meta["step"], consumed, meta.get("train_seconds", 0.0), guards, ckpt, meta)
+    return model, optimizer, Start(meta["step"], consumed, seconds, guards, ckpt, meta)
 
 
 def check_resumable(ckpt: str, meta: dict, cfg: Config, facts: dict | None = None) -> None:
@@ -810,13 +845,15 @@ def _read_rollback(uri: str, s3) -> dict | None:
     try:
         marker = json.loads(storage.read_bytes(uri, s3))
         ok = (isinstance(marker, dict) and isinstance(marker.get("checkpoint"), str)
-              and isinstance(marker.get("consumed_blocks"), int) and isinstance(marker.get("guards", {}), dict))
+              and isinstance(marker.get("consumed_blocks"), int) and isinstance(marker.get("guards", {}), dict)
+              and type(marker.get("train_seconds", 0.0)) in (int, float))
     except ValueError:  # not JSON, or not UTF-8
         ok = False
     if not ok:
-        raise CheckpointError(f"{uri}: damaged (expected JSON with checkpoint, consumed_blocks and guards, as a "
-                              f"spike rollback writes it); remove it to resume at the checkpoint's own data "
-                              f"position, which trains again on the blocks the rollback skipped")
+        raise CheckpointError(f"{uri}: damaged (expected JSON with checkpoint, consumed_blocks, guards and "
+                              f"train_seconds, as a spike rollback writes it); remove it to resume at the "
+                              f"checkpoint's own data position, which trains again on the blocks the rollback "
+                              f"skipped")
     return marker
 
 
