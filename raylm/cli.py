@@ -67,6 +67,18 @@ def _merge_dicts(a: dict, b: dict) -> dict:
     return out
 
 
+def _max_failures(text: str) -> int:
+    """--max-failures: a count of restarts, or -1 for no limit (Ray's FailureConfig convention).
+    Ray Train takes any other negative number without a word, as no limit too."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < -1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0 (-1: no limit)")
+    return n
+
+
 def cmd_quickstart(args) -> None:
     import time
 
@@ -192,7 +204,9 @@ def cmd_data_prepare(args) -> None:
 
     # Preparing trains no model: data.seq_len is checked against the model of the run that trains
     # on the data (`raylm pretrain` checks it), not against the model.* defaults here.
-    cfg = _config(args, given={"model": {"max_seq_len": sys.maxsize}})
+    # Last, over --config and overrides: a model.preset there replaces the model settings beneath it.
+    args.overrides = [*args.overrides, ("model.max_seq_len", sys.maxsize)]
+    cfg = _config(args)
     if not cfg.data.path:
         raise ConfigError("data prepare needs --data (or data.path)")
     tok_path = args.tokenizer or cfg.tokenizer.path
@@ -393,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
              "automatically from the newest complete checkpoint of the same run name.")
     sp.add_argument("--data", help="corpus path/glob (local or s3://) or a prepared dataset directory")
     sp.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
-    sp.add_argument("--max-failures", type=int, default=0,
-                    help="restart the worker group this many times after a worker dies")
+    sp.add_argument("--max-failures", type=_max_failures, default=0, metavar="N",
+                    help="restart the worker group up to N times after a worker dies (-1: no limit)")
     sp.add_argument("--no-samples", action="store_true", help="skip sampling after training")
     sp.add_argument("--init-from-hf", metavar="DIR",
                     help="start from a Hugging Face LlamaForCausalLM directory (local or s3://, safetensors): "
@@ -413,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run directory or checkpoint (local or s3://) whose weights to start from")
         sp.add_argument("--data", help="records: a file, directory or glob (local or s3://)")
         sp.add_argument("--resume", action="store_true", help="require a checkpoint of this run to resume from")
-        sp.add_argument("--max-failures", type=int, default=0,
-                        help="restart the worker group this many times after a worker dies")
+        sp.add_argument("--max-failures", type=_max_failures, default=0, metavar="N",
+                        help="restart the worker group up to N times after a worker dies (-1: no limit)")
         sp.set_defaults(stage=stage)
 
     sp = add("tune", cmd_tune,
@@ -487,10 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Sample continuations from a checkpoint or run directory.")
     sp.add_argument("checkpoint", help="checkpoint directory, or a run directory (newest complete checkpoint)")
     sp.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    sp.add_argument("--max-new-tokens", type=int, default=100)
-    sp.add_argument("--temperature", type=float, default=0.8)
-    sp.add_argument("--top-k", type=int, default=50)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-new-tokens", type=int, default=100, metavar="N",
+                    help="tokens to sample after each prompt, within the model's context (default 100)")
+    sp.add_argument("--temperature", type=float, default=0.8,
+                    help="sampling temperature; 0: greedy (default 0.8)")
+    sp.add_argument("--top-k", type=int, default=50, metavar="K",
+                    help="sample among the K most likely tokens; 0: no cut-off (default 50)")
+    sp.add_argument("--seed", type=int, default=0,
+                    help="sampling seed; prompt i (and chat reply i) uses seed + i (default 0)")
     sp.add_argument("--chat", action="store_true",
                     help="treat each prompt as a user turn and print the assistant's reply (SFT/DPO models)")
     sp.set_defaults(func=cmd_generate)

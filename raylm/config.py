@@ -675,7 +675,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # Serve's own default
     # Empty: read RAYLM_API_KEY; both empty: no key, allowed on loopback only.
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # a secret: never in a repr, a log line or a traceback
     model_name: str = ""  # the `model` clients send; empty: the run directory's name
     device: str = "cpu"  # "cuda" for a GPU replica (num_gpus=1 is then set on it)
     max_batch_size: int = 16  # sequences decoded together; the 3x goal is measured at 16
@@ -831,6 +831,7 @@ GLOB_CHARS = ("*", "?")  # wildcards in raylm.storage paths
 # An example's path left as written: `<bucket>` anywhere, or any `<...>` where an S3 bucket's
 # name goes (bucket names never hold "<"). Narrow on purpose: a local path or S3 key may.
 PLACEHOLDER = re.compile(r"^s3://(<[^/]*>)|(<bucket>)")
+S3_URI = re.compile(r"s3://[^/]")  # the scheme raylm.storage speaks, and a bucket
 
 
 def dpo_train_refusal(tc: TrainConfig) -> str | None:
@@ -899,6 +900,10 @@ class Config:
             if m := PLACEHOLDER.search(value or ""):
                 raise ConfigError(f"{key}={value!r}: {m.group(1) or m.group(2)} is a placeholder; "
                                   f"put your own value there")
+            # `storage=s3://$BUCKET` with BUCKET unset, or `s3:/bucket` for `s3://bucket`: not an
+            # s3:// URI, so a local path, and the run was written to ./s3:/... without a word.
+            if (value or "")[:3].lower() == "s3:" and not S3_URI.match(value):
+                raise ConfigError(f"{key}={value!r}: not an S3 URI; expected s3://bucket/prefix")
         for key, value in (("name", self.name), ("storage", self.storage)):
             if any(c in value for c in GLOB_CHARS):
                 raise ConfigError(f"{key}={value!r}: {' '.join(GLOB_CHARS)} are not allowed in a run's path "
@@ -945,6 +950,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}={_show(value)}: expected a list")
         (item_tp, _) = typing.get_args(tp)
         return tuple(_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if isinstance(value, (_IntText, _FloatText)):  # read from YAML text (_ConfigLoader)
+        if tp is str:
+            return value.text
+        value = _number(key, value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -957,6 +966,20 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}={_show(value)}: expected {tp.__name__}, got {type(value).__name__}")
     return value
+
+
+def _number(key: str, value: "_IntText | _FloatText") -> int | float:
+    """The plain number of a value read from YAML text, refusing the YAML 1.1 forms whose
+    value is not what a reader of the text sees: `010` (octal 8) and `1:30` (base 60, 90)."""
+    text = value.text.strip()
+    plain = float(value) if isinstance(value, float) else int(value)
+    if ":" in text:
+        raise ConfigError(f"{key}={text}: YAML reads this as the base-60 number {plain}; write the number "
+                          f"itself (or quote it to mean the text)")
+    if isinstance(plain, int) and plain and re.fullmatch(r"[-+]?0[0-7_]+", text):
+        raise ConfigError(f"{key}={text}: YAML reads a number with a leading 0 as octal ({plain}); write it "
+                          f"without the leading 0")
+    return plain
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> Any:
@@ -1001,7 +1024,7 @@ def _override_value(key: str, raw: str) -> Any:
     if raw.lstrip().startswith("!") or _has_tag(raw):
         raise ConfigError(f"{key}={raw}: YAML tags are not accepted (quote the value to mean the text)")
     try:
-        return yaml.safe_load(raw)
+        return _load_config_yaml(raw)
     except yaml.YAMLError:
         return raw
 
@@ -1025,7 +1048,11 @@ def _nest(overrides: Sequence[str | tuple[str, Any]]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = value
+        last = parts[-1]
+        # A section given whole (`train={max_steps: 5}`) after some of its keys (`train.lr=...`)
+        # adds to them, as the other order does, rather than dropping them without a word.
+        both = isinstance(value, dict) and isinstance(node.get(last), dict)
+        node[last] = _merge(node[last], value) if both else value
     return out
 
 
@@ -1034,6 +1061,18 @@ def _merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _layer(lower: dict, upper: dict) -> dict:
+    """`upper`, one layer of settings (a --config file, the overrides), merged over the layers
+    beneath it. A `model.preset` in `upper` is a whole model shape: it replaces the model
+    settings beneath it, and only `upper`'s own model.* keys apply on top. Merged key by key,
+    the preset would lose to every model field of a lower layer, and a --from-record record
+    sets them all: `--from-record R model.preset=1b` trained R's model without a word."""
+    model = upper.get("model")
+    if isinstance(model, dict) and "preset" in model:
+        lower = {k: v for k, v in lower.items() if k != "model"}
+    return _merge(lower, upper)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -1070,6 +1109,43 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
 
 
+class _IntText(int):
+    """An int read from a config file or override, with the text it was written as (`text`)."""
+
+
+class _FloatText(float):
+    """A float read from a config file or override, with the text it was written as (`text`)."""
+
+
+class _ConfigLoader(_UniqueKeyLoader):
+    """The loader of config files and overrides. YAML 1.1 reads `010` as octal 8, `1:30` as
+    base-60 90 and `1.10` as 1.1, and a date as a date: numbers keep the text they were
+    written as, so a string key takes that text (`name=1.10` names run "1.10", not "1.1";
+    `tokenizer.path=0777` is "0777", not "511") and a number key refuses the forms that
+    change the value (`_number`); dates stay text (`name=2024-01-01`)."""
+
+
+def _construct_number(cls: type, construct):
+    def build(loader, node):
+        value = cls(construct(loader, node))
+        value.text = node.value
+        return value
+    return build
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int",
+                              _construct_number(_IntText, yaml.SafeLoader.construct_yaml_int))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float",
+                              _construct_number(_FloatText, yaml.SafeLoader.construct_yaml_float))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_scalar)
+
+
+def _load_config_yaml(text: str) -> Any:
+    """`load_yaml` with `_ConfigLoader`: for config files and override values, which `_build`
+    checks key by key (every number leaves it a plain int or float)."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
+
+
 def yaml_problem(e: yaml.YAMLError) -> str:
     """'line 3: found undefined alias ...': where and what, on one line."""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -1103,7 +1179,8 @@ def _read_config_text(path: str, what: str, s3: "S3Config | None" = None) -> str
 def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, Any]] = (),
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults <- `base` mapping <- YAML file <- dotted overrides, validated. Overrides are
-    'key=value' strings or (key, value) pairs (see `_nest`)."""
+    'key=value' strings or (key, value) pairs (see `_nest`). A model.preset in the file or the
+    overrides replaces the model settings of the layers beneath (`_layer`)."""
     data: dict[str, Any] = dict(base or {})
     overrides = list(overrides)  # read twice below: an iterator would be spent by the first
     if path:
@@ -1111,27 +1188,32 @@ def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, An
         s3 = _build(S3Config, _merge(data, _nest(overrides)).get("s3") or {}, "s3.")
         text = _read_config_text(path, "config file", s3)
         try:
-            loaded = load_yaml(text) or {}
+            loaded = _load_config_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: not valid YAML ({yaml_problem(e)})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        data = _merge(data, loaded)
-    data = _merge(data, _nest(overrides))
+        data = _layer(data, loaded)
+    data = _layer(data, _nest(overrides))
     return _build(Config, data, "").validate()
+
+
+# Fields that hold a secret whole (ServeConfig.api_key): `to_dict(redact=True)` writes them as "***".
+SECRET_FIELDS = ("api_key",)
 
 
 def to_dict(cfg: Any, redact: bool = False) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) for YAML/JSON records. `redact=True` replaces the
-    credentials of every URL in it (`http://user:pw@host` -> `http://***@host`): use it for
-    anything written down, such as run records, since they are shared and kept."""
+    credentials of every URL in it (`http://user:pw@host` -> `http://***@host`) and the value
+    of every secret field (SECRET_FIELDS): use it for anything written down, such as run
+    records, since they are shared and kept."""
     if redact:
         from raylm.storage import redact_url  # storage imports this module
     d = dataclasses.asdict(cfg)
 
     def fix(x: Any) -> Any:
         if isinstance(x, dict):
-            return {k: fix(v) for k, v in x.items()}
+            return {k: "***" if redact and k in SECRET_FIELDS and x[k] else fix(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [fix(v) for v in x]
         return redact_url(x) if redact and isinstance(x, str) else x

@@ -226,11 +226,10 @@ def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: 
             raise ConfigError(f"{where}: {key} cannot be searched: every trial shares the search's corpus, "
                               f"tokenizer, prepared data and storage")
         if key == "model.preset":
-            # A trial is the base config (every model field set) plus its parameters, and the
-            # fields given beside a preset win over it: every trial trained the base model.
-            raise ConfigError(f"{where}: model.preset cannot be searched (the base config sets every model "
-                              f"field, which a preset does not change); search the fields themselves: "
-                              f"model.dim, model.n_layers, model.n_heads, ...")
+            # A preset is a whole model shape (its tokenizer size too), where a search compares
+            # settings of one model; the fields a search varies are named one by one.
+            raise ConfigError(f"{where}: model.preset cannot be searched (a preset is a whole model shape); "
+                              f"search the fields themselves: model.dim, model.n_layers, model.n_heads, ...")
         for value in dim.probes():
             _load(base, [(key, value)], f"{where}: {key}: {dim}: ")
     for end in (0, -1):  # keys that only fail together (model.dim with model.n_heads)
