@@ -18,7 +18,6 @@ import time
 
 from raylm import storage
 from raylm.config import ModelConfig, S3Config
-from raylm.errors import DataError
 from raylm.model import count_params
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s, one
@@ -104,26 +103,13 @@ class MetricsLog:
 
 
 def read_metrics(uri: str, s3: S3Config | None = None) -> list[dict]:
-    """The rows of a metrics.jsonl. A last line cut short (a crash during its append, or an
-    append in progress) is left out, as the resume drops every row after its checkpoint. A
-    damaged line before it is a one-line error naming the file and line, rather than history
-    silently dropped or a bare JSONDecodeError on the resuming worker."""
-    lines = storage.read_text(uri, s3).split("\n")
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # no newline after it: the append was cut
-                break
-            raise DataError(f"{storage.redact_url(uri)} line {n}: not JSON ({e.msg} at column {e.colno}); "
-                            f"delete the line to resume") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{storage.redact_url(uri)} line {n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    """The rows of a metrics.jsonl, as `raylm report` reads them (`metrics_rows`): a last line
+    cut short (a crash during its append) is left out, as the resume drops every row after
+    its checkpoint; a damaged line before it is a one-line error naming the file and line,
+    rather than history silently dropped or a bare JSONDecodeError on the resuming worker."""
+    from raylm.eval.report import metrics_rows
+
+    return metrics_rows(storage.read_text(uri, s3), storage.redact_url(uri))
 
 
 def plot_loss_curve(rows: list[dict], uri: str, s3: S3Config | None = None) -> None:

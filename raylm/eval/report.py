@@ -58,6 +58,37 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def metrics_rows(text: str, shown: str, check=None) -> list[dict]:
+    """The rows of a metrics.jsonl's `text` (`shown`: its name in errors), for reports and for a
+    resuming run (raylm.metrics.MetricsLog). A last line with no newline yet (a row being
+    appended by a running job, or cut by a crash) is left out; a damaged line before it, or a
+    row that is not an object, is a one-line error naming the line. `check(row, where)` may
+    refuse a row too."""
+    rows = []
+    lines = text.split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                break
+            raise DataError(f"{shown} line {n}: not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{shown} line {n}: expected a JSON object, got {type(row).__name__}")
+        if check is not None:
+            check(row, f"{shown} line {n}")
+        rows.append(row)
+    return rows
+
+
+def _check_step(row: dict, where: str) -> None:
+    step = row.get("step")
+    if not _number(step) or (isinstance(step, float) and not math.isfinite(step)):
+        raise DataError(f"{where}: no numeric 'step' field")
+
+
 def read_rows(run: str, s3: S3Config | None = None) -> tuple[str, list[dict]]:
     """The rows of `<run>/metrics.jsonl` (local or s3://), or a one-line error naming the file
     and, for a bad row, its line."""
@@ -65,23 +96,7 @@ def read_rows(run: str, s3: S3Config | None = None) -> tuple[str, list[dict]]:
     shown = storage.redact_url(uri)  # messages reach terminals and logs
     if not storage.exists(uri, s3):
         raise PathNotFoundError(f"{shown}: no such file (is {run} a raylm run directory?)")
-    rows = []
-    lines = storage.read_text(uri, s3).split("\n")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # no newline yet: a row being appended by the running job
-                break
-            raise DataError(f"{shown} line {n}: not JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{shown} line {n}: expected a JSON object, got {type(row).__name__}")
-        step = row.get("step")
-        if not _number(step) or (isinstance(step, float) and not math.isfinite(step)):
-            raise DataError(f"{shown} line {n}: no numeric 'step' field")
-        rows.append(row)
+    rows = metrics_rows(storage.read_text(uri, s3), shown, _check_step)
     if not rows:
         raise DataError(f"{shown}: no rows (the run has not logged a step yet)")
     return uri, rows
