@@ -616,6 +616,7 @@ def delete(uri: str, s3: S3Config | None = None) -> None:
         if not is_s3(uri):
             path = _local(uri)
             if os.path.isdir(path) and not os.path.islink(path):
+                _refuse_whole(uri, path)
                 shutil.rmtree(path)
             elif os.path.lexists(path):
                 os.unlink(path)
@@ -633,6 +634,17 @@ def delete(uri: str, s3: S3Config | None = None) -> None:
                 batch = []
         if batch:
             _delete_batch(client, bucket, uri, batch)
+
+
+def _refuse_whole(uri: str, path: str) -> None:
+    """As a whole bucket is never emptied: a directory that holds the filesystem's root, the
+    home directory or the working directory (`''`, `/`, `~`, `.`, `..`) is never deleted, whatever
+    path led a caller there; raylm deletes only directories it made (run stages, attempts)."""
+    real = os.path.realpath(path)
+    for keep in ("/", os.path.expanduser("~"), os.getcwd()):
+        keep = os.path.realpath(keep)
+        if keep == real or keep.startswith(real.rstrip("/") + "/"):
+            raise StorageError(uri, f"refusing to delete {real}, which holds {keep} (name a directory inside it)")
 
 
 def _delete_batch(client, bucket: str, uri: str, batch: list[dict]) -> None:
