@@ -79,6 +79,18 @@ def _max_failures(text: str) -> int:
     return n
 
 
+def _seed(text: str) -> int:
+    """--seed: a sampling seed, 0 to 2**63 - 1 (prompt i takes seed + i; torch's generators
+    take at most 2**64 - 1, and a larger one failed only after the model had loaded)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer from 0 to 2**63 - 1")
+    return n
+
+
 def cmd_quickstart(args) -> None:
     import time
 
@@ -507,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sampling temperature; 0: greedy (default 0.8)")
     sp.add_argument("--top-k", type=int, default=50, metavar="K",
                     help="sample among the K most likely tokens; 0: no cut-off (default 50)")
-    sp.add_argument("--seed", type=int, default=0,
-                    help="sampling seed; prompt i (and chat reply i) uses seed + i (default 0)")
+    sp.add_argument("--seed", type=_seed, default=0,
+                    help="sampling seed, 0 to 2**63 - 1; prompt i (and chat reply i) uses seed + i (default 0)")
     sp.add_argument("--chat", action="store_true",
                     help="treat each prompt as a user turn and print the assistant's reply (SFT/DPO models)")
     sp.set_defaults(func=cmd_generate)

@@ -67,3 +67,18 @@ def test_generate_help_explains_every_option(capsys):
     for text in ("--max-new-tokens N tokens to sample", "--temperature TEMPERATURE sampling temperature; 0: greedy",
                  "--top-k K sample among the K most likely", "--seed SEED sampling seed"):
         assert text in out, text
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**63), str(2**64), "1.5", "x"])
+def test_generate_seed_out_of_range_is_refused_before_anything_loads(value, capsys):
+    """torch's generators take seeds up to 2**64 - 1, and prompt i takes seed + i: a larger one
+    failed with a traceback only after the model had loaded. Refused by argparse (exit 2)."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "no-such-run", "--prompt", "a", "--seed", value])
+    assert e.value.code == 2 and "argument --seed" in capsys.readouterr().err
+
+
+def test_generate_seed_takes_its_range():
+    for value in ("0", "7", str(2**63 - 1)):
+        args, _ = cli.build_parser().parse_known_args(["generate", "run", "--seed", value])
+        assert args.seed == int(value)
