@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 from raylm.config import ModelConfig
 from raylm.objectives import DPOObjective
 from raylm.parallel import build_parallel_model, init_local_process_group
+from tests.unit.test_dpo_prompt_split_and_settings import _dpo_batch
 
 CPU = torch.device("cpu")
 
@@ -24,18 +25,6 @@ def _group(one_thread):
     init_local_process_group(CPU)
     yield
     dist.destroy_process_group()
-
-
-def _batch(vocab, B=3, T=10):
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (B, 4), generator=g)
-    chosen = torch.cat([prompt, torch.randint(0, vocab, (B, T - 4), generator=g)], 1)
-    rejected = torch.cat([prompt, torch.randint(0, vocab, (B, T - 4), generator=g)], 1)
-    cm, rm = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
-        cm[b, 4:T - b % 2] = True
-        rm[b, 4:T - (b + 1) % 3] = True
-    return {"chosen": chosen, "chosen_mask": cm, "rejected": rejected, "rejected_mask": rm}
 
 
 def _full(t):
@@ -48,7 +37,7 @@ def test_chunked_dpo_under_fsdp_matches_the_full_logits(precision, tied):
                       tie_embeddings=tied)
     reference = build_parallel_model(cfg, CPU, precision, seed=0, frozen=True).requires_grad_(False).eval()
     policy = build_parallel_model(cfg, CPU, precision, seed=1)
-    batch = _batch(cfg.vocab_size)
+    batch = _dpo_batch(vocab=cfg.vocab_size)
     results = []
     for size in (0, 5):
         obj = DPOObjective(beta=0.1, reference=reference, chunk_size=size)

@@ -108,11 +108,12 @@ def model(request, one_thread):
                                    tie_embeddings=request.param), seed=0)
 
 
-def _dpo_batch(B=3, T=10):
+def _dpo_batch(B=3, T=10, vocab=VOCAB):
+    """B pairs of T tokens sharing a 4-token prompt, responses of uneven lengths (masks)."""
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, VOCAB, (B, 4), generator=g)
-    chosen = torch.cat([prompt, torch.randint(0, VOCAB, (B, T - 4), generator=g)], 1)
-    rejected = torch.cat([prompt, torch.randint(0, VOCAB, (B, T - 4), generator=g)], 1)
+    prompt = torch.randint(0, vocab, (B, 4), generator=g)
+    chosen = torch.cat([prompt, torch.randint(0, vocab, (B, T - 4), generator=g)], 1)
+    rejected = torch.cat([prompt, torch.randint(0, vocab, (B, T - 4), generator=g)], 1)
     cm, rm = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
     for b in range(B):
         cm[b, 4:T - b % 2] = True
