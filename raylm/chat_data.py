@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from raylm import storage
 from raylm.config import DataConfig, S3Config
-from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, _check_error_budget, _remove_stale_attempts, _sources,
+from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, check_error_budget, remove_stale_attempts, source_rows,
                         list_corpus, read_manifest)
 from raylm.documents import encodable, check_plain_types, decompressed, json_lines, read_parquet, stable_fraction
 from raylm.tokenizer import CHAT_ROLES
@@ -286,7 +286,7 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
     key = dataset_key(kind, files, cfg, tokenizer.sha256, seed)
     existing = read_manifest(out, s3)
     if existing and existing.get("key") == key:
-        _check_error_budget(existing.get("stats", {}).get("bad_records", []), cfg)  # as data.prepare
+        check_error_budget(existing.get("stats", {}).get("bad_records", []), cfg)  # as data.prepare
         log(f"data: reusing prepared {kind} dataset at {out} ({existing['train']['blocks']} train rows)")
         return existing
     t0 = time.time()
@@ -317,7 +317,7 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
                 bad.append(err)
                 continue
             splits["val" if val else "train"].append(encoded)
-    _check_error_budget(bad, cfg)
+    check_error_budget(bad, cfg)
     rng = np.random.default_rng(seed)
     rows: dict[str, list[dict]] = {}
     for split, records in splits.items():
@@ -353,13 +353,13 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
         "row_bytes": width * sum(4 if not c.endswith("mask") else 1 for c in COLUMNS[kind]),
         "key": key, "seed": seed, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer.sha256,
         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-        "sources": _sources(files), "val_sources": [], "files": [f.uri for f in files],
+        "sources": source_rows(files), "val_sources": [], "files": [f.uri for f in files],
         **{s: {"blocks": len(rows[s]), "shards": [dict(x, path=f"{rel}/{x['path']}") for x in shards[s]]}
            for s in rows},
         "stats": stats,
     }
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), s3)  # last: the commit
-    _remove_stale_attempts(out, rel, s3)
+    remove_stale_attempts(out, rel, s3)
     log(f"data: {kind} {stats['train_records']} train / {stats['val_records']} val records -> "
         f"{len(rows['train'])} train rows of {width} tokens, {len(bad)} bad records skipped, "
         f"{stats['seconds']:.1f}s")

@@ -606,7 +606,7 @@ def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log,
     t0 = time.time()
     log(f"data: finding {cfg.dedup} duplicates across {len(files) + len(val_files)} files")
     drop, bad = find_duplicates(files, val_files, cfg, s3, in_process, log=log)
-    _check_error_budget(bad, cfg)
+    check_error_budget(bad, cfg)
     stats.dedup_seconds = round(time.time() - t0, 2)
     log(f"data: {len(drop)} duplicate documents found in {stats.dedup_seconds:.1f}s")
     return drop
@@ -619,7 +619,7 @@ def _say_tail_split(cfg: DataConfig, files, val_files, log) -> None:
             f"the last {cfg.val_fraction:.0%} of each (data.val_split=tail)")
 
 
-def _sources(files) -> list[dict]:
+def source_rows(files) -> list[dict]:
     return [{"uri": f.uri, "size": f.size, "etag": f.etag_or_mtime} for f in files]
 
 
@@ -660,7 +660,7 @@ def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None =
         "text_encoding": TEXT_ENCODING,
         "seed": seed, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer.sha256,
         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-        "sources": _sources(files), "val_sources": _sources(val_files), "files": [f.uri for f in files + val_files],
+        "sources": source_rows(files), "val_sources": source_rows(val_files), "files": [f.uri for f in files + val_files],
         "duplicates_dropped": len(drop),
     }
     log(f"data: streaming {len(files) + len(val_files)} files straight into training (data.mode=stream)")
@@ -681,7 +681,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     if existing and existing.get("key") == key:
         # The key leaves data.max_bad_records out (the same records make the same blocks); the
         # bad records skipped when it was made must still be within this run's budget.
-        _check_error_budget(existing.get("stats", {}).get("bad_records", []), cfg)
+        check_error_budget(existing.get("stats", {}).get("bad_records", []), cfg)
         log(f"data: reusing prepared dataset at {out} ({existing['train']['blocks']} train blocks)")
         return existing
 
@@ -730,7 +730,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
         "format_version": FORMAT_VERSION, "key": key, "text_encoding": TEXT_ENCODING, "seed": seed,
         "seq_len": cfg.seq_len,
         "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-        "sources": _sources(files), "val_sources": _sources(val_files),
+        "sources": source_rows(files), "val_sources": source_rows(val_files),
         # Shards name their source files by index into this list (training files, then validation files).
         "files": [f.uri for f in files + val_files],
         "train": {"blocks": stats.train_blocks,
@@ -744,7 +744,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
     }
     storage.write_text(storage.join(out, DATACARD), datacard(manifest), s3)
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), s3)  # last: the commit
-    _remove_stale_attempts(out, rel, s3)
+    remove_stale_attempts(out, rel, s3)
     log(summary_line(stats))
     if stats.dropped.get("too_long") or stats.dropped.get("too_short"):
         log(f"data: dropped {_losses(stats, cfg, filters_only=True)}")
@@ -825,7 +825,7 @@ def _losses(stats: PrepareStats, cfg: DataConfig, filters_only: bool = False) ->
     return ", ".join(parts)
 
 
-def _check_error_budget(bad_records: list[str], cfg: DataConfig) -> None:
+def check_error_budget(bad_records: list[str], cfg: DataConfig) -> None:
     """The first bad record past data.max_bad_records, as the error (records come in corpus order)."""
     if len(bad_records) > cfg.max_bad_records:
         budget = cfg.max_bad_records
@@ -836,7 +836,7 @@ def _check_error_budget(bad_records: list[str], cfg: DataConfig) -> None:
 def _account(batch: pa.Table, stats: PrepareStats, cfg: DataConfig) -> None:
     errors = [e for e in batch.column("error").to_pylist() if e]
     stats.bad_records.extend(errors)
-    _check_error_budget(stats.bad_records, cfg)
+    check_error_budget(stats.bad_records, cfg)
     # A document split into head and held-out tail is two rows (data.val_split=tail): counted
     # once, by its first row, and as a validation document by its tail.
     first = pa.compute.invert(batch.column("tail"))
@@ -910,7 +910,7 @@ def datacard(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _remove_stale_attempts(out: str, keep: str, s3) -> None:
+def remove_stale_attempts(out: str, keep: str, s3) -> None:
     """Every attempt under `out` but `keep`, whole: deleting only the files a listing shows
     left each old attempt's directories behind, and the partial shard a killed write left
     (a temporary file, which listings leave out), on every re-prepare."""

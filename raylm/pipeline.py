@@ -21,7 +21,7 @@ from raylm.errors import PathNotFoundError
 from raylm import run_lock, storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
-from raylm.data import (MANIFEST, SUFFIXES, TEXT_ENCODING, DataError, _check_error_budget, corpus_files, list_corpus, prepare,
+from raylm.data import (MANIFEST, SUFFIXES, TEXT_ENCODING, DataError, check_error_budget, corpus_files, list_corpus, prepare,
                         prepared_datasets, read_manifest, runs_in_process, stream_datasets)
 from raylm.documents import clean_text, parse_documents
 from raylm.generate import complete, load_for_inference, load_tokenizer
@@ -408,7 +408,7 @@ def sample_documents(cfg: Config, limit_bytes: int, files: list | None = None):
             if isinstance(doc, DataError):
                 if not skip:
                     state["bad"].append(str(doc))
-                    _check_error_budget(state["bad"], cfg.data)
+                    check_error_budget(state["bad"], cfg.data)
                 continue
             text = clean_text(doc)
             if len(text) > cfg.data.max_chars or len(text) < cfg.data.min_chars:

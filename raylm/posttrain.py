@@ -26,7 +26,7 @@ import numpy as np
 from raylm import checkpoint, run_lock, storage
 from raylm.chat_data import prepare_chat, write_rows
 from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
-from raylm.data import (MANIFEST, DataError, _remove_stale_attempts, actor_restarts, list_corpus,
+from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restarts, list_corpus,
                         prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
 from raylm.pipeline import absolute_paths, init_ray, keep_in_run, log, resolve_workers, workers_summary
@@ -310,7 +310,7 @@ def precompute_reference(cfg: Config, data_dir: str, manifest: dict, parent: dic
         shards = write_rows(attempt, split, rows, manifest["seq_len"] + 1, cfg.data.blocks_per_shard, cfg.s3)
         new[split] = {"blocks": len(rows), "shards": [dict(x, path=f"{rel}/{x['path']}") for x in shards]}
     storage.write_text(storage.join(out, MANIFEST), json.dumps(new, indent=1), cfg.s3)  # last: the commit
-    _remove_stale_attempts(out, rel, cfg.s3)  # an interrupted pass's shards, never named by a manifest
+    remove_stale_attempts(out, rel, cfg.s3)  # an interrupted pass's shards, never named by a manifest
     log(f"dpo: reference log-probs for {new['train']['blocks'] + new['val']['blocks']} pairs in "
         f"{time.time() - t0:.1f}s -> {out}")
     return out, new

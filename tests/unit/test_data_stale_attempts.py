@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from raylm.data import _remove_stale_attempts
+from raylm.data import remove_stale_attempts
 
 
 def test_stale_attempts_go_whole_and_the_kept_one_stays(tmp_path):
@@ -17,6 +17,6 @@ def test_stale_attempts_go_whole_and_the_kept_one_stays(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "attempt-empty" / "train").mkdir(parents=True)
-    _remove_stale_attempts(str(tmp_path), "attempt-new", None)
+    remove_stale_attempts(str(tmp_path), "attempt-new", None)
     assert sorted(os.listdir(tmp_path)) == ["DATACARD.md", "attempt-new", "manifest.json"]
     assert sorted(os.listdir(tmp_path / "attempt-new" / "train")) == ["shard-00000.parquet"]

@@ -5,7 +5,7 @@ with pattern=False)."""
 import json
 
 from raylm import checkpoint
-from raylm.data import _remove_stale_attempts
+from raylm.data import remove_stale_attempts
 
 
 def test_stale_attempts_of_a_wildcard_output_stay_inside_it(tmp_path):
@@ -17,7 +17,7 @@ def test_stale_attempts_of_a_wildcard_output_stay_inside_it(tmp_path):
     (tmp_path / "prepare.py").write_text("print('not data')\n")  # matches the pattern prep*
     (tmp_path / "prep-other" / "attempt-old").mkdir(parents=True)  # so does this
     (tmp_path / "prep-other" / "attempt-old" / "f").write_text("kept")
-    _remove_stale_attempts(str(out), "attempt-new", None)
+    remove_stale_attempts(str(out), "attempt-new", None)
     assert sorted(p.name for p in out.iterdir()) == ["attempt-new"]
     assert (tmp_path / "prepare.py").exists() and (tmp_path / "prep-other" / "attempt-old" / "f").exists()
 
