@@ -158,12 +158,17 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         head = sd.pop("lm_head.weight", None)
         if head is not None and "model.embed_tokens.weight" not in sd:
             sd["model.embed_tokens.weight"] = head
-    return {
-        _rename(name, top, layer, "model.layers.", "layers."): t
-        for name, t in sd.items()
-        # RoPE frequencies that older transformers saved as buffers; raylm recomputes them.
-        if not name.endswith("rotary_emb.inv_freq")
-    }
+    out = {}
+    for name, t in sd.items():
+        if name.endswith("rotary_emb.inv_freq"):  # RoPE frequencies that older transformers saved
+            continue  # as buffers; raylm recomputes them
+        try:
+            out[_rename(name, top, layer, "model.layers.", "layers.")] = t
+        except KeyError:
+            # _rename's own words are the export's direction: here the HF tensor is the stranger.
+            raise KeyError(f"{name} is not a parameter raylm's decoder has (it has no biases, no q/k norm "
+                           f"and no other tensors than LlamaForCausalLM's)") from None
+    return out
 
 
 def _rename(name: str, top: dict, layer: dict, src_prefix: str, dst_prefix: str) -> str:
@@ -207,6 +212,16 @@ def read_hf_config(uri: str, s3=None) -> dict:
     arch = config.get("architectures")
     if arch != ["LlamaForCausalLM"]:
         raise ConfigError(f"{path}: architectures={arch}; only LlamaForCausalLM weights map onto raylm's decoder")
+    if config.get("model_type", "llama") != "llama":
+        # transformers builds the model of model_type (Mistral's sliding window, Qwen2's biases),
+        # whatever architectures says.
+        raise ConfigError(f"{path}: model_type={json.dumps(config['model_type'])}; only Llama models "
+                          f"(model_type=\"llama\") map onto raylm's decoder")
+    quant = config.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ConfigError(f"{path}: quantization_config (quant_method={json.dumps(method)}); raylm reads "
+                          f"unquantized weights only: start from the unquantized checkpoint")
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if config.get(key, want) != want:
             raise ConfigError(f"{path}: {key}={config[key]!r}; raylm's decoder has {key}={want!r}")
@@ -254,11 +269,24 @@ def _value(config: dict, key: str, kind: type, where: str, default=_REQUIRED, na
 
 
 def _rope_theta(config: dict, where: str = HF_CONFIG) -> float:
-    # transformers >= 5 writes `rope_parameters`, earlier versions the top-level key.
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        return _value(params, "rope_theta", float, where, name="rope_parameters.rope_theta")
-    return _value(config, "rope_theta", float, where, 10000.0)
+    # transformers >= 5 writes `rope_parameters`, earlier versions the top-level key. Reading,
+    # transformers >= 5 takes the base from `rope_scaling` where that is given, else from
+    # `rope_parameters`, and the top-level key only where neither has one; earlier versions
+    # read the top-level key alone. Where two of them are given they must agree: otherwise
+    # the RoPE base depends on the reader.
+    found = []
+    for key in ("rope_scaling", "rope_parameters"):
+        params = config.get(key)
+        if isinstance(params, dict) and "rope_theta" in params:
+            found.append((f"{key}.rope_theta", _value(params, "rope_theta", float, where, name=f"{key}.rope_theta")))
+    if not found or config.get("rope_theta") is not None:  # null beside another: absent, as transformers has it
+        found.append(("rope_theta", _value(config, "rope_theta", float, where, 10000.0)))
+    (key, theta), *others = found
+    for other, value in others:
+        if value != theta:
+            raise ConfigError(f"{where}: {key}={theta:g} but {other}={value:g}; which RoPE base applies depends "
+                              f"on the transformers version: make them equal")
+    return theta
 
 
 def model_config_from_hf(config: dict, where: str = HF_CONFIG) -> ModelConfig:
@@ -343,14 +371,22 @@ def hf_weight_files(uri: str, s3=None) -> list[str]:
                           f"remove the stale one")
     if has_index:
         try:
-            names = sorted(set(json.loads(storage.read_text(index, s3))["weight_map"].values()))
+            names = set(json.loads(storage.read_text(index, s3))["weight_map"].values())
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{index}: not a safetensors index (no weight_map: {e})") from None
         for name in names:
             # Names only: an index must not point outside its directory.
             if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".safetensors"):
                 raise ConfigError(f"{index}: weight file {name!r} is not a .safetensors file in the directory")
-        return [storage.join(uri, n) for n in names]
+        if not names:
+            raise ConfigError(f"{index}: weight_map is empty; it names no weight files")
+        files = [storage.join(uri, n) for n in sorted(names)]  # sorted once all are names
+        for file in files:
+            # Checked here, before any cluster work: a download that stopped part way leaves
+            # the index and some of its shards.
+            if not storage.exists(file, s3):
+                raise ConfigError(f"{file}: not found, though {HF_INDEX} names it; the download is incomplete")
+        return files
     if has_single:
         return [single]
     pickles = [f.uri for f in storage.list_files(uri, s3) if f.uri.endswith(_PICKLE_SUFFIXES)]
@@ -372,20 +408,52 @@ def _read_safetensors(uri: str, s3) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{uri}: not a readable safetensors file ({e})") from None
 
 
-def read_hf_weights(uri: str, model: ModelConfig, s3=None) -> dict[str, torch.Tensor]:
+# safetensors' dtype names (the header's); another reads as float32 here, and the read itself
+# (`_read_safetensors`) has the real dtype.
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                  "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_header(uri: str, s3=None) -> dict[str, torch.Tensor]:
+    """The tensors of a local safetensors file as meta tensors of their shapes and dtypes: its
+    header alone is read (and checked, as reading the file checks it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(uri, "pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            return {name: torch.empty(sl.get_shape(), dtype=_HEADER_DTYPES.get(sl.get_dtype(), torch.float32),
+                                      device="meta") for name, sl in slices.items()}
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{uri}: not a readable safetensors file ({e})") from None
+
+
+def read_hf_weights(uri: str, model: ModelConfig, s3=None, _read=_read_safetensors) -> dict[str, torch.Tensor]:
     """raylm's full state dict (fp32) from the HF Llama directory `uri`, whose `config.json`
     must describe `model` (`check_hf_shape`). Every parameter must be there, each with its
     shape; a tensor raylm has no place for is refused, not dropped. A tied model's embedding
-    may come as `lm_head.weight` alone (in any shard), as safetensors' save_model leaves it."""
+    may come as `lm_head.weight` alone (in any shard), as safetensors' save_model leaves it;
+    where it has both, they must be equal (transformers >= 5 keeps a pair that differs apart,
+    an untied model). A tensor in two files, or one not of floating point, is refused."""
     from raylm.model import Transformer
 
     check_hf_shape(read_hf_config(uri, s3), model, storage.join(uri, HF_CONFIG))
     with torch.device("meta"):
         want = Transformer(model).state_dict()
     out: dict[str, torch.Tensor] = {}
+    seen: dict[str, str] = {}  # HF tensor name -> the file that holds it
     head: tuple[str, torch.Tensor] | None = None  # a tied checkpoint's lm_head.weight, and its file
     for file in hf_weight_files(uri, s3):
-        part = _read_safetensors(file, s3)
+        part = _read(file, s3)
+        for name, t in part.items():
+            if name in seen:  # the later copy would replace the earlier, unseen
+                raise ConfigError(f"{file}: holds {name}, which {seen[name]} holds too; which copy is the "
+                                  f"model is unknown")
+            seen[name] = file
+            if not t.is_floating_point():  # a cast to fp32 would take quantized codes for weights
+                raise ConfigError(f"{file}: {name} is {str(t.dtype).removeprefix('torch.')}; raylm reads "
+                                  f"floating-point weights only")
         if model.tie_embeddings and "lm_head.weight" in part:
             # The embedding's only copy where no shard has model.embed_tokens.weight (see
             # from_hf_state_dict), which is known after the last shard.
@@ -398,7 +466,8 @@ def read_hf_weights(uri: str, model: ModelConfig, s3=None) -> dict[str, torch.Te
             _check_shape(file, name, t, want)
             out[name] = t.to(torch.float32)
         del part, mapped
-        if "tok_embeddings.weight" in out:
+        if head is not None and "tok_embeddings.weight" in out:
+            _check_tied_head(*head, out["tok_embeddings.weight"], want)
             head = None
     if head is not None:
         file, t = head
@@ -409,6 +478,15 @@ def read_hf_weights(uri: str, model: ModelConfig, s3=None) -> dict[str, torch.Te
     if missing:
         raise ConfigError(f"{uri}: no weight for {missing[0]} ({len(missing)} missing)")
     return out
+
+
+def _check_tied_head(file: str, head: torch.Tensor, embedding: torch.Tensor, want: dict) -> None:
+    """A tied checkpoint that carries both matrices: raylm has one, so they must be equal."""
+    _check_shape(file, "lm_head.weight (tied to model.embed_tokens.weight)", head, want, "tok_embeddings.weight")
+    if not head.is_meta and not torch.equal(head.to(torch.float32), embedding):
+        raise ConfigError(f"{file}: lm_head.weight differs from model.embed_tokens.weight, but {HF_CONFIG} has "
+                          f"tie_word_embeddings=true (one matrix for both; transformers keeps such a pair apart): "
+                          f"set tie_word_embeddings to false in {HF_CONFIG} to start from both")
 
 
 def _check_shape(file: str, name: str, t: torch.Tensor, want: dict, key: str = "") -> None:
@@ -432,9 +510,13 @@ def init_from_hf_settings(uri: str, s3=None) -> dict:
 def check_init_from_hf(cfg) -> None:
     """Before any cluster work: the run's model is the directory's shape, and the tokenizer is
     given (one trained now would number its pieces differently from the weights' rows), and
-    the weights are safetensors."""
+    the weights are safetensors. In a local directory, their headers hold every parameter
+    and nothing else, each of its shape (what `read_hf_weights` checks again, reading them)."""
     check_hf_shape(read_hf_config(cfg.init_from, cfg.s3), cfg.model, storage.join(cfg.init_from, HF_CONFIG))
-    hf_weight_files(cfg.init_from, cfg.s3)
+    if storage.is_s3(cfg.init_from):
+        hf_weight_files(cfg.init_from, cfg.s3)  # a header there is a request per shard: checked when read
+    else:
+        read_hf_weights(cfg.init_from, cfg.model, cfg.s3, _read=_read_header)
     if not cfg.tokenizer.path:
         raise ConfigError(f"--init-from-hf {cfg.init_from}: set tokenizer.path=DIR, the raylm tokenizer these "
                           f"weights were trained with (vocab {cfg.model.vocab_size})")

@@ -118,13 +118,18 @@ def test_a_sharded_tied_checkpoint_with_only_the_head_loads(hf_model, saved, tmp
 
 
 @pytest.mark.parametrize("head_in", [1, 2])
-def test_the_embedding_wins_over_the_head_when_both_are_there(hf_model, saved, tmp_path, head_in):
-    """Where a tied checkpoint carries both, raylm's embedding is model.embed_tokens.weight,
-    whichever shard comes first (as before: the head is the copy raylm has no place for)."""
+def test_a_tied_pair_must_be_equal_when_both_are_there(hf_model, saved, tmp_path, head_in):
+    """Where a tied checkpoint carries both, raylm's embedding is that one matrix, whichever
+    shard comes first; a pair that differs is refused: transformers >= 5 keeps it apart (an
+    untied model), where raylm would compute with the embedding as the head."""
     emb = load_file(saved / "model.safetensors")["lm_head.weight"]
-    d = _shard(saved, tmp_path / "both", head_in, embed_too=True, head=torch.zeros_like(emb))
+    d = _shard(saved, tmp_path / "both", head_in, embed_too=True)
     cfg = model_config_from_hf(read_hf_config(str(d)))
     assert torch.equal(read_hf_weights(str(d), cfg)["tok_embeddings.weight"], emb)
+    d = _shard(saved, tmp_path / "differ", head_in, embed_too=True, head=torch.zeros_like(emb))
+    with pytest.raises(ConfigError, match=r"model-0000\d-of-00002\.safetensors: lm_head\.weight differs from "
+                                          r"model\.embed_tokens\.weight"):
+        read_hf_weights(str(d), cfg)
 
 
 def test_a_head_of_the_wrong_shape_is_refused_naming_it(saved, tmp_path):
