@@ -85,9 +85,12 @@ def token_loss(model, ids: list[int], seq_len: int, batch_rows: int = 16, skip: 
 
 
 def trained_with_document_mask(meta: dict) -> bool:
-    """Whether the checkpoint whose meta.json is `meta` pre-trained with document masking
-    (its config's data.document_mask)."""
+    """Whether the checkpoint whose meta.json is `meta` trained with document masking: an SFT
+    checkpoint always (its packed conversations are masked whatever data.document_mask says,
+    raylm.objectives.make_objective), any other its config's data.document_mask."""
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if config.get("stage") == "sft":
+        return True
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     return bool(data.get("document_mask", False))
 

@@ -5,7 +5,9 @@ ranks at once. Items are dealt round-robin to ranks and each rank gets the same 
 (short ranks repeat an item with weight 0), so all ranks make the same number of forward
 calls; the per-task sums are then all-reduced. Scoring uses plain forward passes (the
 model's root `forward`, which FSDP wraps), not the KV cache of raylm.eval.loglik, whose
-methods bypass FSDP's hooks. It scores the same tokens as `raylm eval`.
+methods bypass FSDP's hooks. It scores the same tokens as `raylm eval`, and a model that
+trains with data.document_mask=true with that mask (the forward's `doc_sep=`), as `raylm eval`
+scores its checkpoint (raylm.eval.loglik).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raylm.config import to_dict
 from raylm.errors import ConfigError
 from raylm.eval.loglik import encode_pair, fit_generation, fit_to_length
+from raylm.eval.pool import document_sep
 from raylm.eval.scorers import _argmax
 from raylm.eval.tasks import (GEN_METRICS, MC_METRICS, check_mc_fits, check_task_names, read_gen_task, read_mc_task,
                               task_name)
@@ -62,6 +66,8 @@ class TrainingEval:
         self.mc = {task_name(p): items for p, items in mc_files.items()}
         self.gen = {task_name(p): read_gen_task(p, cfg.s3)[:ec.max_items] for p in ec.gen_tasks}
         self.max_len = cfg.model.max_seq_len
+        # Read from the config as `raylm eval` reads it from the checkpoint's meta.json: both mask alike.
+        self.doc_sep = document_sep({"config": to_dict(cfg)}, tok)
         # Each item's choices as (context ids, continuation ids), encoded once.
         self.mc_pairs = {t: [[fit_to_length(*encode_pair(tok, it.context, c), self.max_len) for c in it.choices]
                              for it in items] for t, items in self.mc.items()}
@@ -92,7 +98,7 @@ class TrainingEval:
         rows = torch.full((len(pairs), width), self.tok.pad_id, dtype=torch.long, device=device)
         for r, (c, x) in enumerate(pairs):
             rows[r, :len(c) + len(x) - 1] = torch.tensor(c + x[:-1], device=device)
-        logits, _ = model(rows)
+        logits, _ = model(rows, doc_sep=self.doc_sep)
         logp = F.log_softmax(logits.float(), -1)
         return [float(logp[r, len(c) - 1 + torch.arange(len(x), device=device),
                           torch.tensor(x, device=device)].double().sum()) for r, (c, x) in enumerate(pairs)]
@@ -133,7 +139,7 @@ class TrainingEval:
                 rows[r, :len(c)] = torch.tensor(c, device=device)
             start = lengths.clone()
             for _ in range(steps):
-                logits, _ = model(rows[:, :int(lengths.max())])
+                logits, _ = model(rows[:, :int(lengths.max())], doc_sep=self.doc_sep)
                 # Ids of a vocabulary padded past the tokenizer's (to a multiple of 64) are never
                 # picked: the tokenizer cannot decode them.
                 nxt = logits[torch.arange(len(ctxs), device=device), lengths - 1, :tok.vocab_size].argmax(-1)

@@ -20,6 +20,13 @@ the cache rows to every choice and scores all choices of those groups in one bat
 from the end of the context. The units are a pure function of the requests, and a unit's
 arithmetic does not depend on where it runs, so a pool of actors returns exactly what one
 process does.
+
+Document masking. A model trained with data.document_mask=true never attended across an EOS:
+the token after one starts a document of its own, at position 0, that sees nothing before it.
+The EOS every context starts with is such a separator, so that model is scored with the mask
+too (`doc_sep=`, the EOS id; raylm.eval.pool reads it from the checkpoint's config): the
+logits are those of the masked training forward (raylm.model's `doc_sep=`), and a completion
+is generated from the prompt's last document, as that forward would read it.
 """
 
 from __future__ import annotations
@@ -80,8 +87,11 @@ def plan_units(pairs: list[Pair], max_len: int, batch_tokens: int = 4096) -> lis
 
 
 @torch.no_grad()
-def score_unit(model, unit: list) -> list[list]:
-    """[[request index, log-likelihood, is_greedy], ...] for one work unit (see plan_units)."""
+def score_unit(model, unit: list, doc_sep: int | None = None) -> list[list]:
+    """[[request index, log-likelihood, is_greedy], ...] for one work unit (see plan_units).
+    `doc_sep`: score with document masking (see the module docstring)."""
+    if doc_sep is not None:
+        return _score_masked(model, unit, doc_sep)
     out = []
     i = 0
     while i < len(unit):  # runs of groups whose contexts have the same length share one prefill
@@ -123,11 +133,39 @@ def _score_run(model, groups: list) -> list[list]:
     return out
 
 
-def score_pairs(model, pairs: list[Pair], batch_tokens: int = 4096) -> list[tuple[float, bool]]:
-    """(log-likelihood, is_greedy) of each (context ids, continuation ids), in one process."""
+def _score_masked(model, groups: list, doc_sep: int) -> list[list]:
+    """score_unit with document masking: one masked forward over context + continuation of
+    each choice (the KV cache takes no mask), logits only where a continuation token is read."""
+    device = model.tok_embeddings.weight.device
+    rows = [(ctx, idx, cont) for ctx, conts in groups for idx, cont in conts]
+    width = max(len(ctx) + len(cont) - 1 for ctx, _, cont in rows)  # the last token is a target only
+    longest = max(len(cont) for _, _, cont in rows)
+    tokens = torch.full((len(rows), width), doc_sep, dtype=torch.long, device=device)  # right padding: unread
+    at = torch.zeros(len(rows), longest, dtype=torch.long, device=device)  # the columns that predict each token
+    conts = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+    for r, (ctx, _, cont) in enumerate(rows):
+        tokens[r, :len(ctx) + len(cont) - 1] = torch.tensor(ctx + cont[:-1], device=device)
+        at[r, :len(cont)] = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=device)
+        conts[r, :len(cont)] = torch.tensor(cont, device=device)
+    h = model.hidden_states(tokens, doc_sep=doc_sep)
+    h = h.gather(1, at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (R, longest, dim)
+    logp = F.log_softmax(model.logits(h).float(), -1)
+    picked = logp.gather(-1, conts.unsqueeze(-1)).squeeze(-1)
+    best = logp.argmax(-1)
+    out = []
+    for r, (_, idx, cont) in enumerate(rows):
+        n = len(cont)
+        out.append([idx, float(picked[r, :n].double().sum()), bool((best[r, :n] == conts[r, :n]).all())])
+    return out
+
+
+def score_pairs(model, pairs: list[Pair], batch_tokens: int = 4096,
+                doc_sep: int | None = None) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) of each (context ids, continuation ids), in one process.
+    `doc_sep`: the EOS id of a model trained with document masking (see the module docstring)."""
     results = [None] * len(pairs)
     for unit in plan_units(pairs, model.cfg.max_seq_len, batch_tokens):
-        for idx, lp, greedy in score_unit(model, unit):
+        for idx, lp, greedy in score_unit(model, unit, doc_sep):
             results[idx] = (lp, greedy)
     return results
 
@@ -141,11 +179,20 @@ def fit_generation(ctx: list[int], max_new_tokens: int, max_len: int) -> tuple[l
     return ctx, max(0, min(max_new_tokens, max_len - len(ctx)))
 
 
+def last_document(ctx: list[int], doc_sep: int) -> tuple[list[int], bool]:
+    """(the tokens of `ctx` that its next token's prediction reads under document masking,
+    whether the token generated next starts a document of its own): its last document, whose
+    own closing separator belongs to it (raylm.model.document_positions)."""
+    start = max((i + 1 for i, t in enumerate(ctx[:-1]) if t == doc_sep), default=0)
+    return ctx[start:], ctx[-1] == doc_sep
+
+
 @torch.no_grad()
 def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens: int,
-                   temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> str:
+                   temperature: float = 0.0, top_k: int = 0, seed: int = 0, doc_sep: int | None = None) -> str:
     """The text generated after `ctx` (ids), cut before the first of `until`; it also ends at
-    EOS or the chat's end-of-turn token. temperature 0: greedy."""
+    EOS or the chat's end-of-turn token. temperature 0: greedy. `doc_sep`: generate as the
+    document-masked forward reads (see the module docstring)."""
     from raylm.generate import sample_token  # here: a pool actor that only scores never imports checkpointing
     from raylm.tokenizer import END
 
@@ -153,6 +200,9 @@ def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens:
     ctx, max_new_tokens = fit_generation(ctx, max_new_tokens, model.cfg.max_seq_len)
     if max_new_tokens == 0:
         return ""
+    restart = False  # the first token generated starts a new document (the prompt ends with doc_sep)
+    if doc_sep is not None:
+        ctx, restart = last_document(ctx, doc_sep)
     stops = {tok.eos_id, tok.special_ids.get(END)}
     gen = torch.Generator(device=device).manual_seed(seed)
     caches = model.make_caches(1, len(ctx) + max_new_tokens)
@@ -170,6 +220,8 @@ def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens:
             break
         if step == max_new_tokens - 1:
             break
+        if restart:  # it sees nothing before it, at position 0
+            caches, pos, restart = model.make_caches(1, max_new_tokens), 0, False
         h = model.hidden_states(torch.tensor([[nxt]], device=device), caches, pos)
         pos += 1
     for s in until:

@@ -2,9 +2,11 @@
 
 A unit (raylm.eval.loglik) is plain data: {"kind": "loglik", "groups": [...]} or
 {"kind": "gen", "items": [[index, context ids, until, max_new_tokens, temperature, top_k,
-seed], ...]}. `run_unit` is the one function that computes a unit; `LocalRunner` calls it
-in a loop, `RayPoolRunner` on actors that each load the model once. The units and the
-arithmetic are the same, so both give identical results.
+seed], ...]}, each with "doc_sep": the EOS id of a model trained with document masking,
+scored with that mask (raylm.eval.loglik), else None. `run_unit` is the one function that
+computes a unit; `LocalRunner` calls it in a loop, `RayPoolRunner` on actors that each
+load the model once. The units and the arithmetic are the same, so both give identical
+results.
 
 The pool's actors start when the runner is built (the `raylm` lm-eval model's constructor),
 so their start-up (a process, importing torch, the weights) overlaps lm-eval building its
@@ -35,10 +37,11 @@ from raylm.eval.loglik import complete_until, plan_units, score_unit
 
 
 def run_unit(model, tok, unit: dict) -> list[list]:
+    doc_sep = unit.get("doc_sep")
     if unit["kind"] == "loglik":
-        return score_unit(model, unit["groups"])
+        return score_unit(model, unit["groups"], doc_sep)
     if unit["kind"] == "gen":
-        return [[idx, complete_until(model, tok, ctx, until, max_new, temperature, top_k, seed)]
+        return [[idx, complete_until(model, tok, ctx, until, max_new, temperature, top_k, seed, doc_sep)]
                 for idx, ctx, until, max_new, temperature, top_k, seed in unit["items"]]
     raise ValueError(f"unknown unit kind {unit['kind']!r}")
 
@@ -52,6 +55,7 @@ class Runner:
     max_seq_len: int
     tok: object
     batch_tokens: int = 4096
+    doc_sep: int | None = None  # the EOS id when the model trained with document masking (`document_sep`)
 
     def run(self, units: list[dict]) -> list[list]:
         raise NotImplementedError
@@ -61,7 +65,8 @@ class Runner:
 
     def loglikelihood(self, pairs: list) -> list[tuple[float, bool]]:
         """(log-likelihood, is_greedy) of each (context ids, continuation ids)."""
-        units = [{"kind": "loglik", "groups": u} for u in plan_units(pairs, self.max_seq_len, self.batch_tokens)]
+        units = [{"kind": "loglik", "groups": u, "doc_sep": self.doc_sep}
+                 for u in plan_units(pairs, self.max_seq_len, self.batch_tokens)]
         out = [None] * len(pairs)
         for idx, lp, greedy in (r for rs in self.run(units) for r in rs):
             out[idx] = (lp, greedy)
@@ -71,7 +76,7 @@ class Runner:
         """Completions of (context ids, until, max_new_tokens, temperature, top_k, seed) requests."""
         order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
         items = [[i, *requests[i]] for i in order]
-        units = [{"kind": "gen", "items": items[k:k + GEN_ITEMS_PER_UNIT]}
+        units = [{"kind": "gen", "items": items[k:k + GEN_ITEMS_PER_UNIT], "doc_sep": self.doc_sep}
                  for k in range(0, len(items), GEN_ITEMS_PER_UNIT)]
         out = [None] * len(requests)
         for idx, text in (r for rs in self.run(units) for r in rs):
@@ -79,9 +84,17 @@ class Runner:
         return out
 
 
+def document_sep(meta: dict, tok) -> int | None:
+    """The runner's `doc_sep` for the checkpoint whose meta.json is `meta`: its EOS id when it
+    trained with data.document_mask, as bits per byte reads it (raylm.eval.bpb)."""
+    from raylm.eval.bpb import trained_with_document_mask
+
+    return tok.eos_id if trained_with_document_mask(meta) else None
+
+
 class LocalRunner(Runner):
-    def __init__(self, model, tok, batch_tokens: int = 4096):
-        self.model, self.tok, self.batch_tokens = model, tok, batch_tokens
+    def __init__(self, model, tok, batch_tokens: int = 4096, doc_sep: int | None = None):
+        self.model, self.tok, self.batch_tokens, self.doc_sep = model, tok, batch_tokens, doc_sep
         self.max_seq_len = model.cfg.max_seq_len
 
     def run(self, units: list[dict]) -> list[list]:
@@ -185,6 +198,7 @@ class RayPoolRunner(Runner):
         s3_dict = dataclasses.asdict(s3) if s3 is not None else None
         ckpt = resolve_checkpoint(run if storage.is_s3(run) else os.path.abspath(run), s3)  # actors have their own cwd
         meta = checkpoint.read_meta(ckpt, s3)
+        self.doc_sep = document_sep(meta, tok)
         restarts = actor_restarts()
         # A restarted actor reloads the model (UnitActor.run), and a unit is a pure function:
         # retrying is safe.
@@ -292,8 +306,8 @@ def make_runner(path: str, workers: int = 0, cpus_per_worker: float = 1.0, gpus_
     from raylm import checkpoint
 
     if workers <= 0:
-        model, tok, _ = load_for_inference(path, s3, device=device)
-        return LocalRunner(model, tok, batch_tokens)
+        model, tok, meta = load_for_inference(path, s3, device=device)
+        return LocalRunner(model, tok, batch_tokens, document_sep(meta, tok))
     import ray
 
     from raylm.config import Config, from_dict

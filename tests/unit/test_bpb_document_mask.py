@@ -91,3 +91,16 @@ def test_trained_with_document_mask_reads_what_training_writes():
     for on in (True, False):
         cfg = load_config(overrides=[f"data.document_mask={str(on).lower()}"])
         assert trained_with_document_mask({"step": 1, "config": to_dict(cfg, redact=True)}) is on
+
+
+def test_an_sft_checkpoint_is_scored_with_the_mask_it_trained_with():
+    """SFT packs conversations under the document mask whatever data.document_mask says
+    (raylm.objectives.make_objective), so its scores use the mask too; DPO and pre-training
+    follow data.document_mask."""
+    from raylm.config import load_config, to_dict
+
+    for stage, on, masked in (("sft", False, True), ("sft", True, True), ("dpo", False, False),
+                              ("pretrain", False, False), ("pretrain", True, True)):
+        cfg = load_config(overrides=[f"data.document_mask={str(on).lower()}"])
+        config = {**to_dict(cfg, redact=True), "stage": stage}
+        assert trained_with_document_mask({"step": 1, "config": config}) is masked, (stage, on)
