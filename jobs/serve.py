@@ -1,7 +1,7 @@
 """Deploy the OpenAI-compatible server on a cluster as a Ray job, then return.
 
-    ray job submit --address http://HEAD:8265 --working-dir . \\
-        --runtime-env-json '{"env_vars": {"RAYLM_API_KEY": "'"$RAYLM_API_KEY"'"}}' \\
+    ray job submit --address http://HEAD:8265 --working-dir . \
+        --runtime-env-json '{"env_vars": {"RAYLM_API_KEY": "'"$RAYLM_API_KEY"'"}}' \
         -- python jobs/serve.py s3://bucket/runs/quickstart-sft --host 0.0.0.0 --port 8000
 
 Serve applications outlive the job that deployed them (Serve's controller is detached), so the
