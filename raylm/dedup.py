@@ -19,7 +19,10 @@ punctuation and whitespace do not count. Comparing every pair is O(N²); instead
   estimates it with standard deviation sqrt(J(1-J)/num_perm), at most 0.044 for 128.
 * `band_keys` cuts the signature into `bands` bands of `rows` entries and hashes each band.
   Two documents share a band key with probability 1-(1-J^rows)^bands, an S-curve in J that
-  `lsh_params` places around the threshold. Documents that share any key are candidates.
+  `lsh_params` places so that a pair at the threshold is a candidate with probability at
+  least 0.95. Documents that share any key are candidates; the candidates are then verified
+  (their estimated Jaccard must reach the threshold), so a candidate below it costs one
+  comparison, while a pair LSH misses is a duplicate kept.
 
 A text with fewer than `ngram` words is one shingle of all its words, so "Thank you!" and
 "thank you." are near-duplicates of each other. A text with no words at all (empty, only
@@ -30,9 +33,9 @@ Why these defaults:
 
 * `num_perm=128`: the estimate's error (<= 0.044) is well inside the gap between
   near-duplicates (J > 0.8) and unrelated text (J ~ 0), and at threshold 0.8 it allows a
-  steep S-curve (9 bands x 13 rows: a pair is a candidate with p~0.001 at J=0.5, 0.40 at
-  0.8, 0.93 at 0.9, 0.998 at 0.95). 256 halves the variance at twice the cost: one
-  multiply-modulo per shingle and permutation is most of the signature's time.
+  steep S-curve (13 bands x 7 rows: a pair is a candidate with p~0.003 at J=0.3, 0.10 at
+  0.5, 0.67 at 0.7, 0.95 at 0.8, 0.993 at 0.85). 256 halves the variance at twice the cost:
+  one multiply-modulo per shingle and permutation is most of the signature's time.
 * `ngram=5` words: short n-grams (1-3) are shared by most English documents ("one of the"),
   which pushes the Jaccard of unrelated documents up; long ones (10+) let a single edited
   word change many shingles, so near-duplicates look unrelated. datatrove (FineWeb's
@@ -183,11 +186,23 @@ def _s_curve_areas(threshold: float, bands: np.ndarray, rows: np.ndarray, points
     return area(0.0, threshold, miss=False), area(threshold, 1.0, miss=True)
 
 
+# Probability, at least, that a pair whose Jaccard similarity is the threshold shares a band.
+RECALL_AT_THRESHOLD = 0.95
+
+
 @functools.lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows), bands*rows <= num_perm, minimising 0.5*false-positive area +
-    0.5*false-negative area of the S-curve around `threshold` (datasketch's MinHashLSH
-    choice). Ties go to fewer bands, then fewer rows: deterministic."""
+    """(bands, rows), bands*rows <= num_perm, for LSH whose candidates are verified: of
+    the pairs whose S-curve makes a pair at `threshold` a candidate with probability at
+    least RECALL_AT_THRESHOLD, the one with the least false-positive area below the
+    threshold (the fewest candidates to verify). Where num_perm is too small for any, the
+    one most likely to catch a pair at the threshold. Ties go to fewer bands, then fewer
+    rows: deterministic.
+
+    datasketch's MinHashLSH minimises 0.5*false-positive + 0.5*false-negative area, right
+    for unverified candidates; behind a verification it misses many pairs above the
+    threshold (at 0.8 and 128 permutations, 9 bands x 13 rows: a pair is a candidate with
+    probability 0.40 at J=0.8, 0.69 at 0.85)."""
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
     if num_perm < 1:
@@ -195,9 +210,12 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     pairs = [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)]
     bands = np.array([b for b, _ in pairs], dtype=np.float64)
     rows = np.array([r for _, r in pairs], dtype=np.float64)
-    false_pos, false_neg = _s_curve_areas(threshold, bands, rows)
-    best = int(np.argmin(0.5 * false_pos + 0.5 * false_neg))  # first minimum: ties as above
-    return pairs[best]
+    false_pos, _ = _s_curve_areas(threshold, bands, rows)
+    at_threshold = 1.0 - (1.0 - threshold**rows) ** bands
+    enough = at_threshold >= RECALL_AT_THRESHOLD
+    if not enough.any():
+        return pairs[int(np.argmax(at_threshold))]  # first maximum: ties as above
+    return pairs[int(np.argmin(np.where(enough, false_pos, np.inf)))]  # first minimum
 
 
 def band_keys(signature: np.ndarray, bands: int, rows: int) -> list[bytes]:

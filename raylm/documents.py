@@ -204,11 +204,13 @@ def clean_text(text: str) -> str:
 
     Each rewrite runs only where a substring test (memchr speed) says it can match: most
     text needs none of them, and the regex scans were most of the cost of cleaning."""
-    text = unicodedata.normalize("NFC", text)  # itself a fast no-op on ASCII
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if _CONTROL.search(text):
         text = _CONTROL.sub("", _BREAKS.sub("\n", text))
+    # After the controls are out: one between a letter and its combining mark ("A\x00\u0308")
+    # kept them apart through NFC, and its removal would leave them decomposed.
+    text = unicodedata.normalize("NFC", text)  # itself a fast no-op on ASCII
     if not text.isascii():
         text = _ODD_SPACES.sub(" ", text)
     if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
