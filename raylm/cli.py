@@ -534,7 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--engine", choices=["raylm", "vllm"], help="raylm (default): CPU or one GPU; vllm: GPU clusters")
     sp.add_argument("--host", help="bind address (default 127.0.0.1; anything else needs an API key)")
     sp.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    sp.add_argument("--api-key", help="clients send 'Authorization: Bearer KEY' (default: $RAYLM_API_KEY)")
+    sp.add_argument("--api-key", help="clients send 'Authorization: Bearer KEY' (default: $RAYLM_API_KEY, the better "
+                                       "place: a key given here stays in the process list, which every user of "
+                                       "the machine can read)")
     sp.add_argument("--detach", action="store_true",
                     help="return once the app is ready, leaving it running on the cluster (RAY_ADDRESS)")
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ServeConfig fields")

@@ -928,7 +928,17 @@ def remove_stale_attempts(out: str, keep: str, s3) -> None:
 
 
 def shard_uris(out: str, manifest: dict, split: str) -> list[str]:
-    return [storage.join(out, s["path"]) for s in manifest[split]["shards"]]
+    """The split's shards, each a path inside `out`: a manifest naming one elsewhere (absolute,
+    '..', or '.' and empty segments) is a DataError, before anything is read."""
+    uris = []
+    for s in manifest[split]["shards"]:
+        rel = s["path"]
+        if not isinstance(rel, str) or rel.startswith(("/", "\\")) or any(
+                p in ("", ".", "..") or "\\" in p for p in rel.split("/")):
+            raise DataError(f"{storage.join(out, MANIFEST)}: shard path {rel!r} is not a file inside the dataset; "
+                            f"not a manifest raylm wrote: prepare the dataset again (`raylm data prepare`)")
+        uris.append(storage.join(out, rel))
+    return uris
 
 
 # Below this size a split is loaded once by the driver and handed to Ray as in-memory blocks.

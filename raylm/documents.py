@@ -55,14 +55,30 @@ def check_plain_types(schema: pa.Schema, where: str) -> None:
                             f"deserialised by code of their own (unpickled, for Ray's object columns); refused")
 
 
+# A .gz file may hold at most this many times its own size (or GZIP_FLOOR, if more). Text
+# compresses 3-5x, JSON lines with repeated keys some 10x; a file of one repeated byte 1000x
+# and more: 400 KB of it took 1.7 GB of memory to parse, and a few MB ended the process.
+GZIP_RATIO = 100
+GZIP_FLOOR = 256 << 20
+
+
 def decompressed(path: str, raw: bytes) -> bytes:
-    """A file's bytes, gunzipped if its name ends in .gz (in any case)."""
+    """A file's bytes, gunzipped if its name ends in .gz (in any case). Decompressed in a
+    stream, and refused past GZIP_RATIO times its size: a decompression bomb is one line
+    naming the file, not the machine's memory."""
     if not path.lower().endswith(".gz"):
         return raw
+    cap = max(GZIP_RATIO * len(raw), GZIP_FLOOR)
     try:
-        return gzip.decompress(raw)
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+            out = f.read(cap + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
+    if len(out) > cap:
+        raise DataError(f"{path}: decompresses to more than {cap >> 20} MiB, over {GZIP_RATIO}x its "
+                        f"{len(raw)} bytes (a decompression bomb?); refused: split the file, or store it "
+                        f"uncompressed")
+    return out
 
 
 def _decode(raw: bytes, where: str) -> str:

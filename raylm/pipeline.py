@@ -8,6 +8,7 @@ subcommands call these one at a time; `pretrain` and `quickstart` chain them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -207,7 +208,40 @@ def serve_ingress_env() -> dict[str, str]:
             return {}
     ports = {k: os.environ.get(k) or str(_free_port())
              for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
-    return {**SERVE_HAPROXY_ENV, **ports}
+    return {**SERVE_HAPROXY_ENV, **ports, **_haproxy_files()}
+
+
+# Where Ray Serve keeps HAProxy's files, by default under /tmp/haproxy-serve (a directory any
+# user can enter), and what raylm names in a private directory instead.
+HAPROXY_FILES = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock"}
+
+
+def _haproxy_files() -> dict[str, str]:
+    """HAProxy's config, state and sockets in a directory of this user's only (mode 0700).
+    Ray's defaults put them under /tmp/haproxy-serve, and HAProxy's admin socket is mode 666
+    at `level admin`: any local user could connect to it and point the backend at a port of
+    their own (`set server ... addr`), receiving every request, the API key in its
+    Authorization header included, and answering in the server's name. The settings a user
+    gave are kept. Ray adds a directory per node beneath (56 characters): /tmp keeps the
+    sockets' paths under the 107 bytes a Unix socket path may have."""
+    if all(os.environ.get(k) for k in HAPROXY_FILES):
+        return {}
+    private = _private_dir()
+    return {k: os.environ.get(k) or os.path.join(private, name).rstrip("/") for k, name in HAPROXY_FILES.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _private_dir() -> str:
+    """One directory per process, made on first use (mkdtemp's: mode 0700, a name nobody can
+    take first), removed when the process exits, as the local cluster it serves from is."""
+    import atexit
+    import shutil
+
+    path = tempfile.mkdtemp(prefix="raylm-haproxy-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def serve_ingress() -> str:

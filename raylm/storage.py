@@ -697,12 +697,22 @@ def upload_tree(src: str, fs: pafs.FileSystem, dst: str) -> None:
             files.append(path)
     for path in files:
         target = dst.rstrip("/") + "/" + os.path.relpath(path, src).replace(os.sep, "/")
-        if isinstance(fs, pafs.LocalFileSystem):
+        local = isinstance(fs, pafs.LocalFileSystem)
+        if local:
             fs.create_dir(os.path.dirname(target), recursive=True)
         with _errors(path):  # a local file that cannot be read: named, not the destination
             f = open(path, "rb")
-        with f, fs.open_output_stream(target) as out:
+        with f, (_new_local_file(target) if local else fs.open_output_stream(target)) as out:
             shutil.copyfileobj(f, out, 8 << 20)
+
+
+def _new_local_file(target: str):
+    """`target` opened for writing as a file of its own: a link found there (in a shared run
+    directory, anyone who can write there could have put one) is replaced, never written
+    through, which would overwrite the file it names, wherever that is."""
+    if os.path.islink(target):
+        os.unlink(target)
+    return os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "wb")
 
 
 def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:
