@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "`tensorboard --logdir DIR/tensorboard`.")
     sp.add_argument("runs", nargs="+", metavar="RUN", help="run directories, local or s3://")
     sp.add_argument("--out", metavar="DIR", help="output directory, local or s3:// (default: RUN/report; "
-                                                 "required for several runs)")
+                                                 "required for several runs); a report.png there is replaced "
+                                                 "only if raylm report drew it")
     sp.add_argument("--no-tensorboard", action="store_true", help="write the PNG only")
     sp.set_defaults(func=cmd_report)
 

@@ -490,6 +490,15 @@ class TrainConfig:
             if isinstance(value, str) and value != "auto":
                 raise ConfigError(f"train.{key}={value!r}: expected a number or auto")
         _check_ranges(self, "train.")  # first: the batch check below divides by these
+        # A warmup longer than the run: the rate climbs to train.lr * max_steps / warmup_steps at
+        # the last step (train.lr_at) and never decays, under train.time_budget_s too (max_steps
+        # still ends the loop). Refused once the warmup is longer than the default's (30; SFT's
+        # 10, DPO's 5): those are left to smoke runs of a few steps, whose rate matters to no one.
+        if self.warmup_steps > max(self.max_steps, TrainConfig.warmup_steps):
+            raise ConfigError(
+                f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}: the learning "
+                f"rate would end at {self.max_steps / self.warmup_steps:.0%} of train.lr and never decay; lower "
+                f"train.warmup_steps or raise train.max_steps")
         if self.on_spike not in ("log", "stop", "rollback"):
             raise ConfigError(f"train.on_spike={self.on_spike!r}: expected log, stop or rollback")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -1223,3 +1232,13 @@ def to_dict(cfg: Any, redact: bool = False) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "").validate()
+
+
+def recorded_config(data: dict[str, Any]) -> Config:
+    """A config an earlier run recorded (a checkpoint's meta.json, a run record): its keys and
+    types checked and its model validated, its training settings not validated again. A run
+    is read whatever a later raylm thinks of how it trained: a check added since would
+    otherwise make every checkpoint trained without it unusable as a parent or for inference."""
+    cfg = _build(Config, data, "")
+    cfg.model.validate()
+    return cfg

@@ -15,7 +15,7 @@ import torch
 
 from raylm.errors import CheckpointError, ConfigError, PathNotFoundError
 from raylm import checkpoint, storage
-from raylm.config import S3Config, from_dict
+from raylm.config import ModelConfig, S3Config, recorded_config
 from raylm.model import Transformer
 from raylm.tokenizer import Tokenizer
 
@@ -61,19 +61,29 @@ def load_for_inference(uri: str, s3: S3Config | None = None, device: str | torch
     meta = checkpoint.read_meta(ckpt, s3)
     if not isinstance(meta.get("config"), dict):
         raise checkpoint.CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: no 'config'; not written by raylm")
-    cfg = from_dict(meta["config"])
+    model_cfg = checkpoint_model_config(ckpt, meta)
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        model = Transformer(model_cfg)
     model.to(dtype)  # on meta: only the dtype changes, nothing is allocated
     model.to_empty(device=device)
     model.init_buffers()
     checkpoint.load_model_weights(model, ckpt, s3)  # every parameter (a missing one is an error), cast to dtype
     model.eval()
-    tok = load_tokenizer(tokenizer_of(ckpt, meta, s3), s3)
+    tok_uri = tokenizer_of(ckpt, meta, s3)
+    tok = load_tokenizer(tok_uri, s3)
     if meta.get("tokenizer_sha256") and tok.sha256 != meta["tokenizer_sha256"]:
-        raise CheckpointError(f"{meta['tokenizer']}: tokenizer hash {tok.sha256[:12]} differs from the one "
-                         f"{ckpt} was trained with ({meta['tokenizer_sha256'][:12]})")
+        raise CheckpointError(f"{storage.redact_url(tok_uri)}: tokenizer hash {tok.sha256[:12]} differs from the one "
+                              f"{storage.redact_url(ckpt)} was trained with ({str(meta['tokenizer_sha256'])[:12]})")
     return model, tok, meta
+
+
+def checkpoint_model_config(ckpt: str, meta: dict) -> ModelConfig:
+    """The model settings of a checkpoint's recorded config (`config.recorded_config`: its
+    training settings are not checked again). A refused config names the checkpoint's meta.json."""
+    try:
+        return recorded_config(meta["config"]).model
+    except ConfigError as e:
+        raise CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: its config: {e}") from None
 
 
 def tokenizer_of(ckpt: str, meta: dict, s3: S3Config | None = None) -> str:
@@ -108,6 +118,10 @@ def greedy_decode(model: Transformer, prompt: torch.Tensor, new_tokens: int, ste
     """(B, new_tokens) greedy continuations of `prompt` (B, P): one prefill, then fixed-shape
     steps. `step` is `last_logits` or a compiled version of it."""
     B, P = prompt.shape
+    if new_tokens < 0:
+        raise ValueError(f"new_tokens={new_tokens}: expected 0 or more")
+    if new_tokens == 0:  # the prefill would pick a token nobody asked for
+        return prompt.new_empty((B, 0))
     if P + new_tokens > model.cfg.max_seq_len:
         raise ConfigError(f"prompt of {P} + {new_tokens} new tokens exceeds model.max_seq_len={model.cfg.max_seq_len}")
     caches = model.make_caches(B, P + new_tokens)

@@ -11,13 +11,14 @@ The loss plot is drawn by raylm.eval.report (one plotting place for the run and 
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import re
 import time
 
 from raylm import storage
 from raylm.config import ModelConfig, S3Config
+from raylm.eval.report import row_json
 from raylm.model import count_params
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s, one
@@ -78,7 +79,8 @@ class MetricsLog:
     """`metrics.jsonl` in the run directory. Local files are appended line by line (a whole
     rewrite at every row cost O(rows) bytes and an fsync per log step: 75 ms a row at 20,000
     rows, inside the training window); object storage has no append, so the file is rewritten
-    whole at `flush` (checkpoint, end). `truncate` and `flush` rewrite it atomically."""
+    whole at `flush` (checkpoint, end). `truncate` and `flush` rewrite it atomically. Lines are
+    strict JSON (`raylm.eval.report.row_json`: a NaN loss is null, named under "non_finite")."""
 
     def __init__(self, run_dir: str, s3: S3Config | None = None):
         self.uri, self.s3, self.rows = storage.join(run_dir, "metrics.jsonl"), s3, []
@@ -90,8 +92,15 @@ class MetricsLog:
         if not storage.is_s3(self.uri):
             path = storage._local(self.uri)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:  # one write: a crash cuts the last line at most
-                f.write(json.dumps(self.rows[-1]) + "\n")
+            try:  # never through a link planted in its place (a run directory others can write to)
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                self.flush()  # the run's own file, renamed over the link: the link's target is untouched
+                return
+            with os.fdopen(fd, "a", encoding="utf-8") as f:  # one write: a crash cuts the last line at most
+                f.write(row_json(self.rows[-1]) + "\n")
 
     def truncate(self, step: int) -> None:
         """On resume from `step`, drop rows after it: the resumed run redoes those steps."""
@@ -99,7 +108,7 @@ class MetricsLog:
         self.flush()
 
     def flush(self) -> None:
-        storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in self.rows), self.s3)
+        storage.write_text(self.uri, "".join(row_json(r) + "\n" for r in self.rows), self.s3)
 
 
 def read_metrics(uri: str, s3: S3Config | None = None) -> list[dict]:

@@ -115,9 +115,14 @@ def best_log2_lr(lrs, losses) -> float:
     its two neighbours (in log2 lr), so that two near-equal points do not decide by a hair
     which way the optimum moved. At an end of the grid, that end: the optimum is not
     bracketed, and callers that need it to be check `bracketed`. The grid may be spaced
-    unevenly (benchmarks/mup_transfer.py --lrs takes any rates); it is taken in the order given,
-    from the smallest rate to the largest."""
-    xs = [math.log2(lr) for lr in lrs]
+    unevenly and given in any order (benchmarks/mup_transfer.py --lrs takes any rates): the
+    neighbours are the next smaller and larger rates. A rate given twice keeps its best loss."""
+    best: dict[float, float] = {}
+    for lr, loss in zip(lrs, losses, strict=True):
+        x = math.log2(lr)
+        best[x] = min(loss, best.get(x, math.inf))
+    xs = sorted(best)
+    losses = [best[x] for x in xs]
     i = min(range(len(losses)), key=losses.__getitem__)
     if i == 0 or i == len(xs) - 1 or not all(math.isfinite(losses[j]) for j in (i - 1, i + 1)):
         return xs[i]

@@ -684,10 +684,9 @@ def _model_summary(cfg: Config) -> str:
 
 def finish_report(cfg: Config, samples: bool = True) -> dict:
     """Final validation loss/perplexity from the metrics log, samples, and the loss plot."""
-    from raylm.metrics import plot_loss_curve
+    from raylm.metrics import plot_loss_curve, read_metrics
 
-    rows = [json.loads(x) for x in storage.read_text(storage.join(cfg.run_dir, "metrics.jsonl"), cfg.s3).splitlines()
-            if x.strip()]
+    rows = read_metrics(storage.join(cfg.run_dir, "metrics.jsonl"), cfg.s3)
     val = [r for r in rows if r.get("kind") == "val"]
     summary = {"run_dir": cfg.run_dir, "steps": max((r["step"] for r in rows), default=0)}
     if val:

@@ -25,7 +25,7 @@ import numpy as np
 
 from raylm import checkpoint, run_lock, storage
 from raylm.chat_data import prepare_chat, write_rows
-from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
+from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict, recorded_config
 from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restarts, list_corpus,
                         prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
@@ -50,7 +50,7 @@ def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
     meta = checkpoint.read_meta(ckpt, cfg.s3)
     if not isinstance(meta.get("config"), dict) or not meta.get("tokenizer"):
         raise checkpoint.CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: no config or tokenizer recorded")
-    parent_cfg = from_dict(meta["config"])
+    parent_cfg = recorded_config(meta["config"])  # not validated again: see recorded_config
     marker = storage.read_bytes(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3)
     facts = {"checkpoint": ckpt, "sha256": hashlib.sha256(marker).hexdigest(), "stage": parent_cfg.stage,
              "tokenizer": tokenizer_of(ckpt, meta, cfg.s3), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
@@ -163,8 +163,9 @@ def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: fl
 
 def summarize(cfg: Config) -> dict:
     """The last validation row of the run's metrics, and where the run is."""
-    rows = [json.loads(x) for x in storage.read_text(storage.join(cfg.run_dir, "metrics.jsonl"), cfg.s3).splitlines()
-            if x.strip()]
+    from raylm.metrics import read_metrics
+
+    rows = read_metrics(storage.join(cfg.run_dir, "metrics.jsonl"), cfg.s3)
     val = [r for r in rows if r.get("kind") == "val"]
     summary = {"run_dir": cfg.run_dir, "stage": cfg.stage, "steps": max((r["step"] for r in rows), default=0)}
     if val:

@@ -16,7 +16,7 @@ import time
 import raylm
 from raylm.errors import ConfigError
 from raylm import storage
-from raylm.config import Config, from_dict, to_dict
+from raylm.config import Config, _build, to_dict
 
 RECORD = "record.json"
 
@@ -103,11 +103,19 @@ def write_stage_record(uri: str, stage: str, key: str, cfg: Config, options: dic
 
 
 def load_record(uri: str) -> tuple[str, Config]:
-    """(stage, config) from a record file; the config is validated as any other."""
+    """(stage, config) from a record file. The config's keys and types are checked here (an
+    error names the record); its settings as a whole are validated as any config's once the
+    command's own settings and overrides are laid over it (raylm.cli), so that an override can
+    mend a record whose settings a later raylm refuses (train.warmup_steps past max_steps)."""
     try:
         record = json.loads(storage.read_text(uri))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{uri}: not a JSON run record ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{uri}: not a JSON run record (not UTF-8 text)") from None
     if not isinstance(record, dict) or "config" not in record or "stage" not in record:
         raise ConfigError(f"{uri}: not a raylm run record (no 'config' or 'stage')")
-    return record["stage"], from_dict(record["config"])
+    try:
+        return record["stage"], _build(Config, record["config"], "")
+    except ConfigError as e:
+        raise ConfigError(f"{uri}: {e}") from None

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from raylm.errors import CheckpointError, ConfigError, PathNotFoundError, TrainingStopped, TrainingTimeout
 from raylm import checkpoint, storage
-from raylm.config import Config, TrainConfig, from_dict, to_dict
+from raylm.config import Config, TrainConfig, recorded_config, to_dict
 from raylm.batches import Batch, RankBatches, is_padding, rank_val_batches, reshuffled
 from raylm import objectives
 from raylm.objectives import make_objective
@@ -823,7 +823,7 @@ def load_parent_weights(model, cfg: Config) -> str:
         full = read_hf_weights(parent, cfg.model, cfg.s3)
     elif rank == 0:
         meta = checkpoint.read_meta(parent, cfg.s3)
-        parent_model = from_dict(meta["config"]).model if isinstance(meta.get("config"), dict) else None
+        parent_model = recorded_config(meta["config"]).model if isinstance(meta.get("config"), dict) else None
         if parent_model is not None and parent_model != cfg.model:
             raise checkpoint.CheckpointError(f"{parent}: its model ({parent_model.n_layers}x{parent_model.dim}, "
                                              f"vocab {parent_model.vocab_size}) is not this run's model "

@@ -220,12 +220,12 @@ class RayPoolRunner(Runner):
     def _small_model(ckpt: str, meta: dict, s3, max_bytes: int):
         """The model, on the driver's CPU, when it is at most `max_bytes` (float32) and so is
         shipped to the actors; else None."""
-        from raylm.config import from_dict
+        from raylm.config import recorded_config
         from raylm.generate import load_for_inference
         from raylm.model import Transformer
 
         with torch.device("meta"):
-            shape = Transformer(from_dict(meta["config"]).model)
+            shape = Transformer(recorded_config(meta["config"]).model)
         if sum(p.numel() * 4 for p in shape.parameters()) > max_bytes:  # float32, as actors load
             return None
         return load_for_inference(ckpt, s3)[0]
@@ -310,7 +310,7 @@ def make_runner(path: str, workers: int = 0, cpus_per_worker: float = 1.0, gpus_
         return LocalRunner(model, tok, batch_tokens, document_sep(meta, tok))
     import ray
 
-    from raylm.config import Config, from_dict
+    from raylm.config import Config, recorded_config
     from raylm.pipeline import init_ray
 
     ckpt = resolve_checkpoint(path, s3)
@@ -318,5 +318,5 @@ def make_runner(path: str, workers: int = 0, cpus_per_worker: float = 1.0, gpus_
     tok = load_tokenizer(tokenizer_of(ckpt, meta, s3), s3)
     if not ray.is_initialized():
         init_ray(Config())
-    max_len = from_dict(meta["config"]).model.max_seq_len
+    max_len = recorded_config(meta["config"]).model.max_seq_len
     return RayPoolRunner(ckpt, tok, max_len, PoolSpec(workers, cpus_per_worker, gpus_per_worker), s3, batch_tokens)

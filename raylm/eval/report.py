@@ -58,12 +58,55 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# metrics.jsonl is strict JSON, which has no NaN or infinity (jq, JavaScript and dashboards
+# refuse Python's bare NaN/Infinity tokens, and with them the whole file): a non-finite value
+# is written as null, and the row names it under NON_FINITE ({"loss": null, ...,
+# "non_finite": {"loss": "NaN"}}), from which `metrics_rows` restores it. Files written before
+# hold the bare tokens, which `metrics_rows` still reads.
+NON_FINITE = "non_finite"
+_NON_FINITE_TEXT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _non_finite_text(v: float) -> str:
+    return "NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity"
+
+
+def _json_safe(v):
+    """`v` with every non-finite float inside it as None (for values nested in a row)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def row_json(row: dict) -> str:
+    """One metrics.jsonl line (no newline) of `row`, strict JSON: a non-finite top-level value
+    is null and named, with its value, under NON_FINITE; nested ones are null."""
+    bad = {k: _non_finite_text(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        row = {**{k: None if k in bad else v for k, v in row.items()}, NON_FINITE: bad}
+    return json.dumps(_json_safe(row), allow_nan=False)
+
+
+def _restore_non_finite(row: dict) -> dict:
+    named = row.pop(NON_FINITE, None)
+    if isinstance(named, dict):
+        for key, text in named.items():
+            if row.get(key) is None and text in _NON_FINITE_TEXT:
+                row[key] = _NON_FINITE_TEXT[text]
+    return row
+
+
 def metrics_rows(text: str, shown: str, check=None) -> list[dict]:
     """The rows of a metrics.jsonl's `text` (`shown`: its name in errors), for reports and for a
     resuming run (raylm.metrics.MetricsLog). A last line with no newline yet (a row being
     appended by a running job, or cut by a crash) is left out; a damaged line before it, or a
     row that is not an object, is a one-line error naming the line. `check(row, where)` may
-    refuse a row too."""
+    refuse a row too. Non-finite values come back as floats (NaN, inf), whether written as
+    null with their NON_FINITE names or, in older files, as bare NaN/Infinity tokens."""
     rows = []
     lines = text.split("\n")
     for n, line in enumerate(lines, 1):
@@ -77,6 +120,7 @@ def metrics_rows(text: str, shown: str, check=None) -> list[dict]:
             raise DataError(f"{shown} line {n}: not JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{shown} line {n}: expected a JSON object, got {type(row).__name__}")
+        row = _restore_non_finite(row)
         if check is not None:
             check(row, f"{shown} line {n}")
         rows.append(row)
@@ -173,13 +217,36 @@ def _pyplot():
     return plt
 
 
+# The PNG's Software text: how `write_report` knows a report.png as one raylm drew, which it
+# may replace, from a file of that name it must not.
+PNG_SOFTWARE = "raylm report"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def _png(fig) -> bytes:
     plt = _pyplot()
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     return buf.getvalue()
+
+
+def png_software(data: bytes) -> str | None:
+    """The Software text of a PNG (its tEXt chunk), or None: not a PNG, or none given."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    i = len(_PNG_SIGNATURE)
+    while i + 8 <= len(data):
+        length, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+        if kind == b"tEXt":
+            key, _, value = data[i + 8:i + 8 + length].partition(b"\0")
+            if key == b"Software":
+                return value.decode("latin-1")
+        if kind == b"IEND":
+            break
+        i += 12 + length  # length, type, body, CRC
+    return None
 
 
 def _lone(points: list) -> dict:
@@ -291,19 +358,35 @@ def tensorboard_events(run: RunMetrics) -> bytes:
 # --------------------------------------------------------------------------- the report
 
 
+def _check_replaceable(png_uri: str, s3: S3Config | None) -> None:
+    """Refuse to replace a `report.png` that raylm report did not draw (PNG_SOFTWARE): a
+    report drawn again into its own directory is replaced, a user's file of that name is not."""
+    if not storage.exists(png_uri, s3):
+        return
+    # A directory of that name, or a file that cannot be read, is storage's one-line error.
+    if png_software(storage.read_bytes(png_uri, s3)) != PNG_SOFTWARE:
+        raise ConfigError(f"{storage.redact_url(png_uri)}: exists and is not a report drawn by raylm report; "
+                          f"move it away or pass another --out (nothing was written)")
+
+
 def write_report(runs: list[str], out: str | None = None, s3: S3Config | None = None,
                  tensorboard: bool = True) -> dict:
     """Draw `runs` (local or s3://) into `<out>/report.png` and write one TensorBoard run per
     input under `<out>/tensorboard/<label>/`. `out` defaults to `<run>/report` for one run;
     several runs need it. Every input is read and every file rendered before the first is
-    written, and each file is written atomically."""
+    written, and each file is written atomically. A report.png already in `out` is replaced
+    only when raylm report drew it (or `out` is the default `<run>/report`, raylm's own);
+    otherwise nothing is written (the event files' names, EVENT_FILE, are raylm's own)."""
     if not runs:
         raise ConfigError("raylm report: give at least one run directory")
+    given = out is not None
     if out is None:
         if len(runs) > 1:
             raise ConfigError("raylm report: several runs need --out DIR for the overlaid report")
         out = storage.join(runs[0], "report")
     loaded = load_runs(runs, s3)
+    if given:
+        _check_replaceable(storage.join(out, "report.png"), s3)
     png = draw_report(loaded)
     files: dict[str, bytes] = {}
     if tensorboard:

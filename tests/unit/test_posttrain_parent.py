@@ -77,3 +77,39 @@ def test_a_resumed_run_keeps_the_parent_its_record_names(tiny_run, tmp_path):
     (run / "record.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"record\.json: not valid JSON"):
         recorded_parent(cfg, "auto")
+
+
+def test_a_parent_trained_with_settings_a_later_raylm_refuses_is_still_a_parent(tiny_run, tmp_path):
+    """A checkpoint's recorded config is read, not validated again (config.recorded_config):
+    a training setting refused since it trained (a warmup past max_steps) must not make the
+    run unusable as a parent, for inference or for evaluation; its model is still checked."""
+    import json
+
+    from raylm.eval.pool import make_runner
+    from raylm.generate import load_for_inference
+
+    parent = _copy_run(tiny_run, tmp_path)
+    meta_path, marker = parent / "ckpt-00000200" / "meta.json", parent / "ckpt-00000200" / "COMMITTED"
+
+    def write(meta):  # as a run that trained so would have committed it (COMMITTED: each file's size and sha256)
+        import hashlib
+
+        data = json.dumps(meta).encode()
+        meta_path.write_bytes(data)
+        commit = json.loads(marker.read_text())
+        commit["files"]["meta.json"] = [len(data), hashlib.sha256(data).hexdigest()]
+        marker.write_text(json.dumps(commit))
+
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["train"].update(max_steps=40, warmup_steps=100)  # refused at load today
+    write(meta)
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        load_config(base=meta["config"])
+    cfg, facts = parent_of(sft_config(str(parent), "data.seq_len=64"))
+    assert facts["stage"] == "pretrain" and cfg.model.dim == 64
+    assert load_for_inference(str(parent))[0].cfg.dim == 64
+    assert make_runner(str(parent)).max_seq_len == 128
+    meta["config"]["model"]["dim"] = -1  # the model itself is still checked
+    write(meta)
+    with pytest.raises(ConfigError, match=r"model\.dim"):
+        parent_of(sft_config(str(parent), "data.seq_len=64"))
