@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -79,7 +80,8 @@ def main() -> dict:
     parser.add_argument("--steps-between", type=int, default=3, help="training steps between saves")
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--storage", help="where checkpoints go (default: a temporary local directory)")
+    parser.add_argument("--storage", help="where checkpoints go (default: a temporary local directory, "
+                                            "removed at the end)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     storage = args.storage or tempfile.mkdtemp(prefix="raylm-ckptbench-")
@@ -88,8 +90,12 @@ def main() -> dict:
     from raylm.model import count_params
 
     params = count_params(load_config(overrides=model_overrides(args)).model)
-    sync = measure(False, args, storage)
-    async_ = measure(True, args, storage)
+    try:
+        sync = measure(False, args, storage)
+        async_ = measure(True, args, storage)
+    finally:
+        if not args.storage:  # the default directory holds two full checkpoints (3 GB at gpt2-124m)
+            shutil.rmtree(storage, ignore_errors=True)
     return {
         "benchmark": "checkpoint_blocking", "preset": args.preset, "params": params,
         "state_mb": round(params * 4 * 3 / 1e6),  # fp32 weights + AdamW's two moments

@@ -36,11 +36,14 @@ Without --run, the tiny test run (tests/tiny_run.py) is trained first (about 15 
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib.util
 import itertools
 import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -134,8 +137,20 @@ def main() -> dict:
     p.add_argument("--skip", default="", help="comma-separated backends not to run: pool, local, hf")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    # Checked before any work: a missing package otherwise ends the run with a traceback after
+    # the other backends have run.
+    needed = {"lm_eval": "lm-eval (pip install -e '.[eval]')"}
+    if "hf" not in skip:
+        needed.update(accelerate="accelerate (pip install accelerate), which lm-eval's hf backend needs",
+                      transformers="transformers (pip install transformers)")
+    missing = [what for module, what in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        p.error(f"not installed: {'; '.join(missing)}" + ("" if "hf" in skip else "; or pass --skip hf"))
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="raylm-eval-bench-"))
+    # The task, the tiny run and the HF export (the size of --run's model) go when the process does.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     run = args.run
     if not run:
         from tests.tiny_run import make_tiny_run
@@ -143,7 +158,6 @@ def main() -> dict:
         run = make_tiny_run(str(work))
     task_dir = write_task(work, hellaswag_items(args.items, args.context_words, args.ending_words))
     requests = args.items * ENDINGS
-    skip = set(filter(None, args.skip.split(",")))
 
     import ray
     import torch
@@ -190,8 +204,9 @@ def main() -> dict:
         if len(rs) > 1:
             results[name]["rounds_seconds"] = [x["seconds"] for x in rs]
     for r in results.values():
-        r["requests_per_s"] = round(requests / r["seconds"], 1)
-        r["scoring_requests_per_s"] = round(requests / r["loglikelihood_s"], 1)
+        # null where a time rounds to 0.00 s (a few requests on a small model): no rate to give.
+        r["requests_per_s"] = round(requests / r["seconds"], 1) if r["seconds"] else None
+        r["scoring_requests_per_s"] = round(requests / r["loglikelihood_s"], 1) if r["loglikelihood_s"] else None
     ray.shutdown()
     ratios = {}
     if "raylm_pool" in results and "hf" in results:

@@ -113,7 +113,10 @@ def main() -> int:
     names = args.only or list(SUITE)
     if args.table_only and not args.device_name:
         p.error("--table-only needs --device-name (the prefix of the JSON files, e.g. h100)")
-    slug = args.device_name or ("gpu" if args.dry_run else device_slug())
+    # Anything that runs needs a GPU, whatever --device-name says: on a CPU the GPU shapes would
+    # take hours or be killed for memory.
+    detected = None if args.table_only or args.dry_run else device_slug()
+    slug = args.device_name or detected or "gpu"
     out_dir = Path(args.out_dir)
     failed = []
     if not args.table_only and not args.skip_tests:
@@ -133,6 +136,10 @@ def main() -> int:
         return 0
     results = {n: json.loads((out_dir / f"{slug}-{n}.json").read_text())
                for n in names if (out_dir / f"{slug}-{n}.json").is_file() and n not in failed}
+    if args.table_only and not results:
+        print(f"gpu_suite: no results to tabulate: none of {', '.join(f'{slug}-{n}.json' for n in names)} "
+              f"is in {out_dir}", file=sys.stderr)
+        return 1
     print(table(results))
     if failed:
         print(f"gpu_suite: failed: {', '.join(failed)}", file=sys.stderr)

@@ -21,12 +21,13 @@ own start as raylm's run trained after its start, so start-up costs come out of 
 on both sides. Both are scored the same way. `ratio_bpb` (raylm / peer) <= 1 means the Ray
 path costs nothing in quality; `startup_s` is each side's time before its first training step.
 The figures of a single-file GPT trainer measured earlier on this kind of machine stay in
-`reference` for context.
+`reference` for context. Prints one JSON object on stdout (progress goes to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -127,7 +128,14 @@ def main(argv: list[str] | None = None) -> dict | int:
     if not data.is_file():
         print(f"quality_cpu: {data} not found; pass --data PATH to a text file", file=sys.stderr)
         return 2
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # progress (raylm's log, Ray's workers) to stderr
+        out = measure(args, data)
+    print(json.dumps(out, indent=1), file=stdout)  # stdout holds the JSON object and nothing else
+    return out
 
+
+def measure(args: argparse.Namespace, data: Path) -> dict:
     import ray
 
     from raylm.config import load_config
@@ -182,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict | int:
         # From the figures as printed (both rounded to 4 places), so a reader recomputes the same ratio.
         out["ratio_bpb"] = round(out["val_bpb"] / peer["val_bpb"], 4)
         out["ratio_goal_met"] = out["val_bpb"] <= peer["val_bpb"]
-    print(json.dumps(out, indent=1))
+    if not ray_was_up:
+        ray.shutdown()  # before the JSON is printed: its workers' last log lines go to stderr too
     return out
 
 

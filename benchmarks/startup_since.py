@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not Path(args.data).is_file():
         raise SystemExit(f"startup_since: {args.data} not found; pass --data PATH to a text file")
     data = str(Path(args.data).resolve())
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{args.rev}^{{commit}}"],
+                      capture_output=True).returncode:
+        raise SystemExit(f"startup_since: --rev {args.rev} is not a commit of the repository at {ROOT}")
     with tempfile.TemporaryDirectory(prefix="raylm-startup-") as tmp:
         old = Path(tmp, "old")
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(old), args.rev], check=True)

@@ -198,3 +198,77 @@ def test_ray_overhead_defaults_on_a_cpu_are_the_issues_tiny_configuration():
     assert (a.preset, a.seq_len, a.global_batch, a.warmup, a.steps) == ("gpt2-124m", 1024, 16, 20, 20)
     a = mod.parse_args(["--device", "cpu", "--preset", "gpt2-124m", "--steps", "5", "--warmup", "3"])
     assert (a.preset, a.seq_len, a.warmup, a.steps) == ("gpt2-124m", 128, 5, 5)  # given values win
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_suite_refuses_to_run_without_cuda_even_with_a_device_name(tmp_path):
+    """--device-name only names the files: given it on a CPU machine, the suite ran the GPU
+    shapes on the CPU (gpt2-124m decode, then 1b training: hours, or killed for memory)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--device-name", "h100", "--skip-tests",
+                           "--only", "decode-eager", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and "no CUDA device" in proc.stderr, proc.stderr[-2000:]
+    assert "decode_throughput.py" not in proc.stderr and not any(tmp_path.iterdir())  # nothing started
+
+
+def test_gpu_suite_table_only_without_results_fails_and_says_where_it_looked(tmp_path):
+    """--table-only over a directory without the suite's JSON printed an empty table and exit 0."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--table-only", "--device-name", "h100",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "h100-train-124m.json" in proc.stderr and str(tmp_path) in proc.stderr and "Traceback" not in proc.stderr
+    # With one result there, the table holds that row.
+    suite = _load("gpu_suite.py")
+    decode = {"device": "NVIDIA H100", "results": [{"batch": 1, "decode_tokens_per_s": 1600.0}]}
+    (tmp_path / "h100-decode-eager.json").write_text(json.dumps(decode))
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--table-only", "--device-name", "h100",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == suite.table({"decode-eager": decode})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is not None, reason="accelerate is installed here")
+def test_eval_throughput_refuses_a_missing_peer_package_before_any_work(tmp_path):
+    """Without accelerate (which lm-eval's hf backend needs) the benchmark trained a run, timed
+    raylm's two backends for minutes, then died with a traceback at the peer, printing nothing."""
+    proc = subprocess.run([sys.executable, str(BENCH / "eval_throughput.py"), "--items", "4",
+                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
+                          env={**ENV, "TMPDIR": str(tmp_path)}, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert "accelerate" in proc.stderr and "--skip hf" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_checkpoint_blocking_removes_its_default_checkpoint_directory(tmp_path):
+    """Without --storage the checkpoints went to a temporary directory that was never removed:
+    two full checkpoints (3 GB at the default gpt2-124m) left in the temp directory by every run."""
+    proc = subprocess.run([sys.executable, str(BENCH / "checkpoint_blocking.py"), "--preset", "tiny", "--saves", "1",
+                           "--steps-between", "1"], capture_output=True, text=True,
+                          env={**ENV, "TMPDIR": str(tmp_path)}, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    assert out["storage"] == "local" and len(out["sync"]["blocking_s_per_save"]) == 1
+    assert "raylm-ckptbench-" in proc.stderr  # it did save under the temporary directory
+    assert not list(tmp_path.glob("raylm-ckptbench-*"))
+
+
+def test_startup_since_refuses_an_unknown_rev_in_one_line(tmp_path):
+    """A --rev git cannot check out ended in a CalledProcessError traceback."""
+    data = tmp_path / "corpus.txt"
+    data.write_text("some text\n")
+    proc = subprocess.run([sys.executable, str(BENCH / "startup_since.py"), "--rev", "no-such-rev-in-this-repo",
+                           "--data", str(data)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "--rev no-such-rev-in-this-repo is not a commit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_engine_throughput_cpu_smoke_engine_equals_sequential_generate():
+    """The engine and its peer (the same requests one by one through `generate`) produce the
+    same tokens (seeded sampling, no stop token): what makes their tokens/s comparable."""
+    out = _run("engine_throughput.py", "--preset", "tiny", "--requests", "3", "--concurrency", "1,2",
+               "--prompt-lens", "3,6", "--new-tokens", "3,5", "--threads", "1")
+    seq = out["sequential_generate"]
+    assert out["requests"] == 3 and seq["tokens"] > 0 and seq["output_tokens_per_s"] > 0
+    assert [r["concurrency"] for r in out["engine"]] == [1, 2]
+    for r in out["engine"]:
+        assert r["tokens"] == seq["tokens"] and r["output_tokens_per_s"] > 0 and r["vs_sequential_generate"] > 0
+        assert r["requests_equal_to_generate"] == 3, r
