@@ -597,6 +597,60 @@ def load(model, optimizer, ckpt_uri: str, s3: S3Config | None = None) -> dict:
     return meta
 
 
+def model_entries(ckpt_uri: str, s3: S3Config | None = None) -> dict[str, torch.Size]:
+    """{parameter name: shape} of the model's entries in a checkpoint's own index (`.metadata`,
+    read and checked as a load reads it: the committed size and sha256, the unpickling
+    allowlist, ranges inside the checkpoint's files), without reading a shard: what a loader
+    compares its model with before allocating it. An entry whose stored bytes could not hold
+    the shape it claims is refused, so a shape here is one the files really back."""
+    reader = RangedReader(ckpt_uri, s3)
+    metadata = reader.read_metadata()
+    stored: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    out = {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not fqn.startswith("model.") or not isinstance(entry, TensorStorageMetadata):
+            continue
+        size = torch.Size(entry.size)
+        need = size.numel() * entry.properties.dtype.itemsize
+        if stored.get(fqn, 0) < need:
+            raise CheckpointError(f"{reader._where('.metadata')}: entry {fqn!r} claims {tuple(size)} "
+                                  f"{str(entry.properties.dtype).removeprefix('torch.')} ({need} bytes), but the "
+                                  f"checkpoint stores {stored.get(fqn, 0)} bytes of it (a damaged or altered index)")
+        out[fqn.removeprefix("model.")] = size
+    return out
+
+
+def check_model_shapes(model, ckpt_uri: str, s3: S3Config | None = None,
+                       entries: dict[str, torch.Size] | None = None) -> None:
+    """Refuse a model (built on meta: nothing allocated yet) whose parameters differ from the
+    checkpoint's entries (`model_entries`, read here unless given), in one line naming the
+    checkpoint's meta.json (whose config the model was built from) and the first differing
+    tensor: a mismatched or altered meta.json must not make a loader allocate the model it
+    claims (a dim of 10^6 is terabytes) before the weights are compared."""
+    saved = model_entries(ckpt_uri, s3) if entries is None else entries
+    where = storage.join(ckpt_uri, META)
+    own = {name: t.shape for name, t in model.state_dict().items()}
+    for name, shape in own.items():
+        if name not in saved:
+            problem = f"{name} {tuple(shape)} in the model is not in the checkpoint"
+        elif saved[name] != shape:
+            problem = f"{name} is {tuple(shape)} in the model, {tuple(saved[name])} in the checkpoint"
+        else:
+            continue
+        break
+    else:
+        extra = next((n for n in saved if n not in own), None)
+        if extra is None:
+            return
+        problem = f"{extra} {tuple(saved[extra])} in the checkpoint is not in the model"
+    raise CheckpointError(f"{where}: its config's model does not match the checkpoint's weights: {problem} "
+                          f"(a meta.json from another checkpoint, or altered)")
+
+
 def load_model_weights(model, ckpt_uri: str, s3: S3Config | None = None) -> dict:
     """Model weights only, into a plain single-process model: for eval, export and serving.
     Only the model's entries are read; the optimizer's bytes never leave storage."""

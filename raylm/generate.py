@@ -9,6 +9,8 @@ runs eagerly for `raylm generate`.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Collection
 
 import torch
@@ -62,8 +64,8 @@ def load_for_inference(uri: str, s3: S3Config | None = None, device: str | torch
     if not isinstance(meta.get("config"), dict):
         raise checkpoint.CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: no 'config'; not written by raylm")
     model_cfg = checkpoint_model_config(ckpt, meta)
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
+    model = checked_meta_model(ckpt, model_cfg, s3)
+    check_fits(ckpt, model_cfg, dtype, device)
     model.to(dtype)  # on meta: only the dtype changes, nothing is allocated
     model.to_empty(device=device)
     model.init_buffers()
@@ -75,6 +77,47 @@ def load_for_inference(uri: str, s3: S3Config | None = None, device: str | torch
         raise CheckpointError(f"{storage.redact_url(tok_uri)}: tokenizer hash {tok.sha256[:12]} differs from the one "
                               f"{storage.redact_url(ckpt)} was trained with ({str(meta['tokenizer_sha256'])[:12]})")
     return model, tok, meta
+
+
+def checked_meta_model(ckpt: str, model_cfg: ModelConfig, s3: S3Config | None = None) -> Transformer:
+    """`model_cfg`'s model on meta (nothing allocated), refused unless its parameters are the
+    checkpoint's entries, shape for shape (`checkpoint.check_model_shapes`, one line naming
+    meta.json and the first differing tensor). A config claiming more layers than the
+    checkpoint holds is told from a model of one layer more, not built whole: 10^5 layers take
+    minutes to build even on meta."""
+    entries = checkpoint.model_entries(ckpt, s3)
+    saved_layers = {int(n.split(".")[1]) for n in entries if n.split(".")[0] == "layers" and n.split(".")[1].isdigit()}
+    cap = max(saved_layers, default=-1) + 2  # the checkpoint's layers and one more
+    shape_cfg = dataclasses.replace(model_cfg, n_layers=min(model_cfg.n_layers, cap))
+    with torch.device("meta"):
+        model = Transformer(shape_cfg)
+    checkpoint.check_model_shapes(model, ckpt, s3, entries)
+    if shape_cfg != model_cfg:  # unreachable: a capped model lacks layers the config has
+        raise AssertionError("layer count passed the shape check")
+    return model
+
+
+def check_fits(ckpt: str, model_cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> None:
+    """Refuse, in one line naming the checkpoint's meta.json, a model whose weights (in
+    `dtype`) and RoPE tables (fp32, max_seq_len rows, which no checkpoint entry records) need
+    more than all of `device`'s memory, rather than a traceback from the allocator (or the OS
+    killing the process). Devices other than CPU and CUDA are not checked."""
+    from raylm.model import count_params
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    elif device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        return
+    weights = count_params(model_cfg) * dtype.itemsize
+    rope = 2 * model_cfg.max_seq_len * (model_cfg.head_dim // 2) * 4
+    if weights + rope > total:
+        raise CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: its model needs {(weights + rope) / 2**30:.1f} "
+                              f"GiB ({weights / 2**30:.1f} GiB of {str(dtype).removeprefix('torch.')} weights, "
+                              f"{rope / 2**30:.1f} GiB of RoPE tables for max_seq_len={model_cfg.max_seq_len}), more "
+                              f"than the {total / 2**30:.1f} GiB of memory on {device}")
 
 
 def checkpoint_model_config(ckpt: str, meta: dict) -> ModelConfig:

@@ -232,11 +232,11 @@ def load_reference(cfg: Config, ckpt: str, device: str, precision: str):
     there). Built on meta and filled once by the checkpoint's weights."""
     import torch
 
-    from raylm.model import Transformer
+    from raylm.generate import check_fits, checked_meta_model
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
+    model = checked_meta_model(ckpt, cfg.model, cfg.s3)  # the checkpoint's index, before allocating
+    check_fits(ckpt, cfg.model, dtype, device)
     model.to(dtype)  # on meta: only the dtype changes
     model.to_empty(device=device)
     model.init_buffers()

@@ -34,7 +34,6 @@ from raylm.batches import Batch, RankBatches, is_padding, rank_val_batches, resh
 from raylm import objectives
 from raylm.objectives import make_objective
 from raylm.metrics import MetricsLog, mfu
-from raylm.model import Transformer
 from raylm.parallel import build_parallel_model, init_local_process_group, is_sharded, resolve_precision, sharding_pays
 
 # --------------------------------------------------------------------------- objectives
@@ -828,8 +827,9 @@ def load_parent_weights(model, cfg: Config) -> str:
             raise checkpoint.CheckpointError(f"{parent}: its model ({parent_model.n_layers}x{parent_model.dim}, "
                                              f"vocab {parent_model.vocab_size}) is not this run's model "
                                              f"({cfg.model.n_layers}x{cfg.model.dim}, vocab {cfg.model.vocab_size})")
-        with torch.device("meta"):
-            plain = Transformer(cfg.model)
+        from raylm.generate import checked_meta_model
+
+        plain = checked_meta_model(parent, cfg.model, cfg.s3)  # the parent's index, before allocating
         plain.to_empty(device="cpu")
         checkpoint.load_model_weights(plain, parent, cfg.s3)
         full = plain.state_dict()

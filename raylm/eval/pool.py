@@ -222,11 +222,9 @@ class RayPoolRunner(Runner):
         shipped to the actors; else None."""
         from raylm.config import recorded_config
         from raylm.generate import load_for_inference
-        from raylm.model import Transformer
+        from raylm.model import count_params
 
-        with torch.device("meta"):
-            shape = Transformer(recorded_config(meta["config"]).model)
-        if sum(p.numel() * 4 for p in shape.parameters()) > max_bytes:  # float32, as actors load
+        if count_params(recorded_config(meta["config"]).model) * 4 > max_bytes:  # float32, as actors load
             return None
         return load_for_inference(ckpt, s3)[0]
 

@@ -85,6 +85,8 @@ def weights(monkeypatch):
     model.init_weights()
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(raylm.checkpoint, "load_model_weights", lambda m, ckpt, s3=None: m.load_state_dict(sd))
+    # ... and whose index the loader compares the model with before allocating it.
+    monkeypatch.setattr(raylm.checkpoint, "model_entries", lambda ckpt, s3=None: {k: v.shape for k, v in sd.items()})
     return sd
 
 
