@@ -393,36 +393,54 @@ def _error_rows(group: dict) -> dict:
 
 
 # Below this corpus size the buckets are formed on the driver from the streamed keys: the
-# keys of a few hundred MB of text fit in memory, and a distributed groupby's start-up
-# (shuffle actors) would cost more than the grouping itself.
+# keys of a few hundred MB of text fit in memory (about 12x the text for documents of 200
+# bytes, the worst case: 3 GB at this size), and a distributed groupby's start-up (shuffle
+# actors) would cost more than the grouping itself.
 SMALL_CORPUS_BYTES = 256 * 2**20
 
 
 def _edges_on_driver(keys: Iterable[dict], threshold: float):
-    """Edges of every bucket of `keys` (`bucket_keys` batches), grouped here."""
-    buckets: dict[bytes, dict] = {}
+    """Edges of every bucket of `keys` (`bucket_keys` batches), grouped here.
+
+    Memory is per key: a document has one exact key and one per band, nearly all of them
+    alone in their bucket. So a bucket holds its first member, a (file, line) tuple shared
+    by the document's keys, and becomes a list only at a second member; exactness is read
+    from the key ("exact:" + 16 bytes; band keys are 12)."""
+    buckets: dict[bytes, tuple | list] = {}
     compact: dict[tuple[int, int], bytes] = {}  # one signature per document, not one per band
     bad = {"file": [], "line": [], "error": []}
+    member = None
     for b in keys:
-        for key, file, line, exact, sig, error in zip(b["key"], b["file"].tolist(), b["line"].tolist(),
-                                                      b["exact"].tolist(), b["sig"], b["error"]):
+        for key, file, line, sig, error in zip(b["key"], b["file"].tolist(), b["line"].tolist(), b["sig"], b["error"]):
             if key == ERROR_KEY:
                 bad["file"].append(file)
                 bad["line"].append(line)
                 bad["error"].append(error)
                 continue
-            g = buckets.setdefault(key, {"file": [], "line": [], "exact": exact})
-            g["file"].append(file)
-            g["line"].append(line)
+            if member is None or member[0] != file or member[1] != line:
+                member = (file, line)
+            g = buckets.get(key)
+            if g is None:
+                buckets[key] = member
+            elif type(g) is tuple:
+                buckets[key] = [g, member]
+            else:
+                g.append(member)
             if sig:
-                compact.setdefault((file, line), sig)
-    for g in buckets.values():
-        if len(g["file"]) > 1:
-            sigs = None if g["exact"] else [compact[m] for m in zip(g["file"], g["line"])]
-            yield bucket_edges({"file": np.array(g["file"]), "line": np.array(g["line"]),
-                                "exact": np.array([g["exact"]]), "sig": sigs}, threshold)
+                compact.setdefault(member, sig)
+    for key, g in buckets.items():
+        if type(g) is list:
+            exact = _is_exact_key(key)
+            yield bucket_edges({"file": np.array([m[0] for m in g]), "line": np.array([m[1] for m in g]),
+                                "exact": np.array([exact]), "sig": None if exact else [compact[m] for m in g]},
+                               threshold)
     if bad["error"]:
         yield _error_rows(bad)
+
+
+def _is_exact_key(key: bytes) -> bool:
+    """Whether a `bucket_keys` key is a content hash ("exact:" + 16 bytes) rather than a band key (12 bytes)."""
+    return len(key) == 22 and key.startswith(b"exact:")
 
 
 def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig,
