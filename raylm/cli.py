@@ -4,12 +4,12 @@
     raylm tokenizer train --data corpus/ --out tok/
     raylm data prepare --data 's3://bucket/corpus/*.jsonl.gz' --out s3://bucket/prepared
     raylm pretrain --config run.yaml train.lr=1e-3 model.preset=350m
-    raylm pretrain --resume name=myrun       # continue from the newest complete checkpoint
+    raylm pretrain --resume --from-record runs/myrun/record.json   # continue from its newest checkpoint
     raylm pretrain --from-record runs/quickstart/record.json
     raylm generate runs/quickstart --prompt "The "
     raylm sft --from runs/quickstart --data chat.jsonl       # -> runs/quickstart-sft
     raylm dpo --from runs/quickstart-sft --data pairs.jsonl  # -> runs/quickstart-sft-dpo
-    raylm generate runs/quickstart-sft --chat --prompt "reverse: abc"
+    raylm generate runs/quickstart-sft --chat --prompt "word after cat: dog cat fox"
     raylm export runs/quickstart-sft --format hf --out export/quickstart-sft
     raylm serve runs/quickstart-sft --port 8000               # OpenAI API at http://127.0.0.1:8000/v1
     raylm tune --space space.yaml name=search1 tune.num_samples=8   # -> runs/search1/best.yaml
@@ -249,6 +249,9 @@ def cmd_serve(args) -> None:
     explicit = {k: v for k, v in (("engine", args.engine), ("host", args.host), ("port", args.port),
                                   ("api_key", args.api_key)) if v is not None}
     cfg = load_serve_config(args.overrides, **explicit)
+    if args.detach and not os.environ.get("RAY_ADDRESS"):  # the app would end with this command's own cluster
+        raise ConfigError("serve --detach leaves the app running on a cluster this command joins (RAY_ADDRESS); "
+                          "without one, the local cluster it starts ends with it: leave out --detach")
     if not os.environ.get("RAY_ADDRESS"):  # a cluster of our own: Serve is not listening there yet
         check_port_free(cfg)  # before Ray starts, not after (start() checks where Serve may run)
     init_ray(Config())
@@ -361,10 +364,6 @@ def cmd_eval(args) -> None:
     if args.workers is not None:
         overrides.append(f"eval.workers={args.workers}")
     cfg = load_config(args.config, overrides)
-    if cfg.eval.workers:
-        from raylm.pipeline import init_ray
-
-        init_ray(cfg)
     tasks = [t for t in (args.tasks or "").split(",") if t]
     out = evaluate_run(args.run, cfg, tasks=tasks, include_path=args.include_path, corpora=args.corpus or (),
                        limit=args.limit, num_fewshot=args.num_fewshot, out=args.out)
@@ -410,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("quickstart", cmd_quickstart,
              "Train a tokenizer and a tiny model on a built-in offline corpus on a local Ray cluster "
              "sized to this machine (a few minutes on a laptop CPU), print validation perplexity and "
-             "samples, then fine-tune it (SFT) on a built-in synthetic instruction set and print one "
-             "chat exchange.")
+             "samples, then fine-tune it (SFT) on a built-in synthetic instruction set, print one "
+             "chat exchange, serve it once through the OpenAI API on loopback and print a summary.")
     sp.add_argument("--no-sft", action="store_true", help="stop after pre-training")
 
     sp = add("pretrain", cmd_pretrain,

@@ -660,6 +660,7 @@ def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int,
     cfg, tok, prepared = beside_ray_start(cfg, without_ray)
     cfg = resolve_workers(cfg)
     datasets, manifest = training_inputs(cfg, tok, corpus, prepared)
+    check_resume_before_record(cfg, resume, manifest)  # a refused resume leaves the run's record as it was
     record = write_record(cfg, "pretrain", tok, manifest)
     log(f"pretrain: {workers_summary(cfg)}, model {_model_summary(cfg)}, run record {record}")
     result = run_ray_training(cfg, datasets, manifest, resume=resume, max_failures=max_failures)
@@ -669,6 +670,18 @@ def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int,
     summary["seconds"] = round(time.time() - t0, 1)
     storage.write_text(storage.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=1), cfg.s3)
     return summary
+
+
+def check_resume_before_record(cfg: Config, resume: str, manifest: dict | None) -> None:
+    """Refuse a resume whose settings the run's newest complete checkpoint does not take
+    (`raylm.train.check_resumable`, which the workers apply again) before `write_record`
+    replaces the record that describes those checkpoints."""
+    from raylm import checkpoint
+    from raylm.train import check_resumable, checkpoint_facts, resume_point
+
+    found = resume_point(cfg, resume)
+    if found:
+        check_resumable(found, checkpoint.read_meta(found, cfg.s3), cfg, checkpoint_facts(cfg, manifest))
 
 
 def workers_summary(cfg: Config) -> str:

@@ -29,7 +29,8 @@ from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
 from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restarts, list_corpus,
                         prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
-from raylm.pipeline import absolute_paths, init_ray, keep_in_run, log, resolve_workers, workers_summary
+from raylm.pipeline import (absolute_paths, check_resume_before_record, init_ray, keep_in_run, log, resolve_workers,
+                            workers_summary)
 from raylm.record import RECORD, write_record
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -148,6 +149,7 @@ def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: fl
     manifest = prepare_chat(cfg.stage, cfg.data, tok, data_dir, cfg.seed, cfg.s3, log=log)
     if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
         data_dir, manifest = precompute_reference(cfg, data_dir, manifest, parent)
+    check_resume_before_record(cfg, resume, manifest)  # a refused resume leaves the run's record as it was
     record = write_record(cfg, cfg.stage, tok, manifest, extra={"parent": parent})
     log(f"{cfg.stage}: {workers_summary(cfg)} from {parent['checkpoint']} "
         f"({manifest['train']['blocks']} train rows), run record {record}")

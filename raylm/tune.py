@@ -373,7 +373,9 @@ def _new_search(cfg: Config, space: dict, tc: TuneConfig, text: str, space_path:
     # Written down redacted, as every record (an endpoint's password stays off disk and S3);
     # the trials get the S3 settings of the command line (`_run`).
     state = {"base": to_dict(base, redact=True), "space_text": text, "space_path": space_path, "tune": to_dict(tc),
-             "data_dir": data_dir, "manifest": manifest}
+             "data_dir": data_dir, "manifest": manifest,
+             # as given: base holds a trial's share of the cluster, which best.yaml must not pin
+             "workers": {"num_workers": cfg.train.num_workers, "cpus_per_worker": cfg.train.cpus_per_worker}}
     storage.write_text(storage.join(search_dir, SEARCH_FILE), json.dumps(state, indent=1), cfg.s3)
     return _run(state, cfg, resume=False, log=log)
 
@@ -568,8 +570,9 @@ def report(grid, state: dict, cfg: Config, tc: TuneConfig, log=print) -> dict:
     ok = [r for r in rows if r["status"] != "error" and _ranked(r)]
     if ok:
         best = ok[0]
-        best_cfg = load_config(base=state["base"], overrides=[*best["params"].items(), ("name", f"{cfg.name}-best"),
-                                                              ("storage", cfg.storage)])
+        given = [(f"train.{k}", v) for k, v in state.get("workers", {}).items() if f"train.{k}" not in best["params"]]
+        best_cfg = load_config(base=state["base"], overrides=[*given, *best["params"].items(),
+                                                              ("name", f"{cfg.name}-best"), ("storage", cfg.storage)])
         uri = storage.join(search_dir, "best.yaml")
         text = (f"# raylm tune {cfg.name}: trial {best['trial']}, {tc.metric} {best['last']:.4f} at step "
                 f"{best['steps']}\n# {_params_text(best['params'])}\n# run it: raylm pretrain --config best.yaml\n")

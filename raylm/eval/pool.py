@@ -298,8 +298,9 @@ class RayPoolRunner(Runner):
 
 
 def make_runner(path: str, workers: int = 0, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                batch_tokens: int = 4096, device: str = "cpu", s3=None):
-    """A LocalRunner (workers=0) or a RayPoolRunner for the run at `path`."""
+                batch_tokens: int = 4096, device: str = "cpu", s3=None, ray_config=None):
+    """A LocalRunner (workers=0) or a RayPoolRunner for the run at `path`; `ray_config`: the
+    Config to start a local Ray cluster with when none is running (default: Config())."""
     from raylm.generate import load_for_inference, load_tokenizer, resolve_checkpoint, tokenizer_of
     from raylm import checkpoint
 
@@ -315,6 +316,6 @@ def make_runner(path: str, workers: int = 0, cpus_per_worker: float = 1.0, gpus_
     meta = checkpoint.read_meta(ckpt, s3)
     tok = load_tokenizer(tokenizer_of(ckpt, meta, s3), s3)
     if not ray.is_initialized():
-        init_ray(Config())
+        init_ray(ray_config or Config())
     max_len = recorded_config(meta["config"]).model.max_seq_len
     return RayPoolRunner(ckpt, tok, max_len, PoolSpec(workers, cpus_per_worker, gpus_per_worker), s3, batch_tokens)

@@ -92,7 +92,10 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
     version = ""
     if tasks or mc or gen:
         # One runner (one actor pool, started here) for the harness's tasks and the built-in ones.
-        runner = make_runner(ckpt, ec.workers, ec.cpus_per_worker, ec.gpus_per_worker, ec.batch_tokens, s3=s3)
+        # Ray starts here, for the pool alone (bits per byte runs in this process), once the
+        # run and the task files have been checked.
+        runner = make_runner(ckpt, ec.workers, ec.cpus_per_worker, ec.gpus_per_worker, ec.batch_tokens, s3=s3,
+                             ray_config=cfg)
         try:
             for p, items in mc.items():  # before the harness's work: a bad line fails fast
                 check_mc_fits(p, items[:limit], runner.tok, runner.max_seq_len)

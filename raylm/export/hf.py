@@ -128,6 +128,7 @@ def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int, v
         # Only this shard's converted copies live at once (a no-op `.to` shares the parameter).
         tensors = {k: hf_sd[k].detach().to("cpu", dtype).contiguous() for k in keys}
         save_file(tensors, str(out / file), metadata={"format": "pt"})  # "pt": what HF loaders expect
+        os.chmod(out / file, 0o644)  # safetensors leaves its file private (0600); the export is for others to read
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(keys, file))
         del tensors

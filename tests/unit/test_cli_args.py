@@ -112,8 +112,8 @@ STOPS = {
     "pretrain": ("raylm.pipeline", "pretrain"), "quickstart": ("raylm.pipeline", "pretrain"),
     "sft": ("raylm.posttrain", "posttrain"), "dpo": ("raylm.posttrain", "posttrain"),
     "prepare": ("raylm.pipeline", "preflight"), "tune": ("raylm.tune", "tune"),
-    "eval": ("raylm.pipeline", "init_ray"), "run": ("raylm.recipe", "run_recipe"),
-    "serve": ("raylm.serve.app", "check_port_free"),
+    "eval": ("raylm.eval.run", "evaluate_run"), "run": ("raylm.recipe", "run_recipe"),
+    "serve": ("raylm.pipeline", "init_ray"),  # jobs/serve.py: --detach, on the cluster it is submitted to
 }
 
 
@@ -146,6 +146,8 @@ def test_job_docstring_commands_work_as_written(job, argv, with_config, tmp_path
         i = argv.index("--config")
         argv = argv[:i] + argv[i + 2:]
     command = next(a for a in argv if a in STOPS)
+    if command == "serve":  # a job runs with RAY_ADDRESS set, which `serve --detach` needs
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     if "--resume" in argv:
         stop_at(monkeypatch, "raylm.tune", "resume")
     else:
