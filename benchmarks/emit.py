@@ -2,21 +2,10 @@
 
 import contextlib
 import json
-import math
 import os
 import sys
 
-
-def finite(x):
-    """`x` with every non-finite float (a diverged loss, a ratio over zero) as None: JSON has no
-    NaN or Infinity, and strict parsers (jq, JavaScript, Go) refuse the tokens Python writes."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    return x
+from raylm.eval.results import finite  # non-finite figures as null: JSON has no NaN
 
 
 def write_atomic(path: str, text: str) -> None:

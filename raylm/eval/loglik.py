@@ -123,6 +123,12 @@ def _score_run(model, groups: list) -> list[list]:
         # Right padding is harmless: a real token never attends to the positions after it.
         h = model.hidden_states(conts[:, :-1], caches, n_ctx)
         logp = torch.cat([logp, F.log_softmax(model.logits(h).float(), -1)], dim=1)  # (R, longest, V)
+    return _results(rows, logp, conts)
+
+
+def _results(rows: list, logp: torch.Tensor, conts: torch.Tensor) -> list[list]:
+    """[[request index, log-likelihood, is_greedy], ...] of `rows` (_, request index,
+    continuation) from their log-probabilities at the continuation positions (R, longest, V)."""
     picked = logp.gather(-1, conts.unsqueeze(-1)).squeeze(-1)  # (R, longest)
     best = logp.argmax(-1)
     out = []
@@ -149,14 +155,7 @@ def _score_masked(model, groups: list, doc_sep: int) -> list[list]:
         conts[r, :len(cont)] = torch.tensor(cont, device=device)
     h = model.hidden_states(tokens, doc_sep=doc_sep)
     h = h.gather(1, at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (R, longest, dim)
-    logp = F.log_softmax(model.logits(h).float(), -1)
-    picked = logp.gather(-1, conts.unsqueeze(-1)).squeeze(-1)
-    best = logp.argmax(-1)
-    out = []
-    for r, (_, idx, cont) in enumerate(rows):
-        n = len(cont)
-        out.append([idx, float(picked[r, :n].double().sum()), bool((best[r, :n] == conts[r, :n]).all())])
-    return out
+    return _results(rows, F.log_softmax(model.logits(h).float(), -1), conts)
 
 
 def score_pairs(model, pairs: list[Pair], batch_tokens: int = 4096,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from raylm import storage
 from raylm.config import ConfigError, S3Config
 from raylm.errors import DataError, PathNotFoundError
+from raylm.eval.results import finite
 
 # Fields that place a row rather than measure something.
 _NOT_METRICS = {"step", "time"}
@@ -71,15 +72,6 @@ def _non_finite_text(v: float) -> str:
     return "NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity"
 
 
-def _json_safe(v):
-    """`v` with every non-finite float inside it as None (for values nested in a row)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 def row_json(row: dict) -> str:
@@ -88,7 +80,7 @@ def row_json(row: dict) -> str:
     bad = {k: _non_finite_text(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
         row = {**{k: None if k in bad else v for k, v in row.items()}, NON_FINITE: bad}
-    return json.dumps(_json_safe(row), allow_nan=False)
+    return json.dumps(finite(row), allow_nan=False)
 
 
 def _restore_non_finite(row: dict) -> dict:

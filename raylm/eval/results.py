@@ -40,21 +40,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _finite(x):
+def finite(x):
     """`x` with NaN and infinities as None: JSON has no such numbers (Python writes NaN and
     Infinity, which strict readers such as jq and JavaScript refuse)."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: finite(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [finite(v) for v in x]
     return x
 
 
 def write_results(out: str, rows: list[dict], header: dict, s3=None) -> dict:
     """Write results.json and results.md into `out` (local or s3://); returns their paths."""
-    doc = json.dumps(_finite({**header, "results": rows}), indent=1, allow_nan=False)
+    doc = json.dumps(finite({**header, "results": rows}), indent=1, allow_nan=False)
     md = (f"Evaluation of `{header.get('checkpoint', '?')}` (tokenizer {str(header.get('tokenizer_sha256', ''))[:12]}, "
           f"lm-eval {header.get('lm_eval_version') or 'not used'})\n\n" + markdown_table(rows))
     paths = {"json": storage.join(out, "results.json"), "markdown": storage.join(out, "results.md")}

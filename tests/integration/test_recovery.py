@@ -19,7 +19,6 @@ every rank reports its upload done, so the failure comes first (4).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -77,9 +76,12 @@ def train(prepared, cfg, failure: str | None = None, resume: str = "auto", max_f
 
 
 def train_rows(cfg) -> list[dict]:
-    """The run's kind=train metrics rows, read straight from the S3 server (not via cfg.s3)."""
-    text = storage.read_text(storage.join(cfg.run_dir, "metrics.jsonl"))
-    return [r for r in map(json.loads, text.splitlines()) if r.get("kind") == "train"]
+    """The run's kind=train metrics rows, read straight from the S3 server (not via cfg.s3), as
+    raylm reads them (a non-finite value is written as null and read back as a float)."""
+    from raylm.eval.report import metrics_rows
+
+    uri = storage.join(cfg.run_dir, "metrics.jsonl")
+    return [r for r in metrics_rows(storage.read_text(uri), uri) if r.get("kind") == "train"]
 
 
 def key(rows: list[dict]) -> list[tuple]:
