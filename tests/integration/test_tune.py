@@ -95,7 +95,9 @@ def search(prepared, tmp_path_factory):
     space.write_text(ASHA_SPACE)
     before = _alive()
     stats0 = _stats_actors()
-    cfg = load_config(overrides=[*_base_args(prepared, str(tmp / "runs"), "asha"), ("data.path", prepared[1])])
+    # cpus_per_worker as a user leaves it ("auto"): best.yaml must keep it, not a trial's share.
+    cfg = load_config(overrides=[*_base_args(prepared, str(tmp / "runs"), "asha"), "train.cpus_per_worker=auto",
+                                 ("data.path", prepared[1])])
     summary = tune.tune(cfg, str(space))
     return summary, cfg, before, stats0
 
@@ -121,6 +123,9 @@ def test_asha_search_stops_a_trial_early_and_writes_the_best_config(search):
     assert float(rows[0]["train.lr"]) >= 3e-3, rows  # the good rates rank first
     best = yaml.safe_load(open(summary["best_config"]))
     assert best["train"]["lr"] == summary["best_params"]["train.lr"]
+    # The workers as the search was given them, not a trial's share of the cluster: a full run
+    # from best.yaml must not take a fraction of the machine.
+    assert (best["train"]["num_workers"], best["train"]["cpus_per_worker"]) == (1, "auto"), best["train"]
     assert open(summary["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # Each trial is a normal raylm run: record, metrics, and (finished ones) a committed checkpoint.
     from raylm import checkpoint
