@@ -15,6 +15,7 @@ from raylm.eval.loglik import encode_pair, fit_to_length
 from raylm.eval.pool import make_runner
 from raylm.eval.scorers import mc_metrics, score_gen, score_mc
 from raylm.eval.tasks import GenItem, MCItem
+from tests.unit.test_eval_fixes import greedy_by_hand
 
 REQUESTS = [("The cat sat on the", c) for c in (" mat", " moon and the stars", " a")] + \
            [("reverse: abc", " cba"), ("", "Hello world"), ("Answer: ", "yes"), ("word " * 200, " end")]
@@ -43,16 +44,7 @@ def masked_by_hand(model, ctx: list[int], cont: list[int], sep: int) -> float:
 
 def masked_greedy_by_hand(model, tok, ctx: list[int], steps: int) -> str:
     """Full masked forward passes, no cache: `steps` greedy tokens after `ctx`, up to EOS."""
-    ids, out = list(ctx), []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits, _ = model(torch.tensor([ids]), doc_sep=tok.eos_id)
-            nxt = int(logits[0, -1, :tok.vocab_size].argmax())
-            if nxt == tok.eos_id:
-                break
-            out.append(nxt)
-            ids.append(nxt)
-    return tok.decode(out)
+    return greedy_by_hand(model, tok, ctx, steps, doc_sep=tok.eos_id)
 
 
 def test_a_scored_context_holds_a_separator_that_the_mask_hides(tiny_run, one_thread):

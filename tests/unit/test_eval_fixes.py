@@ -26,13 +26,14 @@ def model_tok(tiny_run):
     return model, tok
 
 
-def greedy_by_hand(model, tok, ctx: list[int], steps: int) -> str:
-    """Full forward passes, no cache: `steps` greedy tokens after `ctx`, up to EOS."""
+def greedy_by_hand(model, tok, ctx: list[int], steps: int, doc_sep: int | None = None) -> str:
+    """Full forward passes, no cache (with `doc_sep`, masked ones): `steps` greedy tokens after
+    `ctx`, up to EOS."""
     ids = list(ctx)
     out = []
     with torch.no_grad():
         for _ in range(steps):
-            logits, _ = model(torch.tensor([ids]))
+            logits, _ = model(torch.tensor([ids]), doc_sep=doc_sep)
             nxt = int(logits[0, -1, :tok.vocab_size].argmax())
             if nxt == tok.eos_id:
                 break
