@@ -75,7 +75,8 @@ TEXT_ENCODING = 2
 # 3: phone extensions (`x123`, `ext. 12`), an apostrophe inside an e-mail's local part.
 # 4: NFC after control characters are removed; near-dedup's bands chosen for recall at the
 # threshold (13 bands of 7 rows at 0.8, raylm.dedup.lsh_params).
-CLEANING = 4
+# 5: near-dedup's words keep their combining marks (Devanagari's vowel signs, among others).
+CLEANING = 5
 
 
 from raylm.errors import DataError  # noqa: E402,F401  (defined with raylm's other error types)

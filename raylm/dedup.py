@@ -10,8 +10,8 @@ nothing at any corpus size.
 
 *Near duplicates* are documents whose sets of word 5-grams ("shingles") overlap with a
 Jaccard similarity above a threshold: the same page with another header, a reflowed copy, a
-licence with one name changed. Words are runs of `\\w` in the lowercased text, so case,
-punctuation and whitespace do not count. Comparing every pair is O(N²); instead
+licence with one name changed. Words are runs of `\\w` and combining marks in the lowercased
+text, so case, punctuation and whitespace do not count. Comparing every pair is O(N²); instead
 
 * `MinHasher.signature` maps a document to `num_perm` minima of independent hash functions
   over its shingles. Two signatures agree at a position with probability equal to the
@@ -53,6 +53,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import sys
+import unicodedata
 import zlib
 
 import numpy as np
@@ -74,7 +76,26 @@ _SHINGLE_BASE = 0x9E3779B97F4A7C15
 # to 4 MiB whatever the document's length (a 1M-word document would otherwise need 1 GiB).
 _SIGNATURE_CHUNK_ELEMENTS = 1 << 19
 
-_WORD = re.compile(r"\w+")
+
+@functools.cache
+def _word_pattern() -> re.Pattern:
+    """A word is a \\w character and every \\w or combining mark (Unicode categories Mn, Mc,
+    Me) after it. Python's \\w leaves marks out (they are not alphanumeric), so `\\w+` cut
+    Devanagari, Thai, Tamil and other scripts' words at every vowel sign and dropped the signs:
+    "किताब" and "कताब" were the same words, and texts differing only in vowel signs were
+    near-duplicates. Led by one \\w, the pattern is as fast as `\\w+` on such text, and twice
+    its time on accented Latin text (a whole signature about 15% longer; a Hindi one takes less
+    than half, with fewer words); a mark class at every position was 2-3 times slower. Built on
+    first use (0.1 s: every code point's category)."""
+    cps = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Mn", "Mc", "Me")]
+    spans, start = [], cps[0]
+    for prev, c in zip(cps, cps[1:] + [None]):
+        if c != prev + 1:
+            spans.append(re.escape(chr(start)) + ("" if prev == start else "-" + re.escape(chr(prev))))
+            start = c
+    return re.compile(r"\w[\w" + "".join(spans) + r"]*")
+
+
 # For ASCII text, one bytes.translate (lowercase; everything outside [a-z0-9_] becomes a
 # space) and bytes.split find the same words as the regex, about 3x faster, and crc32 reads
 # the bytes without a per-word encode. For ASCII, Python's \w is exactly [A-Za-z0-9_].
@@ -91,20 +112,20 @@ def content_hash(text: str) -> bytes:
 
 
 def _word_hashes(text: str) -> np.ndarray:
-    """crc32 of each lowercased \\w+ run of `text`, in order, as uint64."""
+    """crc32 of each lowercased word of `text` (`_word_pattern`), in order, as uint64."""
     if text.isascii():
         words = text.encode("ascii").translate(_ASCII_TO_WORDS).split()
     else:
-        words = [w.encode("utf-8", "surrogatepass") for w in _WORD.findall(text.lower())]
+        words = [w.encode("utf-8", "surrogatepass") for w in _word_pattern().findall(text.lower())]
     return np.fromiter(map(zlib.crc32, words), dtype=_U64, count=len(words))
 
 
 def shingles(text: str, ngram: int = 5) -> np.ndarray:
     """uint32 hashes of the text's word `ngram`-grams, in order (repeats kept).
 
-    Words are the lowercased `\\w+` runs. A text with fewer than `ngram` words gives one
-    shingle of all its words (a short document still has a signature); a text with no words
-    gives an empty array."""
+    Words are the lowercased text's `\\w` runs with their combining marks. A text with fewer
+    than `ngram` words gives one shingle of all its words (a short document still has a
+    signature); a text with no words gives an empty array."""
     if ngram < 1:
         raise ConfigError(f"ngram must be >= 1, got {ngram}")
     words = _word_hashes(text)
