@@ -201,10 +201,21 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def cmd_tokenizer_train(args) -> None:
+    from raylm.errors import OutputExistsError
     from raylm.pipeline import ensure_corpus, train_tokenizer_from
 
-    cfg = ensure_corpus(_config(args))
-    train_tokenizer_from(cfg, args.out)
+    cfg = _config(args)
+    # Never written over, as export's --out: it may be a run's own tokenizer, which that run's
+    # checkpoints and prepared data were made with (and checked before the work, not after it).
+    # An empty local directory holds nothing to lose.
+    out = args.out
+    if storage.is_s3(out):
+        taken = storage.exists(out, cfg.s3)
+    else:  # a link, even to nothing, would be replaced by the rename into place
+        taken = os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out) or bool(os.listdir(out)))
+    if taken:
+        raise OutputExistsError(f"--out {out}: already exists; write the tokenizer to a new directory")
+    train_tokenizer_from(ensure_corpus(cfg), out)
 
 
 def cmd_data_prepare(args) -> None:
@@ -456,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="sub", required=True)
     sp = add("train", cmd_tokenizer_train, "Train a SentencePiece BPE tokenizer on a corpus sample.", tok)
     sp.add_argument("--data", help="corpus path/glob (default: the built-in corpus)")
-    sp.add_argument("--out", required=True, help="output directory (local or s3://)")
+    sp.add_argument("--out", required=True, help="output directory (local or s3://); must not exist (or be an "
+                                                  "empty directory)")
 
     dat = sub.add_parser("data", help="data commands").add_subparsers(dest="sub", required=True)
     sp = add("prepare", cmd_data_prepare,

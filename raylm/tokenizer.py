@@ -400,8 +400,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as markup: a chat marker string in it becomes the marker's id
-        (as the HF export's tokenizer reads text). No bos/eos is added (the caller decides
-        document framing). Documents and other plain text: `encode_plain` / `encode_flat`."""
+        (as the HF export's tokenizer reads text: the markers are added tokens it matches). No
+        bos/eos is added (the caller decides document framing). Raw prompts (`raylm generate`
+        without --chat, the server's /v1/completions) and eval task text, which may be a
+        rendered chat, are encoded so: their author writes the markup. Documents and other
+        plain text: `encode_plain` / `encode_flat`; chat messages: `encode_chat`."""
         return _sp_encode(self._sp, text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -432,7 +435,12 @@ class Tokenizer:
         return self._segments.encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; control ids (bos/eos/pad) decode to the empty string."""
+        """Text of `ids`; control ids (bos/eos/pad) decode to the empty string.
+
+        The one text that does not come back is "▁" (U+2581): SentencePiece writes a space as
+        that character, so a "▁" in encoded text is the space's piece and decodes as " ". Ids
+        that kept it (its UTF-8 bytes as byte pieces) would differ from those of the HF and
+        GGUF exports' tokenizers and of every dataset already prepared, so it stays a limit."""
         return self._sp.decode([int(i) for i in ids])
 
     def id_to_piece(self, i: int) -> str:
@@ -445,7 +453,8 @@ class Tokenizer:
         SentencePiece matches its user-defined symbols anywhere in its input, so the text is
         cut inside each marker ("...<|" + "user|>...") and the parts are encoded alone: no part
         holds a whole marker. Text without markers encodes exactly as `encode` does, and
-        decoding gives `text` back (no dummy prefix: a part adds no space). Pre-training
+        decoding gives `text` back (no dummy prefix: a part adds no space), but for a "▁"
+        (U+2581), which comes back as a space (see `decode`). Pre-training
         documents (`encode_flat`) and a bits-per-byte corpus are encoded so."""
         parts = _plain_parts(text)
         if len(parts) == 1:
@@ -490,7 +499,8 @@ class Tokenizer:
         The mask covers each assistant message's content and its closing `<|end|>` (the
         model must learn to stop), not role markers or the other turns: SFT computes the
         loss only there. Content is plain text (`encode_plain`): a marker string in a message
-        is not a marker. Each segment starts and ends at an atomic symbol (a role marker,
+        is not a marker, so no message can open another turn; a "▁" (U+2581) in it decodes as
+        a space (see `decode`). Each segment starts and ends at an atomic symbol (a role marker,
         `<|end|>` or "\\n"), so for content without marker strings the concatenated ids equal
         `encode(apply_chat_template(...))`.
         """
