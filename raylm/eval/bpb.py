@@ -26,6 +26,18 @@ Bits per byte make models with different tokenizers comparable. As lm-eval defin
 (its bits_per_byte aggregation over loglikelihood_rolling documents):
     bpb = (summed loss in nats over the documents' tokens) / (UTF-8 bytes of the documents) / ln 2
 `loss` is that sum per scored token, `ppl` its exp.
+
+Vocabulary. The softmax runs over every row of the head, the rows that pad the vocabulary
+past the tokenizer's (model.vocab_size=0 rounds it up to a multiple of 64) included, unlike
+log-likelihood scoring (raylm.eval.loglik: the built-in tasks, and lm-eval's through
+`--model raylm` or on the HF export), which normalises over the tokenizer's ids. That is
+deliberate: bits per byte measures the training objective, and `loss` here is the quantity
+training minimised and logged as val_loss (raylm.losses), so a corpus's numbers line up with
+the training curve and with the run's other checkpoints. The two differ by -ln(1 - p_pad)
+nats a token, p_pad the probability the model leaves on the padding ids, so this bpb is never
+below lm-eval's bits_per_byte of the same text; training drives p_pad toward 0 (a 2-layer
+model of 420 ids padded to 448, trained 200 steps: 2.5e-5 of its bpb), and a vocabulary that
+is not padded gives identical numbers.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ calls; the per-task sums are then all-reduced. Scoring uses plain forward passes
 model's root `forward`, which FSDP wraps), not the KV cache of raylm.eval.loglik, whose
 methods bypass FSDP's hooks. It scores the same tokens as `raylm eval`, and a model that
 trains with data.document_mask=true with that mask (the forward's `doc_sep=`), as `raylm eval`
-scores its checkpoint (raylm.eval.loglik).
+scores its checkpoint (raylm.eval.loglik), and over the tokenizer's ids only, as it does.
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ class TrainingEval:
         for r, (c, x) in enumerate(pairs):
             rows[r, :len(c) + len(x) - 1] = torch.tensor(c + x[:-1], device=device)
         logits, _ = model(rows, doc_sep=self.doc_sep)
-        logp = F.log_softmax(logits.float(), -1)
+        # Normalised over the tokenizer's ids, not the rows that pad the vocabulary past them
+        # (raylm.eval.loglik's `vocab_size`).
+        logp = F.log_softmax(logits[..., :self.tok.vocab_size].float(), -1)
         return [float(logp[r, len(c) - 1 + torch.arange(len(x), device=device),
                           torch.tensor(x, device=device)].double().sum()) for r, (c, x) in enumerate(pairs)]
 

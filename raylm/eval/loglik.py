@@ -27,6 +27,13 @@ The EOS every context starts with is such a separator, so that model is scored w
 too (`doc_sep=`, the EOS id; raylm.eval.pool reads it from the checkpoint's config): the
 logits are those of the masked training forward (raylm.model's `doc_sep=`), and a completion
 is generated from the prompt's last document, as that forward would read it.
+
+Vocabulary. A model's vocabulary is padded past the tokenizer's (model.vocab_size=0 rounds it
+up to a multiple of 64), and those rows have no text. Log-probabilities are normalised over the
+tokenizer's ids only (`vocab_size=`, the tokenizer's size) and a completion never picks a
+padding id, as `raylm generate`, the serving engine and the HF and GGUF exports (which drop the
+padding rows) do: lm-eval on the HF export and `raylm eval` give the same numbers. Bits per
+byte stays over the whole head, the training loss (raylm.eval.bpb says why).
 """
 
 from __future__ import annotations
@@ -86,24 +93,31 @@ def plan_units(pairs: list[Pair], max_len: int, batch_tokens: int = 4096) -> lis
     return units
 
 
+def log_probs(model, h: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """float32 log-probabilities (..., vocab_size) of hidden states h (..., dim), normalised over
+    the first `vocab_size` ids (the tokenizer's; see the module docstring); None: the whole head."""
+    return F.log_softmax(model.logits(h)[..., :vocab_size].float(), -1)
+
+
 @torch.no_grad()
-def score_unit(model, unit: list, doc_sep: int | None = None) -> list[list]:
+def score_unit(model, unit: list, doc_sep: int | None = None, vocab_size: int | None = None) -> list[list]:
     """[[request index, log-likelihood, is_greedy], ...] for one work unit (see plan_units).
-    `doc_sep`: score with document masking (see the module docstring)."""
+    `doc_sep`: score with document masking; `vocab_size`: the tokenizer's (see the module
+    docstring), None only for a model whose vocabulary is not padded."""
     if doc_sep is not None:
-        return _score_masked(model, unit, doc_sep)
+        return _score_masked(model, unit, doc_sep, vocab_size)
     out = []
     i = 0
     while i < len(unit):  # runs of groups whose contexts have the same length share one prefill
         j = i
         while j < len(unit) and len(unit[j][0]) == len(unit[i][0]):
             j += 1
-        out += _score_run(model, unit[i:j])
+        out += _score_run(model, unit[i:j], vocab_size)
         i = j
     return out
 
 
-def _score_run(model, groups: list) -> list[list]:
+def _score_run(model, groups: list, vocab_size: int | None) -> list[list]:
     device = model.tok_embeddings.weight.device
     n_ctx = len(groups[0][0])
     rows = [(g, idx, cont) for g, (_, conts) in enumerate(groups) for idx, cont in conts]
@@ -111,7 +125,7 @@ def _score_run(model, groups: list) -> list[list]:
     caches = model.make_caches(len(groups), n_ctx + longest)
     ctx = torch.tensor([c for c, _ in groups], device=device)
     h = model.hidden_states(ctx, caches, 0)
-    first = F.log_softmax(model.logits(h[:, -1]).float(), -1)  # (G, V): predicts each continuation's first token
+    first = log_probs(model, h[:, -1], vocab_size)  # (G, V): predicts each continuation's first token
     owner = torch.tensor([g for g, _, _ in rows], device=device)
     conts = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
     for r, (_, _, cont) in enumerate(rows):
@@ -122,7 +136,7 @@ def _score_run(model, groups: list) -> list[list]:
             c.k, c.v = c.k.index_select(0, owner), c.v.index_select(0, owner)
         # Right padding is harmless: a real token never attends to the positions after it.
         h = model.hidden_states(conts[:, :-1], caches, n_ctx)
-        logp = torch.cat([logp, F.log_softmax(model.logits(h).float(), -1)], dim=1)  # (R, longest, V)
+        logp = torch.cat([logp, log_probs(model, h, vocab_size)], dim=1)  # (R, longest, V)
     return _results(rows, logp, conts)
 
 
@@ -139,7 +153,7 @@ def _results(rows: list, logp: torch.Tensor, conts: torch.Tensor) -> list[list]:
     return out
 
 
-def _score_masked(model, groups: list, doc_sep: int) -> list[list]:
+def _score_masked(model, groups: list, doc_sep: int, vocab_size: int | None) -> list[list]:
     """score_unit with document masking: one masked forward over context + continuation of
     each choice (the KV cache takes no mask), logits only where a continuation token is read."""
     device = model.tok_embeddings.weight.device
@@ -155,16 +169,17 @@ def _score_masked(model, groups: list, doc_sep: int) -> list[list]:
         conts[r, :len(cont)] = torch.tensor(cont, device=device)
     h = model.hidden_states(tokens, doc_sep=doc_sep)
     h = h.gather(1, at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (R, longest, dim)
-    return _results(rows, F.log_softmax(model.logits(h).float(), -1), conts)
+    return _results(rows, log_probs(model, h, vocab_size), conts)
 
 
-def score_pairs(model, pairs: list[Pair], batch_tokens: int = 4096,
-                doc_sep: int | None = None) -> list[tuple[float, bool]]:
+def score_pairs(model, pairs: list[Pair], batch_tokens: int = 4096, doc_sep: int | None = None,
+                vocab_size: int | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) of each (context ids, continuation ids), in one process.
-    `doc_sep`: the EOS id of a model trained with document masking (see the module docstring)."""
+    `doc_sep`: the EOS id of a model trained with document masking; `vocab_size`: the
+    tokenizer's, for a padded vocabulary (see the module docstring)."""
     results = [None] * len(pairs)
     for unit in plan_units(pairs, model.cfg.max_seq_len, batch_tokens):
-        for idx, lp, greedy in score_unit(model, unit, doc_sep):
+        for idx, lp, greedy in score_unit(model, unit, doc_sep, vocab_size):
             results[idx] = (lp, greedy)
     return results
 

@@ -1,12 +1,12 @@
 """Where work units run: in this process, or on a pool of Ray actors.
 
-A unit (raylm.eval.loglik) is plain data: {"kind": "loglik", "groups": [...]} or
-{"kind": "gen", "items": [[index, context ids, until, max_new_tokens, temperature, top_k,
-seed], ...]}, each with "doc_sep": the EOS id of a model trained with document masking,
-scored with that mask (raylm.eval.loglik), else None. `run_unit` is the one function that
-computes a unit; `LocalRunner` calls it in a loop, `RayPoolRunner` on actors that each
-load the model once. The units and the arithmetic are the same, so both give identical
-results.
+A unit (raylm.eval.loglik) is plain data: {"kind": "loglik", "groups": [...], "vocab_size":
+the tokenizer's size, the ids log-probabilities are normalised over} or {"kind": "gen",
+"items": [[index, context ids, until, max_new_tokens, temperature, top_k, seed], ...]}, each
+with "doc_sep": the EOS id of a model trained with document masking, scored with that mask
+(raylm.eval.loglik), else None. `run_unit` is the one function that computes a unit;
+`LocalRunner` calls it in a loop, `RayPoolRunner` on actors that each load the model once.
+The units and the arithmetic are the same, so both give identical results.
 
 The pool's actors start when the runner is built (the `raylm` lm-eval model's constructor),
 so their start-up (a process, importing torch, the weights) overlaps lm-eval building its
@@ -39,7 +39,7 @@ from raylm.eval.loglik import complete_until, plan_units, score_unit
 def run_unit(model, tok, unit: dict) -> list[list]:
     doc_sep = unit.get("doc_sep")
     if unit["kind"] == "loglik":
-        return score_unit(model, unit["groups"], doc_sep)
+        return score_unit(model, unit["groups"], doc_sep, unit["vocab_size"])
     if unit["kind"] == "gen":
         return [[idx, complete_until(model, tok, ctx, until, max_new, temperature, top_k, seed, doc_sep)]
                 for idx, ctx, until, max_new, temperature, top_k, seed in unit["items"]]
@@ -65,7 +65,8 @@ class Runner:
 
     def loglikelihood(self, pairs: list) -> list[tuple[float, bool]]:
         """(log-likelihood, is_greedy) of each (context ids, continuation ids)."""
-        units = [{"kind": "loglik", "groups": u, "doc_sep": self.doc_sep}
+        # The tokenizer's ids only: an actor that only scores has no tokenizer (UnitActor.tok).
+        units = [{"kind": "loglik", "groups": u, "doc_sep": self.doc_sep, "vocab_size": self.tok.vocab_size}
                  for u in plan_units(pairs, self.max_seq_len, self.batch_tokens)]
         out = [None] * len(pairs)
         for idx, lp, greedy in (r for rs in self.run(units) for r in rs):
