@@ -612,7 +612,8 @@ class TuneConfig:
     """A hyperparameter search (raylm tune): the `tune:` section of a search-space file, or
     `tune.*` overrides. Not part of `Config`: the runs a search starts are plain runs."""
 
-    # Draws from the space; a space with grid_search keys runs its grid this many times.
+    # Draws from the space: a random search runs its grid_search keys' grid this many times.
+    # A space that samples nothing (search=grid) runs each point once: 1, its default there.
     num_samples: int = 8
     # Trials running at once. Each holds train.num_workers x train.cpus_per_worker CPUs for its
     # whole life; the cap leaves the rest to Ray Data's read tasks (unbounded, waiting Train

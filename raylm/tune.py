@@ -19,7 +19,10 @@ TuneConfig):
     tune: {num_samples: 8, scheduler: asha}
 
 Every key, and every extreme or listed value of its distribution, is checked against the
-config (`raylm.config.load_config`) before any trial starts.
+config (`raylm.config.load_config`) before any trial starts. A space that samples nothing
+(only grid_search keys and constants; always so for `tune.search=grid`) runs each grid point
+once (tune.num_samples 1, its default there; Tune would run the grid num_samples times, each
+repeat the same config and seed): repeats are `seed: grid_search([0, 1, ...])`.
 
 Outputs in `<storage>/<name>/`: `results.csv` (the ranked table, also printed),
 `best.yaml` (the best trial's config, ready for `raylm pretrain --config`), `val_loss.png`
@@ -216,6 +219,11 @@ def check_schedule(tc: TuneConfig, cfg: Config) -> None:
                           f"{cfg.train.max_steps}; lower it (0: the first evaluation)")
 
 
+def samples(space: dict[str, Dimension]) -> bool:
+    """Whether any key of the space is drawn from a distribution (not a grid or a constant)."""
+    return any(d.kind not in ("grid_search", "value") for d in space.values())
+
+
 def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: str) -> None:
     """Every probe value of every key, alone and with the other keys at their low (then high)
     ends, loads as a valid config on top of `base`; and the space suits the searcher.
@@ -240,6 +248,13 @@ def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: 
         if loose:
             raise ConfigError(f"{where}: tune.search=grid needs grid_search([...]) or a constant for every key; "
                               f"{loose[0]} is {space[loose[0]]}")
+    # Tune runs the whole grid num_samples times; with nothing sampled (always so for
+    # search=grid) and the seed fixed, every repeat is the same config trained again (a
+    # 2-point grid at 8 ran 16 trials).
+    if tc.num_samples != 1 and not samples(space):
+        raise ConfigError(f"{where}: tune.num_samples={tc.num_samples}: nothing in the space is sampled, so each "
+                          f"grid point runs once (a repeat is the same config and seed); set 1, or search "
+                          f"seed: grid_search([0, 1, ...]) for repeats")
     if tc.search == "optuna":
         grid = [k for k, d in space.items() if d.kind == "grid_search"]
         if grid:
@@ -352,7 +367,10 @@ def _default_log(log):
 def tune(cfg: Config, space_path: str, tune_overrides: dict | None = None, log=None) -> dict:
     """Run a new search named cfg.name under cfg.storage; returns `report`'s summary."""
     space, settings, text = read_space(space_path, cfg.s3)
-    tc = tune_config({**settings, **(tune_overrides or {})})
+    given = {**settings, **(tune_overrides or {})}
+    tc = tune_config(given)
+    if "num_samples" not in given and not samples(space):  # the default (8) is for spaces that sample
+        tc = dataclasses.replace(tc, num_samples=1)
     check_metric(tc, cfg)
     check_schedule(tc, cfg)
     where = f"search space {space_path}"
