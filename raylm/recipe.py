@@ -25,10 +25,13 @@ so a changed stage changes the key of everything downstream; how a stage is retr
 (max_failures, samples) and reaches storage (storage, s3.*) are left out. Each stage writes
 its outputs under `<root>/<stage>-<key[:10]>/` (a changed stage never resumes the old one's
 checkpoints) and, once they are committed, `<root>/stages/<stage>.json`: its key, config
-(credentials redacted), the paths and content hashes of its inputs and outputs. A stage
-whose record has the current key, whose inputs have the recorded hashes (an input that ran
-again may differ) and whose outputs are still committed is skipped, so a resubmitted recipe
-continues where it stopped (a training stage resumes from its newest checkpoint).
+(credentials redacted), the paths and content hashes of its inputs and outputs, and a digest of
+the listing of each file it reads that no stage writes (its corpus, chat or preference records,
+eval corpora and task files: sizes and mtimes or S3 ETags, `input_fingerprint`). A stage whose
+record has the current key, whose inputs have the recorded hashes (an input that ran again
+may differ), whose files list as they did and whose outputs are still committed is skipped,
+so a resubmitted recipe continues where it stopped (a training stage resumes from its newest
+checkpoint); one whose files changed runs again, and so does each stage its new outputs reach.
 Following `inputs` from the serve record back to the tokenizer gives a model's lineage.
 """
 
@@ -459,17 +462,27 @@ def _expand(section: Any, where: str) -> dict:
 
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     """Read and check a recipe: every stage's config is built and validated (no Ray, no
-    storage), so a typo fails here, naming the file and the key. `overrides` are dotted keys
-    into the recipe (`storage=s3://b/x`, `stages.pretrain.train.max_steps=10`)."""
-    p = Path(path)
-    if not p.is_file():
-        raise PathNotFoundError(f"recipe {path}: not found")
+    storage but the recipe file), so a typo fails here, naming the file and the key. `overrides`
+    are dotted keys into the recipe (`storage=s3://b/x`, `stages.pretrain.train.max_steps=10`).
+    `path` may be an s3:// object, read with the environment's endpoint and credentials (the
+    recipe's own s3.* settings are inside it)."""
+    if storage.is_s3(path):
+        if not storage.exists(path):
+            raise PathNotFoundError(f"recipe {path}: not found")
+        read = functools.partial(storage.read_text, path)
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise PathNotFoundError(f"recipe {path}: not found")
+        read = functools.partial(p.read_text, encoding="utf-8")
     try:
-        raw = load_yaml(p.read_text(encoding="utf-8"))
+        raw = load_yaml(read())
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path}: not valid YAML ({yaml_problem(e)})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {path}: not UTF-8 text; pass a YAML file") from None
+    except storage.StorageError:  # one line already, naming the object
+        raise
     except OSError as e:
         raise ConfigError(f"recipe {path}: cannot read it ({e.strerror})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict) or not raw["stages"]:
@@ -523,21 +536,24 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
             except ConfigError as e:
                 raise type(e)(f"recipe {path}: {e}") from None
         sections[stage.name] = (section, options)
-    recipe = Recipe(str(p), base.name, root, data, sections)
+    recipe = Recipe(path if storage.is_s3(path) else str(Path(path)), base.name, root, data, sections)
     for stage in recipe.stages:
         for key, why in _set_by_recipe(recipe, stage).items():
             value = _lookup(sections[stage.name][0], key)
             if value is not _MISSING:
                 leaf = key + next((f".{k}" for k, _ in _leaves(value)), "") if isinstance(value, dict) else key
                 raise ConfigError(f"recipe {path}: stages.{stage.name}.{leaf}: {why}")
-    configs = {}
-    for stage in recipe.stages:  # placeholders for outputs not made yet
-        placeholder = {s: {"path": storage.join(root, s), "checkpoint": storage.join(root, s), "corpus": ""}
-                       for s in recipe.inputs_of(stage)}
-        configs[stage.name] = stage_config(recipe, stage, placeholder)
+    configs = {stage.name: stage_config(recipe, stage, _placeholders(recipe, stage)) for stage in recipe.stages}
     _check_vocab(recipe, configs)
     _check_seq_len(recipe, configs)
     return recipe
+
+
+def _placeholders(recipe: Recipe, stage: Stage) -> dict:
+    """Stand-ins for the outputs of the stages `stage` reads, not made yet: enough to build
+    its config."""
+    return {s: {"path": storage.join(recipe.root, s), "checkpoint": storage.join(recipe.root, s), "corpus": ""}
+            for s in recipe.inputs_of(stage)}
 
 
 _MISSING = object()
@@ -761,6 +777,68 @@ def stage_key(recipe: Recipe, stage: Stage) -> str:
     return _sha256(text.encode())
 
 
+# --------------------------------------------------------------------------- input files
+
+
+def input_files(recipe: Recipe, stage: Stage, cfg: Config) -> list[str]:
+    """The paths (files, directories, globs) a stage reads that no stage of the recipe writes,
+    as `cfg`, its config, names them: the corpus, chat or preference records, eval corpora and
+    task files. A path the recipe sets from an input stage's outputs is left out (that stage's
+    key covers it), as is an adopted tokenizer.path (the tokenizer stage checks its sha256)."""
+    options = recipe.sections[stage.name][1]
+    paths: list[str] = []
+    if stage.name == "tokenizer" and not cfg.tokenizer.path:
+        paths = [cfg.data.path]  # empty: the built-in corpus, which the stage writes
+    elif stage.name == "data" or (stage.name == "pretrain" and "data" not in recipe.inputs_of(stage)):
+        paths = [cfg.data.path, cfg.data.val_path]
+    elif stage.name in ("sft", "dpo") and "synthetic" not in options:
+        paths = [cfg.data.path]
+    elif stage.name == "eval":
+        paths = [*options.get("corpora", []), *cfg.eval.mc_tasks, *cfg.eval.gen_tasks]
+        if not paths and not options.get("tasks"):  # bits per byte on the recipe's corpus (run_eval)
+            paths = [cfg.data.path]
+    return [p for p in paths if p]
+
+
+def _listing_digest(path: str, s3: S3Config) -> str:
+    """sha256 of what a listing says of the files at `path`: each one's URI, size and S3 ETag or
+    local mtime, as raylm.data's dataset key has them (and make or DVC decide what changed).
+    A listing, not the content: hashing a corpus of terabytes on every run would take hours,
+    and an S3 listing returns a thousand files' ETags a request. An edit, a file added or
+    removed changes it; a file touched without a change does too (the stage runs again).
+    Nothing there gives the digest of no files, so a path that appears later changes it."""
+    rows = [[f.uri, f.size, f.etag_or_mtime] for f in storage.list_files(path, s3, follow_links=True)]
+    return _sha256(json.dumps(rows).encode())
+
+
+# A stage record's options entry: {path: _listing_digest} of the stage's input_files when it ran.
+INPUT_FILES = "input_files"
+
+
+def input_fingerprint(recipe: Recipe, stage: Stage, s3: S3Config, listed: dict | None = None) -> dict[str, str]:
+    """{path: listing digest} of the files the stage reads (input_files, as the recipe names
+    them: its config built on placeholders, so a path an input stage gives is not among them).
+    `listed`: digests already made in this run (the shared corpus is read by several stages)."""
+    listed = {} if listed is None else listed
+    named = stage_config(recipe, stage, _placeholders(recipe, stage))
+    out = {}
+    for path in input_files(recipe, stage, named):
+        if (path, s3) not in listed:
+            listed[path, s3] = _listing_digest(path, s3)
+        out[storage.redact_url(path)] = listed[path, s3]
+    return out
+
+
+def _changed_files(old: dict, files: dict[str, str]) -> list[str]:
+    """The paths whose listing differs from the one the stage's record holds. A record written
+    before raylm listed input files holds none: taken as unchanged, there being nothing to
+    compare (running every finished stage again would retrain them all on an upgrade)."""
+    recorded = (old.get("options") or {}).get(INPUT_FILES)
+    if not isinstance(recorded, dict):
+        return []
+    return [p for p in sorted(set(files) | set(recorded)) if files.get(p) != recorded.get(p)]
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -780,9 +858,10 @@ def read_stage_record(recipe: Recipe, stage: str, s3: S3Config) -> dict | None:
 
 
 # Stages whose directory, kept from a run on other inputs, would be reused as it is when they run
-# again (the pretrain stage is not here: resuming refuses another tokenizer or dataset by
-# itself, and resumes one re-prepared alike; the data stage re-prepares by its dataset key).
-REDONE_FROM_SCRATCH = ("sft", "dpo", "eval", "export")
+# again (the tokenizer stage keeps a tokenizer trained there; the pretrain stage is not here:
+# resuming refuses another tokenizer or dataset by itself, and resumes one re-prepared alike;
+# the data stage re-prepares by its dataset key, which covers its files).
+REDONE_FROM_SCRATCH = ("tokenizer", "sft", "dpo", "eval", "export")
 
 
 def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict:
@@ -792,16 +871,20 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict
     if log is None:
         from raylm.pipeline import log
     done: dict[str, dict] = {}
+    listed: dict = {}
     for stage in recipe.stages:
         parents = recipe.inputs_of(stage)  # earlier in STAGES, so done already
         inputs = {p: done[p]["outputs"] for p in parents}
         cfg = stage_config(recipe, stage, inputs)
         key = stage_key(recipe, stage)
+        files = input_fingerprint(recipe, stage, cfg.s3, listed)
         old = read_stage_record(recipe, stage.name, cfg.s3)
         if old and old.get("key") == key and stage.committed(old.get("outputs", {}), cfg.s3):
-            # The same key, but an input that reran (its outputs were lost) may differ now.
+            # The same key, but an input that reran (its outputs were lost) may differ now, and
+            # so may a file it reads (records edited, a corpus file added).
             changed = [p for p in parents
                        if old.get("inputs", {}).get(p, {}).get("sha256") != done[p]["outputs"]["sha256"]]
+            changed += _changed_files(old, files)
             if not changed:
                 log(f"recipe: {stage.name}: done (key {key[:10]}), skipped")
                 done[stage.name] = {**old, "skipped": True}
@@ -821,6 +904,8 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict
                    for p in parents}
         if stage.name == "serve":  # what the server runs with, recorded beside the (unused) run config
             options = {**options, "serve": to_dict(serve_config(recipe))}
+        if files:
+            options = {**options, INPUT_FILES: files}
         record = write_stage_record(record_uri(recipe, stage.name), stage.name, key, cfg, options, lineage,
                                     outputs, round(time.time() - t0, 1))
         log(f"recipe: {stage.name}: done in {time.time() - t0:.1f}s, record {record_uri(recipe, stage.name)}")
