@@ -254,6 +254,11 @@ class DPOObjective:
     def count(self, batch) -> int:
         return int(batch["chosen"].shape[0])
 
+    def trainable(self, batch) -> int:
+        """Pairs with a response token in either mask: a pair masked out on both sides has a
+        constant loss (log 2 for sigmoid) and no gradient."""
+        return int((batch["chosen_mask"][:, 1:].any(-1) | batch["rejected_mask"][:, 1:].any(-1)).sum())
+
     def tokens(self, batch) -> int:
         both = (batch["chosen"][:, :-1], batch["rejected"][:, :-1])
         return int(sum(x.numel() if self.pad_id is None else (x != self.pad_id).sum() for x in both))

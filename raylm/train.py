@@ -52,6 +52,9 @@ class Objective(Protocol):
         """Real (not padding) tokens the forward pass processes: what MFU and tokens/s count."""
         ...
 
+    # Optional: `trainable(batch)`, the units a gradient can come from, where a counted unit
+    # can have none (DPO's pairs); train_step skips a step with none in the global batch.
+
 
 # The objectives (next-token, SFT, DPO) live in raylm.objectives; NextTokenObjective is
 # re-exported here because pre-training code and benchmarks import it from the loop's module.
@@ -132,6 +135,9 @@ class StepStats:
     skipped: bool  # non-finite loss or gradient: the optimizer step was not taken
     count: int  # global number of loss units (tokens, assistant tokens, pairs) in the step
     tokens: int = 0  # global number of real (non-padding) tokens the step's forward passes processed
+    # No loss unit of the global batch can train (every target masked, as when truncation left
+    # no assistant token): no forward pass, no optimizer step (see train_step).
+    empty: bool = False
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -143,14 +149,21 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def train_step(model, optimizer, micro_batches: list[dict], objective: Objective, lr: float,
                grad_clip: float) -> StepStats:
     """Forward/backward over this rank's micro-batches, clip, and step, unless the loss or
-    the gradient norm is not finite; then parameters and optimizer state stay untouched."""
+    the gradient norm is not finite; then parameters and optimizer state stay untouched.
+    They stay so too when no unit of the global batch can train (`StepStats.empty`): a zero
+    gradient would still move AdamW's weights through its momentum and weight decay."""
     device = next(model.parameters()).device
     world = dist.get_world_size() if dist.is_initialized() else 1
     # Counts are exact integers (a float32 count is exact only to 2^24 units a step); one
-    # collective carries both.
+    # collective carries them all, so every rank sees the same global counts and takes the
+    # same branch below (an empty step on one rank only would leave the others in a collective).
     local = torch.tensor([sum(objective.count(mb) for mb in micro_batches),
-                          sum(_real_tokens(objective, mb) for mb in micro_batches)], device=device, dtype=torch.int64)
-    count, tokens = _all_reduce_sum(local).unbind()
+                          sum(_real_tokens(objective, mb) for mb in micro_batches),
+                          sum(_trainable(objective, mb) for mb in micro_batches)], device=device, dtype=torch.int64)
+    count, tokens, trainable = _all_reduce_sum(local).unbind()
+    if int(trainable) == 0:
+        optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss=0.0, grad_norm=0.0, skipped=False, count=int(count), empty=True)  # no forward: 0 tokens
     # FSDP averages gradients over ranks, so scaling each rank's sum by world/count gives the
     # mean over every unit in the global batch, however units are spread across ranks.
     scale = world / count.clamp(min=1)
@@ -179,6 +192,13 @@ def train_step(model, optimizer, micro_batches: list[dict], objective: Objective
 def _real_tokens(objective: Objective, batch: dict) -> int:
     counter = getattr(objective, "tokens", None)  # optional: test objectives may leave it out
     return counter(batch) if counter is not None else int(batch["tokens"][:, :-1].numel())
+
+
+def _trainable(objective: Objective, batch: dict) -> int:
+    """Loss units of `batch` a gradient can come from: `objective.trainable` where a unit can
+    have no target token (a DPO pair with both responses masked out), else its count."""
+    counter = getattr(objective, "trainable", None)
+    return counter(batch) if counter is not None else objective.count(batch)
 
 
 @torch.no_grad()
@@ -324,6 +344,9 @@ class PoisonedObjective:
         # DPO batch does not have (a KeyError), and counts an SFT batch's padding.
         return _real_tokens(self.inner, batch)
 
+    def trainable(self, batch):
+        return _trainable(self.inner, batch)
+
 
 INJECTED_FACTOR = {"nan": float("nan"), "spike": 100.0}
 
@@ -357,19 +380,30 @@ class SpikeDetector:
 
 
 class TrainClock:
-    """Training seconds spent, as rank 0 sees them, so that every rank stops at the same step
-    and uses the same learning rate under train.time_budget_s (one tiny collective a step)."""
+    """Training seconds spent (resumes included), and wall seconds since this loop started, as
+    rank 0 sees them, so that every rank stops at the same step and uses the same learning
+    rate under train.time_budget_s, and times out at the same step under train.timeout_s (one
+    tiny collective a step). Each rank's own clock would not do: ranks enter the loop at
+    different moments, and one that timed out alone left the others waiting in the next
+    step's collectives."""
 
-    def __init__(self, spent: float, budget: float, device: torch.device):
-        self.t0, self.spent, self.budget, self.device = time.perf_counter() - spent, spent, budget, device
+    def __init__(self, spent: float, budget: float, device: torch.device, timeout: float = 0.0):
+        now = time.perf_counter()
+        self.t0, self.spent, self.budget, self.device = now - spent, spent, budget, device
+        self.started, self.elapsed, self.timeout = now, 0.0, timeout
 
     def tick(self) -> float:
-        self.spent = time.perf_counter() - self.t0
-        if self.budget and dist.is_initialized() and dist.get_world_size() > 1:
-            spent = torch.tensor(self.spent, device=self.device, dtype=torch.float64)
-            dist.broadcast(spent, src=0)
-            self.spent = float(spent)
+        now = time.perf_counter()
+        self.spent, self.elapsed = now - self.t0, now - self.started
+        if (self.budget or self.timeout) and dist.is_initialized() and dist.get_world_size() > 1:
+            seconds = torch.tensor([self.spent, self.elapsed], device=self.device, dtype=torch.float64)
+            dist.broadcast(seconds, src=0)
+            self.spent, self.elapsed = (float(x) for x in seconds)
         return self.spent
+
+    @property
+    def timed_out(self) -> bool:
+        return bool(self.timeout) and self.elapsed > self.timeout
 
     @property
     def progress(self) -> float:
@@ -394,7 +428,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     saver = CheckpointSaver(cfg, hooks, log)
     units = {"sft": "assistant_tokens", "dpo": "pairs"}.get(cfg.stage)  # the loss's units, where not tokens
     tokens_since = units_since = 0  # real tokens and loss units since the last log line
-    t_start, t_last = time.time(), time.perf_counter()
+    t_last = time.perf_counter()
     # Seconds since the last log line spent on validation, task evals and checkpoints (saving,
     # committing, a rollback's load): taken out of the window that tokens/s and MFU divide by,
     # so a window with an evaluation in it reports the training speed like any other.
@@ -404,16 +438,18 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     # nothing for half a window, and the counters feed metrics and train.max_rollbacks.
     g = start.guards
     nonfinite_run, skipped_total = g.get("nonfinite_run", 0), g.get("skipped_steps", 0)
+    empty_total = g.get("empty_steps", 0)
     spikes = SpikeDetector(tc.spike_window, tc.spike_factor, g.get("spike_history", ()))
     spike_total, rollbacks = g.get("loss_spikes", 0), g.get("rollbacks", 0)
 
     def guards() -> dict:
         """What checkpoints (and rollback markers) record of the guards: Start.guards."""
         return {"spike_history": list(spikes.history), "nonfinite_run": nonfinite_run,
-                "skipped_steps": skipped_total, "loss_spikes": spike_total, "rollbacks": rollbacks}
+                "skipped_steps": skipped_total, "empty_steps": empty_total, "loss_spikes": spike_total,
+                "rollbacks": rollbacks}
 
     step = start.step
-    clock = TrainClock(start.train_seconds, tc.time_budget_s, next(model.parameters()).device)
+    clock = TrainClock(start.train_seconds, tc.time_budget_s, next(model.parameters()).device, tc.timeout_s)
     it = iter(batches)
     # The built-in eval suite (eval.every), its task files read and checked before the first step.
     from raylm.eval.in_training import make_training_eval
@@ -439,9 +475,14 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
             tokens_since, units_since = tokens_since + stats.tokens, units_since + stats.count
             clock.tick()
             final = step >= tc.max_steps or clock.over
-            nonfinite_run = _guard_nonfinite(stats, step, nonfinite_run, tc.max_nonfinite_steps, log)
-            skipped_total += stats.skipped
-            if spikes.is_spike(stats.loss):
+            if stats.empty:  # every rank alike (train_step's counts are global); not a loss to track
+                empty_total += 1
+                log(f"step {step}: every target of the global batch is masked, nothing to learn; "
+                    f"optimizer step skipped")
+            else:
+                nonfinite_run = _guard_nonfinite(stats, step, nonfinite_run, tc.max_nonfinite_steps, log)
+                skipped_total += stats.skipped
+            if not stats.empty and spikes.is_spike(stats.loss):
                 spike_total += 1
                 log(f"step {step}: loss spike {stats.loss:.4f} (> {tc.spike_factor} x recent median)")
                 if tc.on_spike == "stop":
@@ -453,7 +494,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                                     clock.spent)
                     paused_s += time.perf_counter() - t0
                     continue
-            if tc.timeout_s and time.time() - t_start > tc.timeout_s:
+            if clock.timed_out:  # rank 0's clock: every rank raises at the same step
                 raise TrainingTimeout(f"step {step}: training exceeded train.timeout_s={tc.timeout_s}")
             row = None
             if step % tc.log_every == 0 or final:
@@ -467,8 +508,9 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 row = {"kind": "train", "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                        "tokens_per_s": tok_s, "mfu": mfu(tok_s, cfg.model, cfg.data.seq_len, device_name, world),
                        "epoch": batches.epoch, "consumed_blocks": batches.consumed,
-                       "skipped_steps": skipped_total, "loss_spikes": spike_total, "rollbacks": rollbacks,
-                       "data_wait_s": round(batches.wait_s, 3), "checkpoint_blocking_s": round(saver.blocking_s, 3),
+                       "skipped_steps": skipped_total, "empty_steps": empty_total, "loss_spikes": spike_total,
+                       "rollbacks": rollbacks, "data_wait_s": round(batches.wait_s, 3),
+                       "checkpoint_blocking_s": round(saver.blocking_s, 3),
                        # the wall seconds since the last log line, and those of them tokens_per_s leaves out
                        "window_s": round(now - t_last, 6), "window_paused_s": round(paused_s, 6)}
                 if units:
