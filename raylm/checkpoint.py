@@ -67,13 +67,26 @@ def write_local(model, optimizer, meta: dict, local_dir: str, async_group=None, 
     os.makedirs(local_dir, exist_ok=True)
     if _rank() == 0:
         with open(os.path.join(local_dir, META), "w") as f:
-            json.dump(meta, f, indent=1)
+            f.write(meta_json(meta))
     state = {"model": model_sd, "optim": optim_sd}
     if use_async:
         return dcp.async_save(state, checkpoint_id=local_dir, process_group=async_group,
                               no_dist=not dist.is_initialized())
     dcp.save(state, checkpoint_id=local_dir, no_dist=not dist.is_initialized())
     return None
+
+
+def meta_json(meta: dict) -> str:
+    """meta.json's text: strict JSON, as metrics.jsonl is. The metrics row it carries (the
+    step's loss, NaN on a step the non-finite guard skipped) is written as that file writes it
+    (`raylm.eval.report.row_json`: null, named under "non_finite"); Python's bare NaN made the
+    whole file unreadable to jq, JavaScript or Go. Older checkpoints' NaN still loads (json.loads)."""
+    from raylm.eval.report import row_json
+    from raylm.eval.results import finite
+
+    if isinstance(meta.get("metrics"), dict):
+        meta = {**meta, "metrics": json.loads(row_json(meta["metrics"]))}
+    return json.dumps(finite(meta), indent=1, allow_nan=False)
 
 
 def commit(ckpt_uri: str, meta: dict, s3: S3Config | None = None, files: dict | None = None,

@@ -18,12 +18,12 @@ import sys
 import tempfile
 import time
 
-from raylm.errors import PathNotFoundError
+from raylm.errors import PathNotFoundError, UserError
 from raylm import run_lock, storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
-from raylm.data import (MANIFEST, SUFFIXES, TEXT_ENCODING, DataError, check_error_budget, corpus_files, list_corpus, prepare,
-                        prepared_datasets, read_manifest, runs_in_process, stream_datasets)
+from raylm.data import (MANIFEST, SUFFIXES, TEXT_ENCODING, DataError, check_error_budget, corpus_files, dataset_key,
+                        list_corpus, prepare, prepared_datasets, read_manifest, runs_in_process, stream_datasets)
 from raylm.documents import clean_text, parse_documents
 from raylm.generate import complete, load_for_inference, load_tokenizer
 from raylm.pii import redact as redact_pii
@@ -60,7 +60,13 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
         return
     quiet_ray_chatter()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+        try:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+        except Exception as e:
+            _raise_if_not_started(e, f"could not join the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}",
+                                  "check that the cluster is up and the address is its head's (`ray status` there), "
+                                  "or unset RAY_ADDRESS to start a local cluster")
+            raise
         if training:
             start_ray_data_actors()
     else:
@@ -90,6 +96,11 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
         try:
             ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
                      include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port)
+        except Exception as e:
+            _raise_if_not_started(e, "Ray's local cluster did not start",
+                                  "the machine may be short of memory or CPU: free some and try again, or set "
+                                  f"RAY_ADDRESS to use a running cluster; Ray's logs are in {_ray_logs_dir()}")
+            raise
         finally:  # this process keeps RAYLM_LOCAL_CLUSTER only (raylm's actor pools read it here)
             for k, v in before.items():
                 if k == "RAYLM_LOCAL_CLUSTER":
@@ -106,6 +117,39 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
             log(f"Ray dashboard: http://127.0.0.1:{port}")
     quiet_ray_data()  # after ray.init, so that importing Ray Data can overlap the cluster's start
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
+
+
+class RayStartError(UserError, RuntimeError):
+    """Ray's cluster did not start, or the one RAY_ADDRESS names could not be joined: the
+    machine or the cluster, not raylm (one line at the CLI, as every UserError)."""
+
+
+# How Ray 2.60 reports a cluster that did not come up, besides ConnectionError and TimeoutError:
+# ray._private.node raises a bare Exception when the raylet has not registered within 30 s
+# ("timed out during startup", seen on an overloaded machine) or its node info lacks the
+# session, and RuntimeError when the GCS does not start or answer; services, when the
+# dashboard does not start. Anything else ray.init raises keeps its traceback: raylm may have
+# passed it something wrong.
+RAY_START_FAILURES = ("timed out during startup", "may not have started successfully", "Failed to start GCS",
+                      "Failed to connect to GCS", "Failed to start a dashboard")
+
+
+def _raise_if_not_started(e: Exception, what: str, fix: str) -> None:
+    """Raise RayStartError (from `e`) when `e`, raised by ray.init, says the cluster did not come up."""
+    if isinstance(e, (ConnectionError, TimeoutError)) or any(m in str(e) for m in RAY_START_FAILURES):
+        said = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RayStartError(f"{what}: {said.rstrip('.')} ({fix})") from e
+
+
+def _ray_logs_dir() -> str:
+    """Where a local cluster's processes log (Ray's session_latest/logs under its temp dir)."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+
+        root = get_default_ray_temp_dir()
+    except ImportError:  # another Ray version: its default
+        root = os.path.join(tempfile.gettempdir(), "ray")
+    return os.path.join(root, "session_latest", "logs")
 
 
 def resolve_workers(cfg: Config, share: int = 1) -> Config:
@@ -651,6 +695,7 @@ def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int,
     from raylm.train_ray import run_ray_training
 
     cfg = ensure_corpus(cfg)
+    corpus = check_resume_before_data(cfg, resume, corpus)  # a refused resume prepares no data first
 
     def without_ray():
         """The tokenizer, and the prepared data where making it needs no cluster."""
@@ -668,7 +713,7 @@ def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int,
         raise result.error
     summary = finish_report(cfg, samples)
     summary["seconds"] = round(time.time() - t0, 1)
-    storage.write_text(storage.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=1), cfg.s3)
+    write_summary(cfg, summary)
     return summary
 
 
@@ -682,6 +727,44 @@ def check_resume_before_record(cfg: Config, resume: str, manifest: dict | None) 
     found = resume_point(cfg, resume)
     if found:
         check_resumable(found, checkpoint.read_meta(found, cfg.s3), cfg, checkpoint_facts(cfg, manifest))
+
+
+def write_summary(cfg: Config, summary: dict) -> str:
+    """The run's summary.json, strict JSON as its metrics.jsonl is (`raylm.eval.report.row_json`:
+    a NaN validation loss or perplexity is null, named under "non_finite"); Python's bare NaN
+    made the whole file unreadable to jq, JavaScript or Go. Returns its URI."""
+    from raylm.eval.report import row_json
+
+    uri = storage.join(cfg.run_dir, "summary.json")
+    storage.write_text(uri, json.dumps(json.loads(row_json(summary)), indent=1, allow_nan=False), cfg.s3)
+    return uri
+
+
+def check_resume_before_data(cfg: Config, resume: str, corpus: tuple | None) -> tuple | None:
+    """`check_resume_before_record` before the tokenizer, Ray and the data stage, so that a
+    refused resume does not first tokenize the corpus again (minutes, for a real one): a run
+    with a checkpoint to resume has its tokenizer (in the run, else at tokenizer.path), and the
+    dataset's key follows from the corpus listing (`dataset_key`, as `prepare` makes it) or a
+    prepared dataset's manifest. The check after the data stage stays, for a run that has no
+    tokenizer yet. Returns the corpus listing, made here if it was not, for the stages after."""
+    from raylm.train import resume_point
+
+    if resume_point(cfg, resume) is None:
+        return corpus
+    # The run's own first: a tokenizer.path other than it is refused by `keep_in_run`, in its words.
+    tok_dir = next((d for d in (storage.join(cfg.run_dir, "tokenizer"), cfg.tokenizer.path)
+                    if d and storage.exists(storage.join(d, META_FILE), cfg.s3)), None)
+    if tok_dir is None:
+        return corpus
+    tok = load_tokenizer(tok_dir, cfg.s3)
+    manifest = _prepared_manifest(cfg)
+    if manifest is None:
+        corpus = corpus or corpus_files(cfg.data, cfg.s3)
+        manifest = {"key": dataset_key(*corpus, cfg.data, tok.sha256, cfg.seed)}
+    # The model as `ensure_tokenizer` will make it: its vocabulary is the tokenizer's.
+    cfg = dataclasses.replace(cfg, model=cfg.model.with_vocab(tok.vocab_size))
+    check_resume_before_record(cfg, resume, {"tokenizer_sha256": tok.sha256, "key": manifest["key"]})
+    return corpus
 
 
 def workers_summary(cfg: Config) -> str:

@@ -30,7 +30,7 @@ from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restar
                         prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
 from raylm.pipeline import (absolute_paths, check_resume_before_record, init_ray, keep_in_run, log, resolve_workers,
-                            workers_summary)
+                            workers_summary, write_summary)
 from raylm.record import RECORD, write_record
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -159,7 +159,7 @@ def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: fl
         raise result.error
     summary = summarize(cfg)
     summary.update(parent=parent["checkpoint"], seconds=round(time.time() - t0, 1))
-    storage.write_text(storage.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=1), cfg.s3)
+    write_summary(cfg, summary)
     return summary
 
 
