@@ -7,7 +7,8 @@
 Plain Serve, not `ray.serve.llm` (which needs vLLM; `raylm.serve.vllm` builds that one).
 Serve's ingress takes no API key (Ray's token auth does not cover it), so `Guard`, an ASGI
 middleware in front of every route, is the lock: the key is compared in constant time, and
-the body is read up to `max_body_bytes` before any handler sees it. The ingress is HAProxy in
+the body is read up to `max_body_bytes`, within `request_timeout_s`, before any handler sees it
+(nothing of it before the key is checked). The ingress is HAProxy in
 front of the replica's own HTTP server on a cluster raylm starts (`raylm.pipeline.serve_ingress_env`),
 else Serve's Python proxy actor; the app is the same behind either. Backpressure is Serve's
 (`max_ongoing_requests` per replica, `max_queued_requests` in the proxy or, behind HAProxy, in
@@ -17,6 +18,7 @@ disconnect handling are the app's own (`raylm.serve.handlers`), so a client's
 proxy's, change nothing.
 """
 
+import asyncio
 import hmac
 import json
 import logging
@@ -69,12 +71,20 @@ async def _send_json(send, status: int, body: dict, headers: dict[str, str] | No
     await send({"type": "http.response.body", "body": raw, "more_body": False})
 
 
-class Guard:
-    """ASGI middleware: API key (constant-time), then the body read whole up to a limit (413
-    past it, whether announced by Content-Length or streamed in chunks) and replayed."""
+class _TooLarge(Exception):
+    """The body went past the limit (announced or streamed)."""
 
-    def __init__(self, app, api_key: str, max_body_bytes: int):
-        self.app, self.key, self.limit = app, api_key.encode(), max_body_bytes
+
+class Guard:
+    """ASGI middleware: API key (constant-time), checked before any of the body is read, then
+    the body read whole within `body_timeout_s` up to a limit (413 past it, whether announced
+    by Content-Length or streamed in chunks) and replayed. The time limit is what keeps a slow
+    body (headers, then a byte now and then) from holding one of the replica's
+    `max_ongoing_requests` slots for good: Serve counts a request from its headers, and neither
+    HAProxy nor Serve bounds how long its body takes; past the limit it answers 408."""
+
+    def __init__(self, app, api_key: str, max_body_bytes: int, body_timeout_s: float):
+        self.app, self.key, self.limit, self.timeout = app, api_key.encode(), max_body_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -99,28 +109,43 @@ class Guard:
                 return await _send_json(send, 400, P.error_body("Content-Length is not a number"))
             if announced > self.limit:
                 return await self._too_large(send)
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body = msg.get("body", b"")
-            size += len(body)
-            if size > self.limit:
-                return await self._too_large(send)
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout):
+                body = await self._read_body(receive)
+        except _TooLarge:
+            return await self._too_large(send)
+        except TimeoutError:
+            # connection: close, as the rest of the body may still come and is no next request.
+            return await _send_json(send, 408, P.error_body(
+                f"the request body did not arrive within this server's limit of {self.timeout:g} s",
+                "timeout", None, "timeout"), {"connection": "close"})
+        if body is None:  # the client left
+            return
         replayed = False
 
         async def replay():
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # later: the disconnect, which handlers watch for
 
         return await self.app(scope, replay, send)
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole body, None where the client disconnected first; _TooLarge past the limit."""
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                raise _TooLarge()
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
 
     async def _too_large(self, send):
         await _send_json(send, 413, P.error_body(f"request body exceeds this server's limit of {self.limit} bytes",
@@ -139,7 +164,8 @@ def make_fastapi(cfg: ServeConfig, api_key: str):
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
+                       body_timeout_s=cfg.request_timeout_s)
 
     @app.exception_handler(P.APIError)
     async def _api_error(request: Request, e: P.APIError):

@@ -55,7 +55,7 @@ def port(ray_local, tiny_run):
     url = start(tiny_run, cfg, name="fuzz", route_prefix="/")
     wait_ready(url)
     yield cfg.port
-    serve.shutdown()  # the last serve module
+    serve.shutdown()  # each serve module starts its own app
     os.environ.pop(PORT_ENV, None)
 
 
