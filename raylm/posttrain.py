@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 
 from raylm import checkpoint, run_lock, storage
-from raylm.chat_data import prepare_chat, write_rows
+from raylm.chat_data import dataset_key, prepare_chat, write_rows
 from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict, recorded_config
 from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restarts, list_corpus,
                         prepared_datasets, read_manifest)
@@ -141,8 +141,9 @@ def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: fl
         raise checkpoint.CheckpointError(f"{cfg.tokenizer.path}: tokenizer hash {tok.sha256[:12]} differs from the "
                                          f"one {parent['checkpoint']} was trained with")
     own = storage.join(cfg.run_dir, "tokenizer")  # a self-contained run carries its tokenizer
-    keep_in_run(tok, own, cfg.s3)
     cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=own))
+    check_resume_before_records(cfg, resume, tok, parent)  # a refused resume prepares no records first
+    keep_in_run(tok, own, cfg.s3)
     init_ray(cfg, training=True)
     cfg = resolve_workers(cfg)
     data_dir = storage.join(cfg.run_dir, "data")
@@ -161,6 +162,28 @@ def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: fl
     summary.update(parent=parent["checkpoint"], seconds=round(time.time() - t0, 1))
     write_summary(cfg, summary)
     return summary
+
+
+def check_resume_before_records(cfg: Config, resume: str, tok, parent: dict) -> None:
+    """`check_resume_before_record` before Ray, the records' preparation and DPO's reference
+    pass, so that a refused resume does not first tokenize the records (and score them with the
+    reference) again under the refused settings: the tokenizer is the parent's, and the data's
+    key follows from the records' listing (`resume_facts`). The check after the data stays, for
+    records that change in between."""
+    from raylm.train import resume_point
+
+    if resume_point(cfg, resume) is not None:
+        check_resume_before_record(cfg, resume, resume_facts(cfg, tok, parent))
+
+
+def resume_facts(cfg: Config, tok, parent: dict) -> dict:
+    """The tokenizer hash and data key the run's data will have, as `prepare_chat` keys the
+    records (`dataset_key` over their listing) and `precompute_reference` its stored pass
+    (`reference_key`), without preparing either."""
+    key = dataset_key(cfg.stage, list_corpus(cfg.data.path, cfg.s3), cfg.data, tok.sha256, cfg.seed)
+    if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
+        key = reference_key(cfg, parent, key)
+    return {"tokenizer_sha256": tok.sha256, "key": key}
 
 
 def summarize(cfg: Config) -> dict:
@@ -277,9 +300,7 @@ def precompute_reference(cfg: Config, data_dir: str, manifest: dict, parent: dic
     import ray
 
     plans = {split: reference_pass(cfg, (manifest.get(split) or {}).get("blocks")) for split in ("train", "val")}
-    numerics = plans["train"].numerics()
-    key = hashlib.sha256(":".join([parent["sha256"], manifest["key"], *([numerics] if numerics else [])])
-                         .encode()).hexdigest()
+    key = reference_key(cfg, parent, manifest["key"])
     out = storage.join(data_dir, f"reference-{key[:16]}")
     existing = read_manifest(out, cfg.s3)
     if existing and existing.get("key") == key:
@@ -317,6 +338,15 @@ def precompute_reference(cfg: Config, data_dir: str, manifest: dict, parent: dic
     log(f"dpo: reference log-probs for {new['train']['blocks'] + new['val']['blocks']} pairs in "
         f"{time.time() - t0:.1f}s -> {out}")
     return out, new
+
+
+def reference_key(cfg: Config, parent: dict, data_key: str) -> str:
+    """The key of the stored reference pass over the data keyed `data_key`: the reference
+    checkpoint's hash, the data's key, and the numerics of the pass (which do not depend on
+    the number of pairs)."""
+    numerics = reference_pass(cfg).numerics()
+    return hashlib.sha256(":".join([parent["sha256"], data_key, *([numerics] if numerics else [])])
+                          .encode()).hexdigest()
 
 
 def _plain(cfg: Config) -> dict:
