@@ -76,7 +76,9 @@ TEXT_ENCODING = 2
 # 4: NFC after control characters are removed; near-dedup's bands chosen for recall at the
 # threshold (13 bands of 7 rows at 0.8, raylm.dedup.lsh_params).
 # 5: near-dedup's words keep their combining marks (Devanagari's vowel signs, among others).
-CLEANING = 5
+# 6: with data.val_split=tail, a document with no tail to hold out (one character, or one PII
+# placeholder) trains whole; its empty tail was a lone EOS in validation, counted as a document.
+CLEANING = 6
 
 
 from raylm.errors import DataError  # noqa: E402,F401  (defined with raylm's other error types)
@@ -173,7 +175,9 @@ class PrepareStats:
     pii: dict = field(default_factory=dict)  # type -> replacements
     chars: "Histogram" = field(default_factory=lambda: Histogram())  # kept documents
     doc_tokens: "Histogram" = field(default_factory=lambda: Histogram())
-    tokens: int = 0
+    tokens: int = 0  # of the kept documents, EOS not counted
+    # split -> tokens (EOS included) after its last full block: too few for a block, left out
+    partial_block_tokens: dict = field(default_factory=dict)
     train_blocks: int = 0
     val_blocks: int = 0
     dedup_seconds: float = 0.0
@@ -607,6 +611,7 @@ def packed_blocks(batches: Iterable[pa.Table], cfg: DataConfig, eos_id: int, see
     if "train" in packers:
         for b, src in shuffle.drain():
             yield "train", b, src
+    stats.partial_block_tokens = {s: len(p.buf) for s, p in packers.items()}
 
 
 def corpus_files(cfg: DataConfig, s3) -> tuple[list[storage.FileInfo], list[storage.FileInfo]]:
@@ -830,8 +835,17 @@ def summary_line(stats: PrepareStats) -> str:
             f"kept {stats.documents} ({stats.val_documents} val), dropped {filtered} by filters, "
             f"{dups} as duplicates, {len(stats.bad_records)} bad records; "
             f"PII replaced {sum(stats.pii.values())}; {stats.tokens / 1e6:.2f}M tokens -> "
-            f"{stats.train_blocks} train + {stats.val_blocks} val blocks in {stats.seconds:.1f}s "
-            f"({stats.bytes_read / 1e6 / max(stats.seconds, 1e-9):.1f} MB/s)")
+            f"{stats.train_blocks} train + {stats.val_blocks} val blocks{_partial_blocks(stats)} in "
+            f"{stats.seconds:.1f}s ({stats.bytes_read / 1e6 / max(stats.seconds, 1e-9):.1f} MB/s)")
+
+
+def _partial_blocks(stats: PrepareStats) -> str:
+    """The tokens after each split's last full block, which are left out: " (12 + 3 tokens past
+    the last full blocks left out)"."""
+    left = stats.partial_block_tokens
+    if not any(left.values()):
+        return ""
+    return f" ({left.get('train', 0)} + {left.get('val', 0)} tokens past the last full blocks left out)"
 
 
 def _losses(stats: PrepareStats, cfg: DataConfig, filters_only: bool = False) -> str:
@@ -926,6 +940,10 @@ def datacard(manifest: dict) -> str:
         f"Tokens: {st['tokens']} in total ({st['val_documents']} validation documents); "
         f"{st['train_blocks']} training blocks, {st['val_blocks']} validation blocks.", "",
     ]
+    left = st.get("partial_block_tokens") or {}
+    if any(left.values()):
+        lines += [f"Left out: the {left.get('train', 0)} training and {left.get('val', 0)} validation tokens "
+                  f"(EOS included) after each split's last full block, too few to fill one.", ""]
     if st["bad_records"]:
         lines += ["## Bad records skipped", "", *[f"- {b}" for b in st["bad_records"][:100]], ""]
     return "\n".join(lines)

@@ -290,7 +290,7 @@ def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val
     types to replace, counted per document in `pii_<type>` columns. `tail`: every document
     is two rows, its head for training and its last data.val_fraction for validation
     (`val_split_mode`), cut after redaction so that no e-mail or number is split in two
-    halves that neither is found in."""
+    halves that neither is found in; one too short to cut is one training row."""
     out = {k: [] for k in (*COLUMNS, *(f"pii_{t}" for t in redact))}
 
     def emit(**row):
@@ -326,11 +326,15 @@ def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val
             pii = {f"pii_{t}": found.get(t, 0) for t in redact}
             if tail and not force_val and text and not dropped:
                 head, rest = tail_split(text, cfg.val_fraction)
-                emit(text=head, val=False, tail=False, source=path, file=file, line=line, chars=chars, error="",
-                     dropped="", **pii)
-                emit(text=rest, val=True, tail=True, source=path, file=file, line=line, chars=0, error="",
-                     dropped="", **{k: 0 for k in pii})
-                continue
+                if rest:
+                    emit(text=head, val=False, tail=False, source=path, file=file, line=line, chars=chars,
+                         error="", dropped="", **pii)
+                    emit(text=rest, val=True, tail=True, source=path, file=file, line=line, chars=0, error="",
+                         dropped="", **{k: 0 for k in pii})
+                    continue
+                # Nothing to hold out (one character, or one placeholder): the document trains
+                # whole. An empty tail row was a lone EOS in validation, counted as a document.
+                val = False
             emit(text=text, val=val, tail=False, source=path, file=file, line=line, chars=chars, error=err,
                  dropped=dropped, **pii)
         if n == 0:  # an empty shard is almost always a broken export, never silently fine
