@@ -2,7 +2,10 @@
 
 `<run_dir>/record.json` holds the resolved config, the raylm version and git commit, the
 tokenizer hash, the data manifest's identity (sources with sizes and ETags), the seed, and
-the hardware and library versions. `raylm <stage> --from-record record.json` reruns it.
+the hardware and library versions: the driver's, which wrote it, and the training workers'
+(`hardware.training`), which rank 0 adds once the Train run has started. On a cluster they
+differ: a CPU-only head node or a laptop drives runs trained on GPU nodes.
+`raylm <stage> --from-record record.json` reruns it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 import raylm
 from raylm.errors import ConfigError
 from raylm import storage
-from raylm.config import Config, _build, to_dict
+from raylm.config import Config, S3Config, _build, to_dict
 
 RECORD = "record.json"
 
@@ -46,12 +49,15 @@ def git_commit() -> str:
 
 
 def hardware() -> dict:
+    """This process's machine and libraries. gpu_count is the GPUs it sees: a Ray Train
+    worker sees those it was given."""
     import torch
 
+    gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
     info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "gpu_count": torch.cuda.device_count()}
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": gpu.name if gpu else None, "gpu_count": torch.cuda.device_count(),
+            "gpu_memory_gib": round(gpu.total_memory / 2**30, 1) if gpu else None}
     try:
         import ray
 
@@ -59,6 +65,26 @@ def hardware() -> dict:
     except ImportError:
         info["ray"] = None
     return info
+
+
+def training_hardware(node_ids: list[str], device: str) -> dict:
+    """What trains, as rank 0 of a Train run sees it: the world size, the number of distinct
+    nodes its ranks run on (`node_ids`, one per rank), the device type, and rank 0's `hardware()`."""
+    return {"world_size": len(node_ids), "nodes": len(set(node_ids)), "device": device, **hardware()}
+
+
+def add_training_hardware(run_dir: str, training: dict, s3: S3Config | None = None) -> None:
+    """Set the run record's hardware.training (`training_hardware`). Rank 0 calls it once
+    the Train run has started, as it writes metrics.jsonl: the driver writes the record
+    before it starts the run and not after, so nothing else writes it meanwhile, and the
+    rewrite is atomic (storage.write_text). A run with no record (a direct caller of
+    raylm.train_ray.run_ray_training) has none to add to."""
+    uri = storage.join(run_dir, RECORD)
+    if not storage.exists(uri, s3):
+        return
+    record = json.loads(storage.read_text(uri, s3))
+    record["hardware"] = {**record.get("hardware", {}), "training": training}
+    storage.write_text(uri, json.dumps(record, indent=1), s3)
 
 
 def write_record(cfg: Config, stage: str, tokenizer=None, manifest: dict | None = None,
@@ -78,7 +104,8 @@ def write_record(cfg: Config, stage: str, tokenizer=None, manifest: dict | None 
                  "train_blocks": manifest.get("train", {}).get("blocks"),
                  "val_blocks": manifest.get("val", {}).get("blocks")}
         if manifest else None,
-        "hardware": hardware(),
+        # "training" stays null until the training workers have started (`add_training_hardware`).
+        "hardware": {"driver": hardware(), "training": None},
         **(extra or {}),
     }
     uri = storage.join(cfg.run_dir, RECORD)

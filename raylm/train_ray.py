@@ -57,6 +57,23 @@ def ray_report_interval_s() -> float:
         return 2.0
 
 
+def record_training_hardware(cfg: Config, device: torch.device, rank: int, world: int) -> None:
+    """Rank 0 adds what trains to the run's record (raylm.record.add_training_hardware): the
+    driver recorded its own machine, often a CPU-only head node or a laptop. A collective
+    where world > 1 (each rank's Ray node, for the count of nodes): every rank calls it."""
+    from raylm.record import add_training_hardware, training_hardware
+
+    nodes = ["this"]
+    if world > 1:
+        import ray
+        import torch.distributed as dist
+
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        add_training_hardware(cfg.run_dir, training_hardware(nodes, device.type), cfg.s3)
+
+
 class ReportPacer:
     """Which metric rows go to `ray.train.report`. Ray Train takes one report per worker per
     controller poll (`ray_report_interval_s`); a report beyond that rate blocks the step until
@@ -101,6 +118,7 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     log = print if rank == 0 else (lambda *_: None)
     model, optimizer, start = setup_model(cfg, device, resume, log)
+    record_training_hardware(cfg, device, rank, world)  # after setup, which may still refuse the run
     tc = cfg.train
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
