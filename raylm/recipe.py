@@ -864,6 +864,33 @@ def read_stage_record(recipe: Recipe, stage: str, s3: S3Config) -> dict | None:
 REDONE_FROM_SCRATCH = ("tokenizer", "sft", "dpo", "eval", "export")
 
 
+def _trained_on_other_data(cfg: Config) -> bool:
+    """Whether the pre-training run in cfg.run_dir trained on another tokenizer or dataset than
+    cfg names now: its newest complete checkpoint records both (raylm.train.checkpoint_facts),
+    compared as raylm.pipeline.check_resume_before_data makes them (the dataset's key from its
+    manifest, or from the corpus listing where the stage prepares its own data). A run that
+    did would be refused on resume, and the recipe could not go on: its directory follows
+    from the stage key, which names no data. One re-made alike (a lost input prepared again)
+    resumes."""
+    from raylm import checkpoint
+    from raylm.data import corpus_files, dataset_key
+    from raylm.generate import load_tokenizer
+    from raylm.pipeline import _prepared_manifest, absolute_paths, preflight
+
+    ckpt = checkpoint.latest_complete(cfg.run_dir, cfg.s3)
+    if ckpt is None:
+        return False
+    meta = checkpoint.read_meta(ckpt, cfg.s3)
+    cfg, corpus = preflight(absolute_paths(cfg))
+    tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
+    if not cfg.data.path:  # the built-in corpus, written when the stage runs: the tokenizer decides
+        return meta.get("tokenizer_sha256") != tok.sha256
+    manifest = _prepared_manifest(cfg)
+    key = manifest["key"] if manifest else dataset_key(*(corpus or corpus_files(cfg.data, cfg.s3)), cfg.data,
+                                                       tok.sha256, cfg.seed)
+    return (meta.get("tokenizer_sha256"), meta.get("data_key")) != (tok.sha256, key)
+
+
 def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict:
     """Run the recipe's stages in order, skipping those done; returns {stage: record}."""
     from raylm.record import write_stage_record
@@ -890,10 +917,11 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict
                 done[stage.name] = {**old, "skipped": True}
                 continue
             log(f"recipe: {stage.name}: {', '.join(changed)} changed since it ran, running it again")
-            if stage.name in REDONE_FROM_SCRATCH:
+            if stage.name in REDONE_FROM_SCRATCH or (stage.name == "pretrain" and _trained_on_other_data(cfg)):
                 # Its directory holds what the old inputs made, which the stage would reuse: an
                 # export whose marker is there, a training run resumed from its own checkpoints
-                # (started from the old parent). Removed, so it is made from the new ones.
+                # (started from the old parent, or trained on another tokenizer or dataset,
+                # which pre-training's resume would refuse). Removed, so it is made from the new ones.
                 log(f"recipe: {stage.name}: removing {storage.redact_url(cfg.run_dir)}, made from the old inputs")
                 storage.delete(cfg.run_dir, cfg.s3)
         log(f"recipe: {stage.name}: running (key {key[:10]}) -> {storage.redact_url(cfg.run_dir)}")
