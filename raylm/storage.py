@@ -7,9 +7,10 @@ what would fix it (`StorageError`).
 
 Two clients, each for what it does best:
 - pyarrow's `S3FileSystem` (`filesystem()`) for bulk data: Ray Data, Ray Train, parquet,
-  directory copies. It streams and parallelises multipart transfers.
-- boto3 (`boto3_client()`) for small objects and listings: a single PUT is atomic, a
-  listing returns ETags, and errors carry machine-readable codes.
+  downloads. It streams and parallelises multipart transfers.
+- boto3 (`boto3_client()`) for small objects, listings and uploads: a single PUT is atomic,
+  a failed multipart upload is aborted (pyarrow's completes it), a listing returns ETags, and
+  errors carry machine-readable codes.
 
 Credentials are never read here: both clients use the AWS default chain (environment,
 profile, instance role). Endpoint and region come from `S3Config`, else the standard
@@ -33,6 +34,7 @@ from typing import Iterable, Iterator
 import boto3
 import botocore.config
 import pyarrow.fs as pafs
+import s3transfer.manager
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
                                  ParamValidationError)
 
@@ -668,18 +670,19 @@ def upload_dir(local_dir: str, uri: str, s3: S3Config | None = None) -> None:
     src = _local(local_dir)
     if not os.path.isdir(src):
         raise StorageError(local_dir, "no such directory")
-    dst_fs, dst = filesystem(uri, s3)
     if not is_s3(uri):
-        _refuse_inside(src, dst, uri, local_dir)
+        _refuse_inside(src, _local(uri), uri, local_dir)
     with _errors(uri, s3):
-        upload_tree(src, dst_fs, dst)
+        upload_tree(src, uri, s3)
 
 
-def upload_tree(src: str, fs: pafs.FileSystem, dst: str) -> None:
-    """Copy the local tree `src` to `dst` in `fs`, file by file through explicit output
-    streams. Not pyarrow.fs.copy_files: when an S3 part upload fails it returns success (the
-    error only reaches the stream's destructor, and the object is never created); close()
-    raises it. What cannot be copied whole (a directory that cannot be read, a link to a
+def upload_tree(src: str, uri: str, s3: S3Config | None = None) -> None:
+    """Copy the local tree `src` to `uri`, file by file, each whole or not at all: a copy cut
+    midway (a read error, an interrupt) leaves the file it would replace, or none, never part
+    of the new one under its name. Locally a temp file renamed into place; on S3 boto3's
+    transfer manager, which aborts a multipart upload that fails. Not pyarrow: its output
+    stream completes the upload when closed, also after an error, so half a file became the
+    object. What cannot be copied whole (a directory that cannot be read, a link to a
     directory or to nothing) is an error naming it before anything is written: a copy that
     left it out would look complete."""
     files = []
@@ -695,24 +698,42 @@ def upload_tree(src: str, fs: pafs.FileSystem, dst: str) -> None:
             if not os.path.isfile(path):  # reading a pipe would wait for a writer for ever
                 raise StorageError(path, "not a regular file (a pipe, socket or device), which is not copied")
             files.append(path)
-    for path in files:
-        target = dst.rstrip("/") + "/" + os.path.relpath(path, src).replace(os.sep, "/")
-        local = isinstance(fs, pafs.LocalFileSystem)
-        if local:
-            fs.create_dir(os.path.dirname(target), recursive=True)
-        with _errors(path):  # a local file that cannot be read: named, not the destination
-            f = open(path, "rb")
-        with f, (_new_local_file(target) if local else fs.open_output_stream(target)) as out:
-            shutil.copyfileobj(f, out, 8 << 20)
+    with contextlib.ExitStack() as stack:
+        if is_s3(uri):  # its threads upload one file's parts at once; files go one at a time, in order
+            transfers = stack.enter_context(s3transfer.manager.TransferManager(boto3_client(s3)))
+        for path in files:
+            target = join(uri, os.path.relpath(path, src).replace(os.sep, "/"))
+            with _errors(path):  # a local file that cannot be read: named, not the destination
+                f = open(path, "rb")
+            with f:
+                if is_s3(uri):
+                    transfers.upload(f, *_split_s3(target)).result()
+                else:
+                    _write_local_file(_local(target), lambda out: shutil.copyfileobj(f, out, 8 << 20))
 
 
-def _new_local_file(target: str):
-    """`target` opened for writing as a file of its own: a link found there (in a shared run
-    directory, anyone who can write there could have put one) is replaced, never written
-    through, which would overwrite the file it names, wherever that is."""
-    if os.path.islink(target):
-        os.unlink(target)
-    return os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "wb")
+def _write_local_file(target: str, write) -> None:
+    """`target` made a new file by `write(out)`: into a temp file beside it, renamed over it
+    once whole, so a copy cut midway leaves the old file, or none, never part of the new one.
+    A link found there (in a shared run directory, anyone who can write there could have put
+    one) is replaced by the rename, never written through, which would overwrite the file it
+    names, wherever that is."""
+    parent = os.path.dirname(target)
+    tmp = os.path.join(parent, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+    try:
+        with _errors(target):
+            os.makedirs(parent, exist_ok=True)
+            out = open(tmp, "xb")  # 'x': never through a link
+        with out:
+            with _errors(target):
+                _keep_mode(target, out.fileno())
+            write(out)
+        with _errors(target):
+            os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:
@@ -749,11 +770,11 @@ def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:
 
     def fetch(item: tuple[str, str]) -> None:
         path, target = item
-        with _errors(target):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            out = open(target, "wb")
-        with out, _errors(f"s3://{path}" if is_s3(uri) else path, s3), src_fs.open_input_stream(path) as f:
-            shutil.copyfileobj(f, out, 8 << 20)
+        name = f"s3://{path}" if is_s3(uri) else path
+        with _errors(name, s3):
+            f = src_fs.open_input_stream(path)
+        with f, _errors(name, s3):
+            _write_local_file(target, lambda out: shutil.copyfileobj(f, out, 8 << 20))
 
     if is_s3(uri) and len(plan) > 1:  # one request at a time would leave the bandwidth idle
         with ThreadPoolExecutor(min(8, len(plan))) as pool:
