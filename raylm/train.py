@@ -157,9 +157,10 @@ def train_step(model, optimizer, micro_batches: list[dict], objective: Objective
     # Counts are exact integers (a float32 count is exact only to 2^24 units a step); one
     # collective carries them all, so every rank sees the same global counts and takes the
     # same branch below (an empty step on one rank only would leave the others in a collective).
-    local = torch.tensor([sum(objective.count(mb) for mb in micro_batches),
-                          sum(_real_tokens(objective, mb) for mb in micro_batches),
-                          sum(_trainable(objective, mb) for mb in micro_batches)], device=device, dtype=torch.int64)
+    counts = [objective.count(mb) for mb in micro_batches]
+    local = torch.tensor([sum(counts), sum(_real_tokens(objective, mb) for mb in micro_batches),
+                          sum(_trainable(objective, mb, n) for mb, n in zip(micro_batches, counts))],
+                         device=device, dtype=torch.int64)
     count, tokens, trainable = _all_reduce_sum(local).unbind()
     if int(trainable) == 0:
         optimizer.zero_grad(set_to_none=True)
@@ -194,11 +195,11 @@ def _real_tokens(objective: Objective, batch: dict) -> int:
     return counter(batch) if counter is not None else int(batch["tokens"][:, :-1].numel())
 
 
-def _trainable(objective: Objective, batch: dict) -> int:
+def _trainable(objective: Objective, batch: dict, count: int) -> int:
     """Loss units of `batch` a gradient can come from: `objective.trainable` where a unit can
-    have no target token (a DPO pair with both responses masked out), else its count."""
+    have no target token (a DPO pair with both responses masked out), else its `count`."""
     counter = getattr(objective, "trainable", None)
-    return counter(batch) if counter is not None else objective.count(batch)
+    return counter(batch) if counter is not None else count
 
 
 @torch.no_grad()
@@ -345,7 +346,7 @@ class PoisonedObjective:
         return _real_tokens(self.inner, batch)
 
     def trainable(self, batch):
-        return _trainable(self.inner, batch)
+        return _trainable(self.inner, batch, self.inner.count(batch))
 
 
 INJECTED_FACTOR = {"nan": float("nan"), "spike": 100.0}
@@ -505,7 +506,9 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 # Training seconds of the window: its wall time less evaluations and checkpoints.
                 train_s = max(now - t_last - paused_s, 1e-9)
                 tok_s = tokens_since / train_s  # real tokens only: padding is not work done
-                row = {"kind": "train", "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                # An empty step computed no loss and no gradient: null, not a perfect 0 on the curve.
+                loss, grad_norm = (None, None) if stats.empty else (stats.loss, stats.grad_norm)
+                row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tok_s, "mfu": mfu(tok_s, cfg.model, cfg.data.seq_len, device_name, world),
                        "epoch": batches.epoch, "consumed_blocks": batches.consumed,
                        "skipped_steps": skipped_total, "empty_steps": empty_total, "loss_spikes": spike_total,
@@ -518,8 +521,8 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 t_last, tokens_since, units_since, paused_s = now, 0, 0, 0.0
                 if rank == 0:
                     where = f" ({clock.spent:.0f}/{tc.time_budget_s:.0f}s)" if tc.time_budget_s else f"/{tc.max_steps}"
-                    log(f"step {step}{where} | loss {stats.loss:.4f} | lr {lr:.2e} | "
-                        f"grad {stats.grad_norm:.2f} | {tok_s:,.0f} tok/s"
+                    log(f"step {step}{where} | loss {'-' if stats.empty else f'{stats.loss:.4f}'} | lr {lr:.2e} | "
+                        f"grad {'-' if stats.empty else f'{stats.grad_norm:.2f}'} | {tok_s:,.0f} tok/s"
                         + (f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""))
             if step % tc.eval_every == 0 or final:
                 t0 = time.perf_counter()
