@@ -84,9 +84,10 @@ def _word_pattern() -> re.Pattern:
     Devanagari, Thai, Tamil and other scripts' words at every vowel sign and dropped the signs:
     "किताब" and "कताब" were the same words, and texts differing only in vowel signs were
     near-duplicates. Led by one \\w, the pattern is as fast as `\\w+` on such text, and twice
-    its time on accented Latin text (a whole signature about 15% longer; a Hindi one takes less
-    than half, with fewer words); a mark class at every position was 2-3 times slower. Built on
-    first use (0.1 s: every code point's category)."""
+    its time on other non-ASCII text (a whole signature 15-25% longer for accented Latin,
+    Cyrillic or Chinese; a Hindi one takes less than half, with fewer words); a mark class at
+    every position was 2-3 times slower. ASCII text does not use it. Built on first use (0.1 s:
+    every code point's category)."""
     cps = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Mn", "Mc", "Me")]
     spans, start = [], cps[0]
     for prev, c in zip(cps, cps[1:] + [None]):

@@ -248,17 +248,18 @@ def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: 
         if loose:
             raise ConfigError(f"{where}: tune.search=grid needs grid_search([...]) or a constant for every key; "
                               f"{loose[0]} is {space[loose[0]]}")
-    # Tune runs the whole grid num_samples times; with nothing sampled (always so for
-    # search=grid) and the seed fixed, every repeat is the same config trained again (a
-    # 2-point grid at 8 ran 16 trials).
-    if tc.num_samples != 1 and not samples(space):
-        raise ConfigError(f"{where}: tune.num_samples={tc.num_samples}: nothing in the space is sampled, so each "
-                          f"grid point runs once (a repeat is the same config and seed); set 1, or search "
-                          f"seed: grid_search([0, 1, ...]) for repeats")
     if tc.search == "optuna":
         grid = [k for k, d in space.items() if d.kind == "grid_search"]
         if grid:
             raise ConfigError(f"{where}: tune.search=optuna samples; {grid[0]} is a grid_search (use choice)")
+    # Tune runs the whole grid num_samples times; with nothing sampled (always so for
+    # search=grid) and the seed fixed, every repeat is the same config trained again (a
+    # 2-point grid at 8 ran 16 trials).
+    if tc.num_samples != 1 and not samples(space):
+        repeats = "choice" if tc.search == "optuna" else "grid_search"  # what that searcher takes
+        raise ConfigError(f"{where}: tune.num_samples={tc.num_samples}: nothing in the space is sampled, so each "
+                          f"grid point runs once (a repeat is the same config and seed); set 1, or search "
+                          f"seed: {repeats}([0, 1, ...]) for repeats")
         try:
             import optuna  # noqa: F401
         except ImportError:

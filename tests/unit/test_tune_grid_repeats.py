@@ -74,3 +74,8 @@ def test_a_random_search_that_samples_nothing_runs_each_point_once(tmp_path, mon
     assert sorted(t["model.n_layers"] for t in trials) == [1, 2]
     with pytest.raises(ConfigError, match="tune.num_samples=3: nothing in the space is sampled"):
         _searched(tmp_path, monkeypatch, "tune: {num_samples: 3}\nmodel.n_layers: grid_search([1, 2])\n")
+
+
+def test_an_optuna_search_that_samples_nothing_is_told_what_optuna_takes(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"seed: choice\(\[0, 1, \.\.\.\]\) for repeats"):
+        _searched(tmp_path, monkeypatch, "tune: {search: optuna, num_samples: 3}\ntrain.lr: 1.0e-3\n")
