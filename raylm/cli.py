@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mfu", type=float,
                     help="model FLOPs utilisation to assume: a run's logged `mfu`, used as it is (with activation "
                          "checkpointing it already includes the recompute). Default 0.40 GPU, 0.45 CPU, for a step "
-                         "without recompute: the plan then divides by the recompute (x 1.24-1.33) when it checkpoints")
+                         "without recompute: the plan then divides by the recompute (x 1.20-1.26) when it checkpoints")
     sp.add_argument("--memory-gb", type=float,
                     help="memory per device, GiB, instead of the total nvidia-smi reports for the device")
     sp.add_argument("--data", help="corpus path for the config's data.path (local or s3://)")

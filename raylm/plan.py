@@ -18,8 +18,8 @@ memory         per device, under raylm's FSDP2 sharding over S devices (see `mem
                all of them, or under HSDP (train.replicate_degree=R) the devices / R of one replica.
 time           6N + 12LdT FLOPs per token (raylm.metrics.flops_per_token) over devices x peak x
                MFU; with activation checkpointing and the default MFU, plus one more forward
-               of the blocks (`recompute_factor`, x 1.24-1.33), which a run's logged MFU
-               (--mfu) already includes.
+               of the blocks but their last matmul (`recompute_factor`, x 1.20-1.26), which a
+               run's logged MFU (--mfu) already includes.
 data workers   tokens/s training consumes over the measured tokenize rate of raylm's data
                pipeline per CPU (README, `benchmarks/tokenize_throughput.py`).
 """
@@ -112,6 +112,12 @@ class Hardware:
     def devices(self) -> int:
         return self.per_node * self.nodes
 
+    @property
+    def sharded(self) -> bool:
+        """Whether raylm's workers shard the model here (raylm.parallel.sharding_pays): always
+        on GPUs (bf16) and over two workers or more; one fp32 CPU worker trains it plain."""
+        return self.kind == "gpu" or self.devices > 1
+
     def shard(self, replicate_degree: int = 1) -> int:
         """Devices each parameter is sharded over: all of them, or one HSDP replica's share."""
         return self.devices // replicate_degree
@@ -163,6 +169,8 @@ def parse_hardware(gpus: str, nodes: int = 1, memory_gb: float | None = None) ->
     if not m:
         raise ConfigError(f"--gpus={gpus!r}: expected COUNTxNAME such as 8xH100")
     per_node, name = int(m.group(1) or 1), m.group(2)
+    if re.fullmatch(r"\d+\s*[x×*]?", name):  # "0", "8", "8x": a count, no device
+        raise ConfigError(f"--gpus={gpus!r}: no device named; expected COUNTxNAME such as 8xH100 or 2xCPU")
     if per_node < 1 or nodes < 1:
         raise ConfigError(f"--gpus={gpus!r} --nodes={nodes}: need at least one device and one node")
     if memory_gb is not None and not 0 < memory_gb < math.inf:  # None (not given): DEVICES' total
@@ -303,7 +311,7 @@ def dpo_logprob_bytes(cfg: ModelConfig, tokens: int) -> float:
 def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch: int, shard: int, precision: str,
                       checkpointing: bool = False, accumulation: int = 1, sharded: bool = True,
                       loss_chunk: int = 0, doc_mask: bool = False, dpo: bool = False,
-                      reference: bool = True) -> Memory:
+                      reference: bool = True, reshard_after_forward: bool = True) -> Memory:
     """Peak bytes on one device of a raylm training step (raylm.train.train_step under
     raylm.parallel.shard_model), over `shard` devices.
 
@@ -312,8 +320,10 @@ def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch: int, shard: i
     AdamW's two moments are sharded (16 N / S bytes). FSDP also holds gathered copies in the
     compute dtype: the root unit (embeddings, head, final norm), which raylm never reshards,
     and three blocks (the one computing, the one prefetched, and the last block, kept for
-    backward); plus the unsharded compute-dtype gradients of the root (alive from the head's
-    backward to the embedding's, where the root unit reduces) and of the block in backward.
+    backward; every block with `reshard_after_forward=False`, train.reshard_after_forward,
+    which keeps each from its forward to its backward); plus the unsharded compute-dtype
+    gradients of the root (alive from the head's backward to the embedding's, where the root
+    unit reduces) and of the block in backward.
     With gradient accumulation raylm syncs gradients only on the last micro-batch, and FSDP2
     keeps them unsharded in fp32 between micro-batches: 4 N bytes on every device, whatever S,
     beside the current micro-batch's compute-dtype ones.
@@ -339,19 +349,22 @@ def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch: int, shard: i
     block = _block_params(cfg)
     root = n - cfg.n_layers * block
     accumulated = 4 * n if accumulation > 1 else 0.0
-    peak = Memory(params=4 * n / shard + p * (root + 3 * block),
+    # Gathered blocks at the start of backward, and while a reference runs its forward.
+    gathered, kept = (min(3, cfg.n_layers), 1) if reshard_after_forward else (cfg.n_layers, cfg.n_layers)
+    peak = Memory(params=4 * n / shard + p * (root + gathered * block),
                   grads=4 * n / shard + accumulated + p * (root + block),
                   optimizer=8 * n / shard, activations=acts, reference=ref_shards)
     if not (dpo and reference):
         return peak
-    # The reference's forward: the policy holds its root and last block gathered, its saved
-    # activations with the fp32 logits, and the gradients of earlier micro-batches; the
-    # reference gathers its root and up to two blocks and computes its logits.
+    # The reference's forward: the policy holds its root and last block gathered (every block
+    # without reshard_after_forward), its saved activations with the fp32 logits, and the
+    # gradients of earlier micro-batches; the reference gathers its root and up to two blocks
+    # and computes its logits.
     saved, _ = _forward_saved(cfg, tokens, p, checkpointing, seq_len, False)
     logits = (POLICY_SAVED_LOGPROB_BYTES + REFERENCE_LOGPROB_BYTES) * cfg.vocab_size * tokens
-    during_reference = Memory(params=4 * n / shard + p * (root + block), grads=4 * n / shard + accumulated,
+    during_reference = Memory(params=4 * n / shard + p * (root + kept * block), grads=4 * n / shard + accumulated,
                               optimizer=8 * n / shard, activations=saved + logits,
-                              reference=ref_shards + p * (root + 2 * block))
+                              reference=ref_shards + p * (root + min(2, cfg.n_layers) * block))
     return max(peak, during_reference, key=lambda m: m.total)
 
 
@@ -370,7 +383,8 @@ def memory_for_config(cfg: Config, device_type: str = "cuda") -> Memory:
     doc_mask = cfg.stage == "sft" or (cfg.stage not in ("sft", "dpo") and cfg.data.document_mask)
     return memory_per_device(model, cfg.data.seq_len, tc.micro_batch_size, shard, tc.precision,
                              tc.activation_checkpointing, accumulation, sharded, tc.loss_chunk_size,
-                             doc_mask=doc_mask, dpo=dpo, reference=not cfg.dpo.precompute_reference)
+                             doc_mask=doc_mask, dpo=dpo, reference=not cfg.dpo.precompute_reference,
+                             reshard_after_forward=tc.reshard_after_forward)
 
 
 def loss_chunk_for(kind: str) -> int:
@@ -420,10 +434,22 @@ class Plan:
         return self.hours * self.hardware.devices
 
     @property
+    def checkpoint_bytes(self) -> int:
+        """One checkpoint as DCP writes it (raylm.checkpoint): the fp32 master weights and
+        AdamW's two fp32 moments, 12 bytes a parameter, whatever the compute dtype; the
+        step counters, hyperparameters and torch.save's per-tensor headers add a few KB."""
+        return 12 * self.params
+
+    @property
+    def prepared_tokens(self) -> int:
+        """What data.mode=prepare tokenizes: the whole corpus at data.path, once (repeated
+        epochs reuse it; a budget smaller than the corpus still prepares all of it), or the
+        budget when the corpus size is not given (--tokens)."""
+        return self.available_tokens or self.train_tokens
+
+    @property
     def prepare_cpu_hours(self) -> float:
-        """Tokenizing the whole budget once (data.mode=prepare; repeated epochs reuse it)."""
-        unique = self.train_tokens / max(1.0, self.epochs or 1.0)
-        return unique * self.bytes_per_token / TOKENIZE_BYTES_PER_S_PER_CPU / 3600
+        return self.prepared_tokens * self.bytes_per_token / TOKENIZE_BYTES_PER_S_PER_CPU / 3600
 
 
 def _lr(n: float) -> float:
@@ -461,14 +487,13 @@ def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: float, cap: int
     down (14.5 sequences a rank under a cap of 14 once gave micro-batch 8 x 1: 8, 55% of the
     target), a smaller micro-batch that fits gets closer (4 x 3), and the largest one is kept
     only when none does. None if nothing fits."""
-    sharded = hw.kind == "gpu" or hw.devices > 1
     for checkpointing in (False, True):
         mb = 1 << (max(1, min(round(per_rank), cap)).bit_length() - 1)
         fallback = None
         while mb >= 1:
             accumulation = min(max(1, round(per_rank / mb)), cap // mb)
             mem = memory_per_device(cfg, seq_len, mb, hw.shard(replicate_degree), precision, checkpointing,
-                                    accumulation, sharded, loss_chunk_for(hw.kind), doc_mask=doc_mask)
+                                    accumulation, hw.sharded, loss_chunk_for(hw.kind), doc_mask=doc_mask)
             if mem.total <= hw.usable:
                 if mb == 1 or abs(mb * accumulation - per_rank) <= per_rank * BATCH_TOLERANCE * (1 + 1e-9):
                     return mb, accumulation, checkpointing, mem
@@ -482,11 +507,16 @@ def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: float, cap: int
 def recompute_factor(cfg: ModelConfig, seq_len: int) -> float:
     """Compute of a step with activation checkpointing over one without: backward recomputes
     each checkpointed block's forward, a third of the blocks' share of raylm.metrics'
-    6N + 12LdT (their weights' 6 FLOPs a parameter and all of the attention's 12LdT); the LM
-    head and final norm sit outside the checkpointed blocks and are not recomputed. 1.24 at
-    gpt2-124m (T 1024), 1.31 at 1b (2048), 1.33 at 7b (4096)."""
-    blocks = 6 * cfg.n_layers * _block_params(cfg) + 12 * cfg.n_layers * cfg.dim * seq_len
-    return 1 + blocks / (3 * flops_per_token(cfg, seq_len))
+    6N + 12LdT (their weights' 6 FLOPs a parameter and all of the attention's 12LdT), less
+    the MLP's last matmul, w2: torch's checkpoint (non-reentrant, as checkpoint_wrapper runs
+    it) stops recomputing once every tensor backward needs is back, and nothing saves w2's
+    output (AOTAutograd's partitioner drops it from a compiled block's backward alike). The
+    LM head and final norm sit outside the checkpointed blocks and are not recomputed. 1.20
+    at gpt2-124m (T 1024), 1.24 at 1b (2048), 1.25 at 7b (4096): what torch's FLOP counter
+    counts on these models' steps with and without it."""
+    L, d = cfg.n_layers, cfg.dim
+    blocks_forward = 2 * L * _block_params(cfg) + 4 * L * d * seq_len
+    return 1 + (blocks_forward - 2 * L * d * cfg.hidden_dim) / flops_per_token(cfg, seq_len)
 
 
 def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = None, language: str = "en",
@@ -553,7 +583,7 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
     fit = _fit(cfg, hw, seq_len, per_rank, cap, precision, replicate_degree, document_mask)
     if fit is None:
         need = memory_per_device(cfg, seq_len, 1, hw.shard(replicate_degree), precision, True,
-                                 min(max(1, round(per_rank)), cap), True, loss_chunk_for(hw.kind),
+                                 min(max(1, round(per_rank)), cap), hw.sharded, loss_chunk_for(hw.kind),
                                  doc_mask=document_mask)
         hsdp = f" under HSDP (train.replicate_degree={replicate_degree})" if replicate_degree > 1 else ""
         raise ConfigError(
@@ -639,6 +669,7 @@ def format_table(plan: Plan) -> str:
               f"FSDP2, parameters sharded over all {hw.devices} devices")
     epochs = f", {plan.epochs:.2f} epochs of {_count(plan.available_tokens)}" if plan.epochs is not None else ""
     gib = _bytes
+    keep = plan.config.train.keep_checkpoints
     rows = [
         ("model", f"{plan.size}: {_count(plan.params)} parameters ({plan.model.n_layers} x "
                   f"{plan.model.dim}, vocab {plan.model.vocab_size})"),
@@ -657,8 +688,13 @@ def format_table(plan: Plan) -> str:
         ("throughput", f"{_count(plan.tokens_per_s)} tokens/s at {plan.mfu:.0%} MFU"
                        + (f" (/ {plan.recompute:.2f} for recompute)" if plan.recompute != 1 else "")),
         ("time", f"{_duration(plan.hours)}, {plan.device_hours:,.1f} device-hours"),
+        ("checkpoints", f"{gib(plan.checkpoint_bytes)} each (fp32 weights + AdamW's 2 moments, 12 bytes/parameter), "
+                        f"{keep} kept (train.keep_checkpoints), {keep + 1} while the next is written: "
+                        f"{gib((keep + 1) * plan.checkpoint_bytes)} of run storage"),
         ("data workers", f"{plan.data_cpus} CPU{'s' * (plan.data_cpus > 1)} to tokenize as fast as training reads "
-                         f"(data.mode=stream), or {plan.prepare_cpu_hours:,.3g} CPU-hours to prepare it ahead "
+                         f"(data.mode=stream), or {plan.prepare_cpu_hours:,.3g} CPU-hours to prepare its "
+                         f"{_count(plan.prepared_tokens)} tokens ahead, "
+                         f"{gib(plan.prepared_tokens * plan.bytes_per_token)} of text "
                          f"({plan.bytes_per_token:.1f} bytes/token, {plan.language}/{plan.domain})"),
     ] + [("note", note) for note in plan.notes]
     width = max(len(k) for k, _ in rows)
