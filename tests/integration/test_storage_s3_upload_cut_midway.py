@@ -4,28 +4,15 @@ wrong, and a partial object (half a checkpoint shard, a truncated export) appear
 name, replacing a whole one."""
 
 import builtins
-import errno
-import io
 import os
 
 import pytest
 
 from raylm import storage
 from raylm.storage import StorageError, join
+from tests.unit.test_storage_copies_cut_midway import CutRead
 
 pytestmark = pytest.mark.usefixtures("s3_server")
-
-
-class CutRead(io.FileIO):
-    """A file whose reads fail past `limit` bytes, as a failing disk or mount does."""
-
-    limit = 0
-
-    def read(self, size=-1):
-        left = self.limit - self.tell()
-        if left <= 0:
-            raise OSError(errno.EIO, "Input/output error")
-        return super().read(left if size is None or size < 0 else min(size, left))
 
 
 @pytest.mark.parametrize("size", [3000, 12 << 20], ids=["one-put", "multipart"])

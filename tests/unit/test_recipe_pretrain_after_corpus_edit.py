@@ -60,33 +60,10 @@ def _use(monkeypatch, runs: dict) -> None:
     monkeypatch.setattr(R, "STAGE_BY_NAME", {s.name: s for s in stages})
 
 
-def test_an_edited_corpus_trains_the_pretrain_stage_again(tmp_path, monkeypatch):
-    import raylm.pipeline as P
-
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"line {i} of a small corpus about ray, tokens and tests" for i in range(400)))
-    path = tmp_path / "r.yaml"
-    path.write_text(f"name: t\nstorage: {tmp_path / 'runs'}\ndata: {{path: {corpus}, seq_len: 32}}\n"
-                    "tokenizer: {vocab_size: 300, sample_bytes: 20000}\nmodel: {max_seq_len: 32}\n"
-                    "stages:\n  tokenizer: {}\n  data: {}\n  pretrain: {}\n")
-    _use(monkeypatch, {"data": _run_data_without_ray, "pretrain": _fake_pretrain})
-    run_recipe(load_recipe(str(path)), log=lambda m: None)
-
-    corpus.write_text("\n".join(f"zebra {i} quartz jumping vexed wizards fjord nymph" for i in range(400)))
-    _use(monkeypatch, {"data": _run_data_without_ray})  # the real pre-training stage
-
-    def no_ray(*_, **__):
-        raise ReachedRay()
-
-    monkeypatch.setattr(P, "beside_ray_start", no_ray)
-    logs: list[str] = []
-    # Expected: the stage trains again (from scratch, on the new tokenizer and data), which here
-    # means it gets as far as starting Ray. Found: its resume check refuses the old run.
-    with pytest.raises(ReachedRay):
-        run_recipe(load_recipe(str(path)), log=logs.append)
-
-
-def test_data_re_made_alike_keeps_the_pretrain_run(tmp_path, monkeypatch):
+def _trained_once(tmp_path, monkeypatch) -> tuple[Path, str, dict]:
+    """A tokenizer -> data -> pretrain recipe run once (the stand-in pre-training), then set up
+    to run again with the real pre-training stage, stopped where it would start Ray: the
+    corpus, the recipe's path and the first run's records."""
     import raylm.pipeline as P
 
     corpus = tmp_path / "corpus.txt"
@@ -97,17 +74,32 @@ def test_data_re_made_alike_keeps_the_pretrain_run(tmp_path, monkeypatch):
                     "stages:\n  tokenizer: {}\n  data: {}\n  pretrain: {}\n")
     _use(monkeypatch, {"data": _run_data_without_ray, "pretrain": _fake_pretrain})
     first = run_recipe(load_recipe(str(path)), log=lambda m: None)
-    shutil.rmtree(first["data"]["outputs"]["path"])  # the data stage's output lost: prepared again alike
-
-    _use(monkeypatch, {"data": _run_data_without_ray})
+    _use(monkeypatch, {"data": _run_data_without_ray})  # the real pre-training stage from now on
 
     def no_ray(*_, **__):
         raise ReachedRay()
 
     monkeypatch.setattr(P, "beside_ray_start", no_ray)
+    return corpus, str(path), first
+
+
+def test_an_edited_corpus_trains_the_pretrain_stage_again(tmp_path, monkeypatch):
+    corpus, path, _ = _trained_once(tmp_path, monkeypatch)
+    corpus.write_text("\n".join(f"zebra {i} quartz jumping vexed wizards fjord nymph" for i in range(400)))
+    logs: list[str] = []
+    # The stage trains again (from scratch, on the new tokenizer and data), which here means it
+    # gets as far as starting Ray; it used to resume the old run, which its resume check refused.
+    with pytest.raises(ReachedRay):
+        run_recipe(load_recipe(path), log=logs.append)
+    assert any(m.startswith("recipe: pretrain: removing") for m in logs), logs
+
+
+def test_data_re_made_alike_keeps_the_pretrain_run(tmp_path, monkeypatch):
+    _, path, first = _trained_once(tmp_path, monkeypatch)
+    shutil.rmtree(first["data"]["outputs"]["path"])  # the data stage's output lost: prepared again alike
     logs: list[str] = []
     try:
-        run_recipe(load_recipe(str(path)), log=logs.append)
+        run_recipe(load_recipe(path), log=logs.append)
     except ReachedRay:  # resuming: the same tokenizer and dataset key
         pass
     assert any(m.startswith("recipe: pretrain: data changed") for m in logs), logs  # its manifest is new

@@ -78,7 +78,7 @@ def test_dpo_step_with_every_response_masked_leaves_weights_and_adamw_state_unch
 def test_the_loop_skips_counts_and_logs_an_empty_sft_step(tmp_path):
     """train_local over three global batches, the second with every label masked: the step is
     counted in `empty_steps` of every later metrics row and said in the log, and is neither a
-    non-finite step nor a loss the spike guard keeps."""
+    non-finite step nor a loss the spike guard keeps; its row and log line show no loss."""
     rows = np.asarray(_tokens(4).repeat(6, 1), dtype=np.int32)  # 24 rows of 17 tokens
     mask = np.zeros_like(rows, dtype=bool)
     mask[:, 9:] = True
@@ -98,3 +98,6 @@ def test_the_loop_skips_counts_and_logs_an_empty_sft_step(tmp_path):
         [(1, 0, 0, 64), (2, 1, 0, 0), (3, 1, 0, 64)]
     assert [s for s in said if "masked" in s] == [
         "step 2: every target of the global batch is masked, nothing to learn; optimizer step skipped"]
+    # No loss was computed: null in its row and "-" in its log line, not a perfect 0.0 on the curve.
+    assert (train[1]["loss"], train[1]["grad_norm"]) == (None, None)
+    assert any(s.startswith("step 2/3 | loss - |") and "| grad - |" in s for s in said), said
