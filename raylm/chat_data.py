@@ -19,7 +19,7 @@ Record formats:
 
 A record that is malformed (unknown role, empty content, `messages` not a list, no
 assistant turn, a lone surrogate escape in text, a DPO pair whose chosen and rejected are the
-same text) or longer than a row is a bad record naming
+same text or encode to the same tokens) or longer than a row is a bad record naming
 file and line; a null field (parquet rows have every column) counts as absent; within
 data.max_bad_records they are counted and skipped, as in pre-training. Instruction sets are
 small next to pre-training corpora, so the driver holds the encoded records and shuffles
@@ -148,7 +148,7 @@ def prompt_length(tok, prompt: list[dict]) -> int:
 def encode_record(tok, record, kind: str, where: str):
     """Token ids and loss masks of one record: [(ids, mask)] for SFT (EOS appended, outside the
     loss), [(chosen ids, mask), (rejected ids, mask)] for DPO."""
-    return encode_conversation(tok, conversation(record, kind, where), kind)
+    return encode_conversation(tok, conversation(record, kind, where), kind, where)
 
 
 def split_text(record: dict, conv, kind: str) -> str:
@@ -163,14 +163,20 @@ def split_text(record: dict, conv, kind: str) -> str:
     return json.dumps(record, sort_keys=True, default=str)
 
 
-def encode_conversation(tok, conv, kind: str):
+def encode_conversation(tok, conv, kind: str, where: str = "record"):
     """`encode_record` of a record's `conversation`."""
     if kind == "sft":
         ids, mask = tok.encode_chat(conv)
         return [(ids + [tok.eos_id], mask + [False])]
     prompt, chosen, rejected = conv
     n = prompt_length(tok, prompt)
-    return [encode_response(tok, prompt, reply, n) for reply in (chosen, rejected)]
+    pair = [encode_response(tok, prompt, reply, n) for reply in (chosen, rejected)]
+    if pair[0][0] == pair[1][0]:
+        # Texts the tokenizer reads alike (a "▁", U+2581, is its mark for a space) train as
+        # identical sides: the same zero margin as the same text (`conversation`).
+        raise DataError(f"{where}: 'chosen' and 'rejected' encode to the same tokens (text the tokenizer reads "
+                        f"alike, such as a '\u2581' for a space), so the pair prefers nothing")
+    return pair
 
 
 def encode_file(batch: dict, tok, kind: str, order: dict, val_fraction: float) -> dict:
@@ -186,7 +192,7 @@ def encode_file(batch: dict, tok, kind: str, order: dict, val_fraction: float) -
                 if isinstance(rec, DataError):
                     raise rec
                 conv = conversation(rec, kind, where)
-                seqs = json.dumps(encode_conversation(tok, conv, kind))
+                seqs = json.dumps(encode_conversation(tok, conv, kind, where))
                 val = stable_fraction(split_text(rec, conv, kind)) < val_fraction
             except DataError as e:
                 err = str(e)
@@ -256,8 +262,8 @@ CHAT_ENCODING = 2
 # Raised, for one kind, when the same records give that kind other rows (its datasets prepared
 # before are prepared again; the other kind's keys stay as they were, so its runs still resume).
 # DPO 1: a pair whose chosen and rejected are the same text is a bad record, and pairs split by
-# their prompt, not the whole record.
-KIND_ROWS = {"sft": 0, "dpo": 1}
+# their prompt, not the whole record. DPO 2: so is a pair whose two texts encode to the same ids.
+KIND_ROWS = {"sft": 0, "dpo": 2}
 
 
 def dataset_key(kind: str, sources, cfg: DataConfig, tokenizer_sha: str, seed: int) -> str:
