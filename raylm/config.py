@@ -883,6 +883,12 @@ class Config:
             section.validate()
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
+        if self.stage in ("sft", "dpo") and self.data.val_path:
+            # raylm.chat_data holds out data.val_fraction of the records; a held-out file was
+            # never read, and the run validated on records it said came from elsewhere.
+            raise ConfigError(f"data.val_path={self.data.val_path!r}: stage={self.stage} holds out "
+                              f"data.val_fraction of its records (data.path) and reads no separate "
+                              f"validation file; remove data.val_path")
         if self.stage == "dpo" and not self.init_from:
             raise ConfigError("stage=dpo needs init_from (the SFT run or checkpoint to start from and compare against)")
         if self.stage == "dpo" and dpo_train_refusal(self.train):

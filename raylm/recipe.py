@@ -662,6 +662,9 @@ def stage_config(recipe: Recipe, stage: Stage, inputs: dict) -> Config:
             raise ConfigError(f"recipe {recipe.path}: stages.{stage.name}: needs data.path (the "
                               f"{'chat' if stage.name == 'sft' else 'preference'} records) or synthetic: TASK")
     data = _merge(_merge(base, recipe.shared), section)
+    if stage.name in ("sft", "dpo") and "val_path" not in section.get("data", {}):
+        # The shared data.val_path is the corpus's held-out part; records hold out their own.
+        data = _merge(data, {"data": {"val_path": ""}})
     data.pop("serve", None)  # `raylm serve`'s own config: serve_config()
     data = _merge(data, {"storage": recipe.root, "name": f"{stage.name}-{stage_key(recipe, stage)[:10]}"})
     if "tokenizer" in inputs:
