@@ -291,6 +291,8 @@ def cmd_generate(args) -> None:
 
     # The same ranges as the config's sample.* keys, checked before the model loads.
     SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k).validate()
+    if not 0 < args.top_p <= 1:  # nan too
+        raise ConfigError(f"--top-p {args.top_p}: expected a number in (0, 1]; 1: no cut-off")
     model, tok, _ = load_for_inference(args.checkpoint, S3Config())
     prompts = args.prompt or (["Hello!"] if args.chat else ["The "])
     limit = model.cfg.max_seq_len
@@ -306,10 +308,11 @@ def cmd_generate(args) -> None:
     if args.chat:  # the prompt is a user turn; the answer is the assistant's, up to end of turn
         for i, prompt in enumerate(prompts):
             print(chat_reply(model, tok, [{"role": "user", "content": prompt}], args.max_new_tokens, args.temperature,
-                             args.top_k, args.seed + i))
+                             args.top_k, args.seed + i, top_p=args.top_p))
             print("---")
         return
-    for text in complete(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed):
+    for text in complete(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                         top_p=args.top_p):
         print(text)
         print("---")
 
@@ -530,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sampling temperature; 0: greedy (default 0.8)")
     sp.add_argument("--top-k", type=int, default=50, metavar="K",
                     help="sample among the K most likely tokens; 0: no cut-off (default 50)")
+    sp.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                    help="sample among the most likely tokens whose probabilities reach P (nucleus sampling, "
+                         "as the server's top_p); 1: no cut-off (default 1)")
     sp.add_argument("--seed", type=_seed, default=0,
                     help="sampling seed, 0 to 2**63 - 1; prompt i (and chat reply i) uses seed + i (default 0)")
     sp.add_argument("--chat", action="store_true",

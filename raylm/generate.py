@@ -190,12 +190,14 @@ def _step_begins() -> None:
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
              top_k: int = 50, eos_id: int | None = None, seed: int = 0, step=last_logits,
-             stop_ids: Collection[int] = (), vocab_size: int | None = None) -> list[int]:
+             stop_ids: Collection[int] = (), vocab_size: int | None = None, top_p: float = 1.0) -> list[int]:
     """Autoregressive sampling with a preallocated KV cache: one prefill, then one token a step
     through the fixed-shape path (`step`: `last_logits` or a compiled version of it). The
     sequence ends before `eos_id` or any of `stop_ids`. `vocab_size`: only ids below it are
     sampled, the tokenizer's size where the model's vocabulary is padded past it (rounded up
-    to a multiple of 64): the padding rows have no text."""
+    to a multiple of 64): the padding rows have no text. `top_p`: nucleus sampling as the
+    server's (`sample_token`; 1 = off), so a seeded server request with top_p has its
+    `generate` to compare with."""
     device = model.tok_embeddings.weight.device
     limit = model.cfg.max_seq_len
     prompt = prompt[-(limit - 1):] or [eos_id or 0]
@@ -209,7 +211,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     stops = {*stop_ids, *([] if eos_id is None else [eos_id])}
     out = []
     for i in range(max_new_tokens):
-        nxt = sample_token(logits[0, :vocab_size], temperature, top_k, gen)
+        nxt = sample_token(logits[0, :vocab_size], temperature, top_k, gen, top_p)
         if nxt in stops:
             break
         out.append(nxt)
@@ -247,14 +249,14 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torc
 
 
 def complete(model: Transformer, tok: Tokenizer, prompts, max_new_tokens: int, temperature: float,
-             top_k: int, seed: int = 0) -> list[str]:
+             top_k: int, seed: int = 0, top_p: float = 1.0) -> list[str]:
     return [prompt + tok.decode(generate(model, tok.encode(prompt), max_new_tokens, temperature, top_k,
-                                         tok.eos_id, seed + i, vocab_size=tok.vocab_size))
+                                         tok.eos_id, seed + i, vocab_size=tok.vocab_size, top_p=top_p))
             for i, prompt in enumerate(prompts)]
 
 
 def chat_reply(model: Transformer, tok: Tokenizer, messages: list[dict], max_new_tokens: int,
-               temperature: float = 0.0, top_k: int = 50, seed: int = 0) -> str:
+               temperature: float = 0.0, top_k: int = 50, seed: int = 0, top_p: float = 1.0) -> str:
     """The assistant's next turn: the chat template (the one SFT trained on) with the
     assistant's turn opened, decoded until the end-of-turn token or EOS (a model that ends
     the document ends its reply: what follows EOS is another document), as serving and the
@@ -263,7 +265,7 @@ def chat_reply(model: Transformer, tok: Tokenizer, messages: list[dict], max_new
 
     ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
     return tok.decode(generate(model, ids, max_new_tokens, temperature, top_k, tok.eos_id, seed,
-                               stop_ids=(tok.special_ids[END],), vocab_size=tok.vocab_size))
+                               stop_ids=(tok.special_ids[END],), vocab_size=tok.vocab_size, top_p=top_p))
 
 
 def compile_decode_step(mode: str = "reduce-overhead"):
