@@ -41,8 +41,8 @@ Sampling is `raylm.generate.sample_token` per request, with the request's own
 `raylm.generate.generate` (one draw per sampled token, first token from the prefill's
 logits), over the tokenizer's ids only (a model's vocabulary padded past them has rows no
 text comes from: `vocab_size`): the same prompt and settings give the same tokens as
-`generate(model, prompt, max_tokens, temperature, top_k, eos_id, seed, vocab_size=tok.vocab_size)`,
-and logprobs are normalised over those ids.
+`generate(model, prompt, max_tokens, temperature, top_k, eos_id, seed, vocab_size=tok.vocab_size,
+top_p=top_p)`, and logprobs are normalised over those ids.
 
 Parity whatever shares the batch, and why it holds. A row's math is `generate`'s: a prefill
 chunk is the prompt's tokens at their own positions, attending (masked) to the row's cached
