@@ -4,7 +4,8 @@ The file is what llama.cpp's own `convert_hf_to_gguf.py` would write for the Hug
 export of the same checkpoint (`raylm.export.hf`), written directly with llama.cpp's Python
 package `gguf`:
 
-* metadata: the `llama.*` hyperparameters, `general.file_type`, and raylm's provenance
+* metadata: the `llama.*` hyperparameters, `general.file_type` and
+  `general.quantization_version`, and raylm's provenance
   (`raylm.step`, `raylm.source`, `raylm.tokenizer_sha256`, as in the HF export's marker);
 * tokenizer: SentencePiece's vocabulary as llama.cpp's `llama` (SPM) tokenizer reads it:
   pieces, scores and token types, no BOS/EOS added and no space prefix (raylm adds neither),
@@ -14,8 +15,9 @@ package `gguf`:
   embedding and head keep the tokenizer's rows only, as the HF export's do (raylm pads its
   vocabulary to a multiple of 64, and llama.cpp would sample the padding ids).
 
-Completeness. A local export is written to a hidden temporary sibling and renamed to `out`
-only once closed, so `out` either does not exist or is a complete file. Object storage has
+Completeness. A local export is written to a hidden temporary sibling and linked to `out`
+only once closed (`_place`: never over a file there), so `out` either does not exist or is a
+complete file. Object storage has
 no rename, but an object appears only when its upload completes: an s3:// export is built
 locally and uploaded as one object, then `<out>.raylm_export.json` (the HF export's marker
 content) is written last, so a reader can also tell a finished export by that marker.
@@ -188,6 +190,9 @@ def _write(model, tok: Tokenizer, meta: dict, path: Path, dtype: str) -> None:
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(tok.vocab_size)  # the exported rows (_plan)
     w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dtype]])
+    # The converter writes it in every file; readers other than llama.cpp refuse a quantized
+    # file without it (llama.cpp assumes the current version).
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     tokens, scores, types = _vocab(tok, gguf)
     w.add_tokenizer_model("llama")
@@ -256,11 +261,25 @@ def export_gguf(model, tokenizer: Tokenizer, meta: dict, out_path: str, dtype: s
         with torch.no_grad():
             _write(model, tokenizer, meta, tmp, dtype)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is a normal file
-        os.rename(tmp, out)  # atomic on one filesystem
+        _place(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return str(out)
+
+
+def _place(tmp: Path, out: Path) -> None:
+    """Make the finished `tmp` appear at `out` at once, never over a file that appeared there
+    during the export (another export to the same path): a rename would replace it, a hard
+    link fails instead. A filesystem without hard links gets the rename."""
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise OutputExistsError(f"{out}: appeared during the export; export to a new file") from None
+    except OSError:
+        os.rename(tmp, out)  # atomic on one filesystem
+        return
+    tmp.unlink()
 
 
 def export_run_gguf(uri: str, out: str, s3: S3Config | None = None, checkpoint: str | None = None,

@@ -24,7 +24,8 @@ tokenizer lacks, log-probs are normalised over the ids raylm's are, and the real
 are raylm's. `--init-from-hf` from such an export builds the unpadded model.
 
 Tokenizer. transformers 5's `LlamaTokenizer` (a `tokenizers` BPE with byte fallback, built
-from `tokenizer.model` at load time) gives raylm's ids exactly under these settings:
+from `tokenizer.model` at load time; transformers 4's `LlamaTokenizerFast` too) gives raylm's
+ids exactly under these settings:
 `add_prefix_space: false` (raylm trains with add_dummy_prefix=False; the default would
 prepend "▁" to every text), `legacy: false`, no BOS/EOS added (raylm never adds them), and
 the special tokens registered by id in `added_tokens_decoder`. The chat markers are
@@ -160,15 +161,15 @@ def _write_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
         "eos_token": EOS,
         "pad_token": PAD,
         "unk_token": UNK,
-        "additional_special_tokens": extra,  # transformers < 5's key
-        "extra_special_tokens": extra,  # transformers >= 5's key
+        # The chat markers are not listed as additional (extra) special tokens: transformers 4's
+        # fast tokenizer makes every listed token special, which split_special_tokens then
+        # splits into text pieces, so its chat template's markers were not marker ids.
         "added_tokens_decoder": added,
         "model_max_length": max_len,
         "chat_template": CHAT_TEMPLATE,
     })
     _write_json(out / "special_tokens_map.json", {
         "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
-        "additional_special_tokens": extra,
     })
 
 
