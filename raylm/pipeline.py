@@ -757,14 +757,22 @@ def check_resume_before_data(cfg: Config, resume: str, corpus: tuple | None) -> 
     if tok_dir is None:
         return corpus
     tok = load_tokenizer(tok_dir, cfg.s3)
-    manifest = _prepared_manifest(cfg)
-    if manifest is None:
-        corpus = corpus or corpus_files(cfg.data, cfg.s3)
-        manifest = {"key": dataset_key(*corpus, cfg.data, tok.sha256, cfg.seed)}
+    key, corpus = data_key(cfg, tok.sha256, corpus)
     # The model as `ensure_tokenizer` will make it: its vocabulary is the tokenizer's.
     cfg = dataclasses.replace(cfg, model=cfg.model.with_vocab(tok.vocab_size))
-    check_resume_before_record(cfg, resume, {"tokenizer_sha256": tok.sha256, "key": manifest["key"]})
+    check_resume_before_record(cfg, resume, {"tokenizer_sha256": tok.sha256, "key": key})
     return corpus
+
+
+def data_key(cfg: Config, tokenizer_sha: str, corpus: tuple | None) -> tuple[str, tuple | None]:
+    """The key the run's data will have, before it is made: a prepared dataset's (its manifest),
+    else `dataset_key` over the corpus listing, as `prepare` and `stream_datasets` make it. Returns
+    it with the listing, made here where `corpus` was None and needed."""
+    manifest = _prepared_manifest(cfg)
+    if manifest is not None:
+        return manifest["key"], corpus
+    corpus = corpus or corpus_files(cfg.data, cfg.s3)
+    return dataset_key(*corpus, cfg.data, tokenizer_sha, cfg.seed), corpus
 
 
 def workers_summary(cfg: Config) -> str:

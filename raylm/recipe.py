@@ -870,15 +870,13 @@ REDONE_FROM_SCRATCH = ("tokenizer", "sft", "dpo", "eval", "export")
 def _trained_on_other_data(cfg: Config) -> bool:
     """Whether the pre-training run in cfg.run_dir trained on another tokenizer or dataset than
     cfg names now: its newest complete checkpoint records both (raylm.train.checkpoint_facts),
-    compared as raylm.pipeline.check_resume_before_data makes them (the dataset's key from its
-    manifest, or from the corpus listing where the stage prepares its own data). A run that
+    compared as raylm.pipeline.check_resume_before_data makes them (`data_key`). A run that
     did would be refused on resume, and the recipe could not go on: its directory follows
     from the stage key, which names no data. One re-made alike (a lost input prepared again)
     resumes."""
     from raylm import checkpoint
-    from raylm.data import corpus_files, dataset_key
     from raylm.generate import load_tokenizer
-    from raylm.pipeline import _prepared_manifest, absolute_paths, preflight
+    from raylm.pipeline import absolute_paths, data_key, preflight
 
     ckpt = checkpoint.latest_complete(cfg.run_dir, cfg.s3)
     if ckpt is None:
@@ -888,9 +886,7 @@ def _trained_on_other_data(cfg: Config) -> bool:
     tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
     if not cfg.data.path:  # the built-in corpus, written when the stage runs: the tokenizer decides
         return meta.get("tokenizer_sha256") != tok.sha256
-    manifest = _prepared_manifest(cfg)
-    key = manifest["key"] if manifest else dataset_key(*(corpus or corpus_files(cfg.data, cfg.s3)), cfg.data,
-                                                       tok.sha256, cfg.seed)
+    key, _ = data_key(cfg, tok.sha256, corpus)
     return (meta.get("tokenizer_sha256"), meta.get("data_key")) != (tok.sha256, key)
 
 

@@ -393,22 +393,14 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
             boto3_client(s3).put_object(Bucket=bucket, Key=key, Body=bytes(data))
             return
         path = _local(uri)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        # Same directory, so os.replace is a rename within one filesystem (atomic on POSIX).
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
-        try:
-            with open(tmp, "xb") as f:  # 'x': never clobber; mode honours the umask
-                _keep_mode(path, f.fileno())
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # content on disk before the rename makes it visible
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(parent)  # and the rename itself, which lives in the directory
+
+        def write(f) -> None:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # content on disk before the rename makes it visible
+
+        _write_local_file(path, write)
+        _fsync_dir(os.path.dirname(path))  # and the rename itself, which lives in the directory
 
 
 def _keep_mode(path: str, fd: int) -> None:
@@ -719,11 +711,12 @@ def _write_local_file(target: str, write) -> None:
     one) is replaced by the rename, never written through, which would overwrite the file it
     names, wherever that is."""
     parent = os.path.dirname(target)
+    # Same directory, so os.replace is a rename within one filesystem (atomic on POSIX).
     tmp = os.path.join(parent, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
     try:
         with _errors(target):
             os.makedirs(parent, exist_ok=True)
-            out = open(tmp, "xb")  # 'x': never through a link
+            out = open(tmp, "xb")  # 'x': never through a link; the mode honours the umask
         with out:
             with _errors(target):
                 _keep_mode(target, out.fileno())
