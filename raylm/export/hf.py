@@ -8,7 +8,8 @@ SentencePiece model. Only JSON and safetensors are written: no pickle anywhere, 
 transformers is not imported here.
 
 Completeness. A local export is written into a hidden sibling directory and renamed to `out`
-only once every file is in it, so `out` either does not exist or is complete. Object storage
+only once every file is in it, so `out` either does not exist or is complete; anything that
+appeared at `out` while the export ran is kept and the export refused (`_place`). Object storage
 has no rename: an s3:// export is built locally, uploaded, and `EXPORT_MARKER` is uploaded
 last; an s3:// export is complete exactly when that marker exists (it is in local exports
 too, with the same provenance). The marker lists the export's files, and readers
@@ -38,10 +39,23 @@ registration: it is one vocabulary piece that no merge contains, so it stays a t
 own. The chat template is rendered as a string, so a chat marker typed inside a message's
 content is encoded as the marker, as raylm's own tokenizer once did; it cannot be told apart
 from the template's markers there.
+
+A reply keeps its `<|end|>`. transformers gives an added token one flag for two things: a
+special token is dropped by `decode(..., skip_special_tokens=True)` and, under
+`split_special_tokens`, split into text pieces when encoding (tokenizers' `special`, in
+transformers 4.46 and 5 alike). The chat markers must be matched and the control tokens' text
+must stay text, so the markers cannot be special: with them special, the template's markers
+are split; without `split_special_tokens`, the text "<|eos|>" becomes the EOS id. So a reply
+that `generate` stopped at `<|end|>` (generation_config.json's stop) decodes, even with
+skip_special_tokens=True, to its text followed by "<|end|>", and the `text-generation`
+pipeline's chat reply ends with it too; `.removesuffix("<|end|>")` gives raylm's `chat_reply`
+(`tests/unit/test_hf_export_chat_reply.py`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -224,6 +238,41 @@ def check_local_out(out: Path, fix: str) -> None:
         raise ConfigError(f"{out}: {parent} is not a directory; {fix}")
 
 
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` unless anything is at `dst` (FileExistsError), atomically: Linux's
+    renameat2(RENAME_NOREPLACE). False where the C library or the filesystem lacks it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not Linux (TypeError: Windows)
+        return False
+    at_fdcwd, rename_noreplace = -100, 1  # <fcntl.h>, <linux/fs.h>
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))  # EEXIST: a FileExistsError
+
+
+def _place(tmp: Path, out: Path) -> None:
+    """Make the finished directory `tmp` appear at `out` at once, never over anything that
+    appeared at `out` during the export (another export to the same path, a directory someone
+    made): a plain rename replaces an empty directory and fails with a bare OSError on the
+    rest. Without renameat2, what appears between the check and the rename (an instant) gets
+    the rename's own refusal, and only an empty directory made in that instant is replaced."""
+    appeared = OutputExistsError(f"{out}: appeared during the export; export into a new directory")
+    try:
+        if _rename_noreplace(tmp, out):
+            return
+        if os.path.lexists(out):
+            raise appeared
+        os.rename(tmp, out)  # atomic on one filesystem
+    except OSError as e:
+        if e is appeared or e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise appeared from None
+
+
 def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torch.dtype | str = torch.float32,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
     """Write `model` (a raylm Transformer) and `tokenizer` to the new local directory
@@ -244,7 +293,7 @@ def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torc
         # reached the disk first would leave a complete-looking export (marker included)
         # with empty or short weights, which a recipe rerun takes as done.
         storage.make_durable(str(tmp))
-        os.rename(tmp, out)  # atomic on one filesystem; fails if a non-empty out appeared meanwhile
+        _place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
