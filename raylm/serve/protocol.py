@@ -5,7 +5,8 @@ silently ignored typo, and so is a value of the wrong JSON type ("2" or 2.0 for 
 "false" or 0 for a boolean), not a value converted. Errors leave in OpenAI's body shape, `{"error": {"message", "type",
 "param", "code"}}`, with `param` naming the field, so clients show the cause.
 `top_k` is an extension (vLLM has it too); the OpenAI fields raylm cannot honour
-(penalties, logit_bias, tools, ...) are accepted only at their no-op values.
+(penalties, logit_bias) are accepted only at their no-op values; fields it has no part of
+(tools, tool_choice, response_format, ...) are unknown fields.
 """
 
 from __future__ import annotations
@@ -355,13 +356,21 @@ class TextOffsets:
 
 def completion_logprobs(entries: list, offsets: int | TextOffsets = 0) -> dict:
     """OpenAI's legacy completions logprobs: parallel lists over `entries` (TokenLogprob-like;
-    an echoed prompt's first token has logprob None, as in OpenAI's answers). text_offset
+    an echoed prompt's first token has logprob None, as in OpenAI's answers). Each position's
+    top_logprobs holds the k most likely tokens and, where it is not among them, the token
+    itself (OpenAI: "up to logprobs+1 elements"; chat's top_logprobs stay k). text_offset
     counts from `offsets`: a number, or a stream's `TextOffsets`, which goes on counting."""
     if not isinstance(offsets, TextOffsets):
         offsets = TextOffsets(offsets)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) if e.logprob is not None else None for e in entries],
+            "top_logprobs": [_top_with_token(e) if e.logprob is not None else None for e in entries],
             "text_offset": [offsets.take(e.token) for e in entries]}
+
+
+def _top_with_token(e) -> dict:
+    top = dict(e.top)
+    top.setdefault(e.token, e.logprob)  # not among the k most likely: at most as likely as any of them, so last
+    return top
 
 
 def chat_logprobs(entries: list) -> dict:
