@@ -2,9 +2,16 @@
 
     read (.jsonl, .jsonl.gz, .parquet; local or s3://), one task per file
       -> parse and validate each record (file and line kept for errors)
+      -> redact PII (data.redact_pii, raylm.pii, as pre-training does) in every text it trains
+         on: message contents, prompt, completion, chosen, rejected; counted per type
       -> render the chat template and its loss mask (Tokenizer.encode_chat)
-      -> split train/val by a stable hash: of the record (SFT), of the prompt (DPO), so that the
-         pairs of one prompt land on one side and validation never scores a prompt trained on
+      -> split train/val by a stable hash of the redacted conversation (SFT: its messages, so
+         a record's other fields, such as an id or a source, do not move it; DPO: the prompt
+         alone, so that the pairs of one prompt land on one side and validation never scores
+         a prompt trained on)
+      -> de-duplicate (data.dedup), on the driver, in corpus order: a record whose redacted
+         conversation (DPO: the whole prompt, chosen, rejected) repeats an earlier kept one
+         is dropped and counted
       -> SFT: pack whole conversations into rows of seq_len + 1 tokens, EOS after each
          (training masks attention at each EOS: no cross-talk, positions restart)
          DPO: one pair per row, chosen and rejected side by side, so a pair is never split
@@ -24,6 +31,21 @@ file and line; a null field (parquet rows have every column) counts as absent; w
 data.max_bad_records they are counted and skipped, as in pre-training. Instruction sets are
 small next to pre-training corpora, so the driver holds the encoded records and shuffles
 them whole (seeded) before packing.
+
+Redaction comes before the split hash and the duplicate key: two records that differ only in
+an address redacted away train as the same text, so they are duplicates and land on one side.
+(Pre-training splits a document on its text before redaction; a chat record's split follows
+what is trained on.) The messages and prompt/completion forms of one conversation are one record.
+
+De-duplication is exact for records, whether data.dedup is "exact" or "near"; "none" keeps
+every record. MinHash near-dedup (raylm.dedup) is tuned for web documents, where text that
+shares 80% of its 5-word shingles is a mirror or a boilerplate variant. Chat records share
+text by design: a fixed system prompt of a few hundred words, one passage with many questions
+about it, a prompt's several DPO pairs that differ in the rejected answer alone. Those are
+distinct records that near-dedup at 0.8 would drop, with the default data.dedup=near. An
+exact repeat (datasets merged from overlapping sources) is what this catches; the manifest
+names the mode applied (`config.dedup`) and counts what was dropped (`stats.dropped`) and
+replaced (`stats.pii`).
 """
 
 from __future__ import annotations
@@ -40,9 +62,11 @@ import pyarrow.parquet as pq
 
 from raylm import storage
 from raylm.config import DataConfig, S3Config
-from raylm.data import (FORMAT_VERSION, MANIFEST, DataError, check_error_budget, remove_stale_attempts, source_rows,
-                        list_corpus, read_manifest)
+from raylm.data import (CLEANING, FORMAT_VERSION, MANIFEST, DataError, check_error_budget, remove_stale_attempts,
+                        source_rows, list_corpus, read_manifest)
+from raylm.dedup import content_hash
 from raylm.documents import encodable, check_plain_types, decompressed, json_lines, read_parquet, stable_fraction
+from raylm.pii import PII_TYPES, redact as redact_pii
 from raylm.tokenizer import CHAT_ROLES
 
 KINDS = ("sft", "dpo")
@@ -128,6 +152,30 @@ def conversation(record, kind: str, where: str):
     return prompt, chosen, rejected
 
 
+def redact_conversation(conv, kind: str, types: tuple[str, ...], where: str = "record"):
+    """`conversation`'s texts with the PII of `types` replaced (raylm.pii.redact, as
+    pre-training redacts documents), and the replacements per type."""
+    counts = {t: 0 for t in PII_TYPES if t in types}
+    if not types:
+        return conv, counts
+
+    def redacted(text: str) -> str:
+        text, found = redact_pii(text, types)
+        for t, n in found.items():
+            counts[t] += n
+        return text
+
+    messages = conv if kind == "sft" else conv[0]
+    messages = [{"role": m["role"], "content": redacted(m["content"])} for m in messages]
+    if kind == "sft":
+        return messages, counts
+    chosen, rejected = redacted(conv[1]), redacted(conv[2])
+    if chosen == rejected:  # the zero margin `conversation` refuses, reached through redaction
+        raise DataError(f"{where}: 'chosen' and 'rejected' differ only in PII that data.redact_pii replaces, "
+                        f"so the pair prefers nothing once redacted")
+    return (messages, chosen, rejected), counts
+
+
 def encode_response(tok, prompt: list[dict], reply: str, prompt_len: int | None = None
                     ) -> tuple[list[int], list[bool]]:
     """Ids of `prompt` and one assistant `reply`, masked on the reply and its `<|end|>` alone:
@@ -151,16 +199,21 @@ def encode_record(tok, record, kind: str, where: str):
     return encode_conversation(tok, conversation(record, kind, where), kind, where)
 
 
-def split_text(record: dict, conv, kind: str) -> str:
-    """What decides a record's split (`stable_fraction` of it). SFT: the whole record, so that
-    duplicates land together. DPO: the prompt alone (the conversation before the chosen and
-    rejected answers, in either record form), so that a prompt's several pairs land on one
-    side: a pair of a trained prompt in validation would measure recall, not preference."""
-    if kind == "dpo":
-        return json.dumps(conv[0], sort_keys=True)
-    # default=str: parquet columns the record does not use may hold timestamps, dates, bytes or
-    # decimals; JSON values hash as they always have.
-    return json.dumps(record, sort_keys=True, default=str)
+def split_text(conv, kind: str) -> str:
+    """What decides a record's split (`stable_fraction` of it), from its (redacted)
+    `conversation`. SFT: the messages trained on, never the record's other fields, so one
+    conversation with another id or source lands on the same side (it was the whole record:
+    a copy with other metadata could train while validation scored it). DPO: the prompt alone
+    (the conversation before the chosen and rejected answers, in either record form), so that
+    a prompt's several pairs land on one side: a pair of a trained prompt in validation would
+    measure recall, not preference."""
+    return json.dumps(conv[0] if kind == "dpo" else conv, sort_keys=True)
+
+
+def duplicate_key(conv, kind: str) -> str:
+    """What makes two records duplicates: their (redacted) conversation, for DPO the whole
+    prompt, chosen and rejected (a prompt's several pairs are distinct records)."""
+    return content_hash(json.dumps(conv, sort_keys=True)).hex()
 
 
 def encode_conversation(tok, conv, kind: str, where: str = "record"):
@@ -179,29 +232,33 @@ def encode_conversation(tok, conv, kind: str, where: str = "record"):
     return pair
 
 
-def encode_file(batch: dict, tok, kind: str, order: dict, val_fraction: float) -> dict:
-    """Ray Data stage (one file a batch): its records, encoded, with origin and split."""
-    out = {k: [] for k in ("file", "line", "error", "val", "seqs")}
+def encode_file(batch: dict, tok, kind: str, order: dict, val_fraction: float, redact: tuple[str, ...] = ()) -> dict:
+    """Ray Data stage (one file a batch): its records, redacted (`redact`: PII types, counted
+    in `pii_<type>` columns) and encoded, with origin, split and duplicate key."""
+    pii = [f"pii_{t}" for t in PII_TYPES if t in redact]
+    out = {k: [] for k in ("file", "line", "error", "val", "seqs", "key", *pii)}
     for path, raw in zip(batch["path"], batch["bytes"]):
         n = 0
         for line, rec in parse_records(path, raw):
             n += 1
-            err, seqs, val = "", "", False
+            err, seqs, val, key, found = "", "", False, "", {}
             where = f"{path}:{line}"
             try:
                 if isinstance(rec, DataError):
                     raise rec
-                conv = conversation(rec, kind, where)
+                conv, found = redact_conversation(conversation(rec, kind, where), kind, redact, where)
                 seqs = json.dumps(encode_conversation(tok, conv, kind, where))
-                val = stable_fraction(split_text(rec, conv, kind)) < val_fraction
+                val = stable_fraction(split_text(conv, kind)) < val_fraction
+                key = duplicate_key(conv, kind)
             except DataError as e:
-                err = str(e)
-            for k, v in zip(out, (order[path], line, err, val, seqs)):
+                err, found = str(e), {}
+            for k, v in zip(out, (order[path], line, err, val, seqs, key, *(found.get(c[4:], 0) for c in pii))):
                 out[k].append(v)
         if n == 0:
-            for k, v in zip(out, (order[path], 0, f"{path}: empty file (no records)", False, "")):
+            empty = (order[path], 0, f"{path}: empty file (no records)", False, "", "", *(0 for _ in pii))
+            for k, v in zip(out, empty):
                 out[k].append(v)
-    return {k: np.array(v, dtype=object if k in ("error", "seqs") else None) for k, v in out.items()}
+    return {k: np.array(v, dtype=object if k in ("error", "seqs", "key") else None) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------- rows
@@ -263,7 +320,25 @@ CHAT_ENCODING = 2
 # before are prepared again; the other kind's keys stay as they were, so its runs still resume).
 # DPO 1: a pair whose chosen and rejected are the same text is a bad record, and pairs split by
 # their prompt, not the whole record. DPO 2: so is a pair whose two texts encode to the same ids.
-KIND_ROWS = {"sft": 0, "dpo": 2}
+# SFT 1: records split by their conversation, not the whole record (its other fields too).
+KIND_ROWS = {"sft": 1, "dpo": 2}
+
+
+def record_dedup(cfg: DataConfig) -> str:
+    """The de-duplication records get: "exact" for data.dedup exact or near (the module
+    docstring says why near is not MinHash here), else "none"."""
+    return "none" if cfg.dedup == "none" else "exact"
+
+
+def record_cleaning(cfg: DataConfig) -> dict:
+    """What redaction and de-duplication do to the records, for the dataset key and the
+    manifest: empty with both off (the rows are then those of keys that named neither)."""
+    out = {}
+    if cfg.redact_pii:  # in PII_TYPES order: the passes run in one order, whatever order names them
+        out.update(redact_pii=[t for t in PII_TYPES if t in cfg.redact_pii], rules=CLEANING)
+    if record_dedup(cfg) != "none":
+        out["dedup"] = record_dedup(cfg)
+    return out
 
 
 def dataset_key(kind: str, sources, cfg: DataConfig, tokenizer_sha: str, seed: int) -> str:
@@ -272,6 +347,8 @@ def dataset_key(kind: str, sources, cfg: DataConfig, tokenizer_sha: str, seed: i
               "seed": seed, "version": FORMAT_VERSION, "chat_encoding": CHAT_ENCODING}
     if KIND_ROWS.get(kind):  # absent at 0: the keys of datasets prepared before it stay valid
         fields["rows"] = KIND_ROWS[kind]
+    if record_cleaning(cfg):  # absent with both off, as above
+        fields["cleaning"] = record_cleaning(cfg)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -305,12 +382,20 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
     ds = ds.map_batches(lambda b: {**b, "path": np.array([uri_of[p] for p in b["path"]], dtype=object)},
                         batch_size=1)
     ds = ds.map_batches(encode_file, batch_size=1, fn_kwargs={"tok": tokenizer, "kind": kind, "order": order,
-                                                              "val_fraction": cfg.val_fraction})
+                                                              "val_fraction": cfg.val_fraction,
+                                                              "redact": tuple(cfg.redact_pii)})
+    dedup = record_dedup(cfg)
+    if cfg.dedup == "near":
+        log(f"data: {kind} records are de-duplicated exactly (data.dedup=near is MinHash for pre-training "
+            f"documents alone: chat records share system prompts and contexts by design)")
+    pii = [t for t in PII_TYPES if t in cfg.redact_pii]
     splits: dict[str, list] = {"train": [], "val": []}
     bad: list[str] = []
-    stats = {"records": 0, "too_long": 0, "target_tokens": 0}
+    seen: set[str] = set()  # duplicate keys of the records kept, in corpus order
+    stats = {"records": 0, "too_long": 0, "target_tokens": 0, "dropped": {}, "pii": {t: 0 for t in pii}}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for err, val, seqs, f, line in zip(batch["error"], batch["val"], batch["seqs"], batch["file"], batch["line"]):
+        for i, (err, val, seqs, f, line, dup) in enumerate(zip(batch["error"], batch["val"], batch["seqs"],
+                                                                 batch["file"], batch["line"], batch["key"])):
             stats["records"] += 1
             if not err:
                 encoded = json.loads(seqs)
@@ -322,6 +407,13 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
             if err:
                 bad.append(err)
                 continue
+            if dedup != "none":
+                if dup in seen:
+                    stats["dropped"]["exact_duplicate"] = stats["dropped"].get("exact_duplicate", 0) + 1
+                    continue
+                seen.add(dup)
+            for t in pii:  # of the records kept, as pre-training counts its kept documents'
+                stats["pii"][t] += int(batch[f"pii_{t}"][i])
             splits["val" if val else "train"].append(encoded)
     check_error_budget(bad, cfg)
     rng = np.random.default_rng(seed)
@@ -360,6 +452,7 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
         "key": key, "seed": seed, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer.sha256,
         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
         "sources": source_rows(files), "val_sources": [], "files": [f.uri for f in files],
+        "config": {"dedup": dedup, "redact_pii": pii},
         **{s: {"blocks": len(rows[s]), "shards": [dict(x, path=f"{rel}/{x['path']}") for x in shards[s]]}
            for s in rows},
         "stats": stats,
@@ -368,7 +461,8 @@ def prepare_chat(kind: str, cfg: DataConfig, tokenizer, out: str, seed: int, s3:
     remove_stale_attempts(out, rel, s3)
     log(f"data: {kind} {stats['train_records']} train / {stats['val_records']} val records -> "
         f"{len(rows['train'])} train rows of {width} tokens, {len(bad)} bad records skipped, "
-        f"{stats['seconds']:.1f}s")
+        f"{sum(stats['dropped'].values())} duplicates dropped ({dedup}), "
+        f"PII replaced {sum(stats['pii'].values())}, {stats['seconds']:.1f}s")
     for b in bad[:10]:
         log(f"data: skipped bad record: {b}")
     return manifest

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from raylm import synthetic as S
-from raylm.chat_data import conversation, encode_file, encode_record
+from raylm.chat_data import conversation, encode_file, encode_record, split_text
 from raylm.data import DataError
 from raylm.documents import stable_fraction
 from raylm.objectives import dpo_batch
@@ -61,7 +61,7 @@ def _parquet(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def test_parquet_with_non_json_columns_encodes_and_keeps_the_split_hash(tok):
+def test_parquet_with_non_json_columns_encodes_and_splits_by_the_conversation(tok):
     records = [{"prompt": "add: 2 + 3", "completion": "5"}, {"prompt": "reverse: ab", "completion": "ba"}]
     extra = {"ts": pa.array([datetime.datetime(2024, 1, 1)] * 2, pa.timestamp("us")),
              "day": pa.array([datetime.date(2024, 1, 2)] * 2), "blob": pa.array([b"\x00\xff"] * 2),
@@ -70,10 +70,12 @@ def test_parquet_with_non_json_columns_encodes_and_keeps_the_split_hash(tok):
                       **extra})
     out = encode_file({"path": ["d/x.parquet"], "bytes": [_parquet(table)]}, tok, "sft", {"d/x.parquet": 0}, 0.5)
     assert list(out["error"]) == ["", ""] and all(out["seqs"])
-    # Records of plain JSON values land in the split they always did.
+    # The split hashes the conversation alone, so the columns beside it do not move a record:
+    # the same records without them land where they do.
     lines = "\n".join(json.dumps(r) for r in records).encode()
     plain = encode_file({"path": ["d/x.jsonl"], "bytes": [lines]}, tok, "sft", {"d/x.jsonl": 0}, 0.5)
-    assert list(plain["val"]) == [stable_fraction(json.dumps(r, sort_keys=True)) < 0.5 for r in records]
+    convs = [conversation(r, "sft", "x") for r in records]
+    assert list(plain["val"]) == list(out["val"]) == [stable_fraction(split_text(c, "sft")) < 0.5 for c in convs]
 
 
 @pytest.mark.parametrize("record, field", [

@@ -64,16 +64,21 @@ def test_a_multi_turn_prompt_differs_from_its_last_turn_alone(tok):
     short = {"prompt": "q", "chosen": "a", "rejected": "b"}
     long = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                          {"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
-    texts = [split_text(r, conversation(r, "dpo", "w"), "dpo") for r in (short, long)]
+    texts = [split_text(conversation(r, "dpo", "w"), "dpo") for r in (short, long)]
     assert texts[0] != texts[1]
     other_answers = dict(short, chosen="c", rejected="d", source="elsewhere")
-    assert split_text(other_answers, conversation(other_answers, "dpo", "w"), "dpo") == texts[0]
+    assert split_text(conversation(other_answers, "dpo", "w"), "dpo") == texts[0]
 
 
-def test_sft_split_is_still_by_the_whole_record(tok):
-    records = [{"prompt": f"add: {i} + 1", "completion": str(i + 1)} for i in range(30)]
+def test_sft_split_is_by_the_conversation_alone(tok):
+    """SFT splits by the messages trained on, not the whole record: by the whole record, one
+    conversation with another id or source landed on both sides, and validation scored text
+    that trained (tests/unit/test_chat_records_cleaning.py)."""
+    from raylm.chat_data import conversation, split_text
+
+    records = [{"prompt": f"add: {i} + 1", "completion": str(i + 1), "id": i} for i in range(30)]
     out = _encode(tok, records, "sft", 0.5)
-    want = [stable_fraction(json.dumps(r, sort_keys=True, default=str)) < 0.5 for r in records]
+    want = [stable_fraction(split_text(conversation(r, "sft", "w"), "sft")) < 0.5 for r in records]
     assert out["val"].tolist() == want
 
 
@@ -88,12 +93,11 @@ def _key_before(kind, files, cfg, tokenizer_sha, seed):
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def test_dpo_datasets_prepared_before_are_prepared_again_sft_ones_are_kept():
+def test_dpo_datasets_prepared_before_are_prepared_again():
     """The DPO split and the refusal of identical pairs change a DPO dataset's rows, so its key
-    changes; SFT rows did not change, so its key (and the resume of SFT runs) stays."""
+    changes. (SFT rows changed later, split by conversation: tests/unit/test_chat_records_cleaning.py.)"""
     files = [types.SimpleNamespace(uri="/d/pairs.jsonl", size=10, etag_or_mtime="1")]
     cfg = DataConfig(path="/d/pairs.jsonl")
-    assert dataset_key("sft", files, cfg, "t" * 64, 0) == _key_before("sft", files, cfg, "t" * 64, 0)
     assert dataset_key("dpo", files, cfg, "t" * 64, 0) != _key_before("dpo", files, cfg, "t" * 64, 0)
 
 
