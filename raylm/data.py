@@ -78,7 +78,9 @@ TEXT_ENCODING = 2
 # 5: near-dedup's words keep their combining marks (Devanagari's vowel signs, among others).
 # 6: with data.val_split=tail, a document with no tail to hold out (one character, or one PII
 # placeholder) trains whole; its empty tail was a lone EOS in validation, counted as a document.
-CLEANING = 6
+# 7: PII: file names shaped like addresses (logo@2x.png, jquery@3.6.0.min.js) and git@host
+# remotes are kept; an address written with a full-width '＠' is redacted.
+CLEANING = 7
 
 
 from raylm.errors import DataError  # noqa: E402,F401  (defined with raylm's other error types)

@@ -5,15 +5,21 @@ payment-card numbers are replaced by typed placeholders, and counted.
     ('mail <EMAIL> or call <PHONE>', {'email': 1, 'phone': 1, 'ip': 0, 'card': 0})
 
 Standard library only (`re`); every pattern is compiled once. Most documents pay for two
-cheap scans: `'@' in text` gates the e-mail pattern, and one search for an ASCII digit gates
-the other three (no digit, no phone, IP or card number).
+cheap scans: `'@' in text` (or its full-width form) gates the e-mail pattern, and one search
+for an ASCII digit gates the other three (no digit, no phone, IP or card number). A
+replacement can free a neighbour glued to it, so passes repeat; after the first, each round
+reads only a window around what the previous one changed, so time stays linear in the text.
 
 What is found
   email  local@domain.tld: the domain has at least one dot and ends in an alphabetic TLD of
          2+ letters; the local part may hold an apostrophe between two letters or digits
          (`o'brien@example.com`), never at its ends (`'bob@example.com'` keeps its quotes).
          `user@localhost`, `a@b` and `admin@192.168.0.1` are not e-mails (the IP in the
-         last one is still redacted as an IP).
+         last one is still redacted as an IP). The full-width `＠` (`info＠example.co.jp`,
+         written so in CJK text to dodge address harvesters) counts as '@'. File names are
+         not addresses: a domain ending in an image, web, archive or document file
+         extension that is no top-level domain (`logo@2x.png`, `jquery@3.6.0.min.js`), and
+         neither is `git@host`, the SSH account of Git hosts (`git@github.com:org/repo.git`).
   card   13-19 digits that pass the Luhn check, written together or in groups of 3-6
          digits joined by single spaces or by single hyphens (one kind per number). Numbers
          that fail Luhn are left alone. The first digit must be 2-6, where the card schemes
@@ -59,7 +65,9 @@ Known limits (what it misses, and what it takes by mistake)
     keeps its `mü` (and `o’brien@example.com`, a typographic apostrophe, its `o’`);
     internationalised (non-ASCII) domains are missed.
   - `415 555-0132` (mixed separators) and other North American variants not listed above
-    are missed.
+    are missed, and so are numbers whose exchange (middle group) starts with 0 or 1, which
+    no real North American number does: textbook fakes like `(555) 123-4567` survive.
+  - A matrix product in code written without spaces, `h = x@self.proj`, is an e-mail.
   - Only ASCII digits count; full-width or other scripts' digits are not looked at.
 """
 
@@ -95,7 +103,7 @@ _A = re.ASCII | re.VERBOSE
 # E-mail is found from its '@' (rare in text, so the scan is cheap) with the domain on the
 # right; the local part on the left is collected by walking back over its characters.
 _EMAIL_DOMAIN = re.compile(r"""
-    @ (?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+   # labels, each followed by a dot
+    [@\uFF20] (?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+   # labels, each followed by a dot
     [A-Za-z]{2,63}                                         # alphabetic TLD
     (?![A-Za-z0-9_-]|\.[A-Za-z0-9_-])                      # a sentence's final '.' may follow
 """, _A)
@@ -105,6 +113,19 @@ _EMAIL_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV
 # quoted strings ('x'+'bob@example.com') stays outside it.
 _EMAIL_LOCAL_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _EMAIL_LOCAL_MAX = 64  # RFC 5321; a longer run before '@' is a blob, not an address
+# File names that look like addresses: high-resolution image variants (`logo@2x.png`,
+# `icon@3x.webp`) and versioned assets (`jquery@3.6.0.min.js`), common in HTML, CSS and
+# Markdown. None of these endings is a top-level domain (checked against IANA's list; `map`,
+# `zip`, `mov`, `py`, `sh`, `md` and `rs` are, so they are not here), so no address is lost.
+_FILE_EXTENSIONS = frozenset("""
+    png jpg jpeg gif svg webp bmp ico tif tiff avif heic psd eps
+    js mjs cjs ts tsx jsx css scss sass less html htm json xml yaml yml toml ini cfg conf
+    txt csv tsv pdf log lock doc docx xls xlsx ppt pptx rtf
+    gz tgz xz zst tar rar whl jar war apk dmg iso exe dll bin
+    wav webm ogg flac mkv avi woff ttf otf eot
+""".split())
+# `git@github.com:org/repo.git`: the SSH account every Git host uses, not anyone's mailbox.
+_EMAIL_SERVICE_ACCOUNTS = frozenset({"git"})
 
 # A run of digit groups, taken whole: the look-arounds stop a match from starting or ending
 # inside a longer run, so a table of numbers never yields a 16-digit window. Groups of 3+
@@ -265,6 +286,9 @@ def _redact_email(text: str) -> tuple[str, int]:
             start += 1
         if start == at or text[at - 1] == ".":
             continue
+        if (m.group().rpartition(".")[2].lower() in _FILE_EXTENSIONS
+                or text[start:at] in _EMAIL_SERVICE_ACCOUNTS):
+            continue
         pieces += (text[done:start], PLACEHOLDERS["email"])
         done = m.end()
         count += 1
@@ -348,17 +372,89 @@ def redact(text: str, types: tuple[str, ...] = PII_TYPES) -> tuple[str, dict[str
     # A replacement changes what its neighbours see: in `415-555-0132+14155550199` the
     # second number is glued to a digit until the first becomes <PHONE>. So the passes are
     # repeated until one round finds nothing, which is also what makes a second call a no-op.
-    # Every match removes a digit or an '@' and no placeholder has one, so this ends; text
-    # without PII takes one round, text with PII usually two.
+    # Every match removes a digit or an '@' (or '＠') and no placeholder has one, so this
+    # ends; text without PII takes one round, text with PII usually two.
+    #
+    # Only the first round reads the whole text. What a round leaves unchanged away from its
+    # replacements is settled, so the next round reads a window around the part it changed:
+    # a chain of glued items (`+14155550199+14155550199...`, one more freed each round) took
+    # a whole-text round per item, minutes for 100 KB.
+    text, changed = _redact_round(text, passes, counts)
+    if changed is not None:
+        text = _redact_near_changes(text, changed, passes, counts)
+    return text, counts
+
+
+# A round after the first reads _WINDOW_REACH characters either side of the part the previous
+# one changed: an item freed by a change touches it, and the longest phone with its
+# extension and context is about 130 characters. The window's own ends are not the text's,
+# and an item they cut would be misread, so its round counts only when everything it
+# replaced lies at least _WINDOW_MARGIN characters inside a cut end; otherwise it runs again
+# in a window twice as wide, up to the whole text.
+_WINDOW_REACH = 256
+_WINDOW_MARGIN = 64
+
+
+def _redact_round(text: str, passes: tuple[str, ...],
+                  counts: dict[str, int]) -> tuple[str, tuple[int, int] | None]:
+    """One round of `passes` over `text`, adding to `counts`: the new text and the part
+    that changed, as (characters kept at the start, characters kept at the end), or None."""
+    before = text
+    # Every type but e-mail needs a digit: most prose skips all but two cheap scans.
+    has_digit = _HAS_DIGIT(text) is not None
+    found = 0
+    for kind in passes:
+        worth_a_look = ("@" in text or "\uff20" in text) if kind == "email" else has_digit
+        if worth_a_look:
+            text, n = _PASSES[kind](text)
+            counts[kind] += n
+            found += n
+    return text, (_changed(before, text) if found else None)
+
+
+def _changed(before: str, after: str) -> tuple[int, int]:
+    """How many characters `before` and `after` share at the start, and then at the end
+    (not overlapping that start). Found by halving with slice comparisons (memcmp), not a
+    character loop."""
+    limit = min(len(before), len(after))
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if before[:mid] == after[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    head = lo
+    lo, hi = 0, limit - head
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if before[len(before) - mid:] == after[len(after) - mid:]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return head, lo
+
+
+def _redact_near_changes(text: str, changed: tuple[int, int], passes: tuple[str, ...],
+                         counts: dict[str, int]) -> str:
+    """The rounds after the first, until one finds nothing, each in a window around the part
+    the previous one changed (`changed`: characters kept at the start, and at the end). A
+    round splices its window back in: one copy of the text, at memory speed, where reading
+    the whole text again costs each pattern's scan."""
     while True:
-        found = 0
-        # Every type but e-mail needs a digit: most prose skips all but two cheap scans.
-        has_digit = _HAS_DIGIT(text) is not None
-        for kind in passes:
-            worth_a_look = "@" in text if kind == "email" else has_digit
-            if worth_a_look:
-                text, n = _PASSES[kind](text)
-                counts[kind] += n
-                found += n
-        if not found:
-            return text, counts
+        head, tail = changed
+        reach = _WINDOW_REACH
+        while True:
+            start, end = max(0, head - reach), min(len(text), len(text) - tail + reach)
+            window_counts = dict.fromkeys(counts, 0)
+            new, found = _redact_round(text[start:end], passes, window_counts)
+            if found is None or ((start == 0 or found[0] >= _WINDOW_MARGIN)
+                                 and (end == len(text) or found[1] >= _WINDOW_MARGIN)):
+                break
+            reach *= 2  # a replacement too near a cut end to trust
+        if found is None:
+            return text
+        for kind, n in window_counts.items():
+            counts[kind] += n
+        text = text[:start] + new + text[end:]
+        changed = (start + found[0], len(text) - (start + len(new)) + found[1])
