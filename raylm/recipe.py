@@ -27,9 +27,9 @@ its outputs under `<root>/<stage>-<key[:10]>/` (a changed stage never resumes th
 checkpoints) and, once they are committed, `<root>/stages/<stage>.json`: its key, config
 (credentials redacted), the paths and content hashes of its inputs and outputs, and a digest of
 the listing of each file it reads that no stage writes (its corpus, chat or preference records,
-eval corpora and task files: sizes and mtimes or S3 ETags, `input_fingerprint`). A stage whose
-record has the current key, whose inputs have the recorded hashes (an input that ran again
-may differ), whose files list as they did and whose outputs are still committed is skipped,
+eval corpora and task files, a checkpoint outside the recipe it starts from: sizes and S3 ETags, small local files' hashes or large ones' mtimes,
+`input_fingerprint`). A stage whose record has the current key, whose inputs have the
+recorded hashes (an input that ran again may differ), whose files list as they did and whose outputs are still committed is skipped,
 so a resubmitted recipe continues where it stopped (a training stage resumes from its newest
 checkpoint); one whose files changed runs again, and so does each stage its new outputs reach.
 Following `inputs` from the serve record back to the tokenizer gives a model's lineage.
@@ -786,8 +786,11 @@ def stage_key(recipe: Recipe, stage: Stage) -> str:
 def input_files(recipe: Recipe, stage: Stage, cfg: Config) -> list[str]:
     """The paths (files, directories, globs) a stage reads that no stage of the recipe writes,
     as `cfg`, its config, names them: the corpus, chat or preference records, eval corpora and
-    task files. A path the recipe sets from an input stage's outputs is left out (that stage's
-    key covers it), as is an adopted tokenizer.path (the tokenizer stage checks its sha256)."""
+    task files, and the run or checkpoint a model stage starts from (`outside_init_from`). A
+    training stage's in-training eval tasks (eval.every) are not among them: an edit changes
+    what its metrics would have said, not its weights, so it does not retrain. A path the recipe sets from an input stage's
+    outputs is left out (that stage's key covers it), as is an adopted tokenizer.path (the
+    tokenizer stage checks its sha256)."""
     options = recipe.sections[stage.name][1]
     paths: list[str] = []
     if stage.name == "tokenizer" and not cfg.tokenizer.path:
@@ -800,17 +803,55 @@ def input_files(recipe: Recipe, stage: Stage, cfg: Config) -> list[str]:
         paths = [*options.get("corpora", []), *cfg.eval.mc_tasks, *cfg.eval.gen_tasks]
         if not paths and not options.get("tasks"):  # bits per byte on the recipe's corpus (run_eval)
             paths = [cfg.data.path]
+    if stage.name in MODEL_STAGES:
+        paths += [outside_init_from(recipe, stage, cfg)]
     return [p for p in paths if p]
 
 
-def _listing_digest(path: str, s3: S3Config) -> str:
+def outside_init_from(recipe: Recipe, stage: Stage, cfg: Config) -> str:
+    """The run or checkpoint a model stage starts from that no stage of the recipe makes: a
+    pre-training init_from, or SFT's and DPO's with no model stage before them; '' if none."""
+    if stage.name not in MODEL_STAGES or any(s in MODEL_STAGES for s in recipe.inputs_of(stage)):
+        return ""
+    return cfg.init_from
+
+
+def _init_from_digest(path: str, s3: S3Config, content: bool = True) -> str:
+    """_listing_digest of the weights a stage starting from `path` loads: the checkpoint it names
+    (a run directory: its newest complete one, so one committed since changes it), or a Hugging
+    Face directory. A run's other files (its metrics, its lock) are not listed: they change
+    while it trains on, and the weights read do not. Nothing there yet: the path listed as it is
+    (the stage refuses it when it runs)."""
+    from raylm.generate import resolve_checkpoint
+    from raylm.hf import is_hf_dir
+
+    if not is_hf_dir(path, s3):
+        try:
+            path = resolve_checkpoint(path, s3)
+        except PathNotFoundError:
+            pass
+    return _listing_digest(path, s3, content)
+
+
+# Local files a path lists at most this many bytes of in all are hashed, not dated: records or
+# task files copied or checked out again unchanged (new mtimes) keep their stages. A larger
+# corpus is dated: reading it on every run would take about as long as preparing it. S3 ETags
+# follow the content already.
+CONTENT_HASH_BYTES = 64 << 20
+
+
+def _listing_digest(path: str, s3: S3Config, content: bool = True) -> str:
     """sha256 of what a listing says of the files at `path`: each one's URI, size and S3 ETag or
     local mtime, as raylm.data's dataset key has them (and make or DVC decide what changed).
     A listing, not the content: hashing a corpus of terabytes on every run would take hours,
     and an S3 listing returns a thousand files' ETags a request. An edit, a file added or
-    removed changes it; a file touched without a change does too (the stage runs again).
+    removed changes it. Local files of CONTENT_HASH_BYTES or less in all give the sha256 of
+    their bytes for their mtime (`content`; False: the mtime, as a raylm before it recorded), so
+    one touched without a change leaves it as it was; a larger corpus touched runs its stage again.
     Nothing there gives the digest of no files, so a path that appears later changes it."""
-    rows = [[f.uri, f.size, f.etag_or_mtime] for f in storage.list_files(path, s3, follow_links=True)]
+    files = storage.list_files(path, s3, follow_links=True)
+    hashed = content and not storage.is_s3(path) and sum(f.size for f in files) <= CONTENT_HASH_BYTES
+    rows = [[f.uri, f.size, _sha256(storage.read_bytes(f.uri, s3)) if hashed else f.etag_or_mtime] for f in files]
     return _sha256(json.dumps(rows).encode())
 
 
@@ -818,28 +859,54 @@ def _listing_digest(path: str, s3: S3Config) -> str:
 INPUT_FILES = "input_files"
 
 
-def input_fingerprint(recipe: Recipe, stage: Stage, s3: S3Config, listed: dict | None = None) -> dict[str, str]:
+def input_fingerprint(recipe: Recipe, stage: Stage, s3: S3Config, listed: dict | None = None,
+                      content: bool = True) -> dict[str, str]:
     """{path: listing digest} of the files the stage reads (input_files, as the recipe names
     them: its config built on placeholders, so a path an input stage gives is not among them).
-    `listed`: digests already made in this run (the shared corpus is read by several stages)."""
+    `listed`: digests already made in this run (the shared corpus is read by several stages).
+    `content`: as _listing_digest takes it."""
     listed = {} if listed is None else listed
     named = stage_config(recipe, stage, _placeholders(recipe, stage))
+    init_from = outside_init_from(recipe, stage, named)
     out = {}
     for path in input_files(recipe, stage, named):
-        if (path, s3) not in listed:
-            listed[path, s3] = _listing_digest(path, s3)
-        out[storage.redact_url(path)] = listed[path, s3]
+        digest = _init_from_digest if path == init_from else _listing_digest
+        if (digest, content, path, s3) not in listed:
+            listed[digest, content, path, s3] = digest(path, s3, content)
+        out[storage.redact_url(path)] = listed[digest, content, path, s3]
     return out
 
 
-def _changed_files(old: dict, files: dict[str, str]) -> list[str]:
+def _changed_files(old: dict, files: dict[str, str], dated: Callable[[], dict[str, str]]) -> list[str]:
     """The paths whose listing differs from the one the stage's record holds. A record written
-    before raylm listed input files holds none: taken as unchanged, there being nothing to
-    compare (running every finished stage again would retrain them all on an upgrade)."""
+    before raylm listed input files holds none, and one written before it listed some of them
+    (an outside init_from) holds no digest for those: taken as unchanged, there
+    being nothing to compare (running every finished stage again would retrain them all on an
+    upgrade). The paths a stage reads follow from its settings, which its key covers, so with
+    the key unchanged a path missing from the record is one an older raylm did not list.
+    `dated`: the digests with local files dated, as an older raylm recorded small ones too; a
+    path whose record matches them has not changed either."""
     recorded = (old.get("options") or {}).get(INPUT_FILES)
     if not isinstance(recorded, dict):
         return []
-    return [p for p in sorted(set(files) | set(recorded)) if files.get(p) != recorded.get(p)]
+    changed = [p for p in sorted(recorded) if files.get(p) != recorded[p]]
+    if changed:
+        then = dated()
+        changed = [p for p in changed if then.get(p) != recorded[p]]
+    return changed
+
+
+def _learn_files(recipe: Recipe, stage: Stage, old: dict, files: dict[str, str], s3: S3Config) -> dict:
+    """A skipped stage's record with the digests of the files it lacks (`_changed_files`) added,
+    as they are now (there is nothing older to take), written back: an edit to them from now on
+    runs the stage again."""
+    recorded = (old.get("options") or {}).get(INPUT_FILES)
+    recorded = recorded if isinstance(recorded, dict) else {}
+    if not set(files) - set(recorded):
+        return old
+    record = {**old, "options": {**(old.get("options") or {}), INPUT_FILES: {**files, **recorded}}}
+    storage.write_text(record_uri(recipe, stage.name), json.dumps(record, indent=1), s3)
+    return record
 
 
 # --------------------------------------------------------------------------- running
@@ -910,17 +977,21 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict
             # so may a file it reads (records edited, a corpus file added).
             changed = [p for p in parents
                        if old.get("inputs", {}).get(p, {}).get("sha256") != done[p]["outputs"]["sha256"]]
-            changed += _changed_files(old, files)
+            dated = functools.partial(input_fingerprint, recipe, stage, cfg.s3, listed, content=False)
+            changed_files = _changed_files(old, files, dated)
+            changed += changed_files
             if not changed:
                 log(f"recipe: {stage.name}: done (key {key[:10]}), skipped")
-                done[stage.name] = {**old, "skipped": True}
+                done[stage.name] = {**_learn_files(recipe, stage, old, files, cfg.s3), "skipped": True}
                 continue
             log(f"recipe: {stage.name}: {', '.join(changed)} changed since it ran, running it again")
-            if stage.name in REDONE_FROM_SCRATCH or (stage.name == "pretrain" and _trained_on_other_data(cfg)):
+            corpus = {storage.redact_url(p) for p in (cfg.data.path, cfg.data.val_path) if p}
+            if stage.name in REDONE_FROM_SCRATCH or (stage.name == "pretrain" and (
+                    any(p not in corpus for p in changed_files) or _trained_on_other_data(cfg))):
                 # Its directory holds what the old inputs made, which the stage would reuse: an
                 # export whose marker is there, a training run resumed from its own checkpoints
-                # (started from the old parent, or trained on another tokenizer or dataset,
-                # which pre-training's resume would refuse). Removed, so it is made from the new ones.
+                # (started from the old parent or the old init_from, or trained on another tokenizer or dataset, which pre-training's resume
+                # would refuse). Removed, so it is made from the new ones.
                 log(f"recipe: {stage.name}: removing {storage.redact_url(cfg.run_dir)}, made from the old inputs")
                 storage.delete(cfg.run_dir, cfg.s3)
         log(f"recipe: {stage.name}: running (key {key[:10]}) -> {storage.redact_url(cfg.run_dir)}")

@@ -3,7 +3,9 @@ directory that another one is using (two runs of one name would write their chec
 metrics and records over each other's).
 
 - Local directories: the kernel's `flock` on `.raylm.lock`. A process that dies, however it
-  dies, lets go, so a restarted driver resumes at once.
+  dies, lets go, so a restarted driver resumes at once. A holder that found the file empty (made
+  for it) removes it when it lets go, after a refused resume too, so a run directory keeps no
+  lock file it did not have; a newcomer checks that the file it locked is still the one there.
 - `s3://`: a lease, the object `.raylm.lock` created with a conditional PUT
   (`If-None-Match: *`) and renewed by its holder every quarter of its term with
   `If-Match` on its last ETag. A newcomer that finds a lease watches it: a renewal means the
@@ -61,30 +63,58 @@ def _refused(uri: str, holder: str, what: str) -> StorageError:
     return StorageError(uri, f"in use by {holder} (wait for it to end, or give this {what} another name=)")
 
 
+def _same_file(fd: int, lock: str) -> bool:
+    """Whether `fd` is still the file at `lock`: a holder may remove it when it lets go, and a
+    newcomer that had opened it before then and locks it after holds a file no one else will
+    open (and another newcomer makes a new one)."""
+    try:
+        at = os.stat(lock)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (at.st_dev, at.st_ino)
+
+
 @contextlib.contextmanager
 def _flock(uri: str, what: str) -> Iterator[None]:
+    """The lock file is removed by its holder when it lets go if it found it empty, as raylm
+    makes it: a command refused after taking the lock (a resume under other settings) leaves
+    the run directory as it found it. One that names a holder (an older raylm's, kept after
+    its run, or a killed holder's) is left where it was."""
     import fcntl
 
     path = storage._local(uri)
+    lock = os.path.join(path, RUN_LOCK)
     with storage._errors(uri, None):
         os.makedirs(path, exist_ok=True)
-        fd = os.open(os.path.join(path, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another raylm process"
+                os.close(fd)
+                raise _refused(uri, holder, what) from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                locked = False  # a filesystem without locks (some network ones): no lock, as before
+                break
+            if _same_file(fd, lock):
+                locked = True
+                break
+            os.close(fd)  # removed by its holder after this process opened it: try again
+    made = os.fstat(fd).st_size == 0
     try:
-        locked = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another raylm process"
-            raise _refused(uri, holder, what) from None
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            locked = False  # a filesystem without locks (some network ones): no lock, as before
         if locked:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (_holder(what) + "\n").encode(), 0)
         yield
     finally:
+        if made and locked:  # removed while still held: a newcomer that locks it then sees it gone
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
         os.close(fd)  # and the lock with it
 
 

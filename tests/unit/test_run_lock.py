@@ -60,7 +60,7 @@ def test_pretrain_refuses_a_run_in_use_before_writing_there(tmp_path):
     with run_lock.held(str(run)):
         with pytest.raises(StorageError, match="in use by a raylm run"):
             pretrain(_cfg(tmp_path))
-    assert os.listdir(run) == [run_lock.RUN_LOCK]
+        assert os.listdir(run) == [run_lock.RUN_LOCK]
 
 
 def test_posttrain_refuses_a_run_in_use_before_writing_there(tmp_path, tiny_run):
@@ -71,7 +71,7 @@ def test_posttrain_refuses_a_run_in_use_before_writing_there(tmp_path, tiny_run)
     with run_lock.held(str(run)):
         with pytest.raises(StorageError, match="in use by a raylm run"):
             posttrain(_cfg(tmp_path, "stage=sft", f"init_from={tiny_run}", f"data.path={tmp_path / 'chat.jsonl'}"))
-    assert os.listdir(run) == [run_lock.RUN_LOCK]
+        assert os.listdir(run) == [run_lock.RUN_LOCK]
 
 
 def test_a_resume_with_nothing_to_resume_leaves_no_directory(tmp_path):
