@@ -764,9 +764,11 @@ OPERATIONAL_KEYS = ("name", "storage", "s3")
 def stage_key(recipe: Recipe, stage: Stage) -> str:
     """sha256 of what decides a stage's outputs: its settings (shared and its own, without where
     they are stored or how often a failure is retried), the keys of the stages it reads, and
-    the versions of raylm's prepared-data format, text encoding and cleaning (a data stage a raylm
+    the versions of raylm's prepared-data format, text encoding and cleaning, and for SFT and
+    DPO of how records become rows (a data stage or records a raylm
     before them finished is run again, as a dataset key would have it, not kept for training
     by its settings alone). A change anywhere upstream changes it."""
+    from raylm.chat_data import CHAT_ENCODING, KIND_ROWS, KINDS
     from raylm.data import CLEANING, FORMAT_VERSION, TEXT_ENCODING
 
     section, options = recipe.sections[stage.name]
@@ -775,6 +777,8 @@ def stage_key(recipe: Recipe, stage: Stage) -> str:
     options = {k: v for k, v in options.items() if k not in OPERATIONAL_OPTIONS}
     parents = {s: stage_key(recipe, STAGE_BY_NAME[s]) for s in recipe.inputs_of(stage)}
     formats = {"data": FORMAT_VERSION, "text": TEXT_ENCODING, "cleaning": CLEANING}
+    if stage.name in KINDS:  # how records become rows, as raylm.chat_data's dataset key has it
+        formats["chat"] = {"encoding": CHAT_ENCODING, "rows": KIND_ROWS[stage.name]}
     text = json.dumps({"stage": stage.name, "shared": shared, "section": section, "options": options,
                        "inputs": parents, "formats": formats}, sort_keys=True, default=str)
     return _sha256(text.encode())

@@ -209,6 +209,21 @@ def test_a_new_data_format_text_encoding_or_cleaning_reruns_every_stage(tmp_path
         assert all(stage_key(before, s) != keys[s.name] for s in before.stages)
 
 
+def test_a_new_chat_encoding_or_row_rule_reruns_post_training(tmp_path, monkeypatch):
+    """SFT or DPO finished by a raylm that made rows from records otherwise (split by the whole
+    record, say) was kept by its settings alone; its stage and those after it run again."""
+    from raylm import chat_data
+
+    path = _write(tmp_path, BASE.format(storage=tmp_path))
+    before = load_recipe(path)
+    keys = {s.name: stage_key(before, s) for s in before.stages}
+    monkeypatch.setattr(chat_data, "KIND_ROWS", {**chat_data.KIND_ROWS, "sft": chat_data.KIND_ROWS["sft"] + 1})
+    assert {s.name for s in before.stages if stage_key(before, s) != keys[s.name]} == {"sft", "dpo", "export"}
+    monkeypatch.undo()
+    monkeypatch.setattr(chat_data, "CHAT_ENCODING", chat_data.CHAT_ENCODING + 1)
+    assert {s.name for s in before.stages if stage_key(before, s) != keys[s.name]} == {"sft", "dpo", "export"}
+
+
 def test_a_change_reruns_the_stage_and_everything_after(tmp_path):
     path = _write(tmp_path, BASE.format(storage=tmp_path))
     before = load_recipe(path)
