@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from raylm import storage
@@ -76,6 +77,18 @@ def _max_failures(text: str) -> int:
         n = None
     if n is None or n < -1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0 (-1: no limit)")
+    return n
+
+
+def _fewshot(text: str) -> int:
+    """--num-fewshot: examples before each item, 0 or more. lm-eval takes a negative count
+    without a word, as none, and the results read as if the count had been run."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
     return n
 
 
@@ -410,12 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the traceback of every error, including the one-line ones")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, func, help, parent=sub, record=True):
+    def add(name, func, help, parent=sub, record=True, run=None):
         sp = parent.add_parser(name, help=help, description=help, epilog=EPILOG)
-        sp.add_argument("--config", metavar="FILE.yaml", help="YAML config, local or s3://; overrides apply on top")
+        sp.add_argument("--config", metavar="FILE.yaml", action=_Once,
+                        help="YAML config, local or s3://; overrides apply on top")
         if record:
             sp.add_argument("--from-record", metavar="RECORD.json",
                             help="rerun with the settings of an earlier run's record.json")
+        if run:  # before the overrides, as `raylm eval RUN KEY=VALUE` is written (see _place_run)
+            sp.add_argument("run", help=run)
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
         sp.set_defaults(func=func)
         return sp
@@ -503,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="Overrides are dotted keys into the recipe, e.g. storage=s3://bucket/recipes "
                                "stages.pretrain.train.max_steps=100 train.num_workers=8")
     sp.add_argument("recipe", nargs="?", help="recipe YAML file (or --config FILE)")
-    sp.add_argument("--config", metavar="RECIPE.yaml", help="the recipe, as a flag")
+    sp.add_argument("--config", metavar="RECIPE.yaml", action=_Once, help="the recipe, as a flag")
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
     sp.add_argument("--check", action="store_true", help="validate every stage's config and stop")
     sp.set_defaults(func=cmd_run)
@@ -511,15 +527,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("eval", cmd_eval,
              "Evaluate a run's newest complete checkpoint (or a checkpoint): lm-evaluation-harness tasks "
              "(--tasks, on a pool of Ray actors), built-in multiple-choice and generation task files, and "
-             "bits per byte on corpora. Writes results.json and results.md.", record=False)
-    sp.add_argument("run", help="run directory or checkpoint, local or s3://")
+             "bits per byte on corpora. Writes results.json and results.md.", record=False,
+             run="run directory or checkpoint, local or s3://")
     sp.add_argument("--tasks", help="lm-eval tasks, comma-separated (hellaswag,arc_easy); needs raylm[eval]")
     sp.add_argument("--include-path", help="directory of lm-eval task YAMLs (your own tasks)")
     sp.add_argument("--mc", action="append", help="built-in multiple-choice task file {context, choices, gold} (repeatable)")
     sp.add_argument("--gen", action="append", help="built-in generation task file {context, answer} (repeatable)")
     sp.add_argument("--corpus", action="append", help="corpus for loss, perplexity and bits per byte (repeatable)")
     sp.add_argument("--limit", type=int, help="score only the first N items of each task")
-    sp.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples")
+    sp.add_argument("--num-fewshot", type=_fewshot, help="lm-eval few-shot examples")
     sp.add_argument("--workers", type=int, help="actors of the scoring pool (0: this process); eval.workers")
     sp.add_argument("--out", help="output directory (default: <run>/eval/<checkpoint>)")
 
@@ -601,6 +617,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Once(argparse.Action):
+    """An option given at most once. argparse keeps the last of several without a word, and a
+    second --config would drop every setting of the first file."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        first = getattr(namespace, self.dest, None)
+        if first is not None:
+            parser.error(f"{option_string} given twice ({first}, {values}): give one file, with the other's "
+                         f"settings in it or as KEY=VALUE overrides")
+        setattr(namespace, self.dest, values)
+
+
+# A dotted override as written on the line: `eval.workers=0`, `max_batch_size=32`. A path never
+# matches once it has a '/' before its first '=' (`runs/lr=3e-4`).
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def _place_run(args, extra: list[str]) -> list[str]:
+    """The run of `eval` and `serve`, wherever it sits among the KEY=VALUE overrides.
+    argparse hands the run positional whichever word falls in its place (`raylm serve
+    max_batch_size=32 runs/x` served the run "max_batch_size=32" with the override "runs/x"),
+    or none (after an option: `raylm eval eval.workers=0 --limit 3 runs/x`). Where the run
+    looks like an override and exactly one word does not, that word is the run. Returns the
+    rest of `extra`."""
+    run = getattr(args, "run", None)
+    if not isinstance(run, str) or not hasattr(args, "overrides") or not _OVERRIDE.match(run):
+        return extra
+    words = [run, *args.overrides, *(e for e in extra if not e.startswith("-"))]
+    paths = [i for i, w in enumerate(words) if not _OVERRIDE.match(w)]
+    if len(paths) != 1:
+        return extra
+    args.run = words[paths[0]]
+    args.overrides = words[:paths[0]] + words[paths[0] + 1:]
+    return [e for e in extra if e.startswith("-")]
+
+
 def _root_cause(e: BaseException) -> BaseException:
     """Unwrap Ray's task/training wrappers down to the error a user can act on. Only Ray's:
     raylm's own errors are raised `from` the library error they explain (a StorageError from
@@ -651,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--debug" in extra:  # also accepted after the subcommand
         extra = [a for a in extra if a != "--debug"]
         args.debug = True
+    extra = _place_run(args, extra)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -669,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.debug:
                 traceback.print_exception(e, file=sys.stderr)
             msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            print(f"raylm: error: {msg}", file=sys.stderr)
+            # Messages echo the values they name, and stderr reaches job logs: no URL credentials.
+            print(f"raylm: error: {storage.redact_url(msg)}", file=sys.stderr)
             return 2
         traceback.print_exception(e, file=sys.stderr)
         print(_bug_report_line(), file=sys.stderr)

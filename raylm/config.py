@@ -44,7 +44,7 @@ class Range:
     def check(self, key: str, value: int | float | None) -> None:
         if value is None or value == self.off or value == "auto":  # None/auto: resolved elsewhere
             return
-        finite = math.isfinite(value)
+        finite = isinstance(value, int) or math.isfinite(value)  # isfinite overflows past 1e308
         lo_ok = self.lo is None or value > self.lo or (value == self.lo and not self.lo_open)
         hi_ok = self.hi is None or value < self.hi or (value == self.hi and not self.hi_open)
         if finite and lo_ok and hi_ok:
@@ -960,10 +960,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
                 return _check_type(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}={_show(value)}: expected {tp}")
+        raise ConfigError(f"{key}={_shown(key, value)}: expected {tp}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={_show(value)}: expected a list")
+            raise ConfigError(f"{key}={_shown(key, value)}: expected a list")
         (item_tp, _) = typing.get_args(tp)
         return tuple(_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
     if isinstance(value, (_IntText, _FloatText)):  # read from YAML text (_ConfigLoader)
@@ -971,7 +971,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             return value.text
         value = _number(key, value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past 1e308
+            raise ConfigError(f"{key}={_show(value)}: expected a finite number") from None
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "3e-4" (no dot) as a string
             return float(value)
@@ -980,8 +983,14 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `name=123` on the command line means the string "123"
     if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}={_show(value)}: expected {tp.__name__}, got {type(value).__name__}")
+        raise ConfigError(f"{key}={_shown(key, value)}: expected {tp.__name__}, got {type(value).__name__}")
     return value
+
+
+def _shown(key: str, value: Any) -> str:
+    """`value` as an error shows it: a secret field's (SECRET_FIELDS) never, as error lines
+    reach terminals and job logs."""
+    return "***" if key.rsplit(".", 1)[-1] in SECRET_FIELDS else _show(value)
 
 
 def _number(key: str, value: "_IntText | _FloatText") -> int | float:
@@ -1030,19 +1039,33 @@ def _has_tag(text: str) -> bool:
         return False
 
 
+# How YAML writes null: any other text that YAML reads as null (`#2` is a comment, `&a` an
+# anchor with no value) is meant as text.
+_NULLS = ("null", "Null", "NULL", "~")
+
+
 def _override_value(key: str, raw: str) -> Any:
     """The value of `key=raw`: YAML (`3e-4`, `[a, b]`, `null`), or the literal text when it is
     not YAML, so globs such as `*.jsonl` need no quoting. A wrong type then fails the type
     check naming the key. Tags are refused: a config holds plain data, and `!!python/...`
-    on a command line is a mistake or an attack."""
+    on a command line is a mistake or an attack. Text that YAML would cut at a comment
+    (`name=run #2`, which YAML reads as "run") is taken whole, as written."""
     if not raw.strip():
         return ""
     if raw.lstrip().startswith("!") or _has_tag(raw):
-        raise ConfigError(f"{key}={raw}: YAML tags are not accepted (quote the value to mean the text)")
+        shown = "***" if key.rsplit(".", 1)[-1] in SECRET_FIELDS else raw
+        raise ConfigError(f"{key}={shown}: YAML tags are not accepted (quote the value to mean the text)")
     try:
-        return _load_config_yaml(raw)
+        value = _load_config_yaml(raw)
     except yaml.YAMLError:
         return raw
+    except ValueError as e:  # an int of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError(f"{key}={raw.strip()[:20]}...: {str(e).split(':')[0]}") from None
+    if "#" in raw and (value is None or isinstance(value, str) and "#" not in value):
+        return raw.strip()
+    if value is None and raw.strip() not in _NULLS:
+        return raw.strip()
+    return value
 
 
 def _nest(overrides: Sequence[str | tuple[str, Any]]) -> dict[str, Any]:
@@ -1207,8 +1230,14 @@ def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, An
             loaded = _load_config_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: not valid YAML ({yaml_problem(e)})") from None
+        except ValueError as e:  # an int of more digits than Python converts
+            raise ConfigError(f"config file {path}: {str(e).split(':')[0]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        try:  # its keys and types on their own, so that an error names the file
+            _build(Config, loaded, "")
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in config file {path})") from None
         data = _layer(data, loaded)
     data = _layer(data, _nest(overrides))
     return _build(Config, data, "").validate()
