@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from raylm.errors import PathNotFoundError, UserError
+from raylm.errors import ConfigError, PathNotFoundError, UserError
 from raylm import run_lock, storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
@@ -183,6 +183,20 @@ def _local_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def check_gpus_here(cfg: Config) -> None:
+    """train.use_gpu on the cluster raylm starts on this machine needs a GPU here: without one,
+    Ray Train waits for GPU workers that never come (a start-up timeout, retried each minute
+    for good, after the tokenizer and data stages). A cluster joined (RAY_ADDRESS, or one this
+    process is already connected to) is not checked: it may add GPU machines as it scales."""
+    import ray
+
+    if not cfg.train.use_gpu or os.environ.get("RAY_ADDRESS") or (ray.is_initialized() and started_env() is None):
+        return
+    if _local_gpus() == 0:
+        raise ConfigError("train.use_gpu=true but this machine has no GPU (torch sees none): set "
+                          "train.use_gpu=false, or join a GPU cluster with RAY_ADDRESS")
 
 
 # The local cluster this process started last, as (GCS address, the environment its workers
@@ -556,7 +570,6 @@ def keep_in_run(tok: Tokenizer, target: str, s3) -> None:
     no other copy). Replacing it before the resume check refused the new one left a run that
     neither generated nor resumed."""
     from raylm import checkpoint
-    from raylm.errors import ConfigError
 
     if storage.exists(storage.join(target, META_FILE), s3):
         have = load_tokenizer(target, s3).sha256
@@ -685,6 +698,7 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
 
     t0 = time.time()
     cfg, corpus = preflight(absolute_paths(cfg))
+    check_gpus_here(cfg)
     if resume == "must":  # --resume with nothing to resume: say so before anything is written
         resume_point(cfg, resume)
     with run_lock.held(cfg.run_dir, s3=cfg.s3):  # before anything is written there

@@ -29,8 +29,8 @@ from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
 from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restarts, list_corpus,
                         prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
-from raylm.pipeline import (absolute_paths, check_resume_before_record, init_ray, keep_in_run, log, resolve_workers,
-                            workers_summary, write_summary)
+from raylm.pipeline import (absolute_paths, check_gpus_here, check_resume_before_record, init_ray, keep_in_run, log,
+                            resolve_workers, workers_summary, write_summary)
 from raylm.record import RECORD, write_record
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -127,6 +127,7 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
         check_dpo_train_settings(cfg.train)
     cfg, parent = parent_of(cfg, recorded_parent(cfg, resume))
     check_records_path(cfg)
+    check_gpus_here(cfg)
     if resume == "must":  # --resume with nothing to resume: say so before anything is written
         resume_point(cfg, resume)
     with run_lock.held(cfg.run_dir, s3=cfg.s3):  # before anything is written there

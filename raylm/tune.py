@@ -333,9 +333,11 @@ def prepare_search(cfg: Config, tc: TuneConfig) -> tuple[Config, str, dict]:
     """Corpus, tokenizer and prepared blocks in the search's run directory, made once (as
     `pretrain` makes them). Returns the resolved base config (its "auto" worker counts each
     trial's share of the cluster), the data directory, the manifest."""
-    from raylm.pipeline import absolute_paths, ensure_corpus, ensure_data, ensure_tokenizer, preflight, resolve_workers
+    from raylm.pipeline import (absolute_paths, check_gpus_here, ensure_corpus, ensure_data, ensure_tokenizer,
+                                preflight, resolve_workers)
 
     cfg, corpus = preflight(absolute_paths(cfg))
+    check_gpus_here(cfg)
     cfg = ensure_corpus(cfg)
     cfg, tok = ensure_tokenizer(cfg, corpus[0] if corpus else None)
     init_ray_for(cfg, tc)
