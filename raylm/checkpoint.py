@@ -146,7 +146,50 @@ def _parse_meta(text: str | bytes, where: str) -> dict:
         raise CheckpointError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "step" not in meta:
         raise CheckpointError(f"{where}: not a raylm checkpoint's meta.json (no 'step')")
+    # The fields raylm writes, checked where present (older checkpoints lack some): their
+    # readers (resume, generate, eval, export) use them as these types, and a damaged or
+    # hand-edited file would otherwise fail there with a traceback.
+    for key, ok, what in _META_FIELDS:
+        if key in meta and not ok(meta[key]):
+            raise CheckpointError(f"{where}: {key!r} is {_short(meta[key])}, expected {what} (a damaged or "
+                                  f"altered meta.json)")
+    sections = _config_sections()
+    for key, value in (meta.get("config") or {}).items():
+        if key in sections and not isinstance(value, dict):
+            raise CheckpointError(f"{where}: 'config.{key}' is {_short(value)}, expected a mapping (a damaged or "
+                                  f"altered meta.json)")
     return meta
+
+
+def _count(at_least: int):
+    return lambda v: type(v) is int and v >= at_least
+
+
+_META_FIELDS = (
+    ("step", _count(0), "an integer >= 0"),
+    ("consumed_blocks", _count(0), "an integer >= 0"),
+    ("world_size", _count(1), "an integer >= 1"),
+    ("global_batch_size", _count(1), "an integer >= 1"),
+    ("train_seconds", lambda v: type(v) in (int, float), "a number"),
+    ("guards", lambda v: isinstance(v, dict), "a mapping"),
+    ("config", lambda v: isinstance(v, dict), "a mapping"),
+    # Read as "not recorded" when empty or null.
+    ("tokenizer", lambda v: v is None or isinstance(v, str), "a string"),
+    ("tokenizer_sha256", lambda v: v is None or isinstance(v, str), "a string"),
+    ("data_key", lambda v: v is None or isinstance(v, str), "a string"),
+)
+
+
+def _config_sections() -> set[str]:
+    """The config's keys whose values are sections (model, data, tokenizer, ...)."""
+    from raylm.config import Config, to_dict
+
+    return {k for k, v in to_dict(Config()).items() if isinstance(v, dict)}
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 from raylm.errors import CheckpointError  # noqa: E402  (defined with raylm's other error types)

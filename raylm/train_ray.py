@@ -381,6 +381,21 @@ def worker_runtime_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
+# Ray Train's list of the checkpoints reported to it, in the run directory (Ray 2.60's
+# ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).
+RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
+
+
+def forget_ray_checkpoint_list(cfg: Config) -> None:
+    """Remove Ray Train's list of the run's reported checkpoints before a new Train run starts
+    in the run directory. Ray refuses to start a run whose list names a checkpoint that is
+    gone, and raylm's retention (train.keep_checkpoints) deletes old ones: every resume after
+    a deletion failed with Ray's traceback. raylm resumes from its own commit markers
+    (raylm.checkpoint.latest_complete), never from Ray's list, which also names checkpoints
+    that were never committed."""
+    storage.delete(storage.join(cfg.run_dir, RAY_CHECKPOINT_LIST), cfg.s3)
+
+
 def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = "auto", max_failures: int = 0,
                      callbacks: list | None = None):
     """Launch `train_worker` on cfg.train.num_workers Ray Train workers; returns the Result.
@@ -395,6 +410,7 @@ def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = 
     # Workers do not share the driver's working directory; "auto" worker counts are resolved
     # by the stages before they log and record them, and here for any other caller.
     cfg = resolve_workers(absolute_paths(cfg))
+    forget_ray_checkpoint_list(cfg)
     fs, root = storage.filesystem(cfg.storage, cfg.s3)
     trainer = trainer_class()(
         train_worker,
