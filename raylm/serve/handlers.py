@@ -321,8 +321,10 @@ class OpenAIService:
                 return task.result()
             if watch in done:
                 raise ClientGone()
+            # x-should-retry: false, or the openai client (which retries a 408 twice by default)
+            # sends work that took the whole limit again, holding a slot as long each time.
             raise P.APIError(408, f"the request ran past this server's limit of {self.cfg.request_timeout_s:g} s",
-                             None, type="timeout", code="timeout")
+                             None, type="timeout", code="timeout", headers={"x-should-retry": "false"})
         finally:
             for t in (task, watch):
                 t.cancel()

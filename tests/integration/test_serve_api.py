@@ -333,8 +333,10 @@ def _headers_that_switch_off_serves_limits():
 def test_the_apps_timeout_holds_whatever_the_client_tells_serve(server):
     port = server["port"]
     body = {"model": "tiny", "prompt": "The ", "max_tokens": 120, "temperature": 0, "n": 4, "logprobs": 20}
-    status, _, err = call(port, "POST", "/tight/v1/completions", body, headers=_headers_that_switch_off_serves_limits())
+    status, headers, err = call(port, "POST", "/tight/v1/completions", body,
+                                headers=_headers_that_switch_off_serves_limits())
     assert status == 408 and err["error"]["type"] == "timeout", err
+    assert headers.get("x-should-retry") == "false"  # the openai client retried it twice, each taking the limit
     status, _, events = call(port, "POST", "/tight/v1/completions", {**body, "stream": True},
                              headers=_headers_that_switch_off_serves_limits())
     assert status == 200 and '"type": "timeout"' in events
