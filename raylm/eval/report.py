@@ -34,6 +34,8 @@ from raylm.eval.results import finite
 
 # Fields that place a row rather than measure something.
 _NOT_METRICS = {"step", "time"}
+# The train and val fields the report draws (its loss, learning-rate and throughput panels).
+_DRAWN = {"train": ("loss", "lr", "tokens_per_s"), "val": ("val_loss",)}
 # Row kinds that mark events, not measurements.
 _EVENT_KINDS = {"rollback"}
 # One event file per run under a fixed name: a second `raylm report` replaces it instead of
@@ -53,6 +55,7 @@ class RunMetrics:
     val: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     evals: dict[str, list[tuple[int, float, float | None]]] = field(default_factory=dict)
     rollbacks: list[int] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # what was not drawn, and why (the report says it)
 
 
 def _number(v) -> bool:
@@ -128,19 +131,66 @@ def _check_step(row: dict, where: str) -> None:
 def read_rows(run: str, s3: S3Config | None = None) -> tuple[str, list[dict]]:
     """The rows of `<run>/metrics.jsonl` (local or s3://), or a one-line error naming the file
     and, for a bad row, its line."""
+    uri, rows, _ = _read_run(run, s3)
+    return uri, rows
+
+
+def _read_run(run: str, s3: S3Config | None) -> tuple[str, list[dict], str | None]:
+    """`read_rows`, and the note of `_read_rows_noting_cut`."""
     uri = storage.join(run, "metrics.jsonl")
     shown = storage.redact_url(uri)  # messages reach terminals and logs
     if not storage.exists(uri, s3):
         raise PathNotFoundError(f"{shown}: no such file (is {run} a raylm run directory?)")
-    rows = metrics_rows(storage.read_text(uri, s3), shown, _check_step)
+    rows, cut = _read_rows_noting_cut(storage.read_text(uri, s3), shown)
     if not rows:
         raise DataError(f"{shown}: no rows (the run has not logged a step yet)")
-    return uri, rows
+    return uri, rows, cut
+
+
+def _read_rows_noting_cut(text: str, shown: str) -> tuple[list[dict], str | None]:
+    """`metrics_rows` of `text`, and a note when its last line was left out (cut short: a row
+    being appended, or a run killed mid-write)."""
+    rows = metrics_rows(text, shown, _check_step)
+    last = text.split("\n")[-1]
+    if last.strip():
+        try:
+            json.loads(last)
+        except json.JSONDecodeError:
+            return rows, f"the last line ({len(last.encode())} bytes, no newline) is cut short: left out"
+    return rows, None
+
+
+def _latest_per_step(rows: list[dict]) -> tuple[list[dict], int]:
+    """The rows with only the last one of each (kind, task, step). Training drops the rows a
+    resume or rollback redoes (raylm.metrics.MetricsLog.truncate); a file where they remain
+    (joined or copied by hand, or written by another tool) holds both, and the later row is the
+    run's own history: drawn as well, the line went back and forth. Event rows (a rollback)
+    are all kept."""
+    last: dict = {}
+    for i, row in enumerate(rows):
+        if _number(row.get("step")) and row.get("kind") not in _EVENT_KINDS:
+            last[(row.get("kind"), row.get("task"), row["step"])] = i
+    kept = [row for i, row in enumerate(rows) if not (_number(row.get("step")) and row.get("kind")
+            not in _EVENT_KINDS and last[(row.get("kind"), row.get("task"), row["step"])] != i)]
+    return kept, len(rows) - len(kept)
+
+
+def _steps_text(steps: list[int]) -> str:
+    shown = ", ".join(str(s) for s in steps[:5]) + (f" and {len(steps) - 5} more" if len(steps) > 5 else "")
+    return f"step {shown}" if len(steps) == 1 else f"steps {shown}"
 
 
 def series(label: str, uri: str, rows: list[dict]) -> RunMetrics:
-    """Split rows into train, validation and evaluation series."""
+    """Split rows into train, validation and evaluation series, in step order. A step logged
+    twice keeps its last row (`_latest_per_step`). A null value is left out (an empty step), a
+    non-finite one kept (the line breaks there), and `skipped` says which, with their steps,
+    as it says how many repeated rows were replaced."""
+    rows, replaced = _latest_per_step(rows)
     run = RunMetrics(label, uri, rows)
+    if replaced:
+        run.skipped.append(f"{replaced} row(s) of a step logged again later (a resumed or rolled-back run's "
+                           f"rows not dropped): the later row drawn")
+    left_out: dict[tuple[str, str], list[int]] = {}
     for row in rows:
         if not _number(row.get("step")):  # read_rows refuses these; a caller's own rows may hold one
             continue
@@ -151,14 +201,27 @@ def series(label: str, uri: str, rows: list[dict]) -> RunMetrics:
             continue
         target = run.train if kind == "train" else run.val if kind == "val" else None
         for key, value in row.items():
-            if key in _NOT_METRICS or not _number(value):
+            if key in _NOT_METRICS or key.endswith("_stderr") and target is None or _is_count(key) and target is None:
+                continue
+            if (value is None or _number(value) and not math.isfinite(value)) and \
+                    (target is None or key in _DRAWN.get(kind, ())):  # mfu is null on CPUs: not drawn
+                name = key if target is not None else _eval_name(kind, row, key)
+                why = "null, not drawn" if value is None else \
+                    f"{'NaN' if math.isnan(value) else 'infinite'}, a gap in the line"
+                left_out.setdefault((name, why), []).append(step)
+            if not _number(value):
                 continue
             if target is not None:
                 target.setdefault(key, []).append((step, float(value)))
-            elif not key.endswith("_stderr") and not _is_count(key):
+            else:
                 stderr = row.get(f"{key}_stderr")
                 run.evals.setdefault(_eval_name(kind, row, key), []).append(
-                    (step, float(value), float(stderr) if _number(stderr) else None))
+                    (step, float(value), float(stderr) if _number(stderr) and math.isfinite(stderr) else None))
+    for points in (*run.train.values(), *run.val.values(), *run.evals.values()):
+        points.sort(key=lambda p: p[0])
+    run.rollbacks.sort()
+    for (name, why), steps in left_out.items():
+        run.skipped.append(f"{name} at {_steps_text(steps)}: {why}")
     return run
 
 
@@ -177,7 +240,14 @@ def _eval_name(kind, row: dict, key: str) -> str:
 def load_runs(runs: list[str], s3: S3Config | None = None) -> list[RunMetrics]:
     """Read every run first, so a bad one fails before anything is written."""
     labels = _labels(runs)
-    return [series(label, *read_rows(run, s3)) for run, label in zip(runs, labels)]
+    loaded = []
+    for run, label in zip(runs, labels):
+        uri, rows, cut = _read_run(run, s3)
+        metrics = series(label, uri, rows)
+        if cut:
+            metrics.skipped.insert(0, cut)
+        loaded.append(metrics)
+    return loaded
 
 
 def _labels(runs: list[str]) -> list[str]:
@@ -242,9 +312,13 @@ def png_software(data: bytes) -> str | None:
 
 
 def _lone(points: list) -> dict:
-    """A marker for a series of one point (a run that has logged one step): a line needs two
-    points, so the point would not be drawn at all."""
-    return {"marker": "o", "markersize": 4} if len(points) == 1 else {}
+    """Markers for a series with a point that has no finite neighbour (a run that has logged
+    one step, a finite loss between NaN or infinite ones): a line needs two finite points, so
+    that point would not be drawn at all."""
+    finite_ = [math.isfinite(p[1]) for p in points]
+    alone = any(ok and not (i and finite_[i - 1]) and not (i + 1 < len(finite_) and finite_[i + 1])
+                for i, ok in enumerate(finite_))
+    return {"marker": "o", "markersize": 4} if alone else {}
 
 
 def _draw_loss(ax, runs: list[RunMetrics], many: bool) -> None:
@@ -368,7 +442,9 @@ def write_report(runs: list[str], out: str | None = None, s3: S3Config | None = 
     several runs need it. Every input is read and every file rendered before the first is
     written, and each file is written atomically. A report.png already in `out` is replaced
     only when raylm report drew it (or `out` is the default `<run>/report`, raylm's own);
-    otherwise nothing is written (the event files' names, EVENT_FILE, are raylm's own)."""
+    otherwise nothing is written (the event files' names, EVENT_FILE, are raylm's own). The
+    summary's `skipped` says, per run, what the plot left out or broke its line at (a cut last
+    line, null or non-finite values, a step logged twice)."""
     if not runs:
         raise ConfigError("raylm report: give at least one run directory")
     given = out is not None
@@ -390,4 +466,6 @@ def write_report(runs: list[str], out: str | None = None, s3: S3Config | None = 
         storage.write_bytes(uri, data, s3)
     return {"png": png_uri, "panels": panel_names(loaded),
             "tensorboard": storage.join(out, "tensorboard") if tensorboard else None,
-            "runs": {run.label: run.uri for run in loaded}}
+            "runs": {run.label: run.uri for run in loaded},
+            # What the plot leaves out (a cut last line, null or non-finite values, repeated steps).
+            "skipped": {run.label: run.skipped for run in loaded if run.skipped}}

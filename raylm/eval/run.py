@@ -77,6 +77,10 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
     if limit is not None and limit < 1:  # items[:0] is nothing to score; items[:-1] all but the last item
         raise ConfigError(f"--limit={limit}: expected an integer >= 1")
     check_task_names(ec.mc_tasks, ec.gen_tasks)  # results rows name the task: two files of one name read alike
+    for p in (*ec.mc_tasks, *ec.gen_tasks):  # nor may a task file and a harness task share a name
+        if task_name(p) in tasks:
+            raise ConfigError(f"{p} is task {task_name(p)!r}, as is the lm-eval task of --tasks (a built-in task is "
+                              f"named by its file name): their results rows would read alike; rename the file")
     ckpt = resolve_checkpoint(run, s3)
     meta = checkpoint.read_meta(ckpt, s3)
     facts = {"checkpoint": ckpt, "step": meta.get("step"), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
