@@ -36,6 +36,7 @@ API_KEY_ENV = "RAYLM_API_KEY"
 PUBLIC_PATHS = frozenset({"/health", "/ready"})  # probes carry no credentials
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 APP_NAME = "raylm"
+ENGINE_DIED = "the replica's engine has exited"  # until Serve's health check replaces the replica
 
 log = logging.getLogger("raylm.serve")
 
@@ -284,12 +285,16 @@ def build_app(run: str, cfg: ServeConfig):
 
         @app.get("/health")
         async def health(self):
+            if self._engine_died():
+                return JSONResponse(P.error_body(ENGINE_DIED, "unavailable"), status_code=503)
             return {"status": "ok"}
 
         @app.get("/ready")
         async def ready(self):
             if not self.service.ready():
                 return JSONResponse(P.error_body("shutting down", "unavailable"), status_code=503)
+            if not self.service.engine.alive():  # every request would get 503 until Serve replaces it
+                return JSONResponse(P.error_body(ENGINE_DIED, "unavailable"), status_code=503)
             return {"status": "ready", "model": name}
 
         @app.get("/stats")
@@ -298,8 +303,13 @@ def build_app(run: str, cfg: ServeConfig):
 
         def check_health(self):
             # Serve replaces a replica whose engine is gone (its process died: out of memory, a crash).
-            if not self.service.engine.alive() and not self.service.draining:
-                raise RuntimeError("the replica's engine has exited")
+            if self._engine_died():
+                raise RuntimeError(ENGINE_DIED)
+
+        def _engine_died(self) -> bool:
+            """The engine ended while the replica still needed it (not closed by a graceful
+            shutdown, where it ends once in-flight requests finish)."""
+            return not self.service.engine.alive() and not self.service.draining
 
         async def _guarded(self, coro):
             from raylm.serve.handlers import ClientGone
