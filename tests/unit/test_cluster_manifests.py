@@ -123,8 +123,9 @@ def _ray_pin():
 
 def _pins() -> dict[str, str]:
     """cluster/versions.env: KEY=value lines, the one place that pins Ray and the images."""
-    pins = dict(line.split("=", 1) for line in VERSIONS.read_text().splitlines()
-                if line.strip() and not line.lstrip().startswith("#"))
+    pins = {key: "".join(shlex.split(value))  # as the shell reads it: quotes removed
+            for key, value in (line.split("=", 1) for line in VERSIONS.read_text().splitlines()
+                               if line.strip() and not line.lstrip().startswith("#"))}
     assert {"RAY_VERSION", "RAY_BASE_IMAGE", "RAYLM_IMAGE"} <= set(pins), f"{_rel(VERSIONS)}: {sorted(pins)}"
     return pins
 
