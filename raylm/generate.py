@@ -76,6 +76,13 @@ def load_for_inference(uri: str, s3: S3Config | None = None, device: str | torch
     if meta.get("tokenizer_sha256") and tok.sha256 != meta["tokenizer_sha256"]:
         raise CheckpointError(f"{storage.redact_url(tok_uri)}: tokenizer hash {tok.sha256[:12]} differs from the one "
                               f"{storage.redact_url(ckpt)} was trained with ({str(meta['tokenizer_sha256'])[:12]})")
+    # Where meta.json records no hash (written empty where the data's manifest lacked one), a
+    # tokenizer with ids past the model's embedding failed on the first prompt with an
+    # IndexError traceback from torch.
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise CheckpointError(f"{storage.redact_url(tok_uri)}: tokenizer of {tok.vocab_size} ids, more than the "
+                              f"{model_cfg.vocab_size} of the model in {storage.redact_url(ckpt)}: not the tokenizer "
+                              f"it was trained with")
     return model, tok, meta
 
 

@@ -156,8 +156,11 @@ def _take_sample(texts: Iterable[str], sample_bytes: int) -> tuple[list[str], in
     """Documents in order until `sample_bytes` UTF-8 bytes; the last one is truncated."""
     docs: list[str] = []
     total = 0
-    for text in texts:
-        data = text.encode("utf-8")
+    for k, text in enumerate(texts):
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: was a bare UnicodeEncodeError traceback
+            raise DataError(f"tokenizer training document #{k}: {_not_text(text) or e}") from e
         if total + len(data) > sample_bytes:
             cut = _utf8_prefix(data, sample_bytes - total)
             if cut:
@@ -259,9 +262,12 @@ def train_tokenizer(
                 f"(source: {source or '?'}); use vocab_size <= {m.group(1)} or {more}"
             ) from None
         if "smaller than required_chars" in msg:
+            # SentencePiece says how many it needs ("270 vs 278"): the number a user must give.
+            need = re.search(r"required_chars\. \d+ vs (\d+)", msg)
             raise ConfigError(
                 f"vocab_size={vocab_size} is too small to hold the specials, 256 byte pieces "
-                f"and the corpus characters; use a larger vocab_size or lower "
+                f"and the corpus characters (source: {source or '?'}); use "
+                f"{f'vocab_size >= {need.group(1)}' if need else 'a larger vocab_size'} or lower "
                 f"character_coverage"
             ) from None
         if "all_chars_count" in msg or "sentences_.empty()" in msg:
@@ -375,7 +381,23 @@ class Tokenizer:
                 f"tokenizer model {model_path} has sha256 {digest[:12]}..., but {meta_path} "
                 f"records {str(meta.get('sha256'))[:12]}...; the files do not belong together"
             )
-        return cls(model_bytes, meta, path)
+        # A sidecar written for the file it names, but not by raylm's training: SentencePiece
+        # refused it with a bare "ParseFromArray" traceback, and an empty file loaded as a
+        # tokenizer of no pieces at all.
+        if not model_bytes:
+            raise ConfigError(f"{model_path}: empty, not a SentencePiece model; {redo}")
+        try:
+            tok = cls(model_bytes, meta, path)
+        except RuntimeError as e:
+            raise ConfigError(f"{model_path}: not a SentencePiece model (it does not parse); {redo}") from e
+        # The sidecar's description of the model must be the model's: a hand-edited vocab_size
+        # (or ids) was ignored in silence, every reader getting the model's own.
+        for key, have in (("vocab_size", tok.vocab_size), ("bos_id", tok.bos_id), ("eos_id", tok.eos_id),
+                          ("pad_id", tok.pad_id)):
+            if key in meta and meta[key] != have:
+                raise ConfigError(f"{meta_path}: records {key} {meta[key]!r}, but {model_path} has {have}; "
+                                  f"the files do not belong together; {redo}")
+        return tok
 
     @property
     def model_bytes(self) -> bytes:
