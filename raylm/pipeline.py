@@ -485,9 +485,9 @@ def sample_documents(cfg: Config, limit_bytes: int, files: list | None = None):
     (tokenizer training). Those the length filters drop are left out here too, and bad
     records are skipped within data.max_bad_records, as the data stage does.
 
-    A corpus no larger than `limit_bytes` (its files' sizes) is read in listing order. A
-    larger one is sampled across its files: in an order shuffled by `seed`, each file gives
-    at most an equal share, limit / k for the k = limit / SAMPLE_BYTES_PER_FILE files it
+    A corpus of plain text or JSONL files no larger than `limit_bytes` (their sizes) is read in
+    listing order. A larger one, or a compressed or parquet one, is sampled across its files:
+    in an order shuffled by `seed`, each file gives at most an equal share, limit / k for the k = limit / SAMPLE_BYTES_PER_FILE files it
     takes (all of them where there are fewer), its first documents; what files too short for
     their share leave is then filled from where each file stopped, in the same order."""
     files = list(list_corpus(cfg.data.path, cfg.s3) if files is None else files)
@@ -514,7 +514,11 @@ def sample_documents(cfg: Config, limit_bytes: int, files: list | None = None):
                 text, _ = redact_pii(text, cfg.data.redact_pii)
             yield i, text
 
-    if sum(f.size for f in files) <= limit_bytes:
+    # Sizes on disk are text sizes for plain files alone: a .jsonl.gz or parquet corpus that fits
+    # the limit on disk can hold many times it in text, and read in order filled the sample
+    # from its first files (one language of two, say).
+    plain = not any(f.uri.lower().endswith((".gz", ".parquet")) for f in files)
+    if plain and sum(f.size for f in files) <= limit_bytes:
         plan = [(f, limit_bytes) for f in files]
     else:
         files = random.Random(cfg.seed).sample(files, len(files))
@@ -706,7 +710,7 @@ def pretrain(cfg: Config, resume: str = "auto", max_failures: int = 0, samples: 
 
 
 def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int, samples: bool, t0: float) -> dict:
-    from raylm.train_ray import run_ray_training
+    from raylm.train_ray import raise_if_worker_died, run_ray_training
 
     cfg = ensure_corpus(cfg)
     corpus = check_resume_before_data(cfg, resume, corpus)  # a refused resume prepares no data first
@@ -720,11 +724,16 @@ def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int,
     cfg = resolve_workers(cfg)
     datasets, manifest = training_inputs(cfg, tok, corpus, prepared)
     check_resume_before_record(cfg, resume, manifest)  # a refused resume leaves the run's record as it was
+    forget_summary(cfg)  # the run changes from here on
     record = write_record(cfg, "pretrain", tok, manifest)
     log(f"pretrain: {workers_summary(cfg)}, model {_model_summary(cfg)}, run record {record}")
-    result = run_ray_training(cfg, datasets, manifest, resume=resume, max_failures=max_failures)
-    if result.error:
-        raise result.error
+    try:
+        result = run_ray_training(cfg, datasets, manifest, resume=resume, max_failures=max_failures)
+        if result.error:
+            raise result.error
+    except Exception as e:
+        raise_if_worker_died(cfg, e, max_failures)
+        raise
     summary = finish_report(cfg, samples)
     summary["seconds"] = round(time.time() - t0, 1)
     write_summary(cfg, summary)
@@ -743,13 +752,25 @@ def check_resume_before_record(cfg: Config, resume: str, manifest: dict | None) 
         check_resumable(found, checkpoint.read_meta(found, cfg.s3), cfg, checkpoint_facts(cfg, manifest))
 
 
+SUMMARY = "summary.json"
+
+
+def forget_summary(cfg: Config) -> None:
+    """Remove the run's summary.json before training changes the run again. It describes a
+    finished run: a continuation (a larger train.max_steps) that then failed left the old one
+    saying the run had finished at the old step. One deletion, so a reader sees the old
+    summary or none, and none means not finished; `write_summary` writes the new one once
+    training and its report are done."""
+    storage.delete(storage.join(cfg.run_dir, SUMMARY), cfg.s3)
+
+
 def write_summary(cfg: Config, summary: dict) -> str:
     """The run's summary.json, strict JSON as its metrics.jsonl is (`raylm.eval.report.row_json`:
     a NaN validation loss or perplexity is null, named under "non_finite"); Python's bare NaN
     made the whole file unreadable to jq, JavaScript or Go. Returns its URI."""
     from raylm.eval.report import row_json
 
-    uri = storage.join(cfg.run_dir, "summary.json")
+    uri = storage.join(cfg.run_dir, SUMMARY)
     storage.write_text(uri, json.dumps(json.loads(row_json(summary)), indent=1, allow_nan=False), cfg.s3)
     return uri
 

@@ -29,8 +29,8 @@ from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict
 from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restarts, list_corpus,
                         prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
-from raylm.pipeline import (absolute_paths, check_gpus_here, check_resume_before_record, init_ray, keep_in_run, log,
-                            resolve_workers, workers_summary, write_summary)
+from raylm.pipeline import (absolute_paths, check_gpus_here, check_resume_before_record, forget_summary, init_ray,
+                            keep_in_run, log, resolve_workers, workers_summary, write_summary)
 from raylm.record import RECORD, write_record
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -135,7 +135,7 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
 
 
 def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: float) -> dict:
-    from raylm.train_ray import run_ray_training
+    from raylm.train_ray import raise_if_worker_died, run_ray_training
 
     tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
     if parent["tokenizer_sha256"] and tok.sha256 != parent["tokenizer_sha256"]:
@@ -152,13 +152,18 @@ def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: fl
     if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
         data_dir, manifest = precompute_reference(cfg, data_dir, manifest, parent)
     check_resume_before_record(cfg, resume, manifest)  # a refused resume leaves the run's record as it was
+    forget_summary(cfg)  # the run changes from here on
     record = write_record(cfg, cfg.stage, tok, manifest, extra={"parent": parent})
     log(f"{cfg.stage}: {workers_summary(cfg)} from {parent['checkpoint']} "
         f"({manifest['train']['blocks']} train rows), run record {record}")
-    result = run_ray_training(cfg, prepared_datasets(data_dir, manifest, cfg.s3), manifest, resume=resume,
-                              max_failures=max_failures)
-    if result.error:
-        raise result.error
+    try:
+        result = run_ray_training(cfg, prepared_datasets(data_dir, manifest, cfg.s3), manifest, resume=resume,
+                                  max_failures=max_failures)
+        if result.error:
+            raise result.error
+    except Exception as e:
+        raise_if_worker_died(cfg, e, max_failures)
+        raise
     summary = summarize(cfg)
     summary.update(parent=parent["checkpoint"], seconds=round(time.time() - t0, 1))
     write_summary(cfg, summary)

@@ -786,7 +786,14 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     # Checked before DCP loads anything: a changed shape fails inside DCP with a traceback,
     # and a smaller model loads silently (DCP reads only the entries asked for). Every rank
     # checks the meta rank 0 read, so all raise the same error.
-    check_resumable(ckpt, broadcast(checkpoint.read_meta(ckpt, cfg.s3) if rank == 0 else None), cfg)
+    saved = broadcast(checkpoint.read_meta(ckpt, cfg.s3) if rank == 0 else None)
+    check_resumable(ckpt, saved, cfg)
+    # Always written by raylm, and sealed by the commit marker's digest; a marker from before
+    # digests were recorded does not protect a damaged or edited meta.json (a KeyError here).
+    lost = next((k for k in ("consumed_blocks", "world_size") if k not in saved), None)
+    if lost:
+        raise CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: no {lost!r} field (a damaged or altered "
+                              f"meta.json); resume from an earlier checkpoint by removing this one")
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
     consumed, guards, seconds = meta["consumed_blocks"], meta.get("guards", {}), meta.get("train_seconds", 0.0)
     marker = broadcast(_read_rollback(storage.join(cfg.run_dir, ROLLBACK), cfg.s3) if rank == 0 else None)

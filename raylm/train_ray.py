@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 import warnings
@@ -25,7 +26,7 @@ from raylm.batches import (Batch, RankBatches, concat, manifest_columns, rank_va
                            val_set_rows)
 from raylm.config import Config, from_dict, to_dict
 from raylm.data import IN_MEMORY_BYTES, packed_blocks
-from raylm.errors import DataError
+from raylm.errors import DataError, UserError
 from raylm.objectives import make_objective
 from raylm.train import Hooks, broadcast, rank_world, checkpoint_facts, device_name, fit, reference_model, setup_model
 
@@ -379,6 +380,62 @@ def worker_runtime_env() -> dict | None:
         env = {k: v for k, v in env.items() if started.get(k, "") != v}
     env = {k: v for k, v in env.items() if v or started is not None}
     return {"env_vars": env} if env else None
+
+
+class WorkerDiedError(UserError, RuntimeError):
+    """Training ended because a worker's process died (killed, out of memory, its node lost)
+    after the restarts --max-failures allows: most often the machine's doing, and the same
+    command resumes from the newest complete checkpoint. One line at the CLI, as every UserError;
+    --debug shows Ray's error beneath it."""
+
+
+def raise_if_worker_died(cfg: Config, error: BaseException, max_failures: int) -> None:
+    """Raise WorkerDiedError (from `error`) when `error`, a Ray Train run's failure, is a
+    worker's process dying. Anything else stays as it is: a rank's own exception (raylm's bug
+    keeps its traceback; a user's mistake, its one line) says more than a peer's death."""
+    died = dead_worker(error)
+    if died is None:
+        return
+    try:
+        found = checkpoint.latest_complete(cfg.run_dir, cfg.s3)
+    except UserError:  # storage unreachable just now: the failure is still the news
+        found = "its newest complete checkpoint"
+    restarts = f"after {max_failures} restart{'s' if max_failures != 1 else ''} " if max_failures >= 0 else ""
+    raise WorkerDiedError(f"training failed {restarts}(--max-failures {max_failures}): a worker died ({died}); "
+                          f"the same command resumes from {found or 'the start'}") from error
+
+
+def dead_worker(error: BaseException) -> str | None:
+    """Which rank's process died and Ray's reason, in a few words, where a Ray Train run
+    failed because one did (Ray 2.60: `WorkerGroupError.worker_failures` holds, for that rank,
+    a failed health check whose `health_check_failure` is a `RayActorError`; the other ranks
+    fail meanwhile in a collective their peer left). None otherwise, and where any rank failed
+    with a user's mistake."""
+    from ray.exceptions import RayActorError
+
+    failures = getattr(error, "worker_failures", None)
+    if not isinstance(failures, dict) or any(isinstance(f, UserError) for f in failures.values()):
+        return None
+    for rank in sorted(failures):
+        failure = failures[rank]
+        actor_error = getattr(failure, "health_check_failure", failure)
+        if isinstance(actor_error, RayActorError):
+            return f"rank {rank}{_death_details(str(actor_error), str(failure))}"
+    return None
+
+
+def _death_details(said: str, health_check: str) -> str:
+    """", pid P: <reason>; its log: <path>" from the words of Ray's error and health check."""
+    pid = re.search(r"^\s*pid: (\d+)$", said, re.M)
+    lines = [line.strip() for line in said.splitlines()
+             if line.strip() and not line.startswith("\t") and not line.startswith("The actor died unexpectedly")]
+    reason = " ".join(lines).split(" Some common causes")[0]
+    reason = reason.split("Worker exit detail: ", 1)[-1].removeprefix("The actor is dead because ").strip().rstrip(".")
+    if len(reason) > 240:
+        reason = reason[:240].rsplit(" ", 1)[0] + "..."
+    log_file = re.search(r"log_file_path='([^']+)'", health_check)
+    return ((f", pid {pid[1]}" if pid else "") + (f": {reason}" if reason else "")
+            + (f"; its log: {log_file[1]}" if log_file else ""))
 
 
 # Ray Train's list of the checkpoints reported to it, in the run directory (Ray 2.60's
