@@ -487,9 +487,10 @@ def sample_documents(cfg: Config, limit_bytes: int, files: list | None = None):
 
     A corpus of plain text or JSONL files no larger than `limit_bytes` (their sizes) is read in
     listing order. A larger one, or a compressed or parquet one, is sampled across its files:
-    in an order shuffled by `seed`, each file gives at most an equal share, limit / k for the k = limit / SAMPLE_BYTES_PER_FILE files it
-    takes (all of them where there are fewer), its first documents; what files too short for
-    their share leave is then filled from where each file stopped, in the same order."""
+    in an order shuffled by `seed`, each file gives at most an equal share, limit / k for the
+    k = limit / SAMPLE_BYTES_PER_FILE files it takes (all of them where there are fewer), its
+    first documents; what files too short for their share leave is then filled from where each
+    file stopped, in the same order."""
     files = list(list_corpus(cfg.data.path, cfg.s3) if files is None else files)
     state = {"used": 0, "too_long": 0, "too_short": 0, "bad": []}
 
