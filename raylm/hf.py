@@ -23,6 +23,7 @@ writes JSON and tensors.
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -307,8 +308,17 @@ def model_config_from_hf(config: dict, where: str = HF_CONFIG) -> ModelConfig:
     try:
         cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        # validate's words are the run's settings (model.n_kv_heads); the user edits config.json.
+        msg = re.sub(r"\bmodel\.(\w+)", lambda m: _HF_NAMES.get(m.group(1), m.group(0)), str(e))
+        raise ConfigError(f"{where}: {msg}") from None
     return cfg
+
+
+# ModelConfig field -> the config.json key it is read from (model_config_from_hf).
+_HF_NAMES = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+             "ffn_dim": "intermediate_size", "max_seq_len": "max_position_embeddings",
+             "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps"}
 
 
 def check_hf_shape(config: dict, model: ModelConfig, where: str = HF_CONFIG) -> None:
@@ -475,6 +485,12 @@ def read_hf_weights(uri: str, model: ModelConfig, s3=None, _read=_read_safetenso
                      t, want, "tok_embeddings.weight")
         out["tok_embeddings.weight"] = t.to(torch.float32)
     missing = [k for k in want if k not in out]
+    if "output.weight" in missing:
+        # Most often a tied checkpoint (saved with the embedding alone) under a config.json that
+        # says untied: transformers would start such a head at random.
+        raise ConfigError(f"{uri}: no lm_head.weight, but {HF_CONFIG} has tie_word_embeddings false or absent (a "
+                          f"head of its own); set tie_word_embeddings to true in {HF_CONFIG} if the embedding is "
+                          f"the head")
     if missing:
         raise ConfigError(f"{uri}: no weight for {missing[0]} ({len(missing)} missing)")
     return out
