@@ -2,10 +2,11 @@
 
     read (any of .txt .jsonl .jsonl.gz .parquet in any case, local or s3://)
       -> parse into documents (file and line kept for errors)                raylm.documents
-      -> clean (NFC, control characters, whitespace, length filters) and split train/val
-      -> de-duplicate: exact (content hash) and near (MinHash + LSH), across all files
-                                                                 (here; the hashing: raylm.dedup)
+      -> clean (NFC, control characters, whitespace, length filters)
       -> redact PII (typed placeholders)                                      raylm.pii
+      -> de-duplicate the redacted text: exact (content hash) and near (MinHash + LSH), across
+         all files                                       (here; the hashing: raylm.dedup)
+      -> split train/val (by a hash of the redacted text, or each document's tail)
       -> tokenize (an actor pool; each actor loads the tokenizer once)
       -> pack into blocks of seq_len + 1 tokens, EOS between documents       raylm.packing
          (driver, in order)
@@ -80,7 +81,9 @@ TEXT_ENCODING = 2
 # placeholder) trains whole; its empty tail was a lone EOS in validation, counted as a document.
 # 7: PII: file names shaped like addresses (logo@2x.png, jquery@3.6.0.min.js) and git@host
 # remotes are kept; an address written with a full-width '＠' is redacted.
-CLEANING = 7
+# 8: de-duplication and the split by document hash the redacted text: documents that differ
+# only in their PII are duplicates, and one text on one side of the split.
+CLEANING = 8
 
 
 from raylm.errors import DataError  # noqa: E402,F401  (defined with raylm's other error types)
@@ -460,7 +463,9 @@ def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileI
     Hashing and MinHash run in parallel tasks; buckets are formed by a Ray Data groupby over
     the whole corpus (across all shards), or on the driver for small corpora; only the edges
     between duplicates reach the union-find, which joins them into clusters and keeps each
-    cluster's first document. `in_process`: the same stages on threads here (`runs_in_process`).
+    cluster's first document. Documents are hashed as they are trained on, redacted
+    (data.redact_pii): copies that differ only in an address or a number are duplicates.
+    `in_process`: the same stages on threads here (`runs_in_process`).
     `log`: where the hashing pass's progress goes, where the keys stream through this process."""
     import ray
 
@@ -468,17 +473,19 @@ def find_duplicates(files: list[storage.FileInfo], val_files: list[storage.FileI
     watch = (lambda keys: watched(keys, files + val_files, "data: hashing for de-duplication", log)) if log \
         else (lambda keys: keys)
     if in_process:
-        clean = _clean_file(files, val_files, cfg, s3)
+        clean = _clean_file(files, val_files, cfg, s3, redact=cfg.redact_pii)
         edges = _edges_on_driver(watch(_ordered_map(lambda f: bucket_keys(clean(f), **hashing), files + val_files,
                                                     _threads(cfg))), cfg.near_dup_threshold)
     elif sum(f.size for f in files + val_files) < SMALL_CORPUS_BYTES:
-        keys = _cleaned_documents(files, val_files, cfg, s3).map_batches(bucket_keys, fn_kwargs=hashing)
+        keys = _cleaned_documents(files, val_files, cfg, s3, redact=cfg.redact_pii).map_batches(
+            bucket_keys, fn_kwargs=hashing)
         edges = _edges_on_driver(watch(keys.iter_batches(batch_format="numpy", batch_size=None)),
                                  cfg.near_dup_threshold)
     else:
         # One partition per CPU: Ray Data's default (200) is sized for clusters, not a laptop.
         partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        keys = _cleaned_documents(files, val_files, cfg, s3).map_batches(bucket_keys, fn_kwargs=hashing)
+        keys = _cleaned_documents(files, val_files, cfg, s3, redact=cfg.redact_pii).map_batches(
+            bucket_keys, fn_kwargs=hashing)
         edges = keys.groupby("key", num_partitions=partitions).map_groups(
             bucket_edges, batch_format="numpy", fn_kwargs={"threshold": cfg.near_dup_threshold}
         ).iter_batches(batch_format="numpy", batch_size=None)
@@ -625,19 +632,21 @@ def corpus_files(cfg: DataConfig, s3) -> tuple[list[storage.FileInfo], list[stor
     return files, val_files
 
 
-def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log, in_process: bool = False) -> dict:
-    """The first pass: (file, line) -> verdict for every document de-duplication drops.
-    It reads every record, so bad ones past data.max_bad_records stop the run here, before
-    any tokenizing (and, with data.mode=stream, before training starts)."""
+def _duplicates(files, val_files, cfg: DataConfig, s3, stats: PrepareStats, log,
+                in_process: bool = False) -> tuple[dict, list[str]]:
+    """The first pass: (file, line) -> verdict for every document de-duplication drops, and
+    the bad records it read, in corpus order. It reads every record, so bad ones past
+    data.max_bad_records stop the run here, before any tokenizing (and, with
+    data.mode=stream, before training starts)."""
     if cfg.dedup == "none":
-        return {}
+        return {}, []
     t0 = time.time()
     log(f"data: finding {cfg.dedup} duplicates across {len(files) + len(val_files)} files")
     drop, bad = find_duplicates(files, val_files, cfg, s3, in_process, log=log)
     check_error_budget(bad, cfg)
     stats.dedup_seconds = round(time.time() - t0, 2)
     log(f"data: {len(drop)} duplicate documents found in {stats.dedup_seconds:.1f}s")
-    return drop
+    return drop, bad
 
 
 def _say_tail_split(cfg: DataConfig, files, val_files, log) -> None:
@@ -679,7 +688,7 @@ def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None =
     `corpus_files` listed them already."""
     files, val_files = corpus or corpus_files(cfg, s3)
     _say_tail_split(cfg, files, val_files, log)
-    drop = _duplicates(files, val_files, cfg, s3, PrepareStats(), log)
+    drop, bad = _duplicates(files, val_files, cfg, s3, PrepareStats(), log)
     datasets = {"train": _document_stream(files, val_files, cfg, tokenizer, s3, readers, drop, read=files),
                 "val": _document_stream(files, val_files, cfg, tokenizer, s3, readers, drop,
                                         read=val_files or files)}
@@ -689,9 +698,20 @@ def stream_datasets(cfg: DataConfig, tokenizer, seed: int, s3: S3Config | None =
         "seed": seed, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer.sha256,
         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
         "sources": source_rows(files), "val_sources": source_rows(val_files), "files": [f.uri for f in files + val_files],
-        "duplicates_dropped": len(drop),
+        "dedup": cfg.dedup, "duplicates_dropped": len(drop), "bad_records": bad,
     }
-    log(f"data: streaming {len(files) + len(val_files)} files straight into training (data.mode=stream)")
+    # No data card and no summary line come after: what the stream skips is said here, once.
+    for b in bad[:10]:
+        log(f"data: skipped bad record: {b}")
+    if len(bad) > 10:
+        log(f"data: ... and {len(bad) - 10} more bad records")
+    if cfg.dedup == "none" and cfg.max_bad_records:
+        log(f"data: data.dedup=none: no first pass reads the corpus, so the training workers skip bad records "
+            f"(up to data.max_bad_records={cfg.max_bad_records}) without listing them")
+    first = (f"de-duplication {cfg.dedup}, {_count(len(drop), 'duplicate')} and {_count(len(bad), 'bad record')} "
+             f"skipped" if cfg.dedup != "none" else "no de-duplication")
+    log(f"data: streaming {len(files) + len(val_files)} files straight into training (data.mode=stream: {first}; "
+        f"no data card, so documents dropped by the length filters and PII replaced go uncounted)")
     return datasets, manifest
 
 
@@ -726,7 +746,7 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
 
         # determinism: blocks are a function of the corpus
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-    drop = _duplicates(files, val_files, cfg, s3, stats, log, in_process)
+    drop, _ = _duplicates(files, val_files, cfg, s3, stats, log, in_process)  # the second pass counts the bad ones
     writers = {s: ShardWriter(attempt, s, block_len, cfg.blocks_per_shard, s3) for s in ("train", "val")}
     if in_process:
         batches = _document_batches_in_process(files, val_files, cfg, tokenizer, s3, drop)

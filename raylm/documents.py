@@ -4,8 +4,8 @@
       -> documents, each with its line (a .txt file is one document; a bad record is kept
          as a DataError naming its file and line, for the error budget)
       -> clean_text (NFC, control characters, whitespace) and length filters
-      -> split whole documents by a stable hash of their text, then PII redaction (raylm.pii);
-         or PII redaction, then the split of each document's tail (so no cut splits an e-mail)
+      -> PII redaction (raylm.pii), then the split: whole documents by a stable hash of their
+         redacted text, or each document's tail (so no cut splits an e-mail)
 
 `parse_and_clean` is that chain as one Ray Data stage; raylm.data runs it over a corpus, in
 Ray Data or on threads here, and tokenizes and packs what it yields. No `ray` here.
@@ -314,15 +314,17 @@ def parse_and_clean(batch: dict, cfg: DataConfig, order: dict | None = None, val
                     dropped = "too_long"
                 elif drop and (file, line) in drop:
                     dropped = drop[(file, line)]
-            # With an explicit validation corpus (val_files), no training document is diverted.
-            # The split by document is decided on the text before redaction, so PII settings
-            # do not move it.
-            val = force_val or (not val_files and not dropped and bool(text)
-                                and stable_fraction(text) < cfg.val_fraction)
             if dropped:
                 text = ""
             elif text and redact:
                 text, found = redact_pii(text, redact)
+            # With an explicit validation corpus (val_files), no training document is diverted.
+            # The split by document hashes the redacted text, the text trained on: documents that
+            # differ only in an address or a number are one text then, and land on one side (as
+            # de-duplication, which hashes redacted text too, keeps one of them); hashed before
+            # redaction, copies of one notice trained and were scored in validation.
+            val = force_val or (not val_files and not dropped and bool(text)
+                                and stable_fraction(text) < cfg.val_fraction)
             pii = {f"pii_{t}": found.get(t, 0) for t in redact}
             if tail and not force_val and text and not dropped:
                 head, rest = tail_split(text, cfg.val_fraction)
