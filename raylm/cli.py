@@ -58,7 +58,10 @@ def _config(args, base: dict | None = None, given: dict | None = None, stage: st
     if getattr(args, "data", None):
         # A (key, value) pair is never parsed as YAML: `*.jsonl`, `a: b.txt` or `true` stay paths.
         overrides.append(("data.path", args.data))
-    return load_config(args.config, overrides, base=base)
+    cfg = load_config(args.config, overrides, base=base)
+    if stage and cfg.stage != stage:  # else found only after the tokenizer, the data and record.json
+        raise ConfigError(f"stage={cfg.stage}: `raylm {args.command}` trains a {stage} run; use `raylm {cfg.stage}`")
+    return cfg
 
 
 def _merge_dicts(a: dict, b: dict) -> dict:
@@ -111,7 +114,9 @@ def cmd_quickstart(args) -> None:
     from raylm.posttrain import quickstart_sft
 
     t0 = time.time()
-    cfg = _config(args)
+    # Its run is a pre-training one: a record of an SFT or DPO run is refused here, as by
+    # `raylm pretrain --from-record` (it ran as pre-training with the stage's settings).
+    cfg = _config(args, stage="pretrain")
     summary = pretrain(cfg, resume="auto")  # its numbers are in the run's summary.json too
     sft = served = None
     if not args.no_sft:

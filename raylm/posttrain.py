@@ -385,7 +385,8 @@ def quickstart_sft(base: Config, steps: int = 200, log_chat=print) -> dict:
     train_records = storage.join(records, f"{QUICKSTART_TASK}.train.messages.jsonl")
     cfg = dataclasses.replace(
         base, name=f"{base.name}-sft", stage="sft", init_from=base.run_dir,
-        data=dataclasses.replace(base.data, path=train_records, val_fraction=0.05),
+        # The corpus's data.val_path (pre-training's held-out text) is no records file: SFT holds out its own.
+        data=dataclasses.replace(base.data, path=train_records, val_path="", val_fraction=0.05),
         train=dataclasses.replace(base.train, lr=1e-3, max_steps=steps, warmup_steps=10, eval_every=100,
                                   ckpt_every=steps, time_budget_s=0.0))
     summary = posttrain(cfg.validate())
