@@ -71,6 +71,9 @@ def main() -> dict:
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="")
     args = p.parse_args()
+    if len(set(args.lrs)) != len(args.lrs) or list(args.lrs) != sorted(args.lrs):
+        # Each rate is a key of val_loss_by_lr and a point of one line across the grid.
+        p.error(f"--lrs {' '.join(map(str, args.lrs))}: give distinct rates in ascending order")
     torch.set_num_threads(args.threads)
     vocab = 256 if args.corpus == "builtin" else args.vocab
     cfg = SweepConfig(widths=tuple(args.widths), lrs=tuple(args.lrs), vocab_size=vocab, head_dim=args.head_dim,
@@ -93,7 +96,7 @@ def main() -> dict:
         rows.append({"parametrisation": names[scaling], "width": width,
                      "best_lr": args.lrs[best], "best_val_loss": round(losses[best], 4),
                      "fitted_best_log2_lr": round(best_log2_lr(args.lrs, losses), 2),
-                     "val_loss_by_lr": {f"{lr:.3g}": round(v, 4) for lr, v in zip(args.lrs, losses)}})
+                     "val_loss_by_lr": {f"{lr:.6g}": round(v, 4) for lr, v in zip(args.lrs, losses)}})
     shift, fitted = {}, {}
     for name in ("standard", "muP"):
         narrow, wide = [r for r in rows if r["parametrisation"] == name]
