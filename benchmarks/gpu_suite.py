@@ -120,7 +120,7 @@ def main() -> int:
     out_dir = Path(args.out_dir)
     failed = []
     if not args.table_only and not args.skip_tests:
-        print("$ " + " ".join(TESTS[1:]), file=sys.stderr, flush=True)
+        print("$ python " + " ".join(TESTS[1:]), file=sys.stderr, flush=True)
         if not args.dry_run and subprocess.run(TESTS, cwd=HERE.parent, stdout=sys.stderr).returncode != 0:
             failed.append("tests/gpu")
             print("gpu_suite: the GPU test tier failed (its output is above); running the benchmarks anyway",
@@ -128,7 +128,7 @@ def main() -> int:
     if not args.table_only:
         for name in names:
             cmd = command(name, out_dir / f"{slug}-{name}.json")
-            print("$ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+            print("$ python " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
             if not args.dry_run and subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
                 failed.append(name)
                 print(f"gpu_suite: {name} failed (its output is above)", file=sys.stderr)
