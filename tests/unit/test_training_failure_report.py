@@ -6,7 +6,7 @@
   - a checkpoint whose meta.json lacks a field that resuming reads, behind a commit marker
     without digests (older raylm), is refused in one line naming the file and the field.
 The exceptions are Ray 2.60's own types, built as its Train controller builds them; the
-integration twin (tests/integration/test_training_failure_report.py) gets them from a real
+integration twin (tests/integration/test_killed_worker_report.py) gets them from a real
 worker killed mid-run."""
 
 from __future__ import annotations
