@@ -19,6 +19,7 @@ from raylm.config import ModelConfig
 from raylm.model import build_model
 from raylm.objectives import DPOObjective, NextTokenObjective, SFTObjective
 from raylm.train import train_step
+from tests.unit.gloo_ranks import run_ranks
 
 CPU = torch.device("cpu")
 VOCAB, EOS, PAD = 64, 3, 0
@@ -128,17 +129,8 @@ def test_two_fsdp_ranks_step_on_the_mean_over_every_target_token(tmp_path):
     counts differ widely: the step's loss and the updated weights equal one process's step on
     the whole batch at once, the mean over all its target tokens (SFT, plain and chunked, and
     pre-training with document masking)."""
-    ctx = torch.multiprocessing.get_context("spawn")
     out = str(tmp_path / "out")
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "store"), out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_ranks(_rank_main, lambda r: (r, 2, str(tmp_path / "store"), out))
     got = torch.load(out)
     for name, (rows, objective) in CASES.items():
         batch = rows()

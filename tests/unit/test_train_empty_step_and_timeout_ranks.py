@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.config import ModelConfig
+from tests.unit.gloo_ranks import run_ranks
 
 CPU = torch.device("cpu")
 VOCAB = 64
@@ -99,17 +100,8 @@ def _rank_main(rank: int, store_path: str, root: str, out_path: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_two_ranks_take_the_same_branch_for_empty_steps_and_the_timeout(tmp_path):
-    ctx = torch.multiprocessing.get_context("spawn")
     out = str(tmp_path / "out")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(tmp_path / "store"), str(tmp_path), out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_ranks(_rank_main, lambda r: (r, str(tmp_path / "store"), str(tmp_path), out))
     got = [torch.load(f"{out}.{r}") for r in range(2)]
     # the global count (16 assistant tokens of rank 1) decides: both step, then both skip
     assert got[0]["empty"] == got[1]["empty"] == [(False, 16, True), (True, 0, False)]

@@ -20,6 +20,7 @@ from raylm.config import ModelConfig, TrainConfig
 from raylm.model import build_model
 from raylm.objectives import DPOObjective, NextTokenObjective, SFTObjective, reference_logprobs
 from raylm.train import evaluate, evaluate_metrics
+from tests.unit.gloo_ranks import run_ranks
 
 CPU = torch.device("cpu")
 VOCAB, T = 64, 9
@@ -200,17 +201,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     of 1 is an uneven split (one rank runs a padding pass); 1 row leaves rank 1 only a
     padding pass. A rank that skipped a forward pass would hang the other until the group's
     timeout, and fail."""
-    ctx = torch.multiprocessing.get_context("spawn")
     out = str(tmp_path / "out")
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "store"), out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_ranks(_rank_main, lambda r: (r, 2, str(tmp_path / "store"), out))
     got = [torch.load(f"{out}.{r}") for r in range(2)]
     assert got[0] == got[1]  # every rank has the reduced figures
     model, reference = build_model(CFG, seed=0).eval(), build_model(CFG, seed=1).eval()
