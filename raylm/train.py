@@ -839,15 +839,19 @@ def check_resumable(ckpt: str, meta: dict, cfg: Config, facts: dict | None = Non
     if bad is None:
         return
     setting, then, current = bad
+    why = ""
     if setting in ("tokenizer_sha256", "data_key"):  # a hash alone says little: its path too
         section = setting.split("_")[0]
-        then = f"{then[:16]} ({section}.path={(saved.get(section) or {}).get('path')})"
-        current = f"{current[:16]} ({section}.path={now[section]['path']})"
+        then_path, now_path = (saved.get(section) or {}).get("path"), now[section]["path"]
+        then, current = f"{then[:16]} ({section}.path={then_path})", f"{current[:16]} ({section}.path={now_path})"
+        if setting == "data_key" and then_path == now_path:  # the same path: what else the key covers
+            why = (" (the dataset key also covers the files' sizes and dates or ETags, the data.* settings and "
+                   "raylm's cleaning rules, data.CLEANING, which an upgrade may change)")
     # Starting from these weights suits a new seed or new data; a DPO run's init_from is also
     # its reference, so it is not offered there.
     fresh = (f" (with init_from={cfg.run_dir} to start from its weights)"
              if setting in ("seed", "data_key") and cfg.stage != "dpo" else "")
-    raise ConfigError(f"{ckpt}: written with {setting}={then}, now {current}; resuming needs the same model, "
+    raise ConfigError(f"{ckpt}: written with {setting}={then}, now {current}{why}; resuming needs the same model, "
                       f"tokenizer, data, seed and global batch: set it back, or start a new run under another "
                       f"name={fresh}")
 

@@ -66,6 +66,9 @@ def test_other_data_is_refused_naming_both_keys(tmp_path, first):
     msg = str(e.value)
     assert f"{first}: written with data_key={'a' * 16} (data.path=" in msg, msg
     assert f", now {'b' * 16} (data.path=" in msg and "init_from=" in msg, msg
+    # The same data.path on both sides: the message says what else the key covers (an upgrade's
+    # data.CLEANING, say), where it read as a refusal of nothing that changed.
+    assert "data.CLEANING" in msg, msg
     untouched(tmp_path)
 
 
