@@ -119,7 +119,7 @@ class Guard:
             # connection: close, as the rest of the body may still come and is no next request.
             return await _send_json(send, 408, P.error_body(
                 f"the request body did not arrive within this server's limit of {self.timeout:g} s",
-                "timeout", None, "timeout"), {"connection": "close"})
+                "timeout", None, "timeout"), {"connection": "close", "x-should-retry": "false"})
         if body is None:  # the client left
             return
         replayed = False

@@ -51,6 +51,7 @@ def test_a_body_that_stops_arriving_is_a_408_within_the_request_timeout():
     assert err["error"]["type"] == "timeout" and err["error"]["code"] == "timeout"
     assert set(err["error"]) == {"message", "type", "param", "code"}
     assert headers.get("connection") == "close"  # the rest of the body is no next request
+    assert headers.get("x-should-retry") == "false"  # as a request past the limit: a retry takes the slot again
     assert len(reads) == 2  # it did wait for more
 
 
