@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from datetime import timedelta
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 
 def run_ranks(target: Callable, args_of: Callable[[int], tuple], n: int = 2, timeout_s: float = 240) -> None:
@@ -20,3 +23,17 @@ def run_ranks(target: Callable, args_of: Callable[[int], tuple], n: int = 2, tim
         if p.is_alive():
             p.kill()
     assert [p.exitcode for p in procs] == [0] * n
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, store_path: str, timeout_s: float = 60) -> Iterator[None]:
+    """In a spawned rank: one torch thread and a gloo group over a file store, destroyed on
+    exit. `timeout_s`: a rank left waiting in a collective fails after it, not after torch's
+    30 minutes."""
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -8,18 +8,16 @@ and accuracy with the right signs."""
 from __future__ import annotations
 
 import copy
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from raylm.config import ModelConfig
 from raylm.model import build_model
 from raylm.objectives import DPOObjective, NextTokenObjective, SFTObjective
 from raylm.train import train_step
-from tests.unit.gloo_ranks import run_ranks
+from tests.unit.gloo_ranks import gloo_group, run_ranks
 
 CPU = torch.device("cpu")
 VOCAB, EOS, PAD = 64, 3, 0
@@ -104,10 +102,7 @@ def _one_step(model, micro_batches, objective):
 def _rank_main(rank: int, world: int, store_path: str, out_path: str) -> None:
     from raylm.parallel import build_parallel_model, is_sharded
 
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, store_path):
         out = {}
         for name, (rows, objective) in CASES.items():
             model = build_parallel_model(CFG, CPU, "fp32", seed=0)
@@ -119,8 +114,6 @@ def _rank_main(rank: int, world: int, store_path: str, out_path: str) -> None:
             out[name] = (stats.loss, stats.count, weights)
         if rank == 0:
             torch.save(out, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(300)

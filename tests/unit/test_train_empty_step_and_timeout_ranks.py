@@ -8,15 +8,13 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from raylm.config import ModelConfig
-from tests.unit.gloo_ranks import run_ranks
+from tests.unit.gloo_ranks import gloo_group, run_ranks
 
 CPU = torch.device("cpu")
 VOCAB = 64
@@ -86,16 +84,10 @@ def _timeout(rank: int, root: str) -> str:
 
 
 def _rank_main(rank: int, store_path: str, root: str, out_path: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, 2)
-    # A rank left waiting in a collective fails after this, not after Ray's 30 minutes.
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=30))
-    try:
+    with gloo_group(rank, 2, store_path, timeout_s=30):
         out = {"empty": _empty_steps(rank)}
         out["timeout"] = _timeout(rank, root)
         torch.save(out, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(300)

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from raylm.batches import rank_val_batches
 from raylm.config import ModelConfig, TrainConfig
 from raylm.model import build_model
 from raylm.objectives import DPOObjective, NextTokenObjective, SFTObjective, reference_logprobs
 from raylm.train import evaluate, evaluate_metrics
-from tests.unit.gloo_ranks import run_ranks
+from tests.unit.gloo_ranks import gloo_group, run_ranks
 
 CPU = torch.device("cpu")
 VOCAB, T = 64, 9
@@ -174,10 +172,7 @@ CASES = ((45, 4), (45, 1), (1, 16))  # (validation rows, micro-batch size)
 def _rank_main(rank: int, world: int, store_path: str, out_path: str) -> None:
     from raylm.parallel import build_parallel_model, is_sharded
 
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, store_path):
         out = {}
         model = build_parallel_model(CFG, CPU, "fp32", seed=0).eval()
         reference = build_parallel_model(CFG, CPU, "fp32", seed=1).eval()
@@ -190,8 +185,6 @@ def _rank_main(rank: int, world: int, store_path: str, out_path: str) -> None:
                 out[n_rows, micro, stage] = (*evaluate(model, objective, batches),
                                              evaluate_metrics(model, objective, batches) if stage == "dpo" else {})
         torch.save(out, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(300)
