@@ -10,24 +10,15 @@ import os
 import signal
 
 import pytest
-import torch
 
 from raylm.config import ServeConfig
-from raylm.serve.engine import Engine, EngineClosed, SamplingParams, SlotCache
+from raylm.serve.engine import EngineClosed, SamplingParams, SlotCache
+from tests.unit.test_engine_failures import engine  # noqa: F401  (a fixture: a real engine on the tiny run)
 
 # The replicas made here without Serve are dropped unawaited: their ingress wrapper's async __del__.
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine .*__del__' was never awaited:RuntimeWarning")
 
 
-@pytest.fixture
-def engine(tiny_run):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    eng = Engine.from_run(tiny_run, max_batch_size=4)
-    yield eng
-    if eng.alive():
-        asyncio.run(eng.close())
-    torch.set_num_threads(n)
 
 
 def replica(run: str, engine):
@@ -74,7 +65,7 @@ def kill_engine_thread(eng, monkeypatch) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_probes_report_a_replica_whose_engine_thread_died(tiny_run, engine, monkeypatch):
+def test_probes_report_a_replica_whose_engine_thread_died(tiny_run, engine, monkeypatch):  # noqa: F811
     cls, self = replica(tiny_run, engine)
     assert status_of(asyncio.run(cls.ready(self))) == 200
     assert status_of(asyncio.run(cls.health(self))) == 200
@@ -100,7 +91,7 @@ def test_probes_report_a_replica_whose_engine_process_died(tiny_run):
     ep._conn.close()
 
 
-def test_a_draining_replica_is_alive_but_not_ready(tiny_run, engine):
+def test_a_draining_replica_is_alive_but_not_ready(tiny_run, engine):  # noqa: F811
     """Graceful shutdown: not ready from its start, while in-flight requests finish; alive
     throughout, the engine thread's end included (it ends because the replica closed it)."""
     cls, self = replica(tiny_run, engine)
