@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ from raylm.model import Transformer, build_model  # noqa: E402
 from raylm.tokenizer import train_tokenizer  # noqa: E402
 from tests.unit.test_export_gguf import TEXTS  # noqa: E402
 from tests.unit.test_export_hf import unit_scale_model  # noqa: E402
-from tests.weights import redraw_at_unit_scale  # noqa: E402
+from tests.unit.test_hf_read_agrees_with_transformers import SHAPE, _copy, tied, untied  # noqa: E402,F401 (fixtures)
 
 Q = gguf.GGMLQuantizationType
 
@@ -100,34 +98,6 @@ def test_transformers_reads_every_gguf_dtype_as_raylms_model(tok, tmp_path, dtyp
 
 
 # --------------------------------------------------------------------------- --init-from-hf
-
-SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
-
-
-def _save(d: Path, tied: bool) -> Path:
-    config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=tied, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    redraw_at_unit_scale(transformers.LlamaForCausalLM(config).float(), seed=1).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory) -> Path:
-    return _save(tmp_path_factory.mktemp("untied") / "hf", tied=False)
-
-
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory) -> Path:
-    return _save(tmp_path_factory.mktemp("tied") / "hf", tied=True)
-
-
-def _copy(src: Path, dst: Path, **config_patch) -> Path:
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps({**config, **config_patch}))
-    return dst
-
 
 def _read(d: Path):
     where = str(d / "config.json")
