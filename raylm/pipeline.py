@@ -754,15 +754,20 @@ def check_resume_before_record(cfg: Config, resume: str, manifest: dict | None) 
 
 
 SUMMARY = "summary.json"
+# What `finish_report` writes at the end of a run, from the finished run's metrics and model.
+LOSS_PLOT, SAMPLES = "loss.png", "samples.txt"
 
 
 def forget_summary(cfg: Config) -> None:
-    """Remove the run's summary.json before training changes the run again. It describes a
-    finished run: a continuation (a larger train.max_steps) that then failed left the old one
-    saying the run had finished at the old step. One deletion, so a reader sees the old
-    summary or none, and none means not finished; `write_summary` writes the new one once
-    training and its report are done."""
-    storage.delete(storage.join(cfg.run_dir, SUMMARY), cfg.s3)
+    """Remove the run's summary.json, and the loss plot and samples written with it at the end
+    of a run, before training changes the run again. They describe a finished run: a
+    continuation (a larger train.max_steps) that then failed left the old ones saying the run
+    had finished at the old step, with the old model's samples. The summary goes first, so a
+    reader sees the old summary or none, and none means not finished; `finish_report` and
+    `write_summary` write the new ones once training and its report are done (the samples
+    only where asked for)."""
+    for name in (SUMMARY, LOSS_PLOT, SAMPLES):
+        storage.delete(storage.join(cfg.run_dir, name), cfg.s3)
 
 
 def write_summary(cfg: Config, summary: dict) -> str:
@@ -832,7 +837,7 @@ def finish_report(cfg: Config, samples: bool = True) -> dict:
     if val:
         summary.update(val_loss=val[-1]["val_loss"], val_ppl=val[-1]["val_ppl"])
         log(f"done: step {summary['steps']}, val loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.2f}")
-    png = storage.join(cfg.run_dir, "loss.png")
+    png = storage.join(cfg.run_dir, LOSS_PLOT)
     plot_loss_curve(rows, png, cfg.s3)
     summary["loss_plot"] = png
     if samples:
@@ -840,7 +845,7 @@ def finish_report(cfg: Config, samples: bool = True) -> dict:
         sc = cfg.sample
         texts = complete(model, tok, list(sc.prompts), sc.max_new_tokens, sc.temperature, sc.top_k, cfg.seed)
         body = "\n\n".join(f"--- prompt {p!r}\n{t}" for p, t in zip(sc.prompts, texts))
-        storage.write_text(storage.join(cfg.run_dir, "samples.txt"), body + "\n", cfg.s3)
+        storage.write_text(storage.join(cfg.run_dir, SAMPLES), body + "\n", cfg.s3)
         log("samples:\n" + body)
         summary["samples"] = texts
     return summary

@@ -87,6 +87,18 @@ def add_training_hardware(run_dir: str, training: dict, s3: S3Config | None = No
     storage.write_text(uri, json.dumps(record, indent=1), s3)
 
 
+def bad_records(manifest: dict) -> list[str] | None:
+    """The bad records the run's data skipped (file, line, error; corpus order), as its manifest
+    lists them: a prepared dataset's under "stats" (its data card's list too), a stream's at the
+    top. A stream keeps no other copy: its log said them once, and the record is what stays.
+    None where they were not listed: a stream without de-duplication (data.dedup=none) has no
+    first pass to list them, and its training workers skip them uncounted here."""
+    if manifest.get("mode") == "stream":
+        return None if manifest.get("dedup") == "none" else list(manifest.get("bad_records", []))
+    listed = (manifest.get("stats") or {}).get("bad_records")
+    return list(listed) if listed is not None else None
+
+
 def write_record(cfg: Config, stage: str, tokenizer=None, manifest: dict | None = None,
                  extra: dict | None = None) -> str:
     record = {
@@ -102,7 +114,8 @@ def write_record(cfg: Config, stage: str, tokenizer=None, manifest: dict | None 
                  "val_sources": manifest["val_sources"],
                  # A stream's block counts are known only once it has been read through.
                  "train_blocks": manifest.get("train", {}).get("blocks"),
-                 "val_blocks": manifest.get("val", {}).get("blocks")}
+                 "val_blocks": manifest.get("val", {}).get("blocks"),
+                 "bad_records": bad_records(manifest)}
         if manifest else None,
         # "training" stays null until the training workers have started (`add_training_hardware`).
         "hardware": {"driver": hardware(), "training": None},

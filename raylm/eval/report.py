@@ -435,6 +435,16 @@ def _check_replaceable(png_uri: str, s3: S3Config | None) -> None:
                           f"move it away or pass another --out (nothing was written)")
 
 
+def _other_event_files(tensorboard: str, files: dict[str, bytes], s3: S3Config | None) -> list[str]:
+    """The event files (EVENT_FILE, raylm's own name) under `tensorboard` that `files` does not
+    write: an earlier report's, of runs this one leaves out. Other files there are not raylm's."""
+    if not storage.exists(tensorboard, s3):
+        return []
+    new = {storage.relative(uri, tensorboard) for uri in files if uri.endswith("/" + EVENT_FILE)}
+    return [f.uri for f in storage.list_files(tensorboard, s3, pattern=False)
+            if f.uri.endswith("/" + EVENT_FILE) and storage.relative(f.uri, tensorboard) not in new]
+
+
 def write_report(runs: list[str], out: str | None = None, s3: S3Config | None = None,
                  tensorboard: bool = True) -> dict:
     """Draw `runs` (local or s3://) into `<out>/report.png` and write one TensorBoard run per
@@ -442,7 +452,9 @@ def write_report(runs: list[str], out: str | None = None, s3: S3Config | None = 
     several runs need it. Every input is read and every file rendered before the first is
     written, and each file is written atomically. A report.png already in `out` is replaced
     only when raylm report drew it (or `out` is the default `<run>/report`, raylm's own);
-    otherwise nothing is written (the event files' names, EVENT_FILE, are raylm's own). The
+    otherwise nothing is written (the event files' names, EVENT_FILE, are raylm's own). An
+    earlier report's event files of runs this one leaves out (all, without `tensorboard`) are
+    removed: `tensorboard --logdir <out>/tensorboard` shows this report's runs only. The
     summary's `skipped` says, per run, what the plot left out or broke its line at (a cut last
     line, null or non-finite values, a step logged twice)."""
     if not runs:
@@ -462,6 +474,11 @@ def write_report(runs: list[str], out: str | None = None, s3: S3Config | None = 
             files[storage.join(out, "tensorboard", run.label, EVENT_FILE)] = tensorboard_events(run)
     png_uri = storage.join(out, "report.png")
     files[png_uri] = png  # last: its presence means the report is complete
+    # An earlier report's report.png goes first (so a redraw cut short leaves none, not the old
+    # one beside new event files), and so do its event files that this report does not replace:
+    # runs no longer in it, or all of them without tensorboard (TensorBoard showed them as its own).
+    for uri in [png_uri, *_other_event_files(storage.join(out, "tensorboard"), files, s3)]:
+        storage.delete(uri, s3)
     for uri, data in files.items():
         storage.write_bytes(uri, data, s3)
     return {"png": png_uri, "panels": panel_names(loaded),
