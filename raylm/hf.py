@@ -223,9 +223,13 @@ def read_hf_config(uri: str, s3=None) -> dict:
         method = quant.get("quant_method") if isinstance(quant, dict) else quant
         raise ConfigError(f"{path}: quantization_config (quant_method={json.dumps(method)}); raylm reads "
                           f"unquantized weights only: start from the unquantized checkpoint")
-    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if config.get(key, want) != want:
-            raise ConfigError(f"{path}: {key}={config[key]!r}; raylm's decoder has {key}={want!r}")
+    # transformers' ACT2FN maps "swish" to SiLU too (torch.nn.SiLU): the same function.
+    for key, want, also in (("hidden_act", "silu", ("swish",)), ("attention_bias", False, ()),
+                            ("mlp_bias", False, ())):
+        value = config.get(key, want)
+        if value != want and not (isinstance(value, str) and value in also):
+            alias = "".join(f" (or {a!r}, the same function)" for a in also)
+            raise ConfigError(f"{path}: {key}={value!r}; raylm's decoder has {key}={want!r}{alias}")
     for key in ("rope_scaling", "rope_parameters"):  # either may carry the RoPE type; both must be plain
         scaling = config.get(key)
         if scaling is None:

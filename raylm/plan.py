@@ -15,7 +15,8 @@ batch, LR      GPT-3's table (Brown et al. 2020, table 2.1): 0.5M tokens a step 
                sequence a device forces more (`_fit`); a note says when it is 10% off.
 warmup         GPT-3's 375M tokens, at least 1% of the steps and 30 steps, at most 10%.
 memory         per device, under raylm's FSDP2 sharding over S devices (see `memory_per_device`):
-               all of them, or under HSDP (train.replicate_degree=R) the devices / R of one replica.
+               all of them, or under HSDP (train.replicate_degree=R) the devices / R of one replica;
+               train.float8 alike (`memory_for_config` says why).
 time           6N + 12LdT FLOPs per token (raylm.metrics.flops_per_token) over devices x peak x
                MFU; with activation checkpointing and the default MFU, plus one more forward
                of the blocks but their last matmul (`recompute_factor`, x 1.20-1.26), which a
@@ -55,10 +56,13 @@ SIZES = {"tiny": "tiny", "124m": "gpt2-124m", "125m": "gpt2-124m", "gpt2-124m": 
 DEVICES: dict[str, tuple[int, str]] = {
     "H200": (143771, "H200"), "GH200": (97871, "GH200"), "H100": (81559, "H100"),
     "H100 SXM": (81559, "H100"), "H100 PCIe": (81559, "H100 PCIe"), "B200": (183359, "B200"),
-    "A100": (81920, "A100"), "A100-80GB": (81920, "A100"), "A100-40GB": (40960, "A100"),
+    "A100-80GB": (81920, "A100"), "A100-40GB": (40960, "A100"),
     "L40S": (46068, "L40S"), "A10G": (23028, "A10G"), "L4": (23034, "L4"),
     "RTX 4090": (24564, "RTX 4090"), "A6000": (49140, "A6000"),
 }
+# Names of a device sold with more than one memory size, planned as the smallest: what fits
+# it fits the others, and the plan's note names the larger one to ask for instead.
+DEVICE_ALIASES = {"A100": ("A100-40GB", "A100-80GB")}
 MiB = 1024**2
 # A CPU worker: one core's AVX2 fp32 peak (2 FMA units x 8 lanes x 2 FLOPs x 3 GHz) and a
 # laptop-sized share of host memory (--memory-gb changes it).
@@ -107,6 +111,7 @@ class Hardware:
     memory: float  # bytes per device
     peak: float  # FLOP/s per device
     kind: str  # "gpu" or "cpu"
+    note: str = ""  # what the plan assumed of the name given (DEVICE_ALIASES)
 
     @property
     def devices(self) -> int:
@@ -179,13 +184,22 @@ def parse_hardware(gpus: str, nodes: int = 1, memory_gb: float | None = None) ->
         memory = (memory_gb or CPU_MEMORY_GIB) * GiB
         return Hardware("CPU", per_node, nodes, memory, CPU_PEAK_FLOPS, "cpu")
     key = _device_key(name)
+    note = ""
+    alias = next((a for a in DEVICE_ALIASES if _device_key(a) == key), None)
+    if alias is not None:
+        smallest, larger = DEVICE_ALIASES[alias]
+        key = _device_key(smallest)
+        if not memory_gb:
+            note = (f"{alias} taken as the {smallest}, the smaller of the two, as what fits it fits the "
+                    f"other; --gpus {per_node}x{larger} plans for the {larger}")
     device = next((d for d in DEVICES if _device_key(d) == key), None)
     if device is None:
-        raise ConfigError(f"--gpus={gpus!r}: unknown device {name!r}; known: {', '.join([*DEVICES, 'CPU'])} "
+        raise ConfigError(f"--gpus={gpus!r}: unknown device {name!r}; known: "
+                          f"{', '.join([*DEVICES, *DEVICE_ALIASES, 'CPU'])} "
                           f"(or pass --memory-gb and a known device of the same class)")
     mib, peak_key = DEVICES[device]
     memory = memory_gb * GiB if memory_gb else mib * MiB
-    return Hardware(device, per_node, nodes, memory, dict(PEAK_BF16_FLOPS)[peak_key], "gpu")
+    return Hardware(device, per_node, nodes, memory, dict(PEAK_BF16_FLOPS)[peak_key], "gpu", note)
 
 
 def _device_key(name: str) -> str:
@@ -373,7 +387,15 @@ def memory_for_config(cfg: Config, device_type: str = "cuda") -> Memory:
     worker on `device_type` resolves them (precision, loss chunk): the stage decides the
     rest. SFT always masks documents (raylm.objectives.make_objective), pre-training when
     data.document_mask is on; DPO counts micro-batches in pairs and holds the frozen
-    reference unless dpo.precompute_reference."""
+    reference unless dpo.precompute_reference.
+
+    train.float8 changes none of these figures. torchao's Float8Linear (raylm.parallel.
+    apply_float8) saves for backward the high-precision input and weight that nn.Linear saves,
+    and casts them to float8 again in backward; FSDP2 gathers the compute-dtype copies as
+    without it (raylm leaves torchao's enable_fsdp_float8_all_gather off); master weights,
+    gradients and AdamW's moments stay fp32. What it adds is each matmul's float8 copies of
+    its operands, and uncompiled the scaling's fp32 temporaries, freed once that matmul is
+    done: workspace like other operators', which the estimate leaves to HEADROOM_FRACTION."""
     tc = cfg.train.for_device(device_type)
     model = cfg.model if cfg.model.vocab_size else cfg.model.with_vocab(cfg.tokenizer.vocab_size)
     shard = tc.num_workers // tc.replicate_degree
@@ -540,7 +562,7 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
         raise ConfigError(f"train.replicate_degree={replicate_degree!r} must be a positive divisor of the "
                           f"{hw.devices} devices")
     n = count_params(cfg)
-    notes: list[str] = []
+    notes: list[str] = [hw.note] if hw.note else []
     precision = "bf16" if hw.kind == "gpu" else "fp32"
     if seq_len is None:  # the preset's context on GPUs; on CPUs the length the CPU sweep chose
         from raylm.config import DataConfig
@@ -590,7 +612,8 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
             f"--size {size} does not fit on {hw}{hsdp}: {need.total / GiB:.1f} GiB per device even with micro-batch 1 "
             f"and activation checkpointing (params {need.params / GiB:.1f}, grads {need.grads / GiB:.1f}, "
             f"optimizer {need.optimizer / GiB:.1f}, activations {need.activations / GiB:.1f}), "
-            f"{hw.usable / GiB:.1f} GiB usable; add devices (--nodes) or use a larger one")
+            f"{hw.usable / GiB:.1f} GiB usable; add devices (--nodes) or use a larger one"
+            + (f"; {hw.note}" if hw.note else ""))
     mb, accumulation, checkpointing, mem = fit
     global_batch = mb * accumulation * hw.devices
     steps = max(1, round(budget / (global_batch * seq_len)))

@@ -154,3 +154,118 @@ def test_readme_checkpoint_and_data_rows_are_what_plan_prints():
         assert rows["checkpoint, each"][i] == (f"{each / GiB:.3g} GiB" if each >= GiB else f"{each / 2**20:.3g} MiB")
         hours = float(rows["data CPUs streaming / preparing"][i].split(" / ")[1].split()[0])
         assert hours == pytest.approx(plan.prepare_cpu_hours, rel=0.05), (size, plan.prepare_cpu_hours)
+
+
+# --------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("preset,vocab,tied,published", [
+    ("7b", 32000, False, 7_241_732_096),  # Mistral 7B
+    ("7b", 128256, False, 8_030_261_248),  # Llama 3 8B
+    ("3b", 128256, True, 3_212_749_824),  # Llama 3.2 3B
+    ("1b", 128256, True, 1_235_814_400),  # Llama 3.2 1B
+])
+def test_presets_count_what_the_published_models_have(preset, vocab, tied, published):
+    """The larger presets are published shapes: with those models' vocabulary and tying, raylm
+    builds (meta device) and the plan counts their parameters exactly."""
+    cfg = replace(MODEL_PRESETS[preset], vocab_size=vocab, tie_embeddings=tied)
+    with torch.device("meta"):
+        built = sum(p.numel() for p in Transformer(cfg).parameters())
+    assert built == count_params(cfg) == published
+
+
+@pytest.mark.parametrize("size,gpus,nodes,tokens", [("tiny", "2xCPU", 1, "5M"), ("125m", "1xH100", 1, "10B"),
+                                                    ("1b", "8xH100", 1, "50B"), ("7b", "8xH100", 8, "134B")])
+def test_time_and_memory_by_hand(size, gpus, nodes, tokens):
+    """The README's four plans, each figure from its rule: 6 FLOPs a matmul parameter (the
+    head's V d included, an untied embedding's lookup not) + 12 L d T; devices x bf16 dense
+    peak x MFU; whole steps of whole batches; FSDP2's 16 bytes a parameter over the shards."""
+    from raylm.plan import _block_params
+
+    plan = make_plan(size, gpus, nodes, tokens)
+    cfg, hw, T = plan.model, plan.hardware, plan.seq_len
+    n = count_params(cfg)
+    matmul = n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    per_token = 6 * matmul + 12 * cfg.n_layers * cfg.dim * T
+    peak = {"CPU": 96e9, "H100": 989e12}[hw.name]
+    assert plan.tokens_per_s == pytest.approx(hw.devices * peak * plan.mfu / (per_token * plan.recompute))
+    assert plan.global_batch == plan.micro_batch * plan.accumulation * hw.devices
+    assert plan.train_tokens == plan.steps * plan.global_batch * T
+    assert plan.hours == pytest.approx(plan.train_tokens / plan.tokens_per_s / 3600)
+    m, S = plan.memory, hw.devices
+    if hw.sharded:
+        block = _block_params(cfg)
+        root = n - cfg.n_layers * block
+        accumulated = 4 * n if plan.accumulation > 1 else 0
+        p = 2 if hw.kind == "gpu" else 4
+        assert m.params == pytest.approx(4 * n / S + p * (root + min(3, cfg.n_layers) * block))
+        assert m.grads == pytest.approx(4 * n / S + accumulated + p * (root + block))
+        assert m.optimizer == pytest.approx(8 * n / S)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@pytest.mark.parametrize("gpus", ["8xA100", "8x a100", "A100"])
+def test_a_bare_a100_is_planned_as_the_smaller_card(gpus):
+    """A100s come with 40 and 80 GB; "A100" once planned as the 80 GB card, so a plan for it
+    could ask twice the memory of a 40 GB one. It is the 40 GB card now, said in one note."""
+    hw = parse_hardware(gpus)
+    assert (hw.name, hw.memory, hw.peak) == ("A100-40GB", 40960 * 2**20, 312e12)
+    per_node = hw.per_node
+    note = (f"A100 taken as the A100-40GB, the smaller of the two, as what fits it fits the other; "
+            f"--gpus {per_node}xA100-80GB plans for the A100-80GB")
+    assert hw.note == note
+    plan = make_plan("1b", gpus)
+    assert plan.memory.total <= hw.usable
+    assert [line for line in format_table(plan).splitlines() if "A100-80GB" in line] == [f"note             {note}"]
+    assert plan.config.name == f"1b-{per_node}a100-40gb"
+    # Named, either card plans without the note; --memory-gb says the memory itself.
+    for name, mib in (("A100-80GB", 81920), ("A100 40GB", 40960)):
+        named = parse_hardware(f"8x{name}")
+        assert (named.memory, named.note) == (mib * 2**20, "")
+    assert parse_hardware("8xA100", memory_gb=80).note == ""
+    with pytest.raises(ConfigError) as e:  # where it does not fit, the error says which A100 it tried
+        make_plan("7b", gpus)
+    assert str(e.value).startswith(f"--size 7b does not fit on {per_node} x A100-40GB")
+    assert str(e.value).endswith(f"use a larger one; {note}") and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- float8
+
+
+def test_float8_saves_what_the_plain_blocks_save():
+    """train.float8 (torchao's Float8Linear in the blocks) saves for backward the same tensors
+    as nn.Linear, its float8 casts being redone in backward, so the estimate does not change
+    with it (memory_for_config's docstring)."""
+    pytest.importorskip("torchao")
+    from raylm.parallel import apply_float8
+
+    cfg = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=64)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
+
+    def saved(float8: bool) -> tuple[int, list]:
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        model.init_weights()
+        if float8:
+            apply_float8(model)
+            assert "Float8Linear" in {type(m).__name__ for m in model.layers[0].modules()}
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, tuple] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+        loss.backward()
+        return sum(b for b, _ in storages.values()), sorted(str(d) for _, d in storages.values())
+
+    assert saved(True) == saved(False)
+    common = ["model.preset=1b", "tokenizer.vocab_size=32000", "data.seq_len=2048", "train.num_workers=8",
+              "train.use_gpu=true", "train.micro_batch_size=2", "train.global_batch_size=16"]
+    assert (memory_for_config(load_config(overrides=[*common, "train.float8=true"]))
+            == memory_for_config(load_config(overrides=common)))
