@@ -533,7 +533,9 @@ def runs_in_process(cfg: DataConfig, files: list, val_files: list) -> bool:
 
 
 def _threads(cfg: DataConfig) -> int:
-    return cfg.tokenizer_actors or os.cpu_count() or 1
+    from raylm.tokenizer import usable_cpus
+
+    return cfg.tokenizer_actors or usable_cpus()
 
 
 def _ordered_map(fn: Callable, items: list, workers: int):
@@ -673,7 +675,9 @@ def tokenizer_pool_size() -> int:
     actors = cpus - max(1, cpus // 4)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address():
-        actors = min(actors, os.cpu_count() or actors)
+        from raylm.tokenizer import usable_cpus
+
+        actors = min(actors, usable_cpus())
     return max(1, actors)
 
 

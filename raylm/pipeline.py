@@ -28,7 +28,7 @@ from raylm.documents import clean_text, parse_documents
 from raylm.generate import complete, load_for_inference, load_tokenizer
 from raylm.pii import redact as redact_pii
 from raylm.record import write_record
-from raylm.tokenizer import META_FILE, MODEL_FILE, Tokenizer, train_tokenizer
+from raylm.tokenizer import META_FILE, MODEL_FILE, Tokenizer, train_tokenizer, usable_cpus
 
 
 _START = time.time()
@@ -70,8 +70,9 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
         if training:
             start_ray_data_actors()
     else:
-        tc = cfg.train.resolve_workers(os.cpu_count() or 1)  # this machine is the cluster
-        cpus = max(2 * (os.cpu_count() or 2), math.ceil(tc.num_workers * tc.cpus_per_worker) + 4)
+        cores = usable_cpus()  # this machine is the cluster: the CPUs this process may run on
+        tc = cfg.train.resolve_workers(cores)
+        cpus = max(2 * cores, math.ceil(tc.num_workers * tc.cpus_per_worker) + 4)
         # address="local": always a cluster of our own, never one a `ray start` left running on
         # this machine (ray.init() alone would join that, and refuse num_cpus).
         # `raylm tune` asks for the dashboard: Ray Train's placement-group cleaner, which its
@@ -169,13 +170,13 @@ def resolve_workers(cfg: Config, share: int = 1) -> Config:
         machines = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
         logical = int(min((n["Resources"]["CPU"] for n in machines), default=1))
         here = [n["NodeID"] for n in machines] == [ray.get_runtime_context().get_node_id()]
-        cores = min(logical, os.cpu_count() or 1) if here else logical
+        cores = min(logical, usable_cpus()) if here else logical
         spare = 1 if cores > 1 and logical - cores < 1 else 0
         gpus = int(ray.cluster_resources().get("GPU", 0))
         tc = tc.resolve_workers(cores, max(1, len(machines)), gpus, spare=spare, share=share)
     else:
         gpus = _local_gpus() if tc.use_gpu else 0
-        tc = tc.resolve_workers(os.cpu_count() or 1, 1, gpus, share=share)
+        tc = tc.resolve_workers(usable_cpus(), 1, gpus, share=share)
     return dataclasses.replace(cfg, train=tc)
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -201,6 +202,25 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: those its CPU affinity allows (a container's or pod's
+    cpuset, `taskset`), where the OS tells, else the machine's count; inside a Ray task or
+    actor, no more than the CPUs Ray assigned it. os.cpu_count() counts the machine's, however
+    few of them the process may run on, and threads sized by it oversubscribe those few."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        context = ray.get_runtime_context()
+        if context.worker.mode == ray.WORKER_MODE:  # a task or actor, not a driver
+            assigned = context.get_assigned_resources().get("CPU", 0)
+            if assigned > 0:
+                cpus = min(cpus, max(1, int(assigned)))
+    return max(1, cpus)
+
+
 def train_tokenizer(
     texts: Iterable[str],
     out_dir: str,
@@ -246,7 +266,7 @@ def train_tokenizer(
             eos_piece=EOS,
             pad_piece=PAD,
             user_defined_symbols=[*ROLE_TOKENS.values(), END, _NEWLINE],
-            num_threads=os.cpu_count() or 1,
+            num_threads=usable_cpus(),
             train_extremely_large_corpus=False,
             minloglevel=2,  # errors only; the trainer is very chatty at INFO
         )

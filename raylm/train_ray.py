@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 import warnings
@@ -41,12 +42,38 @@ def _quiet_ray_train_logs() -> None:
     from raylm.pipeline import quiet_ray_chatter, quiet_ray_data, quiet_user_errors
 
     quiet_user_errors()
+    for h in logging.getLogger("ray.train").handlers:
+        console = isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        if console and not any(isinstance(f, _QuietPeerDeath) for f in h.filters):
+            h.addFilter(_QuietPeerDeath())
     quiet_ray_chatter()
     quiet_ray_data()
     # Weights are initialised on the meta device then materialised per shard; DTensor's RNG
     # caveat on CPU meshes concerns random ops on sharded tensors, which init avoids
     # (`init_weights` runs before sharding's collectives matter: see tests/integration/test_fsdp_parity.py).
     warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+
+
+# What a collective says on a rank whose peer's process died mid-step (gloo over TCP).
+PEER_DIED = re.compile(r"Connection (closed|reset) by peer")
+
+
+class _QuietPeerDeath(logging.Filter):
+    """Keeps off the console Ray Train's traceback of this rank's failure ("Error in training
+    function") when it is a collective whose peer's process died (killed, out of memory): that
+    rank is the news, and the driver's one line names it (`raise_if_worker_died`) with its log.
+    Every other failure keeps its traceback; the worker's Ray Train log file keeps this one too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Ray logs it from inside its `except` block without attaching the exception.
+        e = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        for _ in range(8):  # the exception and what it was raised from
+            if e is None:
+                return True
+            if isinstance(e, RuntimeError) and PEER_DIED.search(str(e)):
+                return False
+            e = e.__cause__ or e.__context__
+        return True
 
 
 def ray_report_interval_s() -> float:

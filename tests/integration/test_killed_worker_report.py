@@ -5,6 +5,9 @@ Ray Train runs through the CLI's own `main`, with the runs in S3 (SeaweedFS).
   - The error is one line naming the rank that died, Ray's reason and the checkpoint the same
     command resumes from, exit 2; no traceback and no "this is a bug in raylm" (a dead worker
     is not one). A worker's own exception keeps its traceback (tests/unit/test_training_failure_report.py).
+  - Nor does what Ray's processes print meanwhile (shown above that line) hold a traceback:
+    not the torch backend's shutdown of the dead worker's process group, nor the surviving
+    rank's collective that lost its peer. Their log files keep them.
   - A run that had finished before (its summary.json written) and is continued to more steps
     no longer has a summary.json once the continuation fails: a summary means finished.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -39,12 +43,36 @@ def finished_before(run_dir: str, s3) -> None:
     assert storage.exists(storage.join(run_dir, "summary.json"), s3)
 
 
+def ray_consoles() -> dict[Path, int]:
+    """The stderr files of the cluster's Ray processes (its Train controller and workers among
+    them), with their sizes: what Ray forwards to the driver's console, which prints it as it
+    arrives (some after the command returned)."""
+    import ray._private.worker as ray_worker
+
+    logs = Path(ray_worker._global_node.get_logs_dir_path())
+    return {p: p.stat().st_size for p in logs.glob("worker-*.err")}
+
+
+def printed_since(sizes: dict[Path, int]) -> str:
+    """What Ray's processes wrote to their stderr since `ray_consoles` gave `sizes`."""
+    out = []
+    for path, size in ray_consoles().items():
+        with path.open("rb") as f:
+            f.seek(sizes.get(path, 0))
+            out.append(f.read().decode(errors="replace"))
+    return "".join(out)
+
+
 def killed(argv: list[str], monkeypatch, capfd) -> tuple[int, str]:
-    """`raylm ARGV` with rank 1 killed after step 3; returns (exit status, stderr)."""
+    """`raylm ARGV` with rank 1 killed after step 3; returns (exit status, stderr), and checks
+    that what Ray's processes printed meanwhile holds no traceback."""
     monkeypatch.setenv("RAYLM_INJECT_FAILURE", KILL)
     capfd.readouterr()
+    before = ray_consoles()
     status = cli.main(argv)
     monkeypatch.delenv("RAYLM_INJECT_FAILURE")
+    ray_printed = printed_since(before)
+    assert "Traceback" not in ray_printed, ray_printed[-6000:]
     return status, capfd.readouterr().err
 
 
