@@ -307,6 +307,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         sink = self._loop_sinks.get(loop)
         if sink is None:
+            for old in [l for l in list(self._loop_sinks) if l.is_closed()]:  # each holds its loop
+                self._loop_sinks.pop(old, None)
             sink = self._loop_sinks[loop] = functools.partial(loop.call_soon_threadsafe, _put_all)
         def release(ended: bool) -> None:
             if not req.finished:

@@ -948,3 +948,12 @@ def test_streamed_text_offsets_go_on_across_chunks(engine):
     assert len(chunks) > 2, "one chunk: nothing to count across"
     assert [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]] == whole
     assert len(whole) == len(engine.tokenizer.encode(body["prompt"])) + 8
+
+
+def test_the_engine_keeps_no_sink_for_an_event_loop_that_has_closed(engine):
+    """Each event loop that queues a request gets its own sink, which holds the loop; one per
+    loop ever used kept every closed loop (and its selector) alive for the engine's life."""
+    prompt = engine.tokenizer.encode("The")
+    for _ in range(4):
+        asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=2, temperature=0)))
+    assert len(engine._loop_sinks) == 1, engine._loop_sinks
