@@ -11,18 +11,25 @@ metrics and records over each other's).
   `If-Match` on its last ETag. A newcomer that finds a lease watches it: a renewal means the
   holder is alive (refused); a lease left unchanged for its whole term is taken over
   (`If-Match` again, so two newcomers cannot both take it). A holder recorded on this same
-  machine whose process is gone is taken over at once, as with `flock`. An endpoint that
+  machine whose process is gone is taken over at once, as with `flock`. A holder whose renewal
+  finds the lease taken (it could not renew it for a whole term) is stopped there and then, as
+  Ctrl-C stops it (where it holds the run on its main thread), and ends with one line saying
+  so: writing on would mix its checkpoints with the new holder's. An endpoint that
   ignores conditional writes is detected when the lease is taken and said in one line; the
   run then goes on without a lock, as before.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import json
+import math
 import os
+import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -88,7 +95,16 @@ def _flock(uri: str, what: str) -> Iterator[None]:
     with storage._errors(uri, None):
         os.makedirs(path, exist_ok=True)
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link: one planted in a shared run directory got the file it names emptied
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise StorageError(lock, "a link where the run's lock file goes, which raylm never writes "
+                                         "through (remove the link)") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a pipe or device: nothing to lock or write
+                os.close(fd)
+                raise StorageError(lock, "not a regular file where the run's lock file goes (remove it)")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -138,6 +154,16 @@ def _pid_gone(pid: int) -> bool:
     return False
 
 
+def _term(lease_s) -> float:
+    """The term a lease's holder gave it; this process's own where the lease names none that
+    can be (not a number, not positive and finite: a lease written by something else)."""
+    try:
+        term = float(lease_s)
+    except (TypeError, ValueError):
+        return LEASE_S
+    return term if 0 < term < math.inf else LEASE_S
+
+
 class _S3Lease:
     def __init__(self, uri: str, what: str, s3: S3Config | None):
         self.uri, self.what, self.s3 = uri, what, s3
@@ -148,6 +174,11 @@ class _S3Lease:
         self.lost: str | None = None
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
+        # A holder whose lease was taken is stopped at once (as Ctrl-C stops it) where the block
+        # runs on the main thread: writing on would mix its checkpoints with the new holder's.
+        self.main = False
+        self.interrupted = False
+        self.guard = threading.Lock()  # the interrupt and the block's end never cross
 
     def _body(self) -> bytes:
         # A fresh nonce each renewal: S3's ETag is the body's MD5, and a watcher sees a
@@ -189,7 +220,7 @@ class _S3Lease:
                 time.sleep(0.05)
                 continue  # let go in between: try again
             etag, info = current
-            lease = float(info.get("lease_s") or LEASE_S)
+            lease = _term(info.get("lease_s"))
             holder = str(info.get("holder") or "another raylm process")
             pid = info.get("pid")
             here = info.get("machine") == _machine() and isinstance(pid, int)
@@ -239,13 +270,18 @@ class _S3Lease:
                 etag = self._put(IfMatch=self.etag)
             except (ClientError, BotoCoreError, OSError) as e:
                 failures += 1
-                print(f"raylm: could not renew the lease {self.lock_uri} ({failures} in a row): {e}",
-                      file=sys.stderr, flush=True)
+                # botocore's messages quote the endpoint URL, credentials and all
+                print(f"raylm: could not renew the lease {self.lock_uri} ({failures} in a row): "
+                      f"{storage.redact_url(storage._problem(e, self.s3))}", file=sys.stderr, flush=True)
                 continue
             if etag is None:
                 self.lost = (f"the lease {self.lock_uri} was taken over by another process after this one "
                              f"could not renew it for {LEASE_S:.0f} s; two processes may have written this run")
                 print(f"raylm: {self.lost}", file=sys.stderr, flush=True)
+                with self.guard:
+                    if self.main and not self.stop.is_set():
+                        self.interrupted = True
+                        _thread.interrupt_main(signal.SIGINT)  # Ray Train's handler stops its workers too
                 return
             self.etag, failures = etag, 0
 
@@ -256,18 +292,26 @@ class _S3Lease:
                 print(f"raylm: the S3 endpoint ignores conditional writes (If-None-Match), so {self.uri} has no "
                       "run lock: keep one process a run name", file=sys.stderr, flush=True)
                 return self  # nothing to renew; the object is deleted at the end
+        self.main = threading.current_thread() is threading.main_thread()
         self.thread = threading.Thread(target=self._renew, name="raylm-run-lease", daemon=True)
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop.set()
-        if self.thread:
-            self.thread.join()
+        try:
+            with self.guard:
+                self.stop.set()
+            if self.thread:
+                self.thread.join()
+        except KeyboardInterrupt:
+            if not self.interrupted:  # the user's own Ctrl-C
+                raise
+            if self.thread:
+                self.thread.join()
         if self.etag and not self.lost:
             with contextlib.suppress(ClientError, BotoCoreError, OSError):
                 current = self.client.head_object(Bucket=self.bucket, Key=self.key)
                 if current["ETag"] == self.etag:
                     self.client.delete_object(Bucket=self.bucket, Key=self.key)
-        if self.lost and exc[0] is None:
-            raise StorageError(self.uri, self.lost)
+        if self.lost and (exc[0] is None or (self.interrupted and issubclass(exc[0], KeyboardInterrupt))):
+            raise StorageError(self.uri, self.lost) from None

@@ -134,11 +134,19 @@ def relative(uri: str, base: str) -> str:
     """`uri` relative to `base`; either may be written any way a user writes a path (`runs/x`,
     `./runs/x`, `/abs/runs/x`, `file://...`) or `s3://bucket/prefix/`, and `list_files`
     returns absolute ones. Raises ValueError if `uri` is not under `base`."""
-    root = base.rstrip("/") if is_s3(base) else _local(base)
-    uri = uri if is_s3(uri) else _local(uri)
+    # `s3://b//x/` names the key `x` (as every request sends it) and lists as `s3://b/x/...`.
+    root = _s3_spelling(base) if is_s3(base) else _local(base)
+    uri = _s3_spelling(uri) if is_s3(uri) else _local(uri)
     if uri == root or not uri.startswith(root.rstrip("/") + "/"):
         raise ValueError(f"{uri} is not under {base}")
     return uri[len(root.rstrip("/")) + 1:]
+
+
+def _s3_spelling(uri: str) -> str:
+    """`uri` as the object it names is listed: `s3://b//x/y/` -> `s3://b/x/y`."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    key = key.strip("/")
+    return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -310,6 +318,8 @@ def _problem(e: BaseException, s3: S3Config | None) -> str:
         return "is a directory, not a file"
     if isinstance(e, NotADirectoryError):
         return "a parent of this path is a file, not a directory"
+    if isinstance(e, FileExistsError) and e.filename:  # os.makedirs met a file where it needs a directory
+        return f"{e.filename} is a file, not a directory"
     return getattr(e, "strerror", None) or text or type(e).__name__
 
 
@@ -537,7 +547,11 @@ def _list_s3(uri: str, s3: S3Config | None, pattern: bool = True) -> Iterator[Fi
         k = obj["Key"]
         # Keys ending in '/' are directory markers (pyarrow creates them), not files.
         if not k.endswith("/") and match(k):
-            yield FileInfo(f"s3://{bucket}/{k}", obj["Size"], obj.get("ETag", "").strip('"'))
+            # A path (no pattern) lists its files under it as it was written: `s3://b//runs/x`
+            # (a key's leading '/' is never sent) gives `s3://b//runs/x/...`, not `s3://b/runs/x/...`,
+            # which a caller cutting the path off each name would cut one character short.
+            name = uri.rstrip("/") + k[len(key):] if base is None and key else f"s3://{bucket}/{k}"
+            yield FileInfo(name, obj["Size"], obj.get("ETag", "").strip('"'))
 
 
 def _list_local(uri: str, follow_links: bool = False, pattern: bool = True) -> Iterator[FileInfo]:
