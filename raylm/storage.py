@@ -670,6 +670,19 @@ def makedirs(uri: str) -> None:
             os.makedirs(_local(uri), exist_ok=True)
 
 
+def unlink_link(uri: str) -> None:
+    """Remove a link found at the local path `uri`, a name raylm owns inside a run (a
+    checkpoint's directory), so what is written there next lands in the run: never in the
+    directory a link planted in a shared run directory names. Nothing to do on S3, for a
+    directory or where nothing is (another rank may have removed the link first)."""
+    if is_s3(uri):
+        return
+    path = _local(uri)
+    if os.path.islink(path):
+        with _errors(uri), contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(path)
+
+
 def upload_dir(local_dir: str, uri: str, s3: S3Config | None = None) -> None:
     """Copy a local directory tree to `uri` (S3 or local); existing files are overwritten.
     Linked files are copied as the files they name."""

@@ -940,6 +940,7 @@ def storage_publisher(cfg: Config):
         def upload():
             if written is not None:
                 written.result()
+            storage.unlink_link(storage.join(cfg.run_dir, name))
             storage.makedirs(storage.join(cfg.run_dir, name))
             storage.upload_dir(local_dir, storage.join(cfg.run_dir, name), cfg.s3)
 

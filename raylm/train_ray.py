@@ -233,17 +233,32 @@ def train_worker(config: dict) -> None:
 
     pace = ReportPacer(ray_report_interval_s())
 
+    def copy(ckpt, dir_name: str):
+        """The checkpoint into the run: Ray's copy (pyarrow) to object storage; into a local
+        run directory raylm's, which replaces a link found at a file's name rather than writing
+        through it as pyarrow's does, and a link at the checkpoint's own directory too (in a
+        shared run directory, anyone who can write there could have planted either)."""
+        context = ray.train.get_context().get_storage()
+        if storage.is_s3(cfg.run_dir):
+            return context.persist_current_checkpoint(ckpt, dir_name)
+        target = storage.join(cfg.run_dir, dir_name)
+        storage.unlink_link(target)
+        storage.upload_dir(ckpt.path, target)
+        return ray.train.Checkpoint(path=context.build_checkpoint_path_from_name(dir_name),
+                                    filesystem=context.storage_filesystem)
+
     def publish(local_dir: str, name: str, metrics: dict, written, on_uploaded) -> None:
         pace.sent()  # this report carries the newest metrics too
         ckpt = ray.train.Checkpoint.from_directory(local_dir)
         if on_uploaded is None:
-            ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name)
+            ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name,
+                             checkpoint_upload_fn=copy)
             return
 
         def upload(ckpt, dir_name: str):  # runs in Ray Train's upload thread
             if written is not None:
                 written.result()  # DCP's background write has finished
-            persisted = ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
+            persisted = copy(ckpt, dir_name)
             files = checkpoint.file_digests(local_dir)
             # Durable here, not at the commit: on a local disk, flushing a large checkpoint
             # would otherwise stall the training thread that writes the marker.
