@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import yaml
 
-from raylm import storage
+from raylm import run_lock, storage
 from raylm.config import (Config, ConfigError, S3Config, _build, _merge, _nest, _override_value, load_yaml, to_dict,
                           yaml_problem)
 from raylm.errors import PathNotFoundError
@@ -997,7 +997,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict
                 # (started from the old parent or the old init_from, or trained on another tokenizer or dataset, which pre-training's resume
                 # would refuse). Removed, so it is made from the new ones.
                 log(f"recipe: {stage.name}: removing {storage.redact_url(cfg.run_dir)}, made from the old inputs")
-                storage.delete(cfg.run_dir, cfg.s3)
+                _empty_run_dir(cfg)
         log(f"recipe: {stage.name}: running (key {key[:10]}) -> {storage.redact_url(cfg.run_dir)}")
         t0 = time.time()
         options = recipe.sections[stage.name][1]
@@ -1013,6 +1013,21 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict
         log(f"recipe: {stage.name}: done in {time.time() - t0:.1f}s, record {record_uri(recipe, stage.name)}")
         done[stage.name] = {**record, "skipped": False}
     return done
+
+
+def _empty_run_dir(cfg: Config) -> None:
+    """Remove what a stage's directory holds, holding it as the stage itself does: a process
+    at work there (a second `raylm recipe`, the stage run by hand) has it refused in one line,
+    where it lost its checkpoints mid-run. The lock stays while it is held (a lease deleted
+    under its holder's renewals reads as taken over) and goes when it is let go."""
+    with run_lock.held(cfg.run_dir, "run", cfg.s3):
+        if storage.is_s3(cfg.run_dir):
+            names = {storage.relative(f.uri, cfg.run_dir).split("/")[0]
+                     for f in storage.list_files(cfg.run_dir, cfg.s3, pattern=False)}
+        else:
+            names = set(os.listdir(storage._local(cfg.run_dir)))
+        for name in sorted(names - {run_lock.RUN_LOCK}):
+            storage.delete(storage.join(cfg.run_dir, name), cfg.s3)
 
 
 def lineage(recipe: Recipe, stage: str, s3: S3Config | None = None) -> list[dict]:

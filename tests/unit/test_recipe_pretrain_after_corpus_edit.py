@@ -105,3 +105,35 @@ def test_data_re_made_alike_keeps_the_pretrain_run(tmp_path, monkeypatch):
     assert any(m.startswith("recipe: pretrain: data changed") for m in logs), logs  # its manifest is new
     assert not [m for m in logs if m.startswith("recipe: pretrain: removing")], logs
     assert Path(first["pretrain"]["outputs"]["checkpoint"]).is_dir()
+
+
+HOLD = """
+import sys, time
+from raylm import run_lock
+with run_lock.held(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_stage_run_held_by_another_process_is_refused_not_removed(tmp_path, monkeypatch):
+    """Another process at work in the stage's directory (a second recipe, the stage run by
+    hand) holds it: the recipe is refused in one line, and the run keeps its checkpoints (it
+    removed them under the holder)."""
+    import subprocess
+    import sys
+
+    from raylm.errors import StorageError
+
+    corpus, path, first = _trained_once(tmp_path, monkeypatch)
+    run_dir = first["pretrain"]["outputs"]["path"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, run_dir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        corpus.write_text("\n".join(f"zebra {i} quartz jumping vexed wizards fjord nymph" for i in range(400)))
+        with pytest.raises(StorageError, match="raylm run, pid"):
+            run_recipe(load_recipe(path), log=lambda m: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Path(first["pretrain"]["outputs"]["checkpoint"]).is_dir()
