@@ -44,18 +44,56 @@ class _Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     echo_sent: bool = False  # streaming: the echoed prompt leads the choice's first chunk
-    offsets: P.TextOffsets = field(default_factory=P.TextOffsets)  # streaming: text_offset across chunks
+    texts: dict = field(default_factory=dict)  # `P.own_texts`: the tokens whose text is not their piece
+    offsets: P.TextOffsets = field(init=False)  # streaming: text_offset across chunks
+    # Where each `logprobs` entry's text begins in `text` (as text_offset counts), and whether a
+    # stop string cut `text`: the engine's outputs still carry the tokens of the stop string
+    # (and of any text after it), which are not part of the answer (see `answer_logprobs`).
+    starts: list[int] = field(default_factory=list)
+    cut: bool = False
+    _starts_at: P.TextOffsets = field(init=False)
+    sent_chars: int = 0  # streaming: generated characters sent so far
+    sent_logprobs: int = 0  # streaming: `logprobs` entries sent so far
+
+    def __post_init__(self):
+        self.offsets, self._starts_at = P.TextOffsets(0, self.texts), P.TextOffsets(0, self.texts)
 
     def add(self, out: Output) -> None:
         self.text += out.text
         self.token_ids += out.token_ids
         if out.logprobs:
             self.logprobs += out.logprobs
+            self.starts += [self._starts_at.take(e.token, e.token_id) for e in out.logprobs]
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.completion_tokens = out.completion_tokens
+        if out.finish_reason == "stop" and out.token_ids:  # a stop string (a stop token ends with no token)
+            self.cut = True
         if out.finish_reason:
             self.finish_reason = "length" if out.finish_reason == "abort" else out.finish_reason
+
+    def answer_logprobs(self) -> list:
+        """The logprobs of the tokens of the returned text: after a stop string's cut, only the
+        tokens whose text begins before the cut (one that straddles it is kept, as its text
+        begins in the answer; the stop string's own tokens, and any after them, are not)."""
+        if not self.cut:
+            return self.logprobs
+        return self.logprobs[:sum(1 for s in self.starts if s < len(self.text))]
+
+    def stream_logprobs(self, out: Output) -> list:
+        """Streaming: the logprobs to send with `out` (this choice's next outputs, coalesced):
+        those of the tokens whose text has begun in the text sent so far, and at the end the
+        rest of `answer_logprobs`. The engine sends a token's logprob at once but holds back its
+        text while it could still become a stop string, so the logprobs wait with the text."""
+        self.sent_chars += len(out.text)
+        first, end = self.sent_logprobs, self.sent_logprobs
+        if out.finish_reason and not self.cut:
+            end = len(self.logprobs)
+        else:
+            while end < len(self.logprobs) and self.starts[end] < self.sent_chars:
+                end += 1
+        self.sent_logprobs = end
+        return self.logprobs[first:end]
 
 
 def _coalesce(items: list) -> list:
@@ -97,6 +135,7 @@ class _Echo:
     token: str
     logprob: float | None = None
     top: list = field(default_factory=list)
+    token_id: int | None = None
 
 
 class OpenAIService:
@@ -122,6 +161,7 @@ class OpenAIService:
         self.end_id = self.tok.special_ids[END]
         self.created = P.now()
         self.draining = False
+        self.texts = P.own_texts(self.tok)  # for text_offset: "<|bos|>" adds no text, "<unk>" " ⁇ "
         self._streams = 0  # streaming responses in flight on this replica (see _hold_s)
 
     # ------------------------------------------------------------------ plain endpoints
@@ -152,7 +192,8 @@ class OpenAIService:
             for j in range(pi * req.n, (pi + 1) * req.n):  # the choices' indexes
                 params = self._params(req, prompt.ids, limit, j, logprobs=req.logprobs, echo=req.echo,
                                       stop_ids=(self.tok.eos_id,))
-                choices.append(_Choice(j, prompt.ids, params, prompt.text if req.echo else ""))
+                choices.append(_Choice(j, prompt.ids, params, prompt.text if req.echo else "",
+                                       texts=self.texts))
         prompt_tokens = sum(len(p.ids) for p in prompts)
         rid = P.new_id("cmpl")
         if req.stream:
@@ -180,7 +221,8 @@ class OpenAIService:
             limit = self._room(ids, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         choices = [_Choice(j, ids, self._params(req, ids, limit, j, logprobs=top,
-                                                stop_ids=(self.end_id, self.tok.eos_id), limit_field=name))
+                                                stop_ids=(self.end_id, self.tok.eos_id), limit_field=name),
+                           texts=self.texts)
                    for j in range(req.n)]
         rid = P.new_id("chatcmpl")
         if req.stream:
@@ -189,7 +231,7 @@ class OpenAIService:
         await self._race(self._run_all(rid, choices), disconnected)
         return {"id": rid, "object": "chat.completion", "created": P.now(), "model": self.model_name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": P.chat_logprobs(c.logprobs) if req.logprobs else None,
+                             "logprobs": P.chat_logprobs(c.answer_logprobs()) if req.logprobs else None,
                              "finish_reason": c.finish_reason} for c in choices],
                 "usage": P.usage(len(ids), sum(c.completion_tokens for c in choices))}
 
@@ -237,9 +279,12 @@ class OpenAIService:
                                   f"exceed the model's context of {context} tokens", limit_field,
                              code="context_length_exceeded")
         seed = None if req.seed is None else req.seed + index
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if top_p == 0:  # OpenAI's API takes 0: a nucleus of the most likely token alone, i.e. greedy
+            temperature, top_p = 0.0, 1.0
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0),
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(req.top_k or 0, 0),
             stop=req.stop_list(), stop_token_ids=tuple(i for i in stop_ids if i is not None and i >= 0),
             seed=seed, logprobs=logprobs, echo=echo)
         try:
@@ -468,13 +513,13 @@ class OpenAIService:
         if k is None:
             return None
         if entries is None:
-            entries = (self._echo_entries(c) if echo else []) + c.logprobs
-        return P.completion_logprobs(entries, start)
+            entries = (self._echo_entries(c) if echo else []) + c.answer_logprobs()
+        return P.completion_logprobs(entries, P.TextOffsets(start, self.texts))
 
     def _echo_entries(self, c: _Choice) -> list:
         lps = c.prompt_logprobs or []
-        return [e if e is not None else _Echo(self._token_text(c.prompt_ids[i]) if i < len(c.prompt_ids) else "")
-                for i, e in enumerate(lps)]
+        return [e if e is not None else _Echo("") if i >= len(c.prompt_ids) else
+                _Echo(self._token_text(c.prompt_ids[i]), token_id=c.prompt_ids[i]) for i, e in enumerate(lps)]
 
     def _token_text(self, token_id: int) -> str:
         """A prompt token's own text, as the engine's logprobs give every other token's
@@ -486,7 +531,7 @@ class OpenAIService:
         k = c.params.logprobs
         if first:  # an echoed prompt goes with the first output, which carries its logprobs
             return None
-        text, entries = out.text, list(out.logprobs or [])
+        text, entries = out.text, c.stream_logprobs(out)
         if c.params.echo and not c.echo_sent:
             c.echo_sent = True
             text = c.prompt_text + text
@@ -501,7 +546,7 @@ class OpenAIService:
             delta, lps, finish = {"role": "assistant", "content": ""}, None, None
         else:
             delta = {"content": out.text} if out.text else {}
-            lps = P.chat_logprobs(out.logprobs or []) if c.params.logprobs is not None else None
+            lps = P.chat_logprobs(c.stream_logprobs(out)) if c.params.logprobs is not None else None
             finish = c.finish_reason if out.finish_reason else None
         return {"id": rid, "object": obj, "created": created, "model": self.model_name,
                 "choices": [{"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish}]}

@@ -64,7 +64,7 @@ class _Sampling(_Strict):
     model: str
     n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0: only the most likely token (greedy), as OpenAI's API takes it
     top_k: int | None = Field(None, ge=-1)  # extension; 0 or -1: off
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
@@ -341,17 +341,35 @@ def token_bytes(token: str) -> bytes:
 class TextOffsets:
     """A choice's text_offset as its tokens go by, also across a stream's chunks: the
     characters that the tokens before one completed (the byte pieces of one character add one
-    character, with the last of them, whichever chunk that is in)."""
+    character, with the last of them, whichever chunk that is in). `texts`: the text in the
+    answer of the tokens whose piece is not it, by id (`own_texts`: a control token such as
+    "<|bos|>" decodes to nothing, "<unk>" to " ⁇ "); counted by its piece, every later
+    offset was that much too far."""
 
-    def __init__(self, start: int = 0):
+    def __init__(self, start: int = 0, texts: dict[int, str] | None = None):
         self.chars = start
+        self.texts = texts or {}
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def take(self, token: str) -> int:
+    def take(self, token: str, token_id: int | None = None) -> int:
         """The next token's text_offset; its text then counts."""
         at = self.chars
-        self.chars += len(self._text.decode(token_bytes(token)))
+        own = self.texts.get(token_id) if token_id is not None else None
+        self.chars += len(self._text.decode(token_bytes(token) if own is None else own.encode("utf-8")))
         return at
+
+
+def own_texts(tok) -> dict[int, str]:
+    """The ids whose text in a decoded answer is not their piece (with "▁" as a space), and
+    that text (`TextOffsets`); byte pieces are read as their byte."""
+    out = {}
+    for i in range(tok.vocab_size):
+        piece = tok.id_to_piece(i)
+        if _BYTE_PIECE.fullmatch(piece) is None:
+            text = tok.decode([i])
+            if text != piece.replace("\u2581", " "):
+                out[i] = text
+    return out
 
 
 def completion_logprobs(entries: list, offsets: int | TextOffsets = 0) -> dict:
@@ -359,12 +377,12 @@ def completion_logprobs(entries: list, offsets: int | TextOffsets = 0) -> dict:
     an echoed prompt's first token has logprob None, as in OpenAI's answers). Each position's
     top_logprobs holds the k most likely tokens and, where it is not among them, the token
     itself (OpenAI: "up to logprobs+1 elements"; chat's top_logprobs stay k). text_offset
-    counts from `offsets`: a number, or a stream's `TextOffsets`, which goes on counting."""
+    counts from `offsets`: a number, or a `TextOffsets` (a stream's goes on counting)."""
     if not isinstance(offsets, TextOffsets):
         offsets = TextOffsets(offsets)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [_top_with_token(e) if e.logprob is not None else None for e in entries],
-            "text_offset": [offsets.take(e.token) for e in entries]}
+            "text_offset": [offsets.take(e.token, getattr(e, "token_id", None)) for e in entries]}
 
 
 def _top_with_token(e) -> dict:

@@ -61,7 +61,7 @@ def test_null_is_the_default_where_openai_allows_null():
     ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"model": "m", "prompt": "x", "max_tokenz": 5}, "max_tokenz"),
     ({"model": "m", "prompt": "x", "temperature": 9}, "temperature"),
-    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "m", "prompt": "x", "top_p": -0.1}, "top_p"),
     ({"model": "m", "prompt": "x", "n": 0}, "n"),
     ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
