@@ -442,7 +442,7 @@ def _searcher(tc: TuneConfig):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tc.seed))
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from raylm.tune_state import BasicVariantGenerator  # its saved state pickles without code
 
     # Tune applies max_concurrent_trials to a Searcher only; this generator takes it itself.
     return BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)
@@ -477,6 +477,9 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     path = f"{root.rstrip('/')}/{cfg.name}"
     callbacks = [trial_log(log, base.train)]
     if resume and rt.Tuner.can_restore(path, storage_filesystem=fs):
+        from raylm.tune_state import check_search_state
+
+        check_search_state(search_dir, cfg.s3)  # Tune's state unpickles: refused unless it runs no code
         tuner = rt.Tuner.restore(path, trainable, storage_filesystem=fs, resume_unfinished=True,
                                  resume_errored=True)
     else:
@@ -499,25 +502,10 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
 
 def trial_log(log, train: TrainConfig):
     """A Tune callback that prints each trial's start, evaluations and end, one line each
-    (its class is made here: ray.tune is imported only when a search runs)."""
-    import ray.tune
+    (`raylm.tune_state.TrialLog`: a module's class, so that tuner.pkl holds no code)."""
+    from raylm.tune_state import TrialLog
 
-    class _TrialLog(ray.tune.Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):
-            log(f"tune: trial {trial.trial_id} started: {_params_text(trial.config)}")
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "val_loss" in result:
-                log(f"tune: trial {trial.trial_id} step {result.get('step')}: val loss {result['val_loss']:.4f}")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            step = trial.last_result.get("step") or 0
-            log(f"tune: trial {trial.trial_id} {_ended(step, train, trial.config)} at step {step}")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            log(f"tune: trial {trial.trial_id} failed")
-
-    return _TrialLog()
+    return TrialLog(log, train)
 
 
 def _ended(steps: int, train: TrainConfig, params: dict | None = None) -> str:

@@ -1,0 +1,528 @@
+"""A search's Tune state, checked before `Tuner.restore` unpickles it (`raylm tune --resume`).
+
+Ray Tune keeps a search's state in its storage as pickles, and restoring runs
+`cloudpickle.loads` on each: whoever could write one file there would run code on the
+machine that resumes the search. Every pickle that Ray's restore loads is read here first,
+opcode by opcode (`pickletools.genops`: nothing is unpickled, imported or called), following
+the unpickler's stack and memo, and refused, in one line naming the file, unless every
+global it names is on an exact list of (module, name) pairs, each for one use: called,
+made by `__new__` only, or only held. A pickle can call only what a global names (REDUCE,
+NEWOBJ, OBJ and INST call a global; BUILD and the container opcodes a made object's own
+methods), so with none but these it builds data and Tune's own objects and runs nothing
+else. Whatever cannot be told without running it is refused: a call of anything but a
+global, a STACK_GLOBAL of anything but strings, BUILD or APPEND/SETITEM on a global itself,
+persistent ids, extension codes, out-of-band buffers, a malformed stream.
+
+The list needs no code because raylm's searches pickle none: its callback and random/grid
+searcher are classes of this module (below), its trainable and search space go by reference.
+
+What Ray 2.60's `Tuner.restore` and its `TuneController.resume` load (searched in Ray's
+source: every `pickle.load(s)`/`cloudpickle.load(s)` on that path):
+
+- `tuner.pkl`: `cloudpickle.loads` (`TunerInternal._restore_from_path_or_uri`).
+- the newest `experiment_state-*.json` (by `ExperimentAnalysis` and by the controller): JSON
+  whose objects of `"_type": "CLOUDPICKLE_FALLBACK"` are hex-encoded cloudpickles, loaded as
+  the JSON is decoded; its `trial_data` holds, per trial, two JSON texts decoded the same
+  way, and in the trial's, the fields `Trial._nonjson_fields` are hex-encoded cloudpickles.
+- copied from the search's top level into the driver's staging directory, then loaded with
+  `cloudpickle.load` (`_load_newest_checkpoint`, `Searcher.restore`): the search
+  algorithm's `basic-variant-state-*.json` or `search_gen_state-*.json` (pickles despite the
+  name) and the searcher's `searcher-state-*.pkl` (Optuna's: `pickle.load`), and the
+  callbacks' `callback-states-*.pkl`.
+
+Every file of those names is checked, not only the newest, and every other top-level
+`*.pkl` too (Ray copies them all into its staging directory). Trial error files
+(`error.pkl`) are read only for trials this run ended (a resumed search restarts its errored
+and unfinished trials and clears their error files first, and reports none for finished
+ones), and trials' checkpoints are raylm checkpoints, loaded by raylm's own checked loader.
+"""
+
+from __future__ import annotations
+
+import binascii
+import fnmatch
+import io
+import json
+import pickletools
+
+from raylm import storage
+from raylm.errors import UserError
+
+
+class UnsafeTuneStateError(UserError, ValueError):
+    """A search's Tune state asks to unpickle something raylm's searches never write."""
+
+
+TUNER_FILE = "tuner.pkl"
+EXPERIMENT_STATE = "experiment_state-*.json"
+# Pickles whatever their names say (ray.tune.utils.util._atomic_save, Searcher.save).
+STATE_PICKLES = ("basic-variant-state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",
+                 "callback-states-*.pkl", "*.pkl")
+FALLBACK = "CLOUDPICKLE_FALLBACK"  # ray.tune.utils.serialization._CLOUDPICKLE_FALLBACK_TYPE
+TRIAL_PICKLED_FIELDS = ("results", "extra_arg", "placement_group_factory", "_resources",
+                        "_default_placement_group_factory")  # ray.tune.experiment.trial.Trial._nonjson_fields
+
+# Exactly the (module, name) pairs the Tune state of raylm's searches names: Tune's own
+# objects (configs, search space domains, searchers, schedulers, trials' storage and
+# resources), pyarrow's filesystems, raylm's S3 filesystem factory, and the plain types
+# they hold. No callable here runs code it is given: none of builtins' getattr, eval,
+# exec, __import__, no os, subprocess, importlib, no cloudpickle function or code
+# constructors (raylm's trainable, search space and callbacks pickle by reference).
+#
+# Each pair is allowed for one use: "call" (the pickle may call it, with any arguments),
+# "new" (a class it may only make by `cls.__new__`, then fill by BUILD: its `__init__`,
+# which the pickle never runs, may touch storage or the network; StorageContext's writes a
+# marker file), or "value" (it may only hold it; Ray's upload helper, which called would
+# copy any file to any filesystem).
+ALLOWED: dict[tuple[str, str], str] = {
+    # Python and numpy: containers, dates, arrays and random generators
+    ("collections", "deque"): "call",
+    ("datetime", "datetime"): "call",
+    ("numpy", "dtype"): "call",
+    ("numpy", "ndarray"): "value",
+    ("numpy._core.multiarray", "_reconstruct"): "call",
+    ("numpy._core.multiarray", "scalar"): "call",
+    ("numpy._core.numeric", "_frombuffer"): "call",
+    ("numpy.core.multiarray", "_reconstruct"): "call",  # the same three as numpy 1.x names them
+    ("numpy.core.multiarray", "scalar"): "call",
+    ("numpy.core.numeric", "_frombuffer"): "call",
+    ("numpy.random._mt19937", "MT19937"): "call",
+    ("numpy.random._pcg64", "PCG64"): "call",
+    ("numpy.random._pickle", "__bit_generator_ctor"): "call",
+    ("numpy.random._pickle", "__generator_ctor"): "call",
+    ("numpy.random._pickle", "__randomstate_ctor"): "call",
+    ("numpy.random.bit_generator", "SeedSequence"): "value",
+    ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"): "call",
+    # pyarrow's filesystems (LocalFileSystem pickles as FileSystem._from_uri("file:///")), raylm's S3 one
+    ("pyarrow._fs", "FileSystem._from_uri"): "call",
+    ("raylm.storage", "_s3_filesystem"): "call",
+    # Tune's and Train's configs, storage, trials' resources and checkpoints
+    ("ray.air._internal.usage", "AirEntrypoint"): "call",
+    ("ray.train", "SyncConfig"): "new",
+    ("ray.train._internal.checkpoint_manager", "_CheckpointManager"): "new",
+    ("ray.train._internal.storage", "StorageContext"): "new",
+    ("ray.train._internal.storage", "_FilesystemSyncer"): "new",
+    ("ray.train._internal.storage", "_upload_to_fs_path"): "value",
+    ("ray.tune", "CheckpointConfig"): "new",
+    ("ray.tune", "FailureConfig"): "new",
+    ("ray.tune", "RunConfig"): "new",
+    ("ray.tune.execution.placement_groups", "PlacementGroupFactory"): "new",
+    ("ray.tune.experiment.experiment", "Experiment"): "new",
+    ("ray.tune.stopper.noop", "NoopStopper"): "new",
+    ("ray.tune.tune_config", "TuneConfig"): "new",
+    # Tune's schedulers, searchers and search space (raylm's distributions)
+    ("ray.tune.schedulers.async_hyperband", "AsyncHyperBandScheduler"): "new",
+    ("ray.tune.schedulers.async_hyperband", "_Bracket"): "new",
+    ("ray.tune.schedulers.trial_scheduler", "FIFOScheduler"): "new",
+    ("ray.tune.search.basic_variant", "_TrialIterator"): "new",
+    ("ray.tune.search.basic_variant", "_VariantIterator"): "new",
+    ("ray.tune.search.optuna.optuna_search", "OptunaSearch"): "new",
+    ("ray.tune.search.sample", "Categorical"): "new",
+    ("ray.tune.search.sample", "Categorical._Uniform"): "new",
+    ("ray.tune.search.sample", "Float"): "new",
+    ("ray.tune.search.sample", "Float._LogUniform"): "new",
+    ("ray.tune.search.sample", "Float._Uniform"): "new",
+    ("ray.tune.search.sample", "Integer"): "new",
+    ("ray.tune.search.sample", "Integer._Uniform"): "new",
+    ("ray.tune.search.sample", "_BackwardsCompatibleNumpyRng"): "new",
+    # Optuna's sampler and in-memory study (tune.search=optuna)
+    ("optuna.distributions", "CategoricalDistribution"): "new",
+    ("optuna.distributions", "FloatDistribution"): "new",
+    ("optuna.distributions", "IntDistribution"): "new",
+    ("optuna.pruners._nop", "NopPruner"): "new",
+    ("optuna.samplers._lazy_random_state", "LazyRandomState"): "new",
+    ("optuna.samplers._random", "RandomSampler"): "new",
+    ("optuna.samplers._tpe.parzen_estimator", "_ParzenEstimator"): "value",
+    ("optuna.samplers._tpe.parzen_estimator", "_ParzenEstimatorParameters"): "new",
+    ("optuna.samplers._tpe.sampler", "TPESampler"): "new",
+    ("optuna.samplers._tpe.sampler", "default_weights"): "value",
+    ("optuna.search_space.intersection", "IntersectionSearchSpace"): "new",
+    ("optuna.storages._in_memory", "InMemoryStorage"): "new",
+    ("optuna.storages._in_memory", "_StudyInfo"): "new",
+    ("optuna.study._study_direction", "StudyDirection"): "call",
+    ("optuna.study.study", "Study"): "new",
+    ("optuna.trial._frozen", "FrozenTrial"): "new",
+    ("optuna.trial._state", "TrialState"): "call",
+    ("optuna.trial._trial", "Trial"): "new",
+    # raylm's own (below; raylm.config's TrainConfig in the callback)
+    ("raylm.config", "TrainConfig"): "new",
+    ("raylm.tune_state", "BasicVariantGenerator"): "new",
+    ("raylm.tune_state", "TrialLog"): "call",
+}
+# Allowed callables that call what they are given (numpy's generator constructors take a
+# bit generator's constructor; TrialLog a log function): whatever a pickle passes them counts
+# as called by the pickle itself.
+CALLS_ITS_ARGUMENTS = frozenset({("numpy.random._pickle", "__bit_generator_ctor"),
+                                 ("numpy.random._pickle", "__generator_ctor"),
+                                 ("numpy.random._pickle", "__randomstate_ctor"),
+                                 ("raylm.tune_state", "TrialLog")})
+
+_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
+_ADDS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS"}  # they call the target's own methods
+_REFUSED = {"PERSID": "a persistent id", "BINPERSID": "a persistent id", "EXT1": "an extension code",
+            "EXT2": "an extension code", "EXT4": "an extension code", "NEXT_BUFFER": "an out-of-band buffer",
+            "READONLY_BUFFER": "an out-of-band buffer"}
+
+
+def _refuse(where: str, what: str) -> UnsafeTuneStateError:
+    return UnsafeTuneStateError(f"{where}: refuses to unpickle {what}, which raylm's searches never save (a "
+                                f"tampered search state, or one saved by an older raylm: start the search anew)")
+
+
+def _fixed(proto: int, module: str, name: str) -> tuple[str, str]:
+    """What the unpickler resolves: below protocol 3 it maps Python 2 names first."""
+    if proto < 3:
+        import _compat_pickle
+
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            return _compat_pickle.NAME_MAPPING[(module, name)]
+        return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+    return module, name
+
+
+class _Item:
+    """What the check knows of one value on the unpickler's stack: a global (module, name),
+    a string, or anything else (None for both)."""
+
+    __slots__ = ("glob", "text", "elements")
+
+    def __init__(self, glob: tuple[str, str] | None = None, text: str | None = None, elements=()):
+        self.glob, self.text = glob, text
+        self.elements = elements  # a tuple's: the globals among its own elements
+
+
+_OTHER = _Item()
+_TUPLES = {"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
+
+
+def pickle_globals(data: bytes, where: str, allowed=None) -> list[tuple[tuple[str, str], str]]:
+    """Every global the pickle `data` resolves, with how the pickle uses it ("call": called
+    by REDUCE, OBJ or INST; "new": a class made by NEWOBJ or NEWOBJ_EX, `cls.__new__(cls)`,
+    whose `__init__` does not run; "value": only held), read from
+    its opcodes without unpickling, by following the unpickler's stack and memo as pickle's
+    own loader does. UnsafeTuneStateError naming `where` for whatever could call or import
+    something that cannot be told without running it: a STACK_GLOBAL whose operands are
+    not strings, a call of anything but a global, BUILD on a global itself (it would set
+    attributes of a module's class or function), persistent ids, extension codes,
+    out-of-band buffers, or a stream the unpickler would not read as this does. With
+    `allowed` (see `check_pickle`), each global is checked as it is met, so that the refusal
+    names the first one not allowed."""
+    found = _Found(where, allowed)
+    stack: list[_Item] = []
+    metastack: list[list[_Item]] = []
+    memo: dict[int, _Item] = {}
+    proto = 0
+
+    def pop(n: int = 1) -> list[_Item]:
+        if len(stack) < n:
+            raise ValueError("stack underflow")
+        out = stack[len(stack) - n:]
+        del stack[len(stack) - n:]
+        return out
+
+    def pop_mark() -> list[_Item]:
+        nonlocal stack
+        if not metastack:
+            raise ValueError("no MARK")
+        items, stack = stack, metastack.pop()
+        return items
+
+    def called(item: _Item, how: str, args, use: str = "call") -> None:
+        """`item` called (or made, `use` "new") with the globals `args` among its arguments."""
+        if item.glob is None:
+            raise _refuse(where, f"a call ({how}) of something that is not a named global")
+        found.append((item.glob, use))
+        if item.glob in CALLS_ITS_ARGUMENTS:  # what it is given, it calls: as if the pickle did
+            found.extend((g, "call") for g in args)
+        stack.append(_OTHER)
+
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            name = op.name
+            if name in _REFUSED:
+                raise _refuse(where, _REFUSED[name])
+            if name in ("FRAME", "STOP"):
+                if name == "STOP":
+                    pop()
+                    if stack or metastack:
+                        raise ValueError("values left on the stack at STOP")
+                    return found
+                continue
+            if name == "PROTO":
+                proto = arg
+            elif name in _STRINGS:
+                stack.append(_Item(text=arg))
+            elif name in ("GLOBAL", "INST"):
+                parts = arg.split(" ")
+                if len(parts) != 2 or not all(parts):
+                    raise _refuse(where, f"a malformed global {arg!r}")
+                glob = _fixed(proto, *parts)
+                if name == "GLOBAL":
+                    found.append((glob, "value"))
+                    stack.append(_Item(glob=glob))
+                else:
+                    called(_Item(glob=glob), "INST", [i.glob for i in pop_mark() if i.glob])
+            elif name == "STACK_GLOBAL":
+                module, qual = pop(2)
+                if module.text is None or qual.text is None:
+                    raise _refuse(where, "a global whose name is computed (STACK_GLOBAL of something but strings)")
+                glob = _fixed(proto, module.text, qual.text)
+                found.append((glob, "value"))
+                stack.append(_Item(glob=glob))
+            elif name in _MEMO_PUT:
+                if not stack:
+                    raise ValueError("memo store of an empty stack")
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            elif name in _MEMO_GET:
+                if arg not in memo:
+                    raise ValueError(f"memo key {arg} not found")
+                stack.append(memo[arg])
+            elif name == "DUP":
+                stack.append(pop()[0])
+                stack.append(stack[-1])
+            elif name == "POP":
+                if stack:
+                    pop()
+                else:
+                    pop_mark()
+            elif name == "POP_MARK":
+                pop_mark()
+            elif name == "MARK":
+                metastack.append(stack)
+                stack = []
+            elif name == "REDUCE":
+                func, args = pop(2)
+                called(func, "REDUCE", args.elements)
+            elif name == "NEWOBJ":
+                cls, args = pop(2)
+                called(cls, "NEWOBJ", args.elements, "new")
+            elif name == "NEWOBJ_EX":
+                cls, args, kwargs = pop(3)
+                called(cls, "NEWOBJ_EX", args.elements, "new")
+            elif name == "OBJ":
+                items = pop_mark()
+                if not items:
+                    raise ValueError("OBJ without a class")
+                called(items[0], "OBJ", [i.glob for i in items[1:] if i.glob])
+            elif name == "BUILD":
+                target, state = pop(2)
+                if target.glob is not None:
+                    raise _refuse(where, f"BUILD on {'.'.join(target.glob)} itself (it would change a "
+                                         f"module's own object)")
+                stack.append(target)
+            else:  # data: the stack effect pickletools documents, nothing called
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    items = pop_mark()
+                    targets = pop(before.index(pickletools.markobject))
+                else:
+                    items = targets = pop(len(before))
+                if name in _ADDS and targets[0].glob is not None:  # extend/append/add of a module's own object
+                    raise _refuse(where, f"{name} into {'.'.join(targets[0].glob)} itself")
+                if name in _TUPLES:
+                    stack.append(_Item(elements=tuple(i.glob for i in items if i.glob)))
+                else:
+                    stack.extend(_OTHER for _ in op.stack_after)
+    except UnsafeTuneStateError:
+        raise
+    except Exception as e:  # truncated or garbled: genops and the stack raise ValueError and others
+        raise UnsafeTuneStateError(f"{where}: not a readable pickle ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else 'truncated'})") from None
+    raise UnsafeTuneStateError(f"{where}: not a readable pickle (no STOP)")
+
+
+class _Found(list):
+    """The (global, use) pairs met so far, each checked against `allowed` (if given) as added."""
+
+    def __init__(self, where: str, allowed):
+        super().__init__()
+        self.where, self.allowed = where, allowed
+
+    def append(self, item) -> None:
+        if self.allowed is not None:
+            glob, use = item
+            may = self.allowed.get(glob)
+            if may is None:
+                raise _refuse(self.where, ".".join(glob))
+            if _USES.index(use) > _USES.index(may):
+                raise _refuse(self.where, f"{'a call' if use == 'call' else 'an instance'} of {'.'.join(glob)}")
+        super().append(item)
+
+    def extend(self, items) -> None:
+        for item in items:
+            self.append(item)
+
+
+def check_pickle(data: bytes, where: str, allowed=None) -> None:
+    """Refuses `data` unless every global it names is allowed for the use it makes of it:
+    `allowed` maps (module, name) to "call" (may be called), "new" (a class that may be made
+    by `__new__` only: its `__init__` has effects) or "value" (may only be held)."""
+    pickle_globals(data, where, ALLOWED if allowed is None else allowed)
+
+
+_USES = ("value", "new", "call")  # each allows those before it
+
+
+def _unhex(value, where: str) -> bytes:
+    """ray._common.utils.hex_to_binary (binascii.unhexlify) of a JSON string; anything but
+    a literal string (such as another fallback object, unpickled before Ray unhexes it)
+    is refused."""
+    if not isinstance(value, str):
+        raise _refuse(where, f"a pickle held as {type(value).__name__}, not a hex string")
+    try:
+        return binascii.unhexlify(value)
+    except (binascii.Error, ValueError) as e:
+        raise UnsafeTuneStateError(f"{where}: not a readable hex-encoded pickle ({e})") from None
+
+
+def _json_pickles(text, where: str) -> tuple[object, list[tuple[str, bytes]]]:
+    """(the JSON document `text`, the pickles Tune's decoder would load from it) where the
+    decoder is `TuneFunctionDecoder(allow_cloudpickle=True)`: every object whose `_type` is
+    the fallback marker, at any depth, is `cloudpickle.loads(hex_to_binary(obj["value"]))`."""
+    blobs = []
+
+    def hook(obj: dict):
+        if obj.get("_type") == FALLBACK:
+            blobs.append((f"{where} (embedded pickle #{len(blobs) + 1})", _unhex(obj.get("value"), where)))
+        return obj
+
+    try:
+        if isinstance(text, (bytes, bytearray)):
+            text = text.decode("utf-8")
+        doc = json.loads(text, object_hook=hook)
+    except UnsafeTuneStateError:
+        raise
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise UnsafeTuneStateError(f"{where}: not readable Tune state ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0]})") from None
+    return doc, [(w, b) for w, b in blobs]
+
+
+def experiment_state_pickles(text, where: str) -> list[tuple[str, bytes]]:
+    """The pickles that `TuneController.resume` and `ExperimentAnalysis` load from one
+    `experiment_state-*.json`: its fallback objects, and those of each trial's two JSON
+    texts in `trial_data`, and each trial's pickled fields."""
+    doc, blobs = _json_pickles(text, where)
+    if not isinstance(doc, dict):
+        raise UnsafeTuneStateError(f"{where}: not Tune experiment state (expected a JSON object)")
+    trials = doc.get("trial_data", [])
+    if not isinstance(trials, list):
+        raise _refuse(where, "trial_data that is not a JSON list")
+    for i, entry in enumerate(trials):
+        # Literal strings: a fallback object here would be unpickled into what Ray then decodes.
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(s, str) for s in entry)):
+            raise _refuse(where, f"trial_data[{i}] that is not two JSON texts")
+        state, more = _json_pickles(entry[0], f"{where}: trial_data[{i}] state")
+        blobs += more
+        blobs += _json_pickles(entry[1], f"{where}: trial_data[{i}] run metadata")[1]
+        if not isinstance(state, dict):
+            raise UnsafeTuneStateError(f"{where}: trial_data[{i}]: not a trial's state (expected a JSON object)")
+        for key in TRIAL_PICKLED_FIELDS:
+            if key in state:
+                field = f"{where}: trial_data[{i}] {key}"
+                blobs.append((field, _unhex(state[key], field)))
+    return blobs
+
+
+def state_files(search_dir: str, s3=None) -> list[tuple[str, str]]:
+    """(uri, kind) of every file at the top of the search's Tune directory that Tune's restore
+    loads: kind "pickle", or "experiment" (an experiment_state JSON)."""
+    out = []
+    for info in storage.list_files(search_dir, s3, pattern=False):  # its name taken literally, not as a glob
+        name = storage.relative(info.uri, search_dir)
+        if "/" in name:  # Tune reads its state from the search's top level only
+            continue
+        if fnmatch.fnmatchcase(name, EXPERIMENT_STATE):
+            out.append((info.uri, "experiment"))
+        elif name == TUNER_FILE or any(fnmatch.fnmatchcase(name, p) for p in STATE_PICKLES):
+            out.append((info.uri, "pickle"))
+    return out
+
+
+def state_pickles(search_dir: str, s3=None) -> list[tuple[str, bytes]]:
+    """(where, bytes) of every pickle Tune's restore of the search in `search_dir` loads."""
+    out = []
+    for uri, kind in state_files(search_dir, s3):
+        data = storage.read_bytes(uri, s3)
+        out += experiment_state_pickles(data, uri) if kind == "experiment" else [(uri, data)]
+    return out
+
+
+def check_search_state(search_dir: str, s3=None) -> None:
+    """Raises UnsafeTuneStateError, naming the file, unless every pickle that restoring the
+    search in `search_dir` (local or s3://) would load names only allowed globals. Nothing
+    is unpickled."""
+    for where, data in state_pickles(search_dir, s3):
+        check_pickle(data, where)
+
+
+# --------------------------------------------------------------------------- state that checks
+#
+# What raylm's searches hand Tune, made so that Tune's state of them pickles by reference:
+# a class defined inside a function, or any function that is not a module's own attribute
+# (a lambda, a nested function), is pickled by value, as code, which no allowlist can let
+# through. Ray is imported here: this module is imported only when a search runs or resumes.
+
+import copy  # noqa: E402
+
+import ray.tune  # noqa: E402
+from ray.tune.experiment.config_parser import _make_parser  # noqa: E402
+from ray.tune.search.basic_variant import BasicVariantGenerator as _BasicVariantGenerator  # noqa: E402
+
+
+class BasicVariantGenerator(_BasicVariantGenerator):
+    """Tune's random and grid search, whose saved state leaves out each trial iterator's
+    argparse parser (rebuilt on restore): argparse keeps a nested function in it, which
+    cloudpickle writes as code, into every search's `basic-variant-state-*.json`."""
+
+    def get_state(self):
+        state = super().get_state()
+        if state:
+            state["_iterators"] = [_without_parser(it) for it in state.get("_iterators", [])]
+        return state
+
+    def set_state(self, state):
+        for it in state.get("_iterators", []):
+            if getattr(it, "parser", None) is None:
+                it.parser = _make_parser()
+        super().set_state(state)
+
+
+def _without_parser(iterator):
+    out = copy.copy(iterator)
+    out.parser = None
+    return out
+
+
+class TrialLog(ray.tune.Callback):
+    """A Tune callback that prints each trial's start, evaluations and end, one line each.
+    It pickles (into tuner.pkl) without its `log` function, which may be any callable, so
+    code: a restored search logs through raylm's own log."""
+
+    def __init__(self, log=None, train=None):
+        if log is None:
+            from raylm.pipeline import log
+        self.log, self.train = log, train
+
+    def __reduce__(self):
+        return TrialLog, (None, self.train)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        from raylm.tune import _params_text
+
+        self.log(f"tune: trial {trial.trial_id} started: {_params_text(trial.config)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "val_loss" in result:
+            self.log(f"tune: trial {trial.trial_id} step {result.get('step')}: val loss {result['val_loss']:.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from raylm.tune import _ended
+
+        step = trial.last_result.get("step") or 0
+        self.log(f"tune: trial {trial.trial_id} {_ended(step, self.train, trial.config)} at step {step}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log(f"tune: trial {trial.trial_id} failed")

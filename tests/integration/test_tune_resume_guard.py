@@ -1,0 +1,97 @@
+"""`raylm tune --resume` checks a search's Tune state before Tune unpickles it.
+
+One tiny 2-trial search runs on this session's local cluster; its real Tune state passes
+the check and the search resumes; the same search with a planted `tuner.pkl` is refused by
+the real `raylm tune --resume` entry in one line naming the file, and its payload, which
+would create a marker file, never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.small import SMALL
+
+pytestmark = pytest.mark.integration
+
+SPACE = """\
+train.lr: loguniform(1.0e-3, 1.0e-2)
+tune: {scheduler: fifo, search: random, max_concurrent_trials: 1, num_samples: 2}
+"""
+SCHEDULE = ["train.num_workers=1", "train.max_steps=4", "train.eval_every=2", "train.log_every=1",
+            "train.ckpt_every=100", "train.timeout_s=300"]
+
+
+@pytest.fixture(scope="module")
+def search(ray_local, tmp_path_factory):
+    """A finished 2-trial random search (local storage): (cfg, its run directory)."""
+    from raylm import tune
+    from raylm.config import load_config
+    from raylm.corpus import iter_builtin_documents
+    from raylm.pipeline import ensure_data, ensure_tokenizer
+
+    root = tmp_path_factory.mktemp("tune-guard")
+    lines, size = [], 0
+    for text in iter_builtin_documents():
+        lines.append(json.dumps({"text": text}))
+        size += len(text)
+        if size > 200_000:
+            break
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    base = load_config(overrides=[f"storage={root}", "name=base", *SMALL, "data.dedup=none", "data.val_fraction=0.1",
+                                  ("data.path", str(root / "corpus.jsonl"))])
+    base, tok = ensure_tokenizer(base)
+    data_dir, _ = ensure_data(base, tok)
+    (root / "space.yaml").write_text(SPACE)
+    cfg = load_config(overrides=[f"storage={root / 'searches'}", "name=guard", f"tokenizer.path={base.tokenizer.path}",
+                                 *SMALL, *SCHEDULE, ("data.path", data_dir)])
+    summary = tune.tune(cfg, str(root / "space.yaml"), log=lambda *_: None)
+    assert summary["trials"] == 2 and not summary["errors"], summary
+    return cfg, root
+
+
+def test_a_real_search_state_passes_the_check_and_resumes(search):
+    from raylm import tune
+    from raylm.tune_state import check_search_state, state_files
+
+    cfg, _ = search
+    kinds = sorted({os.path.basename(u).split("-")[0] for u, _ in state_files(cfg.run_dir)})
+    assert kinds == ["basic", "experiment_state", "tuner.pkl"], kinds  # what Tune saved, every file checked
+    check_search_state(cfg.run_dir)
+    summary = tune.resume(cfg, log=lambda *_: None)
+    assert summary["trials"] == 2 and not summary["errors"], summary
+
+
+class Touch:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def test_a_planted_tuner_pkl_is_refused_by_raylm_tune_resume(search, tmp_path):
+    import ray
+
+    cfg, root = search
+    storage_dir = tmp_path / "searches"
+    shutil.copytree(cfg.run_dir, storage_dir / cfg.name)
+    marker = tmp_path / "pwned"
+    planted = storage_dir / cfg.name / "tuner.pkl"
+    planted.write_bytes(pickle.dumps(Touch(marker), protocol=4))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-m", "raylm.cli", "tune", "--resume", f"name={cfg.name}",
+                          f"storage={storage_dir}"], env=env, capture_output=True, text=True, timeout=300)
+    assert not marker.exists(), "the planted tuner.pkl ran its payload"
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-4000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("raylm: error:")]
+    assert errors and "Traceback" not in out.stderr, out.stderr[-4000:]
+    assert f"{planted}: refuses to unpickle posix.system" in errors[0], errors
