@@ -577,15 +577,32 @@ def keep_in_run(tok: Tokenizer, target: str, s3) -> None:
     neither generated nor resumed."""
     from raylm import checkpoint
 
-    if storage.exists(storage.join(target, META_FILE), s3):
-        have = load_tokenizer(target, s3).sha256
+    sidecar = storage.join(target, META_FILE)
+    if storage.exists(sidecar, s3):
+        run_dir = storage.parent(target.rstrip("/"))
+
+        def trained() -> bool:
+            return checkpoint.latest_complete(run_dir, s3) is not None
+
+        try:
+            have = load_tokenizer(target, s3).sha256
+        except ConfigError:
+            # A pair that does not belong together (a replacement cut between its two writes
+            # by an older raylm, which wrote the model beside the old sidecar): nothing has
+            # trained with it while the run has no complete checkpoint, so it is replaced.
+            if trained():
+                raise
+            have = None
         if have == tok.sha256:
             return
-        run_dir = storage.parent(target.rstrip("/"))
-        if checkpoint.latest_complete(run_dir, s3) is not None:
+        if have is not None and trained():
             raise ConfigError(f"{target}: holds the tokenizer (sha {have[:12]}) that the checkpoints of {run_dir} "
                               f"were trained with, not {tok.path or 'the one given'} (sha {tok.sha256[:12]}); "
                               f"use another run name, or that run's own tokenizer")
+        # The old sidecar goes first: a replacement cut midway leaves a model without one,
+        # which counts as no tokenizer (retrained, or written again by the next run), not a
+        # new model beside the old sidecar.
+        storage.delete(sidecar, s3)
     storage.write_bytes(storage.join(target, MODEL_FILE), tok.model_bytes, s3)
     storage.write_text(storage.join(target, META_FILE), json.dumps(tok.meta, indent=2, sort_keys=True) + "\n", s3)
 

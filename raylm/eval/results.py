@@ -1,16 +1,25 @@
 """An evaluation's record: results.json (one row per task and metric) and results.md (a table).
 
-Each row: task, metric, value, stderr, n, checkpoint, tokenizer_sha256, harness (lm-eval's
-version for harness tasks, "raylm" for the built-in scorers and bits per byte). Both files
-are written under temporary names, flushed to disk and renamed (or, in object storage,
-written as whole objects), markdown last, so a reader never finds a partial result that
-looks complete.
+Each row: task, metric, value, stderr, n, checkpoint, checkpoint_sha256, tokenizer_sha256,
+harness (lm-eval's version for harness tasks, "raylm" for the built-in scorers and bits per
+byte). Both files are written under temporary names, flushed to disk and renamed (or, in
+object storage, written as whole objects), markdown last, so a reader never finds a partial
+result that looks complete; the old results.md goes before the new results.json is written,
+so a cut between the two leaves no table of other results beside it.
+
+`checkpoint_sha256` is the sha256 of the checkpoint's COMMITTED marker, which lists every
+file's size and sha256: it names the weights scored. A checkpoint written again at the same
+step (a run directory reused after its checkpoints were removed) has the same path and step
+but another marker, and `forget_other_results` removes results of its old weights when the
+checkpoint is evaluated again, before the evaluation starts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 
 from raylm import storage
 
@@ -60,6 +69,46 @@ def write_results(out: str, rows: list[dict], header: dict, s3=None) -> dict:
     paths = {"json": storage.join(out, "results.json"), "markdown": storage.join(out, "results.md")}
     # storage.write_text: a whole object on S3; locally a temporary file flushed to disk, then
     # renamed, with the umask's mode (mkstemp's 0600 left the results unreadable to the group).
+    # An earlier table goes first: cut after the new results.json, it would sit beside it.
+    storage.delete(paths["markdown"], s3)
     storage.write_text(paths["json"], doc, s3)
     storage.write_text(paths["markdown"], md, s3)
     return paths
+
+
+def checkpoint_sha256(ckpt: str, s3=None) -> str:
+    """The sha256 of checkpoint `ckpt`'s COMMITTED marker (as a recipe records a model stage's
+    checkpoint): the marker lists the size and sha256 of every file, so it names the weights."""
+    from raylm.checkpoint import COMMIT_MARKER
+
+    return hashlib.sha256(storage.read_bytes(storage.join(ckpt, COMMIT_MARKER), s3)).hexdigest()
+
+
+def _same_place(recorded, ckpt: str) -> bool:
+    """Whether a results file's `checkpoint` is the checkpoint directory `ckpt` (a local one
+    named by a relative or an absolute path, or with a trailing slash, too)."""
+    if not isinstance(recorded, str) or not recorded:
+        return False
+    if storage.is_s3(recorded) or storage.is_s3(ckpt):
+        return recorded.rstrip("/") == ckpt.rstrip("/")
+    return os.path.realpath(recorded) == os.path.realpath(ckpt)
+
+
+def forget_other_results(out: str, ckpt: str, ckpt_sha256: str, s3=None) -> bool:
+    """Remove results.json and results.md from `out` where they score checkpoint `ckpt` but
+    not the weights it holds now (another `checkpoint_sha256`, or none recorded: written
+    before raylm recorded it); returns whether it did. Results of the same weights, or of
+    another checkpoint, stay until the new ones replace them."""
+    json_uri, md_uri = storage.join(out, "results.json"), storage.join(out, "results.md")
+    if not storage.exists(json_uri, s3):
+        return False
+    try:
+        doc = json.loads(storage.read_bytes(json_uri, s3))
+    except ValueError:  # damaged, or not UTF-8: not this checkpoint's results either way
+        doc = None
+    if not isinstance(doc, dict) or not _same_place(doc.get("checkpoint"), ckpt) \
+            or doc.get("checkpoint_sha256") == ckpt_sha256:
+        return False
+    storage.delete(md_uri, s3)
+    storage.delete(json_uri, s3)
+    return True

@@ -14,7 +14,7 @@ import time
 from raylm import checkpoint, storage
 from raylm.config import Config
 from raylm.eval.pool import make_runner
-from raylm.eval.results import rows_from_metrics, write_results
+from raylm.eval.results import checkpoint_sha256, forget_other_results, rows_from_metrics, write_results
 from raylm.eval.scorers import score_gen, score_mc
 from raylm.eval.tasks import check_mc_fits, check_task_names, read_gen_task, read_mc_task, task_name
 from raylm.errors import ConfigError, UserError
@@ -83,7 +83,10 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
                               f"named by its file name): their results rows would read alike; rename the file")
     ckpt = resolve_checkpoint(run, s3)
     meta = checkpoint.read_meta(ckpt, s3)
-    facts = {"checkpoint": ckpt, "step": meta.get("step"), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
+    # The marker's sha256 names the weights: a checkpoint written again at this step has another.
+    facts = {"checkpoint": ckpt, "checkpoint_sha256": checkpoint_sha256(ckpt, s3), "step": meta.get("step"),
+             "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
+    out = out or storage.join(storage.parent(ckpt), "eval", ckpt.rstrip("/").rsplit("/", 1)[-1])
     t0 = time.time()
     rows: list[dict] = []
     # Task files are read (and checked) before any model loads: a bad line fails fast.
@@ -93,6 +96,10 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
 
     for path in corpora:
         list_corpus(path, s3)
+    # Results there of this checkpoint's earlier weights go now: an evaluation that then fails
+    # must not leave them for a reader to take as this checkpoint's.
+    if forget_other_results(out, ckpt, facts["checkpoint_sha256"], s3):
+        log(f"eval: removed the results in {out}: they scored earlier weights of {ckpt}")
     version = ""
     if tasks or mc or gen:
         # One runner (one actor pool, started here) for the harness's tasks and the built-in ones.
@@ -128,7 +135,6 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
                       **facts, "harness": "raylm"} for m in ("bpb", "loss", "ppl")]
     header = {**facts, "lm_eval_version": version, "seconds": round(time.time() - t0, 2),
               "workers": ec.workers}
-    out = out or storage.join(storage.parent(ckpt), "eval", ckpt.rstrip("/").rsplit("/", 1)[-1])
     paths = write_results(out, rows, header, s3)
     log(f"eval: {len(rows)} results -> {paths['json']}")
     return {**header, "results": rows, "paths": paths}
