@@ -83,7 +83,10 @@ TEXT_ENCODING = 2
 # remotes are kept; an address written with a full-width '＠' is redacted.
 # 8: de-duplication and the split by document hash the redacted text: documents that differ
 # only in their PII are duplicates, and one text on one side of the split.
-CLEANING = 8
+# 9: text opening with a UTF-16 or UTF-32 byte order mark is read in that encoding (it was a bad
+# record), as are parquet text stored as bytes and JSON lines after a mid-file UTF-8 mark; an
+# empty .txt file is a bad record (an empty shard), and so is a record naming data.text_field twice.
+CLEANING = 9
 
 
 from raylm.errors import DataError  # noqa: E402,F401  (defined with raylm's other error types)

@@ -1,6 +1,7 @@
 """Corpus files -> cleaned documents: parsing, cleaning and the train/validation split.
 
-    bytes (.txt .jsonl .jsonl.gz .parquet, in any case, gunzipped by name, a leading BOM dropped)
+    bytes (.txt .jsonl .jsonl.gz .parquet, in any case, gunzipped by name, a leading UTF-8 BOM
+      dropped, UTF-16 or UTF-32 that opens with its BOM converted to UTF-8)
       -> documents, each with its line (a .txt file is one document; a bad record is kept
          as a DataError naming its file and line, for the error budget)
       -> clean_text (NFC, control characters, whitespace) and length filters
@@ -93,6 +94,27 @@ def _without_bom(raw: bytes) -> bytes:
     return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
 
 
+# UTF-32 first: its little-endian mark begins with UTF-16's.
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+              (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _as_utf8(raw: bytes, path: str) -> bytes:
+    """A text file's bytes as UTF-8 without a byte order mark. A file that opens with a UTF-16
+    or UTF-32 mark (Windows Notepad's and Excel's "Unicode text") is that encoding, without a
+    doubt: it is converted, not read as UTF-8 (where every line of it was a bad record, or
+    the whole file one whose message said nothing of UTF-16). DataError naming the file if it
+    does not decode as what its mark says."""
+    for bom, codec in _WIDE_BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw.decode(codec).encode("utf-8")  # the codec reads and drops the mark
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: begins with a {codec.upper()} byte order mark but is not valid "
+                                f"{codec.upper()} (at byte offset {e.start})") from None
+    return _without_bom(raw)
+
+
 def read_parquet(path: str, raw: bytes):
     """One parquet file's table from its bytes; DataError naming the file if it is damaged."""
     try:
@@ -113,9 +135,12 @@ def parse_documents(path: str, raw: bytes, text_field: str):
         return
     if name.endswith(".txt"):
         try:
-            yield 1, _decode(_without_bom(raw), path)  # one document per text file
+            text = _decode(_as_utf8(raw, path), path)  # one document per text file
         except DataError as e:
             yield 1, e
+            return
+        if text:  # an empty file is an empty shard, as for the other formats (one of blank lines is a
+            yield 1, text  # document, dropped by the length filter)
         return
     if name.endswith(".parquet"):
         try:
@@ -140,7 +165,7 @@ def parse_documents(path: str, raw: bytes, text_field: str):
             else:
                 yield i, text
         return
-    for i, record in json_lines(path, raw):
+    for i, record in json_lines(path, raw, unique=text_field):
         where = f"{path}:{i}"
         if isinstance(record, DataError):
             yield i, record
@@ -158,9 +183,29 @@ def parse_documents(path: str, raw: bytes, text_field: str):
             yield i, record[text_field]
 
 
+def _binary(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _binary(t.value_type)
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t))
+
+
 def _strings(column: pa.ChunkedArray, path: str, field: str) -> list:
     """A parquet column's values as Python objects. Parquet does not check that a string
-    column holds UTF-8, so a row that does not is a DataError naming it, not a crash."""
+    column holds UTF-8, so a row that does not is a DataError naming it, not a crash. A
+    column of bytes is text too (parquet's BYTE_ARRAY without the UTF8 annotation, as some
+    writers leave their strings), decoded as UTF-8 row by row; every row of one was a bad
+    record."""
+    if _binary(column.type):
+        values = column.to_pylist()
+        for i, v in enumerate(values):
+            if isinstance(v, bytes):
+                try:
+                    values[i] = v.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    values[i] = DataError(f"{path}: row {i + 1}: {field!r} is not valid UTF-8 "
+                                          f"(byte {v[e.start]:#04x} at offset {e.start})")
+        return values
     try:
         return column.to_pylist()
     except UnicodeDecodeError:  # rare: find the rows one by one
@@ -174,14 +219,42 @@ def _strings(column: pa.ChunkedArray, path: str, field: str) -> list:
         return values
 
 
-def json_lines(path: str, raw: bytes):
+def _top_level_count(text: str, key: str) -> int:
+    """How many times an object given as JSON text names `key` at its top level (json.loads
+    keeps the last of repeated names without a word)."""
+    outermost: list = []
+
+    def pairs(items: list) -> dict:
+        outermost[:] = items  # objects close inside out: the last call is the outermost
+        return dict(items)
+
+    json.loads(text, object_pairs_hook=pairs)
+    return sum(k == key for k, _ in outermost)
+
+
+def json_lines(path: str, raw: bytes, unique: str | None = None):
     """(line number, parsed value) or (line number, DataError) for each non-blank line of a
-    JSON-lines file: the one reader of corpus documents and of SFT/DPO records."""
-    for i, line in enumerate(_without_bom(raw).split(b"\n"), start=1):
+    JSON-lines file: the one reader of corpus documents and of SFT/DPO records. `unique`: a
+    field named more than once in a record's object is a bad record (which of its values is
+    meant is anyone's guess), checked only on lines where the name occurs twice."""
+    try:
+        raw = _as_utf8(raw, path)
+    except DataError as e:
+        yield 0, e
+        return
+    needle = json.dumps(unique, ensure_ascii=False).encode() if unique is not None else None
+    for i, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
+        if line.startswith(codecs.BOM_UTF8):  # files with their marks joined (cat, gzip members): never JSON
+            line = line[len(codecs.BOM_UTF8):]
         try:
-            yield i, json.loads(_decode(line, f"{path}:{i}"))
+            text = _decode(line, f"{path}:{i}")
+            value = json.loads(text)
+            if needle is not None and isinstance(value, dict) and line.count(needle) > 1 \
+                    and (n := _top_level_count(text, unique)) > 1:
+                value = DataError(f"{path}:{i}: field {unique!r} appears {n} times in one record")
+            yield i, value
         except DataError as e:
             yield i, e
         except json.JSONDecodeError as e:
