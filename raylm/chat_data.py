@@ -22,7 +22,14 @@ Record formats:
          {"prompt": str, "completion": str}
     DPO  {"prompt": str, "chosen": str, "rejected": str}
          {"messages": [...the conversation so far, ending with a user turn...], "chosen": str, "rejected": str}
+         TRL's conversational forms: "prompt" as such a message list, "chosen" and "rejected" as
+         [{"role": "assistant", "content": str}]; or, with no prompt, "chosen" and "rejected" as
+         whole conversations, the same up to their last (assistant) message
          (a pair's loss mask covers its response alone, never earlier assistant turns)
+    A content may be OpenAI's list of text parts ([{"type": "text", "text": str}, ...], joined
+    with nothing between, as raylm serve joins them); "developer" is a system message. Parquet
+    text stored as bytes is read as UTF-8; a parquet file's other columns are not read. A JSON
+    record that names a field, or a message's role or content, twice is a bad record.
 
 A record that is malformed (unknown role, empty content, `messages` not a list, no
 assistant turn, a lone surrogate escape in text, a DPO pair whose chosen and rejected are the
@@ -50,6 +57,7 @@ replaced (`stats.pii`).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -65,7 +73,8 @@ from raylm.config import DataConfig, S3Config
 from raylm.data import (CLEANING, FORMAT_VERSION, MANIFEST, DataError, check_error_budget, remove_stale_attempts,
                         source_rows, list_corpus, read_manifest)
 from raylm.dedup import content_hash
-from raylm.documents import encodable, check_plain_types, decompressed, json_lines, read_parquet, stable_fraction
+from raylm.documents import (_as_utf8, encodable, check_plain_types, decompressed, json_lines, read_parquet,
+                             stable_fraction)
 from raylm.pii import PII_TYPES, redact as redact_pii
 from raylm.tokenizer import CHAT_ROLES
 
@@ -76,6 +85,15 @@ COLUMNS = {"sft": ("tokens", "loss_mask"), "dpo": ("chosen", "chosen_mask", "rej
 # --------------------------------------------------------------------------- records
 
 
+# The fields a record is read from (a parquet file's other columns are never converted), and
+# within them, the keys of a message and of a content part. A key named twice in one of these
+# objects is a bad record: json.loads keeps the last of repeated names without a word, so which
+# text trains would be the file's accident.
+FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
+MESSAGE_KEYS = ("role", "content")
+PART_KEYS = ("type", "text")
+
+
 def parse_records(path: str, raw: bytes):
     """(line, record dict) or (line, DataError) for each record of one file."""
     try:
@@ -84,15 +102,127 @@ def parse_records(path: str, raw: bytes):
         yield 0, e
         return
     if path.lower().endswith(".parquet"):
-        try:
-            table = read_parquet(path, raw)
-            check_plain_types(table.schema, path)
-        except DataError as e:
-            yield 0, e
-            return
-        yield from enumerate(table.to_pylist(), start=1)
+        yield from _parquet_records(path, raw)
         return
-    yield from json_lines(path, raw)
+    lines = None
+    for i, value in json_lines(path, raw):
+        if isinstance(value, dict):
+            if lines is None:  # as json_lines reads them: UTF-8, without byte order marks
+                lines = _as_utf8(raw, path).split(b"\n")
+            line = lines[i - 1]
+            line = line[len(codecs.BOM_UTF8):] if line.startswith(codecs.BOM_UTF8) else line
+            twice = _named_twice(json.loads(line.decode("utf-8"), object_pairs_hook=_Pairs.of))
+            if twice:
+                value = DataError(f"{path}:{i}: {twice} appears more than once in one record (JSON keeps "
+                                  f"the last silently: which one is meant is unknown)")
+        yield i, value
+
+
+class _Pairs(dict):
+    """A JSON object that remembers which of its keys were named more than once."""
+    repeated: frozenset = frozenset()
+
+    @classmethod
+    def of(cls, items: list) -> "_Pairs":
+        d = cls(items)
+        if len(d) < len(items):
+            seen: set = set()
+            d.repeated = frozenset(k for k, _ in items if k in seen or seen.add(k))
+        return d
+
+
+def _named_twice(record) -> str | None:
+    """What a record (parsed with `_Pairs.of`) names twice among what is read of it: a field,
+    a message's role or content, a content part's type or text; None if nothing."""
+    if not isinstance(record, _Pairs):
+        return None
+    for key in FIELDS:
+        if key in record.repeated:
+            return f"field {key!r}"
+    for key in FIELDS:
+        messages = record.get(key)
+        for i, m in enumerate(messages if isinstance(messages, list) else ()):
+            if not isinstance(m, _Pairs):
+                continue
+            for k in MESSAGE_KEYS:
+                if k in m.repeated:
+                    return f"{key!r} message {i}: key {k!r}"
+            for j, part in enumerate(m["content"] if isinstance(m.get("content"), list) else ()):
+                for k in PART_KEYS:
+                    if isinstance(part, _Pairs) and k in part.repeated:
+                        return f"{key!r} message {i} content part {j}: key {k!r}"
+    return None
+
+
+def _has_binary(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _has_binary(t.value_type)
+    if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t)):
+        return True
+    return any(_has_binary(t.field(i).type) for i in range(t.num_fields))
+
+
+def _as_text(value):
+    """`value` with every bytes in it (at any depth) decoded as UTF-8; UnicodeDecodeError if one
+    does not decode."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, list):
+        return [_as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_text(v) for k, v in value.items()}
+    return value
+
+
+def _parquet_records(path: str, raw: bytes):
+    """A parquet file's rows as records of its FIELDS columns alone (other columns are never
+    converted: a score, an id or text that is not UTF-8 there is not the record's concern).
+    Text stored as bytes (binary columns, at any depth: a `messages` list of structs of binary
+    role and content) is read as UTF-8, as corpus files' is; a value that is not UTF-8, in a
+    string or a binary column, is a bad record naming its row and column."""
+    try:
+        table = read_parquet(path, raw)
+    except DataError as e:
+        yield 0, e
+        return
+    try:  # every column, read or not: a file with a column that unpickles is refused whole
+        check_plain_types(table.schema, path)
+    except DataError as e:
+        yield 0, e
+        return
+    names = [c for c in FIELDS if c in table.column_names]
+    if not names:
+        yield 0, DataError(f"{path}: no column {', '.join(map(repr, FIELDS))} (columns: "
+                           f"{', '.join(table.column_names) or 'none'})")
+        return
+    table = table.select(names)
+    columns = {}
+    for name in names:
+        col = table.column(name)
+        try:
+            values = col.to_pylist()
+        except UnicodeDecodeError:  # a string column that is not UTF-8 (parquet does not check): row by row
+            values = []
+            for i in range(len(col)):
+                try:
+                    values.append(col[i].as_py())
+                except UnicodeDecodeError as e:
+                    values.append(DataError(f"{path}:{i + 1}: column {name!r} is not valid UTF-8 "
+                                            f"(byte {e.object[e.start]:#04x} at offset {e.start})"))
+        if _has_binary(col.type):
+            for i, v in enumerate(values):
+                if not isinstance(v, DataError):
+                    try:
+                        values[i] = _as_text(v)
+                    except UnicodeDecodeError as e:
+                        values[i] = DataError(f"{path}:{i + 1}: column {name!r} holds bytes that are not UTF-8 "
+                                              f"(byte {e.object[e.start]:#04x} at offset {e.start})")
+        columns[name] = values
+    for i in range(table.num_rows):
+        record = {name: columns[name][i] for name in names}
+        bad = next((v for v in record.values() if isinstance(v, DataError)), None)
+        yield i + 1, bad if bad is not None else record
 
 
 def _text(record: dict, key: str, where: str) -> str:
@@ -110,19 +240,81 @@ def _has(record: dict, key: str) -> bool:
     return record.get(key) is not None
 
 
-def _messages(record: dict, where: str, need_assistant: bool) -> list[dict]:
-    msgs = record["messages"]
+def _content(m: dict, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of content parts (`[{"type": "text", "text":
+    ...}, ...]`, which raylm serve takes too) joined as serve joins them, with nothing between."""
+    parts = m.get("content")
+    if not isinstance(parts, list):
+        return _text(m, "content", where)
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            got = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise DataError(f"{where}: content part {j} is {got!r}, not a text part ({{\"type\": \"text\", "
+                            f"\"text\": ...}}): only text trains")
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}: content part {j}: 'text' must be a string")
+        texts.append(part["text"])
+    return _text({"content": "".join(texts)}, "content", where)
+
+
+# OpenAI's newer name of the system role; raylm serve reads it so too.
+ROLE_ALIASES = {"developer": "system"}
+
+
+def _messages(record: dict, where: str, need_assistant: bool, key: str = "messages") -> list[dict]:
+    msgs = record[key]
     if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: 'messages' must be a non-empty list (got {type(msgs).__name__})")
+        hint = " (a JSON string of the list? give the list itself)" if isinstance(msgs, str) and \
+            msgs.lstrip().startswith("[") else ""
+        raise DataError(f"{where}: {key!r} must be a non-empty list (got {type(msgs).__name__}){hint}")
+    out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise DataError(f"{where}: message {i} is a {type(m).__name__}, not an object with role and content")
-        if m.get("role") not in CHAT_ROLES:
+        role = ROLE_ALIASES.get(m.get("role"), m.get("role"))
+        if role not in CHAT_ROLES:
             raise DataError(f"{where}: message {i} has role {m.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}")
-        _text(m, "content", f"{where}: message {i}")
-    if need_assistant and not any(m["role"] == "assistant" for m in msgs):
+        out.append({"role": role, "content": _content(m, f"{where}: message {i}")})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant message, so nothing to learn from")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return out
+
+
+def _response(record: dict, key: str, where: str) -> str:
+    """A DPO side: a string, or (TRL's conversational form) a list of one assistant message."""
+    value = record.get(key)
+    if not isinstance(value, list):
+        return _text(record, key, where)
+    msgs = _messages(record, where, need_assistant=False, key=key)
+    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+        raise DataError(f"{where}: {key!r} as a list must be one assistant message, the response (got "
+                        f"{', '.join(m['role'] for m in msgs)})")
+    return msgs[0]["content"]
+
+
+def _dpo_prompt(record: dict, where: str) -> list[dict]:
+    """A DPO record's conversation before its responses: `messages`, or `prompt` as a string or
+    (TRL's conversational form) a message list; with neither, TRL's implicit prompt: `chosen` and
+    `rejected` as whole conversations, the same up to their last message, each response."""
+    for key in ("messages", "prompt"):
+        if _has(record, key) and (key == "messages" or isinstance(record[key], list)):
+            prompt = _messages(record, where, need_assistant=False, key=key)
+            break
+    else:
+        if not _has(record, "prompt") and isinstance(record.get("chosen"), list) \
+                and isinstance(record.get("rejected"), list):
+            sides = [_messages(record, where, need_assistant=False, key=k) for k in ("chosen", "rejected")]
+            if any(len(s) < 2 or s[-1]["role"] != "assistant" for s in sides) or sides[0][:-1] != sides[1][:-1]:
+                raise DataError(f"{where}: with no 'prompt', 'chosen' and 'rejected' must be conversations that "
+                                f"are the same up to their last message, an assistant response each")
+            prompt, key = sides[0][:-1], "chosen"
+        else:
+            return [{"role": "user", "content": _text(record, "prompt", where)}]
+    if prompt[-1]["role"] != "user":  # chosen and rejected answer the last turn
+        raise DataError(f"{where}: {key!r} must end with a user message, the one chosen and rejected answer "
+                        f"(the last is {prompt[-1]['role']!r})")
+    return prompt
 
 
 def conversation(record, kind: str, where: str):
@@ -137,14 +329,11 @@ def conversation(record, kind: str, where: str):
                     {"role": "assistant", "content": _text(record, "completion", where)}]
         found = ", ".join(k for k in record if _has(record, k)) or "nothing"
         raise DataError(f"{where}: expected 'messages' or 'prompt' and 'completion' (found: {found})")
-    if _has(record, "messages"):
-        prompt = _messages(record, where, need_assistant=False)
-        if prompt[-1]["role"] != "user":  # chosen and rejected answer the last turn
-            raise DataError(f"{where}: 'messages' must end with a user message, the one chosen and rejected "
-                            f"answer (the last is {prompt[-1]['role']!r})")
+    prompt = _dpo_prompt(record, where)
+    if not _has(record, "prompt") and not _has(record, "messages") and isinstance(record.get("chosen"), list):
+        chosen, rejected = (_messages(record, where, False, k)[-1]["content"] for k in ("chosen", "rejected"))
     else:
-        prompt = [{"role": "user", "content": _text(record, "prompt", where)}]
-    chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
+        chosen, rejected = _response(record, "chosen", where), _response(record, "rejected", where)
     if chosen == rejected:
         # Identical sides make the DPO margin zero whatever the weights: a constant loss with no
         # gradient, yet the pair counts in the normaliser and in preference accuracy.
@@ -321,7 +510,12 @@ CHAT_ENCODING = 2
 # DPO 1: a pair whose chosen and rejected are the same text is a bad record, and pairs split by
 # their prompt, not the whole record. DPO 2: so is a pair whose two texts encode to the same ids.
 # SFT 1: records split by their conversation, not the whole record (its other fields too).
-KIND_ROWS = {"sft": 1, "dpo": 2}
+# Both, SFT 2 and DPO 3: parquet text stored as bytes, content given as a list of text parts and
+# the `developer` role are read (each was a bad record), DPO's TRL conversational forms too; a
+# record naming a field (or a message's role or content) twice is a bad record (the last was
+# kept); a parquet file's columns other than the record's are not read (one not UTF-8 ended
+# the preparation).
+KIND_ROWS = {"sft": 2, "dpo": 3}
 
 
 def record_dedup(cfg: DataConfig) -> str:

@@ -11,7 +11,7 @@ import types
 import pytest
 
 from raylm import synthetic as S
-from raylm.chat_data import CHAT_ENCODING, dataset_key, encode_file
+from raylm.chat_data import CHAT_ENCODING, KIND_ROWS, dataset_key, encode_file
 from raylm.config import DataConfig
 from raylm.data import FORMAT_VERSION
 from raylm.pii import PII_TYPES
@@ -129,8 +129,9 @@ def test_dataset_key_follows_redaction_and_dedup(kind):
 
 
 def test_dpo_key_with_both_off_is_the_key_before():
-    """DPO rows without redaction and de-duplication are the rows they were: its datasets and
-    runs prepared before keep their key. SFT's split changed, so its key did."""
+    """DPO's key without redaction and de-duplication names nothing of them: only its row
+    rules' version (KIND_ROWS, raised when the rows changed) tells it from the key before
+    they were added. SFT's split changed, so its key did."""
     def before(kind, rows):
         fields = {"kind": kind, "sources": [["/d/records.jsonl", 10, "1"]], "seq_len": 128, "val_fraction": 0.02,
                   "tokenizer": "t" * 64, "seed": 0, "version": FORMAT_VERSION, "chat_encoding": CHAT_ENCODING,
@@ -138,5 +139,5 @@ def test_dpo_key_with_both_off_is_the_key_before():
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
     off = {"redact_pii": (), "dedup": "none"}
-    assert _key("dpo", **off) == before("dpo", 2)
+    assert _key("dpo", **off) == before("dpo", KIND_ROWS["dpo"])
     assert _key("sft", **off) != before("sft", 0)
