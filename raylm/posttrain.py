@@ -48,13 +48,26 @@ def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
                           f"its own checkpoints; pass --from {storage.parent(recorded)}, or start a new run "
                           f"(another name=)")
     ckpt = recorded or resolve_checkpoint(cfg.init_from, cfg.s3)
-    meta = checkpoint.read_meta(ckpt, cfg.s3)
-    if not isinstance(meta.get("config"), dict) or not meta.get("tokenizer"):
-        raise checkpoint.CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: no config or tokenizer recorded")
-    parent_cfg = recorded_config(meta["config"])  # not validated again: see recorded_config
-    marker = storage.read_bytes(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3)
-    facts = {"checkpoint": ckpt, "sha256": hashlib.sha256(marker).hexdigest(), "stage": parent_cfg.stage,
-             "tokenizer": tokenizer_of(ckpt, meta, cfg.s3), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
+    if recorded and not storage.exists(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3):
+        # The parent checkpoint is gone (deleted, or removed by its run's retention): an SFT
+        # run resuming from a checkpoint of its own needs nothing of it, its model and
+        # tokenizer are its own, and its record keeps the parent's facts. DPO's reference is
+        # the parent's weights: there it must still be there.
+        if cfg.stage != "sft":
+            from raylm.errors import PathNotFoundError
+
+            raise PathNotFoundError(f"{ckpt}: no complete checkpoint there; it is the parent "
+                                    f"{storage.join(cfg.run_dir, RECORD)} names and {cfg.stage.upper()}'s reference: "
+                                    f"restore it, or start a new run (another name=)")
+        parent_cfg, facts, ckpt = _parent_from_own_run(cfg, ckpt)
+    else:
+        meta = checkpoint.read_meta(ckpt, cfg.s3)
+        if not isinstance(meta.get("config"), dict) or not meta.get("tokenizer"):
+            raise checkpoint.CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: no config or tokenizer recorded")
+        parent_cfg = recorded_config(meta["config"])  # not validated again: see recorded_config
+        marker = storage.read_bytes(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3)
+        facts = {"checkpoint": ckpt, "sha256": hashlib.sha256(marker).hexdigest(), "stage": parent_cfg.stage,
+                 "tokenizer": tokenizer_of(ckpt, meta, cfg.s3), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
     _check_model_overrides(cfg, parent_cfg, ckpt)
     limit = parent_cfg.model.max_seq_len
     if cfg.data.seq_len > limit:
@@ -67,6 +80,24 @@ def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
     cfg = dataclasses.replace(cfg, init_from=ckpt, model=parent_cfg.model,
                               tokenizer=dataclasses.replace(cfg.tokenizer, path=facts["tokenizer"]))
     return cfg, facts
+
+
+def _parent_from_own_run(cfg: Config, recorded: str) -> tuple[Config, dict, str]:
+    """(model config, parent facts, checkpoint named in errors) for an SFT run resuming while
+    its parent checkpoint `recorded` is gone: the model and the tokenizer come from the run's
+    own newest complete checkpoint, the parent's facts from the run's record."""
+    own = checkpoint.latest_complete(cfg.run_dir, cfg.s3)
+    meta = checkpoint.read_meta(own, cfg.s3)
+    if not isinstance(meta.get("config"), dict):
+        raise checkpoint.CheckpointError(f"{storage.join(own, checkpoint.META)}: no config recorded")
+    record = json.loads(storage.read_text(storage.join(cfg.run_dir, RECORD), cfg.s3))  # read by recorded_parent
+    recorded_facts = record["parent"]
+    facts = {"checkpoint": recorded, "sha256": str(recorded_facts.get("sha256", "")),
+             "stage": str(recorded_facts.get("stage", "")), "tokenizer": tokenizer_of(own, meta, cfg.s3),
+             "tokenizer_sha256": meta.get("tokenizer_sha256") or str(recorded_facts.get("tokenizer_sha256", ""))}
+    log(f"{cfg.stage}: the parent checkpoint {recorded} is gone; resuming from {own} with the run's own model "
+        f"and tokenizer")
+    return recorded_config(meta["config"]), facts, own
 
 
 def _where(uri: str) -> str:
@@ -87,6 +118,10 @@ def recorded_parent(cfg: Config, resume: str) -> str | None:
         record = json.loads(storage.read_text(uri, cfg.s3))
     except ValueError as e:
         raise ConfigError(f"{uri}: not valid JSON ({e}); repair it or start a new run") from None
+    stage = record.get("stage") if isinstance(record, dict) else None
+    if isinstance(stage, str) and stage != cfg.stage:  # resuming it would train its checkpoints on another objective
+        raise ConfigError(f"{cfg.run_dir}: a stage={stage} run, not {cfg.stage}; give the {cfg.stage} run its own "
+                          f"directory (another name=)")
     parent = record.get("parent") if isinstance(record, dict) else None
     if not isinstance(parent, dict) or not isinstance(parent.get("checkpoint"), str):
         raise ConfigError(f"{uri}: records no parent checkpoint; repair it or start a new run")
