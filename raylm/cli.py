@@ -171,8 +171,22 @@ def cmd_posttrain(args) -> None:
     # A recorded run (--from-record) keeps its name and settings; --from and the subcommand are the line's.
     base = {"name": f"{name}-{args.stage}", **STAGE_DEFAULTS[args.stage]}
     cfg = _config(args, base=base, given={"stage": args.stage, "init_from": args.from_run}, stage=args.stage)
-    summary = posttrain(cfg, resume="must" if args.resume else "auto", max_failures=args.max_failures)
+    summary = posttrain(cfg, resume="must" if args.resume else "auto", max_failures=args.max_failures,
+                        given=_model_keys_given(args, cfg))
     print(json.dumps(summary, indent=1))
+
+
+def _model_keys_given(args, cfg) -> frozenset:
+    """The model.* keys the command line and its --config set: post-training refuses any that
+    differs from the parent's, even at its default value (`model.dim=128` on a dim-64 parent
+    was dropped without a word, 128 being the default)."""
+    from raylm.config import _load_config_yaml, _nest, _read_config_text
+
+    keys = {f"model.{k}" for k in _nest(args.overrides).get("model", {})}
+    if args.config:  # read again: load_config has checked it
+        loaded = _load_config_yaml(_read_config_text(args.config, "config file", cfg.s3)) or {}
+        keys |= {f"model.{k}" for k in (loaded.get("model") or {})}
+    return frozenset(keys)
 
 
 def cmd_tune(args) -> None:

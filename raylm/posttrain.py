@@ -36,11 +36,12 @@ from raylm.record import RECORD, write_record
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 
 
-def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
+def parent_of(cfg: Config, recorded: str | None = None, given: frozenset = frozenset()) -> tuple[Config, dict]:
     """cfg with the parent's model shape and tokenizer, init_from pinned to the parent's
     checkpoint, and facts about the parent ({checkpoint, sha256, stage}). `recorded` is the
-    checkpoint a resumed run started from (`recorded_parent`). Fails before any cluster work
-    when the parent is missing."""
+    checkpoint a resumed run started from (`recorded_parent`). `given`: the model.* keys the
+    user set (`_check_model_overrides`). Fails before any cluster work when the parent is
+    missing."""
     if not cfg.init_from:
         raise ConfigError(f"stage={cfg.stage} needs --from RUN (init_from): the run or checkpoint to start from")
     if recorded and _where(cfg.init_from) not in (_where(recorded), storage.parent(recorded)):
@@ -68,7 +69,7 @@ def parent_of(cfg: Config, recorded: str | None = None) -> tuple[Config, dict]:
         marker = storage.read_bytes(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3)
         facts = {"checkpoint": ckpt, "sha256": hashlib.sha256(marker).hexdigest(), "stage": parent_cfg.stage,
                  "tokenizer": tokenizer_of(ckpt, meta, cfg.s3), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
-    _check_model_overrides(cfg, parent_cfg, ckpt)
+    _check_model_overrides(cfg, parent_cfg, ckpt, given)
     limit = parent_cfg.model.max_seq_len
     if cfg.data.seq_len > limit:
         if cfg.data.seq_len != DataConfig().seq_len:
@@ -128,13 +129,16 @@ def recorded_parent(cfg: Config, resume: str) -> str | None:
     return parent["checkpoint"]
 
 
-def _check_model_overrides(cfg: Config, parent_cfg: Config, ckpt: str) -> None:
-    """Post-training keeps the parent's model shape: a model.* setting that differs from both
-    the default and the parent's would be dropped without a word, so it is refused."""
+def _check_model_overrides(cfg: Config, parent_cfg: Config, ckpt: str, given: frozenset = frozenset()) -> None:
+    """Post-training keeps the parent's model shape: a model.* setting that differs from the
+    parent's would be dropped without a word, so it is refused. Without `given` (the keys the
+    user set: the CLI passes them; `model.preset` sets them all) a value that equals the
+    default cannot be told from one nobody set, and is let through."""
     default = Config().model
     for f in dataclasses.fields(ModelConfig):
         ours, theirs = getattr(cfg.model, f.name), getattr(parent_cfg.model, f.name)
-        if ours != getattr(default, f.name) and ours != theirs:
+        set_here = f"model.{f.name}" in given or "model.preset" in given or ours != getattr(default, f.name)
+        if set_here and ours != theirs:
             raise ConfigError(f"model.{f.name}={ours}: {cfg.stage} keeps the parent's model shape "
                               f"(model.{f.name}={theirs} in {ckpt}); drop the setting")
 
@@ -148,8 +152,9 @@ def check_records_path(cfg: Config) -> None:
         raise DataError(f"{text[0]}: {cfg.stage.upper()} records come as .jsonl, .jsonl.gz or .parquet, not .txt")
 
 
-def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
-    """SFT or DPO (cfg.stage) from cfg.init_from on the records at data.path; returns a summary."""
+def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0, given: frozenset = frozenset()) -> dict:
+    """SFT or DPO (cfg.stage) from cfg.init_from on the records at data.path; returns a summary.
+    `given`: the model.* keys the user set, each refused where it differs from the parent's."""
     from raylm.train import resume_point
 
     t0 = time.time()
@@ -160,7 +165,7 @@ def posttrain(cfg: Config, resume: str = "auto", max_failures: int = 0) -> dict:
         from raylm.objectives import check_dpo_train_settings
 
         check_dpo_train_settings(cfg.train)
-    cfg, parent = parent_of(cfg, recorded_parent(cfg, resume))
+    cfg, parent = parent_of(cfg, recorded_parent(cfg, resume), given)
     check_records_path(cfg)
     check_gpus_here(cfg)
     if resume == "must":  # --resume with nothing to resume: say so before anything is written

@@ -113,3 +113,20 @@ def test_a_parent_trained_with_settings_a_later_raylm_refuses_is_still_a_parent(
     write(meta)
     with pytest.raises(ConfigError, match=r"model\.dim"):
         parent_of(sft_config(str(parent), "data.seq_len=64"))
+
+
+def test_a_model_setting_at_its_default_is_refused_where_the_parent_differs(tiny_run, tmp_path, capsys):
+    """`raylm sft --from RUN model.dim=128` on a dim-64 parent: 128 is the default, so the value
+    alone could not tell it from no setting, and it was dropped without a word. The command
+    line's keys (and its --config's) say it was set."""
+    from raylm.cli import main
+
+    (tmp_path / "c.yaml").write_text("model:\n  n_layers: 4\n")
+    for argv in (["model.dim=128"], ["--config", str(tmp_path / "c.yaml")]):
+        assert main(["sft", "--from", str(tiny_run), "--data", str(tmp_path / "chat.jsonl"),
+                     f"storage={tmp_path}", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "sft keeps the parent's model shape" in err and ("model.dim=128" in err or "model.n_layers=4" in err), err
+    with pytest.raises(ConfigError, match=r"^model\.dim=128: sft keeps"):
+        parent_of(sft_config(tiny_run, "model.dim=128"), given=frozenset({"model.dim"}))
+    parent_of(sft_config(tiny_run), given=frozenset())  # nothing set: the parent's shape, no word
