@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.emit import run_and_emit  # noqa: E402
+from raylm.errors import ConfigError  # noqa: E402
 from raylm.mup_sweep import SweepConfig, batches, best_log2_lr, markov_tokens, sweep  # noqa: E402
 
 
@@ -71,25 +72,28 @@ def main() -> dict:
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="")
     args = p.parse_args()
-    if len(set(args.lrs)) != len(args.lrs) or list(args.lrs) != sorted(args.lrs):
+    if len({f"{lr:.6g}" for lr in args.lrs}) != len(args.lrs) or list(args.lrs) != sorted(args.lrs):
         # Each rate is a key of val_loss_by_lr and a point of one line across the grid.
-        p.error(f"--lrs {' '.join(map(str, args.lrs))}: give distinct rates in ascending order")
+        p.error(f"--lrs {' '.join(map(str, args.lrs))}: give distinct rates (to 6 significant digits) in ascending order")
     torch.set_num_threads(args.threads)
     vocab = 256 if args.corpus == "builtin" else args.vocab
-    cfg = SweepConfig(widths=tuple(args.widths), lrs=tuple(args.lrs), vocab_size=vocab, head_dim=args.head_dim,
-                      n_layers=args.layers, seq_len=args.seq, batch_size=args.batch, steps=args.steps,
-                      warmup_steps=args.steps // 10, seed=args.seed)
-    need = (args.steps + args.val_batches) * args.batch * (args.seq + 1)
-    if args.corpus == "builtin":
-        tokens = corpus_tokens(need)
-    else:
-        tokens = markov_tokens(vocab, 4, need, args.data_seed)
-    train = batches(tokens, cfg, args.steps)
-    val = batches(tokens, cfg, args.val_batches, offset=args.steps * args.batch * (args.seq + 1))
+    try:  # settings that would run but not measure transfer: one line, not a traceback
+        cfg = SweepConfig(widths=tuple(args.widths), lrs=tuple(args.lrs), vocab_size=vocab, head_dim=args.head_dim,
+                          n_layers=args.layers, seq_len=args.seq, batch_size=args.batch, steps=args.steps,
+                          warmup_steps=args.steps // 10, seed=args.seed)
+        need = (args.steps + args.val_batches) * args.batch * (args.seq + 1)
+        if args.corpus == "builtin":
+            tokens = corpus_tokens(need)
+        else:
+            tokens = markov_tokens(vocab, 4, need, args.data_seed)
+        train = batches(tokens, cfg, args.steps)
+        val = batches(tokens, cfg, args.val_batches, offset=args.steps * args.batch * (args.seq + 1))
+    except ConfigError as e:
+        p.error(str(e))
     t0 = time.time()
     names = {"none": "standard", "mup": "muP"}
     log = lambda s, w, losses: print(names[s], w, [round(v, 4) for v in losses], file=sys.stderr)  # noqa: E731
-    result = sweep(cfg, train, val, progress=log)
+    result = sweep(cfg, train, val, progress=log, log=lambda s: print(s, file=sys.stderr, flush=True))
     rows = []
     for (scaling, width), losses in result.items():
         best = min(range(len(losses)), key=losses.__getitem__)
@@ -99,7 +103,8 @@ def main() -> dict:
                      "val_loss_by_lr": {f"{lr:.6g}": round(v, 4) for lr, v in zip(args.lrs, losses)}})
     shift, fitted = {}, {}
     for name in ("standard", "muP"):
-        narrow, wide = [r for r in rows if r["parametrisation"] == name]
+        mine = [r for r in rows if r["parametrisation"] == name]
+        narrow, wide = mine[0], mine[-1]  # the base width and the widest
         shift[name] = round(math.log2(wide["best_lr"] / narrow["best_lr"]), 2)
         fitted[name] = round(wide["fitted_best_log2_lr"] - narrow["fitted_best_log2_lr"], 2)
     if args.plot:
@@ -128,7 +133,8 @@ def plot(rows: list[dict], lrs: list[float], path: str) -> None:
         ax.legend(fontsize=8)
     axes[0].set_ylabel("held-out loss")
     finite = [v for r in rows for v in r["val_loss_by_lr"].values() if math.isfinite(v)]
-    axes[0].set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5))
+    if finite:  # every rate may have diverged
+        axes[0].set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)

@@ -12,13 +12,16 @@ the parametrisation are the only things that change.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from raylm.config import ModelConfig, TrainConfig
+from raylm.errors import ConfigError
 from raylm.model import build_model
 from raylm.objectives import NextTokenObjective
+from raylm.progress import Progress
 from raylm.train import evaluate, lr_at, make_optimizer, train_step
 
 
@@ -38,6 +41,31 @@ class SweepConfig:
     min_lr_ratio: float = 0.1
     tie_embeddings: bool = True  # raylm's default model
     seed: int = 0  # the weights' initialisation
+
+    def __post_init__(self) -> None:
+        """A sweep that would run but not measure what it says is refused, naming the setting:
+        a width that is not a whole number of heads of head_dim (the model would change its head
+        size, or have none), widths that repeat (one row would replace the other), rates that
+        are not positive (no log2) or repeat, and no steps (every rate scores the initial model)."""
+        for name in ("vocab_size", "head_dim", "n_layers", "seq_len", "batch_size", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r}: expected an integer >= 1")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps!r}: expected 0 to steps={self.steps}")
+        widths = tuple(self.widths)
+        if len(widths) < 2 or list(widths) != sorted(set(widths)):
+            raise ConfigError(f"widths={widths}: give two or more distinct widths in ascending order "
+                              f"(the first is muP's base width)")
+        for w in widths:
+            if isinstance(w, bool) or not isinstance(w, int) or w < self.head_dim or w % self.head_dim:
+                raise ConfigError(f"widths={widths}: width {w!r} is not a multiple of head_dim={self.head_dim} "
+                                  f"(widening adds heads of a fixed size)")
+        lrs = tuple(self.lrs)
+        if not lrs or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 for lr in lrs):
+            raise ConfigError(f"lrs={lrs}: give one or more finite learning rates > 0")
+        if list(lrs) != sorted(set(lrs)):
+            raise ConfigError(f"lrs={lrs}: give distinct rates in ascending order")
 
 
 def model_config(cfg: SweepConfig, width: int, scaling: str) -> ModelConfig:
@@ -69,9 +97,12 @@ def markov_tokens(vocab_size: int, successors: int, n: int, seed: int) -> torch.
 
 def batches(tokens: torch.Tensor, cfg: SweepConfig, n: int, offset: int = 0) -> list[dict]:
     """n batches of cfg.batch_size rows of seq_len + 1 tokens, read in order from `offset`."""
+    if n < 1:  # no held-out batch scores every rate 0.0, a perfect loss
+        raise ConfigError(f"{n} batches: need at least one")
     size = n * cfg.batch_size * (cfg.seq_len + 1)
     if offset + size > tokens.numel():
-        raise ValueError(f"{n} batches from token {offset} need {offset + size} tokens, got {tokens.numel()}")
+        raise ConfigError(f"{n} batches from token {offset} need {offset + size} tokens, got {tokens.numel()}: "
+                          f"fewer steps or batches, or shorter or fewer rows")
     rows = tokens[offset:offset + size].view(n, cfg.batch_size, cfg.seq_len + 1)
     return [{"tokens": r} for r in rows]
 
@@ -94,17 +125,30 @@ def final_loss(cfg: SweepConfig, width: int, scaling: str, lr: float, train: lis
 
 
 def sweep(cfg: SweepConfig, train: list[dict], val: list[dict], scalings=("none", "mup"),
-          progress=None) -> dict[tuple[str, int], list[float]]:
+          progress=None, log=None, every_s: float | None = None) -> dict[tuple[str, int], list[float]]:
     """{(scaling, width): held-out loss at each of cfg.lrs}. At the base width every scaling
-    is the standard model exactly (tests/unit/test_mup.py), so that row is trained once."""
+    is the standard model exactly (tests/unit/test_mup.py), so that row is trained once.
+    `progress(scaling, width, losses)` after each row; `log`: a raylm.progress line of the
+    short runs done (and the time left) at most every `every_s` seconds, for a row of a wide
+    model takes minutes."""
+    if not train or not val:  # no held-out batch would score every rate 0.0, a perfect loss
+        raise ConfigError(f"a sweep needs training and held-out batches, got {len(train)} and {len(val)}")
     out: dict[tuple[str, int], list[float]] = {}
+    rows = len(scalings) * len(cfg.widths) - (len(scalings) - 1 if "none" in scalings else 0)
+    runs = Progress("sweep", rows * len(cfg.lrs), unit="runs", log=log, stream=sys.stderr,
+                    tty=False, every_s=every_s) if log is not None else None
     for scaling in scalings:
         for width in cfg.widths:
             same = ("none", width) if width == cfg.widths[0] and scaling != "none" else None
             if same in out:
                 out[(scaling, width)] = list(out[same])
             else:
-                out[(scaling, width)] = [final_loss(cfg, width, scaling, lr, train, val) for lr in cfg.lrs]
+                losses = []
+                for lr in cfg.lrs:
+                    losses.append(final_loss(cfg, width, scaling, lr, train, val))
+                    if runs is not None:
+                        runs.update(runs.done + 1, note=f"{scaling} width {width} lr {lr:.3g}")
+                out[(scaling, width)] = losses
             if progress is not None:
                 progress(scaling, width, out[(scaling, width)])
     return out

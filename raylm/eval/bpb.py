@@ -43,6 +43,7 @@ is not padded gives identical numbers.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,11 @@ import torch.nn.functional as F
 from raylm import storage
 from raylm.data import DataError, list_corpus
 from raylm.documents import parse_documents
+from raylm.progress import Progress
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def corpus_documents(path: str, text_field: str = "text", s3=None) -> list[str]:
@@ -66,10 +72,11 @@ def corpus_documents(path: str, text_field: str = "text", s3=None) -> list[str]:
 
 @torch.no_grad()
 def token_loss(model, ids: list[int], seq_len: int, batch_rows: int = 16, skip: int | None = None,
-               doc_sep: int | None = None) -> tuple[float, int]:
+               doc_sep: int | None = None, progress: Progress | None = None) -> tuple[float, int]:
     """(summed loss in nats, tokens scored) of every target ids[1:] except those equal to
     `skip`: full blocks of `seq_len` targets, then the tail after as much context as fits.
-    `doc_sep`: document masking within each window (raylm.model's `doc_sep=`)."""
+    `doc_sep`: document masking within each window (raylm.model's `doc_sep=`). `progress`:
+    updated with the targets passed after each batch of windows (its total: len(ids) - 1)."""
     n = len(ids) - 1  # targets
     if n < 1:
         raise ValueError("fewer than 2 tokens: nothing to score")
@@ -93,6 +100,8 @@ def token_loss(model, ids: list[int], seq_len: int, batch_rows: int = 16, skip: 
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
         total += float(nll.double().sum())
         count += int((targets != -100).sum())
+        if progress is not None:
+            progress.update(min(n, batch[-1][0] + width))
     return total, count
 
 
@@ -108,10 +117,14 @@ def trained_with_document_mask(meta: dict) -> bool:
 
 
 def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batch_rows: int = 16,
-                  source: str = "the corpus", document_mask: bool = False) -> dict:
+                  source: str = "the corpus", document_mask: bool = False, log=_to_stderr,
+                  every_s: float | None = None) -> dict:
     """Loss (nats per token), perplexity and bits per byte of `texts` under `model`; `source`
     names the texts (a corpus path) in errors. `document_mask`: the model trained with
-    data.document_mask=true, so it is scored with the same mask (see the module docstring)."""
+    data.document_mask=true, so it is scored with the same mask (see the module docstring).
+    Scoring a large corpus takes minutes to hours: its progress goes to `log` (stderr by
+    default: a command's stdout may be its results), a line every `every_s` seconds
+    (raylm.progress's default when None), or a bar on a terminal."""
     seq_len = seq_len or model.cfg.max_seq_len
     ids: list[int] = []
     for text in texts:
@@ -123,8 +136,13 @@ def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batc
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     if not n_bytes:
         raise DataError(f"{source}: holds no text")
-    total, count = token_loss(model, ids, seq_len, batch_rows, skip=tok.eos_id,
-                              doc_sep=tok.eos_id if document_mask else None)
+    progress = Progress(f"eval: bpb of {storage.redact_url(source)}", len(ids) - 1, unit="tokens", log=log,
+                        stream=sys.stderr, every_s=every_s)
+    try:
+        total, count = token_loss(model, ids, seq_len, batch_rows, skip=tok.eos_id,
+                                  doc_sep=tok.eos_id if document_mask else None, progress=progress)
+    finally:
+        progress.close()
     nats = total / count
     return {"loss": nats, "ppl": math.exp(min(nats, 50)), "bpb": total / n_bytes / math.log(2),
             "tokens_per_byte": count / n_bytes, "tokens_scored": count, "bytes": n_bytes, "seq_len": seq_len,
@@ -132,8 +150,8 @@ def bits_per_byte(model, tok, texts: list[str], seq_len: int | None = None, batc
 
 
 def corpus_bpb(model, tok, path: str, text_field: str = "text", seq_len: int | None = None, s3=None,
-               document_mask: bool = False) -> dict:
+               document_mask: bool = False, log=_to_stderr, every_s: float | None = None) -> dict:
     """`bits_per_byte` of a corpus; pass `document_mask=trained_with_document_mask(meta)` for a
     checkpoint's model."""
     return bits_per_byte(model, tok, corpus_documents(path, text_field, s3), seq_len, source=path,
-                         document_mask=document_mask)
+                         document_mask=document_mask, log=log, every_s=every_s)
