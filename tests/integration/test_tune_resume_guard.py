@@ -8,7 +8,6 @@ would create a marker file, never runs.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shlex
@@ -18,6 +17,7 @@ import sys
 
 import pytest
 
+from tests.integration.test_tune import prepared  # noqa: F401 - the search's data, as test_tune's
 from tests.small import SMALL
 
 pytestmark = pytest.mark.integration
@@ -31,25 +31,13 @@ SCHEDULE = ["train.num_workers=1", "train.max_steps=4", "train.eval_every=2", "t
 
 
 @pytest.fixture(scope="module")
-def search(ray_local, tmp_path_factory):
-    """A finished 2-trial random search (local storage): (cfg, its run directory)."""
+def search(prepared, tmp_path_factory):
+    """A finished 2-trial random search (local storage): (cfg, its root directory)."""
     from raylm import tune
     from raylm.config import load_config
-    from raylm.corpus import iter_builtin_documents
-    from raylm.pipeline import ensure_data, ensure_tokenizer
 
+    base, data_dir, _ = prepared
     root = tmp_path_factory.mktemp("tune-guard")
-    lines, size = [], 0
-    for text in iter_builtin_documents():
-        lines.append(json.dumps({"text": text}))
-        size += len(text)
-        if size > 200_000:
-            break
-    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    base = load_config(overrides=[f"storage={root}", "name=base", *SMALL, "data.dedup=none", "data.val_fraction=0.1",
-                                  ("data.path", str(root / "corpus.jsonl"))])
-    base, tok = ensure_tokenizer(base)
-    data_dir, _ = ensure_data(base, tok)
     (root / "space.yaml").write_text(SPACE)
     cfg = load_config(overrides=[f"storage={root / 'searches'}", "name=guard", f"tokenizer.path={base.tokenizer.path}",
                                  *SMALL, *SCHEDULE, ("data.path", data_dir)])

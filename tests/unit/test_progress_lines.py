@@ -10,17 +10,7 @@ import pytest
 from raylm.config import ModelConfig
 from raylm.eval.bpb import bits_per_byte, corpus_bpb
 from raylm.model import build_model
-
-
-class ByteTok:
-    """Token = byte + 1 (0 is EOS)."""
-
-    eos_id = 0
-
-    def encode(self, text):
-        return [b + 1 for b in text.encode("utf-8")]
-
-    encode_plain = encode
+from tests.unit.test_bpb_document_mask import ByteTok
 
 
 @pytest.fixture(scope="module")
