@@ -144,6 +144,8 @@ def _parse_meta(text: str | bytes, where: str) -> dict:
         meta = json.loads(text)
     except ValueError as e:
         raise CheckpointError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:  # '[[[[...' nested past the parser's limit: altered
+        raise CheckpointError(f"{where}: not valid JSON (nested too deeply to read)") from None
     if not isinstance(meta, dict) or "step" not in meta:
         raise CheckpointError(f"{where}: not a raylm checkpoint's meta.json (no 'step')")
     # The fields raylm writes, checked where present (older checkpoints lack some): their
@@ -310,7 +312,7 @@ def _committed_files(local_dir: str) -> dict[str, list]:
 def _parse_committed(text: str | bytes, path: str) -> dict[str, list]:
     try:
         files = json.loads(text).get("files", {})
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         raise CheckpointError(f"{path}: not a commit marker (expected JSON with the step and files)") from None
     if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
         raise CheckpointError(f"{path}: malformed file list")

@@ -93,6 +93,7 @@ def checked_meta_model(ckpt: str, model_cfg: ModelConfig, s3: S3Config | None = 
     checkpoint holds is told from a model of one layer more, not built whole: 10^5 layers take
     minutes to build even on meta."""
     entries = checkpoint.model_entries(ckpt, s3)
+    _check_buildable(ckpt, model_cfg)
     saved_layers = {int(n.split(".")[1]) for n in entries if n.split(".")[0] == "layers" and n.split(".")[1].isdigit()}
     cap = max(saved_layers, default=-1) + 2  # the checkpoint's layers and one more
     shape_cfg = dataclasses.replace(model_cfg, n_layers=min(model_cfg.n_layers, cap))
@@ -100,6 +101,20 @@ def checked_meta_model(ckpt: str, model_cfg: ModelConfig, s3: S3Config | None = 
         model = Transformer(shape_cfg)
     checkpoint.check_model_shapes(model, ckpt, s3, entries)  # refuses a capped model: its extra layer is not saved
     return model
+
+
+def _check_buildable(ckpt: str, cfg: ModelConfig) -> None:
+    """Refuse, in one line naming meta.json, sizes whose largest tensor (fp32) has more bytes than
+    torch can count (2^63): building even on meta raised a RuntimeError traceback (a dim of 2^40).
+    Smaller sizes are built on meta and compared with the checkpoint's entries, tensor by tensor."""
+    largest = max((cfg.vocab_size * cfg.dim, "model.vocab_size x model.dim"),
+                  (cfg.n_heads * cfg.head_dim * cfg.dim, "model.dim x model.dim"),
+                  (cfg.hidden_dim * cfg.dim, "model.ffn_dim x model.dim"),
+                  (cfg.max_seq_len * (cfg.head_dim // 2), "model.max_seq_len x head dim / 2 (RoPE)"))
+    if largest[0] * 4 >= 2**63:
+        raise CheckpointError(f"{storage.join(ckpt, checkpoint.META)}: its config's model does not match the "
+                              f"checkpoint's weights: a tensor of {largest[1]} = {largest[0]:,} elements, more than "
+                              f"any tensor holds (a meta.json from another checkpoint, or altered)")
 
 
 def check_fits(ckpt: str, model_cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> None:

@@ -23,6 +23,7 @@ writes JSON and tensors.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import torch
@@ -194,6 +195,17 @@ EXPORT_MARKER = "raylm_export.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def _json(path: str, s3=None):
+    """The JSON document at `path`; one that nests past the parser's recursion limit ('[[[[...',
+    thousands deep: no Llama file does) is refused in one line naming it, as malformed JSON is
+    by its readers, not a RecursionError traceback."""
+    text = storage.read_text(path, s3)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply to read (a damaged or altered file)") from None
+
+
 def is_hf_dir(uri: str, s3=None) -> bool:
     """A Hugging Face model directory (it has `config.json`); raylm runs and checkpoints never do."""
     return storage.exists(storage.join(uri, HF_CONFIG), s3)
@@ -205,7 +217,7 @@ def read_hf_config(uri: str, s3=None) -> dict:
     if not storage.exists(path, s3):
         raise ConfigError(f"{path}: not found; --init-from-hf needs a Hugging Face model directory")
     try:
-        config = json.loads(storage.read_text(path, s3))
+        config = _json(path, s3)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
@@ -362,7 +374,7 @@ def _export_files(uri: str, s3=None) -> set[str] | None:
     if not storage.exists(marker, s3):
         return None
     try:
-        files = json.loads(storage.read_text(marker, s3)).get("files")
+        files = _json(marker, s3).get("files")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ConfigError(f"{marker}: not a raylm export marker ({e})") from None
     if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
@@ -385,7 +397,7 @@ def hf_weight_files(uri: str, s3=None) -> list[str]:
                           f"remove the stale one")
     if has_index:
         try:
-            names = set(json.loads(storage.read_text(index, s3))["weight_map"].values())
+            names = set(_json(index, s3)["weight_map"].values())
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{index}: not a safetensors index (no weight_map: {e})") from None
         for name in names:
@@ -426,7 +438,8 @@ def _read_safetensors(uri: str, s3) -> dict[str, torch.Tensor]:
 # (`_read_safetensors`) has the real dtype.
 _HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                   "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                  "U8": torch.uint8, "BOOL": torch.bool}
+                  "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+                  "BOOL": torch.bool}
 
 
 def _read_header(uri: str, s3=None) -> dict[str, torch.Tensor]:
@@ -453,12 +466,14 @@ def read_hf_weights(uri: str, model: ModelConfig, s3=None, _read=_read_safetenso
     from raylm.model import Transformer
 
     check_hf_shape(read_hf_config(uri, s3), model, storage.join(uri, HF_CONFIG))
+    files = hf_weight_files(uri, s3)
+    check_weights_hold(uri, files, model, s3)  # before the model is built, even on meta
     with torch.device("meta"):
         want = Transformer(model).state_dict()
     out: dict[str, torch.Tensor] = {}
     seen: dict[str, str] = {}  # HF tensor name -> the file that holds it
     head: tuple[str, torch.Tensor] | None = None  # a tied checkpoint's lm_head.weight, and its file
-    for file in hf_weight_files(uri, s3):
+    for file in files:
         part = _read(file, s3)
         for name, t in part.items():
             if name in seen:  # the later copy would replace the earlier, unseen
@@ -500,6 +515,23 @@ def read_hf_weights(uri: str, model: ModelConfig, s3=None, _read=_read_safetenso
     return out
 
 
+def check_weights_hold(uri: str, files: list[str], model: ModelConfig, s3=None) -> None:
+    """Refuse, in one line naming config.json, a model larger than its weight files could hold
+    at half a byte a parameter (less than any floating-point dtype takes): a config.json
+    claiming 10^9 layers or a width of 2^40 (altered, or beside the wrong weights) is refused
+    from the files' sizes, where building its model, even on meta, took hours or failed with
+    a traceback from torch, and training allocated it."""
+    from raylm.model import count_params
+
+    need = count_params(model)
+    have = sum(f.size for file in files for f in storage.list_files(file, s3, pattern=False))
+    if need > 2 * have:
+        raise ConfigError(f"{storage.join(uri, HF_CONFIG)}: describes a model of {need:,} parameters (hidden_size="
+                          f"{model.dim}, num_hidden_layers={model.n_layers}, vocab_size={model.vocab_size}, "
+                          f"intermediate_size={model.hidden_dim}), more than its weight files' {have:,} bytes "
+                          f"hold; the weights and {HF_CONFIG} disagree")
+
+
 def _check_tied_head(file: str, head: torch.Tensor, embedding: torch.Tensor, want: dict) -> None:
     """A tied checkpoint that carries both matrices: raylm has one, so they must be equal."""
     _check_shape(file, "lm_head.weight (tied to model.embed_tokens.weight)", head, want, "tok_embeddings.weight")
@@ -532,11 +564,21 @@ def check_init_from_hf(cfg) -> None:
     given (one trained now would number its pieces differently from the weights' rows), and
     the weights are safetensors. In a local directory, their headers hold every parameter
     and nothing else, each of its shape (what `read_hf_weights` checks again, reading them)."""
-    check_hf_shape(read_hf_config(cfg.init_from, cfg.s3), cfg.model, storage.join(cfg.init_from, HF_CONFIG))
+    where = storage.join(cfg.init_from, HF_CONFIG)
+    check_hf_shape(read_hf_config(cfg.init_from, cfg.s3), cfg.model, where)
     if storage.is_s3(cfg.init_from):
-        hf_weight_files(cfg.init_from, cfg.s3)  # a header there is a request per shard: checked when read
+        # A header there is a request per shard: checked when read. The sizes come with a listing.
+        check_weights_hold(cfg.init_from, hf_weight_files(cfg.init_from, cfg.s3), cfg.model, cfg.s3)
     else:
         read_hf_weights(cfg.init_from, cfg.model, cfg.s3, _read=_read_header)
+    # RoPE tables: fp32 cos and sin for every position, which no weight file backs. Training
+    # allocated them on every worker: max_position_embeddings=10^15 was the allocator's traceback.
+    rope = 2 * cfg.model.max_seq_len * (cfg.model.head_dim // 2) * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if rope > memory:
+        raise ConfigError(f"{where}: max_position_embeddings={cfg.model.max_seq_len} needs {rope / 2**30:.1f} GiB of "
+                          f"RoPE tables (raylm builds them for every position), more than the {memory / 2**30:.1f} "
+                          f"GiB of memory on this machine")
     if not cfg.tokenizer.path:
         raise ConfigError(f"--init-from-hf {cfg.init_from}: set tokenizer.path=DIR, the raylm tokenizer these "
                           f"weights were trained with (vocab {cfg.model.vocab_size})")

@@ -117,8 +117,8 @@ def recorded_parent(cfg: Config, resume: str) -> str | None:
         return None
     try:
         record = json.loads(storage.read_text(uri, cfg.s3))
-    except ValueError as e:
-        raise ConfigError(f"{uri}: not valid JSON ({e}); repair it or start a new run") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{uri}: not valid JSON ({e or 'nested too deeply'}); repair it or start a new run") from None
     stage = record.get("stage") if isinstance(record, dict) else None
     if isinstance(stage, str) and stage != cfg.stage:  # resuming it would train its checkpoints on another objective
         raise ConfigError(f"{cfg.run_dir}: a stage={stage} run, not {cfg.stage}; give the {cfg.stage} run its own "

@@ -926,7 +926,7 @@ def read_stage_record(recipe: Recipe, stage: str, s3: S3Config) -> dict | None:
         return None
     try:
         record = json.loads(storage.read_text(uri, s3))
-    except (json.JSONDecodeError, UnicodeDecodeError):  # written whole, so a broken one is foreign: rerun
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # written whole: a broken one is foreign, rerun
         return None
     return record if isinstance(record, dict) else None  # JSON, but not a record (a list, a string)
 

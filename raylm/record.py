@@ -153,6 +153,8 @@ def load_record(uri: str) -> tuple[str, Config]:
         raise ConfigError(f"{uri}: not a JSON run record ({e.msg})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{uri}: not a JSON run record (not UTF-8 text)") from None
+    except RecursionError:
+        raise ConfigError(f"{uri}: not a JSON run record (nested too deeply to read)") from None
     if not isinstance(record, dict) or "config" not in record or "stage" not in record:
         raise ConfigError(f"{uri}: not a raylm run record (no 'config' or 'stage')")
     try:

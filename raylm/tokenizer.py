@@ -393,6 +393,8 @@ class Tokenizer:
             meta = json.loads(meta_bytes)
         except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
             raise ConfigError(f"{meta_path}: not valid JSON ({e}); {redo}") from e
+        except RecursionError:  # nested past the parser's limit
+            raise ConfigError(f"{meta_path}: not valid JSON (nested too deeply to read); {redo}") from None
         if not isinstance(meta, dict):
             raise ConfigError(f"{meta_path}: not a JSON object; {redo}")
         digest = hashlib.sha256(model_bytes).hexdigest()

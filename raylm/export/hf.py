@@ -344,7 +344,7 @@ def _clear_failed_upload(out: str, s3: S3Config | None) -> None:
     if PENDING_MARKER in found:
         try:
             ours |= set(json.loads(storage.read_bytes(found[PENDING_MARKER], s3))["files"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: '[[[[...' nested
             raise OutputExistsError(f"{found[PENDING_MARKER]}: not a raylm export's file list ({e}); "
                                     f"export to a new prefix") from None
     others = sorted(name for name in found if name not in ours)
