@@ -34,7 +34,13 @@ def resolve_checkpoint(uri: str, s3: S3Config | None = None) -> str:
         return uri
     found = checkpoint.latest_complete(uri, s3)
     if found is None:
-        raise PathNotFoundError(f"{uri}: no complete checkpoint (neither a checkpoint nor a run directory with one)")
+        from raylm.hf import is_hf_dir
+
+        hint = ("; it is a Hugging Face model directory: start a raylm run from it with `raylm pretrain "
+                "--init-from-hf DIR`, then name that run"
+                if is_hf_dir(uri, s3) else "")
+        raise PathNotFoundError(f"{uri}: no complete checkpoint (neither a checkpoint nor a run directory with "
+                                f"one){hint}")
     return found
 
 

@@ -187,3 +187,12 @@ def test_deeply_nested_run_record_and_stage_record_are_one_line_or_foreign(tmp_p
     (tmp_path / STAGE_RECORDS).mkdir()
     (tmp_path / STAGE_RECORDS / "pretrain.json").write_text(BOMB)  # a broken stage record is foreign: the stage reruns
     assert read_stage_record(types.SimpleNamespace(root=str(tmp_path)), "pretrain", S3Config()) is None
+
+
+def test_a_hugging_face_directory_given_as_a_run_says_how_to_start_from_it(exports, tmp_path, capsys):
+    """`raylm sft --from HF_DIR` (or generate, export): no raylm checkpoint there; the error
+    says how a Hugging Face model becomes a run."""
+    assert cli.main(["sft", "--from", exports["single"], "--data", str(tmp_path / "chat.jsonl"),
+                     f"storage={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "it is a Hugging Face model directory" in err and "--init-from-hf" in err, err
