@@ -91,6 +91,16 @@ class Progress:
         return f"{v:.1f}" if v < 100 else f"{v:,.0f}"
 
 
+def to_stderr(line: str) -> None:
+    """A `log` for progress: stderr, flushed (a command's stdout may be its results)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _duration(s: float) -> str:
     s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+duration = _duration  # "45s", "12m30s", "2h05m": a time left, as the progress lines write it

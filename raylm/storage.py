@@ -26,6 +26,8 @@ import os
 import re
 import shutil
 import stat
+import sys
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,10 +37,12 @@ import boto3
 import botocore.config
 import pyarrow.fs as pafs
 import s3transfer.manager
+import s3transfer.subscribers
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError,
                                  ParamValidationError)
 
 from raylm.config import S3Config
+from raylm.progress import Progress
 
 __all__ = [
     "StorageError",
@@ -683,19 +687,71 @@ def unlink_link(uri: str) -> None:
             os.unlink(path)
 
 
-def upload_dir(local_dir: str, uri: str, s3: S3Config | None = None) -> None:
+# A transfer smaller than this reports no progress: it is over in seconds.
+PROGRESS_MIN_BYTES = 256 << 20
+
+
+class _Meter:
+    """Bytes copied so far of a transfer, reported through raylm.progress (a bar on a terminal,
+    else a line to `log` every few seconds). Copies in parallel threads add to it under a lock."""
+
+    def __init__(self, label: str, total: int, log, every_s: float | None):
+        self.lock, self.done = threading.Lock(), 0
+        self.progress = Progress(label, total, unit="MB", scale=1e6, log=log, stream=sys.stderr, every_s=every_s)
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            self.progress.update(self.done)
+
+    def close(self) -> None:
+        with self.lock:
+            self.progress.close()
+
+
+def _meter(what: str, uri: str, total: int, log, min_bytes: int, every_s: float | None) -> _Meter | None:
+    """A meter for a transfer of `total` bytes to or from `uri`, or None: no `log`, or too
+    small to be worth a line. Its label names `uri` without credentials."""
+    if log is None or total < min_bytes:
+        return None
+    return _Meter(f"{what} {redact_url(uri)}", total, log, every_s)
+
+
+def _copy(f, out, meter: _Meter | None) -> None:
+    if meter is None:
+        shutil.copyfileobj(f, out, 8 << 20)
+        return
+    while chunk := f.read(8 << 20):
+        out.write(chunk)
+        meter.add(len(chunk))
+
+
+class _Uploaded(s3transfer.subscribers.BaseSubscriber):
+    """Bytes sent of an S3 upload, from s3transfer's threads (negative when a part is retried)."""
+
+    def __init__(self, meter: _Meter):
+        self.meter = meter
+
+    def on_progress(self, future, bytes_transferred: int, **kwargs) -> None:
+        self.meter.add(bytes_transferred)
+
+
+def upload_dir(local_dir: str, uri: str, s3: S3Config | None = None, *, log=None,
+               min_bytes: int = PROGRESS_MIN_BYTES, every_s: float | None = None) -> None:
     """Copy a local directory tree to `uri` (S3 or local); existing files are overwritten.
-    Linked files are copied as the files they name."""
+    Linked files are copied as the files they name. With `log` (e.g. raylm.progress.to_stderr),
+    a transfer of `min_bytes` or more reports its progress there (upload_tree)."""
     src = _local(local_dir)
     if not os.path.isdir(src):
         raise StorageError(local_dir, "no such directory")
     if not is_s3(uri):
         _refuse_inside(src, _local(uri), uri, local_dir)
     with _errors(uri, s3):
-        upload_tree(src, uri, s3)
+        upload_tree(src, uri, s3, log=log, min_bytes=min_bytes, every_s=every_s)
 
 
-def upload_tree(src: str, uri: str, s3: S3Config | None = None) -> None:
+def upload_tree(src: str, uri: str, s3: S3Config | None = None, *, log=None,
+                min_bytes: int = PROGRESS_MIN_BYTES, every_s: float | None = None) -> None:
     """Copy the local tree `src` to `uri`, file by file, each whole or not at all: a copy cut
     midway (a read error, an interrupt) leaves the file it would replace, or none, never part
     of the new one under its name. Locally a temp file renamed into place; on S3 boto3's
@@ -703,7 +759,9 @@ def upload_tree(src: str, uri: str, s3: S3Config | None = None) -> None:
     stream completes the upload when closed, also after an error, so half a file became the
     object. What cannot be copied whole (a directory that cannot be read, a link to a
     directory or to nothing) is an error naming it before anything is written: a copy that
-    left it out would look complete."""
+    left it out would look complete. With `log`, a tree of `min_bytes` or more reports the
+    bytes copied of the whole there, a line every `every_s` seconds (raylm.progress's default
+    when None) or a bar when stderr is a terminal."""
     files = []
     for root, dirs, names in os.walk(src, onerror=_unreadable):
         for name in dirs:
@@ -717,7 +775,11 @@ def upload_tree(src: str, uri: str, s3: S3Config | None = None) -> None:
             if not os.path.isfile(path):  # reading a pipe would wait for a writer for ever
                 raise StorageError(path, "not a regular file (a pipe, socket or device), which is not copied")
             files.append(path)
+    total = sum(os.path.getsize(p) for p in files) if log is not None else 0
+    meter = _meter("upload", uri, total, log, min_bytes, every_s)
     with contextlib.ExitStack() as stack:
+        if meter is not None:
+            stack.callback(meter.close)
         if is_s3(uri):  # its threads upload one file's parts at once; files go one at a time, in order
             transfers = stack.enter_context(s3transfer.manager.TransferManager(boto3_client(s3)))
         for path in files:
@@ -726,9 +788,10 @@ def upload_tree(src: str, uri: str, s3: S3Config | None = None) -> None:
                 f = open(path, "rb")
             with f:
                 if is_s3(uri):
-                    transfers.upload(f, *_split_s3(target)).result()
+                    transfers.upload(f, *_split_s3(target),
+                                     subscribers=[_Uploaded(meter)] if meter is not None else None).result()
                 else:
-                    _write_local_file(_local(target), lambda out: shutil.copyfileobj(f, out, 8 << 20))
+                    _write_local_file(_local(target), lambda out: _copy(f, out, meter))
 
 
 def _write_local_file(target: str, write) -> None:
@@ -756,10 +819,14 @@ def _write_local_file(target: str, write) -> None:
         raise
 
 
-def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:
+def download_dir(uri: str, local_dir: str, s3: S3Config | None = None, *, log=None,
+                 min_bytes: int = PROGRESS_MIN_BYTES, every_s: float | None = None) -> None:
     """Copy the tree under `uri` (S3 or local) into `local_dir`, creating it. Every file lands
     inside `local_dir`: a key that would not (one with '..', '.' or empty segments: object
-    keys may hold them) is refused, naming it, before anything is written."""
+    keys may hold them) is refused, naming it, before anything is written. With `log` (e.g.
+    raylm.progress.to_stderr), a tree of `min_bytes` or more reports the bytes copied there,
+    a line every `every_s` seconds (raylm.progress's default when None) or a bar when stderr
+    is a terminal."""
     # pyarrow reports a missing bucket as a missing path; exists() tells them apart.
     if not exists(uri, s3):
         raise StorageError(uri, "no such file or directory")
@@ -774,7 +841,7 @@ def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:
     # Not pyarrow.fs.copy_files: it joins each key to the destination as it is, so
     # `tok/../../x` is written two levels above it.
     root = src.rstrip("/") + "/"
-    plan = []
+    plan, total = [], 0
     for info in found:
         if info.type != pafs.FileType.File or info.base_name.endswith(_TMP_SUFFIX):
             continue  # directories (S3 markers) are made as their files need them
@@ -785,6 +852,8 @@ def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:
                                "not a name a local file can have inside the download directory "
                                "('.', '..' or empty segments); rename or remove it")
         plan.append((info.path, os.path.join(dst, *parts)))
+        total += info.size or 0
+    meter = _meter("download", uri, total, log, min_bytes, every_s)
     with _errors(local_dir):
         os.makedirs(dst, exist_ok=True)
 
@@ -794,14 +863,18 @@ def download_dir(uri: str, local_dir: str, s3: S3Config | None = None) -> None:
         with _errors(name, s3):
             f = src_fs.open_input_stream(path)
         with f, _errors(name, s3):
-            _write_local_file(target, lambda out: shutil.copyfileobj(f, out, 8 << 20))
+            _write_local_file(target, lambda out: _copy(f, out, meter))
 
-    if is_s3(uri) and len(plan) > 1:  # one request at a time would leave the bandwidth idle
-        with ThreadPoolExecutor(min(8, len(plan))) as pool:
-            list(pool.map(fetch, plan))
-    else:
-        for item in plan:
-            fetch(item)
+    try:
+        if is_s3(uri) and len(plan) > 1:  # one request at a time would leave the bandwidth idle
+            with ThreadPoolExecutor(min(8, len(plan))) as pool:
+                list(pool.map(fetch, plan))
+        else:
+            for item in plan:
+                fetch(item)
+    finally:
+        if meter is not None:
+            meter.close()
 
 
 def _refuse_inside(src: str, dst: str, dst_as_given: str, src_as_given: str) -> None:

@@ -34,6 +34,7 @@ from raylm.batches import Batch, RankBatches, is_padding, rank_val_batches, resh
 from raylm import objectives
 from raylm.objectives import make_objective
 from raylm.metrics import MetricsLog, mfu
+from raylm.progress import duration, to_stderr
 from raylm.parallel import build_parallel_model, init_local_process_group, is_sharded, resolve_precision, sharding_pays
 
 # --------------------------------------------------------------------------- objectives
@@ -415,6 +416,23 @@ class TrainClock:
         return bool(self.budget) and self.spent >= self.budget
 
 
+def time_left(step: int, max_steps: int, start_step: int, start_spent: float, spent: float, budget: float,
+              final: bool = False) -> float | None:
+    """Training seconds left after `step`, for the step log line: the steps to
+    train.max_steps at this run's (since its start or resume) seconds per step, evaluations
+    and checkpoints included; under train.time_budget_s no more than the budget left. None
+    when nothing is known yet (no step taken since the start, or after a rollback to before
+    it) or the run ends here."""
+    if final:
+        return None
+    steps, seconds = step - start_step, spent - start_spent
+    left = (max_steps - step) * seconds / steps if steps > 0 and seconds > 0 else None
+    if budget:
+        rest = max(0.0, budget - spent)
+        left = rest if left is None else min(left, rest)
+    return left
+
+
 def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatches, hooks: Hooks,
         start: Start, device_name: str, log=print) -> dict:
     """Train from `start` to cfg.train.max_steps (or to the end of train.time_budget_s);
@@ -521,9 +539,12 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 t_last, tokens_since, units_since, paused_s = now, 0, 0, 0.0
                 if rank == 0:
                     where = f" ({clock.spent:.0f}/{tc.time_budget_s:.0f}s)" if tc.time_budget_s else f"/{tc.max_steps}"
+                    left = time_left(step, tc.max_steps, start.step, start.train_seconds, clock.spent,
+                                     tc.time_budget_s, final)
                     log(f"step {step}{where} | loss {'-' if stats.empty else f'{stats.loss:.4f}'} | lr {lr:.2e} | "
                         f"grad {'-' if stats.empty else f'{stats.grad_norm:.2f}'} | {tok_s:,.0f} tok/s"
-                        + (f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""))
+                        + (f" | mfu {row['mfu']:.1%}" if row["mfu"] else "")
+                        + (f" | {duration(left)} left" if left is not None else ""))
             if step % tc.eval_every == 0 or final:
                 t0 = time.perf_counter()
                 val_loss, n = evaluate(model, objective, hooks.val_batches())
@@ -942,7 +963,10 @@ def storage_publisher(cfg: Config):
                 written.result()
             storage.unlink_link(storage.join(cfg.run_dir, name))
             storage.makedirs(storage.join(cfg.run_dir, name))
-            storage.upload_dir(local_dir, storage.join(cfg.run_dir, name), cfg.s3)
+            # The loop waits on a synchronous upload: its progress, past 256 MB (a background
+            # one would mix its lines into the step lines).
+            storage.upload_dir(local_dir, storage.join(cfg.run_dir, name), cfg.s3,
+                               log=to_stderr if on_uploaded is None else None)
 
         if on_uploaded is None:
             upload()

@@ -26,6 +26,7 @@ once per request kind (29 s of a 53 s benchmark run on 2 cores, benchmarks/eval_
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import torch
 
 from raylm.errors import ConfigError
 from raylm.eval.loglik import complete_until, plan_units, score_unit
+from raylm.progress import Progress, to_stderr
 
 
 def run_unit(model, tok, unit: dict) -> list[list]:
@@ -56,9 +58,41 @@ class Runner:
     tok: object
     batch_tokens: int = 4096
     doc_sep: int | None = None  # the EOS id when the model trained with document masking (`document_sep`)
+    # Thousands of requests take minutes: their progress goes to `progress_log` (stderr: a
+    # command's stdout may be its results), a line every `progress_every_s` seconds
+    # (raylm.progress's default when None) or a bar on a terminal; None: no progress.
+    progress_log = staticmethod(to_stderr)
+    progress_every_s: float | None = None
+
+    _on_done = None  # set while `_scored` runs: called with each unit's results as it finishes
 
     def run(self, units: list[dict]) -> list[list]:
+        """Each unit's results, in order; each calls `_unit_done` as it finishes."""
         raise NotImplementedError
+
+    def _unit_done(self, results: list) -> None:
+        if self._on_done is not None:
+            self._on_done(results)
+
+    def _scored(self, what: str, units: list[dict], total: int) -> list[list]:
+        """`run(units)` with its progress over the `total` requests they hold."""
+        if self.progress_log is None or not units:
+            return self.run(units)
+        progress = Progress(f"eval: {what}", total, unit="requests", log=self.progress_log, stream=sys.stderr,
+                            every_s=self.progress_every_s)
+        count = 0
+
+        def done(results: list) -> None:
+            nonlocal count
+            count += len(results)
+            progress.update(count)
+
+        self._on_done = done
+        try:
+            return self.run(units)
+        finally:
+            self._on_done = None
+            progress.close()
 
     def close(self) -> None:
         """Free what the runner holds (a pool's actors)."""
@@ -69,7 +103,7 @@ class Runner:
         units = [{"kind": "loglik", "groups": u, "doc_sep": self.doc_sep, "vocab_size": self.tok.vocab_size}
                  for u in plan_units(pairs, self.max_seq_len, self.batch_tokens)]
         out = [None] * len(pairs)
-        for idx, lp, greedy in (r for rs in self.run(units) for r in rs):
+        for idx, lp, greedy in (r for rs in self._scored("loglikelihood", units, len(pairs)) for r in rs):
             out[idx] = (lp, greedy)
         return out
 
@@ -80,7 +114,7 @@ class Runner:
         units = [{"kind": "gen", "items": items[k:k + GEN_ITEMS_PER_UNIT], "doc_sep": self.doc_sep}
                  for k in range(0, len(items), GEN_ITEMS_PER_UNIT)]
         out = [None] * len(requests)
-        for idx, text in (r for rs in self.run(units) for r in rs):
+        for idx, text in (r for rs in self._scored("generate", units, len(requests)) for r in rs):
             out[idx] = text
         return out
 
@@ -99,7 +133,11 @@ class LocalRunner(Runner):
         self.max_seq_len = model.cfg.max_seq_len
 
     def run(self, units: list[dict]) -> list[list]:
-        return [run_unit(self.model, self.tok, u) for u in units]
+        out = []
+        for u in units:
+            out.append(run_unit(self.model, self.tok, u))
+            self._unit_done(out[-1])
+        return out
 
 
 # Models up to this size (float32 bytes) go from the driver to the actors through Ray's object
@@ -256,6 +294,7 @@ class RayPoolRunner(Runner):
             if todo and self.driver_scores:
                 i = todo.pop()
                 out[i] = run_unit(self.model, self.tok, units[i])
+                self._unit_done(out[i])
                 driver_units += 1
             if not (todo or pending):
                 break  # actors still loading are not waited for
@@ -273,6 +312,7 @@ class RayPoolRunner(Runner):
                 else:
                     i, actor = pending.pop(ref)
                     out[i] = ray.get(ref)
+                    self._unit_done(out[i])
                     free.append(actor)
         self.timings.append({"units": len(units), "pool_run_s": round(time.time() - t0, 2),
                              "driver_units": driver_units})

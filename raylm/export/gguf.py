@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,8 +37,9 @@ import torch
 from raylm.errors import ConfigError, OutputExistsError
 from raylm import storage
 from raylm.config import S3Config
-from raylm.export.hf import CHAT_TEMPLATE, check_local_out, check_vocab
+from raylm.export.hf import CHAT_TEMPLATE, _to_stderr, check_local_out, check_vocab
 from raylm.hf import _check_llama, fold_logit_scale, trim_vocab
+from raylm.progress import Progress
 from raylm.tokenizer import END, ROLE_TOKENS, Tokenizer
 
 MARKER_SUFFIX = ".raylm_export.json"  # s3:// only: `<out>` + this, written after `<out>`
@@ -170,7 +172,7 @@ def _array(t: torch.Tensor, qtype, gguf) -> np.ndarray:
     return gguf.quants.quantize(a, qtype)  # uint8 blocks, (rows, bytes per row)
 
 
-def _write(model, tok: Tokenizer, meta: dict, path: Path, dtype: str) -> None:
+def _write(model, tok: Tokenizer, meta: dict, path: Path, dtype: str, every_s: float | None = None) -> None:
     gguf = _gguf()
     cfg = model.cfg
     w = gguf.GGUFWriter(None, "llama")
@@ -224,8 +226,15 @@ def _write(model, tok: Tokenizer, meta: dict, path: Path, dtype: str) -> None:
     try:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for _, t, qtype in plan:
+        # Quantizing a 7B model to q8_0 takes minutes: progress on stderr (stdout is the JSON).
+        progress = Progress("export: gguf", sum(t.numel() for _, t, _ in plan), unit="M params", scale=1e6,
+                            log=_to_stderr, stream=sys.stderr, every_s=every_s)
+        done = 0
+        for name, t, qtype in plan:
             w.write_tensor_data(_array(t, qtype, gguf))
+            done += t.numel()
+            progress.update(done, name)
+        progress.close()
         for f in w.fout:
             f.flush()
             os.fsync(f.fileno())  # content on disk before the rename makes it visible
@@ -245,7 +254,8 @@ def _check_local_file(out: str) -> Path:
     return Path(out)
 
 
-def export_gguf(model, tokenizer: Tokenizer, meta: dict, out_path: str, dtype: str = "f32") -> str:
+def export_gguf(model, tokenizer: Tokenizer, meta: dict, out_path: str, dtype: str = "f32",
+                progress_every_s: float | None = None) -> str:
     """Write `model` (a raylm Transformer) and `tokenizer` to the new local file `out_path` as
     GGUF (`dtype`: "f32", "f16" or "q8_0"); return its path. `meta`: the checkpoint's meta
     (its step and source are recorded). An existing `out_path` is refused rather than
@@ -259,7 +269,7 @@ def export_gguf(model, tokenizer: Tokenizer, meta: dict, out_path: str, dtype: s
     tmp = Path(name)
     try:
         with torch.no_grad():
-            _write(model, tokenizer, meta, tmp, dtype)
+            _write(model, tokenizer, meta, tmp, dtype, progress_every_s)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is a normal file
         _place(tmp, out)
     except BaseException:
@@ -308,7 +318,7 @@ def export_run_gguf(uri: str, out: str, s3: S3Config | None = None, checkpoint: 
         # The directory holds only the finished file (export_gguf renames its temporary into
         # place), so uploading it writes exactly the object `out`.
         export_gguf(model, tok, meta, str(Path(tmp) / name), dtype)
-        storage.upload_dir(tmp, parent, s3)
+        storage.upload_dir(tmp, parent, s3, log=_to_stderr)  # a line every few seconds past 256 MB
     marker = {"format": "gguf-llama", "step": meta.get("step"), "source": src,
               "tokenizer_sha256": tok.sha256, "dtype": dtype}
     storage.write_bytes(out + MARKER_SUFFIX, json.dumps(marker, indent=2).encode() + b"\n", s3)  # last

@@ -59,6 +59,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -69,6 +70,7 @@ from raylm.errors import CheckpointError, ConfigError, OutputExistsError
 from raylm import storage
 from raylm.config import S3Config
 from raylm.hf import EXPORT_MARKER, hf_llama_config, to_hf_state_dict
+from raylm.progress import Progress
 from raylm.tokenizer import BOS, CHAT_ROLES, END, EOS, MODEL_FILE, PAD, SPECIAL_TOKENS, UNK, Tokenizer
 
 PENDING_MARKER = "raylm_export.pending.json"  # an s3:// upload in progress: {"files": [...]}
@@ -126,7 +128,8 @@ def _shards(hf_sd: dict[str, torch.Tensor], dtype: torch.dtype, max_bytes: int) 
     return shards
 
 
-def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int, vocab_size: int) -> None:
+def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int, vocab_size: int,
+                   every_s: float | None = None) -> None:
     cfg = model.cfg
     # Views of the parameters, no copies; the tokenizer's rows only (see check_vocab).
     hf_sd = to_hf_state_dict(cfg, model.state_dict(), vocab_size)
@@ -139,6 +142,9 @@ def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int, v
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
     weight_map, total = {}, 0
+    # A 7B model's shards take minutes: progress on stderr (stdout is the command's JSON).
+    progress = Progress("export: weights", sum(hf_sd[k].numel() for keys in shards for k in keys) * dtype.itemsize,
+                        unit="GB", scale=1e9, log=_to_stderr, stream=sys.stderr, every_s=every_s)
     for file, keys in zip(names, shards):
         # Only this shard's converted copies live at once (a no-op `.to` shares the parameter).
         tensors = {k: hf_sd[k].detach().to("cpu", dtype).contiguous() for k in keys}
@@ -147,8 +153,14 @@ def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int, v
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(keys, file))
         del tensors
+        progress.update(total, file)
+    progress.close()
     if len(shards) > 1:
         _write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _write_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
@@ -197,7 +209,8 @@ def check_vocab(cfg, tok: Tokenizer) -> None:
                               "its last ids would have no embedding")
 
 
-def _write_all(model, tok: Tokenizer, meta: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
+def _write_all(model, tok: Tokenizer, meta: dict, out: Path, dtype: torch.dtype, max_shard_bytes: int,
+               every_s: float | None = None) -> dict:
     cfg = model.cfg
     config = hf_llama_config(cfg, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size)  # refuses non-Llama first
     check_vocab(cfg, tok)  # a padded embedding (model.vocab_size=0 rounds up to 64s) loses its padding
@@ -210,7 +223,7 @@ def _write_all(model, tok: Tokenizer, meta: dict, out: Path, dtype: torch.dtype,
         "pad_token_id": tok.pad_id,
     })
     _write_tokenizer(tok, out, cfg.max_seq_len)
-    _write_weights(model, out, dtype, max_shard_bytes, tok.vocab_size)
+    _write_weights(model, out, dtype, max_shard_bytes, tok.vocab_size, every_s)
     return {
         "format": "hf-llama",
         "step": meta.get("step"),
@@ -274,18 +287,19 @@ def _place(tmp: Path, out: Path) -> None:
 
 
 def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torch.dtype | str = torch.float32,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress_every_s: float | None = None) -> str:
     """Write `model` (a raylm Transformer) and `tokenizer` to the new local directory
     `out_dir` as a Hugging Face Llama; return its path. `meta`: the checkpoint's meta
     (its step and source are recorded in `EXPORT_MARKER`). An existing `out_dir` is refused
-    rather than replaced; on any error nothing is left at `out_dir`."""
+    rather than replaced; on any error nothing is left at `out_dir`. Progress goes to stderr
+    every `progress_every_s` (raylm.progress's default when None)."""
     dtype = _check_options(dtype, max_shard_bytes)
     out = Path(out_dir)
     check_local_out(out, "export into a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        marker = _write_all(model, tokenizer, meta, tmp, dtype, max_shard_bytes)
+        marker = _write_all(model, tokenizer, meta, tmp, dtype, max_shard_bytes, progress_every_s)
         marker["files"] = sorted(p.name for p in tmp.iterdir())  # what readers take as this export
         _write_json(tmp / EXPORT_MARKER, marker)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is a normal directory
@@ -328,7 +342,7 @@ def export_run(uri: str, out: str, s3: S3Config | None = None, checkpoint: str |
         pending = storage.join(out, PENDING_MARKER)
         files = sorted(p.name for p in local.iterdir())
         storage.write_bytes(pending, json.dumps({"files": files}).encode(), s3)  # first: a retry knows them
-        storage.upload_dir(str(local), out, s3)
+        storage.upload_dir(str(local), out, s3, log=_to_stderr)  # a line every few seconds past 256 MB
         storage.write_bytes(storage.join(out, EXPORT_MARKER), marker, s3)  # last: the export is complete
         storage.delete(pending, s3)
     return out
