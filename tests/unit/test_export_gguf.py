@@ -310,7 +310,7 @@ def test_s3_export_uploads_the_file_then_the_marker(tok, monkeypatch):
     storage = export_mod.storage
     events = []
 
-    def upload_dir(local, uri, s3=None):
+    def upload_dir(local, uri, s3=None, **kw):
         from pathlib import Path
 
         files = sorted(p.name for p in Path(local).rglob("*"))

@@ -268,7 +268,7 @@ def test_s3_export_uploads_the_marker_last(tok, monkeypatch):
     events = []
     storage = export_mod.storage
     monkeypatch.setattr(storage, "list_files", lambda uri, s3=None, **kw: [])  # an empty prefix
-    monkeypatch.setattr(storage, "upload_dir", lambda local, uri, s3=None: events.append(
+    monkeypatch.setattr(storage, "upload_dir", lambda local, uri, s3=None, **kw: events.append(
         ("upload", uri, sorted(p.name for p in Path(local).iterdir()))))
     monkeypatch.setattr(storage, "write_bytes", lambda uri, data, s3=None: events.append(
         ("write", uri, json.loads(data))))
