@@ -928,7 +928,8 @@ def read_stage_record(recipe: Recipe, stage: str, s3: S3Config) -> dict | None:
         record = json.loads(storage.read_text(uri, s3))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # written whole: a broken one is foreign, rerun
         return None
-    return record if isinstance(record, dict) else None  # JSON, but not a record (a list, a string)
+    # JSON, but not a record (a list, a string, outputs that are not a mapping): foreign, rerun
+    return record if isinstance(record, dict) and isinstance(record.get("outputs"), dict) else None
 
 
 # Stages whose directory, kept from a run on other inputs, would be reused as it is when they run

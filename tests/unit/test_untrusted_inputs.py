@@ -196,3 +196,17 @@ def test_a_hugging_face_directory_given_as_a_run_says_how_to_start_from_it(expor
                      f"storage={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "it is a Hugging Face model directory" in err and "--init-from-hf" in err, err
+
+
+@pytest.mark.parametrize("body", ['{"key": "k", "outputs": []}', '{"key": "k"}', '["not", "a", "record"]'])
+def test_a_stage_record_of_another_shape_is_foreign(tmp_path, body):
+    """A stage record whose outputs are not a mapping (altered, or another tool's file) was a
+    KeyError or AttributeError traceback in `raylm run`; it is foreign, and the stage reruns."""
+    import types
+
+    from raylm.config import S3Config
+    from raylm.recipe import STAGE_RECORDS, read_stage_record
+
+    (tmp_path / STAGE_RECORDS).mkdir()
+    (tmp_path / STAGE_RECORDS / "pretrain.json").write_text(body)
+    assert read_stage_record(types.SimpleNamespace(root=str(tmp_path)), "pretrain", S3Config()) is None
