@@ -452,7 +452,12 @@ class RangedReader(dcp.StorageReader):
     range, and checking it would mean fetching the whole file); sizes, the verified index and
     the weights-only unpickler still refuse a truncated, replaced or malicious file. A local
     checkpoint's files are hashed whole whatever is read of them (a disk read, no copy).
-    `bytes_read`, `requests` and `reads` record what this reader fetched from storage."""
+    `bytes_read`, `requests` and `reads` record what this reader fetched from storage.
+    Rank 0's reads from object storage of `progress_min_bytes` or more report their progress
+    on stderr (a 7B model's shards take minutes to fetch)."""
+
+    progress_min_bytes = storage.PROGRESS_MIN_BYTES
+    progress_every_s: float | None = None  # raylm.progress's default
 
     def __init__(self, uri: str, s3: S3Config | None = None):
         super().__init__()
@@ -548,6 +553,31 @@ class RangedReader(dcp.StorageReader):
         per_file: dict[str, list] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        progress = self._progress(plan)
+        try:
+            self._read_files(per_file, planner, progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _progress(self, plan):
+        """A Progress over the bytes this load plan reads, or None: a local checkpoint, a rank
+        other than 0, or less than `progress_min_bytes`."""
+        total = sum(self.storage_data[item.storage_index].length for item in plan.items)
+        if not storage.is_s3(self.uri) or _rank() != 0 or total < self.progress_min_bytes:
+            return None
+        import sys
+
+        from raylm.progress import Progress, to_stderr
+
+        return Progress(f"load {storage.redact_url(self.uri)}", total, unit="MB", scale=1e6, log=to_stderr,
+                        stream=sys.stderr, every_s=self.progress_every_s)
+
+    def _read_files(self, per_file: dict, planner, progress) -> None:
+        start_bytes = self.bytes_read
         for name, items in per_file.items():
             self._check_size(name)
             if not storage.is_s3(self.uri) and name not in self.verified and name in self.committed:
@@ -571,9 +601,8 @@ class RangedReader(dcp.StorageReader):
                 except Exception as e:
                     raise CheckpointError(f"{self._where(name)}: unreadable shard ({type(e).__name__}: "
                                           f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
-        done: Future = Future()
-        done.set_result(None)
-        return done
+                if progress is not None:
+                    progress.update(self.bytes_read - start_bytes)
 
     def _runs(self, name: str, items: list):
         """(offset, bytes, items) per run of adjacent or overlapping entries, in file order;

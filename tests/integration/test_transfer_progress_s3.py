@@ -8,7 +8,7 @@ import pytest
 from raylm import storage
 from raylm.progress import to_stderr
 
-pytestmark = pytest.mark.usefixtures("s3_server")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("s3_server")]
 
 # One file over s3transfer's 8 MB multipart threshold (its parts go up on several threads)
 # and a few small ones (downloads fetch several files at once).
@@ -39,3 +39,21 @@ def test_s3_upload_and_download_report_progress(tmp_path, s3_prefix, s3_server, 
     storage.upload_dir(str(src), storage.join(s3_prefix, "again"), log=to_stderr)
     storage.download_dir(uri, str(tmp_path / "dst2"), log=to_stderr)
     assert capsys.readouterr() == ("", "")
+
+
+def test_a_checkpoint_loaded_from_s3_reports_its_bytes(tiny_run, s3_prefix, s3_server, capsys, monkeypatch):
+    """`raylm generate`, `serve` and `export` of an s3:// run read the checkpoint's shards
+    straight from storage (RangedReader): past the threshold (0 here), rank 0 says how far."""
+    from raylm.checkpoint import RangedReader
+    from raylm.generate import load_for_inference
+
+    run = storage.join(s3_prefix, "run")
+    storage.upload_dir(str(tiny_run), run)
+    monkeypatch.setattr(RangedReader, "progress_min_bytes", 0)
+    monkeypatch.setattr(RangedReader, "progress_every_s", 0)
+    load_for_inference(run)
+    out, err = capsys.readouterr()
+    loads = [line for line in err.splitlines() if line.startswith(f"load {run}/ckpt-00000200 ")]
+    assert out == "" and loads and "100%" in loads[-1], err
+    assert s3_server.secret_key not in err
+
