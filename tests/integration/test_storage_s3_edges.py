@@ -15,7 +15,7 @@ from raylm.config import S3Config
 from raylm.storage import StorageError, join
 from tests.tcpproxy import TcpProxy
 
-pytestmark = pytest.mark.usefixtures("s3_server")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("s3_server")]
 
 
 def rel(prefix: str, infos) -> list[str]:

@@ -11,6 +11,8 @@ import pytest
 from raylm import cli, storage
 from raylm.errors import ConfigError, OutputExistsError
 
+pytestmark = pytest.mark.integration
+
 BOMB = "[" * 100_000 + "]" * 100_000  # past the JSON parser's recursion limit
 
 
