@@ -73,8 +73,8 @@ from raylm.config import DataConfig, S3Config
 from raylm.data import (CLEANING, FORMAT_VERSION, MANIFEST, DataError, check_error_budget, remove_stale_attempts,
                         source_rows, list_corpus, read_manifest)
 from raylm.dedup import content_hash
-from raylm.documents import (_as_utf8, encodable, check_plain_types, decompressed, json_lines, read_parquet,
-                             stable_fraction)
+from raylm.documents import (_as_utf8, column_values, encodable, check_plain_types, decompressed, json_lines,
+                             read_parquet, stable_fraction)
 from raylm.pii import PII_TYPES, redact as redact_pii
 from raylm.tokenizer import CHAT_ROLES
 
@@ -154,27 +154,6 @@ def _named_twice(record) -> str | None:
     return None
 
 
-def _has_binary(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        return _has_binary(t.value_type)
-    if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
-            or pa.types.is_binary_view(t)):
-        return True
-    return any(_has_binary(t.field(i).type) for i in range(t.num_fields))
-
-
-def _as_text(value):
-    """`value` with every bytes in it (at any depth) decoded as UTF-8; UnicodeDecodeError if one
-    does not decode."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, list):
-        return [_as_text(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _as_text(v) for k, v in value.items()}
-    return value
-
-
 def _parquet_records(path: str, raw: bytes):
     """A parquet file's rows as records of its FIELDS columns alone (other columns are never
     converted: a score, an id or text that is not UTF-8 there is not the record's concern).
@@ -196,29 +175,7 @@ def _parquet_records(path: str, raw: bytes):
         yield 0, DataError(f"{path}: no column {', '.join(map(repr, FIELDS))} (columns: "
                            f"{', '.join(table.column_names) or 'none'})")
         return
-    table = table.select(names)
-    columns = {}
-    for name in names:
-        col = table.column(name)
-        try:
-            values = col.to_pylist()
-        except UnicodeDecodeError:  # a string column that is not UTF-8 (parquet does not check): row by row
-            values = []
-            for i in range(len(col)):
-                try:
-                    values.append(col[i].as_py())
-                except UnicodeDecodeError as e:
-                    values.append(DataError(f"{path}:{i + 1}: column {name!r} is not valid UTF-8 "
-                                            f"(byte {e.object[e.start]:#04x} at offset {e.start})"))
-        if _has_binary(col.type):
-            for i, v in enumerate(values):
-                if not isinstance(v, DataError):
-                    try:
-                        values[i] = _as_text(v)
-                    except UnicodeDecodeError as e:
-                        values[i] = DataError(f"{path}:{i + 1}: column {name!r} holds bytes that are not UTF-8 "
-                                              f"(byte {e.object[e.start]:#04x} at offset {e.start})")
-        columns[name] = values
+    columns = {name: column_values(table.column(name), path, name) for name in names}
     for i in range(table.num_rows):
         record = {name: columns[name][i] for name in names}
         bad = next((v for v in record.values() if isinstance(v, DataError)), None)

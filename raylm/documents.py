@@ -157,7 +157,7 @@ def parse_documents(path: str, raw: bytes, text_field: str):
         except DataError as e:
             yield 0, e
             return
-        for i, text in enumerate(_strings(table.column(text_field), path, text_field), start=1):
+        for i, text in enumerate(column_values(table.column(text_field), path, text_field), start=1):
             if isinstance(text, DataError):
                 yield i, text
             elif not isinstance(text, str):
@@ -183,40 +183,56 @@ def parse_documents(path: str, raw: bytes, text_field: str):
             yield i, record[text_field]
 
 
-def _binary(t: pa.DataType) -> bool:
+def has_binary(t: pa.DataType) -> bool:
+    """Whether a parquet type holds bytes anywhere: itself, a dictionary's values, or a list's
+    or struct's fields (an SFT `messages` list of structs of binary role and content)."""
     if pa.types.is_dictionary(t):
-        return _binary(t.value_type)
-    return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
-            or pa.types.is_binary_view(t))
+        return has_binary(t.value_type)
+    if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t)):
+        return True
+    return any(has_binary(t.field(i).type) for i in range(t.num_fields))
 
 
-def _strings(column: pa.ChunkedArray, path: str, field: str) -> list:
-    """A parquet column's values as Python objects. Parquet does not check that a string
-    column holds UTF-8, so a row that does not is a DataError naming it, not a crash. A
-    column of bytes is text too (parquet's BYTE_ARRAY without the UTF8 annotation, as some
-    writers leave their strings), decoded as UTF-8 row by row; every row of one was a bad
-    record."""
-    if _binary(column.type):
-        values = column.to_pylist()
-        for i, v in enumerate(values):
-            if isinstance(v, bytes):
-                try:
-                    values[i] = v.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    values[i] = DataError(f"{path}: row {i + 1}: {field!r} is not valid UTF-8 "
-                                          f"(byte {v[e.start]:#04x} at offset {e.start})")
-        return values
+def _as_text(value):
+    """`value` with every bytes in it (at any depth) decoded as UTF-8; UnicodeDecodeError if one
+    does not decode."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, list):
+        return [_as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_text(v) for k, v in value.items()}
+    return value
+
+
+def column_values(column: pa.ChunkedArray, path: str, field: str) -> list:
+    """A parquet column's values as Python objects, a row that does not read as text a
+    DataError naming it, not a crash: parquet does not check that a string column holds
+    UTF-8. Bytes are text too (parquet's BYTE_ARRAY without the UTF8 annotation, as some
+    writers leave their strings, also inside lists and structs), decoded as UTF-8 row by row;
+    every row of such a column was a bad record."""
+    def bad(i: int, e: UnicodeDecodeError) -> DataError:
+        return DataError(f"{path}: row {i + 1}: {field!r} is not valid UTF-8 "
+                         f"(byte {e.object[e.start]:#04x} at offset {e.start})")
+
     try:
-        return column.to_pylist()
+        values = column.to_pylist()
     except UnicodeDecodeError:  # rare: find the rows one by one
         values = []
         for i in range(len(column)):
             try:
                 values.append(column[i].as_py())
             except UnicodeDecodeError as e:
-                values.append(DataError(f"{path}: row {i + 1}: {field!r} is not valid UTF-8 "
-                                        f"(byte {e.object[e.start]:#04x} at offset {e.start})"))
-        return values
+                values.append(bad(i, e))
+    if has_binary(column.type):
+        for i, v in enumerate(values):
+            if not isinstance(v, DataError):
+                try:
+                    values[i] = _as_text(v)
+                except UnicodeDecodeError as e:
+                    values[i] = bad(i, e)
+    return values
 
 
 def _top_level_count(text: str, key: str) -> int:

@@ -69,7 +69,7 @@ def test_parquet_messages_of_binary_structs_are_read_and_bad_bytes_name_their_ro
     raw = _parquet({"messages": pa.array(msgs, pa.list_(st)), "source": ["a", "b", "c"]})
     got = _encode(tok, "d/m.parquet", raw, "sft")
     assert got[0][1] == ""
-    assert got[1][1] == "d/m.parquet:2: column 'messages' holds bytes that are not UTF-8 (byte 0xff at offset 0)"
+    assert got[1][1] == "d/m.parquet: row 2: 'messages' is not valid UTF-8 (byte 0xff at offset 0)"
     assert got[2][1].startswith("d/m.parquet:3: expected 'messages' or 'prompt' and 'completion'")
     want = _encode(tok, "w.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                             {"role": "assistant", "content": "hello"}]}).encode(), "sft")
@@ -86,7 +86,7 @@ def test_a_string_column_that_is_not_utf8_is_a_bad_record_not_a_crash(tok):
     raw = _parquet({"prompt": _not_utf8_strings(), "completion": ["a", "b"]})
     got = _encode(tok, "d/u.parquet", raw, "sft")
     assert [(n, e) for n, e, _ in got] == [
-        (1, ""), (2, "d/u.parquet:2: column 'prompt' is not valid UTF-8 (byte 0xff at offset 0)")]
+        (1, ""), (2, "d/u.parquet: row 2: 'prompt' is not valid UTF-8 (byte 0xff at offset 0)")]
     # A column the records are not read from is not read at all.
     raw = _parquet({"prompt": ["p", "q"], "completion": ["a", "b"], "notes": _not_utf8_strings()})
     assert [e for _, e, _ in _encode(tok, "d/x.parquet", raw, "sft")] == ["", ""]
