@@ -26,23 +26,18 @@ def lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def test_download_reports_bytes_to_stderr(tree, tmp_path, capsys):
-    storage.download_dir(str(tree), str(tmp_path / "dst"), log=to_stderr, min_bytes=0, every_s=0)
+@pytest.mark.parametrize("what", ["download", "upload"])
+def test_a_copy_reports_its_bytes_to_stderr(tree, tmp_path, capsys, what):
+    dst = tmp_path / "dst"
+    copy = storage.download_dir if what == "download" else storage.upload_dir
+    copy(str(tree), str(dst), log=to_stderr, min_bytes=0, every_s=0)
     out, err = capsys.readouterr()
     assert out == ""
     got = lines(err)
-    assert got and all(line.startswith(f"download {tree} ") for line in got), err
+    label = tree if what == "download" else dst  # the storage side's URI
+    assert got and all(line.startswith(f"{what} {label} ") for line in got), err
     assert "100% 1.0/1.0 MB" in got[-1], got[-1]  # every byte counted once
-    assert (tmp_path / "dst" / "sub" / "b.bin").read_bytes() == (tree / "sub" / "b.bin").read_bytes()
-
-
-def test_upload_reports_bytes_to_stderr(tree, tmp_path, capsys):
-    storage.upload_dir(str(tree), str(tmp_path / "up"), log=to_stderr, min_bytes=0, every_s=0)
-    out, err = capsys.readouterr()
-    assert out == ""
-    got = lines(err)
-    assert got and all(line.startswith(f"upload {tmp_path / 'up'} ") for line in got), err
-    assert "100% 1.0/1.0 MB" in got[-1], got[-1]
+    assert (dst / "sub" / "b.bin").read_bytes() == (tree / "sub" / "b.bin").read_bytes()
 
 
 def test_small_transfers_print_nothing_by_default(tree, tmp_path, capsys):
