@@ -57,7 +57,6 @@ replaced (`stats.pii`).
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import io
 import json
@@ -73,7 +72,7 @@ from raylm.config import DataConfig, S3Config
 from raylm.data import (CLEANING, FORMAT_VERSION, MANIFEST, DataError, check_error_budget, remove_stale_attempts,
                         source_rows, list_corpus, read_manifest)
 from raylm.dedup import content_hash
-from raylm.documents import (_as_utf8, column_values, encodable, check_plain_types, decompressed, json_lines,
+from raylm.documents import (column_values, encodable, check_plain_types, decompressed, json_lines,
                              read_parquet, stable_fraction)
 from raylm.pii import PII_TYPES, redact as redact_pii
 from raylm.tokenizer import CHAT_ROLES
@@ -104,17 +103,11 @@ def parse_records(path: str, raw: bytes):
     if path.lower().endswith(".parquet"):
         yield from _parquet_records(path, raw)
         return
-    lines = None
-    for i, value in json_lines(path, raw):
-        if isinstance(value, dict):
-            if lines is None:  # as json_lines reads them: UTF-8, without byte order marks
-                lines = _as_utf8(raw, path).split(b"\n")
-            line = lines[i - 1]
-            line = line[len(codecs.BOM_UTF8):] if line.startswith(codecs.BOM_UTF8) else line
-            twice = _named_twice(json.loads(line.decode("utf-8"), object_pairs_hook=_Pairs.of))
-            if twice:
-                value = DataError(f"{path}:{i}: {twice} appears more than once in one record (JSON keeps "
-                                  f"the last silently: which one is meant is unknown)")
+    for i, value in json_lines(path, raw, object_pairs_hook=_Pairs.of):
+        twice = _named_twice(value)
+        if twice:
+            value = DataError(f"{path}:{i}: {twice} appears more than once in one record (JSON keeps "
+                              f"the last silently: which one is meant is unknown)")
         yield i, value
 
 

@@ -248,11 +248,12 @@ def _top_level_count(text: str, key: str) -> int:
     return sum(k == key for k, _ in outermost)
 
 
-def json_lines(path: str, raw: bytes, unique: str | None = None):
+def json_lines(path: str, raw: bytes, unique: str | None = None, object_pairs_hook=None):
     """(line number, parsed value) or (line number, DataError) for each non-blank line of a
     JSON-lines file: the one reader of corpus documents and of SFT/DPO records. `unique`: a
     field named more than once in a record's object is a bad record (which of its values is
-    meant is anyone's guess), checked only on lines where the name occurs twice."""
+    meant is anyone's guess), checked only on lines where the name occurs twice.
+    `object_pairs_hook`: json.loads', for a reader that checks more of its objects' keys."""
     try:
         raw = _as_utf8(raw, path)
     except DataError as e:
@@ -266,7 +267,7 @@ def json_lines(path: str, raw: bytes, unique: str | None = None):
             line = line[len(codecs.BOM_UTF8):]
         try:
             text = _decode(line, f"{path}:{i}")
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=object_pairs_hook)
             if needle is not None and isinstance(value, dict) and line.count(needle) > 1 \
                     and (n := _top_level_count(text, unique)) > 1:
                 value = DataError(f"{path}:{i}: field {unique!r} appears {n} times in one record")
