@@ -64,15 +64,10 @@ class Runner:
     progress_log = staticmethod(to_stderr)
     progress_every_s: float | None = None
 
-    _on_done = None  # set while `_scored` runs: called with each unit's results as it finishes
-
-    def run(self, units: list[dict]) -> list[list]:
-        """Each unit's results, in order; each calls `_unit_done` as it finishes."""
+    def run(self, units: list[dict], on_done=None) -> list[list]:
+        """Each unit's results, in order; `on_done`, if given, is called with each unit's results
+        as it finishes."""
         raise NotImplementedError
-
-    def _unit_done(self, results: list) -> None:
-        if self._on_done is not None:
-            self._on_done(results)
 
     def _scored(self, what: str, units: list[dict], total: int) -> list[list]:
         """`run(units)` with its progress over the `total` requests they hold."""
@@ -87,11 +82,9 @@ class Runner:
             count += len(results)
             progress.update(count)
 
-        self._on_done = done
         try:
-            return self.run(units)
+            return self.run(units, done)
         finally:
-            self._on_done = None
             progress.close()
 
     def close(self) -> None:
@@ -132,11 +125,12 @@ class LocalRunner(Runner):
         self.model, self.tok, self.batch_tokens, self.doc_sep = model, tok, batch_tokens, doc_sep
         self.max_seq_len = model.cfg.max_seq_len
 
-    def run(self, units: list[dict]) -> list[list]:
+    def run(self, units: list[dict], on_done=None) -> list[list]:
         out = []
         for u in units:
             out.append(run_unit(self.model, self.tok, u))
-            self._unit_done(out[-1])
+            if on_done is not None:
+                on_done(out[-1])
         return out
 
 
@@ -267,18 +261,18 @@ class RayPoolRunner(Runner):
             return None
         return load_for_inference(ckpt, s3)[0]
 
-    def run(self, units: list[dict]) -> list[list]:
+    def run(self, units: list[dict], on_done=None) -> list[list]:
         if not units:
             return []
         threads = torch.get_num_threads()
         if self.driver_scores:
             torch.set_num_threads(max(1, int(self.spec.num_cpus)))
         try:
-            return self._run(units)
+            return self._run(units, on_done)
         finally:
             torch.set_num_threads(threads)
 
-    def _run(self, units: list[dict]) -> list[list]:
+    def _run(self, units: list[dict], on_done=None) -> list[list]:
         import ray
 
         t0 = time.time()
@@ -294,7 +288,8 @@ class RayPoolRunner(Runner):
             if todo and self.driver_scores:
                 i = todo.pop()
                 out[i] = run_unit(self.model, self.tok, units[i])
-                self._unit_done(out[i])
+                if on_done is not None:
+                    on_done(out[i])
                 driver_units += 1
             if not (todo or pending):
                 break  # actors still loading are not waited for
@@ -312,7 +307,8 @@ class RayPoolRunner(Runner):
                 else:
                     i, actor = pending.pop(ref)
                     out[i] = ray.get(ref)
-                    self._unit_done(out[i])
+                    if on_done is not None:
+                        on_done(out[i])
                     free.append(actor)
         self.timings.append({"units": len(units), "pool_run_s": round(time.time() - t0, 2),
                              "driver_units": driver_units})

@@ -106,7 +106,7 @@ def test_a_pool_actor_restarted_without_load_reads_the_checkpoint(tiny_run, mode
     actor = UnitActor(tiny_run, f"{tiny_run}/tokenizer", None, PoolSpec(workers=1, num_cpus=1))
     pairs = [encode_pair(tok, "The cat sat on the", c) for c in (" mat", " moon")]
     runner = LocalRunner(model, tok)
-    runner.run = lambda units: [actor.run(u) for u in units]  # the units, computed by the actor
+    runner.run = lambda units, on_done=None: [actor.run(u) for u in units]  # the units, computed by the actor
     assert runner.loglikelihood(pairs) == LocalRunner(model, tok).loglikelihood(pairs)
     assert actor.info()["weights_from"] == tiny_run and actor.info()["units"] == 1
 

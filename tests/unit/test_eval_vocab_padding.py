@@ -113,7 +113,7 @@ def test_every_eval_path_scores_a_padded_model_as_its_unpadded_one(model_tok, pa
         assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
         # A pool's actor scores a unit without a tokenizer (UnitActor.tok): the unit says how many ids.
         actor = LocalRunner(big, tok, doc_sep=doc_sep)
-        actor.run = lambda units: [run_unit(big, None, u) for u in units]
+        actor.run = lambda units, on_done=None: [run_unit(big, None, u) for u in units]
         assert actor.loglikelihood(pairs) == got
 
     task = tmp_path / "mc.jsonl"
