@@ -187,11 +187,15 @@ class _S3Lease:
                            "lease_s": LEASE_S, "renewal": uuid.uuid4().hex}).encode()
 
     def _put(self, **condition) -> str | None:
-        """The lease written under `condition`; its ETag, or None where another writer won."""
+        """The lease written under `condition`; its ETag, or None where another writer won. On
+        AWS, `If-Match` on a lease deleted meanwhile answers 404 NoSuchKey (SeaweedFS: 412):
+        the lease seen is gone either way."""
         try:
             return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)["ETag"]
         except ClientError as e:
             if storage._code(e) in _TAKEN or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                return None
+            if "IfMatch" in condition and storage._code(e) in ("NoSuchKey", "404"):
                 return None
             raise
 
@@ -275,7 +279,13 @@ class _S3Lease:
                       f"{storage.redact_url(storage._problem(e, self.s3))}", file=sys.stderr, flush=True)
                 continue
             if etag is None:
-                self.lost = (f"the lease {self.lock_uri} was taken over by another process after this one "
+                try:
+                    gone = self._read() is None
+                except (ClientError, BotoCoreError, OSError):
+                    gone = False
+                self.lost = (f"the lease {self.lock_uri} was deleted by another process; another may hold this run "
+                             "now" if gone else
+                             f"the lease {self.lock_uri} was taken over by another process after this one "
                              f"could not renew it for {LEASE_S:.0f} s; two processes may have written this run")
                 print(f"raylm: {self.lost}", file=sys.stderr, flush=True)
                 with self.guard:

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from botocore.exceptions import ClientError
 
 from raylm import run_lock, storage
 from raylm.config import load_config
@@ -135,3 +136,35 @@ def test_an_endpoint_that_ignores_conditional_writes_is_said_and_the_run_goes_on
         assert _lease(s3_server, run) is None  # deleted at the end all the same
     finally:
         client.meta.events.unregister("before-sign.s3.PutObject", strip)
+
+
+@pytest.mark.parametrize("answer", ["412", "aws-404"])
+def test_a_holder_whose_lease_was_deleted_stops_and_says_so(s3_server, s3_prefix, short_lease, answer):
+    """A lease deleted under its holder (by hand, or by a newcomer that took it over and then
+    let go) is lost: the holder must not renew on as if nothing happened. SeaweedFS answers the
+    renewal's If-Match with 412; AWS documents 404 NoSuchKey for If-Match on a missing key,
+    which the hook below gives where the real server holds no lease."""
+    run = f"{s3_prefix}/run"
+    bucket, key = storage._split_s3(storage.join(run, run_lock.RUN_LOCK))
+    client = storage.boto3_client(None)  # the lease's own client (cached)
+    other = s3_server.client()
+
+    def aws(params, **_):
+        if "If-Match" in params["headers"]:
+            try:
+                other.head_object(Bucket=bucket, Key=key)
+            except other.exceptions.ClientError:
+                raise ClientError({"Error": {"Code": "NoSuchKey", "Message": "The specified key does not exist."},
+                                   "ResponseMetadata": {"HTTPStatusCode": 404}}, "PutObject") from None
+
+    if answer == "aws-404":
+        client.meta.events.register("before-call.s3.PutObject", aws)
+    try:
+        with pytest.raises(StorageError, match="was deleted by another process"):
+            with run_lock.held(run) as lease:
+                other.delete_object(Bucket=bucket, Key=key)
+                lease.thread.join(timeout=30)  # its next renewal finds the lease gone, and stops
+                assert lease.lost
+    finally:
+        client.meta.events.unregister("before-call.s3.PutObject", aws)
+    assert _lease(s3_server, run) is None
