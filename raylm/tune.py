@@ -96,10 +96,59 @@ class Dimension:
         lo, hi = self.args
         return [lo, hi - 1] if self.kind == "randint" else [float(lo), float(hi)]  # Tune draws floats
 
+    def holds(self, value) -> bool:
+        """Whether `value` is one this key's distribution draws (a trial's config as Tune
+        saves it, in JSON: lists for tuples)."""
+        if self.kind in ("value", "choice", "grid_search"):
+            return any(_same(value, v) for v in (self.args if self.kind == "value" else self.args[0]))
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):
+            return False
+        lo, hi = self.args
+        if self.kind == "randint":
+            return isinstance(value, int) and lo <= value < hi
+        slack = 1e-9 * max(abs(lo), abs(hi))  # Tune's loguniform draws exp(uniform(log lo, log hi))
+        return lo - slack <= value <= hi + slack
+
     def __str__(self) -> str:
         if self.kind == "value":
             return repr(self.args[0])
         return f"{self.kind}({', '.join(repr(a) for a in self.args)})"
+
+
+def _same(a, b) -> bool:
+    """a == b as config values: a bool is not a number, a list and a tuple of equal items are alike."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                                             and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
+
+
+def check_trial_params(space: dict[str, "Dimension"], params, where: str) -> None:
+    """A trial's config (from Tune: saved in the search's state, or drawn by its searcher,
+    whose state is saved there too) is the space's keys, each with a value its distribution
+    draws: checked by the driver before a resume and by every trial before it starts, since
+    a value outside the space (data.path, s3.endpoint_url, storage, ...) goes unchecked by
+    check_space. ConfigError naming `where` and the key."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: {type(params).__name__}, not a trial's parameters; the search's state was "
+                          f"changed since raylm saved it: start the search anew")
+    keys = set(params)
+    odd = sorted(keys - set(space)) or sorted(set(space) - keys)
+    if odd:
+        what = "not a key of" if odd[0] in keys else "missing; a key of"
+        raise ConfigError(f"{where}: {odd[0]} is {what} the search space ({', '.join(sorted(space))}); the search's "
+                          f"state was changed since raylm saved it: start the search anew")
+    for key, value in params.items():
+        if not space[key].holds(plain(value)):
+            raise ConfigError(f"{where}: {key}={_show(value)} is not a value of {space[key]}; the search's state was "
+                              f"changed since raylm saved it: start the search anew")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -260,6 +309,7 @@ def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: 
         raise ConfigError(f"{where}: tune.num_samples={tc.num_samples}: nothing in the space is sampled, so each "
                           f"grid point runs once (a repeat is the same config and seed); set 1, or search "
                           f"seed: {repeats}([0, 1, ...]) for repeats")
+    if tc.search == "optuna":
         try:
             import optuna  # noqa: F401
         except ImportError:
@@ -297,6 +347,8 @@ def run_trial(params: dict, setup: dict) -> None:
     quiet_ray_data()  # this trial's datasets are made here, not in the driver
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: plain(v) for k, v in params.items()}
+    space, _ = parse_space(setup["space_text"], setup["space_where"])
+    check_trial_params(space, params, f"trial {trial_id}")
     cfg = load_config(base=setup["base"], overrides=[*params.items(), ("name", trial_id),
                                                      ("storage", setup["runs_dir"])])
     tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
@@ -421,6 +473,9 @@ def _resumed_search(cfg: Config, uri: str, log) -> dict:
     except ConfigError as e:
         raise ConfigError(f"--resume: {uri}: {e}; Tune keeps a search's metric, so start a new search "
                           f"(another name=)") from None
+    # The saved space, checked as a new search's: the trials' configs are checked against it.
+    space, _ = parse_space(state["space_text"], f"--resume: {uri}: space_text")
+    check_space(space, state["base"], tc, f"--resume: {uri}: space_text")
     # A local cluster sized for the saved trials (the command line names only the search).
     init_ray_for(dataclasses.replace(base, name=cfg.name, storage=cfg.storage, s3=cfg.s3), tc)
     return _run(state, cfg, resume=True, log=_default_log(log))
@@ -431,7 +486,8 @@ def _trainable(state: dict, search_dir: str):
 
     base = state["base"]
     setup = {"base": base, "manifest": state["manifest"], "search_dir": search_dir,
-             "runs_dir": storage.join(search_dir, RUNS), "metric": state["tune"]["metric"]}
+             "runs_dir": storage.join(search_dir, RUNS), "metric": state["tune"]["metric"],
+             "space_text": state["space_text"], "space_where": f"search space {state['space_path']}"}
     trainable = rt.with_parameters(run_trial, setup=setup)
     return rt.with_resources(trainable, {"CPU": state["tune"]["driver_cpus"]})
 
@@ -479,7 +535,8 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     if resume and rt.Tuner.can_restore(path, storage_filesystem=fs):
         from raylm.tune_state import check_search_state
 
-        check_search_state(search_dir, cfg.s3)  # Tune's state unpickles: refused unless it runs no code
+        # Tune's state unpickles: refused unless it runs no code; its data as raylm saves it
+        check_search_state(search_dir, cfg.s3, check_params=lambda p, where: check_trial_params(space, p, where))
         tuner = rt.Tuner.restore(path, trainable, storage_filesystem=fs, resume_unfinished=True,
                                  resume_errored=True)
     else:

@@ -13,6 +13,14 @@ else. Whatever cannot be told without running it is refused: a call of anything 
 global, a STACK_GLOBAL of anything but strings, BUILD or APPEND/SETITEM on a global itself,
 persistent ids, extension codes, out-of-band buffers, a malformed stream.
 
+The state's data is checked too (`check_experiment_data`), since Tune's restore takes it as it
+is: only the controller and trial attributes Ray saves (it sets whatever keys the JSON holds),
+trial ids that are plain names, each trial's folder one name inside the experiment's, trial
+fields that name files left at their defaults, and (given `check_params`) each trial's config
+drawn from the search space. Each file is read once for both checks. Still open: Ray reads the
+files again after the check (a file swapped in between is not caught; the trials check their
+own configs as they start, `raylm.tune.run_trial`), and results a tampered state reports.
+
 The list needs no code because raylm's searches pickle none: its callback and random/grid
 searcher are classes of this module (below), its trainable and search space go by reference.
 
@@ -43,7 +51,9 @@ import binascii
 import fnmatch
 import io
 import json
+import pickle
 import pickletools
+import re
 
 from raylm import storage
 from raylm.errors import UserError
@@ -450,12 +460,134 @@ def state_pickles(search_dir: str, s3=None) -> list[tuple[str, bytes]]:
     return out
 
 
-def check_search_state(search_dir: str, s3=None) -> None:
+def check_search_state(search_dir: str, s3=None, check_params=None) -> None:
     """Raises UnsafeTuneStateError, naming the file, unless every pickle that restoring the
-    search in `search_dir` (local or s3://) would load names only allowed globals. Nothing
-    is unpickled."""
-    for where, data in state_pickles(search_dir, s3):
-        check_pickle(data, where)
+    search in `search_dir` (local or s3://) would load names only allowed globals, and the
+    data of each experiment state is what raylm's searches save (`check_experiment_data`;
+    `check_params(params, where)` checks each trial's config). Each file is read once, and
+    both checks are of those bytes. Nothing is unpickled but a trial's storage, once its
+    pickle has passed."""
+    for uri, kind in state_files(search_dir, s3):
+        data = storage.read_bytes(uri, s3)
+        if kind == "experiment":
+            for where, blob in experiment_state_pickles(data, uri):
+                check_pickle(blob, where)
+            check_experiment_data(data, uri, check_params)
+        else:
+            check_pickle(data, uri)
+
+
+# --------------------------------------------------------------------------- the state's data
+#
+# What Tune's restore takes from an experiment state as it is, beyond its pickles: the
+# controller's and each trial's attributes (`TuneController.__setstate__` and
+# `Trial.__setstate__` update `__dict__` with whatever keys the JSON holds: a controller
+# given `_storage` writes the search's state and trial folders wherever that names), each
+# trial's id (raylm's run name for it), config (the trial's overrides of the base config),
+# and its storage's trial folder (joined to the experiment folder: an absolute or `..`
+# name puts Tune's trial files anywhere). The keys are Ray 2.60's, as raylm's searches save them.
+
+RUNNER_FIELDS = frozenset({
+    "_actor_cleanup_timeout", "_actor_force_cleanup_timeout", "_buffer_length", "_buffer_max_time_s",
+    "_buffer_min_time_s", "_cached_trial_decisions", "_checkpoint_period", "_earliest_stopping_actor", "_fail_fast",
+    "_has_errored", "_iteration", "_max_pending_trials", "_metric", "_print_trial_errors", "_queued_trial_decisions",
+    "_resumed", "_reuse_actors", "_session_str", "_should_stop_experiment", "_start_time", "_stopper", "_total_time",
+    "_trial_checkpoint_config"})
+TRIAL_FIELDS = frozenset({
+    "_Trial__unresolved_config", "_default_placement_group_factory", "_default_result_or_future", "_resources",
+    "_restore_checkpoint_result", "_setup_default_resource", "_state_json", "config", "custom_dirname",
+    "custom_trial_name", "evaluated_params", "experiment_tag", "export_formats", "extra_arg", "log_to_file",
+    "max_failures", "placement_group_factory", "relative_logdir", "restore_path", "results", "status",
+    "stopping_criterion", "storage", "stub", "trainable_name", "trial_dirname_creator", "trial_id",
+    "trial_name_creator"})
+# Trial fields raylm's searches leave at Tune's defaults: set, they name files (log_to_file
+# appends the trial's output to a path; restore_path restores a checkpoint from one), names,
+# or stop the trial (stopping_criterion: raylm's searches stop on nothing but ASHA's rungs).
+TRIAL_DEFAULTS = {"log_to_file": [None, None], "export_formats": [], "restore_path": None, "custom_trial_name": None,
+                  "custom_dirname": None, "trial_name_creator": None, "trial_dirname_creator": None,
+                  "_restore_checkpoint_result": None, "stopping_criterion": {}}
+TRIAL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # Tune's ids (825c8_00000): a run's name, one path segment
+_SEGMENT = re.compile(r"[^/\\\x00]{1,255}")  # one path segment (and not . or ..)
+
+
+def _data_refusal(where: str, what: str) -> UnsafeTuneStateError:
+    return UnsafeTuneStateError(f"{where}: {what}, which raylm's searches never save (a tampered search state: "
+                                f"start the search anew)")
+
+
+def check_experiment_data(text, where: str, check_params=None) -> None:
+    """UnsafeTuneStateError naming the file and field where the experiment state `text`
+    (its pickles already checked) holds data raylm's searches never save: controller or
+    trial attributes outside Ray 2.60's own, a trial id that is not one plain name (or is
+    another trial's: raylm's run name for the trial), a field
+    raylm leaves at Tune's default set, a trial folder outside the experiment's, artifact
+    syncing on. `check_params(config, where)` raises for a trial config the search space
+    does not draw."""
+    doc = json.loads(text)
+    runner = doc.get("runner_data", {})
+    if not isinstance(runner, dict):
+        raise _data_refusal(where, "runner_data that is not a JSON object")
+    extra = sorted(set(runner) - RUNNER_FIELDS)
+    if extra:
+        raise _data_refusal(where, f"runner_data {extra[0]!r} (sets the controller's own attribute)")
+    ids = set()
+    for i, (state_text, _) in enumerate(doc.get("trial_data", [])):
+        state = json.loads(state_text)
+        field = f"{where}: trial_data[{i}]"
+        extra = sorted(set(state) - TRIAL_FIELDS)
+        if extra:
+            raise _data_refusal(field, f"{extra[0]!r} (sets the trial's own attribute)")
+        if "trial_id" in state and not (isinstance(state["trial_id"], str) and TRIAL_ID.fullmatch(state["trial_id"])):
+            raise _data_refusal(field, f"trial_id={state['trial_id']!r} (not one plain name)")
+        if state.get("trial_id") in ids:  # two trials would train in one run directory
+            raise _data_refusal(field, f"trial_id={state['trial_id']!r} a second time")
+        ids.add(state.get("trial_id"))
+        for key, default in TRIAL_DEFAULTS.items():
+            if key in state and state[key] != default:
+                raise _data_refusal(field, f"{key}={state[key]!r}")
+        if not _folder(state.get("relative_logdir")):
+            raise _data_refusal(field, f"relative_logdir={state['relative_logdir']!r} (not one folder in the "
+                                       f"experiment's)")
+        if check_params is not None and "config" in state:
+            check_params(state["config"], f"{field} config")
+        if "storage" in state:
+            _check_trial_storage(state["storage"], f"{field} storage")
+
+
+def _check_trial_storage(value, where: str) -> None:
+    """The trial's StorageContext (a checked pickle, loaded here by an unpickler that finds
+    only allowed globals): its trial folder one plain name in the experiment's, no artifact sync."""
+    obj = _load_checked(_unhex(value.get("value") if isinstance(value, dict) else None, where), where)
+    name = getattr(obj, "trial_dir_name", None)
+    if not _folder(name):
+        raise _data_refusal(where, f"trial_dir_name={name!r} (not one folder in the experiment's)")
+    sync = getattr(obj, "sync_config", None)
+    if getattr(sync, "sync_artifacts", False):
+        raise _data_refusal(where, "sync_config.sync_artifacts=True (uploads the trial's working directory)")
+
+
+def _folder(name) -> bool:
+    """None (a trial not started yet: Tune names its folder as it starts it) or one plain name."""
+    return name is None or isinstance(name, str) and bool(_SEGMENT.fullmatch(name)) and name not in (".", "..")
+
+
+class _AllowedOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in ALLOWED:  # already refused by check_pickle; kept as a second lock
+            raise _refuse(self.where, f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_checked(data: bytes, where: str):
+    check_pickle(data, where)
+    unpickler = _AllowedOnly(io.BytesIO(data))
+    unpickler.where = where
+    try:
+        return unpickler.load()
+    except UnsafeTuneStateError:
+        raise
+    except Exception as e:
+        raise UnsafeTuneStateError(f"{where}: not a readable pickle ({type(e).__name__}: {e})") from None
 
 
 # --------------------------------------------------------------------------- state that checks
