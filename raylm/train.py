@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
@@ -446,6 +446,9 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
         metrics_log.truncate(start.step)
     saver = CheckpointSaver(cfg, hooks, log)
     units = {"sft": "assistant_tokens", "dpo": "pairs"}.get(cfg.stage)  # the loss's units, where not tokens
+    # Validation scores the next-token loss alone: train.z_loss is a training penalty, and
+    # val_ppl its exp would not be a perplexity (nor val_loss raylm eval's loss).
+    val_objective = replace(objective, z_loss=0.0) if getattr(objective, "z_loss", 0.0) else objective
     tokens_since = units_since = 0  # real tokens and loss units since the last log line
     t_last = time.perf_counter()
     # Seconds since the last log line spent on validation, task evals and checkpoints (saving,
@@ -547,7 +550,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                         + (f" | {duration(left)} left" if left is not None else ""))
             if step % tc.eval_every == 0 or final:
                 t0 = time.perf_counter()
-                val_loss, n = evaluate(model, objective, hooks.val_batches())
+                val_loss, n = evaluate(model, val_objective, hooks.val_batches())
                 vrow = {"kind": "val", "step": step, "val_loss": val_loss, f"val_{units or 'tokens'}": n}
                 if cfg.stage == "dpo":  # rewards and preference accuracy say more than the loss
                     extra = evaluate_metrics(model, objective, hooks.val_batches())
