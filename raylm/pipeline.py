@@ -743,7 +743,7 @@ def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int,
     cfg = resolve_workers(cfg)
     datasets, manifest = training_inputs(cfg, tok, corpus, prepared)
     check_resume_before_record(cfg, resume, manifest)  # a refused resume leaves the run's record as it was
-    forget_summary(cfg)  # the run changes from here on
+    forget_summary(cfg, resume)  # the run changes from here on
     record = write_record(cfg, "pretrain", tok, manifest)
     log(f"pretrain: {workers_summary(cfg)}, model {_model_summary(cfg)}, run record {record}")
     try:
@@ -776,16 +776,58 @@ SUMMARY = "summary.json"
 LOSS_PLOT, SAMPLES = "loss.png", "samples.txt"
 
 
-def forget_summary(cfg: Config) -> None:
+def forget_summary(cfg: Config, resume: str = "auto") -> None:
     """Remove the run's summary.json, and the loss plot and samples written with it at the end
     of a run, before training changes the run again. They describe a finished run: a
     continuation (a larger train.max_steps) that then failed left the old ones saying the run
     had finished at the old step, with the old model's samples. The summary goes first, so a
     reader sees the old summary or none, and none means not finished; `finish_report` and
     `write_summary` write the new ones once training and its report are done (the samples
-    only where asked for)."""
+    only where asked for). Then what the run holds of the steps training does again
+    (`forget_redone`), before the new run's record is written."""
+    from raylm import checkpoint
+    from raylm.train import resume_point
+
     for name in (SUMMARY, LOSS_PLOT, SAMPLES):
         storage.delete(storage.join(cfg.run_dir, name), cfg.s3)
+    found = resume_point(cfg, resume)
+    forget_redone(cfg, checkpoint.read_meta(found, cfg.s3)["step"] if found else 0)
+
+
+EVAL_DIR = "eval"  # `raylm eval` writes a checkpoint's results to <run>/eval/<checkpoint name>/
+REPORT_DIR = "report"  # `raylm report <run>` draws the run's metrics.jsonl into <run>/report/
+
+
+def forget_redone(cfg: Config, start: int) -> None:
+    """Remove what the run directory holds of the steps after `start`, the step training
+    starts from (its checkpoint's, or 0 with none to resume): they are trained again, and what
+    they held described other weights. `raylm eval`'s results of the checkpoints after it
+    (`<run>/eval/ckpt-N/`, of a checkpoint that is gone and that the run writes again at the
+    same step) go first, each table before its results.json (`write_results` writes the table
+    last); then `raylm report`'s drawing of metrics.jsonl where that holds rows after `start`
+    (report.png first, its mark of a complete report); then those rows (in-training eval rows
+    among them; the whole file when the run starts over), as the workers' `MetricsLog.truncate`
+    drops them once training runs. Results and rows up to `start` belong to the checkpoints
+    the run resumes from, and stay. Called before the new run's record: a run cut short before
+    its workers train leaves the earlier run's outputs only beside the earlier run's record."""
+    from raylm import checkpoint
+    from raylm.metrics import MetricsLog
+
+    for step, uri, _ in checkpoint.list_checkpoints(storage.join(cfg.run_dir, EVAL_DIR), cfg.s3):
+        if step > start:
+            for name in ("results.md", "results.json"):
+                storage.delete(storage.join(uri, name), cfg.s3)
+            storage.delete(uri, cfg.s3)
+    metrics = storage.join(cfg.run_dir, "metrics.jsonl")
+    history = MetricsLog(cfg.run_dir, cfg.s3) if start and storage.exists(metrics, cfg.s3) else None
+    if not start or history is not None and any(r.get("step", 0) > start for r in history.rows):
+        report = storage.join(cfg.run_dir, REPORT_DIR)
+        storage.delete(storage.join(report, "report.png"), cfg.s3)
+        storage.delete(report, cfg.s3)
+    if not start:
+        storage.delete(metrics, cfg.s3)
+    elif history is not None:
+        history.truncate(start)
 
 
 def write_summary(cfg: Config, summary: dict) -> str:

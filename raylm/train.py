@@ -802,6 +802,10 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     rank, _ = rank_world()
     ckpt = broadcast(resume_point(cfg, resume) if rank == 0 else None)
     if ckpt is None:
+        # An earlier run's spike-rollback marker goes: once this run writes the checkpoint it
+        # names, a resume from that took the earlier run's data position, guards and seconds.
+        if rank == 0:
+            storage.delete(storage.join(cfg.run_dir, ROLLBACK), cfg.s3)
         if cfg.init_from:  # a fresh stage on another run's weights: new optimizer, step 0
             parent = load_parent_weights(model, cfg)
             if rank == 0:
@@ -826,6 +830,10 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
         # the spike (its clock went on: the budget is not given back)
         consumed, guards = marker["consumed_blocks"], marker.get("guards", guards)
         seconds = marker.get("train_seconds", seconds)
+    elif marker and rank == 0 and _step_of(marker["checkpoint"]) > meta["step"]:
+        # Of a checkpoint after this one, which this run writes again: resumed from, the
+        # marker's data position, guards and seconds would replace the new run's own.
+        storage.delete(storage.join(cfg.run_dir, ROLLBACK), cfg.s3)
     if rank == 0:
         log(f"resumed from {ckpt} (step {meta['step']}, {consumed} blocks consumed, "
             f"written by {meta['world_size']} workers)")
@@ -915,6 +923,12 @@ def load_parent_weights(model, cfg: Config) -> str:
         full = plain.state_dict()
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1))
     return parent
+
+
+def _step_of(name: str) -> int:
+    """The step of checkpoint name `name` (`ckpt-00000004`: 4); -1 for another name."""
+    m = checkpoint._NAME.match(name)
+    return int(m.group(1)) if m else -1
 
 
 def _read_rollback(uri: str, s3) -> dict | None:
