@@ -31,7 +31,7 @@ import re
 import sys
 
 from raylm import storage
-from raylm.config import ConfigError, load_config, to_dict
+from raylm.config import ConfigError, load_config, load_config_given, to_dict
 from raylm.errors import UserError
 
 # The subcommands are thin: parse, build a config, call the library.
@@ -39,10 +39,17 @@ from raylm.errors import UserError
 EPILOG = "Overrides are dotted keys, e.g. train.lr=3e-4 data.seq_len=512 model.preset=gpt2-124m name=run1"
 
 
-def _config(args, base: dict | None = None, given: dict | None = None, stage: str | None = None):
+def _config(args, base: dict | None = None, given: dict | None = None, stage: str | None = None,
+            check_memory: bool = True):
     """Defaults <- `base` (the subcommand's own defaults) <- --from-record's settings <- `given`
     (what the subcommand's options set) <- --config <- dotted overrides. `stage`: the run the
-    subcommand trains, which a record must be of."""
+    subcommand trains, which a record must be of. `check_memory`: see `Config.validate`."""
+    return _config_given(args, base, given, stage, check_memory)[0]
+
+
+def _config_given(args, base: dict | None = None, given: dict | None = None, stage: str | None = None,
+                  check_memory: bool = True):
+    """`_config`, and the keys --config and the dotted overrides set (`config.load_config_given`)."""
     if getattr(args, "from_record", None):
         from raylm.record import load_record
 
@@ -58,10 +65,10 @@ def _config(args, base: dict | None = None, given: dict | None = None, stage: st
     if getattr(args, "data", None):
         # A (key, value) pair is never parsed as YAML: `*.jsonl`, `a: b.txt` or `true` stay paths.
         overrides.append(("data.path", args.data))
-    cfg = load_config(args.config, overrides, base=base)
+    cfg, keys = load_config_given(args.config, overrides, base=base, check_memory=check_memory)
     if stage and cfg.stage != stage:  # else found only after the tokenizer, the data and record.json
         raise ConfigError(f"stage={cfg.stage}: `raylm {args.command}` trains a {stage} run; use `raylm {cfg.stage}`")
-    return cfg
+    return cfg, keys
 
 
 def _merge_dicts(a: dict, b: dict) -> dict:
@@ -143,7 +150,8 @@ def _pretrain_config(args):
     from raylm.hf import check_init_from_hf, init_from_hf_settings
 
     s3 = _config(args, stage="pretrain").s3  # the storage settings to read DIR with
-    cfg = _config(args, given=init_from_hf_settings(args.init_from_hf, s3), stage="pretrain")
+    # Its RoPE tables are checked against memory by check_init_from_hf, naming config.json.
+    cfg = _config(args, given=init_from_hf_settings(args.init_from_hf, s3), stage="pretrain", check_memory=False)
     check_init_from_hf(cfg)
     return cfg
 
@@ -170,23 +178,14 @@ def cmd_posttrain(args) -> None:
         name = storage.parent(parent).rsplit("/", 1)[-1] or name
     # A recorded run (--from-record) keeps its name and settings; --from and the subcommand are the line's.
     base = {"name": f"{name}-{args.stage}", **STAGE_DEFAULTS[args.stage]}
-    cfg = _config(args, base=base, given={"stage": args.stage, "init_from": args.from_run}, stage=args.stage)
+    cfg, keys = _config_given(args, base=base, given={"stage": args.stage, "init_from": args.from_run},
+                              stage=args.stage)
+    # The model.* keys the command line and its --config set (from the one reading of --config):
+    # post-training refuses any that differs from the parent's, even at its default value
+    # (`model.dim=128` on a dim-64 parent was dropped without a word, 128 being the default).
     summary = posttrain(cfg, resume="must" if args.resume else "auto", max_failures=args.max_failures,
-                        given=_model_keys_given(args, cfg))
+                        given=frozenset(k for k in keys if k.startswith("model.")))
     print(json.dumps(summary, indent=1))
-
-
-def _model_keys_given(args, cfg) -> frozenset:
-    """The model.* keys the command line and its --config set: post-training refuses any that
-    differs from the parent's, even at its default value (`model.dim=128` on a dim-64 parent
-    was dropped without a word, 128 being the default)."""
-    from raylm.config import _load_config_yaml, _nest, _read_config_text
-
-    keys = {f"model.{k}" for k in _nest(args.overrides).get("model", {})}
-    if args.config:  # read again: load_config has checked it
-        loaded = _load_config_yaml(_read_config_text(args.config, "config file", cfg.s3)) or {}
-        keys |= {f"model.{k}" for k in (loaded.get("model") or {})}
-    return frozenset(keys)
 
 
 def cmd_tune(args) -> None:
@@ -261,7 +260,7 @@ def cmd_data_prepare(args) -> None:
     # on the data (`raylm pretrain` checks it), not against the model.* defaults here.
     # Last, over --config and overrides: a model.preset there replaces the model settings beneath it.
     args.overrides = [*args.overrides, ("model.max_seq_len", sys.maxsize)]
-    cfg = _config(args)
+    cfg = _config(args, check_memory=False)
     if not cfg.data.path:
         raise ConfigError("data prepare needs --data (or data.path)")
     tok_path = args.tokenizer or cfg.tokenizer.path
@@ -297,6 +296,8 @@ def cmd_serve(args) -> None:
                           "without one, the local cluster it starts ends with it: leave out --detach")
     if not os.environ.get("RAY_ADDRESS"):  # a cluster of our own: Serve is not listening there yet
         check_port_free(cfg)  # before Ray starts, not after (start() checks where Serve may run)
+    if cfg.engine == "raylm":
+        _check_served_model(args.run)
     init_ray(Config())
     from ray import serve
 
@@ -313,6 +314,22 @@ def cmd_serve(args) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()  # graceful: replicas drain their in-flight requests first
+
+
+def _check_served_model(run: str) -> None:
+    """Before Ray starts: the replicas build the model, and RoPE tables no memory holds (a
+    meta.json claiming model.max_seq_len=10^15) failed there, as a traceback once Ray and
+    Serve had started. A run that is not there, or not reachable from here, is left to
+    `serve.app.start` to name, as before."""
+    from raylm.checkpoint import META, read_meta
+    from raylm.config import check_rope_memory
+    from raylm.generate import checkpoint_model_config, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(run)
+    except UserError:
+        return
+    check_rope_memory(checkpoint_model_config(ckpt, read_meta(ckpt)), where=storage.join(ckpt, META))
 
 
 def cmd_generate(args) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import reprlib
 import re
 import types
@@ -844,6 +845,24 @@ PLACEHOLDER = re.compile(r"^s3://(<[^/]*>)|(<bucket>)")
 S3_URI = re.compile(r"s3://[^/]")  # the scheme raylm.storage speaks, and a bucket
 
 
+def check_rope_memory(model: ModelConfig, where: str = "") -> None:
+    """Refuse, in one line naming model.max_seq_len and its value (after `where`, the file or
+    checkpoint it came from, if any), RoPE tables larger than this machine's memory. Every process that
+    builds the model (each training worker, the driver's samples, generate, serving, eval)
+    allocates fp32 cos and sin tables for all max_seq_len positions, which no weight backs:
+    model.max_seq_len=10^15 passed every check and failed in the workers' allocator. The
+    bound is all of this machine's memory, where the driver builds the model too: tables
+    larger can never be allocated here, while sensible lengths need a small part of it
+    (Llama 4's 10M positions at head dim 128: 5 GiB). raylm.hf and raylm.generate apply the
+    same bound to a config.json's max_position_embeddings and a checkpoint's model."""
+    need = 2 * model.max_seq_len * (model.head_dim // 2) * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise ConfigError(f"{where + ': ' if where else ''}model.max_seq_len={model.max_seq_len} needs "
+                          f"{need / 2**30:.1f} GiB of RoPE tables (raylm builds them for every position), more "
+                          f"than the {memory / 2**30:.1f} GiB of memory on this machine")
+
+
 def dpo_train_refusal(tc: TrainConfig) -> str | None:
     """Why DPO cannot run under these train.* settings, or None. z-loss is a penalty per
     target token of the next-token loss, whose units are tokens; DPO's units are pairs, and
@@ -877,10 +896,15 @@ class Config:
     # SentencePiece takes a 32-bit unsigned seed, and numpy's generators refuse negative ones.
     RANGES: ClassVar[dict[str, Range]] = {"seed": within(0, 2**32 - 1)}
 
-    def validate(self) -> "Config":
+    def validate(self, check_memory: bool = True) -> "Config":
+        """`check_memory=False`: leave model.max_seq_len's RoPE tables unchecked against this
+        machine's memory (`check_rope_memory`), for a config that builds no model of its
+        own settings (data prepare) or whose caller checks them, naming their source."""
         _check_ranges(self, "")
         for section in (self.model, self.tokenizer, self.data, self.train, self.sample, self.s3, self.dpo, self.eval):
             section.validate()
+        if check_memory:
+            check_rope_memory(self.model)
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
         if self.stage in ("sft", "dpo") and self.data.val_path:
@@ -1216,11 +1240,23 @@ def _read_config_text(path: str, what: str, s3: "S3Config | None" = None) -> str
 
 
 def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, Any]] = (),
-                base: dict[str, Any] | None = None) -> Config:
+                base: dict[str, Any] | None = None, check_memory: bool = True) -> Config:
     """Defaults <- `base` mapping <- YAML file <- dotted overrides, validated. Overrides are
     'key=value' strings or (key, value) pairs (see `_nest`). A model.preset in the file or the
-    overrides replaces the model settings of the layers beneath (`_layer`)."""
+    overrides replaces the model settings of the layers beneath (`_layer`). `check_memory`:
+    see `Config.validate`."""
+    return load_config_given(path, overrides, base, check_memory)[0]
+
+
+def load_config_given(path: str | None = None, overrides: Sequence[str | tuple[str, Any]] = (),
+                      base: dict[str, Any] | None = None,
+                      check_memory: bool = True) -> tuple[Config, frozenset[str]]:
+    """`load_config`, and the keys the YAML file and the overrides set, as the dotted names
+    `section.key` (`model.dim`, `train.lr`; a top-level key as itself, `name`), `base`'s not
+    among them. Both come from one reading of the file: one fetched from s3:// a second
+    time may have changed in between."""
     data: dict[str, Any] = dict(base or {})
+    given: set[str] = set()
     overrides = list(overrides)  # read twice below: an iterator would be spent by the first
     if path:
         # The S3 settings that reach the file are the ones given beside it (or the environment's).
@@ -1239,8 +1275,17 @@ def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, An
         except ConfigError as e:
             raise ConfigError(f"{e} (in config file {path})") from None
         data = _layer(data, loaded)
-    data = _layer(data, _nest(overrides))
-    return _build(Config, data, "").validate()
+        given |= _given_keys(loaded)
+    nested = _nest(overrides)
+    given |= _given_keys(nested)
+    data = _layer(data, nested)
+    return _build(Config, data, "").validate(check_memory), frozenset(given)
+
+
+def _given_keys(layer: dict[str, Any]) -> set[str]:
+    """{'model': {'dim': 128}, 'name': 'r'} -> {'model.dim', 'name'}."""
+    return {f"{k}.{sub}" for k, v in layer.items() if isinstance(v, dict) for sub in v} | \
+        {k for k, v in layer.items() if not isinstance(v, dict)}
 
 
 # Fields that hold a secret whole (ServeConfig.api_key): `to_dict(redact=True)` writes them as "***".

@@ -25,7 +25,8 @@ import numpy as np
 
 from raylm import checkpoint, run_lock, storage
 from raylm.chat_data import dataset_key, prepare_chat, write_rows
-from raylm.config import Config, ConfigError, DataConfig, ModelConfig, from_dict, recorded_config
+from raylm.config import (Config, ConfigError, DataConfig, ModelConfig, check_rope_memory, from_dict,
+                          recorded_config)
 from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restarts, list_corpus,
                         prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
@@ -70,6 +71,9 @@ def parent_of(cfg: Config, recorded: str | None = None, given: frozenset = froze
         facts = {"checkpoint": ckpt, "sha256": hashlib.sha256(marker).hexdigest(), "stage": parent_cfg.stage,
                  "tokenizer": tokenizer_of(ckpt, meta, cfg.s3), "tokenizer_sha256": meta.get("tokenizer_sha256", "")}
     _check_model_overrides(cfg, parent_cfg, ckpt, given)
+    # recorded_config leaves this to the loaders, which run in the workers here: a meta.json
+    # claiming model.max_seq_len=10^15 failed in their allocator, after the cluster work began.
+    check_rope_memory(parent_cfg.model, where=ckpt)
     limit = parent_cfg.model.max_seq_len
     if cfg.data.seq_len > limit:
         if cfg.data.seq_len != DataConfig().seq_len:
