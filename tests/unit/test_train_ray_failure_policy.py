@@ -29,6 +29,17 @@ def _noop(config):
     pass
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_cluster_left():
+    """Ray Train's fit() starts a plain local cluster where none runs: shut it down after this
+    module, or a later module's `ray_local` would join it (sized by plain `ray.init`, without
+    the S3 server's environment in its workers) and wait for resources it lacks."""
+    started = ray.is_initialized()
+    yield
+    if not started and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def joined_cluster(monkeypatch):
     """Ray's own controller path (a cluster raylm joined), which the stand-in replaces, even
