@@ -58,6 +58,8 @@ def ray_local(request):
         request.getfixturevalue("s3_server")
     except WeedNotFound:
         pass
+    if ray.is_initialized():  # a plain cluster an earlier test left (Ray Train's fit() starts one): not raylm's
+        ray.shutdown()
     init_ray(Config(), dashboard=True)  # tests look into the cluster through Ray's state API, which it serves
     yield
     ray.shutdown()
