@@ -61,7 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-flex", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("steps", "batch"):  # 0 ended in a traceback (an empty median, an empty batch)
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    return args
 
 
 def sync(device: torch.device) -> None:

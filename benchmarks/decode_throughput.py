@@ -57,7 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='torch.compile(mode="reduce-overhead") of the step: CUDA graphs on GPU')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        sizes = [0]
+    if min(sizes) < 1:  # a batch of 0 ended in a reshape error from inside the model
+        p.error(f"--batch-sizes {args.batch_sizes}: give whole numbers of at least 1, comma-separated")
+    return args
 
 
 def model_config(preset: str) -> ModelConfig:

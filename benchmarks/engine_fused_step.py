@@ -53,7 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=100, help="calls of each variant per round")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the engine's on a CPU replica)")
     p.add_argument("--out", default="")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("rows", "rounds", "iters"):  # 0 ended in a traceback (an empty median, a division by zero)
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    return args
 
 
 def main(argv=None) -> dict:

@@ -57,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, default=512, help="the engine's prefill_tokens_per_step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.requests < 1:  # 0 ended in a traceback (the median of no times to first token)
+        p.error(f"--requests {args.requests}: must be at least 1")
+    return args
 
 
 def load(args):

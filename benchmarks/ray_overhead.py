@@ -129,6 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the JSON here")
     args = p.parse_args(argv)
+    for flag, value in (("--micro-batch", args.micro_batch), ("--steps", args.steps)):
+        if value is not None and value < 1:  # 0 ended in a division by zero
+            p.error(f"{flag} {value}: must be at least 1")
     cuda = torch.device(args.device).type == "cuda"
     for key, value in DEFAULTS["cuda" if cuda else "cpu"].items():
         if getattr(args, key) is None:

@@ -5,8 +5,10 @@ with --threads CPUs and max_batch_size = --concurrency), then:
 
 1. idle: --idle requests one at a time, streaming: time to first token (TTFT) of an idle server;
 2. load: --requests streaming requests from --concurrency clients, each sending its next
-   request when its previous one ends (a closed loop), with mixed prompt lengths (4-60 tokens)
-   and output lengths (8-96 tokens, greedy, so each output's length is known); requests/s,
+   request when its previous one ends (a closed loop), with mixed prompt lengths (2-30 words:
+   5-126 tokens with the tests' tiny run's 384-piece tokenizer) and output lengths (8-96 tokens,
+   fewer where prompt and output would pass the context; greedy, so each output's length is
+   known); requests/s,
    output tokens/s, p50/p95 TTFT, inter-token latency (ITL: the gaps between a request's
    streamed events, each of which may carry several tokens: under load the server sends a
    stream's tokens in fewer, larger events, see `serve.stream_event_interval_s` (raylm/config.py)),
@@ -103,7 +105,7 @@ def stream_one(port: int, model: str, req: dict, key: str) -> dict:
                                                        "authorization": f"Bearer {key}"})
         r = conn.getresponse()
         if r.status != 200:
-            return {"error": f"HTTP {r.status}: {r.read()[:200]!r}"}
+            return {"error": f"HTTP {r.status}: {r.read()[:200]!r}", "sent": t0}
         for line in r:
             line = line.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -121,7 +123,7 @@ def stream_one(port: int, model: str, req: dict, key: str) -> dict:
     except (OSError, http.client.HTTPException) as e:
         error = repr(e)
     if error or usage is None:
-        return {"error": error or "no usage chunk"}
+        return {"error": error or "no usage chunk", "sent": t0}
     n = usage["completion_tokens"]
     return {"ttft": times[0] if times else None, "itl": [b - a for a, b in zip(times, times[1:])],
             "tpot": (times[-1] - times[0]) / (n - 1) if len(times) > 1 and n > 1 else None,
@@ -161,9 +163,11 @@ def summarize(rounds: list[tuple[list[dict], float]], concurrency: int) -> dict:
         waves: dict[str, list] = {"first_wave": [], "steady": []}
         for rs, _ in rounds:
             # The first `concurrency` requests go out together (pool.map starts one per client thread).
-            by_sent = sorted((r for r in rs if "error" not in r), key=lambda r: r["sent"])
-            waves["first_wave"] += by_sent[:concurrency]
-            waves["steady"] += by_sent[concurrency:]
+            # Split before failed requests are left out: a failed first-wave request must not
+            # move a steady one into the first wave.
+            by_sent = sorted(rs, key=lambda r: r.get("sent", float("inf")))
+            waves["first_wave"] += [r for r in by_sent[:concurrency] if "error" not in r]
+            waves["steady"] += [r for r in by_sent[concurrency:] if "error" not in r]
         for name, rs in waves.items():
             ttft = [r["ttft"] for r in rs if r["ttft"] is not None]
             summary[name] = {"requests": len(rs), "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95)}

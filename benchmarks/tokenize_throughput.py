@@ -35,10 +35,12 @@ Prints one JSON object on stdout (progress on stderr).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -161,6 +163,8 @@ def main() -> dict:
     from raylm.pipeline import init_ray, log, train_tokenizer_from
 
     work = Path(tempfile.mkdtemp(prefix="raylm-tokbench-"))
+    # The corpus, the tokenizer and the prepared copies (a few times --mb) go when the process does.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     log(f"building a {args.mb:.0f} MB corpus in {work}")
     docs, size = build_corpus(source, work / "corpus", args.mb, args.shards)
     cfg = load_config(overrides=[f"data.path={work / 'corpus'}", f"storage={work / 'runs'}", "name=bench",

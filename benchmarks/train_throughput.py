@@ -105,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default="", metavar="DIR",
                    help="write a torch.profiler trace and op table of 3 raylm steps to DIR")
     args = p.parse_args(argv)
+    # 0 steps ended in a division by zero; 0 tokens a step printed figures of no work done.
+    for flag in ("steps", "micro_batch", "grad_accum", "seq_len"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     tc = resolved_config(args).train
     args.compile, args.chunked_ce = tc.compile, tc.loss_chunk_size > 0
     args.ce_chunk = tc.loss_chunk_size
