@@ -128,10 +128,12 @@ def main(argv: list[str] | None = None) -> dict | int:
     if not data.is_file():
         print(f"quality_cpu: {data} not found; pass --data PATH to a text file", file=sys.stderr)
         return 2
+    from raylm.eval.results import finite  # non-finite figures as null: JSON has no NaN
+
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # progress (raylm's log, Ray's workers) to stderr
         out = measure(args, data)
-    print(json.dumps(out, indent=1), file=stdout)  # stdout holds the JSON object and nothing else
+    print(json.dumps(finite(out), indent=1, allow_nan=False), file=stdout)  # stdout holds the JSON object and nothing else
     return out
 
 

@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"benchmark": "startup_since", "rev": args.rev, "budget_s": args.budget, "cpu_count": os.cpu_count(),
            "runs": runs, "old_startup_s_median": old_s, "new_startup_s_median": new_s,
            "ratio": round(new_s / old_s, 3), "halved": new_s <= old_s / 2}
-    print(json.dumps(out, indent=1))
+    from raylm.eval.results import finite  # non-finite figures as null: JSON has no NaN
+
+    print(json.dumps(finite(out), indent=1, allow_nan=False))
     return out
 
 
