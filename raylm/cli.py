@@ -2,13 +2,13 @@
 
     raylm quickstart                         # everything on built-in defaults, local Ray
     raylm tokenizer train --data corpus/ --out tok/
-    raylm data prepare --data 's3://bucket/corpus/*.jsonl.gz' --out s3://bucket/prepared
+    raylm data prepare --data 's3://bucket/corpus/*.jsonl.gz' --tokenizer s3://bucket/tok --out s3://bucket/prepared
     raylm pretrain --config run.yaml train.lr=1e-3 model.preset=350m
     raylm pretrain --resume --from-record runs/myrun/record.json   # continue from its newest checkpoint
     raylm pretrain --from-record runs/quickstart/record.json
     raylm generate runs/quickstart --prompt "The "
-    raylm sft --from runs/quickstart --data chat.jsonl       # -> runs/quickstart-sft
-    raylm dpo --from runs/quickstart-sft --data pairs.jsonl  # -> runs/quickstart-sft-dpo
+    raylm sft --from runs/quickstart --data chat.jsonl name=chat   # -> runs/chat
+    raylm dpo --from runs/chat --data pairs.jsonl            # -> runs/chat-dpo
     raylm generate runs/quickstart-sft --chat --prompt "word after cat: dog cat fox"
     raylm export runs/quickstart-sft --format hf --out export/quickstart-sft
     raylm serve runs/quickstart-sft --port 8000               # OpenAI API at http://127.0.0.1:8000/v1

@@ -525,7 +525,11 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     tc = tune_config(state["tune"])
     base = load_config(base=state["base"])
     space, _ = parse_space(state["space_text"], f"search space {state['space_path']}")
-    search_dir = cfg.run_dir
+    from raylm.pipeline import absolute_paths
+
+    # Absolute: each trial runs in a working directory of Tune's own, where ./runs names
+    # another place (the trials' runs went under Ray's session directory in /tmp).
+    search_dir = absolute_paths(cfg).run_dir
     fs, root = storage.filesystem(cfg.storage, cfg.s3)
     trainable = _trainable(state, search_dir)
     # Tune reads config changes from its own storage path; an explicit filesystem takes the
