@@ -837,6 +837,9 @@ def setup_model(cfg: Config, device: torch.device, resume: str, log=print):
     if rank == 0:
         log(f"resumed from {ckpt} (step {meta['step']}, {consumed} blocks consumed, "
             f"written by {meta['world_size']} workers)")
+        if meta["step"] >= cfg.train.max_steps:  # said: a run asked for fewer steps only "finished" at once
+            log(f"{ckpt} is at or past train.max_steps={cfg.train.max_steps}: nothing to train (this run "
+                f"resumes its newest checkpoint; another name= starts a new run)")
     return model, optimizer, Start(meta["step"], consumed, seconds, guards, ckpt, meta)
 
 

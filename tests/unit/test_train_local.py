@@ -270,3 +270,15 @@ def test_bf16_trains_in_one_process_without_a_process_group(tmp_path):
     last = train_local(cfg, rows, rows[:2], resume="never", log=lambda *_: None)
     assert last["step"] == 2 and np.isfinite(last["val_loss"])
     assert dist.is_initialized() == before
+
+
+def test_a_resume_already_past_max_steps_says_there_is_nothing_to_train(tmp_path):
+    """`raylm quickstart train.max_steps=100` after a 600-step quickstart under the same name
+    resumed the 600-step checkpoint and said only that it was done."""
+    train, val = blocks(40, 0), blocks(8, 1)
+    cfg = load_config(overrides=[f"storage={tmp_path}", "name=past", "train.max_steps=3", *OVERRIDES])
+    train_local(cfg, train, val, log=lambda *_: None)
+    lines = []
+    shorter = load_config(overrides=[f"storage={tmp_path}", "name=past", "train.max_steps=2", *OVERRIDES])
+    train_local(shorter, train, val, log=lines.append)
+    assert any("at or past train.max_steps=2: nothing to train" in line for line in lines), lines
