@@ -32,8 +32,11 @@ Vocabulary. A model's vocabulary is padded past the tokenizer's (model.vocab_siz
 up to a multiple of 64), and those rows have no text. Log-probabilities are normalised over the
 tokenizer's ids only (`vocab_size=`, the tokenizer's size) and a completion never picks a
 padding id, as `raylm generate`, the serving engine and the HF and GGUF exports (which drop the
-padding rows) do: lm-eval on the HF export and `raylm eval` give the same numbers. Bits per
-byte stays over the whole head, the training loss (raylm.eval.bpb says why).
+padding rows) do: the HF export, given the same ids, gives the same numbers. lm-eval's own `hf`
+model on the export does not give the same ids: it puts no EOS before a non-empty context (the
+export's tokenizer adds no token) and its BOS before an empty one and before rolling windows
+(its model_args prefix_token_id=<the EOS id> makes those two match).
+Bits per byte stays over the whole head, the training loss (raylm.eval.bpb says why).
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 def encode_pair(tok, context: str, continuation: str) -> Pair:
     """(context ids, continuation ids) of one request; see the module docstring."""
     # Trailing whitespace of the context belongs to the continuation (lm-eval's convention:
-    # "Answer:" + " yes" and "Answer: " + "yes" then score the same tokens).
+    # "Answer:" + " yes" and "Answer: " + "yes" then score the same tokens; "Answer: " + ""
+    # scores " ", as lm-eval's _encode_pair moves it whatever the continuation).
     n_spaces = len(context) - len(context.rstrip())
-    if n_spaces and continuation:
+    if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     ctx = [tok.eos_id] + tok.encode(context)
     whole = [tok.eos_id] + tok.encode(context + continuation)
