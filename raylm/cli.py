@@ -286,7 +286,7 @@ def cmd_serve(args) -> None:
     from raylm.config import Config, load_serve_config
     from raylm.pipeline import init_ray, serve_ingress
     from raylm.serve.app import check_port_free, start
-    from raylm.serve.local import wait_ready
+    from raylm.serve.local import stop_serve, wait_ready
 
     explicit = {k: v for k, v in (("engine", args.engine), ("host", args.host), ("port", args.port),
                                   ("api_key", args.api_key)) if v is not None}
@@ -299,8 +299,6 @@ def cmd_serve(args) -> None:
     if cfg.engine == "raylm":
         _check_served_model(args.run)
     init_ray(Config())
-    from ray import serve
-
     url = start(args.run, cfg)
     wait_ready(url, timeout=600)
     if args.detach:  # Serve's apps outlive this process on a cluster (jobs/serve.py)
@@ -313,7 +311,7 @@ def cmd_serve(args) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()  # graceful: replicas drain their in-flight requests first
+        stop_serve()  # graceful: replicas drain their in-flight requests first
 
 
 def _check_served_model(run: str) -> None:
@@ -570,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mc", action="append", help="built-in multiple-choice task file {context, choices, gold} (repeatable)")
     sp.add_argument("--gen", action="append", help="built-in generation task file {context, answer} (repeatable)")
     sp.add_argument("--corpus", action="append", help="corpus for loss, perplexity and bits per byte (repeatable)")
-    sp.add_argument("--limit", type=int, help="score only the first N items of each task")
+    sp.add_argument("--limit", type=int, help="score only the first N items of each task and the first N documents "
+                    "of each --corpus (recorded in the results as a partial score)")
     sp.add_argument("--num-fewshot", type=_fewshot, help="lm-eval few-shot examples")
     sp.add_argument("--workers", type=int, help="actors of the scoring pool (0: this process); eval.workers")
     sp.add_argument("--out", help="output directory (default: <run>/eval/<checkpoint>)")

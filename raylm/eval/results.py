@@ -65,7 +65,10 @@ def write_results(out: str, rows: list[dict], header: dict, s3=None) -> dict:
     """Write results.json and results.md into `out` (local or s3://); returns their paths."""
     doc = json.dumps(finite({**header, "results": rows}), indent=1, allow_nan=False)
     md = (f"Evaluation of `{header.get('checkpoint', '?')}` (tokenizer {str(header.get('tokenizer_sha256', ''))[:12]}, "
-          f"lm-eval {header.get('lm_eval_version') or 'not used'})\n\n" + markdown_table(rows))
+          f"lm-eval {header.get('lm_eval_version') or 'not used'}"
+          + (f"; --limit {header['limit']}: the first {header['limit']} items of each task and documents of "
+             f"each corpus only, not the full score" if header.get("limit") else "")
+          + ")\n\n" + markdown_table(rows))
     paths = {"json": storage.join(out, "results.json"), "markdown": storage.join(out, "results.md")}
     # storage.write_text: a whole object on S3; locally a temporary file flushed to disk, then
     # renamed, with the umask's mode (mkstemp's 0600 left the results unreadable to the group).

@@ -68,7 +68,7 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
                  limit: int | None = None, num_fewshot: int | None = None, out: str | None = None,
                  log=print) -> dict:
     """Evaluate the newest complete checkpoint of `run` (or the checkpoint `run`)."""
-    from raylm.eval.bpb import corpus_bpb, trained_with_document_mask
+    from raylm.eval.bpb import bits_per_byte, corpus_documents, trained_with_document_mask
     from raylm.generate import load_for_inference, resolve_checkpoint
 
     ec, s3 = cfg.eval, cfg.s3
@@ -130,11 +130,14 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
         model, tok, _ = load_for_inference(ckpt, s3)
         facts["tokenizer_sha256"] = facts["tokenizer_sha256"] or tok.sha256
         for path in corpora:
-            r = corpus_bpb(model, tok, path, cfg.data.text_field, s3=s3, document_mask=trained_with_document_mask(meta))
+            # --limit: the corpus's first N documents, as it is each task's first N items
+            docs = corpus_documents(path, cfg.data.text_field, s3)[:limit]
+            r = bits_per_byte(model, tok, docs, source=path, document_mask=trained_with_document_mask(meta))
             rows += [{"task": f"corpus:{path}", "metric": m, "value": r[m], "stderr": None, "n": r["tokens_scored"],
                       **facts, "harness": "raylm"} for m in ("bpb", "loss", "ppl")]
+    # `limit`: a score of the first N items or documents only, never to be read as the full one
     header = {**facts, "lm_eval_version": version, "seconds": round(time.time() - t0, 2),
-              "workers": ec.workers}
+              "workers": ec.workers, "limit": limit}
     paths = write_results(out, rows, header, s3)
     log(f"eval: {len(rows)} results -> {paths['json']}")
     return {**header, "results": rows, "paths": paths}

@@ -75,6 +75,31 @@ def serve_http() -> tuple[str | None, int] | None:
     return http.host, http.port
 
 
+def stop_serve(timeout_s: float = 120.0) -> None:
+    """`serve.shutdown()` without its Ray warning: Serve's controller drains the replicas'
+    in-flight requests (each within its graceful_shutdown_timeout_s), then kills itself, and
+    `serve.shutdown()` waits on a controller task that never returns, so the driver prints
+    "Task ServeController.graceful_shutdown failed. There are infinite retries remaining..."
+    when the kill ends it. Here that task returns at once (wait=False), and the wait for the
+    controller's end looks the named actor up in the GCS instead, with no task in flight.
+    Nothing happens where Serve is not running."""
+    import ray
+
+    controller = _serve_controller()
+    if controller is None:
+        return
+    ray.get(controller.graceful_shutdown.remote(wait=False))
+    deadline = time.monotonic() + timeout_s
+    while _serve_controller() is not None:
+        if time.monotonic() > deadline:
+            logging.getLogger("ray.serve").warning("Serve's controller did not shut down within %.0f s", timeout_s)
+            return
+        time.sleep(0.2)
+    from ray.serve.context import _disconnect
+
+    _disconnect()  # the cached client names a controller that is gone
+
+
 def chat_placement(cfg: ServeConfig | None, running: tuple[str | None, int] | None) -> tuple[ServeConfig, str, str]:
     """(config, app name, route prefix) for `serve_and_chat`. Serve not running: the app's own
     name at "/", on cfg's port, a free one unless cfg names it. Serve running (`running`: its
