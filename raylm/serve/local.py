@@ -76,18 +76,25 @@ def serve_http() -> tuple[str | None, int] | None:
 
 
 def stop_serve(timeout_s: float = 120.0) -> None:
-    """`serve.shutdown()` without its Ray warning: Serve's controller drains the replicas'
-    in-flight requests (each within its graceful_shutdown_timeout_s), then kills itself, and
+    """`serve.shutdown()` without its Ray warning, and with in-flight requests finished: the
+    apps are deleted first (their replicas drain, each within its graceful_shutdown_timeout_s,
+    while the proxies still carry the streams); then Serve's controller kills itself, and
     `serve.shutdown()` waits on a controller task that never returns, so the driver prints
     "Task ServeController.graceful_shutdown failed. There are infinite retries remaining..."
     when the kill ends it. Here that task returns at once (wait=False), and the wait for the
     controller's end looks the named actor up in the GCS instead, with no task in flight.
     Nothing happens where Serve is not running."""
     import ray
+    from ray import serve
 
     controller = _serve_controller()
     if controller is None:
         return
+    # The apps first, each deletion waited on: their replicas drain in-flight requests behind
+    # proxies still up. Serve's own shutdown stops replicas and proxies (HAProxy too) at once,
+    # and a stream still running lost its end.
+    for name in list(serve.status().applications):
+        serve.delete(name)
     ray.get(controller.graceful_shutdown.remote(wait=False))
     deadline = time.monotonic() + timeout_s
     while _serve_controller() is not None:
@@ -153,11 +160,9 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
             serve.delete(name)
             # Serve itself goes only where this call started it on a cluster that outlives
             # this process. A joined cluster that already ran Serve may serve other apps; a
-            # cluster this process started goes down with it, Serve included (and a
-            # serve.shutdown() there has the driver print Ray's retry warning about the
-            # controller's own graceful_shutdown task, which it kills mid-call).
+            # cluster this process started goes down with it, Serve included.
             if not was_running and started_env() is None:
-                serve.shutdown()
+                stop_serve()
     finally:
         driver_log.setLevel(level)
     return {"url": base, "answer": reply["choices"][0]["message"]["content"],

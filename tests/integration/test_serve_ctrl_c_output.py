@@ -1,6 +1,9 @@
 """`raylm serve RUN` in the foreground, stopped with Ctrl-C (SIGINT), over real processes: the
 command exits 0, and nothing of Ray's (the controller's graceful_shutdown "failed ... retries
-remaining" warning) nor a traceback follows."""
+remaining" warning) nor a traceback follows; streams in flight at the signal run to their end."""
+
+import http.client
+import json
 
 import os
 import signal
@@ -17,6 +20,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _stream(port: int, results: list, started: threading.Event) -> None:
+    """One streamed completion of 2 x 100 tokens; appends its usage (None where cut short)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    body = {"model": "tiny", "prompt": "The ", "max_tokens": 100, "n": 2, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    usage, done = None, False
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+        r = conn.getresponse()
+        for line in r:
+            started.set()
+            line = line.strip()
+            if line == b"data: [DONE]":
+                done = True
+            elif line.startswith(b"data: "):
+                usage = json.loads(line[6:]).get("usage") or usage
+    except (OSError, http.client.HTTPException):
+        pass
+    finally:
+        started.set()
+        results.append(usage if done else None)
 
 
 def test_ctrl_c_exits_without_ray_warning(tmp_path):
@@ -37,7 +63,19 @@ def test_ctrl_c_exits_without_ray_warning(tmp_path):
         assert first.startswith("serving "), (first, "".join(err_lines)[-3000:])
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30).read()  # it answers
         start_up = len(err_lines)  # what Ray said while starting (another cluster's ports...) is not ours
+        # Streams in flight at the signal: Serve's own shutdown stopped the proxies beside the
+        # replicas, and a stream could lose its end.
+        results: list = []
+        events = [threading.Event() for _ in range(6)]
+        clients = [threading.Thread(target=_stream, args=(port, results, e)) for e in events]
+        for c in clients:
+            c.start()
+        for e in events:
+            e.wait(timeout=60)
         proc.send_signal(signal.SIGINT)
+        for c in clients:
+            c.join(timeout=180)
+        assert len(results) == 6 and all(u and u["completion_tokens"] == 200 for u in results), results
         proc.wait(timeout=120)
         out = proc.stdout.read()  # stderr is the reader's alone
     finally:
