@@ -22,6 +22,16 @@ def short_lease(monkeypatch):
     monkeypatch.setattr(run_lock, "LEASE_S", 1.0)  # renewed every 0.25 s
 
 
+@pytest.fixture(autouse=True)
+def python_sigint():
+    """Python's own Ctrl-C handler while a lease interrupts the main thread: tests that run Ray's
+    plain TorchTrainer in this process (test_eval_ray, test_fsdp_parity) leave Ray Train's
+    handler behind, which counts the interrupts and exits the process at the third."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _lease(s3_server, run: str) -> dict | None:
     bucket, key = storage._split_s3(storage.join(run, run_lock.RUN_LOCK))
     try:
