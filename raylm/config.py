@@ -845,7 +845,7 @@ PLACEHOLDER = re.compile(r"^s3://(<[^/]*>)|(<bucket>)")
 S3_URI = re.compile(r"s3://[^/]")  # the scheme raylm.storage speaks, and a bucket
 
 
-def check_rope_memory(model: ModelConfig, where: str = "") -> None:
+def check_rope_memory(model: ModelConfig, where: str = "", key: str = "model.max_seq_len") -> None:
     """Refuse, in one line naming model.max_seq_len and its value (after `where`, the file or
     checkpoint it came from, if any), RoPE tables larger than this machine's memory. Every process that
     builds the model (each training worker, the driver's samples, generate, serving, eval)
@@ -853,12 +853,12 @@ def check_rope_memory(model: ModelConfig, where: str = "") -> None:
     model.max_seq_len=10^15 passed every check and failed in the workers' allocator. The
     bound is all of this machine's memory, where the driver builds the model too: tables
     larger can never be allocated here, while sensible lengths need a small part of it
-    (Llama 4's 10M positions at head dim 128: 5 GiB). raylm.hf and raylm.generate apply the
-    same bound to a config.json's max_position_embeddings and a checkpoint's model."""
+    (Llama 4's 10M positions at head dim 128: 5 GiB). `key`: the setting's name where it
+    came from (raylm.hf: config.json's max_position_embeddings)."""
     need = 2 * model.max_seq_len * (model.head_dim // 2) * 4
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > memory:
-        raise ConfigError(f"{where + ': ' if where else ''}model.max_seq_len={model.max_seq_len} needs "
+        raise ConfigError(f"{where + ': ' if where else ''}{key}={model.max_seq_len} needs "
                           f"{need / 2**30:.1f} GiB of RoPE tables (raylm builds them for every position), more "
                           f"than the {memory / 2**30:.1f} GiB of memory on this machine")
 

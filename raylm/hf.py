@@ -23,14 +23,13 @@ writes JSON and tensors.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import torch
 
 from raylm import storage
 from raylm.errors import ConfigError
-from raylm.config import ModelConfig
+from raylm.config import ModelConfig, check_rope_memory
 
 # raylm name suffix -> HF name suffix, inside `layers.{i}.` / `model.layers.{i}.`.
 _LAYER_KEYS = {
@@ -573,12 +572,7 @@ def check_init_from_hf(cfg) -> None:
         read_hf_weights(cfg.init_from, cfg.model, cfg.s3, _read=_read_header)
     # RoPE tables: fp32 cos and sin for every position, which no weight file backs. Training
     # allocated them on every worker: max_position_embeddings=10^15 was the allocator's traceback.
-    rope = 2 * cfg.model.max_seq_len * (cfg.model.head_dim // 2) * 4
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if rope > memory:
-        raise ConfigError(f"{where}: max_position_embeddings={cfg.model.max_seq_len} needs {rope / 2**30:.1f} GiB of "
-                          f"RoPE tables (raylm builds them for every position), more than the {memory / 2**30:.1f} "
-                          f"GiB of memory on this machine")
+    check_rope_memory(cfg.model, where, key="max_position_embeddings")
     if not cfg.tokenizer.path:
         raise ConfigError(f"--init-from-hf {cfg.init_from}: set tokenizer.path=DIR, the raylm tokenizer these "
                           f"weights were trained with (vocab {cfg.model.vocab_size})")
