@@ -31,7 +31,7 @@ import re
 import sys
 
 from raylm import storage
-from raylm.config import ConfigError, load_config, load_config_given, to_dict
+from raylm.config import ConfigError, load_config, load_config_given, read_config_file, to_dict
 from raylm.errors import UserError
 
 # The subcommands are thin: parse, build a config, call the library.
@@ -53,7 +53,9 @@ def _config_given(args, base: dict | None = None, given: dict | None = None, sta
     if getattr(args, "from_record", None):
         from raylm.record import load_record
 
-        recorded, cfg = load_record(args.from_record)
+        if getattr(args, "record", None) is None:  # read once a command, as --config below
+            args.record = load_record(args.from_record)
+        recorded, cfg = args.record
         if stage and recorded != stage:
             from raylm.config import STAGES
 
@@ -65,7 +67,12 @@ def _config_given(args, base: dict | None = None, given: dict | None = None, sta
     if getattr(args, "data", None):
         # A (key, value) pair is never parsed as YAML: `*.jsonl`, `a: b.txt` or `true` stay paths.
         overrides.append(("data.path", args.data))
-    cfg, keys = load_config_given(args.config, overrides, base=base, check_memory=check_memory)
+    if args.config and getattr(args, "config_text", None) is None:
+        # Read once a command: a subcommand that builds its config twice (pretrain
+        # --init-from-hf) must not see a file on s3:// that changed in between.
+        args.config_text = read_config_file(args.config, overrides, base)
+    cfg, keys = load_config_given(args.config, overrides, base=base, check_memory=check_memory,
+                                  text=getattr(args, "config_text", None))
     if stage and cfg.stage != stage:  # else found only after the tokenizer, the data and record.json
         raise ConfigError(f"stage={cfg.stage}: `raylm {args.command}` trains a {stage} run; use `raylm {cfg.stage}`")
     return cfg, keys

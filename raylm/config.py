@@ -1248,20 +1248,28 @@ def load_config(path: str | None = None, overrides: Sequence[str | tuple[str, An
     return load_config_given(path, overrides, base, check_memory)[0]
 
 
+def read_config_file(path: str, overrides: Sequence[str | tuple[str, Any]] = (),
+                     base: dict[str, Any] | None = None) -> str:
+    """The text of the --config file `path`, read with the S3 settings given beside it (in
+    `base` and the overrides, or the environment's)."""
+    s3 = _build(S3Config, _merge(dict(base or {}), _nest(list(overrides))).get("s3") or {}, "s3.")
+    return _read_config_text(path, "config file", s3)
+
+
 def load_config_given(path: str | None = None, overrides: Sequence[str | tuple[str, Any]] = (),
-                      base: dict[str, Any] | None = None,
-                      check_memory: bool = True) -> tuple[Config, frozenset[str]]:
+                      base: dict[str, Any] | None = None, check_memory: bool = True,
+                      text: str | None = None) -> tuple[Config, frozenset[str]]:
     """`load_config`, and the keys the YAML file and the overrides set, as the dotted names
     `section.key` (`model.dim`, `train.lr`; a top-level key as itself, `name`), `base`'s not
     among them. Both come from one reading of the file: one fetched from s3:// a second
-    time may have changed in between."""
+    time may have changed in between. `text`: the file's text where the caller has read it
+    already (`read_config_file`), for the same reason."""
     data: dict[str, Any] = dict(base or {})
     given: set[str] = set()
     overrides = list(overrides)  # read twice below: an iterator would be spent by the first
     if path:
-        # The S3 settings that reach the file are the ones given beside it (or the environment's).
-        s3 = _build(S3Config, _merge(data, _nest(overrides)).get("s3") or {}, "s3.")
-        text = _read_config_text(path, "config file", s3)
+        if text is None:
+            text = read_config_file(path, overrides, data)
         try:
             loaded = _load_config_yaml(text) or {}
         except yaml.YAMLError as e:

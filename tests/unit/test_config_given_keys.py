@@ -102,3 +102,22 @@ def test_a_config_on_s3_is_read_once_and_its_model_keys_reach_post_training(tiny
     err = capsys.readouterr().err
     assert rc == 2 and "model.dim=128: sft keeps the parent's model shape" in err, err
     assert proxy.requests.count(("GET", f"/{bucket}/{key}")) == 1, proxy.requests
+
+
+def test_pretrain_init_from_hf_reads_an_s3_config_once(tiny_run, s3_server, s3_prefix, tmp_path, capsys):
+    """`raylm pretrain --init-from-hf DIR --config s3://...` builds its config twice (once for
+    the S3 settings that read DIR, once with DIR's model shape beneath the file): the file is
+    fetched once (it was fetched twice, so the two could differ), and its keys still count."""
+    from raylm.cli import main
+    from raylm.export.hf import export_run
+
+    hf_dir = export_run(str(tiny_run), str(tmp_path / "hf"))
+    bucket, key = s3_prefix.removeprefix("s3://").split("/", 1)
+    key += "/pretrain.yaml"
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"model:\n  n_layers: 3\n")
+    with CountingProxy(s3_server.endpoint) as proxy:
+        rc = main(["pretrain", "--init-from-hf", hf_dir, f"tokenizer.path={tiny_run}/tokenizer", f"storage={tmp_path}",
+                   "--config", f"s3://{bucket}/{key}", f"s3.endpoint_url={proxy.url}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "num_hidden_layers=2 but this run has model.n_layers=3" in err, err
+    assert proxy.requests.count(("GET", f"/{bucket}/{key}")) == 1, proxy.requests
