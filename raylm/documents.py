@@ -206,6 +206,13 @@ def _as_text(value):
     return value
 
 
+# What converting a parquet value to Python raises where the value, not the code, is at fault:
+# a date, time or duration (at any depth) that datetime cannot hold (a year past 9999), a
+# timestamp whose time zone no database names ("Mars/Olympus": a KeyError). Such a row is a
+# bad record naming it, as a number in the text column is; it was a traceback out of the run.
+_UNCONVERTIBLE = (OverflowError, ValueError, KeyError, pa.ArrowException)
+
+
 def column_values(column: pa.ChunkedArray, path: str, field: str) -> list:
     """A parquet column's values as Python objects, a row that does not read as text a
     DataError naming it, not a crash: parquet does not check that a string column holds
@@ -218,13 +225,16 @@ def column_values(column: pa.ChunkedArray, path: str, field: str) -> list:
 
     try:
         values = column.to_pylist()
-    except UnicodeDecodeError:  # rare: find the rows one by one
+    except (UnicodeDecodeError, *_UNCONVERTIBLE):  # rare: find the rows one by one
         values = []
         for i in range(len(column)):
             try:
                 values.append(column[i].as_py())
             except UnicodeDecodeError as e:
                 values.append(bad(i, e))
+            except _UNCONVERTIBLE as e:
+                values.append(DataError(f"{path}: row {i + 1}: {field!r} holds a value of type {column.type} "
+                                        f"that Python cannot represent ({e}), not text"))
     if has_binary(column.type):
         for i, v in enumerate(values):
             if not isinstance(v, DataError):
@@ -360,7 +370,11 @@ def tail_split(text: str, fraction: float) -> tuple[str, str]:
     """(head, tail) of a document: the tail is its last `fraction` of characters, extended
     back to the line break before the cut so a line is never split (kept exact when the
     text has no break in the part that would become the tail), nor a PII placeholder (the
-    text is redacted before it is split)."""
+    text is redacted before it is split). A fraction of 0 holds out nothing: a document's
+    tail is at least one character otherwise, and data.val_fraction=0 made a validation
+    split of every document's last character (and trained none of them)."""
+    if fraction <= 0:
+        return text, ""
     cut = max(1, min(len(text) - 1, round(len(text) * (1 - fraction))))
     brk = text.rfind("\n", 0, cut)
     if brk > 0 and len(text) - brk <= 2 * (len(text) - cut):  # at most twice the asked-for tail
