@@ -172,6 +172,13 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
     name: str | None = None
+    # A reply sent back as the openai client dumps it (`message.model_dump()`) carries these
+    # as null; taken when null, a 400 naming the field otherwise (no tools, no audio here).
+    refusal: None = None
+    tool_calls: None = None
+    function_call: None = None
+    audio: None = None
+    annotations: None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):

@@ -135,3 +135,16 @@ def test_chat_bodies_and_chunks_validate_as_the_clients_types(service):
         assert "".join(m.delta.content or "" for m in mine) == c.message.content
         assert [m.finish_reason for m in mine if m.finish_reason] == [c.finish_reason]
         assert [t.token for m in mine if m.logprobs for t in m.logprobs.content] == [t.token for t in c.logprobs.content]
+
+
+def test_a_reply_dumped_by_the_client_goes_back_as_a_message(service):
+    """A conversation carried on with the reply as the client dumps it (`message.model_dump()`:
+    refusal, tool_calls, function_call, audio and annotations as null) is taken; it was a 400
+    naming messages.1.refusal. Those fields set to a value are still refused by name."""
+    reply = ChatCompletion.model_validate(ask(service, {"messages": CHAT, "max_tokens": 4})).choices[0].message
+    dumped = reply.model_dump()
+    assert dumped["refusal"] is None and "tool_calls" in dumped
+    again = ask(service, {"messages": [*CHAT, dumped, {"role": "user", "content": "again"}], "max_tokens": 4})
+    assert ChatCompletion.model_validate(again).choices[0].message.role == "assistant"
+    with pytest.raises(P.APIError, match=r"messages\.1\.refusal"):
+        ask(service, {"messages": [*CHAT, {**dumped, "refusal": "no"}], "max_tokens": 4})
