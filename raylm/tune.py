@@ -537,10 +537,13 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     path = f"{root.rstrip('/')}/{cfg.name}"
     callbacks = [trial_log(log, base.train)]
     if resume and rt.Tuner.can_restore(path, storage_filesystem=fs):
-        from raylm.tune_state import check_search_state
+        from raylm.tune_state import CheckedStateFileSystem, check_search_state
 
-        # Tune's state unpickles: refused unless it runs no code; its data as raylm saves it
-        check_search_state(search_dir, cfg.s3, check_params=lambda p, where: check_trial_params(space, p, where))
+        # Tune's state unpickles: refused unless it runs no code; its data as raylm saves it.
+        # Ray reads the bytes checked, not the files again (one swapped since would run unchecked).
+        checked = check_search_state(search_dir, cfg.s3,
+                                     check_params=lambda p, where: check_trial_params(space, p, where))
+        fs = CheckedStateFileSystem(fs, path, checked)
         tuner = rt.Tuner.restore(path, trainable, storage_filesystem=fs, resume_unfinished=True,
                                  resume_errored=True)
     else:

@@ -17,9 +17,9 @@ The state's data is checked too (`check_experiment_data`), since Tune's restore 
 is: only the controller and trial attributes Ray saves (it sets whatever keys the JSON holds),
 trial ids that are plain names, each trial's folder one name inside the experiment's, trial
 fields that name files left at their defaults, and (given `check_params`) each trial's config
-drawn from the search space. Each file is read once for both checks. Still open: Ray reads the
-files again after the check (a file swapped in between is not caught; the trials check their
-own configs as they start, `raylm.tune.run_trial`), and results a tampered state reports.
+drawn from the search space. Each file is read once for both checks, and Ray is given those
+bytes, not the files again (`CheckedStateFileSystem`): a file swapped or added in the storage
+after the check is never unpickled. Still open: results a tampered state reports.
 
 The list needs no code because raylm's searches pickle none: its callback and random/grid
 searcher are classes of this module (below), its trainable and search space go by reference.
@@ -53,7 +53,11 @@ import io
 import json
 import pickle
 import pickletools
+import posixpath
 import re
+
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 from raylm import storage
 from raylm.errors import UserError
@@ -460,13 +464,15 @@ def state_pickles(search_dir: str, s3=None) -> list[tuple[str, bytes]]:
     return out
 
 
-def check_search_state(search_dir: str, s3=None, check_params=None) -> None:
+def check_search_state(search_dir: str, s3=None, check_params=None) -> dict[str, bytes]:
     """Raises UnsafeTuneStateError, naming the file, unless every pickle that restoring the
     search in `search_dir` (local or s3://) would load names only allowed globals, and the
     data of each experiment state is what raylm's searches save (`check_experiment_data`;
     `check_params(params, where)` checks each trial's config). Each file is read once, and
     both checks are of those bytes. Nothing is unpickled but a trial's storage, once its
-    pickle has passed."""
+    pickle has passed. Returns the checked bytes by file name: what `CheckedStateFileSystem`
+    gives Ray's restore."""
+    checked = {}
     for uri, kind in state_files(search_dir, s3):
         data = storage.read_bytes(uri, s3)
         if kind == "experiment":
@@ -475,6 +481,146 @@ def check_search_state(search_dir: str, s3=None, check_params=None) -> None:
             check_experiment_data(data, uri, check_params)
         else:
             check_pickle(data, uri)
+        checked[storage.relative(uri, search_dir)] = data
+    return checked
+
+
+class CheckedStateFileSystem(pafs.PyFileSystem):
+    """The search's storage filesystem `fs` as `Tuner.restore` and the resumed controller see
+    it: at the top of the experiment directory `experiment_path` (where Tune's state lies),
+    the .json and .pkl files (all that Ray reads or copies there) are exactly `checked`
+    (name: the bytes `check_search_state` checked), whatever the storage holds now; those
+    this process writes are its own from then on. Everything else is `fs` itself.
+
+    Pickled (into every trial's and Tune's saved storage) or copied, it is `fs`, as before:
+    nothing in a trial reads the search's state, and the next resume's check sees the same
+    globals. Deep copies keep this object."""
+
+    def __init__(self, fs, experiment_path: str, checked: dict[str, bytes]):
+        super().__init__(_CheckedState(fs, experiment_path, checked))
+        self._fs = fs
+
+    def __reduce__(self):
+        return self._fs.__reduce__()
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _CheckedState(pafs.FileSystemHandler):
+    def __init__(self, fs, experiment_path: str, checked: dict[str, bytes]):
+        self.fs, self.dir, self.checked = fs, posixpath.normpath(experiment_path), dict(checked)
+        self.written: set[str] = set()
+
+    def _state(self, path: str) -> str | None:
+        """The name of `path` when it is a state file (.json or .pkl) at the experiment's top
+        level that this process has not written, else None."""
+        head, name = posixpath.split(posixpath.normpath(path))
+        if head == self.dir and name.endswith((".json", ".pkl")) and name not in self.written:
+            return name
+        return None
+
+    def _info(self, path: str, name: str, real=None) -> pafs.FileInfo:
+        if name in self.checked:
+            return pafs.FileInfo(path, pafs.FileType.File, size=len(self.checked[name]),
+                                 mtime=real.mtime if real is not None and real.type == pafs.FileType.File else None)
+        return pafs.FileInfo(path, pafs.FileType.NotFound)
+
+    def _wrote(self, path: str) -> None:
+        name = self._state(path)
+        if name is not None:
+            self.checked.pop(name, None)
+            self.written.add(name)
+
+    def _read(self, path: str):
+        name = self._state(path)
+        if name is None:
+            return None
+        if name not in self.checked:
+            raise FileNotFoundError(f"{path}: not in the search's checked state")
+        return pa.BufferReader(self.checked[name])
+
+    # reads: the checked bytes
+    def get_file_info(self, paths):
+        out = []
+        for path in paths:
+            name = self._state(path)
+            real = self.fs.get_file_info(path)
+            out.append(real if name is None else self._info(path, name, real))
+        return out
+
+    def get_file_info_selector(self, selector):
+        out, listed = [], set()
+        for real in self.fs.get_file_info(selector):
+            name = self._state(real.path)
+            if name is None:
+                out.append(real)
+            elif name in self.checked:
+                out.append(self._info(real.path, name, real))
+                listed.add(name)
+        base = posixpath.normpath(selector.base_dir)
+        if base == self.dir or selector.recursive and (self.dir + "/").startswith(base.rstrip("/") + "/"):
+            out += [self._info(f"{self.dir}/{n}", n) for n in self.checked if n not in listed]
+        return out
+
+    def open_input_stream(self, path):
+        data = self._read(path)
+        return self.fs.open_input_stream(path) if data is None else data
+
+    def open_input_file(self, path):
+        data = self._read(path)
+        return self.fs.open_input_file(path) if data is None else data
+
+    # writes: to the storage, and this process's own from then on
+    def open_output_stream(self, path, metadata):
+        self._wrote(path)
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        self._wrote(path)
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+    def move(self, src, dest):
+        self._wrote(src)
+        self._wrote(dest)
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        data = self._read(src)
+        self._wrote(dest)
+        if data is None:
+            self.fs.copy_file(src, dest)
+        else:
+            with self.fs.open_output_stream(dest) as f:
+                f.write(data.read())
+
+    def delete_file(self, path):
+        self._wrote(path)
+        self.fs.delete_file(path)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_type_name(self):
+        return f"checked-{self.fs.type_name}"
+
+    def equals(self, other):
+        return other is self
 
 
 # --------------------------------------------------------------------------- the state's data
