@@ -292,8 +292,8 @@ def cmd_serve(args) -> None:
 
     from raylm.config import Config, load_serve_config
     from raylm.pipeline import init_ray, serve_ingress
-    from raylm.serve.app import check_port_free, start
-    from raylm.serve.local import stop_serve, wait_ready
+    from raylm.serve.app import APP_NAME, check_port_free, start
+    from raylm.serve.local import serve_running, stop_serve, wait_ready
 
     explicit = {k: v for k, v in (("engine", args.engine), ("host", args.host), ("port", args.port),
                                   ("api_key", args.api_key)) if v is not None}
@@ -306,6 +306,14 @@ def cmd_serve(args) -> None:
     if cfg.engine == "raylm":
         _check_served_model(args.run)
     init_ray(Config())
+    ran_before = serve_running()  # a joined cluster's Serve, which may carry others' apps
+    if ran_before and not args.detach:
+        from ray import serve
+
+        if APP_NAME in serve.status().applications:  # replaced here, and deleted at Ctrl-C
+            raise ConfigError(f"Serve on the cluster at RAY_ADDRESS already runs an app named {APP_NAME!r} "
+                              "(a detached `raylm serve`?); stop it with `serve shutdown`, or update it "
+                              "with `raylm serve --detach`")
     url = start(args.run, cfg)
     wait_ready(url, timeout=600)
     if args.detach:  # Serve's apps outlive this process on a cluster (jobs/serve.py)
@@ -318,7 +326,9 @@ def cmd_serve(args) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        stop_serve()  # graceful: replicas drain their in-flight requests first
+        # Graceful: replicas drain their in-flight requests first. A Serve that ran before this
+        # command (a joined cluster's) keeps running, with the apps it did not start.
+        stop_serve(apps=[APP_NAME] if ran_before else None)
 
 
 def _check_served_model(run: str) -> None:

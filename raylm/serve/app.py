@@ -19,6 +19,7 @@ proxy's, change nothing.
 """
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -359,7 +360,8 @@ def start(run: str, cfg: ServeConfig, blocking: bool = False, name: str = APP_NA
           log_level: str = "INFO") -> str:
     """Deploy the application for `run` on the connected Ray cluster (starting Serve's HTTP
     ingress, HAProxy or the proxy actor, on cfg.host:cfg.port unless Serve runs already) and
-    return its base URL.
+    return its base URL: where Serve runs already, on its own host and port (Serve keeps them
+    whatever it is asked; the URL named cfg's, and `raylm serve` waited there in vain).
     `log_level`: of Serve's own processes and the app's replicas (INFO keeps access logs)."""
     from ray import serve
 
@@ -378,15 +380,25 @@ def start(run: str, cfg: ServeConfig, blocking: bool = False, name: str = APP_NA
     else:
         application = build_app(run, cfg)
     from raylm.pipeline import started_env
-    from raylm.serve.local import serve_running
+    from raylm.serve.local import serve_http
 
-    # On a cluster this process started (this machine), before Serve starts: else HAProxy
-    # fails to bind in an actor, and Ray reports a traceback. Elsewhere the port is not ours.
-    if started_env() is not None and not serve_running():
+    running = serve_http()
+    if running is not None:
+        if running[0] is None:
+            raise ConfigError("Serve runs on this cluster with its HTTP ingress switched off: the API would "
+                              "not be reachable; start Serve with HTTP, or serve on another cluster")
+        if (running[0], running[1]) != (cfg.host, cfg.port):
+            logging.getLogger("ray.serve").warning("Serve runs on this cluster already, on %s:%d: serving there "
+                                                   "(not %s:%d)", running[0], running[1], cfg.host, cfg.port)
+    elif started_env() is not None:
+        # On a cluster this process started (this machine), before Serve starts: else HAProxy
+        # fails to bind in an actor, and Ray reports a traceback. Elsewhere the port is not ours.
         check_port_free(cfg)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": log_level})
     serve.run(application, name=name, route_prefix=route_prefix, blocking=blocking,
               logging_config={"log_level": log_level})
+    if running is not None:
+        cfg = dataclasses.replace(cfg, host=running[0], port=running[1])
     return base_url(cfg) + route_prefix.rstrip("/")
 
 

@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from typing import Sequence
 
 from raylm.config import ServeConfig
 
@@ -75,7 +76,7 @@ def serve_http() -> tuple[str | None, int] | None:
     return http.host, http.port
 
 
-def stop_serve(timeout_s: float = 120.0) -> None:
+def stop_serve(timeout_s: float = 120.0, apps: Sequence[str] | None = None) -> None:
     """`serve.shutdown()` without its Ray warning, and with in-flight requests finished: the
     apps are deleted first (their replicas drain, each within its graceful_shutdown_timeout_s,
     while the proxies still carry the streams); then Serve's controller kills itself, and
@@ -83,18 +84,35 @@ def stop_serve(timeout_s: float = 120.0) -> None:
     "Task ServeController.graceful_shutdown failed. There are infinite retries remaining..."
     when the kill ends it. Here that task returns at once (wait=False), and the wait for the
     controller's end looks the named actor up in the GCS instead, with no task in flight.
-    Nothing happens where Serve is not running."""
+    Nothing happens where Serve is not running. `apps`: delete these apps only (those the
+    caller deployed on a Serve that ran before it) and leave Serve and its other apps running.
+    `timeout_s` bounds each wait, the drain's at least the apps' graceful_shutdown_timeout_s
+    and a little more."""
     import ray
     from ray import serve
 
     controller = _serve_controller()
     if controller is None:
         return
-    # The apps first, each deletion waited on: their replicas drain in-flight requests behind
-    # proxies still up. Serve's own shutdown stops replicas and proxies (HAProxy too) at once,
-    # and a stream still running lost its end.
-    for name in list(serve.status().applications):
-        serve.delete(name)
+    # The apps first: their replicas drain in-flight requests behind proxies still up. Serve's
+    # own shutdown stops replicas and proxies (HAProxy too) at once, and a stream still running
+    # lost its end. Deleted together, and waited on here: serve.delete's own wait gives up
+    # after 60 s with a TimeoutError, and a request in flight may take the replica's whole
+    # graceful_shutdown_timeout_s (60 s by default) before Serve stops the replica.
+    running = list(serve.status().applications)
+    names = running if apps is None else [name for name in apps if name in running]
+    for name in names:
+        serve.delete(name, _blocking=False)
+    if names:
+        drain_s = max(timeout_s, _graceful_shutdown_s(controller, names) + 30.0)
+        deadline = time.monotonic() + drain_s
+        while any(name in serve.status().applications for name in names):
+            if time.monotonic() > deadline:
+                logging.getLogger("ray.serve").warning("Serve apps %s were not deleted within %.0f s", names, drain_s)
+                break
+            time.sleep(0.2)
+    if apps is not None:
+        return
     ray.get(controller.graceful_shutdown.remote(wait=False))
     deadline = time.monotonic() + timeout_s
     while _serve_controller() is not None:
@@ -105,6 +123,20 @@ def stop_serve(timeout_s: float = 120.0) -> None:
     from ray.serve.context import _disconnect
 
     _disconnect()  # the cached client names a controller that is gone
+
+
+def _graceful_shutdown_s(controller, names: Sequence[str]) -> float:
+    """The largest graceful_shutdown_timeout_s among the deployments of apps `names` (0 where
+    Serve does not say): how long their replicas may drain before Serve stops them."""
+    import ray
+
+    try:
+        details = ray.get(controller.get_serve_instance_details.remote(), timeout=30)
+        return max((float(d["deployment_config"].get("graceful_shutdown_timeout_s") or 0.0)
+                    for name in names for d in details["applications"].get(name, {}).get("deployments", {}).values()),
+                   default=0.0)
+    except Exception:  # noqa: BLE001 - a bound for the wait only; timeout_s stands without it
+        return 0.0
 
 
 def chat_placement(cfg: ServeConfig | None, running: tuple[str | None, int] | None) -> tuple[ServeConfig, str, str]:
