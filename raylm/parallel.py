@@ -71,6 +71,18 @@ def apply_float8(model: Transformer) -> None:
         convert_to_float8_training(block, config=config, module_filter_fn=eligible)
 
 
+def float8_refusal(device_name: str, capability: tuple[int, int]) -> str | None:
+    """Why a CUDA device of this compute capability cannot train in float8, or None. Its
+    matmuls (`torch._scaled_mm`) need 8.9 or later (L4, L40, H100 and up); torchao's training
+    path does not check, and an A100 failed at its first forward, in every worker, on every
+    retry, after the tokenizer and data stages had run."""
+    if tuple(capability) >= (8, 9):
+        return None
+    major, minor = capability
+    return (f"train.float8=true needs float8 matmuls (CUDA compute capability 8.9 or later: L4, L40, H100 "
+            f"and up); {device_name} has {major}.{minor}: set train.float8=false")
+
+
 def apply_activation_checkpointing(model: Transformer) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -183,6 +195,11 @@ def build_parallel_model(cfg: ModelConfig, device: torch.device, precision: str,
     with torch.device("meta"):
         model = Transformer(cfg)
     if float8:
+        device = torch.device(device)
+        if device.type == "cuda":
+            refusal = float8_refusal(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+            if refusal:
+                raise ConfigError(refusal)
         apply_float8(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model)

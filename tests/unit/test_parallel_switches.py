@@ -153,3 +153,16 @@ def test_bf16_blocks_rotate_with_fp32_rope_tables():
     finally:
         dist.destroy_process_group()
     assert seen == [(torch.bfloat16, torch.float32, torch.float32)] * CFG.n_layers
+
+
+def test_float8_is_refused_by_name_below_compute_capability_8_9():
+    """torchao's float8 training does not check the GPU: on an A100 (8.0) every worker failed at
+    its first forward (torch._scaled_mm needs 8.9 or later). The refusal names device and fix;
+    8.9 and later pass. (Wired into build_parallel_model for CUDA devices: tests/gpu.)"""
+    from raylm.parallel import float8_refusal
+
+    why = float8_refusal("NVIDIA A100-SXM4-80GB", (8, 0))
+    assert "NVIDIA A100-SXM4-80GB has 8.0" in why and "train.float8=false" in why and "\n" not in why
+    assert float8_refusal("NVIDIA L4", (8, 9)) is None
+    assert float8_refusal("NVIDIA H100 80GB HBM3", (9, 0)) is None
+    assert float8_refusal("NVIDIA B200", (10, 0)) is None
