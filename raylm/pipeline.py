@@ -776,6 +776,18 @@ SUMMARY = "summary.json"
 LOSS_PLOT, SAMPLES = "loss.png", "samples.txt"
 
 
+def check_start_over(cfg: Config, resume: str) -> None:
+    """Refuse to start a run over, where it has no checkpoint to resume, when it holds a
+    finished run (its summary.json): its checkpoints were removed (after an export, say), and
+    rerunning its command started it over without a word, deleting its metrics, report and
+    eval results (`forget_summary`). Removing summary.json says to; so does resume="never"."""
+    summary = storage.join(cfg.run_dir, SUMMARY)
+    if resume != "never" and storage.exists(summary, cfg.s3):
+        raise ConfigError(f"{cfg.run_dir} holds a finished run ({SUMMARY}) and no complete checkpoint to resume: "
+                          "starting over would delete its metrics, report and eval results; pick another name=, "
+                          f"or remove {summary} to train it again in this directory")
+
+
 def forget_summary(cfg: Config, resume: str = "auto") -> None:
     """Remove the run's summary.json, and the loss plot and samples written with it at the end
     of a run, before training changes the run again. They describe a finished run: a
@@ -851,6 +863,7 @@ def check_resume_before_data(cfg: Config, resume: str, corpus: tuple | None) -> 
     from raylm.train import resume_point
 
     if resume_point(cfg, resume) is None:
+        check_start_over(cfg, resume)
         return corpus
     # The run's own first: a tokenizer.path other than it is refused by `keep_in_run`, in its words.
     tok_dir = next((d for d in (storage.join(cfg.run_dir, "tokenizer"), cfg.tokenizer.path)

@@ -30,8 +30,9 @@ from raylm.config import (Config, ConfigError, DataConfig, ModelConfig, check_ro
 from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restarts, list_corpus,
                         prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
-from raylm.pipeline import (absolute_paths, check_gpus_here, check_resume_before_record, forget_summary, init_ray,
-                            keep_in_run, log, resolve_workers, workers_summary, write_summary)
+from raylm.pipeline import (absolute_paths, check_gpus_here, check_resume_before_record, check_start_over,
+                            forget_summary, init_ray, keep_in_run, log, resolve_workers, workers_summary,
+                            write_summary)
 from raylm.record import RECORD, write_record
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -224,6 +225,8 @@ def check_resume_before_records(cfg: Config, resume: str, tok, parent: dict) -> 
 
     if resume_point(cfg, resume) is not None:
         check_resume_before_record(cfg, resume, resume_facts(cfg, tok, parent))
+    else:
+        check_start_over(cfg, resume)
 
 
 def resume_facts(cfg: Config, tok, parent: dict) -> dict:

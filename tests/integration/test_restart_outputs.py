@@ -1,7 +1,7 @@
 """What a run directory holds of steps that training does again goes before training starts.
 
-A run that starts over (no complete checkpoint left to resume: the user removed them to train
-again in the same directory) or resumes from an earlier checkpoint (a newer one removed) redoes
+A run that starts over (no complete checkpoint left to resume: the user removed them, and its
+summary.json, to train again in the same directory) or resumes from an earlier checkpoint (a newer one removed) redoes
 the steps after its start. The earlier run's results of those steps described other weights:
 `<run>/eval/ckpt-N/` (`raylm eval` of a checkpoint that is gone, and that the new run writes
 again at the same step), and the rows of metrics.jsonl after the start, in-training eval rows
@@ -94,8 +94,25 @@ def run_and_fail(prepared, finished, tmp_path, monkeypatch, step: int, resume: s
     monkeypatch.delenv("RAYLM_INJECT_FAILURE")
 
 
+def test_a_finished_run_without_checkpoints_is_not_started_over_unasked(prepared, finished, tmp_path):
+    """Its checkpoints removed (after an export, say), rerunning a finished run's command started
+    it over without a word, deleting its metrics, report and eval results. Refused in one line
+    before any work, everything kept."""
+    from raylm.config import ConfigError
+
+    run_dir = copy_of(finished, tmp_path, (2, 4))
+    rows = storage.read_bytes(storage.join(run_dir, "metrics.jsonl"))
+    cfg = settings(prepared, str(tmp_path / "runs"), finished[1], "train.max_steps=4")
+    with pytest.raises(ConfigError, match=r"holds a finished run \(summary.json\) and no complete checkpoint.*remove "):
+        pretrain(cfg, resume="auto", max_failures=0, samples=False)
+    assert eval_dirs(run_dir) == [2, 4] and has_report(run_dir)
+    assert storage.read_bytes(storage.join(run_dir, "metrics.jsonl")) == rows
+    assert storage.exists(storage.join(run_dir, "summary.json"))
+
+
 def test_a_run_started_over_keeps_no_eval_results_of_the_earlier_run(prepared, finished, tmp_path, monkeypatch):
     run_dir = copy_of(finished, tmp_path, (2, 4))  # nothing to resume: training starts at step 0
+    storage.delete(storage.join(run_dir, "summary.json"))  # as the refusal above says, to train it again here
     run_and_fail(prepared, finished, tmp_path, monkeypatch, 1, "auto")  # before its first checkpoint
     assert steps_logged(run_dir, "eval") == [] and steps_logged(run_dir, "train") == [1]
     assert eval_dirs(run_dir) == [], "the earlier run's `raylm eval` results outlived a run started over"
