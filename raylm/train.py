@@ -673,6 +673,34 @@ class _Upload:
         return -1 if self.error is not None else 1
 
 
+# A rank's checkpoint, staged on local disk before its upload: <tmp>/raylm-ckpt-N-rR-pPID-*.
+STAGING = "raylm-"
+
+
+def staging_dir(name: str, rank: int) -> str:
+    """A new directory to stage rank `rank`'s part of checkpoint `name` in, naming this process."""
+    return tempfile.mkdtemp(prefix=f"{STAGING}{name}-r{rank}-p{os.getpid()}-")
+
+
+def remove_orphaned_staging() -> None:
+    """Remove checkpoints staged on this machine's disk by worker processes that are gone. The
+    upload removes its staging directory, but a worker stopped mid-save (Ctrl-C, SIGTERM, a
+    failure, a kill) left it, the rank's whole state (gigabytes a crash for a large model)."""
+    import glob
+    import re
+
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{STAGING}ckpt-*-r*-p*-*")):
+        found = re.search(r"-r\d+-p(\d+)-[^/]*$", path)
+        if found is None or not os.path.isdir(path):
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 class CheckpointSaver:
     """Writes checkpoints and commits them once every rank's files are in storage.
 
@@ -691,6 +719,7 @@ class CheckpointSaver:
         self.pending: tuple | None = None  # (uri, meta, _Upload or None, t0)
         self.device = torch.device("cpu")
         self.blocking_s = 0.0  # time training spent waiting on checkpoints
+        remove_orphaned_staging()
 
     def save(self, model, optimizer, step: int, consumed: int, metrics: dict, train_seconds: float = 0.0,
              guards: dict | None = None) -> None:
@@ -705,7 +734,7 @@ class CheckpointSaver:
         name = checkpoint.checkpoint_name(step)
         uri = storage.join(self.cfg.run_dir, name)
         self.device = next(model.parameters()).device
-        local = tempfile.mkdtemp(prefix=f"raylm-{name}-r{rank}-")
+        local = staging_dir(name, rank)
         try:
             written = checkpoint.write_local(model, optimizer, meta, local, self.group, self.use_async)
             if self.use_async:
