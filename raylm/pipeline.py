@@ -14,7 +14,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import tempfile
 import time
 
@@ -118,6 +120,20 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
             log(f"Ray dashboard: http://127.0.0.1:{port}")
     quiet_ray_data()  # after ray.init, so that importing Ray Data can overlap the cluster's start
     quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
+    stop_on_sigterm()  # after ray.init, whose driver puts its own handler in
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (Kubernetes stopping a pod, `ray job stop`, `kill`) stops this process as Ctrl-C
+    does: workers stopped, the lock let go, `raylm: interrupted`. Ray's driver handler, which
+    ray.init puts in, printed a C++ stack dump and aborted with a checkpoint in flight.
+    Main thread only (Python takes signal handlers there alone)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    signal.raise_signal(signal.SIGINT)  # whatever handles Ctrl-C now: Ray Train's stops its workers
 
 
 class RayStartError(UserError, RuntimeError):

@@ -4,6 +4,7 @@ pytest's own process):
   - a worker failing with a user's mistake ends the run at once, under max_failures=2;
   - a crash is still retried (max_failures counts);
   - Ctrl-C during training aborts the run's workers and reaches the caller as KeyboardInterrupt;
+  - SIGTERM does the same (after raylm's init_ray);
   - Ctrl-C after a finished run is the driver's again (KeyboardInterrupt, not swallowed)."""
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def interrupted(config):
     os.kill(DRIVER, signal.SIGINT)  # the driver is inside fit: this worker runs
     time.sleep(120)
 
+def terminated(config):
+    attempt("terminated")
+    os.kill(DRIVER, signal.SIGTERM)  # `ray job stop`, Kubernetes: as Ctrl-C (Ray's handler dumped a stack)
+    time.sleep(120)
+
 def quick(config):
     pass
 
@@ -67,10 +73,19 @@ except KeyboardInterrupt:
 except SystemExit as e:  # Ray's own handler's way out
     print(f"interrupted: SystemExit({e.code})", flush=True)
 from ray.util.state import list_actors
-# This cluster's address: other clusters may be running on the machine (other test modules').
-alive = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
-print(f"interrupted: {len(alive)} training workers alive", flush=True)
+
+def workers_alive():
+    # This cluster's address: other clusters may be running on the machine (other test modules').
+    return len(list_actors(address=ray.get_runtime_context().gcs_address,
+                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]))
+
+print(f"interrupted: {workers_alive()} training workers alive", flush=True)
+try:
+    fit(terminated)
+    print("terminated: fit returned", flush=True)
+except KeyboardInterrupt:
+    print("terminated: KeyboardInterrupt", flush=True)
+print(f"terminated: {workers_alive()} training workers alive", flush=True)
 fit(quick)
 try:
     os.kill(DRIVER, signal.SIGINT)
@@ -109,6 +124,15 @@ def test_ctrl_c_stops_the_workers_and_raises_keyboard_interrupt(session):
     assert "interrupted: KeyboardInterrupt" in out, out
     assert attempts["interrupted"] == 1, attempts
     assert "interrupted: 0 training workers alive" in out, out
+
+
+def test_sigterm_stops_the_run_as_ctrl_c_does(session):
+    """`ray job stop` and Kubernetes send SIGTERM: Ray's driver handler printed a C++ stack dump
+    and aborted, with a checkpoint in flight lost."""
+    out, attempts = session
+    assert "terminated: KeyboardInterrupt" in out, out
+    assert attempts["terminated"] == 1, attempts
+    assert "terminated: 0 training workers alive" in out, out
 
 
 def test_ctrl_c_after_a_finished_run_is_not_swallowed(session):
