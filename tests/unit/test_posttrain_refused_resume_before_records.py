@@ -171,3 +171,26 @@ def test_the_early_check_takes_the_keys_the_stages_write(tmp_path, tiny_run):
     assert pt.resume_facts(cfg, tok, parent) == {"tokenizer_sha256": tok.sha256, "key": meta["data_key"]}
     plain = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, precompute_reference=False))
     assert pt.resume_facts(plain, tok, parent)["key"] == _prepare_chat_key(plain, tok) != meta["data_key"]
+
+
+def test_a_finished_run_without_checkpoints_is_not_started_over_unasked(tmp_path, tiny_run, spies):
+    """Its checkpoints removed (after an export, say), rerunning a finished SFT run's command
+    started it over, deleting its metrics and eval results: refused before Ray and the records,
+    everything kept, until its summary.json is removed too."""
+    import shutil
+
+    from raylm import checkpoint
+
+    base = _trained(tmp_path, tiny_run, "sft")
+    run_dir = str(tmp_path / "runs" / "sft")
+    for _, uri, _ in checkpoint.list_checkpoints(run_dir):
+        shutil.rmtree(uri)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"step": 1}, f)
+    before = _snapshot(run_dir)
+    with pytest.raises(ConfigError, match=r"holds a finished run \(summary.json\) and no complete checkpoint"):
+        pt.posttrain(load_config(overrides=base))
+    assert spies == [] and _snapshot(run_dir) == before
+    os.remove(os.path.join(run_dir, "summary.json"))
+    with pytest.raises(_Reached, match="init_ray"):  # asked for: it starts over
+        pt.posttrain(load_config(overrides=base))
