@@ -133,7 +133,10 @@ def stop_on_sigterm() -> None:
 
 
 def _interrupt(signum, frame) -> None:
-    signal.raise_signal(signal.SIGINT)  # whatever handles Ctrl-C now: Ray Train's stops its workers
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.raise_signal(signal.SIGINT)  # whatever handles Ctrl-C now: Ray Train's stops its workers
+    else:  # Ctrl-C ignored (a background job of a script starts so) or the system's: not SIGTERM
+        raise KeyboardInterrupt
 
 
 class RayStartError(UserError, RuntimeError):
