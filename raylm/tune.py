@@ -536,17 +536,19 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     # path without its s3:// scheme.
     path = f"{root.rstrip('/')}/{cfg.name}"
     callbacks = [trial_log(log, base.train)]
-    if resume and rt.Tuner.can_restore(path, storage_filesystem=fs):
-        from raylm.tune_state import CheckedStateFileSystem, check_search_state
+    from raylm.tune_state import CheckedStateFileSystem, check_search_state
 
+    if resume and rt.Tuner.can_restore(path, storage_filesystem=fs):
         # Tune's state unpickles: refused unless it runs no code; its data as raylm saves it.
-        # Ray reads the bytes checked, not the files again (one swapped since would run unchecked).
+        # Ray reads the bytes checked, not the files again (one swapped since would run unchecked),
+        # and no trial's pickle (a failed trial's error.pkl, unpickled as fit() returns).
         checked = check_search_state(search_dir, cfg.s3,
                                      check_params=lambda p, where: check_trial_params(space, p, where))
         fs = CheckedStateFileSystem(fs, path, checked)
         tuner = rt.Tuner.restore(path, trainable, storage_filesystem=fs, resume_unfinished=True,
                                  resume_errored=True)
     else:
+        fs = CheckedStateFileSystem(fs, path, {})  # no Tune state but its own, and no trial's pickle
         if resume:  # a new search refuses this name (search.json is there): this is the one way on
             log(f"tune: {search_dir} holds no Tune state yet (the search stopped before Tune started): "
                 f"starting it with its saved space and settings")

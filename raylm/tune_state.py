@@ -39,10 +39,16 @@ source: every `pickle.load(s)`/`cloudpickle.load(s)` on that path):
   callbacks' `callback-states-*.pkl`.
 
 Every file of those names is checked, not only the newest, and every other top-level
-`*.pkl` too (Ray copies them all into its staging directory). Trial error files
-(`error.pkl`) are read only for trials this run ended (a resumed search restarts its errored
-and unfinished trials and clears their error files first, and reports none for finished
-ones), and trials' checkpoints are raylm checkpoints, loaded by raylm's own checked loader.
+`*.pkl` too (Ray copies them all into its staging directory). Trials' checkpoints are raylm
+checkpoints, loaded by raylm's own checked loader.
+
+A trial's folder holds pickles too: Tune writes a failed trial's exception to `error.pkl`
+there and uploads it, and as `tuner.fit()` returns, its ResultGrid reads it back from the
+storage and unpickles it (`Trial.get_pickled_error`; `Result.from_path` would too), for every
+trial that did not finish, on a new search and a resumed one alike: a file written there
+after Tune's last upload ran code. `CheckedStateFileSystem`, the filesystem Tune is given
+for every search, new or resumed, answers that no pickle exists below the experiment's top
+level, so Ray takes the trial's error from its `error.txt`, as text.
 """
 
 from __future__ import annotations
@@ -490,7 +496,11 @@ class CheckedStateFileSystem(pafs.PyFileSystem):
     it: at the top of the experiment directory `experiment_path` (where Tune's state lies),
     the .json and .pkl files (all that Ray reads or copies there) are exactly `checked`
     (name: the bytes `check_search_state` checked), whatever the storage holds now; those
-    this process writes are its own from then on. Everything else is `fs` itself.
+    this process writes are its own from then on. Below the top level (trial folders), no
+    .pkl file exists for reads (`_trial_pickle`): Ray reads a trial's error.pkl back from the
+    storage and unpickles it, and nothing else of Ray's or raylm's in this process reads one
+    there. Everything else is `fs` itself. A new search gives it `checked` empty: its Tune
+    state is only what this process writes.
 
     Pickled (into every trial's and Tune's saved storage) or copied, it is `fs`, as before:
     nothing in a trial reads the search's state, and the next resume's check sees the same
@@ -523,6 +533,11 @@ class _CheckedState(pafs.FileSystemHandler):
             return name
         return None
 
+    def _trial_pickle(self, path: str) -> bool:
+        """Whether `path` is a .pkl file in a folder of the experiment's (a trial's error.pkl)."""
+        path = posixpath.normpath(path)
+        return path.endswith(".pkl") and path.startswith(self.dir + "/") and "/" in path[len(self.dir) + 1:]
+
     def _info(self, path: str, name: str, real=None) -> pafs.FileInfo:
         if name in self.checked:
             return pafs.FileInfo(path, pafs.FileType.File, size=len(self.checked[name]),
@@ -536,6 +551,8 @@ class _CheckedState(pafs.FileSystemHandler):
             self.written.add(name)
 
     def _read(self, path: str):
+        if self._trial_pickle(path):
+            raise FileNotFoundError(f"{path}: a trial's pickle, which raylm never has Ray unpickle")
         name = self._state(path)
         if name is None:
             return None
@@ -547,6 +564,9 @@ class _CheckedState(pafs.FileSystemHandler):
     def get_file_info(self, paths):
         out = []
         for path in paths:
+            if self._trial_pickle(path):
+                out.append(pafs.FileInfo(path, pafs.FileType.NotFound))
+                continue
             name = self._state(path)
             real = self.fs.get_file_info(path)
             out.append(real if name is None else self._info(path, name, real))
@@ -555,6 +575,8 @@ class _CheckedState(pafs.FileSystemHandler):
     def get_file_info_selector(self, selector):
         out, listed = [], set()
         for real in self.fs.get_file_info(selector):
+            if self._trial_pickle(real.path):
+                continue
             name = self._state(real.path)
             if name is None:
                 out.append(real)
