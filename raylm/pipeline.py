@@ -60,66 +60,68 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
 
     if ray.is_initialized():
         return
-    quiet_ray_chatter()
-    if os.environ.get("RAY_ADDRESS"):
-        try:
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
-        except Exception as e:
-            _raise_if_not_started(e, f"could not join the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}",
-                                  "check that the cluster is up and the address is its head's (`ray status` there), "
-                                  "or unset RAY_ADDRESS to start a local cluster")
-            raise
-        if training:
-            start_ray_data_actors()
-    else:
-        cores = usable_cpus()  # this machine is the cluster: the CPUs this process may run on
-        tc = cfg.train.resolve_workers(cores)
-        cpus = max(2 * cores, math.ceil(tc.num_workers * tc.cpus_per_worker) + 4)
-        # address="local": always a cluster of our own, never one a `ray start` left running on
-        # this machine (ray.init() alone would join that, and refuse num_cpus).
-        # `raylm tune` asks for the dashboard: Ray Train's placement-group cleaner, which its
-        # trials keep, polls the state API the dashboard serves (and floods the log without it).
-        # The dashboard listens on loopback only, on a port chosen here so that Ray's own
-        # actors can be told where it is: without RAY_API_SERVER_ADDRESS, Ray Train's
-        # placement-group cleaner looks for "the" cluster on the machine and fails with a
-        # traceback whenever a second one runs (another run, a test, a `ray start`).
-        if dashboard is None:
-            dashboard = os.environ.get("RAYLM_DASHBOARD", "") not in ("", "0")
-        # The settings reach Ray's processes through the environment that the cluster started
-        # here inherits, and not as a job runtime_env: a worker with a runtime_env of its own
-        # is never one of the workers Ray starts ahead of time, and each of its actors waits
-        # for the runtime-env agent. Five actors started one after another (as Ray Train's
-        # controller does) took 10.1 s that way and 3.2 s this way, on 2 cores.
-        port = _free_port()
-        settings = {**WORKER_ENV, **LOCAL_ENV, **serve_ingress_env(),
-                    **({"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"} if dashboard else {})}
-        before = {k: os.environ.get(k) for k in settings}
-        os.environ.update(settings)
-        env = dict(os.environ)
-        try:
-            ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
-                     include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port)
-        except Exception as e:
-            _raise_if_not_started(e, "Ray's local cluster did not start",
-                                  "the machine may be short of memory or CPU: free some and try again, or set "
-                                  f"RAY_ADDRESS to use a running cluster; Ray's logs are in {_ray_logs_dir()}")
-            raise
-        finally:  # this process keeps RAYLM_LOCAL_CLUSTER only (raylm's actor pools read it here)
-            for k, v in before.items():
-                if k == "RAYLM_LOCAL_CLUSTER":
-                    continue
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        global STARTED_WITH
-        STARTED_WITH = (ray.get_runtime_context().gcs_address, env)
-        if training:
-            start_ray_data_actors()
-        if dashboard:
-            log(f"Ray dashboard: http://127.0.0.1:{port}")
-    quiet_ray_data()  # after ray.init, so that importing Ray Data can overlap the cluster's start
-    quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
+    # Ctrl-C and SIGTERM wait for the cluster to be up, and then shut it down: `_InterruptsHeld`.
+    with _InterruptsHeld(ray):
+        quiet_ray_chatter()
+        if os.environ.get("RAY_ADDRESS"):
+            try:
+                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+            except Exception as e:
+                _raise_if_not_started(e, f"could not join the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}",
+                                      "check that the cluster is up and the address is its head's (`ray status` "
+                                      "there), or unset RAY_ADDRESS to start a local cluster")
+                raise
+            if training:
+                start_ray_data_actors()
+        else:
+            cores = usable_cpus()  # this machine is the cluster: the CPUs this process may run on
+            tc = cfg.train.resolve_workers(cores)
+            cpus = max(2 * cores, math.ceil(tc.num_workers * tc.cpus_per_worker) + 4)
+            # address="local": always a cluster of our own, never one a `ray start` left running on
+            # this machine (ray.init() alone would join that, and refuse num_cpus).
+            # `raylm tune` asks for the dashboard: Ray Train's placement-group cleaner, which its
+            # trials keep, polls the state API the dashboard serves (and floods the log without it).
+            # The dashboard listens on loopback only, on a port chosen here so that Ray's own
+            # actors can be told where it is: without RAY_API_SERVER_ADDRESS, Ray Train's
+            # placement-group cleaner looks for "the" cluster on the machine and fails with a
+            # traceback whenever a second one runs (another run, a test, a `ray start`).
+            if dashboard is None:
+                dashboard = os.environ.get("RAYLM_DASHBOARD", "") not in ("", "0")
+            # The settings reach Ray's processes through the environment that the cluster started
+            # here inherits, and not as a job runtime_env: a worker with a runtime_env of its own
+            # is never one of the workers Ray starts ahead of time, and each of its actors waits
+            # for the runtime-env agent. Five actors started one after another (as Ray Train's
+            # controller does) took 10.1 s that way and 3.2 s this way, on 2 cores.
+            port = _free_port()
+            settings = {**WORKER_ENV, **LOCAL_ENV, **serve_ingress_env(),
+                        **({"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"} if dashboard else {})}
+            before = {k: os.environ.get(k) for k in settings}
+            os.environ.update(settings)
+            env = dict(os.environ)
+            try:
+                ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
+                         include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port)
+            except Exception as e:
+                _raise_if_not_started(e, "Ray's local cluster did not start",
+                                      "the machine may be short of memory or CPU: free some and try again, or set "
+                                      f"RAY_ADDRESS to use a running cluster; Ray's logs are in {_ray_logs_dir()}")
+                raise
+            finally:  # this process keeps RAYLM_LOCAL_CLUSTER only (raylm's actor pools read it here)
+                for k, v in before.items():
+                    if k == "RAYLM_LOCAL_CLUSTER":
+                        continue
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            global STARTED_WITH
+            STARTED_WITH = (ray.get_runtime_context().gcs_address, env)
+            if training:
+                start_ray_data_actors()
+            if dashboard:
+                log(f"Ray dashboard: http://127.0.0.1:{port}")
+        quiet_ray_data()  # after ray.init, so that importing Ray Data can overlap the cluster's start
+        quiet_user_errors()  # after ray.init, which sets up the handlers of "ray"
     stop_on_sigterm()  # after ray.init, whose driver puts its own handler in
 
 
@@ -137,6 +139,58 @@ def _interrupt(signum, frame) -> None:
         signal.raise_signal(signal.SIGINT)  # whatever handles Ctrl-C now: Ray Train's stops its workers
     else:  # Ctrl-C ignored (a background job of a script starts so) or the system's: not SIGTERM
         raise KeyboardInterrupt
+
+
+class _InterruptsHeld:
+    """Ctrl-C and SIGTERM held while `init_ray` starts (or joins) the cluster, and acted on
+    once it is done: `ray.shutdown()`, then KeyboardInterrupt. Raised inside ray.init, an
+    interrupt stopped it half-way, and Ray's agents (ray::DashboardAgent, ray::RuntimeEnvAgent),
+    still starting, outlived their raylet (Ray's own gap: they watch it only once started); it
+    was lost where it landed in one of the at-fork hooks that run as Ray starts each of its
+    processes (Python printed "Exception ignored in: <function _releaseLock>", and the run
+    went on to train); and raised in the imports of ray.init or of Ray Data (which another
+    thread imports meanwhile: `beside_ray_start`), it could leave Python's import lock taken,
+    and the process hung instead of stopping. A second one stops at once, for a start that
+    hangs. SIGTERM is Ctrl-C here too: Ray's own handlers, which ray.init puts in, are
+    left out while it runs (they exited with status 15 or 1, without a word); `stop_on_sigterm`
+    puts raylm's back after it. Ctrl-C stays ignored where it was. Main thread only."""
+
+    def __init__(self, ray):
+        self.ray, self.received, self.saved = ray, 0, None
+
+    def _received(self, signum, frame) -> None:
+        self.received += 1
+        if self.received > 1:
+            raise KeyboardInterrupt
+        try:  # os.write: print() here may land inside a print of the main thread's
+            os.write(2, b"raylm: stopping once Ray's cluster has started (again to stop at once)\n")
+        except OSError:
+            pass
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        sigint = signal.getsignal(signal.SIGINT)
+        utils = getattr(getattr(self.ray, "_private", None), "utils", None)
+        self.saved = (signal.signal(signal.SIGINT, self._received) if callable(sigint) else None,
+                      signal.signal(signal.SIGTERM, self._received), utils, getattr(utils, "set_sigterm_handler", None))
+        if self.saved[3] is not None:
+            utils.set_sigterm_handler = lambda handler: None
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if self.saved is None:
+            return
+        sigint, sigterm, utils, set_sigterm_handler = self.saved
+        if set_sigterm_handler is not None:
+            utils.set_sigterm_handler = set_sigterm_handler
+        signal.signal(signal.SIGTERM, sigterm)
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+        if self.received:
+            if self.ray.is_initialized():
+                self.ray.shutdown()
+            raise KeyboardInterrupt from exc
 
 
 class RayStartError(UserError, RuntimeError):
