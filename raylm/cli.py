@@ -761,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    from raylm.pipeline import stop_on_sigterm
+    from raylm.interrupts import stop_on_sigterm
 
     stop_on_sigterm()  # before Ray too: it is not started for every command, nor at once
     try:

@@ -1,5 +1,5 @@
 """SIGTERM (`ray job stop`, Kubernetes, `kill`) stops raylm as Ctrl-C does
-(`pipeline.stop_on_sigterm`; with Ray Train running: tests/integration/
+(`interrupts.stop_on_sigterm`; with Ray Train running: tests/integration/
 test_train_ray_user_errors_and_sigint.py). Also where Ctrl-C itself is ignored, as a script's
 background job (`cmd &`) starts: passing SIGTERM on as SIGINT left such a process unstoppable
 but by SIGKILL."""
@@ -14,7 +14,7 @@ import pytest
 
 CODE = """
 import time
-from raylm.pipeline import stop_on_sigterm
+from raylm.interrupts import stop_on_sigterm
 stop_on_sigterm()
 print("ready", flush=True)
 try:
