@@ -22,8 +22,6 @@ import pytest
 
 from raylm import cli, storage
 from raylm import synthetic as S
-from raylm.config import load_config
-from raylm.pipeline import write_summary
 from tests.small import SMALL
 
 pytestmark = pytest.mark.integration
@@ -35,12 +33,12 @@ SCHEDULE = ["train.max_steps=4", "train.ckpt_every=2", "train.log_every=1", "tra
 KILL = "step=3,rank=1,kind=sigkill"
 
 
-def finished_before(run_dir: str, s3) -> None:
-    """summary.json as an earlier, completed run (to step 2) left it."""
-    name = run_dir.rstrip("/").rsplit("/", 1)[1]
-    cfg = load_config(overrides=[f"storage={storage.parent(run_dir)}", f"name={name}"])
-    write_summary(cfg, {"run_dir": run_dir, "steps": 2, "val_loss": 5.9, "val_ppl": 365.0, "seconds": 30.0})
+def finished_before(argv: list[str], run_dir: str, s3) -> None:
+    """An earlier run of `raylm ARGV` that finished at step 2 (its checkpoint and summary.json
+    written), which the killed run continues to step 4."""
+    assert cli.main([*argv, "train.max_steps=2"]) == 0
     assert storage.exists(storage.join(run_dir, "summary.json"), s3)
+    assert storage.exists(storage.join(run_dir, "ckpt-00000002", "COMMITTED"), s3)
 
 
 def ray_consoles() -> dict[Path, int]:
@@ -93,21 +91,21 @@ def test_a_killed_worker_is_one_line_and_leaves_no_summary(prepared, tmp_path, m
     """Pre-training, then SFT from the checkpoint it left."""
     base, data_dir, _ = prepared
     run_dir = storage.join(base.storage, "continued")
-    finished_before(run_dir, base.s3)
-    status, err = killed(["pretrain", "--no-samples", "--max-failures", "0", "--data", data_dir,
-                          f"storage={base.storage}", "name=continued", f"tokenizer.path={base.tokenizer.path}",
-                          *SMALL, *SCHEDULE], monkeypatch, capfd)
+    argv = ["pretrain", "--no-samples", "--max-failures", "0", "--data", data_dir, f"storage={base.storage}",
+            "name=continued", f"tokenizer.path={base.tokenizer.path}", *SMALL, *SCHEDULE]
+    finished_before(argv, run_dir, base.s3)
+    status, err = killed(argv, monkeypatch, capfd)
     one_line(status, err, run_dir, storage.join(run_dir, "ckpt-00000002"))
     assert not storage.exists(storage.join(run_dir, "summary.json"), base.s3), "the old run's summary is still there"
 
     records = S.write_jsonl(str(tmp_path), "reverse", 200, 10, seed=0, length=3)["train.messages"]
     sft_dir = storage.join(base.storage, "continued-sft")
-    finished_before(sft_dir, base.s3)
     workers = [o for o in SMALL if o.startswith(("train.num_workers", "train.cpus_per_worker", "train.micro_batch",
                                                   "train.global_batch"))]
-    status, err = killed(["sft", "--from", run_dir, "--data", records, "--max-failures", "0",
-                          f"storage={base.storage}", "data.val_fraction=0.1", "train.eval_batches=1", *workers,
-                          *SCHEDULE], monkeypatch, capfd)
+    argv = ["sft", "--from", run_dir, "--data", records, "--max-failures", "0", f"storage={base.storage}",
+            "data.val_fraction=0.1", "train.eval_batches=1", *workers, *SCHEDULE]
+    finished_before(argv, sft_dir, base.s3)
+    status, err = killed(argv, monkeypatch, capfd)
     one_line(status, err, sft_dir, storage.join(sft_dir, "ckpt-00000002"))
     assert not storage.exists(storage.join(sft_dir, "summary.json"), base.s3), "the old run's summary is still there"
     assert json.loads(storage.read_text(storage.join(sft_dir, "record.json"), base.s3))["stage"] == "sft"
