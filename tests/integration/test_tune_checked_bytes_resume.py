@@ -19,16 +19,11 @@ import pytest
 
 from raylm import storage
 from tests.integration.test_tune import prepared  # noqa: F401 - the search's data, as test_tune's
+from tests.integration.test_tune_restored_state import SCHEDULE, SPACE  # the same 2-trial search
 from tests.small import SMALL
 
 pytestmark = pytest.mark.integration
 
-SPACE = """\
-train.lr: loguniform(1.0e-3, 1.0e-2)
-tune: {scheduler: fifo, search: random, max_concurrent_trials: 1, num_samples: 2}
-"""
-SCHEDULE = ["train.num_workers=1", "train.max_steps=4", "train.eval_every=2", "train.log_every=1",
-            "train.ckpt_every=100", "train.timeout_s=300"]
 # Newer than any a search saves (Ray loads the newest by name): the check never saw them.
 ADDED = ["experiment_state-9999-12-31_23-59-59.json", "basic-variant-state-9999-12-31_23-59-59.json",
          "callback-states-9999-12-31_23-59-59.pkl", "searcher-state-9999-12-31_23-59-59.pkl"]

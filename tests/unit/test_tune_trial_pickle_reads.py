@@ -18,18 +18,7 @@ from ray.train._internal.storage import _exists_at_fs_path
 from raylm import storage
 from raylm.tune_state import CheckedStateFileSystem, check_search_state
 from tests.integration.test_tune_checked_bytes_resume import Planted
-
-
-@pytest.fixture(params=["local", "s3"])
-def search(request, tmp_path):
-    """(uri of a search's Tune directory, its filesystem, the directory's path in it)."""
-    uri = str(tmp_path / "search") if request.param == "local" else f"{request.getfixturevalue('s3_prefix')}/search"
-    fs, path = storage.filesystem(uri)
-    return uri, fs, path
-
-
-def _put(uri: str, name: str, data: bytes) -> None:
-    storage.write_bytes(storage.join(uri, name), data)
+from tests.unit.test_tune_checked_bytes import _put, search  # noqa: F401 - its fixture: a search's directory, local and S3
 
 
 @pytest.mark.parametrize("run", ["new", "resumed"])
