@@ -144,7 +144,8 @@ def _machine() -> str:
     return "|".join(parts)
 
 
-def _pid_gone(pid: int) -> bool:
+def pid_gone(pid: int) -> bool:
+    """Whether no process of this number runs on this machine (one of another user's runs)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -230,7 +231,7 @@ class _S3Lease:
             here = info.get("machine") == _machine() and isinstance(pid, int)
             if here and pid == os.getpid():
                 raise _refused(self.uri, holder, self.what)  # this very process: alive
-            if here and _pid_gone(pid):  # its process is gone: as with flock, resume at once
+            if here and pid_gone(pid):  # its process is gone: as with flock, resume at once
                 if self._take(etag, f"its holder, {holder}, is gone"):
                     return
                 seen = None  # another newcomer won: look again

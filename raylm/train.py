@@ -689,16 +689,12 @@ def remove_orphaned_staging() -> None:
     import glob
     import re
 
+    from raylm.run_lock import pid_gone
+
     for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{STAGING}ckpt-*-r*-p*-*")):
         found = re.search(r"-r\d+-p(\d+)-[^/]*$", path)
-        if found is None or not os.path.isdir(path):
-            continue
-        try:
-            os.kill(int(found.group(1)), 0)
-        except ProcessLookupError:
+        if found is not None and os.path.isdir(path) and pid_gone(int(found.group(1))):
             shutil.rmtree(path, ignore_errors=True)
-        except OSError:  # alive, another user's
-            pass
 
 
 class CheckpointSaver:
