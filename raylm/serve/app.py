@@ -78,7 +78,8 @@ class _TooLarge(Exception):
 
 
 class Guard:
-    """ASGI middleware: API key (constant-time), checked before any of the body is read, then
+    """ASGI middleware: the probes (`PUBLIC_PATHS`: no key, no body read) pass straight through;
+    every other route: API key (constant-time), checked before any of the body is read, then
     the body read whole within `body_timeout_s` up to a limit (413 past it, whether announced
     by Content-Length or streamed in chunks) and replayed. The time limit is what keeps a slow
     body (headers, then a byte now and then) from holding one of the replica's
@@ -95,7 +96,12 @@ class Guard:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):  # under a route prefix: match the app's own paths
             path = path[len(root):]
-        if self.key and path not in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS:
+            # A probe reads no body, and anyone may send one: reading its body here first (up
+            # to request_timeout_s) let a client without the key hold a slot with a body it
+            # never sent. Its routes answer without the body, which is left unread.
+            return await self.app(scope, receive, send)
+        if self.key:
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             # compare_digest: the time taken says nothing about how much of the key matched.

@@ -107,6 +107,34 @@ def test_slow_bodies_without_the_key_are_refused_at_once_and_hold_nothing(server
             s.close()
 
 
+def probe_with_a_slow_body(port, method: str, path: str):
+    """A probe without the key whose headers announce a body, then one byte of it, then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(f"{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                 f"content-length: {len(BODY)}\r\n\r\n".encode() + BODY[:1])
+    return sock
+
+
+def test_probes_with_a_slow_body_are_answered_at_once_and_hold_no_slot(server):
+    """Before, the guard read a probe's body (up to the request timeout, 300 s by default)
+    before answering it, with no key asked: a few such requests without the key held every
+    slot the replica has, and everyone else got 429 meanwhile."""
+    socks = []
+    try:
+        for method, path, status in (("POST", "/health", 405), ("GET", "/ready", 200), ("POST", "/ready", 405)):
+            socks.append(probe_with_a_slow_body(server, method, path))
+            got, body = answer(socks[-1])
+            assert got == status, (method, path, got, body)
+            if got != 200:
+                assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+        # Their connections are still open, their bodies unsent: a request with the key gets through.
+        got, reply = completion(server)
+        assert got == 200, reply
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _probe(ip: str, port: int) -> bytes:
     """What a GET /v1/models with the key gets from ip:port (b"" when it does not speak HTTP)."""
     host = "127.0.0.1" if ip in ("0.0.0.0", "::") else ip  # "::" takes IPv4 too
