@@ -32,7 +32,9 @@ eval corpora and task files, a checkpoint outside the recipe it starts from: siz
 recorded hashes (an input that ran again may differ), whose files list as they did and whose outputs are still committed is skipped,
 so a resubmitted recipe continues where it stopped (a training stage resumes from its newest
 checkpoint); one whose files changed runs again, and so does each stage its new outputs reach.
-Following `inputs` from the serve record back to the tokenizer gives a model's lineage.
+Following `inputs` from the serve record back to the tokenizer gives a model's lineage. A
+recipe's storage copied or moved to another directory or bucket goes on there: a record's
+paths under the root it was written under are read under the current one.
 """
 
 from __future__ import annotations
@@ -519,7 +521,9 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
         base = _build(Config, data, "").validate()
     except ConfigError as e:
         raise ConfigError(f"recipe {path}: {e}") from None
-    root = storage.join(base.storage if storage.is_s3(base.storage) else os.path.abspath(base.storage), base.name)
+    # A local storage as the storage layer reads it (`~/runs`, `file:///runs`), and as
+    # `raylm pretrain` does: made absolute as it was written, it was a `./~/runs` directory.
+    root = storage.join(base.storage if storage.is_s3(base.storage) else storage._local(base.storage), base.name)
     sections = {}
     for stage in STAGES:
         if stage.name not in stages:
@@ -530,6 +534,9 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
             tp = stage.options[k]
             if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
                 raise ConfigError(f"recipe {path}: stages.{stage.name}.{k}={v!r}: expected {tp.__name__}")
+            if k == "max_failures" and v < -1:  # as --max-failures: Ray Train takes any negative as no limit
+                raise ConfigError(f"recipe {path}: stages.{stage.name}.max_failures={v}: expected an integer >= 0 "
+                                  f"(-1: no limit)")
         if stage.check is not None:  # here, not hours later when the stage runs
             try:
                 stage.check(stage.name, options)
@@ -793,8 +800,9 @@ def input_files(recipe: Recipe, stage: Stage, cfg: Config) -> list[str]:
     task files, and the run or checkpoint a model stage starts from (`outside_init_from`). A
     training stage's in-training eval tasks (eval.every) are not among them: an edit changes
     what its metrics would have said, not its weights, so it does not retrain. A path the recipe sets from an input stage's
-    outputs is left out (that stage's key covers it), as is an adopted tokenizer.path (the
-    tokenizer stage checks its sha256)."""
+    outputs is left out (that stage's key covers it), as is a tokenizer.path the tokenizer stage
+    adopts (it checks its sha256); without a tokenizer stage, the data and pre-training stages
+    list the tokenizer.path they read."""
     options = recipe.sections[stage.name][1]
     paths: list[str] = []
     if stage.name == "tokenizer" and not cfg.tokenizer.path:
@@ -807,6 +815,8 @@ def input_files(recipe: Recipe, stage: Stage, cfg: Config) -> list[str]:
         paths = [*options.get("corpora", []), *cfg.eval.mc_tasks, *cfg.eval.gen_tasks]
         if not paths and not options.get("tasks"):  # bits per byte on the recipe's corpus (run_eval)
             paths = [cfg.data.path]
+    if stage.name in ("data", "pretrain") and "tokenizer" not in recipe.inputs_of(stage):
+        paths += [cfg.tokenizer.path]  # a trained tokenizer adopted with no tokenizer stage to check it
     if stage.name in MODEL_STAGES:
         paths += [outside_init_from(recipe, stage, cfg)]
     return [p for p in paths if p]
@@ -929,7 +939,34 @@ def read_stage_record(recipe: Recipe, stage: str, s3: S3Config) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # written whole: a broken one is foreign, rerun
         return None
     # JSON, but not a record (a list, a string, outputs that are not a mapping): foreign, rerun
-    return record if isinstance(record, dict) and isinstance(record.get("outputs"), dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
+        return None
+    return _relocated(record, recipe.root)
+
+
+def _relocated(record: dict, root: str) -> dict:
+    """A record written under another root (the recipe's storage copied or moved to another
+    directory or bucket) with the paths under that root (its inputs', outputs' and config's)
+    named under this one, where the copies are. As recorded they named the original: the
+    copy's stages were skipped but read, trained from and served what the original held, or,
+    the original gone, all ran again (the data prepared anew, and pre-training's resume
+    refused it)."""
+    config = record.get("config")
+    old = config.get("storage") if isinstance(config, dict) else None
+    if not isinstance(old, str) or not old or old.rstrip("/") == root.rstrip("/"):
+        return record
+    old, new = old.rstrip("/"), root.rstrip("/")
+
+    def move(value):
+        if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+            return new + value[len(old):]
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return move(record)  # its config too: written back (_learn_files), it reads as this root's
 
 
 # Stages whose directory, kept from a run on other inputs, would be reused as it is when they run
@@ -1033,13 +1070,17 @@ def _empty_run_dir(cfg: Config) -> None:
 
 def lineage(recipe: Recipe, stage: str, s3: S3Config | None = None) -> list[dict]:
     """The stage records from `stage` back to the first stage: each step follows the input
-    that carries the model (the tokenizer only where nothing else is read)."""
+    that carries the model (the tokenizer only where nothing else is read). Only stages before
+    the one read are followed: a record naming a later stage, or none of the recipe's, would
+    have the chain go round for ever or read a file outside `stages/`."""
+    order = [s.name for s in STAGES]
     chain, name = [], stage
     while name:
         rec = read_stage_record(recipe, name, s3 or S3Config())
         if rec is None:
             break
         chain.append(rec)
-        inputs = list(rec.get("inputs", {}))
+        inputs = rec.get("inputs") if isinstance(rec.get("inputs"), dict) else {}
+        inputs = [k for k in inputs if name in order and k in order[:order.index(name)]]
         name = ([k for k in inputs if k != "tokenizer"] or inputs or [None])[-1]
     return chain
