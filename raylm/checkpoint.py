@@ -21,6 +21,7 @@ import pathlib
 import pickle
 import re
 import warnings
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -90,15 +91,19 @@ def meta_json(meta: dict) -> str:
 
 
 def commit(ckpt_uri: str, meta: dict, s3: S3Config | None = None, files: dict | None = None,
-           flushed: bool = False) -> None:
+           flushed: bool = False, fence: Callable[[], None] | None = None) -> None:
     """Mark a checkpoint complete. Call on one rank, after every rank's files are in storage.
     `files` ({name: [size, sha256]}, from `file_digests` on every rank) is recorded in the
     marker, and loads check each file they read against it. `flushed`: each writer has made
     its files durable already (`make_durable`, in its upload thread), so only the directory's
-    entries are left; otherwise every file is flushed here, before the marker."""
+    entries are left; otherwise every file is flushed here, before the marker. `fence`:
+    called right before the marker, it raises where this process no longer holds the run
+    (`raylm.run_lock.check_fence`)."""
     body = {"step": meta["step"], **({"files": dict(sorted(files.items()))} if files else {})}
     # On a local disk, the files reach it before the marker.
     storage.make_durable(ckpt_uri, s3, names=() if flushed else None)
+    if fence is not None:
+        fence()
     storage.write_text(storage.join(ckpt_uri, COMMIT_MARKER), json.dumps(body, indent=0), s3)
     # And the checkpoint's own entry in the run directory: retention deletes older checkpoints
     # next, and a crash must not keep those deletions while losing this checkpoint's creation.

@@ -17,6 +17,13 @@ metrics and records over each other's).
   so: writing on would mix its checkpoints with the new holder's. An endpoint that
   ignores conditional writes is detected when the lease is taken and said in one line; the
   run then goes on without a lock, as before.
+
+Fencing: a holder's processes outlive its hold (Ray Train's workers run on for a second or two
+after their driver is SIGKILLed, and an S3 holder's for up to a renewal interval after a
+takeover). Each hold writes a fresh token into the lock file or lease; `fence_for(run_dir)`
+gives it to the holder's workers, and `check_fence`, called before each checkpoint commit and
+metrics write, stops a worker whose lock now carries another token (`RunTaken`), before it
+writes. What remains is the moment between that check and the write it guards.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from raylm import storage
 from raylm.config import S3Config
-from raylm.errors import StorageError
+from raylm.errors import StorageError, UserError
 
 RUN_LOCK = ".raylm.lock"
 # The term of an S3 lease. A holder renews every quarter of it, so three renewals in a row
@@ -48,6 +55,64 @@ RUN_LOCK = ".raylm.lock"
 # driver that died on another machine delays its restart by at most this long.
 LEASE_S = float(os.environ.get("RAYLM_S3_LEASE_S", "60"))
 _TAKEN = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+# The token of each run directory this process holds, by `_key`: what `fence_for` hands on.
+_FENCES: dict[str, dict] = {}
+
+
+class RunTaken(UserError):
+    """Another process holds the run now: a worker of the holder that lost it stops without
+    writing (its checkpoints and metrics would land beside or over the new holder's)."""
+
+
+def _key(uri: str) -> str:
+    return uri.rstrip("/") if storage.is_s3(uri) else storage._local(uri)
+
+
+def fence_for(uri: str) -> dict | None:
+    """{"lock": the lock file's URI, "token": this hold's token} for the run directory `uri`
+    this process holds (`held`); None where it holds none, or its lock locks nothing (a
+    filesystem without `flock`, an S3 endpoint that ignores conditional writes)."""
+    return _FENCES.get(_key(uri))
+
+
+def _token_in(body: bytes) -> str | None:
+    """The token a lock file (`token <hex>` on a line) or lease (JSON, "token") carries."""
+    text = body.decode("utf-8", "replace")
+    if text.lstrip().startswith("{"):
+        with contextlib.suppress(ValueError):
+            info = json.loads(text)
+            return info.get("token") if isinstance(info, dict) else None
+    for line in text.splitlines():
+        if line.startswith("token "):
+            return line[len("token "):].strip()
+    return None
+
+
+def check_fence(fence: dict | None, s3: S3Config | None = None) -> None:
+    """Raise `RunTaken` unless the run's lock still carries `fence`'s token (`fence_for`):
+    one small read, of the lock file or the lease. None: nothing to check."""
+    if not fence:
+        return
+    try:
+        token = _token_in(storage.read_bytes(fence["lock"], s3))
+    except StorageError:
+        if storage.exists(fence["lock"], s3):
+            raise
+        token = None  # gone: its holder let go, and no other holds it now
+    if token != fence["token"]:
+        raise RunTaken(f"{storage.redact_url(fence['lock'])}: another process holds this run now (its lock no longer "
+                       "carries this one's token); this process stops here without writing to the run")
+
+
+@contextlib.contextmanager
+def _fenced(uri: str, lock_uri: str, token: str) -> Iterator[None]:
+    key = _key(uri)
+    _FENCES[key] = {"lock": lock_uri, "token": token}
+    try:
+        yield
+    finally:
+        if _FENCES.get(key, {}).get("token") == token:
+            del _FENCES[key]
 
 
 @contextlib.contextmanager
@@ -56,10 +121,12 @@ def held(uri: str, what: str = "run", s3: S3Config | None = None) -> Iterator["_
     process that asks for it is refused, naming the holder."""
     if storage.is_s3(uri):
         with _S3Lease(uri, what, s3) as lease:
-            yield lease
+            with _fenced(uri, lease.lock_uri, lease.token) if lease.thread else contextlib.nullcontext():
+                yield lease
     else:
-        with _flock(uri, what):
-            yield None
+        with _flock(uri, what) as token:
+            with _fenced(uri, storage.join(uri, RUN_LOCK), token) if token else contextlib.nullcontext():
+                yield None
 
 
 def _holder(what: str) -> str:
@@ -83,11 +150,12 @@ def _same_file(fd: int, lock: str) -> bool:
 
 
 @contextlib.contextmanager
-def _flock(uri: str, what: str) -> Iterator[None]:
-    """The lock file is removed by its holder when it lets go if it found it empty, as raylm
-    makes it: a command refused after taking the lock (a resume under other settings) leaves
-    the run directory as it found it. One that names a holder (an older raylm's, kept after
-    its run, or a killed holder's) is left where it was."""
+def _flock(uri: str, what: str) -> Iterator[str | None]:
+    """Yields this hold's token, written into the lock file under the holder's line (None
+    where the filesystem has no locks). The lock file is removed by its holder when it lets go
+    if it found it empty, as raylm makes it: a command refused after taking the lock (a resume
+    under other settings) leaves the run directory as it found it. One that names a holder (an
+    older raylm's, kept after its run, or a killed holder's) is left where it was."""
     import fcntl
 
     path = storage._local(uri)
@@ -108,7 +176,8 @@ def _flock(uri: str, what: str) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another raylm process"
+                said = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+                holder = said.splitlines()[0].strip() if said else "another raylm process"
                 os.close(fd)
                 raise _refused(uri, holder, what) from None
             except OSError as e:
@@ -122,11 +191,12 @@ def _flock(uri: str, what: str) -> Iterator[None]:
                 break
             os.close(fd)  # removed by its holder after this process opened it: try again
     made = os.fstat(fd).st_size == 0
+    token = uuid.uuid4().hex if locked else None
     try:
         if locked:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (_holder(what) + "\n").encode(), 0)
-        yield
+            os.pwrite(fd, f"{_holder(what)}\ntoken {token}\n".encode(), 0)
+        yield token
     finally:
         if made and locked:  # removed while still held: a newcomer that locks it then sees it gone
             with contextlib.suppress(FileNotFoundError):
@@ -172,6 +242,7 @@ class _S3Lease:
         self.bucket, self.key = storage._split_s3(self.lock_uri)
         self.client = storage.boto3_client(s3)
         self.etag: str | None = None
+        self.token = uuid.uuid4().hex  # this hold's, in every body it writes (fencing)
         self.lost: str | None = None
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -185,7 +256,7 @@ class _S3Lease:
         # A fresh nonce each renewal: S3's ETag is the body's MD5, and a watcher sees a
         # renewal only as a new ETag.
         return json.dumps({"holder": _holder(self.what), "machine": _machine(), "pid": os.getpid(),
-                           "lease_s": LEASE_S, "renewal": uuid.uuid4().hex}).encode()
+                           "lease_s": LEASE_S, "token": self.token, "renewal": uuid.uuid4().hex}).encode()
 
     def _put(self, **condition) -> str | None:
         """The lease written under `condition`; its ETag, or None where another writer won. On

@@ -34,6 +34,7 @@ from raylm.batches import Batch, RankBatches, is_padding, rank_val_batches, resh
 from raylm import objectives
 from raylm.objectives import make_objective
 from raylm.metrics import MetricsLog, mfu
+from raylm.run_lock import RunTaken
 from raylm.progress import duration, to_stderr
 from raylm.parallel import build_parallel_model, init_local_process_group, is_sharded, resolve_precision, sharding_pays
 
@@ -275,6 +276,9 @@ class Hooks:
     publish_checkpoint: Callable[[str, str, dict, Any, Callable[[], None] | None], None]
     val_batches: Callable[[], Iterable[dict]]  # this rank's validation micro-batches
     checkpoint_meta: dict  # static facts every checkpoint records (tokenizer path and hash)
+    # Raises `raylm.run_lock.RunTaken` where another process holds the run now; rank 0 calls it
+    # before each checkpoint commit and metrics write. None: the process writing holds the run.
+    fence: Callable[[], None] | None = None
 
 
 def rank_world() -> tuple[int, int]:
@@ -441,7 +445,7 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
     if start.checkpoint:  # the data facts are known here (hooks), not in setup_model
         check_resumable(start.checkpoint, start.meta, cfg, hooks.checkpoint_meta)
     rank, world = rank_world()
-    metrics_log = MetricsLog(cfg.run_dir, cfg.s3) if rank == 0 else None
+    metrics_log = FencedMetricsLog(cfg.run_dir, cfg.s3, hooks.fence) if rank == 0 else None
     if metrics_log is not None:  # rows past the start are redone (a restart with no checkpoint: all)
         metrics_log.truncate(start.step)
     saver = CheckpointSaver(cfg, hooks, log)
@@ -644,6 +648,8 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
                                  f"but no complete checkpoint to roll back to yet")
     meta = checkpoint.load(model, optimizer, ckpt, cfg.s3)
     if rank == 0:
+        if saver.hooks.fence is not None:
+            saver.hooks.fence()
         # A restart before the next checkpoint must not replay the batches that caused the
         # spike: resuming from this checkpoint takes the data position from here, and the
         # guards (this rollback counted) and the training seconds spent (the budget's) too.
@@ -655,6 +661,25 @@ def rollback(cfg: Config, model, optimizer, saver: "CheckpointSaver", step: int,
         metrics_log.log({"kind": "rollback", "step": meta["step"], "spike_step": step, "checkpoint": ckpt})
     log(f"step {step}: rolled back to {ckpt} (step {meta['step']}); the data stream skips ahead")
     return meta["step"]
+
+
+class FencedMetricsLog(MetricsLog):
+    """metrics.jsonl, each write first checked with `fence` (Hooks.fence): a worker of a driver
+    that lost the run stops before its rows land among the new holder's. On object storage
+    only `flush` writes."""
+
+    def __init__(self, run_dir: str, s3, fence: Callable[[], None] | None):
+        super().__init__(run_dir, s3)
+        self.fence = fence or (lambda: None)
+
+    def log(self, row: dict) -> None:
+        if not storage.is_s3(self.uri):  # appended at once
+            self.fence()
+        super().log(row)
+
+    def flush(self) -> None:
+        self.fence()
+        super().flush()
 
 
 class _Upload:
@@ -786,22 +811,36 @@ class CheckpointSaver:
             everyone = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, files)  # also the barrier: every upload is done
             expected = {k: v for d in everyone for k, v in d.items()}
-        missing = None
+        missing = taken = None
         if rank_world()[0] == 0:
-            stored = {storage.relative(f.uri, uri): f.size for f in storage.list_files(uri, self.cfg.s3, pattern=False)}
-            missing = next((f"{n} ({size} bytes; stored: {stored.get(n)})" for n, (size, _) in sorted(expected.items())
-                            if stored.get(n) != size), None)
-        missing = broadcast(missing)
+            taken = self._taken()
+            if not taken:
+                stored = {storage.relative(f.uri, uri): f.size for f in storage.list_files(uri, self.cfg.s3, pattern=False)}
+                missing = next((f"{n} ({size} bytes; stored: {stored.get(n)})"
+                                for n, (size, _) in sorted(expected.items()) if stored.get(n) != size), None)
+        missing, taken = broadcast((missing, taken))
+        if taken:  # every rank stops alike
+            raise RunTaken(taken)
         if missing:
             raise RuntimeError(f"{uri}: upload incomplete, not committed: {missing}")
         if rank_world()[0] == 0:
-            checkpoint.commit(uri, meta, self.cfg.s3, expected, flushed)
+            # checked again right before the marker: what is left is the moment between the two
+            checkpoint.commit(uri, meta, self.cfg.s3, expected, flushed, fence=self.hooks.fence)
             deleted = checkpoint.apply_retention(self.cfg.run_dir, self.cfg.train.keep_checkpoints, self.cfg.s3)
             self.log(f"step {meta['step']}: checkpoint {uri} ({time.perf_counter() - t0:.1f}s"
                      + (", async" if self.use_async else "")
                      + (f"; removed {len(deleted)} old" if deleted else "") + ")")
         if dist.is_initialized():
             dist.barrier()
+
+    def _taken(self) -> str | None:
+        """Why this process may not commit (another holds the run now), or None."""
+        try:
+            if self.hooks.fence is not None:
+                self.hooks.fence()
+        except RunTaken as e:
+            return str(e)
+        return None
 
 
 def resume_point(cfg: Config, resume: str) -> str | None:

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from raylm import checkpoint, storage
+from raylm import checkpoint, run_lock, storage
 from raylm.batches import (Batch, RankBatches, concat, manifest_columns, rank_val_batches, reshuffled, row_bytes,
                            val_set_rows)
 from raylm.config import Config, from_dict, to_dict
@@ -287,8 +287,10 @@ def train_worker(config: dict) -> None:
     # would otherwise start beside the training one, and together their tokenizer actors can
     # hold every CPU Ray has left for read tasks.
     val_batches()
+    fence = config.get("fence")  # the driver's hold on the run (raylm.run_lock.fence_for)
     hooks = Hooks(report=report, publish_checkpoint=publish, val_batches=val_batches,
-                  checkpoint_meta=checkpoint_facts(cfg, manifest))
+                  checkpoint_meta=checkpoint_facts(cfg, manifest),
+                  fence=(lambda: run_lock.check_fence(fence, cfg.s3)) if fence else None)
     fit(cfg, model, optimizer, make_objective(cfg, manifest, reference_model(cfg, device)), batches, hooks, start,
         device_name(device), log)
 
@@ -513,7 +515,9 @@ def run_ray_training(cfg: Config, datasets: dict, manifest: dict, resume: str = 
     fs, root = storage.filesystem(cfg.storage, cfg.s3)
     trainer = trainer_class()(
         train_worker,
-        train_loop_config={"cfg": to_dict(cfg), "manifest": manifest, "resume": resume},
+        # The driver's token on the run's lock: its workers write only while the lock carries it.
+        train_loop_config={"cfg": to_dict(cfg), "manifest": manifest, "resume": resume,
+                           "fence": run_lock.fence_for(cfg.run_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
