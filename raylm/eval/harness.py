@@ -34,8 +34,37 @@ from raylm.eval.pool import make_runner
 from raylm.errors import ConfigError
 
 
+def _arg(key: str, value, kind: type, low: float, strict: bool = False):
+    """model_args `key` as `kind`, at least `low` (above it when `strict`), or a one-line error
+    naming it: lm-eval passes model_args as the strings typed."""
+    try:
+        number = None if isinstance(value, bool) else kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if kind is int and number is not None and number != float(value):  # 1.5 is no count of workers
+        number = None
+    if number is None or not (number > low if strict else number >= low):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--model_args {key}={value}: expected {what} {'>' if strict else '>='} {low:g}")
+    return number
+
+
 @register_model("raylm")
 class RayLM(LM):
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        # lm-eval's command line adds its own device (and batch sizes) to every model's
+        # model_args; its constructor call then failed on `model_args device=...` (a keyword
+        # given twice). model_args, the user's own, win.
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     def __init__(self, path: str = "", workers: int = 0, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                  batch_tokens: int = 4096, device: str | None = None, endpoint_url: str = "", runner=None,
                  batch_size=None, max_batch_size=None, **unused):
@@ -52,8 +81,11 @@ class RayLM(LM):
             # lm-eval's command line passes its own default device ("cuda") to every model.
             if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            runner = make_runner(str(path), int(workers), float(cpus_per_worker), float(gpus_per_worker),
-                                 int(batch_tokens), device, S3Config(endpoint_url=endpoint_url))
+            runner = make_runner(str(path), _arg("workers", workers, int, 0),
+                                 _arg("cpus_per_worker", cpus_per_worker, float, 0, strict=True),
+                                 _arg("gpus_per_worker", gpus_per_worker, float, 0),
+                                 _arg("batch_tokens", batch_tokens, int, 1), device,
+                                 S3Config(endpoint_url=endpoint_url))
         self.runner = runner
         self.path = str(path)
 

@@ -7,8 +7,29 @@ plugin (see raylm/eval/harness.py), so plain `lm_eval --model raylm` does not wo
 this module imports raylm.eval.harness, which registers the model, then runs lm-eval's CLI.
 """
 
+import sys
+
 import raylm.eval.harness  # noqa: F401  (registers --model raylm)
 from lm_eval.__main__ import cli_evaluate
 
+
+def main() -> int:
+    """lm-eval's command line; a mistake of the user's in raylm's part (a path that holds no
+    checkpoint, a bad model_args value) is one line and exit status 2, as in `raylm eval`."""
+    from raylm import storage
+    from raylm.cli import USER_ERRORS, _root_cause
+
+    try:
+        cli_evaluate()
+    except Exception as e:
+        cause = _root_cause(e)
+        if not isinstance(cause, USER_ERRORS):
+            raise
+        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        print(f"raylm: error: {storage.redact_url(msg)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    cli_evaluate()
+    sys.exit(main())

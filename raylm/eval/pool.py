@@ -222,11 +222,16 @@ class RayPoolRunner(Runner):
 
         if spec.workers < 1:
             raise ValueError(f"a pool needs at least one actor, got workers={spec.workers}")
-        need, have = spec.workers * spec.num_cpus, ray.cluster_resources().get("CPU", 0)
-        if os.environ.get("RAYLM_LOCAL_CLUSTER") == "1" and need > have:
-            # One machine never grows: actors beyond its CPUs would wait forever, silently.
-            raise ConfigError(f"eval.workers={spec.workers} x eval.cpus_per_worker={spec.num_cpus} needs {need:g} "
-                              f"CPUs; the local Ray cluster has {have:g}")
+        if os.environ.get("RAYLM_LOCAL_CLUSTER") == "1":
+            # One machine never grows: actors beyond its CPUs or GPUs would wait forever (a GPU
+            # pool has no driver scoring meanwhile, so the evaluation hung).
+            resources = ray.cluster_resources()
+            for kind, key, each in (("CPU", "cpus_per_worker", spec.num_cpus),
+                                    ("GPU", "gpus_per_worker", spec.num_gpus)):
+                need, have = spec.workers * each, resources.get(kind, 0)
+                if need > have:
+                    raise ConfigError(f"eval.workers={spec.workers} x eval.{key}={each:g} needs {need:g} {kind}s; "
+                                      f"the local Ray cluster has {have:g}")
         self.tok, self.max_seq_len, self.spec, self.batch_tokens = tok, max_seq_len, spec, batch_tokens
         s3_dict = dataclasses.asdict(s3) if s3 is not None else None
         ckpt = resolve_checkpoint(run if storage.is_s3(run) else os.path.abspath(run), s3)  # actors have their own cwd

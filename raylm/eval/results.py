@@ -2,7 +2,8 @@
 
 Each row: task, metric, value, stderr, n, checkpoint, checkpoint_sha256, tokenizer_sha256,
 harness (lm-eval's version for harness tasks, "raylm" for the built-in scorers and bits per
-byte). Both files are written under temporary names, flushed to disk and renamed (or, in
+byte), and for a harness task num_fewshot (the examples before each item it was scored
+with). Both files are written under temporary names, flushed to disk and renamed (or, in
 object storage, written as whole objects), markdown last, so a reader never finds a partial
 result that looks complete; the old results.md goes before the new results.json is written,
 so a cut between the two leaves no table of other results beside it.
@@ -68,6 +69,7 @@ def write_results(out: str, rows: list[dict], header: dict, s3=None) -> dict:
           f"lm-eval {header.get('lm_eval_version') or 'not used'}"
           + (f"; --limit {header['limit']}: the first {header['limit']} items of each task and documents of "
              f"each corpus only, not the full score" if header.get("limit") else "")
+          + (f"; --num-fewshot {header['num_fewshot']}" if header.get("num_fewshot") is not None else "")
           + ")\n\n" + markdown_table(rows))
     paths = {"json": storage.join(out, "results.json"), "markdown": storage.join(out, "results.md")}
     # storage.write_text: a whole object on S3; locally a temporary file flushed to disk, then
@@ -94,6 +96,11 @@ def _same_place(recorded, ckpt: str) -> bool:
         return False
     if storage.is_s3(recorded) or storage.is_s3(ckpt):
         return recorded.rstrip("/") == ckpt.rstrip("/")
+    if not os.path.isabs(recorded):
+        # Written before raylm recorded absolute paths: relative to a directory not recorded,
+        # so the checkpoint is taken to be one whose path ends so.
+        tail = os.path.normpath(recorded)
+        return tail != "." and (os.path.realpath(ckpt) + os.sep).endswith(os.sep + tail + os.sep)
     return os.path.realpath(recorded) == os.path.realpath(ckpt)
 
 
@@ -115,3 +122,18 @@ def forget_other_results(out: str, ckpt: str, ckpt_sha256: str, s3=None) -> bool
     storage.delete(md_uri, s3)
     storage.delete(json_uri, s3)
     return True
+
+
+def earlier_tasks(out: str, s3=None) -> list[str]:
+    """The tasks of the results.json in `out` (an earlier evaluation's, which the next one
+    replaces), in order; none when there is no readable one."""
+    uri = storage.join(out, "results.json")
+    if not storage.exists(uri, s3):
+        return []
+    try:
+        doc = json.loads(storage.read_bytes(uri, s3))
+    except ValueError:
+        return []
+    rows = doc.get("results") if isinstance(doc, dict) else None
+    tasks = [r.get("task") for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    return list(dict.fromkeys(t for t in tasks if isinstance(t, str)))

@@ -9,12 +9,14 @@ eval.workers > 0, else this process); bits per byte runs in this process. The re
 
 from __future__ import annotations
 
+import os
 import time
 
 from raylm import checkpoint, storage
 from raylm.config import Config
 from raylm.eval.pool import make_runner
-from raylm.eval.results import checkpoint_sha256, forget_other_results, rows_from_metrics, write_results
+from raylm.eval.results import (checkpoint_sha256, earlier_tasks, forget_other_results, rows_from_metrics,
+                                write_results)
 from raylm.eval.scorers import score_gen, score_mc
 from raylm.eval.tasks import check_mc_fits, check_task_names, read_gen_task, read_mc_task, task_name
 from raylm.errors import ConfigError, UserError
@@ -60,7 +62,9 @@ def harness_rows(runner, path: str, tasks: list[str], facts: dict, include_path:
             name = name if filt == "none" else f"{name}[{filt}]"
             flat[name.replace("_stderr", "") + "_stderr" if "_stderr" in name else name] = \
                 None if value == "N/A" else value
-        rows += rows_from_metrics(task, flat, facts, harness=f"lm-eval {lm_eval.__version__}")
+        # The examples before each item (--num-fewshot, else the task's own): a 5-shot score is not a 0-shot one.
+        shots = {"num_fewshot": out.get("n-shot", {}).get(task)}
+        rows += rows_from_metrics(task, flat, {**facts, **shots}, harness=f"lm-eval {lm_eval.__version__}")
     return rows, lm_eval.__version__
 
 
@@ -76,12 +80,16 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
         raise ConfigError("nothing to evaluate: give --tasks, --corpus, eval.mc_tasks or eval.gen_tasks")
     if limit is not None and limit < 1:  # items[:0] is nothing to score; items[:-1] all but the last item
         raise ConfigError(f"--limit={limit}: expected an integer >= 1")
+    if include_path and not os.path.isdir(include_path):  # lm-eval reads none, and every task there was "unknown"
+        raise ConfigError(f"--include-path {include_path}: not a directory (of lm-eval task YAMLs)")
     check_task_names(ec.mc_tasks, ec.gen_tasks)  # results rows name the task: two files of one name read alike
     for p in (*ec.mc_tasks, *ec.gen_tasks):  # nor may a task file and a harness task share a name
         if task_name(p) in tasks:
             raise ConfigError(f"{p} is task {task_name(p)!r}, as is the lm-eval task of --tasks (a built-in task is "
                               f"named by its file name): their results rows would read alike; rename the file")
     ckpt = resolve_checkpoint(run, s3)
+    if not storage.is_s3(ckpt):  # recorded: a path relative to this directory names nothing from another
+        ckpt = os.path.abspath(ckpt)
     meta = checkpoint.read_meta(ckpt, s3)
     # The marker's sha256 names the weights: a checkpoint written again at this step has another.
     facts = {"checkpoint": ckpt, "checkpoint_sha256": checkpoint_sha256(ckpt, s3), "step": meta.get("step"),
@@ -100,6 +108,14 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
     # must not leave them for a reader to take as this checkpoint's.
     if forget_other_results(out, ckpt, facts["checkpoint_sha256"], s3):
         log(f"eval: removed the results in {out}: they scored earlier weights of {ckpt}")
+    # Results there of other tasks go when this evaluation writes its own: say so now (it went
+    # without a word), while the user can still stop it.
+    named = {*tasks, *(task_name(p) for p in (*mc, *gen)), *(f"corpus:{p}" for p in corpora)}
+    others = [t for t in earlier_tasks(out, s3) if t not in named]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        log(f"eval: {out} holds results of {shown}, which this evaluation replaces with its own when it ends; "
+            f"pass --out DIR to keep both")
     version = ""
     if tasks or mc or gen:
         # One runner (one actor pool, started here) for the harness's tasks and the built-in ones.
@@ -137,7 +153,7 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
                       **facts, "harness": "raylm"} for m in ("bpb", "loss", "ppl")]
     # `limit`: a score of the first N items or documents only, never to be read as the full one
     header = {**facts, "lm_eval_version": version, "seconds": round(time.time() - t0, 2),
-              "workers": ec.workers, "limit": limit}
+              "workers": ec.workers, "limit": limit, "num_fewshot": num_fewshot}
     paths = write_results(out, rows, header, s3)
     log(f"eval: {len(rows)} results -> {paths['json']}")
     return {**header, "results": rows, "paths": paths}

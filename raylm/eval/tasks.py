@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raylm import storage
-from raylm.documents import json_lines
+from raylm.documents import encodable, json_lines
 from raylm.errors import ConfigError, DataError, PathNotFoundError
 
 # What in-training evaluation reports of each task, as eval_<task>_<metric> (with _stderr and
@@ -77,7 +77,15 @@ def _string(record: dict, key: str, where: str) -> str:
         raise DataError(f"{where}: missing field {key!r} (found: {', '.join(record) or 'no fields'})")
     if not isinstance(record[key], str):
         raise DataError(f"{where}: field {key!r} is {type(record[key]).__name__}, not a string")
+    _check_text([record[key]], key, where)
     return record[key]
+
+
+def _check_text(texts, key: str, where: str) -> None:
+    """Refuse, naming the line, a JSON string escaping a lone UTF-16 surrogate ("\\ud800"):
+    the tokenizer cannot encode it, and its error named neither the file nor the line."""
+    if not all(encodable(t) for t in texts):
+        raise DataError(f"{where}: field {key!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), not text")
 
 
 def read_mc_task(path: str, s3=None) -> list[MCItem]:
@@ -90,6 +98,7 @@ def read_mc_task(path: str, s3=None) -> list[MCItem]:
             raise DataError(f"{where}: missing field 'choices'")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             raise DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
+        _check_text(choices, "choices", where)
         if "gold" not in r:
             raise DataError(f"{where}: missing field 'gold'")
         gold = r["gold"]
@@ -124,6 +133,7 @@ def read_gen_task(path: str, s3=None) -> list[GenItem]:
         answers = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
         if not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(f"{where}: 'answer' must be a string or a non-empty list of strings")
+        _check_text(answers, "answer", where)
         if not all(a.strip() for a in answers):  # an empty answer is contained in every completion
             raise DataError(f"{where}: 'answer' holds an empty or whitespace-only answer; every answer "
                             f"needs text")
