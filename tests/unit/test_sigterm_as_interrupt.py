@@ -16,8 +16,8 @@ CODE = """
 import time
 from raylm.interrupts import stop_on_sigterm
 stop_on_sigterm()
-print("ready", flush=True)
-try:
+try:  # "ready" inside: the signal may land before print returns
+    print("ready", flush=True)
     time.sleep(60)
     print("slept on", flush=True)
 except KeyboardInterrupt:
