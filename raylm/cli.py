@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 
 from raylm import storage
@@ -107,6 +108,15 @@ def _fewshot(text: str) -> int:
     if n is None or n < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
     return n
+
+
+def _path(text: str) -> str:
+    """A file, directory or URI option's value, never empty: `--data "$CORPUS"` with CORPUS
+    unset was read as no option at all (the built-in corpus, no --config, no --from-record,
+    random init for --init-from-hf), and the run went on without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: empty; name a path (or leave the option out)")
+    return text
 
 
 def _seed(text: str) -> int:
@@ -239,6 +249,8 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def cmd_tokenizer_train(args) -> None:
+    import tempfile
+
     from raylm.errors import OutputExistsError
     from raylm.pipeline import ensure_corpus, train_tokenizer_from
 
@@ -253,6 +265,14 @@ def cmd_tokenizer_train(args) -> None:
         taken = os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out) or bool(os.listdir(out)))
     if taken:
         raise OutputExistsError(f"--out {out}: already exists; write the tokenizer to a new directory")
+    if not storage.is_s3(out):  # else found once the tokenizer had trained, as an OSError traceback
+        parent = os.path.dirname(os.path.abspath(out))
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tempfile.TemporaryDirectory(dir=parent).cleanup()  # what the tokenizer's write does there
+        except OSError as e:
+            raise storage.StorageError(out, f"cannot write a tokenizer there ({parent}: {e.strerror or e}); "
+                                            f"name another --out") from None
     train_tokenizer_from(ensure_corpus(cfg), out)
 
 
@@ -270,6 +290,9 @@ def cmd_data_prepare(args) -> None:
     cfg = _config(args, check_memory=False)
     if not cfg.data.path:
         raise ConfigError("data prepare needs --data (or data.path)")
+    if not cfg.data.val_fraction and not cfg.data.val_path:  # else refused once the whole corpus was tokenized
+        raise ConfigError("data.val_fraction=0 holds out nothing and no data.val_path is set: the validation split "
+                          "would be empty; raise data.val_fraction or set data.val_path")
     tok_path = args.tokenizer or cfg.tokenizer.path
     if not tok_path:
         raise ConfigError("data prepare needs --tokenizer DIR (or tokenizer.path); train one with `raylm tokenizer train`")
@@ -433,6 +456,7 @@ def cmd_report(args) -> None:
 
 def cmd_eval(args) -> None:
     from raylm.eval.run import evaluate_run
+    from raylm.progress import to_stderr
 
     overrides = list(args.overrides)
     if args.mc:
@@ -443,8 +467,9 @@ def cmd_eval(args) -> None:
         overrides.append(f"eval.workers={args.workers}")
     cfg = load_config(args.config, overrides)
     tasks = [t for t in (args.tasks or "").split(",") if t]
+    # Its log lines on stderr, as its progress: stdout is the results (`raylm eval ... > results.md`).
     out = evaluate_run(args.run, cfg, tasks=tasks, include_path=args.include_path, corpora=args.corpus or (),
-                       limit=args.limit, num_fewshot=args.num_fewshot, out=args.out)
+                       limit=args.limit, num_fewshot=args.num_fewshot, out=args.out, log=to_stderr)
     from raylm.eval.results import markdown_table
 
     print(markdown_table(out["results"]), end="")
@@ -476,10 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, func, help, parent=sub, record=True, run=None):
         sp = parent.add_parser(name, help=help, description=help, epilog=EPILOG)
-        sp.add_argument("--config", metavar="FILE.yaml", action=_Once,
+        sp.add_argument("--config", metavar="FILE.yaml", action=_Once, type=_path,
                         help="YAML config, local or s3://; overrides apply on top")
         if record:
-            sp.add_argument("--from-record", metavar="RECORD.json",
+            sp.add_argument("--from-record", metavar="RECORD.json", type=_path,
                             help="rerun with the settings of an earlier run's record.json")
         if run:  # before the overrides, as `raylm eval RUN KEY=VALUE` is written (see _place_run)
             sp.add_argument("run", help=run)
@@ -497,12 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("pretrain", cmd_pretrain,
              "Pre-train on Ray Train: corpus -> tokenizer -> packed blocks -> FSDP2 workers. Resumes "
              "automatically from the newest complete checkpoint of the same run name.")
-    sp.add_argument("--data", help="corpus path/glob (local or s3://) or a prepared dataset directory")
+    sp.add_argument("--data", type=_path, help="corpus path/glob (local or s3://) or a prepared dataset directory")
     sp.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
     sp.add_argument("--max-failures", type=_max_failures, default=0, metavar="N",
                     help="restart the worker group up to N times after a worker dies (-1: no limit)")
     sp.add_argument("--no-samples", action="store_true", help="skip sampling after training")
-    sp.add_argument("--init-from-hf", metavar="DIR",
+    sp.add_argument("--init-from-hf", metavar="DIR", type=_path,
                     help="start from a Hugging Face LlamaForCausalLM directory (local or s3://, safetensors): "
                          "its config.json gives the model shape; needs tokenizer.path")
 
@@ -515,9 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = add(stage, cmd_posttrain, f"{what} Starts from --from RUN's weights (its tokenizer too) on the "
                                        f"same Ray Train FSDP2 loop as pretrain; the run is named RUN-{stage} "
                                        f"unless name= says otherwise.")
-        sp.add_argument("--from", dest="from_run", required=True, metavar="RUN",
+        sp.add_argument("--from", dest="from_run", required=True, metavar="RUN", type=_path,
                         help="run directory or checkpoint (local or s3://) whose weights to start from")
-        sp.add_argument("--data", help="records: a file, directory or glob (local or s3://)")
+        sp.add_argument("--data", type=_path, help="records: a file, directory or glob (local or s3://)")
         sp.add_argument("--resume", action="store_true", help="require a checkpoint of this run to resume from")
         sp.add_argument("--max-failures", type=_max_failures, default=0, metavar="N",
                         help="restart the worker group up to N times after a worker dies (-1: no limit)")
@@ -529,24 +554,27 @@ def build_parser() -> argparse.ArgumentParser:
              "Optuna TPE search; a ranked table, the best config as YAML for `raylm pretrain`, and a plot. "
              "The search lives in <storage>/<name>; tune.* overrides set the search (num_samples, "
              "max_concurrent_trials, scheduler, search, ...).")
-    sp.add_argument("--space", metavar="SPACE.yaml", help="search space, e.g. 'train.lr: loguniform(1e-4, 3e-3)'")
-    sp.add_argument("--data", help="corpus path/glob (local or s3://) or a prepared dataset directory")
+    sp.add_argument("--space", metavar="SPACE.yaml", type=_path,
+                    help="search space, e.g. 'train.lr: loguniform(1e-4, 3e-3)'")
+    sp.add_argument("--data", type=_path, help="corpus path/glob (local or s3://) or a prepared dataset directory")
     sp.add_argument("--resume", action="store_true",
                     help="continue the search name= under storage= (finished trials are kept)")
 
-    tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="sub", required=True)
+    tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="sub", required=True,
+                                                                                 metavar="COMMAND")
     sp = add("train", cmd_tokenizer_train, "Train a SentencePiece BPE tokenizer on a corpus sample.", tok)
-    sp.add_argument("--data", help="corpus path/glob (default: the built-in corpus)")
-    sp.add_argument("--out", required=True, help="output directory (local or s3://); must not exist (or be an "
-                                                  "empty directory)")
+    sp.add_argument("--data", type=_path, help="corpus path/glob (default: the built-in corpus)")
+    sp.add_argument("--out", required=True, type=_path,
+                    help="output directory (local or s3://); must not exist (or be an empty directory)")
 
-    dat = sub.add_parser("data", help="data commands").add_subparsers(dest="sub", required=True)
+    dat = sub.add_parser("data", help="data commands").add_subparsers(dest="sub", required=True,
+                                                                       metavar="COMMAND")
     sp = add("prepare", cmd_data_prepare,
              "Read, clean, de-duplicate (exact and MinHash near-duplicates), redact PII, tokenize and "
              "pack a corpus into parquet shards, with a manifest (provenance per shard) and a data card.", dat)
-    sp.add_argument("--data", help="corpus path/glob (local or s3://)")
-    sp.add_argument("--out", required=True, help="output directory (local or s3://)")
-    sp.add_argument("--tokenizer", help="tokenizer directory (default: tokenizer.path)")
+    sp.add_argument("--data", type=_path, help="corpus path/glob (local or s3://)")
+    sp.add_argument("--out", required=True, type=_path, help="output directory (local or s3://)")
+    sp.add_argument("--tokenizer", type=_path, help="tokenizer directory (default: tokenizer.path)")
 
     sp = sub.add_parser("export", help="Export a run (local or s3://) for other tools.",
                         description="Export a run's newest complete checkpoint (or --checkpoint). --format hf: a "
@@ -557,8 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run", help="run directory or checkpoint, local or s3://")
     sp.add_argument("--format", choices=["hf", "gguf"], default="hf",
                     help="hf: transformers, vLLM, lm-eval; gguf: llama.cpp")
-    sp.add_argument("--out", required=True, help="output directory (hf) or file (gguf), local or s3://; must not exist")
-    sp.add_argument("--checkpoint", help="a checkpoint name in the run (ckpt-00001000) instead of the newest")
+    sp.add_argument("--out", required=True, type=_path,
+                    help="output directory (hf) or file (gguf), local or s3://; must not exist")
+    sp.add_argument("--checkpoint", type=_path,
+                    help="a checkpoint name in the run (ckpt-00001000) instead of the newest")
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "f32", "f16", "q8_0"],
                     help="hf: float32 (default), bfloat16, float16; gguf: f32 (default), f16, q8_0")
     sp.set_defaults(func=cmd_export)
@@ -570,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="Overrides are dotted keys into the recipe, e.g. storage=s3://bucket/recipes "
                                "stages.pretrain.train.max_steps=100 train.num_workers=8")
     sp.add_argument("recipe", nargs="?", help="recipe YAML file (or --config FILE)")
-    sp.add_argument("--config", metavar="RECIPE.yaml", action=_Once, help="the recipe, as a flag")
+    sp.add_argument("--config", metavar="RECIPE.yaml", action=_Once, type=_path, help="the recipe, as a flag")
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
     sp.add_argument("--check", action="store_true", help="validate every stage's config and stop")
     sp.set_defaults(func=cmd_run)
@@ -581,15 +611,18 @@ def build_parser() -> argparse.ArgumentParser:
              "bits per byte on corpora. Writes results.json and results.md.", record=False,
              run="run directory or checkpoint, local or s3://")
     sp.add_argument("--tasks", help="lm-eval tasks, comma-separated (hellaswag,arc_easy); needs raylm[eval]")
-    sp.add_argument("--include-path", help="directory of lm-eval task YAMLs (your own tasks)")
-    sp.add_argument("--mc", action="append", help="built-in multiple-choice task file {context, choices, gold} (repeatable)")
-    sp.add_argument("--gen", action="append", help="built-in generation task file {context, answer} (repeatable)")
-    sp.add_argument("--corpus", action="append", help="corpus for loss, perplexity and bits per byte (repeatable)")
+    sp.add_argument("--include-path", type=_path, help="directory of lm-eval task YAMLs (your own tasks)")
+    sp.add_argument("--mc", action="append", type=_path,
+                    help="built-in multiple-choice task file {context, choices, gold} (repeatable)")
+    sp.add_argument("--gen", action="append", type=_path,
+                    help="built-in generation task file {context, answer} (repeatable)")
+    sp.add_argument("--corpus", action="append", type=_path,
+                    help="corpus for loss, perplexity and bits per byte (repeatable)")
     sp.add_argument("--limit", type=int, help="score only the first N items of each task and the first N documents "
                     "of each --corpus (recorded in the results as a partial score)")
     sp.add_argument("--num-fewshot", type=_fewshot, help="lm-eval few-shot examples")
     sp.add_argument("--workers", type=int, help="actors of the scoring pool (0: this process); eval.workers")
-    sp.add_argument("--out", help="output directory (default: <run>/eval/<checkpoint>)")
+    sp.add_argument("--out", type=_path, help="output directory (default: <run>/eval/<checkpoint>)")
 
     sp = sub.add_parser("generate", help="Sample continuations from a checkpoint or run directory.",
                         description="Sample continuations from a checkpoint or run directory.")
@@ -633,9 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "overlaid, one colour each), and write DIR/tensorboard/<run>/ for "
                                     "`tensorboard --logdir DIR/tensorboard`.")
     sp.add_argument("runs", nargs="+", metavar="RUN", help="run directories, local or s3://")
-    sp.add_argument("--out", metavar="DIR", help="output directory, local or s3:// (default: RUN/report; "
-                                                 "required for several runs); a report.png there is replaced "
-                                                 "only if raylm report drew it")
+    sp.add_argument("--out", metavar="DIR", type=_path,
+                    help="output directory, local or s3:// (default: RUN/report; required for several runs); "
+                         "a report.png there is replaced only if raylm report drew it")
     sp.add_argument("--no-tensorboard", action="store_true", help="write the PNG only")
     sp.set_defaults(func=cmd_report)
 
@@ -657,14 +690,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "without recompute: the plan then divides by the recompute (x 1.20-1.26) when it checkpoints")
     sp.add_argument("--memory-gb", type=float,
                     help="memory per device, GiB, instead of the total nvidia-smi reports for the device")
-    sp.add_argument("--data", help="corpus path for the config's data.path (local or s3://)")
+    sp.add_argument("--data", type=_path, help="corpus path for the config's data.path (local or s3://)")
     sp.add_argument("--name", help="run name in the config (default: <size>-<devices><device>)")
     sp.add_argument("--replicate-degree", type=int, default=1, metavar="N",
                     help="HSDP: N replicas, each sharding over devices/N (train.replicate_degree; default 1, plain FSDP)")
     sp.add_argument("--document-mask", action="store_true",
                     help="data.document_mask=true: attention within each packed document (the plan counts its "
                          "per-layer attention bias, and the config sets it)")
-    sp.add_argument("--out", metavar="FILE.yaml", help="write the config here (local or s3://)")
+    sp.add_argument("--out", metavar="FILE.yaml", type=_path, help="write the config here (local or s3://)")
     sp.set_defaults(func=cmd_plan)
     return p
 
@@ -748,6 +781,24 @@ def _bug_report_line() -> str:
     return "raylm: this is a bug in raylm; please report this as a bug, with the traceback above"
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has gone (`raylm plan ... | head -1`), which is no bug: then
+    stdout is pointed at /dev/null, so that Python's own flush at exit stays quiet too. A
+    broken pipe anywhere else (a socket, a subprocess) leaves stdout writable: a bug as before."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in stream (tests) has no reader to lose
+        return False
+    poll = select.poll()  # a pipe's write end whose read end has closed polls as an error
+    poll.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poll.poll(0)):
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may sit anywhere on the line (`pretrain --data x train.lr=1e-3 --resume`).
@@ -766,12 +817,15 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()  # before Ray too: it is not started for every command, nor at once
     try:
         args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that has gone is seen below
     except KeyboardInterrupt:
         print("raylm: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one line for errors a user can fix; a traceback for bugs
         import traceback
 
+        if isinstance(e, BrokenPipeError) and _stdout_gone():
+            return 128 + signal.SIGPIPE  # as a process that SIGPIPE ended: the shell's 141
         cause = _root_cause(e)
         if isinstance(cause, USER_ERRORS):
             if args.debug:

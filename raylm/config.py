@@ -674,6 +674,7 @@ def tune_config(data: dict[str, Any]) -> TuneConfig:
 # --------------------------------------------------------------------------- serve
 
 SERVE_ENGINES = ("raylm", "vllm")
+SERVE_DEVICES = ("cpu", "cuda", "cuda:0")  # cuda:0: the one GPU a replica sees
 
 
 @dataclass(frozen=True)
@@ -760,6 +761,10 @@ class ServeConfig:
         _check_ranges(self, "serve.")
         if self.engine not in SERVE_ENGINES:
             raise ConfigError(f"serve.engine={self.engine!r}: expected one of {', '.join(SERVE_ENGINES)}")
+        # A replica holds one GPU or none: any other device (`gpu`, `cuda:1`) failed in every
+        # replica's constructor, once Ray and Serve had started, as Serve's deployment error.
+        if self.device not in SERVE_DEVICES:
+            raise ConfigError(f"serve.device={self.device!r}: expected cpu, or cuda for a GPU replica")
         if self.backpressure_status not in (429, 503):
             raise ConfigError(f"serve.backpressure_status={self.backpressure_status}: expected 429 or 503")
         if self.autoscale_max_replicas and self.autoscale_max_replicas < self.autoscale_min_replicas:
@@ -1006,6 +1011,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `name=123` on the command line means the string "123"
+    if tp is str and isinstance(value, str) and "\0" in value:
+        # YAML writes one as "\0"; every path and name reaches the OS, which raised ValueError
+        # ("embedded null byte") from deep inside the first stage to use it.
+        raise ConfigError(f"{key}={_shown(key, value)}: contains a NUL character (\\0)")
     if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}={_shown(key, value)}: expected {tp.__name__}, got {type(value).__name__}")
     return value
@@ -1144,6 +1153,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     as written, before any merge (`<<:`) is applied: a merged key may still be overridden, as
     YAML means it (PyYAML writes merged keys into the mapping's node itself)."""
 
+    # Entries one mapping may hold once its merges are applied. PyYAML copies every merged
+    # mapping's entries, repeats and all, so merges of merges of one anchor multiply: eight
+    # levels of `<<: [*a, *a, ...]` (nine each), 500 bytes of file, took 31 s and 700 MB, nine
+    # ten times that (the alias bomb of merge keys). A real config merges a few dozen.
+    MAX_MERGED = 10_000
+
+    def flatten_mapping(self, node):
+        merges = any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value)
+        super().flatten_mapping(node)  # calls this method for the mappings it merges: each is checked
+        if merges and len(node.value) > self.MAX_MERGED:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"more than {self.MAX_MERGED:,} keys in one mapping once its merges (<<) are applied",
+                node.start_mark)
+
     def construct_document(self, node):
         self._refuse_duplicate_keys(node, set())
         return super().construct_document(node)
@@ -1169,7 +1192,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """`yaml.safe_load`, refusing duplicate keys (a yaml.YAMLError naming the line)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    return _load(text, _UniqueKeyLoader)
+
+
+def _load(text: str, loader: type) -> Any:
+    """`yaml.load` with a SafeLoader subclass; text nested deeper than Python's recursion
+    limit allows (a few hundred `[` or `{: `) is a yaml.YAMLError too, not a RecursionError
+    from inside PyYAML's composer: it is the file's problem, and a one-line error names it."""
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 class _IntText(int):
@@ -1206,7 +1239,7 @@ _ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.con
 def _load_config_yaml(text: str) -> Any:
     """`load_yaml` with `_ConfigLoader`: for config files and override values, which `_build`
     checks key by key (every number leaves it a plain int or float)."""
-    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
+    return _load(text, _ConfigLoader)
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:
@@ -1227,7 +1260,9 @@ def _read_config_text(path: str, what: str, s3: "S3Config | None" = None) -> str
         data = storage.read_bytes(path, s3)
     else:
         p = Path(path)
-        if not p.is_file():
+        if p.is_dir():  # said "not found" of a directory that is there
+            raise ConfigError(f"{what} {path}: a directory; pass a YAML file")
+        if not p.exists():  # a pipe is read too: `--config <(...)`, `--config /dev/stdin`
             raise ConfigError(f"{what} {path}: not found")
         try:
             data = p.read_bytes()
