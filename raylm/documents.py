@@ -262,7 +262,8 @@ def json_lines(path: str, raw: bytes, unique: str | None = None, object_pairs_ho
     """(line number, parsed value) or (line number, DataError) for each non-blank line of a
     JSON-lines file: the one reader of corpus documents and of SFT/DPO records. `unique`: a
     field named more than once in a record's object is a bad record (which of its values is
-    meant is anyone's guess), checked only on lines where the name occurs twice.
+    meant is anyone's guess), checked only on lines where the name occurs twice or where a
+    `\\u` escape may spell it.
     `object_pairs_hook`: json.loads', for a reader that checks more of its objects' keys."""
     try:
         raw = _as_utf8(raw, path)
@@ -278,7 +279,8 @@ def json_lines(path: str, raw: bytes, unique: str | None = None, object_pairs_ho
         try:
             text = _decode(line, f"{path}:{i}")
             value = json.loads(text, object_pairs_hook=object_pairs_hook)
-            if needle is not None and isinstance(value, dict) and line.count(needle) > 1 \
+            # The name twice as written, or possibly once escaped (`"te\u0078t"`): counted on the parsed pairs.
+            if needle is not None and isinstance(value, dict) and (line.count(needle) > 1 or b"\\u" in line) \
                     and (n := _top_level_count(text, unique)) > 1:
                 value = DataError(f"{path}:{i}: field {unique!r} appears {n} times in one record")
             yield i, value

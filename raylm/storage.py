@@ -188,12 +188,14 @@ def _endpoint(s3: S3Config | None) -> str:
 
 
 def _region(s3: S3Config | None) -> str:
-    return (
-        (s3.region if s3 else "")
-        or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION")
-        or _DEFAULT_REGION
-    )
+    for where, region in (("s3.region", s3.region if s3 else ""), ("AWS_REGION", os.environ.get("AWS_REGION")),
+                          ("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION"))):
+        if region:
+            # botocore's own check, here: it raised InvalidRegionError, a traceback, at the first request
+            if not re.fullmatch(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", region):
+                raise StorageError(f"{where}={region}", "not a region name (like us-east-1); fix it or leave it unset")
+            return region
+    return _DEFAULT_REGION
 
 
 def _attempts(s3: S3Config | None) -> int:

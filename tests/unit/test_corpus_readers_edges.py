@@ -119,6 +119,16 @@ def test_a_text_field_named_twice_is_a_bad_record():
         (1, "d/a.jsonl:1: field 'tëxt' appears 2 times in one record")]
 
 
+def test_a_text_field_named_twice_once_escaped_is_a_bad_record():
+    """`"te\\u0078t"` is the name "text" too: json.loads kept the second text without a word."""
+    raw = (b'{"text": "first", "te\\u0078t": "second"}\n'
+           b'{"text": "caf\\u00e9, named once", "id": "\\u0041"}\n')  # escapes, the name once: a document
+    assert _docs("d/a.jsonl", raw) == [(1, "d/a.jsonl:1: field 'text' appears 2 times in one record"),
+                                       (2, "café, named once")]
+    assert _docs("d/a.jsonl", b'{"t\\u00ebxt": "a", "t\\u00ebxt": "b"}\n', field="tëxt") == [
+        (1, "d/a.jsonl:1: field 'tëxt' appears 2 times in one record")]
+
+
 def test_records_that_are_not_an_object_with_a_string_text_field():
     raw = b'[1]\n3\n{"text": null}\n{"text": 3}\n{"text": ["a"]}\n{"body": "x"}\n'
     assert [e for _, e in _docs("d/a.jsonl", raw)] == [
