@@ -175,10 +175,15 @@ def _parquet_records(path: str, raw: bytes):
         yield i + 1, bad if bad is not None else record
 
 
+def _type_name(value) -> str:
+    """The JSON value's type as errors name it: a JSON object is a dict (`_Pairs` is ours)."""
+    return "dict" if isinstance(value, dict) else type(value).__name__
+
+
 def _text(record: dict, key: str, where: str) -> str:
     value = record.get(key)
     if not isinstance(value, str) or not value.strip():
-        got = "missing" if value is None else f"{type(value).__name__} {value!r}"[:60]
+        got = "missing" if value is None else f"{_type_name(value)} {value!r}"[:60]
         raise DataError(f"{where}: field {key!r} must be a non-empty string (got {got})")
     if not encodable(value):
         raise DataError(f"{where}: field {key!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), not text")
@@ -217,15 +222,19 @@ def _messages(record: dict, where: str, need_assistant: bool, key: str = "messag
     if not isinstance(msgs, list) or not msgs:
         hint = " (a JSON string of the list? give the list itself)" if isinstance(msgs, str) and \
             msgs.lstrip().startswith("[") else ""
-        raise DataError(f"{where}: {key!r} must be a non-empty list (got {type(msgs).__name__}){hint}")
+        raise DataError(f"{where}: {key!r} must be a non-empty list (got {_type_name(msgs)}){hint}")
     out = []
+    field = "" if key == "messages" else f"{key!r} "  # a DPO record's lists: which of them
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
-            raise DataError(f"{where}: message {i} is a {type(m).__name__}, not an object with role and content")
-        role = ROLE_ALIASES.get(m.get("role"), m.get("role"))
+            raise DataError(f"{where}: {field}message {i} is a {type(m).__name__}, not an object with role and "
+                            f"content")
+        role = m.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role  # a list or object: unhashable
         if role not in CHAT_ROLES:
-            raise DataError(f"{where}: message {i} has role {m.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}")
-        out.append({"role": role, "content": _content(m, f"{where}: message {i}")})
+            raise DataError(f"{where}: {field}message {i} has role {m.get('role')!r}; expected one of "
+                            f"{', '.join(CHAT_ROLES)}")
+        out.append({"role": role, "content": _content(m, f"{where}: {field}message {i}")})
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant message, so nothing to learn from")
     return out

@@ -513,7 +513,7 @@ class Tokenizer:
         segs: list[tuple[str, bool, bool]] = []
         for i, msg in enumerate(messages):
             role, content = msg.get("role"), msg.get("content")
-            if role not in ROLE_TOKENS:
+            if not isinstance(role, str) or role not in ROLE_TOKENS:  # a list or dict: unhashable
                 raise DataError(
                     f"chat message {i} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}"
                 )
