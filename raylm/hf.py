@@ -192,12 +192,24 @@ HF_INDEX = "model.safetensors.index.json"
 # raylm's HF export writes it last; it lists the files of that export (raylm.export.hf).
 EXPORT_MARKER = "raylm_export.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A Llama config.json is about a kilobyte; the index of a model of a thousand shards, tens of KB.
+_JSON_MAX_BYTES = 16 << 20
 
 
 def _json(path: str, s3=None):
     """The JSON document at `path`; one that nests past the parser's recursion limit ('[[[[...',
     thousands deep: no Llama file does) is refused in one line naming it, as malformed JSON is
-    by its readers, not a RecursionError traceback."""
+    by its readers, not a RecursionError traceback. Only a regular file of at most
+    _JSON_MAX_BYTES is read: a directory given to --init-from-hf may be someone else's (a
+    cloned model repository), and a link there to a pipe waited for ever, one to /dev/zero
+    filled memory."""
+    found = storage.list_files(path, s3, pattern=False)  # a regular file, or nothing
+    if not found:
+        raise ConfigError(f"{path}: not a regular file (a link to a device or a pipe?); raylm reads JSON "
+                          f"files only there")
+    if found[0].size > _JSON_MAX_BYTES:
+        raise ConfigError(f"{path}: {found[0].size:,} bytes, more than a model's JSON file holds "
+                          f"({_JSON_MAX_BYTES:,} at most)")
     text = storage.read_text(path, s3)
     try:
         return json.loads(text)
@@ -523,7 +535,13 @@ def check_weights_hold(uri: str, files: list[str], model: ModelConfig, s3=None) 
     from raylm.model import count_params
 
     need = count_params(model)
-    have = sum(f.size for file in files for f in storage.list_files(file, s3, pattern=False))
+    have = 0
+    for file in files:
+        found = storage.list_files(file, s3, pattern=False)  # a regular file, or nothing
+        if not found:  # opening a pipe waits for a writer for ever, in C code no signal stops
+            raise ConfigError(f"{file}: not a regular file (a link to a device or a pipe?); raylm reads "
+                              f"safetensors files only there")
+        have += sum(f.size for f in found)
     if need > 2 * have:
         raise ConfigError(f"{storage.join(uri, HF_CONFIG)}: describes a model of {need:,} parameters (hidden_size="
                           f"{model.dim}, num_hidden_layers={model.n_layers}, vocab_size={model.vocab_size}, "
@@ -576,3 +594,26 @@ def check_init_from_hf(cfg) -> None:
     if not cfg.tokenizer.path:
         raise ConfigError(f"--init-from-hf {cfg.init_from}: set tokenizer.path=DIR, the raylm tokenizer these "
                           f"weights were trained with (vocab {cfg.model.vocab_size})")
+    _check_export_tokenizer(cfg.init_from, cfg.tokenizer.path, cfg.s3)
+
+
+def _check_export_tokenizer(uri: str, tokenizer: str, s3=None) -> None:
+    """A raylm export's marker names the tokenizer its weights were trained with: another one of
+    the same size numbers its pieces differently, and the run would train on, silently, from
+    rows that mean other tokens."""
+    marker = storage.join(uri, EXPORT_MARKER)
+    if not storage.exists(marker, s3):
+        return
+    try:
+        want = _json(marker, s3).get("tokenizer_sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError(f"{marker}: not a raylm export marker ({e})") from None
+    if not isinstance(want, str):
+        return
+    from raylm.tokenizer import Tokenizer
+
+    have = Tokenizer.load(tokenizer, s3).sha256
+    if have != want:
+        raise ConfigError(f"tokenizer.path={tokenizer}: tokenizer sha256 {have[:12]}..., but {marker} says its "
+                          f"weights were trained with {want[:12]}...; give the tokenizer of the run it was "
+                          f"exported from")

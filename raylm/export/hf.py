@@ -11,8 +11,9 @@ Completeness. A local export is written into a hidden sibling directory and rena
 only once every file is in it, so `out` either does not exist or is complete; anything that
 appeared at `out` while the export ran is kept and the export refused (`_place`). Object storage
 has no rename: an s3:// export is built locally, uploaded, and `EXPORT_MARKER` is uploaded
-last; an s3:// export is complete exactly when that marker exists (it is in local exports
-too, with the same provenance). The marker lists the export's files, and readers
+last, `config.json` just before it (what HF readers, which know no marker, look for first:
+a cut upload leaves none); an s3:// export is complete exactly when that marker exists (it
+is in local exports too, with the same provenance). The marker lists the export's files, and readers
 (`raylm.hf.hf_weight_files`) take the weights it lists. Before uploading, `PENDING_MARKER`
 names the files about to be uploaded, so a retry after a failed upload removes exactly those
 (uploads overwrite but never delete, and a stale index beside new weights would be read as
@@ -342,7 +343,12 @@ def export_run(uri: str, out: str, s3: S3Config | None = None, checkpoint: str |
         pending = storage.join(out, PENDING_MARKER)
         files = sorted(p.name for p in local.iterdir())
         storage.write_bytes(pending, json.dumps({"files": files}).encode(), s3)  # first: a retry knows them
+        # config.json after the rest: HF readers (transformers, vLLM, --init-from-hf) know no
+        # marker and take a prefix with config.json for a model, so a cut upload leaves none.
+        config = (local / "config.json").read_bytes()
+        (local / "config.json").unlink()
         storage.upload_dir(str(local), out, s3, log=_to_stderr)  # a line every few seconds past 256 MB
+        storage.write_bytes(storage.join(out, "config.json"), config, s3)
         storage.write_bytes(storage.join(out, EXPORT_MARKER), marker, s3)  # last: the export is complete
         storage.delete(pending, s3)
     return out

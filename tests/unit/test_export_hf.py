@@ -274,12 +274,15 @@ def test_s3_export_uploads_the_marker_last(tok, monkeypatch):
         ("write", uri, json.loads(data))))
     monkeypatch.setattr(storage, "delete", lambda uri, s3=None: events.append(("delete", uri)))
     assert export_run("s3://b/run", "s3://b/hf") == "s3://b/hf"
-    pending, (kind, uri, names), marker, done = events
+    pending, (kind, uri, names), config, marker, done = events
+    files = sorted(names + ["config.json"])
     # First the list of the files about to be uploaded, so a retry after a failure removes them.
-    assert pending == ("write", f"s3://b/hf/{PENDING_MARKER}", {"files": names})
+    assert pending == ("write", f"s3://b/hf/{PENDING_MARKER}", {"files": files})
     assert (kind, uri) == ("upload", "s3://b/hf") and WEIGHTS in names and EXPORT_MARKER not in names
+    # config.json after the rest (HF readers take a prefix with it for a model), then the marker.
+    assert config[:2] == ("write", "s3://b/hf/config.json") and "config.json" not in names
     assert marker[:2] == ("write", f"s3://b/hf/{EXPORT_MARKER}") and marker[2]["step"] == 5
-    assert marker[2]["files"] == names
+    assert marker[2]["files"] == files
     assert done == ("delete", f"s3://b/hf/{PENDING_MARKER}")
 
 
