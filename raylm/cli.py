@@ -320,6 +320,9 @@ def cmd_serve(args) -> None:
 
     explicit = {k: v for k, v in (("engine", args.engine), ("host", args.host), ("port", args.port),
                                   ("api_key", args.api_key)) if v is not None}
+    if _OVERRIDE.match(args.run) and not os.path.exists(args.run):  # else named only once Ray had started
+        raise ConfigError(f"serve: no run given ({args.run!r} is a KEY=VALUE override); "
+                          "usage: raylm serve RUN [KEY=VALUE ...]")
     cfg = load_serve_config(args.overrides, **explicit)
     if args.detach and not os.environ.get("RAY_ADDRESS"):  # the app would end with this command's own cluster
         raise ConfigError("serve --detach leaves the app running on a cluster this command joins (RAY_ADDRESS); "
@@ -338,7 +341,12 @@ def cmd_serve(args) -> None:
                               "(a detached `raylm serve`?); stop it with `serve shutdown`, or update it "
                               "with `raylm serve --detach`")
     url = start(args.run, cfg)
-    wait_ready(url, timeout=600)
+    try:
+        wait_ready(url, timeout=600)
+    except BaseException:  # not ready in time, or Ctrl-C meanwhile: a joined cluster's Serve keeps no app of ours
+        if not args.detach:
+            stop_serve(apps=[APP_NAME] if ran_before else None)
+        raise
     if args.detach:  # Serve's apps outlive this process on a cluster (jobs/serve.py)
         print(f"serving {args.run} at {url}/v1 (OpenAI API); stop it with `serve shutdown`", flush=True)
         return
@@ -357,8 +365,9 @@ def cmd_serve(args) -> None:
 def _check_served_model(run: str) -> None:
     """Before Ray starts: the replicas build the model, and RoPE tables no memory holds (a
     meta.json claiming model.max_seq_len=10^15) failed there, as a traceback once Ray and
-    Serve had started. A run that is not there, or not reachable from here, is left to
-    `serve.app.start` to name, as before."""
+    Serve had started. Without RAY_ADDRESS a run that is not there is named here too (it was
+    named by `serve.app.start`, after Ray's start-up); a joined cluster's is left to it, as
+    before."""
     from raylm.checkpoint import META, read_meta
     from raylm.config import check_rope_memory
     from raylm.generate import checkpoint_model_config, resolve_checkpoint
@@ -366,7 +375,9 @@ def _check_served_model(run: str) -> None:
     try:
         ckpt = resolve_checkpoint(run)
     except UserError:
-        return
+        if os.environ.get("RAY_ADDRESS"):
+            return
+        raise
     check_rope_memory(checkpoint_model_config(ckpt, read_meta(ckpt)), where=storage.join(ckpt, META))
 
 

@@ -278,9 +278,17 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torc
 
 def complete(model: Transformer, tok: Tokenizer, prompts, max_new_tokens: int, temperature: float,
              top_k: int, seed: int = 0, top_p: float = 1.0) -> list[str]:
-    return [prompt + tok.decode(generate(model, tok.encode(prompt), max_new_tokens, temperature, top_k,
+    """Each prompt with its continuation (prompt i: seed + i, as the server seeds a list of prompts).
+    A prompt of no tokens is refused, as the server refuses it: `generate` would start from EOS,
+    a continuation of nothing the user wrote, which the server never gives."""
+    encoded = [tok.encode(prompt) for prompt in prompts]
+    empty = next((i for i, ids in enumerate(encoded) if not ids), None)
+    if empty is not None:
+        raise ConfigError(f"--prompt #{empty + 1} {prompts[empty]!r}: encodes to no tokens; give some text "
+                          f"(or --chat, where it is a user turn)")
+    return [prompt + tok.decode(generate(model, ids, max_new_tokens, temperature, top_k,
                                          tok.eos_id, seed + i, vocab_size=tok.vocab_size, top_p=top_p))
-            for i, prompt in enumerate(prompts)]
+            for i, (prompt, ids) in enumerate(zip(prompts, encoded))]
 
 
 def chat_reply(model: Transformer, tok: Tokenizer, messages: list[dict], max_new_tokens: int,

@@ -92,6 +92,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        arrived = asyncio.get_running_loop().time()
         headers = dict(scope.get("headers") or [])
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):  # under a route prefix: match the app's own paths
@@ -117,6 +118,9 @@ class Guard:
                 return await _send_json(send, 400, P.error_body("Content-Length is not a number"))
             if announced > self.limit:
                 return await self._too_large(send)
+        # The request's time limit counts from its arrival: the body's reading takes its share,
+        # and the handlers get what is left (request.state.raylm_deadline), not the limit again.
+        scope.setdefault("state", {})["raylm_deadline"] = arrived + self.timeout
         try:
             async with asyncio.timeout(self.timeout):
                 body = await self._read_body(receive)
@@ -247,6 +251,11 @@ def build_app(run: str, cfg: ServeConfig):
                 pass
         return wait
 
+    def deadline(request: Request) -> float | None:
+        """The event loop's time at which the request's `request_timeout_s` ends, set by the
+        Guard at its arrival (None without it: the handlers count from now)."""
+        return getattr(request.state, "raylm_deadline", None)
+
     def respond(result):
         if isinstance(result, dict):
             return JSONResponse(result)
@@ -279,12 +288,13 @@ def build_app(run: str, cfg: ServeConfig):
         @app.post("/v1/completions")
         async def completions(self, request: Request):
             req = await parse(request, P.CompletionRequest)
-            return respond(await self._guarded(self.service.completions(req, disconnected(request))))
+            return respond(await self._guarded(self.service.completions(req, disconnected(request),
+                                                                        deadline(request))))
 
         @app.post("/v1/chat/completions")
         async def chat_completions(self, request: Request):
             req = await parse(request, P.ChatCompletionRequest)
-            return respond(await self._guarded(self.service.chat(req, disconnected(request))))
+            return respond(await self._guarded(self.service.chat(req, disconnected(request), deadline(request))))
 
         @app.get("/v1/models")
         async def models(self):

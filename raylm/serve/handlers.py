@@ -179,8 +179,11 @@ class OpenAIService:
 
     # ------------------------------------------------------------------ generation endpoints
 
-    async def completions(self, req: P.CompletionRequest, disconnected: Callable[[], Awaitable[None]]):
-        """A response dict, or an async iterator of SSE lines when `req.stream`."""
+    async def completions(self, req: P.CompletionRequest, disconnected: Callable[[], Awaitable[None]],
+                          deadline: float | None = None):
+        """A response dict, or an async iterator of SSE lines when `req.stream`. `deadline`: the
+        event loop's time at which the request's `request_timeout_s` ends, counted from its
+        arrival (the body's reading takes its share); default: that long from now."""
         self._check_model(req)
         if req.max_tokens == 0 and not req.echo:
             raise P.APIError(400, "max_tokens: 0 returns nothing unless echo is true", "max_tokens")
@@ -198,15 +201,16 @@ class OpenAIService:
         rid = P.new_id("cmpl")
         if req.stream:
             return self._stream(rid, "text_completion", choices, prompt_tokens, req.include_usage, self._completion_chunk,
-                                disconnected, req.continuous_usage)
-        await self._race(self._run_all(rid, choices), disconnected)
+                                disconnected, req.continuous_usage, deadline)
+        await self._race(self._run_all(rid, choices), disconnected, deadline)
         return {"id": rid, "object": "text_completion", "created": P.now(), "model": self.model_name,
                 "choices": [{"index": c.index, "text": c.prompt_text + c.text,
                              "logprobs": self._completion_logprobs(c, req.logprobs, echo=req.echo),
                              "finish_reason": c.finish_reason} for c in choices],
                 "usage": P.usage(prompt_tokens, sum(c.completion_tokens for c in choices))}
 
-    async def chat(self, req: P.ChatCompletionRequest, disconnected: Callable[[], Awaitable[None]]):
+    async def chat(self, req: P.ChatCompletionRequest, disconnected: Callable[[], Awaitable[None]],
+                   deadline: float | None = None):
         self._check_model(req)
         self._check_n(req.n)
         try:
@@ -227,8 +231,8 @@ class OpenAIService:
         rid = P.new_id("chatcmpl")
         if req.stream:
             return self._stream(rid, "chat.completion.chunk", choices, len(ids), req.include_usage, self._chat_chunk,
-                                disconnected, req.continuous_usage)
-        await self._race(self._run_all(rid, choices), disconnected)
+                                disconnected, req.continuous_usage, deadline)
+        await self._race(self._run_all(rid, choices), disconnected, deadline)
         return {"id": rid, "object": "chat.completion", "created": P.now(), "model": self.model_name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                              "logprobs": P.chat_logprobs(c.answer_logprobs()) if req.logprobs else None,
@@ -355,12 +359,16 @@ class OpenAIService:
             for o in opened:
                 o.close()
 
-    async def _race(self, work: Awaitable, disconnected: Callable[[], Awaitable[None]]):
-        """`work` under the app's timeout, cancelled as soon as the client disconnects."""
+    def _deadline(self, deadline: float | None) -> float:
+        return asyncio.get_running_loop().time() + self.cfg.request_timeout_s if deadline is None else deadline
+
+    async def _race(self, work: Awaitable, disconnected: Callable[[], Awaitable[None]], deadline: float | None = None):
+        """`work` until the app's timeout (`deadline`), cancelled as soon as the client disconnects."""
+        left = self._deadline(deadline) - asyncio.get_running_loop().time()
         task = asyncio.ensure_future(work)
         watch = asyncio.ensure_future(disconnected())
         try:
-            done, _ = await asyncio.wait({task, watch}, timeout=self.cfg.request_timeout_s,
+            done, _ = await asyncio.wait({task, watch}, timeout=max(left, 0.0),
                                          return_when=asyncio.FIRST_COMPLETED)
             if task in done:
                 return task.result()
@@ -377,7 +385,7 @@ class OpenAIService:
 
     def _stream(self, rid: str, obj: str, choices: list[_Choice], prompt_tokens: int, include_usage: bool,
                 chunk: Callable, disconnected: Callable[[], Awaitable[None]],
-                usage_every_chunk: bool = False) -> AsyncIterator[str]:
+                usage_every_chunk: bool = False, deadline: float | None = None) -> AsyncIterator[str]:
         """SSE lines: each choice's new text and tokens, one event per wake-up (see the class
         docstring: under load an event carries several engine steps' outputs), then usage
         if asked, then [DONE]; with `usage_every_chunk`, each chunk also carries the usage of
@@ -423,6 +431,14 @@ class OpenAIService:
             put(None, ClientGone(), True)
             end()  # also when the response never started reading the events
 
+        def expire() -> None:
+            # A timer, not a check between events: a client that stops reading (its connection
+            # still open) leaves the generator waiting at a yield, and the engine's work with it.
+            nonlocal expired
+            expired = True
+            wake.set()
+            end()
+
         def end() -> None:
             nonlocal ended
             if not ended:
@@ -431,6 +447,7 @@ class OpenAIService:
                 for o in opened:
                     o.close()
                 watching.cancel()
+                expiry.cancel()
 
         # The engine gets the requests now, while the response starts: under load, every turn
         # of the replica's event loop before they go is a wait added to the time to first token.
@@ -441,10 +458,12 @@ class OpenAIService:
             o.listen(listener(c))
         watching = asyncio.ensure_future(watch())
         self._streams += 1
+        deadline = self._deadline(deadline)
+        expired = False
+        expiry = loop.call_at(deadline, expire)
 
         async def events() -> AsyncIterator[str]:
             nonlocal hold_until
-            deadline = loop.time() + self.cfg.request_timeout_s
             left = len(choices)
             try:
                 # The role (chat) comes first; completions have no head (an echoed prompt goes
@@ -458,7 +477,7 @@ class OpenAIService:
                         await wake.wait()
                         timer.cancel()
                     wake.clear()
-                    if loop.time() > deadline:
+                    if expired or loop.time() > deadline:
                         yield P.sse(P.error_body(f"the request ran past this server's limit of "
                                                  f"{self.cfg.request_timeout_s:g} s", "timeout", None, "timeout"))
                         return

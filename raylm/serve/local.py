@@ -14,6 +14,7 @@ import uuid
 from typing import Sequence
 
 from raylm.config import ServeConfig
+from raylm.errors import UserError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,19 +34,42 @@ def post_json(url: str, body: dict, api_key: str = "", timeout: float = 120.0) -
         raise RuntimeError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
 
 
+class ServeNotReady(UserError, TimeoutError):
+    """The served app did not answer ready in time (a replica whose engine keeps exiting, one
+    that cannot be placed, an ingress routing to nothing): a condition of the cluster, which
+    `serve status` and the replicas' logs explain, not a bug to show a traceback for."""
+
+
 def wait_ready(base: str, timeout: float = 120.0) -> None:
-    """Block until GET {base}/ready answers 200 (the proxy may still be routing to nothing)."""
+    """Block until GET {base}/ready answers 200 (the proxy may still be routing to nothing);
+    `ServeNotReady`, naming the last answer, past `timeout`."""
     deadline = time.monotonic() + timeout
+    last = "no answer"
     while True:
         try:
             with urllib.request.urlopen(f"{base}/ready", timeout=5) as r:
                 if r.status == 200:
                     return
-        except (urllib.error.URLError, OSError):
-            pass
+                last = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:  # the app's error body says why (its engine exited, ...)
+            last = f"HTTP {e.code}{_error_message(e)}"
+        except (urllib.error.URLError, OSError) as e:
+            last = f"no answer ({getattr(e, 'reason', None) or e})"
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{base}/ready: not ready after {timeout:.0f} s")
+            raise ServeNotReady(f"{base}/ready: not ready after {timeout:.0f} s (last: {last}); `serve status` "
+                                "says why, and the replicas' logs are in the Ray session's logs/serve/")
         time.sleep(0.25)
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    """': <message>' of an OpenAI-style error body, else nothing."""
+    try:
+        message = json.loads(e.read())["error"]["message"]
+    except Exception:  # noqa: BLE001 - any other body (a proxy's HTML page) adds nothing
+        return ""
+    finally:
+        e.close()
+    return f": {' '.join(str(message).split())[:200]}"
 
 
 def _serve_controller():

@@ -144,8 +144,9 @@ def test_eval_finds_its_run_among_the_overrides(argv, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["serve", "RUN", "max_batch_size=8"], ["serve", "max_batch_size=8", "RUN"]])
-def test_serve_finds_its_run_among_the_overrides(argv, tmp_path, monkeypatch):
-    """`serve max_batch_size=8 RUN` served the run "max_batch_size=8" with the override RUN."""
+def test_serve_finds_its_run_among_the_overrides(argv, tiny_run, monkeypatch):
+    """`serve max_batch_size=8 RUN` served the run "max_batch_size=8" with the override RUN
+    (a real run: `raylm serve` reads its checkpoint before Ray starts)."""
     import raylm.pipeline
     import raylm.serve.app
 
@@ -153,7 +154,7 @@ def test_serve_finds_its_run_among_the_overrides(argv, tmp_path, monkeypatch):
     monkeypatch.setattr(raylm.serve.app, "check_port_free", lambda cfg: None)
     stop_at(monkeypatch, "raylm.serve.app.start")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    run = str(tmp_path / "run")
+    run = tiny_run
     with pytest.raises(Reached) as e:
         main([run if a == "RUN" else a for a in argv])
     got_run, cfg = e.value.args
