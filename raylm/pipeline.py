@@ -746,7 +746,10 @@ def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int,
     cfg, tok, prepared = beside_ray_start(cfg, without_ray)
     cfg = resolve_workers(cfg)
     datasets, manifest = training_inputs(cfg, tok, corpus, prepared)
-    check_resume_before_record(cfg, resume, manifest)  # a refused resume leaves the run's record as it was
+    # A refused resume leaves the run's record as it was; one accepted as moved tells the workers the key.
+    moved = check_resume_before_record(cfg, resume, manifest,
+                                       functools.partial(moved_data_key, cfg, tok.sha256, corpus))
+    manifest = dict(manifest, moved_key=moved) if moved else manifest
     forget_summary(cfg, resume)  # the run changes from here on
     record = write_record(cfg, "pretrain", tok, manifest)
     log(f"pretrain: {workers_summary(cfg)}, model {_model_summary(cfg)}, run record {record}")
@@ -763,16 +766,74 @@ def _pretrain(cfg: Config, corpus: tuple | None, resume: str, max_failures: int,
     return summary
 
 
-def check_resume_before_record(cfg: Config, resume: str, manifest: dict | None) -> None:
+def check_resume_before_record(cfg: Config, resume: str, manifest: dict | None, key_where_written=None,
+                               say: bool = True) -> str:
     """Refuse a resume whose settings the run's newest complete checkpoint does not take
     (`raylm.train.check_resumable`, which the workers apply again) before `write_record`
-    replaces the record that describes those checkpoints."""
+    replaces the record that describes those checkpoints. `key_where_written(meta)`: the key
+    this run's data would have had where the checkpoint was written (`moved_data_key`), for a
+    run copied or moved since: its data's key names its files by path. Returns that key where
+    it is the checkpoint's and this place's differs (the same files, moved), else ''; `say`:
+    log that it is (the check before the data leaves that to the one after it)."""
     from raylm import checkpoint
     from raylm.train import check_resumable, checkpoint_facts, resume_point
 
     found = resume_point(cfg, resume)
-    if found:
-        check_resumable(found, checkpoint.read_meta(found, cfg.s3), cfg, checkpoint_facts(cfg, manifest))
+    if not found:
+        return ""
+    meta = checkpoint.read_meta(found, cfg.s3)
+    facts, moved = checkpoint_facts(cfg, manifest), ""
+    then = meta.get("data_key")
+    if key_where_written is not None and then and facts["data_key"] and then != facts["data_key"] \
+            and key_where_written(meta) == then:
+        facts, moved = dict(facts, data_key=then), then
+    check_resumable(found, meta, cfg, facts)
+    if moved and say:
+        log(f"data: {found} was written in {storage.join(meta['config']['storage'], meta['config']['name'])}; "
+            f"the data files moved with the run are the ones it trained on (the same names, sizes and dates or ETags)")
+    return moved
+
+
+def moved_places(cfg: Config, meta: dict) -> list[tuple[str, str]]:
+    """(here, there) for a run copied or moved (to another directory, bucket or machine) since
+    the checkpoint whose meta.json is `meta` was written: its run directory and its storage,
+    each as they are now and as the checkpoint's config names them, where they differ. Files
+    under them (the built-in corpus in <run>/corpus, records beside the run) moved with it.
+    Empty for a checkpoint written here, or one that records no storage and name."""
+    saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    then_storage, then_name = saved.get("storage"), saved.get("name")
+    if not (isinstance(then_storage, str) and then_storage and isinstance(then_name, str) and then_name):
+        return []
+    pairs = [(cfg.run_dir, storage.join(then_storage, then_name)), (cfg.storage, then_storage)]
+    return [(here.rstrip("/"), there.rstrip("/")) for here, there in pairs if here.rstrip("/") != there.rstrip("/")]
+
+
+def named_where_written(files: list, places: list[tuple[str, str]]) -> list:
+    """`files` (storage.FileInfo) under a moved place (`moved_places`) named as they were
+    there, each under the first place that holds it; their sizes and dates or ETags as they
+    are here. A file copied without its date (plain `cp -r`) so keys otherwise: with no
+    content hash of the corpus recorded, only its date and size say it is the same file."""
+
+    def there(uri: str) -> str:
+        for here, then in places:
+            if uri == here or uri.startswith(here + "/"):
+                return then + uri[len(here):]
+        return uri
+
+    return [dataclasses.replace(f, uri=there(f.uri)) for f in files]
+
+
+def moved_data_key(cfg: Config, tokenizer_sha: str, corpus: tuple | None, meta: dict) -> str:
+    """The key this run's corpus listing (`corpus`, listed here where None) would have had
+    where the checkpoint whose meta.json is `meta` was written (`named_where_written`); ''
+    where nothing moved, or where data.path is a prepared dataset: its manifest's key moved
+    with it, and the settings it was prepared with are not this run's."""
+    places = moved_places(cfg, meta)
+    if not places or _prepared_manifest(cfg) is not None:
+        return ""
+    files, val_files = corpus or corpus_files(cfg.data, cfg.s3)
+    return dataset_key(named_where_written(files, places), named_where_written(val_files, places), cfg.data,
+                       tokenizer_sha, cfg.seed)
 
 
 SUMMARY = "summary.json"
@@ -878,7 +939,8 @@ def check_resume_before_data(cfg: Config, resume: str, corpus: tuple | None) -> 
     key, corpus = data_key(cfg, tok.sha256, corpus)
     # The model as `ensure_tokenizer` will make it: its vocabulary is the tokenizer's.
     cfg = dataclasses.replace(cfg, model=cfg.model.with_vocab(tok.vocab_size))
-    check_resume_before_record(cfg, resume, {"tokenizer_sha256": tok.sha256, "key": key})
+    check_resume_before_record(cfg, resume, {"tokenizer_sha256": tok.sha256, "key": key},
+                               functools.partial(moved_data_key, cfg, tok.sha256, corpus), say=False)
     return corpus
 
 

@@ -15,8 +15,10 @@ SFT and pre-training to the corpus.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import os
 import time
 import uuid
 import warnings
@@ -31,8 +33,8 @@ from raylm.data import (MANIFEST, DataError, remove_stale_attempts, actor_restar
                         prepared_datasets, read_manifest)
 from raylm.generate import load_tokenizer, resolve_checkpoint, tokenizer_of
 from raylm.pipeline import (absolute_paths, check_gpus_here, check_resume_before_record, check_start_over,
-                            forget_summary, init_ray, keep_in_run, log, resolve_workers, workers_summary,
-                            write_summary)
+                            forget_summary, init_ray, keep_in_run, log, moved_places, named_where_written,
+                            resolve_workers, workers_summary, write_summary)
 from raylm.record import RECORD, write_record
 
 REFERENCE_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -46,6 +48,8 @@ def parent_of(cfg: Config, recorded: str | None = None, given: frozenset = froze
     missing."""
     if not cfg.init_from:
         raise ConfigError(f"stage={cfg.stage} needs --from RUN (init_from): the run or checkpoint to start from")
+    if recorded and _where(cfg.init_from) not in (_where(recorded), storage.parent(recorded)):
+        recorded = _moved_parent(cfg, recorded)
     if recorded and _where(cfg.init_from) not in (_where(recorded), storage.parent(recorded)):
         raise ConfigError(f"--from {cfg.init_from}: run {cfg.run_dir} started from {recorded} and resumes from "
                           f"its own checkpoints; pass --from {storage.parent(recorded)}, or start a new run "
@@ -86,6 +90,28 @@ def parent_of(cfg: Config, recorded: str | None = None, given: frozenset = froze
     cfg = dataclasses.replace(cfg, init_from=ckpt, model=parent_cfg.model,
                               tokenizer=dataclasses.replace(cfg.tokenizer, path=facts["tokenizer"]))
     return cfg, facts
+
+
+def _moved_parent(cfg: Config, recorded: str) -> str:
+    """The recorded parent checkpoint as --from (cfg.init_from) names it, for a parent copied
+    or moved since the run started (to another directory, bucket or machine, with the run
+    itself, say): `<init_from>/<its name>`, or init_from itself where it ends in that name,
+    where its commit marker's sha256 is the one the run's record holds (the marker lists the
+    sha256 of every file of the checkpoint). Else `recorded`, which --from then does not name."""
+    name = _where(recorded).rsplit("/", 1)[-1]
+    here = _where(cfg.init_from)
+    candidate = here if here.rsplit("/", 1)[-1] == name else storage.join(here, name)
+    marker = storage.join(candidate, checkpoint.COMMIT_MARKER)
+    uri = storage.join(cfg.run_dir, RECORD)
+    if not storage.exists(uri, cfg.s3):
+        return recorded
+    parent = json.loads(storage.read_text(uri, cfg.s3)).get("parent")  # a JSON object: recorded_parent read it
+    sha = parent.get("sha256") if isinstance(parent, dict) else None
+    if isinstance(sha, str) and sha and storage.exists(marker, cfg.s3) \
+            and hashlib.sha256(storage.read_bytes(marker, cfg.s3)).hexdigest() == sha:
+        log(f"{cfg.stage}: the parent checkpoint {recorded} is at {candidate} now (the same commit marker)")
+        return candidate
+    return recorded
 
 
 def _parent_from_own_run(cfg: Config, recorded: str) -> tuple[Config, dict, str]:
@@ -196,7 +222,10 @@ def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: fl
     manifest = prepare_chat(cfg.stage, cfg.data, tok, data_dir, cfg.seed, cfg.s3, log=log)
     if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
         data_dir, manifest = precompute_reference(cfg, data_dir, manifest, parent)
-    check_resume_before_record(cfg, resume, manifest)  # a refused resume leaves the run's record as it was
+    # A refused resume leaves the run's record as it was; one accepted as moved tells the workers the key.
+    moved = check_resume_before_record(cfg, resume, manifest,
+                                       functools.partial(moved_records_key, cfg, tok, parent))
+    manifest = dict(manifest, moved_key=moved) if moved else manifest
     forget_summary(cfg)  # the run changes from here on
     record = write_record(cfg, cfg.stage, tok, manifest, extra={"parent": parent})
     log(f"{cfg.stage}: {workers_summary(cfg)} from {parent['checkpoint']} "
@@ -224,7 +253,8 @@ def check_resume_before_records(cfg: Config, resume: str, tok, parent: dict) -> 
     from raylm.train import resume_point
 
     if resume_point(cfg, resume) is not None:
-        check_resume_before_record(cfg, resume, resume_facts(cfg, tok, parent))
+        check_resume_before_record(cfg, resume, resume_facts(cfg, tok, parent),
+                                   functools.partial(moved_records_key, cfg, tok, parent), say=False)
     else:
         check_start_over(cfg, resume)
 
@@ -237,6 +267,17 @@ def resume_facts(cfg: Config, tok, parent: dict) -> dict:
     if cfg.stage == "dpo" and cfg.dpo.precompute_reference:
         key = reference_key(cfg, parent, key)
     return {"tokenizer_sha256": tok.sha256, "key": key}
+
+
+def moved_records_key(cfg: Config, tok, parent: dict, meta: dict) -> str:
+    """`resume_facts`' key with the records named where the checkpoint whose meta.json is
+    `meta` was written (raylm.pipeline.moved_data_key): '' where the run has not moved."""
+    places = moved_places(cfg, meta)
+    if not places:
+        return ""
+    files = named_where_written(list_corpus(cfg.data.path, cfg.s3), places)
+    key = dataset_key(cfg.stage, files, cfg.data, tok.sha256, cfg.seed)
+    return reference_key(cfg, parent, key) if cfg.stage == "dpo" and cfg.dpo.precompute_reference else key
 
 
 def summarize(cfg: Config) -> dict:
@@ -414,6 +455,16 @@ def _plain(cfg: Config) -> dict:
 QUICKSTART_TASK = "word_after"  # copying from the prompt: learnt by the tiny model in a few hundred steps
 
 
+def _holds_the_same(uri: str, local_dir: str, s3) -> bool:
+    """Whether `uri` holds each file of the local directory `local_dir`, byte for byte."""
+    for name in sorted(os.listdir(local_dir)):
+        target = storage.join(uri, name)
+        with open(os.path.join(local_dir, name), "rb") as f:
+            if not storage.exists(target, s3) or storage.read_bytes(target, s3) != f.read():
+                return False
+    return True
+
+
 def quickstart_sft(base: Config, steps: int = 200, log_chat=print) -> dict:
     """The quickstart's last stage: SFT of the freshly pre-trained run on a built-in
     synthetic instruction set (raylm.synthetic), then one chat exchange and the held-out exact
@@ -428,7 +479,10 @@ def quickstart_sft(base: Config, steps: int = 200, log_chat=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths = synthetic.write_jsonl(tmp, QUICKSTART_TASK, 2000, 50, seed=base.seed)
         held = synthetic.read_jsonl(paths["heldout.messages"])
-        storage.upload_dir(tmp, records, base.s3)
+        # Written again, the same records would key the SFT run's data anew (their dates are in
+        # its key) and a rerun's resume would be refused: written only where they differ.
+        if not _holds_the_same(records, tmp, base.s3):
+            storage.upload_dir(tmp, records, base.s3)
     train_records = storage.join(records, f"{QUICKSTART_TASK}.train.messages.jsonl")
     cfg = dataclasses.replace(
         base, name=f"{base.name}-sft", stage="sft", init_from=base.run_dir,

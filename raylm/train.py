@@ -933,7 +933,10 @@ def check_resumable(ckpt: str, meta: dict, cfg: Config, facts: dict | None = Non
     facts = facts or {}
     for fact in ("tokenizer_sha256", "data_key"):
         if meta.get(fact) and facts.get(fact):
-            checks.append((fact, meta[fact], facts[fact]))
+            # The same data files keyed where the run was before it was copied or moved
+            # (raylm.pipeline.check_resume_before_record found them the same).
+            moved = facts.get("moved_data_key") if fact == "data_key" else None
+            checks.append((fact, meta[fact], moved if moved and meta[fact] == moved else facts[fact]))
     bad = next(((setting, then, current) for setting, then, current in checks if then != current), None)
     if bad is None:
         return
@@ -1027,7 +1030,9 @@ def checkpoint_facts(cfg: Config, manifest: dict | None) -> dict:
     except ValueError:
         pass
     return {"tokenizer": tok, "tokenizer_sha256": manifest.get("tokenizer_sha256", ""),
-            "data_key": manifest.get("key", "")}
+            "data_key": manifest.get("key", ""),
+            # The key its checkpoints had before the run was moved, where it was (raylm.pipeline).
+            **({"moved_data_key": manifest["moved_key"]} if manifest.get("moved_key") else {})}
 
 
 def device_name(device: torch.device) -> str:
