@@ -18,6 +18,7 @@ import time
 
 from raylm import storage
 from raylm.config import ModelConfig, S3Config
+from raylm.errors import DataError
 from raylm.eval.report import row_json
 from raylm.model import count_params
 
@@ -118,7 +119,28 @@ def read_metrics(uri: str, s3: S3Config | None = None) -> list[dict]:
     rather than history silently dropped or a bare JSONDecodeError on the resuming worker."""
     from raylm.eval.report import metrics_rows
 
-    return metrics_rows(storage.read_text(uri, s3), storage.redact_url(uri))
+    shown = storage.redact_url(uri)
+    try:
+        text = storage.read_text(uri, s3)
+    except UnicodeDecodeError as e:  # e.object: the file's bytes
+        text = metrics_text(e.object, shown)
+    return metrics_rows(text, shown)
+
+
+def metrics_text(data: bytes, shown: str) -> str:
+    """A metrics.jsonl's bytes as text (`shown`: its name in errors). raylm writes ASCII
+    (`row_json`), so a byte that is not UTF-8 is damage: a one-line error naming the line,
+    where a bare UnicodeDecodeError stopped the resuming worker and `raylm report`. In the
+    last line, with no newline yet (cut by a crash), it is replaced: that line is left out."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
+        if b"\n" not in data[e.start:]:
+            return data[:start].decode("utf-8") + data[start:].decode("utf-8", "replace")
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{shown} line {line}: not UTF-8 text "
+                        f"(byte 0x{data[e.start]:02x} at column {e.start - start + 1})") from None
 
 
 def plot_loss_curve(rows: list[dict], uri: str, s3: S3Config | None = None) -> None:

@@ -160,14 +160,18 @@ def best_log2_lr(lrs, losses) -> float:
     which way the optimum moved. At an end of the grid, that end: the optimum is not
     bracketed, and callers that need it to be check `bracketed`. The grid may be spaced
     unevenly and given in any order (benchmarks/mup_transfer.py --lrs takes any rates): the
-    neighbours are the next smaller and larger rates. A rate given twice keeps its best loss."""
+    neighbours are the next smaller and larger rates. A rate given twice keeps its best loss.
+    A NaN loss is a diverged run, as inf is; with no finite loss there is no best rate: NaN
+    (every rate diverging at both widths read as a shift of 0, perfect transfer)."""
     best: dict[float, float] = {}
     for lr, loss in zip(lrs, losses, strict=True):
         x = math.log2(lr)
-        best[x] = min(loss, best.get(x, math.inf))
+        best[x] = min(loss if math.isfinite(loss) else math.inf, best.get(x, math.inf))
     xs = sorted(best)
     losses = [best[x] for x in xs]
     i = min(range(len(losses)), key=losses.__getitem__)
+    if not math.isfinite(losses[i]):
+        return math.nan
     if i == 0 or i == len(xs) - 1 or not all(math.isfinite(losses[j]) for j in (i - 1, i + 1)):
         return xs[i]
     (x0, y0), (x1, y1), (x2, y2) = ((xs[j], losses[j]) for j in (i - 1, i, i + 1))
@@ -178,12 +182,15 @@ def best_log2_lr(lrs, losses) -> float:
 
 
 def bracketed(losses) -> bool:
-    """Whether the grid's best point has a worse point on each side."""
+    """Whether the grid's best point has a worse point on each side (NaN counts as diverged;
+    with no finite loss there is no best point)."""
+    losses = [v if math.isfinite(v) else math.inf for v in losses]
     i = min(range(len(losses)), key=losses.__getitem__)
-    return 0 < i < len(losses) - 1
+    return math.isfinite(losses[i]) and 0 < i < len(losses) - 1
 
 
 def shift_log2(cfg: SweepConfig, result: dict[tuple[str, int], list[float]], scaling: str) -> float:
-    """Doublings the best rate moves from the narrowest width to the widest (fitted optimum)."""
+    """Doublings the best rate moves from the narrowest width to the widest (fitted optimum);
+    NaN where every rate diverged at either width."""
     lo, hi = result[(scaling, cfg.widths[0])], result[(scaling, cfg.widths[-1])]
     return best_log2_lr(cfg.lrs, hi) - best_log2_lr(cfg.lrs, lo)

@@ -101,6 +101,9 @@ MEASURED_BYTES_PER_TOKEN = (2048, 2.70)
 BYTES_PER_TOKEN_32K = 4.0
 DOMAIN_FACTOR = {"web": 1.0, "books": 1.0, "wiki": 1.0, "code": 0.75, "math": 0.85, "chat": 1.0}
 OTHER_LANGUAGE_FACTOR = 0.75
+# --language values taken as English, compared case-insensitively (a tag such as en-US too):
+# "EN" or "English" once got the other-language factor without a word.
+ENGLISH_NAMES = ("en", "eng", "english")
 
 
 @dataclass(frozen=True)
@@ -495,7 +498,16 @@ def bytes_per_token(vocab: int, language: str, domain: str) -> float:
     v0, b0 = MEASURED_BYTES_PER_TOKEN
     t = min(1.0, max(0.0, math.log(vocab / v0) / math.log(32000 / v0)))
     base = b0 + t * (BYTES_PER_TOKEN_32K - b0)
-    return base * DOMAIN_FACTOR[domain] * (1.0 if language == "en" else OTHER_LANGUAGE_FACTOR)
+    return base * DOMAIN_FACTOR[domain] * (1.0 if _language(language) == "en" else OTHER_LANGUAGE_FACTOR)
+
+
+def _language(language: str) -> str:
+    """"en" for English however it is written (ENGLISH_NAMES in any case, alone or with a
+    region: en-US, en_GB, English (UK)), otherwise the name as given; an empty name is refused."""
+    name = language.strip() if isinstance(language, str) else ""
+    if not name:
+        raise ConfigError(f"--language={language!r}: expected a language name or code, e.g. en")
+    return "en" if re.split(r"[-_\s(]", name.lower(), maxsplit=1)[0] in ENGLISH_NAMES else name
 
 
 def _fit(cfg: ModelConfig, hw: Hardware, seq_len: int, per_rank: float, cap: int, precision: str,
@@ -556,6 +568,7 @@ def make_plan(size: str, gpus: str, nodes: int = 1, tokens: str | int | None = N
     already in it, as lower throughput), used as it is."""
     preset, cfg = resolve_size(size)
     hw = parse_hardware(gpus, nodes, memory_gb)
+    language = _language(language)
     if domain not in DOMAIN_FACTOR:
         raise ConfigError(f"--domain={domain!r}: unknown; choose from {', '.join(DOMAIN_FACTOR)}")
     if not isinstance(replicate_degree, int) or replicate_degree < 1 or hw.devices % replicate_degree:
