@@ -899,6 +899,7 @@ def forget_redone(cfg: Config, start: int) -> None:
     history = MetricsLog(cfg.run_dir, cfg.s3) if start and storage.exists(metrics, cfg.s3) else None
     if not start or history is not None and any(r.get("step", 0) > start for r in history.rows):
         report = storage.join(cfg.run_dir, REPORT_DIR)
+        storage.unlink_link(report)  # a link planted there goes, not the figure in the directory it names
         storage.delete(storage.join(report, "report.png"), cfg.s3)
         storage.delete(report, cfg.s3)
     if not start:

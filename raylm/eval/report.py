@@ -126,6 +126,8 @@ def _check_step(row: dict, where: str) -> None:
     step = row.get("step")
     if not _number(step) or (isinstance(step, float) and not math.isfinite(step)):
         raise DataError(f"{where}: no numeric 'step' field")
+    if not isinstance(row.get("kind", ""), str) or not isinstance(row.get("task", ""), str):
+        raise DataError(f"{where}: 'kind' and 'task' must be strings")
 
 
 def read_rows(run: str, s3: S3Config | None = None) -> tuple[str, list[dict]]:
@@ -141,7 +143,13 @@ def _read_run(run: str, s3: S3Config | None) -> tuple[str, list[dict], str | Non
     shown = storage.redact_url(uri)  # messages reach terminals and logs
     if not storage.exists(uri, s3):
         raise PathNotFoundError(f"{shown}: no such file (is {run} a raylm run directory?)")
-    rows, cut = _read_rows_noting_cut(storage.read_text(uri, s3), shown)
+    try:
+        text = storage.read_text(uri, s3)
+    except UnicodeDecodeError as e:  # damage (raylm writes ASCII): one line naming it
+        from raylm.metrics import metrics_text
+
+        text = metrics_text(e.object, shown)
+    rows, cut = _read_rows_noting_cut(text, shown)
     if not rows:
         raise DataError(f"{shown}: no rows (the run has not logged a step yet)")
     return uri, rows, cut
@@ -321,16 +329,26 @@ def _lone(points: list) -> dict:
     return {"marker": "o", "markersize": 4} if alone else {}
 
 
+def colour(i: int, n: int):
+    """Run i's colour of n: matplotlib's ten C0-C9 (C10 is C0 again: the 11th run looked like
+    the first), then tab20's twenty, then as many evenly spaced along turbo."""
+    if n <= 10:
+        return f"C{i}"
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](i) if n <= 20 else matplotlib.colormaps["turbo"](i / (n - 1))
+
+
 def _draw_loss(ax, runs: list[RunMetrics], many: bool) -> None:
     for i, run in enumerate(runs):
-        colour = f"C{i}"
+        colour_ = colour(i, len(runs))
         prefix = f"{run.label} " if many else ""
         if run.train.get("loss"):
-            ax.plot(*zip(*run.train["loss"]), color=colour, label=f"{prefix}train", **_lone(run.train["loss"]))
+            ax.plot(*zip(*run.train["loss"]), color=colour_, label=f"{prefix}train", **_lone(run.train["loss"]))
         if run.val.get("val_loss"):
-            ax.plot(*zip(*run.val["val_loss"]), "o--", color=colour, markersize=3, label=f"{prefix}validation")
+            ax.plot(*zip(*run.val["val_loss"]), "o--", color=colour_, markersize=3, label=f"{prefix}validation")
         for step in run.rollbacks:
-            ax.axvline(step, color=colour, linestyle=":", alpha=0.6)
+            ax.axvline(step, color=colour_, linestyle=":", alpha=0.6)
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("loss")
 
@@ -370,9 +388,10 @@ def draw_report(runs: list[RunMetrics]) -> bytes:
                     steps, values, errs = zip(*run.evals[name])
                     yerr = None if all(e is None for e in errs) else [e or 0.0 for e in errs]
                     ax.errorbar(steps, values, yerr=yerr, fmt="o-", markersize=3, capsize=2,
-                                color=f"C{i}", label=run.label)
+                                color=colour(i, len(runs)), label=run.label)
                 elif run.train.get(name):
-                    ax.plot(*zip(*run.train[name]), color=f"C{i}", label=run.label, **_lone(run.train[name]))
+                    ax.plot(*zip(*run.train[name]), color=colour(i, len(runs)), label=run.label,
+                            **_lone(run.train[name]))
             ax.set_title(_TITLES.get(name, name))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -401,7 +420,7 @@ def plot_loss_curve(rows: list[dict], uri: str, s3: S3Config | None = None) -> N
 
 def tensorboard_events(run: RunMetrics) -> bytes:
     """The run's rows as one TensorBoard event file: scalar `<kind>/<key>` for every numeric
-    field, at the row's step and wall time."""
+    field (`<kind>/<task>/<key>` where the row names a task), at the row's step and wall time."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
@@ -410,7 +429,9 @@ def tensorboard_events(run: RunMetrics) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         writer = SummaryWriter(logdir=tmp, flush_secs=3600)
         for row in run.rows:
-            kind = row.get("kind") or "metrics"
+            # A row that names a task (one row per task at a step) has its own scalars, as it
+            # has its own panels: "eval/acc" held two tasks' values at one step, mixed.
+            kind = "/".join(x for x in (row.get("kind") or "metrics", row.get("task")) if x)
             for key, value in row.items():
                 if key not in _NOT_METRICS and _number(value):
                     writer.add_scalar(f"{kind}/{key}", float(value), global_step=int(row["step"]),
@@ -445,6 +466,27 @@ def _other_event_files(tensorboard: str, files: dict[str, bytes], s3: S3Config |
             if f.uri.endswith("/" + EVENT_FILE) and storage.relative(f.uri, tensorboard) not in new]
 
 
+def _refuse_links(out: str, files: dict[str, bytes], given: bool) -> None:
+    """Refuse, in one line and before anything is written, a link where a directory the report
+    writes into goes below `out` (`tensorboard`, a run's folder there), and `out` itself when
+    it is the default `<run>/report`: writing there went into, and removed event files from,
+    whatever directory the link named (one planted in a shared run directory). A `--out` given
+    as a link is the user's own choice, and followed."""
+    if storage.is_s3(out):
+        return
+    top = os.path.normpath(storage._local(out))
+    dirs = {top} if not given else set()
+    for uri in files:
+        d = os.path.dirname(os.path.normpath(storage._local(uri)))
+        while d != top and d.startswith(top + os.sep):
+            dirs.add(d)
+            d = os.path.dirname(d)
+    for d in sorted(dirs):
+        if os.path.islink(d):
+            raise ConfigError(f"{d}: is a link; raylm report writes only into directories of its own there "
+                              f"(remove the link or pass another --out; nothing was written)")
+
+
 def write_report(runs: list[str], out: str | None = None, s3: S3Config | None = None,
                  tensorboard: bool = True) -> dict:
     """Draw `runs` (local or s3://) into `<out>/report.png` and write one TensorBoard run per
@@ -474,6 +516,7 @@ def write_report(runs: list[str], out: str | None = None, s3: S3Config | None = 
             files[storage.join(out, "tensorboard", run.label, EVENT_FILE)] = tensorboard_events(run)
     png_uri = storage.join(out, "report.png")
     files[png_uri] = png  # last: its presence means the report is complete
+    _refuse_links(out, files, given)
     # An earlier report's report.png goes first (so a redraw cut short leaves none, not the old
     # one beside new event files), and so do its event files that this report does not replace:
     # runs no longer in it, or all of them without tensorboard (TensorBoard showed them as its own).

@@ -97,10 +97,10 @@ def test_two_runs_overlaid_with_eval_panels(tmp_path):
     assert colour_pixels(png, C0) > 300 and colour_pixels(png, C1) > 300  # both runs drawn
     for name, scale in (("a", 1.0), ("b", 1.3)):
         events = read_events(out / "tensorboard" / name / EVENT_FILE)
-        assert [s for s, _ in events["eval/acc"]] == [50, 100]
-        assert events["eval/acc"][1][1] == pytest.approx(0.3 + 0.1 * scale)
-        assert events["eval/acc_stderr"][0][1] == pytest.approx(0.02)
-        assert "eval/checkpoint" not in events  # text fields are not scalars
+        assert [s for s, _ in events["eval/mc/acc"]] == [50, 100]
+        assert events["eval/mc/acc"][1][1] == pytest.approx(0.3 + 0.1 * scale)
+        assert events["eval/mc/acc_stderr"][0][1] == pytest.approx(0.02)
+        assert "eval/mc/checkpoint" not in events  # text fields are not scalars
         assert len(events["train/loss"]) == 10
         assert events["eval/eval_wa_n"] == [(50, 50.0), (100, 50.0)]  # counts: TensorBoard only
 
