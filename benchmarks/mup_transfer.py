@@ -96,17 +96,22 @@ def main() -> dict:
     result = sweep(cfg, train, val, progress=log, log=lambda s: print(s, file=sys.stderr, flush=True))
     rows = []
     for (scaling, width), losses in result.items():
-        best = min(range(len(losses)), key=losses.__getitem__)
+        # A width where every rate diverged has no best rate (null): its lowest "loss" is inf or NaN.
+        finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+        best = min(finite, key=losses.__getitem__) if finite else None
+        fitted_lr = best_log2_lr(args.lrs, losses)
         rows.append({"parametrisation": names[scaling], "width": width,
-                     "best_lr": args.lrs[best], "best_val_loss": round(losses[best], 4),
-                     "fitted_best_log2_lr": round(best_log2_lr(args.lrs, losses), 2),
+                     "best_lr": None if best is None else args.lrs[best],
+                     "best_val_loss": None if best is None else round(losses[best], 4),
+                     "fitted_best_log2_lr": round(fitted_lr, 2) if math.isfinite(fitted_lr) else None,
                      "val_loss_by_lr": {f"{lr:.6g}": round(v, 4) for lr, v in zip(args.lrs, losses)}})
     shift, fitted = {}, {}
     for name in ("standard", "muP"):
         mine = [r for r in rows if r["parametrisation"] == name]
         narrow, wide = mine[0], mine[-1]  # the base width and the widest
-        shift[name] = round(math.log2(wide["best_lr"] / narrow["best_lr"]), 2)
-        fitted[name] = round(wide["fitted_best_log2_lr"] - narrow["fitted_best_log2_lr"], 2)
+        both = wide["best_lr"] is not None and narrow["best_lr"] is not None
+        shift[name] = round(math.log2(wide["best_lr"] / narrow["best_lr"]), 2) if both else None
+        fitted[name] = round(wide["fitted_best_log2_lr"] - narrow["fitted_best_log2_lr"], 2) if both else None
     if args.plot:
         plot(rows, args.lrs, args.plot)
     return {"benchmark": "mup_transfer", "rows": rows, "shift_log2": shift, "fitted_shift_log2": fitted,
@@ -125,7 +130,8 @@ def plot(rows: list[dict], lrs: list[float], path: str) -> None:
             if r["parametrisation"] != name:
                 continue
             ys = list(r["val_loss_by_lr"].values())
-            ax.plot(lrs, ys, "o-", label=f"width {r['width']} (best {r['best_lr']:.2g})")
+            best = "every rate diverged" if r["best_lr"] is None else f"best {r['best_lr']:.2g}"
+            ax.plot(lrs, ys, "o-", label=f"width {r['width']} ({best})")
         ax.set_xscale("log", base=2)
         ax.set_title(name)
         ax.set_xlabel("learning rate")

@@ -40,6 +40,18 @@ def test_a_diverged_learning_rate_is_null_in_the_json(tmp_path):
     assert strict_loads(out.read_text()) == strict_loads(proc.stdout)
 
 
+def test_every_rate_diverged_has_no_best_rate():
+    """A width where every rate diverged had its smallest rate as the best and a shift of 0:
+    perfect transfer, read off two runs that learnt nothing."""
+    proc = subprocess.run([sys.executable, str(BENCH / "mup_transfer.py"), "--corpus", "markov", "--seq", "16",
+                           "--steps", "4", "--val-batches", "1", "--batch", "2", "--widths", "16", "32",
+                           "--lrs", "1e12", "1e13"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = strict_loads(proc.stdout)
+    assert {(r["best_lr"], r["fitted_best_log2_lr"]) for r in result["rows"]} == {(None, None)}
+    assert result["shift_log2"] == result["fitted_shift_log2"] == {"standard": None, "muP": None}
+
+
 EMIT = """
 import sys
 sys.path.insert(0, sys.argv[1])
