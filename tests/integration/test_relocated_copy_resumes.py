@@ -11,7 +11,6 @@ Ray cluster."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
@@ -20,6 +19,7 @@ from raylm import checkpoint
 from raylm.config import load_config
 from raylm.pipeline import pretrain
 from raylm.posttrain import quickstart_sft
+from tests.unit.test_relocated_run_resume import write_corpus
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +37,7 @@ def _config(root, steps: int):
 
 def test_a_copied_run_and_its_sft_run_resume_in_the_copy(ray_local, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    corpus = a / "runs" / "r" / "corpus"  # inside the run, as the built-in corpus is
-    corpus.mkdir(parents=True)
-    rng = random.Random(0)
-    words = ["some", "words", "here", "and", "there", "code", "river", "stone", "light", "north"]
-    (corpus / "a.jsonl").write_text("".join(
-        json.dumps({"text": f"document {i}: " + " ".join(rng.choice(words) for _ in range(60))}) + "\n"
-        for i in range(200)))
+    write_corpus(a / "runs" / "r" / "corpus")  # inside the run, as the built-in corpus is
     assert pretrain(_config(a, 1), samples=False)["steps"] == 1
     assert quickstart_sft(_config(a, 1), steps=1, log_chat=lambda _: None)["steps"] == 1
     shutil.copytree(a, b)

@@ -28,6 +28,16 @@ from raylm.train import train_local
 from tests.unit.test_refused_resume_before_data import RUN
 
 
+def write_corpus(corpus) -> None:
+    """200 small documents in corpus/a.jsonl (the directory made)."""
+    corpus.mkdir(parents=True)
+    rng = random.Random(0)
+    words = ["some", "words", "here", "and", "there", "code", "river", "stone", "light", "north"]
+    (corpus / "a.jsonl").write_text("".join(
+        json.dumps({"text": f"document {i}: " + " ".join(rng.choice(words) for _ in range(60))}) + "\n"
+        for i in range(200)))
+
+
 def _settings(root) -> list[str]:
     """A run r under `root`, its corpus inside it as the built-in corpus is."""
     return [f"storage={root}", f"data.path={root}/r/corpus", *RUN]
@@ -36,13 +46,7 @@ def _settings(root) -> list[str]:
 @pytest.fixture
 def trained(tmp_path):
     """Run r under <tmp>/a trained one step, its tokenizer and data made by raylm's own stages."""
-    corpus = tmp_path / "a" / "r" / "corpus"
-    corpus.mkdir(parents=True)
-    rng = random.Random(0)
-    words = ["some", "words", "here", "and", "there", "code", "river", "stone", "light", "north"]
-    (corpus / "a.jsonl").write_text("".join(
-        json.dumps({"text": f"document {i}: " + " ".join(rng.choice(words) for _ in range(60))}) + "\n"
-        for i in range(200)))
+    write_corpus(tmp_path / "a" / "r" / "corpus")
     cfg, tok = ensure_tokenizer(absolute_paths(load_config(overrides=_settings(tmp_path / "a"))))
     _, manifest = ensure_data(cfg, tok)
     blocks = np.random.default_rng(0).integers(0, tok.vocab_size, (8, 33)).astype(np.int32)
