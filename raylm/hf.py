@@ -594,10 +594,10 @@ def check_init_from_hf(cfg) -> None:
     if not cfg.tokenizer.path:
         raise ConfigError(f"--init-from-hf {cfg.init_from}: set tokenizer.path=DIR, the raylm tokenizer these "
                           f"weights were trained with (vocab {cfg.model.vocab_size})")
-    _check_export_tokenizer(cfg.init_from, cfg.tokenizer.path, cfg.s3)
+    check_export_tokenizer(cfg.init_from, cfg.tokenizer.path, cfg.s3)
 
 
-def _check_export_tokenizer(uri: str, tokenizer: str, s3=None) -> None:
+def check_export_tokenizer(uri: str, tokenizer: str, s3=None) -> None:
     """A raylm export's marker names the tokenizer its weights were trained with: another one of
     the same size numbers its pieces differently, and the run would train on, silently, from
     rows that mean other tokens."""

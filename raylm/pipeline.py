@@ -416,6 +416,11 @@ def preflight(cfg: Config, out: str = "") -> tuple[Config, tuple | None]:
     if tok and not storage.exists(storage.join(tok, META_FILE), cfg.s3):
         raise PathNotFoundError(f"tokenizer {tok}: not found (no {META_FILE} there); train one with "
                                 f"`raylm tokenizer train --out {tok}` or fix the path")
+    if cfg.stage == "pretrain" and cfg.init_from and tok:  # a recipe's init_from, not only --init-from-hf
+        from raylm.hf import check_export_tokenizer, is_hf_dir
+
+        if is_hf_dir(cfg.init_from, cfg.s3):
+            check_export_tokenizer(cfg.init_from, tok, cfg.s3)
     if not cfg.data.path:
         return cfg, None
     manifest = _prepared_manifest(cfg)

@@ -61,3 +61,14 @@ def test_an_hf_directory_without_raylms_marker_is_not_checked(export, other_toke
     (d / "raylm_export.json").unlink()
     assert _config(str(d), other_tokenizer, tmp_path).init_from == str(d)
     assert json.loads((d / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_init_from_as_a_setting_is_checked_before_ray(export, other_tokenizer, tmp_path):
+    """`init_from=EXPORT` (a recipe's pretrain stage, or the setting on the command line)
+    loads the same weights as --init-from-hf: the same tokenizer check, in the pre-flight."""
+    from raylm.config import load_config
+    from raylm.pipeline import preflight
+
+    cfg = load_config(overrides=[f"init_from={export}", f"tokenizer.path={other_tokenizer}", f"storage={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"tokenizer sha256 .* says its weights were trained with"):
+        preflight(cfg)
