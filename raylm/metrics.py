@@ -115,16 +115,17 @@ class MetricsLog:
 def read_metrics(uri: str, s3: S3Config | None = None) -> list[dict]:
     """The rows of a metrics.jsonl, as `raylm report` reads them (`metrics_rows`): a last line
     cut short (a crash during its append) is left out, as the resume drops every row after
-    its checkpoint; a damaged line before it is a one-line error naming the file and line,
-    rather than history silently dropped or a bare JSONDecodeError on the resuming worker."""
-    from raylm.eval.report import metrics_rows
+    its checkpoint; a damaged line before it, or a row without a whole-number step (as
+    `raylm report` refuses it), is a one-line error naming the file and line, rather than
+    history silently dropped or a bare JSONDecodeError or TypeError on the resuming worker."""
+    from raylm.eval.report import _check_step, metrics_rows
 
     shown = storage.redact_url(uri)
     try:
         text = storage.read_text(uri, s3)
     except UnicodeDecodeError as e:  # e.object: the file's bytes
         text = metrics_text(e.object, shown)
-    return metrics_rows(text, shown)
+    return metrics_rows(text, shown, _check_step)  # a null or text step: `truncate` compares them
 
 
 def metrics_text(data: bytes, shown: str) -> str:

@@ -122,10 +122,16 @@ def metrics_rows(text: str, shown: str, check=None) -> list[dict]:
     return rows
 
 
+# TensorBoard's steps are int64: a larger one stopped `raylm report` in tensorboardX.
+_MAX_STEP = 2**63 - 1
+
+
 def _check_step(row: dict, where: str) -> None:
     step = row.get("step")
     if not _number(step) or (isinstance(step, float) and not math.isfinite(step)):
         raise DataError(f"{where}: no numeric 'step' field")
+    if step != int(step) or abs(step) > _MAX_STEP:  # 1.5 was drawn at step 1
+        raise DataError(f"{where}: 'step' {step!r} is not a whole number of at most {_MAX_STEP}")
     if not isinstance(row.get("kind", ""), str) or not isinstance(row.get("task", ""), str):
         raise DataError(f"{where}: 'kind' and 'task' must be strings")
 
@@ -242,7 +248,7 @@ def _eval_name(kind, row: dict, key: str) -> str:
     task = row.get("task")
     if isinstance(task, str) and task:
         return f"{task}/{key}"
-    return key if kind == "eval" else f"{kind}/{key}"
+    return key if kind == "eval" else f"{kind or 'metrics'}/{key}"  # as TensorBoard's tags: not "None/loss"
 
 
 def load_runs(runs: list[str], s3: S3Config | None = None) -> list[RunMetrics]:
