@@ -854,7 +854,7 @@ def _init_from_digest(path: str, s3: S3Config, content: bool = True) -> str:
 CONTENT_HASH_BYTES = 64 << 20
 
 
-def _listing_digest(path: str, s3: S3Config, content: bool = True) -> str:
+def _listing_digest(path: str, s3: S3Config, content: bool = True, places: tuple = ()) -> str:
     """sha256 of what a listing says of the files at `path`: each one's URI, size and S3 ETag or
     local mtime, as raylm.data's dataset key has them (and make or DVC decide what changed).
     A listing, not the content: hashing a corpus of terabytes on every run would take hours,
@@ -862,10 +862,14 @@ def _listing_digest(path: str, s3: S3Config, content: bool = True) -> str:
     removed changes it. Local files of CONTENT_HASH_BYTES or less in all give the sha256 of
     their bytes for their mtime (`content`; False: the mtime, as a raylm before it recorded), so
     one touched without a change leaves it as it was; a larger corpus touched runs its stage again.
-    Nothing there gives the digest of no files, so a path that appears later changes it."""
+    Nothing there gives the digest of no files, so a path that appears later changes it.
+    `places`: the files under a moved root named as they were there (_moved_files)."""
+    from raylm.pipeline import named_where_written
+
     files = storage.list_files(path, s3, follow_links=True)
     hashed = content and not storage.is_s3(path) and sum(f.size for f in files) <= CONTENT_HASH_BYTES
-    rows = [[f.uri, f.size, _sha256(storage.read_bytes(f.uri, s3)) if hashed else f.etag_or_mtime] for f in files]
+    rows = [[there.uri, f.size, _sha256(storage.read_bytes(f.uri, s3)) if hashed else f.etag_or_mtime]
+            for f, there in zip(files, named_where_written(files, list(places)))]
     return _sha256(json.dumps(rows).encode())
 
 
@@ -874,20 +878,21 @@ INPUT_FILES = "input_files"
 
 
 def input_fingerprint(recipe: Recipe, stage: Stage, s3: S3Config, listed: dict | None = None,
-                      content: bool = True) -> dict[str, str]:
+                      content: bool = True, places: tuple = ()) -> dict[str, str]:
     """{path: listing digest} of the files the stage reads (input_files, as the recipe names
     them: its config built on placeholders, so a path an input stage gives is not among them).
     `listed`: digests already made in this run (the shared corpus is read by several stages).
-    `content`: as _listing_digest takes it."""
+    `content`, `places`: as _listing_digest takes them."""
     listed = {} if listed is None else listed
     named = stage_config(recipe, stage, _placeholders(recipe, stage))
     init_from = outside_init_from(recipe, stage, named)
     out = {}
     for path in input_files(recipe, stage, named):
-        digest = _init_from_digest if path == init_from else _listing_digest
-        if (digest, content, path, s3) not in listed:
-            listed[digest, content, path, s3] = digest(path, s3, content)
-        out[storage.redact_url(path)] = listed[digest, content, path, s3]
+        weights = path == init_from
+        if (weights, content, places, path, s3) not in listed:
+            listed[weights, content, places, path, s3] = _init_from_digest(path, s3, content) if weights \
+                else _listing_digest(path, s3, content, places)
+        out[storage.redact_url(path)] = listed[weights, content, places, path, s3]
     return out
 
 
@@ -907,6 +912,27 @@ def _changed_files(old: dict, files: dict[str, str], dated: Callable[[], dict[st
     if changed:
         then = dated()
         changed = [p for p in changed if then.get(p) != recorded[p]]
+    return changed
+
+
+def _moved_files(recipe: Recipe, stage: Stage, old: dict, changed: list[str], s3: S3Config,
+                 listed: dict) -> list[str]:
+    """Those of the `changed` paths whose listing differs from the record's also with the
+    files under the recipe's root named under the root the record was written under: a
+    recipe's storage moved (a move, cp -a, rsync -a) with a corpus inside it, the same names,
+    sizes and dates, changed nothing (its stages ran again, the pretrain stage from scratch)."""
+    try:
+        written = json.loads(storage.read_text(record_uri(recipe, stage.name), s3))["config"]["storage"]
+    except (storage.StorageError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+        return changed
+    if not isinstance(written, str) or not written or written.rstrip("/") == recipe.root.rstrip("/"):
+        return changed
+    places = ((recipe.root.rstrip("/"), written.rstrip("/")),)
+    recorded = old["options"][INPUT_FILES]
+    for content in (True, False):
+        if changed:
+            there = input_fingerprint(recipe, stage, s3, listed, content=content, places=places)
+            changed = [p for p in changed if there.get(p) != recorded[p]]
     return changed
 
 
@@ -982,10 +1008,10 @@ def _trained_on_other_data(cfg: Config) -> bool:
     compared as raylm.pipeline.check_resume_before_data makes them (`data_key`). A run that
     did would be refused on resume, and the recipe could not go on: its directory follows
     from the stage key, which names no data. One re-made alike (a lost input prepared again)
-    resumes."""
+    resumes, and so does one moved with its corpus (raylm.pipeline.moved_data_key)."""
     from raylm import checkpoint
     from raylm.generate import load_tokenizer
-    from raylm.pipeline import absolute_paths, data_key, preflight
+    from raylm.pipeline import absolute_paths, data_key, moved_data_key, preflight
 
     ckpt = checkpoint.latest_complete(cfg.run_dir, cfg.s3)
     if ckpt is None:
@@ -995,8 +1021,11 @@ def _trained_on_other_data(cfg: Config) -> bool:
     tok = load_tokenizer(cfg.tokenizer.path, cfg.s3)
     if not cfg.data.path:  # the built-in corpus, written when the stage runs: the tokenizer decides
         return meta.get("tokenizer_sha256") != tok.sha256
-    key, _ = data_key(cfg, tok.sha256, corpus)
-    return (meta.get("tokenizer_sha256"), meta.get("data_key")) != (tok.sha256, key)
+    key, corpus = data_key(cfg, tok.sha256, corpus)
+    then = meta.get("data_key")
+    # a run moved with its corpus (the recipe's storage moved) takes the key its files had there
+    same = then == key or (then and moved_data_key(cfg, tok.sha256, corpus, meta) == then)
+    return meta.get("tokenizer_sha256") != tok.sha256 or not same
 
 
 def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict:
@@ -1021,6 +1050,8 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> dict
                        if old.get("inputs", {}).get(p, {}).get("sha256") != done[p]["outputs"]["sha256"]]
             dated = functools.partial(input_fingerprint, recipe, stage, cfg.s3, listed, content=False)
             changed_files = _changed_files(old, files, dated)
+            if changed_files:
+                changed_files = _moved_files(recipe, stage, old, changed_files, cfg.s3, listed)
             changed += changed_files
             if not changed:
                 log(f"recipe: {stage.name}: done (key {key[:10]}), skipped")
