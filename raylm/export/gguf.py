@@ -21,6 +21,9 @@ complete file. Object storage has
 no rename, but an object appears only when its upload completes: an s3:// export is built
 locally and uploaded as one object, then `<out>.raylm_export.json` (the HF export's marker
 content) is written last, so a reader can also tell a finished export by that marker.
+`<out>.raylm_export.pending.json`, written before the upload and deleted after the marker,
+says the object at `out` is this export's: a rerun removes what a failed export left there
+(an object whose marker never arrived) and exports again, where any other object is refused.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from raylm.progress import Progress
 from raylm.tokenizer import END, ROLE_TOKENS, Tokenizer
 
 MARKER_SUFFIX = ".raylm_export.json"  # s3:// only: `<out>` + this, written after `<out>`
+PENDING_SUFFIX = ".raylm_export.pending.json"  # s3:// only: `<out>` + this, while `<out>` is uploaded
 
 # Names in gguf's enums (`gguf` itself is imported only when an export runs: an optional extra).
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
@@ -318,23 +322,34 @@ def export_run_gguf(uri: str, out: str, s3: S3Config | None = None, checkpoint: 
         # The directory holds only the finished file (export_gguf renames its temporary into
         # place), so uploading it writes exactly the object `out`.
         export_gguf(model, tok, meta, str(Path(tmp) / name), dtype)
+        storage.write_bytes(out + PENDING_SUFFIX, b"{}\n", s3)  # first: a rerun knows `out` is ours
         storage.upload_dir(tmp, parent, s3, log=_to_stderr)  # a line every few seconds past 256 MB
     marker = {"format": "gguf-llama", "step": meta.get("step"), "source": src,
               "tokenizer_sha256": tok.sha256, "dtype": dtype}
-    storage.write_bytes(out + MARKER_SUFFIX, json.dumps(marker, indent=2).encode() + b"\n", s3)  # last
+    storage.write_bytes(out + MARKER_SUFFIX, json.dumps(marker, indent=2).encode() + b"\n", s3)  # complete
+    storage.delete(out + PENDING_SUFFIX, s3)
     return out
 
 
 def _check_s3_out(out: str, s3: S3Config | None) -> None:
     """Refuse an s3:// output that is not a new object key: a bucket alone or a key ending in
-    "/" (no file name: the upload would go elsewhere), a finished export, or any object already
-    at `out`. An object appears only once its upload is complete, so an object there is a
+    "/" (no file name: the upload would go elsewhere), a key with an empty, "." or ".." path
+    segment (the upload and the marker would not agree on its object), a finished export, or
+    any object already at `out` but a failed export's (its pending marker there), which is
+    removed. An object appears only once its upload is complete, so an object there is a
     whole file, someone's or an earlier export's; it is never written over, as a local output
     is not."""
     key = out[len("s3://"):].partition("/")[2]
     if not key or out.endswith("/"):
         raise ConfigError(f"{out}: a GGUF export is one file; name its object, e.g. {out.rstrip('/')}/model.gguf")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ConfigError(f"{out}: an empty, '.' or '..' path segment in the object key; name the object plainly")
     if storage.exists(out + MARKER_SUFFIX, s3):
         raise OutputExistsError(f"{out}: already holds a complete export; export to a new key")
+    if storage.exists(out + PENDING_SUFFIX, s3):  # a failed export of ours: redo it
+        bucket, key = storage._split_s3(out)
+        with storage._errors(out, s3):  # that object only: storage.delete would empty `out/` too
+            storage.boto3_client(s3).delete_object(Bucket=bucket, Key=key)
+        storage.delete(out + PENDING_SUFFIX, s3)  # last: a failure before it can retry
     if storage.exists(out, s3):
         raise OutputExistsError(f"{out}: already exists; export to a new key")

@@ -22,7 +22,8 @@ gguf = pytest.importorskip("gguf")
 
 import raylm.export.gguf as export_mod  # noqa: E402
 from raylm.export.gguf import (  # noqa: E402
-    MARKER_SUFFIX, export_gguf, export_run_gguf, gguf_name, permute_for_llama_cpp, unpermute_from_llama_cpp)
+    MARKER_SUFFIX, PENDING_SUFFIX, export_gguf, export_run_gguf, gguf_name, permute_for_llama_cpp,
+    unpermute_from_llama_cpp)
 from raylm.export.hf import CHAT_TEMPLATE  # noqa: E402
 from raylm.generate import greedy_decode  # noqa: E402
 from raylm.model import apply_rope, rope_tables  # noqa: E402
@@ -320,10 +321,13 @@ def test_s3_export_uploads_the_file_then_the_marker(tok, monkeypatch):
     monkeypatch.setattr(storage, "exists", lambda uri, s3=None: False)
     monkeypatch.setattr(storage, "upload_dir", upload_dir)
     monkeypatch.setattr(storage, "write_bytes", lambda uri, data, s3=None: events.append(
-        ("write", uri, json.loads(data)["step"])))
-    assert export_run_gguf("s3://b/run", "s3://b/exports/m.gguf", dtype="q8_0") == "s3://b/exports/m.gguf"
-    assert events == [("upload", "s3://b/exports", ["m.gguf"]),
-                      ("write", "s3://b/exports/m.gguf" + MARKER_SUFFIX, 5)]
+        ("write", uri, json.loads(data).get("step"))))
+    monkeypatch.setattr(storage, "delete", lambda uri, s3=None: events.append(("delete", uri)))
+    out = "s3://b/exports/m.gguf"
+    assert export_run_gguf("s3://b/run", out, dtype="q8_0") == out
+    # The pending marker first (a rerun knows the object is this export's), the marker last.
+    assert events == [("write", out + PENDING_SUFFIX, None), ("upload", "s3://b/exports", ["m.gguf"]),
+                      ("write", out + MARKER_SUFFIX, 5), ("delete", out + PENDING_SUFFIX)]
 
 
 def test_s3_export_refuses_a_finished_one(tok, monkeypatch):
