@@ -98,7 +98,11 @@ def check_fence(fence: dict | None, s3: S3Config | None = None) -> None:
     except StorageError:
         if storage.exists(fence["lock"], s3):
             raise
-        token = None  # gone: its holder let go, and no other holds it now
+        # Gone: its holder let go, or this node does not see the driver's run directory.
+        raise RunTaken(f"{storage.redact_url(fence['lock'])}: gone (its holder let go, or this node does not see the "
+                       "run directory the driver holds: local storage on a cluster of several nodes needs a "
+                       "filesystem they all share, else use s3://); this process stops here without writing to "
+                       "the run") from None
     if token != fence["token"]:
         raise RunTaken(f"{storage.redact_url(fence['lock'])}: another process holds this run now (its lock no longer "
                        "carries this one's token); this process stops here without writing to the run")

@@ -47,7 +47,7 @@ def test_a_holds_token_passes_while_it_holds_and_fails_once_another_holds(tmp_pa
         assert mine and len(mine["token"]) == 32
         run_lock.check_fence(mine)
     assert run_lock.fence_for(run) is None
-    with pytest.raises(RunTaken, match=TAKEN):  # let go: the lock file it made is gone
+    with pytest.raises(RunTaken, match=r"\.raylm\.lock: gone "):  # let go: the lock file it made is gone
         run_lock.check_fence(mine)
     proc, theirs = _holder(run)
     try:
@@ -128,3 +128,16 @@ def test_the_commit_checks_right_before_its_marker(tmp_path):
     finally:
         _stop(proc)
     assert not os.path.exists(os.path.join(uri, checkpoint.COMMIT_MARKER))
+
+
+def test_a_lock_that_is_gone_is_named_so(tmp_path):
+    """A lock file no longer there (its holder let go, or a node that does not see the run
+    directory the driver holds: local storage on several nodes without a shared filesystem)
+    stops the writer too, saying which."""
+    run = str(tmp_path / "run")
+    with run_lock.held(run):
+        fence = run_lock.fence_for(run)
+        run_lock.check_fence(fence)
+        os.unlink(os.path.join(run, run_lock.RUN_LOCK))
+        with pytest.raises(RunTaken, match=r"\.raylm\.lock: gone \(its holder let go, or this node does not see"):
+            run_lock.check_fence(fence)
