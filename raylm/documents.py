@@ -258,12 +258,24 @@ def _top_level_count(text: str, key: str) -> int:
     return sum(k == key for k, _ in outermost)
 
 
+_KEY_END = re.compile(rb'"\s*:')
+
+
+def _escaped_key(line: bytes) -> bool:
+    """Whether a key of the JSON line may hold a \\u escape (`"te\\u0078t"`: "text" spelled
+    another way): the text from a key's closing quote back to the quote before it. Text values
+    with escapes (every non-ASCII line of a corpus written with ensure_ascii) hold none, so
+    they are not parsed a second time (that cost about 75% more reading them). A key that
+    spells a name without quotes has no escaped quote, so the quote before it is its own."""
+    return any(b"\\u" in line[line.rfind(b'"', 0, m.start()) + 1:m.start()] for m in _KEY_END.finditer(line))
+
+
 def json_lines(path: str, raw: bytes, unique: str | None = None, object_pairs_hook=None):
     """(line number, parsed value) or (line number, DataError) for each non-blank line of a
     JSON-lines file: the one reader of corpus documents and of SFT/DPO records. `unique`: a
     field named more than once in a record's object is a bad record (which of its values is
     meant is anyone's guess), checked only on lines where the name occurs twice or where a
-    `\\u` escape may spell it.
+    key holds a `\\u` escape (`_escaped_key`).
     `object_pairs_hook`: json.loads', for a reader that checks more of its objects' keys."""
     try:
         raw = _as_utf8(raw, path)
@@ -279,8 +291,9 @@ def json_lines(path: str, raw: bytes, unique: str | None = None, object_pairs_ho
         try:
             text = _decode(line, f"{path}:{i}")
             value = json.loads(text, object_pairs_hook=object_pairs_hook)
-            # The name twice as written, or possibly once escaped (`"te\u0078t"`): counted on the parsed pairs.
-            if needle is not None and isinstance(value, dict) and (line.count(needle) > 1 or b"\\u" in line) \
+            # The name twice as written, or a key spelled with an escape (`"te\u0078t"`): counted on the parsed pairs.
+            if needle is not None and isinstance(value, dict) \
+                    and (line.count(needle) > 1 or b"\\u" in line and _escaped_key(line)) \
                     and (n := _top_level_count(text, unique)) > 1:
                 value = DataError(f"{path}:{i}: field {unique!r} appears {n} times in one record")
             yield i, value
