@@ -810,6 +810,13 @@ def _stdout_gone() -> bool:
     return True
 
 
+def user_error_line(cause: BaseException) -> str:
+    """The one line a user's mistake ends with (`cause`: one of USER_ERRORS, `_root_cause`'s)."""
+    msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    # Messages echo the values they name, and stderr reaches job logs: no URL credentials.
+    return f"raylm: error: {storage.redact_url(msg)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may sit anywhere on the line (`pretrain --data x train.lr=1e-3 --resume`).
@@ -841,9 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, USER_ERRORS):
             if args.debug:
                 traceback.print_exception(e, file=sys.stderr)
-            msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            # Messages echo the values they name, and stderr reaches job logs: no URL credentials.
-            print(f"raylm: error: {storage.redact_url(msg)}", file=sys.stderr)
+            print(user_error_line(cause), file=sys.stderr)
             return 2
         traceback.print_exception(e, file=sys.stderr)
         print(_bug_report_line(), file=sys.stderr)

@@ -118,14 +118,14 @@ def read_metrics(uri: str, s3: S3Config | None = None) -> list[dict]:
     its checkpoint; a damaged line before it, or a row without a whole-number step (as
     `raylm report` refuses it), is a one-line error naming the file and line, rather than
     history silently dropped or a bare JSONDecodeError or TypeError on the resuming worker."""
-    from raylm.eval.report import _check_step, metrics_rows
+    from raylm.eval.report import check_step, metrics_rows
 
     shown = storage.redact_url(uri)
     try:
         text = storage.read_text(uri, s3)
     except UnicodeDecodeError as e:  # e.object: the file's bytes
         text = metrics_text(e.object, shown)
-    return metrics_rows(text, shown, _check_step)  # a null or text step: `truncate` compares them
+    return metrics_rows(text, shown, check_step)  # a null or text step: `truncate` compares them
 
 
 def metrics_text(data: bytes, shown: str) -> str:

@@ -16,8 +16,7 @@ from lm_eval.__main__ import cli_evaluate
 def main() -> int:
     """lm-eval's command line; a mistake of the user's in raylm's part (a path that holds no
     checkpoint, a bad model_args value) is one line and exit status 2, as in `raylm eval`."""
-    from raylm import storage
-    from raylm.cli import USER_ERRORS, _root_cause
+    from raylm.cli import USER_ERRORS, _root_cause, user_error_line
 
     try:
         cli_evaluate()
@@ -25,8 +24,7 @@ def main() -> int:
         cause = _root_cause(e)
         if not isinstance(cause, USER_ERRORS):
             raise
-        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        print(f"raylm: error: {storage.redact_url(msg)}", file=sys.stderr)
+        print(user_error_line(cause), file=sys.stderr)
         return 2
     return 0
 

@@ -126,7 +126,7 @@ def metrics_rows(text: str, shown: str, check=None) -> list[dict]:
 _MAX_STEP = 2**63 - 1
 
 
-def _check_step(row: dict, where: str) -> None:
+def check_step(row: dict, where: str) -> None:
     step = row.get("step")
     if not _number(step) or (isinstance(step, float) and not math.isfinite(step)):
         raise DataError(f"{where}: no numeric 'step' field")
@@ -164,7 +164,7 @@ def _read_run(run: str, s3: S3Config | None) -> tuple[str, list[dict], str | Non
 def _read_rows_noting_cut(text: str, shown: str) -> tuple[list[dict], str | None]:
     """`metrics_rows` of `text`, and a note when its last line was left out (cut short: a row
     being appended, or a run killed mid-write)."""
-    rows = metrics_rows(text, shown, _check_step)
+    rows = metrics_rows(text, shown, check_step)
     last = text.split("\n")[-1]
     if last.strip():
         try:
