@@ -256,7 +256,11 @@ def serve_ingress_env() -> dict[str, str]:
     RAYLM_SERVE_HAPROXY is not "0"; else nothing (Serve's Python proxy). HAProxy's stats and
     metrics listeners get free ports unless set: Ray's fixed defaults (8404, 9101, on every
     interface) let only one cluster on a machine serve at a time, and a second one's HAProxy
-    exits at start-up (a `raylm serve` beside a quickstart, or two test sessions)."""
+    exits at start-up (a `raylm serve` beside a quickstart, or two test sessions). So does the
+    fallback proxy that HAProxy sends requests to while no replica of an app is up (starting,
+    draining, replaced): Ray's fixed 8500 is bound with SO_REUSEPORT, so two clusters of one
+    user on a machine both listen there, and the kernel gave each connection to either. A
+    request to one cluster's port, with its API key, was answered by the other cluster's app."""
     import shutil
 
     if os.environ.get("RAYLM_SERVE_HAPROXY", "1") == "0":
@@ -270,7 +274,8 @@ def serve_ingress_env() -> dict[str, str]:
         if not path or not os.access(path, os.X_OK):
             return {}
     ports = {k: os.environ.get(k) or str(_free_port())
-             for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
+             for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                       "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
     return {**SERVE_HAPROXY_ENV, **ports, **_haproxy_files()}
 
 

@@ -9,6 +9,7 @@ deletes "main" and so runs last.
 """
 
 import concurrent.futures as cf
+import glob
 import http.client
 import json
 import os
@@ -119,6 +120,31 @@ def test_haproxy_fronts_the_replicas(server):
         pytest.skip("no HAProxy binary here (ray[serve] installs one on Linux): Serve's Python proxy serves")
     assert serve_ingress() == "haproxy"
     assert listener(server["port"]) == "haproxy"
+
+
+def test_the_fallback_proxy_listens_on_a_port_of_this_clusters_own(server):
+    """HAProxy sends a request to Serve's fallback proxy while no replica of its app is up.
+    Ray's fixed port for it (8500) is bound with SO_REUSEPORT, so a second cluster of this
+    user on the machine listened there too, and the kernel handed each connection to either:
+    one cluster's requests, API key included, were answered by the other's app. The cluster
+    raylm starts gives its fallback proxy a free port, and HAProxy's config names that one."""
+    from raylm.pipeline import started_env
+    from tests.netutil import listener
+
+    env = started_env()
+    if not env or env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        pytest.skip("no HAProxy binary here (ray[serve] installs one on Linux): no fallback proxy")
+    port = int(env.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500))
+    assert port != 8500
+    deadline = time.monotonic() + 30
+    while listener(port) != "ray::ProxyActor" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert listener(port) == "ray::ProxyActor"
+    loc = env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]  # Ray puts it in a directory per node beneath
+    (path,) = glob.glob(os.path.join(os.path.dirname(loc), "*", os.path.basename(loc)))
+    with open(path) as f:
+        config = f.read()
+    assert f"127.0.0.1:{port} check backup" in config and ":8500 " not in config, config
 
 
 def test_two_replicas_share_the_requests(server):
