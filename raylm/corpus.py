@@ -18,6 +18,7 @@ shards) and free of licence questions about redistributing someone else's text.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import inspect
 import json
 import os
@@ -136,6 +137,27 @@ def _existing_shards(out_dir: Path) -> list[str] | None:
     return None
 
 
+def _remove_leftover(out: Path) -> None:
+    """Remove `out`, a directory without the marker, if it holds nothing but shards (a corpus
+    cut short) or nothing at all. Anything else there is someone's files, never removed: the
+    corpus goes to <run>/corpus, where a user's own corpus directory was deleted without a word."""
+    if out.is_dir() and not out.is_symlink():
+        names = [p.name for p in out.iterdir()]
+        if SUCCESS_MARKER in names:  # a concurrent writer just finished: the rename fails, its corpus is used
+            return
+        foreign = sorted(n for n in names if not ((out / n).is_file() and not (out / n).is_symlink()
+                                                   and fnmatch.fnmatchcase(n, "builtin-*.jsonl")))
+        if not foreign:
+            shutil.rmtree(out)
+            return
+        held = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        what = f"a directory holding {held}"
+    else:
+        what = "a link" if out.is_symlink() else "a file"
+    raise ConfigError(f"{out}: {what}, not a built-in corpus; the built-in corpus (used when data.path is "
+                      f"empty) is written there and nothing else is replaced: set data.path, or move it away")
+
+
 def write_builtin_corpus(
     out_dir: str, min_bytes: int = 1_500_000, docs_per_shard: int = 2000
 ) -> list[str]:
@@ -178,11 +200,11 @@ def write_builtin_corpus(
         (tmp / SUCCESS_MARKER).write_text("")  # written last: marks the corpus complete
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is a normal directory
 
-        if out.exists():
+        if out.exists() or out.is_symlink():
             if _existing_shards(out) is not None:  # another writer finished first
                 shutil.rmtree(tmp, ignore_errors=True)
                 return _existing_shards(out)
-            shutil.rmtree(out)  # an incomplete leftover (no marker): safe to replace
+            _remove_leftover(out)
         try:
             os.rename(tmp, out)
         except OSError:
