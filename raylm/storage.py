@@ -70,6 +70,7 @@ _DEFAULT_REGION = "us-east-1"
 # Suffix of the temp files behind atomic local writes; listings skip them, so a reader
 # never sees a half-written file even while a writer is busy.
 _TMP_SUFFIX = ".raylm-tmp"
+_CONNECT_TIMEOUT_S = 5
 _DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per request
 _ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
                  "ExpiredToken", "InvalidToken"}
@@ -147,18 +148,26 @@ def relative(uri: str, base: str) -> str:
 
 
 def _s3_spelling(uri: str) -> str:
-    """`uri` as the object it names is listed: `s3://b//x/y/` -> `s3://b/x/y`."""
+    """`uri` as the object it names is listed: `s3://b//x//y/` -> `s3://b/x/y`."""
     bucket, _, key = uri[len("s3://") :].partition("/")
-    key = key.strip("/")
+    key = _key(key)
     return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
 
 
+def _key(key: str) -> str:
+    """A key without empty segments: `/runs//x/` -> `runs/x`. pyarrow refuses a path with an
+    empty segment (ArrowInvalid, a traceback), and servers that keep keys as paths (SeaweedFS)
+    store `runs//x/f` as `runs/x/f`: a run at `s3://b/runs//x` (`$PREFIX/$RUN` with PREFIX
+    ending in '/') listed the prefix `runs//x` and found none of its own checkpoints there."""
+    return "/".join(p for p in key.split("/") if p)
+
+
 def _split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b` -> ("bucket", "a/b")."""
+    """`s3://bucket/a/b` -> ("bucket", "a/b"); empty segments dropped (`_key`)."""
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(uri, "no bucket in URI (expected s3://bucket/key)")
-    return bucket, key.strip("/")
+    return bucket, _key(key)
 
 
 def _local(uri: str) -> str:
@@ -237,6 +246,10 @@ def _boto3_client(endpoint: str, region: str, max_attempts: int):
         # total_max_attempts counts the first try, like pyarrow's max_attempts; botocore's
         # `max_attempts` key would mean that many retries on top.
         retries={"mode": "standard", "total_max_attempts": max_attempts},
+        # botocore waits 60 s for a connection, and retries that too: an endpoint whose firewall
+        # drops packets (a wrong host or port) took 8 minutes to fail with the default 8
+        # attempts. A connection that takes more than seconds never comes (pyarrow gives up at 3 s).
+        connect_timeout=_CONNECT_TIMEOUT_S,
         # Custom endpoints (MinIO, SeaweedFS, an IP) rarely resolve bucket subdomains.
         s3={"addressing_style": "path"} if endpoint else None,
     )
@@ -421,13 +434,19 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
 
 def _keep_mode(path: str, fd: int) -> None:
     """Give the new file `fd` the permission bits of the file it replaces, as writing in place
-    would: a file its owner made private (0600) must not come back readable to all."""
+    would: a file its owner made private (0600) must not come back readable to all. Never the
+    mode of a file that a link there names, nor more than a new file gets (the umask's) from
+    another user's file: either could be planted (in a shared run directory) to hand the new
+    content mode 0666, readable and writable by all."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return
-    if stat.S_ISREG(mode):
-        os.fchmod(fd, mode & 0o777)  # never set-id bits: the content is new
+    if stat.S_ISREG(st.st_mode):
+        mode = st.st_mode & 0o777  # never set-id bits: the content is new
+        if st.st_uid != os.geteuid():
+            mode &= os.fstat(fd).st_mode  # `fd` is new: the umask's mode
+        os.fchmod(fd, mode)
 
 
 def write_text(uri: str, text: str, s3: S3Config | None = None, encoding: str = "utf-8") -> None:
