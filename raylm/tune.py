@@ -67,6 +67,9 @@ _CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
 # Trials share the search's corpus, tokenizer and prepared blocks, and write where it says.
 FIXED_PREFIXES = ("name", "storage", "stage", "init_from", "tokenizer.", "data.", "s3.", "model.vocab_size")
 SEARCHABLE_DATA = ("data.document_mask",)  # training-time switches that need no re-preparation
+# A trial's resources: a local cluster is sized from the base config's, and a trial drawing more
+# workers than that waited for them for ever (Ray Train's worker start timing out every 60 s).
+RESOURCE_KEYS = ("train.num_workers", "train.cpus_per_worker", "train.use_gpu")
 
 
 @dataclass(frozen=True)
@@ -151,13 +154,16 @@ def _show(value) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(data: dict, prefix: str = "", where: str = "") -> dict[str, Any]:
+    """Dotted keys of nested mappings; a key given twice (`train: {lr: ...}` and `train.lr:`)
+    is a ConfigError naming `where`: one of the two would be searched, without a word."""
     out = {}
     for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        items = _flatten(v, f"{prefix}{k}.", where) if isinstance(v, dict) else {f"{prefix}{k}": v}
+        for key, value in items.items():
+            if key in out:
+                raise ConfigError(f"{where}: {key} is given twice (nested and dotted); keep one")
+            out[key] = value
     return out
 
 
@@ -208,7 +214,7 @@ def parse_space(text: str, where: str) -> tuple[dict[str, Dimension], dict]:
     settings = data.pop("tune", None) or {}
     if not isinstance(settings, dict):
         raise ConfigError(f"{where}: tune: expected a mapping of search settings (num_samples, scheduler, ...)")
-    space = {k: parse_dimension(where, k, v) for k, v in _flatten(data).items()}
+    space = {k: parse_dimension(where, k, v) for k, v in _flatten(data, where=where).items()}
     if not space:
         raise ConfigError(f"{where}: the search space is empty")
     return space, settings
@@ -287,6 +293,10 @@ def check_space(space: dict[str, Dimension], base: dict, tc: TuneConfig, where: 
             # settings of one model; the fields a search varies are named one by one.
             raise ConfigError(f"{where}: model.preset cannot be searched (a preset is a whole model shape); "
                               f"search the fields themselves: model.dim, model.n_layers, model.n_heads, ...")
+        if key in RESOURCE_KEYS:
+            raise ConfigError(f"{where}: {key} cannot be searched: a trial's workers are the base config's, for "
+                              f"which the cluster is sized (tune.max_concurrent_trials of them); set it in the "
+                              f"base config (--config or {key}=...)")
         for value in dim.probes():
             _load(base, [(key, value)], f"{where}: {key}: {dim}: ")
     for end in (0, -1):  # keys that only fail together (model.dim with model.n_heads)
@@ -464,8 +474,29 @@ def resume(cfg: Config, log=None) -> dict:
         return _resumed_search(cfg, uri, log)
 
 
+def _saved_state(uri: str, s3, keys: dict) -> dict:
+    """search.json as raylm writes it: a JSON object with `keys` of their types; else one
+    ConfigError naming the file (a damaged one, or another tool's file of that name)."""
+    try:
+        state = json.loads(storage.read_text(uri, s3))
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        state = None
+    if not isinstance(state, dict):
+        raise ConfigError(f"--resume: {uri}: not a search raylm saved (not a JSON object); start a new search "
+                          f"(another name=)")
+    return _check_saved(state, uri, keys)
+
+
+def _check_saved(state: dict, uri: str, keys: dict) -> dict:
+    for key, kind in keys.items():
+        if not isinstance(state.get(key), kind):
+            raise ConfigError(f"--resume: {uri}: {key} is missing or not a {kind.__name__}: not a search raylm "
+                              f"saved; start a new search (another name=)")
+    return state
+
+
 def _resumed_search(cfg: Config, uri: str, log) -> dict:
-    state = json.loads(storage.read_text(uri, cfg.s3))
+    state = _saved_state(uri, cfg.s3, {"tune": dict, "base": dict})
     tc = tune_config(state["tune"])
     base = load_config(base=state["base"])
     try:  # saved by a raylm that took any metric
@@ -473,6 +504,7 @@ def _resumed_search(cfg: Config, uri: str, log) -> dict:
     except ConfigError as e:
         raise ConfigError(f"--resume: {uri}: {e}; Tune keeps a search's metric, so start a new search "
                           f"(another name=)") from None
+    _check_saved(state, uri, {"space_text": str, "space_path": str, "manifest": dict})
     # The saved space, checked as a new search's: the trials' configs are checked against it.
     space, _ = parse_space(state["space_text"], f"--resume: {uri}: space_text")
     check_space(space, state["base"], tc, f"--resume: {uri}: space_text")
@@ -521,8 +553,9 @@ def _scheduler(tc: TuneConfig, base: Config):
 def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
     import ray.tune as rt
 
-    state = {**state, "base": {**state["base"], "s3": to_dict(cfg.s3)}}  # saved redacted
     tc = tune_config(state["tune"])
+    # saved redacted; the settings as validated (the trainable reads them: a key left out is its default)
+    state = {**state, "base": {**state["base"], "s3": to_dict(cfg.s3)}, "tune": to_dict(tc)}
     base = load_config(base=state["base"])
     space, _ = parse_space(state["space_text"], f"search space {state['space_path']}")
     from raylm.pipeline import absolute_paths
@@ -563,7 +596,29 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
                                     failure_config=rt.FailureConfig(max_failures=tc.max_failures), verbose=0),
         )
     grid = tuner.fit()
+    left = unfinished_trials(search_dir, cfg.s3)
+    if left:  # not a finished search: no results.csv or best.yaml of part of it
+        log(f"tune: interrupted with {len(left)} trial(s) unfinished ({', '.join(left[:5])}); its state is saved: "
+            f"continue it with `raylm tune --resume name={cfg.name} storage={cfg.storage}`")
+        raise KeyboardInterrupt
     return report(grid, state, cfg, tc, log)
+
+
+def unfinished_trials(search_dir: str, s3=None) -> list[str]:
+    """The trials that the search's newest saved Tune state holds neither finished nor failed.
+    On Ctrl-C (and SIGTERM, raylm's Ctrl-C) Tune saves its state with the running trials as
+    they were, stops them, and returns from fit() as at a search's end, every trial it made
+    "terminated" in its results (those not made yet left out): read as finished, it wrote a
+    part of the search as its results and best.yaml, and exited 0. Its saved state, which
+    --resume continues, tells. Read as JSON only: nothing in it is unpickled."""
+    from raylm.tune_state import state_files
+
+    states = sorted(uri for uri, kind in state_files(search_dir, s3) if kind == "experiment")
+    if not states:
+        return []
+    doc = json.loads(storage.read_text(states[-1], s3))
+    trials = [json.loads(entry[0]) for entry in doc.get("trial_data", [])]
+    return [str(t.get("trial_id")) for t in trials if t.get("status") not in ("TERMINATED", "ERROR")]
 
 
 def trial_log(log, train: TrainConfig):
@@ -615,7 +670,9 @@ def trial_rows(grid, metric: str, mode: str) -> list[dict]:
                      "best": (min if mode == "min" else max)(v for _, v in hist) if hist else None,
                      "history": hist})
     sign = 1 if mode == "min" else -1
-    rows.sort(key=lambda r: (not _ranked(r), sign * r["last"] if _ranked(r) else 0))
+    # A failed trial ranks after every trial that can be ranked, whatever it reported before it
+    # failed: best.yaml is never its config, so rank 1 must not be it either.
+    rows.sort(key=lambda r: (r["error"] is not None or not _ranked(r), sign * r["last"] if _ranked(r) else 0))
     return rows
 
 

@@ -129,6 +129,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("ray.tune.execution.placement_groups", "PlacementGroupFactory"): "new",
     ("ray.tune.experiment.experiment", "Experiment"): "new",
     ("ray.tune.stopper.noop", "NoopStopper"): "new",
+    ("ray.tune.stopper.timeout", "TimeoutStopper"): "new",  # tune.time_budget_s: the budget left, in seconds
     ("ray.tune.tune_config", "TuneConfig"): "new",
     # Tune's schedulers, searchers and search space (raylm's distributions)
     ("ray.tune.schedulers.async_hyperband", "AsyncHyperBandScheduler"): "new",
