@@ -1,7 +1,7 @@
 """The OpenAI-compatible Ray Serve application: FastAPI ingress, limits, deployment options.
 
     POST /v1/completions, POST /v1/chat/completions (stream: true as server-sent events)
-    GET /v1/models, GET /health (liveness, public), GET /ready (readiness, public),
+    GET /v1/models, GET /v1/models/{name}, GET /health (liveness, public), GET /ready (readiness, public),
     GET /stats (the engine's counters, and which replica answered)
 
 Plain Serve, not `ray.serve.llm` (which needs vLLM; `raylm.serve.vllm` builds that one).
@@ -299,6 +299,10 @@ def build_app(run: str, cfg: ServeConfig):
         @app.get("/v1/models")
         async def models(self):
             return self.service.models()
+
+        @app.get("/v1/models/{name:path}")  # a model name may hold '/' ("org/model")
+        async def model(self, name: str):
+            return self.service.model(name)
 
         @app.get("/health")
         async def health(self):

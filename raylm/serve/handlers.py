@@ -167,8 +167,16 @@ class OpenAIService:
     # ------------------------------------------------------------------ plain endpoints
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "raylm", "max_model_len": self.engine.max_seq_len}]}
+        return {"object": "list", "data": [self.model(self.model_name)]}
+
+    def model(self, name: str) -> dict:
+        """GET /v1/models/{name} (the openai client's `models.retrieve`): the served model, or
+        404 model_not_found naming it."""
+        if name != self.model_name:
+            raise P.APIError(404, f"model: {name!r} does not exist; this server serves {self.model_name!r}",
+                             "model", code="model_not_found")
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "raylm",
+                "max_model_len": self.engine.max_seq_len}
 
     def ready(self) -> bool:
         return not self.draining
@@ -405,6 +413,8 @@ class OpenAIService:
         def with_usage(body: dict) -> dict:
             if usage_every_chunk:
                 body["usage"] = P.usage(prompt_tokens, sum(sent_tokens.values()))
+            elif include_usage:  # OpenAI's API: every chunk but the last has "usage": null
+                body["usage"] = None
             return body
 
         def put(c, item, urgent: bool) -> None:

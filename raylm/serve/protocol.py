@@ -56,6 +56,15 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: usage (so far) on every chunk, and at the end
+    # OpenAI's: random padding on each chunk; raylm adds none, so only its no-op value, false.
+    include_obfuscation: bool = False
+
+    @model_validator(mode="after")
+    def _no_obfuscation(self):
+        if self.include_obfuscation:
+            raise _field_error("stream_options.include_obfuscation",
+                               "not supported by this server; omit it or send false")
+        return self
 
 
 class _Sampling(_Strict):

@@ -107,6 +107,11 @@ def test_health_ready_and_models(server, client):
     assert call(port, "GET", "/tight/ready", key="")[0] == 200
     (model,) = client.models.list().data
     assert model.id == "tiny"
+    # The client's models.retrieve (GET /v1/models/{id}) had no route: 404 for the served model too.
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(pytest.importorskip("openai").NotFoundError) as e:
+        client.models.retrieve("org/other")
+    assert e.value.body["code"] == "model_not_found" and "'org/other'" in e.value.body["message"], e.value.body
 
 
 def test_haproxy_fronts_the_replicas(server):
