@@ -85,10 +85,14 @@ def ray_report_interval_s() -> float:
         return 2.0
 
 
-def record_training_hardware(cfg: Config, device: torch.device, rank: int, world: int) -> None:
+def record_training_hardware(cfg: Config, device: torch.device, rank: int, world: int,
+                             fence: dict | None = None) -> None:
     """Rank 0 adds what trains to the run's record (raylm.record.add_training_hardware): the
     driver recorded its own machine, often a CPU-only head node or a laptop. A collective
-    where world > 1 (each rank's Ray node, for the count of nodes): every rank calls it."""
+    where world > 1 (each rank's Ray node, for the count of nodes): every rank calls it.
+    `fence`: the driver's hold on the run (raylm.run_lock.fence_for), checked before the
+    rewrite, as before every other write of a worker: a lost driver's worker otherwise wrote
+    its read of record.json back over the one a new holder had just written."""
     from raylm.record import add_training_hardware, training_hardware
 
     nodes = ["this"]
@@ -99,6 +103,7 @@ def record_training_hardware(cfg: Config, device: torch.device, rank: int, world
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0:
+        run_lock.check_fence(fence, cfg.s3)
         add_training_hardware(cfg.run_dir, training_hardware(nodes, device.type), cfg.s3)
 
 
@@ -146,7 +151,8 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     log = print if rank == 0 else (lambda *_: None)
     model, optimizer, start = setup_model(cfg, device, resume, log)
-    record_training_hardware(cfg, device, rank, world)  # after setup, which may still refuse the run
+    # after setup, which may still refuse the run
+    record_training_hardware(cfg, device, rank, world, config.get("fence"))
     tc = cfg.train
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
