@@ -7,6 +7,7 @@ subcommands call these one at a time; `pretrain` and `quickstart` chain them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -92,22 +93,30 @@ def init_ray(cfg: Config, training: bool = False, dashboard: bool | None = None)
             # for the runtime-env agent. Five actors started one after another (as Ray Train's
             # controller does) took 10.1 s that way and 3.2 s this way, on 2 cores.
             port = _free_port()
-            settings = {**WORKER_ENV, **LOCAL_ENV, **serve_ingress_env(),
+            settings = {**WORKER_ENV, **LOCAL_ENV, **serve_ingress_env(), **compile_cache_env(),
                         **({"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"} if dashboard else {})}
             before = {k: os.environ.get(k) for k in settings}
             os.environ.update(settings)
             env = dict(os.environ)
+            temp_dir = _private_ray_temp_dir()
+            _private_auth_token()
             try:
                 ray.init(address="local", num_cpus=cpus, logging_level="WARNING", log_to_driver=True,
-                         include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port)
+                         include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
+                         _temp_dir=temp_dir)
             except Exception as e:
+                if temp_dir is not None:
+                    with contextlib.suppress(OSError):  # where Ray wrote nothing; its logs stay for the line below
+                        os.rmdir(os.path.dirname(temp_dir))
                 _raise_if_not_started(e, "Ray's local cluster did not start",
                                       "the machine may be short of memory or CPU: free some and try again, or set "
-                                      f"RAY_ADDRESS to use a running cluster; Ray's logs are in {_ray_logs_dir()}")
+                                      f"RAY_ADDRESS to use a running cluster; Ray's logs are in "
+                                      f"{_ray_logs_dir(temp_dir)}")
                 raise
-            finally:  # this process keeps RAYLM_LOCAL_CLUSTER only (raylm's actor pools read it here)
+            finally:  # this process keeps RAYLM_LOCAL_CLUSTER (raylm's actor pools read it here) and
+                # TORCHINDUCTOR_CACHE_DIR (it compiles too: generation, a local engine)
                 for k, v in before.items():
-                    if k == "RAYLM_LOCAL_CLUSTER":
+                    if k in ("RAYLM_LOCAL_CLUSTER", "TORCHINDUCTOR_CACHE_DIR"):
                         continue
                     if v is None:
                         os.environ.pop(k, None)
@@ -146,15 +155,75 @@ def _raise_if_not_started(e: Exception, what: str, fix: str) -> None:
         raise RayStartError(f"{what}: {said.rstrip('.')} ({fix})") from e
 
 
-def _ray_logs_dir() -> str:
+def _ray_logs_dir(temp_dir: str | None) -> str:
     """Where a local cluster's processes log (Ray's session_latest/logs under its temp dir)."""
-    try:
-        from ray._common.utils import get_default_ray_temp_dir
+    if temp_dir is None:
+        try:
+            from ray._common.utils import get_default_ray_temp_dir
 
-        root = get_default_ray_temp_dir()
+            temp_dir = get_default_ray_temp_dir()
+        except ImportError:  # another Ray version: its default
+            temp_dir = os.path.join(tempfile.gettempdir(), "ray")
+    return os.path.join(temp_dir, "session_latest", "logs")
+
+
+def _private_ray_temp_dir() -> str | None:
+    """Ray's temp dir for the cluster `init_ray` starts: `ray` in a new directory of this
+    user's only (mkdtemp's: mode 0700, a name nobody can take first) under the root Ray would
+    use (RAY_TMPDIR, else TMPDIR, else /tmp). Ray's default, <root>/ray, is shared by every
+    user and cluster of the machine, and Ray makes its temp dir, each session directory and
+    the logs/, sockets/ and runtime_resources/ in it mode 0777 (no sticky bit): any local user
+    could read the cluster's logs (every worker's output) and delete or replace its files,
+    the raylet's and object store's sockets among them; and a second cluster of the same user
+    moved session_latest, which the line of a failed start names. None (Ray's default) where
+    the root is already this user's only. Kept after the cluster ends, as Ray keeps its
+    sessions, for their logs. Ray's Unix sockets beneath must fit in 107 bytes: the name is
+    short."""
+    try:
+        from ray._common.utils import get_default_system_temp_dir
+
+        root = get_default_system_temp_dir()
     except ImportError:  # another Ray version: its default
-        root = os.path.join(tempfile.gettempdir(), "ray")
-    return os.path.join(root, "session_latest", "logs")
+        root = tempfile.gettempdir()
+    os.makedirs(root, exist_ok=True)
+    st = os.stat(root)
+    if st.st_uid == os.getuid() and not st.st_mode & 0o077:
+        return None
+    return os.path.join(tempfile.mkdtemp(prefix="ray", dir=root), "ray")
+
+
+def _private_auth_token() -> None:
+    """Ray's token for the local cluster (~/.ray/auth_token, which Ray 2.60 makes for a local
+    cluster unless RAY_AUTH_MODE says otherwise) readable by this user only: Ray writes it, and
+    ~/.ray, with the umask's mode (0644, 0755 under the usual 022), and under a home directory
+    other users may enter (0755 and 0711 are common defaults) any of them could read it and
+    join the cluster, where they could run any code as this user. Made here first (0600, in a
+    0700 ~/.ray) where missing; one that others can read is made this user's only. A token the
+    user named (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) is theirs to keep."""
+    import stat
+
+    if (os.environ.get("RAY_AUTH_MODE") or "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN") \
+            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    try:
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+        from ray._private.authentication.authentication_token_setup import _get_default_token_path
+    except ImportError:  # another Ray version: as it does
+        return
+    path = str(_get_default_token_path())
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_new_authentication_token())
+    except OSError:  # a home directory this process cannot write to: Ray says what it says
+        return
 
 
 def resolve_workers(cfg: Config, share: int = 1) -> Config:
@@ -310,6 +379,38 @@ def _private_dir() -> str:
     path = tempfile.mkdtemp(prefix="raylm-haproxy-", dir="/tmp" if os.path.isdir("/tmp") else None)
     atexit.register(shutil.rmtree, path, True)
     return path
+
+
+def compile_cache_env() -> dict[str, str]:
+    """TORCHINDUCTOR_CACHE_DIR, a new directory of this user's only, where torch's default
+    cache of compiled code is not: <tmp>/torchinductor_<user>, which torch makes (or takes as it
+    finds it) in a directory every user can write to, and whose Python modules and pickled
+    graphs it loads and runs. Another local user who made that directory first (or a link
+    there) could replace what `torch.compile` (train.compile, the serving engine's compile)
+    wrote with code of their own, run as this user at the next compile. The default is made
+    here first (mode 0700) where it does not exist yet, so the cache still lasts across runs;
+    a setting the user gave is kept."""
+    import getpass
+    import re
+    import stat
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return {}
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}"
+    # torch._inductor.runtime.cache_dir_utils.default_cache_dir (importing torch._inductor costs ~1 s)
+    default = os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+    with contextlib.suppress(OSError):
+        os.mkdir(default, 0o700)
+    try:
+        st = os.lstat(default)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            return {}
+    except OSError:
+        pass
+    return {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="torchinductor-")}
 
 
 def serve_ingress() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import socket
 import time
 import urllib.error
@@ -57,8 +58,22 @@ def wait_ready(base: str, timeout: float = 120.0) -> None:
             last = f"no answer ({getattr(e, 'reason', None) or e})"
         if time.monotonic() > deadline:
             raise ServeNotReady(f"{base}/ready: not ready after {timeout:.0f} s (last: {last}); `serve status` "
-                                "says why, and the replicas' logs are in the Ray session's logs/serve/")
+                                f"says why, and the replicas' logs are in {_serve_logs()}")
         time.sleep(0.25)
+
+
+def _serve_logs() -> str:
+    """Where Serve's processes log: the logs/serve/ of the Ray session this process is connected
+    to (a local cluster's lies in a directory of raylm's choosing, not Ray's shared /tmp/ray)."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        if node is not None:
+            return os.path.join(node.get_logs_dir_path(), "serve") + "/"
+    except Exception:  # noqa: BLE001 - a hint in an error message only
+        pass
+    return "the Ray session's logs/serve/"
 
 
 def _error_message(e: urllib.error.HTTPError) -> str:
@@ -215,9 +230,12 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
         finally:
             serve.delete(name)
             # Serve itself goes only where this call started it on a cluster that outlives
-            # this process. A joined cluster that already ran Serve may serve other apps; a
-            # cluster this process started goes down with it, Serve included.
-            if not was_running and started_env() is None:
+            # this process, and no app is left on it. A joined cluster that already ran Serve
+            # may serve other apps; so may one where Serve was started here, once another
+            # command (a second quickstart, a `raylm serve`) deployed its own app on it
+            # meanwhile: stopping Serve deleted that app, its requests cut. A cluster this
+            # process started goes down with it, Serve included.
+            if not was_running and started_env() is None and not serve.status().applications:
                 stop_serve()
     finally:
         driver_log.setLevel(level)
