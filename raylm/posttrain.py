@@ -55,11 +55,17 @@ def parent_of(cfg: Config, recorded: str | None = None, given: frozenset = froze
                           f"its own checkpoints; pass --from {storage.parent(recorded)}, or start a new run "
                           f"(another name=)")
     ckpt = recorded or resolve_checkpoint(cfg.init_from, cfg.s3)
-    if recorded and not storage.exists(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3):
-        # The parent checkpoint is gone (deleted, or removed by its run's retention): an SFT
-        # run resuming from a checkpoint of its own needs nothing of it, its model and
-        # tokenizer are its own, and its record keeps the parent's facts. DPO's reference is
-        # the parent's weights: there it must still be there.
+    replaced = bool(recorded) and _replaced(cfg, ckpt)
+    if replaced and cfg.stage != "sft":
+        raise checkpoint.CheckpointError(
+            f"{ckpt}: not the checkpoint {storage.join(cfg.run_dir, RECORD)} names (its commit marker's sha256 "
+            f"differs: written again since, by a parent run started over?), and it is {cfg.stage.upper()}'s "
+            f"reference: restore the one this run started from, or start a new run (another name=)")
+    if replaced or recorded and not storage.exists(storage.join(ckpt, checkpoint.COMMIT_MARKER), cfg.s3):
+        # The parent checkpoint is gone (deleted, or removed by its run's retention), or another
+        # was written at its path (`_replaced`): an SFT run resuming from a checkpoint of its own
+        # needs nothing of it, its model and tokenizer are its own, and its record keeps the
+        # parent's facts. DPO's reference is the parent's weights: there it must still be there.
         if cfg.stage != "sft":
             from raylm.errors import PathNotFoundError
 
@@ -90,6 +96,18 @@ def parent_of(cfg: Config, recorded: str | None = None, given: frozenset = froze
     cfg = dataclasses.replace(cfg, init_from=ckpt, model=parent_cfg.model,
                               tokenizer=dataclasses.replace(cfg.tokenizer, path=facts["tokenizer"]))
     return cfg, facts
+
+
+def _replaced(cfg: Config, ckpt: str) -> bool:
+    """Whether the recorded parent checkpoint `ckpt` is complete but no longer the one the run
+    started from: its commit marker's sha256 is not the one the run's record holds (the parent
+    run started over and wrote that step again). False where the record holds no hash."""
+    marker, uri = storage.join(ckpt, checkpoint.COMMIT_MARKER), storage.join(cfg.run_dir, RECORD)
+    if not storage.exists(marker, cfg.s3) or not storage.exists(uri, cfg.s3):
+        return False
+    parent = json.loads(storage.read_text(uri, cfg.s3)).get("parent")  # a JSON object: recorded_parent read it
+    sha = parent.get("sha256") if isinstance(parent, dict) else None
+    return isinstance(sha, str) and bool(sha) and hashlib.sha256(storage.read_bytes(marker, cfg.s3)).hexdigest() != sha
 
 
 def _moved_parent(cfg: Config, recorded: str) -> str:
@@ -127,8 +145,8 @@ def _parent_from_own_run(cfg: Config, recorded: str) -> tuple[Config, dict, str]
     facts = {"checkpoint": recorded, "sha256": str(recorded_facts.get("sha256", "")),
              "stage": str(recorded_facts.get("stage", "")), "tokenizer": tokenizer_of(own, meta, cfg.s3),
              "tokenizer_sha256": meta.get("tokenizer_sha256") or str(recorded_facts.get("tokenizer_sha256", ""))}
-    log(f"{cfg.stage}: the parent checkpoint {recorded} is gone; resuming from {own} with the run's own model "
-        f"and tokenizer")
+    log(f"{cfg.stage}: the parent checkpoint {recorded} is gone (or written again since); resuming from {own} "
+        f"with the run's own model and tokenizer")
     return recorded_config(meta["config"]), facts, own
 
 
