@@ -244,7 +244,7 @@ def _posttrain(cfg: Config, parent: dict, resume: str, max_failures: int, t0: fl
     moved = check_resume_before_record(cfg, resume, manifest,
                                        functools.partial(moved_records_key, cfg, tok, parent))
     manifest = dict(manifest, moved_key=moved) if moved else manifest
-    forget_summary(cfg)  # the run changes from here on
+    forget_summary(cfg, resume)  # the run changes from here on (resume="never": from step 0)
     record = write_record(cfg, cfg.stage, tok, manifest, extra={"parent": parent})
     log(f"{cfg.stage}: {workers_summary(cfg)} from {parent['checkpoint']} "
         f"({manifest['train']['blocks']} train rows), run record {record}")
