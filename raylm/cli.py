@@ -212,7 +212,9 @@ def cmd_tune(args) -> None:
     # tune.* overrides set the search (TuneConfig); the rest are the trials' base config.
     searched = [o for o in args.overrides if o.split("=", 1)[0].startswith("tune.")]
     args.overrides = [o for o in args.overrides if o not in searched]
-    cfg = _config(args)
+    # Trials are pre-training runs: stage=sft or dpo (an override, --config, or the record of
+    # such a run) prepared the data and started Ray, then failed every trial with a traceback.
+    cfg = _config(args, stage="pretrain")
     if args.resume:
         _check_resume_settings(args, searched, cfg)
         summary = tune.resume(cfg)
@@ -702,7 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--memory-gb", type=float,
                     help="memory per device, GiB, instead of the total nvidia-smi reports for the device")
     sp.add_argument("--data", type=_path, help="corpus path for the config's data.path (local or s3://)")
-    sp.add_argument("--name", help="run name in the config (default: <size>-<devices><device>)")
+    sp.add_argument("--name", help="run name in the config (default: <preset>-<devices><device>, the preset "
+                                   "--size names and the devices of all nodes: --size 125m --gpus 8xH100 "
+                                   "--nodes 2 is gpt2-124m-16h100)")
     sp.add_argument("--replicate-degree", type=int, default=1, metavar="N",
                     help="HSDP: N replicas, each sharding over devices/N (train.replicate_degree; default 1, plain FSDP)")
     sp.add_argument("--document-mask", action="store_true",
