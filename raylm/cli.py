@@ -318,7 +318,7 @@ def cmd_serve(args) -> None:
     from raylm.config import Config, load_serve_config
     from raylm.pipeline import init_ray, serve_ingress
     from raylm.serve.app import APP_NAME, check_port_free, start
-    from raylm.serve.local import serve_running, stop_serve, wait_ready
+    from raylm.serve.local import serve_running, stop_app, wait_ready
 
     explicit = {k: v for k, v in (("engine", args.engine), ("host", args.host), ("port", args.port),
                                   ("api_key", args.api_key)) if v is not None}
@@ -347,7 +347,7 @@ def cmd_serve(args) -> None:
         wait_ready(url, timeout=600)
     except BaseException:  # not ready in time, or Ctrl-C meanwhile: a joined cluster's Serve keeps no app of ours
         if not args.detach:
-            stop_serve(apps=[APP_NAME] if ran_before else None)
+            stop_app(APP_NAME, ran_before)
         raise
     if args.detach:  # Serve's apps outlive this process on a cluster (jobs/serve.py)
         print(f"serving {args.run} at {url}/v1 (OpenAI API); stop it with `serve shutdown`", flush=True)
@@ -360,8 +360,9 @@ def cmd_serve(args) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         # Graceful: replicas drain their in-flight requests first. A Serve that ran before this
-        # command (a joined cluster's) keeps running, with the apps it did not start.
-        stop_serve(apps=[APP_NAME] if ran_before else None)
+        # command (a joined cluster's) keeps running, and so does one this command started
+        # where other commands deployed apps on it meanwhile.
+        stop_app(APP_NAME, ran_before)
 
 
 def _check_served_model(run: str) -> None:

@@ -164,6 +164,19 @@ def stop_serve(timeout_s: float = 120.0, apps: Sequence[str] | None = None) -> N
     _disconnect()  # the cached client names a controller that is gone
 
 
+def stop_app(name: str, serve_ran_before: bool) -> None:
+    """Delete the app `name` this process deployed (its in-flight requests drained), and Serve
+    itself where this process started it (`serve_ran_before` False) and no app is left on it.
+    On a joined cluster, Serve that this process started may carry apps that other commands
+    deployed on it meanwhile (a second `raylm serve --detach`, a quickstart): stopping Serve
+    whole deleted them, their requests cut."""
+    from ray import serve
+
+    stop_serve(apps=[name])
+    if not serve_ran_before and serve_running() and not serve.status().applications:
+        stop_serve()
+
+
 def _graceful_shutdown_s(controller, names: Sequence[str]) -> float:
     """The largest graceful_shutdown_timeout_s among the deployments of apps `names` (0 where
     Serve does not say): how long their replicas may drain before Serve stops them."""

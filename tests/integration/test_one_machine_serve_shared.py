@@ -39,3 +39,29 @@ def test_an_app_deployed_meanwhile_keeps_serve_running(ray_local, tiny_run, monk
     finally:
         monkeypatch.undo()
         local.stop_serve()
+
+
+def test_raylm_serves_ctrl_c_leaves_apps_other_commands_deployed(ray_local, tiny_run):
+    """`raylm serve` on a joined cluster where Serve was not running starts Serve, and its
+    Ctrl-C (`stop_app`, as cmd_serve calls it) stopped Serve whole: an app another command
+    deployed on it meanwhile was deleted, its requests cut. Only raylm's app goes now; Serve
+    goes too where nothing else is left on it."""
+    from ray import serve
+
+    from raylm.config import ServeConfig
+    from raylm.serve import local
+    from raylm.serve.app import APP_NAME, start
+
+    local.stop_serve()  # a Serve an earlier test left: this test starts its own
+    try:
+        start(tiny_run, ServeConfig(), log_level="ERROR")
+        url = start(tiny_run, ServeConfig(), name="another-command", route_prefix="/another-command",
+                    log_level="ERROR")
+        local.stop_app(APP_NAME, serve_ran_before=False)
+        assert local.serve_running(), "Serve was stopped under another command's app"
+        assert list(serve.status().applications) == ["another-command"]
+        local.wait_ready(url, timeout=30)
+        local.stop_app("another-command", serve_ran_before=False)  # the last app: Serve goes with it
+        assert not local.serve_running()
+    finally:
+        local.stop_serve()
