@@ -119,6 +119,14 @@ def _path(text: str) -> str:
     return text
 
 
+def _name(text: str) -> str:
+    """A run name option's value, never empty: `--name "$NAME"` with NAME unset took the
+    default name without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: empty; give a name (or leave the option out)")
+    return text
+
+
 def _seed(text: str) -> int:
     """--seed: a sampling seed, 0 to 2**63 - 1 (prompt i takes seed + i; torch's generators
     take at most 2**64 - 1, and a larger one failed only after the model had loaded)."""
@@ -332,7 +340,14 @@ def cmd_serve(args) -> None:
     if not os.environ.get("RAY_ADDRESS"):  # a cluster of our own: Serve is not listening there yet
         check_port_free(cfg)  # before Ray starts, not after (start() checks where Serve may run)
     if cfg.engine == "raylm":
+        from raylm.serve.app import resolve_api_key
+
+        resolve_api_key(cfg)  # a host beyond loopback without a key: refused before Ray starts, not after
         _check_served_model(args.run)
+    else:
+        from raylm.serve.vllm import check_access
+
+        check_access(cfg)
     init_ray(Config())
     ran_before = serve_running()  # a joined cluster's Serve, which may carry others' apps
     if ran_before and not args.detach:
@@ -705,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--memory-gb", type=float,
                     help="memory per device, GiB, instead of the total nvidia-smi reports for the device")
     sp.add_argument("--data", type=_path, help="corpus path for the config's data.path (local or s3://)")
-    sp.add_argument("--name", help="run name in the config (default: <preset>-<devices><device>, the preset "
+    sp.add_argument("--name", type=_name, help="run name in the config (default: <preset>-<devices><device>, the preset "
                                    "--size names and the devices of all nodes: --size 125m --gpus 8xH100 "
                                    "--nodes 2 is gpt2-124m-16h100)")
     sp.add_argument("--replicate-degree", type=int, default=1, metavar="N",

@@ -31,10 +31,9 @@ def check_export(uri: str) -> None:
                                 f"(raylm export RUN --format hf --out EXPORT_DIR)")
 
 
-def vllm_serving_args(export: str, cfg: ServeConfig, model_name: str) -> dict:
-    """The `LLMServingArgs` for `build_openai_app`, as plain data: one `LLMConfig` for the
-    export (local path, or s3:// as a cloud mirror vLLM's replicas download), with raylm's
-    batch, limits, backpressure and autoscaling settings mapped to Serve's and vLLM's names."""
+def check_access(cfg: ServeConfig) -> None:
+    """The vLLM app takes no API key and so serves on loopback only: ConfigError otherwise,
+    before anything starts (`raylm serve` checks it before Ray does)."""
     from raylm.serve.app import API_KEY_ENV, LOOPBACK
 
     if cfg.api_key or os.environ.get(API_KEY_ENV):
@@ -44,6 +43,13 @@ def vllm_serving_args(export: str, cfg: ServeConfig, model_name: str) -> dict:
     if cfg.host not in LOOPBACK:
         raise ConfigError(f"serve.host={cfg.host}: the vLLM app has no API key, so it serves on loopback only; "
                           "put a gateway that authenticates in front, or use --engine raylm with an API key")
+
+
+def vllm_serving_args(export: str, cfg: ServeConfig, model_name: str) -> dict:
+    """The `LLMServingArgs` for `build_openai_app`, as plain data: one `LLMConfig` for the
+    export (local path, or s3:// as a cloud mirror vLLM's replicas download), with raylm's
+    batch, limits, backpressure and autoscaling settings mapped to Serve's and vLLM's names."""
+    check_access(cfg)
     source: str | dict = {"bucket_uri": export} if storage.is_s3(export) else os.path.abspath(export)
     deployment = {
         "max_ongoing_requests": cfg.max_ongoing_requests,

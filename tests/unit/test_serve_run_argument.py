@@ -30,3 +30,19 @@ def test_a_run_with_no_checkpoint_is_named_before_ray(tmp_path, capsys, monkeypa
     assert main(["serve", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("raylm: error: ") and str(tmp_path / "nope") in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--host", "0.0.0.0"], "serve.host=0.0.0.0: serving beyond loopback needs an API key"),
+    (["--engine", "vllm", "--api-key", "k"], "serve.api_key: the vLLM app's ingress cannot check"),
+    (["--engine", "vllm", "--host", "0.0.0.0"], "serve.host=0.0.0.0: the vLLM app has no API key"),
+])
+def test_access_settings_are_refused_before_ray(tiny_run, capsys, monkeypatch, no_ray_started, argv, named):
+    """A host beyond loopback without a key, and the vLLM app given a key it would ignore or a
+    host beyond loopback, were refused only once Ray (and for the raylm engine, Serve's
+    proxy) had started."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    assert main(["serve", tiny_run, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raylm: error: " + named) and len(err.splitlines()) == 1, err
