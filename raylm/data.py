@@ -266,12 +266,56 @@ def read_manifest(out: str, s3: S3Config | None = None, strict: bool = False) ->
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError too
         why = f"not valid JSON: {str(e).splitlines()[0][:100]}"
     else:
-        if is_raylm_manifest(manifest) or (isinstance(manifest, dict) and not strict):
+        if is_raylm_manifest(manifest):
+            damage = _manifest_damage(manifest)
+            if damage is None:
+                return manifest
+            raise DataError(f"{uri}: a damaged manifest ({damage}); move it away and prepare the dataset again "
+                            f"(`raylm data prepare`), or use another directory")
+        if isinstance(manifest, dict) and not strict:
             return manifest
         why = (f"no {', '.join(k for k in MANIFEST_KEYS if k not in manifest)}" if isinstance(manifest, dict)
                else f"a JSON {type(manifest).__name__}, not an object")
     raise DataError(f"{uri}: not a manifest raylm wrote ({why}); move it away or use another directory "
                     f"(a glob in data.path selects the corpus files beside it)")
+
+
+def _manifest_damage(manifest: dict, whole: bool = False) -> str | None:
+    """What is wrong with the fields training and re-preparing read from a manifest raylm wrote
+    (one edited by hand, or from another version), in a few words; None if nothing. Fields
+    left out are wrong only where `whole` (training reads it: `prepared_datasets`)."""
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not count(manifest["seq_len"]) or not manifest["seq_len"]:
+        return f"seq_len {manifest['seq_len']!r} is not a positive integer"
+    if ("tokenizer_sha256" in manifest or whole) and not isinstance(manifest.get("tokenizer_sha256"), str):
+        return "no tokenizer_sha256 string"
+    if "row_bytes" in manifest and not count(manifest["row_bytes"]):
+        return f"row_bytes {manifest['row_bytes']!r} is not a count"
+    stats = manifest.get("stats", {})
+    if not isinstance(stats, dict) or not isinstance(stats.get("bad_records", []), list):
+        return "stats.bad_records is not a list"
+    if "columns" in manifest and not (isinstance(manifest["columns"], list) and manifest["columns"]
+                                      and all(isinstance(c, str) for c in manifest["columns"])):
+        return "columns is not a list of names"
+    for split in ("train", "val"):
+        part = manifest.get(split)
+        if part is None and not whole:
+            continue
+        if not isinstance(part, dict):
+            return f"no {split} object"
+        if not count(part.get("blocks")):
+            return f"{split}.blocks {part.get('blocks')!r} is not a count"
+        shards = part.get("shards")
+        if not isinstance(shards, list):
+            return f"{split}.shards is not a list"
+        for i, shard in enumerate(shards):
+            if not isinstance(shard, dict) or not isinstance(shard.get("path"), str):
+                return f"{split}.shards[{i}] has no path"
+            if shard.get("rows") is not None and not count(shard["rows"]):
+                return f"{split}.shards[{i}].rows {shard['rows']!r} is not a count"
+    return None
 
 
 def _cleaned_documents(files: list[storage.FileInfo], val_files: list[storage.FileInfo], cfg: DataConfig, s3,
@@ -797,7 +841,9 @@ def prepare(cfg: DataConfig, tokenizer, out: str, seed: int, s3: S3Config | None
                                                "max_bad_records")},
         "stats": stats.to_dict(),
     }
-    storage.write_text(storage.join(out, DATACARD), datacard(manifest), s3)
+    card = datacard(manifest)
+    _check_attempt_whole(out, attempt, manifest, s3)
+    storage.write_text(storage.join(out, DATACARD), card, s3)
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1), s3)  # last: the commit
     remove_stale_attempts(out, rel, s3)
     log(summary_line(stats))
@@ -978,15 +1024,36 @@ def datacard(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_attempt_whole(out: str, attempt: str, manifest: dict, s3) -> None:
+    """Every shard the manifest about to be committed names is still there: another prepare into
+    the same directory that finished first removes this one's attempt (`remove_stale_attempts`
+    takes it for a killed one), and a manifest naming removed shards would be committed over
+    that prepare's whole one (and then remove it in turn)."""
+    listed = {storage.relative(f.uri, out) for f in storage.list_files(attempt, s3, pattern=False)}
+    missing = [storage.join(out, s["path"]) for split in ("train", "val") for s in manifest[split]["shards"]
+               if s["path"] not in listed]
+    if missing:
+        raise DataError(f"{out}: {_count(len(missing), 'shard')} of this prepare were removed while it ran "
+                        f"({missing[0]}), by another `raylm data prepare` into the same directory; its dataset "
+                        f"there is left as it is: run one prepare at a time into a directory")
+
+
 def remove_stale_attempts(out: str, keep: str, s3) -> None:
     """Every attempt under `out` but `keep`, whole: deleting only the files a listing shows
     left each old attempt's directories behind, and the partial shard a killed write left
-    (a temporary file, which listings leave out), on every re-prepare."""
-    names = {storage.relative(f.uri, out).split("/", 1)[0] for f in storage.list_files(out, s3, pattern=False)}
+    (a temporary file, which listings leave out), on every re-prepare. Only directories holding
+    nothing but an attempt's `train` and `val` are attempts: a file or directory of the user's
+    whose name starts with "attempt-" is left alone."""
+    inside: dict[str, set] = collections.defaultdict(set)  # name -> what it holds (None: it is a file)
+    for f in storage.list_files(out, s3, pattern=False):
+        name, _, rest = storage.relative(f.uri, out).partition("/")
+        inside[name].add(rest.split("/", 1)[0] if rest else None)
     if not storage.is_s3(out) and os.path.isdir(out):  # also attempts holding no finished file
-        names.update(os.listdir(out))
-    for name in sorted(names):
-        if name.startswith("attempt-") and name != keep:
+        for name in os.listdir(out):
+            path = os.path.join(out, name)
+            inside[name].update(os.listdir(path) if os.path.isdir(path) and not os.path.islink(path) else [None])
+    for name in sorted(inside):
+        if name.startswith("attempt-") and name != keep and inside[name] <= {"train", "val"}:
             storage.delete(storage.join(out, name), s3)
 
 
@@ -1013,6 +1080,10 @@ IN_MEMORY_BYTES = 256 * 2**20
 
 def prepared_datasets(out: str, manifest: dict, s3: S3Config | None = None) -> dict:
     """The "train" and "val" Ray Datasets of a prepared dataset, for `run_ray_training`."""
+    damage = _manifest_damage(manifest, whole=True) if is_raylm_manifest(manifest) else None
+    if damage is not None:
+        raise DataError(f"{storage.join(out, MANIFEST)}: a damaged manifest ({damage}); prepare the dataset "
+                        f"again (`raylm data prepare`)")
     return {split: training_dataset(out, manifest, split, s3) for split in ("train", "val")}
 
 
