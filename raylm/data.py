@@ -1078,12 +1078,19 @@ def shard_uris(out: str, manifest: dict, split: str) -> list[str]:
 IN_MEMORY_BYTES = 256 * 2**20
 
 
-def prepared_datasets(out: str, manifest: dict, s3: S3Config | None = None) -> dict:
-    """The "train" and "val" Ray Datasets of a prepared dataset, for `run_ray_training`."""
+def check_manifest_whole(out: str, manifest: dict) -> None:
+    """DataError naming the manifest of the prepared dataset at `out` and its field, where a
+    field training reads is missing or of the wrong type (a manifest edited by hand, or from
+    another version): it was a KeyError or TypeError deep in the loading."""
     damage = _manifest_damage(manifest, whole=True) if is_raylm_manifest(manifest) else None
     if damage is not None:
         raise DataError(f"{storage.join(out, MANIFEST)}: a damaged manifest ({damage}); prepare the dataset "
                         f"again (`raylm data prepare`)")
+
+
+def prepared_datasets(out: str, manifest: dict, s3: S3Config | None = None) -> dict:
+    """The "train" and "val" Ray Datasets of a prepared dataset, for `run_ray_training`."""
+    check_manifest_whole(out, manifest)
     return {split: training_dataset(out, manifest, split, s3) for split in ("train", "val")}
 
 

@@ -23,8 +23,9 @@ from raylm.errors import ConfigError, PathNotFoundError, UserError
 from raylm import run_lock, storage
 from raylm.config import Config, DataConfig
 from raylm.corpus import write_builtin_corpus
-from raylm.data import (MANIFEST, SUFFIXES, TEXT_ENCODING, DataError, check_error_budget, corpus_files, dataset_key,
-                        list_corpus, prepare, prepared_datasets, read_manifest, runs_in_process, stream_datasets)
+from raylm.data import (MANIFEST, SUFFIXES, TEXT_ENCODING, DataError, check_error_budget, check_manifest_whole,
+                        corpus_files, dataset_key, list_corpus, prepare, prepared_datasets, read_manifest,
+                        runs_in_process, stream_datasets)
 from raylm.documents import clean_text, parse_documents
 from raylm.generate import complete, load_for_inference, load_tokenizer
 from raylm.interrupts import InterruptsHeld, stop_on_sigterm
@@ -748,6 +749,7 @@ def ensure_data(cfg: Config, tok: Tokenizer, corpus: tuple | None = None) -> tup
     manifest = _prepared_manifest(cfg)
     if manifest is not None:
         out = cfg.data.path
+        check_manifest_whole(out, manifest)  # before its fields are read
         log(f"data: prepared dataset {out} ({manifest['train']['blocks']} train blocks)")
         if manifest.get("text_encoding", 1) < TEXT_ENCODING:
             log(f"data: warning: {out} was prepared by an older raylm, which read chat marker strings in "

@@ -64,3 +64,15 @@ def test_a_field_of_the_wrong_type_is_refused_where_the_manifest_is_read(tmp_pat
 def test_a_whole_manifest_reads_as_it_is(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(GOOD))
     assert read_manifest(str(tmp_path), strict=True) == GOOD
+
+
+def test_a_prepared_data_path_whose_manifest_lacks_train_is_one_line_before_its_fields_are_read(tmp_path):
+    """`pretrain data.path=<prepared dir>` reads the manifest's train block count to log it
+    (raylm.pipeline.ensure_data): a manifest without `train` was a bare KeyError there."""
+    from raylm.config import load_config
+    from raylm.pipeline import ensure_data
+
+    (tmp_path / "manifest.json").write_text(json.dumps(_with(train=KeyError)))
+    cfg = load_config(overrides=[f"data.path={tmp_path}", f"storage={tmp_path / 'runs'}"])
+    with pytest.raises(DataError, match=r"manifest\.json: a damaged manifest \(no train object\)"):
+        ensure_data(cfg, tok=None)
