@@ -46,10 +46,13 @@ class EngineProcess:
 
     def __init__(self, run: str, *, threads: int | None = None, **engine_kw):
         ours, theirs = socket.socketpair()
-        # The replica's own import path, in its order (a Ray worker's includes a job's working_dir).
+        # The replica's own import path, in its order (a Ray worker's includes a job's working_dir),
+        # and nothing before it: -P, else `-m` puts the current directory first, and whatever
+        # sits there (anyone's torch.py, another raylm checkout) ran in the engine process.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with theirs:
-            self._proc = subprocess.Popen([sys.executable, "-m", "raylm.serve.engine_process", str(theirs.fileno())],
+            self._proc = subprocess.Popen([sys.executable, "-P", "-m", "raylm.serve.engine_process",
+                                           str(theirs.fileno())],
                                           pass_fds=(theirs.fileno(),), env=env)
         self._conn = Connection(ours.detach())
         self._conn.send((run, threads, engine_kw))
@@ -184,6 +187,17 @@ def _main(fd: int) -> int:
 
     threading.excepthook = fatal
     run, threads, engine_kw = conn.recv()
+    loaded = threading.Event()
+
+    def orphaned() -> None:
+        # The replica sends nothing more until it hears "ready": the socket readable before
+        # then is its end closing (it died, or was killed, mid-load). A load can take minutes
+        # (or hang on storage): nobody would use the model, and the memory is the next replica's.
+        while not loaded.is_set():
+            if conn.poll(0.5) and not loaded.is_set():  # poll(2), not select(2): any fd number
+                os._exit(1)
+
+    threading.Thread(target=orphaned, name="orphaned", daemon=True).start()
     try:
         import torch
 
@@ -223,6 +237,7 @@ def _main(fd: int) -> int:
                 pass
 
     engine.step_done = step_done
+    loaded.set()  # before "ready": the replica may send at once
     conn.send(("ready", {"tokenizer": engine.tokenizer, "max_seq_len": engine.max_seq_len,
                          "vocab_size": engine.vocab_size, "meta": engine.meta, "stats": engine.stats()}))
     closing = None  # the thread that closes the engine, once the replica asks
