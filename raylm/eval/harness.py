@@ -71,6 +71,14 @@ class RayLM(LM):
         super().__init__()
         # batch_size/max_batch_size: the harness passes them to every model; raylm batches by
         # tokens (batch_tokens), as requests of one task vary widely in length.
+        # A model_args key raylm does not know (a misspelt `worker=4`, or `dtype=` of lm-eval's
+        # hf model) was dropped without a word: the evaluation then ran, and was recorded, with
+        # a setting other than the one typed. lm-eval's --trust_remote_code adds its key to
+        # every model's model_args; raylm runs no remote code, so that one means nothing here.
+        unknown = sorted(k for k in unused if k != "trust_remote_code")
+        if unknown:
+            raise ConfigError(f"--model_args {', '.join(unknown)}: not an argument of --model raylm (it takes path, "
+                              f"workers, cpus_per_worker, gpus_per_worker, batch_tokens, device, endpoint_url)")
         if runner is None:
             if not path:
                 raise ConfigError("--model raylm needs model_args path=<run or checkpoint directory>")
@@ -123,6 +131,9 @@ class RayLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             sample = bool(kwargs.get("do_sample", False))
             temperature = float(kwargs.get("temperature", 1.0 if sample else 0.0)) if sample else 0.0
+            # A sampling task's nucleus (humaneval_64: temperature 0.2, top_p 0.95) was dropped, so
+            # it sampled from the whole distribution; greedy decoding reads no top_p, as in lm-eval's hf model.
+            top_p = float(kwargs.get("top_p", 1.0) or 1.0) if sample else 1.0
             batch.append(([tok.eos_id] + tok.encode(context), until, int(kwargs.get("max_gen_toks", 256)),
-                          temperature, int(kwargs.get("top_k", 0) or 0), int(kwargs.get("seed", 0) or 0) + i))
+                          temperature, int(kwargs.get("top_k", 0) or 0), int(kwargs.get("seed", 0) or 0) + i, top_p))
         return self.runner.complete(batch)

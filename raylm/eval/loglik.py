@@ -207,10 +207,12 @@ def last_document(ctx: list[int], doc_sep: int) -> tuple[list[int], bool]:
 
 @torch.no_grad()
 def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens: int,
-                   temperature: float = 0.0, top_k: int = 0, seed: int = 0, doc_sep: int | None = None) -> str:
+                   temperature: float = 0.0, top_k: int = 0, seed: int = 0, doc_sep: int | None = None,
+                   top_p: float = 1.0) -> str:
     """The text generated after `ctx` (ids), cut before the first of `until`; it also ends at
-    EOS or the chat's end-of-turn token. temperature 0: greedy. `doc_sep`: generate as the
-    document-masked forward reads (see the module docstring)."""
+    EOS or the chat's end-of-turn token. temperature 0: greedy; top_k, top_p (1: off) as
+    raylm.generate.sample_token. `doc_sep`: generate as the document-masked forward reads (see
+    the module docstring)."""
     from raylm.generate import sample_token  # here: a pool actor that only scores never imports checkpointing
     from raylm.tokenizer import END
 
@@ -229,7 +231,7 @@ def complete_until(model, tok, ctx: list[int], until: list[str], max_new_tokens:
     text = ""
     for step in range(max_new_tokens):
         # Only the tokenizer's ids: a vocabulary padded past it (to a multiple of 64) has rows with no text.
-        nxt = sample_token(model.logits(h[0, -1])[:tok.vocab_size], temperature, top_k, gen)
+        nxt = sample_token(model.logits(h[0, -1])[:tok.vocab_size], temperature, top_k, gen, top_p)
         if nxt in stops:
             break
         out.append(nxt)

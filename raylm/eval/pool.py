@@ -2,7 +2,7 @@
 
 A unit (raylm.eval.loglik) is plain data: {"kind": "loglik", "groups": [...], "vocab_size":
 the tokenizer's size, the ids log-probabilities are normalised over} or {"kind": "gen",
-"items": [[index, context ids, until, max_new_tokens, temperature, top_k, seed], ...]}, each
+"items": [[index, context ids, until, max_new_tokens, temperature, top_k, seed(, top_p)], ...]}, each
 with "doc_sep": the EOS id of a model trained with document masking, scored with that mask
 (raylm.eval.loglik), else None. `run_unit` is the one function that computes a unit;
 `LocalRunner` calls it in a loop, `RayPoolRunner` on actors that each load the model once.
@@ -42,9 +42,10 @@ def run_unit(model, tok, unit: dict) -> list[list]:
     doc_sep = unit.get("doc_sep")
     if unit["kind"] == "loglik":
         return score_unit(model, unit["groups"], doc_sep, unit["vocab_size"])
-    if unit["kind"] == "gen":
-        return [[idx, complete_until(model, tok, ctx, until, max_new, temperature, top_k, seed, doc_sep)]
-                for idx, ctx, until, max_new, temperature, top_k, seed in unit["items"]]
+    if unit["kind"] == "gen":  # an item's top_p, after its seed, may be left out (1: off)
+        return [[idx, complete_until(model, tok, ctx, until, max_new, temperature, top_k, seed, doc_sep,
+                                     *top_p[:1])]
+                for idx, ctx, until, max_new, temperature, top_k, seed, *top_p in unit["items"]]
     raise ValueError(f"unknown unit kind {unit['kind']!r}")
 
 
@@ -101,7 +102,8 @@ class Runner:
         return out
 
     def complete(self, requests: list[tuple]) -> list[str]:
-        """Completions of (context ids, until, max_new_tokens, temperature, top_k, seed) requests."""
+        """Completions of (context ids, until, max_new_tokens, temperature, top_k, seed[, top_p])
+        requests."""
         order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
         items = [[i, *requests[i]] for i in order]
         units = [{"kind": "gen", "items": items[k:k + GEN_ITEMS_PER_UNIT], "doc_sep": self.doc_sep}
