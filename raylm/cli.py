@@ -501,6 +501,9 @@ def cmd_eval(args) -> None:
                        limit=args.limit, num_fewshot=args.num_fewshot, out=args.out, log=to_stderr)
     from raylm.eval.results import markdown_table
 
+    if args.limit:  # as results.md says it: a table of part of each task must not read as the score
+        print(f"--limit {args.limit}: the first {args.limit} items of each task and documents of each corpus "
+              f"only, not the full score\n")
     print(markdown_table(out["results"]), end="")
     print(json.dumps(out["paths"]))
 

@@ -33,3 +33,17 @@ def test_limit_scores_the_first_documents_of_a_corpus(tiny_run, tmp_path):
     # A limited score says so: written to <run>/eval/<ckpt>, it is never read as the full one.
     assert json.load(open(out["paths"]["json"]))["limit"] == 1
     assert "--limit 1: the first 1 items" in open(out["paths"]["markdown"]).read()
+
+
+def test_the_printed_table_of_a_limited_eval_says_so(tiny_run, tmp_path, capsys):
+    """`raylm eval --limit 1 ... > results.md` printed the bare table on stdout: only the files
+    it wrote said the score was partial."""
+    from raylm.cli import main
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    assert main(["eval", str(tiny_run), "--corpus", str(corpus), "--limit", "1", "--out", str(tmp_path / "out"),
+                 "eval.workers=0"]) in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("--limit 1: the first 1 items of each task and documents of each corpus only, not the "
+                          "full score\n\n| task |"), out
