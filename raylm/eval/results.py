@@ -70,6 +70,8 @@ def write_results(out: str, rows: list[dict], header: dict, s3=None) -> dict:
           + (f"; --limit {header['limit']}: the first {header['limit']} items of each task and documents of "
              f"each corpus only, not the full score" if header.get("limit") else "")
           + (f"; --num-fewshot {header['num_fewshot']}" if header.get("num_fewshot") is not None else "")
+          + (f"; generation tasks sampled at eval.temperature={header['gen_temperature']:g}, seed "
+             f"{header.get('seed')}" if header.get("gen_temperature") else "")
           + ")\n\n" + markdown_table(rows))
     paths = {"json": storage.join(out, "results.json"), "markdown": storage.join(out, "results.md")}
     # storage.write_text: a whole object on S3; locally a temporary file flushed to disk, then

@@ -153,7 +153,9 @@ def evaluate_run(run: str, cfg: Config, *, tasks=(), include_path: str | None = 
                       **facts, "harness": "raylm"} for m in ("bpb", "loss", "ppl")]
     # `limit`: a score of the first N items or documents only, never to be read as the full one
     header = {**facts, "lm_eval_version": version, "seconds": round(time.time() - t0, 2),
-              "workers": ec.workers, "limit": limit, "num_fewshot": num_fewshot}
+              "workers": ec.workers, "limit": limit, "num_fewshot": num_fewshot,
+              # built-in generation tasks sampled (eval.temperature > 0): their scores vary with the seed
+              **({"gen_temperature": ec.temperature, "seed": cfg.seed} if gen and ec.temperature > 0 else {})}
     paths = write_results(out, rows, header, s3)
     log(f"eval: {len(rows)} results -> {paths['json']}")
     return {**header, "results": rows, "paths": paths}
