@@ -40,7 +40,8 @@ import torch
 from raylm.errors import ConfigError, OutputExistsError
 from raylm import storage
 from raylm.config import S3Config
-from raylm.export.hf import CHAT_TEMPLATE, _to_stderr, check_local_out, check_vocab
+from raylm.export.hf import (CHAT_TEMPLATE, _to_stderr, check_local_out, check_out_outside_run, check_vocab,
+                             local_out)
 from raylm.hf import _check_llama, fold_logit_scale, trim_vocab
 from raylm.progress import Progress
 from raylm.tokenizer import END, ROLE_TOKENS, Tokenizer
@@ -309,6 +310,9 @@ def export_run_gguf(uri: str, out: str, s3: S3Config | None = None, checkpoint: 
     # Whatever refuses the output or the dtype does so before the load (minutes, for a big
     # model), not after it.
     _check_dtype(dtype)
+    if not storage.is_s3(out):
+        out = local_out(out)
+    check_out_outside_run(src, out)
     if storage.is_s3(out):
         _check_s3_out(out, s3)
     else:

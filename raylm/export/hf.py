@@ -240,6 +240,39 @@ def _check_options(dtype: torch.dtype | str, max_shard_bytes: int) -> torch.dtyp
     return _dtype(dtype)
 
 
+def local_out(out: str) -> str:
+    """A local output path as raylm's storage layer reads one (`raylm.storage`): a `file://`
+    prefix dropped and `~` the home directory (else the export went to `./file:/...` or
+    `./~/...` under the working directory); another scheme than s3:// is refused in one line,
+    not made a local directory. A relative path stays relative."""
+    if "://" in out and not out.startswith("file://"):
+        storage._local(out)  # a StorageError naming the unsupported scheme
+    return os.path.expanduser(out.removeprefix("file://"))
+
+
+def check_out_outside_run(src: str, out: str) -> None:
+    """Refuse an output inside the directory of the run that `src` (a run, or one of its
+    checkpoints, `ckpt-N`) belongs to: the run deletes what it owns there as it trains on
+    (retention removes `ckpt-N/` whole, an export inside it too; a restarted run its
+    `eval/ckpt-N/` and `report/`), so an export there would be lost without a word. Told
+    from the paths alone: nothing is read."""
+    from raylm.checkpoint import _NAME
+
+    if storage.is_s3(out) != storage.is_s3(src):
+        return
+    if storage.is_s3(src):
+        src, there = src.rstrip("/"), out
+    else:  # a link to the run (or a path through one) is the run
+        src, there = os.path.realpath(local_out(src)), os.path.realpath(local_out(out))
+    run_dir = storage.parent(src) if _NAME.match(src.rpartition("/")[2]) else src
+    try:
+        storage.relative(there, run_dir)
+    except ValueError:
+        return
+    raise ConfigError(f"{out}: inside the run directory {run_dir}, whose checkpoints, eval results and report "
+                      f"the run deletes as it trains on; export outside it")
+
+
 def check_local_out(out: Path, fix: str) -> None:
     """Refuse a local output path that cannot become a new export: anything already there (a
     dangling link too: a rename would replace it), or a path under a file."""
@@ -328,6 +361,9 @@ def export_run(uri: str, out: str, s3: S3Config | None = None, checkpoint: str |
     # Whatever refuses the output or the options does so before the load (minutes, for a big
     # model), not after it.
     _check_options(dtype, max_shard_bytes)
+    if not storage.is_s3(out):
+        out = local_out(out)
+    check_out_outside_run(src, out)
     if storage.is_s3(out):
         _clear_failed_upload(out, s3)
     else:
