@@ -214,8 +214,6 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
     {"url", "answer", "command"}: the command starts the same server again. Where Serve runs
     already, the app goes on its port under a name and route prefix of its own
     (`chat_placement`), and the apps already there are left alone."""
-    from ray import serve
-
     from raylm.pipeline import started_env
     from raylm.serve.app import resolve_api_key, start
 
@@ -241,15 +239,10 @@ def serve_and_chat(run: str, message: str, cfg: ServeConfig | None = None, max_t
                               {"model": model["data"][0]["id"], "messages": [{"role": "user", "content": message}],
                                "max_tokens": max_tokens, "temperature": 0}, key)
         finally:
-            serve.delete(name)
-            # Serve itself goes only where this call started it on a cluster that outlives
-            # this process, and no app is left on it. A joined cluster that already ran Serve
-            # may serve other apps; so may one where Serve was started here, once another
-            # command (a second quickstart, a `raylm serve`) deployed its own app on it
-            # meanwhile: stopping Serve deleted that app, its requests cut. A cluster this
-            # process started goes down with it, Serve included.
-            if not was_running and started_env() is None and not serve.status().applications:
-                stop_serve()
+            # Serve itself goes only where this call started it on a cluster that outlives this
+            # process (a cluster this process started goes down with it, Serve included), and
+            # only with no other app left on it (`stop_app`).
+            stop_app(name, serve_ran_before=was_running or started_env() is not None)
     finally:
         driver_log.setLevel(level)
     return {"url": base, "answer": reply["choices"][0]["message"]["content"],
