@@ -53,6 +53,12 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+def step_of(name: str) -> int | None:
+    """The step a checkpoint directory's name holds (`ckpt-00000004`: 4); None for another name."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

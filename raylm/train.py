@@ -997,8 +997,8 @@ def load_parent_weights(model, cfg: Config) -> str:
 
 def _step_of(name: str) -> int:
     """The step of checkpoint name `name` (`ckpt-00000004`: 4); -1 for another name."""
-    m = checkpoint._NAME.match(name)
-    return int(m.group(1)) if m else -1
+    step = checkpoint.step_of(name)
+    return -1 if step is None else step
 
 
 def _read_rollback(uri: str, s3) -> dict | None:

@@ -256,7 +256,7 @@ def check_out_outside_run(src: str, out: str) -> None:
     (retention removes `ckpt-N/` whole, an export inside it too; a restarted run its
     `eval/ckpt-N/` and `report/`), so an export there would be lost without a word. Told
     from the paths alone: nothing is read."""
-    from raylm.checkpoint import _NAME
+    from raylm.checkpoint import step_of
 
     if storage.is_s3(out) != storage.is_s3(src):
         return
@@ -264,7 +264,7 @@ def check_out_outside_run(src: str, out: str) -> None:
         src, there = src.rstrip("/"), out
     else:  # a link to the run (or a path through one) is the run
         src, there = os.path.realpath(local_out(src)), os.path.realpath(local_out(out))
-    run_dir = storage.parent(src) if _NAME.match(src.rpartition("/")[2]) else src
+    run_dir = storage.parent(src) if step_of(src.rpartition("/")[2]) is not None else src
     try:
         storage.relative(there, run_dir)
     except ValueError:
