@@ -499,11 +499,10 @@ def cmd_eval(args) -> None:
     # Its log lines on stderr, as its progress: stdout is the results (`raylm eval ... > results.md`).
     out = evaluate_run(args.run, cfg, tasks=tasks, include_path=args.include_path, corpora=args.corpus or (),
                        limit=args.limit, num_fewshot=args.num_fewshot, out=args.out, log=to_stderr)
-    from raylm.eval.results import markdown_table
+    from raylm.eval.results import limit_note, markdown_table
 
     if args.limit:  # as results.md says it: a table of part of each task must not read as the score
-        print(f"--limit {args.limit}: the first {args.limit} items of each task and documents of each corpus "
-              f"only, not the full score\n")
+        print(limit_note(args.limit) + "\n")
     print(markdown_table(out["results"]), end="")
     print(json.dumps(out["paths"]))
 

@@ -62,13 +62,17 @@ def finite(x):
     return x
 
 
+def limit_note(limit: int) -> str:
+    """What a score under `--limit` is: never to be read as the full one."""
+    return f"--limit {limit}: the first {limit} items of each task and documents of each corpus only, not the full score"
+
+
 def write_results(out: str, rows: list[dict], header: dict, s3=None) -> dict:
     """Write results.json and results.md into `out` (local or s3://); returns their paths."""
     doc = json.dumps(finite({**header, "results": rows}), indent=1, allow_nan=False)
     md = (f"Evaluation of `{header.get('checkpoint', '?')}` (tokenizer {str(header.get('tokenizer_sha256', ''))[:12]}, "
           f"lm-eval {header.get('lm_eval_version') or 'not used'}"
-          + (f"; --limit {header['limit']}: the first {header['limit']} items of each task and documents of "
-             f"each corpus only, not the full score" if header.get("limit") else "")
+          + (f"; {limit_note(header['limit'])}" if header.get("limit") else "")
           + (f"; --num-fewshot {header['num_fewshot']}" if header.get("num_fewshot") is not None else "")
           + (f"; generation tasks sampled at eval.temperature={header['gen_temperature']:g}, seed "
              f"{header.get('seed')}" if header.get("gen_temperature") else "")
