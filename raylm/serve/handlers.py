@@ -172,9 +172,7 @@ class OpenAIService:
     def model(self, name: str) -> dict:
         """GET /v1/models/{name} (the openai client's `models.retrieve`): the served model, or
         404 model_not_found naming it."""
-        if name != self.model_name:
-            raise P.APIError(404, f"model: {name!r} does not exist; this server serves {self.model_name!r}",
-                             "model", code="model_not_found")
+        self._check_model(name)
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "raylm",
                 "max_model_len": self.engine.max_seq_len}
 
@@ -192,7 +190,7 @@ class OpenAIService:
         """A response dict, or an async iterator of SSE lines when `req.stream`. `deadline`: the
         event loop's time at which the request's `request_timeout_s` ends, counted from its
         arrival (the body's reading takes its share); default: that long from now."""
-        self._check_model(req)
+        self._check_model(req.model)
         if req.max_tokens == 0 and not req.echo:
             raise P.APIError(400, "max_tokens: 0 returns nothing unless echo is true", "max_tokens")
         self._check_n(len(req.prompts()) * req.n)  # before any work: n and the prompts are the client's
@@ -219,7 +217,7 @@ class OpenAIService:
 
     async def chat(self, req: P.ChatCompletionRequest, disconnected: Callable[[], Awaitable[None]],
                    deadline: float | None = None):
-        self._check_model(req)
+        self._check_model(req.model)
         self._check_n(req.n)
         try:
             ids, _ = self.tok.encode_chat(req.chat(), add_generation_prompt=True)
@@ -249,9 +247,9 @@ class OpenAIService:
 
     # ------------------------------------------------------------------ request checks
 
-    def _check_model(self, req) -> None:
-        if req.model != self.model_name:
-            raise P.APIError(404, f"model: {req.model!r} does not exist; this server serves {self.model_name!r}",
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise P.APIError(404, f"model: {name!r} does not exist; this server serves {self.model_name!r}",
                              "model", code="model_not_found")
 
     def _check_n(self, total: int) -> None:
