@@ -100,14 +100,23 @@ def parent_of(cfg: Config, recorded: str | None = None, given: frozenset = froze
 
 def _replaced(cfg: Config, ckpt: str) -> bool:
     """Whether the recorded parent checkpoint `ckpt` is complete but no longer the one the run
-    started from: its commit marker's sha256 is not the one the run's record holds (the parent
-    run started over and wrote that step again). False where the record holds no hash."""
+    started from (the parent run started over and wrote that step again). False where the
+    record holds no hash."""
+    return _is_recorded_parent(cfg, ckpt) is False
+
+
+def _is_recorded_parent(cfg: Config, ckpt: str) -> bool | None:
+    """Whether checkpoint `ckpt`'s commit marker has the sha256 the run's record holds for its
+    parent (the marker lists the sha256 of every file of the checkpoint); None where either is
+    missing."""
     marker, uri = storage.join(ckpt, checkpoint.COMMIT_MARKER), storage.join(cfg.run_dir, RECORD)
     if not storage.exists(marker, cfg.s3) or not storage.exists(uri, cfg.s3):
-        return False
+        return None
     parent = json.loads(storage.read_text(uri, cfg.s3)).get("parent")  # a JSON object: recorded_parent read it
     sha = parent.get("sha256") if isinstance(parent, dict) else None
-    return isinstance(sha, str) and bool(sha) and hashlib.sha256(storage.read_bytes(marker, cfg.s3)).hexdigest() != sha
+    if not isinstance(sha, str) or not sha:
+        return None
+    return hashlib.sha256(storage.read_bytes(marker, cfg.s3)).hexdigest() == sha
 
 
 def _moved_parent(cfg: Config, recorded: str) -> str:
@@ -119,14 +128,7 @@ def _moved_parent(cfg: Config, recorded: str) -> str:
     name = _where(recorded).rsplit("/", 1)[-1]
     here = _where(cfg.init_from)
     candidate = here if here.rsplit("/", 1)[-1] == name else storage.join(here, name)
-    marker = storage.join(candidate, checkpoint.COMMIT_MARKER)
-    uri = storage.join(cfg.run_dir, RECORD)
-    if not storage.exists(uri, cfg.s3):
-        return recorded
-    parent = json.loads(storage.read_text(uri, cfg.s3)).get("parent")  # a JSON object: recorded_parent read it
-    sha = parent.get("sha256") if isinstance(parent, dict) else None
-    if isinstance(sha, str) and sha and storage.exists(marker, cfg.s3) \
-            and hashlib.sha256(storage.read_bytes(marker, cfg.s3)).hexdigest() == sha:
+    if _is_recorded_parent(cfg, candidate):
         log(f"{cfg.stage}: the parent checkpoint {recorded} is at {candidate} now (the same commit marker)")
         return candidate
     return recorded
