@@ -10,6 +10,8 @@ pool of Ray actors, started here, while lm-eval builds its requests (raylm.eval.
 model_args: path (run or checkpoint, local or s3://), workers (0: score in this process;
 N: a pool of N Ray actors, each loading the model once), cpus_per_worker, gpus_per_worker,
 batch_tokens (tokens per work unit), device (in-process: cpu or cuda), endpoint_url (S3).
+lm-eval's --apply_chat_template (and --fewshot_as_multiturn) render prompts with raylm's chat
+template, the one SFT trains on (`apply_chat_template`).
 
 Discovery: lm-eval 0.4.13 (the newest release) resolves `--model NAME` only in its own
 registry (lm_eval/api/registry.py get_model, filled from the fixed MODEL_MAPPING of
@@ -101,9 +103,40 @@ class RayLM(LM):
     def tokenizer_name(self) -> str:
         return f"raylm-{self.runner.tok.sha256[:12]}"
 
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """`--apply_chat_template`: the chat rendered with raylm's template, the one SFT trained on,
+        `encode_chat` encodes and the HF export saves (`<|role|>\\n{content}<|end|>\\n` a message);
+        the harness encodes this text as markup, so its ids are `encode_chat`'s (for content without a
+        chat marker string, which markup reads as the marker). With the assistant's
+        turn opened (`add_generation_prompt`), else continuing the last message (a task's
+        gen_prefix), as lm-eval's hf model asks transformers to (`continue_final_message`)."""
+        tok = self.runner.tok
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in chat_history]
+        text = tok.apply_chat_template(messages, add_generation_prompt=bool(add_generation_prompt))
+        if not add_generation_prompt and messages:
+            from raylm.tokenizer import END
+
+            text = text.removesuffix(END + "\n")  # the last message stays open
+        return text
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template lm-eval records with the results of `--apply_chat_template` (the base
+        class recorded an empty one): the Jinja form of raylm's, as the HF export writes it."""
+        from raylm.export.hf import CHAT_TEMPLATE
+
+        return CHAT_TEMPLATE
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.runner.tok, *req.args) for req in requests]
-        return self.runner.loglikelihood(pairs)
+        # An empty continuation (nothing after the context, no trailing whitespace moved to it)
+        # has probability 1: log-likelihood 0, and greedy decoding produces it, as lm-eval's onnx
+        # model answers (0.4.13's hf model stops on an assertion). It raised a bare ValueError from
+        # scoring, which ended the whole evaluation. The others are scored as they would be without it.
+        scored = [i for i, (_, cont) in enumerate(pairs) if cont]
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        for i, result in zip(scored, self.runner.loglikelihood([pairs[i] for i in scored]) if scored else []):
+            out[i] = result
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-text log-likelihood in windows of the model's length (the harness's own
