@@ -13,11 +13,13 @@ package `gguf`:
 * tensors under the converter's names, q_proj/k_proj permuted to llama.cpp's RoPE layout
   (see `permute_for_llama_cpp`), in f32, f16 or q8_0 (1-D norm weights always f32); the
   embedding and head keep the tokenizer's rows only, as the HF export's do (raylm pads its
-  vocabulary to a multiple of 64, and llama.cpp would sample the padding ids).
+  vocabulary to a multiple of 64, and llama.cpp would sample the padding ids). Weights that
+  an f16 tensor or q8_0's float16 block scales would make inf are refused (`_check_range`).
 
 Completeness. A local export is written to a hidden temporary sibling and linked to `out`
 only once closed (`_place`: never over a file there), so `out` either does not exist or is a
-complete file. Object storage has
+complete file; a temporary that a killed export left is removed by the next export to `out`
+(`raylm.export.hf.remove_dead_temps`). Object storage has
 no rename, but an object appears only when its upload completes: an s3:// export is built
 locally and uploaded as one object, then `<out>.raylm_export.json` (the HF export's marker
 content) is written last, so a reader can also tell a finished export by that marker.
@@ -40,8 +42,8 @@ import torch
 from raylm.errors import ConfigError, OutputExistsError
 from raylm import storage
 from raylm.config import S3Config
-from raylm.export.hf import (CHAT_TEMPLATE, _to_stderr, check_local_out, check_out_outside_run, check_vocab,
-                             local_out)
+from raylm.export.hf import (CHAT_TEMPLATE, _to_stderr, check_fits_float16, check_local_out, check_out_outside_run,
+                             check_vocab, local_out, remove_dead_temps, temp_prefix)
 from raylm.hf import _check_llama, fold_logit_scale, trim_vocab
 from raylm.progress import Progress
 from raylm.tokenizer import END, ROLE_TOKENS, Tokenizer
@@ -167,6 +169,20 @@ def _plan(model, dtype: str, gguf, vocab_size: int) -> list[tuple[str, torch.Ten
     return plan
 
 
+def _check_range(model, dtype: str, gguf, vocab_size: int) -> None:
+    """Refuse weights that the plan's float16 would make inf: the f16 tensors' values, and q8_0's
+    block scales (float16 too, of a block's largest magnitude / 127). f32 tensors hold anything."""
+    if dtype == "f32":
+        return
+    q = gguf.GGMLQuantizationType
+    plan = _plan(model, dtype, gguf, vocab_size)
+    check_fits_float16([(name, t) for name, t, qtype in plan if qtype == q.F16],
+                       f"GGUF export dtype {dtype}", "export with dtype f32")
+    check_fits_float16([(name, t) for name, t, qtype in plan if qtype == q.Q8_0],
+                       "GGUF export dtype q8_0", "export with dtype f32", scale=127.0,
+                       why="q8_0 keeps a block's largest magnitude / 127 as a float16 scale: it would become inf")
+
+
 def _array(t: torch.Tensor, qtype, gguf) -> np.ndarray:
     q = gguf.GGMLQuantizationType
     a = t.detach().to("cpu", torch.float32).numpy()
@@ -268,8 +284,11 @@ def export_gguf(model, tokenizer: Tokenizer, meta: dict, out_path: str, dtype: s
     _check_dtype(dtype)
     _check(model, tokenizer)
     out = _check_local_file(out_path)
+    with torch.no_grad():
+        _check_range(model, dtype, _gguf(), tokenizer.vocab_size)  # refused before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    remove_dead_temps(out, is_dir=False)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
     os.close(fd)
     tmp = Path(name)
     try:

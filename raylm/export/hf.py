@@ -9,7 +9,10 @@ transformers is not imported here.
 
 Completeness. A local export is written into a hidden sibling directory and renamed to `out`
 only once every file is in it, so `out` either does not exist or is complete; anything that
-appeared at `out` while the export ran is kept and the export refused (`_place`). Object storage
+appeared at `out` while the export ran is kept and the export refused (`_place`). A sibling
+that a killed export left is removed by the next export to `out` once its process is known to
+be gone (`remove_dead_temps`). Weights that float16 would make inf are refused before anything
+is written (`check_fits_float16`). Object storage
 has no rename: an s3:// export is built locally, uploaded, and `EXPORT_MARKER` is uploaded
 last, `config.json` just before it (what HF readers, which know no marker, look for first:
 a cut upload leaves none); an s3:// export is complete exactly when that marker exists (it
@@ -57,9 +60,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -129,8 +135,8 @@ def _shards(hf_sd: dict[str, torch.Tensor], dtype: torch.dtype, max_bytes: int) 
     return shards
 
 
-def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int, vocab_size: int,
-                   every_s: float | None = None) -> None:
+def _hf_tensors(model, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The tensors the export writes, under their HF names."""
     cfg = model.cfg
     # Views of the parameters, no copies; the tokenizer's rows only (see check_vocab).
     hf_sd = to_hf_state_dict(cfg, model.state_dict(), vocab_size)
@@ -138,6 +144,120 @@ def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int, v
         # One tensor under two names: safetensors refuses shared storage, and HF's own
         # save_pretrained drops the head too; tie_word_embeddings=True re-ties it on load.
         del hf_sd["lm_head.weight"]
+    return hf_sd
+
+
+class WeightRangeError(ConfigError):
+    """A weight too large for the export's float16 (or float16-scaled) values: converted, it
+    would become inf, and the exported model would compute NaNs."""
+
+
+# float16's largest finite value is 65504; from 65520 on (65504 plus half its step of 32) a
+# value rounds to inf when converted, in torch and numpy alike.
+F16_MAX = 65504.0
+_F16_INF_FROM = 65520.0
+
+
+def largest_magnitude(t: torch.Tensor) -> float:
+    """The largest finite |value| in `t` (0.0 for none). NaN and inf already in the weights are
+    left out: no conversion makes them, and every dtype exports them as they are."""
+    t = t.detach()
+    if not t.numel():
+        return 0.0
+    lo, hi = torch.aminmax(t)  # no copy of the tensor
+    if torch.isfinite(lo) and torch.isfinite(hi):
+        return max(-float(lo), float(hi))
+    a = t.abs()
+    return float(a.masked_fill(~torch.isfinite(a), 0).max())
+
+
+def check_fits_float16(tensors, what: str, fix: str, scale: float = 1.0,
+                       why: str = "float16's largest value: it would become inf") -> None:
+    """Refuse, naming the first tensor and its largest magnitude, any of the (name, tensor)
+    pairs whose finite values would become inf as float16 (divided by `scale` first: q8_0's
+    float16 block scales)."""
+    for name, t in tensors:
+        big = largest_magnitude(t)
+        if big / scale >= _F16_INF_FROM:
+            raise WeightRangeError(f"{what}: {name} holds a value of magnitude {big:.7g}, beyond "
+                                   f"±{F16_MAX * scale:.7g} ({why}); {fix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (PermissionError), or cannot tell
+        return True
+    return True
+
+
+def _instance_tag() -> str | None:
+    """A short hash naming this kernel's boot and this process's PID namespace, within which a
+    process id names one process; None where /proc cannot tell them (not Linux, or a /proc
+    mounted from another PID namespace)."""
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot} {ns}".encode()).hexdigest()[:12] if boot and ns else None
+
+
+def _temp_base(out: Path) -> str:
+    return f".{out.name[:200]}.tmp-"  # cut: the tag, pid and random part must fit a name too
+
+
+def temp_prefix(out: Path) -> str:
+    """The name prefix of `out`'s hidden temporary sibling: `.NAME.tmp-`, then (where
+    `_instance_tag` can tell) this kernel boot's and PID namespace's tag and this process's id,
+    so that a later export can tell a killed export's leftover (`remove_dead_temps`)."""
+    tag = _instance_tag()
+    return _temp_base(out) + ("" if tag is None else f"{tag}-{os.getpid()}-")
+
+
+def remove_dead_temps(out: Path, is_dir: bool) -> None:
+    """Remove the temporaries that exports to `out` which were killed before they finished
+    left beside it (a killed process cleans nothing up): those whose name carries this kernel
+    boot's and PID namespace's tag and the id of a process that no longer exists. A live
+    export's temporary is never removed (its process exists: another export to the same path,
+    in this process or another), nor one made on another machine sharing the filesystem or in
+    another container (another tag), nor one whose name gives no process (an older raylm's):
+    whether its process still runs cannot be told from here. A process id reused since only
+    keeps a leftover."""
+    tag = _instance_tag()
+    if tag is None:
+        return
+    # tempfile's random part is [a-z0-9_]: no "." or "-", so no other output's temporary matches.
+    pattern = re.compile(re.escape(f"{_temp_base(out)}{tag}-") + r"([1-9][0-9]{0,9})-[a-z0-9_]+")
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or _alive(int(m[1])):
+            continue
+        path = out.parent / name
+        try:
+            mode = os.lstat(path).st_mode
+            if is_dir and stat.S_ISDIR(mode):
+                shutil.rmtree(path)
+            elif not is_dir and stat.S_ISREG(mode):
+                path.unlink()
+            else:
+                continue
+        except OSError:  # removed meanwhile, or not ours to remove: left as it is
+            continue
+        _to_stderr(f"export: removed {path}, left by an export to {out} that was stopped before it finished")
+
+
+def _write_weights(model, out: Path, dtype: torch.dtype, max_shard_bytes: int, vocab_size: int,
+                   every_s: float | None = None) -> None:
+    hf_sd = _hf_tensors(model, vocab_size)
     shards = _shards(hf_sd, dtype, max_shard_bytes)
     names = [WEIGHTS] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
@@ -330,8 +450,13 @@ def export_hf(model, tokenizer: Tokenizer, meta: dict, out_dir: str, dtype: torc
     dtype = _check_options(dtype, max_shard_bytes)
     out = Path(out_dir)
     check_local_out(out, "export into a new directory")
+    if dtype == torch.float16:  # refused before anything is written
+        check_vocab(model.cfg, tokenizer)
+        check_fits_float16(_hf_tensors(model, tokenizer.vocab_size).items(), "export dtype float16",
+                           "export with dtype bfloat16 or float32")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_dead_temps(out, is_dir=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
         marker = _write_all(model, tokenizer, meta, tmp, dtype, max_shard_bytes, progress_every_s)
         marker["files"] = sorted(p.name for p in tmp.iterdir())  # what readers take as this export
