@@ -601,7 +601,42 @@ def _run(state: dict, cfg: Config, resume: bool, log=print) -> dict:
         log(f"tune: interrupted with {len(left)} trial(s) unfinished ({', '.join(left[:5])}); its state is saved: "
             f"continue it with `raylm tune --resume name={cfg.name} storage={cfg.storage}`")
         raise KeyboardInterrupt
+    if resume:  # the trials of a restored state are what it says; a new search's are this process's own
+        check_recorded(grid, search_dir, cfg.s3, tc.metric)
     return report(grid, state, cfg, tc, log)
+
+
+def check_recorded(grid, search_dir: str, s3, metric: str) -> None:
+    """Every trial the results list with what it reported is a run raylm trained for this
+    search, with the parameters the results give it: its run's record (written by `run_trial`
+    as it starts training) names the trial and holds them. Tune's results are what its state
+    says: a trial added to a saved state, with another trial's reports, was ranked and its
+    config, which nothing trained, written to best.yaml. ConfigError naming the trial."""
+    from raylm.record import RECORD
+    from raylm.tune_state import TRIAL_ID
+
+    seen = set()
+    for res in grid:
+        m = res.metrics or {}
+        df = res.metrics_dataframe
+        if metric not in m and not (df is not None and metric in df and len(df[metric])):
+            continue  # nothing reported: not ranked, its parameters Tune's checked config
+        trial_id = m.get("trial_id")
+        if not isinstance(trial_id, str) or not TRIAL_ID.fullmatch(trial_id) or trial_id in seen:
+            raise ConfigError(f"tune: a trial's results name trial {_show(trial_id)}, not one trial's own id; the "
+                              f"search's state was changed since raylm saved it: start the search anew")
+        seen.add(trial_id)
+        params = {k: plain(v) for k, v in (res.config or {}).items()}
+        uri = storage.join(search_dir, RUNS, trial_id, RECORD)
+        try:
+            record = json.loads(storage.read_text(uri, s3)) if storage.exists(uri, s3) else None
+        except (ValueError, UnicodeDecodeError):
+            record = None
+        own = record.get("tune") if isinstance(record, dict) else None
+        if not (isinstance(own, dict) and own.get("trial_id") == trial_id and _same(own.get("params"), params)):
+            raise ConfigError(f"tune: trial {trial_id} reported {metric} with {_params_text(params) or 'no config'}, "
+                              f"which {uri} does not record as trained; the search's state was changed since raylm "
+                              f"saved it: start the search anew")
 
 
 def unfinished_trials(search_dir: str, s3=None) -> list[str]:
@@ -629,14 +664,44 @@ def trial_log(log, train: TrainConfig):
     return TrialLog(log, train)
 
 
-def _ended(steps: int, train: TrainConfig, params: dict | None = None) -> str:
-    """How a trial that did not fail ended: "finished", or "stopped" early by the scheduler
-    (a time-budgeted run ends where its clock does: finished). Its own train.max_steps and
-    train.time_budget_s where the space searches them, else the base config's."""
+def _ended(steps: int, train: TrainConfig, params: dict | None = None, budget_spent: bool | None = None) -> str:
+    """How a trial that did not fail ended: "finished" (all its train.max_steps), "time budget"
+    (its run stopped itself early, its train.time_budget_s spent: `budget_spent`), or
+    "stopped" early by Tune (ASHA, tune.time_budget_s). Its own train.max_steps and
+    train.time_budget_s where the space searches them, else the base config's. Where whether
+    the budget was spent is not known (None: the trial's run not read), a time-budgeted
+    trial that ended early "ended"."""
     params = params or {}
     max_steps = plain(params.get("train.max_steps", train.max_steps))
     budget = plain(params.get("train.time_budget_s", train.time_budget_s))
-    return "stopped" if steps < max_steps and not budget else "finished"
+    if steps >= max_steps:
+        return "finished"
+    if budget and budget_spent:
+        return "time budget"
+    return "ended" if budget and budget_spent is None else "stopped"
+
+
+def _time_budget_spent(run_dir: str | None, steps: int, s3=None) -> bool | None:
+    """Whether the trial's run stopped itself at `steps` because its train.time_budget_s was
+    spent: training saves the step it ends at, and that checkpoint records the training
+    seconds spent and the run's config. None where `run_dir` holds no raylm run (no record)."""
+    from raylm import checkpoint
+    from raylm.errors import UserError
+    from raylm.record import RECORD
+
+    if run_dir is None or not storage.exists(storage.join(run_dir, RECORD), s3):
+        return None
+    done = [uri for step, uri, complete in checkpoint.list_checkpoints(run_dir, s3) if complete and step == steps]
+    if not done:
+        return False
+    try:
+        meta = checkpoint.read_meta(done[-1], s3)
+    except (UserError, OSError):
+        return False
+    budget = ((meta.get("config") or {}).get("train") or {}).get("time_budget_s")
+    spent = meta.get("train_seconds")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (budget, spent))
+    return numbers and budget > 0 and spent >= budget - 1e-3  # meta.json keeps the seconds to 3 decimals
 
 
 def _params_text(params: dict) -> str:
@@ -650,9 +715,12 @@ def _fmt(v) -> str:
 # --------------------------------------------------------------------------- results
 
 
-def trial_rows(grid, metric: str, mode: str) -> list[dict]:
-    """One row per trial, best first: parameters, status (finished, stopped early by the
-    scheduler, or error), steps reached, the last and best reported metric, and its history."""
+def trial_rows(grid, metric: str, mode: str, runs_dir: str | None = None, s3=None) -> list[dict]:
+    """One row per trial, best first: parameters, error, steps reached, the last and best
+    reported metric, its history, and (`runs_dir`: the trials' runs) whether its run stopped
+    itself there with its time budget spent (`_time_budget_spent`; `report` makes the status)."""
+    from raylm.tune_state import TRIAL_ID
+
     rows = []
     for res in grid:
         df = res.metrics_dataframe
@@ -664,11 +732,15 @@ def trial_rows(grid, metric: str, mode: str) -> list[dict]:
         trial_id = m.get("trial_id") or res.path.rstrip("/").rsplit("/", 1)[-1]
         # The last value reported, NaN included: a trial that ended on NaN (diverged) must not
         # be ranked, and chosen for best.yaml, on a value from before it diverged.
+        # The step of its last report (Tune's last result, kept in its saved state apart from
+        # the reports: a changed one labelled a trial ASHA stopped at step 2 "finished" at 8).
+        steps = reported[-1][0] if reported else int(m.get("step") or 0)
+        run_dir = storage.join(runs_dir, trial_id) if runs_dir and TRIAL_ID.fullmatch(str(trial_id)) else None
         rows.append({"trial": trial_id, "params": {k: plain(v) for k, v in (res.config or {}).items()},
-                     "error": res.error, "steps": int(m.get("step") or 0),
+                     "error": res.error, "steps": steps,
                      "last": reported[-1][1] if reported else None,
                      "best": (min if mode == "min" else max)(v for _, v in hist) if hist else None,
-                     "history": hist})
+                     "history": hist, "budget_spent": _time_budget_spent(run_dir, steps, s3)})
     sign = 1 if mode == "min" else -1
     # A failed trial ranks after every trial that can be ranked, whatever it reported before it
     # failed: best.yaml is never its config, so rank 1 must not be it either.
@@ -684,10 +756,10 @@ def _ranked(row: dict) -> bool:
 def report(grid, state: dict, cfg: Config, tc: TuneConfig, log=print) -> dict:
     """The ranked table (printed and results.csv), best.yaml and val_loss.png."""
     base = load_config(base=state["base"])
-    rows = trial_rows(grid, tc.metric, tc.mode)
-    for r in rows:
-        r["status"] = "error" if r["error"] else _ended(r["steps"], base.train, r["params"])
     search_dir = cfg.run_dir
+    rows = trial_rows(grid, tc.metric, tc.mode, storage.join(search_dir, RUNS), cfg.s3)
+    for r in rows:
+        r["status"] = "error" if r["error"] else _ended(r["steps"], base.train, r["params"], r["budget_spent"])
     keys = sorted({k for r in rows for k in r["params"]})
     header = ["rank", "trial", "status", "steps", f"last_{tc.metric}", f"best_{tc.metric}", *keys]
     table = [[i + 1, r["trial"], r["status"], r["steps"], _num(r["last"]), _num(r["best"]),
@@ -698,6 +770,7 @@ def report(grid, state: dict, cfg: Config, tc: TuneConfig, log=print) -> dict:
     log("tune: results\n" + format_table(header, [[*row[:6], *map(_fmt, row[6:])] for row in table]))
     summary = {"search_dir": search_dir, "trials": len(rows), "results_csv": storage.join(search_dir, "results.csv"),
                "stopped": [r["trial"] for r in rows if r["status"] == "stopped"],
+               "time_budget": [r["trial"] for r in rows if r["status"] == "time budget"],
                "errors": [r["trial"] for r in rows if r["status"] == "error"]}
     ok = [r for r in rows if r["status"] != "error" and _ranked(r)]
     if ok:
@@ -727,8 +800,9 @@ def format_table(header: list, rows: list[list]) -> str:
 
 
 def plot_trials(rows: list[dict], metric: str, uri: str, s3=None) -> None:
-    """The metric against step for every trial: finished trials solid, stopped ones dashed
-    and ending in a cross, so that where the scheduler cut each is visible."""
+    """The metric against step for every trial: finished trials solid, stopped ones (by the
+    scheduler or their time budget) dashed and ending in a cross, so that where each was cut
+    is visible."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,7 +19,9 @@ trial ids that are plain names, each trial's folder one name inside the experime
 fields that name files left at their defaults, and (given `check_params`) each trial's config
 drawn from the search space. Each file is read once for both checks, and Ray is given those
 bytes, not the files again (`CheckedStateFileSystem`): a file swapped or added in the storage
-after the check is never unpickled. Still open: results a tampered state reports.
+after the check is never unpickled. What a search reports is checked too: each trial's last
+result (run metadata) holds its own id and config, its folder is its own, and a trial ranked
+on what it reported is one raylm trained (`raylm.tune.check_recorded`).
 
 The list needs no code because raylm's searches pickle none: its callback and random/grid
 searcher are classes of this module (below), its trainable and search space go by reference.
@@ -700,7 +702,7 @@ def check_experiment_data(text, where: str, check_params=None) -> None:
     if extra:
         raise _data_refusal(where, f"runner_data {extra[0]!r} (sets the controller's own attribute)")
     ids = set()
-    for i, (state_text, _) in enumerate(doc.get("trial_data", [])):
+    for i, (state_text, meta_text) in enumerate(doc.get("trial_data", [])):
         state = json.loads(state_text)
         field = f"{where}: trial_data[{i}]"
         extra = sorted(set(state) - TRIAL_FIELDS)
@@ -717,19 +719,55 @@ def check_experiment_data(text, where: str, check_params=None) -> None:
         if not _folder(state.get("relative_logdir")):
             raise _data_refusal(field, f"relative_logdir={state['relative_logdir']!r} (not one folder in the "
                                        f"experiment's)")
+        if not _own_folder(state.get("relative_logdir"), state.get("trial_id")):
+            raise _data_refusal(field, f"relative_logdir={state['relative_logdir']!r} (not trial "
+                                       f"{state.get('trial_id')}'s own folder)")
         if check_params is not None and "config" in state:
             check_params(state["config"], f"{field} config")
         if "storage" in state:
-            _check_trial_storage(state["storage"], f"{field} storage")
+            _check_trial_storage(state["storage"], f"{field} storage", state.get("trial_id"))
+        _check_last_result(meta_text, state, f"{field} run metadata")
 
 
-def _check_trial_storage(value, where: str) -> None:
+def _own_folder(name, trial_id) -> bool:
+    """None (not started), or a folder Tune names for this trial: `<trainable>_<trial id>_<tag>_<date>`
+    (raylm sets no trial_dirname_creator). Another trial's folder gave this one its reported
+    history: results ranked it with another trial's metrics."""
+    return name is None or isinstance(trial_id, str) and f"_{trial_id}_" in name
+
+
+def _check_last_result(meta_text: str, state: dict, where: str) -> None:
+    """The trial's last result (run metadata, which Tune keeps beside the trial's own data):
+    what raylm's results take each trial's reported config and id from. Tune writes the trial's
+    own into it (`Trainable.get_auto_filled_metrics`); another config there went into
+    results.csv and best.yaml, keys the space cannot search included."""
+    meta = json.loads(meta_text)
+    if not isinstance(meta, dict):
+        raise _data_refusal(where, "that is not a JSON object")
+    last = meta.get("last_result", {})
+    if not isinstance(last, dict):
+        raise _data_refusal(where, "a last_result that is not a JSON object")
+    if "trial_id" in last and last["trial_id"] != state.get("trial_id"):
+        raise _data_refusal(where, f"last_result trial_id={last['trial_id']!r} (not the trial's own id)")
+    if "config" in last and last["config"] != state.get("config"):
+        raise _data_refusal(where, f"last_result config={_short_json(last['config'])} (not the trial's own config)")
+
+
+def _short_json(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _check_trial_storage(value, where: str, trial_id=None) -> None:
     """The trial's StorageContext (a checked pickle, loaded here by an unpickler that finds
-    only allowed globals): its trial folder one plain name in the experiment's, no artifact sync."""
+    only allowed globals): its trial folder one plain name in the experiment's, the trial's
+    own, no artifact sync."""
     obj = _load_checked(_unhex(value.get("value") if isinstance(value, dict) else None, where), where)
     name = getattr(obj, "trial_dir_name", None)
     if not _folder(name):
         raise _data_refusal(where, f"trial_dir_name={name!r} (not one folder in the experiment's)")
+    if not _own_folder(name, trial_id):
+        raise _data_refusal(where, f"trial_dir_name={name!r} (not trial {trial_id}'s own folder)")
     sync = getattr(obj, "sync_config", None)
     if getattr(sync, "sync_artifacts", False):
         raise _data_refusal(where, "sync_config.sync_artifacts=True (uploads the trial's working directory)")

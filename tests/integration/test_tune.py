@@ -42,26 +42,9 @@ tune: {scheduler: fifo, search: random, max_concurrent_trials: 1, num_samples: 2
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_local, tmp_path_factory):
-    """A 200 kB slice of the built-in corpus, its tokenizer and prepared blocks (local): the
-    trials train 8 steps, so the full corpus's minute of preparation would buy nothing."""
-    from raylm.config import load_config
-    from raylm.corpus import iter_builtin_documents
-    from raylm.pipeline import ensure_data, ensure_tokenizer
-
-    root = tmp_path_factory.mktemp("tune-data")
-    lines, size = [], 0
-    for text in iter_builtin_documents():
-        lines.append(json.dumps({"text": text}))
-        size += len(text)
-        if size > 200_000:
-            break
-    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = load_config(overrides=[f"storage={root}", "name=base", *SMALL, "data.dedup=none", "data.val_fraction=0.1",
-                                 ("data.path", str(root / "corpus.jsonl"))])
-    cfg, tok = ensure_tokenizer(cfg)
-    data_dir, manifest = ensure_data(cfg, tok)
-    return cfg, data_dir, manifest
+def prepared(tune_data):
+    """The Tune tests' data (tests.tune_search.prepare_tune_data), made once a session."""
+    return tune_data
 
 
 def _alive():

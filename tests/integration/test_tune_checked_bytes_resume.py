@@ -19,7 +19,7 @@ import pytest
 
 from raylm import storage
 from tests.integration.test_tune import prepared  # noqa: F401 - the search's data, as test_tune's
-from tests.integration.test_tune_restored_state import SCHEDULE, SPACE  # the same 2-trial search
+from tests.tune_search import SCHEDULE, SPACE  # the 2-trial search of the other Tune tests
 from tests.small import SMALL
 
 pytestmark = pytest.mark.integration

@@ -4,10 +4,11 @@ Tune's restore takes an experiment state's data as it is: the controller's and e
 attributes (updated from whatever keys the JSON holds), each trial's config (the trial's
 overrides of the base config: any key, data.path and s3.endpoint_url included), its storage's
 trial folder (joined to the experiment's: an absolute or `..` name puts Tune's files
-anywhere), its log files (appended to, at any path). One tiny finished search runs on this
-session's cluster; each test changes a copy of its state as someone who can write the search's
-directory could, with pickles that pass the opcode check, and resumes it: refused in one line
-naming the file and field, and nothing is written outside the search.
+anywhere), its log files (appended to, at any path). One tiny finished search (the
+session's, tests.tune_search) ran on this session's cluster; each test changes a copy of its
+state as someone who can write the search's directory could, with pickles that pass the opcode
+check, and resumes it: refused in one line naming the file and field, and nothing is written
+outside the search.
 """
 
 from __future__ import annotations
@@ -22,33 +23,15 @@ import sys
 
 import pytest
 
-from tests.integration.test_tune import prepared  # noqa: F401 - the search's data, as test_tune's
-from tests.small import SMALL
+from tests.tune_search import SPACE
 
 pytestmark = pytest.mark.integration
 
-SPACE = """\
-train.lr: loguniform(1.0e-3, 1.0e-2)
-tune: {scheduler: fifo, search: random, max_concurrent_trials: 1, num_samples: 2}
-"""
-SCHEDULE = ["train.num_workers=1", "train.max_steps=4", "train.eval_every=2", "train.log_every=1",
-            "train.ckpt_every=100", "train.timeout_s=300"]
 
-
-@pytest.fixture(scope="module")
-def search(prepared, tmp_path_factory):
-    """A finished 2-trial random search (local storage): its config."""
-    from raylm import tune
-    from raylm.config import load_config
-
-    base, data_dir, _ = prepared
-    root = tmp_path_factory.mktemp("tune-restored")
-    (root / "space.yaml").write_text(SPACE)
-    cfg = load_config(overrides=[f"storage={root / 'searches'}", "name=restored",
-                                 f"tokenizer.path={base.tokenizer.path}", *SMALL, *SCHEDULE, ("data.path", data_dir)])
-    summary = tune.tune(cfg, str(root / "space.yaml"), log=lambda *_: None)
-    assert summary["trials"] == 2 and not summary["errors"], summary
-    return cfg
+@pytest.fixture
+def search(finished_search):
+    """The session's finished 2-trial search (tests.tune_search): its config."""
+    return finished_search[0]
 
 
 class Copy:

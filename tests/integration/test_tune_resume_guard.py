@@ -1,7 +1,7 @@
 """`raylm tune --resume` checks a search's Tune state before Tune unpickles it.
 
-One tiny 2-trial search runs on this session's local cluster; its real Tune state passes
-the check and the search resumes; the same search with a planted `tuner.pkl` is refused by
+A copy of the session's tiny finished 2-trial search (tests.tune_search): its real Tune
+state passes the check and the search resumes; the same search with a planted `tuner.pkl` is refused by
 the real `raylm tune --resume` entry in one line naming the file, and its payload, which
 would create a marker file, never runs.
 """
@@ -17,33 +17,18 @@ import sys
 
 import pytest
 
-from tests.integration.test_tune import prepared  # noqa: F401 - the search's data, as test_tune's
-from tests.small import SMALL
-
 pytestmark = pytest.mark.integration
 
-SPACE = """\
-train.lr: loguniform(1.0e-3, 1.0e-2)
-tune: {scheduler: fifo, search: random, max_concurrent_trials: 1, num_samples: 2}
-"""
-SCHEDULE = ["train.num_workers=1", "train.max_steps=4", "train.eval_every=2", "train.log_every=1",
-            "train.ckpt_every=100", "train.timeout_s=300"]
 
-
-@pytest.fixture(scope="module")
-def search(prepared, tmp_path_factory):
-    """A finished 2-trial random search (local storage): (cfg, its root directory)."""
-    from raylm import tune
+@pytest.fixture
+def search(finished_search, tmp_path):
+    """A copy of the session's finished 2-trial search (tests.tune_search): (its config, the
+    storage directory it is in)."""
     from raylm.config import load_config
 
-    base, data_dir, _ = prepared
-    root = tmp_path_factory.mktemp("tune-guard")
-    (root / "space.yaml").write_text(SPACE)
-    cfg = load_config(overrides=[f"storage={root / 'searches'}", "name=guard", f"tokenizer.path={base.tokenizer.path}",
-                                 *SMALL, *SCHEDULE, ("data.path", data_dir)])
-    summary = tune.tune(cfg, str(root / "space.yaml"), log=lambda *_: None)
-    assert summary["trials"] == 2 and not summary["errors"], summary
-    return cfg, root
+    cfg = finished_search[0]
+    shutil.copytree(cfg.run_dir, tmp_path / "copy" / cfg.name)
+    return load_config(overrides=[f"storage={tmp_path / 'copy'}", f"name={cfg.name}"]), tmp_path / "copy"
 
 
 def test_a_real_search_state_passes_the_check_and_resumes(search):
