@@ -38,6 +38,10 @@ PUBLIC_PATHS = frozenset({"/health", "/ready"})  # probes carry no credentials
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 APP_NAME = "raylm"
 ENGINE_DIED = "the replica's engine has exited"  # until Serve's health check replaces the replica
+# An engine process that is there but answers no ping for this long is hung (stopped, stuck in a
+# C call): the health check fails, and Serve replaces the replica. It answers in milliseconds
+# otherwise (its main thread does, whatever step the engine thread is in).
+ENGINE_PING_TIMEOUT_S = 60.0
 
 log = logging.getLogger("raylm.serve")
 
@@ -326,6 +330,15 @@ def build_app(run: str, cfg: ServeConfig):
             # Serve replaces a replica whose engine is gone (its process died: out of memory, a crash).
             if self._engine_died():
                 raise RuntimeError(ENGINE_DIED)
+            # ...or hung: its process is there, and every request waits on it for ever.
+            unanswered = getattr(self.service.engine, "unanswered_s", None)
+            if unanswered is not None and not self.service.draining:
+                waited = unanswered()
+                if waited > ENGINE_PING_TIMEOUT_S:
+                    # Ended here: hung, it would outlive the replica (it reads no socket), holding its memory.
+                    self.service.engine.kill()
+                    raise RuntimeError(f"the replica's engine process has not answered for {waited:.0f} s "
+                                       f"(limit {ENGINE_PING_TIMEOUT_S:g} s): it hangs")
 
         def _engine_died(self) -> bool:
             """The engine ended while the replica still needed it (not closed by a graceful

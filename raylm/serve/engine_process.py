@@ -9,10 +9,11 @@ process and a GIL to itself; the replica's event loop only parses, queues and re
 
 The bridge is one socket pair carrying pickled messages (multiprocessing's Connection):
 
-    replica -> engine:  ("gen", key, prompt_ids, params) | ("cancel", key) | ("close",)
+    replica -> engine:  ("gen", key, prompt_ids, params) | ("cancel", key) | ("close",) | ("ping",)
     engine -> replica:  ("out", [(key, Output or exception), ...], stats)  one per step and sink
                         ("stats", stats)  when the running/waiting counts changed without output
                         ("closed", stats)  every request submitted has finished
+                        ("pong", stats)  the answer to a ping (`unanswered_s`: a hung process)
 
 The replica reads on its event loop (`add_reader`: no thread of its own), so a step's outputs
 cost it one wake-up. The engine process reads requests on its main thread and hands them to
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
@@ -42,7 +44,8 @@ from raylm.serve.sampling import (EngineClosed, EngineProcessDied, Output, Outpu
 class EngineProcess:
     """An `Engine` over `run` (`Engine.from_run(run, **engine_kw)`) in a child process, with
     `threads` torch threads there. Returns once the model is loaded; a failure to load raises
-    the child's own exception (e.g. CheckpointError) with its traceback as a note."""
+    the child's own exception (e.g. CheckpointError) with its traceback as a note (one that is
+    no Exception, a SystemExit, as an EngineProcessDied naming it)."""
 
     def __init__(self, run: str, *, threads: int | None = None, **engine_kw):
         ours, theirs = socket.socketpair()
@@ -64,6 +67,11 @@ class EngineProcess:
         if msg[0] == "error":
             _, error, tb = msg
             self._proc.wait()
+            if not isinstance(error, Exception):
+                # SystemExit, KeyboardInterrupt: re-raised here, it ended the replica itself,
+                # without a word of why (Ray takes a SystemExit for an actor's intended exit).
+                error = EngineProcessDied(f"the engine process stopped while loading its model: "
+                                          f"{''.join(traceback.format_exception_only(error)).strip()}")
             error.add_note(f"in the engine process:\n{tb}")
             raise error
         info = msg[1]
@@ -78,6 +86,13 @@ class EngineProcess:
         self._closing = False
         self._closed: asyncio.Future | None = None
         self._dead: str | None = None  # why the process is gone, once it is
+        self._ping_sent: float | None = None  # when the ping not yet answered went out (monotonic)
+        try:  # on the replica's event loop (Serve builds replicas there): its answers are read from now
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            self._attach()
 
     # ------------------------------------------------------------------ Engine's interface
 
@@ -90,6 +105,31 @@ class EngineProcess:
 
     def alive(self) -> bool:
         return self._dead is None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """End the process now (SIGKILL): one that hangs would not see its socket close when
+        the replica goes, and would keep its memory for good. The reader fails its requests."""
+        self._proc.kill()
+
+    def unanswered_s(self) -> float:
+        """For how long the engine process has left a ping unanswered (0.0: it answered the
+        last one, and a new one goes out now): a process that is there but hung (stopped,
+        stuck in a C call that holds the GIL) answers nothing, and `alive` does not see it.
+        From any thread: the ping is sent on the replica's event loop, which reads the answer
+        (an event loop that hangs leaves it unanswered too). 0.0 before an event loop reads
+        the socket, and once the process is gone (`alive` says so)."""
+        loop = self._loop
+        if loop is None or self._dead is not None:
+            return 0.0
+        sent = self._ping_sent
+        if sent is not None:
+            return time.monotonic() - sent
+        self._ping_sent = time.monotonic()
+        try:
+            loop.call_soon_threadsafe(self._send, ("ping",))
+        except RuntimeError:  # the event loop is closed: nobody reads the answer
+            self._ping_sent = None
+        return 0.0
 
     def open(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Outputs:
         """As `Engine.open`: the request is on its way to the engine's process when this returns."""
@@ -155,6 +195,8 @@ class EngineProcess:
                         if outputs is not None:
                             outputs.put_nowait(item)
                 self._stats = msg[-1]
+                if kind == "pong":
+                    self._ping_sent = None
                 if kind == "closed" and self._closed is not None and not self._closed.done():
                     self._closed.set_result(None)
         except (EOFError, OSError):
@@ -275,6 +317,11 @@ def _main(fd: int) -> int:
                 req = requests.pop(msg[1], None)
             if req is not None:
                 engine.cancel(req)
+        elif kind == "ping":  # answered here, not by the engine thread: a long step is no hang
+            try:
+                send(("pong", engine.stats()))
+            except OSError:  # the replica went: the next recv says so
+                pass
         elif kind == "close" and closing is None:
             closing = threading.Thread(target=close, name="close")
             closing.start()

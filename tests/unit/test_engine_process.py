@@ -119,12 +119,12 @@ def test_close_finishes_in_flight_requests_then_refuses_new_ones(tiny_run, loop)
     longest = ep.max_seq_len - len(ids)
 
     async def run():
-        tasks = [asyncio.ensure_future(collect(ep, ids, SamplingParams(max_tokens=30, temperature=0.0)))
-                 for _ in range(3)]
+        # Submitted before the close (`open` sends at once), in flight when it comes: the
+        # engine reads its socket in order. (Waiting for the stats to show them could wait for
+        # ever on a loaded machine, where all three had finished before the first look.)
+        shorts = [ep.open(ids, SamplingParams(max_tokens=30, temperature=0.0)) for _ in range(3)]
         leaving = ep.open(ids, SamplingParams(max_tokens=longest, temperature=0.0))
         await leaving.__anext__()
-        while ep.stats()["running"] + ep.stats()["waiting"] < 2:
-            await asyncio.sleep(0.01)
         # The engine's process is held still while the close and the client's leaving are sent,
         # so the leaving request is still running when they arrive, however loaded this
         # machine is (else it could reach its max_tokens first, and the test said nothing).
@@ -137,7 +137,7 @@ def test_close_finishes_in_flight_requests_then_refuses_new_ones(tiny_run, loop)
         finally:
             os.kill(ep._proc.pid, signal.SIGCONT)
         await closing
-        outs = await asyncio.gather(*tasks)
+        outs = [[out async for out in short] for short in shorts]
         with pytest.raises(EngineClosed):
             await collect(ep, ids, SamplingParams(max_tokens=1))
         return outs
