@@ -39,6 +39,12 @@ class TrainingTimeout(UserError, TimeoutError):
     """Training ran past train.timeout_s."""
 
 
+class DeviceOutOfMemory(UserError, MemoryError):
+    """A training step needed more accelerator memory than the device has: every restart of
+    the same config would fail the same way, so it ends the run at once (not after
+    --max-failures restarts), naming the settings that lower it."""
+
+
 class StorageError(UserError, OSError):
     """A storage operation failed. The message is one line: `<uri>: <what is wrong> (<fix>)`."""
 

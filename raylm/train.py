@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 import torch.distributed as dist
 
-from raylm.errors import CheckpointError, ConfigError, PathNotFoundError, TrainingStopped, TrainingTimeout
+from raylm.errors import (CheckpointError, ConfigError, DeviceOutOfMemory, PathNotFoundError, TrainingStopped,
+                          TrainingTimeout)
 from raylm import checkpoint, storage
 from raylm.config import Config, TrainConfig, recorded_config, to_dict
 from raylm.batches import Batch, RankBatches, is_padding, rank_val_batches, reshuffled
@@ -437,6 +438,18 @@ def time_left(step: int, max_steps: int, start_step: int, start_spent: float, sp
     return left
 
 
+def out_of_memory_message(cfg: Config, step: int, device_name: str) -> str:
+    """One line for a step that ran out of device memory: what to lower, and `raylm plan`."""
+    tc = cfg.train
+    fixes = [f"lower train.micro_batch_size (now {tc.micro_batch_size}; train.global_batch_size={tc.global_batch_size} "
+             f"stays, by more accumulation)"]
+    if not tc.activation_checkpointing:
+        fixes.append("set train.activation_checkpointing=true")
+    fixes.append(f"or shorten data.seq_len (now {cfg.data.seq_len})")
+    return (f"step {step}: out of memory on {device_name}: {', '.join(fixes)}; `raylm plan` estimates a "
+            f"config's memory per device")
+
+
 def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatches, hooks: Hooks,
         start: Start, device_name: str, log=print) -> dict:
     """Train from `start` to cfg.train.max_steps (or to the end of train.time_budget_s);
@@ -496,7 +509,10 @@ def fit(cfg: Config, model, optimizer, objective: Objective, batches: RankBatche
                 injected = None
             step_objective = PoisonedObjective(objective, INJECTED_FACTOR[injected]) \
                 if injected in INJECTED_FACTOR else objective
-            stats = train_step(model, optimizer, next(it), step_objective, lr, tc.grad_clip)
+            try:
+                stats = train_step(model, optimizer, next(it), step_objective, lr, tc.grad_clip)
+            except torch.OutOfMemoryError as e:  # the same config fails the same way on every restart
+                raise DeviceOutOfMemory(out_of_memory_message(cfg, step + 1, device_name)) from e
             step += 1
             tokens_since, units_since = tokens_since + stats.tokens, units_since + stats.count
             clock.tick()
