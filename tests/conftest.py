@@ -85,3 +85,21 @@ def tiny_run(tmp_path_factory):
     from tests.tiny_run import make_tiny_run
 
     return make_tiny_run(str(tmp_path_factory.mktemp("tiny-run")))
+
+
+# Fixtures whose tests share this process's one Ray cluster or S3 server.
+CLUSTER_FIXTURES = frozenset({"ray_local", "s3_server"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (the README's test command: `-n 2 --dist loadgroup`), every test of a
+    module that uses this session's Ray cluster or S3 server (the fixtures above) is in one
+    group, which one worker runs in collection order, one test at a time, as a plain `pytest`
+    does: one cluster and one S3 server for them all. The other tests run on the other worker
+    meanwhile: the unit tests, and integration tests that start clusters of their own (a
+    `raylm` process, a `ray start` head), which run beside the session's cluster either way."""
+    shared = {item.path for item in items if CLUSTER_FIXTURES & set(item.fixturenames)}
+    for item in items:
+        if item.path in shared:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
