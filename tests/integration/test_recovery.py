@@ -100,10 +100,19 @@ def ckpt(cfg, step: int) -> str:
     return storage.join(cfg.run_dir, checkpoint.checkpoint_name(step))
 
 
+def _address() -> str:
+    """This session's cluster: without an address, Ray's state API looks for "the" cluster on
+    the machine, and refuses when another runs (a test beside this one starting its own)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def cleaners() -> set[str]:
     from ray.util.state import list_actors
 
-    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")], limit=1000)}
+    return {a.actor_id for a in list_actors(address=_address(), filters=[("class_name", "=", "PlacementGroupCleaner")],
+                                            limit=1000)}
 
 
 def run_actors() -> dict[str, tuple[str, str]]:
@@ -112,7 +121,7 @@ def run_actors() -> dict[str, tuple[str, str]]:
 
     kinds = {"LocalTrainController", "TrainController", "SynchronizationActor", "RayTrainWorker", "DatasetManager"}
     return {a.actor_id: (a.class_name, a.serialized_runtime_env or "{}")
-            for a in list_actors(detail=True, limit=1000) if a.class_name in kinds}
+            for a in list_actors(address=_address(), detail=True, limit=1000) if a.class_name in kinds}
 
 
 @pytest.fixture(scope="module")

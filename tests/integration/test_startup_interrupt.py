@@ -20,7 +20,10 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# With the cluster tests' group under pytest-xdist (tests/conftest.py), though it uses none of its
+# fixtures: run beside those tests, the SIGINTs these send were lost (twice in one run; not
+# understood yet, and not seen in any run one test at a time).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cluster")]
 
 SCRIPT = r'''
 import os, signal, sys, time
