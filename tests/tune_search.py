@@ -18,13 +18,10 @@ SCHEDULE = ["train.num_workers=1", "train.max_steps=4", "train.eval_every=2", "t
             "train.ckpt_every=100", "train.timeout_s=300"]
 
 
-def prepare_tune_data(root):
-    """A 200 kB slice of the built-in corpus, its tokenizer and prepared blocks (local) under
-    `root`: trials train a few steps, so the full corpus's minute of preparation would buy
-    nothing. (base config, prepared data directory, manifest)."""
-    from raylm.config import load_config
+def write_corpus_slice(path) -> None:
+    """A 200 kB slice of the built-in corpus as jsonl at `path`: trials train a few steps, so
+    the full corpus's minute of preparation would buy nothing."""
     from raylm.corpus import iter_builtin_documents
-    from raylm.pipeline import ensure_data, ensure_tokenizer
 
     lines, size = [], 0
     for text in iter_builtin_documents():
@@ -32,7 +29,16 @@ def prepare_tune_data(root):
         size += len(text)
         if size > 200_000:
             break
-    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def prepare_tune_data(root):
+    """The corpus slice (`write_corpus_slice`), its tokenizer and prepared blocks (local) under
+    `root`: (base config, prepared data directory, manifest)."""
+    from raylm.config import load_config
+    from raylm.pipeline import ensure_data, ensure_tokenizer
+
+    write_corpus_slice(root / "corpus.jsonl")
     cfg = load_config(overrides=[f"storage={root}", "name=base", *SMALL, "data.dedup=none", "data.val_fraction=0.1",
                                  ("data.path", str(root / "corpus.jsonl"))])
     cfg, tok = ensure_tokenizer(cfg)

@@ -5,12 +5,11 @@ a relative storage path names another place (Ray's session directory under /tmp/
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from raylm import checkpoint
 from tests.small import SMALL
+from tests.tune_search import write_corpus_slice
 
 pytestmark = pytest.mark.integration
 
@@ -24,16 +23,9 @@ def test_trials_of_a_search_under_a_relative_storage_are_in_the_search_directory
                                                                                    monkeypatch):
     from raylm import tune
     from raylm.config import load_config
-    from raylm.corpus import iter_builtin_documents
 
     monkeypatch.chdir(tmp_path)
-    lines, size = [], 0
-    for text in iter_builtin_documents():
-        lines.append(json.dumps({"text": text}))
-        size += len(text)
-        if size > 200_000:
-            break
-    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    write_corpus_slice(tmp_path / "corpus.jsonl")
     (tmp_path / "space.yaml").write_text(SPACE)
     # storage as the defaults give it: "./runs", relative to where the command runs
     cfg = load_config(overrides=["name=rel-search", *SMALL, "data.dedup=none", "data.val_fraction=0.1",
