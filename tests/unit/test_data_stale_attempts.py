@@ -8,14 +8,18 @@ import os
 from raylm.data import remove_stale_attempts
 
 
+def _write(root, names) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
 def test_stale_attempts_go_whole_and_the_kept_one_stays(tmp_path):
     files = ["attempt-old/train/shard-00000.parquet", "attempt-old/val/shard-00000.parquet",
              "attempt-killed/train/.shard-00000.parquet.0123abcd.raylm-tmp",
              "attempt-new/train/shard-00000.parquet", "attempt-new/val/shard-00000.parquet",
              "manifest.json", "DATACARD.md"]
-    for name in files:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"x")
+    _write(tmp_path, files)
     (tmp_path / "attempt-empty" / "train").mkdir(parents=True)
     remove_stale_attempts(str(tmp_path), "attempt-new", None)
     assert sorted(os.listdir(tmp_path)) == ["DATACARD.md", "attempt-new", "manifest.json"]
@@ -29,9 +33,7 @@ def test_only_attempts_raylm_wrote_are_removed(tmp_path):
              "attempt-old/train/shard-00000.parquet", "attempt-old/val/shard-00000.parquet",
              "attempt-killed/train/.shard-00000.parquet.0123abcd.raylm-tmp",
              "attempt-new/train/shard-00000.parquet", "manifest.json"]
-    for name in files:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"x")
+    _write(tmp_path, files)
     (tmp_path / "attempt-empty" / "val").mkdir(parents=True)
     remove_stale_attempts(str(tmp_path), "attempt-new", None)
     assert sorted(os.listdir(tmp_path)) == ["attempt-log.txt", "attempt-new", "attempt-notes", "manifest.json"]
